@@ -1,0 +1,133 @@
+//! Per-sequence key/value caches.
+//!
+//! Each layer keeps keys and values in buffers `[KV, capacity, d]` that
+//! double when full, so a decode step writes one row in place instead of
+//! re-concatenating the whole history.
+
+use candle_core::Tensor;
+
+use crate::error::Result;
+
+/// Rows allocated for a sequence's first step; doubles from there.
+const INITIAL_CAPACITY_TOKENS: usize = 64;
+
+/// One sequence's caches for every layer of a shard.
+#[derive(Debug)]
+pub(crate) struct SequenceCache {
+    layers: Vec<LayerCache>,
+    len: usize,
+}
+
+impl SequenceCache {
+    pub(crate) fn new(n_layers: usize) -> Self {
+        Self {
+            layers: (0..n_layers).map(|_| LayerCache::default()).collect(),
+            len: 0,
+        }
+    }
+
+    /// Tokens cached.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn set_len(&mut self, len: usize) {
+        self.len = len;
+    }
+
+    pub(crate) fn layers_mut(&mut self) -> impl Iterator<Item = &mut LayerCache> {
+        self.layers.iter_mut()
+    }
+
+    pub(crate) fn allocated_bytes(&self) -> u64 {
+        self.layers.iter().map(LayerCache::allocated_bytes).sum()
+    }
+}
+
+/// Keys and values of one layer for one sequence.
+#[derive(Debug, Default)]
+pub(crate) struct LayerCache {
+    keys: Option<Tensor>,   // [KV, capacity, d]
+    values: Option<Tensor>, // [KV, capacity, d]
+    len: usize,
+}
+
+impl LayerCache {
+    /// Appends `k` and `v` (`[KV, n, d]`, contiguous) and returns views of
+    /// all cached keys and values, `[KV, len, d]`.
+    pub(crate) fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (kv_heads, n, d) = k.dims3()?;
+        let needed = self.len + n;
+        let capacity = self.keys.as_ref().map_or(0, |t| t.dims()[1]);
+        if needed > capacity {
+            let new_capacity = needed.next_power_of_two().max(INITIAL_CAPACITY_TOKENS);
+            self.keys = Some(grow(self.keys.take(), self.len, (kv_heads, new_capacity, d), k)?);
+            self.values = Some(grow(self.values.take(), self.len, (kv_heads, new_capacity, d), v)?);
+        }
+        let (Some(keys), Some(values)) = (&self.keys, &self.values) else {
+            unreachable!("buffers were allocated above");
+        };
+        keys.slice_set(k, 1, self.len)?;
+        values.slice_set(v, 1, self.len)?;
+        self.len = needed;
+        Ok((keys.narrow(1, 0, needed)?, values.narrow(1, 0, needed)?))
+    }
+
+    fn allocated_bytes(&self) -> u64 {
+        [&self.keys, &self.values]
+            .iter()
+            .filter_map(|t| t.as_ref())
+            .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
+            .sum()
+    }
+}
+
+/// A zeroed buffer of `shape` holding the first `len` rows of `old`.
+fn grow(old: Option<Tensor>, len: usize, shape: (usize, usize, usize), like: &Tensor) -> Result<Tensor> {
+    let buffer = Tensor::zeros(shape, like.dtype(), like.device())?;
+    if let Some(old) = old {
+        if len > 0 {
+            buffer.slice_set(&old.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+        }
+    }
+    Ok(buffer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn append_keeps_history_across_growth() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut cache = LayerCache::default();
+        let mut all = Vec::new();
+        // 100 single-token steps cross the 64-row initial capacity.
+        for step in 0..100u32 {
+            let k = Tensor::full(step as f32, (2, 1, 4), &dev)?;
+            let v = Tensor::full(-(step as f32), (2, 1, 4), &dev)?;
+            let (keys, values) = cache.append(&k, &v)?;
+            all.push(step as f32);
+            assert_eq!(keys.dims(), &[2, all.len(), 4]);
+            let got: Vec<f32> = keys.get(1)?.get_on_dim(1, 0)?.to_vec1()?;
+            assert_eq!(got, all);
+            let got: Vec<f32> = values.get(0)?.get_on_dim(1, 3)?.to_vec1()?;
+            assert_eq!(got, all.iter().map(|x| -x).collect::<Vec<_>>());
+        }
+        assert_eq!(cache.allocated_bytes(), 2 * (2 * 128 * 4 * DType::F32.size_in_bytes()) as u64);
+        Ok(())
+    }
+
+    #[test]
+    fn multi_token_append() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut cache = LayerCache::default();
+        let k = Tensor::arange(0f32, 24.0, &dev)?.reshape((2, 3, 4))?;
+        let (keys, _) = cache.append(&k, &k)?;
+        assert_eq!(keys.contiguous()?.flatten_all()?.to_vec1::<f32>()?, k.flatten_all()?.to_vec1::<f32>()?);
+        let (keys, _) = cache.append(&k, &k)?;
+        assert_eq!(keys.dims(), &[2, 6, 4]);
+        Ok(())
+    }
+}

@@ -1,0 +1,245 @@
+//! The model's tokenizer, built from the GGUF's own `tokenizer.ggml.*`
+//! metadata with the `tokenizers` crate, so that no `tokenizer.json` is
+//! needed beside the weights.
+//!
+//! Supported: byte-level BPE (`tokenizer.ggml.model = "gpt2"`), the family
+//! of SmolLM2, Llama 3, Qwen 2 and GPT-2, with the pre-tokenizer named by
+//! `tokenizer.ggml.pre` (the same regexes llama.cpp uses).
+
+use std::collections::{BTreeSet, HashMap};
+
+use candle_core::quantized::gguf_file::Value;
+use tokenizers::decoders::DecoderWrapper;
+use tokenizers::models::bpe::{BPE, Vocab};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::{AddedToken, SplitDelimiterBehavior};
+
+use crate::error::{KernelError, Result};
+
+/// GGUF token types (`tokenizer.ggml.token_type`), as llama.cpp numbers them.
+const TOKEN_TYPE_CONTROL: i32 = 3;
+const TOKEN_TYPE_USER_DEFINED: i32 = 4;
+
+/// Control-token texts that end a turn in common chat formats. llama.cpp
+/// treats them as end-of-generation too, whatever `eos_token_id` says.
+const END_OF_TURN_TEXTS: [&str; 7] = [
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|eom_id|>",
+    "</s>",
+];
+
+/// Pre-tokenizer regexes as llama.cpp and the models' `tokenizer.json` give
+/// them. (GPT-2's own regex is built into `ByteLevel(use_regex = true)`.)
+const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Text ↔ token ids for one model.
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    bos: Option<u32>,
+    eos: Option<u32>,
+    add_bos: bool,
+    stop_tokens: BTreeSet<u32>,
+    vocab_size: usize,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("vocab_size", &self.vocab_size)
+            .field("bos", &self.bos)
+            .field("eos", &self.eos)
+            .finish()
+    }
+}
+
+fn tokenizer_error(reason: impl std::fmt::Display) -> KernelError {
+    KernelError::Tokenizer {
+        reason: reason.to_string(),
+    }
+}
+
+impl Tokenizer {
+    pub fn from_gguf_metadata(metadata: &HashMap<String, Value>) -> Result<Self> {
+        let model = string(metadata, "tokenizer.ggml.model")?;
+        let tokens = string_array(metadata, "tokenizer.ggml.tokens")?;
+        let token_types = match metadata.get("tokenizer.ggml.token_type") {
+            Some(Value::Array(types)) => types.iter().map(|t| t.to_i32().unwrap_or(1)).collect(),
+            _ => vec![1; tokens.len()],
+        };
+        let inner = match model.as_str() {
+            "gpt2" => {
+                let pre = metadata
+                    .get("tokenizer.ggml.pre")
+                    .and_then(|v| v.to_string().ok())
+                    .map_or("default", String::as_str);
+                byte_level_bpe(metadata, &tokens, pre)?
+            }
+            other => {
+                return Err(tokenizer_error(format!(
+                    "tokenizer model `{other}` is not supported yet; ringlet reads byte-level BPE (`gpt2`) tokenizers such as SmolLM2's and Llama 3's"
+                )));
+            }
+        };
+        let mut tokenizer = Self {
+            inner,
+            bos: opt_u32(metadata, "tokenizer.ggml.bos_token_id"),
+            eos: opt_u32(metadata, "tokenizer.ggml.eos_token_id"),
+            add_bos: metadata
+                .get("tokenizer.ggml.add_bos_token")
+                .and_then(|v| v.to_bool().ok())
+                .unwrap_or(false),
+            stop_tokens: BTreeSet::new(),
+            vocab_size: tokens.len(),
+        };
+        tokenizer.add_special_tokens(&tokens, &token_types);
+        tokenizer.stop_tokens = tokenizer.end_of_generation_tokens(metadata, &tokens, &token_types);
+        Ok(tokenizer)
+    }
+
+    /// Control and user-defined tokens are matched whole in the input
+    /// (chat templates write them as text), and control tokens are left out
+    /// of decoded text.
+    fn add_special_tokens(&mut self, tokens: &[String], token_types: &[i32]) {
+        let special: Vec<AddedToken> = tokens
+            .iter()
+            .zip(token_types)
+            .filter(|(_, t)| **t == TOKEN_TYPE_CONTROL || **t == TOKEN_TYPE_USER_DEFINED)
+            .map(|(text, t)| AddedToken::from(text.clone(), *t == TOKEN_TYPE_CONTROL))
+            .collect();
+        self.inner.add_special_tokens(&special);
+    }
+
+    fn end_of_generation_tokens(
+        &self,
+        metadata: &HashMap<String, Value>,
+        tokens: &[String],
+        token_types: &[i32],
+    ) -> BTreeSet<u32> {
+        let mut stops: BTreeSet<u32> = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"]
+            .iter()
+            .filter_map(|key| opt_u32(metadata, key))
+            .collect();
+        for (id, (text, t)) in tokens.iter().zip(token_types).enumerate() {
+            if *t == TOKEN_TYPE_CONTROL && END_OF_TURN_TEXTS.contains(&text.as_str()) {
+                stops.insert(id as u32);
+            }
+        }
+        stops
+    }
+
+    /// Token ids of `text`, with special tokens written as text (for
+    /// example `<|im_start|>`) matched whole. A BOS token is prepended when
+    /// the model asks for one and the text does not already start with it.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self.inner.encode(text, false).map_err(tokenizer_error)?;
+        let mut ids = encoding.get_ids().to_vec();
+        if let (true, Some(bos)) = (self.add_bos, self.bos) {
+            if ids.first() != Some(&bos) {
+                ids.insert(0, bos);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Text of `ids`, without control tokens.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, true).map_err(tokenizer_error)
+    }
+
+    /// Tokens that end generation (EOS, end-of-turn).
+    pub fn stop_tokens(&self) -> &BTreeSet<u32> {
+        &self.stop_tokens
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    pub fn bos_text(&self) -> String {
+        self.bos.and_then(|id| self.inner.id_to_token(id)).unwrap_or_default()
+    }
+
+    pub fn eos_text(&self) -> String {
+        self.eos.and_then(|id| self.inner.id_to_token(id)).unwrap_or_default()
+    }
+}
+
+fn byte_level_bpe(metadata: &HashMap<String, Value>, tokens: &[String], pre: &str) -> Result<tokenizers::Tokenizer> {
+    let merges = string_array(metadata, "tokenizer.ggml.merges")?
+        .into_iter()
+        .map(|merge| {
+            merge
+                .split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| tokenizer_error(format!("merge `{merge}` is not two tokens separated by a space")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let vocab: Vocab = tokens.iter().enumerate().map(|(id, t)| (t.clone(), id as u32)).collect();
+    // Llama 3 looks a whole pre-token up in the vocabulary before merging.
+    let ignore_merges = matches!(pre, "llama-bpe" | "llama3");
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .ignore_merges(ignore_merges)
+        .build()
+        .map_err(tokenizer_error)?;
+
+    let byte_level = |use_regex| PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, use_regex));
+    let split = |regex: &str| -> Result<PreTokenizerWrapper> {
+        let split = Split::new(SplitPattern::Regex(regex.to_string()), SplitDelimiterBehavior::Isolated, false)
+            .map_err(tokenizer_error)?;
+        Ok(PreTokenizerWrapper::Split(split))
+    };
+    let pre_tokenizer = match pre {
+        "default" | "gpt-2" | "gpt2" => byte_level(true),
+        // llama.cpp: `\p{N}` then GPT-2's regex; tokenizer.json: Digits then ByteLevel.
+        "smollm" | "starcoder" | "refact" => PreTokenizerWrapper::Sequence(Sequence::new(vec![
+            PreTokenizerWrapper::Digits(Digits::new(true)),
+            byte_level(true),
+        ])),
+        "llama-bpe" | "llama3" | "smaug-bpe" => {
+            PreTokenizerWrapper::Sequence(Sequence::new(vec![split(LLAMA3_REGEX)?, byte_level(false)]))
+        }
+        "qwen2" => PreTokenizerWrapper::Sequence(Sequence::new(vec![split(QWEN2_REGEX)?, byte_level(false)])),
+        other => {
+            return Err(tokenizer_error(format!(
+                "pre-tokenizer `{other}` is not supported yet (supported: default, smollm, llama-bpe, qwen2)"
+            )));
+        }
+    };
+
+    let mut tokenizer = tokenizers::Tokenizer::new(bpe);
+    tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
+    tokenizer.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::default())));
+    Ok(tokenizer)
+}
+
+fn string(metadata: &HashMap<String, Value>, key: &str) -> Result<String> {
+    match metadata.get(key) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err(KernelError::BadMetadata { key: key.into(), expected: "a string" }),
+        None => Err(KernelError::MissingMetadata { key: key.into() }),
+    }
+}
+
+fn string_array(metadata: &HashMap<String, Value>, key: &str) -> Result<Vec<String>> {
+    let bad = || KernelError::BadMetadata { key: key.into(), expected: "an array of strings" };
+    match metadata.get(key) {
+        Some(Value::Array(values)) => values.iter().map(|v| v.to_string().cloned().map_err(|_| bad())).collect(),
+        Some(_) => Err(bad()),
+        None => Err(KernelError::MissingMetadata { key: key.into() }),
+    }
+}
+
+fn opt_u32(metadata: &HashMap<String, Value>, key: &str) -> Option<u32> {
+    metadata.get(key).and_then(|v| v.to_u32().ok())
+}

@@ -1,0 +1,86 @@
+//! Shared helpers for the kernels' model tests.
+
+use std::path::PathBuf;
+
+use kernels::{Device, LayerRange, ModelFile, SequenceId, Shard, ShardInput, ShardOutput, Tensor};
+
+/// The default model's file in the model cache, where `ringlet pull` (run
+/// by `tests/run`) puts it. `RINGLET_MODEL_PATH` overrides.
+pub fn default_model_path() -> PathBuf {
+    if let Some(path) = std::env::var_os("RINGLET_MODEL_PATH") {
+        return PathBuf::from(path);
+    }
+    let models = match (std::env::var_os("RINGLET_HOME"), std::env::var_os("XDG_CACHE_HOME"), std::env::var_os("HOME")) {
+        (Some(home), _, _) => PathBuf::from(home).join("models"),
+        (None, Some(cache), _) => PathBuf::from(cache).join("ringlet/models"),
+        (None, None, Some(home)) => PathBuf::from(home).join(".cache/ringlet/models"),
+        (None, None, None) => PathBuf::from(".cache/ringlet/models"),
+    };
+    let path = models.join("smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.is_file(),
+        "the default model is not at {}; run `tests/run` or `cargo run --release -- pull` first",
+        path.display()
+    );
+    path
+}
+
+pub fn open_default_model() -> ModelFile {
+    ModelFile::open(default_model_path()).expect("open the default model")
+}
+
+/// Shards for `ranges`, chained in order, acting as one model.
+pub struct Chain {
+    pub shards: Vec<Shard>,
+}
+
+impl Chain {
+    pub fn load(model: &ModelFile, ranges: &[LayerRange]) -> Self {
+        let shards = ranges
+            .iter()
+            .map(|&r| model.load_shard(r, &Device::Cpu).expect("load shard"))
+            .collect();
+        Self { shards }
+    }
+
+    /// Runs tokens at `position` through every shard; returns the logits.
+    pub fn forward(&mut self, sequence: SequenceId, position: usize, tokens: &[u32]) -> Tensor {
+        let mut input = ShardInput::Tokens(tokens.to_vec());
+        for shard in &mut self.shards {
+            match shard.forward(sequence, position, input).expect("forward") {
+                ShardOutput::Hidden(h) => input = ShardInput::Hidden(h),
+                ShardOutput::Logits(logits) => return logits,
+            }
+        }
+        panic!("the chain has no last shard")
+    }
+
+    /// Greedy decoding of `steps` tokens; returns the tokens and the logits
+    /// of every step.
+    pub fn greedy(&mut self, sequence: SequenceId, prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
+        let mut logits = self.forward(sequence, 0, prompt);
+        let mut tokens = Vec::new();
+        let mut all_logits = Vec::new();
+        for step in 0..steps {
+            let values: Vec<f32> = logits.to_vec1().expect("logits to vec");
+            let next = argmax(&values);
+            all_logits.push(values);
+            tokens.push(next);
+            if step + 1 < steps {
+                logits = self.forward(sequence, prompt.len() + step, &[next]);
+            }
+        }
+        (tokens, all_logits)
+    }
+}
+
+/// Index of the largest value; the first one on ties, as llama.cpp picks.
+pub fn argmax(values: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, v) in values.iter().enumerate() {
+        if *v > values[best] {
+            best = i;
+        }
+    }
+    best as u32
+}

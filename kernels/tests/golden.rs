@@ -1,0 +1,78 @@
+//! Golden test: greedy decoding of the default model gives exactly the
+//! tokens llama.cpp gives on the same GGUF, for three fixed chats.
+//! The reference was made by `tests/golden/make_reference.py`.
+
+mod common;
+
+use kernels::{ChatMessage, LayerRange, SequenceId};
+use serde_json::Value;
+
+const REFERENCE: &str = include_str!("../../tests/golden/smollm2-135m.json");
+
+fn messages(case: &Value) -> Vec<ChatMessage> {
+    case["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| ChatMessage::new(m["role"].as_str().expect("role"), m["content"].as_str().expect("content")))
+        .collect()
+}
+
+fn ids(value: &Value) -> Vec<u32> {
+    value.as_array().expect("ids").iter().map(|v| v.as_u64().expect("id") as u32).collect()
+}
+
+#[test]
+fn greedy_decoding_matches_llama_cpp() {
+    let reference: Value = serde_json::from_str(REFERENCE).expect("reference json");
+    let model = common::open_default_model();
+    let tokenizer = model.tokenizer().expect("tokenizer");
+    let template = model.chat_template(&tokenizer).expect("chat template");
+    let n_layers = model.config().n_layers;
+    let mut chain = common::Chain::load(&model, &[LayerRange::new(0, n_layers)]);
+
+    for (i, case) in reference["cases"].as_array().expect("cases").iter().enumerate() {
+        let name = case["name"].as_str().expect("name");
+        let prompt = template.render(&messages(case), true).expect("render");
+        assert_eq!(prompt, case["prompt"].as_str().expect("prompt"), "{name}: rendered chat template");
+        let prompt_ids = tokenizer.encode(&prompt).expect("encode");
+        assert_eq!(prompt_ids, ids(&case["prompt_ids"]), "{name}: prompt tokens");
+
+        let expected = ids(&case["output_ids"]);
+        let (tokens, _) = chain.greedy(SequenceId(i as u64), &prompt_ids, expected.len());
+        assert_eq!(
+            tokens,
+            expected,
+            "{name}: greedy tokens differ from llama.cpp\nringlet:   {:?}\nllama.cpp: {:?}",
+            tokenizer.decode(&tokens).unwrap_or_default(),
+            case["output_text"].as_str().unwrap_or_default(),
+        );
+        assert_eq!(
+            tokenizer.decode(&tokens).expect("decode"),
+            case["output_text"].as_str().expect("text"),
+            "{name}: decoded text"
+        );
+    }
+}
+
+#[test]
+fn tokenizer_round_trips_text_and_special_tokens() {
+    let model = common::open_default_model();
+    let tokenizer = model.tokenizer().expect("tokenizer");
+    for text in [
+        "Hello, world!",
+        "  leading spaces and\ttabs\nand newlines\n\n",
+        "numbers 1234567 and 3.14159",
+        "unicode: naïve café — 日本語 🦀",
+        "code: fn main() { println!(\"hi\"); }",
+    ] {
+        let ids = tokenizer.encode(text).expect("encode");
+        assert_eq!(tokenizer.decode(&ids).expect("decode"), text);
+    }
+    // Special tokens written as text are one token each and vanish on decode.
+    let ids = tokenizer.encode("<|im_start|>user\nhi<|im_end|>").expect("encode");
+    assert_eq!(ids.first(), Some(&1));
+    assert_eq!(ids.last(), Some(&2));
+    assert_eq!(tokenizer.decode(&ids).expect("decode"), "user\nhi");
+    assert!(tokenizer.stop_tokens().contains(&2), "<|im_end|> ends generation");
+}

@@ -1,0 +1,327 @@
+//! `POST /v1/chat/completions`, streaming (SSE) and not.
+
+use std::convert::Infallible;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::stream::{self, Stream};
+use kernels::{ChatMessage, SamplingParams, SequenceId};
+use rand::Rng;
+use serde::de::DeserializeOwned;
+
+use super::error::ApiError;
+use super::openai::{
+    AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChunkChoice, Delta,
+    MessageContent, Usage,
+};
+use super::AppState;
+use crate::engine::{FinishReason, GenerationRequest, SubmitError};
+use crate::limits::{MAX_MESSAGES, MAX_STOP_SEQUENCES, MAX_STOP_SEQUENCE_BYTES, SSE_KEEP_ALIVE_SECS};
+use crate::text::{TextEvent, TextStream};
+
+/// A request that passed validation, ready for the engine.
+#[derive(Debug)]
+pub(crate) struct PreparedChat {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stops: Vec<String>,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|rejection| ApiError {
+        status: rejection.status(),
+        ..ApiError::invalid_request(format!("Cannot read the request body: {}", rejection.body_text()))
+    })?;
+    let request: ChatCompletionRequest = parse_json(&body)?;
+    let prepared = prepare(&state, request)?;
+
+    let id = SequenceId(rand::rng().random());
+    let events = state
+        .engine
+        .submit(GenerationRequest {
+            id,
+            prompt: prepared.prompt.clone(),
+            max_tokens: prepared.max_tokens,
+            sampling: prepared.sampling.clone(),
+            ignore_eos: false,
+        })
+        .map_err(|e| match e {
+            SubmitError::Busy { .. } => ApiError::busy(e.to_string()),
+            SubmitError::Stopped => ApiError::internal(e.to_string()),
+        })?;
+    let text = TextStream::new(events, state.model.tokenizer.clone(), prepared.stops, prepared.prompt.len());
+    let response = ResponseMeta {
+        id: format!("chatcmpl-{id}"),
+        created: unix_seconds(),
+        model: state.model.name.clone(),
+        system_fingerprint: state.model.system_fingerprint.clone(),
+    };
+    if prepared.stream {
+        Ok(stream_response(text, response, prepared.include_usage).into_response())
+    } else {
+        collect_response(text, response).await.map(IntoResponse::into_response)
+    }
+}
+
+/// Parses JSON, naming the field at fault when a value has the wrong type.
+pub(crate) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
+        let path = error.path().to_string();
+        let inner = error.into_inner();
+        match inner.classify() {
+            serde_json::error::Category::Data if path != "." => {
+                ApiError::invalid_param(&path, format!("Invalid value for `{path}`: {inner}"))
+            }
+            serde_json::error::Category::Data => ApiError::invalid_request(format!("Invalid request: {inner}")),
+            _ => ApiError::invalid_request(format!("The request body is not valid JSON: {inner}")),
+        }
+    })
+}
+
+/// Checks every field and turns the conversation into prompt tokens.
+pub(crate) fn prepare(state: &AppState, request: ChatCompletionRequest) -> Result<PreparedChat, ApiError> {
+    let model = &state.model;
+    if request.model != model.name {
+        return Err(ApiError::model_not_found(&request.model, std::slice::from_ref(&model.name)));
+    }
+    if request.messages.is_empty() {
+        return Err(ApiError::invalid_param("messages", "`messages` must contain at least one message."));
+    }
+    if request.messages.len() > MAX_MESSAGES {
+        return Err(ApiError::invalid_param(
+            "messages",
+            format!("`messages` has {} messages; at most {MAX_MESSAGES} are accepted.", request.messages.len()),
+        ));
+    }
+    if let Some(n) = request.n.filter(|&n| n != 1) {
+        return Err(ApiError::invalid_param("n", format!("Only n = 1 is supported, got {n}.")));
+    }
+    let requested_max = match (request.max_completion_tokens, request.max_tokens) {
+        (Some(n), _) => Some(("max_completion_tokens", n)),
+        (None, Some(n)) => Some(("max_tokens", n)),
+        (None, None) => None,
+    };
+    if let Some((param, 0)) = requested_max {
+        return Err(ApiError::invalid_param(param, format!("`{param}` must be at least 1.")));
+    }
+
+    let sampling = SamplingParams {
+        temperature: request.temperature.unwrap_or(1.0),
+        top_p: request.top_p.unwrap_or(1.0),
+        top_k: request.top_k.map(|k| usize::try_from(k).unwrap_or(usize::MAX)),
+        // Without a seed each request samples differently, as OpenAI does.
+        seed: request.seed.map_or_else(|| rand::rng().random(), |s| s as u64),
+    };
+    if let Err(kernels::KernelError::BadSampling { name, value, allowed }) = sampling.validate() {
+        return Err(ApiError::invalid_param(name, format!("`{name}` must be {allowed}, got {value}.")));
+    }
+
+    let stops = request.stop.map(|s| s.into_vec()).unwrap_or_default();
+    if stops.len() > MAX_STOP_SEQUENCES {
+        return Err(ApiError::invalid_param(
+            "stop",
+            format!("At most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {}.", stops.len()),
+        ));
+    }
+    if stops.iter().any(|s| s.len() > MAX_STOP_SEQUENCE_BYTES) {
+        return Err(ApiError::invalid_param(
+            "stop",
+            format!("Each stop sequence must be at most {MAX_STOP_SEQUENCE_BYTES} bytes."),
+        ));
+    }
+
+    let mut messages = Vec::with_capacity(request.messages.len());
+    for (i, message) in request.messages.into_iter().enumerate() {
+        let content = match message.content {
+            None => String::new(),
+            Some(MessageContent::Text(text)) => text,
+            Some(MessageContent::Parts(parts)) => {
+                let mut text = String::new();
+                for part in parts {
+                    match (part.kind.as_str(), part.text) {
+                        ("text", Some(t)) => text.push_str(&t),
+                        (kind, _) => {
+                            return Err(ApiError::invalid_param(
+                                &format!("messages[{i}].content"),
+                                format!("Content parts of type `{kind}` are not supported; send text."),
+                            ));
+                        }
+                    }
+                }
+                text
+            }
+        };
+        messages.push(ChatMessage::new(message.role.template_name(), content));
+    }
+    let rendered = model
+        .template
+        .render(&messages, true)
+        .map_err(|e| ApiError::invalid_param("messages", format!("The model's chat template rejected these messages: {e}")))?;
+    let prompt = model
+        .tokenizer
+        .encode(&rendered)
+        .map_err(|e| ApiError::internal(format!("Cannot tokenize the prompt: {e}")))?;
+
+    let context = model.context_length;
+    if prompt.len() >= context {
+        return Err(ApiError::context_length_exceeded(format!(
+            "This model's maximum context length is {context} tokens. However, your messages resulted in {} tokens. Please reduce the length of the messages.",
+            prompt.len()
+        )));
+    }
+    let max_tokens = match requested_max {
+        Some((_, n)) => {
+            let n = usize::try_from(n).unwrap_or(usize::MAX);
+            if prompt.len().saturating_add(n) > context {
+                return Err(ApiError::context_length_exceeded(format!(
+                    "This model's maximum context length is {context} tokens. However, you requested {} tokens ({} in the messages, {n} in the completion). Please reduce the length of the messages or completion.",
+                    prompt.len().saturating_add(n),
+                    prompt.len()
+                )));
+            }
+            n
+        }
+        None => context - prompt.len(),
+    };
+
+    Ok(PreparedChat {
+        prompt,
+        max_tokens,
+        sampling,
+        stops,
+        stream: request.stream.unwrap_or(false),
+        include_usage: request.stream_options.and_then(|o| o.include_usage).unwrap_or(false),
+    })
+}
+
+/// The fields every response and chunk of one completion share.
+struct ResponseMeta {
+    id: String,
+    created: u64,
+    model: String,
+    system_fingerprint: String,
+}
+
+impl ResponseMeta {
+    fn chunk(&self, choices: Vec<ChunkChoice>, usage: Option<Option<Usage>>) -> ChatCompletionChunk<'_> {
+        ChatCompletionChunk {
+            id: &self.id,
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: &self.model,
+            system_fingerprint: &self.system_fingerprint,
+            choices,
+            usage,
+        }
+    }
+}
+
+async fn collect_response(mut text: TextStream, meta: ResponseMeta) -> Result<Json<ChatCompletion>, ApiError> {
+    let mut content = String::new();
+    loop {
+        match text.next().await {
+            Some(TextEvent::Delta(piece)) => content.push_str(&piece),
+            Some(TextEvent::Finished { reason, prompt_tokens, completion_tokens }) => {
+                return Ok(Json(ChatCompletion {
+                    id: meta.id,
+                    object: "chat.completion",
+                    created: meta.created,
+                    model: meta.model,
+                    system_fingerprint: meta.system_fingerprint,
+                    choices: vec![Choice {
+                        index: 0,
+                        message: AssistantMessage { role: "assistant", content },
+                        logprobs: None,
+                        finish_reason: reason,
+                    }],
+                    usage: Usage::new(prompt_tokens, completion_tokens),
+                }));
+            }
+            Some(TextEvent::Failed(message)) => {
+                return Err(ApiError::internal(format!("Generation failed: {message}")));
+            }
+            None => return Err(ApiError::internal("Generation ended without a result.")),
+        }
+    }
+}
+
+/// Where an SSE stream is.
+enum Phase {
+    Role,
+    Content,
+    Usage(Usage),
+    Done,
+    End,
+}
+
+fn stream_response(
+    text: TextStream,
+    meta: ResponseMeta,
+    include_usage: bool,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    // With include_usage, every chunk carries `"usage": null` and one last
+    // chunk with no choices carries the totals, as OpenAI streams do.
+    let usage_field = include_usage.then_some(None);
+    let events = stream::unfold((text, meta, Phase::Role), move |(mut text, meta, phase)| async move {
+        let (event, next) = match phase {
+            Phase::Role => {
+                let delta = Delta { role: Some("assistant"), content: Some(String::new()) };
+                (chunk_event(&meta, delta, None, usage_field), Phase::Content)
+            }
+            Phase::Content => match text.next().await {
+                Some(TextEvent::Delta(piece)) => {
+                    let delta = Delta { role: None, content: Some(piece) };
+                    (chunk_event(&meta, delta, None, usage_field), Phase::Content)
+                }
+                Some(TextEvent::Finished { reason, prompt_tokens, completion_tokens }) => {
+                    let next = if include_usage {
+                        Phase::Usage(Usage::new(prompt_tokens, completion_tokens))
+                    } else {
+                        Phase::Done
+                    };
+                    (chunk_event(&meta, Delta::default(), Some(reason), usage_field), next)
+                }
+                Some(TextEvent::Failed(message)) => {
+                    let error = ApiError::internal(format!("Generation failed: {message}"));
+                    (Event::default().data(error.to_json().to_string()), Phase::End)
+                }
+                None => return None,
+            },
+            Phase::Usage(usage) => {
+                let json = serde_json::to_string(&meta.chunk(Vec::new(), Some(Some(usage)))).unwrap_or_default();
+                (Event::default().data(json), Phase::Done)
+            }
+            Phase::Done => (Event::default().data("[DONE]"), Phase::End),
+            Phase::End => return None,
+        };
+        Some((Ok(event), (text, meta, next)))
+    });
+    Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(SSE_KEEP_ALIVE_SECS)))
+}
+
+fn chunk_event(
+    meta: &ResponseMeta,
+    delta: Delta,
+    finish_reason: Option<FinishReason>,
+    usage: Option<Option<Usage>>,
+) -> Event {
+    let choice = ChunkChoice { index: 0, delta, logprobs: None, finish_reason };
+    let json = serde_json::to_string(&meta.chunk(vec![choice], usage)).unwrap_or_default();
+    Event::default().data(json)
+}
+
+fn unix_seconds() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}

@@ -1,0 +1,99 @@
+//! The node's HTTP API: OpenAI-compatible endpoints under `/v1` and a
+//! health check. Handlers return `Result<_, ApiError>`; every error leaves
+//! in OpenAI's JSON shape.
+
+pub mod chat;
+pub mod error;
+pub mod openai;
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::Uri;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use kernels::{ChatTemplate, Tokenizer};
+use serde_json::json;
+use tower_http::trace::TraceLayer;
+
+use crate::engine::EngineHandle;
+use crate::limits::MAX_REQUEST_BODY_BYTES;
+pub use error::ApiError;
+use openai::{ModelCard, ModelList};
+
+/// The model a node serves, with what the API needs to talk about it.
+#[derive(Debug)]
+pub struct ServedModel {
+    /// The id clients pass as `model`.
+    pub name: String,
+    pub tokenizer: Arc<Tokenizer>,
+    pub template: ChatTemplate,
+    pub context_length: usize,
+    /// Unix time the model was loaded.
+    pub created: u64,
+    /// Changes when the model file or the ringlet version changes.
+    pub system_fingerprint: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub engine: EngineHandle,
+    pub model: Arc<ServedModel>,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{id}", get(get_model))
+        .route("/healthz", get(healthz))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_REQUEST_BODY_BYTES))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+fn model_card(model: &ServedModel) -> ModelCard {
+    ModelCard {
+        id: model.name.clone(),
+        object: "model",
+        created: model.created,
+        owned_by: "ringlet",
+    }
+}
+
+async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
+    Json(ModelList {
+        object: "list",
+        data: vec![model_card(&state.model)],
+    })
+}
+
+async fn get_model(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<ModelCard>, ApiError> {
+    if id == state.model.name {
+        Ok(Json(model_card(&state.model)))
+    } else {
+        Err(ApiError::model_not_found(&id, std::slice::from_ref(&state.model.name)))
+    }
+}
+
+async fn healthz(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let stats = state.engine.stats().borrow().clone();
+    Json(json!({
+        "status": "ok",
+        "model": state.model.name,
+        "engine": stats,
+    }))
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::not_found(uri.path())
+}
+
+async fn method_not_allowed(uri: Uri) -> ApiError {
+    ApiError {
+        status: axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        ..ApiError::invalid_request(format!("{} does not accept this HTTP method.", uri.path()))
+    }
+}

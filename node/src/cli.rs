@@ -1,0 +1,297 @@
+//! Command-line flags, parsed in two stages: clap reads the raw flags, then
+//! [`RuntimeArgs::resolve`] turns them into a validated [`RuntimeConfig`]
+//! with every default decided.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use kernels::Device;
+
+use crate::model_store::{DEFAULT_MODEL, ModelStore};
+
+const ABOUT: &str = "Run a large language model across the machines you already own.";
+
+const LONG_ABOUT: &str = "\
+Run a large language model across the machines you already own.
+
+Start `ringlet` on a machine and it loads the model and serves an
+OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models) on
+http://127.0.0.1:52415. With no subcommand, `ringlet` runs `serve`.
+
+Examples:
+  ringlet                                  serve the default model (fetched on first start)
+  ringlet --listen 0.0.0.0:52415           serve to the local network
+  ringlet run --prompt \"Why is the sky blue?\"
+  ringlet pull smollm2-135m                fetch a model into the cache
+  ringlet bench --threads 2                compare speed with llama.cpp";
+
+#[derive(Debug, Parser)]
+#[command(name = "ringlet", version, about = ABOUT, long_about = LONG_ABOUT, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+impl Cli {
+    /// The command to run, `serve` when none was named.
+    pub fn into_command(self) -> Command {
+        self.command.unwrap_or(Command::Serve(self.serve))
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load the model and serve the OpenAI-compatible API (the default).
+    Serve(ServeArgs),
+    /// Answer one prompt in the terminal, streaming the text to stdout.
+    Run(RunArgs),
+    /// Fetch a catalogue model into the model cache and verify it.
+    Pull(PullArgs),
+    /// List the models ringlet knows and which are in the cache.
+    Models(ModelsArgs),
+    /// Measure prefill, decode, time to first token and memory, side by
+    /// side with llama.cpp on the same model file.
+    Bench(BenchArgs),
+}
+
+impl Command {
+    /// Compute threads this command asked for, if it has that flag.
+    pub fn threads(&self) -> Option<usize> {
+        match self {
+            Command::Serve(a) => a.runtime.threads,
+            Command::Run(a) => a.runtime.threads,
+            Command::Bench(a) => Some(a.threads),
+            Command::Pull(_) | Command::Models(_) => None,
+        }
+    }
+}
+
+/// Flags every command that runs a model shares.
+#[derive(Debug, Clone, Args)]
+pub struct RuntimeArgs {
+    /// Compute threads for the model [default: every core]
+    #[arg(long, env = "RINGLET_THREADS", value_parser = parse_threads)]
+    pub threads: Option<usize>,
+
+    /// Where catalogue models are cached [default: $RINGLET_HOME/models,
+    /// else $XDG_CACHE_HOME/ringlet/models, else ~/.cache/ringlet/models]
+    #[arg(long, env = "RINGLET_MODELS_DIR", value_name = "DIR")]
+    pub models_dir: Option<PathBuf>,
+
+    /// Compute device: cpu, cuda, cuda:N or metal (CUDA and Metal need a
+    /// build with `--features cuda` or `--features metal`)
+    #[arg(long, env = "RINGLET_DEVICE", default_value = "cpu")]
+    pub device: String,
+}
+
+/// [`RuntimeArgs`] with every default resolved and checked.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    pub threads: usize,
+    pub store: ModelStore,
+    pub device: Device,
+}
+
+impl RuntimeArgs {
+    pub fn resolve(&self) -> anyhow::Result<RuntimeConfig> {
+        Ok(RuntimeConfig {
+            threads: self.threads.unwrap_or_else(default_threads),
+            store: ModelStore::new(self.models_dir.clone().unwrap_or_else(ModelStore::default_dir)),
+            device: parse_device(&self.device)?,
+        })
+    }
+}
+
+fn parse_threads(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if (1..=1024).contains(&n) => Ok(n),
+        _ => Err(format!("`{text}` is not a thread count from 1 to 1024")),
+    }
+}
+
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn parse_device(text: &str) -> anyhow::Result<Device> {
+    let rebuild = |feature: &str| {
+        format!("this ringlet was built without {feature} support; rebuild with `cargo build --release --features {feature}` or use --device cpu")
+    };
+    match text {
+        "cpu" => Ok(Device::Cpu),
+        "metal" if !cfg!(feature = "metal") => bail!(rebuild("metal")),
+        "metal" => Device::new_metal(0).context("cannot open the Metal device"),
+        cuda if cuda == "cuda" || cuda.starts_with("cuda:") => {
+            let ordinal = match cuda.strip_prefix("cuda:") {
+                Some(n) => n.parse::<usize>().with_context(|| format!("`{cuda}`: the GPU number after `cuda:` must be an integer"))?,
+                None => 0,
+            };
+            if !cfg!(feature = "cuda") {
+                bail!(rebuild("cuda"));
+            }
+            Device::new_cuda(ordinal).with_context(|| format!("cannot open CUDA device {ordinal}"))
+        }
+        other => bail!("unknown device `{other}`: use cpu, cuda, cuda:N or metal"),
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Model to serve: a catalogue name (see `ringlet models`) or the path
+    /// of a GGUF file. A catalogue model missing from the cache is fetched.
+    #[arg(long, env = "RINGLET_MODEL", default_value = DEFAULT_MODEL)]
+    pub model: String,
+
+    /// Address for the HTTP API; port 0 picks a free port
+    #[arg(long, env = "RINGLET_LISTEN", default_value = "127.0.0.1:52415", value_name = "HOST:PORT")]
+    pub listen: String,
+
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+impl ServeArgs {
+    pub fn listen_addr(&self) -> anyhow::Result<SocketAddr> {
+        self.listen
+            .parse()
+            .with_context(|| format!("--listen `{}` is not HOST:PORT with an IP address, like 127.0.0.1:52415", self.listen))
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Model: a catalogue name or the path of a GGUF file
+    #[arg(default_value = DEFAULT_MODEL)]
+    pub model: String,
+
+    /// The user's message; `-` reads it from standard input
+    #[arg(long, short)]
+    pub prompt: String,
+
+    /// A system message to put before the prompt
+    #[arg(long)]
+    pub system: Option<String>,
+
+    /// Most tokens to generate
+    #[arg(long, default_value_t = 512)]
+    pub max_tokens: usize,
+
+    /// Sampling temperature; 0 is greedy and always gives the same answer
+    #[arg(long, default_value_t = 0.7)]
+    pub temperature: f64,
+
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass
+    #[arg(long, default_value_t = 0.9)]
+    pub top_p: f64,
+
+    /// Keep only the K most likely tokens
+    #[arg(long)]
+    pub top_k: Option<usize>,
+
+    /// Random seed; the same seed and prompt give the same answer
+    #[arg(long)]
+    pub seed: Option<u64>,
+
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PullArgs {
+    /// Catalogue name of the model to fetch
+    #[arg(default_value = DEFAULT_MODEL)]
+    pub model: String,
+
+    /// Where catalogue models are cached
+    #[arg(long, env = "RINGLET_MODELS_DIR", value_name = "DIR")]
+    pub models_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ModelsArgs {
+    /// Where catalogue models are cached
+    #[arg(long, env = "RINGLET_MODELS_DIR", value_name = "DIR")]
+    pub models_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Model: a catalogue name or the path of a GGUF file
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: String,
+
+    /// Compute threads, for ringlet and llama.cpp alike
+    #[arg(long, default_value_t = 2, value_parser = parse_threads)]
+    pub threads: usize,
+
+    /// Prompt length in tokens
+    #[arg(long, default_value_t = 128)]
+    pub prompt_tokens: usize,
+
+    /// Tokens decoded after the first one
+    #[arg(long, default_value_t = 128)]
+    pub decode_tokens: usize,
+
+    /// Rounds of each engine, alternated; the table shows medians
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
+
+    /// Python with llama-cpp-python installed, or `off` to measure ringlet alone
+    #[arg(long, default_value = "python3", value_name = "PYTHON|off")]
+    pub llama_cpp: String,
+
+    /// Also write the results as JSON to this file
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+
+    /// Where catalogue models are cached
+    #[arg(long, env = "RINGLET_MODELS_DIR", value_name = "DIR")]
+    pub models_dir: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn flags_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn no_subcommand_means_serve_with_defaults() {
+        let cli = Cli::try_parse_from(["ringlet"]).expect("parse");
+        match cli.into_command() {
+            Command::Serve(args) => {
+                assert_eq!(args.model, DEFAULT_MODEL);
+                assert_eq!(args.listen_addr().expect("addr").port(), 52415);
+            }
+            other => panic!("expected serve, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_values_are_explained() {
+        let args = ServeArgs { listen: "localhost".into(), ..ServeArgs::parse_from_defaults() };
+        let err = args.listen_addr().expect_err("no port").to_string();
+        assert!(err.contains("HOST:PORT"), "{err}");
+        assert!(parse_device("tpu").is_err());
+        assert!(parse_device("cuda:x").is_err());
+        assert!(Cli::try_parse_from(["ringlet", "--threads", "0"]).is_err());
+    }
+
+    impl ServeArgs {
+        fn parse_from_defaults() -> Self {
+            match Cli::try_parse_from(["ringlet"]).expect("parse").into_command() {
+                Command::Serve(args) => args,
+                _ => unreachable!(),
+            }
+        }
+    }
+}

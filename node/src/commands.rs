@@ -1,0 +1,52 @@
+//! `ringlet pull` and `ringlet models`, and the dispatch of every command.
+
+use anyhow::Context;
+
+use crate::cli::{Command, ModelsArgs, PullArgs};
+use crate::model_store::{CATALOGUE, ModelStore, catalogue_entry};
+
+pub async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve(args) => crate::serve::serve(args).await,
+        Command::Run(args) => crate::run::run(args).await,
+        Command::Pull(args) => pull(args).await,
+        Command::Models(args) => models(args),
+        Command::Bench(args) => crate::bench::bench(args).await,
+    }
+}
+
+fn store(models_dir: Option<std::path::PathBuf>) -> ModelStore {
+    ModelStore::new(models_dir.unwrap_or_else(ModelStore::default_dir))
+}
+
+async fn pull(args: PullArgs) -> anyhow::Result<()> {
+    let store = store(args.models_dir);
+    let entry = catalogue_entry(&args.model).with_context(|| {
+        let known: Vec<&str> = CATALOGUE.iter().map(|e| e.name).collect();
+        format!("`{}` is not a catalogue model; known models: {}", args.model, known.join(", "))
+    })?;
+    if store.is_present(entry) {
+        println!("{} is already in the cache: {}", entry.name, store.path_of(entry).display());
+        return Ok(());
+    }
+    let path = store.fetch(entry).await?;
+    println!("{} fetched and verified: {}", entry.name, path.display());
+    Ok(())
+}
+
+fn models(args: ModelsArgs) -> anyhow::Result<()> {
+    let store = store(args.models_dir);
+    println!("model cache: {}", store.dir().display());
+    println!("{:<16} {:>9}  {:<10} description", "name", "size", "status");
+    for entry in CATALOGUE {
+        let status = if store.is_present(entry) { "cached" } else { "not cached" };
+        println!(
+            "{:<16} {:>6} MB  {:<10} {}",
+            entry.name,
+            entry.bytes / 1_000_000,
+            status,
+            entry.description
+        );
+    }
+    Ok(())
+}

