@@ -73,6 +73,15 @@ impl LayerCache {
         Ok((keys.narrow(1, 0, needed)?, values.narrow(1, 0, needed)?))
     }
 
+    /// The whole key and value buffers, `[KV, capacity, d]`, and the
+    /// capacity; rows past the cached length are zero.
+    pub(crate) fn buffers(&self) -> Result<(&Tensor, &Tensor, usize)> {
+        match (&self.keys, &self.values) {
+            (Some(k), Some(v)) => Ok((k, v, k.dims()[1])),
+            _ => Err(candle_core::Error::Msg("the KV cache is empty".into()).into()),
+        }
+    }
+
     fn allocated_bytes(&self) -> u64 {
         [&self.keys, &self.values]
             .iter()

@@ -9,11 +9,14 @@
 //! and reads no environment variables: the node decides all of that.
 
 pub mod chat_template;
+mod cpu_ops;
 pub mod error;
 mod kv_cache;
+mod matrix;
 pub mod layers;
 pub mod llama;
 pub mod model_file;
+pub mod quant;
 pub mod sampler;
 pub mod tokenizer;
 

@@ -16,16 +16,17 @@
 //! forward call, `len` the sequence length after it, `H` the query heads,
 //! `KV` the key/value heads, `d` the head dimension.
 
+use std::cell::Cell;
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::Value;
-use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::quantized::QTensor;
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{KernelError, Result};
 use crate::kv_cache::{LayerCache, SequenceCache};
+use crate::matrix::Matrix;
 use crate::layers::{LayerRange, SequenceId};
 use crate::model_file::TensorReader;
 
@@ -219,21 +220,21 @@ fn opt_f32(metadata: &HashMap<String, Value>, key: &str) -> Result<Option<f32>> 
 
 /// One transformer layer: pre-norm attention and a SwiGLU MLP.
 struct Block {
-    attn_norm: Tensor,    // [hidden]
-    wq: QMatMul,          // [H*d, hidden]
-    wk: QMatMul,          // [KV*d, hidden]
-    wv: QMatMul,          // [KV*d, hidden]
-    wo: QMatMul,          // [hidden, H*d]
-    ffn_norm: Tensor,     // [hidden]
-    w_gate: QMatMul,      // [ff, hidden]
-    w_up: QMatMul,        // [ff, hidden]
-    w_down: QMatMul,      // [hidden, ff]
+    attn_norm: Tensor, // [hidden]
+    wq: Matrix,        // [H*d, hidden]
+    wk: Matrix,        // [KV*d, hidden]
+    wv: Matrix,        // [KV*d, hidden]
+    wo: Matrix,        // [hidden, H*d]
+    ffn_norm: Tensor,  // [hidden]
+    w_gate: Matrix,    // [ff, hidden]
+    w_up: Matrix,      // [ff, hidden]
+    w_down: Matrix,    // [hidden, ff]
 }
 
 /// The last shard's final norm and vocabulary projection.
 struct Head {
     norm: Tensor,   // [hidden]
-    output: QMatMul, // [vocab, hidden]
+    output: Matrix, // [vocab, hidden]
 }
 
 /// What a shard takes: token ids for the first shard, hidden states for
@@ -268,7 +269,7 @@ pub enum ShardOutput {
 pub struct Shard {
     config: LlamaConfig,
     range: LayerRange,
-    embedding: Option<Arc<QTensor>>, // [vocab, hidden], first shard only
+    embedding: Option<Matrix>,       // [vocab, hidden], first shard only
     blocks: Vec<Block>,
     head: Option<Head>,              // last shard only
     rope_freq_factors: Option<Vec<f32>>, // [d/2]
@@ -295,18 +296,23 @@ impl Shard {
         let last = range.is_last(config.n_layers);
         let tied = reader.model.ties_embeddings();
         let hidden = config.hidden_size;
-        let mut weight_bytes = 0u64;
-        let mut read = |reader: &mut TensorReader<'_>, name: &str, shape: &[usize]| -> Result<QTensor> {
+        let weight_bytes = Cell::new(0u64);
+        let matrix = |reader: &mut TensorReader<'_>, name: &str, rows: usize, cols: usize| -> Result<Matrix> {
+            let m = Matrix::load(reader, name, rows, cols)?;
+            weight_bytes.set(weight_bytes.get() + m.byte_len());
+            Ok(m)
+        };
+        let vector = |reader: &mut TensorReader<'_>, name: &str, len: usize| -> Result<Tensor> {
             let qt = reader.read(name)?;
-            expect_shape(name, &qt, shape)?;
-            weight_bytes += qt.storage_size_in_bytes() as u64;
-            Ok(qt)
+            expect_shape(name, &qt, &[len])?;
+            weight_bytes.set(weight_bytes.get() + qt.storage_size_in_bytes() as u64);
+            Ok(qt.dequantize(&reader.device.clone())?)
         };
 
         // The first shard embeds tokens; with tied embeddings the last shard
         // projects onto the same matrix. A shard that is both reads it once.
         let token_embedding = if first || (last && tied) {
-            Some(Arc::new(read(reader, TOKEN_EMBEDDING, &[config.vocab_size, hidden])?))
+            Some(matrix(reader, TOKEN_EMBEDDING, config.vocab_size, hidden)?)
         } else {
             None
         };
@@ -315,25 +321,25 @@ impl Shard {
         let ff = config.feed_forward_size;
         let mut blocks = Vec::with_capacity(range.len());
         for layer in range.start..range.end {
-            let mut tensor = |name: &str, shape: &[usize]| read(reader, &format!("blk.{layer}.{name}.weight"), shape);
+            let name = |t: &str| format!("blk.{layer}.{t}.weight");
             blocks.push(Block {
-                attn_norm: tensor("attn_norm", &[hidden])?.dequantize(&device)?,
-                wq: QMatMul::from_qtensor(tensor("attn_q", &[q_rows, hidden])?)?,
-                wk: QMatMul::from_qtensor(tensor("attn_k", &[kv_rows, hidden])?)?,
-                wv: QMatMul::from_qtensor(tensor("attn_v", &[kv_rows, hidden])?)?,
-                wo: QMatMul::from_qtensor(tensor("attn_output", &[hidden, q_rows])?)?,
-                ffn_norm: tensor("ffn_norm", &[hidden])?.dequantize(&device)?,
-                w_gate: QMatMul::from_qtensor(tensor("ffn_gate", &[ff, hidden])?)?,
-                w_up: QMatMul::from_qtensor(tensor("ffn_up", &[ff, hidden])?)?,
-                w_down: QMatMul::from_qtensor(tensor("ffn_down", &[hidden, ff])?)?,
+                attn_norm: vector(reader, &name("attn_norm"), hidden)?,
+                wq: matrix(reader, &name("attn_q"), q_rows, hidden)?,
+                wk: matrix(reader, &name("attn_k"), kv_rows, hidden)?,
+                wv: matrix(reader, &name("attn_v"), kv_rows, hidden)?,
+                wo: matrix(reader, &name("attn_output"), hidden, q_rows)?,
+                ffn_norm: vector(reader, &name("ffn_norm"), hidden)?,
+                w_gate: matrix(reader, &name("ffn_gate"), ff, hidden)?,
+                w_up: matrix(reader, &name("ffn_up"), ff, hidden)?,
+                w_down: matrix(reader, &name("ffn_down"), hidden, ff)?,
             });
         }
 
         let head = if last {
-            let norm = read(reader, OUTPUT_NORM, &[hidden])?.dequantize(&device)?;
+            let norm = vector(reader, OUTPUT_NORM, hidden)?;
             let output = match &token_embedding {
-                Some(embedding) if tied => QMatMul::from_arc(Arc::clone(embedding))?,
-                _ => QMatMul::from_qtensor(read(reader, OUTPUT, &[config.vocab_size, hidden])?)?,
+                Some(embedding) if tied => embedding.clone(),
+                _ => matrix(reader, OUTPUT, config.vocab_size, hidden)?,
             };
             Some(Head { norm, output })
         } else {
@@ -341,12 +347,13 @@ impl Shard {
         };
 
         let rope_freq_factors = if reader.model.has_tensor(ROPE_FREQS) {
-            let qt = read(reader, ROPE_FREQS, &[config.rope_dim / 2])?;
-            Some(qt.dequantize(&Device::Cpu)?.to_vec1::<f32>()?)
+            let factors = vector(reader, ROPE_FREQS, config.rope_dim / 2)?;
+            Some(factors.to_device(&Device::Cpu)?.to_vec1::<f32>()?)
         } else {
             None
         };
 
+        let weight_bytes = weight_bytes.get();
         tracing::debug!(%range, weight_bytes, "shard loaded");
         Ok(Self {
             device,
@@ -455,8 +462,9 @@ impl Shard {
             });
         }
 
-        let (cos, sin) = self.rope_tables(position, n)?; // [n, d/2] each
-        let mask = if n > 1 { Some(causal_mask(position, n, &self.device)?) } else { None };
+        let rope = self.rope_tables(position, n)?;
+        // The CPU attention masks as it goes; Candle's needs the mask tensor.
+        let mask = if n > 1 && !self.device.is_cpu() { Some(causal_mask(position, n, &self.device)?) } else { None };
         let n_layers = self.blocks.len();
         let cache = self
             .caches
@@ -464,15 +472,15 @@ impl Shard {
             .or_insert_with(|| SequenceCache::new(n_layers));
         let mut x = x;
         for (block, layer_cache) in self.blocks.iter().zip(cache.layers_mut()) {
-            x = block.forward(&x, &self.config, &cos, &sin, mask.as_ref(), layer_cache)?;
+            x = block.forward(&x, &self.config, &rope, mask.as_ref(), layer_cache)?;
         }
         cache.set_len(len);
 
         match &self.head {
             Some(head) => {
                 let last = x.narrow(0, n - 1, 1)?; // [1, hidden]
-                let normed = candle_nn::ops::rms_norm(&last, &head.norm, self.config.rms_norm_eps)?;
-                let logits = head.output.forward(&normed)?.squeeze(0)?; // [vocab]
+                let normed = rms_norm(&last, &head.norm, self.config.rms_norm_eps)?;
+                let logits = head.output.matmul(&normed)?.squeeze(0)?; // [vocab]
                 Ok(ShardOutput::Logits(logits))
             }
             None => Ok(ShardOutput::Hidden(x)),
@@ -488,8 +496,7 @@ impl Shard {
                 if let Some(&token) = ids.iter().find(|&&t| t as usize >= vocab_size) {
                     return Err(KernelError::TokenOutOfVocabulary { token, vocab_size });
                 }
-                let ids = Tensor::new(ids.as_slice(), &self.device)?;
-                Ok(embedding.embedding(&ids)?.to_dtype(DType::F32)?)
+                embedding.embed(&ids, &self.device)
             }
             (ShardInput::Hidden(h), None) => {
                 let hidden_size = self.config.hidden_size;
@@ -512,7 +519,7 @@ impl Shard {
     /// RoPE cos/sin tables for positions `position..position + n`, computed
     /// as llama.cpp does (`theta_p,i = p * base^(-2i/d)` by repeated f32
     /// multiplication) so that greedy decoding matches it.
-    fn rope_tables(&self, position: usize, n: usize) -> Result<(Tensor, Tensor)> {
+    fn rope_tables(&self, position: usize, n: usize) -> Result<RopeTables> {
         let half = self.config.rope_dim / 2;
         let theta_scale = self.config.rope_freq_base.powf(-2.0 / self.config.rope_dim as f32);
         let mut cos = Vec::with_capacity(n * half);
@@ -527,10 +534,10 @@ impl Shard {
                 theta *= theta_scale;
             }
         }
-        Ok((
-            Tensor::from_vec(cos, (n, half), &self.device)?,
-            Tensor::from_vec(sin, (n, half), &self.device)?,
-        ))
+        Ok(RopeTables {
+            cos: Tensor::from_vec(cos, (n, half), &self.device)?,
+            sin: Tensor::from_vec(sin, (n, half), &self.device)?,
+        })
     }
 }
 
@@ -540,63 +547,135 @@ impl Block {
         &self,
         x: &Tensor,
         config: &LlamaConfig,
-        cos: &Tensor,
-        sin: &Tensor,
+        rope: &RopeTables,
         mask: Option<&Tensor>,
         cache: &mut LayerCache,
     ) -> Result<Tensor> {
         let eps = config.rms_norm_eps;
-        let h = candle_nn::ops::rms_norm(x, &self.attn_norm, eps)?;
-        let attn = self.attention(&h, config, cos, sin, mask, cache)?;
+        let h = rms_norm(x, &self.attn_norm, eps)?;
+        let attn = self.attention(&h, config, rope, mask, cache)?;
         let x = (x + attn)?;
-        let h = candle_nn::ops::rms_norm(&x, &self.ffn_norm, eps)?;
-        let gate = self.w_gate.forward(&h)?; // [n, ff]
-        let up = self.w_up.forward(&h)?; // [n, ff]
-        let mlp = self.w_down.forward(&(candle_nn::ops::silu(&gate)? * up)?)?; // [n, hidden]
+        let h = rms_norm(&x, &self.ffn_norm, eps)?;
+        let gate = self.w_gate.matmul(&h)?; // [n, ff]
+        let up = self.w_up.matmul(&h)?; // [n, ff]
+        let mlp = self.w_down.matmul(&swiglu(&gate, &up)?)?; // [n, hidden]
         Ok((x + mlp)?)
     }
 
-    /// Grouped-query attention without repeating K and V: the `H / KV`
-    /// query heads that share a KV head are stacked as extra rows of one
-    /// matmul against that head's keys.
+    /// Causal grouped-query attention over the sequence's cache; appends
+    /// the new keys and values. `h`: `[n, hidden]` → `[n, hidden]`.
     fn attention(
         &self,
         h: &Tensor,
         config: &LlamaConfig,
-        cos: &Tensor,
-        sin: &Tensor,
+        rope: &RopeTables,
         mask: Option<&Tensor>,
         cache: &mut LayerCache,
     ) -> Result<Tensor> {
-        let n = h.dim(0)?;
-        let (heads, kv_heads, d) = (config.n_heads, config.n_kv_heads, config.head_dim);
-        let group = heads / kv_heads;
-
-        // [n, H*d] → [1, H, n, d]: rope_i wants (batch, heads, seq, dim).
-        let q = self.wq.forward(h)?.reshape((1, n, heads, d))?.transpose(1, 2)?.contiguous()?;
-        let k = self.wk.forward(h)?.reshape((1, n, kv_heads, d))?.transpose(1, 2)?.contiguous()?;
-        let v = self.wv.forward(h)?.reshape((n, kv_heads, d))?.transpose(0, 1)?.contiguous()?; // [KV, n, d]
-        let q = candle_nn::rotary_emb::rope_i(&q, cos, sin)?; // [1, H, n, d]
-        let k = candle_nn::rotary_emb::rope_i(&k, cos, sin)?.squeeze(0)?; // [KV, n, d]
-
-        let (k_all, v_all) = cache.append(&k, &v)?; // [KV, len, d] each
-        let len = k_all.dim(1)?;
-
-        // Heads are ordered kv-major, so [H, n, d] = [KV, group, n, d].
-        let q = q.reshape((kv_heads, group * n, d))?;
-        let scale = 1.0 / (d as f64).sqrt();
-        let scores = q.matmul(&k_all.t()?)?.affine(scale, 0.0)?; // [KV, group*n, len]
-        let scores = match mask {
-            Some(mask) => scores
-                .reshape((kv_heads, group, n, len))?
-                .broadcast_add(mask)? // mask: [n, len]
-                .reshape((kv_heads, group * n, len))?,
-            None => scores,
+        let q = self.wq.matmul(h)?; // [n, H*d]
+        let k = self.wk.matmul(h)?; // [n, KV*d]
+        let v = self.wv.matmul(h)?; // [n, KV*d]
+        let y = if h.device().is_cpu() {
+            attention_cpu(&q, &k, &v, config, rope, cache)?
+        } else {
+            attention_candle(&q, &k, &v, config, rope, mask, cache)?
         };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let y = probs.matmul(&v_all)?; // [KV, group*n, d]
-        let y = y.reshape((heads, n, d))?.transpose(0, 1)?.reshape((n, heads * d))?;
-        Ok(self.wo.forward(&y)?)
+        self.wo.matmul(&y)
+    }
+}
+
+/// RoPE cos/sin for the positions of one forward call, `[n, d/2]` each.
+struct RopeTables {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+/// Attention with ggml's arithmetic (see `cpu_ops::attention`).
+fn attention_cpu(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    config: &LlamaConfig,
+    rope: &RopeTables,
+    cache: &mut LayerCache,
+) -> Result<Tensor> {
+    let n = q.dim(0)?;
+    let (heads, kv_heads, d) = (config.n_heads, config.n_kv_heads, config.head_dim);
+    let cos = rope.cos.flatten_all()?.to_vec1::<f32>()?;
+    let sin = rope.sin.flatten_all()?.to_vec1::<f32>()?;
+    let mut q = q.flatten_all()?.to_vec1::<f32>()?; // [n, H, d]
+    let mut k = k.flatten_all()?.to_vec1::<f32>()?; // [n, KV, d]
+    crate::cpu_ops::rope_pairs(&mut q, heads, d, &cos, &sin);
+    crate::cpu_ops::rope_pairs(&mut k, kv_heads, d, &cos, &sin);
+    let device = Device::Cpu;
+    let k = Tensor::from_vec(k, (n, kv_heads, d), &device)?.transpose(0, 1)?.contiguous()?; // [KV, n, d]
+    let v = v.reshape((n, kv_heads, d))?.transpose(0, 1)?.contiguous()?; // [KV, n, d]
+    let (k_all, _) = cache.append(&k, &v)?;
+    let position = k_all.dim(1)? - n;
+    let (keys, values, capacity) = cache.buffers()?;
+    let shape = crate::cpu_ops::AttentionShape { n, heads, kv_heads, d, position, len: position + n, capacity };
+    let out = crate::cpu_ops::with_f32(keys, |keys| {
+        crate::cpu_ops::with_f32(values, |values| crate::cpu_ops::attention(&q, keys, values, &shape))
+    })??;
+    Ok(Tensor::from_vec(out, (n, heads * d), &device)?)
+}
+
+/// Attention with Candle's ops (GPU devices). The `H / KV` query heads that
+/// share a KV head are stacked as rows of one matmul, so K and V are never
+/// repeated.
+fn attention_candle(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    config: &LlamaConfig,
+    rope: &RopeTables,
+    mask: Option<&Tensor>,
+    cache: &mut LayerCache,
+) -> Result<Tensor> {
+    let n = q.dim(0)?;
+    let (heads, kv_heads, d) = (config.n_heads, config.n_kv_heads, config.head_dim);
+    let group = heads / kv_heads;
+    // [n, H*d] → [1, H, n, d]: rope_i wants (batch, heads, seq, dim).
+    let q = q.reshape((1, n, heads, d))?.transpose(1, 2)?.contiguous()?;
+    let k = k.reshape((1, n, kv_heads, d))?.transpose(1, 2)?.contiguous()?;
+    let v = v.reshape((n, kv_heads, d))?.transpose(0, 1)?.contiguous()?; // [KV, n, d]
+    let q = candle_nn::rotary_emb::rope_i(&q, &rope.cos, &rope.sin)?; // [1, H, n, d]
+    let k = candle_nn::rotary_emb::rope_i(&k, &rope.cos, &rope.sin)?.squeeze(0)?; // [KV, n, d]
+
+    let (k_all, v_all) = cache.append(&k, &v)?; // [KV, len, d] each
+    let len = k_all.dim(1)?;
+
+    // Heads are ordered kv-major, so [H, n, d] = [KV, group, n, d].
+    let q = q.reshape((kv_heads, group * n, d))?;
+    let scale = 1.0 / (d as f64).sqrt();
+    let scores = q.matmul(&k_all.t()?)?.affine(scale, 0.0)?; // [KV, group*n, len]
+    let scores = match mask {
+        Some(mask) => scores
+            .reshape((kv_heads, group, n, len))?
+            .broadcast_add(mask)? // mask: [n, len]
+            .reshape((kv_heads, group * n, len))?,
+        None => scores,
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let y = probs.matmul(&v_all)?; // [KV, group*n, d]
+    Ok(y.reshape((heads, n, d))?.transpose(0, 1)?.reshape((n, heads * d))?)
+}
+
+/// SiLU(gate) * up: ggml's arithmetic on the CPU, Candle's elsewhere.
+fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if gate.device().is_cpu() {
+        crate::cpu_ops::swiglu(gate, up)
+    } else {
+        Ok((candle_nn::ops::silu(gate)? * up)?)
+    }
+}
+
+/// RMS norm times `weight`: ggml's arithmetic on the CPU, Candle's elsewhere.
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        crate::cpu_ops::rms_norm_mul(x, weight, eps)
+    } else {
+        Ok(candle_nn::ops::rms_norm(x, weight, eps)?)
     }
 }
 

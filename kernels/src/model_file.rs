@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
-use candle_core::quantized::QTensor;
+use candle_core::quantized::{GgmlDType, QTensor};
 use sha2::{Digest, Sha256};
 
 use crate::chat_template::ChatTemplate;
@@ -259,6 +259,26 @@ pub(crate) struct TensorReader<'a> {
 }
 
 impl TensorReader<'_> {
+    /// The tensor's format, shape (Candle order: outermost first) and its
+    /// bytes exactly as stored.
+    pub(crate) fn read_raw(&mut self, name: &str) -> Result<(GgmlDType, Vec<usize>, Vec<u8>)> {
+        let info = self.model.tensor_info(name)?;
+        let bytes = self.model.tensor_bytes(name)? as usize;
+        let start = self.model.content.tensor_data_offset + info.offset;
+        let io_error = |source| KernelError::Io {
+            path: self.model.path.clone(),
+            source,
+        };
+        self.reader.seek(SeekFrom::Start(start)).map_err(io_error)?;
+        let mut data = vec![0u8; bytes];
+        self.reader.read_exact(&mut data).map_err(io_error)?;
+        Ok((info.ggml_dtype, info.shape.dims().to_vec(), data))
+    }
+
+    pub(crate) fn dtype(&self, name: &str) -> Result<GgmlDType> {
+        Ok(self.model.tensor_info(name)?.ggml_dtype)
+    }
+
     pub(crate) fn read(&mut self, name: &str) -> Result<QTensor> {
         let info = self.model.tensor_info(name)?;
         Ok(info.read(

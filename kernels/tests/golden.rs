@@ -1,6 +1,9 @@
-//! Golden test: greedy decoding of the default model gives exactly the
-//! tokens llama.cpp gives on the same GGUF, for three fixed chats.
-//! The reference was made by `tests/golden/make_reference.py`.
+//! Golden test: the default model gives exactly what llama.cpp gives on the
+//! same GGUF, for three fixed chats: the same prompt tokens, bit-identical
+//! logits after the prompt (their SHA-256), and the same 32 greedy tokens.
+//! ringlet's CPU kernels reproduce ggml's arithmetic (see `kernels::quant`),
+//! so there is no tolerance. The reference was made by
+//! `tests/golden/make_reference.py`.
 
 mod common;
 
@@ -39,7 +42,14 @@ fn greedy_decoding_matches_llama_cpp() {
         assert_eq!(prompt_ids, ids(&case["prompt_ids"]), "{name}: prompt tokens");
 
         let expected = ids(&case["output_ids"]);
-        let (tokens, _) = chain.greedy(SequenceId(i as u64), &prompt_ids, expected.len());
+        let (tokens, logits) = chain.greedy(SequenceId(i as u64), &prompt_ids, expected.len());
+        let bytes: Vec<u8> = logits[0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(
+            sha256_hex(&bytes),
+            case["prompt_logits_sha256"].as_str().expect("hash"),
+            "{name}: logits after the prompt differ from llama.cpp's (its top 5: {})",
+            case["prompt_logits_top5"]
+        );
         assert_eq!(
             tokens,
             expected,
@@ -53,6 +63,11 @@ fn greedy_decoding_matches_llama_cpp() {
             "{name}: decoded text"
         );
     }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[test]

@@ -5,7 +5,9 @@ For each fixed chat below: render the GGUF's own chat template (Jinja2 with
 trim_blocks/lstrip_blocks, as transformers and llama-cpp-python do), tokenize
 it with llama.cpp (special tokens parsed), and decode 32 tokens greedily.
 The token ids are written to smollm2-135m.json, which the kernels' golden
-test compares against token for token.
+test compares against token for token. The SHA-256 of llama.cpp's whole
+logit vector after the prompt (49,152 little-endian f32) is recorded too:
+ringlet reproduces ggml's arithmetic, so those bytes match exactly.
 
 Run once, by hand, when the reference must change:
     pip install llama-cpp-python==0.3.36 jinja2
@@ -19,6 +21,7 @@ import sys
 
 import jinja2
 import llama_cpp
+import numpy as np
 
 GGML_TYPE_F32 = 0
 TOKENS = 32
@@ -74,6 +77,12 @@ def main() -> None:
         )
         prompt_ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
         llm.reset()
+        llm.eval(prompt_ids)
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
+        logits = logits.astype("<f4").copy()
+        logits_sha256 = hashlib.sha256(logits.tobytes()).hexdigest()
+        top = [[int(i), float(logits[i])] for i in np.argsort(-logits)[:5]]
+        llm.reset()
         output_ids = []
         for token in llm.generate(prompt_ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
             output_ids.append(token)
@@ -87,6 +96,8 @@ def main() -> None:
                 "messages": case["messages"],
                 "prompt": prompt,
                 "prompt_ids": prompt_ids,
+                "prompt_logits_sha256": logits_sha256,
+                "prompt_logits_top5": top,
                 "output_ids": output_ids,
                 "output_text": text,
             }

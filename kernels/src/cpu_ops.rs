@@ -1,0 +1,274 @@
+//! The non-matmul ops of the llama forward pass on the CPU, with the same
+//! arithmetic as llama.cpp's CPU back-end (ggml-cpu), so that ringlet and
+//! llama.cpp agree bit for bit (see `quant` for why that matters). Each
+//! function documents the ggml rounding it reproduces. Other devices use
+//! Candle's ops.
+
+use candle_core::{Device, Storage, Tensor};
+
+use crate::error::Result;
+
+/// Runs `f` over the contiguous f32 data of a CPU tensor.
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("cpu op: tensor is not contiguous".into()))?;
+    match &*storage {
+        Storage::Cpu(cpu) => Ok(f(&cpu.as_slice::<f32>()?[start..end])),
+        _ => Err(candle_core::Error::Msg("cpu op: tensor is not on the CPU".into()).into()),
+    }
+}
+
+/// RMS norm then the weight, per row of `w.len()` values (ggml RMS_NORM
+/// then MUL): squares are rounded to f32 and summed in f64, the mean is
+/// rounded to f32, and each value is `(x * (1 / sqrt(mean + eps))) * w`.
+pub(crate) fn rms_norm_mul(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+    let weight = w.to_vec1::<f32>()?;
+    let cols = weight.len();
+    let out = with_f32(x, |x| {
+        let mut out = Vec::with_capacity(x.len());
+        for row in x.chunks_exact(cols) {
+            let sum: f64 = row.iter().map(|&v| f64::from(v * v)).sum();
+            let mean = (sum / cols as f64) as f32;
+            let scale = 1.0f32 / (mean + eps).sqrt();
+            out.extend(row.iter().zip(&weight).map(|(&v, &w)| (v * scale) * w));
+        }
+        out
+    })?;
+    Ok(Tensor::from_vec(out, x.shape(), &Device::Cpu)?)
+}
+
+// ---------------------------------------------------------------------------
+// Reductions, written lane by lane as ggml's AVX-512 build performs them
+// ---------------------------------------------------------------------------
+
+/// `_mm512_reduce_add_ps` as GCC implements it: halves, quarters, pairs.
+fn reduce_add16(a: &[f32; 16]) -> f32 {
+    let mut t8 = [0f32; 8];
+    for i in 0..8 {
+        t8[i] = a[8 + i] + a[i];
+    }
+    let t4 = [t8[4] + t8[0], t8[5] + t8[1], t8[6] + t8[2], t8[7] + t8[3]];
+    (t4[0] + t4[2]) + (t4[1] + t4[3])
+}
+
+/// `ggml_vec_dot_f32`: four 16-lane FMA accumulators over 64-element steps,
+/// folded 0+2, 1+3, then 0+1, then reduced; leftovers added in order.
+pub(crate) fn dot_f32(x: &[f32], y: &[f32]) -> f32 {
+    let n = x.len().min(y.len());
+    let np = n & !63;
+    let mut acc = [[0f32; 16]; 4];
+    for i in (0..np).step_by(64) {
+        for (j, acc) in acc.iter_mut().enumerate() {
+            for (l, a) in acc.iter_mut().enumerate() {
+                let e = i + 16 * j + l;
+                *a = x[e].mul_add(y[e], *a);
+            }
+        }
+    }
+    let mut sum = [0f32; 16];
+    for l in 0..16 {
+        let a0 = acc[0][l] + acc[2][l];
+        let a1 = acc[1][l] + acc[3][l];
+        sum[l] = a0 + a1;
+    }
+    let mut s = reduce_add16(&sum);
+    for e in np..n {
+        s = x[e].mul_add(y[e], s);
+    }
+    s
+}
+
+/// llamafile's tinyBLAS f32 kernel for one output: one 16-lane FMA
+/// accumulator stepping through `k` (a multiple of 16), then reduced.
+fn dot_f32_tiny_blas(x: &[f32], y: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    for (xs, ys) in x.chunks_exact(16).zip(y.chunks_exact(16)) {
+        for l in 0..16 {
+            acc[l] = xs[l].mul_add(ys[l], acc[l]);
+        }
+    }
+    reduce_add16(&acc)
+}
+
+// ---------------------------------------------------------------------------
+// exp, SiLU and SwiGLU
+// ---------------------------------------------------------------------------
+
+/// ggml's vectorised `expf` (`ggml_v_expf`, AVX-512 branch), one lane.
+pub(crate) fn v_expf(x: f32) -> f32 {
+    let r = f32::from_bits(0x4B40_0000); // 0x1.8p23
+    let z = x.mul_add(f32::from_bits(0x3FB8_AA3B), r); // 0x1.715476p+0
+    let n = z - r;
+    let b = (-n).mul_add(f32::from_bits(0x35BF_BE8E), (-n).mul_add(f32::from_bits(0x3F31_7200), x)); // 0x1.7f7d1cp-20, 0x1.62e4p-1
+    let u = b * b;
+    let j = f32::from_bits(0x3C07_2010) // 0x1.0e4020p-7
+        .mul_add(b, f32::from_bits(0x3D2B_9F17)) // 0x1.573e2ep-5
+        .mul_add(u, f32::from_bits(0x3E2A_AF33).mul_add(b, f32::from_bits(0x3EFF_FEDB))) // 0x1.555e66p-3, 0x1.fffdb6p-2
+        .mul_add(u, f32::from_bits(0x3F7F_FFF6).mul_add(b, 1.0)); // 0x1.ffffecp-1
+    if n.abs() > 192.0 {
+        return if n <= 0.0 { 0.0 } else { f32::INFINITY };
+    }
+    // _mm512_scalef_ps: j * 2^n with one rounding (exact in f64, then rounded).
+    (f64::from(j) * 2f64.powi(n as i32)) as f32
+}
+
+/// `gate * up` through SiLU per row of `cols`, as `ggml_vec_swiglu_f32`:
+/// 16-wide chunks use `v_expf`, a remainder uses libm `expf`.
+pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let cols = gate.dim(candle_core::D::Minus1)?;
+    let up_values = up.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    let out = with_f32(gate, |g| {
+        let mut out = Vec::with_capacity(g.len());
+        for (x, u) in g.chunks_exact(cols).zip(up_values.chunks_exact(cols)) {
+            let simd = cols & !15;
+            out.extend((0..simd).map(|i| (x[i] / (1.0 + v_expf(0.0 - x[i]))) * u[i]));
+            out.extend((simd..cols).map(|i| (x[i] / (1.0 + (-x[i]).exp())) * u[i]));
+        }
+        out
+    })?;
+    Ok(Tensor::from_vec(out, gate.shape(), &Device::Cpu)?)
+}
+
+// ---------------------------------------------------------------------------
+// RoPE
+// ---------------------------------------------------------------------------
+
+/// Rotates adjacent pairs of each head in place (llama's "normal" RoPE).
+/// `x` is `[n, heads, d]`, `cos`/`sin` are `[n, d/2]`. GCC contracts ggml's
+/// `x0*c - x1*s` and `x0*s + x1*c` to `fma(x0, c, -(x1*s))` and
+/// `fma(x0, s, x1*c)`; so do we.
+pub(crate) fn rope_pairs(x: &mut [f32], heads: usize, d: usize, cos: &[f32], sin: &[f32]) {
+    let half = d / 2;
+    for (t, token) in x.chunks_exact_mut(heads * d).enumerate() {
+        let (cos, sin) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
+        for head in token.chunks_exact_mut(d) {
+            for p in 0..half {
+                let (x0, x1) = (head[2 * p], head[2 * p + 1]);
+                head[2 * p] = x0.mul_add(cos[p], -(x1 * sin[p]));
+                head[2 * p + 1] = x0.mul_add(sin[p], x1 * cos[p]);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Attention
+// ---------------------------------------------------------------------------
+
+/// The shapes of one attention call.
+pub(crate) struct AttentionShape {
+    pub n: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub d: usize,
+    /// Absolute position of the first of the `n` queries.
+    pub position: usize,
+    /// Keys and values cached, the `n` new ones included.
+    pub len: usize,
+    /// Rows allocated per KV head in the cache buffers.
+    pub capacity: usize,
+}
+
+/// Causal grouped-query attention with ggml's arithmetic.
+///
+/// `q` is `[n, heads, d]` (after RoPE); `keys` and `values` are the cache
+/// buffers `[kv_heads, capacity, d]`. llama.cpp attends over a KV window
+/// padded to a multiple of 256 with masked, zero-valued slots; every
+/// reduction below sees the same values in the same lanes when the window
+/// is padded to a multiple of 64, because the padding adds exact zeros.
+/// Scores use `ggml_vec_dot_f32`; the value sum uses tinyBLAS for a batch
+/// of queries and `ggml_vec_dot_f32` for one, as llama.cpp does.
+pub(crate) fn attention(q: &[f32], keys: &[f32], values: &[f32], s: &AttentionShape) -> Vec<f32> {
+    let AttentionShape { n, heads, kv_heads, d, position, len, capacity } = *s;
+    let group = heads / kv_heads;
+    let padded = len.div_ceil(64) * 64;
+    let scale = 1.0 / (d as f32).sqrt();
+    let tiny_blas = n >= 2 && d % 4 == 0;
+    let mut out = vec![0f32; n * heads * d];
+    let mut scores = vec![0f32; padded];
+    let mut v_col = vec![0f32; padded];
+    for h in 0..heads {
+        let kv = h / group;
+        let k_head = &keys[kv * capacity * d..(kv * capacity + len) * d];
+        let v_head = &values[kv * capacity * d..(kv * capacity + len) * d];
+        for i in 0..n {
+            let q_row = &q[(i * heads + h) * d..(i * heads + h + 1) * d];
+            let visible = position + i + 1;
+            for (j, score) in scores.iter_mut().enumerate() {
+                *score = if j < visible {
+                    dot_f32(&k_head[j * d..(j + 1) * d], q_row) * scale
+                } else {
+                    f32::NEG_INFINITY
+                };
+            }
+            softmax_in_place(&mut scores);
+            for c in 0..d {
+                for (j, v) in v_col.iter_mut().enumerate() {
+                    *v = if j < len { v_head[j * d + c] } else { 0.0 };
+                }
+                out[(i * heads + h) * d + c] =
+                    if tiny_blas { dot_f32_tiny_blas(&v_col, &scores) } else { dot_f32(&v_col, &scores) };
+            }
+        }
+    }
+    out
+}
+
+/// `ggml_compute_forward_soft_max_f32` after scale and mask, over a row
+/// whose length is a multiple of 16: `v_expf(x - max)` per 16-chunk, each
+/// chunk's float sum added in f64, then a multiply by `(float)(1 / sum)`.
+fn softmax_in_place(row: &mut [f32]) {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    let mut sum = 0f64;
+    for chunk in row.chunks_exact_mut(16) {
+        let mut lanes = [0f32; 16];
+        for (l, v) in chunk.iter_mut().enumerate() {
+            *v = v_expf(*v - max);
+            lanes[l] = *v;
+        }
+        sum += f64::from(reduce_add16(&lanes));
+    }
+    let inv = (1.0 / sum) as f32;
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v_expf_is_close_to_exp_and_saturates() {
+        for x in [-80.0f32, -10.0, -1.5, -0.1, 0.0, 0.3, 1.0, 5.0, 20.0, 80.0] {
+            let (got, want) = (v_expf(x), x.exp());
+            // ggml documents about 1.5 ulp of error; allow 3.
+            assert!(((got - want) / want).abs() < 4e-7, "{x}: {got} vs {want}");
+        }
+        assert_eq!(v_expf(f32::NEG_INFINITY), 0.0);
+        assert_eq!(v_expf(-200.0), 0.0);
+        assert_eq!(v_expf(200.0), f32::INFINITY);
+    }
+
+    #[test]
+    fn reductions_sum_correctly() {
+        let x: Vec<f32> = (0..200).map(|i| (i % 7) as f32 - 3.0).collect();
+        let y: Vec<f32> = (0..200).map(|i| (i % 5) as f32 * 0.5).collect();
+        let exact: f32 = x.iter().zip(&y).map(|(a, b)| a * b).sum();
+        assert_eq!(dot_f32(&x, &y), exact, "small integers sum exactly in any order");
+        assert_eq!(dot_f32_tiny_blas(&x[..192], &y[..192]), x[..192].iter().zip(&y[..192]).map(|(a, b)| a * b).sum::<f32>());
+    }
+
+    #[test]
+    fn softmax_rows_sum_to_one_and_mask() {
+        let mut row = vec![f32::NEG_INFINITY; 32];
+        row[..3].copy_from_slice(&[1.0, 2.0, 3.0]);
+        softmax_in_place(&mut row);
+        assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!(row[3..].iter().all(|&p| p == 0.0));
+        assert!(row[2] > row[1] && row[1] > row[0]);
+    }
+}

@@ -1,0 +1,84 @@
+//! A weight matrix and the kernel that multiplies by it: ringlet's own
+//! ggml-exact kernels (`quant`) on the CPU for the block formats they
+//! handle, Candle's quantized matmul for everything else (GPU devices,
+//! K-quants, f16/f32 weights).
+
+use std::sync::Arc;
+
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+
+use crate::error::{KernelError, Result};
+use crate::model_file::TensorReader;
+use crate::quant::{BlockFormat, QuantMatrix};
+
+/// A `[rows, cols]` weight matrix; rows are output features.
+#[derive(Clone)]
+pub(crate) enum Matrix {
+    Quant(Arc<QuantMatrix>),
+    Candle { tensor: Arc<QTensor>, matmul: QMatMul },
+}
+
+impl Matrix {
+    /// Reads tensor `name`, which must have shape `[rows, cols]`.
+    pub(crate) fn load(reader: &mut TensorReader<'_>, name: &str, rows: usize, cols: usize) -> Result<Self> {
+        let format = BlockFormat::from_ggml(reader.dtype(name)?);
+        match (format, reader.device.is_cpu()) {
+            (Some(format), true) => {
+                let (_, dims, data) = reader.read_raw(name)?;
+                check_shape(name, &dims, rows, cols)?;
+                Ok(Self::Quant(Arc::new(QuantMatrix::new(name, format, rows, cols, data)?)))
+            }
+            _ => {
+                let tensor = reader.read(name)?;
+                check_shape(name, tensor.shape().dims(), rows, cols)?;
+                let tensor = Arc::new(tensor);
+                let matmul = QMatMul::from_arc(Arc::clone(&tensor))?;
+                Ok(Self::Candle { tensor, matmul })
+            }
+        }
+    }
+
+    /// Bytes of the weights as stored.
+    pub(crate) fn byte_len(&self) -> u64 {
+        match self {
+            Self::Quant(m) => m.byte_len() as u64,
+            Self::Candle { tensor, .. } => tensor.storage_size_in_bytes() as u64,
+        }
+    }
+
+    /// `x`: `[m, cols]` → `[m, rows]`.
+    pub(crate) fn matmul(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Quant(w) => {
+                let m = x.dim(0)?;
+                let values = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let out = w.matmul(&values, m);
+                Ok(Tensor::from_vec(out, (m, w.rows()), x.device())?)
+            }
+            Self::Candle { matmul, .. } => Ok(matmul.forward(x)?),
+        }
+    }
+
+    /// Rows `ids` as f32, `[ids.len(), cols]`.
+    pub(crate) fn embed(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
+        match self {
+            Self::Quant(w) => Ok(Tensor::from_vec(w.dequantize_rows(ids), (ids.len(), w.cols()), device)?),
+            Self::Candle { tensor, .. } => {
+                let ids = Tensor::new(ids, device)?;
+                Ok(tensor.embedding(&ids)?.to_dtype(DType::F32)?)
+            }
+        }
+    }
+}
+
+fn check_shape(name: &str, dims: &[usize], rows: usize, cols: usize) -> Result<()> {
+    if dims != [rows, cols] {
+        return Err(KernelError::TensorShape {
+            name: name.to_string(),
+            expected: vec![rows, cols],
+            got: dims.to_vec(),
+        });
+    }
+    Ok(())
+}
