@@ -111,8 +111,10 @@ pub(crate) fn v_expf(x: f32) -> f32 {
     if n.abs() > 192.0 {
         return if n <= 0.0 { 0.0 } else { f32::INFINITY };
     }
-    // _mm512_scalef_ps: j * 2^n with one rounding (exact in f64, then rounded).
-    (f64::from(j) * 2f64.powi(n as i32)) as f32
+    // _mm512_scalef_ps: j * 2^n with one rounding (exact in f64, then
+    // rounded); |n| <= 192 here, so 2^n is a normal f64 built from its bits.
+    let two_to_n = f64::from_bits(((n as i64 + 1023) as u64) << 52);
+    (f64::from(j) * two_to_n) as f32
 }
 
 /// `gate * up` through SiLU per row of `cols`, as `ggml_vec_swiglu_f32`:
@@ -189,7 +191,6 @@ pub(crate) fn attention(q: &[f32], keys: &[f32], values: &[f32], s: &AttentionSh
     let tiny_blas = n >= 2 && d % 4 == 0;
     let mut out = vec![0f32; n * heads * d];
     let mut scores = vec![0f32; padded];
-    let mut v_col = vec![0f32; padded];
     for h in 0..heads {
         let kv = h / group;
         let k_head = &keys[kv * capacity * d..(kv * capacity + len) * d];
@@ -198,23 +199,55 @@ pub(crate) fn attention(q: &[f32], keys: &[f32], values: &[f32], s: &AttentionSh
             let q_row = &q[(i * heads + h) * d..(i * heads + h + 1) * d];
             let visible = position + i + 1;
             for (j, score) in scores.iter_mut().enumerate() {
-                *score = if j < visible {
-                    dot_f32(&k_head[j * d..(j + 1) * d], q_row) * scale
-                } else {
-                    f32::NEG_INFINITY
-                };
+                *score = if j < visible { dot_f32(&k_head[j * d..(j + 1) * d], q_row) * scale } else { f32::NEG_INFINITY };
             }
             softmax_in_place(&mut scores);
-            for c in 0..d {
-                for (j, v) in v_col.iter_mut().enumerate() {
-                    *v = if j < len { v_head[j * d + c] } else { 0.0 };
-                }
-                out[(i * heads + h) * d + c] =
-                    if tiny_blas { dot_f32_tiny_blas(&v_col, &scores) } else { dot_f32(&v_col, &scores) };
+            let out_row = &mut out[(i * heads + h) * d..(i * heads + h + 1) * d];
+            if tiny_blas {
+                weighted_sum_tiny_blas(v_head, &scores[..len], d, out_row);
+            } else {
+                weighted_sum_vec_dot(v_head, &scores[..len], d, out_row);
             }
         }
     }
     out
+}
+
+/// `out[c] = Σ_j p[j] · v[j][c]` for every `c`, each sum with exactly the
+/// lanes and order of `dot_f32` over a window padded with zeros (which add
+/// nothing), but walking `v` by rows so the loads are contiguous.
+fn weighted_sum_vec_dot(v: &[f32], p: &[f32], d: usize, out: &mut [f32]) {
+    // acc[g][l][c]: accumulator g (of 4), lane l (of 16), output c.
+    let mut acc = vec![0f32; 4 * 16 * d];
+    for (j, &pj) in p.iter().enumerate() {
+        let slot = &mut acc[((j % 64) / 16 * 16 + j % 16) * d..][..d];
+        for (a, &vc) in slot.iter_mut().zip(&v[j * d..(j + 1) * d]) {
+            *a = vc.mul_add(pj, *a);
+        }
+    }
+    for (c, o) in out.iter_mut().enumerate() {
+        let mut lanes = [0f32; 16];
+        for (l, lane) in lanes.iter_mut().enumerate() {
+            let a = |g: usize| acc[(g * 16 + l) * d + c];
+            *lane = (a(0) + a(2)) + (a(1) + a(3));
+        }
+        *o = reduce_add16(&lanes);
+    }
+}
+
+/// As [`weighted_sum_vec_dot`], with tinyBLAS's single 16-lane accumulator.
+fn weighted_sum_tiny_blas(v: &[f32], p: &[f32], d: usize, out: &mut [f32]) {
+    let mut acc = vec![0f32; 16 * d];
+    for (j, &pj) in p.iter().enumerate() {
+        let slot = &mut acc[(j % 16) * d..][..d];
+        for (a, &vc) in slot.iter_mut().zip(&v[j * d..(j + 1) * d]) {
+            *a = vc.mul_add(pj, *a);
+        }
+    }
+    for (c, o) in out.iter_mut().enumerate() {
+        let lanes: [f32; 16] = std::array::from_fn(|l| acc[l * d + c]);
+        *o = reduce_add16(&lanes);
+    }
 }
 
 /// `ggml_compute_forward_soft_max_f32` after scale and mask, over a row
@@ -260,6 +293,25 @@ mod tests {
         let exact: f32 = x.iter().zip(&y).map(|(a, b)| a * b).sum();
         assert_eq!(dot_f32(&x, &y), exact, "small integers sum exactly in any order");
         assert_eq!(dot_f32_tiny_blas(&x[..192], &y[..192]), x[..192].iter().zip(&y[..192]).map(|(a, b)| a * b).sum::<f32>());
+    }
+
+    #[test]
+    fn row_walking_weighted_sums_equal_the_column_dots() {
+        let (len, d): (usize, usize) = (150, 8);
+        let v: Vec<f32> = (0..len * d).map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 37.0).collect();
+        let p: Vec<f32> = (0..len).map(|j| ((j * 31 % 97) as f32) / 3001.0).collect();
+        let padded = len.div_ceil(64) * 64;
+        let mut p_pad = p.clone();
+        p_pad.resize(padded, 0.0);
+        let (mut a, mut b) = (vec![0f32; d], vec![0f32; d]);
+        weighted_sum_vec_dot(&v, &p, d, &mut a);
+        weighted_sum_tiny_blas(&v, &p, d, &mut b);
+        for c in 0..d {
+            let mut col: Vec<f32> = (0..len).map(|j| v[j * d + c]).collect();
+            col.resize(padded, 0.0);
+            assert_eq!(a[c].to_bits(), dot_f32(&col, &p_pad).to_bits());
+            assert_eq!(b[c].to_bits(), dot_f32_tiny_blas(&col, &p_pad).to_bits());
+        }
     }
 
     #[test]

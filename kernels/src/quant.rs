@@ -301,7 +301,104 @@ pub mod portable {
     }
 }
 
-/// The dot products used at run time: AVX2 where the build has it.
+/// The dot products used at run time: AVX2 where the build has it (the
+/// integer lane sums are exact whichever instructions compute them, and
+/// the float steps are the same FMAs in the same order), else portable.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+mod simd {
+    use std::arch::x86_64::*;
+
+    use super::f16_at;
+
+    /// `((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7))`, ggml's `hsum_float_8`.
+    #[inline(always)]
+    unsafe fn hsum8(x: __m256) -> f32 {
+        // SAFETY: AVX is available (cfg above); register-only operations.
+        unsafe {
+            let mut r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
+            r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+            r = _mm_add_ss(r, _mm_movehdup_ps(r));
+            _mm_cvtss_f32(r)
+        }
+    }
+
+    /// 32 weights of a 4-bit block as bytes 0..=15: low nibbles, then high.
+    #[inline(always)]
+    unsafe fn nibbles(qs: *const u8) -> __m256i {
+        // SAFETY: the caller passes a pointer to 16 readable bytes.
+        unsafe {
+            let tmp = _mm_loadu_si128(qs as *const __m128i);
+            let both = _mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp);
+            _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+        }
+    }
+
+    /// Eight i32 lanes, lane j = Σ_{t<4} u[4j+t]·s[4j+t], for u in 0..=255
+    /// and products that fit i16 pairs (true for every caller here).
+    #[inline(always)]
+    unsafe fn dot_u8_i8(u: __m256i, s: __m256i) -> __m256 {
+        // SAFETY: the needed target features are enabled (cfg); register-only.
+        unsafe {
+            #[cfg(all(target_feature = "avx512vnni", target_feature = "avx512vl"))]
+            let lanes = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+            #[cfg(not(all(target_feature = "avx512vnni", target_feature = "avx512vl")))]
+            let lanes = _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+            _mm256_cvtepi32_ps(lanes)
+        }
+    }
+
+    pub fn dot_q4_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
+        debug_assert_eq!(w.len() / 18, a.len() / 34);
+        // SAFETY: every pointer below stays inside its 18- or 34-byte block.
+        unsafe {
+            let mut acc = _mm256_setzero_ps();
+            for (wb, ab) in w.chunks_exact(18).zip(a.chunks_exact(34)) {
+                let d = _mm256_set1_ps(f16_at(wb, 0) * f16_at(ab, 0));
+                let qx = _mm256_sub_epi8(nibbles(wb.as_ptr().add(2)), _mm256_set1_epi8(8));
+                let qy = _mm256_loadu_si256(ab.as_ptr().add(2) as *const __m256i);
+                // |qx| times qy with qx's sign: unsigned × signed, no overflow.
+                let q = dot_u8_i8(_mm256_sign_epi8(qx, qx), _mm256_sign_epi8(qy, qx));
+                acc = _mm256_fmadd_ps(d, q, acc);
+            }
+            hsum8(acc)
+        }
+    }
+
+    pub fn dot_q4_1_q8_1(w: &[u8], a: &[u8]) -> f32 {
+        debug_assert_eq!(w.len() / 20, a.len() / 36);
+        // SAFETY: every pointer below stays inside its 20- or 36-byte block.
+        unsafe {
+            let mut acc = _mm256_setzero_ps();
+            let mut summs = 0f32;
+            for (wb, ab) in w.chunks_exact(20).zip(a.chunks_exact(36)) {
+                summs += f16_at(wb, 2) * f16_at(ab, 2);
+                let d = _mm256_set1_ps(f16_at(wb, 0) * f16_at(ab, 0));
+                let qx = nibbles(wb.as_ptr().add(4));
+                let qy = _mm256_loadu_si256(ab.as_ptr().add(4) as *const __m256i);
+                acc = _mm256_fmadd_ps(d, dot_u8_i8(qx, qy), acc);
+            }
+            hsum8(acc) + summs
+        }
+    }
+
+    pub fn dot_q8_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
+        debug_assert_eq!(w.len() / 34, a.len() / 34);
+        // SAFETY: every pointer below stays inside its 34-byte block.
+        unsafe {
+            let mut acc = _mm256_setzero_ps();
+            for (wb, ab) in w.chunks_exact(34).zip(a.chunks_exact(34)) {
+                let d = _mm256_set1_ps(f16_at(wb, 0) * f16_at(ab, 0));
+                let qx = _mm256_loadu_si256(wb.as_ptr().add(2) as *const __m256i);
+                let qy = _mm256_loadu_si256(ab.as_ptr().add(2) as *const __m256i);
+                let q = dot_u8_i8(_mm256_sign_epi8(qx, qx), _mm256_sign_epi8(qy, qx));
+                acc = _mm256_fmadd_ps(d, q, acc);
+            }
+            hsum8(acc)
+        }
+    }
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
 mod simd {
     pub use super::portable::*;
 }
@@ -321,5 +418,61 @@ mod tests {
         let qs: Vec<i8> = out[4..9].iter().map(|&b| b as i8).collect();
         assert_eq!(qs, vec![127, -127, 62, 0, -4]);
         assert_eq!(f16_at(&out, 2), 58.0, "s = d * (127 - 127 + 62 + 0 - 4)");
+    }
+
+    /// Random weight and activation blocks, including the extremes (-128,
+    /// 127, 15, 0) where saturating integer instructions would go wrong.
+    fn random_blocks(format: BlockFormat, blocks: usize, seed: u64) -> (Vec<u8>, Vec<u8>) {
+        let mut state = seed;
+        let mut next = move || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (state >> 33) as u32
+        };
+        let mut w = Vec::new();
+        for _ in 0..blocks {
+            let d = f16::from_f32((next() % 1000) as f32 / 5000.0 + 1e-3).to_le_bytes();
+            w.extend_from_slice(&d);
+            if format == BlockFormat::Q4_1 {
+                w.extend_from_slice(&f16::from_f32(-((next() % 100) as f32) / 50.0).to_le_bytes());
+            }
+            let payload = format.block_bytes() - w.len() % format.block_bytes();
+            for i in 0..payload {
+                w.push(match (next() + i as u32) % 8 { 0 => 0x80, 1 => 0x7F, 2 => 0xFF, 3 => 0x00, _ => next() as u8 });
+            }
+        }
+        let x: Vec<f32> = (0..blocks * BLOCK_VALUES).map(|_| (next() % 20001) as f32 / 1000.0 - 10.0).collect();
+        let mut a = vec![0u8; blocks * format.activation().block_bytes()];
+        quantize_activations(format.activation(), &x, &mut a);
+        (w, a)
+    }
+
+    #[test]
+    fn fast_dot_products_equal_the_portable_definition_bit_for_bit() {
+        for format in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
+            for seed in 0..200 {
+                let (w, a) = random_blocks(format, 1 + (seed as usize % 40), seed);
+                let (fast, reference) = match format {
+                    BlockFormat::Q4_0 => (simd::dot_q4_0_q8_0(&w, &a), portable::dot_q4_0_q8_0(&w, &a)),
+                    BlockFormat::Q4_1 => (simd::dot_q4_1_q8_1(&w, &a), portable::dot_q4_1_q8_1(&w, &a)),
+                    BlockFormat::Q8_0 => (simd::dot_q8_0_q8_0(&w, &a), portable::dot_q8_0_q8_0(&w, &a)),
+                };
+                assert_eq!(fast.to_bits(), reference.to_bits(), "{format:?} seed {seed}: {fast} vs {reference}");
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_equals_row_by_row_dots() {
+        let (w, _) = random_blocks(BlockFormat::Q4_1, 8 * 4, 9); // 8 rows of 4 blocks
+        let m = QuantMatrix::new("w", BlockFormat::Q4_1, 8, 128, w).expect("matrix");
+        let x: Vec<f32> = (0..3 * 128).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+        let out = m.matmul(&x, 3);
+        for r in 0..3 {
+            let mut a = vec![0u8; 4 * 36];
+            quantize_activations(Activation::Q8_1, &x[r * 128..(r + 1) * 128], &mut a);
+            for c in 0..8 {
+                assert_eq!(out[r * 8 + c].to_bits(), portable::dot_q4_1_q8_1(m.row(c), &a).to_bits());
+            }
+        }
     }
 }
