@@ -22,15 +22,20 @@ fn state() -> AppState {
     static STATE: OnceLock<AppState> = OnceLock::new();
     STATE
         .get_or_init(|| {
-            let runtime = tokio::runtime::Runtime::new().expect("runtime");
-            let config = RuntimeConfig {
-                threads: 2,
-                store: ModelStore::new(ModelStore::default_dir()),
-                device: kernels::Device::Cpu,
-            };
-            let model = runtime.block_on(LoadedModel::load_whole(&config, MODEL)).expect("load the default model");
-            let (_engine, state) = ringlet_node::serve::start_engine(model).expect("start engine");
-            state
+            // Loaded on a thread of its own: tests already run inside a runtime.
+            std::thread::spawn(|| {
+                let runtime = tokio::runtime::Runtime::new().expect("runtime");
+                let config = RuntimeConfig {
+                    threads: 2,
+                    store: ModelStore::new(ModelStore::default_dir()),
+                    device: kernels::Device::Cpu,
+                };
+                let model = runtime.block_on(LoadedModel::load_whole(&config, MODEL)).expect("load the default model");
+                let (_engine, state) = ringlet_node::serve::start_engine(model).expect("start engine");
+                state
+            })
+            .join()
+            .expect("model loading thread")
         })
         .clone()
 }

@@ -24,8 +24,11 @@ pub const ENGINE_QUEUE_LEN: usize = 64;
 pub const MAX_ACTIVE_SEQUENCES: usize = 16;
 
 /// Prompt tokens fed to the model per engine step. A long prompt is fed in
-/// chunks so that streams already decoding keep moving.
-pub const PREFILL_CHUNK_TOKENS: usize = 256;
+/// chunks so that streams already decoding keep moving. 512 is llama.cpp's
+/// default micro-batch: with the same chunk boundaries ringlet's output
+/// stays bit-identical to llama.cpp's for prompts of any length (a
+/// one-token chunk sums attention values in a different order).
+pub const PREFILL_CHUNK_TOKENS: usize = 512;
 
 /// Seconds between SSE keep-alive comments on an idle stream, so proxies
 /// do not close a connection while a long prompt is prefilled.

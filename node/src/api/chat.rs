@@ -76,6 +76,15 @@ pub async fn chat_completions(
 
 /// Parses JSON, naming the field at fault when a value has the wrong type.
 pub(crate) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    // serde would read a struct from an array too; requests are objects.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(match serde_json::from_slice::<serde_json::Value>(body) {
+            Ok(_) => ApiError::invalid_request(
+                "The request body must be a JSON object, like {\"model\": \"...\", \"messages\": [...]}.",
+            ),
+            Err(e) => ApiError::invalid_request(format!("The request body is not valid JSON: {e}")),
+        });
+    }
     let mut deserializer = serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
         let path = error.path().to_string();
