@@ -1,6 +1,8 @@
 //! The OpenAI-compatible API, driven in-process through `Router::oneshot`
 //! against the real default model.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)] // test code: a failed expectation is the report
+
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -30,8 +32,11 @@ fn state() -> AppState {
                     store: ModelStore::new(ModelStore::default_dir()),
                     device: kernels::Device::Cpu,
                 };
-                let model = runtime.block_on(LoadedModel::load_whole(&config, MODEL)).expect("load the default model");
-                let (_engine, state) = ringlet_node::serve::start_engine(model).expect("start engine");
+                let model = runtime
+                    .block_on(LoadedModel::load_whole(&config, MODEL))
+                    .expect("load the default model");
+                let (_engine, state) =
+                    ringlet_node::serve::start_engine(model).expect("start engine");
                 state
             })
             .join()
@@ -41,7 +46,10 @@ fn state() -> AppState {
 }
 
 async fn send(request: Request<Body>) -> (StatusCode, Bytes) {
-    let response = api::router(state()).oneshot(request).await.expect("infallible router");
+    let response = api::router(state())
+        .oneshot(request)
+        .await
+        .expect("infallible router");
     let status = response.status();
     let body = tokio::time::timeout(Duration::from_secs(120), response.into_body().collect())
         .await
@@ -57,14 +65,22 @@ async fn post_chat(body: impl Into<Body>) -> (StatusCode, Value) {
         .body(body.into())
         .expect("request");
     let (status, bytes) = send(request).await;
-    let json = serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&bytes)));
+    let json = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&bytes)));
     (status, json)
 }
 
 async fn post_chat_stream(body: Value) -> Vec<String> {
-    let request = Request::post("/v1/chat/completions").body(Body::from(body.to_string())).expect("request");
+    let request = Request::post("/v1/chat/completions")
+        .body(Body::from(body.to_string()))
+        .expect("request");
     let (status, bytes) = send(request).await;
-    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&bytes));
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&bytes)
+    );
     String::from_utf8_lossy(&bytes)
         .lines()
         .filter_map(|l| l.strip_prefix("data: "))
@@ -85,74 +101,155 @@ fn user(text: &str) -> Value {
 }
 
 fn content(response: &Value) -> &str {
-    response["choices"][0]["message"]["content"].as_str().expect("content")
+    response["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content")
 }
 
 #[tokio::test]
 async fn greedy_completion_matches_llama_cpp_golden_text() {
     let golden: Value = serde_json::from_str(GOLDEN).expect("golden");
     for case in golden["cases"].as_array().expect("cases") {
-        let body = chat(case["messages"].clone(), json!({ "temperature": 0, "max_tokens": 32 }));
+        let body = chat(
+            case["messages"].clone(),
+            json!({ "temperature": 0, "max_tokens": 32 }),
+        );
         let (status, response) = post_chat(body.to_string()).await;
         assert_eq!(status, StatusCode::OK, "{response}");
-        assert_eq!(content(&response), case["output_text"].as_str().expect("text"), "case {}", case["name"]);
+        assert_eq!(
+            content(&response),
+            case["output_text"].as_str().expect("text"),
+            "case {}",
+            case["name"]
+        );
         assert_eq!(response["choices"][0]["finish_reason"], "length");
         assert_eq!(response["object"], "chat.completion");
         assert_eq!(response["model"], MODEL);
         let usage = &response["usage"];
-        assert_eq!(usage["prompt_tokens"], case["prompt_ids"].as_array().expect("ids").len());
+        assert_eq!(
+            usage["prompt_tokens"],
+            case["prompt_ids"].as_array().expect("ids").len()
+        );
         assert_eq!(usage["completion_tokens"], 32);
-        assert_eq!(usage["total_tokens"].as_u64(), Some(usage["prompt_tokens"].as_u64().unwrap_or(0) + 32));
-        assert!(response["id"].as_str().is_some_and(|id| id.starts_with("chatcmpl-")));
+        assert_eq!(
+            usage["total_tokens"].as_u64(),
+            Some(usage["prompt_tokens"].as_u64().unwrap_or(0) + 32)
+        );
+        assert!(
+            response["id"]
+                .as_str()
+                .is_some_and(|id| id.starts_with("chatcmpl-"))
+        );
     }
 }
 
 #[tokio::test]
 async fn streaming_gives_the_same_text_then_usage_then_done() {
     let messages = user("Name three planets.");
-    let (_, whole) = post_chat(chat(messages.clone(), json!({ "temperature": 0, "max_tokens": 24 })).to_string()).await;
+    let (_, whole) = post_chat(
+        chat(
+            messages.clone(),
+            json!({ "temperature": 0, "max_tokens": 24 }),
+        )
+        .to_string(),
+    )
+    .await;
     let events = post_chat_stream(chat(
         messages,
         json!({ "temperature": 0, "max_tokens": 24, "stream": true, "stream_options": { "include_usage": true } }),
     ))
     .await;
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
-    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).expect("chunk")).collect();
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).expect("chunk"))
+        .collect();
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
-    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]));
-    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"])
+    );
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
     assert_eq!(text, content(&whole));
     let usage_chunk = chunks.last().expect("usage chunk");
     assert_eq!(usage_chunk["choices"].as_array().map(Vec::len), Some(0));
     assert_eq!(usage_chunk["usage"], whole["usage"]);
     let finish = &chunks[chunks.len() - 2];
-    assert_eq!(finish["choices"][0]["finish_reason"], whole["choices"][0]["finish_reason"]);
-    assert!(chunks[..chunks.len() - 1].iter().all(|c| c["usage"].is_null()), "usage is null until the last chunk");
+    assert_eq!(
+        finish["choices"][0]["finish_reason"],
+        whole["choices"][0]["finish_reason"]
+    );
+    assert!(
+        chunks[..chunks.len() - 1]
+            .iter()
+            .all(|c| c["usage"].is_null()),
+        "usage is null until the last chunk"
+    );
 
     // Without include_usage there is no usage chunk and no usage field.
-    let events = post_chat_stream(chat(user("Hi"), json!({ "max_tokens": 4, "stream": true }))).await;
-    assert!(events.iter().filter(|e| *e != "[DONE]").all(|e| !e.contains("\"usage\"")));
+    let events =
+        post_chat_stream(chat(user("Hi"), json!({ "max_tokens": 4, "stream": true }))).await;
+    assert!(
+        events
+            .iter()
+            .filter(|e| *e != "[DONE]")
+            .all(|e| !e.contains("\"usage\""))
+    );
 }
 
 #[tokio::test]
 async fn stop_sequences_end_the_text_truthfully() {
     let messages = user("Explain how a rainbow forms.");
-    let (_, free) = post_chat(chat(messages.clone(), json!({ "temperature": 0, "max_tokens": 32 })).to_string()).await;
+    let (_, free) = post_chat(
+        chat(
+            messages.clone(),
+            json!({ "temperature": 0, "max_tokens": 32 }),
+        )
+        .to_string(),
+    )
+    .await;
     let text = content(&free).to_string();
     // Stop at the second word of the free answer.
-    let word = text.split_whitespace().nth(1).expect("a second word").to_string();
+    let word = text
+        .split_whitespace()
+        .nth(1)
+        .expect("a second word")
+        .to_string();
     let stop_at = text.find(&word).expect("word in text");
     for stream in [false, true] {
-        let body = chat(messages.clone(), json!({ "temperature": 0, "max_tokens": 32, "stop": [word.clone(), "NEVER-MATCHES"], "stream": stream }));
+        let body = chat(
+            messages.clone(),
+            json!({ "temperature": 0, "max_tokens": 32, "stop": [word.clone(), "NEVER-MATCHES"], "stream": stream }),
+        );
         let (got, finish) = if stream {
             let events = post_chat_stream(body).await;
-            let chunks: Vec<Value> = events.iter().filter(|e| *e != "[DONE]").map(|e| serde_json::from_str(e).expect("json")).collect();
-            let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
-            let finish = chunks.iter().find_map(|c| c["choices"][0]["finish_reason"].as_str().map(str::to_string));
+            let chunks: Vec<Value> = events
+                .iter()
+                .filter(|e| *e != "[DONE]")
+                .map(|e| serde_json::from_str(e).expect("json"))
+                .collect();
+            let text: String = chunks
+                .iter()
+                .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+                .collect();
+            let finish = chunks.iter().find_map(|c| {
+                c["choices"][0]["finish_reason"]
+                    .as_str()
+                    .map(str::to_string)
+            });
             (text, finish)
         } else {
             let (_, response) = post_chat(body.to_string()).await;
-            (content(&response).to_string(), response["choices"][0]["finish_reason"].as_str().map(str::to_string))
+            (
+                content(&response).to_string(),
+                response["choices"][0]["finish_reason"]
+                    .as_str()
+                    .map(str::to_string),
+            )
         };
         assert_eq!(got, text[..stop_at], "stream={stream}");
         assert_eq!(finish.as_deref(), Some("stop"), "stream={stream}");
@@ -161,7 +258,13 @@ async fn stop_sequences_end_the_text_truthfully() {
 
 #[tokio::test]
 async fn same_seed_same_sample_and_max_completion_tokens() {
-    let body = |seed: u64| chat(user("Tell me a story."), json!({ "temperature": 1.0, "top_p": 0.95, "seed": seed, "max_completion_tokens": 20 })).to_string();
+    let body = |seed: u64| {
+        chat(
+            user("Tell me a story."),
+            json!({ "temperature": 1.0, "top_p": 0.95, "seed": seed, "max_completion_tokens": 20 }),
+        )
+        .to_string()
+    };
     let (_, a) = post_chat(body(42)).await;
     let (_, b) = post_chat(body(42)).await;
     let (_, c) = post_chat(body(7)).await;
@@ -172,18 +275,25 @@ async fn same_seed_same_sample_and_max_completion_tokens() {
 
 #[tokio::test]
 async fn concurrent_requests_all_complete_with_their_own_answers() {
-    let prompts = ["Name a colour.", "Name an animal.", "Name a city.", "Name a fruit."];
+    let prompts = [
+        "Name a colour.",
+        "Name an animal.",
+        "Name a city.",
+        "Name a fruit.",
+    ];
     let alone: Vec<String> = {
         let mut out = Vec::new();
         for p in prompts {
-            let (_, r) = post_chat(chat(user(p), json!({ "temperature": 0, "max_tokens": 16 })).to_string()).await;
+            let (_, r) =
+                post_chat(chat(user(p), json!({ "temperature": 0, "max_tokens": 16 })).to_string())
+                    .await;
             out.push(content(&r).to_string());
         }
         out
     };
-    let together = futures_util::future::join_all(
-        prompts.iter().map(|p| post_chat(chat(user(p), json!({ "temperature": 0, "max_tokens": 16 })).to_string())),
-    )
+    let together = futures_util::future::join_all(prompts.iter().map(|p| {
+        post_chat(chat(user(p), json!({ "temperature": 0, "max_tokens": 16 })).to_string())
+    }))
     .await;
     for ((status, response), expected) in together.iter().zip(&alone) {
         assert_eq!(*status, StatusCode::OK);
@@ -195,9 +305,17 @@ async fn concurrent_requests_all_complete_with_their_own_answers() {
 async fn dropping_a_stream_cancels_its_generation() {
     let mut stats = state().engine.stats();
     let cancelled_before = stats.borrow().cancelled;
-    let body = chat(user("Write a very long essay about the ocean."), json!({ "max_tokens": 4000, "stream": true }));
-    let request = Request::post("/v1/chat/completions").body(Body::from(body.to_string())).expect("request");
-    let response = api::router(state()).oneshot(request).await.expect("response");
+    let body = chat(
+        user("Write a very long essay about the ocean."),
+        json!({ "max_tokens": 4000, "stream": true }),
+    );
+    let request = Request::post("/v1/chat/completions")
+        .body(Body::from(body.to_string()))
+        .expect("request");
+    let response = api::router(state())
+        .oneshot(request)
+        .await
+        .expect("response");
     let mut body = response.into_body();
     // Read until some content has arrived, then hang up.
     let mut seen = String::new();
@@ -208,17 +326,28 @@ async fn dropping_a_stream_cancels_its_generation() {
         }
     }
     drop(body);
-    tokio::time::timeout(Duration::from_secs(30), stats.wait_for(|s| s.cancelled > cancelled_before))
-        .await
-        .expect("the engine cancels within 30 s")
-        .expect("engine alive");
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        stats.wait_for(|s| s.cancelled > cancelled_before),
+    )
+    .await
+    .expect("the engine cancels within 30 s")
+    .expect("engine alive");
 }
 
-/// Each case: a request body, the expected status, `param` and `code`.
+/// A request the API must refuse, and how: the status, `param` and `code`.
+type ErrorCase = (
+    &'static str,
+    String,
+    StatusCode,
+    Option<&'static str>,
+    Option<&'static str>,
+);
+
 #[tokio::test]
 async fn bad_requests_get_openai_errors() {
     let long_prompt = "word ".repeat(9_000);
-    let cases: Vec<(&str, String, StatusCode, Option<&str>, Option<&str>)> = vec![
+    let cases: Vec<ErrorCase> = vec![
         ("malformed json", "{\"model\": ".into(), StatusCode::BAD_REQUEST, None, None),
         ("empty body", String::new(), StatusCode::BAD_REQUEST, None, None),
         ("not an object", "[1, 2]".into(), StatusCode::BAD_REQUEST, None, None),
@@ -242,8 +371,15 @@ async fn bad_requests_get_openai_errors() {
         let (got, json) = post_chat(body).await;
         assert_eq!(got, status, "{name}: {json}");
         let error = &json["error"];
-        assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()), "{name}: {json}");
-        let kind = if status.is_server_error() { "server_error" } else { "invalid_request_error" };
+        assert!(
+            error["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{name}: {json}"
+        );
+        let kind = if status.is_server_error() {
+            "server_error"
+        } else {
+            "invalid_request_error"
+        };
         assert_eq!(error["type"], kind, "{name}");
         assert_eq!(error["param"].as_str(), param, "{name}: {json}");
         assert_eq!(error["code"].as_str(), code, "{name}: {json}");
@@ -252,36 +388,73 @@ async fn bad_requests_get_openai_errors() {
 
 #[tokio::test]
 async fn oversized_bodies_and_unknown_routes_are_json_errors() {
-    let huge = format!("{{\"model\":\"{MODEL}\",\"messages\":[{{\"role\":\"user\",\"content\":\"{}\"}}]}}", "a".repeat(5 << 20));
+    let huge = format!(
+        "{{\"model\":\"{MODEL}\",\"messages\":[{{\"role\":\"user\",\"content\":\"{}\"}}]}}",
+        "a".repeat(5 << 20)
+    );
     let (status, json) = post_chat(huge).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{json}");
     assert_eq!(json["error"]["type"], "invalid_request_error");
 
-    let (status, body) = send(Request::get("/v1/nope").body(Body::empty()).expect("request")).await;
+    let (status, body) = send(
+        Request::get("/v1/nope")
+            .body(Body::empty())
+            .expect("request"),
+    )
+    .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let json: Value = serde_json::from_slice(&body).expect("json");
-    assert!(json["error"]["message"].as_str().is_some_and(|m| m.contains("/v1/nope")));
+    assert!(
+        json["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("/v1/nope"))
+    );
 
-    let (status, body) = send(Request::get("/v1/chat/completions").body(Body::empty()).expect("request")).await;
+    let (status, body) = send(
+        Request::get("/v1/chat/completions")
+            .body(Body::empty())
+            .expect("request"),
+    )
+    .await;
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
     assert!(serde_json::from_slice::<Value>(&body).is_ok());
 }
 
 #[tokio::test]
 async fn models_and_health() {
-    let (status, body) = send(Request::get("/v1/models").body(Body::empty()).expect("request")).await;
+    let (status, body) = send(
+        Request::get("/v1/models")
+            .body(Body::empty())
+            .expect("request"),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     let json: Value = serde_json::from_slice(&body).expect("json");
     assert_eq!(json["object"], "list");
     assert_eq!(json["data"][0]["id"], MODEL);
     assert_eq!(json["data"][0]["object"], "model");
 
-    let (status, body) = send(Request::get(format!("/v1/models/{MODEL}")).body(Body::empty()).expect("request")).await;
+    let (status, body) = send(
+        Request::get(format!("/v1/models/{MODEL}"))
+            .body(Body::empty())
+            .expect("request"),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
-    let (status, _) = send(Request::get("/v1/models/other").body(Body::empty()).expect("request")).await;
+    let (status, _) = send(
+        Request::get("/v1/models/other")
+            .body(Body::empty())
+            .expect("request"),
+    )
+    .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
-    let (status, body) = send(Request::get("/healthz").body(Body::empty()).expect("request")).await;
+    let (status, body) = send(
+        Request::get("/healthz")
+            .body(Body::empty())
+            .expect("request"),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     let json: Value = serde_json::from_slice(&body).expect("json");
     assert_eq!(json["status"], "ok");

@@ -1,6 +1,8 @@
 //! A real `ringlet serve` process on loopback, driven over TCP and by the
 //! official `openai` Python package.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)] // test code: a failed expectation is the report
+
 mod support;
 
 use std::process::Command;
@@ -18,14 +20,21 @@ async fn the_official_openai_python_client_works() {
     let node = Node::start(&[]);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/openai_client.py");
     let output = tokio::task::spawn_blocking(move || {
-        Command::new(python).arg(script).arg(node.url()).arg(support::MODEL).output()
+        Command::new(python)
+            .arg(script)
+            .arg(node.url())
+            .arg(support::MODEL)
+            .output()
     })
     .await
     .expect("join")
     .expect("run python");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "openai client checks failed:\n{stdout}\n{stderr}");
+    assert!(
+        output.status.success(),
+        "openai client checks failed:\n{stdout}\n{stderr}"
+    );
     assert!(stdout.contains("all checks passed"), "{stdout}");
 }
 
@@ -42,33 +51,66 @@ async fn a_client_that_hangs_up_cancels_its_generation() {
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
     while String::from_utf8_lossy(&seen).matches("data:").count() < 4 {
-        let n = tokio::time::timeout(Duration::from_secs(60), stream.read(&mut buf)).await.expect("data in time").expect("read");
-        assert!(n > 0, "the stream closed early: {}", String::from_utf8_lossy(&seen));
+        let n = tokio::time::timeout(Duration::from_secs(60), stream.read(&mut buf))
+            .await
+            .expect("data in time")
+            .expect("read");
+        assert!(
+            n > 0,
+            "the stream closed early: {}",
+            String::from_utf8_lossy(&seen)
+        );
         seen.extend_from_slice(&buf[..n]);
     }
     drop(stream);
     let line = node.wait_for_log("generation cancelled", Duration::from_secs(30));
     assert!(line.contains("client went away"), "{line}");
     // The node goes on serving.
-    let response = request(node.addr, "POST", "/v1/chat/completions", Some(&chat_body("Hi", 4, false))).await;
+    let response = request(
+        node.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&chat_body("Hi", 4, false)),
+    )
+    .await;
     assert_eq!(response.status, 200, "{}", response.body);
 }
 
 #[tokio::test]
 async fn concurrent_streams_over_sockets_all_finish() {
     let node = Node::start(&[]);
-    let prompts = ["Count to five.", "Say hello in French.", "Name a river.", "Name a mountain."];
+    let prompts = [
+        "Count to five.",
+        "Say hello in French.",
+        "Name a river.",
+        "Name a mountain.",
+    ];
     let alone: Vec<String> = {
         let mut out = Vec::new();
         for p in prompts {
-            let r = request(node.addr, "POST", "/v1/chat/completions", Some(&chat_body(p, 12, false))).await;
-            out.push(r.json()["choices"][0]["message"]["content"].as_str().expect("content").to_string());
+            let r = request(
+                node.addr,
+                "POST",
+                "/v1/chat/completions",
+                Some(&chat_body(p, 12, false)),
+            )
+            .await;
+            out.push(
+                r.json()["choices"][0]["message"]["content"]
+                    .as_str()
+                    .expect("content")
+                    .to_string(),
+            );
         }
         out
     };
     let bodies: Vec<String> = prompts.iter().map(|p| chat_body(p, 12, true)).collect();
-    let together =
-        futures_util::future::join_all(bodies.iter().map(|b| request(node.addr, "POST", "/v1/chat/completions", Some(b)))).await;
+    let together = futures_util::future::join_all(
+        bodies
+            .iter()
+            .map(|b| request(node.addr, "POST", "/v1/chat/completions", Some(b))),
+    )
+    .await;
     for (response, expected) in together.iter().zip(&alone) {
         assert_eq!(response.status, 200);
         let events = sse_data(&response.body);
@@ -96,7 +138,13 @@ async fn garbage_on_the_socket_does_not_hurt_the_node() {
     let response = request(node.addr, "POST", "/v1/chat/completions", Some("{not json")).await;
     assert_eq!(response.status, 400);
     assert_eq!(response.json()["error"]["type"], "invalid_request_error");
-    let response = request(node.addr, "POST", "/v1/chat/completions", Some(&chat_body("Hi", 4, false))).await;
+    let response = request(
+        node.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&chat_body("Hi", 4, false)),
+    )
+    .await;
     assert_eq!(response.status, 200, "{}", response.body);
     assert!(node.is_running());
 }
@@ -110,5 +158,8 @@ async fn a_taken_port_is_a_clear_error() {
         .expect("run");
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("cannot listen on") && stderr.contains("--listen"), "{stderr}");
+    assert!(
+        stderr.contains("cannot listen on") && stderr.contains("--listen"),
+        "{stderr}"
+    );
 }

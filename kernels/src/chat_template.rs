@@ -50,14 +50,24 @@ impl ChatTemplate {
         let mut env = Environment::new();
         // Hugging Face `transformers` and llama.cpp render templates with
         // trim_blocks and lstrip_blocks; the model authors wrote for that.
-        let syntax = SyntaxConfig::builder().trim_blocks(true).lstrip_blocks(true).build()?;
+        let syntax = SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .build()?;
         env.set_syntax(syntax);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |message: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
-        });
+        env.add_function(
+            "raise_exception",
+            |message: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
+            },
+        );
         env.add_template_owned(TEMPLATE_NAME, source.unwrap_or_else(|| CHATML.to_string()))?;
-        Ok(Self { env, bos_token, eos_token })
+        Ok(Self {
+            env,
+            bos_token,
+            eos_token,
+        })
     }
 
     /// The prompt text for `messages`, ending with the assistant's turn
@@ -81,7 +91,10 @@ mod tests {
     fn chatml_fallback() -> Result<()> {
         let t = ChatTemplate::new(None, String::new(), "<|im_end|>".into())?;
         let out = t.render(&[ChatMessage::new("user", "hi")], true)?;
-        assert_eq!(out, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(
+            out,
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        );
         Ok(())
     }
 
@@ -90,7 +103,10 @@ mod tests {
         let source = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}\
                       {% for m in messages %}{{ m['content'].strip() | upper }}{% endfor %}";
         let t = ChatTemplate::new(Some(source.into()), String::new(), String::new())?;
-        assert_eq!(t.render(&[ChatMessage::new("user", "  hi  ")], false)?, "HI");
+        assert_eq!(
+            t.render(&[ChatMessage::new("user", "  hi  ")], false)?,
+            "HI"
+        );
         let err = t.render(&[ChatMessage::new("system", "x")], false);
         assert!(err.is_err_and(|e| e.to_string().contains("no system")));
         Ok(())
@@ -100,7 +116,13 @@ mod tests {
     fn trims_blocks_like_transformers() -> Result<()> {
         let source = "{% for m in messages %}\n  {% if true %}\n{{ m['content'] }}\n  {% endif %}\n{% endfor %}";
         let t = ChatTemplate::new(Some(source.into()), String::new(), String::new())?;
-        assert_eq!(t.render(&[ChatMessage::new("user", "a"), ChatMessage::new("user", "b")], false)?, "a\nb\n");
+        assert_eq!(
+            t.render(
+                &[ChatMessage::new("user", "a"), ChatMessage::new("user", "b")],
+                false
+            )?,
+            "a\nb\n"
+        );
         Ok(())
     }
 }

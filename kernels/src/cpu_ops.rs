@@ -82,7 +82,9 @@ pub(crate) fn dot_f32(x: &[f32], y: &[f32]) -> f32 {
 }
 
 /// llamafile's tinyBLAS f32 kernel for one output: one 16-lane FMA
-/// accumulator stepping through `k` (a multiple of 16), then reduced.
+/// accumulator stepping through `k` (a multiple of 16), then reduced. The
+/// definition that `weighted_sum_tiny_blas` is tested against.
+#[cfg(test)]
 fn dot_f32_tiny_blas(x: &[f32], y: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     for (xs, ys) in x.chunks_exact(16).zip(y.chunks_exact(16)) {
@@ -102,11 +104,17 @@ pub(crate) fn v_expf(x: f32) -> f32 {
     let r = f32::from_bits(0x4B40_0000); // 0x1.8p23
     let z = x.mul_add(f32::from_bits(0x3FB8_AA3B), r); // 0x1.715476p+0
     let n = z - r;
-    let b = (-n).mul_add(f32::from_bits(0x35BF_BE8E), (-n).mul_add(f32::from_bits(0x3F31_7200), x)); // 0x1.7f7d1cp-20, 0x1.62e4p-1
+    let b = (-n).mul_add(
+        f32::from_bits(0x35BF_BE8E),
+        (-n).mul_add(f32::from_bits(0x3F31_7200), x),
+    ); // 0x1.7f7d1cp-20, 0x1.62e4p-1
     let u = b * b;
     let j = f32::from_bits(0x3C07_2010) // 0x1.0e4020p-7
         .mul_add(b, f32::from_bits(0x3D2B_9F17)) // 0x1.573e2ep-5
-        .mul_add(u, f32::from_bits(0x3E2A_AF33).mul_add(b, f32::from_bits(0x3EFF_FEDB))) // 0x1.555e66p-3, 0x1.fffdb6p-2
+        .mul_add(
+            u,
+            f32::from_bits(0x3E2A_AF33).mul_add(b, f32::from_bits(0x3EFF_FEDB)),
+        ) // 0x1.555e66p-3, 0x1.fffdb6p-2
         .mul_add(u, f32::from_bits(0x3F7F_FFF6).mul_add(b, 1.0)); // 0x1.ffffecp-1
     if n.abs() > 192.0 {
         return if n <= 0.0 { 0.0 } else { f32::INFINITY };
@@ -145,7 +153,10 @@ pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 pub(crate) fn rope_pairs(x: &mut [f32], heads: usize, d: usize, cos: &[f32], sin: &[f32]) {
     let half = d / 2;
     for (t, token) in x.chunks_exact_mut(heads * d).enumerate() {
-        let (cos, sin) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
+        let (cos, sin) = (
+            &cos[t * half..(t + 1) * half],
+            &sin[t * half..(t + 1) * half],
+        );
         for head in token.chunks_exact_mut(d) {
             for p in 0..half {
                 let (x0, x1) = (head[2 * p], head[2 * p + 1]);
@@ -184,7 +195,15 @@ pub(crate) struct AttentionShape {
 /// Scores use `ggml_vec_dot_f32`; the value sum uses tinyBLAS for a batch
 /// of queries and `ggml_vec_dot_f32` for one, as llama.cpp does.
 pub(crate) fn attention(q: &[f32], keys: &[f32], values: &[f32], s: &AttentionShape) -> Vec<f32> {
-    let AttentionShape { n, heads, kv_heads, d, position, len, capacity } = *s;
+    let AttentionShape {
+        n,
+        heads,
+        kv_heads,
+        d,
+        position,
+        len,
+        capacity,
+    } = *s;
     let group = heads / kv_heads;
     let padded = len.div_ceil(64) * 64;
     let scale = 1.0 / (d as f32).sqrt();
@@ -199,7 +218,11 @@ pub(crate) fn attention(q: &[f32], keys: &[f32], values: &[f32], s: &AttentionSh
             let q_row = &q[(i * heads + h) * d..(i * heads + h + 1) * d];
             let visible = position + i + 1;
             for (j, score) in scores.iter_mut().enumerate() {
-                *score = if j < visible { dot_f32(&k_head[j * d..(j + 1) * d], q_row) * scale } else { f32::NEG_INFINITY };
+                *score = if j < visible {
+                    dot_f32(&k_head[j * d..(j + 1) * d], q_row) * scale
+                } else {
+                    f32::NEG_INFINITY
+                };
             }
             softmax_in_place(&mut scores);
             let out_row = &mut out[(i * heads + h) * d..(i * heads + h + 1) * d];
@@ -254,7 +277,9 @@ fn weighted_sum_tiny_blas(v: &[f32], p: &[f32], d: usize, out: &mut [f32]) {
 /// whose length is a multiple of 16: `v_expf(x - max)` per 16-chunk, each
 /// chunk's float sum added in f64, then a multiply by `(float)(1 / sum)`.
 fn softmax_in_place(row: &mut [f32]) {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    let max = row
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
     let mut sum = 0f64;
     for chunk in row.chunks_exact_mut(16) {
         let mut lanes = [0f32; 16];
@@ -291,14 +316,27 @@ mod tests {
         let x: Vec<f32> = (0..200).map(|i| (i % 7) as f32 - 3.0).collect();
         let y: Vec<f32> = (0..200).map(|i| (i % 5) as f32 * 0.5).collect();
         let exact: f32 = x.iter().zip(&y).map(|(a, b)| a * b).sum();
-        assert_eq!(dot_f32(&x, &y), exact, "small integers sum exactly in any order");
-        assert_eq!(dot_f32_tiny_blas(&x[..192], &y[..192]), x[..192].iter().zip(&y[..192]).map(|(a, b)| a * b).sum::<f32>());
+        assert_eq!(
+            dot_f32(&x, &y),
+            exact,
+            "small integers sum exactly in any order"
+        );
+        assert_eq!(
+            dot_f32_tiny_blas(&x[..192], &y[..192]),
+            x[..192]
+                .iter()
+                .zip(&y[..192])
+                .map(|(a, b)| a * b)
+                .sum::<f32>()
+        );
     }
 
     #[test]
     fn row_walking_weighted_sums_equal_the_column_dots() {
         let (len, d): (usize, usize) = (150, 8);
-        let v: Vec<f32> = (0..len * d).map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 37.0).collect();
+        let v: Vec<f32> = (0..len * d)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 37.0)
+            .collect();
         let p: Vec<f32> = (0..len).map(|j| ((j * 31 % 97) as f32) / 3001.0).collect();
         let padded = len.div_ceil(64) * 64;
         let mut p_pad = p.clone();

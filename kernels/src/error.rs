@@ -63,7 +63,9 @@ pub enum KernelError {
         got: usize,
     },
 
-    #[error("sequence {sequence} would reach {requested} tokens; the context holds {context_length}")]
+    #[error(
+        "sequence {sequence} would reach {requested} tokens; the context holds {context_length}"
+    )]
     ContextExceeded {
         sequence: SequenceId,
         requested: usize,

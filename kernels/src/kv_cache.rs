@@ -61,8 +61,18 @@ impl LayerCache {
         let capacity = self.keys.as_ref().map_or(0, |t| t.dims()[1]);
         if needed > capacity {
             let new_capacity = needed.next_power_of_two().max(INITIAL_CAPACITY_TOKENS);
-            self.keys = Some(grow(self.keys.take(), self.len, (kv_heads, new_capacity, d), k)?);
-            self.values = Some(grow(self.values.take(), self.len, (kv_heads, new_capacity, d), v)?);
+            self.keys = Some(grow(
+                self.keys.take(),
+                self.len,
+                (kv_heads, new_capacity, d),
+                k,
+            )?);
+            self.values = Some(grow(
+                self.values.take(),
+                self.len,
+                (kv_heads, new_capacity, d),
+                v,
+            )?);
         }
         let (Some(keys), Some(values)) = (&self.keys, &self.values) else {
             unreachable!("buffers were allocated above");
@@ -92,12 +102,17 @@ impl LayerCache {
 }
 
 /// A zeroed buffer of `shape` holding the first `len` rows of `old`.
-fn grow(old: Option<Tensor>, len: usize, shape: (usize, usize, usize), like: &Tensor) -> Result<Tensor> {
+fn grow(
+    old: Option<Tensor>,
+    len: usize,
+    shape: (usize, usize, usize),
+    like: &Tensor,
+) -> Result<Tensor> {
     let buffer = Tensor::zeros(shape, like.dtype(), like.device())?;
-    if let Some(old) = old {
-        if len > 0 {
-            buffer.slice_set(&old.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
-        }
+    if let Some(old) = old
+        && len > 0
+    {
+        buffer.slice_set(&old.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
     }
     Ok(buffer)
 }
@@ -124,7 +139,10 @@ mod tests {
             let got: Vec<f32> = values.get(0)?.get_on_dim(1, 3)?.to_vec1()?;
             assert_eq!(got, all.iter().map(|x| -x).collect::<Vec<_>>());
         }
-        assert_eq!(cache.allocated_bytes(), 2 * (2 * 128 * 4 * DType::F32.size_in_bytes()) as u64);
+        assert_eq!(
+            cache.allocated_bytes(),
+            2 * (2 * 128 * 4 * DType::F32.size_in_bytes()) as u64
+        );
         Ok(())
     }
 
@@ -134,7 +152,10 @@ mod tests {
         let mut cache = LayerCache::default();
         let k = Tensor::arange(0f32, 24.0, &dev)?.reshape((2, 3, 4))?;
         let (keys, _) = cache.append(&k, &k)?;
-        assert_eq!(keys.contiguous()?.flatten_all()?.to_vec1::<f32>()?, k.flatten_all()?.to_vec1::<f32>()?);
+        assert_eq!(
+            keys.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
+            k.flatten_all()?.to_vec1::<f32>()?
+        );
         let (keys, _) = cache.append(&k, &k)?;
         assert_eq!(keys.dims(), &[2, 6, 4]);
         Ok(())

@@ -86,7 +86,10 @@ mod tests {
                 }
                 let lens: Vec<usize> = ranges.iter().map(LayerRange::len).collect();
                 let (min, max) = (lens.iter().min(), lens.iter().max());
-                assert!(max.zip(min).is_some_and(|(max, min)| max - min <= 1), "{lens:?}");
+                assert!(
+                    max.zip(min).is_some_and(|(max, min)| max - min <= 1),
+                    "{lens:?}"
+                );
             }
         }
     }

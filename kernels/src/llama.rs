@@ -19,15 +19,15 @@
 use std::cell::Cell;
 use std::collections::HashMap;
 
-use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::QTensor;
+use candle_core::quantized::gguf_file::Value;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{KernelError, Result};
 use crate::kv_cache::{LayerCache, SequenceCache};
-use crate::matrix::Matrix;
 use crate::layers::{LayerRange, SequenceId};
+use crate::matrix::Matrix;
 use crate::model_file::TensorReader;
 
 // ---------------------------------------------------------------------------
@@ -113,8 +113,8 @@ impl LlamaConfig {
                 expected: "a non-zero divisor of attention.head_count",
             });
         }
-        let head_dim = opt_usize(metadata, &key("attention.key_length"))?
-            .unwrap_or(hidden_size / n_heads);
+        let head_dim =
+            opt_usize(metadata, &key("attention.key_length"))?.unwrap_or(hidden_size / n_heads);
         let rope_dim = opt_usize(metadata, &key("rope.dimension_count"))?.unwrap_or(head_dim);
         if rope_dim != head_dim || head_dim % 2 != 0 {
             return Err(KernelError::BadMetadata {
@@ -155,9 +155,11 @@ impl LlamaConfig {
 }
 
 fn get_value<'a>(metadata: &'a HashMap<String, Value>, key: &str) -> Result<&'a Value> {
-    metadata.get(key).ok_or_else(|| KernelError::MissingMetadata {
-        key: key.to_string(),
-    })
+    metadata
+        .get(key)
+        .ok_or_else(|| KernelError::MissingMetadata {
+            key: key.to_string(),
+        })
 }
 
 fn get_string(metadata: &HashMap<String, Value>, key: &str) -> Result<String> {
@@ -269,9 +271,9 @@ pub enum ShardOutput {
 pub struct Shard {
     config: LlamaConfig,
     range: LayerRange,
-    embedding: Option<Matrix>,       // [vocab, hidden], first shard only
+    embedding: Option<Matrix>, // [vocab, hidden], first shard only
     blocks: Vec<Block>,
-    head: Option<Head>,              // last shard only
+    head: Option<Head>,                  // last shard only
     rope_freq_factors: Option<Vec<f32>>, // [d/2]
     caches: HashMap<SequenceId, SequenceCache>,
     weight_bytes: u64,
@@ -297,7 +299,11 @@ impl Shard {
         let tied = reader.model.ties_embeddings();
         let hidden = config.hidden_size;
         let weight_bytes = Cell::new(0u64);
-        let matrix = |reader: &mut TensorReader<'_>, name: &str, rows: usize, cols: usize| -> Result<Matrix> {
+        let matrix = |reader: &mut TensorReader<'_>,
+                      name: &str,
+                      rows: usize,
+                      cols: usize|
+         -> Result<Matrix> {
             let m = Matrix::load(reader, name, rows, cols)?;
             weight_bytes.set(weight_bytes.get() + m.byte_len());
             Ok(m)
@@ -317,7 +323,10 @@ impl Shard {
             None
         };
 
-        let (q_rows, kv_rows) = (config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim);
+        let (q_rows, kv_rows) = (
+            config.n_heads * config.head_dim,
+            config.n_kv_heads * config.head_dim,
+        );
         let ff = config.feed_forward_size;
         let mut blocks = Vec::with_capacity(range.len());
         for layer in range.start..range.end {
@@ -407,7 +416,10 @@ impl Shard {
 
     /// Bytes currently allocated for KV caches on this shard.
     pub fn kv_cache_bytes(&self) -> u64 {
-        self.caches.values().map(SequenceCache::allocated_bytes).sum()
+        self.caches
+            .values()
+            .map(SequenceCache::allocated_bytes)
+            .sum()
     }
 
     /// Drops the KV cache of `sequence`. Unknown sequences are ignored.
@@ -464,7 +476,11 @@ impl Shard {
 
         let rope = self.rope_tables(position, n)?;
         // The CPU attention masks as it goes; Candle's needs the mask tensor.
-        let mask = if n > 1 && !self.device.is_cpu() { Some(causal_mask(position, n, &self.device)?) } else { None };
+        let mask = if n > 1 && !self.device.is_cpu() {
+            Some(causal_mask(position, n, &self.device)?)
+        } else {
+            None
+        };
         let n_layers = self.blocks.len();
         let cache = self
             .caches
@@ -489,7 +505,11 @@ impl Shard {
 
     /// Turns the input into `[n, hidden]` f32 hidden states.
     fn embed(&self, input: ShardInput) -> Result<Tensor> {
-        let expected = if self.takes_tokens() { "token ids" } else { "hidden states" };
+        let expected = if self.takes_tokens() {
+            "token ids"
+        } else {
+            "hidden states"
+        };
         match (input, &self.embedding) {
             (ShardInput::Tokens(ids), Some(embedding)) => {
                 let vocab_size = self.config.vocab_size;
@@ -501,7 +521,9 @@ impl Shard {
             (ShardInput::Hidden(h), None) => {
                 let hidden_size = self.config.hidden_size;
                 match h.dims() {
-                    [_, cols] if *cols == hidden_size => Ok(h.to_device(&self.device)?.to_dtype(DType::F32)?),
+                    [_, cols] if *cols == hidden_size => {
+                        Ok(h.to_device(&self.device)?.to_dtype(DType::F32)?)
+                    }
                     dims => Err(KernelError::HiddenShape {
                         got: dims.to_vec(),
                         hidden_size,
@@ -521,7 +543,10 @@ impl Shard {
     /// multiplication) so that greedy decoding matches it.
     fn rope_tables(&self, position: usize, n: usize) -> Result<RopeTables> {
         let half = self.config.rope_dim / 2;
-        let theta_scale = self.config.rope_freq_base.powf(-2.0 / self.config.rope_dim as f32);
+        let theta_scale = self
+            .config
+            .rope_freq_base
+            .powf(-2.0 / self.config.rope_dim as f32);
         let mut cos = Vec::with_capacity(n * half);
         let mut sin = Vec::with_capacity(n * half);
         for p in position..position + n {
@@ -608,14 +633,26 @@ fn attention_cpu(
     crate::cpu_ops::rope_pairs(&mut q, heads, d, &cos, &sin);
     crate::cpu_ops::rope_pairs(&mut k, kv_heads, d, &cos, &sin);
     let device = Device::Cpu;
-    let k = Tensor::from_vec(k, (n, kv_heads, d), &device)?.transpose(0, 1)?.contiguous()?; // [KV, n, d]
+    let k = Tensor::from_vec(k, (n, kv_heads, d), &device)?
+        .transpose(0, 1)?
+        .contiguous()?; // [KV, n, d]
     let v = v.reshape((n, kv_heads, d))?.transpose(0, 1)?.contiguous()?; // [KV, n, d]
     let (k_all, _) = cache.append(&k, &v)?;
     let position = k_all.dim(1)? - n;
     let (keys, values, capacity) = cache.buffers()?;
-    let shape = crate::cpu_ops::AttentionShape { n, heads, kv_heads, d, position, len: position + n, capacity };
+    let shape = crate::cpu_ops::AttentionShape {
+        n,
+        heads,
+        kv_heads,
+        d,
+        position,
+        len: position + n,
+        capacity,
+    };
     let out = crate::cpu_ops::with_f32(keys, |keys| {
-        crate::cpu_ops::with_f32(values, |values| crate::cpu_ops::attention(&q, keys, values, &shape))
+        crate::cpu_ops::with_f32(values, |values| {
+            crate::cpu_ops::attention(&q, keys, values, &shape)
+        })
     })??;
     Ok(Tensor::from_vec(out, (n, heads * d), &device)?)
 }
@@ -637,7 +674,10 @@ fn attention_candle(
     let group = heads / kv_heads;
     // [n, H*d] → [1, H, n, d]: rope_i wants (batch, heads, seq, dim).
     let q = q.reshape((1, n, heads, d))?.transpose(1, 2)?.contiguous()?;
-    let k = k.reshape((1, n, kv_heads, d))?.transpose(1, 2)?.contiguous()?;
+    let k = k
+        .reshape((1, n, kv_heads, d))?
+        .transpose(1, 2)?
+        .contiguous()?;
     let v = v.reshape((n, kv_heads, d))?.transpose(0, 1)?.contiguous()?; // [KV, n, d]
     let q = candle_nn::rotary_emb::rope_i(&q, &rope.cos, &rope.sin)?; // [1, H, n, d]
     let k = candle_nn::rotary_emb::rope_i(&k, &rope.cos, &rope.sin)?.squeeze(0)?; // [KV, n, d]
@@ -658,7 +698,9 @@ fn attention_candle(
     };
     let probs = candle_nn::ops::softmax_last_dim(&scores)?;
     let y = probs.matmul(&v_all)?; // [KV, group*n, d]
-    Ok(y.reshape((heads, n, d))?.transpose(0, 1)?.reshape((n, heads * d))?)
+    Ok(y.reshape((heads, n, d))?
+        .transpose(0, 1)?
+        .reshape((n, heads * d))?)
 }
 
 /// SiLU(gate) * up: ggml's arithmetic on the CPU, Candle's elsewhere.
@@ -684,7 +726,15 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
 fn causal_mask(position: usize, n: usize, device: &Device) -> Result<Tensor> {
     let len = position + n;
     let mask: Vec<f32> = (0..n)
-        .flat_map(|i| (0..len).map(move |j| if j > position + i { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| {
+            (0..len).map(move |j| {
+                if j > position + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
         .collect();
     Ok(Tensor::from_vec(mask, (n, len), device)?)
 }

@@ -16,18 +16,28 @@ use crate::quant::{BlockFormat, QuantMatrix};
 #[derive(Clone)]
 pub(crate) enum Matrix {
     Quant(Arc<QuantMatrix>),
-    Candle { tensor: Arc<QTensor>, matmul: QMatMul },
+    Candle {
+        tensor: Arc<QTensor>,
+        matmul: QMatMul,
+    },
 }
 
 impl Matrix {
     /// Reads tensor `name`, which must have shape `[rows, cols]`.
-    pub(crate) fn load(reader: &mut TensorReader<'_>, name: &str, rows: usize, cols: usize) -> Result<Self> {
+    pub(crate) fn load(
+        reader: &mut TensorReader<'_>,
+        name: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self> {
         let format = BlockFormat::from_ggml(reader.dtype(name)?);
         match (format, reader.device.is_cpu()) {
             (Some(format), true) => {
                 let (_, dims, data) = reader.read_raw(name)?;
                 check_shape(name, &dims, rows, cols)?;
-                Ok(Self::Quant(Arc::new(QuantMatrix::new(name, format, rows, cols, data)?)))
+                Ok(Self::Quant(Arc::new(QuantMatrix::new(
+                    name, format, rows, cols, data,
+                )?)))
             }
             _ => {
                 let tensor = reader.read(name)?;
@@ -63,7 +73,11 @@ impl Matrix {
     /// Rows `ids` as f32, `[ids.len(), cols]`.
     pub(crate) fn embed(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
         match self {
-            Self::Quant(w) => Ok(Tensor::from_vec(w.dequantize_rows(ids), (ids.len(), w.cols()), device)?),
+            Self::Quant(w) => Ok(Tensor::from_vec(
+                w.dequantize_rows(ids),
+                (ids.len(), w.cols()),
+                device,
+            )?),
             Self::Candle { tensor, .. } => {
                 let ids = Tensor::new(ids, device)?;
                 Ok(tensor.embedding(&ids)?.to_dtype(DType::F32)?)

@@ -287,7 +287,6 @@ impl TensorReader<'_> {
             &self.device,
         )?)
     }
-
 }
 
 fn fingerprint_header(

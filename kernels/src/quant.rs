@@ -107,16 +107,27 @@ impl std::fmt::Debug for QuantMatrix {
 impl QuantMatrix {
     /// Wraps raw GGUF tensor bytes. `cols` must be a multiple of 32 and
     /// `data` exactly `rows * cols / 32` blocks.
-    pub fn new(name: &str, format: BlockFormat, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self> {
+    pub fn new(
+        name: &str,
+        format: BlockFormat,
+        rows: usize,
+        cols: usize,
+        data: Vec<u8>,
+    ) -> Result<Self> {
         let expected = rows * (cols / BLOCK_VALUES) * format.block_bytes();
-        if cols % BLOCK_VALUES != 0 || data.len() != expected {
+        if !cols.is_multiple_of(BLOCK_VALUES) || data.len() != expected {
             return Err(KernelError::TensorShape {
                 name: name.to_string(),
                 expected: vec![rows, cols, expected],
                 got: vec![rows, cols, data.len()],
             });
         }
-        Ok(Self { format, rows, cols, data })
+        Ok(Self {
+            format,
+            rows,
+            cols,
+            data,
+        })
     }
 
     pub fn rows(&self) -> usize {
@@ -150,7 +161,10 @@ impl QuantMatrix {
         let activation = self.format.activation();
         let a_row_bytes = self.cols / BLOCK_VALUES * activation.block_bytes();
         let mut xq = vec![0u8; m * a_row_bytes];
-        for (row, out) in x.chunks_exact(self.cols).zip(xq.chunks_exact_mut(a_row_bytes)) {
+        for (row, out) in x
+            .chunks_exact(self.cols)
+            .zip(xq.chunks_exact_mut(a_row_bytes))
+        {
             quantize_activations(activation, row, out);
         }
         // Columns (weight rows) are split across threads; each task computes
@@ -158,15 +172,18 @@ impl QuantMatrix {
         // per call, and writes a contiguous [columns, m] slice.
         let mut out_t = vec![0f32; self.rows * m];
         let per_task = (self.rows / (4 * rayon::current_num_threads().max(1))).clamp(16, 1024);
-        out_t.par_chunks_mut(per_task * m).enumerate().for_each(|(chunk, out)| {
-            let first = chunk * per_task;
-            for (i, col_out) in out.chunks_exact_mut(m).enumerate() {
-                let w = self.row(first + i);
-                for (r, o) in col_out.iter_mut().enumerate() {
-                    *o = self.dot(w, &xq[r * a_row_bytes..(r + 1) * a_row_bytes]);
+        out_t
+            .par_chunks_mut(per_task * m)
+            .enumerate()
+            .for_each(|(chunk, out)| {
+                let first = chunk * per_task;
+                for (i, col_out) in out.chunks_exact_mut(m).enumerate() {
+                    let w = self.row(first + i);
+                    for (r, o) in col_out.iter_mut().enumerate() {
+                        *o = self.dot(w, &xq[r * a_row_bytes..(r + 1) * a_row_bytes]);
+                    }
                 }
-            }
-        });
+            });
         if m == 1 {
             return out_t;
         }
@@ -206,13 +223,19 @@ fn f16_at(bytes: &[u8], at: usize) -> f32 {
 
 /// Weight `i` (0..32) of a 4-bit block's 16 bytes of nibbles.
 fn nibble(qs: &[u8], i: usize) -> u8 {
-    if i < 16 { qs[i] & 0x0F } else { qs[i - 16] >> 4 }
+    if i < 16 {
+        qs[i] & 0x0F
+    } else {
+        qs[i - 16] >> 4
+    }
 }
 
 fn dequantize_block(format: BlockFormat, block: &[u8], out: &mut Vec<f32>) {
     let d = f16_at(block, 0);
     match format {
-        BlockFormat::Q4_0 => out.extend((0..BLOCK_VALUES).map(|i| (nibble(&block[2..], i) as i32 - 8) as f32 * d)),
+        BlockFormat::Q4_0 => {
+            out.extend((0..BLOCK_VALUES).map(|i| (nibble(&block[2..], i) as i32 - 8) as f32 * d))
+        }
         BlockFormat::Q4_1 => {
             let m = f16_at(block, 2);
             out.extend((0..BLOCK_VALUES).map(|i| nibble(&block[4..], i) as f32 * d + m));
@@ -223,7 +246,10 @@ fn dequantize_block(format: BlockFormat, block: &[u8], out: &mut Vec<f32>) {
 
 /// Quantizes one row of activations into Q8_0 or Q8_1 blocks.
 fn quantize_activations(format: Activation, x: &[f32], out: &mut [u8]) {
-    for (values, block) in x.chunks_exact(BLOCK_VALUES).zip(out.chunks_exact_mut(format.block_bytes())) {
+    for (values, block) in x
+        .chunks_exact(BLOCK_VALUES)
+        .zip(out.chunks_exact_mut(format.block_bytes()))
+    {
         let max = values.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = max / 127.0;
         let id = if max != 0.0 { 127.0 / max } else { 0.0 };
@@ -304,7 +330,11 @@ pub mod portable {
 /// The dot products used at run time: AVX2 where the build has it (the
 /// integer lane sums are exact whichever instructions compute them, and
 /// the float steps are the same FMAs in the same order), else portable.
-#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
 mod simd {
     use std::arch::x86_64::*;
 
@@ -398,7 +428,11 @@ mod simd {
     }
 }
 
-#[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+#[cfg(not(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+)))]
 mod simd {
     pub use super::portable::*;
 }
@@ -425,7 +459,9 @@ mod tests {
     fn random_blocks(format: BlockFormat, blocks: usize, seed: u64) -> (Vec<u8>, Vec<u8>) {
         let mut state = seed;
         let mut next = move || {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (state >> 33) as u32
         };
         let mut w = Vec::new();
@@ -437,10 +473,18 @@ mod tests {
             }
             let payload = format.block_bytes() - w.len() % format.block_bytes();
             for i in 0..payload {
-                w.push(match (next() + i as u32) % 8 { 0 => 0x80, 1 => 0x7F, 2 => 0xFF, 3 => 0x00, _ => next() as u8 });
+                w.push(match (next() + i as u32) % 8 {
+                    0 => 0x80,
+                    1 => 0x7F,
+                    2 => 0xFF,
+                    3 => 0x00,
+                    _ => next() as u8,
+                });
             }
         }
-        let x: Vec<f32> = (0..blocks * BLOCK_VALUES).map(|_| (next() % 20001) as f32 / 1000.0 - 10.0).collect();
+        let x: Vec<f32> = (0..blocks * BLOCK_VALUES)
+            .map(|_| (next() % 20001) as f32 / 1000.0 - 10.0)
+            .collect();
         let mut a = vec![0u8; blocks * format.activation().block_bytes()];
         quantize_activations(format.activation(), &x, &mut a);
         (w, a)
@@ -452,11 +496,21 @@ mod tests {
             for seed in 0..200 {
                 let (w, a) = random_blocks(format, 1 + (seed as usize % 40), seed);
                 let (fast, reference) = match format {
-                    BlockFormat::Q4_0 => (simd::dot_q4_0_q8_0(&w, &a), portable::dot_q4_0_q8_0(&w, &a)),
-                    BlockFormat::Q4_1 => (simd::dot_q4_1_q8_1(&w, &a), portable::dot_q4_1_q8_1(&w, &a)),
-                    BlockFormat::Q8_0 => (simd::dot_q8_0_q8_0(&w, &a), portable::dot_q8_0_q8_0(&w, &a)),
+                    BlockFormat::Q4_0 => {
+                        (simd::dot_q4_0_q8_0(&w, &a), portable::dot_q4_0_q8_0(&w, &a))
+                    }
+                    BlockFormat::Q4_1 => {
+                        (simd::dot_q4_1_q8_1(&w, &a), portable::dot_q4_1_q8_1(&w, &a))
+                    }
+                    BlockFormat::Q8_0 => {
+                        (simd::dot_q8_0_q8_0(&w, &a), portable::dot_q8_0_q8_0(&w, &a))
+                    }
                 };
-                assert_eq!(fast.to_bits(), reference.to_bits(), "{format:?} seed {seed}: {fast} vs {reference}");
+                assert_eq!(
+                    fast.to_bits(),
+                    reference.to_bits(),
+                    "{format:?} seed {seed}: {fast} vs {reference}"
+                );
             }
         }
     }
@@ -465,13 +519,18 @@ mod tests {
     fn matmul_equals_row_by_row_dots() {
         let (w, _) = random_blocks(BlockFormat::Q4_1, 8 * 4, 9); // 8 rows of 4 blocks
         let m = QuantMatrix::new("w", BlockFormat::Q4_1, 8, 128, w).expect("matrix");
-        let x: Vec<f32> = (0..3 * 128).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+        let x: Vec<f32> = (0..3 * 128)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
         let out = m.matmul(&x, 3);
         for r in 0..3 {
             let mut a = vec![0u8; 4 * 36];
             quantize_activations(Activation::Q8_1, &x[r * 128..(r + 1) * 128], &mut a);
             for c in 0..8 {
-                assert_eq!(out[r * 8 + c].to_bits(), portable::dot_q4_1_q8_1(m.row(c), &a).to_bits());
+                assert_eq!(
+                    out[r * 8 + c].to_bits(),
+                    portable::dot_q4_1_q8_1(m.row(c), &a).to_bits()
+                );
             }
         }
     }

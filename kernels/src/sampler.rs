@@ -124,7 +124,10 @@ mod tests {
     fn greedy_is_argmax() -> Result<()> {
         let logits = Tensor::new(&[0.1f32, 3.0, -1.0, 2.9], &Device::Cpu)?;
         assert_eq!(Sampler::new(&SamplingParams::greedy())?.sample(&logits)?, 1);
-        let top1 = SamplingParams { top_k: Some(1), ..SamplingParams::default() };
+        let top1 = SamplingParams {
+            top_k: Some(1),
+            ..SamplingParams::default()
+        };
         assert_eq!(Sampler::new(&top1)?.sample(&logits)?, 1);
         Ok(())
     }
@@ -133,7 +136,12 @@ mod tests {
     fn same_seed_same_tokens_other_seed_other_tokens() -> Result<()> {
         let logits = logits()?;
         let draw = |seed| -> Result<Vec<u32>> {
-            let params = SamplingParams { temperature: 1.5, top_p: 0.95, top_k: Some(40), seed };
+            let params = SamplingParams {
+                temperature: 1.5,
+                top_p: 0.95,
+                top_k: Some(40),
+                seed,
+            };
             let mut sampler = Sampler::new(&params)?;
             (0..64).map(|_| sampler.sample(&logits)).collect()
         };
@@ -149,7 +157,12 @@ mod tests {
         let mut sorted = values.clone();
         sorted.sort_by(|a, b| b.total_cmp(a));
         let threshold = sorted[2];
-        let params = SamplingParams { temperature: 2.0, top_p: 1.0, top_k: Some(3), seed: 1 };
+        let params = SamplingParams {
+            temperature: 2.0,
+            top_p: 1.0,
+            top_k: Some(3),
+            seed: 1,
+        };
         let mut sampler = Sampler::new(&params)?;
         for _ in 0..100 {
             let t = sampler.sample(&logits)? as usize;
@@ -161,11 +174,26 @@ mod tests {
     #[test]
     fn rejects_out_of_range() {
         for params in [
-            SamplingParams { temperature: -0.1, ..SamplingParams::default() },
-            SamplingParams { temperature: 2.5, ..SamplingParams::default() },
-            SamplingParams { top_p: 0.0, ..SamplingParams::default() },
-            SamplingParams { top_p: 1.5, ..SamplingParams::default() },
-            SamplingParams { top_k: Some(0), ..SamplingParams::default() },
+            SamplingParams {
+                temperature: -0.1,
+                ..SamplingParams::default()
+            },
+            SamplingParams {
+                temperature: 2.5,
+                ..SamplingParams::default()
+            },
+            SamplingParams {
+                top_p: 0.0,
+                ..SamplingParams::default()
+            },
+            SamplingParams {
+                top_p: 1.5,
+                ..SamplingParams::default()
+            },
+            SamplingParams {
+                top_k: Some(0),
+                ..SamplingParams::default()
+            },
         ] {
             assert!(Sampler::new(&params).is_err(), "{params:?}");
         }

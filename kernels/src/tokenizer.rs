@@ -11,11 +11,11 @@ use std::collections::{BTreeSet, HashMap};
 use candle_core::quantized::gguf_file::Value;
 use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::{BPE, Vocab};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
 use crate::error::{KernelError, Result};
@@ -125,10 +125,14 @@ impl Tokenizer {
         tokens: &[String],
         token_types: &[i32],
     ) -> BTreeSet<u32> {
-        let mut stops: BTreeSet<u32> = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"]
-            .iter()
-            .filter_map(|key| opt_u32(metadata, key))
-            .collect();
+        let mut stops: BTreeSet<u32> = [
+            "tokenizer.ggml.eos_token_id",
+            "tokenizer.ggml.eot_token_id",
+            "tokenizer.ggml.eom_token_id",
+        ]
+        .iter()
+        .filter_map(|key| opt_u32(metadata, key))
+        .collect();
         for (id, (text, t)) in tokens.iter().zip(token_types).enumerate() {
             if *t == TOKEN_TYPE_CONTROL && END_OF_TURN_TEXTS.contains(&text.as_str()) {
                 stops.insert(id as u32);
@@ -143,10 +147,10 @@ impl Tokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let encoding = self.inner.encode(text, false).map_err(tokenizer_error)?;
         let mut ids = encoding.get_ids().to_vec();
-        if let (true, Some(bos)) = (self.add_bos, self.bos) {
-            if ids.first() != Some(&bos) {
-                ids.insert(0, bos);
-            }
+        if let (true, Some(bos)) = (self.add_bos, self.bos)
+            && ids.first() != Some(&bos)
+        {
+            ids.insert(0, bos);
         }
         Ok(ids)
     }
@@ -166,25 +170,41 @@ impl Tokenizer {
     }
 
     pub fn bos_text(&self) -> String {
-        self.bos.and_then(|id| self.inner.id_to_token(id)).unwrap_or_default()
+        self.bos
+            .and_then(|id| self.inner.id_to_token(id))
+            .unwrap_or_default()
     }
 
     pub fn eos_text(&self) -> String {
-        self.eos.and_then(|id| self.inner.id_to_token(id)).unwrap_or_default()
+        self.eos
+            .and_then(|id| self.inner.id_to_token(id))
+            .unwrap_or_default()
     }
 }
 
-fn byte_level_bpe(metadata: &HashMap<String, Value>, tokens: &[String], pre: &str) -> Result<tokenizers::Tokenizer> {
+fn byte_level_bpe(
+    metadata: &HashMap<String, Value>,
+    tokens: &[String],
+    pre: &str,
+) -> Result<tokenizers::Tokenizer> {
     let merges = string_array(metadata, "tokenizer.ggml.merges")?
         .into_iter()
         .map(|merge| {
             merge
                 .split_once(' ')
                 .map(|(a, b)| (a.to_string(), b.to_string()))
-                .ok_or_else(|| tokenizer_error(format!("merge `{merge}` is not two tokens separated by a space")))
+                .ok_or_else(|| {
+                    tokenizer_error(format!(
+                        "merge `{merge}` is not two tokens separated by a space"
+                    ))
+                })
         })
         .collect::<Result<Vec<_>>>()?;
-    let vocab: Vocab = tokens.iter().enumerate().map(|(id, t)| (t.clone(), id as u32)).collect();
+    let vocab: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(id, t)| (t.clone(), id as u32))
+        .collect();
     // Llama 3 looks a whole pre-token up in the vocabulary before merging.
     let ignore_merges = matches!(pre, "llama-bpe" | "llama3");
     let bpe = BPE::builder()
@@ -193,10 +213,15 @@ fn byte_level_bpe(metadata: &HashMap<String, Value>, tokens: &[String], pre: &st
         .build()
         .map_err(tokenizer_error)?;
 
-    let byte_level = |use_regex| PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, use_regex));
+    let byte_level =
+        |use_regex| PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, use_regex));
     let split = |regex: &str| -> Result<PreTokenizerWrapper> {
-        let split = Split::new(SplitPattern::Regex(regex.to_string()), SplitDelimiterBehavior::Isolated, false)
-            .map_err(tokenizer_error)?;
+        let split = Split::new(
+            SplitPattern::Regex(regex.to_string()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(tokenizer_error)?;
         Ok(PreTokenizerWrapper::Split(split))
     };
     let pre_tokenizer = match pre {
@@ -206,10 +231,14 @@ fn byte_level_bpe(metadata: &HashMap<String, Value>, tokens: &[String], pre: &st
             PreTokenizerWrapper::Digits(Digits::new(true)),
             byte_level(true),
         ])),
-        "llama-bpe" | "llama3" | "smaug-bpe" => {
-            PreTokenizerWrapper::Sequence(Sequence::new(vec![split(LLAMA3_REGEX)?, byte_level(false)]))
-        }
-        "qwen2" => PreTokenizerWrapper::Sequence(Sequence::new(vec![split(QWEN2_REGEX)?, byte_level(false)])),
+        "llama-bpe" | "llama3" | "smaug-bpe" => PreTokenizerWrapper::Sequence(Sequence::new(vec![
+            split(LLAMA3_REGEX)?,
+            byte_level(false),
+        ])),
+        "qwen2" => PreTokenizerWrapper::Sequence(Sequence::new(vec![
+            split(QWEN2_REGEX)?,
+            byte_level(false),
+        ])),
         other => {
             return Err(tokenizer_error(format!(
                 "pre-tokenizer `{other}` is not supported yet (supported: default, smollm, llama-bpe, qwen2)"
@@ -226,15 +255,24 @@ fn byte_level_bpe(metadata: &HashMap<String, Value>, tokens: &[String], pre: &st
 fn string(metadata: &HashMap<String, Value>, key: &str) -> Result<String> {
     match metadata.get(key) {
         Some(Value::String(s)) => Ok(s.clone()),
-        Some(_) => Err(KernelError::BadMetadata { key: key.into(), expected: "a string" }),
+        Some(_) => Err(KernelError::BadMetadata {
+            key: key.into(),
+            expected: "a string",
+        }),
         None => Err(KernelError::MissingMetadata { key: key.into() }),
     }
 }
 
 fn string_array(metadata: &HashMap<String, Value>, key: &str) -> Result<Vec<String>> {
-    let bad = || KernelError::BadMetadata { key: key.into(), expected: "an array of strings" };
+    let bad = || KernelError::BadMetadata {
+        key: key.into(),
+        expected: "an array of strings",
+    };
     match metadata.get(key) {
-        Some(Value::Array(values)) => values.iter().map(|v| v.to_string().cloned().map_err(|_| bad())).collect(),
+        Some(Value::Array(values)) => values
+            .iter()
+            .map(|v| v.to_string().cloned().map_err(|_| bad()))
+            .collect(),
         Some(_) => Err(bad()),
         None => Err(KernelError::MissingMetadata { key: key.into() }),
     }

@@ -5,6 +5,8 @@
 //! so there is no tolerance. The reference was made by
 //! `tests/golden/make_reference.py`.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)] // test code: a failed expectation is the report
+
 mod common;
 
 use kernels::{ChatMessage, LayerRange, SequenceId};
@@ -17,12 +19,22 @@ fn messages(case: &Value) -> Vec<ChatMessage> {
         .as_array()
         .expect("messages")
         .iter()
-        .map(|m| ChatMessage::new(m["role"].as_str().expect("role"), m["content"].as_str().expect("content")))
+        .map(|m| {
+            ChatMessage::new(
+                m["role"].as_str().expect("role"),
+                m["content"].as_str().expect("content"),
+            )
+        })
         .collect()
 }
 
 fn ids(value: &Value) -> Vec<u32> {
-    value.as_array().expect("ids").iter().map(|v| v.as_u64().expect("id") as u32).collect()
+    value
+        .as_array()
+        .expect("ids")
+        .iter()
+        .map(|v| v.as_u64().expect("id") as u32)
+        .collect()
 }
 
 #[test]
@@ -34,12 +46,25 @@ fn greedy_decoding_matches_llama_cpp() {
     let n_layers = model.config().n_layers;
     let mut chain = common::Chain::load(&model, &[LayerRange::new(0, n_layers)]);
 
-    for (i, case) in reference["cases"].as_array().expect("cases").iter().enumerate() {
+    for (i, case) in reference["cases"]
+        .as_array()
+        .expect("cases")
+        .iter()
+        .enumerate()
+    {
         let name = case["name"].as_str().expect("name");
         let prompt = template.render(&messages(case), true).expect("render");
-        assert_eq!(prompt, case["prompt"].as_str().expect("prompt"), "{name}: rendered chat template");
+        assert_eq!(
+            prompt,
+            case["prompt"].as_str().expect("prompt"),
+            "{name}: rendered chat template"
+        );
         let prompt_ids = tokenizer.encode(&prompt).expect("encode");
-        assert_eq!(prompt_ids, ids(&case["prompt_ids"]), "{name}: prompt tokens");
+        assert_eq!(
+            prompt_ids,
+            ids(&case["prompt_ids"]),
+            "{name}: prompt tokens"
+        );
 
         let expected = ids(&case["output_ids"]);
         let (tokens, logits) = chain.greedy(SequenceId(i as u64), &prompt_ids, expected.len());
@@ -67,7 +92,10 @@ fn greedy_decoding_matches_llama_cpp() {
 
 fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[test]
@@ -85,9 +113,14 @@ fn tokenizer_round_trips_text_and_special_tokens() {
         assert_eq!(tokenizer.decode(&ids).expect("decode"), text);
     }
     // Special tokens written as text are one token each and vanish on decode.
-    let ids = tokenizer.encode("<|im_start|>user\nhi<|im_end|>").expect("encode");
+    let ids = tokenizer
+        .encode("<|im_start|>user\nhi<|im_end|>")
+        .expect("encode");
     assert_eq!(ids.first(), Some(&1));
     assert_eq!(ids.last(), Some(&2));
     assert_eq!(tokenizer.decode(&ids).expect("decode"), "user\nhi");
-    assert!(tokenizer.stop_tokens().contains(&2), "<|im_end|> ends generation");
+    assert!(
+        tokenizer.stop_tokens().contains(&2),
+        "<|im_end|> ends generation"
+    );
 }

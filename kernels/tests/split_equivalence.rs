@@ -4,18 +4,24 @@
 //! on the same inputs, so the logits must agree bit for bit; the tolerance
 //! is zero.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)] // test code: a failed expectation is the report
+
 mod common;
 
 use kernels::{Device, KernelError, LayerRange, ModelFile, SequenceId, ShardInput};
 
-const PROMPT: &str = "<|im_start|>user\nName three colours of the rainbow.<|im_end|>\n<|im_start|>assistant\n";
+const PROMPT: &str =
+    "<|im_start|>user\nName three colours of the rainbow.<|im_end|>\n<|im_start|>assistant\n";
 const DECODE_STEPS: usize = 8;
 
 fn ranges(n_layers: usize, cuts: &[usize]) -> Vec<LayerRange> {
     let mut bounds = vec![0];
     bounds.extend_from_slice(cuts);
     bounds.push(n_layers);
-    bounds.windows(2).map(|w| LayerRange::new(w[0], w[1])).collect()
+    bounds
+        .windows(2)
+        .map(|w| LayerRange::new(w[0], w[1]))
+        .collect()
 }
 
 #[test]
@@ -23,12 +29,19 @@ fn every_split_gives_bitwise_identical_logits() {
     let model = common::open_default_model();
     let n_layers = model.config().n_layers;
     assert_eq!(n_layers, 30);
-    let prompt = model.tokenizer().expect("tokenizer").encode(PROMPT).expect("encode");
+    let prompt = model
+        .tokenizer()
+        .expect("tokenizer")
+        .encode(PROMPT)
+        .expect("encode");
 
     let mut one = common::Chain::load(&model, &[LayerRange::new(0, n_layers)]);
     let (reference_tokens, reference_logits) = one.greedy(SequenceId(1), &prompt, DECODE_STEPS);
 
-    let mut splits: Vec<Vec<LayerRange>> = [2, 3, 5, 30].iter().map(|&k| LayerRange::split_even(n_layers, k)).collect();
+    let mut splits: Vec<Vec<LayerRange>> = [2, 3, 5, 30]
+        .iter()
+        .map(|&k| LayerRange::split_even(n_layers, k))
+        .collect();
     splits.push(ranges(n_layers, &[1, 29])); // uneven: a tiny first and last shard
     splits.push(ranges(n_layers, &[17])); // uneven halves
     for split in splits {
@@ -36,7 +49,10 @@ fn every_split_gives_bitwise_identical_logits() {
         let (tokens, logits) = chain.greedy(SequenceId(1), &prompt, DECODE_STEPS);
         assert_eq!(tokens, reference_tokens, "split {split:?}: tokens");
         for (step, (got, want)) in logits.iter().zip(&reference_logits).enumerate() {
-            let same = got.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits());
+            let same = got
+                .iter()
+                .zip(want)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(same, "split {split:?}: logits differ at step {step}");
         }
     }
@@ -48,16 +64,30 @@ fn shards_hold_only_their_layers() {
     let n_layers = model.config().n_layers;
     let layer_bytes = model.layer_weight_bytes().expect("layer bytes");
     let embedding = model.embedding_bytes().expect("embedding bytes");
-    let whole = model.load_shard(LayerRange::new(0, n_layers), &Device::Cpu).expect("whole");
+    let whole = model
+        .load_shard(LayerRange::new(0, n_layers), &Device::Cpu)
+        .expect("whole");
     let layers_total: u64 = layer_bytes.iter().sum();
     // Tied embeddings: the whole model holds the embedding once.
     assert!(model.ties_embeddings());
-    assert_eq!(whole.weight_bytes(), layers_total + model.head_bytes().expect("head"));
+    assert_eq!(
+        whole.weight_bytes(),
+        layers_total + model.head_bytes().expect("head")
+    );
 
-    for range in [LayerRange::new(0, 10), LayerRange::new(10, 20), LayerRange::new(20, 30), LayerRange::new(7, 8)] {
+    for range in [
+        LayerRange::new(0, 10),
+        LayerRange::new(10, 20),
+        LayerRange::new(20, 30),
+        LayerRange::new(7, 8),
+    ] {
         let shard = model.load_shard(range, &Device::Cpu).expect("shard");
         let own: u64 = layer_bytes[range.start..range.end].iter().sum();
-        assert_eq!(shard.weight_bytes(), model.shard_weight_bytes(range).expect("bytes"), "{range}");
+        assert_eq!(
+            shard.weight_bytes(),
+            model.shard_weight_bytes(range).expect("bytes"),
+            "{range}"
+        );
         let extra = shard.weight_bytes() - own;
         match (range.is_first(), range.is_last(n_layers)) {
             (false, false) => assert_eq!(extra, 0, "{range}: a middle shard holds only its layers"),
@@ -65,7 +95,10 @@ fn shards_hold_only_their_layers() {
             (false, true) => assert_eq!(extra, model.head_bytes().expect("head"), "{range}"),
             (true, true) => unreachable!(),
         }
-        assert!(shard.weight_bytes() < whole.weight_bytes(), "{range} holds less than the whole model");
+        assert!(
+            shard.weight_bytes() < whole.weight_bytes(),
+            "{range} holds less than the whole model"
+        );
     }
 }
 
@@ -77,10 +110,17 @@ fn misuse_is_an_error_not_a_panic() {
         model.load_shard(LayerRange::new(20, 31), &cpu),
         Err(KernelError::LayerRangeOutOfBounds { .. })
     ));
-    assert!(matches!(model.load_shard(LayerRange::new(5, 5), &cpu), Err(KernelError::LayerRangeOutOfBounds { .. })));
+    assert!(matches!(
+        model.load_shard(LayerRange::new(5, 5), &cpu),
+        Err(KernelError::LayerRangeOutOfBounds { .. })
+    ));
 
-    let mut first = model.load_shard(LayerRange::new(0, 2), &cpu).expect("first");
-    let mut middle = model.load_shard(LayerRange::new(2, 4), &cpu).expect("middle");
+    let mut first = model
+        .load_shard(LayerRange::new(0, 2), &cpu)
+        .expect("first");
+    let mut middle = model
+        .load_shard(LayerRange::new(2, 4), &cpu)
+        .expect("middle");
     let seq = SequenceId(9);
     assert!(matches!(
         middle.forward(seq, 0, ShardInput::Tokens(vec![1, 2])),
@@ -90,15 +130,27 @@ fn misuse_is_an_error_not_a_panic() {
         first.forward(seq, 0, ShardInput::Tokens(vec![49_152])),
         Err(KernelError::TokenOutOfVocabulary { token: 49_152, .. })
     ));
-    assert!(matches!(first.forward(seq, 0, ShardInput::Tokens(vec![])), Err(KernelError::EmptyInput { .. })));
-    first.forward(seq, 0, ShardInput::Tokens(vec![1, 2, 3])).expect("prefill");
+    assert!(matches!(
+        first.forward(seq, 0, ShardInput::Tokens(vec![])),
+        Err(KernelError::EmptyInput { .. })
+    ));
+    first
+        .forward(seq, 0, ShardInput::Tokens(vec![1, 2, 3]))
+        .expect("prefill");
     assert_eq!(first.sequence_len(seq), Some(3));
     // Skipping a position is refused and drops the sequence's cache.
     assert!(matches!(
         first.forward(seq, 5, ShardInput::Tokens(vec![4])),
-        Err(KernelError::PositionMismatch { expected: 3, got: 5, .. })
+        Err(KernelError::PositionMismatch {
+            expected: 3,
+            got: 5,
+            ..
+        })
     ));
     assert_eq!(first.sequence_len(seq), None);
     let wrong = kernels::Tensor::zeros((2, 100), kernels::DType::F32, &cpu).expect("zeros");
-    assert!(matches!(middle.forward(seq, 0, ShardInput::Hidden(wrong)), Err(KernelError::HiddenShape { .. })));
+    assert!(matches!(
+        middle.forward(seq, 0, ShardInput::Hidden(wrong)),
+        Err(KernelError::HiddenShape { .. })
+    ));
 }

@@ -63,13 +63,19 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     let runtime = RuntimeConfig {
         threads: args.threads,
-        store: ModelStore::new(args.models_dir.clone().unwrap_or_else(ModelStore::default_dir)),
+        store: ModelStore::new(
+            args.models_dir
+                .clone()
+                .unwrap_or_else(ModelStore::default_dir),
+        ),
         device: Device::Cpu,
     };
     let model = LoadedModel::load_whole(&runtime, &args.model).await?;
     let context_length = model.file.config().context_length;
     if args.prompt_tokens + args.decode_tokens + 1 > context_length {
-        bail!("--prompt-tokens plus --decode-tokens must fit the model's context of {context_length} tokens");
+        bail!(
+            "--prompt-tokens plus --decode-tokens must fit the model's context of {context_length} tokens"
+        );
     }
     let prompt = bench_prompt(&model.tokenizer, args.prompt_tokens)?;
     let model_path = model.file.path().to_path_buf();
@@ -85,11 +91,17 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let mut theirs = Vec::new();
     for round in 1..=args.rounds {
         let r = measure_ringlet(&engine.handle, &prompt, args.decode_tokens).await?;
-        eprintln!("  round {round}/{}: ringlet   decode {:6.1} tok/s, prefill {:7.1} tok/s", args.rounds, r.decode_tok_s, r.prefill_tok_s);
+        eprintln!(
+            "  round {round}/{}: ringlet   decode {:6.1} tok/s, prefill {:7.1} tok/s",
+            args.rounds, r.decode_tok_s, r.prefill_tok_s
+        );
         ours.push(r);
         if let Some(llama) = &llama_cpp {
             let r = llama.measure(args.decode_tokens).await?;
-            eprintln!("  round {round}/{}: llama.cpp decode {:6.1} tok/s, prefill {:7.1} tok/s", args.rounds, r.decode_tok_s, r.prefill_tok_s);
+            eprintln!(
+                "  round {round}/{}: llama.cpp decode {:6.1} tok/s, prefill {:7.1} tok/s",
+                args.rounds, r.decode_tok_s, r.prefill_tok_s
+            );
             theirs.push(r);
         }
     }
@@ -104,7 +116,11 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         threads: args.threads,
         prompt_tokens: args.prompt_tokens,
         decode_tokens: args.decode_tokens,
-        ringlet: EngineReport { engine: format!("ringlet {}", env!("CARGO_PKG_VERSION")), median: median(&ours), rounds: ours },
+        ringlet: EngineReport {
+            engine: format!("ringlet {}", env!("CARGO_PKG_VERSION")),
+            median: median(&ours),
+            rounds: ours,
+        },
         llama_cpp: llama_cpp.as_ref().map(|_| EngineReport {
             engine: "llama.cpp (llama-cpp-python)".into(),
             median: median(&theirs),
@@ -117,7 +133,9 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         std::fs::write(path, json).with_context(|| format!("cannot write {}", path.display()))?;
         eprintln!("results written to {}", path.display());
     }
-    tokio::task::spawn_blocking(move || engine.shutdown()).await.ok();
+    tokio::task::spawn_blocking(move || engine.shutdown())
+        .await
+        .ok();
     Ok(())
 }
 
@@ -133,7 +151,11 @@ fn bench_prompt(tokenizer: &Tokenizer, n: usize) -> anyhow::Result<Vec<u32>> {
     }
 }
 
-async fn measure_ringlet(engine: &EngineHandle, prompt: &[u32], decode_tokens: usize) -> anyhow::Result<Round> {
+async fn measure_ringlet(
+    engine: &EngineHandle,
+    prompt: &[u32],
+    decode_tokens: usize,
+) -> anyhow::Result<Round> {
     let started = Instant::now();
     let mut events = engine.submit(GenerationRequest {
         id: SequenceId(rand::random()),
@@ -158,7 +180,11 @@ async fn measure_ringlet(engine: &EngineHandle, prompt: &[u32], decode_tokens: u
     Ok(Round {
         ttft_s: ttft,
         prefill_tok_s: prompt.len() as f64 / ttft,
-        decode_tok_s: if decode_seconds > 0.0 { (stamps.len() - 1) as f64 / decode_seconds } else { 0.0 },
+        decode_tok_s: if decode_seconds > 0.0 {
+            (stamps.len() - 1) as f64 / decode_seconds
+        } else {
+            0.0
+        },
         generated: stamps.len(),
         peak_rss_bytes: 0,
     })
@@ -180,7 +206,12 @@ impl LlamaCpp {
         if python == "off" {
             return None;
         }
-        let import = Command::new(python).args(["-c", "import llama_cpp"]).stdout(Stdio::null()).stderr(Stdio::null()).status().await;
+        let import = Command::new(python)
+            .args(["-c", "import llama_cpp"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await;
         if !import.is_ok_and(|s| s.success()) {
             eprintln!(
                 "llama.cpp comparison skipped: `{python}` cannot import llama_cpp. Install it with\n  \
@@ -191,13 +222,26 @@ impl LlamaCpp {
         let dir = std::env::temp_dir();
         let script = dir.join(format!("ringlet-bench-llama-cpp-{}.py", std::process::id()));
         let prompt_file = dir.join(format!("ringlet-bench-prompt-{}.json", std::process::id()));
-        let written = std::fs::write(&script, LLAMA_CPP_ROUND)
-            .and_then(|()| std::fs::write(&prompt_file, serde_json::to_string(prompt).unwrap_or_default()));
+        let written = std::fs::write(&script, LLAMA_CPP_ROUND).and_then(|()| {
+            std::fs::write(
+                &prompt_file,
+                serde_json::to_string(prompt).unwrap_or_default(),
+            )
+        });
         if let Err(error) = written {
-            eprintln!("llama.cpp comparison skipped: cannot write to {}: {error}", dir.display());
+            eprintln!(
+                "llama.cpp comparison skipped: cannot write to {}: {error}",
+                dir.display()
+            );
             return None;
         }
-        Some(Self { python: python.to_string(), script, prompt_file, model: model.to_path_buf(), threads })
+        Some(Self {
+            python: python.to_string(),
+            script,
+            prompt_file,
+            model: model.to_path_buf(),
+            threads,
+        })
     }
 
     async fn measure(&self, decode_tokens: usize) -> anyhow::Result<Round> {
@@ -213,11 +257,16 @@ impl LlamaCpp {
             .await
             .context("cannot run the llama.cpp round")?;
         if !output.status.success() {
-            bail!("the llama.cpp round failed ({}):\n{}", output.status, String::from_utf8_lossy(&output.stderr));
+            bail!(
+                "the llama.cpp round failed ({}):\n{}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            );
         }
         let stdout = String::from_utf8_lossy(&output.stdout);
         let line = stdout.lines().last().unwrap_or_default();
-        serde_json::from_str(line).with_context(|| format!("the llama.cpp round printed no result: {stdout}"))
+        serde_json::from_str(line)
+            .with_context(|| format!("the llama.cpp round printed no result: {stdout}"))
     }
 }
 
@@ -249,9 +298,19 @@ fn peak_rss_bytes() -> u64 {
     status
         .lines()
         .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
         .map_or(0, |kib| kib * 1024)
 }
+
+/// A table row: its name, how to read it from a round, and whether a
+/// higher value is better.
+type TableRow = (&'static str, fn(&Round) -> f64, bool);
 
 fn print_table(report: &Report) {
     let ours = &report.ringlet.median;
@@ -266,11 +325,15 @@ fn print_table(report: &Report) {
         report.decode_tokens,
         report.ringlet.rounds.len()
     );
-    let rows: [(&str, fn(&Round) -> f64, bool); 4] = [
+    let rows: [TableRow; 4] = [
         ("prefill tok/s", |r| r.prefill_tok_s, true),
         ("decode tok/s", |r| r.decode_tok_s, true),
         ("time to first token ms", |r| r.ttft_s * 1000.0, false),
-        ("peak RSS MiB", |r| r.peak_rss_bytes as f64 / (1 << 20) as f64, false),
+        (
+            "peak RSS MiB",
+            |r| r.peak_rss_bytes as f64 / (1 << 20) as f64,
+            false,
+        ),
     ];
     match &report.llama_cpp {
         Some(theirs) => {
@@ -279,7 +342,11 @@ fn print_table(report: &Report) {
             for (name, value, higher_is_better) in rows {
                 let (a, b) = (value(ours), value(&theirs.median));
                 let ratio = if b > 0.0 { a / b } else { 0.0 };
-                let better = if higher_is_better { "higher is better" } else { "lower is better" };
+                let better = if higher_is_better {
+                    "higher is better"
+                } else {
+                    "lower is better"
+                };
                 println!("| {name} | {a:.1} | {b:.1} | {ratio:.2} ({better}) |");
             }
         }

@@ -101,7 +101,11 @@ impl RuntimeArgs {
     pub fn resolve(&self) -> anyhow::Result<RuntimeConfig> {
         Ok(RuntimeConfig {
             threads: self.threads.unwrap_or_else(default_threads),
-            store: ModelStore::new(self.models_dir.clone().unwrap_or_else(ModelStore::default_dir)),
+            store: ModelStore::new(
+                self.models_dir
+                    .clone()
+                    .unwrap_or_else(ModelStore::default_dir),
+            ),
             device: parse_device(&self.device)?,
         })
     }
@@ -120,7 +124,9 @@ pub fn default_threads() -> usize {
 
 fn parse_device(text: &str) -> anyhow::Result<Device> {
     let rebuild = |feature: &str| {
-        format!("this ringlet was built without {feature} support; rebuild with `cargo build --release --features {feature}` or use --device cpu")
+        format!(
+            "this ringlet was built without {feature} support; rebuild with `cargo build --release --features {feature}` or use --device cpu"
+        )
     };
     match text {
         "cpu" => Ok(Device::Cpu),
@@ -128,7 +134,9 @@ fn parse_device(text: &str) -> anyhow::Result<Device> {
         "metal" => Device::new_metal(0).context("cannot open the Metal device"),
         cuda if cuda == "cuda" || cuda.starts_with("cuda:") => {
             let ordinal = match cuda.strip_prefix("cuda:") {
-                Some(n) => n.parse::<usize>().with_context(|| format!("`{cuda}`: the GPU number after `cuda:` must be an integer"))?,
+                Some(n) => n.parse::<usize>().with_context(|| {
+                    format!("`{cuda}`: the GPU number after `cuda:` must be an integer")
+                })?,
                 None => 0,
             };
             if !cfg!(feature = "cuda") {
@@ -148,7 +156,12 @@ pub struct ServeArgs {
     pub model: String,
 
     /// Address for the HTTP API; port 0 picks a free port
-    #[arg(long, env = "RINGLET_LISTEN", default_value = "127.0.0.1:52415", value_name = "HOST:PORT")]
+    #[arg(
+        long,
+        env = "RINGLET_LISTEN",
+        default_value = "127.0.0.1:52415",
+        value_name = "HOST:PORT"
+    )]
     pub listen: String,
 
     #[command(flatten)]
@@ -157,9 +170,12 @@ pub struct ServeArgs {
 
 impl ServeArgs {
     pub fn listen_addr(&self) -> anyhow::Result<SocketAddr> {
-        self.listen
-            .parse()
-            .with_context(|| format!("--listen `{}` is not HOST:PORT with an IP address, like 127.0.0.1:52415", self.listen))
+        self.listen.parse().with_context(|| {
+            format!(
+                "--listen `{}` is not HOST:PORT with an IP address, like 127.0.0.1:52415",
+                self.listen
+            )
+        })
     }
 }
 
@@ -278,7 +294,10 @@ mod tests {
 
     #[test]
     fn bad_values_are_explained() {
-        let args = ServeArgs { listen: "localhost".into(), ..ServeArgs::parse_from_defaults() };
+        let args = ServeArgs {
+            listen: "localhost".into(),
+            ..ServeArgs::parse_from_defaults()
+        };
         let err = args.listen_addr().expect_err("no port").to_string();
         assert!(err.contains("HOST:PORT"), "{err}");
         assert!(parse_device("tpu").is_err());
@@ -288,7 +307,10 @@ mod tests {
 
     impl ServeArgs {
         fn parse_from_defaults() -> Self {
-            match Cli::try_parse_from(["ringlet"]).expect("parse").into_command() {
+            match Cli::try_parse_from(["ringlet"])
+                .expect("parse")
+                .into_command()
+            {
                 Command::Serve(args) => args,
                 _ => unreachable!(),
             }

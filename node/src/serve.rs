@@ -15,14 +15,20 @@ use crate::loaded_model::LoadedModel;
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let runtime = args.runtime.resolve()?;
     let listen = args.listen_addr()?;
-    tracing::info!(version = env!("CARGO_PKG_VERSION"), threads = runtime.threads, "starting ringlet node");
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        threads = runtime.threads,
+        "starting ringlet node"
+    );
     // Bind before loading so a taken port fails in a second, not after a load.
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}; is another ringlet running there? Choose another address with --listen"))?;
     let model = LoadedModel::load_whole(&runtime, &args.model).await?;
     let (engine, state) = start_engine(model)?;
-    let addr = listener.local_addr().context("cannot read the listening address")?;
+    let addr = listener
+        .local_addr()
+        .context("cannot read the listening address")?;
     tracing::info!("listening on http://{addr} (OpenAI-compatible API at http://{addr}/v1)");
 
     axum::serve(listener, api::router(state))
@@ -45,13 +51,18 @@ pub fn start_engine(model: LoadedModel) -> anyhow::Result<(Engine, AppState)> {
         system_fingerprint: format!(
             "ringlet-{}-{}",
             env!("CARGO_PKG_VERSION"),
-            fingerprint.trim_start_matches("sha256:").get(..12).unwrap_or_default()
+            fingerprint
+                .trim_start_matches("sha256:")
+                .get(..12)
+                .unwrap_or_default()
         ),
         name: model.name,
         tokenizer: Arc::clone(&model.tokenizer),
         template: model.template,
         context_length,
-        created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
     };
     let engine = Engine::start_local(model.shard, model.tokenizer.stop_tokens().clone())
         .context("cannot start the inference engine threads")?;

@@ -38,9 +38,14 @@ impl TextDecoder {
     /// Adds a token; returns the new text if it ends on a whole character.
     pub fn push(&mut self, token: u32) -> Result<Option<String>, kernels::KernelError> {
         self.tokens.push(token);
-        let prefix = self.tokenizer.decode(&self.tokens[self.prefix_offset..self.read_offset])?;
+        let prefix = self
+            .tokenizer
+            .decode(&self.tokens[self.prefix_offset..self.read_offset])?;
         let full = self.tokenizer.decode(&self.tokens[self.prefix_offset..])?;
-        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.is_char_boundary(prefix.len()) {
+        if full.len() > prefix.len()
+            && !full.ends_with('\u{FFFD}')
+            && full.is_char_boundary(prefix.len())
+        {
             self.prefix_offset = self.read_offset;
             self.read_offset = self.tokens.len();
             Ok(Some(full[prefix.len()..].to_string()))
@@ -51,7 +56,9 @@ impl TextDecoder {
 
     /// Text not emitted yet (an incomplete character at the very end).
     pub fn flush(&mut self) -> Result<String, kernels::KernelError> {
-        let prefix = self.tokenizer.decode(&self.tokens[self.prefix_offset..self.read_offset])?;
+        let prefix = self
+            .tokenizer
+            .decode(&self.tokens[self.prefix_offset..self.read_offset])?;
         let full = self.tokenizer.decode(&self.tokens[self.prefix_offset..])?;
         self.prefix_offset = self.tokens.len();
         self.read_offset = self.tokens.len();
@@ -79,12 +86,19 @@ pub struct StopMatcher {
 impl StopMatcher {
     pub fn new(stops: Vec<String>) -> Self {
         let stops = stops.into_iter().filter(|s| !s.is_empty()).collect();
-        Self { stops, pending: String::new() }
+        Self {
+            stops,
+            pending: String::new(),
+        }
     }
 
     pub fn push(&mut self, text: &str) -> StopOutcome {
         self.pending.push_str(text);
-        let earliest = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min();
+        let earliest = self
+            .stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min();
         if let Some(at) = earliest {
             let before = self.pending[..at].to_string();
             self.pending.clear();
@@ -171,7 +185,11 @@ impl TextStream {
             }
             match self.events.recv().await {
                 Some(GenerationEvent::Token(token)) => self.on_token(token),
-                Some(GenerationEvent::Finished { reason, prompt_tokens, completion_tokens }) => {
+                Some(GenerationEvent::Finished {
+                    reason,
+                    prompt_tokens,
+                    completion_tokens,
+                }) => {
                     let mut tail = self.decoder.flush().unwrap_or_default();
                     match self.stops.push(&tail) {
                         StopOutcome::Emit(text) => {
@@ -189,7 +207,8 @@ impl TextStream {
                 }
                 None => {
                     self.done = true;
-                    self.out.push_back(TextEvent::Failed("the inference engine stopped".into()));
+                    self.out
+                        .push_back(TextEvent::Failed("the inference engine stopped".into()));
                 }
             }
         }
@@ -203,7 +222,9 @@ impl TextStream {
             Err(error) => {
                 self.done = true;
                 self.events.close();
-                self.out.push_back(TextEvent::Failed(format!("cannot decode token {token}: {error}")));
+                self.out.push_back(TextEvent::Failed(format!(
+                    "cannot decode token {token}: {error}"
+                )));
                 return;
             }
         };
@@ -219,11 +240,21 @@ impl TextStream {
         }
     }
 
-    fn finish(&mut self, text: String, reason: FinishReason, prompt_tokens: usize, completion_tokens: usize) {
+    fn finish(
+        &mut self,
+        text: String,
+        reason: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    ) {
         if !text.is_empty() {
             self.out.push_back(TextEvent::Delta(text));
         }
-        self.out.push_back(TextEvent::Finished { reason, prompt_tokens, completion_tokens });
+        self.out.push_back(TextEvent::Finished {
+            reason,
+            prompt_tokens,
+            completion_tokens,
+        });
         self.done = true;
     }
 }
@@ -264,7 +295,11 @@ mod tests {
             (&["xyz"], &["xy"], "xy", false),
         ];
         for (stops, pieces, shown, stopped) in cases {
-            assert_eq!(run_stops(stops, pieces), (shown.to_string(), *stopped), "stops {stops:?} pieces {pieces:?}");
+            assert_eq!(
+                run_stops(stops, pieces),
+                (shown.to_string(), *stopped),
+                "stops {stops:?} pieces {pieces:?}"
+            );
         }
     }
 

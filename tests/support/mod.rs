@@ -3,6 +3,7 @@
 //! Readiness is the node's own log line `listening on http://ADDR`; every
 //! wait has a timeout and none sleeps.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)] // test code: a failed expectation is the report
 #![allow(dead_code)] // each test binary uses a different part of this module
 
 use std::io::{BufRead, BufReader};
@@ -55,7 +56,12 @@ impl Node {
                 }
             }
         });
-        let mut node = Node { addr: "127.0.0.1:1".parse().expect("addr"), child, log, log_seen: Vec::new() };
+        let mut node = Node {
+            addr: "127.0.0.1:1".parse().expect("addr"),
+            child,
+            log,
+            log_seen: Vec::new(),
+        };
         let line = node.wait_for_log("listening on http://", START_TIMEOUT);
         let addr = line
             .split("listening on http://")
@@ -117,7 +123,8 @@ pub struct Response {
 
 impl Response {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.body))
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.body))
     }
 }
 
@@ -138,18 +145,25 @@ pub async fn request(addr: SocketAddr, method: &str, path: &str, body: Option<&s
         stream.read_to_end(&mut bytes).await.expect("read");
         parse_response(&bytes)
     };
-    tokio::time::timeout(REQUEST_TIMEOUT, exchange).await.expect("response within the timeout")
+    tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+        .await
+        .expect("response within the timeout")
 }
 
 pub fn parse_response(bytes: &[u8]) -> Response {
     let text = String::from_utf8_lossy(bytes);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no header end in {text:?}"));
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no header end in {text:?}"));
     let status = head
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no status in {head:?}"));
-    Response { status, body: body.to_string() }
+    Response {
+        status,
+        body: body.to_string(),
+    }
 }
 
 /// The `data:` payloads of an SSE body, in order.

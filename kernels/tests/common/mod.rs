@@ -1,5 +1,7 @@
 //! Shared helpers for the kernels' model tests.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)] // test code: a failed expectation is the report
+
 use std::path::PathBuf;
 
 use kernels::{Device, LayerRange, ModelFile, SequenceId, Shard, ShardInput, ShardOutput, Tensor};
@@ -10,7 +12,11 @@ pub fn default_model_path() -> PathBuf {
     if let Some(path) = std::env::var_os("RINGLET_MODEL_PATH") {
         return PathBuf::from(path);
     }
-    let models = match (std::env::var_os("RINGLET_HOME"), std::env::var_os("XDG_CACHE_HOME"), std::env::var_os("HOME")) {
+    let models = match (
+        std::env::var_os("RINGLET_HOME"),
+        std::env::var_os("XDG_CACHE_HOME"),
+        std::env::var_os("HOME"),
+    ) {
         (Some(home), _, _) => PathBuf::from(home).join("models"),
         (None, Some(cache), _) => PathBuf::from(cache).join("ringlet/models"),
         (None, None, Some(home)) => PathBuf::from(home).join(".cache/ringlet/models"),
@@ -57,7 +63,12 @@ impl Chain {
 
     /// Greedy decoding of `steps` tokens; returns the tokens and the logits
     /// of every step.
-    pub fn greedy(&mut self, sequence: SequenceId, prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
+    pub fn greedy(
+        &mut self,
+        sequence: SequenceId,
+        prompt: &[u32],
+        steps: usize,
+    ) -> (Vec<u32>, Vec<Vec<f32>>) {
         let mut logits = self.forward(sequence, 0, prompt);
         let mut tokens = Vec::new();
         let mut all_logits = Vec::new();

@@ -3,25 +3,27 @@
 use std::convert::Infallible;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use axum::Json;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use futures_util::stream::{self, Stream};
 use kernels::{ChatMessage, SamplingParams, SequenceId};
 use rand::Rng;
 use serde::de::DeserializeOwned;
 
+use super::AppState;
 use super::error::ApiError;
 use super::openai::{
-    AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChunkChoice, Delta,
-    MessageContent, Usage,
+    AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
+    ChunkChoice, Delta, MessageContent, Usage,
 };
-use super::AppState;
 use crate::engine::{FinishReason, GenerationRequest, SubmitError};
-use crate::limits::{MAX_MESSAGES, MAX_STOP_SEQUENCES, MAX_STOP_SEQUENCE_BYTES, SSE_KEEP_ALIVE_SECS};
+use crate::limits::{
+    MAX_MESSAGES, MAX_STOP_SEQUENCE_BYTES, MAX_STOP_SEQUENCES, SSE_KEEP_ALIVE_SECS,
+};
 use crate::text::{TextEvent, TextStream};
 
 /// A request that passed validation, ready for the engine.
@@ -41,7 +43,10 @@ pub async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let body = body.map_err(|rejection| ApiError {
         status: rejection.status(),
-        ..ApiError::invalid_request(format!("Cannot read the request body: {}", rejection.body_text()))
+        ..ApiError::invalid_request(format!(
+            "Cannot read the request body: {}",
+            rejection.body_text()
+        ))
     })?;
     let request: ChatCompletionRequest = parse_json(&body)?;
     let prepared = prepare(&state, request)?;
@@ -60,7 +65,12 @@ pub async fn chat_completions(
             SubmitError::Busy { .. } => ApiError::busy(e.to_string()),
             SubmitError::Stopped => ApiError::internal(e.to_string()),
         })?;
-    let text = TextStream::new(events, state.model.tokenizer.clone(), prepared.stops, prepared.prompt.len());
+    let text = TextStream::new(
+        events,
+        state.model.tokenizer.clone(),
+        prepared.stops,
+        prepared.prompt.len(),
+    );
     let response = ResponseMeta {
         id: format!("chatcmpl-{id}"),
         created: unix_seconds(),
@@ -70,7 +80,9 @@ pub async fn chat_completions(
     if prepared.stream {
         Ok(stream_response(text, response, prepared.include_usage).into_response())
     } else {
-        collect_response(text, response).await.map(IntoResponse::into_response)
+        collect_response(text, response)
+            .await
+            .map(IntoResponse::into_response)
     }
 }
 
@@ -93,29 +105,46 @@ pub(crate) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
             serde_json::error::Category::Data if path != "." => {
                 ApiError::invalid_param(&path, format!("Invalid value for `{path}`: {inner}"))
             }
-            serde_json::error::Category::Data => ApiError::invalid_request(format!("Invalid request: {inner}")),
+            serde_json::error::Category::Data => {
+                ApiError::invalid_request(format!("Invalid request: {inner}"))
+            }
             _ => ApiError::invalid_request(format!("The request body is not valid JSON: {inner}")),
         }
     })
 }
 
 /// Checks every field and turns the conversation into prompt tokens.
-pub(crate) fn prepare(state: &AppState, request: ChatCompletionRequest) -> Result<PreparedChat, ApiError> {
+pub(crate) fn prepare(
+    state: &AppState,
+    request: ChatCompletionRequest,
+) -> Result<PreparedChat, ApiError> {
     let model = &state.model;
     if request.model != model.name {
-        return Err(ApiError::model_not_found(&request.model, std::slice::from_ref(&model.name)));
+        return Err(ApiError::model_not_found(
+            &request.model,
+            std::slice::from_ref(&model.name),
+        ));
     }
     if request.messages.is_empty() {
-        return Err(ApiError::invalid_param("messages", "`messages` must contain at least one message."));
+        return Err(ApiError::invalid_param(
+            "messages",
+            "`messages` must contain at least one message.",
+        ));
     }
     if request.messages.len() > MAX_MESSAGES {
         return Err(ApiError::invalid_param(
             "messages",
-            format!("`messages` has {} messages; at most {MAX_MESSAGES} are accepted.", request.messages.len()),
+            format!(
+                "`messages` has {} messages; at most {MAX_MESSAGES} are accepted.",
+                request.messages.len()
+            ),
         ));
     }
     if let Some(n) = request.n.filter(|&n| n != 1) {
-        return Err(ApiError::invalid_param("n", format!("Only n = 1 is supported, got {n}.")));
+        return Err(ApiError::invalid_param(
+            "n",
+            format!("Only n = 1 is supported, got {n}."),
+        ));
     }
     let requested_max = match (request.max_completion_tokens, request.max_tokens) {
         (Some(n), _) => Some(("max_completion_tokens", n)),
@@ -123,25 +152,43 @@ pub(crate) fn prepare(state: &AppState, request: ChatCompletionRequest) -> Resul
         (None, None) => None,
     };
     if let Some((param, 0)) = requested_max {
-        return Err(ApiError::invalid_param(param, format!("`{param}` must be at least 1.")));
+        return Err(ApiError::invalid_param(
+            param,
+            format!("`{param}` must be at least 1."),
+        ));
     }
 
     let sampling = SamplingParams {
         temperature: request.temperature.unwrap_or(1.0),
         top_p: request.top_p.unwrap_or(1.0),
-        top_k: request.top_k.map(|k| usize::try_from(k).unwrap_or(usize::MAX)),
+        top_k: request
+            .top_k
+            .map(|k| usize::try_from(k).unwrap_or(usize::MAX)),
         // Without a seed each request samples differently, as OpenAI does.
-        seed: request.seed.map_or_else(|| rand::rng().random(), |s| s as u64),
+        seed: request
+            .seed
+            .map_or_else(|| rand::rng().random(), |s| s as u64),
     };
-    if let Err(kernels::KernelError::BadSampling { name, value, allowed }) = sampling.validate() {
-        return Err(ApiError::invalid_param(name, format!("`{name}` must be {allowed}, got {value}.")));
+    if let Err(kernels::KernelError::BadSampling {
+        name,
+        value,
+        allowed,
+    }) = sampling.validate()
+    {
+        return Err(ApiError::invalid_param(
+            name,
+            format!("`{name}` must be {allowed}, got {value}."),
+        ));
     }
 
     let stops = request.stop.map(|s| s.into_vec()).unwrap_or_default();
     if stops.len() > MAX_STOP_SEQUENCES {
         return Err(ApiError::invalid_param(
             "stop",
-            format!("At most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {}.", stops.len()),
+            format!(
+                "At most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {}.",
+                stops.len()
+            ),
         ));
     }
     if stops.iter().any(|s| s.len() > MAX_STOP_SEQUENCE_BYTES) {
@@ -164,7 +211,9 @@ pub(crate) fn prepare(state: &AppState, request: ChatCompletionRequest) -> Resul
                         (kind, _) => {
                             return Err(ApiError::invalid_param(
                                 &format!("messages[{i}].content"),
-                                format!("Content parts of type `{kind}` are not supported; send text."),
+                                format!(
+                                    "Content parts of type `{kind}` are not supported; send text."
+                                ),
                             ));
                         }
                     }
@@ -174,10 +223,12 @@ pub(crate) fn prepare(state: &AppState, request: ChatCompletionRequest) -> Resul
         };
         messages.push(ChatMessage::new(message.role.template_name(), content));
     }
-    let rendered = model
-        .template
-        .render(&messages, true)
-        .map_err(|e| ApiError::invalid_param("messages", format!("The model's chat template rejected these messages: {e}")))?;
+    let rendered = model.template.render(&messages, true).map_err(|e| {
+        ApiError::invalid_param(
+            "messages",
+            format!("The model's chat template rejected these messages: {e}"),
+        )
+    })?;
     let prompt = model
         .tokenizer
         .encode(&rendered)
@@ -211,7 +262,10 @@ pub(crate) fn prepare(state: &AppState, request: ChatCompletionRequest) -> Resul
         sampling,
         stops,
         stream: request.stream.unwrap_or(false),
-        include_usage: request.stream_options.and_then(|o| o.include_usage).unwrap_or(false),
+        include_usage: request
+            .stream_options
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false),
     })
 }
 
@@ -224,7 +278,11 @@ struct ResponseMeta {
 }
 
 impl ResponseMeta {
-    fn chunk(&self, choices: Vec<ChunkChoice>, usage: Option<Option<Usage>>) -> ChatCompletionChunk<'_> {
+    fn chunk(
+        &self,
+        choices: Vec<ChunkChoice>,
+        usage: Option<Option<Usage>>,
+    ) -> ChatCompletionChunk<'_> {
         ChatCompletionChunk {
             id: &self.id,
             object: "chat.completion.chunk",
@@ -237,12 +295,19 @@ impl ResponseMeta {
     }
 }
 
-async fn collect_response(mut text: TextStream, meta: ResponseMeta) -> Result<Json<ChatCompletion>, ApiError> {
+async fn collect_response(
+    mut text: TextStream,
+    meta: ResponseMeta,
+) -> Result<Json<ChatCompletion>, ApiError> {
     let mut content = String::new();
     loop {
         match text.next().await {
             Some(TextEvent::Delta(piece)) => content.push_str(&piece),
-            Some(TextEvent::Finished { reason, prompt_tokens, completion_tokens }) => {
+            Some(TextEvent::Finished {
+                reason,
+                prompt_tokens,
+                completion_tokens,
+            }) => {
                 return Ok(Json(ChatCompletion {
                     id: meta.id,
                     object: "chat.completion",
@@ -251,7 +316,10 @@ async fn collect_response(mut text: TextStream, meta: ResponseMeta) -> Result<Js
                     system_fingerprint: meta.system_fingerprint,
                     choices: vec![Choice {
                         index: 0,
-                        message: AssistantMessage { role: "assistant", content },
+                        message: AssistantMessage {
+                            role: "assistant",
+                            content,
+                        },
                         logprobs: None,
                         finish_reason: reason,
                     }],
@@ -283,40 +351,60 @@ fn stream_response(
     // With include_usage, every chunk carries `"usage": null` and one last
     // chunk with no choices carries the totals, as OpenAI streams do.
     let usage_field = include_usage.then_some(None);
-    let events = stream::unfold((text, meta, Phase::Role), move |(mut text, meta, phase)| async move {
-        let (event, next) = match phase {
-            Phase::Role => {
-                let delta = Delta { role: Some("assistant"), content: Some(String::new()) };
-                (chunk_event(&meta, delta, None, usage_field), Phase::Content)
-            }
-            Phase::Content => match text.next().await {
-                Some(TextEvent::Delta(piece)) => {
-                    let delta = Delta { role: None, content: Some(piece) };
+    let events = stream::unfold(
+        (text, meta, Phase::Role),
+        move |(mut text, meta, phase)| async move {
+            let (event, next) = match phase {
+                Phase::Role => {
+                    let delta = Delta {
+                        role: Some("assistant"),
+                        content: Some(String::new()),
+                    };
                     (chunk_event(&meta, delta, None, usage_field), Phase::Content)
                 }
-                Some(TextEvent::Finished { reason, prompt_tokens, completion_tokens }) => {
-                    let next = if include_usage {
-                        Phase::Usage(Usage::new(prompt_tokens, completion_tokens))
-                    } else {
-                        Phase::Done
-                    };
-                    (chunk_event(&meta, Delta::default(), Some(reason), usage_field), next)
+                Phase::Content => match text.next().await {
+                    Some(TextEvent::Delta(piece)) => {
+                        let delta = Delta {
+                            role: None,
+                            content: Some(piece),
+                        };
+                        (chunk_event(&meta, delta, None, usage_field), Phase::Content)
+                    }
+                    Some(TextEvent::Finished {
+                        reason,
+                        prompt_tokens,
+                        completion_tokens,
+                    }) => {
+                        let next = if include_usage {
+                            Phase::Usage(Usage::new(prompt_tokens, completion_tokens))
+                        } else {
+                            Phase::Done
+                        };
+                        (
+                            chunk_event(&meta, Delta::default(), Some(reason), usage_field),
+                            next,
+                        )
+                    }
+                    Some(TextEvent::Failed(message)) => {
+                        let error = ApiError::internal(format!("Generation failed: {message}"));
+                        (
+                            Event::default().data(error.to_json().to_string()),
+                            Phase::End,
+                        )
+                    }
+                    None => return None,
+                },
+                Phase::Usage(usage) => {
+                    let json = serde_json::to_string(&meta.chunk(Vec::new(), Some(Some(usage))))
+                        .unwrap_or_default();
+                    (Event::default().data(json), Phase::Done)
                 }
-                Some(TextEvent::Failed(message)) => {
-                    let error = ApiError::internal(format!("Generation failed: {message}"));
-                    (Event::default().data(error.to_json().to_string()), Phase::End)
-                }
-                None => return None,
-            },
-            Phase::Usage(usage) => {
-                let json = serde_json::to_string(&meta.chunk(Vec::new(), Some(Some(usage)))).unwrap_or_default();
-                (Event::default().data(json), Phase::Done)
-            }
-            Phase::Done => (Event::default().data("[DONE]"), Phase::End),
-            Phase::End => return None,
-        };
-        Some((Ok(event), (text, meta, next)))
-    });
+                Phase::Done => (Event::default().data("[DONE]"), Phase::End),
+                Phase::End => return None,
+            };
+            Some((Ok(event), (text, meta, next)))
+        },
+    );
     Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(SSE_KEEP_ALIVE_SECS)))
 }
 
@@ -326,11 +414,18 @@ fn chunk_event(
     finish_reason: Option<FinishReason>,
     usage: Option<Option<Usage>>,
 ) -> Event {
-    let choice = ChunkChoice { index: 0, delta, logprobs: None, finish_reason };
+    let choice = ChunkChoice {
+        index: 0,
+        delta,
+        logprobs: None,
+        finish_reason,
+    };
     let json = serde_json::to_string(&meta.chunk(vec![choice], usage)).unwrap_or_default();
     Event::default().data(json)
 }
 
 fn unix_seconds() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }

@@ -1,9 +1,9 @@
 //! API errors in OpenAI's JSON shape:
 //! `{"error": {"message", "type", "param", "code"}}` with a fitting status.
 
+use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use serde::Serialize;
 
 /// An error an API client can act on.
@@ -75,7 +75,9 @@ impl ApiError {
     pub fn not_found(path: &str) -> Self {
         Self {
             status: StatusCode::NOT_FOUND,
-            message: format!("No route for {path}. The OpenAI-compatible API is under /v1 (see /v1/models)."),
+            message: format!(
+                "No route for {path}. The OpenAI-compatible API is under /v1 (see /v1/models)."
+            ),
             kind: "invalid_request_error",
             param: None,
             code: Some("not_found"),
@@ -124,6 +126,12 @@ impl IntoResponse for ApiError {
         } else {
             tracing::debug!(status = %self.status, message = %self.message, "request rejected");
         }
-        (self.status, Json(ErrorBody { error: self.detail() })).into_response()
+        (
+            self.status,
+            Json(ErrorBody {
+                error: self.detail(),
+            }),
+        )
+            .into_response()
     }
 }

@@ -70,11 +70,17 @@ async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
     })
 }
 
-async fn get_model(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<ModelCard>, ApiError> {
+async fn get_model(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<ModelCard>, ApiError> {
     if id == state.model.name {
         Ok(Json(model_card(&state.model)))
     } else {
-        Err(ApiError::model_not_found(&id, std::slice::from_ref(&state.model.name)))
+        Err(ApiError::model_not_found(
+            &id,
+            std::slice::from_ref(&state.model.name),
+        ))
     }
 }
 

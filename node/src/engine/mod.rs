@@ -61,7 +61,9 @@ pub enum GenerationEvent {
         prompt_tokens: usize,
         completion_tokens: usize,
     },
-    Failed { message: String },
+    Failed {
+        message: String,
+    },
 }
 
 /// Counters the engine publishes for health checks and tests.
@@ -107,7 +109,9 @@ pub struct EngineHandle {
 
 impl std::fmt::Debug for EngineHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EngineHandle").field("model", &self.model).finish()
+        f.debug_struct("EngineHandle")
+            .field("model", &self.model)
+            .finish()
     }
 }
 
@@ -123,8 +127,14 @@ impl EngineHandle {
 
     /// Queues a generation. Events arrive on the returned receiver; dropping
     /// it cancels the generation at its next step.
-    pub fn submit(&self, mut request: GenerationRequest) -> Result<mpsc::Receiver<GenerationEvent>, SubmitError> {
-        let room = self.model.context_length.saturating_sub(request.prompt.len());
+    pub fn submit(
+        &self,
+        mut request: GenerationRequest,
+    ) -> Result<mpsc::Receiver<GenerationEvent>, SubmitError> {
+        let room = self
+            .model
+            .context_length
+            .saturating_sub(request.prompt.len());
         request.max_tokens = request.max_tokens.min(room);
         // One slot per possible token plus the final event, so the engine
         // never waits on a slow reader: the bound is the context length.
@@ -132,7 +142,9 @@ impl EngineHandle {
         self.submissions
             .try_send(Submission { request, events })
             .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => SubmitError::Busy { queued: ENGINE_QUEUE_LEN },
+                mpsc::error::TrySendError::Full(_) => SubmitError::Busy {
+                    queued: ENGINE_QUEUE_LEN,
+                },
                 mpsc::error::TrySendError::Closed(_) => SubmitError::Stopped,
             })?;
         Ok(receiver)
@@ -172,7 +184,10 @@ impl Engine {
         let coordinator_thread = std::thread::Builder::new()
             .name("ringlet-coordinator".into())
             .spawn(move || {
-                match tokio::runtime::Builder::new_current_thread().enable_time().build() {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                {
                     Ok(runtime) => runtime.block_on(coordinator.run()),
                     Err(error) => tracing::error!(%error, "cannot start the coordinator runtime"),
                 }
@@ -268,7 +283,9 @@ impl Coordinator {
 
     /// Sends the next chunk of the prompt; the last chunk asks for a token.
     async fn feed_prompt_chunk(&mut self, id: SequenceId) {
-        let Some(active) = self.active.get_mut(&id) else { return };
+        let Some(active) = self.active.get_mut(&id) else {
+            return;
+        };
         let prompt = &active.request.prompt;
         let end = (active.fed + PREFILL_CHUNK_TOKENS).min(prompt.len());
         let chunk = prompt[active.fed..end].to_vec();
@@ -279,8 +296,13 @@ impl Coordinator {
         };
         let position = active.fed;
         active.fed = end;
-        self.send_job(StageJob::Forward { sequence: id, position, input: ShardInput::Tokens(chunk), sample })
-            .await;
+        self.send_job(StageJob::Forward {
+            sequence: id,
+            position,
+            input: ShardInput::Tokens(chunk),
+            sample,
+        })
+        .await;
     }
 
     async fn send_job(&mut self, job: StageJob) {
@@ -302,7 +324,9 @@ impl Coordinator {
     }
 
     async fn on_token(&mut self, id: SequenceId, token: u32) {
-        let Some(active) = self.active.get_mut(&id) else { return };
+        let Some(active) = self.active.get_mut(&id) else {
+            return;
+        };
         active.generated += 1;
         active.first_token_at.get_or_insert_with(Instant::now);
         let is_stop = self.model.stop_tokens.contains(&token) && !active.request.ignore_eos;
@@ -312,7 +336,11 @@ impl Coordinator {
         }
         // The channel has room for every token (see `submit`), so a full
         // channel cannot happen; a closed one means the client left.
-        if active.events.try_send(GenerationEvent::Token(token)).is_err() {
+        if active
+            .events
+            .try_send(GenerationEvent::Token(token))
+            .is_err()
+        {
             self.cancel(id).await;
             return;
         }
@@ -332,13 +360,22 @@ impl Coordinator {
     }
 
     async fn finish(&mut self, id: SequenceId, reason: FinishReason) {
-        let Some(active) = self.remove(id).await else { return };
+        let Some(active) = self.remove(id).await else {
+            return;
+        };
         let prompt_tokens = active.request.prompt.len();
         let completion_tokens = active.generated;
-        let _ = active.events.try_send(GenerationEvent::Finished { reason, prompt_tokens, completion_tokens });
+        let _ = active.events.try_send(GenerationEvent::Finished {
+            reason,
+            prompt_tokens,
+            completion_tokens,
+        });
         let now = Instant::now();
         let ttft = active.first_token_at.map(|t| t - active.started);
-        let decode_seconds = active.first_token_at.map(|t| (now - t).as_secs_f64()).unwrap_or(0.0);
+        let decode_seconds = active
+            .first_token_at
+            .map(|t| (now - t).as_secs_f64())
+            .unwrap_or(0.0);
         let decode_tok_per_s = if decode_seconds > 0.0 {
             (completion_tokens.saturating_sub(1)) as f64 / decode_seconds
         } else {
@@ -377,7 +414,10 @@ impl Coordinator {
     /// Forgets a request here and on the stages.
     async fn remove(&mut self, id: SequenceId) -> Option<ActiveRequest> {
         let active = self.active.remove(&id)?;
-        let _ = self.first_stage.send(StageJob::Release { sequence: id }).await;
+        let _ = self
+            .first_stage
+            .send(StageJob::Release { sequence: id })
+            .await;
         self.publish_active();
         Some(active)
     }

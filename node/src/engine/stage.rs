@@ -38,10 +38,18 @@ pub enum StageJob {
 /// What the last stage reports back to the coordinator.
 #[derive(Debug)]
 pub enum StageResult {
-    Token { sequence: SequenceId, token: u32 },
+    Token {
+        sequence: SequenceId,
+        token: u32,
+    },
     /// A prompt chunk went through every layer; send the next.
-    ChunkDone { sequence: SequenceId },
-    Failed { sequence: SequenceId, message: String },
+    ChunkDone {
+        sequence: SequenceId,
+    },
+    Failed {
+        sequence: SequenceId,
+        message: String,
+    },
 }
 
 /// Starts a thread that runs `shard` over the jobs it receives until the
@@ -66,16 +74,19 @@ fn run(mut shard: Shard, mut jobs: mpsc::Receiver<StageJob>, results: mpsc::Send
                 samplers.remove(&sequence);
                 continue;
             }
-            StageJob::Forward { sequence, position, input, sample } => {
-                match step(&mut shard, &mut samplers, sequence, position, input, sample) {
-                    Ok(result) => result,
-                    Err(message) => {
-                        shard.release(sequence);
-                        samplers.remove(&sequence);
-                        StageResult::Failed { sequence, message }
-                    }
+            StageJob::Forward {
+                sequence,
+                position,
+                input,
+                sample,
+            } => match step(&mut shard, &mut samplers, sequence, position, input, sample) {
+                Ok(result) => result,
+                Err(message) => {
+                    shard.release(sequence);
+                    samplers.remove(&sequence);
+                    StageResult::Failed { sequence, message }
                 }
-            }
+            },
         };
         if results.blocking_send(result).is_err() {
             break; // the coordinator is gone: the node is shutting down
@@ -92,7 +103,9 @@ fn step(
     input: ShardInput,
     sample: Sample,
 ) -> Result<StageResult, String> {
-    let output = shard.forward(sequence, position, input).map_err(|e| e.to_string())?;
+    let output = shard
+        .forward(sequence, position, input)
+        .map_err(|e| e.to_string())?;
     let ShardOutput::Logits(logits) = output else {
         return Err(format!(
             "stage {} produced hidden states but has no next stage",
