@@ -32,13 +32,18 @@ fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
 }
 
 fn tensor(rows: usize, cols: usize, seed: u64, dtype: GgmlDType) -> QTensor {
-    let t = Tensor::from_vec(values(rows * cols, seed, 0.08), (rows, cols), &Device::Cpu).expect("tensor");
+    let t = Tensor::from_vec(values(rows * cols, seed, 0.08), (rows, cols), &Device::Cpu)
+        .expect("tensor");
     QTensor::quantize(&t, dtype).expect("quantize")
 }
 
 fn norm(seed: u64) -> QTensor {
     let v: Vec<f32> = values(HIDDEN, seed, 0.2).iter().map(|x| 1.0 + x).collect();
-    QTensor::quantize(&Tensor::from_vec(v, HIDDEN, &Device::Cpu).expect("norm"), GgmlDType::F32).expect("f32")
+    QTensor::quantize(
+        &Tensor::from_vec(v, HIDDEN, &Device::Cpu).expect("norm"),
+        GgmlDType::F32,
+    )
+    .expect("f32")
 }
 
 /// Writes a model whose matrices are all `dtype`; `tied` leaves out `output.weight`.
@@ -80,7 +85,10 @@ fn write_model(dtype: GgmlDType, tied: bool) -> PathBuf {
         ("llama.rope.freq_base", Value::F32(10_000.0)),
         ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
     ];
-    let path = std::env::temp_dir().join(format!("ringlet-{dtype:?}-{tied}-{}.gguf", std::process::id()));
+    let path = std::env::temp_dir().join(format!(
+        "ringlet-{dtype:?}-{tied}-{}.gguf",
+        std::process::id()
+    ));
     let mut file = std::fs::File::create(&path).expect("create");
     let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
     let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -90,7 +98,10 @@ fn write_model(dtype: GgmlDType, tied: bool) -> PathBuf {
 
 /// Logits of a 5-token prompt and 3 decode steps through `ranges`.
 fn run(model: &ModelFile, ranges: &[LayerRange]) -> Vec<Vec<f32>> {
-    let mut shards: Vec<_> = ranges.iter().map(|&r| model.load_shard(r, &Device::Cpu).expect("shard")).collect();
+    let mut shards: Vec<_> = ranges
+        .iter()
+        .map(|&r| model.load_shard(r, &Device::Cpu).expect("shard"))
+        .collect();
     let mut tokens = vec![3u32, 17, 250, 9, 42];
     let mut position = 0;
     let mut all = Vec::new();
@@ -98,7 +109,10 @@ fn run(model: &ModelFile, ranges: &[LayerRange]) -> Vec<Vec<f32>> {
         let mut input = ShardInput::Tokens(tokens.clone());
         let mut logits = None;
         for shard in &mut shards {
-            match shard.forward(SequenceId(1), position, input.clone()).expect("forward") {
+            match shard
+                .forward(SequenceId(1), position, input.clone())
+                .expect("forward")
+            {
                 ShardOutput::Hidden(h) => input = ShardInput::Hidden(h),
                 ShardOutput::Logits(l) => logits = Some(l),
             }
@@ -106,7 +120,11 @@ fn run(model: &ModelFile, ranges: &[LayerRange]) -> Vec<Vec<f32>> {
         let logits = logits.expect("the last shard returns logits");
         let values: Vec<f32> = logits.to_vec1().expect("logits");
         position += tokens.len();
-        let next = values.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32);
+        let next = values
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i as u32);
         tokens = vec![next.expect("argmax")];
         all.push(values);
     }
@@ -138,16 +156,27 @@ fn every_weight_format_loads_runs_and_splits_exactly() {
         let whole = run(&model, &[LayerRange::new(0, LAYERS)]);
         let split = run(&model, &[LayerRange::new(0, 1), LayerRange::new(1, LAYERS)]);
         for (step, (a, b)) in whole.iter().zip(&split).enumerate() {
-            assert!(a.iter().all(|v| v.is_finite()), "{dtype:?}: non-finite logits at step {step}");
+            assert!(
+                a.iter().all(|v| v.is_finite()),
+                "{dtype:?}: non-finite logits at step {step}"
+            );
             assert!(a.iter().any(|v| *v != 0.0), "{dtype:?}: all-zero logits");
             assert!(
                 a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
                 "{dtype:?}: split logits differ at step {step}"
             );
         }
-        for range in [LayerRange::new(0, 1), LayerRange::new(1, 3), LayerRange::new(3, 4)] {
+        for range in [
+            LayerRange::new(0, 1),
+            LayerRange::new(1, 3),
+            LayerRange::new(3, 4),
+        ] {
             let shard = model.load_shard(range, &Device::Cpu).expect("shard");
-            assert_eq!(shard.weight_bytes(), model.shard_weight_bytes(range).expect("bytes"), "{dtype:?} {range}");
+            assert_eq!(
+                shard.weight_bytes(),
+                model.shard_weight_bytes(range).expect("bytes"),
+                "{dtype:?} {range}"
+            );
         }
         std::fs::remove_file(&path).expect("remove temp model");
     }

@@ -1,0 +1,630 @@
+//! ringlet's default placement policy: which node holds which contiguous
+//! layers of the model.
+//!
+//! This crate is pure logic (no IO, no clock, no randomness) so that the
+//! same code runs natively in the node today and as a WebAssembly
+//! component behind `wit/` tomorrow, and so that it is tested on the host.
+//!
+//! The policy, [`plan_memory_weighted`], gives each node a contiguous range
+//! of layers whose bytes are proportional to its memory budget, never more
+//! than the budget, and leaves out nodes that cannot hold one layer.
+//! [`validate`] checks any plan (from this policy or another) against the
+//! cluster and the model.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Identifies a node in the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct NodeId(pub u64);
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// A half-open range `[start, end)` of transformer layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Layers {
+    pub start: u32,
+    pub end: u32,
+}
+
+impl Layers {
+    pub fn len(&self) -> u32 {
+        self.end.saturating_sub(self.start)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl fmt::Display for Layers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}..{}", self.start, self.end)
+    }
+}
+
+/// What placement needs to know about a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeResources {
+    pub id: NodeId,
+    /// Bytes of memory the node offers for weights and KV cache.
+    pub memory_budget_bytes: u64,
+    /// Relative compute speed (higher is faster); informational here.
+    pub compute_score: f64,
+}
+
+/// What placement needs to know about a model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelShape {
+    /// Weight bytes of each transformer layer, in order.
+    pub layer_bytes: Vec<u64>,
+    /// KV-cache bytes reserved per layer on the node that holds it.
+    pub kv_reserve_bytes_per_layer: u64,
+    /// Held by the node with the first layer (the token embedding).
+    pub first_bytes: u64,
+    /// Held by the node with the last layer (output norm and projection).
+    pub last_bytes: u64,
+    /// Counted in both `first_bytes` and `last_bytes` but held once when
+    /// one node has both ends (tied embeddings).
+    pub shared_ends_bytes: u64,
+}
+
+impl ModelShape {
+    pub fn n_layers(&self) -> u32 {
+        self.layer_bytes.len() as u32
+    }
+
+    /// Bytes a node holding `layers` needs.
+    pub fn bytes_for(&self, layers: Layers) -> u64 {
+        let (start, end) = (
+            layers.start as usize,
+            (layers.end as usize).min(self.layer_bytes.len()),
+        );
+        if start >= end {
+            return 0;
+        }
+        let mut bytes: u64 = self.layer_bytes[start..end]
+            .iter()
+            .map(|b| b + self.kv_reserve_bytes_per_layer)
+            .sum();
+        let (first, last) = (start == 0, end == self.layer_bytes.len());
+        if first {
+            bytes += self.first_bytes;
+        }
+        if last {
+            bytes += self.last_bytes;
+        }
+        if first && last {
+            bytes -= self.shared_ends_bytes.min(bytes);
+        }
+        bytes
+    }
+
+    /// Bytes of the whole model on one node.
+    pub fn total_bytes(&self) -> u64 {
+        self.bytes_for(Layers {
+            start: 0,
+            end: self.n_layers(),
+        })
+    }
+}
+
+/// One node's part of a plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stage {
+    pub node: NodeId,
+    pub layers: Layers,
+    /// Bytes the node needs for these layers (weights and KV reserve).
+    pub bytes: u64,
+}
+
+/// Stages in ring order: activations flow from the first to the last.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub stages: Vec<Stage>,
+}
+
+/// Why no plan could be made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlanError {
+    NoNodes,
+    EmptyModel,
+    /// The model needs more memory than the nodes offer together.
+    DoesNotFit {
+        needed_bytes: u64,
+        available_bytes: u64,
+    },
+    /// The totals fit, but not in whole layers on these nodes.
+    NoLayerSplit {
+        needed_bytes: u64,
+        available_bytes: u64,
+    },
+}
+
+impl fmt::Display for PlanError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        match self {
+            PlanError::NoNodes => write!(f, "no node can hold even one layer of the model"),
+            PlanError::EmptyModel => write!(f, "the model has no layers"),
+            PlanError::DoesNotFit {
+                needed_bytes,
+                available_bytes,
+            } => write!(
+                f,
+                "the model needs {:.2} GiB but the cluster's memory budgets add up to {:.2} GiB: {:.2} GiB short; add a node or raise --memory-budget",
+                gib(*needed_bytes),
+                gib(*available_bytes),
+                gib(needed_bytes - available_bytes)
+            ),
+            PlanError::NoLayerSplit {
+                needed_bytes,
+                available_bytes,
+            } => write!(
+                f,
+                "the model needs {:.2} GiB and the cluster offers {:.2} GiB, but whole layers do not fit the nodes' budgets; add a node or raise --memory-budget",
+                gib(*needed_bytes),
+                gib(*available_bytes)
+            ),
+        }
+    }
+}
+
+impl std::error::Error for PlanError {}
+
+/// Memory-weighted contiguous placement.
+///
+/// Nodes keep the order given (the ring order). Each gets the contiguous
+/// layers whose bytes (embedding and head included) come closest to its
+/// share of the model, in proportion to its budget, so every node fills
+/// about the same fraction of its budget, within its budget, and never so few that the
+/// nodes after it could not hold the rest. A node that cannot hold one
+/// layer, or whose share rounds to nothing, is left out.
+pub fn plan_memory_weighted(
+    nodes: &[NodeResources],
+    model: &ModelShape,
+) -> Result<Plan, PlanError> {
+    let n_layers = model.n_layers();
+    if n_layers == 0 {
+        return Err(PlanError::EmptyModel);
+    }
+    let biggest_layer =
+        model.layer_bytes.iter().max().copied().unwrap_or(0) + model.kv_reserve_bytes_per_layer;
+    let usable: Vec<&NodeResources> = nodes
+        .iter()
+        .filter(|n| n.memory_budget_bytes >= biggest_layer)
+        .collect();
+    if usable.is_empty() {
+        return Err(PlanError::NoNodes);
+    }
+    let needed = model.total_bytes();
+    let available: u64 = usable.iter().map(|n| n.memory_budget_bytes).sum();
+    if needed > available {
+        return Err(PlanError::DoesNotFit {
+            needed_bytes: needed,
+            available_bytes: available,
+        });
+    }
+    let no_split = PlanError::NoLayerSplit {
+        needed_bytes: needed,
+        available_bytes: available,
+    };
+    // Across several nodes the ends are held separately (a tied embedding
+    // twice), so shares are of this total.
+    let layers_total: u64 = model
+        .layer_bytes
+        .iter()
+        .map(|b| b + model.kv_reserve_bytes_per_layer)
+        .sum();
+    let split_total = if usable.len() > 1 {
+        layers_total + model.first_bytes + model.last_bytes
+    } else {
+        needed
+    };
+    // Bytes held by the stages covering layers 0..end, ends counted apart.
+    let bytes_up_to = |end: u32| -> u64 {
+        let layers: u64 = model.layer_bytes[..end as usize]
+            .iter()
+            .map(|b| b + model.kv_reserve_bytes_per_layer)
+            .sum();
+        layers + model.first_bytes + if end == n_layers { model.last_bytes } else { 0 }
+    };
+
+    let mut stages = Vec::new();
+    let mut start = 0u32;
+    let mut budget_so_far = 0u64;
+    for (i, node) in usable.iter().enumerate() {
+        budget_so_far += node.memory_budget_bytes;
+        let rest = &usable[i + 1..];
+        let end = if rest.is_empty() {
+            n_layers
+        } else {
+            // Furthest end this node can hold, and nearest end that leaves
+            // the rest coverable by the nodes after it.
+            let hi = (start..=n_layers)
+                .rev()
+                .find(|&e| model.bytes_for(Layers { start, end: e }) <= node.memory_budget_bytes)
+                .unwrap_or(start);
+            let lo = (start..=n_layers)
+                .find(|&e| can_cover(rest, model, e))
+                .ok_or_else(|| no_split.clone())?;
+            if lo > hi {
+                return Err(no_split);
+            }
+            let target = (split_total as f64 * budget_so_far as f64 / available as f64) as u64;
+            (lo..=hi)
+                .min_by_key(|&e| bytes_up_to(e).abs_diff(target))
+                .unwrap_or(lo)
+        };
+        let layers = Layers { start, end };
+        let bytes = model.bytes_for(layers);
+        if bytes > node.memory_budget_bytes {
+            return Err(no_split);
+        }
+        if !layers.is_empty() {
+            stages.push(Stage {
+                node: node.id,
+                layers,
+                bytes,
+            });
+        }
+        start = end;
+        if start == n_layers {
+            break;
+        }
+    }
+    if start != n_layers {
+        return Err(no_split);
+    }
+    Ok(Plan { stages })
+}
+
+/// True when `nodes`, in order, can hold layers `from..` to the end: each
+/// node from the last backwards takes as many layers as fit, which is the
+/// most any assignment of ordered contiguous ranges can cover.
+fn can_cover(nodes: &[&NodeResources], model: &ModelShape, from: u32) -> bool {
+    let mut end = model.n_layers();
+    for node in nodes.iter().rev() {
+        if end <= from {
+            break;
+        }
+        let start = (from..end)
+            .find(|&s| model.bytes_for(Layers { start: s, end }) <= node.memory_budget_bytes)
+            .unwrap_or(end);
+        end = start;
+    }
+    end <= from
+}
+
+/// Why a plan is unacceptable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlanViolation {
+    Empty,
+    UnknownNode {
+        node: NodeId,
+    },
+    NodeTwice {
+        node: NodeId,
+    },
+    EmptyStage {
+        node: NodeId,
+    },
+    /// Stage `index` starts at `start`, but the previous ended at `expected`.
+    Gap {
+        index: usize,
+        expected: u32,
+        start: u32,
+    },
+    /// The last stage ends before (or after) the model's last layer.
+    WrongEnd {
+        end: u32,
+        n_layers: u32,
+    },
+    OverBudget {
+        node: NodeId,
+        bytes: u64,
+        budget_bytes: u64,
+    },
+}
+
+impl fmt::Display for PlanViolation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PlanViolation::Empty => write!(f, "the plan has no stages"),
+            PlanViolation::UnknownNode { node } => {
+                write!(f, "the plan names node {node}, which is not in the cluster")
+            }
+            PlanViolation::NodeTwice { node } => write!(f, "the plan gives node {node} two stages"),
+            PlanViolation::EmptyStage { node } => {
+                write!(f, "the plan gives node {node} an empty layer range")
+            }
+            PlanViolation::Gap {
+                index,
+                expected,
+                start,
+            } => {
+                write!(
+                    f,
+                    "stage {index} starts at layer {start}, but the layers before it end at {expected}"
+                )
+            }
+            PlanViolation::WrongEnd { end, n_layers } => {
+                write!(
+                    f,
+                    "the plan ends at layer {end}, but the model has {n_layers} layers"
+                )
+            }
+            PlanViolation::OverBudget {
+                node,
+                bytes,
+                budget_bytes,
+            } => {
+                write!(
+                    f,
+                    "node {node} would need {bytes} bytes but its budget is {budget_bytes}"
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for PlanViolation {}
+
+/// Checks that `plan` covers every layer exactly once with contiguous
+/// ranges, on known nodes, one stage per node, each within its budget.
+pub fn validate(
+    plan: &Plan,
+    nodes: &[NodeResources],
+    model: &ModelShape,
+) -> Result<(), PlanViolation> {
+    if plan.stages.is_empty() {
+        return Err(PlanViolation::Empty);
+    }
+    let mut expected = 0u32;
+    let mut seen = Vec::new();
+    for (index, stage) in plan.stages.iter().enumerate() {
+        let node = nodes
+            .iter()
+            .find(|n| n.id == stage.node)
+            .ok_or(PlanViolation::UnknownNode { node: stage.node })?;
+        if seen.contains(&stage.node) {
+            return Err(PlanViolation::NodeTwice { node: stage.node });
+        }
+        seen.push(stage.node);
+        if stage.layers.is_empty() {
+            return Err(PlanViolation::EmptyStage { node: stage.node });
+        }
+        if stage.layers.start != expected {
+            return Err(PlanViolation::Gap {
+                index,
+                expected,
+                start: stage.layers.start,
+            });
+        }
+        let bytes = model.bytes_for(stage.layers);
+        if bytes > node.memory_budget_bytes {
+            return Err(PlanViolation::OverBudget {
+                node: stage.node,
+                bytes,
+                budget_bytes: node.memory_budget_bytes,
+            });
+        }
+        expected = stage.layers.end;
+    }
+    if expected != model.n_layers() {
+        return Err(PlanViolation::WrongEnd {
+            end: expected,
+            n_layers: model.n_layers(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    /// The default model's shape: 30 layers of about 2 MiB, a 28.7 MiB
+    /// tied embedding.
+    fn smollm() -> ModelShape {
+        ModelShape {
+            layer_bytes: vec![2_075_904; 30],
+            kv_reserve_bytes_per_layer: 0,
+            first_bytes: 30_081_024,
+            last_bytes: 30_081_024 + 2_304,
+            shared_ends_bytes: 30_081_024,
+        }
+    }
+
+    fn nodes(budgets_mib: &[u64]) -> Vec<NodeResources> {
+        budgets_mib
+            .iter()
+            .enumerate()
+            .map(|(i, b)| NodeResources {
+                id: NodeId(i as u64 + 1),
+                memory_budget_bytes: b * MIB,
+                compute_score: 1.0,
+            })
+            .collect()
+    }
+
+    fn ranges(plan: &Plan) -> Vec<(u64, u32, u32)> {
+        plan.stages
+            .iter()
+            .map(|s| (s.node.0, s.layers.start, s.layers.end))
+            .collect()
+    }
+
+    #[test]
+    fn placements() {
+        // (budgets in MiB, expected (node, start, end) triples)
+        let cases: &[(&[u64], &[(u64, u32, u32)])] = &[
+            (&[200], &[(1, 0, 30)]),
+            // Equal budgets, equal bytes: the ends hold the 28.7 MiB embedding
+            // and head, so they get fewer layers (about 39 MiB each).
+            (&[60, 60, 60], &[(1, 0, 5), (2, 5, 25), (3, 25, 30)]),
+            (&[45, 45, 45], &[(1, 0, 5), (2, 5, 25), (3, 25, 30)]),
+            // A node too small for one layer gets none.
+            (&[100, 1, 100], &[(1, 0, 15), (3, 15, 30)]),
+            // A share smaller than the embedding rounds to nothing.
+            (&[40, 200], &[(2, 0, 30)]),
+            // Tight budgets: as many layers as fit, ends kept thin.
+            (
+                &[31, 31, 31, 31],
+                &[(1, 0, 1), (2, 1, 15), (3, 15, 29), (4, 29, 30)],
+            ),
+        ];
+        for (budgets, expected) in cases {
+            let plan = plan_memory_weighted(&nodes(budgets), &smollm()).expect("a plan");
+            assert_eq!(ranges(&plan), expected.to_vec(), "budgets {budgets:?}");
+            validate(&plan, &nodes(budgets), &smollm()).expect("valid");
+        }
+    }
+
+    #[test]
+    fn refusals_name_the_shortfall() {
+        let model = smollm();
+        let err = plan_memory_weighted(&nodes(&[40]), &model).expect_err("too small");
+        assert_eq!(
+            err,
+            PlanError::DoesNotFit {
+                needed_bytes: model.total_bytes(),
+                available_bytes: 40 * MIB
+            }
+        );
+        assert!(err.to_string().contains("short"), "{err}");
+        assert_eq!(
+            plan_memory_weighted(&nodes(&[1, 1]), &model),
+            Err(PlanError::NoNodes)
+        );
+        // 3 × 31 MiB is more than the 88 MiB the model needs on one node,
+        // but split, the ends hold the embedding twice: 1 + 15 + 1 layers.
+        let err = plan_memory_weighted(&nodes(&[31, 31, 31]), &model).expect_err("no split");
+        assert!(matches!(err, PlanError::NoLayerSplit { .. }), "{err:?}");
+        let empty = ModelShape {
+            layer_bytes: vec![],
+            ..smollm()
+        };
+        assert_eq!(
+            plan_memory_weighted(&nodes(&[10]), &empty),
+            Err(PlanError::EmptyModel)
+        );
+    }
+
+    #[test]
+    fn every_plan_made_is_valid_and_tight() {
+        // Many pseudo-random clusters and models.
+        let mut state = 0x2545F4914F6CDD1Du64;
+        let mut next = move |m: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % m
+        };
+        for _ in 0..2000 {
+            let n_layers = 1 + next(40) as usize;
+            let model = ModelShape {
+                layer_bytes: (0..n_layers).map(|_| 1 + next(100)).collect(),
+                kv_reserve_bytes_per_layer: next(5),
+                first_bytes: next(300),
+                last_bytes: next(300),
+                shared_ends_bytes: 0,
+            };
+            let cluster: Vec<NodeResources> = (0..1 + next(6))
+                .map(|i| NodeResources {
+                    id: NodeId(i),
+                    memory_budget_bytes: next(2500),
+                    compute_score: 1.0,
+                })
+                .collect();
+            match plan_memory_weighted(&cluster, &model) {
+                Ok(plan) => validate(&plan, &cluster, &model).expect("plans are valid"),
+                Err(PlanError::DoesNotFit {
+                    needed_bytes,
+                    available_bytes,
+                }) => assert!(needed_bytes > available_bytes),
+                Err(PlanError::NoLayerSplit { .. } | PlanError::NoNodes) => {
+                    // No ordered contiguous split exists: the greedy cover from
+                    // the front fails too.
+                    let usable: Vec<&NodeResources> = cluster.iter().collect();
+                    assert!(
+                        !can_cover(&usable, &model, 0),
+                        "a plan was possible: {cluster:?} {model:?}"
+                    );
+                }
+                Err(e) => panic!("unexpected {e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn validate_catches_bad_plans() {
+        let model = smollm();
+        let cluster = nodes(&[50, 100]);
+        let stage = |node: u64, start: u32, end: u32| Stage {
+            node: NodeId(node),
+            layers: Layers { start, end },
+            bytes: 0,
+        };
+        let cases: Vec<(Vec<Stage>, PlanViolation)> = vec![
+            (vec![], PlanViolation::Empty),
+            (
+                vec![stage(9, 0, 30)],
+                PlanViolation::UnknownNode { node: NodeId(9) },
+            ),
+            (
+                vec![stage(1, 0, 10), stage(1, 10, 30)],
+                PlanViolation::NodeTwice { node: NodeId(1) },
+            ),
+            (
+                vec![stage(1, 0, 0), stage(2, 0, 30)],
+                PlanViolation::EmptyStage { node: NodeId(1) },
+            ),
+            (
+                vec![stage(1, 0, 10), stage(2, 12, 30)],
+                PlanViolation::Gap {
+                    index: 1,
+                    expected: 10,
+                    start: 12,
+                },
+            ),
+            (
+                vec![stage(1, 0, 10), stage(2, 9, 30)],
+                PlanViolation::Gap {
+                    index: 1,
+                    expected: 10,
+                    start: 9,
+                },
+            ),
+            (
+                vec![stage(1, 0, 10), stage(2, 10, 29)],
+                PlanViolation::WrongEnd {
+                    end: 29,
+                    n_layers: 30,
+                },
+            ),
+            (
+                vec![stage(1, 0, 29), stage(2, 29, 30)],
+                PlanViolation::OverBudget {
+                    node: NodeId(1),
+                    bytes: model.bytes_for(Layers { start: 0, end: 29 }),
+                    budget_bytes: 50 * MIB,
+                },
+            ),
+        ];
+        for (stages, violation) in cases {
+            assert_eq!(
+                validate(&Plan { stages }, &cluster, &model),
+                Err(violation.clone()),
+                "{violation}"
+            );
+        }
+    }
+}
