@@ -18,6 +18,8 @@ use tower::ServiceExt;
 
 const MODEL: &str = "smollm2-135m";
 const GOLDEN: &str = include_str!("golden/smollm2-135m.json");
+/// Small enough to test refusal and waiting: about 1,450 tokens of KV cache.
+const KV_BUDGET_BYTES: u64 = 64 << 20;
 
 /// One engine for every test in this binary; it runs on its own threads.
 fn state() -> AppState {
@@ -31,12 +33,13 @@ fn state() -> AppState {
                     threads: 2,
                     store: ModelStore::new(ModelStore::default_dir()),
                     device: kernels::Device::Cpu,
+                    kv_cache_bytes: KV_BUDGET_BYTES,
                 };
                 let model = runtime
                     .block_on(LoadedModel::load_whole(&config, MODEL))
                     .expect("load the default model");
-                let (_engine, state) =
-                    ringlet_node::serve::start_engine(model).expect("start engine");
+                let (_engine, state) = ringlet_node::serve::start_engine(model, KV_BUDGET_BYTES)
+                    .expect("start engine");
                 state
             })
             .join()
@@ -307,7 +310,7 @@ async fn dropping_a_stream_cancels_its_generation() {
     let cancelled_before = stats.borrow().cancelled;
     let body = chat(
         user("Write a very long essay about the ocean."),
-        json!({ "max_tokens": 4000, "stream": true }),
+        json!({ "temperature": 0, "max_tokens": 1000, "stream": true }),
     );
     let request = Request::post("/v1/chat/completions")
         .body(Body::from(body.to_string()))
@@ -320,7 +323,11 @@ async fn dropping_a_stream_cancels_its_generation() {
     // Read until some content has arrived, then hang up.
     let mut seen = String::new();
     while !seen.contains("\"content\":\"") || seen.matches("data:").count() < 3 {
-        let frame = body.frame().await.expect("a frame").expect("frame");
+        let frame = tokio::time::timeout(Duration::from_secs(60), body.frame())
+            .await
+            .expect("a frame within 60 s")
+            .unwrap_or_else(|| panic!("the stream ended early: {seen}"))
+            .expect("frame");
         if let Some(data) = frame.data_ref() {
             seen.push_str(&String::from_utf8_lossy(data));
         }
@@ -459,4 +466,72 @@ async fn models_and_health() {
     let json: Value = serde_json::from_slice(&body).expect("json");
     assert_eq!(json["status"], "ok");
     assert_eq!(json["model"], MODEL);
+}
+
+#[tokio::test]
+async fn kv_cache_budget_refuses_what_cannot_fit_and_queues_what_can() {
+    // 3,000 tokens of KV cache can never fit 64 MiB: refused up front.
+    let (status, json) =
+        post_chat(chat(user("hi"), json!({ "max_tokens": 3000 })).to_string()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{json}");
+    assert_eq!(json["error"]["param"], "max_tokens");
+    assert!(
+        json["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("KV")),
+        "{json}"
+    );
+
+    // Two requests of 900 tokens each fit one at a time: the second waits
+    // for the first, and both complete.
+    let body = chat(
+        user("Say hello."),
+        json!({ "temperature": 0, "max_tokens": 900 }),
+    )
+    .to_string();
+    let both = futures_util::future::join(post_chat(body.clone()), post_chat(body)).await;
+    for (status, response) in [both.0, both.1] {
+        assert_eq!(status, StatusCode::OK, "{response}");
+        assert!(!content(&response).is_empty());
+    }
+    let stats = state().engine.stats().borrow().clone();
+    assert!(stats.kv_reserved_bytes <= KV_BUDGET_BYTES, "{stats:?}");
+}
+
+#[tokio::test]
+async fn a_stop_sequence_is_a_finish_not_a_cancellation() {
+    let stats = state().engine.stats();
+    let messages = user("Explain how a rainbow forms.");
+    let (_, free) = post_chat(
+        chat(
+            messages.clone(),
+            json!({ "temperature": 0, "max_tokens": 20 }),
+        )
+        .to_string(),
+    )
+    .await;
+    let stop = content(&free)
+        .split_whitespace()
+        .nth(3)
+        .expect("a fourth word")
+        .to_string();
+    let completed_before = stats.borrow().completed;
+    let (status, response) = post_chat(
+        chat(
+            messages,
+            json!({ "temperature": 0, "max_tokens": 20, "stop": stop }),
+        )
+        .to_string(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(response["choices"][0]["finish_reason"], "stop");
+    let mut stats = stats.clone();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        stats.wait_for(|s| s.completed > completed_before),
+    )
+    .await
+    .expect("counted as completed within 30 s")
+    .expect("engine alive");
 }

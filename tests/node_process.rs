@@ -5,7 +5,6 @@
 
 mod support;
 
-use std::process::Command;
 use std::time::Duration;
 
 use support::{Node, chat_body, request, sse_data, streamed_content};
@@ -19,15 +18,17 @@ async fn the_official_openai_python_client_works() {
     });
     let node = Node::start(&[]);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/openai_client.py");
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(python)
+    let output = tokio::time::timeout(
+        Duration::from_secs(300),
+        tokio::process::Command::new(python)
             .arg(script)
             .arg(node.url())
             .arg(support::MODEL)
-            .output()
-    })
+            .kill_on_drop(true)
+            .output(),
+    )
     .await
-    .expect("join")
+    .expect("the openai client finishes within 300 s")
     .expect("run python");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -150,12 +151,34 @@ async fn garbage_on_the_socket_does_not_hurt_the_node() {
 }
 
 #[tokio::test]
+async fn a_non_streaming_client_that_hangs_up_cancels_its_generation() {
+    let mut node = Node::start(&[]);
+    let body = chat_body("Write a very long essay about forests.", 1500, false);
+    let raw = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut stream = TcpStream::connect(node.addr).await.expect("connect");
+    stream.write_all(raw.as_bytes()).await.expect("send");
+    node.wait_for_log("generation started", Duration::from_secs(60));
+    drop(stream);
+    let line = node.wait_for_log("generation cancelled", Duration::from_secs(30));
+    assert!(line.contains("client went away"), "{line}");
+}
+
+#[tokio::test]
 async fn a_taken_port_is_a_clear_error() {
     let node = Node::start(&[]);
-    let output = Command::new(support::ringlet_binary())
-        .args(["serve", "--listen", &node.addr.to_string()])
-        .output()
-        .expect("run");
+    let output = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(support::ringlet_binary())
+            .args(["serve", "--listen", &node.addr.to_string()])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("exits within 60 s")
+    .expect("run");
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(

@@ -38,10 +38,6 @@ impl SequenceCache {
     pub(crate) fn layers_mut(&mut self) -> impl Iterator<Item = &mut LayerCache> {
         self.layers.iter_mut()
     }
-
-    pub(crate) fn allocated_bytes(&self) -> u64 {
-        self.layers.iter().map(LayerCache::allocated_bytes).sum()
-    }
 }
 
 /// Keys and values of one layer for one sequence.
@@ -54,13 +50,22 @@ pub(crate) struct LayerCache {
 
 impl LayerCache {
     /// Appends `k` and `v` (`[KV, n, d]`, contiguous) and returns views of
-    /// all cached keys and values, `[KV, len, d]`.
-    pub(crate) fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// all cached keys and values, `[KV, len, d]`. Buffers never grow past
+    /// `max_tokens` rows (the model's context).
+    pub(crate) fn append(
+        &mut self,
+        k: &Tensor,
+        v: &Tensor,
+        max_tokens: usize,
+    ) -> Result<(Tensor, Tensor)> {
         let (kv_heads, n, d) = k.dims3()?;
         let needed = self.len + n;
         let capacity = self.keys.as_ref().map_or(0, |t| t.dims()[1]);
         if needed > capacity {
-            let new_capacity = needed.next_power_of_two().max(INITIAL_CAPACITY_TOKENS);
+            let new_capacity = needed
+                .next_power_of_two()
+                .max(INITIAL_CAPACITY_TOKENS)
+                .min(max_tokens.max(needed));
             self.keys = Some(grow(
                 self.keys.take(),
                 self.len,
@@ -92,6 +97,7 @@ impl LayerCache {
         }
     }
 
+    #[cfg(test)]
     fn allocated_bytes(&self) -> u64 {
         [&self.keys, &self.values]
             .iter()
@@ -131,7 +137,7 @@ mod tests {
         for step in 0..100u32 {
             let k = Tensor::full(step as f32, (2, 1, 4), &dev)?;
             let v = Tensor::full(-(step as f32), (2, 1, 4), &dev)?;
-            let (keys, values) = cache.append(&k, &v)?;
+            let (keys, values) = cache.append(&k, &v, 1 << 20)?;
             all.push(step as f32);
             assert_eq!(keys.dims(), &[2, all.len(), 4]);
             let got: Vec<f32> = keys.get(1)?.get_on_dim(1, 0)?.to_vec1()?;
@@ -147,16 +153,29 @@ mod tests {
     }
 
     #[test]
+    fn growth_stops_at_the_context_length() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut cache = LayerCache::default();
+        let k = Tensor::zeros((1, 70, 2), DType::F32, &dev)?;
+        cache.append(&k, &k, 100)?; // 70 tokens would round up to 128 rows
+        assert_eq!(cache.buffers()?.2, 100);
+        let one = Tensor::zeros((1, 30, 2), DType::F32, &dev)?;
+        let (keys, _) = cache.append(&one, &one, 100)?;
+        assert_eq!(keys.dims(), &[1, 100, 2]);
+        Ok(())
+    }
+
+    #[test]
     fn multi_token_append() -> Result<()> {
         let dev = Device::Cpu;
         let mut cache = LayerCache::default();
         let k = Tensor::arange(0f32, 24.0, &dev)?.reshape((2, 3, 4))?;
-        let (keys, _) = cache.append(&k, &k)?;
+        let (keys, _) = cache.append(&k, &k, 1 << 20)?;
         assert_eq!(
             keys.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
             k.flatten_all()?.to_vec1::<f32>()?
         );
-        let (keys, _) = cache.append(&k, &k)?;
+        let (keys, _) = cache.append(&k, &k, 1 << 20)?;
         assert_eq!(keys.dims(), &[2, 6, 4]);
         Ok(())
     }

@@ -6,6 +6,7 @@
 //! model's tokenizer, chat template and sampler.
 //!
 //! This crate does no networking, spawns no tasks or threads of its own
+//! (its compute parallelism runs on rayon's global pool, as Candle's does)
 //! and reads no environment variables: the node decides all of that.
 
 pub mod chat_template;
@@ -28,3 +29,8 @@ pub use llama::{LlamaConfig, Shard, ShardInput, ShardOutput};
 pub use model_file::ModelFile;
 pub use sampler::{Sampler, SamplingParams};
 pub use tokenizer::Tokenizer;
+
+/// Lowercase hexadecimal of `bytes` (digests in logs, fingerprints, checks).
+pub fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

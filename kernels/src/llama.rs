@@ -147,11 +147,6 @@ impl LlamaConfig {
     pub fn kv_bytes_per_token_per_layer(&self) -> u64 {
         (2 * self.n_kv_heads * self.head_dim * DType::F32.size_in_bytes()) as u64
     }
-
-    /// Bytes of one token's hidden state as it travels between shards.
-    pub fn hidden_bytes_per_token(&self) -> u64 {
-        (self.hidden_size * DType::F32.size_in_bytes()) as u64
-    }
 }
 
 fn get_value<'a>(metadata: &'a HashMap<String, Value>, key: &str) -> Result<&'a Value> {
@@ -385,10 +380,6 @@ impl Shard {
         &self.config
     }
 
-    pub fn device(&self) -> &Device {
-        &self.device
-    }
-
     /// Bytes of weights this shard holds (each tensor counted once).
     pub fn weight_bytes(&self) -> u64 {
         self.weight_bytes
@@ -399,27 +390,9 @@ impl Shard {
         self.range.is_first()
     }
 
-    /// True for the shard that produces logits.
-    pub fn returns_logits(&self) -> bool {
-        self.head.is_some()
-    }
-
     /// Tokens cached so far for `sequence`, or `None` if it has no cache here.
     pub fn sequence_len(&self, sequence: SequenceId) -> Option<usize> {
         self.caches.get(&sequence).map(SequenceCache::len)
-    }
-
-    /// Number of sequences with a KV cache on this shard.
-    pub fn sequence_count(&self) -> usize {
-        self.caches.len()
-    }
-
-    /// Bytes currently allocated for KV caches on this shard.
-    pub fn kv_cache_bytes(&self) -> u64 {
-        self.caches
-            .values()
-            .map(SequenceCache::allocated_bytes)
-            .sum()
     }
 
     /// Drops the KV cache of `sequence`. Unknown sequences are ignored.
@@ -560,8 +533,10 @@ impl Shard {
             }
         }
         Ok(RopeTables {
-            cos: Tensor::from_vec(cos, (n, half), &self.device)?,
-            sin: Tensor::from_vec(sin, (n, half), &self.device)?,
+            cos: Tensor::from_slice(&cos, (n, half), &self.device)?,
+            sin: Tensor::from_slice(&sin, (n, half), &self.device)?,
+            cos_values: cos,
+            sin_values: sin,
         })
     }
 }
@@ -609,10 +584,14 @@ impl Block {
     }
 }
 
-/// RoPE cos/sin for the positions of one forward call, `[n, d/2]` each.
+/// RoPE cos/sin for the positions of one forward call, `[n, d/2]` each,
+/// as tensors (Candle's ops) and as plain values (the CPU ops), computed
+/// once per call rather than once per layer.
 struct RopeTables {
     cos: Tensor,
     sin: Tensor,
+    cos_values: Vec<f32>,
+    sin_values: Vec<f32>,
 }
 
 /// Attention with ggml's arithmetic (see `cpu_ops::attention`).
@@ -626,18 +605,16 @@ fn attention_cpu(
 ) -> Result<Tensor> {
     let n = q.dim(0)?;
     let (heads, kv_heads, d) = (config.n_heads, config.n_kv_heads, config.head_dim);
-    let cos = rope.cos.flatten_all()?.to_vec1::<f32>()?;
-    let sin = rope.sin.flatten_all()?.to_vec1::<f32>()?;
     let mut q = q.flatten_all()?.to_vec1::<f32>()?; // [n, H, d]
     let mut k = k.flatten_all()?.to_vec1::<f32>()?; // [n, KV, d]
-    crate::cpu_ops::rope_pairs(&mut q, heads, d, &cos, &sin);
-    crate::cpu_ops::rope_pairs(&mut k, kv_heads, d, &cos, &sin);
+    crate::cpu_ops::rope_pairs(&mut q, heads, d, &rope.cos_values, &rope.sin_values);
+    crate::cpu_ops::rope_pairs(&mut k, kv_heads, d, &rope.cos_values, &rope.sin_values);
     let device = Device::Cpu;
     let k = Tensor::from_vec(k, (n, kv_heads, d), &device)?
         .transpose(0, 1)?
         .contiguous()?; // [KV, n, d]
     let v = v.reshape((n, kv_heads, d))?.transpose(0, 1)?.contiguous()?; // [KV, n, d]
-    let (k_all, _) = cache.append(&k, &v)?;
+    let (k_all, _) = cache.append(&k, &v, config.context_length)?;
     let position = k_all.dim(1)? - n;
     let (keys, values, capacity) = cache.buffers()?;
     let shape = crate::cpu_ops::AttentionShape {
@@ -682,7 +659,7 @@ fn attention_candle(
     let q = candle_nn::rotary_emb::rope_i(&q, &rope.cos, &rope.sin)?; // [1, H, n, d]
     let k = candle_nn::rotary_emb::rope_i(&k, &rope.cos, &rope.sin)?.squeeze(0)?; // [KV, n, d]
 
-    let (k_all, v_all) = cache.append(&k, &v)?; // [KV, len, d] each
+    let (k_all, v_all) = cache.append(&k, &v, config.context_length)?; // [KV, len, d] each
     let len = k_all.dim(1)?;
 
     // Heads are ordered kv-major, so [H, n, d] = [KV, group, n, d].

@@ -63,7 +63,7 @@ impl Matrix {
             Self::Quant(w) => {
                 let m = x.dim(0)?;
                 let values = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                let out = w.matmul(&values, m);
+                let out = w.matmul(&values, m)?;
                 Ok(Tensor::from_vec(out, (m, w.rows()), x.device())?)
             }
             Self::Candle { matmul, .. } => Ok(matmul.forward(x)?),

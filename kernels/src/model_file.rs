@@ -3,13 +3,12 @@
 //! asks for it, so a node never touches the weights of layers it does not
 //! hold.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
+use candle_core::quantized::gguf_file::{Content, TensorInfo};
 use candle_core::quantized::{GgmlDType, QTensor};
 use sha2::{Digest, Sha256};
 
@@ -68,20 +67,12 @@ impl ModelFile {
         &self.config
     }
 
-    pub fn file_size(&self) -> u64 {
-        self.file_size
-    }
-
     /// `sha256:<hex>` over the file's header (metadata and tensor directory:
     /// names, types, shapes, offsets) and its length. Two files with the same
     /// fingerprint have the same architecture, tokenizer, quantization and
     /// layout; it is cheap to compute for files of any size.
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint
-    }
-
-    pub fn metadata(&self) -> &HashMap<String, Value> {
-        &self.content.metadata
     }
 
     /// The `general.name` of the model, when the file has one.
@@ -110,8 +101,22 @@ impl ModelFile {
     pub fn tensor_bytes(&self, name: &str) -> Result<u64> {
         let info = self.tensor_info(name)?;
         let dtype = info.ggml_dtype;
-        let blocks = info.shape.elem_count() / dtype.block_size();
-        Ok((blocks * dtype.type_size()) as u64)
+        // Dimensions come from the file: multiply without overflowing.
+        let elements = info
+            .shape
+            .dims()
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(d as u64));
+        elements
+            .map(|n| n / dtype.block_size() as u64)
+            .and_then(|blocks| blocks.checked_mul(dtype.type_size() as u64))
+            .ok_or_else(|| KernelError::NotGguf {
+                path: self.path.clone(),
+                reason: format!(
+                    "tensor `{name}` has an impossible size {:?}",
+                    info.shape.dims()
+                ),
+            })
     }
 
     /// Weight bytes of each transformer layer, in layer order.
@@ -224,6 +229,11 @@ impl ModelFile {
         for layer in 0..self.config.n_layers {
             names.extend(crate::llama::block_tensor_names(layer));
         }
+        for optional in [crate::llama::OUTPUT, crate::llama::ROPE_FREQS] {
+            if self.has_tensor(optional) {
+                names.push(optional.to_string());
+            }
+        }
         for name in &names {
             let info = self.tensor_info(name)?;
             let block = info.ggml_dtype.block_size();
@@ -236,7 +246,12 @@ impl ModelFile {
                     ),
                 });
             }
-            let end = self.content.tensor_data_offset + info.offset + self.tensor_bytes(name)?;
+            let end = self
+                .content
+                .tensor_data_offset
+                .checked_add(info.offset)
+                .and_then(|start| start.checked_add(self.tensor_bytes(name).ok()?))
+                .unwrap_or(u64::MAX);
             if end > self.file_size {
                 return Err(KernelError::NotGguf {
                     path: self.path.clone(),
@@ -305,7 +320,5 @@ fn fingerprint_header(
         hasher.update(&buf[..take]);
         remaining -= take as u64;
     }
-    let digest = hasher.finalize();
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    Ok(format!("sha256:{hex}"))
+    Ok(format!("sha256:{}", crate::to_hex(&hasher.finalize())))
 }

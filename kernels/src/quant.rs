@@ -114,11 +114,13 @@ impl QuantMatrix {
         cols: usize,
         data: Vec<u8>,
     ) -> Result<Self> {
-        let expected = rows * (cols / BLOCK_VALUES) * format.block_bytes();
-        if !cols.is_multiple_of(BLOCK_VALUES) || data.len() != expected {
+        let expected = rows
+            .checked_mul(cols / BLOCK_VALUES)
+            .and_then(|b| b.checked_mul(format.block_bytes()));
+        if !cols.is_multiple_of(BLOCK_VALUES) || expected != Some(data.len()) {
             return Err(KernelError::TensorShape {
                 name: name.to_string(),
-                expected: vec![rows, cols, expected],
+                expected: vec![rows, cols, expected.unwrap_or(usize::MAX)],
                 got: vec![rows, cols, data.len()],
             });
         }
@@ -156,8 +158,13 @@ impl QuantMatrix {
     }
 
     /// `x` is `[m, cols]` row-major; returns `x · selfᵀ`, `[m, rows]`.
-    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        debug_assert_eq!(x.len(), m * self.cols);
+    pub fn matmul(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        if x.len() != m * self.cols {
+            return Err(KernelError::HiddenShape {
+                got: vec![x.len()],
+                hidden_size: self.cols,
+            });
+        }
         let activation = self.format.activation();
         let a_row_bytes = self.cols / BLOCK_VALUES * activation.block_bytes();
         let mut xq = vec![0u8; m * a_row_bytes];
@@ -185,7 +192,7 @@ impl QuantMatrix {
                 }
             });
         if m == 1 {
-            return out_t;
+            return Ok(out_t);
         }
         let mut out = vec![0f32; m * self.rows];
         for (c, col) in out_t.chunks_exact(m).enumerate() {
@@ -193,7 +200,7 @@ impl QuantMatrix {
                 out[r * self.rows + c] = *v;
             }
         }
-        out
+        Ok(out)
     }
 
     fn dot(&self, w: &[u8], a: &[u8]) -> f32 {
@@ -260,8 +267,10 @@ fn quantize_activations(format: Activation, x: &[f32], out: &mut [u8]) {
         };
         let mut sum = 0i32;
         for (i, v) in values.iter().enumerate() {
-            // Saturating as ggml's pack instructions are; |v * id| <= 127 anyway.
-            let q = (v * id).round_ties_even().clamp(-128.0, 127.0) as i8;
+            // |v * id| <= 127 by construction; the clamp only makes it explicit.
+            // It matters: the AVX2 dot products take |w| · (y signed by w),
+            // which is exact for activations y in -127..=127 but not -128.
+            let q = (v * id).round_ties_even().clamp(-127.0, 127.0) as i8;
             block[qs_at + i] = q as u8;
             sum += q as i32;
         }
@@ -522,7 +531,7 @@ mod tests {
         let x: Vec<f32> = (0..3 * 128)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
             .collect();
-        let out = m.matmul(&x, 3);
+        let out = m.matmul(&x, 3).expect("matmul");
         for r in 0..3 {
             let mut a = vec![0u8; 4 * 36];
             quantize_activations(Activation::Q8_1, &x[r * 128..(r + 1) * 128], &mut a);

@@ -49,13 +49,13 @@ pub struct Tokenizer {
     eos: Option<u32>,
     add_bos: bool,
     stop_tokens: BTreeSet<u32>,
-    vocab_size: usize,
+    max_token_bytes: usize,
 }
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tokenizer")
-            .field("vocab_size", &self.vocab_size)
+            .field("max_token_bytes", &self.max_token_bytes)
             .field("bos", &self.bos)
             .field("eos", &self.eos)
             .finish()
@@ -99,7 +99,8 @@ impl Tokenizer {
                 .and_then(|v| v.to_bool().ok())
                 .unwrap_or(false),
             stop_tokens: BTreeSet::new(),
-            vocab_size: tokens.len(),
+            // Byte-level BPE writes one character per byte.
+            max_token_bytes: tokens.iter().map(|t| t.chars().count()).max().unwrap_or(1),
         };
         tokenizer.add_special_tokens(&tokens, &token_types);
         tokenizer.stop_tokens = tokenizer.end_of_generation_tokens(metadata, &tokens, &token_types);
@@ -165,8 +166,9 @@ impl Tokenizer {
         &self.stop_tokens
     }
 
-    pub fn vocab_size(&self) -> usize {
-        self.vocab_size
+    /// Bytes of text in the longest token.
+    pub fn max_token_bytes(&self) -> usize {
+        self.max_token_bytes
     }
 
     pub fn bos_text(&self) -> String {

@@ -92,10 +92,7 @@ fn greedy_decoding_matches_llama_cpp() {
 
 fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    kernels::to_hex(&Sha256::digest(bytes))
 }
 
 #[test]

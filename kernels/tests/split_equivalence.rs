@@ -58,6 +58,72 @@ fn every_split_gives_bitwise_identical_logits() {
     }
 }
 
+/// Several sequences in flight on one shard, their steps interleaved, give
+/// each the same logits as running it alone.
+#[test]
+fn interleaved_sequences_match_separate_runs() {
+    let model = common::open_default_model();
+    let tokenizer = model.tokenizer().expect("tokenizer");
+    let prompts: Vec<Vec<u32>> = [
+        "Name a colour.",
+        "Write a haiku about snow.",
+        "What is 2 + 2?",
+    ]
+    .iter()
+    .map(|p| {
+        tokenizer
+            .encode(&format!(
+                "<|im_start|>user\n{p}<|im_end|>\n<|im_start|>assistant\n"
+            ))
+            .expect("encode")
+    })
+    .collect();
+    let n_layers = model.config().n_layers;
+    let alone: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            common::Chain::load(&model, &[LayerRange::new(0, n_layers)]).greedy(
+                SequenceId(1),
+                p,
+                DECODE_STEPS,
+            )
+        })
+        .collect();
+
+    let mut chain = common::Chain::load(&model, &LayerRange::split_even(n_layers, 2));
+    let mut next: Vec<u32> = Vec::new();
+    let mut logits: Vec<Vec<Vec<f32>>> = vec![Vec::new(); prompts.len()];
+    for (i, prompt) in prompts.iter().enumerate() {
+        let l: Vec<f32> = chain
+            .forward(SequenceId(i as u64), 0, prompt)
+            .to_vec1()
+            .expect("logits");
+        next.push(common::argmax(&l));
+        logits[i].push(l);
+    }
+    for step in 1..DECODE_STEPS {
+        for (i, prompt) in prompts.iter().enumerate() {
+            let l: Vec<f32> = chain
+                .forward(SequenceId(i as u64), prompt.len() + step - 1, &[next[i]])
+                .to_vec1()
+                .expect("logits");
+            next[i] = common::argmax(&l);
+            logits[i].push(l);
+        }
+    }
+    for (i, (tokens, reference)) in alone.iter().enumerate() {
+        let same = logits[i]
+            .iter()
+            .flatten()
+            .zip(reference.iter().flatten())
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(
+            same,
+            "sequence {i}: interleaved logits differ from its run alone (tokens {tokens:?})"
+        );
+    }
+}
+
 #[test]
 fn shards_hold_only_their_layers() {
     let model = common::open_default_model();

@@ -13,9 +13,9 @@ use serde::{Deserialize, Serialize};
 use tokio::process::Command;
 
 use crate::cli::{BenchArgs, RuntimeConfig};
-use crate::engine::{Engine, EngineHandle, GenerationEvent, GenerationRequest};
+use crate::engine::{Engine, EngineHandle, GenerationEvent, GenerationRequest, decode_rate};
+use crate::limits::DEFAULT_KV_CACHE_BYTES;
 use crate::loaded_model::LoadedModel;
-use crate::model_store::ModelStore;
 
 const LLAMA_CPP_ROUND: &str = include_str!("../bench/llama_cpp_round.py");
 
@@ -61,14 +61,13 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     if args.rounds == 0 || args.prompt_tokens == 0 || args.decode_tokens == 0 || args.threads == 0 {
         bail!("--rounds, --prompt-tokens, --decode-tokens and --threads must all be at least 1");
     }
+    // The comparison is on the CPU with the given threads, whatever the
+    // node's own defaults are.
     let runtime = RuntimeConfig {
         threads: args.threads,
-        store: ModelStore::new(
-            args.models_dir
-                .clone()
-                .unwrap_or_else(ModelStore::default_dir),
-        ),
+        store: args.cache.store(),
         device: Device::Cpu,
+        kv_cache_bytes: DEFAULT_KV_CACHE_BYTES,
     };
     let model = LoadedModel::load_whole(&runtime, &args.model).await?;
     let context_length = model.file.config().context_length;
@@ -77,11 +76,12 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             "--prompt-tokens plus --decode-tokens must fit the model's context of {context_length} tokens"
         );
     }
-    let prompt = bench_prompt(&model.tokenizer, args.prompt_tokens)?;
+    let prompt = bench_prompt(model.prompt.tokenizer(), args.prompt_tokens)?;
     let model_path = model.file.path().to_path_buf();
     let weight_bytes = model.shard.weight_bytes();
     let llama_cpp = LlamaCpp::find(&args.llama_cpp, &model_path, args.threads, &prompt).await;
-    let engine = Engine::start_local(model.shard, model.tokenizer.stop_tokens().clone())?;
+    let stop_tokens = model.prompt.tokenizer().stop_tokens().clone();
+    let engine = Engine::start_local(model.shard, stop_tokens, runtime.kv_cache_bytes)?;
 
     eprintln!(
         "ringlet bench: {} with {} threads, {}-token prompt, {} decode tokens, {} rounds",
@@ -157,7 +157,7 @@ async fn measure_ringlet(
     decode_tokens: usize,
 ) -> anyhow::Result<Round> {
     let started = Instant::now();
-    let mut events = engine.submit(GenerationRequest {
+    let mut generation = engine.submit(GenerationRequest {
         id: SequenceId(rand::random()),
         prompt: prompt.to_vec(),
         max_tokens: decode_tokens + 1,
@@ -165,7 +165,7 @@ async fn measure_ringlet(
         ignore_eos: true,
     })?;
     let mut stamps = Vec::with_capacity(decode_tokens + 1);
-    while let Some(event) = events.recv().await {
+    while let Some(event) = generation.events.recv().await {
         match event {
             GenerationEvent::Token(_) => stamps.push(Instant::now()),
             GenerationEvent::Finished { .. } => break,
@@ -180,11 +180,7 @@ async fn measure_ringlet(
     Ok(Round {
         ttft_s: ttft,
         prefill_tok_s: prompt.len() as f64 / ttft,
-        decode_tok_s: if decode_seconds > 0.0 {
-            (stamps.len() - 1) as f64 / decode_seconds
-        } else {
-            0.0
-        },
+        decode_tok_s: decode_rate(stamps.len(), decode_seconds),
         generated: stamps.len(),
         peak_rss_bytes: 0,
     })

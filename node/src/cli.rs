@@ -9,6 +9,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use kernels::Device;
 
+use crate::limits::DEFAULT_KV_CACHE_BYTES;
 use crate::model_store::{DEFAULT_MODEL, ModelStore};
 
 const ABOUT: &str = "Run a large language model across the machines you already own.";
@@ -78,15 +79,37 @@ pub struct RuntimeArgs {
     #[arg(long, env = "RINGLET_THREADS", value_parser = parse_threads)]
     pub threads: Option<usize>,
 
-    /// Where catalogue models are cached [default: $RINGLET_HOME/models,
-    /// else $XDG_CACHE_HOME/ringlet/models, else ~/.cache/ringlet/models]
-    #[arg(long, env = "RINGLET_MODELS_DIR", value_name = "DIR")]
-    pub models_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub cache: CacheArgs,
 
     /// Compute device: cpu, cuda, cuda:N or metal (CUDA and Metal need a
     /// build with `--features cuda` or `--features metal`)
     #[arg(long, env = "RINGLET_DEVICE", default_value = "cpu")]
     pub device: String,
+
+    /// Memory for the KV caches of requests in flight, e.g. 512MiB or 4GiB;
+    /// requests wait for room beyond it [default: 2GiB]
+    #[arg(long, env = "RINGLET_KV_CACHE", value_name = "SIZE", value_parser = parse_size)]
+    pub kv_cache: Option<u64>,
+}
+
+/// Where catalogue models live.
+#[derive(Debug, Clone, Args)]
+pub struct CacheArgs {
+    /// Where catalogue models are cached [default: $RINGLET_HOME/models,
+    /// else $XDG_CACHE_HOME/ringlet/models, else ~/.cache/ringlet/models]
+    #[arg(long, env = "RINGLET_MODELS_DIR", value_name = "DIR")]
+    pub models_dir: Option<PathBuf>,
+}
+
+impl CacheArgs {
+    pub fn store(&self) -> ModelStore {
+        ModelStore::new(
+            self.models_dir
+                .clone()
+                .unwrap_or_else(ModelStore::default_dir),
+        )
+    }
 }
 
 /// [`RuntimeArgs`] with every default resolved and checked.
@@ -95,20 +118,52 @@ pub struct RuntimeConfig {
     pub threads: usize,
     pub store: ModelStore,
     pub device: Device,
+    pub kv_cache_bytes: u64,
 }
 
 impl RuntimeArgs {
     pub fn resolve(&self) -> anyhow::Result<RuntimeConfig> {
         Ok(RuntimeConfig {
             threads: self.threads.unwrap_or_else(default_threads),
-            store: ModelStore::new(
-                self.models_dir
-                    .clone()
-                    .unwrap_or_else(ModelStore::default_dir),
-            ),
+            store: self.cache.store(),
             device: parse_device(&self.device)?,
+            kv_cache_bytes: self.kv_cache.unwrap_or(DEFAULT_KV_CACHE_BYTES),
         })
     }
+}
+
+/// A size in bytes: `4096`, `40MiB`, `2GiB`, `1.5G` (binary), `40MB`
+/// (decimal). Case does not matter.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let lower = text.trim().to_ascii_lowercase();
+    let split = lower
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(lower.len());
+    let (number, unit) = lower.split_at(split);
+    let scale: u64 = match unit.trim() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        _ => {
+            return Err(format!(
+                "`{text}` has an unknown unit; use bytes or KiB, MiB, GiB, TiB (or KB, MB, GB, TB)"
+            ));
+        }
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size like 512MiB or 2GiB"))?;
+    let bytes = value * scale as f64;
+    if !(bytes.is_finite() && bytes >= 1.0 && bytes < u64::MAX as f64) {
+        return Err(format!("`{text}` is not a usable size"));
+    }
+    Ok(bytes as u64)
 }
 
 fn parse_threads(text: &str) -> Result<usize, String> {
@@ -223,16 +278,14 @@ pub struct PullArgs {
     #[arg(default_value = DEFAULT_MODEL)]
     pub model: String,
 
-    /// Where catalogue models are cached
-    #[arg(long, env = "RINGLET_MODELS_DIR", value_name = "DIR")]
-    pub models_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub cache: CacheArgs,
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct ModelsArgs {
-    /// Where catalogue models are cached
-    #[arg(long, env = "RINGLET_MODELS_DIR", value_name = "DIR")]
-    pub models_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub cache: CacheArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -265,9 +318,8 @@ pub struct BenchArgs {
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
 
-    /// Where catalogue models are cached
-    #[arg(long, env = "RINGLET_MODELS_DIR", value_name = "DIR")]
-    pub models_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub cache: CacheArgs,
 }
 
 #[cfg(test)]
@@ -289,6 +341,28 @@ mod tests {
                 assert_eq!(args.listen_addr().expect("addr").port(), 52415);
             }
             other => panic!("expected serve, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        let cases: &[(&str, Option<u64>)] = &[
+            ("4096", Some(4096)),
+            ("40MiB", Some(40 << 20)),
+            ("40mib", Some(40 << 20)),
+            ("2GiB", Some(2 << 30)),
+            ("1.5G", Some(3 << 29)),
+            ("40MB", Some(40_000_000)),
+            (" 512 K ", Some(512 << 10)),
+            ("", None),
+            ("MiB", None),
+            ("12 parsecs", None),
+            ("-3GiB", None),
+            ("0", None),
+            ("1e400", None),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(parse_size(text).ok(), *expected, "{text:?}");
         }
     }
 

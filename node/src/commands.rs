@@ -3,7 +3,7 @@
 use anyhow::Context;
 
 use crate::cli::{Command, ModelsArgs, PullArgs};
-use crate::model_store::{CATALOGUE, ModelStore, catalogue_entry};
+use crate::model_store::{CATALOGUE, catalogue_entry};
 
 pub async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
@@ -15,12 +15,8 @@ pub async fn dispatch(command: Command) -> anyhow::Result<()> {
     }
 }
 
-fn store(models_dir: Option<std::path::PathBuf>) -> ModelStore {
-    ModelStore::new(models_dir.unwrap_or_else(ModelStore::default_dir))
-}
-
 async fn pull(args: PullArgs) -> anyhow::Result<()> {
-    let store = store(args.models_dir);
+    let store = args.cache.store();
     let entry = catalogue_entry(&args.model).with_context(|| {
         let known: Vec<&str> = CATALOGUE.iter().map(|e| e.name).collect();
         format!(
@@ -43,7 +39,7 @@ async fn pull(args: PullArgs) -> anyhow::Result<()> {
 }
 
 fn models(args: ModelsArgs) -> anyhow::Result<()> {
-    let store = store(args.models_dir);
+    let store = args.cache.store();
     println!("model cache: {}", store.dir().display());
     println!("{:<16} {:>9}  {:<10} description", "name", "size", "status");
     for entry in CATALOGUE {

@@ -10,6 +10,14 @@ pub mod engine;
 pub mod limits;
 pub mod loaded_model;
 pub mod model_store;
+pub mod prompt;
 pub mod run;
 pub mod serve;
 pub mod text;
+
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

@@ -23,6 +23,12 @@ pub const ENGINE_QUEUE_LEN: usize = 64;
 /// 46 KiB per token per sequence (30 layers × 2 × 3 heads × 64 × 4 bytes).
 pub const MAX_ACTIVE_SEQUENCES: usize = 16;
 
+/// Default KV-cache budget of a node's engine (`--kv-cache`). Requests
+/// reserve KV cache for their prompt plus `max_tokens` when admitted and
+/// wait for room beyond this; one that could never fit is refused. 2 GiB
+/// holds about 46,000 tokens of the default model (46 KiB per token).
+pub const DEFAULT_KV_CACHE_BYTES: u64 = 2 << 30;
+
 /// Prompt tokens fed to the model per engine step. A long prompt is fed in
 /// chunks so that streams already decoding keep moving. 512 is llama.cpp's
 /// default micro-batch: with the same chunk boundaries ringlet's output

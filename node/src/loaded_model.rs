@@ -5,17 +5,17 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use kernels::{ChatTemplate, LayerRange, ModelFile, Shard, Tokenizer};
+use kernels::{LayerRange, ModelFile, Shard};
 
 use crate::cli::RuntimeConfig;
+use crate::prompt::PromptBuilder;
 
 /// A model file opened and its shard loaded.
 pub struct LoadedModel {
     /// The id API clients use.
     pub name: String,
     pub file: ModelFile,
-    pub tokenizer: Arc<Tokenizer>,
-    pub template: ChatTemplate,
+    pub prompt: PromptBuilder,
     pub shard: Shard,
 }
 
@@ -30,10 +30,12 @@ impl LoadedModel {
             let file = ModelFile::open(&resolved.path)?;
             let tokenizer = Arc::new(file.tokenizer()?);
             let template = file.chat_template(&tokenizer)?;
+            let prompt = PromptBuilder::new(tokenizer, template, file.config().context_length);
             let range = LayerRange::new(0, file.config().n_layers);
             let shard = file.load_shard(range, &device)?;
             tracing::info!(
                 model = %name,
+                title = file.display_name().unwrap_or("unnamed"),
                 layers = %range,
                 weight_mib = format!("{:.1}", shard.weight_bytes() as f64 / (1 << 20) as f64),
                 device = ?device,
@@ -43,8 +45,7 @@ impl LoadedModel {
             Ok::<_, anyhow::Error>(Self {
                 name,
                 file,
-                tokenizer,
-                template,
+                prompt,
                 shard,
             })
         })

@@ -3,8 +3,10 @@
 //! A model is named either by a catalogue name (`smollm2-135m`) or by the
 //! path of a GGUF file. Catalogue models live in the model cache
 //! (`$RINGLET_HOME/models`, else `$XDG_CACHE_HOME/ringlet/models`, else
-//! `~/.cache/ringlet/models`) and are fetched into it when missing, with
-//! their size and SHA-256 checked before they are used.
+//! `~/.cache/ringlet/models`) and are fetched into it when missing: the
+//! download's size and SHA-256 are checked before it is moved into place,
+//! and every later start checks the size (hashing a large model at each
+//! start would cost minutes).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -352,12 +354,7 @@ pub fn sha256_file(path: &Path) -> std::io::Result<(u64, String)> {
         hasher.update(&buf[..n]);
         total += n as u64;
     }
-    let hex = hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    Ok((total, hex))
+    Ok((total, kernels::to_hex(&hasher.finalize())))
 }
 
 #[cfg(test)]

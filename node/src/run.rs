@@ -8,7 +8,7 @@ use kernels::{ChatMessage, SamplingParams, SequenceId};
 use rand::Rng;
 
 use crate::cli::RunArgs;
-use crate::engine::{Engine, GenerationRequest};
+use crate::engine::{Engine, GenerationRequest, decode_rate};
 use crate::loaded_model::LoadedModel;
 use crate::text::{TextEvent, TextStream};
 
@@ -40,27 +40,23 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         messages.push(ChatMessage::new("system", system.clone()));
     }
     messages.push(ChatMessage::new("user", prompt));
-    let text = model.template.render(&messages, true)?;
-    let prompt_ids = model.tokenizer.encode(&text)?;
-    let context_length = model.file.config().context_length;
-    if prompt_ids.len() >= context_length {
-        bail!(
-            "the prompt is {} tokens; this model's context holds {context_length}",
-            prompt_ids.len()
-        );
-    }
-    let tokenizer = model.tokenizer.clone();
-    let engine = Engine::start_local(model.shard, tokenizer.stop_tokens().clone())?;
+    let prompt_ids = model.prompt.tokens(&messages)?;
+    let tokenizer = model.prompt.tokenizer().clone();
+    let engine = Engine::start_local(
+        model.shard,
+        tokenizer.stop_tokens().clone(),
+        runtime.kv_cache_bytes,
+    )?;
 
     let started = Instant::now();
-    let events = engine.handle.submit(GenerationRequest {
+    let generation = engine.handle.submit(GenerationRequest {
         id: SequenceId(rand::rng().random()),
         prompt: prompt_ids.clone(),
         max_tokens: args.max_tokens,
         sampling,
         ignore_eos: false,
     })?;
-    let mut stream = TextStream::new(events, tokenizer, Vec::new(), prompt_ids.len());
+    let mut stream = TextStream::new(generation, tokenizer, Vec::new(), prompt_ids.len());
     let mut stdout = std::io::stdout().lock();
     let mut first_token_at = None;
     loop {
@@ -79,12 +75,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }) => {
                 writeln!(stdout).context("cannot write to stdout")?;
                 let first = first_token_at.unwrap_or_else(Instant::now);
-                let decode_seconds = first.elapsed().as_secs_f64();
-                let rate = if decode_seconds > 0.0 {
-                    completion_tokens.saturating_sub(1) as f64 / decode_seconds
-                } else {
-                    0.0
-                };
+                let rate = decode_rate(completion_tokens, first.elapsed().as_secs_f64());
                 eprintln!(
                     "[{completion_tokens} tokens, first after {} ms, {rate:.1} tok/s, finished: {reason:?}]",
                     (first - started).as_millis()

@@ -6,9 +6,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use kernels::Tokenizer;
-use tokio::sync::mpsc;
 
-use crate::engine::{FinishReason, GenerationEvent};
+use crate::engine::{FinishReason, Generation, GenerationEvent};
 
 /// Turns tokens into text pieces as soon as they are complete characters.
 ///
@@ -147,7 +146,7 @@ pub enum TextEvent {
 /// Dropping it cancels the generation.
 #[derive(Debug)]
 pub struct TextStream {
-    events: mpsc::Receiver<GenerationEvent>,
+    generation: Generation,
     decoder: TextDecoder,
     stops: StopMatcher,
     prompt_tokens: usize,
@@ -158,13 +157,13 @@ pub struct TextStream {
 
 impl TextStream {
     pub fn new(
-        events: mpsc::Receiver<GenerationEvent>,
+        generation: Generation,
         tokenizer: Arc<Tokenizer>,
         stops: Vec<String>,
         prompt_tokens: usize,
     ) -> Self {
         Self {
-            events,
+            generation,
             decoder: TextDecoder::new(tokenizer),
             stops: StopMatcher::new(stops),
             prompt_tokens,
@@ -183,7 +182,7 @@ impl TextStream {
             if self.done {
                 return None;
             }
-            match self.events.recv().await {
+            match self.generation.events.recv().await {
                 Some(GenerationEvent::Token(token)) => self.on_token(token),
                 Some(GenerationEvent::Finished {
                     reason,
@@ -221,7 +220,7 @@ impl TextStream {
             Ok(None) => return,
             Err(error) => {
                 self.done = true;
-                self.events.close();
+                self.generation.events.close();
                 self.out.push_back(TextEvent::Failed(format!(
                     "cannot decode token {token}: {error}"
                 )));
@@ -232,8 +231,7 @@ impl TextStream {
             StopOutcome::Emit(text) if text.is_empty() => {}
             StopOutcome::Emit(text) => self.out.push_back(TextEvent::Delta(text)),
             StopOutcome::Stopped(text) => {
-                // Closing the channel tells the engine to stop this sequence.
-                self.events.close();
+                self.generation.stop();
                 let (prompt, completion) = (self.prompt_tokens, self.completion_tokens);
                 self.finish(text, FinishReason::Stop, prompt, completion);
             }

@@ -464,8 +464,9 @@ mod tests {
 
     #[test]
     fn placements() {
-        // (budgets in MiB, expected (node, start, end) triples)
-        let cases: &[(&[u64], &[(u64, u32, u32)])] = &[
+        // (budgets in MiB, expected (node, start, end) of each stage)
+        type Case<'a> = (&'a [u64], &'a [(u64, u32, u32)]);
+        let cases: &[Case] = &[
             (&[200], &[(1, 0, 30)]),
             // Equal budgets, equal bytes: the ends hold the 28.7 MiB embedding
             // and head, so they get fewer layers (about 39 MiB each).

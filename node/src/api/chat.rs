@@ -1,7 +1,8 @@
 //! `POST /v1/chat/completions`, streaming (SSE) and not.
 
 use std::convert::Infallible;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::body::Bytes;
@@ -18,12 +19,13 @@ use super::AppState;
 use super::error::ApiError;
 use super::openai::{
     AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
-    ChunkChoice, Delta, MessageContent, Usage,
+    ChunkChoice, Delta, MessageContent, RequestMessage, StopField, Usage,
 };
 use crate::engine::{FinishReason, GenerationRequest, SubmitError};
 use crate::limits::{
     MAX_MESSAGES, MAX_STOP_SEQUENCE_BYTES, MAX_STOP_SEQUENCES, SSE_KEEP_ALIVE_SECS,
 };
+use crate::prompt::PromptError;
 use crate::text::{TextEvent, TextStream};
 
 /// A request that passed validation, ready for the engine.
@@ -49,31 +51,33 @@ pub async fn chat_completions(
         ))
     })?;
     let request: ChatCompletionRequest = parse_json(&body)?;
-    let prepared = prepare(&state, request)?;
+    let prepared = prepare(&state, request).await?;
 
     let id = SequenceId(rand::rng().random());
-    let events = state
+    let prompt_tokens = prepared.prompt.len();
+    let generation = state
         .engine
         .submit(GenerationRequest {
             id,
-            prompt: prepared.prompt.clone(),
+            prompt: prepared.prompt,
             max_tokens: prepared.max_tokens,
-            sampling: prepared.sampling.clone(),
+            sampling: prepared.sampling,
             ignore_eos: false,
         })
         .map_err(|e| match e {
-            SubmitError::Busy { .. } => ApiError::busy(e.to_string()),
+            SubmitError::Busy => ApiError::busy(e.to_string()),
+            SubmitError::TooLarge { .. } => ApiError::invalid_param("max_tokens", e.to_string()),
             SubmitError::Stopped => ApiError::internal(e.to_string()),
         })?;
     let text = TextStream::new(
-        events,
-        state.model.tokenizer.clone(),
+        generation,
+        state.model.prompt.tokenizer().clone(),
         prepared.stops,
-        prepared.prompt.len(),
+        prompt_tokens,
     );
     let response = ResponseMeta {
         id: format!("chatcmpl-{id}"),
-        created: unix_seconds(),
+        created: crate::unix_seconds(),
         model: state.model.name.clone(),
         system_fingerprint: state.model.system_fingerprint.clone(),
     };
@@ -114,7 +118,7 @@ pub(crate) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
 }
 
 /// Checks every field and turns the conversation into prompt tokens.
-pub(crate) fn prepare(
+pub(crate) async fn prepare(
     state: &AppState,
     request: ChatCompletionRequest,
 ) -> Result<PreparedChat, ApiError> {
@@ -123,21 +127,6 @@ pub(crate) fn prepare(
         return Err(ApiError::model_not_found(
             &request.model,
             std::slice::from_ref(&model.name),
-        ));
-    }
-    if request.messages.is_empty() {
-        return Err(ApiError::invalid_param(
-            "messages",
-            "`messages` must contain at least one message.",
-        ));
-    }
-    if request.messages.len() > MAX_MESSAGES {
-        return Err(ApiError::invalid_param(
-            "messages",
-            format!(
-                "`messages` has {} messages; at most {MAX_MESSAGES} are accepted.",
-                request.messages.len()
-            ),
         ));
     }
     if let Some(n) = request.n.filter(|&n| n != 1) {
@@ -157,7 +146,41 @@ pub(crate) fn prepare(
             format!("`{param}` must be at least 1."),
         ));
     }
+    let sampling = sampling_params(&request)?;
+    let stops = stop_sequences(request.stop)?;
+    let stream = request.stream.unwrap_or(false);
+    let include_usage = request
+        .stream_options
+        .and_then(|o| o.include_usage)
+        .unwrap_or(false);
+    let messages = chat_messages(request.messages)?;
 
+    let model = Arc::clone(model);
+    let prompt = tokio::task::spawn_blocking(move || model.prompt.tokens(&messages))
+        .await
+        .map_err(|e| ApiError::internal(format!("The prompt task failed: {e}")))?
+        .map_err(|e| match e {
+            PromptError::TooLong { .. } => ApiError::context_length_exceeded(e.to_string()),
+            PromptError::Template(_) => ApiError::invalid_param("messages", e.to_string()),
+            PromptError::Tokenize(_) => ApiError::internal(e.to_string()),
+        })?;
+    let max_tokens = completion_budget(
+        requested_max,
+        prompt.len(),
+        state.model.prompt.context_length(),
+    )?;
+    Ok(PreparedChat {
+        prompt,
+        max_tokens,
+        sampling,
+        stops,
+        stream,
+        include_usage,
+    })
+}
+
+/// OpenAI's sampling defaults (temperature 1, top_p 1), checked.
+fn sampling_params(request: &ChatCompletionRequest) -> Result<SamplingParams, ApiError> {
     let sampling = SamplingParams {
         temperature: request.temperature.unwrap_or(1.0),
         top_p: request.top_p.unwrap_or(1.0),
@@ -169,19 +192,22 @@ pub(crate) fn prepare(
             .seed
             .map_or_else(|| rand::rng().random(), |s| s as u64),
     };
-    if let Err(kernels::KernelError::BadSampling {
-        name,
-        value,
-        allowed,
-    }) = sampling.validate()
-    {
-        return Err(ApiError::invalid_param(
+    match sampling.validate() {
+        Ok(()) => Ok(sampling),
+        Err(kernels::KernelError::BadSampling {
+            name,
+            value,
+            allowed,
+        }) => Err(ApiError::invalid_param(
             name,
             format!("`{name}` must be {allowed}, got {value}."),
-        ));
+        )),
+        Err(other) => Err(ApiError::invalid_request(other.to_string())),
     }
+}
 
-    let stops = request.stop.map(|s| s.into_vec()).unwrap_or_default();
+fn stop_sequences(stop: Option<StopField>) -> Result<Vec<String>, ApiError> {
+    let stops = stop.map(StopField::into_vec).unwrap_or_default();
     if stops.len() > MAX_STOP_SEQUENCES {
         return Err(ApiError::invalid_param(
             "stop",
@@ -197,76 +223,67 @@ pub(crate) fn prepare(
             format!("Each stop sequence must be at most {MAX_STOP_SEQUENCE_BYTES} bytes."),
         ));
     }
+    Ok(stops)
+}
 
-    let mut messages = Vec::with_capacity(request.messages.len());
-    for (i, message) in request.messages.into_iter().enumerate() {
-        let content = match message.content {
-            None => String::new(),
-            Some(MessageContent::Text(text)) => text,
-            Some(MessageContent::Parts(parts)) => {
-                let mut text = String::new();
-                for part in parts {
-                    match (part.kind.as_str(), part.text) {
-                        ("text", Some(t)) => text.push_str(&t),
-                        (kind, _) => {
-                            return Err(ApiError::invalid_param(
-                                &format!("messages[{i}].content"),
-                                format!(
-                                    "Content parts of type `{kind}` are not supported; send text."
-                                ),
-                            ));
-                        }
-                    }
-                }
-                text
-            }
-        };
-        messages.push(ChatMessage::new(message.role.template_name(), content));
-    }
-    let rendered = model.template.render(&messages, true).map_err(|e| {
-        ApiError::invalid_param(
+/// Request messages as chat-template messages: text content only.
+fn chat_messages(messages: Vec<RequestMessage>) -> Result<Vec<ChatMessage>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid_param(
             "messages",
-            format!("The model's chat template rejected these messages: {e}"),
-        )
-    })?;
-    let prompt = model
-        .tokenizer
-        .encode(&rendered)
-        .map_err(|e| ApiError::internal(format!("Cannot tokenize the prompt: {e}")))?;
+            "`messages` must contain at least one message.",
+        ));
+    }
+    if messages.len() > MAX_MESSAGES {
+        return Err(ApiError::invalid_param(
+            "messages",
+            format!(
+                "`messages` has {} messages; at most {MAX_MESSAGES} are accepted.",
+                messages.len()
+            ),
+        ));
+    }
+    messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, message)| {
+            let content = match message.content {
+                None => String::new(),
+                Some(MessageContent::Text(text)) => text,
+                Some(MessageContent::Parts(parts)) => parts
+                    .into_iter()
+                    .map(|part| match (part.kind.as_str(), part.text) {
+                        ("text", Some(text)) => Ok(text),
+                        (kind, _) => Err(ApiError::invalid_param(
+                            &format!("messages[{i}].content"),
+                            format!("Content parts of type `{kind}` are not supported; send text."),
+                        )),
+                    })
+                    .collect::<Result<String, ApiError>>()?,
+            };
+            Ok(ChatMessage::new(message.role.template_name(), content))
+        })
+        .collect()
+}
 
-    let context = model.context_length;
-    if prompt.len() >= context {
+/// Tokens to generate: what was asked if it fits the context, else all the
+/// context has left when nothing was asked.
+fn completion_budget(
+    requested: Option<(&str, u64)>,
+    prompt_tokens: usize,
+    context: usize,
+) -> Result<usize, ApiError> {
+    let Some((_, n)) = requested else {
+        return Ok(context - prompt_tokens);
+    };
+    let n = usize::try_from(n).unwrap_or(usize::MAX);
+    let total = prompt_tokens.saturating_add(n);
+    if total > context {
         return Err(ApiError::context_length_exceeded(format!(
-            "This model's maximum context length is {context} tokens. However, your messages resulted in {} tokens. Please reduce the length of the messages.",
-            prompt.len()
+            "This model's maximum context length is {context} tokens. However, you requested {total} tokens ({prompt_tokens} in the messages, {n} in the completion). Please reduce the length of the messages or completion."
         )));
     }
-    let max_tokens = match requested_max {
-        Some((_, n)) => {
-            let n = usize::try_from(n).unwrap_or(usize::MAX);
-            if prompt.len().saturating_add(n) > context {
-                return Err(ApiError::context_length_exceeded(format!(
-                    "This model's maximum context length is {context} tokens. However, you requested {} tokens ({} in the messages, {n} in the completion). Please reduce the length of the messages or completion.",
-                    prompt.len().saturating_add(n),
-                    prompt.len()
-                )));
-            }
-            n
-        }
-        None => context - prompt.len(),
-    };
-
-    Ok(PreparedChat {
-        prompt,
-        max_tokens,
-        sampling,
-        stops,
-        stream: request.stream.unwrap_or(false),
-        include_usage: request
-            .stream_options
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false),
-    })
+    Ok(n)
 }
 
 /// The fields every response and chunk of one completion share.
@@ -422,10 +439,4 @@ fn chunk_event(
     };
     let json = serde_json::to_string(&meta.chunk(vec![choice], usage)).unwrap_or_default();
     Event::default().data(json)
-}
-
-fn unix_seconds() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }

@@ -9,15 +9,15 @@ pub mod openai;
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::Uri;
+use axum::http::{StatusCode, Uri};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use kernels::{ChatTemplate, Tokenizer};
 use serde_json::json;
 use tower_http::trace::TraceLayer;
 
 use crate::engine::EngineHandle;
 use crate::limits::MAX_REQUEST_BODY_BYTES;
+use crate::prompt::PromptBuilder;
 pub use error::ApiError;
 use openai::{ModelCard, ModelList};
 
@@ -26,9 +26,7 @@ use openai::{ModelCard, ModelList};
 pub struct ServedModel {
     /// The id clients pass as `model`.
     pub name: String,
-    pub tokenizer: Arc<Tokenizer>,
-    pub template: ChatTemplate,
-    pub context_length: usize,
+    pub prompt: PromptBuilder,
     /// Unix time the model was loaded.
     pub created: u64,
     /// Changes when the model file or the ringlet version changes.
@@ -84,13 +82,19 @@ async fn get_model(
     }
 }
 
-async fn healthz(State(state): State<AppState>) -> Json<serde_json::Value> {
+/// 200 while the node can serve, 503 once its engine has stopped, so that
+/// a supervisor restarts it.
+async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
     let stats = state.engine.stats().borrow().clone();
-    Json(json!({
-        "status": "ok",
-        "model": state.model.name,
-        "engine": stats,
-    }))
+    let (status, word) = if state.engine.is_running() {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "stopped")
+    };
+    (
+        status,
+        Json(json!({ "status": word, "model": state.model.name, "engine": stats })),
+    )
 }
 
 async fn not_found(uri: Uri) -> ApiError {
@@ -99,7 +103,7 @@ async fn not_found(uri: Uri) -> ApiError {
 
 async fn method_not_allowed(uri: Uri) -> ApiError {
     ApiError {
-        status: axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        status: StatusCode::METHOD_NOT_ALLOWED,
         ..ApiError::invalid_request(format!("{} does not accept this HTTP method.", uri.path()))
     }
 }

@@ -12,6 +12,11 @@
 //! together. A prompt is fed in chunks of [`PREFILL_CHUNK_TOKENS`] so that
 //! a long prompt does not stall streams that are already decoding.
 //!
+//! Admission is bounded twice: at most [`MAX_ACTIVE_SEQUENCES`] requests
+//! run, and their KV caches, reserved for the prompt plus `max_tokens`,
+//! fit the engine's KV budget; the next request waits for room, and one
+//! that could never fit is refused at submission.
+//!
 //! The coordinator runs on its own thread with its own small runtime, so the
 //! engine outlives any one caller's runtime (tests share one engine).
 
@@ -19,10 +24,11 @@ pub mod stage;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use kernels::{LayerRange, SamplingParams, SequenceId, Shard, ShardInput};
+use kernels::{SamplingParams, SequenceId, Shard, ShardInput};
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
@@ -46,7 +52,7 @@ pub struct GenerationRequest {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FinishReason {
-    /// The model ended its turn (or, in the API layer, a stop sequence).
+    /// The model ended its turn, or the caller stopped at a stop sequence.
     Stop,
     /// `max_tokens` or the context length was reached.
     Length,
@@ -59,11 +65,29 @@ pub enum GenerationEvent {
     Finished {
         reason: FinishReason,
         prompt_tokens: usize,
+        /// Tokens delivered as `Token` events (end-of-turn tokens are not).
         completion_tokens: usize,
     },
     Failed {
         message: String,
     },
+}
+
+/// A running generation: its events, and a way to end it early.
+/// Dropping it cancels the generation at its next step.
+#[derive(Debug)]
+pub struct Generation {
+    pub events: mpsc::Receiver<GenerationEvent>,
+    stopped: Arc<AtomicBool>,
+}
+
+impl Generation {
+    /// Ends the generation on purpose (a stop sequence matched): the engine
+    /// counts it as finished, not as abandoned.
+    pub fn stop(&mut self) {
+        self.stopped.store(true, Ordering::Release);
+        self.events.close();
+    }
 }
 
 /// Counters the engine publishes for health checks and tests.
@@ -75,28 +99,49 @@ pub struct EngineStats {
     pub cancelled: u64,
     pub failed: u64,
     pub generated_tokens: u64,
+    /// KV-cache bytes reserved by the active requests.
+    pub kv_reserved_bytes: u64,
+    /// The engine stopped (its stage died); it serves nothing more.
+    pub stopped: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SubmitError {
-    #[error("the server is busy: {queued} requests are already waiting; retry shortly")]
-    Busy { queued: usize },
+    #[error("the server is busy: {ENGINE_QUEUE_LEN} requests are already waiting; retry shortly")]
+    Busy,
+    #[error(
+        "this request may need {needed_bytes} bytes of KV cache ({tokens} tokens), more than this node's KV budget of {budget_bytes} bytes; lower max_tokens or shorten the prompt"
+    )]
+    TooLarge {
+        tokens: usize,
+        needed_bytes: u64,
+        budget_bytes: u64,
+    },
     #[error("the inference engine has stopped")]
     Stopped,
 }
 
-/// What a caller needs to know about the model the engine serves.
+/// What the engine needs to know about the model it serves.
 #[derive(Debug, Clone)]
 pub struct EngineModel {
     pub context_length: usize,
     pub stop_tokens: BTreeSet<u32>,
-    pub layers: LayerRange,
-    pub weight_bytes: u64,
+    /// KV-cache bytes one token takes across the layers this engine runs.
+    pub kv_bytes_per_token: u64,
+    /// KV-cache bytes the active requests may reserve together.
+    pub kv_budget_bytes: u64,
+}
+
+impl EngineModel {
+    fn kv_bytes(&self, tokens: usize) -> u64 {
+        tokens as u64 * self.kv_bytes_per_token
+    }
 }
 
 struct Submission {
     request: GenerationRequest,
     events: mpsc::Sender<GenerationEvent>,
+    stopped: Arc<AtomicBool>,
 }
 
 /// A cheap, cloneable handle to a running engine.
@@ -116,38 +161,59 @@ impl std::fmt::Debug for EngineHandle {
 }
 
 impl EngineHandle {
-    pub fn model(&self) -> &EngineModel {
-        &self.model
-    }
-
     /// Current counters; `changed()` on the receiver waits for the next update.
     pub fn stats(&self) -> watch::Receiver<EngineStats> {
         self.stats.clone()
     }
 
-    /// Queues a generation. Events arrive on the returned receiver; dropping
-    /// it cancels the generation at its next step.
-    pub fn submit(
-        &self,
-        mut request: GenerationRequest,
-    ) -> Result<mpsc::Receiver<GenerationEvent>, SubmitError> {
+    /// False once the engine has stopped and can serve nothing more.
+    pub fn is_running(&self) -> bool {
+        !self.submissions.is_closed() && !self.stats.borrow().stopped
+    }
+
+    /// Queues a generation.
+    pub fn submit(&self, mut request: GenerationRequest) -> Result<Generation, SubmitError> {
         let room = self
             .model
             .context_length
             .saturating_sub(request.prompt.len());
         request.max_tokens = request.max_tokens.min(room);
+        let tokens = request.prompt.len() + request.max_tokens;
+        let needed_bytes = self.model.kv_bytes(tokens);
+        if needed_bytes > self.model.kv_budget_bytes {
+            return Err(SubmitError::TooLarge {
+                tokens,
+                needed_bytes,
+                budget_bytes: self.model.kv_budget_bytes,
+            });
+        }
         // One slot per possible token plus the final event, so the engine
         // never waits on a slow reader: the bound is the context length.
         let (events, receiver) = mpsc::channel(request.max_tokens + 2);
-        self.submissions
-            .try_send(Submission { request, events })
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => SubmitError::Busy {
-                    queued: ENGINE_QUEUE_LEN,
-                },
-                mpsc::error::TrySendError::Closed(_) => SubmitError::Stopped,
-            })?;
-        Ok(receiver)
+        let stopped = Arc::new(AtomicBool::new(false));
+        let submission = Submission {
+            request,
+            events,
+            stopped: Arc::clone(&stopped),
+        };
+        self.submissions.try_send(submission).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => SubmitError::Busy,
+            mpsc::error::TrySendError::Closed(_) => SubmitError::Stopped,
+        })?;
+        Ok(Generation {
+            events: receiver,
+            stopped,
+        })
+    }
+}
+
+/// Tokens per second over the tokens after the first (whose time is the
+/// prefill's), or 0 when there is nothing to measure.
+pub fn decode_rate(tokens: usize, seconds_since_first: f64) -> f64 {
+    if tokens > 1 && seconds_since_first > 0.0 {
+        (tokens - 1) as f64 / seconds_since_first
+    } else {
+        0.0
     }
 }
 
@@ -158,14 +224,19 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts an engine serving the whole model from one local shard.
-    pub fn start_local(shard: Shard, stop_tokens: BTreeSet<u32>) -> std::io::Result<Self> {
+    /// Starts an engine serving the whole model from one local shard, with
+    /// `kv_budget_bytes` for the KV caches of its requests.
+    pub fn start_local(
+        shard: Shard,
+        stop_tokens: BTreeSet<u32>,
+        kv_budget_bytes: u64,
+    ) -> std::io::Result<Self> {
         let config = shard.config();
         let model = Arc::new(EngineModel {
             context_length: config.context_length,
             stop_tokens,
-            layers: shard.range(),
-            weight_bytes: shard.weight_bytes(),
+            kv_bytes_per_token: config.kv_bytes_per_token_per_layer() * shard.range().len() as u64,
+            kv_budget_bytes,
         });
         let (job_tx, job_rx) = mpsc::channel(2 * MAX_ACTIVE_SEQUENCES);
         let (result_tx, result_rx) = mpsc::channel(2 * MAX_ACTIVE_SEQUENCES);
@@ -176,6 +247,8 @@ impl Engine {
         let coordinator = Coordinator {
             model: Arc::clone(&model),
             submissions: submission_rx,
+            submissions_open: true,
+            waiting: None,
             results: result_rx,
             first_stage: job_tx,
             active: HashMap::new(),
@@ -214,16 +287,32 @@ impl Engine {
 struct ActiveRequest {
     request: GenerationRequest,
     events: mpsc::Sender<GenerationEvent>,
+    stopped: Arc<AtomicBool>,
+    kv_reserved_bytes: u64,
     /// Tokens the stages have been given so far (prompt, then generated).
     fed: usize,
-    generated: usize,
+    /// Tokens delivered to the owner.
+    delivered: usize,
     started: Instant,
     first_token_at: Option<Instant>,
+}
+
+/// How a request left the engine.
+enum Outcome {
+    Finished(FinishReason),
+    /// The owner stopped it on purpose (a stop sequence).
+    StoppedByOwner,
+    /// The owner went away.
+    Abandoned,
+    Failed(String),
 }
 
 struct Coordinator {
     model: Arc<EngineModel>,
     submissions: mpsc::Receiver<Submission>,
+    submissions_open: bool,
+    /// A submission taken from the queue that waits for KV-cache room.
+    waiting: Option<Submission>,
     results: mpsc::Receiver<StageResult>,
     first_stage: mpsc::Sender<StageJob>,
     active: HashMap<SequenceId, ActiveRequest>,
@@ -233,51 +322,73 @@ struct Coordinator {
 impl Coordinator {
     async fn run(mut self) {
         loop {
-            let room = self.active.len() < MAX_ACTIVE_SEQUENCES;
+            let room = self.waiting.is_none() && self.active.len() < MAX_ACTIVE_SEQUENCES;
             tokio::select! {
                 // Results first: finishing work frees room for new work.
                 biased;
                 result = self.results.recv() => match result {
                     Some(result) => self.on_result(result).await,
-                    None => break, // the stage stopped
+                    None => {
+                        self.stage_stopped().await;
+                        break;
+                    }
                 },
-                submission = self.submissions.recv(), if room => match submission {
+                submission = self.submissions.recv(), if room && self.submissions_open => match submission {
                     Some(submission) => self.admit(submission).await,
-                    None if self.active.is_empty() => break, // every handle dropped
-                    None => {}
+                    None => self.submissions_open = false,
                 },
+            }
+            if !self.submissions_open && self.active.is_empty() && self.waiting.is_none() {
+                break; // every handle dropped and all work done
             }
         }
         tracing::debug!("coordinator stopped");
     }
 
-    async fn admit(&mut self, Submission { request, events }: Submission) {
-        if events.is_closed() {
+    /// Starts a submission if its KV cache fits, else parks it until it does.
+    async fn admit(&mut self, submission: Submission) {
+        if submission.events.is_closed() {
             self.stats.send_modify(|s| s.cancelled += 1);
             return; // the client left while queued
         }
-        let id = request.id;
+        let request = &submission.request;
         if request.prompt.is_empty() || request.max_tokens == 0 {
-            let _ = events.try_send(GenerationEvent::Finished {
+            let _ = submission.events.try_send(GenerationEvent::Finished {
                 reason: FinishReason::Length,
                 prompt_tokens: request.prompt.len(),
                 completion_tokens: 0,
             });
             return;
         }
-        tracing::debug!(request = %id, prompt_tokens = request.prompt.len(), max_tokens = request.max_tokens, "generation started");
+        let needed = self
+            .model
+            .kv_bytes(request.prompt.len() + request.max_tokens);
+        let reserved: u64 = self.active.values().map(|a| a.kv_reserved_bytes).sum();
+        if reserved + needed > self.model.kv_budget_bytes {
+            self.waiting = Some(submission);
+            return;
+        }
+        let Submission {
+            request,
+            events,
+            stopped,
+        } = submission;
+        let id = request.id;
+        tracing::info!(request = %id, prompt_tokens = request.prompt.len(), max_tokens = request.max_tokens, "generation started");
         self.active.insert(
             id,
             ActiveRequest {
                 request,
                 events,
+                stopped,
+                kv_reserved_bytes: needed,
                 fed: 0,
-                generated: 0,
+                delivered: 0,
                 started: Instant::now(),
                 first_token_at: None,
             },
         );
-        self.publish_active();
+        self.publish();
         self.feed_prompt_chunk(id).await;
     }
 
@@ -286,6 +397,10 @@ impl Coordinator {
         let Some(active) = self.active.get_mut(&id) else {
             return;
         };
+        if active.events.is_closed() {
+            self.end(id, Outcome::Abandoned).await;
+            return;
+        }
         let prompt = &active.request.prompt;
         let end = (active.fed + PREFILL_CHUNK_TOKENS).min(prompt.len());
         let chunk = prompt[active.fed..end].to_vec();
@@ -307,11 +422,7 @@ impl Coordinator {
 
     async fn send_job(&mut self, job: StageJob) {
         if self.first_stage.send(job).await.is_err() {
-            tracing::error!("the first stage has stopped; failing every request");
-            let ids: Vec<SequenceId> = self.active.keys().copied().collect();
-            for id in ids {
-                self.fail(id, "the inference stage stopped".into()).await;
-            }
+            self.stage_stopped().await;
         }
     }
 
@@ -319,7 +430,9 @@ impl Coordinator {
         match result {
             StageResult::ChunkDone { sequence } => self.feed_prompt_chunk(sequence).await,
             StageResult::Token { sequence, token } => self.on_token(sequence, token).await,
-            StageResult::Failed { sequence, message } => self.fail(sequence, message).await,
+            StageResult::Failed { sequence, message } => {
+                self.end(sequence, Outcome::Failed(message)).await
+            }
         }
     }
 
@@ -327,25 +440,29 @@ impl Coordinator {
         let Some(active) = self.active.get_mut(&id) else {
             return;
         };
-        active.generated += 1;
         active.first_token_at.get_or_insert_with(Instant::now);
-        let is_stop = self.model.stop_tokens.contains(&token) && !active.request.ignore_eos;
-        if is_stop {
-            self.finish(id, FinishReason::Stop).await;
+        if self.model.stop_tokens.contains(&token) && !active.request.ignore_eos {
+            self.end(id, Outcome::Finished(FinishReason::Stop)).await;
             return;
         }
         // The channel has room for every token (see `submit`), so a full
-        // channel cannot happen; a closed one means the client left.
+        // channel cannot happen; a closed one means the owner is done.
         if active
             .events
             .try_send(GenerationEvent::Token(token))
             .is_err()
         {
-            self.cancel(id).await;
+            let outcome = if active.stopped.load(Ordering::Acquire) {
+                Outcome::StoppedByOwner
+            } else {
+                Outcome::Abandoned
+            };
+            self.end(id, outcome).await;
             return;
         }
-        if active.generated >= active.request.max_tokens {
-            self.finish(id, FinishReason::Length).await;
+        active.delivered += 1;
+        if active.delivered >= active.request.max_tokens {
+            self.end(id, Outcome::Finished(FinishReason::Length)).await;
             return;
         }
         let position = active.fed;
@@ -359,75 +476,97 @@ impl Coordinator {
         .await;
     }
 
-    async fn finish(&mut self, id: SequenceId, reason: FinishReason) {
-        let Some(active) = self.remove(id).await else {
+    /// Forgets a request here and on the stage, tells its owner why, logs
+    /// and counts it, and admits a waiting request if there is room now.
+    async fn end(&mut self, id: SequenceId, outcome: Outcome) {
+        let Some(active) = self.active.remove(&id) else {
             return;
         };
-        let prompt_tokens = active.request.prompt.len();
-        let completion_tokens = active.generated;
-        let _ = active.events.try_send(GenerationEvent::Finished {
-            reason,
-            prompt_tokens,
-            completion_tokens,
-        });
-        let now = Instant::now();
-        let ttft = active.first_token_at.map(|t| t - active.started);
-        let decode_seconds = active
-            .first_token_at
-            .map(|t| (now - t).as_secs_f64())
-            .unwrap_or(0.0);
-        let decode_tok_per_s = if decode_seconds > 0.0 {
-            (completion_tokens.saturating_sub(1)) as f64 / decode_seconds
-        } else {
-            0.0
-        };
-        tracing::info!(
-            request = %id,
-            prompt_tokens,
-            completion_tokens,
-            ttft_ms = ttft.map_or(0, |d| d.as_millis() as u64),
-            decode_tok_per_s = format!("{decode_tok_per_s:.1}"),
-            finish = ?reason,
-            "generation finished"
-        );
-        self.stats.send_modify(|s| {
-            s.completed += 1;
-            s.generated_tokens += completion_tokens as u64;
-        });
-    }
-
-    async fn cancel(&mut self, id: SequenceId) {
-        if let Some(active) = self.remove(id).await {
-            tracing::info!(request = %id, completion_tokens = active.generated, "generation cancelled: the client went away");
-            self.stats.send_modify(|s| s.cancelled += 1);
-        }
-    }
-
-    async fn fail(&mut self, id: SequenceId, message: String) {
-        if let Some(active) = self.remove(id).await {
-            tracing::warn!(request = %id, error = %message, "generation failed");
-            let _ = active.events.try_send(GenerationEvent::Failed { message });
-            self.stats.send_modify(|s| s.failed += 1);
-        }
-    }
-
-    /// Forgets a request here and on the stages.
-    async fn remove(&mut self, id: SequenceId) -> Option<ActiveRequest> {
-        let active = self.active.remove(&id)?;
         let _ = self
             .first_stage
             .send(StageJob::Release { sequence: id })
             .await;
-        self.publish_active();
-        Some(active)
+        let (prompt_tokens, completion_tokens) = (active.request.prompt.len(), active.delivered);
+        match outcome {
+            Outcome::Finished(reason) => {
+                let _ = active.events.try_send(GenerationEvent::Finished {
+                    reason,
+                    prompt_tokens,
+                    completion_tokens,
+                });
+                log_finished(id, &active, &format!("{reason:?}"));
+                self.stats.send_modify(|s| {
+                    s.completed += 1;
+                    s.generated_tokens += completion_tokens as u64;
+                });
+            }
+            Outcome::StoppedByOwner => {
+                log_finished(id, &active, "stop sequence");
+                self.stats.send_modify(|s| {
+                    s.completed += 1;
+                    s.generated_tokens += completion_tokens as u64;
+                });
+            }
+            Outcome::Abandoned => {
+                tracing::info!(request = %id, completion_tokens, "generation cancelled: the client went away");
+                self.stats.send_modify(|s| s.cancelled += 1);
+            }
+            Outcome::Failed(message) => {
+                tracing::warn!(request = %id, error = %message, "generation failed");
+                let _ = active.events.try_send(GenerationEvent::Failed { message });
+                self.stats.send_modify(|s| s.failed += 1);
+            }
+        }
+        self.publish();
+        if let Some(waiting) = self.waiting.take() {
+            Box::pin(self.admit(waiting)).await;
+        }
     }
 
-    fn publish_active(&self) {
+    /// The stage is gone (it can only die of a bug): fail everything, stop.
+    async fn stage_stopped(&mut self) {
+        tracing::error!("the inference stage stopped; failing every request");
+        let message = "the inference engine stopped; the node must be restarted".to_string();
+        if let Some(waiting) = self.waiting.take() {
+            let _ = waiting.events.try_send(GenerationEvent::Failed {
+                message: message.clone(),
+            });
+        }
+        let ids: Vec<SequenceId> = self.active.keys().copied().collect();
+        for id in ids {
+            self.end(id, Outcome::Failed(message.clone())).await;
+        }
+        self.submissions.close();
+        self.submissions_open = false;
+        self.stats.send_modify(|s| s.stopped = true);
+    }
+
+    fn publish(&self) {
         let active = self.active.len();
+        let kv_reserved_bytes = self.active.values().map(|a| a.kv_reserved_bytes).sum();
         self.stats.send_if_modified(|s| {
-            let changed = s.active != active;
+            let changed = s.active != active || s.kv_reserved_bytes != kv_reserved_bytes;
             s.active = active;
+            s.kv_reserved_bytes = kv_reserved_bytes;
             changed
         });
     }
+}
+
+fn log_finished(id: SequenceId, active: &ActiveRequest, finish: &str) {
+    let ttft_ms = active
+        .first_token_at
+        .map_or(0, |t| (t - active.started).as_millis() as u64);
+    let since_first = active
+        .first_token_at
+        .map_or(0.0, |t| t.elapsed().as_secs_f64());
+    tracing::info!(
+        request = %id,
+        prompt_tokens = active.request.prompt.len(),
+        completion_tokens = active.delivered,
+        ttft_ms,
+        decode_tok_per_s = format!("{:.1}", decode_rate(active.delivered, since_first)),
+        finish,
+        "generation finished"
+    );
 }

@@ -68,7 +68,7 @@ pub fn spawn(
 fn run(mut shard: Shard, mut jobs: mpsc::Receiver<StageJob>, results: mpsc::Sender<StageResult>) {
     let mut samplers: HashMap<SequenceId, Sampler> = HashMap::new();
     while let Some(job) = jobs.blocking_recv() {
-        let result = match job {
+        let (sequence, position, input, sample) = match job {
             StageJob::Release { sequence } => {
                 shard.release(sequence);
                 samplers.remove(&sequence);
@@ -79,20 +79,49 @@ fn run(mut shard: Shard, mut jobs: mpsc::Receiver<StageJob>, results: mpsc::Send
                 position,
                 input,
                 sample,
-            } => match step(&mut shard, &mut samplers, sequence, position, input, sample) {
-                Ok(result) => result,
-                Err(message) => {
-                    shard.release(sequence);
-                    samplers.remove(&sequence);
-                    StageResult::Failed { sequence, message }
-                }
-            },
+            } => (sequence, position, input, sample),
+        };
+        // A panic here is a bug; it fails this request, not the node.
+        let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            step(&mut shard, &mut samplers, sequence, position, input, sample)
+        }));
+        let result = match stepped {
+            Ok(Ok(result)) => result,
+            Ok(Err(message)) => fail(&mut shard, &mut samplers, sequence, message),
+            Err(panic) => {
+                let message = format!(
+                    "internal error in stage {}: {}",
+                    shard.range(),
+                    panic_message(panic.as_ref())
+                );
+                tracing::error!(%message, "a stage step panicked");
+                fail(&mut shard, &mut samplers, sequence, message)
+            }
         };
         if results.blocking_send(result).is_err() {
             break; // the coordinator is gone: the node is shutting down
         }
     }
     tracing::debug!(range = %shard.range(), "stage stopped");
+}
+
+fn fail(
+    shard: &mut Shard,
+    samplers: &mut HashMap<SequenceId, Sampler>,
+    sequence: SequenceId,
+    message: String,
+) -> StageResult {
+    shard.release(sequence);
+    samplers.remove(&sequence);
+    StageResult::Failed { sequence, message }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into())
 }
 
 fn step(

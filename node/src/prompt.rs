@@ -1,0 +1,87 @@
+//! Turning a conversation into prompt tokens: the model's chat template,
+//! its tokenizer, and the context limit. Shared by the API and `ringlet run`.
+//!
+//! The rendered prompt is tokenized as a whole with special tokens matched,
+//! as llama.cpp does: that is what gives the same prompt tokens (and so the
+//! same answers) as llama.cpp. A consequence to know: a message that
+//! contains a control token's text, say `<|im_start|>`, is read as that
+//! token.
+
+use std::sync::Arc;
+
+use kernels::{ChatMessage, ChatTemplate, Tokenizer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PromptError {
+    #[error("the model's chat template rejected these messages: {0}")]
+    Template(String),
+    #[error("cannot tokenize the prompt: {0}")]
+    Tokenize(String),
+    #[error(
+        "This model's maximum context length is {context_length} tokens. However, your messages resulted in {} tokens. Please reduce the length of the messages.",
+        if *.at_least { format!("at least {tokens}") } else { tokens.to_string() }
+    )]
+    TooLong {
+        tokens: usize,
+        at_least: bool,
+        context_length: usize,
+    },
+}
+
+/// Builds prompt tokens for one model.
+#[derive(Debug)]
+pub struct PromptBuilder {
+    tokenizer: Arc<Tokenizer>,
+    template: ChatTemplate,
+    context_length: usize,
+}
+
+impl PromptBuilder {
+    pub fn new(tokenizer: Arc<Tokenizer>, template: ChatTemplate, context_length: usize) -> Self {
+        Self {
+            tokenizer,
+            template,
+            context_length,
+        }
+    }
+
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.tokenizer
+    }
+
+    pub fn context_length(&self) -> usize {
+        self.context_length
+    }
+
+    /// The prompt for `messages`, ending with the assistant's turn opened,
+    /// or an error if it leaves no room to generate. CPU work: run it off
+    /// async worker threads for large inputs.
+    pub fn tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, PromptError> {
+        let text = self
+            .template
+            .render(messages, true)
+            .map_err(|e| PromptError::Template(e.to_string()))?;
+        // No token is longer than this, so longer text cannot fit: refuse
+        // before spending time tokenizing it.
+        let at_least = text.len() / self.tokenizer.max_token_bytes().max(1);
+        if at_least >= self.context_length {
+            return Err(PromptError::TooLong {
+                tokens: at_least,
+                at_least: true,
+                context_length: self.context_length,
+            });
+        }
+        let tokens = self
+            .tokenizer
+            .encode(&text)
+            .map_err(|e| PromptError::Tokenize(e.to_string()))?;
+        if tokens.len() >= self.context_length {
+            return Err(PromptError::TooLong {
+                tokens: tokens.len(),
+                at_least: false,
+                context_length: self.context_length,
+            });
+        }
+        Ok(tokens)
+    }
+}
