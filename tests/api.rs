@@ -38,8 +38,9 @@ fn state() -> AppState {
                 let model = runtime
                     .block_on(LoadedModel::load_whole(&config, MODEL))
                     .expect("load the default model");
-                let (_engine, state) = ringlet_node::serve::start_engine(model, KV_BUDGET_BYTES)
-                    .expect("start engine");
+                let (_engine, state) =
+                    ringlet_node::serve::start_local_engine(model, KV_BUDGET_BYTES)
+                        .expect("start engine");
                 state
             })
             .join()

@@ -16,7 +16,7 @@ async fn the_official_openai_python_client_works() {
     let python = std::env::var("RINGLET_TEST_PYTHON").unwrap_or_else(|_| {
         panic!("RINGLET_TEST_PYTHON must name a Python with the `openai` package; `tests/run` sets it up")
     });
-    let node = Node::start(&[]);
+    let node = Node::start_ready(&[]);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/openai_client.py");
     let output = tokio::time::timeout(
         Duration::from_secs(300),
@@ -41,7 +41,7 @@ async fn the_official_openai_python_client_works() {
 
 #[tokio::test]
 async fn a_client_that_hangs_up_cancels_its_generation() {
-    let mut node = Node::start(&[]);
+    let mut node = Node::start_ready(&[]);
     let body = chat_body("Write a very long essay about mountains.", 4000, true);
     let raw = format!(
         "POST /v1/chat/completions HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
@@ -79,7 +79,7 @@ async fn a_client_that_hangs_up_cancels_its_generation() {
 
 #[tokio::test]
 async fn concurrent_streams_over_sockets_all_finish() {
-    let node = Node::start(&[]);
+    let node = Node::start_ready(&[]);
     let prompts = [
         "Count to five.",
         "Say hello in French.",
@@ -124,7 +124,7 @@ async fn concurrent_streams_over_sockets_all_finish() {
 
 #[tokio::test]
 async fn garbage_on_the_socket_does_not_hurt_the_node() {
-    let mut node = Node::start(&[]);
+    let mut node = Node::start_ready(&[]);
     let garbage: [&[u8]; 4] = [
         b"\x00\x01\x02\xff\xfe garbage\r\n\r\n",
         b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 999999999999\r\n\r\n{",
@@ -152,7 +152,7 @@ async fn garbage_on_the_socket_does_not_hurt_the_node() {
 
 #[tokio::test]
 async fn a_non_streaming_client_that_hangs_up_cancels_its_generation() {
-    let mut node = Node::start(&[]);
+    let mut node = Node::start_ready(&[]);
     let body = chat_body("Write a very long essay about forests.", 1500, false);
     let raw = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
@@ -168,7 +168,7 @@ async fn a_non_streaming_client_that_hangs_up_cancels_its_generation() {
 
 #[tokio::test]
 async fn a_taken_port_is_a_clear_error() {
-    let node = Node::start(&[]);
+    let node = Node::start_ready(&[]);
     let output = tokio::time::timeout(
         Duration::from_secs(60),
         tokio::process::Command::new(support::ringlet_binary())

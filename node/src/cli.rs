@@ -219,11 +219,59 @@ pub struct ServeArgs {
     )]
     pub listen: String,
 
+    /// Another node to join, as HOST:PORT (its API address); repeat for
+    /// more. Nodes a peer knows are joined too.
+    #[arg(
+        long = "peer",
+        env = "RINGLET_PEERS",
+        value_delimiter = ',',
+        value_name = "HOST:PORT"
+    )]
+    pub peers: Vec<String>,
+
+    /// This node's name in logs and the dashboard [default: the host name]
+    #[arg(long, env = "RINGLET_NAME")]
+    pub name: Option<String>,
+
+    /// Memory the planner may fill with this node's share of the model,
+    /// e.g. 40MiB or 12GiB [default: available memory less 1 GiB]
+    #[arg(long, env = "RINGLET_MEMORY_BUDGET", value_name = "SIZE", value_parser = parse_size)]
+    pub memory_budget: Option<u64>,
+
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }
 
 impl ServeArgs {
+    /// The node's name: `--name`, else the host name.
+    pub fn node_name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "ringlet".into())
+        })
+    }
+
+    /// `--peer` addresses, checked to be HOST:PORT.
+    pub fn peer_addrs(&self) -> anyhow::Result<Vec<String>> {
+        self.peers
+            .iter()
+            .map(|p| {
+                let p = p.trim();
+                let valid = p
+                    .rsplit_once(':')
+                    .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+                if valid {
+                    Ok(p.to_string())
+                } else {
+                    bail!("--peer `{p}` is not HOST:PORT, like 192.168.1.20:52415")
+                }
+            })
+            .collect()
+    }
+
     pub fn listen_addr(&self) -> anyhow::Result<SocketAddr> {
         self.listen.parse().with_context(|| {
             format!(

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod bench;
 pub mod cli;
+pub mod cluster;
 pub mod commands;
 pub mod engine;
 pub mod limits;

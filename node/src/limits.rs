@@ -46,3 +46,49 @@ pub const MODEL_FETCH_TIMEOUT_SECS: u64 = 900;
 
 /// Seconds a running node waits for in-flight requests when asked to stop.
 pub const SHUTDOWN_GRACE_SECS: u64 = 10;
+
+// ---------------------------------------------------------------------------
+// Cluster links (milliseconds unless the name says otherwise)
+// ---------------------------------------------------------------------------
+
+/// A link sends a heartbeat this often; the answer measures its latency.
+pub const HEARTBEAT_INTERVAL_MS: u64 = 1_000;
+
+/// A link with no frame at all for this long is dead: a node that froze or
+/// lost its network is noticed within six heartbeats. (A node that exits
+/// or crashes closes its connections and is noticed at once.)
+pub const HEARTBEAT_TIMEOUT_MS: u64 = 6_000;
+
+/// Time to open a TCP connection to a peer.
+pub const LINK_CONNECT_TIMEOUT_MS: u64 = 3_000;
+
+/// Time for the HTTP upgrade and the Hello exchange.
+pub const LINK_HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
+
+/// Frames queued for one link. Activations dominate: one per in-flight
+/// request per hop, at most `MAX_ACTIVE_SEQUENCES` per owner, so a full
+/// queue means the peer stopped reading and the link is closed.
+pub const LINK_QUEUE_LEN: usize = 1_024;
+
+/// A single frame write that takes longer than this closes the link.
+pub const LINK_WRITE_TIMEOUT_MS: u64 = 10_000;
+
+/// Longest HTTP response head accepted when upgrading to a link.
+pub const UPGRADE_RESPONSE_MAX_BYTES: usize = 8 * 1024;
+
+/// The leader waits this long after the last membership change before it
+/// plans, so nodes starting together cause one plan, not one each.
+pub const PLAN_SETTLE_MS: u64 = 500;
+
+/// How often a node retries peers it should be linked to but is not.
+pub const REDIAL_INTERVAL_MS: u64 = 2_000;
+
+/// Events queued for the cluster actor (frames, stage outputs, control).
+pub const CLUSTER_EVENT_QUEUE_LEN: usize = 4_096;
+
+/// Most nodes a cluster admits; beyond it new peers are refused.
+pub const MAX_NODES: usize = 64;
+
+/// A generation with no progress (no token, no chunk) for this long fails:
+/// the last line of defence against a stage that neither answers nor dies.
+pub const STEP_TIMEOUT_SECS: u64 = 120;

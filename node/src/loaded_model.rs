@@ -10,6 +10,32 @@ use kernels::{LayerRange, ModelFile, Shard};
 use crate::cli::RuntimeConfig;
 use crate::prompt::PromptBuilder;
 
+/// A model file opened (header, tokenizer, chat template), no layers yet.
+pub struct OpenedModel {
+    /// The id API clients use.
+    pub name: String,
+    pub file: ModelFile,
+    pub prompt: PromptBuilder,
+}
+
+impl OpenedModel {
+    /// Resolves (fetching if needed) and opens a model; reads no weights.
+    pub async fn open(runtime: &RuntimeConfig, model: &str) -> anyhow::Result<Self> {
+        let resolved = runtime.store.resolve_or_fetch(model).await?;
+        let name = resolved.name.clone();
+        tokio::task::spawn_blocking(move || {
+            let file = ModelFile::open(&resolved.path)?;
+            let tokenizer = Arc::new(file.tokenizer()?);
+            let template = file.chat_template(&tokenizer)?;
+            let prompt = PromptBuilder::new(tokenizer, template, file.config().context_length);
+            Ok::<_, anyhow::Error>(Self { name, file, prompt })
+        })
+        .await
+        .context("the model opening task failed")?
+        .with_context(|| format!("cannot open model `{model}`"))
+    }
+}
+
 /// A model file opened and its shard loaded.
 pub struct LoadedModel {
     /// The id API clients use.
@@ -22,15 +48,10 @@ pub struct LoadedModel {
 impl LoadedModel {
     /// Loads the whole model (every layer) for a single node.
     pub async fn load_whole(runtime: &RuntimeConfig, model: &str) -> anyhow::Result<Self> {
-        let resolved = runtime.store.resolve_or_fetch(model).await?;
+        let OpenedModel { name, file, prompt } = OpenedModel::open(runtime, model).await?;
         let device = runtime.device.clone();
-        let name = resolved.name.clone();
         tokio::task::spawn_blocking(move || {
             let started = Instant::now();
-            let file = ModelFile::open(&resolved.path)?;
-            let tokenizer = Arc::new(file.tokenizer()?);
-            let template = file.chat_template(&tokenizer)?;
-            let prompt = PromptBuilder::new(tokenizer, template, file.config().context_length);
             let range = LayerRange::new(0, file.config().n_layers);
             let shard = file.load_shard(range, &device)?;
             tracing::info!(

@@ -1,41 +1,97 @@
-//! `ringlet serve`: load the model, start the engine, serve the API.
+//! `ringlet serve`: join (or start) a cluster, serve the API.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use rand::Rng;
+use scheduler::NodeId;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
 use crate::api::{self, AppState, ServedModel};
 use crate::cli::ServeArgs;
-use crate::engine::Engine;
+use crate::cluster::{self, ClusterConfig, resources};
+use crate::engine::{Engine, EngineModel};
 use crate::limits::SHUTDOWN_GRACE_SECS;
-use crate::loaded_model::LoadedModel;
+use crate::loaded_model::{LoadedModel, OpenedModel};
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let runtime = args.runtime.resolve()?;
     let listen = args.listen_addr()?;
-    tracing::info!(
-        version = env!("CARGO_PKG_VERSION"),
-        threads = runtime.threads,
-        "starting ringlet node"
-    );
+    let peers = args.peer_addrs()?;
+    let name = args.node_name();
     // Bind before loading so a taken port fails in a second, not after a load.
     let listener = TcpListener::bind(listen).await.with_context(|| {
         format!("cannot listen on {listen}; is another ringlet running there? Choose another address with --listen")
     })?;
-    let model = LoadedModel::load_whole(&runtime, &args.model).await?;
-    let (engine, state) = start_engine(model, runtime.kv_cache_bytes)?;
-    let addr = listener
+    let listen = listener
         .local_addr()
         .context("cannot read the listening address")?;
-    tracing::info!("listening on http://{addr} (OpenAI-compatible API at http://{addr}/v1)");
+    let me = NodeId(rand::rng().random());
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), node = %me, %name, threads = runtime.threads, "starting ringlet node");
 
-    // On a signal, stop accepting connections, then give open streams
-    // SHUTDOWN_GRACE_SECS to finish before closing them.
+    let model = OpenedModel::open(&runtime, &args.model).await?;
+    let score = tokio::task::spawn_blocking(resources::measure_compute_score)
+        .await
+        .unwrap_or(0.0);
+    let resources = resources::describe(&args.runtime.device, args.memory_budget, score);
+    tracing::info!(
+        device = %resources.device_name,
+        memory_budget_mib = resources.memory_budget_bytes >> 20,
+        compute_gflops = format!("{score:.1}"),
+        model = %model.name,
+        fingerprint = %model.file.fingerprint(),
+        "node ready to join"
+    );
+
+    let config = model.file.config();
+    let fingerprint = short_fingerprint(model.file.fingerprint());
+    let (engine, pipeline) = Engine::start(EngineModel {
+        context_length: config.context_length,
+        stop_tokens: model.prompt.tokenizer().stop_tokens().clone(),
+        kv_bytes_per_token: config.kv_bytes_per_token_per_layer() * config.n_layers as u64,
+        kv_budget_bytes: runtime.kv_cache_bytes,
+    })
+    .context("cannot start the request coordinator")?;
+    let cluster = cluster::start(
+        ClusterConfig {
+            me,
+            name,
+            listen,
+            peers,
+            resources,
+            model_name: model.name.clone(),
+            model_path: model.file.path().to_path_buf(),
+            device: runtime.device.clone(),
+        },
+        Arc::new(model.file),
+        pipeline,
+    );
+    let state = AppState {
+        engine: engine.handle.clone(),
+        model: Arc::new(ServedModel {
+            system_fingerprint: format!("ringlet-{}-{fingerprint}", env!("CARGO_PKG_VERSION")),
+            name: model.name,
+            prompt: model.prompt,
+            created: crate::unix_seconds(),
+        }),
+        cluster: Some(cluster),
+    };
+    tracing::info!("listening on http://{listen} (OpenAI-compatible API at http://{listen}/v1)");
+    serve_until_stopped(listener, state).await?;
+    let joined = tokio::task::spawn_blocking(move || engine.shutdown());
+    let _ = tokio::time::timeout(Duration::from_secs(SHUTDOWN_GRACE_SECS), joined).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Serves until a signal, then gives open streams SHUTDOWN_GRACE_SECS.
+async fn serve_until_stopped(listener: TcpListener, state: AppState) -> anyhow::Result<()> {
     let stopping = Arc::new(Notify::new());
-    let server = axum::serve(listener, api::router(state)).with_graceful_shutdown({
+    let app = api::router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let server = axum::serve(listener, app).with_graceful_shutdown({
         let stopping = Arc::clone(&stopping);
         async move {
             shutdown_signal().await;
@@ -51,24 +107,24 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         served = server => served.context("the HTTP server failed")?,
         () = grace => tracing::warn!("open requests did not finish in time; closing them"),
     }
-    let joined = tokio::task::spawn_blocking(move || engine.shutdown());
-    let _ = tokio::time::timeout(Duration::from_secs(SHUTDOWN_GRACE_SECS), joined).await;
-    tracing::info!("stopped");
     Ok(())
 }
 
-/// Starts the engine over a loaded model and builds the API state.
-pub fn start_engine(
-    model: LoadedModel,
-    kv_budget_bytes: u64,
-) -> anyhow::Result<(Engine, AppState)> {
-    let fingerprint = model
-        .file
-        .fingerprint()
+fn short_fingerprint(fingerprint: &str) -> String {
+    fingerprint
         .trim_start_matches("sha256:")
         .get(..12)
         .unwrap_or_default()
-        .to_string();
+        .to_string()
+}
+
+/// Starts an engine over a whole model loaded in this process, with no
+/// cluster (in-process API tests).
+pub fn start_local_engine(
+    model: LoadedModel,
+    kv_budget_bytes: u64,
+) -> anyhow::Result<(Engine, AppState)> {
+    let fingerprint = short_fingerprint(model.file.fingerprint());
     let stop_tokens = model.prompt.tokenizer().stop_tokens().clone();
     let engine = Engine::start_local(model.shard, stop_tokens, kv_budget_bytes)
         .context("cannot start the inference engine threads")?;
@@ -81,6 +137,7 @@ pub fn start_engine(
     let state = AppState {
         engine: engine.handle.clone(),
         model: Arc::new(served),
+        cluster: None,
     };
     Ok((engine, state))
 }

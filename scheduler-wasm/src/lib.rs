@@ -146,9 +146,24 @@ pub enum PlanError {
     },
 }
 
+/// Bytes for people: `88.1 MiB`, `40.2 GiB`.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["bytes", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} bytes")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
 impl fmt::Display for PlanError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         match self {
             PlanError::NoNodes => write!(f, "no node can hold even one layer of the model"),
             PlanError::EmptyModel => write!(f, "the model has no layers"),
@@ -157,19 +172,19 @@ impl fmt::Display for PlanError {
                 available_bytes,
             } => write!(
                 f,
-                "the model needs {:.2} GiB but the cluster's memory budgets add up to {:.2} GiB: {:.2} GiB short; add a node or raise --memory-budget",
-                gib(*needed_bytes),
-                gib(*available_bytes),
-                gib(needed_bytes - available_bytes)
+                "the model needs {} but the cluster's memory budgets add up to {}: {} short; add a node or raise --memory-budget",
+                human_bytes(*needed_bytes),
+                human_bytes(*available_bytes),
+                human_bytes(needed_bytes - available_bytes)
             ),
             PlanError::NoLayerSplit {
                 needed_bytes,
                 available_bytes,
             } => write!(
                 f,
-                "the model needs {:.2} GiB and the cluster offers {:.2} GiB, but whole layers do not fit the nodes' budgets; add a node or raise --memory-budget",
-                gib(*needed_bytes),
-                gib(*available_bytes)
+                "the model needs {} and the cluster offers {}, but whole layers do not fit the nodes' budgets; add a node or raise --memory-budget",
+                human_bytes(*needed_bytes),
+                human_bytes(*available_bytes)
             ),
         }
     }
@@ -487,6 +502,13 @@ mod tests {
             assert_eq!(ranges(&plan), expected.to_vec(), "budgets {budgets:?}");
             validate(&plan, &nodes(budgets), &smollm()).expect("valid");
         }
+    }
+
+    #[test]
+    fn human_bytes_reads_well() {
+        assert_eq!(human_bytes(512), "512 bytes");
+        assert_eq!(human_bytes(92_360_448), "88.1 MiB");
+        assert_eq!(human_bytes(40 << 30), "40.0 GiB");
     }
 
     #[test]

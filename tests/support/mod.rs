@@ -97,6 +97,54 @@ impl Node {
         }
     }
 
+    /// Starts a node on its own and waits until it can serve: its
+    /// one-stage plan is active.
+    pub fn start_ready(extra: &[&str]) -> Node {
+        let mut node = Node::start(extra);
+        node.wait_for_log("plan active: 1 stages", START_TIMEOUT);
+        node
+    }
+
+    /// Starts `n` nodes joined into one cluster (each later one names the
+    /// first with `--peer`), each with `extra` flags, and waits until every
+    /// node has activated a plan with all of them.
+    pub fn start_cluster(n: usize, extra: &[&str]) -> Vec<Node> {
+        let mut nodes = vec![Node::start(&[extra, &["--name", "node-0"]].concat())];
+        let first = nodes[0].addr.to_string();
+        for i in 1..n {
+            let name = format!("node-{i}");
+            nodes.push(Node::start(
+                &[extra, &["--name", &name, "--peer", &first]].concat(),
+            ));
+        }
+        let ready = format!("plan active: {n} stages");
+        for node in &mut nodes {
+            node.wait_for_log(&ready, START_TIMEOUT);
+        }
+        nodes
+    }
+
+    /// Waits until `count` log lines contain `needle`.
+    pub fn wait_for_log_count(&mut self, needle: &str, count: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.log_seen.iter().filter(|l| l.contains(needle)).count() < count {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) => self.log_seen.push(line),
+                Err(e) => panic!(
+                    "fewer than {count} log lines containing {needle:?} within {timeout:?} ({e}); log so far:\n{}",
+                    self.log_seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Kills the process at once (SIGKILL): no goodbye to its peers.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// True while the process runs.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -202,4 +250,11 @@ pub fn chat_body(user: &str, max_tokens: u32, stream: bool) -> String {
         "stream": stream,
     })
     .to_string()
+}
+
+/// `GET path` as JSON.
+pub async fn get_json(addr: SocketAddr, path: &str) -> serde_json::Value {
+    let response = request(addr, "GET", path, None).await;
+    assert_eq!(response.status, 200, "GET {path}: {}", response.body);
+    response.json()
 }

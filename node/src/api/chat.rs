@@ -52,6 +52,12 @@ pub async fn chat_completions(
     })?;
     let request: ChatCompletionRequest = parse_json(&body)?;
     let prepared = prepare(&state, request).await?;
+    if let Some(cluster) = &state.cluster {
+        let view = cluster.view();
+        if view.active_plan().is_none() {
+            return Err(ApiError::not_ready(view.not_ready_reason()));
+        }
+    }
 
     let id = SequenceId(rand::rng().random());
     let prompt_tokens = prepared.prompt.len();

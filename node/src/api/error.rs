@@ -94,6 +94,16 @@ impl ApiError {
         }
     }
 
+    pub fn not_ready(reason: String) -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: format!("The cluster cannot serve requests now: {reason}"),
+            kind: "server_error",
+            param: None,
+            code: Some("cluster_not_ready"),
+        }
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self {
             status: StatusCode::INTERNAL_SERVER_ERROR,

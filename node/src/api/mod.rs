@@ -3,6 +3,7 @@
 //! in OpenAI's JSON shape.
 
 pub mod chat;
+mod cluster;
 pub mod error;
 pub mod openai;
 
@@ -15,6 +16,7 @@ use axum::{Json, Router};
 use serde_json::json;
 use tower_http::trace::TraceLayer;
 
+use crate::cluster::ClusterHandle;
 use crate::engine::EngineHandle;
 use crate::limits::MAX_REQUEST_BODY_BYTES;
 use crate::prompt::PromptBuilder;
@@ -37,6 +39,9 @@ pub struct ServedModel {
 pub struct AppState {
     pub engine: EngineHandle,
     pub model: Arc<ServedModel>,
+    /// The cluster this node is part of; `None` when the engine runs its
+    /// own local stage (in-process tests).
+    pub cluster: Option<ClusterHandle>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -45,6 +50,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
         .route("/healthz", get(healthz))
+        .route("/v1/cluster", get(cluster::cluster_view))
+        .route("/v1/ring/link", get(cluster::ring_link))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BODY_BYTES))

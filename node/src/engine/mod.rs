@@ -33,7 +33,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
 use crate::limits::{ENGINE_QUEUE_LEN, MAX_ACTIVE_SEQUENCES, PREFILL_CHUNK_TOKENS};
-use stage::{Sample, StageJob, StageResult};
+use stage::{Route, Sample, StageJob, StageOutput, StageResult};
 
 /// One generation, as the API layer hands it over.
 #[derive(Debug, Clone)]
@@ -223,27 +223,22 @@ pub struct Engine {
     threads: Vec<JoinHandle<()>>,
 }
 
+/// The far ends of the coordinator's two channels: whoever runs the stages
+/// takes jobs from `jobs` and returns results through `results`.
+pub struct PipelineEnds {
+    pub jobs: mpsc::Receiver<StageJob>,
+    pub results: mpsc::Sender<StageResult>,
+}
+
 impl Engine {
-    /// Starts an engine serving the whole model from one local shard, with
-    /// `kv_budget_bytes` for the KV caches of its requests.
-    pub fn start_local(
-        shard: Shard,
-        stop_tokens: BTreeSet<u32>,
-        kv_budget_bytes: u64,
-    ) -> std::io::Result<Self> {
-        let config = shard.config();
-        let model = Arc::new(EngineModel {
-            context_length: config.context_length,
-            stop_tokens,
-            kv_bytes_per_token: config.kv_bytes_per_token_per_layer() * shard.range().len() as u64,
-            kv_budget_bytes,
-        });
+    /// Starts a coordinator for `model`; the caller runs the stages and
+    /// connects them to the returned ends.
+    pub fn start(model: EngineModel) -> std::io::Result<(Self, PipelineEnds)> {
+        let model = Arc::new(model);
         let (job_tx, job_rx) = mpsc::channel(2 * MAX_ACTIVE_SEQUENCES);
         let (result_tx, result_rx) = mpsc::channel(2 * MAX_ACTIVE_SEQUENCES);
         let (submission_tx, submission_rx) = mpsc::channel(ENGINE_QUEUE_LEN);
         let (stats_tx, stats_rx) = watch::channel(EngineStats::default());
-
-        let stage_thread = stage::spawn(shard, job_rx, result_tx)?;
         let coordinator = Coordinator {
             model: Arc::clone(&model),
             submissions: submission_rx,
@@ -265,14 +260,51 @@ impl Engine {
                     Err(error) => tracing::error!(%error, "cannot start the coordinator runtime"),
                 }
             })?;
-        Ok(Self {
+        let engine = Self {
             handle: EngineHandle {
                 submissions: submission_tx,
                 stats: stats_rx,
                 model,
             },
-            threads: vec![stage_thread, coordinator_thread],
-        })
+            threads: vec![coordinator_thread],
+        };
+        Ok((
+            engine,
+            PipelineEnds {
+                jobs: job_rx,
+                results: result_tx,
+            },
+        ))
+    }
+
+    /// Starts an engine serving the whole model from one local shard, with
+    /// `kv_budget_bytes` for the KV caches of its requests.
+    pub fn start_local(
+        shard: Shard,
+        stop_tokens: BTreeSet<u32>,
+        kv_budget_bytes: u64,
+    ) -> std::io::Result<Self> {
+        let config = shard.config();
+        let model = EngineModel {
+            context_length: config.context_length,
+            stop_tokens,
+            kv_bytes_per_token: config.kv_bytes_per_token_per_layer() * shard.range().len() as u64,
+            kv_budget_bytes,
+        };
+        let (mut engine, ends) = Self::start(model)?;
+        let results = ends.results;
+        let stage_thread = stage::spawn(shard, ends.jobs, move |output| match output {
+            StageOutput::Done { result, .. } => results.blocking_send(result).is_ok(),
+            StageOutput::Next { sequence, .. } => {
+                // One shard holding the whole model always ends in logits.
+                let message = "the model's last layer is missing from this node".to_string();
+                results
+                    .blocking_send(StageResult::Failed { sequence, message })
+                    .is_ok()
+            }
+        })?;
+        engine.threads.push(stage_thread);
+        Ok(engine)
     }
 
     /// Stops accepting work and waits for the engine's threads to end.
@@ -416,6 +448,7 @@ impl Coordinator {
             position,
             input: ShardInput::Tokens(chunk),
             sample,
+            route: Route::default(),
         })
         .await;
     }
@@ -472,6 +505,7 @@ impl Coordinator {
             position,
             input: ShardInput::Tokens(vec![token]),
             sample: Sample::Continue,
+            route: Route::default(),
         })
         .await;
     }

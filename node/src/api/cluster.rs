@@ -1,0 +1,81 @@
+//! `GET /v1/cluster` and the link upgrade `GET /v1/ring/link`.
+
+use std::net::SocketAddr;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use super::{ApiError, AppState};
+use crate::cluster::ClusterView;
+use crate::cluster::protocol::{PROTOCOL_VERSION, UPGRADE_TOKEN, VERSION_HEADER};
+
+/// The cluster as this node sees it: nodes, links, the plan.
+pub async fn cluster_view(State(state): State<AppState>) -> Result<Json<ClusterView>, ApiError> {
+    let cluster = state
+        .cluster
+        .as_ref()
+        .ok_or_else(|| ApiError::not_found("/v1/cluster"))?;
+    Ok(Json(cluster.view()))
+}
+
+/// Upgrades the connection to a node-to-node link.
+pub async fn ring_link(State(state): State<AppState>, mut request: Request) -> Response {
+    let Some(cluster) = state.cluster.clone() else {
+        return ApiError::not_found("/v1/ring/link").into_response();
+    };
+    let header = |name: &str| {
+        request
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    if !header("upgrade").is_some_and(|u| u.eq_ignore_ascii_case(UPGRADE_TOKEN)) {
+        return ApiError {
+            status: StatusCode::UPGRADE_REQUIRED,
+            ..ApiError::invalid_request(format!(
+                "/v1/ring/link is for ringlet nodes: send `Upgrade: {UPGRADE_TOKEN}`."
+            ))
+        }
+        .into_response();
+    }
+    let version = header(VERSION_HEADER).and_then(|v| v.parse::<u32>().ok());
+    if version != Some(PROTOCOL_VERSION) {
+        let theirs = version.map_or_else(|| "no".to_string(), |v| v.to_string());
+        return ApiError {
+            status: StatusCode::CONFLICT,
+            code: Some("protocol_mismatch"),
+            ..ApiError::invalid_request(format!(
+                "this node speaks ringlet protocol {PROTOCOL_VERSION}, the peer speaks {theirs}; run the same ringlet version on every node"
+            ))
+        }
+        .into_response();
+    }
+    let Some(remote) = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0)
+    else {
+        return ApiError::internal("the connection has no peer address").into_response();
+    };
+    let upgrade = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(upgraded) => {
+                cluster
+                    .accept(hyper_util::rt::TokioIo::new(upgraded), remote)
+                    .await
+            }
+            Err(error) => tracing::warn!(%error, %remote, "a link upgrade failed"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::UPGRADE, UPGRADE_TOKEN)
+        .body(Body::empty())
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}

@@ -1,0 +1,1216 @@
+//! The cluster actor: the single owner of membership, plans and routing.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kernels::{Device, LayerRange, ModelFile, SequenceId, ShardInput, Tensor};
+use scheduler::{ModelShape, NodeId, NodeResources};
+use tokio::sync::{mpsc, watch};
+
+use super::link::{self, LinkContext, LinkId, LinkSender};
+use super::protocol::{
+    Epoch, ForwardFrame, Frame, Hello, ModelIdentity, PROTOCOL_VERSION, Payload, PeerAddress,
+    PlanMessage, PlanStage, RequestId, WireDType, WireSample,
+};
+use super::resources::process_memory;
+use super::{
+    ClusterConfig, ClusterEvent, ClusterView, LinkView, NodeView, PlanState, PlanView, StageView,
+};
+use crate::engine::PipelineEnds;
+use crate::engine::stage::{self, Route, Sample, StageJob, StageOutput, StageResult};
+use crate::limits::{MAX_ACTIVE_SEQUENCES, MAX_NODES, PLAN_SETTLE_MS, REDIAL_INTERVAL_MS};
+
+/// A node we are linked to.
+struct Member {
+    hello: Hello,
+    /// HOST:PORT where its API and link port is reached.
+    address: String,
+    link: LinkSender,
+    rtt_micros: Option<u64>,
+}
+
+/// The plan being loaded or in use.
+struct CurrentPlan {
+    message: PlanMessage,
+    /// Weight bytes each stage's node reported after loading.
+    ready: HashMap<NodeId, u64>,
+    active: bool,
+}
+
+impl CurrentPlan {
+    fn stage_of(&self, node: NodeId) -> Option<(usize, LayerRange)> {
+        self.message
+            .stages
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.node == node)
+            .map(|(i, s)| (i, s.layers))
+    }
+}
+
+/// This node's stage: a thread running its shard.
+struct LocalStage {
+    epoch: Epoch,
+    index: usize,
+    jobs: mpsc::Sender<StageJob>,
+    weight_bytes: u64,
+}
+
+pub(super) struct Cluster {
+    me: NodeId,
+    name: String,
+    listen: SocketAddr,
+    resources: super::protocol::Resources,
+    identity: ModelIdentity,
+    model: Arc<ModelFile>,
+    shape: ModelShape,
+    device: Device,
+    members: BTreeMap<NodeId, Member>,
+    /// Addresses to stay linked to: `--peer` ones and those peers told us.
+    known_addresses: HashSet<String>,
+    dialing: HashSet<String>,
+    plan: Option<CurrentPlan>,
+    highest_epoch: Epoch,
+    plan_error: Option<String>,
+    /// When the leader should (re)plan, after membership settles.
+    replan_at: Option<Instant>,
+    local_stage: Option<LocalStage>,
+    /// Requests owned here that are in flight, to fail them if a stage dies.
+    owned: HashSet<SequenceId>,
+    /// Sequences on this node's stage and their owners, to release them if
+    /// the owner dies.
+    hosted: HashMap<SequenceId, NodeId>,
+    jobs: mpsc::Receiver<StageJob>,
+    results: mpsc::Sender<StageResult>,
+    events_tx: mpsc::Sender<ClusterEvent>,
+    events: mpsc::Receiver<ClusterEvent>,
+    view: watch::Sender<ClusterView>,
+}
+
+impl Cluster {
+    pub(super) fn new(
+        config: ClusterConfig,
+        model: Arc<ModelFile>,
+        pipeline: PipelineEnds,
+        events_tx: mpsc::Sender<ClusterEvent>,
+        events: mpsc::Receiver<ClusterEvent>,
+        view: watch::Sender<ClusterView>,
+    ) -> Self {
+        let shape = model_shape(&model);
+        let identity = ModelIdentity {
+            name: config.model_name,
+            fingerprint: model.fingerprint().to_string(),
+        };
+        Self {
+            me: config.me,
+            name: config.name,
+            listen: config.listen,
+            resources: config.resources,
+            identity,
+            model,
+            shape,
+            device: config.device,
+            members: BTreeMap::new(),
+            known_addresses: config.peers.into_iter().collect(),
+            dialing: HashSet::new(),
+            plan: None,
+            highest_epoch: Epoch(0),
+            plan_error: None,
+            replan_at: Some(Instant::now()),
+            local_stage: None,
+            owned: HashSet::new(),
+            hosted: HashMap::new(),
+            jobs: pipeline.jobs,
+            results: pipeline.results,
+            events_tx,
+            events,
+            view,
+        }
+    }
+
+    pub(super) async fn run(mut self) {
+        self.redial();
+        self.publish();
+        let mut redial = tokio::time::interval(Duration::from_millis(REDIAL_INTERVAL_MS));
+        loop {
+            let replan = self.replan_at;
+            tokio::select! {
+                event = self.events.recv() => match event {
+                    Some(event) => self.on_event(event),
+                    None => break,
+                },
+                job = self.jobs.recv() => match job {
+                    Some(job) => self.on_coordinator_job(job),
+                    None => break, // the coordinator stopped: the node is stopping
+                },
+                () = sleep_until(replan) => {
+                    self.replan_at = None;
+                    self.plan_if_leader();
+                }
+                _ = redial.tick() => self.redial(),
+            }
+            self.publish();
+        }
+        for member in self.members.values() {
+            member.link.send(Frame::Bye {
+                reason: "the node is stopping".into(),
+            });
+        }
+    }
+
+    fn on_event(&mut self, event: ClusterEvent) {
+        match event {
+            ClusterEvent::LinkUp {
+                hello,
+                sender,
+                accepted,
+            } => {
+                let keep = self.link_up(*hello, sender);
+                let _ = accepted.send(keep);
+            }
+            ClusterEvent::LinkDown { node, link, reason } => self.link_down(node, link, &reason),
+            ClusterEvent::LinkRtt { node, rtt_micros } => {
+                if let Some(member) = self.members.get_mut(&node) {
+                    member.rtt_micros = Some(rtt_micros);
+                }
+            }
+            ClusterEvent::Frame { from, frame } => self.on_frame(from, frame),
+            ClusterEvent::FromStage(output) => self.on_stage_output(output),
+            ClusterEvent::ShardLoaded { epoch, result } => self.shard_loaded(epoch, result),
+            ClusterEvent::DialEnded { address } => {
+                self.dialing.remove(&address);
+            }
+            ClusterEvent::Accept { stream, remote } => {
+                self.spawn_link(stream, remote.to_string(), false)
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------
+    // Membership
+    // -----------------------------------------------------------------------
+
+    fn hello(&self) -> Hello {
+        Hello {
+            protocol_version: PROTOCOL_VERSION,
+            node: self.me,
+            name: self.name.clone(),
+            address: self.listen.to_string(),
+            resources: self.resources.clone(),
+            model: self.identity.clone(),
+            peers: self
+                .members
+                .iter()
+                .map(|(id, m)| PeerAddress {
+                    node: *id,
+                    address: m.address.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Links to every known address not linked yet.
+    fn redial(&mut self) {
+        let linked: HashSet<&String> = self.members.values().map(|m| &m.address).collect();
+        let own = self.listen.to_string();
+        let to_dial: Vec<String> = self
+            .known_addresses
+            .iter()
+            .filter(|a| !linked.contains(a) && !self.dialing.contains(*a) && **a != own)
+            .cloned()
+            .collect();
+        for address in to_dial {
+            self.dialing.insert(address.clone());
+            let hello = self.hello();
+            let events = self.events_tx.clone();
+            let me = self.me;
+            tokio::spawn(async move {
+                match link::dial(&address).await {
+                    Ok(stream) => {
+                        let context = LinkContext {
+                            me,
+                            events: events.clone(),
+                            observed_address: address.clone(),
+                        };
+                        let _ = events.send(ClusterEvent::DialEnded { address }).await;
+                        link::run(stream, hello, true, context).await;
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, "dial failed; will retry");
+                        let _ = events.send(ClusterEvent::DialEnded { address }).await;
+                    }
+                }
+            });
+        }
+    }
+
+    fn spawn_link(&self, stream: link::AcceptedStream, observed_address: String, dialed: bool) {
+        let hello = self.hello();
+        let context = LinkContext {
+            me: self.me,
+            events: self.events_tx.clone(),
+            observed_address,
+        };
+        tokio::spawn(link::run(stream, hello, dialed, context));
+    }
+
+    /// Registers a new link; false to close it (a duplicate, or too many).
+    fn link_up(&mut self, hello: Hello, link: LinkSender) -> bool {
+        let peer = hello.node;
+        if let Some(existing) = self.members.get(&peer) {
+            // Two links to one peer (both dialed at once): both sides keep
+            // the one the smaller node id dialed.
+            let smaller_dialed =
+                |dialed: bool| (dialed && self.me < peer) || (!dialed && peer < self.me);
+            if !smaller_dialed(link.dialed) || smaller_dialed(existing.link.dialed) {
+                return false;
+            }
+            existing.link.close();
+        } else if self.members.len() + 1 >= MAX_NODES {
+            tracing::warn!(peer = %hello.name, "refusing a peer: the cluster has {MAX_NODES} nodes");
+            return false;
+        }
+        let address = advertised_address(&hello.address, &link.observed_address);
+        for peer in &hello.peers {
+            if peer.node != self.me && !self.members.contains_key(&peer.node) {
+                self.known_addresses.insert(peer.address.clone());
+            }
+        }
+        self.known_addresses.insert(address.clone());
+        if hello.model.fingerprint != self.identity.fingerprint {
+            tracing::warn!(
+                peer = %hello.name,
+                their_model = %hello.model.name,
+                their_fingerprint = %hello.model.fingerprint,
+                our_fingerprint = %self.identity.fingerprint,
+                "peer has a different model file; it will not be given layers"
+            );
+        } else {
+            tracing::info!(peer = %hello.name, node = %peer, %address, "peer joined");
+        }
+        self.members.insert(
+            peer,
+            Member {
+                hello,
+                address,
+                link,
+                rtt_micros: None,
+            },
+        );
+        self.membership_changed();
+        true
+    }
+
+    fn link_down(&mut self, node: NodeId, link: LinkId, reason: &str) {
+        if self.members.get(&node).is_none_or(|m| m.link.id != link) {
+            return; // a replaced duplicate link closing
+        }
+        let Some(member) = self.members.remove(&node) else {
+            return;
+        };
+        tracing::info!(peer = %member.hello.name, node = %node, %reason, "peer left");
+        // Requests owned here cannot finish if the peer held a stage.
+        let in_plan = self
+            .plan
+            .as_ref()
+            .is_some_and(|p| p.stage_of(node).is_some());
+        if in_plan {
+            let message = format!(
+                "node {} ({node}) left the cluster: {reason}",
+                member.hello.name
+            );
+            for sequence in self.owned.drain().collect::<Vec<_>>() {
+                let _ = self.results.try_send(StageResult::Failed {
+                    sequence,
+                    message: message.clone(),
+                });
+            }
+            if let Some(plan) = &mut self.plan {
+                plan.active = false;
+            }
+            self.plan_error = Some(format!("{message}; re-planning"));
+        }
+        // Sequences it owned on our stage will never be released by it.
+        let orphans: Vec<SequenceId> = self
+            .hosted
+            .iter()
+            .filter(|(_, o)| **o == node)
+            .map(|(s, _)| *s)
+            .collect();
+        for sequence in orphans {
+            self.release_local(sequence);
+        }
+        self.membership_changed();
+    }
+
+    fn membership_changed(&mut self) {
+        self.replan_at = Some(Instant::now() + Duration::from_millis(PLAN_SETTLE_MS));
+    }
+
+    /// Nodes serving the same model file, this one included, by id.
+    fn compatible(&self) -> Vec<NodeResources> {
+        let mut nodes = vec![NodeResources {
+            id: self.me,
+            memory_budget_bytes: self.resources.memory_budget_bytes,
+            compute_score: self.resources.compute_score,
+        }];
+        nodes.extend(
+            self.members
+                .values()
+                .filter(|m| m.hello.model.fingerprint == self.identity.fingerprint)
+                .map(|m| NodeResources {
+                    id: m.hello.node,
+                    memory_budget_bytes: m.hello.resources.memory_budget_bytes,
+                    compute_score: m.hello.resources.compute_score,
+                }),
+        );
+        nodes.sort_by_key(|n| n.id);
+        nodes
+    }
+
+    fn leader(&self) -> NodeId {
+        self.compatible().first().map_or(self.me, |n| n.id)
+    }
+
+    // -----------------------------------------------------------------------
+    // Planning
+    // -----------------------------------------------------------------------
+
+    fn plan_if_leader(&mut self) {
+        if self.leader() != self.me {
+            return;
+        }
+        let nodes = self.compatible();
+        let plan = match scheduler::plan_memory_weighted(&nodes, &self.shape) {
+            Ok(plan) => plan,
+            Err(error) => {
+                let message = format!("cannot place model {}: {error}", self.identity.name);
+                if self.plan_error.as_deref() != Some(&message) {
+                    tracing::error!("{message}");
+                }
+                self.plan_error = Some(message);
+                return;
+            }
+        };
+        let stages: Vec<PlanStage> = plan
+            .stages
+            .iter()
+            .map(|s| PlanStage {
+                node: s.node,
+                layers: LayerRange::new(s.layers.start as usize, s.layers.end as usize),
+            })
+            .collect();
+        let unchanged = self
+            .plan
+            .as_ref()
+            .is_some_and(|p| p.active && p.message.stages == stages);
+        if unchanged {
+            self.plan_error = None;
+            return;
+        }
+        let message = PlanMessage {
+            epoch: Epoch(self.highest_epoch.0 + 1),
+            leader: self.me,
+            model: self.identity.clone(),
+            stages,
+        };
+        tracing::info!(epoch = message.epoch.0, stages = %describe_stages(&message.stages, self), "new plan");
+        for member in self.members.values() {
+            member.link.send(Frame::Plan(message.clone()));
+        }
+        self.on_plan(message);
+    }
+
+    /// Adopts a plan: drop the old stage, load this node's layers (if any).
+    fn on_plan(&mut self, message: PlanMessage) {
+        let leader = message.leader;
+        if message.epoch <= self.highest_epoch {
+            // Another node led earlier with higher epochs; tell the leader
+            // so that its next plan is newer than anything followed here.
+            self.send_to(
+                leader,
+                Frame::PlanStale {
+                    epoch: message.epoch,
+                    highest: self.highest_epoch,
+                },
+            );
+            return;
+        }
+        // A plan this node cannot follow changes nothing here, not even the
+        // epoch: the real leader's next plan must still be taken.
+        if message.model.fingerprint != self.identity.fingerprint {
+            let error = format!(
+                "this node serves {} ({}), the plan is for {} ({}); it cannot take part",
+                self.identity.name,
+                self.identity.fingerprint,
+                message.model.name,
+                message.model.fingerprint
+            );
+            tracing::error!("{error}");
+            self.send_to(
+                leader,
+                Frame::PlanFailed {
+                    epoch: message.epoch,
+                    node: self.me,
+                    error,
+                },
+            );
+            return;
+        }
+        self.highest_epoch = message.epoch;
+        self.fail_owned("the cluster re-planned; retry the request");
+        self.local_stage = None; // dropping the job sender stops the thread
+        self.hosted.clear();
+        let epoch = message.epoch;
+        let mine = message
+            .stages
+            .iter()
+            .position(|s| s.node == self.me)
+            .map(|i| (i, message.stages[i].layers));
+        self.plan = Some(CurrentPlan {
+            message,
+            ready: HashMap::new(),
+            active: false,
+        });
+        self.plan_error = None;
+        match mine {
+            Some((_, layers)) => {
+                tracing::info!(epoch = epoch.0, %layers, "loading layers for the new plan");
+                let model = Arc::clone(&self.model);
+                let device = self.device.clone();
+                let events = self.events_tx.clone();
+                tokio::task::spawn_blocking(move || {
+                    let result = model.load_shard(layers, &device).map_err(|e| e.to_string());
+                    let _ = events.blocking_send(ClusterEvent::ShardLoaded { epoch, result });
+                });
+            }
+            None => self.report_ready(epoch, 0),
+        }
+    }
+
+    fn shard_loaded(&mut self, epoch: Epoch, result: Result<kernels::Shard, String>) {
+        let Some(plan) = &self.plan else { return };
+        if plan.message.epoch != epoch {
+            return; // a newer plan replaced it while it loaded
+        }
+        let leader = plan.message.leader;
+        let Some((index, _)) = plan.stage_of(self.me) else {
+            return;
+        };
+        let shard = match result {
+            Ok(shard) => shard,
+            Err(error) => {
+                tracing::error!(%error, "cannot load this node's layers");
+                self.send_to(
+                    leader,
+                    Frame::PlanFailed {
+                        epoch,
+                        node: self.me,
+                        error,
+                    },
+                );
+                return;
+            }
+        };
+        let weight_bytes = shard.weight_bytes();
+        tracing::info!(
+            epoch = epoch.0,
+            layers = %shard.range(),
+            weight_mib = format!("{:.1}", weight_bytes as f64 / (1 << 20) as f64),
+            "layers loaded"
+        );
+        let (jobs_tx, jobs_rx) = mpsc::channel(MAX_ACTIVE_SEQUENCES * MAX_NODES);
+        let events = self.events_tx.clone();
+        let spawned = stage::spawn(shard, jobs_rx, move |output| {
+            events
+                .blocking_send(ClusterEvent::FromStage(output))
+                .is_ok()
+        });
+        if let Err(error) = spawned {
+            self.send_to(
+                leader,
+                Frame::PlanFailed {
+                    epoch,
+                    node: self.me,
+                    error: format!("cannot start the stage thread: {error}"),
+                },
+            );
+            return;
+        }
+        self.local_stage = Some(LocalStage {
+            epoch,
+            index,
+            jobs: jobs_tx,
+            weight_bytes,
+        });
+        self.report_ready(epoch, weight_bytes);
+    }
+
+    fn report_ready(&mut self, epoch: Epoch, weight_bytes: u64) {
+        let Some(plan) = &self.plan else { return };
+        let leader = plan.message.leader;
+        if leader == self.me {
+            self.on_ready(epoch, self.me, weight_bytes);
+        } else {
+            self.send_to(
+                leader,
+                Frame::PlanReady {
+                    epoch,
+                    node: self.me,
+                    weight_bytes,
+                },
+            );
+        }
+    }
+
+    /// Leader: a node loaded its layers; activate once all have.
+    fn on_ready(&mut self, epoch: Epoch, node: NodeId, weight_bytes: u64) {
+        let Some(plan) = &mut self.plan else { return };
+        if plan.message.epoch != epoch || plan.message.leader != self.me {
+            return;
+        }
+        plan.ready.insert(node, weight_bytes);
+        if !plan
+            .message
+            .stages
+            .iter()
+            .all(|s| plan.ready.contains_key(&s.node))
+        {
+            return;
+        }
+        let weights: Vec<(NodeId, u64)> = plan.ready.iter().map(|(n, b)| (*n, *b)).collect();
+        for member in self.members.values() {
+            member.link.send(Frame::PlanActive {
+                epoch,
+                weights: weights.clone(),
+            });
+        }
+        self.on_active(epoch, weights);
+    }
+
+    fn on_active(&mut self, epoch: Epoch, weights: Vec<(NodeId, u64)>) {
+        let Some(plan) = &mut self.plan else { return };
+        if plan.message.epoch != epoch {
+            return;
+        }
+        plan.ready.extend(weights);
+        plan.active = true;
+        self.plan_error = None;
+        tracing::info!(
+            epoch = epoch.0,
+            stages = plan.message.stages.len(),
+            "plan active: {} stages",
+            plan.message.stages.len()
+        );
+    }
+
+    // -----------------------------------------------------------------------
+    // Frames from peers
+    // -----------------------------------------------------------------------
+
+    fn on_frame(&mut self, from: NodeId, frame: Frame) {
+        match frame {
+            Frame::Plan(message) => {
+                // Only the leader in this node's view plans for it: while
+                // nodes are still meeting, two may each think they lead.
+                if message.leader != from || from != self.leader() {
+                    tracing::debug!(peer = %from, "ignoring a plan from a node that is not the leader here");
+                    return;
+                }
+                self.on_plan(message);
+            }
+            Frame::PlanStale { epoch, highest } => {
+                if self
+                    .plan
+                    .as_ref()
+                    .is_some_and(|p| p.message.epoch == epoch && p.message.leader == self.me)
+                {
+                    self.highest_epoch = self.highest_epoch.max(highest);
+                    self.plan = None;
+                    self.membership_changed();
+                }
+            }
+            Frame::PlanReady {
+                epoch,
+                node,
+                weight_bytes,
+            } => self.on_ready(epoch, node, weight_bytes),
+            Frame::PlanFailed { epoch, node, error } => {
+                let name = self
+                    .members
+                    .get(&node)
+                    .map_or_else(|| node.to_string(), |m| m.hello.name.clone());
+                let message = format!("node {name} cannot take part in plan {}: {error}", epoch.0);
+                tracing::error!("{message}");
+                self.plan_error = Some(message);
+            }
+            Frame::PlanActive { epoch, weights } => self.on_active(epoch, weights),
+            Frame::Forward(forward) => self.forward_from_peer(from, forward),
+            Frame::Token { request, token } => self.deliver_to_coordinator(StageResult::Token {
+                sequence: SequenceId(request.0),
+                token,
+            }),
+            Frame::ChunkDone { request } => self.deliver_to_coordinator(StageResult::ChunkDone {
+                sequence: SequenceId(request.0),
+            }),
+            Frame::Failed { request, error } => self.deliver_to_coordinator(StageResult::Failed {
+                sequence: SequenceId(request.0),
+                message: error,
+            }),
+            Frame::Release { request } => self.release_local(SequenceId(request.0)),
+            // Handled by the link itself.
+            Frame::Hello(_)
+            | Frame::Heartbeat { .. }
+            | Frame::HeartbeatAck { .. }
+            | Frame::Bye { .. } => {}
+        }
+    }
+
+    // -----------------------------------------------------------------------
+    // Routing
+    // -----------------------------------------------------------------------
+
+    /// A job from this node's coordinator: the first step of a request, or
+    /// the release of one.
+    fn on_coordinator_job(&mut self, job: StageJob) {
+        match job {
+            StageJob::Release { sequence } => {
+                self.owned.remove(&sequence);
+                let nodes: Vec<NodeId> = self
+                    .plan
+                    .as_ref()
+                    .map(|p| p.message.stages.iter().map(|s| s.node).collect())
+                    .unwrap_or_default();
+                for node in nodes {
+                    if node == self.me {
+                        self.release_local(sequence);
+                    } else {
+                        self.send_to(
+                            node,
+                            Frame::Release {
+                                request: RequestId(sequence.0),
+                            },
+                        );
+                    }
+                }
+            }
+            StageJob::Forward {
+                sequence,
+                position,
+                input,
+                sample,
+                ..
+            } => {
+                let Some(plan) = self.plan.as_ref().filter(|p| p.active) else {
+                    let message = format!(
+                        "the cluster cannot run requests now: {}",
+                        self.view.borrow().not_ready_reason()
+                    );
+                    self.deliver_to_coordinator(StageResult::Failed { sequence, message });
+                    return;
+                };
+                self.owned.insert(sequence);
+                let route = Route {
+                    owner: self.me.0,
+                    epoch: plan.message.epoch.0,
+                    stage: 0,
+                };
+                self.route_forward(sequence, position, input, sample, route);
+            }
+        }
+    }
+
+    /// An output of this node's stage: hidden states onward, or a result
+    /// back to the request's owner.
+    fn on_stage_output(&mut self, output: StageOutput) {
+        match output {
+            StageOutput::Next {
+                sequence,
+                position,
+                hidden,
+                sample,
+                route,
+            } => {
+                self.route_forward(
+                    sequence,
+                    position,
+                    ShardInput::Hidden(hidden),
+                    sample,
+                    route,
+                );
+            }
+            StageOutput::Done { route, result } => {
+                self.send_result_to_owner(NodeId(route.owner), result)
+            }
+        }
+    }
+
+    /// Sends a job to the node holding stage `route.stage`.
+    fn route_forward(
+        &mut self,
+        sequence: SequenceId,
+        position: usize,
+        input: ShardInput,
+        sample: Sample,
+        route: Route,
+    ) {
+        let owner = NodeId(route.owner);
+        let target = self
+            .plan
+            .as_ref()
+            .filter(|p| p.message.epoch.0 == route.epoch)
+            .and_then(|p| p.message.stages.get(route.stage as usize));
+        let Some(target) = target.map(|s| s.node) else {
+            self.send_result_to_owner(
+                owner,
+                StageResult::Failed {
+                    sequence,
+                    message: "the cluster re-planned; retry the request".into(),
+                },
+            );
+            return;
+        };
+        if target == self.me {
+            self.forward_local(sequence, position, input, sample, route);
+            return;
+        }
+        let payload = match input {
+            ShardInput::Tokens(tokens) => Payload::Tokens(tokens),
+            ShardInput::Hidden(hidden) => match hidden_payload(&hidden) {
+                Ok(payload) => payload,
+                Err(message) => {
+                    self.send_result_to_owner(owner, StageResult::Failed { sequence, message });
+                    return;
+                }
+            },
+        };
+        let frame = Frame::Forward(ForwardFrame {
+            request: RequestId(sequence.0),
+            owner,
+            epoch: Epoch(route.epoch),
+            stage: route.stage,
+            position: u32::try_from(position).unwrap_or(u32::MAX),
+            payload,
+            sample: match sample {
+                Sample::No => WireSample::No,
+                Sample::Start(params) => WireSample::Start(params),
+                Sample::Continue => WireSample::Continue,
+            },
+        });
+        if !self.send_to(target, frame) {
+            let name = self.node_name(target);
+            self.send_result_to_owner(
+                owner,
+                StageResult::Failed {
+                    sequence,
+                    message: format!(
+                        "cannot reach node {name}, which holds stage {}",
+                        route.stage
+                    ),
+                },
+            );
+        }
+    }
+
+    /// Hands a job to this node's stage, if the route is for it.
+    fn forward_local(
+        &mut self,
+        sequence: SequenceId,
+        position: usize,
+        input: ShardInput,
+        sample: Sample,
+        route: Route,
+    ) {
+        let owner = NodeId(route.owner);
+        let stage = self
+            .local_stage
+            .as_ref()
+            .filter(|s| s.epoch.0 == route.epoch && s.index == route.stage as usize);
+        let Some(stage) = stage else {
+            self.send_result_to_owner(
+                owner,
+                StageResult::Failed {
+                    sequence,
+                    message: "this node's layers are not loaded for that plan; retry".into(),
+                },
+            );
+            return;
+        };
+        let job = StageJob::Forward {
+            sequence,
+            position,
+            input,
+            sample,
+            route,
+        };
+        if stage.jobs.try_send(job).is_err() {
+            self.send_result_to_owner(
+                owner,
+                StageResult::Failed {
+                    sequence,
+                    message: "the stage is overloaded".into(),
+                },
+            );
+            return;
+        }
+        self.hosted.insert(sequence, owner);
+    }
+
+    /// A job from a peer: check it, turn its payload into an input, run it.
+    fn forward_from_peer(&mut self, from: NodeId, forward: ForwardFrame) {
+        let sequence = SequenceId(forward.request.0);
+        let route = Route {
+            owner: forward.owner.0,
+            epoch: forward.epoch.0,
+            stage: forward.stage,
+        };
+        let input = match forward.payload {
+            Payload::Tokens(tokens) if !tokens.is_empty() => ShardInput::Tokens(tokens),
+            Payload::Tokens(_) => {
+                self.send_result_to_owner(
+                    forward.owner,
+                    StageResult::Failed {
+                        sequence,
+                        message: "an empty token payload".into(),
+                    },
+                );
+                return;
+            }
+            Payload::Hidden {
+                tokens,
+                hidden,
+                dtype: WireDType::F32,
+                data,
+            } => match hidden_input(tokens, hidden, &data, self.model.config().hidden_size) {
+                Ok(tensor) => ShardInput::Hidden(tensor),
+                Err(message) => {
+                    tracing::warn!(peer = %from, %message, "refusing activations");
+                    self.send_result_to_owner(
+                        forward.owner,
+                        StageResult::Failed { sequence, message },
+                    );
+                    return;
+                }
+            },
+        };
+        let sample = match forward.sample {
+            WireSample::No => Sample::No,
+            WireSample::Start(params) => Sample::Start(params),
+            WireSample::Continue => Sample::Continue,
+        };
+        self.forward_local(sequence, forward.position as usize, input, sample, route);
+    }
+
+    fn send_result_to_owner(&mut self, owner: NodeId, result: StageResult) {
+        if owner == self.me {
+            self.deliver_to_coordinator(result);
+            return;
+        }
+        let frame = match result {
+            StageResult::Token { sequence, token } => Frame::Token {
+                request: RequestId(sequence.0),
+                token,
+            },
+            StageResult::ChunkDone { sequence } => Frame::ChunkDone {
+                request: RequestId(sequence.0),
+            },
+            StageResult::Failed { sequence, message } => Frame::Failed {
+                request: RequestId(sequence.0),
+                error: message,
+            },
+        };
+        self.send_to(owner, frame);
+    }
+
+    fn deliver_to_coordinator(&mut self, result: StageResult) {
+        let sequence = match &result {
+            StageResult::Token { sequence, .. }
+            | StageResult::ChunkDone { sequence }
+            | StageResult::Failed { sequence, .. } => *sequence,
+        };
+        if !self.owned.contains(&sequence) && !matches!(result, StageResult::Failed { .. }) {
+            return; // a late result for a request already ended
+        }
+        if let StageResult::Failed { .. } = result {
+            self.owned.remove(&sequence);
+        }
+        // The channel has room for every request's one result in flight.
+        if self.results.try_send(result).is_err() {
+            tracing::error!(request = %sequence, "the coordinator's result queue is full; dropping a result");
+        }
+    }
+
+    fn release_local(&mut self, sequence: SequenceId) {
+        self.hosted.remove(&sequence);
+        if let Some(stage) = &self.local_stage {
+            let _ = stage.jobs.try_send(StageJob::Release { sequence });
+        }
+    }
+
+    fn fail_owned(&mut self, message: &str) {
+        for sequence in self.owned.drain().collect::<Vec<_>>() {
+            let _ = self.results.try_send(StageResult::Failed {
+                sequence,
+                message: message.to_string(),
+            });
+        }
+    }
+
+    /// Sends a frame to a member; false if it is not linked.
+    fn send_to(&mut self, node: NodeId, frame: Frame) -> bool {
+        if node == self.me {
+            return false;
+        }
+        self.members.get(&node).is_some_and(|m| m.link.send(frame))
+    }
+
+    fn node_name(&self, node: NodeId) -> String {
+        if node == self.me {
+            return self.name.clone();
+        }
+        self.members
+            .get(&node)
+            .map_or_else(|| node.to_string(), |m| m.hello.name.clone())
+    }
+
+    // -----------------------------------------------------------------------
+    // The published view
+    // -----------------------------------------------------------------------
+
+    fn publish(&self) {
+        let plan_layers = |node: NodeId| {
+            self.plan
+                .as_ref()
+                .and_then(|p| p.stage_of(node))
+                .map(|(_, l)| l)
+        };
+        let reported = |node: NodeId| self.plan.as_ref().and_then(|p| p.ready.get(&node).copied());
+        let (rss, peak) = process_memory();
+        let mut nodes = vec![NodeView {
+            id: self.me,
+            name: self.name.clone(),
+            address: self.listen.to_string(),
+            status: "self".into(),
+            device: self.resources.device.clone(),
+            device_name: self.resources.device_name.clone(),
+            memory_total_bytes: self.resources.memory_total_bytes,
+            memory_available_bytes: self.resources.memory_available_bytes,
+            memory_budget_bytes: self.resources.memory_budget_bytes,
+            compute_score: self.resources.compute_score,
+            model: self.identity.clone(),
+            layers: plan_layers(self.me),
+            weight_bytes: self
+                .local_stage
+                .as_ref()
+                .map(|s| s.weight_bytes)
+                .or_else(|| reported(self.me)),
+            rss_bytes: Some(rss),
+            peak_rss_bytes: Some(peak),
+        }];
+        for (id, member) in &self.members {
+            let r = &member.hello.resources;
+            let status = if member.hello.model.fingerprint == self.identity.fingerprint {
+                "linked".to_string()
+            } else {
+                format!(
+                    "not used: it serves another model file ({})",
+                    member.hello.model.fingerprint
+                )
+            };
+            nodes.push(NodeView {
+                id: *id,
+                name: member.hello.name.clone(),
+                address: member.address.clone(),
+                status,
+                device: r.device.clone(),
+                device_name: r.device_name.clone(),
+                memory_total_bytes: r.memory_total_bytes,
+                memory_available_bytes: r.memory_available_bytes,
+                memory_budget_bytes: r.memory_budget_bytes,
+                compute_score: r.compute_score,
+                model: member.hello.model.clone(),
+                layers: plan_layers(*id),
+                weight_bytes: reported(*id),
+                rss_bytes: None,
+                peak_rss_bytes: None,
+            });
+        }
+        let links = self
+            .members
+            .iter()
+            .map(|(id, m)| LinkView {
+                from: self.me,
+                to: *id,
+                rtt_ms: m.rtt_micros.map(|us| us as f64 / 1000.0),
+            })
+            .collect();
+        let plan = self.plan.as_ref().map(|p| PlanView {
+            epoch: p.message.epoch.0,
+            leader: p.message.leader,
+            state: if p.active {
+                PlanState::Active
+            } else {
+                PlanState::Loading
+            },
+            stages: p
+                .message
+                .stages
+                .iter()
+                .map(|s| StageView {
+                    node: s.node,
+                    layers: s.layers,
+                    weight_bytes: p.ready.get(&s.node).copied(),
+                })
+                .collect(),
+        });
+        let view = ClusterView {
+            node: Some(self.me),
+            leader: Some(self.leader()),
+            model: Some(self.identity.clone()),
+            nodes,
+            links,
+            plan,
+            plan_error: self.plan_error.clone(),
+        };
+        self.view.send_replace(view);
+    }
+}
+
+/// The placement policy's view of a model file.
+fn model_shape(model: &ModelFile) -> ModelShape {
+    let layer_bytes = model.layer_weight_bytes().unwrap_or_default();
+    let embedding = model.embedding_bytes().unwrap_or(0);
+    let head = model.head_bytes().unwrap_or(0);
+    ModelShape {
+        layer_bytes,
+        kv_reserve_bytes_per_layer: 0,
+        first_bytes: embedding,
+        last_bytes: head,
+        shared_ends_bytes: if model.ties_embeddings() {
+            embedding
+        } else {
+            0
+        },
+    }
+}
+
+/// Where a peer is reached: its own address, unless it listens on all
+/// interfaces, in which case the IP we see it from and its port.
+fn advertised_address(announced: &str, observed: &str) -> String {
+    match (
+        announced.parse::<SocketAddr>(),
+        observed.parse::<SocketAddr>(),
+    ) {
+        (Ok(a), Ok(o)) if a.ip().is_unspecified() => SocketAddr::new(o.ip(), a.port()).to_string(),
+        _ => announced.to_string(),
+    }
+}
+
+fn describe_stages(stages: &[PlanStage], cluster: &Cluster) -> String {
+    stages
+        .iter()
+        .map(|s| format!("{} {}", cluster.node_name(s.node), s.layers))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Hidden states as a wire payload: `[tokens, hidden]` little-endian f32.
+fn hidden_payload(hidden: &Tensor) -> Result<Payload, String> {
+    let (tokens, width) = hidden.dims2().map_err(|e| e.to_string())?;
+    let values = hidden
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(|e| e.to_string())?;
+    let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    Ok(Payload::Hidden {
+        tokens: tokens as u32,
+        hidden: width as u32,
+        dtype: WireDType::F32,
+        data,
+    })
+}
+
+/// Checks a hidden-state payload from a peer and makes it a tensor.
+fn hidden_input(
+    tokens: u32,
+    hidden: u32,
+    data: &[u8],
+    hidden_size: usize,
+) -> Result<Tensor, String> {
+    let (tokens, hidden) = (tokens as usize, hidden as usize);
+    if hidden != hidden_size {
+        return Err(format!(
+            "activations are {hidden} wide, this model's hidden size is {hidden_size}"
+        ));
+    }
+    if tokens == 0 || Some(data.len()) != tokens.checked_mul(hidden).and_then(|n| n.checked_mul(4))
+    {
+        return Err(format!(
+            "{} bytes of activations do not hold {tokens} × {hidden} f32",
+            data.len()
+        ));
+    }
+    let values: Vec<f32> = data
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    Tensor::from_vec(values, (tokens, hidden), &kernels::Device::Cpu).map_err(|e| e.to_string())
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_of_peers_listening_everywhere_use_the_observed_ip() {
+        assert_eq!(
+            advertised_address("0.0.0.0:52415", "10.0.0.7:40123"),
+            "10.0.0.7:52415"
+        );
+        assert_eq!(
+            advertised_address("10.0.0.9:52415", "10.0.0.7:40123"),
+            "10.0.0.9:52415"
+        );
+        assert_eq!(advertised_address("hostname:1", "10.0.0.7:2"), "hostname:1");
+    }
+
+    #[test]
+    fn activations_round_trip_and_bad_ones_are_refused() {
+        let t = Tensor::from_vec(
+            vec![1.0f32, -2.5, 3.25, 0.0, 7.0, -1e-3],
+            (2, 3),
+            &kernels::Device::Cpu,
+        )
+        .expect("tensor");
+        let Ok(Payload::Hidden {
+            tokens,
+            hidden,
+            data,
+            ..
+        }) = hidden_payload(&t)
+        else {
+            panic!("payload")
+        };
+        let back = hidden_input(tokens, hidden, &data, 3).expect("input");
+        assert_eq!(
+            back.to_vec2::<f32>().expect("values"),
+            t.to_vec2::<f32>().expect("values")
+        );
+        assert!(hidden_input(2, 4, &data, 3).is_err(), "wrong width");
+        assert!(hidden_input(3, 3, &data, 3).is_err(), "too few bytes");
+        assert!(hidden_input(0, 3, &[], 3).is_err(), "no tokens");
+        assert!(
+            hidden_input(u32::MAX, u32::MAX, &data, u32::MAX as usize).is_err(),
+            "overflow"
+        );
+    }
+}

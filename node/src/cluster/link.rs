@@ -1,0 +1,333 @@
+//! Links between nodes: opening one (dial or accept), the Hello handshake,
+//! and the two tasks that then carry frames (a reader and a writer with a
+//! heartbeat). Every wait has a timeout; a bad frame closes the link with
+//! one warning; the node goes on serving.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use scheduler::NodeId;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use super::ClusterEvent;
+use super::protocol::{
+    self, Frame, FrameError, Hello, PROTOCOL_VERSION, UPGRADE_TOKEN, VERSION_HEADER,
+};
+use crate::limits::{
+    HEARTBEAT_INTERVAL_MS, HEARTBEAT_TIMEOUT_MS, LINK_CONNECT_TIMEOUT_MS,
+    LINK_HANDSHAKE_TIMEOUT_MS, LINK_QUEUE_LEN, LINK_WRITE_TIMEOUT_MS, UPGRADE_RESPONSE_MAX_BYTES,
+};
+
+/// Distinguishes the links to one peer over time (a reconnect is a new link).
+pub type LinkId = u64;
+
+/// An accepted connection after the HTTP upgrade.
+pub type AcceptedStream = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
+
+static NEXT_LINK_ID: AtomicU64 = AtomicU64::new(1);
+
+/// The sending side of an open link, held by the cluster actor.
+#[derive(Debug, Clone)]
+pub struct LinkSender {
+    pub id: LinkId,
+    /// True when this node dialed the link.
+    pub dialed: bool,
+    /// The peer's address as seen from here (dialed, or connected from).
+    pub observed_address: String,
+    frames: mpsc::Sender<Frame>,
+    close: Arc<Notify>,
+}
+
+impl LinkSender {
+    /// Queues a frame. A full queue means the peer stopped reading: the
+    /// link is closed and false returned, as for a link already gone.
+    pub fn send(&self, frame: Frame) -> bool {
+        match self.frames.try_send(frame) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!(
+                    link = self.id,
+                    "a link fell {LINK_QUEUE_LEN} frames behind; closing it"
+                );
+                self.close();
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Closes the link; its `LinkDown` follows.
+    pub fn close(&self) {
+        self.close.notify_one();
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("cannot connect to {address}: {reason}")]
+    Connect { address: String, reason: String },
+    #[error("{address} refused the link: {reason}")]
+    Refused { address: String, reason: String },
+    #[error("handshake with {peer} failed: {reason}")]
+    Handshake { peer: String, reason: String },
+}
+
+/// Opens a link to the node whose API listens at `address` (HOST:PORT).
+pub async fn dial(address: &str) -> Result<TcpStream, LinkError> {
+    let connect = |reason: String| LinkError::Connect {
+        address: address.to_string(),
+        reason,
+    };
+    let timeout = Duration::from_millis(LINK_CONNECT_TIMEOUT_MS);
+    let mut stream = tokio::time::timeout(timeout, TcpStream::connect(address))
+        .await
+        .map_err(|_| connect(format!("no answer within {} ms", LINK_CONNECT_TIMEOUT_MS)))?
+        .map_err(|e| connect(e.to_string()))?;
+    let _ = stream.set_nodelay(true);
+    let request = format!(
+        "GET /v1/ring/link HTTP/1.1\r\nHost: {address}\r\nConnection: Upgrade\r\nUpgrade: {UPGRADE_TOKEN}\r\n{VERSION_HEADER}: {PROTOCOL_VERSION}\r\n\r\n"
+    );
+    let exchange = async {
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| connect(e.to_string()))?;
+        read_upgrade_response(&mut stream, address).await
+    };
+    tokio::time::timeout(Duration::from_millis(LINK_HANDSHAKE_TIMEOUT_MS), exchange)
+        .await
+        .map_err(|_| connect("no upgrade response in time".into()))??;
+    Ok(stream)
+}
+
+/// Reads the HTTP response head byte by byte (so no link bytes are
+/// consumed) and accepts only `101 Switching Protocols`.
+async fn read_upgrade_response(stream: &mut TcpStream, address: &str) -> Result<(), LinkError> {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() >= UPGRADE_RESPONSE_MAX_BYTES {
+            return Err(LinkError::Refused {
+                address: address.into(),
+                reason: "the response head is too long".into(),
+            });
+        }
+        let byte = stream.read_u8().await.map_err(|e| LinkError::Connect {
+            address: address.into(),
+            reason: e.to_string(),
+        })?;
+        head.push(byte);
+    }
+    let head = String::from_utf8_lossy(&head);
+    if head.starts_with("HTTP/1.1 101") {
+        return Ok(());
+    }
+    // Refusals carry a JSON body explaining why; read a little of it.
+    let mut body = vec![0u8; 2048];
+    let n = tokio::time::timeout(Duration::from_millis(500), stream.read(&mut body))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or(0);
+    let status = head.lines().next().unwrap_or_default().to_string();
+    let detail = String::from_utf8_lossy(&body[..n]).to_string();
+    Err(LinkError::Refused {
+        address: address.into(),
+        reason: format!("{status} {detail}").trim().to_string(),
+    })
+}
+
+/// What a link needs from the node that runs it.
+pub(crate) struct LinkContext {
+    pub me: NodeId,
+    pub events: mpsc::Sender<ClusterEvent>,
+    pub observed_address: String,
+}
+
+/// Runs a link until it closes: handshake, registration with the cluster
+/// actor, then frames both ways. `hello` is ours.
+pub(crate) async fn run<S>(stream: S, hello: Hello, dialed: bool, context: LinkContext)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let id = NEXT_LINK_ID.fetch_add(1, Ordering::Relaxed);
+    let theirs = match handshake(&mut reader, &mut writer, hello, context.me).await {
+        Ok(theirs) => theirs,
+        Err(error) => {
+            tracing::warn!(%error, "link handshake failed");
+            return;
+        }
+    };
+    let peer = theirs.node;
+    let (frames_tx, frames_rx) = mpsc::channel(LINK_QUEUE_LEN);
+    let close = Arc::new(Notify::new());
+    let sender = LinkSender {
+        id,
+        dialed,
+        observed_address: context.observed_address.clone(),
+        frames: frames_tx.clone(),
+        close: Arc::clone(&close),
+    };
+    let (accept_tx, accept_rx) = oneshot::channel();
+    let up = ClusterEvent::LinkUp {
+        hello: Box::new(theirs),
+        sender,
+        accepted: accept_tx,
+    };
+    if context.events.send(up).await.is_err() || !accept_rx.await.unwrap_or(false) {
+        let _ = protocol::write_frame(
+            &mut writer,
+            &Frame::Bye {
+                reason: "duplicate link".into(),
+            },
+        )
+        .await;
+        return;
+    }
+    let writer_task = tokio::spawn(write_loop(writer, frames_rx));
+    let reason = tokio::select! {
+        reason = read_loop(&mut reader, peer, &frames_tx, &context.events) => reason,
+        () = close.notified() => "closed by this node".to_string(),
+    };
+    writer_task.abort();
+    let _ = context
+        .events
+        .send(ClusterEvent::LinkDown {
+            node: peer,
+            link: id,
+            reason,
+        })
+        .await;
+}
+
+async fn handshake<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    ours: Hello,
+    me: NodeId,
+) -> Result<Hello, LinkError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let fail = |reason: String| LinkError::Handshake {
+        peer: "peer".into(),
+        reason,
+    };
+    let exchange = async {
+        protocol::write_frame(writer, &Frame::Hello(ours))
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        match protocol::read_frame(reader)
+            .await
+            .map_err(|e| fail(e.to_string()))?
+        {
+            Frame::Hello(theirs) => Ok(theirs),
+            other => Err(fail(format!("expected hello, got {}", other.kind()))),
+        }
+    };
+    let theirs = tokio::time::timeout(Duration::from_millis(LINK_HANDSHAKE_TIMEOUT_MS), exchange)
+        .await
+        .map_err(|_| fail("no hello in time".into()))??;
+    if theirs.protocol_version != PROTOCOL_VERSION {
+        return Err(LinkError::Handshake {
+            peer: theirs.name,
+            reason: format!(
+                "it speaks protocol {}, this node speaks {PROTOCOL_VERSION}",
+                theirs.protocol_version
+            ),
+        });
+    }
+    if theirs.node == me {
+        return Err(LinkError::Handshake {
+            peer: theirs.name,
+            reason: "it is this node (a --peer points at itself)".into(),
+        });
+    }
+    Ok(theirs)
+}
+
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// Reads frames until the link fails; returns why it ended. Heartbeats are
+/// answered here; everything else goes to the cluster actor.
+async fn read_loop<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    peer: NodeId,
+    frames: &mpsc::Sender<Frame>,
+    events: &mpsc::Sender<ClusterEvent>,
+) -> String {
+    let silence = Duration::from_millis(HEARTBEAT_TIMEOUT_MS);
+    loop {
+        let frame = match tokio::time::timeout(silence, protocol::read_frame(reader)).await {
+            Err(_) => return format!("no frame for {HEARTBEAT_TIMEOUT_MS} ms"),
+            Ok(Err(FrameError::Closed)) => return "the connection closed".into(),
+            Ok(Err(error)) => {
+                tracing::warn!(peer = %peer, %error, "closing a link after a bad frame");
+                return format!("bad frame: {error}");
+            }
+            Ok(Ok(frame)) => frame,
+        };
+        match frame {
+            Frame::Heartbeat { sent_at_micros } => {
+                let _ = frames.try_send(Frame::HeartbeatAck { sent_at_micros });
+            }
+            Frame::HeartbeatAck { sent_at_micros } => {
+                let rtt_micros = now_micros().saturating_sub(sent_at_micros);
+                let _ = events.try_send(ClusterEvent::LinkRtt {
+                    node: peer,
+                    rtt_micros,
+                });
+            }
+            Frame::Bye { reason } => return format!("the peer said goodbye: {reason}"),
+            Frame::Hello(_) => {
+                tracing::warn!(peer = %peer, "closing a link after a second hello");
+                return "protocol violation: a second hello".into();
+            }
+            frame => {
+                if events
+                    .send(ClusterEvent::Frame { from: peer, frame })
+                    .await
+                    .is_err()
+                {
+                    return "this node is stopping".into();
+                }
+            }
+        }
+    }
+}
+
+/// Writes queued frames and a heartbeat every interval; stops when the
+/// queue closes or a write stalls.
+async fn write_loop<W: AsyncWrite + Unpin>(mut writer: W, mut frames: mpsc::Receiver<Frame>) {
+    let mut heartbeat = tokio::time::interval(Duration::from_millis(HEARTBEAT_INTERVAL_MS));
+    let stall = Duration::from_millis(LINK_WRITE_TIMEOUT_MS);
+    loop {
+        let frame = tokio::select! {
+            frame = frames.recv() => match frame {
+                Some(frame) => frame,
+                None => return,
+            },
+            _ = heartbeat.tick() => Frame::Heartbeat { sent_at_micros: now_micros() },
+        };
+        let written = tokio::time::timeout(stall, protocol::write_frame(&mut writer, &frame)).await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "link write failed");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!("a link write stalled for {LINK_WRITE_TIMEOUT_MS} ms; closing it");
+                return;
+            }
+        }
+    }
+}

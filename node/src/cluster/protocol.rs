@@ -1,0 +1,419 @@
+//! The link protocol between nodes.
+//!
+//! A link is a TCP connection that started as an HTTP request to
+//! `GET /v1/ring/link` on a node's API port and was upgraded. Both sides
+//! then send a [`Frame::Hello`] and after that any frames, in both
+//! directions. On the wire a frame is a 4-byte big-endian length followed
+//! by that many bytes of [postcard](https://docs.rs/postcard) encoding of
+//! [`Frame`]. A frame longer than [`MAX_FRAME_BYTES`], or one that does not
+//! decode, closes the link.
+//!
+//! Activations travel as little-endian f32 (`dtype` says so, so a later
+//! version can send f16 without ambiguity).
+
+use std::fmt;
+
+use kernels::{LayerRange, SamplingParams};
+use scheduler::NodeId;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Bumped whenever frames change incompatibly; peers must match exactly.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The HTTP `Upgrade` token of a link.
+pub const UPGRADE_TOKEN: &str = "ringlet-link";
+
+/// The HTTP header carrying [`PROTOCOL_VERSION`] on the upgrade request.
+pub const VERSION_HEADER: &str = "ringlet-protocol";
+
+/// Largest frame accepted: a 512-token prefill chunk of hidden states for a
+/// model with hidden size up to 16,384 in f32 is 32 MiB.
+pub const MAX_FRAME_BYTES: u32 = 64 << 20;
+
+/// Identifies one generation across the cluster (the KV-cache key on every
+/// stage and the key of the owner's bookkeeping).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RequestId(pub u64);
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// A plan's number; each new plan has a higher one.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
+pub struct Epoch(pub u64);
+
+/// What a node says about itself when a link opens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol_version: u32,
+    pub node: NodeId,
+    pub name: String,
+    /// The address of the node's API (and link) port, as peers reach it.
+    pub address: String,
+    pub resources: Resources,
+    /// The model the node serves and the fingerprint of its file.
+    pub model: ModelIdentity,
+    /// Nodes this node is linked to, so that a newcomer can link to them.
+    pub peers: Vec<PeerAddress>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerAddress {
+    pub node: NodeId,
+    pub address: String,
+}
+
+/// What a node can contribute.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Resources {
+    /// `cpu`, `cuda:0`, `metal`.
+    pub device: String,
+    /// The processor or GPU, for people reading the dashboard.
+    pub device_name: String,
+    pub memory_total_bytes: u64,
+    pub memory_available_bytes: u64,
+    /// What the planner may use for weights on this node.
+    pub memory_budget_bytes: u64,
+    /// Measured quantized mat-vec throughput, in GFLOP/s.
+    pub compute_score: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelIdentity {
+    pub name: String,
+    /// `sha256:…` over the GGUF header and file size.
+    pub fingerprint: String,
+}
+
+/// One node's layers in a plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanStage {
+    pub node: NodeId,
+    pub layers: LayerRange,
+}
+
+/// The whole placement, in ring order, as the leader decided it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanMessage {
+    pub epoch: Epoch,
+    pub leader: NodeId,
+    pub model: ModelIdentity,
+    pub stages: Vec<PlanStage>,
+}
+
+/// Tokens or hidden states for a stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Payload {
+    Tokens(Vec<u32>),
+    Hidden {
+        /// Rows (tokens) and columns (hidden size).
+        tokens: u32,
+        hidden: u32,
+        dtype: WireDType,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WireDType {
+    /// Little-endian IEEE f32.
+    F32,
+}
+
+/// Whether the last stage samples after this job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum WireSample {
+    No,
+    Start(SamplingParams),
+    Continue,
+}
+
+/// Work for the stage at `stage` of plan `epoch`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForwardFrame {
+    pub request: RequestId,
+    /// The node that owns the request and receives its tokens.
+    pub owner: NodeId,
+    pub epoch: Epoch,
+    pub stage: u32,
+    /// Position of the first of the payload's tokens in the sequence.
+    pub position: u32,
+    pub payload: Payload,
+    pub sample: WireSample,
+}
+
+/// Every message a link carries. No catch-all: an unknown variant is a
+/// decode error, which closes the link.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Frame {
+    Hello(Hello),
+    /// Sent every heartbeat interval; the peer answers with `HeartbeatAck`.
+    Heartbeat {
+        sent_at_micros: u64,
+    },
+    HeartbeatAck {
+        sent_at_micros: u64,
+    },
+    /// The leader's new plan: load your layers, then say `PlanReady`.
+    Plan(PlanMessage),
+    PlanReady {
+        epoch: Epoch,
+        node: NodeId,
+        weight_bytes: u64,
+    },
+    PlanFailed {
+        epoch: Epoch,
+        node: NodeId,
+        error: String,
+    },
+    /// The plan's epoch is not newer than one the node already followed
+    /// (from an earlier leader); the leader should plan again past it.
+    PlanStale {
+        epoch: Epoch,
+        highest: Epoch,
+    },
+    /// Every stage is ready: requests may use this plan. Carries the weight
+    /// bytes each node reported.
+    PlanActive {
+        epoch: Epoch,
+        weights: Vec<(NodeId, u64)>,
+    },
+    Forward(ForwardFrame),
+    /// From the last stage to the owner.
+    Token {
+        request: RequestId,
+        token: u32,
+    },
+    /// A prompt chunk went through every stage; the owner sends the next.
+    ChunkDone {
+        request: RequestId,
+    },
+    /// From any stage to the owner.
+    Failed {
+        request: RequestId,
+        error: String,
+    },
+    /// From the owner to every stage: forget the request.
+    Release {
+        request: RequestId,
+    },
+    /// The sender is leaving; the reason is for the log.
+    Bye {
+        reason: String,
+    },
+}
+
+impl Frame {
+    /// A short name for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Frame::Hello(_) => "hello",
+            Frame::Heartbeat { .. } => "heartbeat",
+            Frame::HeartbeatAck { .. } => "heartbeat-ack",
+            Frame::Plan(_) => "plan",
+            Frame::PlanReady { .. } => "plan-ready",
+            Frame::PlanFailed { .. } => "plan-failed",
+            Frame::PlanStale { .. } => "plan-stale",
+            Frame::PlanActive { .. } => "plan-active",
+            Frame::Forward(_) => "forward",
+            Frame::Token { .. } => "token",
+            Frame::ChunkDone { .. } => "chunk-done",
+            Frame::Failed { .. } => "failed",
+            Frame::Release { .. } => "release",
+            Frame::Bye { .. } => "bye",
+        }
+    }
+}
+
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("the peer announced a {length}-byte frame; the limit is {MAX_FRAME_BYTES}")]
+    TooLong { length: u32 },
+    #[error("the frame does not decode: {0}")]
+    Malformed(String),
+    #[error("the connection closed")]
+    Closed,
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Encodes a frame with its length prefix. Frames we build are small or
+/// bounded by the prefill chunk, but check anyway: a too-long frame would
+/// close the link at the peer.
+pub fn encode(frame: &Frame) -> Result<Vec<u8>, FrameError> {
+    let body = postcard::to_stdvec(frame).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let length = u32::try_from(body.len()).unwrap_or(u32::MAX);
+    if length > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLong { length });
+    }
+    let mut bytes = Vec::with_capacity(4 + body.len());
+    bytes.extend_from_slice(&length.to_be_bytes());
+    bytes.extend_from_slice(&body);
+    Ok(bytes)
+}
+
+pub fn decode(body: &[u8]) -> Result<Frame, FrameError> {
+    let (frame, rest) = postcard::take_from_bytes::<Frame>(body)
+        .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(FrameError::Malformed(format!(
+            "{} bytes after the frame",
+            rest.len()
+        )));
+    }
+    Ok(frame)
+}
+
+/// Reads one frame. The length is checked before anything is allocated.
+pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Frame, FrameError> {
+    let mut prefix = [0u8; 4];
+    match reader.read_exact(&mut prefix).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    let length = u32::from_be_bytes(prefix);
+    if length > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLong { length });
+    }
+    let mut body = vec![0u8; length as usize];
+    reader
+        .read_exact(&mut body)
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => {
+                FrameError::Malformed(format!("truncated: the {length}-byte frame ended early"))
+            }
+            _ => FrameError::Io(e),
+        })?;
+    decode(&body)
+}
+
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    frame: &Frame,
+) -> Result<(), FrameError> {
+    let bytes = encode(frame)?;
+    writer.write_all(&bytes).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples() -> Vec<Frame> {
+        let identity = ModelIdentity {
+            name: "m".into(),
+            fingerprint: "sha256:ab".into(),
+        };
+        vec![
+            Frame::Hello(Hello {
+                protocol_version: PROTOCOL_VERSION,
+                node: NodeId(7),
+                name: "alpha".into(),
+                address: "10.0.0.1:52415".into(),
+                resources: Resources {
+                    device: "cpu".into(),
+                    device_name: "x86".into(),
+                    memory_total_bytes: 1 << 34,
+                    memory_available_bytes: 1 << 33,
+                    memory_budget_bytes: 1 << 32,
+                    compute_score: 12.5,
+                },
+                model: identity.clone(),
+                peers: vec![PeerAddress {
+                    node: NodeId(8),
+                    address: "10.0.0.2:52415".into(),
+                }],
+            }),
+            Frame::Heartbeat { sent_at_micros: 99 },
+            Frame::Plan(PlanMessage {
+                epoch: Epoch(3),
+                leader: NodeId(7),
+                model: identity,
+                stages: vec![PlanStage {
+                    node: NodeId(7),
+                    layers: LayerRange::new(0, 30),
+                }],
+            }),
+            Frame::Forward(ForwardFrame {
+                request: RequestId(5),
+                owner: NodeId(7),
+                epoch: Epoch(3),
+                stage: 1,
+                position: 40,
+                payload: Payload::Hidden {
+                    tokens: 2,
+                    hidden: 2,
+                    dtype: WireDType::F32,
+                    data: vec![0; 16],
+                },
+                sample: WireSample::Start(SamplingParams::greedy()),
+            }),
+            Frame::Token {
+                request: RequestId(5),
+                token: 42,
+            },
+            Frame::Bye {
+                reason: "shutting down".into(),
+            },
+        ]
+    }
+
+    #[tokio::test]
+    async fn frames_round_trip() {
+        for frame in samples() {
+            let bytes = encode(&frame).expect("encode");
+            let mut reader = bytes.as_slice();
+            assert_eq!(read_frame(&mut reader).await.expect("decode"), frame);
+            assert!(reader.is_empty());
+        }
+    }
+
+    #[tokio::test]
+    async fn bad_input_is_an_error_value() {
+        let good = encode(&Frame::Token {
+            request: RequestId(1),
+            token: 2,
+        })
+        .expect("encode");
+        let oversized = (MAX_FRAME_BYTES + 1).to_be_bytes().to_vec();
+        let mut truncated = good.clone();
+        truncated.truncate(good.len() - 1);
+        let mut garbage = 6u32.to_be_bytes().to_vec();
+        garbage.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
+        let mut trailing = (good.len() as u32 - 4 + 2).to_be_bytes().to_vec();
+        trailing.extend_from_slice(&good[4..]);
+        trailing.extend_from_slice(&[0, 0]);
+        type Case = (&'static str, Vec<u8>, fn(&FrameError) -> bool);
+        let cases: Vec<Case> = vec![
+            ("empty", vec![], |e| matches!(e, FrameError::Closed)),
+            ("oversized", oversized, |e| {
+                matches!(e, FrameError::TooLong { .. })
+            }),
+            ("truncated", truncated, |e| {
+                matches!(e, FrameError::Malformed(_))
+            }),
+            ("garbage", garbage, |e| {
+                matches!(e, FrameError::Malformed(_))
+            }),
+            ("trailing bytes", trailing, |e| {
+                matches!(e, FrameError::Malformed(_))
+            }),
+        ];
+        for (name, bytes, expected) in cases {
+            let mut reader = bytes.as_slice();
+            let err = read_frame(&mut reader).await.expect_err(name);
+            assert!(expected(&err), "{name}: {err:?}");
+        }
+    }
+}

@@ -1,0 +1,494 @@
+//! Several real `ringlet` processes on loopback pooled into one ring: the
+//! product's key property across processes (any split gives the same
+//! output), memory (each node holds only its layers), refusal, untrusted
+//! peers, concurrency and failure.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)] // test code: a failed expectation is the report
+
+mod support;
+
+use std::time::Duration;
+
+use kernels::{LayerRange, ModelFile};
+use ringlet_node::cluster::protocol::{
+    self, Epoch, ForwardFrame, Frame, Hello, ModelIdentity, PROTOCOL_VERSION, Payload, PlanMessage,
+    PlanStage, RequestId, Resources, UPGRADE_TOKEN, VERSION_HEADER, WireDType, WireSample,
+};
+use ringlet_node::model_store::{CATALOGUE, ModelStore};
+use scheduler::NodeId;
+use serde_json::{Value, json};
+use support::{Node, chat_body, get_json, request, sse_data, streamed_content};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const GOLDEN: &str = include_str!("golden/smollm2-135m.json");
+
+/// Each test here runs up to three node processes that compute with two
+/// threads each; on a two-core machine they take turns.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// What a node may hold beyond its weights: the binary, the tokenizer's
+/// tables, the runtimes, and the KV caches and activations of these tests.
+/// Measured: about 32 MiB.
+const RSS_OVERHEAD_BYTES: u64 = 64 << 20;
+
+fn golden_cases() -> Vec<Value> {
+    serde_json::from_str::<Value>(GOLDEN).expect("golden")["cases"]
+        .as_array()
+        .expect("cases")
+        .clone()
+}
+
+fn golden_body(case: &Value, stream: bool) -> String {
+    json!({ "model": support::MODEL, "messages": case["messages"], "temperature": 0, "max_tokens": 32, "stream": stream })
+        .to_string()
+}
+
+fn model_file() -> ModelFile {
+    ModelFile::open(ModelStore::new(ModelStore::default_dir()).path_of(&CATALOGUE[0]))
+        .expect("the default model")
+}
+
+fn self_view(cluster: &Value) -> Value {
+    cluster["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .find(|n| n["status"] == "self")
+        .expect("self")
+        .clone()
+}
+
+fn layers(view: &Value) -> LayerRange {
+    serde_json::from_value(view["layers"].clone()).expect("layers")
+}
+
+#[tokio::test]
+async fn one_two_and_three_nodes_give_llama_cpp_s_output_streaming_or_not() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    for n in 1..=3 {
+        let nodes = Node::start_cluster(n, &[]);
+        for (i, case) in golden_cases().iter().enumerate() {
+            let expected = case["output_text"].as_str().expect("text");
+            // Enter the ring through a different node each time.
+            let entry = nodes[i % n].addr;
+            let whole = request(
+                entry,
+                "POST",
+                "/v1/chat/completions",
+                Some(&golden_body(case, false)),
+            )
+            .await;
+            assert_eq!(whole.status, 200, "{n} nodes: {}", whole.body);
+            assert_eq!(
+                whole.json()["choices"][0]["message"]["content"],
+                expected,
+                "{n} nodes, {}",
+                case["name"]
+            );
+            let streamed = request(
+                entry,
+                "POST",
+                "/v1/chat/completions",
+                Some(&golden_body(case, true)),
+            )
+            .await;
+            let (text, finish) = streamed_content(&sse_data(&streamed.body));
+            assert_eq!(text, expected, "{n} nodes, streamed, {}", case["name"]);
+            assert_eq!(finish.as_deref(), Some("length"));
+        }
+        let view = get_json(nodes[0].addr, "/v1/cluster").await;
+        assert_eq!(
+            view["plan"]["stages"].as_array().map(Vec::len),
+            Some(n),
+            "{view}"
+        );
+        assert_eq!(view["plan"]["state"], "active");
+    }
+}
+
+#[tokio::test]
+async fn small_nodes_pool_memory_and_hold_only_their_layers() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    // Alone, a 45 MiB node cannot hold the 92 MiB model: a clear refusal.
+    let mut alone = Node::start(&["--memory-budget", "45MiB"]);
+    alone.wait_for_log("cannot place model", support::START_TIMEOUT);
+    let refused = request(
+        alone.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&chat_body("Hi", 4, false)),
+    )
+    .await;
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    let error = &refused.json()["error"];
+    assert_eq!(error["code"], "cluster_not_ready");
+    let message = error["message"].as_str().expect("message");
+    assert!(
+        message.contains("short") && message.contains("--memory-budget"),
+        "{message}"
+    );
+    drop(alone);
+
+    // Three of them serve it, each holding only its layers.
+    let nodes = Node::start_cluster(3, &["--memory-budget", "45MiB"]);
+    for (i, case) in golden_cases().iter().enumerate() {
+        let response = request(
+            nodes[i].addr,
+            "POST",
+            "/v1/chat/completions",
+            Some(&golden_body(case, false)),
+        )
+        .await;
+        assert_eq!(
+            response.json()["choices"][0]["message"]["content"],
+            case["output_text"]
+        );
+    }
+    let model = model_file();
+    let mut covered = Vec::new();
+    for node in &nodes {
+        let me = self_view(&get_json(node.addr, "/v1/cluster").await);
+        let range = layers(&me);
+        let weight_bytes = me["weight_bytes"].as_u64().expect("weight bytes");
+        assert_eq!(
+            weight_bytes,
+            model.shard_weight_bytes(range).expect("bytes"),
+            "{}: {range}",
+            me["name"]
+        );
+        assert!(
+            weight_bytes <= 45 << 20,
+            "{}: {weight_bytes} bytes exceed the budget",
+            me["name"]
+        );
+        let peak = me["peak_rss_bytes"].as_u64().expect("peak rss");
+        assert!(
+            peak <= weight_bytes + RSS_OVERHEAD_BYTES,
+            "{}: peak RSS {peak} exceeds its {weight_bytes} bytes of weights plus {RSS_OVERHEAD_BYTES}",
+            me["name"]
+        );
+        covered.push(range);
+    }
+    covered.sort_by_key(|r| r.start);
+    assert_eq!(covered.first().map(|r| r.start), Some(0));
+    assert!(
+        covered.windows(2).all(|w| w[0].end == w[1].start),
+        "{covered:?}"
+    );
+    assert_eq!(covered.last().map(|r| r.end), Some(model.config().n_layers));
+}
+
+#[tokio::test]
+async fn concurrent_requests_on_a_three_node_ring_all_finish_right() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let nodes = Node::start_cluster(3, &[]);
+    let prompts = [
+        "Name a colour.",
+        "Write a haiku about snow.",
+        "What is 7 times 6?",
+        "Name three planets.",
+    ];
+    let mut alone = Vec::new();
+    for p in prompts {
+        let response = request(
+            nodes[0].addr,
+            "POST",
+            "/v1/chat/completions",
+            Some(&chat_body(p, 24, false)),
+        )
+        .await;
+        alone.push(
+            response.json()["choices"][0]["message"]["content"]
+                .as_str()
+                .expect("content")
+                .to_string(),
+        );
+    }
+    let bodies: Vec<String> = prompts.iter().map(|p| chat_body(p, 24, true)).collect();
+    let together = futures_util::future::join_all(
+        bodies
+            .iter()
+            .enumerate()
+            .map(|(i, b)| request(nodes[i % 3].addr, "POST", "/v1/chat/completions", Some(b))),
+    )
+    .await;
+    for ((response, expected), prompt) in together.iter().zip(&alone).zip(prompts) {
+        assert_eq!(response.status, 200);
+        let (text, finish) = streamed_content(&sse_data(&response.body));
+        assert_eq!(&text, expected, "{prompt}");
+        assert!(finish.is_some());
+    }
+}
+
+#[tokio::test]
+async fn a_request_fails_fast_when_a_stage_dies() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let mut nodes = Node::start_cluster(3, &[]);
+    let body = chat_body(
+        "Write a very long essay about the history of sailing.",
+        600,
+        true,
+    );
+    let raw = format!(
+        "POST /v1/chat/completions HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut stream = TcpStream::connect(nodes[0].addr).await.expect("connect");
+    stream.write_all(raw.as_bytes()).await.expect("send");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while String::from_utf8_lossy(&seen)
+        .matches("\"content\"")
+        .count()
+        < 3
+    {
+        let n = tokio::time::timeout(Duration::from_secs(60), stream.read(&mut buf))
+            .await
+            .expect("tokens")
+            .expect("read");
+        assert!(n > 0, "the stream ended early");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    // Kill a node that holds a stage and is not the request's owner.
+    nodes[2].kill();
+    // The owner notices the broken link at once (or after the heartbeat
+    // timeout at worst); the stream must end with an error, not hang.
+    let rest = tokio::time::timeout(Duration::from_secs(15), async {
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).await.expect("read");
+        rest
+    })
+    .await
+    .expect("the stream ends within 15 s of the node dying");
+    let tail = String::from_utf8_lossy(&rest);
+    assert!(
+        tail.contains("\"error\"") && tail.contains("left the cluster"),
+        "{tail}"
+    );
+    // The rest of the cluster keeps answering, with a clear reason.
+    let response = request(nodes[0].addr, "GET", "/healthz", None).await;
+    assert_eq!(response.status, 200);
+}
+
+/// A raw link to a node, as a (possibly hostile) peer would open it.
+async fn raw_link(addr: std::net::SocketAddr, version: u32) -> (TcpStream, String) {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let request = format!(
+        "GET /v1/ring/link HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: {UPGRADE_TOKEN}\r\n{VERSION_HEADER}: {version}\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(stream.read_u8().await.expect("response"));
+    }
+    (stream, String::from_utf8_lossy(&head).to_string())
+}
+
+fn test_hello(fingerprint: &str) -> Hello {
+    Hello {
+        protocol_version: PROTOCOL_VERSION,
+        node: NodeId(1),
+        name: "test-peer".into(),
+        address: "127.0.0.1:9".into(),
+        resources: Resources {
+            device: "cpu".into(),
+            device_name: "test".into(),
+            memory_total_bytes: 1 << 20,
+            memory_available_bytes: 1 << 20,
+            memory_budget_bytes: 0,
+            compute_score: 0.0,
+        },
+        model: ModelIdentity {
+            name: "smollm2-135m".into(),
+            fingerprint: fingerprint.into(),
+        },
+        peers: vec![],
+    }
+}
+
+/// Opens a link, exchanges hellos, and returns the stream.
+async fn linked_peer(addr: std::net::SocketAddr, fingerprint: &str) -> TcpStream {
+    let (mut stream, head) = raw_link(addr, PROTOCOL_VERSION).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    protocol::write_frame(&mut stream, &Frame::Hello(test_hello(fingerprint)))
+        .await
+        .expect("hello");
+    match tokio::time::timeout(Duration::from_secs(10), protocol::read_frame(&mut stream))
+        .await
+        .expect("hello in time")
+    {
+        Ok(Frame::Hello(_)) => stream,
+        other => panic!("expected the node's hello, got {other:?}"),
+    }
+}
+
+/// Reads frames until one matches, skipping heartbeats.
+async fn read_until(stream: &mut TcpStream, wanted: impl Fn(&Frame) -> bool) -> Frame {
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(10), protocol::read_frame(stream))
+            .await
+            .expect("a frame within 10 s")
+            .expect("a frame");
+        if wanted(&frame) {
+            return frame;
+        }
+    }
+}
+
+#[tokio::test]
+async fn malformed_frames_and_lying_peers_do_not_hurt_a_node() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let mut node = Node::start_ready(&[]);
+    let fingerprint = model_file().fingerprint().to_string();
+
+    // Another protocol version is refused before the upgrade, with a reason.
+    let (_, head) = raw_link(node.addr, PROTOCOL_VERSION + 1).await;
+    assert!(head.starts_with("HTTP/1.1 409"), "{head}");
+
+    // Bad bytes where the hello belongs: each handshake fails, nothing else.
+    let oversized = (protocol::MAX_FRAME_BYTES + 1).to_be_bytes().to_vec();
+    let mut garbage = 8u32.to_be_bytes().to_vec();
+    garbage.extend_from_slice(&[0xff; 8]);
+    let mut truncated = 100u32.to_be_bytes().to_vec();
+    truncated.extend_from_slice(&[1; 10]);
+    let wrong_hello = protocol::encode(&Frame::Hello(Hello {
+        protocol_version: 99,
+        ..test_hello(&fingerprint)
+    }))
+    .expect("encode");
+    for bytes in [oversized, garbage, truncated, wrong_hello] {
+        let (mut stream, head) = raw_link(node.addr, PROTOCOL_VERSION).await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        stream.write_all(&bytes).await.expect("send");
+        drop(stream);
+    }
+    node.wait_for_log_count("link handshake failed", 4, Duration::from_secs(20));
+
+    // Garbage after a good handshake closes that link with one warning.
+    let mut liar = linked_peer(node.addr, &fingerprint).await;
+    liar.write_all(&(protocol::MAX_FRAME_BYTES + 1).to_be_bytes())
+        .await
+        .expect("send");
+    node.wait_for_log("closing a link after a bad frame", Duration::from_secs(10));
+    drop(liar);
+
+    // A linked peer that sends activations of the wrong shape gets a
+    // failure for that request; the link and the node stay up.
+    let mut peer = linked_peer(node.addr, &fingerprint).await;
+    let forward = Frame::Forward(ForwardFrame {
+        request: RequestId(77),
+        owner: NodeId(1),
+        epoch: Epoch(1),
+        stage: 0,
+        position: 0,
+        payload: Payload::Hidden {
+            tokens: 2,
+            hidden: 7,
+            dtype: WireDType::F32,
+            data: vec![0; 56],
+        },
+        sample: WireSample::Continue,
+    });
+    protocol::write_frame(&mut peer, &forward)
+        .await
+        .expect("send");
+    let failed = read_until(&mut peer, |f| matches!(f, Frame::Failed { .. })).await;
+    assert!(
+        matches!(
+            failed,
+            Frame::Failed {
+                request: RequestId(77),
+                ..
+            }
+        ),
+        "{failed:?}"
+    );
+
+    // A plan for another model file is refused with a reason, not obeyed.
+    let plan = Frame::Plan(PlanMessage {
+        epoch: Epoch(1_000),
+        leader: NodeId(1),
+        model: ModelIdentity {
+            name: "other".into(),
+            fingerprint: "sha256:0000".into(),
+        },
+        stages: vec![PlanStage {
+            node: NodeId(1),
+            layers: LayerRange::new(0, 30),
+        }],
+    });
+    protocol::write_frame(&mut peer, &plan).await.expect("send");
+    let refusal = read_until(&mut peer, |f| matches!(f, Frame::PlanFailed { .. })).await;
+    let Frame::PlanFailed { error, .. } = refusal else {
+        unreachable!()
+    };
+    assert!(
+        error.contains("sha256:0000") && error.contains(&fingerprint),
+        "{error}"
+    );
+    drop(peer);
+
+    let response = request(
+        node.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&chat_body("Hi", 4, false)),
+    )
+    .await;
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert!(node.is_running());
+}
+
+#[tokio::test]
+async fn a_node_with_another_model_file_gets_no_layers() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    // A copy of the default model with one byte of its name changed: the
+    // same shapes, but another file, so another fingerprint.
+    let original = ModelStore::new(ModelStore::default_dir()).path_of(&CATALOGUE[0]);
+    let mut bytes = std::fs::read(&original).expect("read model");
+    let at = bytes
+        .windows(7)
+        .position(|w| w == b"Smollm2")
+        .expect("the model's name in its header");
+    bytes[at + 6] = b'3';
+    let copy = std::env::temp_dir().join(format!("ringlet-variant-{}.gguf", std::process::id()));
+    std::fs::write(&copy, &bytes).expect("write copy");
+
+    let mut first = Node::start_ready(&["--name", "original"]);
+    let peer = first.addr.to_string();
+    let _other = Node::start(&[
+        "--name",
+        "variant",
+        "--model",
+        copy.to_str().expect("path"),
+        "--peer",
+        &peer,
+    ]);
+    let line = first.wait_for_log("different model file", support::START_TIMEOUT);
+    assert!(line.contains("variant"), "{line}");
+    let view = get_json(first.addr, "/v1/cluster").await;
+    let variant = view["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .find(|n| n["name"] == "variant")
+        .expect("listed");
+    assert!(
+        variant["status"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("not used")),
+        "{variant}"
+    );
+    assert!(variant["layers"].is_null());
+    assert_eq!(view["plan"]["stages"].as_array().map(Vec::len), Some(1));
+    let response = request(
+        first.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&chat_body("Hi", 4, false)),
+    )
+    .await;
+    assert_eq!(response.status, 200);
+    std::fs::remove_file(&copy).expect("remove copy");
+}
