@@ -247,7 +247,11 @@ async fn a_request_fails_fast_when_a_stage_dies() {
             .await
             .expect("tokens")
             .expect("read");
-        assert!(n > 0, "the stream ended early");
+        assert!(
+            n > 0,
+            "the stream ended early: {}",
+            String::from_utf8_lossy(&seen)
+        );
         seen.extend_from_slice(&buf[..n]);
     }
     // Kill a node that holds a stage and is not the request's owner.
@@ -415,6 +419,7 @@ async fn malformed_frames_and_lying_peers_do_not_hurt_a_node() {
         },
         stages: vec![PlanStage {
             node: NodeId(1),
+            address: "127.0.0.1:9".into(),
             layers: LayerRange::new(0, 30),
         }],
     });

@@ -66,7 +66,11 @@ impl Command {
         match self {
             Command::Serve(a) => a.runtime.threads,
             Command::Run(a) => a.runtime.threads,
-            Command::Bench(a) => Some(a.threads),
+            // The ring benchmark computes in the node processes it starts.
+            Command::Bench(a) => match a.mode {
+                Some(BenchMode::Ring(_)) => None,
+                None => Some(a.engine.threads),
+            },
             Command::Pull(_) | Command::Models(_) => None,
         }
     }
@@ -336,8 +340,61 @@ pub struct ModelsArgs {
     pub cache: CacheArgs,
 }
 
+/// `ringlet bench` (the engine against llama.cpp) or `ringlet bench ring`.
 #[derive(Debug, Clone, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
+    #[command(subcommand)]
+    pub mode: Option<BenchMode>,
+
+    #[command(flatten)]
+    pub engine: EngineBenchArgs,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum BenchMode {
+    /// Decode speed and time to first token of 1-, 2- and 3-node rings of
+    /// real node processes on loopback, and the aggregate speed of
+    /// concurrent streams on the largest ring.
+    Ring(RingBenchArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RingBenchArgs {
+    /// Model: a catalogue name or the path of a GGUF file
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: String,
+
+    /// Compute threads of each node
+    #[arg(long, default_value_t = 2, value_parser = parse_threads)]
+    pub threads: usize,
+
+    /// Ring sizes to compare, e.g. 1,2,3
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+    pub nodes: Vec<usize>,
+
+    /// Concurrent streams to run on the largest ring, e.g. 1,2,4
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    pub streams: Vec<usize>,
+
+    /// Tokens to generate per request
+    #[arg(long, default_value_t = 128)]
+    pub decode_tokens: usize,
+
+    /// Rounds of each measurement, alternated; the table shows medians
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
+
+    /// Also write the results as JSON to this file
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub cache: CacheArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EngineBenchArgs {
     /// Model: a catalogue name or the path of a GGUF file
     #[arg(long, default_value = DEFAULT_MODEL)]
     pub model: String,

@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 
-use crate::cli::{Command, ModelsArgs, PullArgs};
+use crate::cli::{BenchMode, Command, ModelsArgs, PullArgs};
 use crate::model_store::{CATALOGUE, catalogue_entry};
 
 pub async fn dispatch(command: Command) -> anyhow::Result<()> {
@@ -11,7 +11,10 @@ pub async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Run(args) => crate::run::run(args).await,
         Command::Pull(args) => pull(args).await,
         Command::Models(args) => models(args),
-        Command::Bench(args) => crate::bench::bench(args).await,
+        Command::Bench(args) => match args.mode {
+            Some(BenchMode::Ring(ring)) => crate::bench::ring::bench(ring).await,
+            None => crate::bench::bench(args.engine).await,
+        },
     }
 }
 

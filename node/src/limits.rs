@@ -88,7 +88,3 @@ pub const CLUSTER_EVENT_QUEUE_LEN: usize = 4_096;
 
 /// Most nodes a cluster admits; beyond it new peers are refused.
 pub const MAX_NODES: usize = 64;
-
-/// A generation with no progress (no token, no chunk) for this long fails:
-/// the last line of defence against a stage that neither answers nor dies.
-pub const STEP_TIMEOUT_SECS: u64 = 120;

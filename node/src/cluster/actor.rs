@@ -77,6 +77,9 @@ pub(super) struct Cluster {
     /// When the leader should (re)plan, after membership settles.
     replan_at: Option<Instant>,
     local_stage: Option<LocalStage>,
+    /// This node's layers for the current plan are loaded (with these
+    /// weight bytes) but a link to some stage node is still missing.
+    ready_pending: Option<(Epoch, u64)>,
     /// Requests owned here that are in flight, to fail them if a stage dies.
     owned: HashSet<SequenceId>,
     /// Sequences on this node's stage and their owners, to release them if
@@ -120,6 +123,7 @@ impl Cluster {
             plan_error: None,
             replan_at: Some(Instant::now()),
             local_stage: None,
+            ready_pending: None,
             owned: HashSet::new(),
             hosted: HashMap::new(),
             jobs: pipeline.jobs,
@@ -399,6 +403,7 @@ impl Cluster {
             .iter()
             .map(|s| PlanStage {
                 node: s.node,
+                address: self.address_of(s.node),
                 layers: LayerRange::new(s.layers.start as usize, s.layers.end as usize),
             })
             .collect();
@@ -460,6 +465,13 @@ impl Cluster {
             return;
         }
         self.highest_epoch = message.epoch;
+        self.ready_pending = None;
+        for stage in &message.stages {
+            if stage.node != self.me && !self.members.contains_key(&stage.node) {
+                self.known_addresses.insert(stage.address.clone());
+            }
+        }
+        self.redial();
         self.fail_owned("the cluster re-planned; retry the request");
         self.local_stage = None; // dropping the job sender stops the thread
         self.hosted.clear();
@@ -548,8 +560,21 @@ impl Cluster {
         self.report_ready(epoch, weight_bytes);
     }
 
+    /// Tells the leader this node is ready for plan `epoch`: its layers are
+    /// loaded and it is linked to every stage node (so activations and
+    /// tokens can reach them). Until then the report waits.
     fn report_ready(&mut self, epoch: Epoch, weight_bytes: u64) {
         let Some(plan) = &self.plan else { return };
+        let unlinked = plan
+            .message
+            .stages
+            .iter()
+            .any(|s| s.node != self.me && !self.members.contains_key(&s.node));
+        if unlinked {
+            self.ready_pending = Some((epoch, weight_bytes));
+            return;
+        }
+        self.ready_pending = None;
         let leader = plan.message.leader;
         if leader == self.me {
             self.on_ready(epoch, self.me, weight_bytes);
@@ -598,12 +623,11 @@ impl Cluster {
         plan.ready.extend(weights);
         plan.active = true;
         self.plan_error = None;
-        tracing::info!(
-            epoch = epoch.0,
-            stages = plan.message.stages.len(),
-            "plan active: {} stages",
-            plan.message.stages.len()
-        );
+        let stages = plan.message.stages.len();
+        // Publish before announcing it: whoever reacts to the log line must
+        // find the plan active.
+        self.publish();
+        tracing::info!(epoch = epoch.0, stages, "plan active: {stages} stages");
     }
 
     // -----------------------------------------------------------------------
@@ -964,6 +988,15 @@ impl Cluster {
             return false;
         }
         self.members.get(&node).is_some_and(|m| m.link.send(frame))
+    }
+
+    fn address_of(&self, node: NodeId) -> String {
+        if node == self.me {
+            return self.listen.to_string();
+        }
+        self.members
+            .get(&node)
+            .map_or_else(String::new, |m| m.address.clone())
     }
 
     fn node_name(&self, node: NodeId) -> String {

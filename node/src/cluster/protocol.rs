@@ -92,9 +92,12 @@ pub struct ModelIdentity {
 }
 
 /// One node's layers in a plan.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlanStage {
     pub node: NodeId,
+    /// Where the node is reached, so that every node can link to every
+    /// stage before the plan starts.
+    pub address: String,
     pub layers: LayerRange,
 }
 
@@ -342,6 +345,7 @@ mod tests {
                 model: identity,
                 stages: vec![PlanStage {
                     node: NodeId(7),
+                    address: "10.0.0.1:52415".into(),
                     layers: LayerRange::new(0, 30),
                 }],
             }),

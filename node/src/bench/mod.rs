@@ -3,6 +3,8 @@
 //! same threads. Rounds alternate between the engines (these machines are
 //! shared and noisy) and the table reports medians and ratios.
 
+pub mod ring;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Instant;
@@ -12,12 +14,12 @@ use kernels::{Device, SamplingParams, SequenceId, Tokenizer};
 use serde::{Deserialize, Serialize};
 use tokio::process::Command;
 
-use crate::cli::{BenchArgs, RuntimeConfig};
+use crate::cli::{EngineBenchArgs, RuntimeConfig};
 use crate::engine::{Engine, EngineHandle, GenerationEvent, GenerationRequest, decode_rate};
 use crate::limits::DEFAULT_KV_CACHE_BYTES;
 use crate::loaded_model::LoadedModel;
 
-const LLAMA_CPP_ROUND: &str = include_str!("../bench/llama_cpp_round.py");
+const LLAMA_CPP_ROUND: &str = include_str!("../../bench/llama_cpp_round.py");
 
 /// Text the benchmark prompt is cut from; repeated if the model's tokenizer
 /// needs more tokens.
@@ -57,7 +59,7 @@ struct Report {
     llama_cpp: Option<EngineReport>,
 }
 
-pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+pub async fn bench(args: EngineBenchArgs) -> anyhow::Result<()> {
     if args.rounds == 0 || args.prompt_tokens == 0 || args.decode_tokens == 0 || args.threads == 0 {
         bail!("--rounds, --prompt-tokens, --decode-tokens and --threads must all be at least 1");
     }
@@ -105,7 +107,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             theirs.push(r);
         }
     }
-    let peak = peak_rss_bytes();
+    let (_, peak) = crate::cluster::resources::process_memory();
     for r in &mut ours {
         r.peak_rss_bytes = peak;
     }
@@ -288,21 +290,6 @@ fn median(rounds: &[Round]) -> Round {
     }
 }
 
-/// Peak resident set of this process (`VmHWM`), in bytes.
-fn peak_rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|rest| {
-            rest.trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .ok()
-        })
-        .map_or(0, |kib| kib * 1024)
-}
 
 /// A table row: its name, how to read it from a round, and whether a
 /// higher value is better.

@@ -1,0 +1,375 @@
+//! `ringlet bench ring`: rings of real `ringlet` processes on loopback,
+//! driven through the HTTP API as a client would.
+//!
+//! All rings run at once so that rounds can alternate between them (these
+//! machines are shared and noisy); the table reports medians. Greedy
+//! decoding gives every ring size the same text, so they do the same work.
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+use crate::cli::RingBenchArgs;
+
+/// The user message: long enough for a real prefill, and a request the
+/// default model answers at length.
+const PROMPT: &str = "Write a long, detailed essay about the history of computing. Begin with the mechanical \
+calculators of Pascal and Leibniz, continue with Babbage's engines and Ada Lovelace's notes, describe the \
+electronic machines of the 1940s, the invention of the transistor and the integrated circuit, the rise of \
+personal computers, and end with today's networks of machines that share their work.";
+
+const START_TIMEOUT: Duration = Duration::from_secs(180);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// One streamed request as the client saw it.
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamTiming {
+    pub ttft_s: f64,
+    pub decode_tok_s: f64,
+    pub completion_tokens: usize,
+    pub total_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct SizeReport {
+    nodes: usize,
+    rounds: Vec<StreamTiming>,
+    median_decode_tok_s: f64,
+    median_ttft_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct ConcurrencyReport {
+    nodes: usize,
+    streams: usize,
+    /// Completion tokens of all streams over the wall time of the batch.
+    aggregate_tok_s: Vec<f64>,
+    median_aggregate_tok_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    model: String,
+    threads_per_node: usize,
+    decode_tokens: usize,
+    sizes: Vec<SizeReport>,
+    concurrency: Vec<ConcurrencyReport>,
+}
+
+/// A node process started for the benchmark; killed when dropped.
+struct BenchNode {
+    addr: SocketAddr,
+    _child: Child,
+}
+
+pub async fn bench(args: RingBenchArgs) -> anyhow::Result<()> {
+    if args.rounds == 0
+        || args.decode_tokens == 0
+        || args.nodes.is_empty()
+        || args.nodes.contains(&0)
+    {
+        bail!("--rounds, --decode-tokens and every --nodes size must be at least 1");
+    }
+    let store = args.cache.store();
+    // Fetched once here; the nodes find it in the same cache and resolve
+    // the same name.
+    let model = store.resolve_or_fetch(&args.model).await?;
+    let mut sizes = args.nodes.clone();
+    sizes.sort_unstable();
+    sizes.dedup();
+    eprintln!(
+        "ringlet bench ring: starting rings of {sizes:?} nodes ({} threads each)",
+        args.threads
+    );
+    let mut rings = Vec::new();
+    for (ring, &n) in sizes.iter().enumerate() {
+        rings.push(start_ring(ring, n, args.threads, &args).await?);
+        eprintln!("  ring of {n} ready");
+    }
+
+    let body = request_body(&model.name, args.decode_tokens);
+    let mut per_size: Vec<Vec<StreamTiming>> = vec![Vec::new(); sizes.len()];
+    for round in 1..=args.rounds {
+        for (i, ring) in rings.iter().enumerate() {
+            let timing = stream(ring[0].addr, &body).await?;
+            eprintln!(
+                "  round {round}/{}: {} nodes: decode {:6.1} tok/s, first token after {:4.0} ms",
+                args.rounds,
+                sizes[i],
+                timing.decode_tok_s,
+                timing.ttft_s * 1000.0
+            );
+            per_size[i].push(timing);
+        }
+    }
+
+    let largest = rings.last().context("no ring")?;
+    let mut concurrency = Vec::new();
+    for &streams in &args.streams {
+        let mut rates = Vec::new();
+        for round in 1..=args.rounds {
+            let started = Instant::now();
+            let batch = (0..streams).map(|i| stream(largest[i % largest.len()].addr, &body));
+            let timings = futures_util::future::try_join_all(batch).await?;
+            let tokens: usize = timings.iter().map(|t| t.completion_tokens).sum();
+            let rate = tokens as f64 / started.elapsed().as_secs_f64();
+            eprintln!(
+                "  round {round}/{}: {streams} streams on {} nodes: {rate:6.1} tok/s together",
+                args.rounds,
+                largest.len()
+            );
+            rates.push(rate);
+        }
+        concurrency.push(ConcurrencyReport {
+            nodes: largest.len(),
+            streams,
+            median_aggregate_tok_s: median(&rates),
+            aggregate_tok_s: rates,
+        });
+    }
+
+    let report = Report {
+        model: model.name,
+        threads_per_node: args.threads,
+        decode_tokens: args.decode_tokens,
+        sizes: sizes
+            .iter()
+            .zip(per_size)
+            .map(|(&nodes, rounds)| SizeReport {
+                nodes,
+                median_decode_tok_s: median(
+                    &rounds.iter().map(|t| t.decode_tok_s).collect::<Vec<_>>(),
+                ),
+                median_ttft_s: median(&rounds.iter().map(|t| t.ttft_s).collect::<Vec<_>>()),
+                rounds,
+            })
+            .collect(),
+        concurrency,
+    };
+    print_tables(&report);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("results written to {}", path.display());
+    }
+    Ok(())
+}
+
+fn request_body(model: &str, decode_tokens: usize) -> String {
+    serde_json::json!({
+        "model": model,
+        "messages": [{ "role": "user", "content": PROMPT }],
+        "temperature": 0,
+        "max_tokens": decode_tokens,
+        "stream": true,
+        "stream_options": { "include_usage": true },
+    })
+    .to_string()
+}
+
+/// Starts `n` nodes joined into one ring and waits until each has
+/// activated the `n`-stage plan.
+async fn start_ring(
+    ring: usize,
+    n: usize,
+    threads: usize,
+    args: &RingBenchArgs,
+) -> anyhow::Result<Vec<BenchNode>> {
+    let exe = std::env::current_exe().context("cannot find the ringlet binary")?;
+    let ready = format!("plan active: {n} stages");
+    let mut nodes = Vec::new();
+    let mut first: Option<SocketAddr> = None;
+    let mut logs = Vec::new();
+    for i in 0..n {
+        let mut command = Command::new(&exe);
+        command
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--threads",
+                &threads.to_string(),
+                "--model",
+                &args.model,
+            ])
+            .args(["--name", &format!("bench-{ring}-{i}")])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        if let Some(dir) = &args.cache.models_dir {
+            command.arg("--models-dir").arg(dir);
+        }
+        if let Some(first) = first {
+            command.args(["--peer", &first.to_string()]);
+        }
+        let mut child = command.spawn().context("cannot start a node")?;
+        let stderr = child.stderr.take().context("no stderr")?;
+        let (tx, mut rx) = mpsc::channel::<String>(1024);
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if tx.send(line).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let line = wait_for(&mut rx, "listening on http://").await?;
+        let addr: SocketAddr = line
+            .split("listening on http://")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .context("no address in the node's log")?
+            .parse()?;
+        first.get_or_insert(addr);
+        nodes.push(BenchNode {
+            addr,
+            _child: child,
+        });
+        logs.push(rx);
+    }
+    for rx in &mut logs {
+        wait_for(rx, &ready).await?;
+    }
+    // Keep draining the logs so the nodes never block on a full pipe.
+    for mut rx in logs {
+        tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    }
+    Ok(nodes)
+}
+
+async fn wait_for(lines: &mut mpsc::Receiver<String>, needle: &str) -> anyhow::Result<String> {
+    let found = tokio::time::timeout(START_TIMEOUT, async {
+        while let Some(line) = lines.recv().await {
+            if line.contains(needle) {
+                return Some(line);
+            }
+        }
+        None
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "a node did not log {needle:?} within {} s",
+            START_TIMEOUT.as_secs()
+        )
+    })?;
+    found.with_context(|| format!("a node exited before logging {needle:?}"))
+}
+
+/// One streamed chat completion over HTTP/1.0, timed at the client.
+async fn stream(addr: SocketAddr, body: &str) -> anyhow::Result<StreamTiming> {
+    tokio::time::timeout(REQUEST_TIMEOUT, stream_inner(addr, body))
+        .await
+        .context("the request timed out")?
+}
+
+async fn stream_inner(addr: SocketAddr, body: &str) -> anyhow::Result<StreamTiming> {
+    let started = Instant::now();
+    let mut socket = TcpStream::connect(addr).await?;
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    socket.write_all(request.as_bytes()).await?;
+    let mut pending = String::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    let (mut first, mut last, mut tokens) = (None, None, None);
+    loop {
+        let n = socket.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        pending.push_str(&String::from_utf8_lossy(&buf[..n]));
+        while let Some(end) = pending.find("\n\n") {
+            let event: String = pending.drain(..end + 2).collect();
+            let Some(data) = event.lines().find_map(|l| l.strip_prefix("data: ")) else {
+                continue;
+            };
+            if data == "[DONE]" {
+                continue;
+            }
+            let chunk: serde_json::Value =
+                serde_json::from_str(data).context("a chunk that is not JSON")?;
+            if let Some(error) = chunk.get("error") {
+                bail!("the node failed the request: {error}");
+            }
+            if chunk["choices"][0]["delta"]["content"]
+                .as_str()
+                .is_some_and(|c| !c.is_empty())
+            {
+                let now = Instant::now();
+                first.get_or_insert(now);
+                last = Some(now);
+            }
+            if let Some(n) = chunk["usage"]["completion_tokens"].as_u64() {
+                tokens = Some(n as usize);
+            }
+        }
+    }
+    let (Some(first), Some(last), Some(tokens)) = (first, last, tokens) else {
+        bail!("the stream ended without text and usage: {pending}");
+    };
+    Ok(StreamTiming {
+        ttft_s: (first - started).as_secs_f64(),
+        decode_tok_s: crate::engine::decode_rate(tokens, (last - first).as_secs_f64()),
+        completion_tokens: tokens,
+        total_s: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn print_tables(report: &Report) {
+    println!();
+    println!(
+        "{}: {} threads per node, {} decode tokens, loopback, medians",
+        report.model, report.threads_per_node, report.decode_tokens
+    );
+    let Some(one) = report.sizes.first() else {
+        return;
+    };
+    println!(
+        "| nodes | decode tok/s | time to first token ms | decode vs {} node | TTFT vs {} node |",
+        one.nodes, one.nodes
+    );
+    println!("|---:|---:|---:|---:|---:|");
+    for size in &report.sizes {
+        println!(
+            "| {} | {:.1} | {:.0} | {:.2} | {:.2} |",
+            size.nodes,
+            size.median_decode_tok_s,
+            size.median_ttft_s * 1000.0,
+            size.median_decode_tok_s / one.median_decode_tok_s.max(f64::MIN_POSITIVE),
+            size.median_ttft_s / one.median_ttft_s.max(f64::MIN_POSITIVE)
+        );
+    }
+    if let Some(single) = report.concurrency.first() {
+        println!();
+        println!(
+            "| streams on {} nodes | aggregate tok/s | vs {} stream |",
+            single.nodes, single.streams
+        );
+        println!("|---:|---:|---:|");
+        for c in &report.concurrency {
+            println!(
+                "| {} | {:.1} | {:.2} |",
+                c.streams,
+                c.median_aggregate_tok_s,
+                c.median_aggregate_tok_s / single.median_aggregate_tok_s.max(f64::MIN_POSITIVE)
+            );
+        }
+    }
+}
