@@ -68,7 +68,7 @@ impl Command {
             Command::Run(a) => a.runtime.threads,
             // The ring benchmark computes in the node processes it starts.
             Command::Bench(a) => match a.mode {
-                Some(BenchMode::Ring(_)) => None,
+                Some(BenchMode::Ring(_) | BenchMode::Policy(_)) => None,
                 None => Some(a.engine.threads),
             },
             Command::Pull(_) | Command::Models(_) => None,
@@ -242,6 +242,17 @@ pub struct ServeArgs {
     #[arg(long, env = "RINGLET_MEMORY_BUDGET", value_name = "SIZE", value_parser = parse_size)]
     pub memory_budget: Option<u64>,
 
+    /// Secret that `PUT` and `DELETE /v1/cluster/policy` must send as
+    /// `Authorization: Bearer <TOKEN>` to change the scheduling policy.
+    /// Without one, policy changes are refused on this node.
+    #[arg(
+        long,
+        env = "RINGLET_ADMIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
+
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }
@@ -357,6 +368,32 @@ pub enum BenchMode {
     /// real node processes on loopback, and the aggregate speed of
     /// concurrent streams on the largest ring.
     Ring(RingBenchArgs),
+    /// What the scheduling policy costs: compile time, and the latency of
+    /// `place` and `schedule` calls as the node makes them.
+    Policy(PolicyBenchArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PolicyBenchArgs {
+    /// A policy component (.wasm) to measure [default: the built-in one]
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+
+    /// Cluster sizes to place a 80-layer model on, e.g. 3,16,64
+    #[arg(long, value_delimiter = ',', default_value = "3,16,64")]
+    pub nodes: Vec<usize>,
+
+    /// Waiting requests in each `schedule` call
+    #[arg(long, default_value_t = 64)]
+    pub queue: usize,
+
+    /// Calls of each kind
+    #[arg(long, default_value_t = 500)]
+    pub calls: usize,
+
+    /// Also write the results as JSON to this file
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]

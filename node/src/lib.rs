@@ -11,6 +11,7 @@ pub mod engine;
 pub mod limits;
 pub mod loaded_model;
 pub mod model_store;
+pub mod policy;
 pub mod prompt;
 pub mod run;
 pub mod serve;

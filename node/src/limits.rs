@@ -88,3 +88,37 @@ pub const CLUSTER_EVENT_QUEUE_LEN: usize = 4_096;
 
 /// Most nodes a cluster admits; beyond it new peers are refused.
 pub const MAX_NODES: usize = 64;
+
+// ---------------------------------------------------------------------------
+// Scheduling policy (Wasm)
+// ---------------------------------------------------------------------------
+
+/// Largest policy component accepted. The built-in one is about 130 KiB;
+/// a policy written in any language with its runtime fits well under this.
+pub const MAX_POLICY_BYTES: usize = 16 * 1024 * 1024;
+
+/// Fuel (roughly, Wasm instructions) one policy call may use. Placing 64
+/// nodes with the built-in policy takes a few million; this stops an
+/// endless loop in well under a second.
+pub const POLICY_FUEL_PER_CALL: u64 = 500_000_000;
+
+/// Linear memory one policy instance may grow to.
+pub const POLICY_MEMORY_BYTES: usize = 64 * 1024 * 1024;
+
+/// Calls waiting for the policy thread; beyond it callers get an error.
+pub const POLICY_QUEUE_LEN: usize = 64;
+
+/// Bytes of a policy's stderr kept per call and copied to the node's log.
+pub const POLICY_STDERR_BYTES: usize = 16 * 1024;
+
+/// Seconds an upload or reset of the policy may take on the node that
+/// received it (compiling and the dry run; fuel bounds the run itself).
+pub const POLICY_CHANGE_TIMEOUT_SECS: u64 = 60;
+
+/// How often a node tells its peers what it measured of its links and how
+/// busy its stage is (also sent at once when that count changes).
+pub const NODE_STATUS_INTERVAL_MS: u64 = 1_000;
+
+/// Most requests one stage carries at once, from every node together: what
+/// the scheduling policy is told each stage's limit is.
+pub const STAGE_REQUEST_LIMIT: u32 = MAX_ACTIVE_SEQUENCES as u32;

@@ -8,12 +8,12 @@ use anyhow::Context;
 use rand::Rng;
 use scheduler::NodeId;
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
-use crate::api::{self, AppState, ServedModel};
+use crate::api::{self, AdminToken, AppState, ServedModel};
 use crate::cli::ServeArgs;
 use crate::cluster::{self, ClusterConfig, resources};
-use crate::engine::{Engine, EngineModel};
+use crate::engine::{Engine, EngineModel, Scheduling};
 use crate::limits::SHUTDOWN_GRACE_SECS;
 use crate::loaded_model::{LoadedModel, OpenedModel};
 
@@ -46,14 +46,23 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "node ready to join"
     );
 
+    let (policy, _policy_thread) =
+        crate::policy::start().context("cannot start the scheduling policy")?;
+    let (stage_loads_tx, stage_loads) = watch::channel(Vec::new());
     let config = model.file.config();
     let fingerprint = short_fingerprint(model.file.fingerprint());
-    let (engine, pipeline) = Engine::start(EngineModel {
-        context_length: config.context_length,
-        stop_tokens: model.prompt.tokenizer().stop_tokens().clone(),
-        kv_bytes_per_token: config.kv_bytes_per_token_per_layer() * config.n_layers as u64,
-        kv_budget_bytes: runtime.kv_cache_bytes,
-    })
+    let (engine, pipeline) = Engine::start(
+        EngineModel {
+            context_length: config.context_length,
+            stop_tokens: model.prompt.tokenizer().stop_tokens().clone(),
+            kv_bytes_per_token: config.kv_bytes_per_token_per_layer() * config.n_layers as u64,
+            kv_budget_bytes: runtime.kv_cache_bytes,
+        },
+        Some(Scheduling {
+            policy: policy.clone(),
+            stages: stage_loads,
+        }),
+    )
     .context("cannot start the request coordinator")?;
     let cluster = cluster::start(
         ClusterConfig {
@@ -65,6 +74,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             model_name: model.name.clone(),
             model_path: model.file.path().to_path_buf(),
             device: runtime.device.clone(),
+            policy,
+            stage_loads: stage_loads_tx,
         },
         Arc::new(model.file),
         pipeline,
@@ -78,6 +89,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             created: crate::unix_seconds(),
         }),
         cluster: Some(cluster),
+        admin_token: args.admin_token.as_deref().and_then(AdminToken::new),
     };
     tracing::info!("listening on http://{listen} (OpenAI-compatible API at http://{listen}/v1)");
     serve_until_stopped(listener, state).await?;
@@ -138,6 +150,7 @@ pub fn start_local_engine(
         engine: engine.handle.clone(),
         model: Arc::new(served),
         cluster: None,
+        admin_token: None,
     };
     Ok((engine, state))
 }

@@ -9,14 +9,22 @@
 //! of layers whose bytes are proportional to its memory budget, never more
 //! than the budget, and leaves out nodes that cannot hold one layer.
 //! [`validate`] checks any plan (from this policy or another) against the
-//! cluster and the model.
+//! cluster and the model. [`place_default`] adds the ring order
+//! ([`order_by_latency`]) and [`schedule_fifo`] picks which waiting requests
+//! start. Built for `wasm32`, the crate is also the default policy
+//! component (`component.rs`, the WIT glue).
+
+#[cfg(target_arch = "wasm32")]
+mod component;
 
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
 /// Identifies a node in the cluster.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize,
+)]
 pub struct NodeId(pub u64);
 
 impl fmt::Display for NodeId {
@@ -75,6 +83,24 @@ pub struct ModelShape {
 }
 
 impl ModelShape {
+    /// The shape of a model whose layers take `layer_bytes`, with the token
+    /// embedding on the first stage and the head on the last; with tied
+    /// embeddings the head is the embedding, held once by a single stage.
+    pub fn new(
+        layer_bytes: Vec<u64>,
+        embedding_bytes: u64,
+        head_bytes: u64,
+        tied_embeddings: bool,
+    ) -> Self {
+        Self {
+            layer_bytes,
+            kv_reserve_bytes_per_layer: 0,
+            first_bytes: embedding_bytes,
+            last_bytes: head_bytes,
+            shared_ends_bytes: if tied_embeddings { embedding_bytes } else { 0 },
+        }
+    }
+
     pub fn n_layers(&self) -> u32 {
         self.layer_bytes.len() as u32
     }
@@ -229,6 +255,7 @@ pub fn plan_memory_weighted(
         needed_bytes: needed,
         available_bytes: available,
     };
+    let sums = ByteSums::new(model);
     // Across several nodes the ends are held separately (a tied embedding
     // twice), so shares are of this total.
     let layers_total: u64 = model
@@ -263,11 +290,26 @@ pub fn plan_memory_weighted(
             // the rest coverable by the nodes after it.
             let hi = (start..=n_layers)
                 .rev()
-                .find(|&e| model.bytes_for(Layers { start, end: e }) <= node.memory_budget_bytes)
+                .find(|&e| sums.bytes_for(Layers { start, end: e }) <= node.memory_budget_bytes)
                 .unwrap_or(start);
-            let lo = (start..=n_layers)
-                .find(|&e| can_cover(rest, model, e))
-                .ok_or_else(|| no_split.clone())?;
+            // The rest covers from `e` on for every `e` past some point:
+            // find the first by bisection.
+            let (mut below, mut lo) = (start, n_layers);
+            if !can_cover(rest, &sums, lo) {
+                return Err(no_split);
+            }
+            if can_cover(rest, &sums, start) {
+                lo = start;
+            } else {
+                while lo - below > 1 {
+                    let middle = below + (lo - below) / 2;
+                    if can_cover(rest, &sums, middle) {
+                        lo = middle;
+                    } else {
+                        below = middle;
+                    }
+                }
+            }
             if lo > hi {
                 return Err(no_split);
             }
@@ -277,7 +319,7 @@ pub fn plan_memory_weighted(
                 .unwrap_or(lo)
         };
         let layers = Layers { start, end };
-        let bytes = model.bytes_for(layers);
+        let bytes = sums.bytes_for(layers);
         if bytes > node.memory_budget_bytes {
             return Err(no_split);
         }
@@ -302,18 +344,168 @@ pub fn plan_memory_weighted(
 /// True when `nodes`, in order, can hold layers `from..` to the end: each
 /// node from the last backwards takes as many layers as fit, which is the
 /// most any assignment of ordered contiguous ranges can cover.
-fn can_cover(nodes: &[&NodeResources], model: &ModelShape, from: u32) -> bool {
-    let mut end = model.n_layers();
+fn can_cover(nodes: &[&NodeResources], sums: &ByteSums, from: u32) -> bool {
+    let mut end = sums.model.n_layers();
     for node in nodes.iter().rev() {
         if end <= from {
             break;
         }
         let start = (from..end)
-            .find(|&s| model.bytes_for(Layers { start: s, end }) <= node.memory_budget_bytes)
+            .find(|&s| sums.bytes_for(Layers { start: s, end }) <= node.memory_budget_bytes)
             .unwrap_or(end);
         end = start;
     }
     end <= from
+}
+
+/// [`ModelShape::bytes_for`] in constant time, from prefix sums: planning
+/// asks it for many ranges, and must stay cheap for 64 nodes in Wasm.
+struct ByteSums<'a> {
+    model: &'a ModelShape,
+    /// `prefix[k]`: bytes of layers `0..k`, KV reserve included.
+    prefix: Vec<u64>,
+}
+
+impl<'a> ByteSums<'a> {
+    fn new(model: &'a ModelShape) -> Self {
+        let mut prefix = Vec::with_capacity(model.layer_bytes.len() + 1);
+        prefix.push(0);
+        let mut total = 0u64;
+        for bytes in &model.layer_bytes {
+            total += bytes + model.kv_reserve_bytes_per_layer;
+            prefix.push(total);
+        }
+        Self { model, prefix }
+    }
+
+    /// The same as `ModelShape::bytes_for`.
+    fn bytes_for(&self, layers: Layers) -> u64 {
+        let n = self.model.layer_bytes.len();
+        let (start, end) = (layers.start as usize, (layers.end as usize).min(n));
+        if start >= end {
+            return 0;
+        }
+        let mut bytes = self.prefix[end] - self.prefix[start];
+        let (first, last) = (start == 0, end == n);
+        if first {
+            bytes += self.model.first_bytes;
+        }
+        if last {
+            bytes += self.model.last_bytes;
+        }
+        if first && last {
+            bytes -= self.model.shared_ends_bytes.min(bytes);
+        }
+        bytes
+    }
+}
+
+/// What is known of the latency between two nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LinkLatency {
+    pub from: NodeId,
+    pub to: NodeId,
+    pub latency_micros: u64,
+}
+
+/// The ring order with a low total latency: starting from the lowest id,
+/// always the nearest unvisited node next, then 2-opt reversals while they
+/// shorten the ring (at most `n` passes of `n²/2` candidates each, so 64
+/// nodes take well under a million steps). A pair's latency is the lower
+/// of its two measurements; pairs with none count as very far, so with no
+/// measurements at all the order stays by id.
+pub fn order_by_latency(nodes: &[NodeResources], links: &[LinkLatency]) -> Vec<NodeResources> {
+    const UNKNOWN_MICROS: u64 = 1_000_000_000;
+    let mut nodes: Vec<NodeResources> = nodes.to_vec();
+    nodes.sort_by_key(|n| n.id);
+    let n = nodes.len();
+    if n < 3 {
+        return nodes;
+    }
+    let mut latency = vec![UNKNOWN_MICROS; n * n];
+    for link in links {
+        let from = nodes.binary_search_by_key(&link.from, |n| n.id);
+        let to = nodes.binary_search_by_key(&link.to, |n| n.id);
+        if let (Ok(a), Ok(b)) = (from, to) {
+            let micros = link.latency_micros.min(UNKNOWN_MICROS);
+            latency[a * n + b] = latency[a * n + b].min(micros);
+            latency[b * n + a] = latency[b * n + a].min(micros);
+        }
+    }
+    let d = |a: usize, b: usize| latency[a * n + b];
+    let mut order = vec![0usize];
+    let mut left: Vec<usize> = (1..n).collect();
+    while !left.is_empty() {
+        let last = order[order.len() - 1];
+        // Ties go to the lowest id: `left` is in id order.
+        let k = (0..left.len())
+            .min_by_key(|&k| (d(last, left[k]), k))
+            .unwrap_or(0);
+        order.push(left.remove(k));
+    }
+    for _ in 0..n {
+        let mut improved = false;
+        for i in 1..n - 1 {
+            for j in i + 1..n {
+                // Reversing order[i..=j] swaps two edges of the ring.
+                let (before, after) = (order[i - 1], order[(j + 1) % n]);
+                let old = d(before, order[i]) + d(order[j], after);
+                let new = d(before, order[j]) + d(order[i], after);
+                if new < old {
+                    order[i..=j].reverse();
+                    improved = true;
+                }
+            }
+        }
+        if !improved {
+            break;
+        }
+    }
+    order.into_iter().map(|i| nodes[i].clone()).collect()
+}
+
+/// The default placement: a low-latency ring order, memory-weighted
+/// ranges; if that order cannot hold the model, the order by id.
+pub fn place_default(
+    nodes: &[NodeResources],
+    links: &[LinkLatency],
+    model: &ModelShape,
+) -> Result<Plan, PlanError> {
+    let ordered = order_by_latency(nodes, links);
+    plan_memory_weighted(&ordered, model).or_else(|error| {
+        let mut by_id = nodes.to_vec();
+        by_id.sort_by_key(|n| n.id);
+        plan_memory_weighted(&by_id, model).map_err(|_| error)
+    })
+}
+
+/// A request waiting to start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Waiting {
+    pub id: u64,
+    pub prompt_tokens: u32,
+    pub max_tokens: u32,
+    pub waited_millis: u64,
+}
+
+/// How busy one stage is: requests in flight through it, and its limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageLoad {
+    pub in_flight: u32,
+    pub limit: u32,
+}
+
+/// The default scheduling: first come, first served, as many as the
+/// busiest stage has room for.
+pub fn schedule_fifo(queue: &[Waiting], stages: &[StageLoad]) -> Vec<u64> {
+    let room = stages
+        .iter()
+        .map(|s| s.limit.saturating_sub(s.in_flight))
+        .min()
+        .unwrap_or(0) as usize;
+    let mut queue = queue.to_vec();
+    queue.sort_by(|a, b| b.waited_millis.cmp(&a.waited_millis).then(a.id.cmp(&b.id)));
+    queue.into_iter().take(room).map(|w| w.id).collect()
 }
 
 /// Why a plan is unacceptable.
@@ -362,10 +554,20 @@ impl fmt::Display for PlanViolation {
                 index,
                 expected,
                 start,
+            } if start < expected => {
+                write!(
+                    f,
+                    "layers {start}..{expected} are placed twice: stage {index} starts at layer {start}, but the stages before it already hold up to layer {expected}"
+                )
+            }
+            PlanViolation::Gap {
+                index,
+                expected,
+                start,
             } => {
                 write!(
                     f,
-                    "stage {index} starts at layer {start}, but the layers before it end at {expected}"
+                    "layers {expected}..{start} are placed nowhere: stage {index} starts at layer {start}, but the stages before it end at layer {expected}"
                 )
             }
             PlanViolation::WrongEnd { end, n_layers } => {
@@ -407,10 +609,6 @@ pub fn validate(
             .iter()
             .find(|n| n.id == stage.node)
             .ok_or(PlanViolation::UnknownNode { node: stage.node })?;
-        if seen.contains(&stage.node) {
-            return Err(PlanViolation::NodeTwice { node: stage.node });
-        }
-        seen.push(stage.node);
         if stage.layers.is_empty() {
             return Err(PlanViolation::EmptyStage { node: stage.node });
         }
@@ -421,6 +619,10 @@ pub fn validate(
                 start: stage.layers.start,
             });
         }
+        if seen.contains(&stage.node) {
+            return Err(PlanViolation::NodeTwice { node: stage.node });
+        }
+        seen.push(stage.node);
         let bytes = model.bytes_for(stage.layers);
         if bytes > node.memory_budget_bytes {
             return Err(PlanViolation::OverBudget {
@@ -505,6 +707,114 @@ mod tests {
     }
 
     #[test]
+    fn rings_follow_low_latency() {
+        let nodes = nodes(&[60, 60, 60, 60]);
+        let link = |a: u64, b: u64, us: u64| LinkLatency {
+            from: NodeId(a),
+            to: NodeId(b),
+            latency_micros: us,
+        };
+        // 1 and 3 are close, 2 and 4 are close, the pairs are far apart.
+        let links = [
+            link(1, 3, 10),
+            link(2, 4, 10),
+            link(1, 2, 900),
+            link(3, 4, 50),
+            link(1, 4, 900),
+            link(2, 3, 900),
+        ];
+        let order: Vec<u64> = order_by_latency(&nodes, &links)
+            .iter()
+            .map(|n| n.id.0)
+            .collect();
+        assert_eq!(order, vec![1, 3, 4, 2]);
+        // No measurements: by id.
+        let order: Vec<u64> = order_by_latency(&nodes, &[])
+            .iter()
+            .map(|n| n.id.0)
+            .collect();
+        assert_eq!(order, vec![1, 2, 3, 4]);
+        // The plan follows that order (the first node's byte share, smaller
+        // than the embedding, rounds to nothing).
+        let plan = place_default(&nodes, &links, &smollm()).expect("plan");
+        validate(&plan, &nodes, &smollm()).expect("valid");
+        assert_eq!(
+            plan.stages.iter().map(|s| s.node.0).collect::<Vec<_>>(),
+            vec![3, 4, 2]
+        );
+    }
+
+    #[test]
+    fn fifo_takes_the_longest_waiting_up_to_the_room() {
+        let w = |id: u64, waited: u64| Waiting {
+            id,
+            prompt_tokens: 10,
+            max_tokens: 10,
+            waited_millis: waited,
+        };
+        let queue = [w(1, 5), w(2, 50), w(3, 20)];
+        let load = |in_flight: u32| StageLoad {
+            in_flight,
+            limit: 16,
+        };
+        assert_eq!(schedule_fifo(&queue, &[load(14)]), vec![2, 3]);
+        assert_eq!(schedule_fifo(&queue, &[load(16)]), Vec::<u64>::new());
+        assert_eq!(schedule_fifo(&queue, &[load(0)]), vec![2, 3, 1]);
+        // The busiest stage decides; no stages means no plan, no room.
+        assert_eq!(
+            schedule_fifo(&queue, &[load(0), load(15), load(3)]),
+            vec![2]
+        );
+        assert_eq!(schedule_fifo(&queue, &[]), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn byte_sums_agree_with_the_model() {
+        let mut uneven = smollm();
+        uneven.layer_bytes = (0..30).map(|i| 1_000_000 + i * 7_919).collect();
+        uneven.kv_reserve_bytes_per_layer = 4_096;
+        for model in [smollm(), uneven] {
+            let sums = ByteSums::new(&model);
+            for start in 0..=30 {
+                for end in 0..=31 {
+                    let layers = Layers { start, end };
+                    assert_eq!(sums.bytes_for(layers), model.bytes_for(layers), "{layers}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rings_of_sixty_four_nodes_order_and_place() {
+        // Nodes on a line: the latency between two is their distance, so
+        // the shortest ring runs along the line and back (2 × 63 hops).
+        let nodes = nodes(&[40; 64]);
+        let position = |id: u64| (id * 37) % 64;
+        let mut links = Vec::new();
+        for a in &nodes {
+            for b in &nodes {
+                if a.id != b.id {
+                    links.push(LinkLatency {
+                        from: a.id,
+                        to: b.id,
+                        latency_micros: 100 * position(a.id.0).abs_diff(position(b.id.0)),
+                    });
+                }
+            }
+        }
+        let order = order_by_latency(&nodes, &links);
+        let mut ids: Vec<u64> = order.iter().map(|n| n.id.0).collect();
+        let ring: u64 = (0..64)
+            .map(|i| position(ids[i]).abs_diff(position(ids[(i + 1) % 64])))
+            .sum();
+        assert_eq!(ring, 2 * 63, "{ids:?}");
+        ids.sort_unstable();
+        assert_eq!(ids, (1..=64).collect::<Vec<_>>());
+        let plan = place_default(&nodes, &links, &smollm()).expect("plan");
+        validate(&plan, &nodes, &smollm()).expect("valid");
+    }
+
+    #[test]
     fn human_bytes_reads_well() {
         assert_eq!(human_bytes(512), "512 bytes");
         assert_eq!(human_bytes(92_360_448), "88.1 MiB");
@@ -578,7 +888,7 @@ mod tests {
                     // the front fails too.
                     let usable: Vec<&NodeResources> = cluster.iter().collect();
                     assert!(
-                        !can_cover(&usable, &model, 0),
+                        !can_cover(&usable, &ByteSums::new(&model), 0),
                         "a plan was possible: {cluster:?} {model:?}"
                     );
                 }
@@ -649,5 +959,24 @@ mod tests {
                 "{violation}"
             );
         }
+        // Gaps say which layers are missing or doubled.
+        let gap = |start| {
+            PlanViolation::Gap {
+                index: 1,
+                expected: 10,
+                start,
+            }
+            .to_string()
+        };
+        assert!(
+            gap(12).starts_with("layers 10..12 are placed nowhere"),
+            "{}",
+            gap(12)
+        );
+        assert!(
+            gap(9).starts_with("layers 9..10 are placed twice"),
+            "{}",
+            gap(9)
+        );
     }
 }

@@ -75,7 +75,20 @@ impl Node {
     /// Waits for a log line containing `needle`; panics with the log so far
     /// on timeout or if the process exits.
     pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> String {
-        if let Some(line) = self.log_seen.iter().find(|l| l.contains(needle)) {
+        self.wait_for_log_since(0, needle, timeout)
+    }
+
+    /// The position in the log now: lines logged so far are before it.
+    pub fn log_mark(&mut self) -> usize {
+        while let Ok(line) = self.log.try_recv() {
+            self.log_seen.push(line);
+        }
+        self.log_seen.len()
+    }
+
+    /// Like `wait_for_log`, for lines after `mark` (from `log_mark`).
+    pub fn wait_for_log_since(&mut self, mark: usize, needle: &str, timeout: Duration) -> String {
+        if let Some(line) = self.log_seen.iter().skip(mark).find(|l| l.contains(needle)) {
             return line.clone();
         }
         let deadline = Instant::now() + timeout;
@@ -179,16 +192,33 @@ impl Response {
 /// One HTTP/1.0 request; the server closes the connection after the
 /// response, so the body is everything until EOF (no chunked decoding).
 pub async fn request(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> Response {
-    let raw = match body {
-        Some(body) => format!(
-            "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        ),
-        None => format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n"),
+    let headers: &[(&str, &str)] = match body {
+        Some(_) => &[("Content-Type", "application/json")],
+        None => &[],
     };
+    request_raw(addr, method, path, headers, body.map(str::as_bytes)).await
+}
+
+/// A request with any headers and a byte body.
+pub async fn request_raw(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Response {
+    let mut raw = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n").into_bytes();
+    for (name, value) in headers {
+        raw.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+    }
+    if let Some(body) = body {
+        raw.extend_from_slice(format!("Content-Length: {}\r\n", body.len()).as_bytes());
+    }
+    raw.extend_from_slice(b"\r\n");
+    raw.extend_from_slice(body.unwrap_or_default());
     let exchange = async {
         let mut stream = TcpStream::connect(addr).await.expect("connect");
-        stream.write_all(raw.as_bytes()).await.expect("send");
+        stream.write_all(&raw).await.expect("send");
         let mut bytes = Vec::new();
         stream.read_to_end(&mut bytes).await.expect("read");
         parse_response(&bytes)
@@ -196,6 +226,60 @@ pub async fn request(addr: SocketAddr, method: &str, path: &str, body: Option<&s
     tokio::time::timeout(REQUEST_TIMEOUT, exchange)
         .await
         .expect("response within the timeout")
+}
+
+/// Builds a policy crate (a directory under the repository) for
+/// `wasm32-wasip2`, with `feature` if given, and returns the component.
+pub fn build_policy(crate_dir: &str, feature: Option<&str>) -> Vec<u8> {
+    // Builds of one crate with different features write the same file.
+    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = BUILDING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let repository = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let manifest = repository.join(crate_dir).join("Cargo.toml");
+    // Beside the node's own `policies` directory (see node/build.rs), so
+    // wit-bindgen is built once for both.
+    let target = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("../policies");
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--target",
+            "wasm32-wasip2",
+            "--manifest-path",
+        ])
+        .arg(&manifest)
+        .arg("--target-dir")
+        .arg(&target);
+    if let Some(feature) = feature {
+        command.args(["--features", feature]);
+    }
+    for variable in [
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+    ] {
+        command.env_remove(variable);
+    }
+    let output = command.output().expect("run cargo");
+    assert!(
+        output.status.success(),
+        "building {crate_dir} ({feature:?}) failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let package = std::fs::read_to_string(&manifest).expect("manifest");
+    let name = package
+        .lines()
+        .find_map(|l| l.strip_prefix("name = "))
+        .expect("package name")
+        .trim_matches('"')
+        .replace('-', "_");
+    std::fs::read(target.join(format!("wasm32-wasip2/release/{name}.wasm")))
+        .expect("built component")
 }
 
 pub fn parse_response(bytes: &[u8]) -> Response {

@@ -6,12 +6,13 @@ pub mod chat;
 mod cluster;
 pub mod error;
 pub mod openai;
+mod policy;
 
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{StatusCode, Uri};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde_json::json;
 use tower_http::trace::TraceLayer;
@@ -42,6 +43,29 @@ pub struct AppState {
     /// The cluster this node is part of; `None` when the engine runs its
     /// own local stage (in-process tests).
     pub cluster: Option<ClusterHandle>,
+    /// The secret that policy changes must carry; `None` refuses them.
+    pub admin_token: Option<AdminToken>,
+}
+
+/// The admin token; its `Debug` does not show it.
+#[derive(Clone)]
+pub struct AdminToken(Arc<str>);
+
+impl AdminToken {
+    /// `None` for an empty token, which would protect nothing.
+    pub fn new(token: &str) -> Option<Self> {
+        (!token.is_empty()).then(|| Self(Arc::from(token)))
+    }
+
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(<hidden>)")
+    }
 }
 
 pub fn router(state: AppState) -> Router {
@@ -51,6 +75,13 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models/{id}", get(get_model))
         .route("/healthz", get(healthz))
         .route("/v1/cluster", get(cluster::cluster_view))
+        .route(
+            "/v1/cluster/policy",
+            get(policy::get_policy)
+                .delete(policy::delete_policy)
+                // The handler reads the body itself, with the policy limit.
+                .merge(put(policy::put_policy).layer(DefaultBodyLimit::disable())),
+        )
         .route("/v1/ring/link", get(cluster::ring_link))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -3,6 +3,7 @@
 //! same threads. Rounds alternate between the engines (these machines are
 //! shared and noisy) and the table reports medians and ratios.
 
+pub mod policy;
 pub mod ring;
 
 use std::path::{Path, PathBuf};
@@ -289,7 +290,6 @@ fn median(rounds: &[Round]) -> Round {
         peak_rss_bytes: rounds.iter().map(|r| r.peak_rss_bytes).max().unwrap_or(0),
     }
 }
-
 
 /// A table row: its name, how to read it from a round, and whether a
 /// higher value is better.

@@ -6,21 +6,27 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kernels::{Device, LayerRange, ModelFile, SequenceId, ShardInput, Tensor};
-use scheduler::{ModelShape, NodeId, NodeResources};
-use tokio::sync::{mpsc, watch};
+use scheduler::NodeId;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::link::{self, LinkContext, LinkId, LinkSender};
 use super::protocol::{
-    Epoch, ForwardFrame, Frame, Hello, ModelIdentity, PROTOCOL_VERSION, Payload, PeerAddress,
-    PlanMessage, PlanStage, RequestId, WireDType, WireSample,
+    Epoch, ForwardFrame, Frame, Hello, LinkMeasurement, ModelIdentity, NodeStatus,
+    PROTOCOL_VERSION, Payload, PeerAddress, PlanMessage, PlanStage, PolicyMessage, PolicyRevision,
+    RequestId, WireDType, WireSample,
 };
 use super::resources::process_memory;
 use super::{
-    ClusterConfig, ClusterEvent, ClusterView, LinkView, NodeView, PlanState, PlanView, StageView,
+    ClusterConfig, ClusterEvent, ClusterView, LinkView, NodeView, PlanState, PlanView,
+    PolicyStatus, StageView,
 };
 use crate::engine::PipelineEnds;
 use crate::engine::stage::{self, Route, Sample, StageJob, StageOutput, StageResult};
-use crate::limits::{MAX_ACTIVE_SEQUENCES, MAX_NODES, PLAN_SETTLE_MS, REDIAL_INTERVAL_MS};
+use crate::limits::{
+    MAX_ACTIVE_SEQUENCES, MAX_NODES, NODE_STATUS_INTERVAL_MS, PLAN_SETTLE_MS, REDIAL_INTERVAL_MS,
+    STAGE_REQUEST_LIMIT,
+};
+use crate::policy::{self, Placed, PolicyError, PolicyHandle, PolicyView, StageLoad};
 
 /// A node we are linked to.
 struct Member {
@@ -29,6 +35,10 @@ struct Member {
     address: String,
     link: LinkSender,
     rtt_micros: Option<u64>,
+    /// Bytes per second received from it, smoothed over large frames.
+    bandwidth: Option<u64>,
+    /// Its last report of its links and its stage's load.
+    status: Option<NodeStatus>,
 }
 
 /// The plan being loaded or in use.
@@ -65,7 +75,8 @@ pub(super) struct Cluster {
     resources: super::protocol::Resources,
     identity: ModelIdentity,
     model: Arc<ModelFile>,
-    shape: ModelShape,
+    /// The model as the policy sees it.
+    policy_model: policy::Model,
     device: Device,
     members: BTreeMap<NodeId, Member>,
     /// Addresses to stay linked to: `--peer` ones and those peers told us.
@@ -90,6 +101,18 @@ pub(super) struct Cluster {
     events_tx: mpsc::Sender<ClusterEvent>,
     events: mpsc::Receiver<ClusterEvent>,
     view: watch::Sender<ClusterView>,
+    policy: PolicyHandle,
+    /// The policy change in force here, and the highest one seen or made.
+    policy_revision: PolicyRevision,
+    highest_policy_revision: PolicyRevision,
+    /// The uploaded component in force, for new peers (`None`: built-in).
+    policy_wasm: Option<Arc<Vec<u8>>>,
+    policy_status: PolicyStatus,
+    /// Numbers placements; an answer for an older one is dropped.
+    placement: u64,
+    stage_loads: watch::Sender<Vec<StageLoad>>,
+    /// The stage load last reported to peers.
+    reported_in_flight: Option<u32>,
 }
 
 impl Cluster {
@@ -101,7 +124,7 @@ impl Cluster {
         events: mpsc::Receiver<ClusterEvent>,
         view: watch::Sender<ClusterView>,
     ) -> Self {
-        let shape = model_shape(&model);
+        let policy_model = policy_model(&model);
         let identity = ModelIdentity {
             name: config.model_name,
             fingerprint: model.fingerprint().to_string(),
@@ -113,7 +136,7 @@ impl Cluster {
             resources: config.resources,
             identity,
             model,
-            shape,
+            policy_model,
             device: config.device,
             members: BTreeMap::new(),
             known_addresses: config.peers.into_iter().collect(),
@@ -131,6 +154,19 @@ impl Cluster {
             events_tx,
             events,
             view,
+            policy_status: PolicyStatus {
+                policy: config.policy.built_in().clone(),
+                revision: 0,
+                changed_by: None,
+                warning: None,
+            },
+            policy: config.policy,
+            policy_revision: PolicyRevision::default(),
+            highest_policy_revision: PolicyRevision::default(),
+            policy_wasm: None,
+            placement: 0,
+            stage_loads: config.stage_loads,
+            reported_in_flight: None,
         }
     }
 
@@ -138,6 +174,7 @@ impl Cluster {
         self.redial();
         self.publish();
         let mut redial = tokio::time::interval(Duration::from_millis(REDIAL_INTERVAL_MS));
+        let mut status = tokio::time::interval(Duration::from_millis(NODE_STATUS_INTERVAL_MS));
         loop {
             let replan = self.replan_at;
             tokio::select! {
@@ -154,7 +191,9 @@ impl Cluster {
                     self.plan_if_leader();
                 }
                 _ = redial.tick() => self.redial(),
+                _ = status.tick() => self.send_status(),
             }
+            self.track_load();
             self.publish();
         }
         for member in self.members.values() {
@@ -180,6 +219,28 @@ impl Cluster {
                     member.rtt_micros = Some(rtt_micros);
                 }
             }
+            ClusterEvent::LinkBandwidth {
+                node,
+                bytes_per_second,
+            } => {
+                if let Some(member) = self.members.get_mut(&node) {
+                    // Smoothed: one slow frame (a busy moment) does not
+                    // halve the estimate.
+                    member.bandwidth = Some(match member.bandwidth {
+                        Some(old) => (old * 3 + bytes_per_second) / 4,
+                        None => bytes_per_second,
+                    });
+                }
+            }
+            ClusterEvent::Placed { generation, placed } => self.on_placed(generation, placed),
+            ClusterEvent::SetPolicy { wasm, reply } => self.set_policy(wasm, reply),
+            ClusterEvent::PolicyInstalled {
+                revision,
+                wasm,
+                result,
+                reply,
+                warning,
+            } => self.policy_installed(revision, wasm, result, warning, reply),
             ClusterEvent::Frame { from, frame } => self.on_frame(from, frame),
             ClusterEvent::FromStage(output) => self.on_stage_output(output),
             ClusterEvent::ShardLoaded { epoch, result } => self.shard_loaded(epoch, result),
@@ -294,6 +355,12 @@ impl Cluster {
         } else {
             tracing::info!(peer = %hello.name, node = %peer, %address, "peer joined");
         }
+        // A newcomer learns the cluster's policy (if it has a newer one,
+        // it sends it here the same way and it wins).
+        if self.policy_revision != PolicyRevision::default() {
+            link.send(Frame::Policy(self.policy_message()));
+        }
+        link.send(Frame::NodeStatus(self.node_status()));
         self.members.insert(
             peer,
             Member {
@@ -301,6 +368,8 @@ impl Cluster {
                 address,
                 link,
                 rtt_micros: None,
+                bandwidth: None,
+                status: None,
             },
         );
         self.membership_changed();
@@ -351,12 +420,15 @@ impl Cluster {
 
     fn membership_changed(&mut self) {
         self.replan_at = Some(Instant::now() + Duration::from_millis(PLAN_SETTLE_MS));
+        self.placement += 1; // a placement under way is for the old members
     }
 
     /// Nodes serving the same model file, this one included, by id.
-    fn compatible(&self) -> Vec<NodeResources> {
-        let mut nodes = vec![NodeResources {
-            id: self.me,
+    fn compatible(&self) -> Vec<policy::Node> {
+        let mut nodes = vec![policy::Node {
+            id: self.me.0,
+            name: self.name.clone(),
+            device: self.resources.device.clone(),
             memory_budget_bytes: self.resources.memory_budget_bytes,
             compute_score: self.resources.compute_score,
         }];
@@ -364,8 +436,10 @@ impl Cluster {
             self.members
                 .values()
                 .filter(|m| m.hello.model.fingerprint == self.identity.fingerprint)
-                .map(|m| NodeResources {
-                    id: m.hello.node,
+                .map(|m| policy::Node {
+                    id: m.hello.node.0,
+                    name: m.hello.name.clone(),
+                    device: m.hello.resources.device.clone(),
                     memory_budget_bytes: m.hello.resources.memory_budget_bytes,
                     compute_score: m.hello.resources.compute_score,
                 }),
@@ -375,22 +449,164 @@ impl Cluster {
     }
 
     fn leader(&self) -> NodeId {
-        self.compatible().first().map_or(self.me, |n| n.id)
+        self.compatible().first().map_or(self.me, |n| NodeId(n.id))
+    }
+
+    /// What this node measured of its links.
+    fn measurements(&self) -> Vec<LinkMeasurement> {
+        self.members
+            .iter()
+            .filter_map(|(id, m)| {
+                Some(LinkMeasurement {
+                    to: *id,
+                    rtt_micros: m.rtt_micros?,
+                    bandwidth_bytes_per_second: m.bandwidth.unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+
+    /// The cluster as the policy sees it: the compatible nodes, and every
+    /// link between two of them that one end has measured.
+    fn policy_cluster(&self) -> policy::Cluster {
+        let nodes = self.compatible();
+        let known: HashSet<u64> = nodes.iter().map(|n| n.id).collect();
+        let link = |from: NodeId, m: &LinkMeasurement| policy::Link {
+            from: from.0,
+            to: m.to.0,
+            latency_micros: m.rtt_micros,
+            bandwidth_bytes_per_second: m.bandwidth_bytes_per_second,
+        };
+        let mut links: Vec<policy::Link> = self
+            .measurements()
+            .iter()
+            .map(|m| link(self.me, m))
+            .collect();
+        for (id, member) in &self.members {
+            if let Some(status) = &member.status {
+                links.extend(status.links.iter().map(|m| link(*id, m)));
+            }
+        }
+        links.retain(|l| known.contains(&l.from) && known.contains(&l.to));
+        policy::Cluster { nodes, links }
+    }
+
+    /// Requests going through this node's stage now.
+    fn in_flight(&self) -> u32 {
+        u32::try_from(self.hosted.len()).unwrap_or(u32::MAX)
+    }
+
+    fn node_status(&self) -> NodeStatus {
+        NodeStatus {
+            in_flight: self.in_flight(),
+            links: self.measurements(),
+        }
+    }
+
+    fn send_status(&mut self) {
+        let status = self.node_status();
+        self.reported_in_flight = Some(status.in_flight);
+        for member in self.members.values() {
+            member.link.send(Frame::NodeStatus(status.clone()));
+        }
+    }
+
+    /// Tells peers at once when this stage's load changed, and the local
+    /// coordinator what every stage carries.
+    fn track_load(&mut self) {
+        if self.reported_in_flight != Some(self.in_flight()) {
+            self.send_status();
+        }
+        let loads: Vec<StageLoad> = self
+            .plan
+            .as_ref()
+            .filter(|p| p.active)
+            .map(|p| {
+                p.message
+                    .stages
+                    .iter()
+                    .map(|s| StageLoad {
+                        node: s.node.0,
+                        in_flight: self.stage_in_flight(s.node),
+                        limit: STAGE_REQUEST_LIMIT,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.stage_loads.send_if_modified(|current| {
+            let changed = *current != loads;
+            if changed {
+                *current = loads;
+            }
+            changed
+        });
+    }
+
+    fn stage_in_flight(&self, node: NodeId) -> u32 {
+        if node == self.me {
+            return self.in_flight();
+        }
+        self.members
+            .get(&node)
+            .and_then(|m| m.status.as_ref())
+            .map_or(0, |s| s.in_flight)
     }
 
     // -----------------------------------------------------------------------
     // Planning
     // -----------------------------------------------------------------------
 
+    /// Leader: asks the policy for a placement of the current members; the
+    /// answer comes back as [`ClusterEvent::Placed`].
     fn plan_if_leader(&mut self) {
         if self.leader() != self.me {
             return;
         }
-        let nodes = self.compatible();
-        let plan = match scheduler::plan_memory_weighted(&nodes, &self.shape) {
+        self.placement += 1;
+        let generation = self.placement;
+        let cluster = self.policy_cluster();
+        let model = self.policy_model.clone();
+        let policy = self.policy.clone();
+        let events = self.events_tx.clone();
+        tokio::spawn(async move {
+            let placed = match policy.place(cluster, model).await {
+                Ok(placed) => placed,
+                Err(error) => Placed {
+                    result: Err(error),
+                    policy: policy.built_in().clone(),
+                    fallback: None,
+                },
+            };
+            let _ = events
+                .send(ClusterEvent::Placed { generation, placed })
+                .await;
+        });
+    }
+
+    fn on_placed(&mut self, generation: u64, placed: Placed) {
+        if generation != self.placement || self.leader() != self.me {
+            return; // membership changed meanwhile; a newer placement follows
+        }
+        if let Some(fallback) = placed.fallback {
+            let warning = format!(
+                "policy {} ({}) failed at a re-plan and was replaced by {}: {}",
+                fallback.failed.name,
+                short_hash(&fallback.failed.sha256),
+                placed.policy.name,
+                fallback.error
+            );
+            tracing::warn!("{warning}");
+            // Every node falls back with this node: the fallback is a
+            // policy change like any other.
+            self.change_policy(fallback.now_active, None, None, Some(warning));
+        }
+        let plan = match placed.result {
             Ok(plan) => plan,
             Err(error) => {
-                let message = format!("cannot place model {}: {error}", self.identity.name);
+                let message = format!(
+                    "cannot place model {} (policy {}): {error}",
+                    self.identity.name, placed.policy.name
+                );
                 if self.plan_error.as_deref() != Some(&message) {
                     tracing::error!("{message}");
                 }
@@ -402,9 +618,9 @@ impl Cluster {
             .stages
             .iter()
             .map(|s| PlanStage {
-                node: s.node,
-                address: self.address_of(s.node),
-                layers: LayerRange::new(s.layers.start as usize, s.layers.end as usize),
+                node: NodeId(s.node),
+                address: self.address_of(NodeId(s.node)),
+                layers: LayerRange::new(s.start as usize, s.end as usize),
             })
             .collect();
         let unchanged = self
@@ -421,7 +637,7 @@ impl Cluster {
             model: self.identity.clone(),
             stages,
         };
-        tracing::info!(epoch = message.epoch.0, stages = %describe_stages(&message.stages, self), "new plan");
+        tracing::info!(epoch = message.epoch.0, policy = %placed.policy.name, stages = %describe_stages(&message.stages, self), "new plan");
         for member in self.members.values() {
             member.link.send(Frame::Plan(message.clone()));
         }
@@ -631,6 +847,137 @@ impl Cluster {
     }
 
     // -----------------------------------------------------------------------
+    // Policy changes
+    // -----------------------------------------------------------------------
+
+    /// An upload (or reset) through this node's API.
+    fn set_policy(
+        &mut self,
+        wasm: Option<Vec<u8>>,
+        reply: oneshot::Sender<Result<PolicyStatus, PolicyError>>,
+    ) {
+        let dry_run = wasm
+            .is_some()
+            .then(|| (self.policy_cluster(), self.policy_model.clone()));
+        self.change_policy(wasm.map(Arc::new), dry_run, Some(reply), None);
+    }
+
+    /// Starts a policy change made here: a new revision, installed here
+    /// first and then sent to every peer.
+    fn change_policy(
+        &mut self,
+        wasm: Option<Arc<Vec<u8>>>,
+        dry_run: Option<(policy::Cluster, policy::Model)>,
+        reply: Option<oneshot::Sender<Result<PolicyStatus, PolicyError>>>,
+        warning: Option<String>,
+    ) {
+        let revision = PolicyRevision {
+            counter: self.highest_policy_revision.counter + 1,
+            origin: self.me,
+        };
+        self.highest_policy_revision = revision;
+        self.install_policy(revision, wasm, dry_run, reply, warning);
+    }
+
+    fn install_policy(
+        &self,
+        revision: PolicyRevision,
+        wasm: Option<Arc<Vec<u8>>>,
+        dry_run: Option<(policy::Cluster, policy::Model)>,
+        reply: Option<oneshot::Sender<Result<PolicyStatus, PolicyError>>>,
+        warning: Option<String>,
+    ) {
+        let policy = self.policy.clone();
+        let events = self.events_tx.clone();
+        tokio::spawn(async move {
+            let result = policy.install(wasm.clone(), revision, dry_run).await;
+            let _ = events
+                .send(ClusterEvent::PolicyInstalled {
+                    revision,
+                    wasm,
+                    result,
+                    warning,
+                    reply,
+                })
+                .await;
+        });
+    }
+
+    fn policy_installed(
+        &mut self,
+        revision: PolicyRevision,
+        wasm: Option<Arc<Vec<u8>>>,
+        result: Result<PolicyView, PolicyError>,
+        warning: Option<String>,
+        reply: Option<oneshot::Sender<Result<PolicyStatus, PolicyError>>>,
+    ) {
+        let view = match result {
+            Ok(view) => view,
+            Err(error) => {
+                if reply.is_none() && error != PolicyError::Outdated {
+                    tracing::error!(revision = revision.counter, %error, "cannot run the cluster's new policy; keeping the current one");
+                }
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(error));
+                }
+                return;
+            }
+        };
+        self.policy_revision = revision;
+        self.highest_policy_revision = self.highest_policy_revision.max(revision);
+        self.policy_wasm = wasm;
+        self.policy_status = PolicyStatus {
+            policy: view,
+            revision: revision.counter,
+            changed_by: Some(revision.origin),
+            warning,
+        };
+        tracing::info!(
+            policy = %self.policy_status.policy.name,
+            version = %self.policy_status.policy.version,
+            sha256 = %self.policy_status.policy.sha256,
+            "scheduling policy changed (revision {})",
+            revision.counter
+        );
+        if revision.origin == self.me {
+            let message = self.policy_message();
+            for member in self.members.values() {
+                member.link.send(Frame::Policy(message.clone()));
+            }
+        }
+        if let Some(reply) = reply {
+            let _ = reply.send(Ok(self.policy_status.clone()));
+        }
+        // The new policy decides the placement from now on.
+        self.membership_changed();
+    }
+
+    /// A policy change from a peer: adopted when newer than ours.
+    fn on_policy_message(&mut self, from: NodeId, message: PolicyMessage) {
+        if message.revision <= self.policy_revision {
+            return;
+        }
+        tracing::info!(peer = %self.node_name(from), revision = message.revision.counter, "the cluster's policy changed; installing it");
+        self.highest_policy_revision = self.highest_policy_revision.max(message.revision);
+        self.install_policy(
+            message.revision,
+            message.wasm.map(Arc::new),
+            None,
+            None,
+            message.warning,
+        );
+    }
+
+    /// The policy in force here, as a message for peers.
+    fn policy_message(&self) -> PolicyMessage {
+        PolicyMessage {
+            revision: self.policy_revision,
+            wasm: self.policy_wasm.as_ref().map(|w| w.to_vec()),
+            warning: self.policy_status.warning.clone(),
+        }
+    }
+
+    // -----------------------------------------------------------------------
     // Frames from peers
     // -----------------------------------------------------------------------
 
@@ -684,10 +1031,17 @@ impl Cluster {
                 message: error,
             }),
             Frame::Release { request } => self.release_local(SequenceId(request.0)),
+            Frame::NodeStatus(status) => {
+                if let Some(member) = self.members.get_mut(&from) {
+                    member.status = Some(status);
+                }
+            }
+            Frame::Policy(message) => self.on_policy_message(from, message),
             // Handled by the link itself.
             Frame::Hello(_)
             | Frame::Heartbeat { .. }
             | Frame::HeartbeatAck { .. }
+            | Frame::Probe { .. }
             | Frame::Bye { .. } => {}
         }
     }
@@ -1070,15 +1424,26 @@ impl Cluster {
                 peak_rss_bytes: None,
             });
         }
-        let links = self
+        let mut links: Vec<LinkView> = self
             .members
             .iter()
             .map(|(id, m)| LinkView {
                 from: self.me,
                 to: *id,
                 rtt_ms: m.rtt_micros.map(|us| us as f64 / 1000.0),
+                bandwidth_bytes_per_second: m.bandwidth,
             })
             .collect();
+        for (id, member) in &self.members {
+            let reported = member.status.iter().flat_map(|s| &s.links);
+            links.extend(reported.filter(|m| m.to != self.me).map(|m| LinkView {
+                from: *id,
+                to: m.to,
+                rtt_ms: Some(m.rtt_micros as f64 / 1000.0),
+                bandwidth_bytes_per_second:
+                    (m.bandwidth_bytes_per_second > 0).then_some(m.bandwidth_bytes_per_second),
+            }));
+        }
         let plan = self.plan.as_ref().map(|p| PlanView {
             epoch: p.message.epoch.0,
             leader: p.message.leader,
@@ -1095,6 +1460,7 @@ impl Cluster {
                     node: s.node,
                     layers: s.layers,
                     weight_bytes: p.ready.get(&s.node).copied(),
+                    in_flight: self.stage_in_flight(s.node),
                 })
                 .collect(),
         });
@@ -1106,27 +1472,30 @@ impl Cluster {
             links,
             plan,
             plan_error: self.plan_error.clone(),
+            policy: Some(self.policy_status.clone()),
         };
         self.view.send_replace(view);
     }
 }
 
-/// The placement policy's view of a model file.
-fn model_shape(model: &ModelFile) -> ModelShape {
+/// The model as the policy sees it.
+fn policy_model(model: &ModelFile) -> policy::Model {
+    let config = model.config();
     let layer_bytes = model.layer_weight_bytes().unwrap_or_default();
-    let embedding = model.embedding_bytes().unwrap_or(0);
-    let head = model.head_bytes().unwrap_or(0);
-    ModelShape {
+    policy::Model {
+        layer_count: u32::try_from(layer_bytes.len()).unwrap_or(u32::MAX),
         layer_bytes,
-        kv_reserve_bytes_per_layer: 0,
-        first_bytes: embedding,
-        last_bytes: head,
-        shared_ends_bytes: if model.ties_embeddings() {
-            embedding
-        } else {
-            0
-        },
+        embedding_bytes: model.embedding_bytes().unwrap_or(0),
+        head_bytes: model.head_bytes().unwrap_or(0),
+        tied_embeddings: model.ties_embeddings(),
+        kv_bytes_per_token_per_layer: config.kv_bytes_per_token_per_layer(),
+        context_length: u32::try_from(config.context_length).unwrap_or(u32::MAX),
     }
+}
+
+/// The first 12 hex digits of a SHA-256, for messages.
+fn short_hash(sha256: &str) -> &str {
+    sha256.get(..12).unwrap_or(sha256)
 }
 
 /// Where a peer is reached: its own address, unless it listens on all

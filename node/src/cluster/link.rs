@@ -188,6 +188,10 @@ where
         return;
     }
     let writer_task = tokio::spawn(write_loop(writer, frames_rx));
+    // The peer measures the link's bandwidth on this before real traffic.
+    let _ = frames_tx.try_send(Frame::Probe {
+        padding: vec![0; protocol::PROBE_BYTES],
+    });
     let reason = tokio::select! {
         reason = read_loop(&mut reader, peer, &frames_tx, &context.events) => reason,
         () = close.notified() => "closed by this node".to_string(),
@@ -266,16 +270,25 @@ async fn read_loop<R: AsyncRead + Unpin>(
 ) -> String {
     let silence = Duration::from_millis(HEARTBEAT_TIMEOUT_MS);
     loop {
-        let frame = match tokio::time::timeout(silence, protocol::read_frame(reader)).await {
+        let frame = match tokio::time::timeout(silence, protocol::read_frame_timed(reader)).await {
             Err(_) => return format!("no frame for {HEARTBEAT_TIMEOUT_MS} ms"),
             Ok(Err(FrameError::Closed)) => return "the connection closed".into(),
             Ok(Err(error)) => {
                 tracing::warn!(peer = %peer, %error, "closing a link after a bad frame");
                 return format!("bad frame: {error}");
             }
-            Ok(Ok(frame)) => frame,
+            Ok(Ok((frame, bandwidth))) => {
+                if let Some(bytes_per_second) = bandwidth {
+                    let _ = events.try_send(ClusterEvent::LinkBandwidth {
+                        node: peer,
+                        bytes_per_second,
+                    });
+                }
+                frame
+            }
         };
         match frame {
+            Frame::Probe { .. } => {}
             Frame::Heartbeat { sent_at_micros } => {
                 let _ = frames.try_send(Frame::HeartbeatAck { sent_at_micros });
             }

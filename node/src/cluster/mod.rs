@@ -8,11 +8,20 @@
 //! [`ClusterView`].
 //!
 //! Planning: the node with the smallest id among those serving the same
-//! model file is the leader. After membership settles it runs the placement
-//! policy, sends the plan (with a higher epoch) to every node, waits until
-//! each has loaded its layers, and then declares the plan active. Requests
-//! only run on an active plan; a request caught by a change fails with a
-//! clear error.
+//! model file is the leader. After membership settles it asks the
+//! scheduling policy (a Wasm component, see [`crate::policy`]) for a
+//! placement, sends the checked plan (with a higher epoch) to every node,
+//! waits until each has loaded its layers, and then declares the plan
+//! active. Requests only run on an active plan; a request caught by a
+//! change fails with a clear error.
+//!
+//! The policy is the same on every node: a change (an upload, a return to
+//! the built-in one, a fallback after a failure) gets a [`PolicyRevision`]
+//! and is sent to every peer, and to each new one when it links; the
+//! highest revision wins everywhere. Nodes report what they measure of
+//! their links and how many requests their stage carries every second
+//! ([`protocol::NodeStatus`]), so the leader can hand the policy the
+//! latency and bandwidth between every pair.
 
 mod actor;
 pub mod link;
@@ -29,9 +38,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::engine::PipelineEnds;
 use crate::engine::stage::StageOutput;
-use crate::limits::CLUSTER_EVENT_QUEUE_LEN;
+use crate::limits::{CLUSTER_EVENT_QUEUE_LEN, POLICY_CHANGE_TIMEOUT_SECS};
+use crate::policy::{Placed, PolicyError, PolicyHandle, PolicyView, StageLoad};
 use link::{LinkId, LinkSender};
-use protocol::{Frame, Hello, ModelIdentity, Resources};
+use protocol::{Frame, Hello, ModelIdentity, PolicyRevision, Resources};
 
 /// Everything a node brings to the cluster.
 pub struct ClusterConfig {
@@ -45,6 +55,10 @@ pub struct ClusterConfig {
     pub model_name: String,
     pub model_path: PathBuf,
     pub device: Device,
+    /// The policy thread, shared with the request coordinator.
+    pub policy: PolicyHandle,
+    /// Where the actor publishes each stage's load for the coordinator.
+    pub stage_loads: watch::Sender<Vec<StageLoad>>,
 }
 
 /// Events the cluster actor handles, in arrival order.
@@ -63,6 +77,31 @@ pub(crate) enum ClusterEvent {
     LinkRtt {
         node: NodeId,
         rtt_micros: u64,
+    },
+    LinkBandwidth {
+        node: NodeId,
+        bytes_per_second: u64,
+    },
+    /// The policy answered placement number `generation`.
+    Placed {
+        generation: u64,
+        placed: Placed,
+    },
+    /// Someone asked this node to change the cluster's policy (`None`: back
+    /// to the built-in one).
+    SetPolicy {
+        wasm: Option<Vec<u8>>,
+        reply: oneshot::Sender<Result<PolicyStatus, PolicyError>>,
+    },
+    /// The policy thread finished installing revision `revision`.
+    PolicyInstalled {
+        revision: PolicyRevision,
+        wasm: Option<Arc<Vec<u8>>>,
+        result: Result<PolicyView, PolicyError>,
+        /// Why the change happened, when a failing policy was replaced.
+        warning: Option<String>,
+        /// Whom to answer, when the change started here from the API.
+        reply: Option<oneshot::Sender<Result<PolicyStatus, PolicyError>>>,
     },
     Frame {
         from: NodeId,
@@ -108,6 +147,25 @@ impl ClusterHandle {
     /// A receiver to wait for changes of the view.
     pub fn watch(&self) -> watch::Receiver<ClusterView> {
         self.view.clone()
+    }
+
+    /// Makes `wasm` the cluster's policy (`None`: the built-in one). The
+    /// upload is compiled and tried on the current cluster first; once it
+    /// is active here it goes to every node and the model is re-planned.
+    pub async fn set_policy(&self, wasm: Option<Vec<u8>>) -> Result<PolicyStatus, PolicyError> {
+        let (reply, answer) = oneshot::channel();
+        self.events
+            .send(ClusterEvent::SetPolicy { wasm, reply })
+            .await
+            .map_err(|_| PolicyError::Stopped)?;
+        let timeout = std::time::Duration::from_secs(POLICY_CHANGE_TIMEOUT_SECS);
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(PolicyError::Stopped),
+            Err(_) => Err(PolicyError::Trap(format!(
+                "installing the policy took more than {POLICY_CHANGE_TIMEOUT_SECS} s"
+            ))),
+        }
     }
 
     /// Hands an upgraded connection to the cluster; it runs the link.
@@ -184,6 +242,24 @@ pub struct ClusterView {
     pub plan: Option<PlanView>,
     /// Why there is no usable plan, when there is none.
     pub plan_error: Option<String>,
+    /// The scheduling policy this node runs.
+    pub policy: Option<PolicyStatus>,
+}
+
+/// The active scheduling policy, as `GET /v1/cluster/policy` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyStatus {
+    #[serde(flatten)]
+    pub policy: PolicyView,
+    /// Numbers the cluster's policy changes (higher is newer; a refused
+    /// upload uses a number up). Equal on every node once the last change
+    /// has reached it.
+    pub revision: u64,
+    /// The node where the last change happened (none for the start).
+    #[serde(with = "hex_id::option")]
+    pub changed_by: Option<NodeId>,
+    /// Set when a policy failed and the cluster fell back from it.
+    pub warning: Option<String>,
 }
 
 impl ClusterView {
@@ -240,6 +316,8 @@ pub struct LinkView {
     pub to: NodeId,
     /// Round-trip time of the last heartbeat, in milliseconds.
     pub rtt_ms: Option<f64>,
+    /// Bytes per second `from` received from `to` in large frames.
+    pub bandwidth_bytes_per_second: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -264,4 +342,6 @@ pub struct StageView {
     pub node: NodeId,
     pub layers: LayerRange,
     pub weight_bytes: Option<u64>,
+    /// Requests going through the stage now, from every node.
+    pub in_flight: u32,
 }

@@ -19,13 +19,20 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Bumped whenever frames change incompatibly; peers must match exactly.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The HTTP `Upgrade` token of a link.
 pub const UPGRADE_TOKEN: &str = "ringlet-link";
 
 /// The HTTP header carrying [`PROTOCOL_VERSION`] on the upgrade request.
 pub const VERSION_HEADER: &str = "ringlet-protocol";
+
+/// Frames at least this long measure the link's bandwidth as they arrive;
+/// shorter ones arrive in a packet or two and would measure nothing.
+pub const BANDWIDTH_SAMPLE_MIN_BYTES: u32 = 256 << 10;
+
+/// The size of the [`Frame::Probe`] sent when a link opens.
+pub const PROBE_BYTES: usize = 1 << 20;
 
 /// Largest frame accepted: a 512-token prefill chunk of hidden states for a
 /// model with hidden size up to 16,384 in f32 is 32 MiB.
@@ -152,6 +159,46 @@ pub struct ForwardFrame {
     pub sample: WireSample,
 }
 
+/// Orders policy changes across the cluster: a higher revision replaces a
+/// lower one everywhere, so every node ends with the latest change. Ties of
+/// the counter (two uploads at once) go to the higher node id.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
+pub struct PolicyRevision {
+    pub counter: u64,
+    pub origin: NodeId,
+}
+
+/// The cluster's scheduling policy changed: the uploaded component, or
+/// `None` for the built-in one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyMessage {
+    pub revision: PolicyRevision,
+    #[serde(with = "serde_bytes")]
+    pub wasm: Option<Vec<u8>>,
+    /// Why the change happened, when a failing policy was replaced.
+    pub warning: Option<String>,
+}
+
+/// What one node measured of its link to another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkMeasurement {
+    pub to: NodeId,
+    /// Round-trip time of the last heartbeat.
+    pub rtt_micros: u64,
+    /// Bytes per second received from `to` in large frames; 0 if none yet.
+    pub bandwidth_bytes_per_second: u64,
+}
+
+/// A node's periodic report to its peers, for placement and scheduling.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// Requests going through this node's stage now, from every owner.
+    pub in_flight: u32,
+    pub links: Vec<LinkMeasurement>,
+}
+
 /// Every message a link carries. No catch-all: an unknown variant is a
 /// decode error, which closes the link.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -211,6 +258,14 @@ pub enum Frame {
     Bye {
         reason: String,
     },
+    /// Sent once when a link opens, so that the receiver measures the
+    /// link's bandwidth before any activations flow. Ignored otherwise.
+    Probe {
+        #[serde(with = "serde_bytes")]
+        padding: Vec<u8>,
+    },
+    NodeStatus(NodeStatus),
+    Policy(PolicyMessage),
 }
 
 impl Frame {
@@ -231,6 +286,9 @@ impl Frame {
             Frame::Failed { .. } => "failed",
             Frame::Release { .. } => "release",
             Frame::Bye { .. } => "bye",
+            Frame::Probe { .. } => "probe",
+            Frame::NodeStatus(_) => "node-status",
+            Frame::Policy(_) => "policy",
         }
     }
 }
@@ -277,6 +335,14 @@ pub fn decode(body: &[u8]) -> Result<Frame, FrameError> {
 
 /// Reads one frame. The length is checked before anything is allocated.
 pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Frame, FrameError> {
+    read_frame_timed(reader).await.map(|(frame, _)| frame)
+}
+
+/// Reads one frame and says how fast its body arrived, in bytes per
+/// second, when it is large enough to measure the link by.
+pub async fn read_frame_timed<R: AsyncRead + Unpin>(
+    reader: &mut R,
+) -> Result<(Frame, Option<u64>), FrameError> {
     let mut prefix = [0u8; 4];
     match reader.read_exact(&mut prefix).await {
         Ok(_) => {}
@@ -288,6 +354,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Frame, F
         return Err(FrameError::TooLong { length });
     }
     let mut body = vec![0u8; length as usize];
+    let started = std::time::Instant::now();
     reader
         .read_exact(&mut body)
         .await
@@ -297,7 +364,10 @@ pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Frame, F
             }
             _ => FrameError::Io(e),
         })?;
-    decode(&body)
+    let seconds = started.elapsed().as_secs_f64();
+    let bytes_per_second = (length >= BANDWIDTH_SAMPLE_MIN_BYTES && seconds > 0.0)
+        .then(|| (f64::from(length) / seconds) as u64);
+    Ok((decode(&body)?, bytes_per_second))
 }
 
 pub async fn write_frame<W: AsyncWrite + Unpin>(
@@ -370,6 +440,30 @@ mod tests {
             Frame::Bye {
                 reason: "shutting down".into(),
             },
+            Frame::Probe {
+                padding: vec![7; 300],
+            },
+            Frame::NodeStatus(NodeStatus {
+                in_flight: 3,
+                links: vec![LinkMeasurement {
+                    to: NodeId(8),
+                    rtt_micros: 250,
+                    bandwidth_bytes_per_second: 117_000_000,
+                }],
+            }),
+            Frame::Policy(PolicyMessage {
+                revision: PolicyRevision {
+                    counter: 2,
+                    origin: NodeId(8),
+                },
+                wasm: Some(b"\0asm".to_vec()),
+                warning: None,
+            }),
+            Frame::Policy(PolicyMessage {
+                revision: PolicyRevision::default(),
+                wasm: None,
+                warning: Some("policy x failed".into()),
+            }),
         ]
     }
 

@@ -12,9 +12,13 @@
 //! together. A prompt is fed in chunks of [`PREFILL_CHUNK_TOKENS`] so that
 //! a long prompt does not stall streams that are already decoding.
 //!
-//! Admission is bounded twice: at most [`MAX_ACTIVE_SEQUENCES`] requests
-//! run, and their KV caches, reserved for the prompt plus `max_tokens`,
-//! fit the engine's KV budget; the next request waits for room, and one
+//! Which waiting request starts next is the scheduling policy's choice
+//! (`schedule` in `wit/scheduler.wit`, see [`Scheduling`]); without one,
+//! first come, first served. Whatever it picks, admission stays bounded
+//! twice: at most [`MAX_ACTIVE_SEQUENCES`] requests run, and their KV
+//! caches, reserved for the prompt plus `max_tokens`, fit the engine's KV
+//! budget; a picked request that does not fit yet waits, and holds back the
+//! ones picked after it, so a large request is not overtaken forever. One
 //! that could never fit is refused at submission.
 //!
 //! The coordinator runs on its own thread with its own small runtime, so the
@@ -22,7 +26,7 @@
 
 pub mod stage;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -33,6 +37,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
 use crate::limits::{ENGINE_QUEUE_LEN, MAX_ACTIVE_SEQUENCES, PREFILL_CHUNK_TOKENS};
+use crate::policy::{PolicyHandle, StageLoad, WaitingRequest};
 use stage::{Route, Sample, StageJob, StageOutput, StageResult};
 
 /// One generation, as the API layer hands it over.
@@ -99,6 +104,8 @@ pub struct EngineStats {
     pub cancelled: u64,
     pub failed: u64,
     pub generated_tokens: u64,
+    /// Requests waiting to start.
+    pub queued: usize,
     /// KV-cache bytes reserved by the active requests.
     pub kv_reserved_bytes: u64,
     /// The engine stopped (its stage died); it serves nothing more.
@@ -138,10 +145,21 @@ impl EngineModel {
     }
 }
 
+/// How the coordinator picks which waiting requests start.
+#[derive(Debug, Clone)]
+pub struct Scheduling {
+    /// The node's scheduling policy.
+    pub policy: PolicyHandle,
+    /// Each stage of the current plan, in ring order, with the requests
+    /// going through it from every node (empty while there is no plan).
+    pub stages: watch::Receiver<Vec<StageLoad>>,
+}
+
 struct Submission {
     request: GenerationRequest,
     events: mpsc::Sender<GenerationEvent>,
     stopped: Arc<AtomicBool>,
+    arrived: Instant,
 }
 
 /// A cheap, cloneable handle to a running engine.
@@ -195,6 +213,7 @@ impl EngineHandle {
             request,
             events,
             stopped: Arc::clone(&stopped),
+            arrived: Instant::now(),
         };
         self.submissions.try_send(submission).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => SubmitError::Busy,
@@ -232,8 +251,12 @@ pub struct PipelineEnds {
 
 impl Engine {
     /// Starts a coordinator for `model`; the caller runs the stages and
-    /// connects them to the returned ends.
-    pub fn start(model: EngineModel) -> std::io::Result<(Self, PipelineEnds)> {
+    /// connects them to the returned ends. Without `scheduling`, requests
+    /// start first come, first served, as the built-in policy does.
+    pub fn start(
+        model: EngineModel,
+        scheduling: Option<Scheduling>,
+    ) -> std::io::Result<(Self, PipelineEnds)> {
         let model = Arc::new(model);
         let (job_tx, job_rx) = mpsc::channel(2 * MAX_ACTIVE_SEQUENCES);
         let (result_tx, result_rx) = mpsc::channel(2 * MAX_ACTIVE_SEQUENCES);
@@ -243,7 +266,9 @@ impl Engine {
             model: Arc::clone(&model),
             submissions: submission_rx,
             submissions_open: true,
-            waiting: None,
+            queue: VecDeque::new(),
+            schedule_again: false,
+            scheduling,
             results: result_rx,
             first_stage: job_tx,
             active: HashMap::new(),
@@ -291,7 +316,7 @@ impl Engine {
             kv_bytes_per_token: config.kv_bytes_per_token_per_layer() * shard.range().len() as u64,
             kv_budget_bytes,
         };
-        let (mut engine, ends) = Self::start(model)?;
+        let (mut engine, ends) = Self::start(model, None)?;
         let results = ends.results;
         let stage_thread = stage::spawn(shard, ends.jobs, move |output| match output {
             StageOutput::Done { result, .. } => results.blocking_send(result).is_ok(),
@@ -343,8 +368,12 @@ struct Coordinator {
     model: Arc<EngineModel>,
     submissions: mpsc::Receiver<Submission>,
     submissions_open: bool,
-    /// A submission taken from the queue that waits for KV-cache room.
-    waiting: Option<Submission>,
+    /// Requests waiting to start, oldest first.
+    queue: VecDeque<Submission>,
+    /// Something changed (a request arrived or ended, a stage's load
+    /// changed) since the policy was last asked.
+    schedule_again: bool,
+    scheduling: Option<Scheduling>,
     results: mpsc::Receiver<StageResult>,
     first_stage: mpsc::Sender<StageJob>,
     active: HashMap<SequenceId, ActiveRequest>,
@@ -353,8 +382,9 @@ struct Coordinator {
 
 impl Coordinator {
     async fn run(mut self) {
+        let mut stages = self.scheduling.as_ref().map(|s| s.stages.clone());
         loop {
-            let room = self.waiting.is_none() && self.active.len() < MAX_ACTIVE_SEQUENCES;
+            let room = self.queue.len() < ENGINE_QUEUE_LEN;
             tokio::select! {
                 // Results first: finishing work frees room for new work.
                 biased;
@@ -366,44 +396,155 @@ impl Coordinator {
                     }
                 },
                 submission = self.submissions.recv(), if room && self.submissions_open => match submission {
-                    Some(submission) => self.admit(submission).await,
+                    Some(submission) => {
+                        self.queue.push_back(submission);
+                        self.schedule_again = true;
+                    }
                     None => self.submissions_open = false,
                 },
+                changed = changed(&mut stages), if !self.queue.is_empty() => {
+                    if changed {
+                        self.schedule_again = true;
+                    } else {
+                        stages = None; // the cluster stopped publishing
+                    }
+                }
             }
-            if !self.submissions_open && self.active.is_empty() && self.waiting.is_none() {
+            if self.schedule_again {
+                self.schedule_again = false;
+                self.start_waiting().await;
+            }
+            if !self.submissions_open && self.active.is_empty() && self.queue.is_empty() {
                 break; // every handle dropped and all work done
             }
         }
         tracing::debug!("coordinator stopped");
     }
 
-    /// Starts a submission if its KV cache fits, else parks it until it does.
-    async fn admit(&mut self, submission: Submission) {
-        if submission.events.is_closed() {
-            self.stats.send_modify(|s| s.cancelled += 1);
-            return; // the client left while queued
-        }
-        let request = &submission.request;
-        if request.prompt.is_empty() || request.max_tokens == 0 {
-            let _ = submission.events.try_send(GenerationEvent::Finished {
-                reason: FinishReason::Length,
-                prompt_tokens: request.prompt.len(),
-                completion_tokens: 0,
-            });
+    /// Asks the policy which waiting requests start, and starts them while
+    /// there is room.
+    async fn start_waiting(&mut self) {
+        self.drop_finished_waiters();
+        if self.queue.is_empty() || self.active.len() >= MAX_ACTIVE_SEQUENCES {
+            self.publish();
             return;
         }
-        let needed = self
-            .model
-            .kv_bytes(request.prompt.len() + request.max_tokens);
+        let picked = self.pick().await;
+        let mut started = 0;
+        for id in picked {
+            if self.active.len() >= MAX_ACTIVE_SEQUENCES {
+                break;
+            }
+            let Some(index) = self.queue.iter().position(|s| s.request.id.0 == id) else {
+                continue; // not waiting (any more): ignored, as the contract says
+            };
+            if !self.fits(&self.queue[index]) {
+                break; // it waits for room, and those picked after it wait too
+            }
+            if let Some(submission) = self.queue.remove(index) {
+                self.start(submission).await;
+                started += 1;
+            }
+        }
+        // A policy must not stall the node: with nothing running, the
+        // oldest request starts (it fits: oversized ones were refused).
+        if started == 0
+            && self.active.is_empty()
+            && let Some(oldest) = self.queue.pop_front()
+        {
+            tracing::warn!(request = %oldest.request.id, "the scheduling policy started nothing while the node is idle; starting the oldest request");
+            self.start(oldest).await;
+        }
+        self.publish();
+    }
+
+    /// The policy's picks, or first come, first served without one (or when
+    /// it fails, with a warning).
+    async fn pick(&self) -> Vec<u64> {
+        let queue: Vec<WaitingRequest> = self
+            .queue
+            .iter()
+            .map(|s| WaitingRequest {
+                id: s.request.id.0,
+                prompt_tokens: s.request.prompt.len() as u32,
+                max_tokens: s.request.max_tokens as u32,
+                waited_millis: s.arrived.elapsed().as_millis() as u64,
+            })
+            .collect();
+        let own = StageLoad {
+            node: 0,
+            in_flight: self.active.len() as u32,
+            limit: MAX_ACTIVE_SEQUENCES as u32,
+        };
+        let Some(scheduling) = &self.scheduling else {
+            return first_come_first_served(&queue, &[own]);
+        };
+        // A stage carries at least this node's own requests, even before it
+        // reports them.
+        let stages: Vec<StageLoad> = scheduling
+            .stages
+            .borrow()
+            .iter()
+            .map(|s| StageLoad {
+                in_flight: s.in_flight.max(own.in_flight),
+                ..*s
+            })
+            .collect();
+        if stages.is_empty() {
+            // No plan: the requests start and fail at once with the reason.
+            return queue.iter().map(|w| w.id).collect();
+        }
+        match scheduling
+            .policy
+            .schedule(queue.clone(), stages.clone())
+            .await
+        {
+            Ok(picked) => picked,
+            Err(error) => {
+                tracing::warn!(%error, "the scheduling policy failed; starting requests first come, first served");
+                first_come_first_served(&queue, &stages)
+            }
+        }
+    }
+
+    /// Forgets waiting requests whose client left or that need no work.
+    fn drop_finished_waiters(&mut self) {
+        let mut kept = VecDeque::with_capacity(self.queue.len());
+        for submission in self.queue.drain(..) {
+            let request = &submission.request;
+            if submission.events.is_closed() {
+                self.stats.send_modify(|s| s.cancelled += 1);
+            } else if request.prompt.is_empty() || request.max_tokens == 0 {
+                let _ = submission.events.try_send(GenerationEvent::Finished {
+                    reason: FinishReason::Length,
+                    prompt_tokens: request.prompt.len(),
+                    completion_tokens: 0,
+                });
+            } else {
+                kept.push_back(submission);
+            }
+        }
+        self.queue = kept;
+    }
+
+    fn kv_needed(&self, request: &GenerationRequest) -> u64 {
+        self.model
+            .kv_bytes(request.prompt.len() + request.max_tokens)
+    }
+
+    /// True when the request's KV cache fits beside the active ones'.
+    fn fits(&self, submission: &Submission) -> bool {
         let reserved: u64 = self.active.values().map(|a| a.kv_reserved_bytes).sum();
-        if reserved + needed > self.model.kv_budget_bytes {
-            self.waiting = Some(submission);
-            return;
-        }
+        reserved + self.kv_needed(&submission.request) <= self.model.kv_budget_bytes
+    }
+
+    async fn start(&mut self, submission: Submission) {
+        let needed = self.kv_needed(&submission.request);
         let Submission {
             request,
             events,
             stopped,
+            ..
         } = submission;
         let id = request.id;
         tracing::info!(request = %id, prompt_tokens = request.prompt.len(), max_tokens = request.max_tokens, "generation started");
@@ -420,7 +561,6 @@ impl Coordinator {
                 first_token_at: None,
             },
         );
-        self.publish();
         self.feed_prompt_chunk(id).await;
     }
 
@@ -511,7 +651,7 @@ impl Coordinator {
     }
 
     /// Forgets a request here and on the stage, tells its owner why, logs
-    /// and counts it, and admits a waiting request if there is room now.
+    /// and counts it; the run loop then starts waiting ones if it can.
     async fn end(&mut self, id: SequenceId, outcome: Outcome) {
         let Some(active) = self.active.remove(&id) else {
             return;
@@ -551,17 +691,15 @@ impl Coordinator {
                 self.stats.send_modify(|s| s.failed += 1);
             }
         }
+        self.schedule_again = true;
         self.publish();
-        if let Some(waiting) = self.waiting.take() {
-            Box::pin(self.admit(waiting)).await;
-        }
     }
 
     /// The stage is gone (it can only die of a bug): fail everything, stop.
     async fn stage_stopped(&mut self) {
         tracing::error!("the inference stage stopped; failing every request");
         let message = "the inference engine stopped; the node must be restarted".to_string();
-        if let Some(waiting) = self.waiting.take() {
+        for waiting in self.queue.drain(..) {
             let _ = waiting.events.try_send(GenerationEvent::Failed {
                 message: message.clone(),
             });
@@ -577,13 +715,48 @@ impl Coordinator {
 
     fn publish(&self) {
         let active = self.active.len();
+        let queued = self.queue.len();
         let kv_reserved_bytes = self.active.values().map(|a| a.kv_reserved_bytes).sum();
         self.stats.send_if_modified(|s| {
-            let changed = s.active != active || s.kv_reserved_bytes != kv_reserved_bytes;
+            let changed = s.active != active
+                || s.queued != queued
+                || s.kv_reserved_bytes != kv_reserved_bytes;
             s.active = active;
+            s.queued = queued;
             s.kv_reserved_bytes = kv_reserved_bytes;
             changed
         });
+    }
+}
+
+/// The built-in order, for when there is no policy to ask: the same
+/// first come, first served as the default policy.
+fn first_come_first_served(queue: &[WaitingRequest], stages: &[StageLoad]) -> Vec<u64> {
+    let waiting: Vec<scheduler::Waiting> = queue
+        .iter()
+        .map(|w| scheduler::Waiting {
+            id: w.id,
+            prompt_tokens: w.prompt_tokens,
+            max_tokens: w.max_tokens,
+            waited_millis: w.waited_millis,
+        })
+        .collect();
+    let loads: Vec<scheduler::StageLoad> = stages
+        .iter()
+        .map(|s| scheduler::StageLoad {
+            in_flight: s.in_flight,
+            limit: s.limit,
+        })
+        .collect();
+    scheduler::schedule_fifo(&waiting, &loads)
+}
+
+/// Waits for the next change of the stage loads: true when one came, false
+/// when there is nothing (more) to watch.
+async fn changed(stages: &mut Option<watch::Receiver<Vec<StageLoad>>>) -> bool {
+    match stages {
+        Some(stages) => stages.changed().await.is_ok(),
+        None => std::future::pending().await,
     }
 }
 

@@ -1,0 +1,178 @@
+//! `/v1/cluster/policy`: see the scheduling policy, upload a new one, or go
+//! back to the built-in one. Changes need the node's admin token.
+
+use axum::Json;
+use axum::body::{Body, to_bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use super::{ApiError, AppState};
+use crate::cluster::{ClusterHandle, PolicyStatus};
+use crate::limits::MAX_POLICY_BYTES;
+use crate::policy::PolicyError;
+
+/// The policy this node runs (the same on every node once a change has
+/// reached them all).
+pub async fn get_policy(State(state): State<AppState>) -> Result<Json<PolicyStatus>, ApiError> {
+    let cluster = cluster(&state)?;
+    cluster
+        .view()
+        .policy
+        .map(Json)
+        .ok_or_else(|| ApiError::internal("the policy is not loaded yet"))
+}
+
+/// Uploads a policy component (the body is the `.wasm` file).
+pub async fn put_policy(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<PolicyStatus>, Response> {
+    let cluster = cluster(&state).map_err(IntoResponse::into_response)?;
+    if let Some(refused) = refusal(&state, &headers) {
+        return Err(refused);
+    }
+    // Read one byte past the limit, so that a too-large upload is told
+    // its limit rather than cut off.
+    let bytes = to_bytes(body, MAX_POLICY_BYTES + 1)
+        .await
+        .map_err(|error| {
+            let too_large = std::error::Error::source(&error)
+                .is_some_and(|e| e.to_string().contains("length limit"));
+            if too_large {
+                policy_error(PolicyError::TooLarge {
+                    bytes: MAX_POLICY_BYTES + 1,
+                })
+            } else {
+                ApiError::invalid_request(format!("Cannot read the uploaded policy: {error}"))
+            }
+            .into_response()
+        })?;
+    if bytes.is_empty() {
+        return Err(ApiError::invalid_request(
+            "The body is empty: send the policy's .wasm file as the request body, e.g. \
+             `curl -T policy.wasm -H 'Authorization: Bearer <token>' http://<node>/v1/cluster/policy`.",
+        )
+        .into_response());
+    }
+    tracing::info!(size_bytes = bytes.len(), "policy upload received");
+    cluster
+        .set_policy(Some(bytes.to_vec()))
+        .await
+        .map(Json)
+        .map_err(|e| policy_error(e).into_response())
+}
+
+/// Goes back to the built-in policy.
+pub async fn delete_policy(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<PolicyStatus>, Response> {
+    let cluster = cluster(&state).map_err(IntoResponse::into_response)?;
+    if let Some(refused) = refusal(&state, &headers) {
+        return Err(refused);
+    }
+    cluster
+        .set_policy(None)
+        .await
+        .map(Json)
+        .map_err(|e| policy_error(e).into_response())
+}
+
+fn cluster(state: &AppState) -> Result<&ClusterHandle, ApiError> {
+    state
+        .cluster
+        .as_ref()
+        .ok_or_else(|| ApiError::not_found("/v1/cluster/policy"))
+}
+
+/// The refusal, if the request may not change the policy: 403 when the
+/// node takes no policy changes at all, 401 when the token is missing or
+/// wrong.
+fn refusal(state: &AppState, headers: &HeaderMap) -> Option<Response> {
+    check_token(state, headers).err().map(|error| {
+        let unauthorized = error.status == StatusCode::UNAUTHORIZED;
+        let mut response = error.into_response();
+        if unauthorized {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
+    })
+}
+
+fn check_token(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(expected) = &state.admin_token else {
+        return Err(ApiError {
+            status: StatusCode::FORBIDDEN,
+            code: Some("policy_changes_disabled"),
+            ..ApiError::invalid_request(
+                "This node does not accept policy changes: it was started without an admin \
+                 token. Restart it with --admin-token <TOKEN> (or RINGLET_ADMIN_TOKEN) to allow them.",
+            )
+        });
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(token) if same_secret(token.as_bytes(), expected.as_bytes()) => Ok(()),
+        _ => Err(ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            code: Some("invalid_admin_token"),
+            ..ApiError::invalid_request(if given.is_some() {
+                "The admin token is wrong."
+            } else {
+                "Changing the policy needs the node's admin token: send `Authorization: Bearer <TOKEN>`."
+            })
+        }),
+    }
+}
+
+/// Compares two secrets in time that depends only on their lengths.
+fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+fn policy_error(error: PolicyError) -> ApiError {
+    let status = match error {
+        PolicyError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        PolicyError::Outdated => StatusCode::CONFLICT,
+        PolicyError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::UNPROCESSABLE_ENTITY,
+    };
+    let message = match error {
+        PolicyError::Outdated | PolicyError::Stopped => {
+            format!("The policy was not changed: {error}.")
+        }
+        _ => format!("The policy was refused and nothing changed: {error}"),
+    };
+    ApiError {
+        status,
+        code: Some("policy_refused"),
+        ..ApiError::invalid_request(message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_compare_exactly() {
+        assert!(same_secret(b"s3cret", b"s3cret"));
+        assert!(!same_secret(b"s3cres", b"s3cret"));
+        assert!(!same_secret(b"s3cre", b"s3cret"));
+        assert!(!same_secret(b"", b"s3cret"));
+    }
+}
