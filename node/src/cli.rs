@@ -244,7 +244,8 @@ pub struct ServeArgs {
 
     /// Secret that `PUT` and `DELETE /v1/cluster/policy` must send as
     /// `Authorization: Bearer <TOKEN>` to change the scheduling policy.
-    /// Without one, policy changes are refused on this node.
+    /// Without one, policy changes are refused on this node. Prefer the
+    /// environment variable: other users can read a command line.
     #[arg(
         long,
         env = "RINGLET_ADMIN_TOKEN",
