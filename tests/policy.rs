@@ -7,15 +7,19 @@
 
 mod support;
 
-use std::sync::{Arc, OnceLock};
-
 use std::collections::BTreeSet;
+use std::sync::OnceLock;
+
+use bytes::Bytes;
 
 use kernels::{SamplingParams, SequenceId};
 use ringlet_node::cluster::protocol::PolicyRevision;
 use ringlet_node::engine::stage::{StageJob, StageResult};
 use ringlet_node::engine::{Engine, EngineModel, GenerationRequest, PipelineEnds, Scheduling};
-use ringlet_node::policy::{self, Cluster, Model, Node, PolicyError, PolicyHandle, StageLoad};
+use ringlet_node::policy::{
+    self, Change, Cluster, Fault, Faults, Model, Node, PolicyError, PolicyHandle, PolicySource,
+    StageLoad,
+};
 use scheduler::NodeId;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -85,6 +89,12 @@ fn sandbox() -> PolicyHandle {
     policy::start().expect("start the policy thread").0
 }
 
+/// The next fault the policy host reports; it reports it before it
+/// answers the call that failed, so it is already there.
+fn reported(faults: &mut Faults) -> Fault {
+    faults.try_recv().expect("a fault was reported")
+}
+
 fn revision(counter: u64) -> PolicyRevision {
     PolicyRevision {
         counter,
@@ -101,9 +111,12 @@ async fn install(
     let counter = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     handle
         .install(
-            Some(Arc::new(bytes)),
+            Some(Bytes::from(bytes)),
             revision(counter),
-            Some((on, model())),
+            Change::Upload {
+                cluster: on,
+                model: model(),
+            },
         )
         .await
 }
@@ -244,6 +257,12 @@ async fn bad_policies_are_refused_at_upload_with_a_clear_reason() {
             "layers 1..2 are placed twice",
         ),
         (
+            "a policy that sleeps",
+            misbehaving("sleeps"),
+            |e| matches!(e, PolicyError::TimedOut),
+            "did not return within 2 s",
+        ),
+        (
             "an endless schedule",
             misbehaving("schedule-loops"),
             |e| matches!(e, PolicyError::OutOfFuel),
@@ -289,7 +308,7 @@ async fn bad_policies_are_refused_at_upload_with_a_clear_reason() {
 
 #[tokio::test]
 async fn a_policy_failing_at_a_re_plan_falls_back_to_the_last_good_one() {
-    let handle = sandbox();
+    let (handle, mut faults) = policy::start().expect("start the policy thread");
     let one = || cluster(vec![node(1, 200, 10.0)]);
     let two = || cluster(vec![node(1, 200, 10.0), node(2, 200, 30.0)]);
     install(&handle, example_policy().to_vec(), one())
@@ -299,28 +318,111 @@ async fn a_policy_failing_at_a_re_plan_falls_back_to_the_last_good_one() {
     install(&handle, misbehaving("fails-on-two-nodes"), one())
         .await
         .expect("passes its dry run");
-    // ...and fails once a second node joins: the example takes over again.
+    // ...and fails once a second node joins: the example takes over again,
+    // answers this very call, and the fault is reported for the cluster.
     let placed = handle.place(two(), model()).await.expect("placed");
-    let fallback = placed.fallback.expect("a fallback");
-    assert_eq!(fallback.failed.name, "misbehaving");
+    assert_eq!(placed.policy.name, "fewest-nodes");
+    assert_eq!(placed.result.expect("the example places").stages.len(), 1);
+    let fault = reported(&mut faults);
+    assert_eq!(fault.failed.name, "misbehaving");
     assert!(
-        fallback
+        fault.error.to_string().contains("cannot place on 2 nodes"),
+        "{}",
+        fault.error
+    );
+    assert_eq!(fault.now_active.name, "fewest-nodes");
+    assert_eq!(fault.now_active_wasm.as_deref(), Some(example_policy()));
+    // A policy change older than the one in force is refused.
+    let stale = handle.install(None, revision(0), Change::Propagated).await;
+    assert_eq!(stale.map(|v| v.name), Err(PolicyError::Outdated));
+}
+
+#[tokio::test]
+async fn falling_back_ends_at_the_built_in_policy() {
+    let (handle, mut faults) = policy::start().expect("start the policy thread");
+    let nodes = |count: u64| cluster((1..=count).map(|id| node(id, 200, 10.0)).collect());
+    let fails_on_three = misbehaving("fails-on-three-nodes");
+    install(&handle, fails_on_three.clone(), nodes(1))
+        .await
+        .expect("installs");
+    install(&handle, misbehaving("fails-on-two-nodes"), nodes(1))
+        .await
+        .expect("installs");
+
+    // Two nodes: the newer one fails, the older one answers.
+    let placed = handle.place(nodes(2), model()).await.expect("placed");
+    assert!(placed.result.is_ok(), "{:?}", placed.result);
+    assert_eq!(placed.policy.sha256, sha256_hex(&fails_on_three));
+    let fault = reported(&mut faults);
+    assert_eq!(fault.now_active_wasm.as_deref(), Some(&fails_on_three[..]));
+
+    // The cluster makes the same switch, as a fallback: after it comes the
+    // built-in policy, not the policy that just failed.
+    let view = handle
+        .install(
+            Some(Bytes::from(fails_on_three.clone())),
+            revision(1_000),
+            Change::Fallback,
+        )
+        .await
+        .expect("the fallback installs");
+    assert_eq!(view.sha256, sha256_hex(&fails_on_three));
+
+    // Three nodes: that one fails too, and the built-in policy answers.
+    let placed = handle.place(nodes(3), model()).await.expect("placed");
+    assert_eq!(placed.policy.source, PolicySource::BuiltIn);
+    assert_eq!(placed.result.expect("plan").stages.len(), 3);
+    let fault = reported(&mut faults);
+    assert!(
+        fault.error.to_string().contains("cannot place on 3 nodes"),
+        "{}",
+        fault.error
+    );
+    assert_eq!(fault.now_active.source, PolicySource::BuiltIn);
+    assert_eq!(fault.now_active_wasm, None);
+    // The built-in policy never fails over: nothing more to report.
+    let placed = handle.place(nodes(2), model()).await.expect("placed");
+    assert_eq!(placed.policy.source, PolicySource::BuiltIn);
+    assert!(faults.try_recv().is_err(), "no further fault");
+}
+
+#[tokio::test]
+async fn a_policy_failing_to_schedule_falls_back_within_the_call() {
+    let (handle, mut faults) = policy::start().expect("start the policy thread");
+    install(
+        &handle,
+        misbehaving("schedule-fails-on-long-queue"),
+        cluster(vec![node(1, 200, 10.0)]),
+    )
+    .await
+    .expect("passes its dry run");
+    let queue: Vec<policy::WaitingRequest> = (1..=101)
+        .map(|id| policy::WaitingRequest {
+            id,
+            prompt_tokens: 10,
+            max_tokens: 10,
+            waited_millis: 1_000 - id,
+        })
+        .collect();
+    let stages = vec![StageLoad {
+        node: 1,
+        in_flight: 14,
+        limit: 16,
+    }];
+    // The built-in policy answers instead: first come, first served, as
+    // many as there is room for.
+    let picked = handle.schedule(queue, stages).await.expect("scheduled");
+    assert_eq!(picked, vec![1, 2]);
+    let fault = reported(&mut faults);
+    assert!(
+        fault
             .error
             .to_string()
-            .contains("cannot place on 2 nodes"),
+            .contains("cannot schedule 101 requests"),
         "{}",
-        fallback.error
+        fault.error
     );
-    assert_eq!(placed.policy.name, "fewest-nodes");
-    assert_eq!(
-        fallback.now_active.as_deref().map(Vec::as_slice),
-        Some(example_policy())
-    );
-    let plan = placed.result.expect("the example places");
-    assert_eq!(plan.stages.len(), 1);
-    // A policy change older than the one in force is refused.
-    let stale = handle.install(None, revision(0), None).await;
-    assert_eq!(stale.map(|v| v.name), Err(PolicyError::Outdated));
+    assert_eq!(fault.now_active.source, PolicySource::BuiltIn);
 }
 
 /// Plays the only stage of an engine whose stage is full: one request runs,
@@ -512,6 +614,19 @@ async fn an_uploaded_policy_re_plans_every_node_and_delete_restores_the_default(
         assert_eq!(policy["source"], "built_in");
         assert_eq!(stage_count(&get_json(node.addr, "/v1/cluster").await), 2);
         chat_works(node).await;
+    }
+
+    // A component larger than one frame reaches the peer whole.
+    let large = misbehaving("large");
+    assert!(large.len() > 4 * ringlet_node::limits::POLICY_CHUNK_BYTES);
+    let marks: Vec<usize> = nodes.iter_mut().map(Process::log_mark).collect();
+    let response = put_policy(&nodes[0], &large, Some(TOKEN)).await;
+    assert_eq!(response.status, 200, "{}", response.body);
+    for (node, mark) in nodes.iter_mut().zip(&marks) {
+        node.wait_for_log_since(*mark, "policy changed (revision 3)", START_TIMEOUT);
+        let policy = get_json(node.addr, "/v1/cluster/policy").await;
+        assert_eq!(policy["sha256"], sha256_hex(&large), "{policy}");
+        assert_eq!(policy["size_bytes"], large.len(), "{policy}");
     }
 }
 

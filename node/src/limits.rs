@@ -94,7 +94,8 @@ pub const MAX_NODES: usize = 64;
 // ---------------------------------------------------------------------------
 
 /// Largest policy component accepted. The built-in one is about 130 KiB;
-/// a policy written in any language with its runtime fits well under this.
+/// Rust, C or Go policies are well under 1 MiB, JavaScript ones with
+/// their engine about 10 MiB.
 pub const MAX_POLICY_BYTES: usize = 16 * 1024 * 1024;
 
 /// Fuel (roughly, Wasm instructions) one policy call may use. Placing 64
@@ -104,6 +105,32 @@ pub const POLICY_FUEL_PER_CALL: u64 = 500_000_000;
 
 /// Linear memory one policy instance may grow to.
 pub const POLICY_MEMORY_BYTES: usize = 64 * 1024 * 1024;
+
+/// Elements of one table of a policy instance (function references; the
+/// host allocates them, so they count against the node's memory).
+pub const POLICY_TABLE_ELEMENTS: usize = 100_000;
+
+/// Wall-clock time one policy call may take, whatever it does: the fuel
+/// bounds computing (about a second at most), this bounds waiting (a WASI
+/// sleep). The built-in policy places 64 nodes in under 2 ms.
+pub const POLICY_CALL_TIMEOUT_MS: u64 = 2_000;
+
+/// A running policy yields to the node's timer after this much fuel, so
+/// the deadline above can stop it.
+pub const POLICY_YIELD_FUEL: u64 = 10_000_000;
+
+/// Longest text kept from a policy (its refusals, a panic message): it
+/// goes into logs, API answers and frames to every peer.
+pub const POLICY_TEXT_BYTES: usize = 1_024;
+
+/// An uploaded policy travels to peers in frames of this size, so that
+/// heartbeats pass between them on a slow link.
+pub const POLICY_CHUNK_BYTES: usize = 256 * 1024;
+
+/// How long the coordinator waits for the policy's `schedule` answer
+/// before it starts requests first come, first served for this round
+/// (the policy thread may be busy with a placement or a dry run).
+pub const SCHEDULE_WAIT_MS: u64 = 100;
 
 /// Calls waiting for the policy thread; beyond it callers get an error.
 pub const POLICY_QUEUE_LEN: usize = 64;
@@ -122,3 +149,7 @@ pub const NODE_STATUS_INTERVAL_MS: u64 = 1_000;
 /// Most requests one stage carries at once, from every node together: what
 /// the scheduling policy is told each stage's limit is.
 pub const STAGE_REQUEST_LIMIT: u32 = MAX_ACTIVE_SEQUENCES as u32;
+
+/// When the policy thread is busy, the leader asks again for a placement
+/// after this long.
+pub const POLICY_RETRY_MS: u64 = 1_000;

@@ -1,24 +1,33 @@
 //! The partitioning and scheduling policy: a WebAssembly component built
 //! against `wit/scheduler.wit`, run by wasmtime in a sandbox.
 //!
-//! Every call gets a fresh instance in its own `Store` with a fuel budget
-//! ([`POLICY_FUEL_PER_CALL`]) and memory limits ([`POLICY_MEMORY_BYTES`]),
-//! and WASI with nothing granted (no files, network, environment; stderr
-//! goes to the node's log). A trap, an exhausted budget or a wrong
-//! interface is an ordinary error value. Plans are checked by the caller
-//! with `scheduler::validate`.
+//! Every call gets a fresh instance in its own `Store`, bounded three ways:
+//! fuel ([`POLICY_FUEL_PER_CALL`]) for computing, memory and table limits
+//! ([`POLICY_MEMORY_BYTES`]), and a wall-clock deadline
+//! ([`POLICY_CALL_TIMEOUT_MS`]) for anything else, such as waiting on a
+//! WASI clock: calls run asynchronously and yield every few million
+//! instructions, so the deadline always fires. WASI grants nothing (no
+//! files, network or environment; stderr goes to the node's log). A trap,
+//! an exhausted budget or a wrong interface is an ordinary error value,
+//! and every plan is validated before anyone sees it.
 //!
-//! Policies live on one thread of their own ([`PolicyHost`]): WASI's sync
-//! bindings must not run on an async runtime's thread, and one thread also
-//! orders installs and calls. Callers use the async [`PolicyHandle`].
+//! Policies run on one thread of their own ([`PolicyHost`]), which orders
+//! installs and calls; callers use the async [`PolicyHandle`]. Compiling
+//! an upload happens off that thread, so scheduling goes on meanwhile.
+//!
+//! When the active uploaded policy fails (a fault, not a refusal), the
+//! host switches at once to the last good policy, or the built-in one,
+//! answers with it, and reports a [`Fault`]; the cluster then makes that
+//! switch on every node.
 
 use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
-use std::thread::JoinHandle;
+use std::time::Duration;
 
+use bytes::Bytes;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
@@ -26,11 +35,17 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use crate::cluster::protocol::PolicyRevision;
 use crate::limits::{
-    MAX_POLICY_BYTES, POLICY_FUEL_PER_CALL, POLICY_MEMORY_BYTES, POLICY_QUEUE_LEN,
-    POLICY_STDERR_BYTES,
+    MAX_POLICY_BYTES, POLICY_CALL_TIMEOUT_MS, POLICY_FUEL_PER_CALL, POLICY_MEMORY_BYTES,
+    POLICY_QUEUE_LEN, POLICY_STDERR_BYTES, POLICY_TABLE_ELEMENTS, POLICY_TEXT_BYTES,
+    POLICY_YIELD_FUEL,
 };
 
-wasmtime::component::bindgen!({ world: "policy", path: "../wit", additional_derives: [PartialEq] });
+wasmtime::component::bindgen!({
+    world: "policy",
+    path: "../wit",
+    exports: { default: async },
+    additional_derives: [PartialEq],
+});
 
 // The world's `use` already defines Cluster, Model, Plan, StageLoad,
 // WaitingRequest and PolicyInfo here.
@@ -54,19 +69,29 @@ pub enum PolicyError {
     )]
     OutOfFuel,
     #[error(
-        "the policy tried to use more than {} of memory",
+        "the policy tried to use more than {} of memory (or too large a table)",
         scheduler::human_bytes(POLICY_MEMORY_BYTES as u64)
     )]
     OutOfMemory,
+    #[error(
+        "the policy did not return within {} s (it waited on something?)",
+        POLICY_CALL_TIMEOUT_MS as f64 / 1000.0
+    )]
+    TimedOut,
     #[error("the policy trapped: {0}")]
     Trap(String),
     /// The policy returned an error: it says the model cannot be placed.
     #[error("{0}")]
     Refused(String),
+    /// The policy refused a placement the built-in policy can make.
+    #[error("it refuses to place the model on a cluster where the built-in policy can: {0}")]
+    RefusesPlaceable(String),
     #[error("the policy's plan is invalid: {0}")]
     InvalidPlan(String),
     #[error("a newer policy change reached this node first")]
     Outdated,
+    #[error("{POLICY_QUEUE_LEN} policy calls are already waiting; retry shortly")]
+    Busy,
     #[error("the policy thread has stopped")]
     Stopped,
 }
@@ -77,7 +102,10 @@ impl PolicyError {
     pub fn is_fault(&self) -> bool {
         !matches!(
             self,
-            PolicyError::Refused(_) | PolicyError::Outdated | PolicyError::Stopped
+            PolicyError::Refused(_)
+                | PolicyError::Outdated
+                | PolicyError::Busy
+                | PolicyError::Stopped
         )
     }
 }
@@ -100,12 +128,48 @@ pub struct PolicyView {
     pub size_bytes: usize,
 }
 
+/// How a policy change came about, which decides what it is checked
+/// against and what it falls back to.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// An upload through this node's API: tried on this cluster first, and
+    /// the policy it replaces is kept to fall back to.
+    Upload { cluster: Cluster, model: Model },
+    /// Another node's upload, passed on (it ran there already).
+    Propagated,
+    /// A fallback after a policy failed: what it falls back to in turn is
+    /// the built-in policy.
+    Fallback,
+}
+
+/// The active uploaded policy failed. This node already runs `now_active`;
+/// the cluster must follow.
+#[derive(Debug, Clone)]
+pub struct Fault {
+    pub failed: PolicyView,
+    pub error: PolicyError,
+    pub now_active: PolicyView,
+    /// The component now active; `None` for the built-in one.
+    pub now_active_wasm: Option<Bytes>,
+}
+
+/// Faults of the active policy, for the cluster to act on.
+pub type Faults = mpsc::Receiver<Fault>;
+
+/// The answer to a placement: a checked plan (or the policy's refusal),
+/// and the policy that made it.
+#[derive(Debug)]
+pub struct Placed {
+    pub result: Result<Plan, PolicyError>,
+    pub policy: PolicyView,
+}
+
 /// A compiled policy, linked and ready to instantiate.
-struct Compiled {
+pub struct Compiled {
     pre: PolicyPre<HostState>,
     view: PolicyView,
     /// The component, for sending to peers; `None` for the built-in one.
-    wasm: Option<Arc<Vec<u8>>>,
+    wasm: Option<Bytes>,
 }
 
 struct HostState {
@@ -123,7 +187,8 @@ impl WasiView for HostState {
     }
 }
 
-/// The wasmtime engine and linker shared by every policy.
+/// The wasmtime engine and linker shared by every policy; compiling needs
+/// only these, so it can run on any thread.
 struct Sandbox {
     engine: Engine,
     linker: Linker<HostState>,
@@ -137,12 +202,13 @@ impl Sandbox {
         let engine =
             Engine::new(&config).map_err(|e| anyhow::anyhow!("cannot start wasmtime: {e:#}"))?;
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(|e| anyhow::anyhow!("cannot link WASI: {e:#}"))?;
         Ok(Self { engine, linker })
     }
 
-    fn compile(&self, bytes: &[u8], source: PolicySource) -> Result<Compiled, PolicyError> {
+    /// Compiles and links a component; its name comes from `identify`.
+    fn compile(&self, bytes: Bytes, source: PolicySource) -> Result<Compiled, PolicyError> {
         if bytes.len() > MAX_POLICY_BYTES {
             return Err(PolicyError::TooLarge { bytes: bytes.len() });
         }
@@ -151,46 +217,54 @@ impl Sandbox {
                 "it does not start with WebAssembly's magic bytes; upload the .wasm file that `cargo build --target wasm32-wasip2` wrote".into(),
             ));
         }
-        let component = Component::new(&self.engine, bytes)
+        let component = Component::new(&self.engine, &bytes)
             .map_err(|e| PolicyError::NotAComponent(first_line(&e)))?;
         let pre = self
             .linker
             .instantiate_pre(&component)
             .and_then(PolicyPre::new)
             .map_err(|e| PolicyError::WrongInterface(first_line(&e)))?;
-        let sha256 = kernels::to_hex(&Sha256::digest(bytes));
-        let mut compiled = Compiled {
+        Ok(Compiled {
             pre,
             view: PolicyView {
                 name: String::new(),
                 version: String::new(),
-                sha256,
+                sha256: kernels::to_hex(&Sha256::digest(&bytes)),
                 source,
                 size_bytes: bytes.len(),
             },
-            wasm: (source == PolicySource::Uploaded).then(|| Arc::new(bytes.to_vec())),
-        };
-        let info = self.call(&compiled, |policy, store| policy.call_info(store))?;
-        if info.name.trim().is_empty() {
+            wasm: (source == PolicySource::Uploaded).then_some(bytes),
+        })
+    }
+
+    /// Asks a new policy its name and version.
+    async fn identify(&self, compiled: &mut Compiled) -> Result<(), PolicyError> {
+        let info = self
+            .call(compiled, async |p, store| p.call_info(store).await)
+            .await?;
+        let name = info.name.trim();
+        if name.is_empty() {
             return Err(PolicyError::WrongInterface(
                 "info() returned an empty name".into(),
             ));
         }
-        compiled.view.name = info.name;
-        compiled.view.version = info.version;
-        Ok(compiled)
+        let short = |text: &str| text.chars().take(64).collect::<String>();
+        compiled.view.name = short(name);
+        compiled.view.version = short(info.version.trim());
+        Ok(())
     }
 
     /// Runs `f` on a fresh instance of `compiled` in a bounded store.
-    fn call<R>(
+    async fn call<R>(
         &self,
         compiled: &Compiled,
-        f: impl FnOnce(&Policy, &mut Store<HostState>) -> wasmtime::Result<R>,
+        f: impl AsyncFnOnce(&Policy, &mut Store<HostState>) -> wasmtime::Result<R>,
     ) -> Result<R, PolicyError> {
         let stderr = MemoryOutputPipe::new(POLICY_STDERR_BYTES);
         let wasi = WasiCtxBuilder::new().stderr(stderr.clone()).build();
         let limits = StoreLimitsBuilder::new()
             .memory_size(POLICY_MEMORY_BYTES)
+            .table_elements(POLICY_TABLE_ELEMENTS)
             .instances(16)
             .tables(16)
             .memories(4)
@@ -207,9 +281,14 @@ impl Sandbox {
         store.limiter(|state| &mut state.limits);
         store
             .set_fuel(POLICY_FUEL_PER_CALL)
-            .map_err(|e| PolicyError::Trap(e.to_string()))?;
-        let policy = compiled.pre.instantiate(&mut store).map_err(classify)?;
-        let result = f(&policy, &mut store);
+            .and_then(|()| store.fuel_async_yield_interval(Some(POLICY_YIELD_FUEL)))
+            .map_err(|e| PolicyError::Trap(first_line(&e)))?;
+        let run = async {
+            let policy = compiled.pre.instantiate_async(&mut store).await?;
+            f(&policy, &mut store).await
+        };
+        let outcome =
+            tokio::time::timeout(Duration::from_millis(POLICY_CALL_TIMEOUT_MS), run).await;
         // Without the hint about RUST_BACKTRACE, which the node cannot set.
         let printed = String::from_utf8_lossy(&stderr.contents())
             .lines()
@@ -221,20 +300,24 @@ impl Sandbox {
         if !printed.is_empty() {
             tracing::info!(policy = %compiled.view.name, "policy stderr: {printed}");
         }
-        result.map_err(|error| match classify(error) {
-            // A Rust panic prints its message before trapping: show it.
-            PolicyError::Trap(trap) if !printed.is_empty() => {
-                PolicyError::Trap(format!("{trap}; it printed: {printed}"))
-            }
-            other => other,
-        })
+        match outcome {
+            Err(_) => Err(PolicyError::TimedOut),
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => Err(match classify(error) {
+                // A Rust panic prints its message before trapping: show it.
+                PolicyError::Trap(trap) if !printed.is_empty() => {
+                    PolicyError::Trap(format!("{trap}; it printed: {}", capped(&printed)))
+                }
+                other => other,
+            }),
+        }
     }
 }
 
 fn classify(error: wasmtime::Error) -> PolicyError {
     // StoreLimits refuses the growth and, with trap_on_grow_failure, fails
     // the call with this message.
-    if format!("{error:#}").contains("forcing trap when growing memory") {
+    if format!("{error:#}").contains("forcing trap when growing") {
         return PolicyError::OutOfMemory;
     }
     match error.downcast_ref::<Trap>() {
@@ -252,6 +335,19 @@ fn first_line(error: &wasmtime::Error) -> String {
     cause.lines().next().unwrap_or_default().trim().to_string()
 }
 
+/// Text from a policy, cut to [`POLICY_TEXT_BYTES`]: it goes into logs,
+/// API answers and frames to every peer.
+fn capped(text: &str) -> String {
+    if text.len() <= POLICY_TEXT_BYTES {
+        return text.to_string();
+    }
+    let mut end = POLICY_TEXT_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
 enum Request {
     Place {
         cluster: Cluster,
@@ -263,44 +359,27 @@ enum Request {
         stages: Vec<StageLoad>,
         reply: oneshot::Sender<Result<Vec<u64>, PolicyError>>,
     },
-    /// Make `wasm` (or the built-in policy, for `None`) active as
-    /// `revision`, after a dry run on `dry_run` when given.
+    /// Make `compiled` (the built-in policy for `None`) active as
+    /// `revision`.
     Install {
-        wasm: Option<Arc<Vec<u8>>>,
+        /// Boxed: a compiled policy is large beside the other requests.
+        compiled: Option<Box<Compiled>>,
         revision: PolicyRevision,
-        dry_run: Option<(Cluster, Model)>,
+        change: Change,
         reply: oneshot::Sender<Result<PolicyView, PolicyError>>,
     },
 }
 
-/// The answer to a placement: a checked plan (or the policy's refusal)
-/// and the policy that produced it, which may be a fallback.
-#[derive(Debug)]
-pub struct Placed {
-    pub result: Result<Plan, PolicyError>,
-    pub policy: PolicyView,
-    /// Set when the active policy failed and the node fell back.
-    pub fallback: Option<Fallback>,
-}
-
-/// The active policy failed; the node went back to the last good one.
-#[derive(Debug)]
-pub struct Fallback {
-    pub failed: PolicyView,
-    pub error: PolicyError,
-    /// The policy now active: its component, `None` for the built-in one.
-    pub now_active: Option<Arc<Vec<u8>>>,
-}
-
 /// The thread that runs policies.
 struct PolicyHost {
-    sandbox: Sandbox,
+    sandbox: Arc<Sandbox>,
     default: Compiled,
     /// The uploaded policy in use; `None` means the built-in one.
     active: Option<Compiled>,
     /// What to fall back to if `active` fails; `None` means the built-in one.
     last_good: Option<Compiled>,
     revision: PolicyRevision,
+    faults: mpsc::Sender<Fault>,
 }
 
 impl PolicyHost {
@@ -308,154 +387,216 @@ impl PolicyHost {
         self.active.as_ref().unwrap_or(&self.default)
     }
 
-    fn place(&mut self, cluster: &Cluster, model: &Model) -> Placed {
-        let first = self.try_place(self.current(), cluster, model);
-        match first {
-            Err(error) if error.is_fault() && self.active.is_some() => {
-                let failed = self.current().view.clone();
-                tracing::warn!(policy = %failed.name, sha256 = %failed.sha256, %error, "the scheduling policy failed; falling back to the last good one");
-                self.active = self.last_good.take();
-                let result = self.try_place(self.current(), cluster, model);
-                let now_active = self.current().wasm.clone();
-                Placed {
-                    result,
-                    policy: self.current().view.clone(),
-                    fallback: Some(Fallback {
-                        failed,
-                        error,
-                        now_active,
-                    }),
+    /// Places with the active policy; while it fails, with the one it falls
+    /// back to. Ends with the built-in policy at the latest.
+    async fn place(&mut self, cluster: &Cluster, model: &Model) -> Placed {
+        loop {
+            match self.try_place(self.current(), cluster, model).await {
+                Err(error) if error.is_fault() && self.active.is_some() => self.fail_over(error),
+                result => {
+                    return Placed {
+                        result,
+                        policy: self.current().view.clone(),
+                    };
                 }
             }
-            result => Placed {
-                result,
-                policy: self.current().view.clone(),
-                fallback: None,
-            },
         }
     }
 
-    /// Runs `place` and checks the plan.
-    fn try_place(
+    /// Runs `place` and checks the plan. An uploaded policy that refuses
+    /// where the built-in one can place has failed.
+    async fn try_place(
         &self,
         policy: &Compiled,
         cluster: &Cluster,
         model: &Model,
     ) -> Result<Plan, PolicyError> {
-        let plan = self
+        let answer = self
             .sandbox
-            .call(policy, |p, store| p.call_place(store, cluster, model))?
-            .map_err(PolicyError::Refused)?;
+            .call(policy, async |p, store| {
+                p.call_place(store, cluster, model).await
+            })
+            .await?;
+        let plan = match answer {
+            Ok(plan) => plan,
+            Err(reason) => {
+                let reason = capped(&reason);
+                let uploaded = policy.view.source == PolicySource::Uploaded;
+                if uploaded
+                    && Box::pin(self.try_place(&self.default, cluster, model))
+                        .await
+                        .is_ok()
+                {
+                    return Err(PolicyError::RefusesPlaceable(reason));
+                }
+                return Err(PolicyError::Refused(reason));
+            }
+        };
         validate_plan(&plan, cluster, model).map_err(PolicyError::InvalidPlan)?;
         Ok(plan)
     }
 
-    fn install(
+    async fn schedule(
         &mut self,
-        wasm: Option<Arc<Vec<u8>>>,
+        queue: &[WaitingRequest],
+        stages: &[StageLoad],
+    ) -> Result<Vec<u64>, PolicyError> {
+        loop {
+            let answer = self
+                .sandbox
+                .call(self.current(), async |p, store| {
+                    p.call_schedule(store, queue, stages).await
+                })
+                .await;
+            match answer {
+                Err(error) if error.is_fault() && self.active.is_some() => self.fail_over(error),
+                answer => return answer,
+            }
+        }
+    }
+
+    /// The active uploaded policy failed: use the last good one (or the
+    /// built-in one) from now on, and tell the cluster.
+    fn fail_over(&mut self, error: PolicyError) {
+        let Some(failed) = self.active.take() else {
+            return;
+        };
+        self.active = self.last_good.take();
+        let now = self.current();
+        tracing::warn!(
+            failed = %failed.view.name, sha256 = %failed.view.sha256, %error, now = %now.view.name,
+            "the scheduling policy failed; falling back"
+        );
+        let fault = Fault {
+            failed: failed.view,
+            error,
+            now_active: now.view.clone(),
+            now_active_wasm: now.wasm.clone(),
+        };
+        if self.faults.try_send(fault).is_err() {
+            tracing::debug!("nobody takes policy faults (no cluster)");
+        }
+    }
+
+    async fn install(
+        &mut self,
+        compiled: Option<Compiled>,
         revision: PolicyRevision,
-        dry_run: Option<(Cluster, Model)>,
+        change: Change,
     ) -> Result<PolicyView, PolicyError> {
         if revision <= self.revision {
             return Err(PolicyError::Outdated);
         }
-        let Some(wasm) = wasm else {
-            self.active = None;
-            self.last_good = None;
-            self.revision = revision;
-            return Ok(self.default.view.clone());
-        };
-        let compiled = self.sandbox.compile(&wasm, PolicySource::Uploaded)?;
-        if let Some((cluster, model)) = dry_run {
-            self.dry_run(&compiled, &cluster, &model)?;
+        match compiled {
+            None => {
+                self.active = None;
+                self.last_good = None;
+            }
+            Some(mut compiled) => {
+                self.sandbox.identify(&mut compiled).await?;
+                if let Change::Upload { cluster, model } = &change {
+                    self.dry_run(&compiled, cluster, model).await?;
+                }
+                let same = self
+                    .active
+                    .as_ref()
+                    .is_some_and(|a| a.view.sha256 == compiled.view.sha256);
+                match change {
+                    // Falling back ends the chain: after this one, the
+                    // built-in policy.
+                    Change::Fallback => self.last_good = None,
+                    // Keep the policy it replaces to fall back to (unless
+                    // it is the same one again).
+                    Change::Upload { .. } | Change::Propagated if !same => {
+                        self.last_good = self.active.take();
+                    }
+                    Change::Upload { .. } | Change::Propagated => {}
+                }
+                self.active = Some(compiled);
+            }
         }
-        let view = compiled.view.clone();
-        // Keep an uploaded predecessor to fall back to; after the built-in
-        // one, `None` falls back to it.
-        self.last_good = self.active.take();
-        self.active = Some(compiled);
         self.revision = revision;
-        Ok(view)
+        Ok(self.current().view.clone())
     }
 
     /// Runs a new policy's `place` and `schedule` on the current cluster,
-    /// as they will run once it is active.
-    fn dry_run(
+    /// as they will run once it is active: idle, busy, and with a long queue.
+    async fn dry_run(
         &self,
         candidate: &Compiled,
         cluster: &Cluster,
         model: &Model,
     ) -> Result<(), PolicyError> {
-        let plan = match self.try_place(candidate, cluster, model) {
+        let plan = match self.try_place(candidate, cluster, model).await {
             Ok(plan) => Some(plan),
-            // A refusal is a fine answer only where the built-in policy
-            // refuses too (the model does not fit).
-            Err(PolicyError::Refused(reason)) => {
-                match self.try_place(&self.default, cluster, model) {
-                    Ok(_) => {
-                        return Err(PolicyError::Refused(format!(
-                            "it refuses to place the model on the current cluster, which the built-in policy can: {reason}"
-                        )));
-                    }
-                    Err(_) => None,
-                }
-            }
+            // A refusal is fine where the built-in policy refuses too.
+            Err(PolicyError::Refused(_)) => None,
             Err(error) => return Err(error),
         };
-        let stages: Vec<StageLoad> = plan
-            .map(|p| {
-                p.stages
-                    .iter()
-                    .map(|s| StageLoad {
-                        node: s.node,
-                        in_flight: 0,
-                        limit: 16,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        let queue: Vec<WaitingRequest> = (1..=4)
-            .map(|id| WaitingRequest {
-                id,
-                prompt_tokens: 100 * id as u32,
-                max_tokens: 256,
-                waited_millis: 10 * id,
-            })
-            .collect();
-        self.sandbox.call(candidate, |p, store| {
-            p.call_schedule(store, &queue, &stages)
-        })?;
+        let nodes: Vec<u64> = match &plan {
+            Some(plan) => plan.stages.iter().map(|s| s.node).collect(),
+            None => cluster.nodes.iter().map(|n| n.id).collect(),
+        };
+        let stages = |in_flight: u32| -> Vec<StageLoad> {
+            nodes
+                .iter()
+                .map(|&node| StageLoad {
+                    node,
+                    in_flight,
+                    limit: 16,
+                })
+                .collect()
+        };
+        let queue = |len: u64| -> Vec<WaitingRequest> {
+            (1..=len)
+                .map(|id| WaitingRequest {
+                    id,
+                    prompt_tokens: 100 + (id as u32 * 37) % 900,
+                    max_tokens: 256,
+                    waited_millis: 10 * (len + 1 - id),
+                })
+                .collect()
+        };
+        for (waiting, in_flight) in [(4, 0), (64, 8), (0, 16)] {
+            let (queue, stages) = (queue(waiting), stages(in_flight));
+            self.sandbox
+                .call(candidate, async |p, store| {
+                    p.call_schedule(store, &queue, &stages).await
+                })
+                .await?;
+        }
         Ok(())
     }
 
-    fn run(mut self, requests: std_mpsc::Receiver<Request>) {
+    fn run(mut self, runtime: &tokio::runtime::Runtime, requests: std_mpsc::Receiver<Request>) {
         while let Ok(request) = requests.recv() {
-            match request {
-                Request::Place {
-                    cluster,
-                    model,
-                    reply,
-                } => {
-                    let _ = reply.send(self.place(&cluster, &model));
-                }
-                Request::Schedule {
-                    queue,
-                    stages,
-                    reply,
-                } => {
-                    let result = self.sandbox.call(self.current(), |p, store| {
-                        p.call_schedule(store, &queue, &stages)
-                    });
-                    let _ = reply.send(result);
-                }
-                Request::Install {
-                    wasm,
-                    revision,
-                    dry_run,
-                    reply,
-                } => {
-                    let _ = reply.send(self.install(wasm, revision, dry_run));
-                }
+            runtime.block_on(self.handle(request));
+        }
+    }
+
+    async fn handle(&mut self, request: Request) {
+        match request {
+            Request::Place {
+                cluster,
+                model,
+                reply,
+            } => {
+                let _ = reply.send(self.place(&cluster, &model).await);
+            }
+            Request::Schedule {
+                queue,
+                stages,
+                reply,
+            } => {
+                let _ = reply.send(self.schedule(&queue, &stages).await);
+            }
+            Request::Install {
+                compiled,
+                revision,
+                change,
+                reply,
+            } => {
+                let _ = reply.send(self.install(compiled.map(|c| *c), revision, change).await);
             }
         }
     }
@@ -509,6 +650,7 @@ pub fn to_scheduler_plan(plan: &Plan) -> scheduler::Plan {
 #[derive(Clone)]
 pub struct PolicyHandle {
     requests: std_mpsc::SyncSender<Request>,
+    sandbox: Arc<Sandbox>,
     built_in: Arc<PolicyView>,
 }
 
@@ -518,32 +660,60 @@ impl std::fmt::Debug for PolicyHandle {
     }
 }
 
-/// Starts the policy thread with the built-in default policy.
-pub fn start() -> anyhow::Result<(PolicyHandle, JoinHandle<()>)> {
-    let sandbox = Sandbox::new()?;
-    let default = sandbox
-        .compile(DEFAULT_POLICY, PolicySource::BuiltIn)
-        .map_err(|e| anyhow::anyhow!("the built-in policy does not load: {e}"))?;
-    tracing::info!(policy = %default.view.name, version = %default.view.version, sha256 = %default.view.sha256, "scheduling policy loaded");
-    let built_in = Arc::new(default.view.clone());
-    let host = PolicyHost {
-        sandbox,
-        default,
-        active: None,
-        last_good: None,
-        revision: PolicyRevision::default(),
-    };
-    let (tx, rx) = std_mpsc::sync_channel(POLICY_QUEUE_LEN);
-    let thread = std::thread::Builder::new()
+/// Starts the policy thread with the built-in default policy. The thread
+/// ends when the last handle is dropped; faults of uploaded policies come
+/// out of the returned receiver.
+pub fn start() -> anyhow::Result<(PolicyHandle, Faults)> {
+    let not_loaded = |e: PolicyError| anyhow::anyhow!("the built-in policy does not load: {e}");
+    let sandbox = Arc::new(Sandbox::new()?);
+    let mut default = sandbox
+        .compile(Bytes::from_static(DEFAULT_POLICY), PolicySource::BuiltIn)
+        .map_err(not_loaded)?;
+    let (faults_tx, faults) = mpsc::channel(POLICY_QUEUE_LEN);
+    let (requests, requests_rx) = std_mpsc::sync_channel(POLICY_QUEUE_LEN);
+    let (named_tx, named) = std_mpsc::channel();
+    let host_sandbox = Arc::clone(&sandbox);
+    std::thread::Builder::new()
         .name("ringlet-policy".into())
-        .spawn(move || host.run(rx))?;
-    Ok((
-        PolicyHandle {
-            requests: tx,
-            built_in,
-        },
-        thread,
-    ))
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(error) => {
+                    let _ = named_tx.send(Err(PolicyError::Trap(format!(
+                        "cannot start the policy thread's runtime: {error}"
+                    ))));
+                    return;
+                }
+            };
+            let identified = runtime.block_on(host_sandbox.identify(&mut default));
+            let started = identified.is_ok();
+            let _ = named_tx.send(identified.map(|()| default.view.clone()));
+            if started {
+                let host = PolicyHost {
+                    sandbox: host_sandbox,
+                    default,
+                    active: None,
+                    last_good: None,
+                    revision: PolicyRevision::default(),
+                    faults: faults_tx,
+                };
+                host.run(&runtime, requests_rx);
+            }
+        })?;
+    let view = named
+        .recv()
+        .map_err(|_| anyhow::anyhow!("the policy thread ended while starting"))?
+        .map_err(not_loaded)?;
+    tracing::info!(policy = %view.name, version = %view.version, sha256 = %view.sha256, "scheduling policy loaded");
+    let handle = PolicyHandle {
+        requests,
+        sandbox,
+        built_in: Arc::new(view),
+    };
+    Ok((handle, faults))
 }
 
 impl PolicyHandle {
@@ -552,9 +722,10 @@ impl PolicyHandle {
         make: impl FnOnce(oneshot::Sender<R>) -> Request,
     ) -> Result<R, PolicyError> {
         let (reply, answer) = oneshot::channel();
-        self.requests
-            .try_send(make(reply))
-            .map_err(|_| PolicyError::Stopped)?;
+        self.requests.try_send(make(reply)).map_err(|e| match e {
+            std_mpsc::TrySendError::Full(_) => PolicyError::Busy,
+            std_mpsc::TrySendError::Disconnected(_) => PolicyError::Stopped,
+        })?;
         answer.await.map_err(|_| PolicyError::Stopped)
     }
 
@@ -582,19 +753,32 @@ impl PolicyHandle {
         .await?
     }
 
-    /// Makes `wasm` (the built-in policy for `None`) active as `revision`:
-    /// compiled, and with `dry_run`, tried on that cluster first. Fails
-    /// with [`PolicyError::Outdated`] when a newer revision is active.
+    /// Makes `wasm` (the built-in policy for `None`) active as `revision`.
+    /// It is compiled here, off the policy thread, then checked as `change`
+    /// says. Fails with [`PolicyError::Outdated`] when a newer revision is
+    /// active.
     pub async fn install(
         &self,
-        wasm: Option<Arc<Vec<u8>>>,
+        wasm: Option<Bytes>,
         revision: PolicyRevision,
-        dry_run: Option<(Cluster, Model)>,
+        change: Change,
     ) -> Result<PolicyView, PolicyError> {
+        let compiled = match wasm {
+            None => None,
+            Some(wasm) => {
+                let sandbox = Arc::clone(&self.sandbox);
+                let compiling = tokio::task::spawn_blocking(move || {
+                    sandbox.compile(wasm, PolicySource::Uploaded)
+                });
+                Some(Box::new(
+                    compiling.await.map_err(|_| PolicyError::Stopped)??,
+                ))
+            }
+        };
         self.ask(|reply| Request::Install {
-            wasm,
+            compiled,
             revision,
-            dry_run,
+            change,
             reply,
         })
         .await?

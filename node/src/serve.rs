@@ -46,7 +46,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "node ready to join"
     );
 
-    let (policy, _policy_thread) =
+    let (policy, policy_faults) =
         crate::policy::start().context("cannot start the scheduling policy")?;
     let (stage_loads_tx, stage_loads) = watch::channel(Vec::new());
     let config = model.file.config();
@@ -75,6 +75,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             model_path: model.file.path().to_path_buf(),
             device: runtime.device.clone(),
             policy,
+            policy_faults,
             stage_loads: stage_loads_tx,
         },
         Arc::new(model.file),

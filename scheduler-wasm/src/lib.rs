@@ -504,7 +504,9 @@ pub fn schedule_fifo(queue: &[Waiting], stages: &[StageLoad]) -> Vec<u64> {
         .min()
         .unwrap_or(0) as usize;
     let mut queue = queue.to_vec();
-    queue.sort_by(|a, b| b.waited_millis.cmp(&a.waited_millis).then(a.id.cmp(&b.id)));
+    // Stable: requests that waited equally long keep their queue order
+    // (ids are random, so they say nothing about arrival).
+    queue.sort_by_key(|w| std::cmp::Reverse(w.waited_millis));
     queue.into_iter().take(room).map(|w| w.id).collect()
 }
 

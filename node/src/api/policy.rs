@@ -8,7 +8,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use super::{ApiError, AppState};
-use crate::cluster::{ClusterHandle, PolicyStatus};
+use crate::cluster::{ClusterHandle, PolicyStatus, SetPolicyError};
 use crate::limits::MAX_POLICY_BYTES;
 use crate::policy::PolicyError;
 
@@ -41,9 +41,9 @@ pub async fn put_policy(
             let too_large = std::error::Error::source(&error)
                 .is_some_and(|e| e.to_string().contains("length limit"));
             if too_large {
-                policy_error(PolicyError::TooLarge {
+                policy_error(SetPolicyError::Refused(PolicyError::TooLarge {
                     bytes: MAX_POLICY_BYTES + 1,
-                })
+                }))
             } else {
                 ApiError::invalid_request(format!("Cannot read the uploaded policy: {error}"))
             }
@@ -118,8 +118,9 @@ fn check_token(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
     match given {
         Some(token) if same_secret(token.as_bytes(), expected.as_bytes()) => Ok(()),
         _ => Err(ApiError {
@@ -144,15 +145,25 @@ fn same_secret(given: &[u8], expected: &[u8]) -> bool {
             == 0
 }
 
-fn policy_error(error: PolicyError) -> ApiError {
+fn policy_error(error: SetPolicyError) -> ApiError {
+    let error = match error {
+        SetPolicyError::StillRunning => {
+            return ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                code: Some("policy_change_pending"),
+                ..ApiError::invalid_request(format!("No answer yet: {error}."))
+            };
+        }
+        SetPolicyError::Refused(error) => error,
+    };
     let status = match error {
         PolicyError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         PolicyError::Outdated => StatusCode::CONFLICT,
-        PolicyError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+        PolicyError::Busy | PolicyError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::UNPROCESSABLE_ENTITY,
     };
     let message = match error {
-        PolicyError::Outdated | PolicyError::Stopped => {
+        PolicyError::Outdated | PolicyError::Busy | PolicyError::Stopped => {
             format!("The policy was not changed: {error}.")
         }
         _ => format!("The policy was refused and nothing changed: {error}"),

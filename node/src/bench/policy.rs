@@ -4,7 +4,6 @@
 //! cluster and the coordinator use, so each time includes the trip to the
 //! policy thread and a fresh sandboxed instance.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -12,7 +11,7 @@ use serde::Serialize;
 
 use crate::cli::PolicyBenchArgs;
 use crate::cluster::protocol::PolicyRevision;
-use crate::policy::{self, Cluster, Link, Model, Node, StageLoad, WaitingRequest};
+use crate::policy::{self, Change, Cluster, Link, Model, Node, StageLoad, WaitingRequest};
 
 #[derive(Debug, Serialize)]
 struct Latency {
@@ -32,7 +31,7 @@ struct Report {
 }
 
 pub async fn bench(args: PolicyBenchArgs) -> anyhow::Result<()> {
-    let (handle, _thread) = policy::start()?;
+    let (handle, _faults) = policy::start()?;
     let (view, compile_ms) = match &args.policy {
         None => (handle.built_in().clone(), 0.0),
         Some(path) => {
@@ -45,7 +44,7 @@ pub async fn bench(args: PolicyBenchArgs) -> anyhow::Result<()> {
                 origin: scheduler::NodeId(1),
             };
             let view = handle
-                .install(Some(Arc::new(bytes)), revision, None)
+                .install(Some(bytes.into()), revision, Change::Propagated)
                 .await
                 .with_context(|| format!("{} is not a usable policy", path.display()))?;
             (view, started.elapsed().as_secs_f64() * 1e3)

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use kernels::{Device, LayerRange, ModelFile, SequenceId, ShardInput, Tensor};
 use scheduler::NodeId;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -26,7 +27,10 @@ use crate::limits::{
     MAX_ACTIVE_SEQUENCES, MAX_NODES, NODE_STATUS_INTERVAL_MS, PLAN_SETTLE_MS, REDIAL_INTERVAL_MS,
     STAGE_REQUEST_LIMIT,
 };
-use crate::policy::{self, Placed, PolicyError, PolicyHandle, PolicyView, StageLoad};
+use crate::limits::{MAX_POLICY_BYTES, POLICY_CHUNK_BYTES, POLICY_RETRY_MS};
+use crate::policy::{
+    self, Change, Fault, Faults, Placed, PolicyError, PolicyHandle, PolicyView, StageLoad,
+};
 
 /// A node we are linked to.
 struct Member {
@@ -58,6 +62,14 @@ impl CurrentPlan {
             .find(|(_, s)| s.node == node)
             .map(|(i, s)| (i, s.layers))
     }
+}
+
+/// An uploaded policy on its way from a peer.
+struct IncomingPolicy {
+    from: NodeId,
+    message: PolicyMessage,
+    size: usize,
+    data: Vec<u8>,
 }
 
 /// This node's stage: a thread running its shard.
@@ -106,7 +118,10 @@ pub(super) struct Cluster {
     policy_revision: PolicyRevision,
     highest_policy_revision: PolicyRevision,
     /// The uploaded component in force, for new peers (`None`: built-in).
-    policy_wasm: Option<Arc<Vec<u8>>>,
+    policy_wasm: Option<Bytes>,
+    /// A component arriving from a peer in chunks.
+    incoming_policy: Option<IncomingPolicy>,
+    policy_faults: Faults,
     policy_status: PolicyStatus,
     /// Numbers placements; an answer for an older one is dropped.
     placement: u64,
@@ -164,6 +179,8 @@ impl Cluster {
             policy_revision: PolicyRevision::default(),
             highest_policy_revision: PolicyRevision::default(),
             policy_wasm: None,
+            incoming_policy: None,
+            policy_faults: config.policy_faults,
             placement: 0,
             stage_loads: config.stage_loads,
             reported_in_flight: None,
@@ -192,6 +209,7 @@ impl Cluster {
                 }
                 _ = redial.tick() => self.redial(),
                 _ = status.tick() => self.send_status(),
+                Some(fault) = self.policy_faults.recv() => self.on_policy_fault(fault),
             }
             self.track_load();
             self.publish();
@@ -358,7 +376,7 @@ impl Cluster {
         // A newcomer learns the cluster's policy (if it has a newer one,
         // it sends it here the same way and it wins).
         if self.policy_revision != PolicyRevision::default() {
-            link.send(Frame::Policy(self.policy_message()));
+            self.send_policy(&link);
         }
         link.send(Frame::NodeStatus(self.node_status()));
         self.members.insert(
@@ -384,6 +402,13 @@ impl Cluster {
             return;
         };
         tracing::info!(peer = %member.hello.name, node = %node, %reason, "peer left");
+        if self
+            .incoming_policy
+            .as_ref()
+            .is_some_and(|i| i.from == node)
+        {
+            self.incoming_policy = None;
+        }
         // Requests owned here cannot finish if the peer held a stage.
         let in_plan = self
             .plan
@@ -567,14 +592,14 @@ impl Cluster {
         let cluster = self.policy_cluster();
         let model = self.policy_model.clone();
         let policy = self.policy.clone();
+        let current = self.policy_status.policy.clone();
         let events = self.events_tx.clone();
         tokio::spawn(async move {
             let placed = match policy.place(cluster, model).await {
                 Ok(placed) => placed,
                 Err(error) => Placed {
                     result: Err(error),
-                    policy: policy.built_in().clone(),
-                    fallback: None,
+                    policy: current,
                 },
             };
             let _ = events
@@ -587,19 +612,6 @@ impl Cluster {
         if generation != self.placement || self.leader() != self.me {
             return; // membership changed meanwhile; a newer placement follows
         }
-        if let Some(fallback) = placed.fallback {
-            let warning = format!(
-                "policy {} ({}) failed at a re-plan and was replaced by {}: {}",
-                fallback.failed.name,
-                short_hash(&fallback.failed.sha256),
-                placed.policy.name,
-                fallback.error
-            );
-            tracing::warn!("{warning}");
-            // Every node falls back with this node: the fallback is a
-            // policy change like any other.
-            self.change_policy(fallback.now_active, None, None, Some(warning));
-        }
         let plan = match placed.result {
             Ok(plan) => plan,
             Err(error) => {
@@ -611,6 +623,10 @@ impl Cluster {
                     tracing::error!("{message}");
                 }
                 self.plan_error = Some(message);
+                if matches!(error, PolicyError::Busy | PolicyError::Stopped) {
+                    // Not the policy's answer: ask again shortly.
+                    self.replan_at = Some(Instant::now() + Duration::from_millis(POLICY_RETRY_MS));
+                }
                 return;
             }
         };
@@ -623,10 +639,12 @@ impl Cluster {
                 layers: LayerRange::new(s.start as usize, s.end as usize),
             })
             .collect();
+        // The same stages again change nothing, whether the plan is active
+        // or still loading (unless it failed: then it is tried again).
         let unchanged = self
             .plan
             .as_ref()
-            .is_some_and(|p| p.active && p.message.stages == stages);
+            .is_some_and(|p| p.message.stages == stages && (p.active || self.plan_error.is_none()));
         if unchanged {
             self.plan_error = None;
             return;
@@ -856,18 +874,40 @@ impl Cluster {
         wasm: Option<Vec<u8>>,
         reply: oneshot::Sender<Result<PolicyStatus, PolicyError>>,
     ) {
-        let dry_run = wasm
-            .is_some()
-            .then(|| (self.policy_cluster(), self.policy_model.clone()));
-        self.change_policy(wasm.map(Arc::new), dry_run, Some(reply), None);
+        let change = match wasm {
+            Some(_) => Change::Upload {
+                cluster: self.policy_cluster(),
+                model: self.policy_model.clone(),
+            },
+            // Back to the built-in policy: nothing to check or keep.
+            None => Change::Fallback,
+        };
+        self.change_policy(wasm.map(Bytes::from), change, Some(reply), None);
+    }
+
+    /// The active policy failed here; this node runs the fallback already.
+    /// Every node follows, as with any change.
+    fn on_policy_fault(&mut self, fault: Fault) {
+        if fault.failed.sha256 != self.policy_status.policy.sha256 {
+            return; // a policy already replaced
+        }
+        let warning = capped_warning(format!(
+            "policy {} ({}) failed and was replaced by {}: {}",
+            fault.failed.name,
+            short_hash(&fault.failed.sha256),
+            fault.now_active.name,
+            fault.error
+        ));
+        tracing::warn!("{warning}");
+        self.change_policy(fault.now_active_wasm, Change::Fallback, None, Some(warning));
     }
 
     /// Starts a policy change made here: a new revision, installed here
     /// first and then sent to every peer.
     fn change_policy(
         &mut self,
-        wasm: Option<Arc<Vec<u8>>>,
-        dry_run: Option<(policy::Cluster, policy::Model)>,
+        wasm: Option<Bytes>,
+        change: Change,
         reply: Option<oneshot::Sender<Result<PolicyStatus, PolicyError>>>,
         warning: Option<String>,
     ) {
@@ -876,21 +916,21 @@ impl Cluster {
             origin: self.me,
         };
         self.highest_policy_revision = revision;
-        self.install_policy(revision, wasm, dry_run, reply, warning);
+        self.install_policy(revision, wasm, change, reply, warning);
     }
 
     fn install_policy(
         &self,
         revision: PolicyRevision,
-        wasm: Option<Arc<Vec<u8>>>,
-        dry_run: Option<(policy::Cluster, policy::Model)>,
+        wasm: Option<Bytes>,
+        change: Change,
         reply: Option<oneshot::Sender<Result<PolicyStatus, PolicyError>>>,
         warning: Option<String>,
     ) {
         let policy = self.policy.clone();
         let events = self.events_tx.clone();
         tokio::spawn(async move {
-            let result = policy.install(wasm.clone(), revision, dry_run).await;
+            let result = policy.install(wasm.clone(), revision, change).await;
             let _ = events
                 .send(ClusterEvent::PolicyInstalled {
                     revision,
@@ -906,7 +946,7 @@ impl Cluster {
     fn policy_installed(
         &mut self,
         revision: PolicyRevision,
-        wasm: Option<Arc<Vec<u8>>>,
+        wasm: Option<Bytes>,
         result: Result<PolicyView, PolicyError>,
         warning: Option<String>,
         reply: Option<oneshot::Sender<Result<PolicyStatus, PolicyError>>>,
@@ -923,15 +963,24 @@ impl Cluster {
                 return;
             }
         };
-        self.policy_revision = revision;
-        self.highest_policy_revision = self.highest_policy_revision.max(revision);
-        self.policy_wasm = wasm;
-        self.policy_status = PolicyStatus {
+        let status = PolicyStatus {
             policy: view,
             revision: revision.counter,
             changed_by: Some(revision.origin),
             warning,
         };
+        // Installs finish in order on the policy thread, but their events
+        // may arrive here out of order: a newer one already applied wins.
+        if revision < self.policy_revision {
+            if let Some(reply) = reply {
+                let _ = reply.send(Ok(status));
+            }
+            return;
+        }
+        self.policy_revision = revision;
+        self.highest_policy_revision = self.highest_policy_revision.max(revision);
+        self.policy_wasm = wasm;
+        self.policy_status = status;
         tracing::info!(
             policy = %self.policy_status.policy.name,
             version = %self.policy_status.policy.version,
@@ -940,9 +989,8 @@ impl Cluster {
             revision.counter
         );
         if revision.origin == self.me {
-            let message = self.policy_message();
             for member in self.members.values() {
-                member.link.send(Frame::Policy(message.clone()));
+                self.send_policy(&member.link);
             }
         }
         if let Some(reply) = reply {
@@ -952,29 +1000,97 @@ impl Cluster {
         self.membership_changed();
     }
 
-    /// A policy change from a peer: adopted when newer than ours.
-    fn on_policy_message(&mut self, from: NodeId, message: PolicyMessage) {
-        if message.revision <= self.policy_revision {
-            return;
+    /// Sends the policy in force to a peer: the message, then the component
+    /// in chunks (which share this node's one copy of it).
+    fn send_policy(&self, link: &LinkSender) {
+        let wasm = self.policy_wasm.clone();
+        link.send(Frame::Policy(PolicyMessage {
+            revision: self.policy_revision,
+            wasm_bytes: wasm
+                .as_ref()
+                .map(|w| u32::try_from(w.len()).unwrap_or(u32::MAX)),
+            warning: self.policy_status.warning.clone(),
+        }));
+        let Some(wasm) = wasm else { return };
+        for offset in (0..wasm.len()).step_by(POLICY_CHUNK_BYTES) {
+            let end = (offset + POLICY_CHUNK_BYTES).min(wasm.len());
+            link.send(Frame::PolicyChunk {
+                revision: self.policy_revision,
+                offset: u32::try_from(offset).unwrap_or(u32::MAX),
+                data: wasm.slice(offset..end),
+            });
         }
-        tracing::info!(peer = %self.node_name(from), revision = message.revision.counter, "the cluster's policy changed; installing it");
-        self.highest_policy_revision = self.highest_policy_revision.max(message.revision);
-        self.install_policy(
-            message.revision,
-            message.wasm.map(Arc::new),
-            None,
-            None,
-            message.warning,
-        );
     }
 
-    /// The policy in force here, as a message for peers.
-    fn policy_message(&self) -> PolicyMessage {
-        PolicyMessage {
-            revision: self.policy_revision,
-            wasm: self.policy_wasm.as_ref().map(|w| w.to_vec()),
-            warning: self.policy_status.warning.clone(),
+    /// A policy change from a peer: adopted when newer than ours. An
+    /// uploaded component follows in chunks.
+    fn on_policy_message(&mut self, from: NodeId, message: PolicyMessage) {
+        let older_than_incoming = self
+            .incoming_policy
+            .as_ref()
+            .is_some_and(|i| message.revision < i.message.revision);
+        if message.revision <= self.policy_revision || older_than_incoming {
+            return;
         }
+        match message.wasm_bytes.map(|b| b as usize) {
+            None => {
+                self.incoming_policy = None;
+                self.adopt_policy(from, message, None);
+            }
+            Some(size) if size == 0 || size > MAX_POLICY_BYTES => {
+                tracing::warn!(peer = %self.node_name(from), size, "ignoring a policy of an impossible size");
+            }
+            Some(size) => {
+                self.incoming_policy = Some(IncomingPolicy {
+                    from,
+                    message,
+                    size,
+                    data: Vec::with_capacity(size),
+                });
+            }
+        }
+    }
+
+    fn on_policy_chunk(
+        &mut self,
+        from: NodeId,
+        revision: PolicyRevision,
+        offset: u32,
+        data: Bytes,
+    ) {
+        let Some(incoming) = &mut self.incoming_policy else {
+            return;
+        };
+        if incoming.from != from || incoming.message.revision != revision {
+            return;
+        }
+        if offset as usize != incoming.data.len()
+            || incoming.data.len() + data.len() > incoming.size
+        {
+            tracing::warn!(peer = %self.node_name(from), "a policy transfer arrived out of order; dropping it");
+            self.incoming_policy = None;
+            return;
+        }
+        incoming.data.extend_from_slice(&data);
+        if incoming.data.len() == incoming.size
+            && let Some(complete) = self.incoming_policy.take()
+        {
+            self.adopt_policy(from, complete.message, Some(Bytes::from(complete.data)));
+        }
+    }
+
+    fn adopt_policy(&mut self, from: NodeId, message: PolicyMessage, wasm: Option<Bytes>) {
+        tracing::info!(peer = %self.node_name(from), revision = message.revision.counter, "the cluster's policy changed; installing it");
+        self.highest_policy_revision = self.highest_policy_revision.max(message.revision);
+        // A change that replaced a failing policy says why; it ends a
+        // fallback chain here as it did there.
+        let change = if message.warning.is_some() || wasm.is_none() {
+            Change::Fallback
+        } else {
+            Change::Propagated
+        };
+        let warning = message.warning.map(capped_warning);
+        self.install_policy(message.revision, wasm, change, None, warning);
     }
 
     // -----------------------------------------------------------------------
@@ -1037,6 +1153,11 @@ impl Cluster {
                 }
             }
             Frame::Policy(message) => self.on_policy_message(from, message),
+            Frame::PolicyChunk {
+                revision,
+                offset,
+                data,
+            } => self.on_policy_chunk(from, revision, offset, data),
             // Handled by the link itself.
             Frame::Hello(_)
             | Frame::Heartbeat { .. }
@@ -1491,6 +1612,14 @@ fn policy_model(model: &ModelFile) -> policy::Model {
         kv_bytes_per_token_per_layer: config.kv_bytes_per_token_per_layer(),
         context_length: u32::try_from(config.context_length).unwrap_or(u32::MAX),
     }
+}
+
+/// A warning about a failed policy, short enough to pass around.
+fn capped_warning(warning: String) -> String {
+    warning
+        .chars()
+        .take(2 * crate::limits::POLICY_TEXT_BYTES)
+        .collect()
 }
 
 /// The first 12 hex digits of a SHA-256, for messages.

@@ -39,7 +39,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::engine::PipelineEnds;
 use crate::engine::stage::StageOutput;
 use crate::limits::{CLUSTER_EVENT_QUEUE_LEN, POLICY_CHANGE_TIMEOUT_SECS};
-use crate::policy::{Placed, PolicyError, PolicyHandle, PolicyView, StageLoad};
+use crate::policy::{Faults, Placed, PolicyError, PolicyHandle, PolicyView, StageLoad};
 use link::{LinkId, LinkSender};
 use protocol::{Frame, Hello, ModelIdentity, PolicyRevision, Resources};
 
@@ -57,6 +57,8 @@ pub struct ClusterConfig {
     pub device: Device,
     /// The policy thread, shared with the request coordinator.
     pub policy: PolicyHandle,
+    /// Failures of uploaded policies, which the cluster falls back from.
+    pub policy_faults: Faults,
     /// Where the actor publishes each stage's load for the coordinator.
     pub stage_loads: watch::Sender<Vec<StageLoad>>,
 }
@@ -96,7 +98,7 @@ pub(crate) enum ClusterEvent {
     /// The policy thread finished installing revision `revision`.
     PolicyInstalled {
         revision: PolicyRevision,
-        wasm: Option<Arc<Vec<u8>>>,
+        wasm: Option<bytes::Bytes>,
         result: Result<PolicyView, PolicyError>,
         /// Why the change happened, when a failing policy was replaced.
         warning: Option<String>,
@@ -123,6 +125,18 @@ pub(crate) enum ClusterEvent {
         stream: link::AcceptedStream,
         remote: std::net::SocketAddr,
     },
+}
+
+/// Why a policy change did not (yet) happen.
+#[derive(Debug, thiserror::Error)]
+pub enum SetPolicyError {
+    #[error(transparent)]
+    Refused(PolicyError),
+    /// No answer in time: the change may still happen.
+    #[error(
+        "the change took more than {POLICY_CHANGE_TIMEOUT_SECS} s and may still take effect; check GET /v1/cluster/policy"
+    )]
+    StillRunning,
 }
 
 /// A cheap, cloneable handle to the cluster actor.
@@ -152,19 +166,17 @@ impl ClusterHandle {
     /// Makes `wasm` the cluster's policy (`None`: the built-in one). The
     /// upload is compiled and tried on the current cluster first; once it
     /// is active here it goes to every node and the model is re-planned.
-    pub async fn set_policy(&self, wasm: Option<Vec<u8>>) -> Result<PolicyStatus, PolicyError> {
+    pub async fn set_policy(&self, wasm: Option<Vec<u8>>) -> Result<PolicyStatus, SetPolicyError> {
         let (reply, answer) = oneshot::channel();
         self.events
             .send(ClusterEvent::SetPolicy { wasm, reply })
             .await
-            .map_err(|_| PolicyError::Stopped)?;
+            .map_err(|_| SetPolicyError::Refused(PolicyError::Stopped))?;
         let timeout = std::time::Duration::from_secs(POLICY_CHANGE_TIMEOUT_SECS);
         match tokio::time::timeout(timeout, answer).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(PolicyError::Stopped),
-            Err(_) => Err(PolicyError::Trap(format!(
-                "installing the policy took more than {POLICY_CHANGE_TIMEOUT_SECS} s"
-            ))),
+            Ok(Ok(result)) => result.map_err(SetPolicyError::Refused),
+            Ok(Err(_)) => Err(SetPolicyError::Refused(PolicyError::Stopped)),
+            Err(_) => Err(SetPolicyError::StillRunning),
         }
     }
 

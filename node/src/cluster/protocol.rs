@@ -170,14 +170,14 @@ pub struct PolicyRevision {
     pub origin: NodeId,
 }
 
-/// The cluster's scheduling policy changed: the uploaded component, or
-/// `None` for the built-in one.
+/// The cluster's scheduling policy changed. An uploaded component of
+/// `wasm_bytes` follows in [`Frame::PolicyChunk`]s; `None` means the
+/// built-in policy.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PolicyMessage {
     pub revision: PolicyRevision,
-    #[serde(with = "serde_bytes")]
-    pub wasm: Option<Vec<u8>>,
-    /// Why the change happened, when a failing policy was replaced.
+    pub wasm_bytes: Option<u32>,
+    /// Set when the change replaced a policy that failed: why.
     pub warning: Option<String>,
 }
 
@@ -266,6 +266,13 @@ pub enum Frame {
     },
     NodeStatus(NodeStatus),
     Policy(PolicyMessage),
+    /// Bytes `offset..offset + data.len()` of revision `revision`'s
+    /// component, in order.
+    PolicyChunk {
+        revision: PolicyRevision,
+        offset: u32,
+        data: bytes::Bytes,
+    },
 }
 
 impl Frame {
@@ -289,6 +296,7 @@ impl Frame {
             Frame::Probe { .. } => "probe",
             Frame::NodeStatus(_) => "node-status",
             Frame::Policy(_) => "policy",
+            Frame::PolicyChunk { .. } => "policy-chunk",
         }
     }
 }
@@ -456,12 +464,20 @@ mod tests {
                     counter: 2,
                     origin: NodeId(8),
                 },
-                wasm: Some(b"\0asm".to_vec()),
+                wasm_bytes: Some(4),
                 warning: None,
             }),
+            Frame::PolicyChunk {
+                revision: PolicyRevision {
+                    counter: 2,
+                    origin: NodeId(8),
+                },
+                offset: 0,
+                data: bytes::Bytes::from_static(b"\0asm"),
+            },
             Frame::Policy(PolicyMessage {
                 revision: PolicyRevision::default(),
-                wasm: None,
+                wasm_bytes: None,
                 warning: Some("policy x failed".into()),
             }),
         ]

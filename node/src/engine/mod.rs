@@ -28,15 +28,18 @@ pub mod stage;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
+use std::time::Duration;
 use std::time::Instant;
 
 use kernels::{SamplingParams, SequenceId, Shard, ShardInput};
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
-use crate::limits::{ENGINE_QUEUE_LEN, MAX_ACTIVE_SEQUENCES, PREFILL_CHUNK_TOKENS};
+use crate::limits::{
+    ENGINE_QUEUE_LEN, MAX_ACTIVE_SEQUENCES, PREFILL_CHUNK_TOKENS, SCHEDULE_WAIT_MS,
+};
 use crate::policy::{PolicyHandle, StageLoad, WaitingRequest};
 use stage::{Route, Sample, StageJob, StageOutput, StageResult};
 
@@ -166,6 +169,9 @@ struct Submission {
 #[derive(Clone)]
 pub struct EngineHandle {
     submissions: mpsc::Sender<Submission>,
+    /// Requests submitted and not started (or dropped) yet: in the channel
+    /// or in the coordinator's queue. At most [`ENGINE_QUEUE_LEN`].
+    waiting: Arc<AtomicUsize>,
     stats: watch::Receiver<EngineStats>,
     model: Arc<EngineModel>,
 }
@@ -215,9 +221,16 @@ impl EngineHandle {
             stopped: Arc::clone(&stopped),
             arrived: Instant::now(),
         };
-        self.submissions.try_send(submission).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => SubmitError::Busy,
-            mpsc::error::TrySendError::Closed(_) => SubmitError::Stopped,
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= ENGINE_QUEUE_LEN {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(SubmitError::Busy);
+        }
+        self.submissions.try_send(submission).map_err(|e| {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            match e {
+                mpsc::error::TrySendError::Full(_) => SubmitError::Busy,
+                mpsc::error::TrySendError::Closed(_) => SubmitError::Stopped,
+            }
         })?;
         Ok(Generation {
             events: receiver,
@@ -262,11 +275,13 @@ impl Engine {
         let (result_tx, result_rx) = mpsc::channel(2 * MAX_ACTIVE_SEQUENCES);
         let (submission_tx, submission_rx) = mpsc::channel(ENGINE_QUEUE_LEN);
         let (stats_tx, stats_rx) = watch::channel(EngineStats::default());
+        let waiting = Arc::new(AtomicUsize::new(0));
         let coordinator = Coordinator {
             model: Arc::clone(&model),
             submissions: submission_rx,
             submissions_open: true,
             queue: VecDeque::new(),
+            waiting: Arc::clone(&waiting),
             schedule_again: false,
             scheduling,
             results: result_rx,
@@ -288,6 +303,7 @@ impl Engine {
         let engine = Self {
             handle: EngineHandle {
                 submissions: submission_tx,
+                waiting,
                 stats: stats_rx,
                 model,
             },
@@ -370,6 +386,8 @@ struct Coordinator {
     submissions_open: bool,
     /// Requests waiting to start, oldest first.
     queue: VecDeque<Submission>,
+    /// Shared with the handles: counts down as requests leave the queue.
+    waiting: Arc<AtomicUsize>,
     /// Something changed (a request arrived or ended, a stage's load
     /// changed) since the policy was last asked.
     schedule_again: bool,
@@ -384,7 +402,6 @@ impl Coordinator {
     async fn run(mut self) {
         let mut stages = self.scheduling.as_ref().map(|s| s.stages.clone());
         loop {
-            let room = self.queue.len() < ENGINE_QUEUE_LEN;
             tokio::select! {
                 // Results first: finishing work frees room for new work.
                 biased;
@@ -395,7 +412,8 @@ impl Coordinator {
                         break;
                     }
                 },
-                submission = self.submissions.recv(), if room && self.submissions_open => match submission {
+                // The handles bound what waits (`EngineHandle::waiting`).
+                submission = self.submissions.recv(), if self.submissions_open => match submission {
                     Some(submission) => {
                         self.queue.push_back(submission);
                         self.schedule_again = true;
@@ -410,7 +428,9 @@ impl Coordinator {
                     }
                 }
             }
-            if self.schedule_again {
+            // Starting a request can end one at once (its client left), which
+            // asks for another round.
+            while self.schedule_again {
                 self.schedule_again = false;
                 self.start_waiting().await;
             }
@@ -441,18 +461,19 @@ impl Coordinator {
             if !self.fits(&self.queue[index]) {
                 break; // it waits for room, and those picked after it wait too
             }
-            if let Some(submission) = self.queue.remove(index) {
+            if let Some(submission) = self.take_waiting(index) {
                 self.start(submission).await;
                 started += 1;
             }
         }
-        // A policy must not stall the node: with nothing running, the
-        // oldest request starts (it fits: oversized ones were refused).
+        // A policy must not stall the node: with nothing running here, the
+        // oldest request starts (it fits: oversized ones were refused),
+        // even if other nodes' requests fill a stage.
         if started == 0
             && self.active.is_empty()
-            && let Some(oldest) = self.queue.pop_front()
+            && let Some(oldest) = self.take_waiting(0)
         {
-            tracing::warn!(request = %oldest.request.id, "the scheduling policy started nothing while the node is idle; starting the oldest request");
+            tracing::debug!(request = %oldest.request.id, "nothing runs here and the policy started nothing; starting the oldest request");
             self.start(oldest).await;
         }
         self.publish();
@@ -494,21 +515,34 @@ impl Coordinator {
             // No plan: the requests start and fail at once with the reason.
             return queue.iter().map(|w| w.id).collect();
         }
-        match scheduling
-            .policy
-            .schedule(queue.clone(), stages.clone())
-            .await
-        {
-            Ok(picked) => picked,
-            Err(error) => {
-                tracing::warn!(%error, "the scheduling policy failed; starting requests first come, first served");
+        // Streams wait while the policy thinks: not for long (it may be
+        // busy with a placement or a dry run).
+        let asked = scheduling.policy.schedule(queue.clone(), stages.clone());
+        match tokio::time::timeout(Duration::from_millis(SCHEDULE_WAIT_MS), asked).await {
+            Ok(Ok(picked)) => picked,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "no answer from the scheduling policy; starting requests first come, first served");
+                first_come_first_served(&queue, &stages)
+            }
+            Err(_) => {
+                tracing::debug!(
+                    "the scheduling policy is busy; starting requests first come, first served"
+                );
                 first_come_first_served(&queue, &stages)
             }
         }
     }
 
+    /// Takes a request out of the queue.
+    fn take_waiting(&mut self, index: usize) -> Option<Submission> {
+        let submission = self.queue.remove(index)?;
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        Some(submission)
+    }
+
     /// Forgets waiting requests whose client left or that need no work.
     fn drop_finished_waiters(&mut self) {
+        let before = self.queue.len();
         let mut kept = VecDeque::with_capacity(self.queue.len());
         for submission in self.queue.drain(..) {
             let request = &submission.request;
@@ -524,6 +558,8 @@ impl Coordinator {
                 kept.push_back(submission);
             }
         }
+        self.waiting
+            .fetch_sub(before - kept.len(), Ordering::AcqRel);
         self.queue = kept;
     }
 
@@ -699,6 +735,7 @@ impl Coordinator {
     async fn stage_stopped(&mut self) {
         tracing::error!("the inference stage stopped; failing every request");
         let message = "the inference engine stopped; the node must be restarted".to_string();
+        self.waiting.fetch_sub(self.queue.len(), Ordering::AcqRel);
         for waiting in self.queue.drain(..) {
             let _ = waiting.events.try_send(GenerationEvent::Failed {
                 message: message.clone(),

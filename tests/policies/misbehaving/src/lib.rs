@@ -11,6 +11,11 @@ mod policy {
 
     impl Guest for Misbehaving {
         fn info() -> PolicyInfo {
+            if cfg!(feature = "large") {
+                // Not zeros, which would not be stored in the component.
+                static BALLAST: [u8; 1 << 20] = [0x5a; 1 << 20];
+                std::hint::black_box(&BALLAST);
+            }
             PolicyInfo {
                 name: "misbehaving".into(),
                 version: "0.1.0".into(),
@@ -36,7 +41,17 @@ mod policy {
             if cfg!(feature = "panics") {
                 panic!("this policy panics on purpose");
             }
-            if cfg!(feature = "fails-on-two-nodes") && cluster.nodes.len() >= 2 {
+            if cfg!(feature = "sleeps") {
+                std::thread::sleep(std::time::Duration::from_secs(60));
+            }
+            let limit = if cfg!(feature = "fails-on-two-nodes") {
+                2
+            } else if cfg!(feature = "fails-on-three-nodes") {
+                3
+            } else {
+                usize::MAX
+            };
+            if cluster.nodes.len() >= limit {
                 panic!("this policy cannot place on {} nodes", cluster.nodes.len());
             }
             let node = cluster.nodes.first().map(|n| n.id).ok_or("no nodes")?;
@@ -83,6 +98,9 @@ mod policy {
                     spins = spins.wrapping_add(1);
                     std::hint::black_box(spins);
                 }
+            }
+            if cfg!(feature = "schedule-fails-on-long-queue") && queue.len() > 100 {
+                panic!("this policy cannot schedule {} requests", queue.len());
             }
             queue.iter().map(|w| w.id).collect()
         }
