@@ -73,6 +73,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             resources,
             model_name: model.name.clone(),
             model_path: model.file.path().to_path_buf(),
+            model_store: runtime.store.clone(),
             device: runtime.device.clone(),
             policy,
             policy_faults,

@@ -4,6 +4,7 @@
 
 pub mod chat;
 mod cluster;
+mod dashboard;
 pub mod error;
 pub mod openai;
 mod policy;
@@ -20,6 +21,7 @@ use tower_http::trace::TraceLayer;
 use crate::cluster::ClusterHandle;
 use crate::engine::EngineHandle;
 use crate::limits::MAX_REQUEST_BODY_BYTES;
+use crate::model_store::CATALOGUE;
 use crate::prompt::PromptBuilder;
 pub use error::ApiError;
 use openai::{ModelCard, ModelList};
@@ -75,6 +77,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models/{id}", get(get_model))
         .route("/healthz", get(healthz))
         .route("/v1/cluster", get(cluster::cluster_view))
+        .route("/v1/cluster/models", get(known_models))
         .route(
             "/v1/cluster/policy",
             get(policy::get_policy)
@@ -83,6 +86,7 @@ pub fn router(state: AppState) -> Router {
                 .merge(put(policy::put_policy).layer(DefaultBodyLimit::disable())),
         )
         .route("/v1/ring/link", get(cluster::ring_link))
+        .merge(dashboard::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BODY_BYTES))
@@ -118,6 +122,40 @@ async fn get_model(
             std::slice::from_ref(&state.model.name),
         ))
     }
+}
+
+/// A model the node knows: the catalogue's, and the one it serves.
+#[derive(Debug, serde::Serialize)]
+struct KnownModel {
+    id: String,
+    description: String,
+    size_bytes: Option<u64>,
+    /// The model this node (and so the cluster) serves.
+    served: bool,
+}
+
+/// The models ringlet can fetch by name, and the one served. Which nodes
+/// have them is in `GET /v1/cluster` (`nodes[].models`).
+async fn known_models(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let served = &state.model.name;
+    let mut models: Vec<KnownModel> = CATALOGUE
+        .iter()
+        .map(|entry| KnownModel {
+            id: entry.name.to_string(),
+            description: entry.description.to_string(),
+            size_bytes: Some(entry.bytes),
+            served: entry.name == served,
+        })
+        .collect();
+    if !models.iter().any(|m| m.served) {
+        models.push(KnownModel {
+            id: served.clone(),
+            description: "a GGUF file given by its path".into(),
+            size_bytes: None,
+            served: true,
+        });
+    }
+    Json(json!({ "models": models }))
 }
 
 /// 200 while the node can serve, 503 once its engine has stopped, so that

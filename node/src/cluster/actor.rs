@@ -12,11 +12,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::link::{self, LinkContext, LinkId, LinkSender};
 use super::protocol::{
-    Epoch, ForwardFrame, Frame, Hello, LinkMeasurement, ModelIdentity, NodeStatus,
-    PROTOCOL_VERSION, Payload, PeerAddress, PlanMessage, PlanStage, PolicyMessage, PolicyRevision,
-    RequestId, WireDType, WireSample,
+    Epoch, ForwardFrame, Frame, Hello, LinkMeasurement, ModelAvailability, ModelIdentity,
+    ModelState, NodeStatus, PROTOCOL_VERSION, Payload, PeerAddress, PlanMessage, PlanStage,
+    PolicyMessage, PolicyRevision, RequestId, WireDType, WireSample,
 };
-use super::resources::process_memory;
+use super::resources::{process_memory, system_memory};
 use super::{
     ClusterConfig, ClusterEvent, ClusterView, LinkView, NodeView, PlanState, PlanView,
     PolicyStatus, StageView,
@@ -28,6 +28,7 @@ use crate::limits::{
     STAGE_REQUEST_LIMIT,
 };
 use crate::limits::{MAX_POLICY_BYTES, POLICY_CHUNK_BYTES, POLICY_RETRY_MS};
+use crate::model_store::{CATALOGUE, ModelStore, catalogue_entry};
 use crate::policy::{
     self, Change, Fault, Faults, Placed, PolicyError, PolicyHandle, PolicyView, StageLoad,
 };
@@ -89,6 +90,7 @@ pub(super) struct Cluster {
     model: Arc<ModelFile>,
     /// The model as the policy sees it.
     policy_model: policy::Model,
+    model_store: ModelStore,
     device: Device,
     members: BTreeMap<NodeId, Member>,
     /// Addresses to stay linked to: `--peer` ones and those peers told us.
@@ -152,6 +154,7 @@ impl Cluster {
             identity,
             model,
             policy_model,
+            model_store: config.model_store,
             device: config.device,
             members: BTreeMap::new(),
             known_addresses: config.peers.into_iter().collect(),
@@ -525,7 +528,43 @@ impl Cluster {
         NodeStatus {
             in_flight: self.in_flight(),
             links: self.measurements(),
+            memory_available_bytes: self.memory_available(),
+            rss_bytes: process_memory().0,
+            models: self.model_availability(),
         }
+    }
+
+    /// Available memory now (as at the start where it cannot be read).
+    fn memory_available(&self) -> u64 {
+        system_memory().map_or(self.resources.memory_available_bytes, |(_, available)| {
+            available
+        })
+    }
+
+    /// Which catalogue models are in this node's cache, and the one it
+    /// serves (which may be a file outside the catalogue).
+    fn model_availability(&self) -> Vec<ModelAvailability> {
+        let serving = &self.identity.name;
+        let mut models: Vec<ModelAvailability> = CATALOGUE
+            .iter()
+            .map(|entry| ModelAvailability {
+                name: entry.name.to_string(),
+                state: if entry.name == serving {
+                    ModelState::Loaded
+                } else if self.model_store.is_present(entry) {
+                    ModelState::Present
+                } else {
+                    ModelState::Missing
+                },
+            })
+            .collect();
+        if catalogue_entry(serving).is_none() {
+            models.push(ModelAvailability {
+                name: serving.clone(),
+                state: ModelState::Loaded,
+            });
+        }
+        models
     }
 
     fn send_status(&mut self) {
@@ -1504,7 +1543,7 @@ impl Cluster {
             device: self.resources.device.clone(),
             device_name: self.resources.device_name.clone(),
             memory_total_bytes: self.resources.memory_total_bytes,
-            memory_available_bytes: self.resources.memory_available_bytes,
+            memory_available_bytes: self.memory_available(),
             memory_budget_bytes: self.resources.memory_budget_bytes,
             compute_score: self.resources.compute_score,
             model: self.identity.clone(),
@@ -1516,6 +1555,7 @@ impl Cluster {
                 .or_else(|| reported(self.me)),
             rss_bytes: Some(rss),
             peak_rss_bytes: Some(peak),
+            models: self.model_availability(),
         }];
         for (id, member) in &self.members {
             let r = &member.hello.resources;
@@ -1535,14 +1575,22 @@ impl Cluster {
                 device: r.device.clone(),
                 device_name: r.device_name.clone(),
                 memory_total_bytes: r.memory_total_bytes,
-                memory_available_bytes: r.memory_available_bytes,
+                memory_available_bytes: member
+                    .status
+                    .as_ref()
+                    .map_or(r.memory_available_bytes, |s| s.memory_available_bytes),
                 memory_budget_bytes: r.memory_budget_bytes,
                 compute_score: r.compute_score,
                 model: member.hello.model.clone(),
                 layers: plan_layers(*id),
                 weight_bytes: reported(*id),
-                rss_bytes: None,
+                rss_bytes: member.status.as_ref().map(|s| s.rss_bytes),
                 peak_rss_bytes: None,
+                models: member
+                    .status
+                    .as_ref()
+                    .map(|s| s.models.clone())
+                    .unwrap_or_default(),
             });
         }
         let mut links: Vec<LinkView> = self

@@ -39,9 +39,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::engine::PipelineEnds;
 use crate::engine::stage::StageOutput;
 use crate::limits::{CLUSTER_EVENT_QUEUE_LEN, POLICY_CHANGE_TIMEOUT_SECS};
+use crate::model_store::ModelStore;
 use crate::policy::{Faults, Placed, PolicyError, PolicyHandle, PolicyView, StageLoad};
 use link::{LinkId, LinkSender};
-use protocol::{Frame, Hello, ModelIdentity, PolicyRevision, Resources};
+use protocol::{Frame, Hello, ModelAvailability, ModelIdentity, PolicyRevision, Resources};
 
 /// Everything a node brings to the cluster.
 pub struct ClusterConfig {
@@ -54,6 +55,8 @@ pub struct ClusterConfig {
     pub resources: Resources,
     pub model_name: String,
     pub model_path: PathBuf,
+    /// The model cache, to tell peers which catalogue models are here.
+    pub model_store: ModelStore,
     pub device: Device,
     /// The policy thread, shared with the request coordinator.
     pub policy: PolicyHandle,
@@ -315,9 +318,12 @@ pub struct NodeView {
     pub layers: Option<LayerRange>,
     /// The weight bytes it reported holding for the current plan.
     pub weight_bytes: Option<u64>,
-    /// This process's resident memory (only for this node).
+    /// The node process's resident memory.
     pub rss_bytes: Option<u64>,
+    /// The peak of it (only for this node).
     pub peak_rss_bytes: Option<u64>,
+    /// The catalogue's models on the node, and the model it serves.
+    pub models: Vec<ModelAvailability>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Bumped whenever frames change incompatibly; peers must match exactly.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The HTTP `Upgrade` token of a link.
 pub const UPGRADE_TOKEN: &str = "ringlet-link";
@@ -197,6 +197,30 @@ pub struct NodeStatus {
     /// Requests going through this node's stage now, from every owner.
     pub in_flight: u32,
     pub links: Vec<LinkMeasurement>,
+    /// Memory the machine has available now.
+    pub memory_available_bytes: u64,
+    /// The node process's resident memory.
+    pub rss_bytes: u64,
+    /// The catalogue's models on this node, and the model it serves.
+    pub models: Vec<ModelAvailability>,
+}
+
+/// Whether a node has a model's file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelAvailability {
+    pub name: String,
+    pub state: ModelState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelState {
+    /// The model this node serves.
+    Loaded,
+    /// In the model cache, complete.
+    Present,
+    /// Not in the model cache.
+    Missing,
 }
 
 /// Every message a link carries. No catch-all: an unknown variant is a
@@ -457,6 +481,12 @@ mod tests {
                     to: NodeId(8),
                     rtt_micros: 250,
                     bandwidth_bytes_per_second: 117_000_000,
+                }],
+                memory_available_bytes: 8 << 30,
+                rss_bytes: 300 << 20,
+                models: vec![ModelAvailability {
+                    name: "smollm2-135m".into(),
+                    state: ModelState::Loaded,
                 }],
             }),
             Frame::Policy(PolicyMessage {

@@ -1,0 +1,201 @@
+// Drives the dashboard in headless Chromium against a running two-node
+// cluster; run by tests/dashboard.rs, which starts the nodes. Every step
+// waits for what the page shows (Playwright's auto-waiting assertions),
+// never for a fixed time. Screenshots go to RINGLET_SCREENSHOTS.
+"use strict";
+
+const path = require("path");
+const { chromium } = require(path.join(process.env.RINGLET_BROWSER_MODULES, "playwright-core"));
+
+const base = process.env.RINGLET_URL;
+const policyPath = process.env.RINGLET_POLICY;
+const token = process.env.RINGLET_TOKEN;
+const shots = process.env.RINGLET_SCREENSHOTS;
+const TIMEOUT = 60_000;
+
+function check(condition, message) {
+  if (!condition) throw new Error(message);
+}
+
+async function waitFor(what, probe) {
+  const deadline = Date.now() + TIMEOUT;
+  for (;;) {
+    const value = await probe();
+    if (value) return value;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+}
+
+async function shot(page, name) {
+  const file = path.join(shots, `${name}.png`);
+  await page.screenshot({ path: file, fullPage: true });
+  console.log(`screenshot: ${file}`);
+}
+
+async function layerRanges(page) {
+  const cards = page.locator('[data-testid="node"]');
+  await cards.first().waitFor({ timeout: TIMEOUT });
+  const ranges = {};
+  for (const card of await cards.all()) {
+    ranges[await card.getAttribute("data-node")] = (
+      await card.locator('[data-testid="layers"]').innerText()
+    ).trim();
+  }
+  return ranges;
+}
+
+async function openPage(page, slug) {
+  await page.click(`nav a[data-page="${slug}"]`);
+  await page.waitForURL(`**/#/${slug}`);
+}
+
+async function main() {
+  const browser = await chromium.launch({
+    executablePath: process.env.RINGLET_CHROMIUM || "/usr/bin/chromium",
+    args: [
+      "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+      "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    ],
+  });
+  const page = await browser.newPage({ viewport: { width: 1280, height: 860 } });
+  const problems = [];
+  page.on("pageerror", (error) => problems.push(`page error: ${error.message}`));
+  page.on("console", (message) => {
+    // The browser logs the refused upload (401) below; that one is expected.
+    const expected = message.text().includes("status of 401");
+    if (message.type() === "error" && !expected) problems.push(`console error: ${message.text()}`);
+  });
+
+  // The cluster: both nodes, each with a share of the layers.
+  await page.goto(`${base}/#/cluster`);
+  await waitFor("two nodes with layers", async () => {
+    const ranges = await layerRanges(page);
+    const held = Object.values(ranges).filter((r) => !r.startsWith("none"));
+    return Object.keys(ranges).length === 2 && held.length === 2;
+  });
+  const before = await layerRanges(page);
+  console.log("layers before:", JSON.stringify(before));
+  check((await page.locator('[data-testid="stage"]').count()) === 2, "the ring shows two stages");
+  await page.locator('[data-testid="links"] tbody tr').first().waitFor({ timeout: TIMEOUT });
+  await shot(page, "cluster-two-stages");
+
+  // The chat: the answer grows token by token, then shows its speed.
+  await openPage(page, "chat");
+  await page.fill('[data-testid="prompt"]', "Write three sentences about rings of friends.");
+  await page.click('[data-testid="send"]');
+  const answer = page.locator('[data-testid="answer"]').last();
+  const streaming = page.locator('[data-testid="answer"][data-state="streaming"] .bubble');
+  const first = await waitFor("the first words", async () => {
+    const text = (await streaming.count()) ? await streaming.innerText() : "";
+    return text.trim().length > 0 ? text : null;
+  });
+  await waitFor("more words while it streams", async () => {
+    const done = (await answer.getAttribute("data-state")) === "done";
+    const text = await answer.locator(".bubble").first().innerText();
+    return !done && text.length > first.length;
+  });
+  await page.locator('[data-testid="answer"][data-state="done"]').last().waitFor({ timeout: TIMEOUT });
+  const meta = await answer.locator(".meta").innerText();
+  console.log("answer meta:", meta);
+  check(/first token [0-9.]+ s/.test(meta) && /tok\/s/.test(meta), `speed under the answer: ${meta}`);
+  await shot(page, "chat-answer");
+
+  // Stop: a long answer is cut short and says so.
+  await page.fill('[data-testid="prompt"]', "Count from one to two hundred in words.");
+  await page.click('[data-testid="send"]');
+  await waitFor("the long answer to start", async () => {
+    const text = (await streaming.count()) ? await streaming.innerText() : "";
+    return text.trim().length > 0;
+  });
+  await page.click('[data-testid="stop"]');
+  await page.locator('[data-testid="answer"][data-state="done"]').nth(1).waitFor({ timeout: TIMEOUT });
+  const stoppedMeta = await page.locator('[data-testid="answer"]').nth(1).locator(".meta").innerText();
+  check(stoppedMeta.includes("stopped"), `the stopped answer says so: ${stoppedMeta}`);
+  await page.locator('[data-testid="send"]').waitFor({ timeout: TIMEOUT });
+
+  // The conversation survives moving between pages.
+  await openPage(page, "models");
+  await openPage(page, "chat");
+  await waitFor("both answers to be there still", async () =>
+    (await page.locator('[data-testid="answer"]').count()) === 2);
+
+  // Markdown renders; HTML and script links from a model do not.
+  await page.route("**/v1/chat/completions", async (route) => {
+    const chunk = (content) =>
+      `data: ${JSON.stringify({ choices: [{ index: 0, delta: { content }, finish_reason: null }] })}\n\n`;
+    const body =
+      chunk("Here is **bold** and code:\n\n```rust\nfn main() {}\n```\n\n") +
+      chunk('<img src="x" onerror="window.owned = true"> [click](javascript:window.owned=true)\n') +
+      `data: ${JSON.stringify({ choices: [{ index: 0, delta: {}, finish_reason: "stop" }] })}\n\n` +
+      "data: [DONE]\n\n";
+    await route.fulfill({ status: 200, headers: { "content-type": "text/event-stream" }, body });
+  });
+  await page.fill('[data-testid="prompt"]', "Show me markdown.");
+  await page.click('[data-testid="send"]');
+  const rendered = page.locator('[data-testid="answer"]').nth(2);
+  await rendered.locator("pre code").waitFor({ timeout: TIMEOUT });
+  check((await rendered.locator("strong").innerText()) === "bold", "bold text renders");
+  check((await rendered.locator("img").count()) === 0, "raw HTML from the model is not rendered");
+  check((await rendered.innerText()).includes("<img"), "raw HTML from the model shows as text");
+  const href = await rendered.locator("a").getAttribute("href");
+  check(!String(href).startsWith("javascript"), `script links are dropped: ${href}`);
+  check((await page.evaluate(() => window.owned)) !== true, "no script from the answer ran");
+  await page.unroute("**/v1/chat/completions");
+  await shot(page, "chat-markdown");
+
+  // Models: the served model, loaded on both nodes.
+  await openPage(page, "models");
+  const row = page.locator('[data-testid="model-row"][data-model="smollm2-135m"]');
+  await waitFor("the model loaded on both nodes", async () =>
+    (await row.count()) === 1 && (await row.locator(".badge.ok").count()) === 2);
+  await shot(page, "models");
+
+  // Policy: a wrong token is refused in the node's words...
+  await openPage(page, "policy");
+  await page.locator('[data-testid="policy-name"]').waitFor({ timeout: TIMEOUT });
+  check((await page.innerText('[data-testid="policy-name"]')) === "memory-weighted", "the built-in policy is active");
+  await page.setInputFiles('[data-testid="policy-file"]', policyPath);
+  await page.fill('[data-testid="admin-token"]', "not-the-token");
+  await page.click('[data-testid="upload"]');
+  const outcome = page.locator('[data-testid="outcome"]');
+  await outcome.waitFor({ timeout: TIMEOUT });
+  const refusal = await outcome.innerText();
+  console.log("wrong token:", refusal);
+  check(/token/i.test(refusal) && (await outcome.getAttribute("class")).includes("error"), `refusal shown: ${refusal}`);
+
+  // ...the right one activates the example, and the plan changes to one stage.
+  await page.fill('[data-testid="admin-token"]', token);
+  await page.click('[data-testid="upload"]');
+  await waitFor("the upload to succeed", async () => (await outcome.innerText()).includes("fewest-nodes"));
+  await waitFor("the policy and its one-stage plan", async () =>
+    (await page.innerText('[data-testid="policy-name"]')) === "fewest-nodes" &&
+    (await page.locator('[data-testid="stage"]').count()) === 1);
+  await shot(page, "policy-uploaded");
+
+  await openPage(page, "cluster");
+  const after = await waitFor("one node holding every layer", async () => {
+    const ranges = await layerRanges(page);
+    const values = Object.values(ranges);
+    return values.some((r) => r.startsWith("0–29")) && values.some((r) => r.startsWith("none")) ? ranges : null;
+  });
+  console.log("layers after:", JSON.stringify(after));
+  check(JSON.stringify(after) !== JSON.stringify(before), "the layer ranges changed");
+  await shot(page, "cluster-after-upload");
+
+  // Back to the built-in policy: two stages again.
+  await openPage(page, "policy");
+  await page.click('[data-testid="restore"]');
+  await waitFor("the built-in policy and two stages", async () =>
+    (await page.innerText('[data-testid="policy-name"]')) === "memory-weighted" &&
+    (await page.locator('[data-testid="stage"]').count()) === 2);
+
+  await browser.close();
+  check(problems.length === 0, `the page reported problems:\n${problems.join("\n")}`);
+  console.log("dashboard: every check passed");
+}
+
+main().catch((error) => {
+  console.error(error.stack || String(error));
+  process.exit(1);
+});

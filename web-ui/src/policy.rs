@@ -1,0 +1,186 @@
+//! The policy page: the active scheduling policy, uploading a new one with
+//! the admin token, the plan it makes, and the way back to the built-in
+//! one. The node's answers are shown in its own words.
+
+use leptos::prelude::*;
+use wasm_bindgen::JsValue;
+
+use crate::api::{self, PolicyStatus};
+use crate::{Shared, cluster, format};
+
+/// Where the admin token is kept for this browser tab.
+const TOKEN_KEY: &str = "ringlet-admin-token";
+
+/// The outcome of the last change: a success or the node's error.
+#[derive(Clone, Debug, PartialEq)]
+enum Outcome {
+    Changed(String),
+    Refused(String),
+}
+
+#[component]
+pub fn PolicyPage() -> impl IntoView {
+    let shared = expect_context::<Shared>();
+    let token = RwSignal::new(stored_token());
+    let outcome = RwSignal::new(None::<Outcome>);
+    let working = RwSignal::new(false);
+    let file_input = NodeRef::<leptos::html::Input>::new();
+
+    let change = move |method: &'static str, body: Option<JsValue>| {
+        let token = token.get_untracked();
+        remember_token(&token);
+        working.set(true);
+        outcome.set(None);
+        leptos::task::spawn_local(async move {
+            let authorization = format!("Bearer {}", token.trim());
+            let mut headers = vec![("Authorization", authorization.as_str())];
+            if body.is_some() {
+                headers.push(("Content-Type", "application/wasm"));
+            }
+            let answer = api::send(method, "/v1/cluster/policy", &headers, body.as_ref()).await;
+            let result = match answer {
+                Ok(answer) if answer.ok() => {
+                    match serde_json::from_str::<PolicyStatus>(&answer.body) {
+                        Ok(policy) => Outcome::Changed(format!(
+                            "Now active: {} {} (revision {}). Every node takes it up, and the leader re-plans with it.",
+                            policy.name, policy.version, policy.revision
+                        )),
+                        Err(_) => Outcome::Changed("The policy changed.".into()),
+                    }
+                }
+                Ok(answer) => Outcome::Refused(answer.error()),
+                Err(error) => Outcome::Refused(error),
+            };
+            outcome.set(Some(result));
+            working.set(false);
+        });
+    };
+    let upload = move |_| {
+        let file = file_input
+            .get()
+            .and_then(|input| input.files())
+            .and_then(|files| files.get(0));
+        match file {
+            Some(file) => change("PUT", Some(file.into())),
+            None => outcome.set(Some(Outcome::Refused(
+                "Choose a .wasm file first: a component built with `cargo build --target wasm32-wasip2`."
+                    .into(),
+            ))),
+        }
+    };
+    let restore = move |_| change("DELETE", None);
+
+    view! {
+        <h1>"Scheduling policy"</h1>
+        <p class="subtitle">
+            "A WebAssembly component decides which node holds which layers and which request starts next. Replace it while the cluster runs."
+        </p>
+        <div class="grid two">
+            <div class="panel" data-testid="active-policy">
+                <h2>"Active policy"</h2>
+                {move || match shared.cluster.get().and_then(|c| c.policy) {
+                    None => view! { <p class="muted">"Asking the node…"</p> }.into_any(),
+                    Some(policy) => active(&policy).into_any(),
+                }}
+            </div>
+            <div class="panel">
+                <h2>"Change it"</h2>
+                <label class="field">
+                    <span>"Policy component (.wasm)"</span>
+                    <input type="file" accept=".wasm,application/wasm" node_ref=file_input data-testid="policy-file" />
+                </label>
+                <label class="field">
+                    <span>"Admin token"</span>
+                    <input
+                        type="password"
+                        placeholder="the node's --admin-token"
+                        data-testid="admin-token"
+                        prop:value=move || token.get()
+                        on:input=move |ev| token.set(event_target_value(&ev))
+                    />
+                </label>
+                <div class="actions">
+                    <button class="btn primary" data-testid="upload" disabled=move || working.get() on:click=upload>
+                        "Upload and activate"
+                    </button>
+                    <button class="btn" data-testid="restore" disabled=move || working.get() on:click=restore>
+                        "Return to the built-in policy"
+                    </button>
+                </div>
+                {move || {
+                    outcome
+                        .get()
+                        .map(|outcome| match outcome {
+                            Outcome::Changed(text) => {
+                                view! { <div class="notice success section" data-testid="outcome">{text}</div> }.into_any()
+                            }
+                            Outcome::Refused(text) => {
+                                view! { <div class="notice error section" data-testid="outcome">{text}</div> }.into_any()
+                            }
+                        })
+                }}
+            </div>
+        </div>
+        <div class="panel ring-panel section">
+            {move || {
+                let view = shared.cluster.get().unwrap_or_default();
+                let stages = view.plan.map(|p| p.stages).unwrap_or_default();
+                view! {
+                    {cluster::ring(&stages, &view.nodes)}
+                    <div>
+                        <h2>"The plan it made"</h2>
+                        {cluster::legend(&stages, &view.nodes)}
+                    </div>
+                }
+            }}
+        </div>
+    }
+}
+
+fn active(policy: &PolicyStatus) -> impl IntoView + use<> {
+    let source = if policy.source == "built_in" {
+        "built in"
+    } else {
+        "uploaded"
+    };
+    view! {
+        <div>
+            <p style="margin: 0 0 12px">
+                <strong style="font-size: 20px" data-testid="policy-name">{policy.name.clone()}</strong>
+                " "
+                <span class="muted">{policy.version.clone()}</span>
+                " "
+                <span class="badge plain">{source}</span>
+            </p>
+            {policy
+                .warning
+                .clone()
+                .map(|warning| view! { <div class="notice warning">{warning}</div> })}
+            <dl class="kv">
+                <dt>"SHA-256"</dt>
+                <dd class="mono sha" data-testid="policy-sha">{policy.sha256.clone()}</dd>
+                <dt>"Size"</dt>
+                <dd>{format::bytes(policy.size_bytes)}</dd>
+                <dt>"Revision"</dt>
+                <dd>{policy.revision}</dd>
+            </dl>
+        </div>
+    }
+}
+
+fn session_storage() -> Option<web_sys::Storage> {
+    web_sys::window().and_then(|w| w.session_storage().ok().flatten())
+}
+
+fn stored_token() -> String {
+    session_storage()
+        .and_then(|s| s.get_item(TOKEN_KEY).ok().flatten())
+        .unwrap_or_default()
+}
+
+/// Kept for this tab only (session storage), so a reload does not ask again.
+fn remember_token(token: &str) {
+    if let Some(storage) = session_storage() {
+        let _ = storage.set_item(TOKEN_KEY, token);
+    }
+}
