@@ -7,7 +7,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Node, chat_body, request, sse_data, streamed_content};
+use support::{Node, chat, chat_body, request, sse_data, streamed_content};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -67,13 +67,7 @@ async fn a_client_that_hangs_up_cancels_its_generation() {
     let line = node.wait_for_log("generation cancelled", Duration::from_secs(30));
     assert!(line.contains("client went away"), "{line}");
     // The node goes on serving.
-    let response = request(
-        node.addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(&chat_body("Hi", 4, false)),
-    )
-    .await;
+    let response = chat(node.addr, "Hi", 4, false).await;
     assert_eq!(response.status, 200, "{}", response.body);
 }
 
@@ -86,25 +80,10 @@ async fn concurrent_streams_over_sockets_all_finish() {
         "Name a river.",
         "Name a mountain.",
     ];
-    let alone: Vec<String> = {
-        let mut out = Vec::new();
-        for p in prompts {
-            let r = request(
-                node.addr,
-                "POST",
-                "/v1/chat/completions",
-                Some(&chat_body(p, 12, false)),
-            )
-            .await;
-            out.push(
-                r.json()["choices"][0]["message"]["content"]
-                    .as_str()
-                    .expect("content")
-                    .to_string(),
-            );
-        }
-        out
-    };
+    let mut alone = Vec::new();
+    for p in prompts {
+        alone.push(chat(node.addr, p, 12, false).await.content());
+    }
     let bodies: Vec<String> = prompts.iter().map(|p| chat_body(p, 12, true)).collect();
     let together = futures_util::future::join_all(
         bodies
@@ -139,13 +118,7 @@ async fn garbage_on_the_socket_does_not_hurt_the_node() {
     let response = request(node.addr, "POST", "/v1/chat/completions", Some("{not json")).await;
     assert_eq!(response.status, 400);
     assert_eq!(response.json()["error"]["type"], "invalid_request_error");
-    let response = request(
-        node.addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(&chat_body("Hi", 4, false)),
-    )
-    .await;
+    let response = chat(node.addr, "Hi", 4, false).await;
     assert_eq!(response.status, 200, "{}", response.body);
     assert!(node.is_running());
 }

@@ -23,7 +23,7 @@ use ringlet_node::policy::{
 use scheduler::NodeId;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use support::{Node as Process, START_TIMEOUT, chat_body, get_json, request, request_raw};
+use support::{Node as Process, START_TIMEOUT, chat, get_json, request_raw};
 use tokio::sync::watch;
 
 const EXAMPLE: &str = "scheduler-wasm/examples/fewest-nodes";
@@ -526,16 +526,9 @@ async fn delete_policy(node: &Process, token: Option<&str>) -> support::Response
 }
 
 async fn chat_works(node: &Process) {
-    let response = request(
-        node.addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(&chat_body("Say hi", 4, false)),
-    )
-    .await;
+    let response = chat(node.addr, "Say hi", 4, false).await;
     assert_eq!(response.status, 200, "{}", response.body);
-    let content = &response.json()["choices"][0]["message"]["content"];
-    assert!(content.as_str().is_some_and(|c| !c.is_empty()), "{content}");
+    assert!(!response.content().is_empty(), "{}", response.body);
 }
 
 fn stage_count(view: &Value) -> usize {
@@ -673,15 +666,7 @@ async fn bad_uploads_are_refused_and_the_node_keeps_serving() {
     // A chat runs while the bad policies arrive, and after each.
     let chatting = tokio::spawn({
         let addr = node.addr;
-        async move {
-            request(
-                addr,
-                "POST",
-                "/v1/chat/completions",
-                Some(&chat_body("Count to twenty.", 48, true)),
-            )
-            .await
-        }
+        async move { chat(addr, "Count to twenty.", 48, true).await }
     });
     for (what, bytes, status, words) in uploads {
         let response = put_policy(&node, &bytes, Some(TOKEN)).await;

@@ -17,7 +17,7 @@ use ringlet_node::cluster::protocol::{
 use ringlet_node::model_store::{CATALOGUE, ModelStore};
 use scheduler::NodeId;
 use serde_json::{Value, json};
-use support::{Node, chat_body, get_json, request, sse_data, streamed_content};
+use support::{Node, chat, chat_body, get_json, request, sse_data, streamed_content};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -116,13 +116,7 @@ async fn small_nodes_pool_memory_and_hold_only_their_layers() {
     // Alone, a 45 MiB node cannot hold the 92 MiB model: a clear refusal.
     let mut alone = Node::start(&["--memory-budget", "45MiB"]);
     alone.wait_for_log("cannot place model", support::START_TIMEOUT);
-    let refused = request(
-        alone.addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(&chat_body("Hi", 4, false)),
-    )
-    .await;
+    let refused = chat(alone.addr, "Hi", 4, false).await;
     assert_eq!(refused.status, 503, "{}", refused.body);
     let error = &refused.json()["error"];
     assert_eq!(error["code"], "cluster_not_ready");
@@ -194,19 +188,8 @@ async fn concurrent_requests_on_a_three_node_ring_all_finish_right() {
     ];
     let mut alone = Vec::new();
     for p in prompts {
-        let response = request(
-            nodes[0].addr,
-            "POST",
-            "/v1/chat/completions",
-            Some(&chat_body(p, 24, false)),
-        )
-        .await;
-        alone.push(
-            response.json()["choices"][0]["message"]["content"]
-                .as_str()
-                .expect("content")
-                .to_string(),
-        );
+        let response = chat(nodes[0].addr, p, 24, false).await;
+        alone.push(response.content());
     }
     let bodies: Vec<String> = prompts.iter().map(|p| chat_body(p, 24, true)).collect();
     let together = futures_util::future::join_all(
@@ -437,13 +420,7 @@ async fn malformed_frames_and_lying_peers_do_not_hurt_a_node() {
     );
     drop(peer);
 
-    let response = request(
-        node.addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(&chat_body("Hi", 4, false)),
-    )
-    .await;
+    let response = chat(node.addr, "Hi", 4, false).await;
     assert_eq!(response.status, 200, "{}", response.body);
     assert!(node.is_running());
 }
@@ -490,13 +467,7 @@ async fn a_node_with_another_model_file_gets_no_layers() {
     );
     assert!(variant["layers"].is_null());
     assert_eq!(view["plan"]["stages"].as_array().map(Vec::len), Some(1));
-    let response = request(
-        first.addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(&chat_body("Hi", 4, false)),
-    )
-    .await;
+    let response = chat(first.addr, "Hi", 4, false).await;
     assert_eq!(response.status, 200);
     std::fs::remove_file(&copy).expect("remove copy");
 }

@@ -142,6 +142,10 @@ pub const POLICY_STDERR_BYTES: usize = 16 * 1024;
 /// received it (compiling and the dry run; fuel bounds the run itself).
 pub const POLICY_CHANGE_TIMEOUT_SECS: u64 = 60;
 
+/// The least time between two events of `GET /v1/cluster/events`: the
+/// view changes with every token, people need a few updates a second.
+pub const CLUSTER_EVENTS_INTERVAL_MS: u64 = 500;
+
 /// How often a node tells its peers what it measured of its links and how
 /// busy its stage is (also sent at once when that count changes).
 pub const NODE_STATUS_INTERVAL_MS: u64 = 1_000;

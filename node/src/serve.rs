@@ -1,5 +1,6 @@
 //! `ringlet serve`: join (or start) a cluster, serve the API.
 
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -113,13 +114,15 @@ async fn serve_until_stopped(listener: TcpListener, state: AppState) -> anyhow::
             stopping.notify_one();
         }
     });
-    let grace = async {
-        stopping.notified().await;
-        tokio::time::sleep(Duration::from_secs(SHUTDOWN_GRACE_SECS)).await;
-    };
+    let mut server = std::pin::pin!(server.into_future());
     tokio::select! {
-        served = server => served.context("the HTTP server failed")?,
-        () = grace => tracing::warn!("open requests did not finish in time; closing them"),
+        served = &mut server => return served.context("the HTTP server failed"),
+        () = stopping.notified() => {}
+    }
+    // Stopping: open streams get a deadline.
+    match tokio::time::timeout(Duration::from_secs(SHUTDOWN_GRACE_SECS), server).await {
+        Ok(served) => served.context("the HTTP server failed")?,
+        Err(_) => tracing::warn!("open requests did not finish in time; closing them"),
     }
     Ok(())
 }

@@ -187,6 +187,14 @@ impl Response {
         serde_json::from_str(&self.body)
             .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.body))
     }
+
+    /// The text of a non-streamed chat answer.
+    pub fn content(&self) -> String {
+        self.json()["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no answer text: {}", self.body))
+            .to_string()
+    }
 }
 
 /// One HTTP/1.0 request; the server closes the connection after the
@@ -325,6 +333,17 @@ pub fn streamed_content(events: &[String]) -> (String, Option<String>) {
 }
 
 /// A chat request body.
+/// Posts a one-message chat completion to `addr`.
+pub async fn chat(addr: SocketAddr, user: &str, max_tokens: u32, stream: bool) -> Response {
+    request(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&chat_body(user, max_tokens, stream)),
+    )
+    .await
+}
+
 pub fn chat_body(user: &str, max_tokens: u32, stream: bool) -> String {
     serde_json::json!({
         "model": MODEL,

@@ -300,16 +300,6 @@ pub async fn stream_chat(
     }
 }
 
-/// Waits `millis` without blocking the page.
-pub async fn sleep(millis: i32) {
-    let promise = js_sys::Promise::new(&mut |resolve, _| {
-        if let Some(window) = web_sys::window() {
-            let _ = window.set_timeout_with_callback_and_timeout_and_arguments_0(&resolve, millis);
-        }
-    });
-    let _ = JsFuture::from(promise).await;
-}
-
 /// Milliseconds on the page's clock.
 pub fn now_ms() -> f64 {
     web_sys::window()

@@ -1,6 +1,6 @@
 //! The cluster page: every node, its layers, memory and links, and the
 //! ring drawn as a circle of layer ranges. It follows `Shared::cluster`,
-//! which refreshes every second.
+//! which the node's event feed keeps current.
 
 use leptos::prelude::*;
 

@@ -15,9 +15,6 @@ use wasm_bindgen::prelude::*;
 
 use api::ClusterView;
 
-/// How often the cluster view is refreshed, in milliseconds.
-const CLUSTER_REFRESH_MS: i32 = 1_000;
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Page {
     Chat,
@@ -62,9 +59,9 @@ impl Page {
 /// or an upload's answer survives moving between pages.
 #[derive(Clone, Copy)]
 pub struct Shared {
-    /// The last `GET /v1/cluster`, refreshed every second.
+    /// The cluster view, as the node's `/v1/cluster/events` last sent it.
     pub cluster: RwSignal<Option<ClusterView>>,
-    /// Why the last refresh failed, if it did.
+    /// Why the feed is down, while it is.
     pub cluster_error: RwSignal<Option<String>>,
     pub chat: chat::ChatState,
 }
@@ -89,7 +86,7 @@ fn App() -> impl IntoView {
         chat: chat::ChatState::new(),
     };
     provide_context(shared);
-    leptos::task::spawn_local(refresh_cluster(shared));
+    follow_cluster(shared);
 
     view! {
         <div class="app">
@@ -125,25 +122,57 @@ fn App() -> impl IntoView {
     }
 }
 
-async fn refresh_cluster(shared: Shared) {
-    loop {
-        match api::get_json::<ClusterView>("/v1/cluster").await {
-            Ok(view) => {
-                if shared.cluster.get_untracked().as_ref() != Some(&view) {
-                    shared.cluster.set(Some(view));
-                }
-                if shared.cluster_error.get_untracked().is_some() {
-                    shared.cluster_error.set(None);
-                }
-            }
-            Err(error) => {
-                if shared.cluster_error.get_untracked().as_ref() != Some(&error) {
-                    shared.cluster_error.set(Some(error));
-                }
-            }
+/// Follows the node's cluster feed for the page's lifetime. The browser
+/// reconnects by itself after an error.
+fn follow_cluster(shared: Shared) {
+    let set_error = move |error: Option<String>| {
+        if shared.cluster_error.get_untracked() != error {
+            shared.cluster_error.set(error);
         }
-        api::sleep(CLUSTER_REFRESH_MS).await;
+    };
+    let feed = match web_sys::EventSource::new("/v1/cluster/events") {
+        Ok(feed) => feed,
+        Err(error) => {
+            set_error(Some(format!(
+                "cannot follow the cluster: {}",
+                api::js_error(error)
+            )));
+            return;
+        }
+    };
+    let on_view =
+        Closure::<dyn FnMut(web_sys::MessageEvent)>::new(move |event: web_sys::MessageEvent| {
+            let text = event.data().as_string().unwrap_or_default();
+            match serde_json::from_str::<ClusterView>(&text) {
+                Ok(view) => {
+                    if shared.cluster.get_untracked().as_ref() != Some(&view) {
+                        shared.cluster.set(Some(view));
+                    }
+                    set_error(None);
+                }
+                Err(error) => set_error(Some(format!(
+                    "the node sent an unreadable cluster view: {error}"
+                ))),
+            }
+        });
+    let on_error = Closure::<dyn FnMut()>::new(move || {
+        set_error(Some(
+            "Lost the connection to the node; reconnecting…".into(),
+        ));
+    });
+    let listening =
+        feed.add_event_listener_with_callback("cluster", on_view.as_ref().unchecked_ref());
+    if let Err(error) = listening {
+        set_error(Some(format!(
+            "cannot follow the cluster: {}",
+            api::js_error(error)
+        )));
     }
+    feed.set_onerror(Some(on_error.as_ref().unchecked_ref()));
+    // The feed and its handlers live as long as the page.
+    on_view.forget();
+    on_error.forget();
+    std::mem::forget(feed);
 }
 
 /// The cluster's state in a word, on every page.

@@ -1,16 +1,22 @@
-//! `GET /v1/cluster` and the link upgrade `GET /v1/ring/link`.
+//! `GET /v1/cluster`, its live feed `GET /v1/cluster/events`, and the link
+//! upgrade `GET /v1/ring/link`.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use futures_util::Stream;
 
 use super::{ApiError, AppState};
 use crate::cluster::ClusterView;
 use crate::cluster::protocol::{PROTOCOL_VERSION, UPGRADE_TOKEN, VERSION_HEADER};
+use crate::limits::{CLUSTER_EVENTS_INTERVAL_MS, SSE_KEEP_ALIVE_SECS};
 
 /// The cluster as this node sees it: nodes, links, the plan.
 pub async fn cluster_view(State(state): State<AppState>) -> Result<Json<ClusterView>, ApiError> {
@@ -19,6 +25,34 @@ pub async fn cluster_view(State(state): State<AppState>) -> Result<Json<ClusterV
         .as_ref()
         .ok_or_else(|| ApiError::not_found("/v1/cluster"))?;
     Ok(Json(cluster.view()))
+}
+
+/// The cluster view as server-sent `cluster` events: one at once, then one
+/// after each change, at most one per [`CLUSTER_EVENTS_INTERVAL_MS`].
+pub async fn cluster_events(
+    State(state): State<AppState>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let cluster = state
+        .cluster
+        .as_ref()
+        .ok_or_else(|| ApiError::not_found("/v1/cluster/events"))?;
+    let mut pace = tokio::time::interval(Duration::from_millis(CLUSTER_EVENTS_INTERVAL_MS));
+    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let start = (cluster.watch(), pace, true);
+    let events = futures_util::stream::unfold(start, |(mut views, mut pace, first)| async move {
+        pace.tick().await;
+        if !first && views.changed().await.is_err() {
+            return None; // the cluster actor stopped: the node is stopping
+        }
+        let view = views.borrow_and_update().clone();
+        let event = Event::default()
+            .event("cluster")
+            .json_data(&view)
+            .unwrap_or_else(|error| Event::default().comment(format!("unserializable: {error}")));
+        Some((Ok(event), (views, pace, false)))
+    });
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(SSE_KEEP_ALIVE_SECS))))
 }
 
 /// Upgrades the connection to a node-to-node link.

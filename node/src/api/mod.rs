@@ -77,6 +77,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models/{id}", get(get_model))
         .route("/healthz", get(healthz))
         .route("/v1/cluster", get(cluster::cluster_view))
+        .route("/v1/cluster/events", get(cluster::cluster_events))
         .route("/v1/cluster/models", get(known_models))
         .route(
             "/v1/cluster/policy",

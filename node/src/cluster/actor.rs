@@ -14,7 +14,7 @@ use super::link::{self, LinkContext, LinkId, LinkSender};
 use super::protocol::{
     Epoch, ForwardFrame, Frame, Hello, LinkMeasurement, ModelAvailability, ModelIdentity,
     ModelState, NodeStatus, PROTOCOL_VERSION, Payload, PeerAddress, PlanMessage, PlanStage,
-    PolicyMessage, PolicyRevision, RequestId, WireDType, WireSample,
+    PolicyMessage, PolicyRevision, RequestId, Resources, WireDType, WireSample,
 };
 use super::resources::{process_memory, system_memory};
 use super::{
@@ -73,6 +73,14 @@ struct IncomingPolicy {
     data: Vec<u8>,
 }
 
+/// This machine's available memory and models: read once per status
+/// interval rather than at every publish, which follows every token.
+#[derive(Default)]
+struct LocalFigures {
+    memory_available_bytes: u64,
+    models: Vec<ModelAvailability>,
+}
+
 /// This node's stage: a thread running its shard.
 struct LocalStage {
     epoch: Epoch,
@@ -85,12 +93,13 @@ pub(super) struct Cluster {
     me: NodeId,
     name: String,
     listen: SocketAddr,
-    resources: super::protocol::Resources,
+    resources: Resources,
     identity: ModelIdentity,
     model: Arc<ModelFile>,
     /// The model as the policy sees it.
     policy_model: policy::Model,
     model_store: ModelStore,
+    local: LocalFigures,
     device: Device,
     members: BTreeMap<NodeId, Member>,
     /// Addresses to stay linked to: `--peer` ones and those peers told us.
@@ -155,6 +164,7 @@ impl Cluster {
             model,
             policy_model,
             model_store: config.model_store,
+            local: LocalFigures::default(),
             device: config.device,
             members: BTreeMap::new(),
             known_addresses: config.peers.into_iter().collect(),
@@ -191,6 +201,7 @@ impl Cluster {
     }
 
     pub(super) async fn run(mut self) {
+        self.refresh_local();
         self.redial();
         self.publish();
         let mut redial = tokio::time::interval(Duration::from_millis(REDIAL_INTERVAL_MS));
@@ -211,7 +222,10 @@ impl Cluster {
                     self.plan_if_leader();
                 }
                 _ = redial.tick() => self.redial(),
-                _ = status.tick() => self.send_status(),
+                _ = status.tick() => {
+                    self.refresh_local();
+                    self.send_status();
+                }
                 Some(fault) = self.policy_faults.recv() => self.on_policy_fault(fault),
             }
             self.track_load();
@@ -528,10 +542,17 @@ impl Cluster {
         NodeStatus {
             in_flight: self.in_flight(),
             links: self.measurements(),
-            memory_available_bytes: self.memory_available(),
+            memory_available_bytes: self.local.memory_available_bytes,
             rss_bytes: process_memory().0,
-            models: self.model_availability(),
+            models: self.local.models.clone(),
         }
+    }
+
+    fn refresh_local(&mut self) {
+        self.local = LocalFigures {
+            memory_available_bytes: self.memory_available(),
+            models: self.model_availability(),
+        };
     }
 
     /// Available memory now (as at the start where it cannot be read).
@@ -1301,13 +1322,7 @@ impl Cluster {
             .filter(|p| p.message.epoch.0 == route.epoch)
             .and_then(|p| p.message.stages.get(route.stage as usize));
         let Some(target) = target.map(|s| s.node) else {
-            self.send_result_to_owner(
-                owner,
-                StageResult::Failed {
-                    sequence,
-                    message: "the cluster re-planned; retry the request".into(),
-                },
-            );
+            self.fail_at_owner(owner, sequence, "the cluster re-planned; retry the request");
             return;
         };
         if target == self.me {
@@ -1319,7 +1334,7 @@ impl Cluster {
             ShardInput::Hidden(hidden) => match hidden_payload(&hidden) {
                 Ok(payload) => payload,
                 Err(message) => {
-                    self.send_result_to_owner(owner, StageResult::Failed { sequence, message });
+                    self.fail_at_owner(owner, sequence, message);
                     return;
                 }
             },
@@ -1339,15 +1354,13 @@ impl Cluster {
         });
         if !self.send_to(target, frame) {
             let name = self.node_name(target);
-            self.send_result_to_owner(
+            self.fail_at_owner(
                 owner,
-                StageResult::Failed {
-                    sequence,
-                    message: format!(
-                        "cannot reach node {name}, which holds stage {}",
-                        route.stage
-                    ),
-                },
+                sequence,
+                format!(
+                    "cannot reach node {name}, which holds stage {}",
+                    route.stage
+                ),
             );
         }
     }
@@ -1367,12 +1380,10 @@ impl Cluster {
             .as_ref()
             .filter(|s| s.epoch.0 == route.epoch && s.index == route.stage as usize);
         let Some(stage) = stage else {
-            self.send_result_to_owner(
+            self.fail_at_owner(
                 owner,
-                StageResult::Failed {
-                    sequence,
-                    message: "this node's layers are not loaded for that plan; retry".into(),
-                },
+                sequence,
+                "this node's layers are not loaded for that plan; retry",
             );
             return;
         };
@@ -1384,13 +1395,7 @@ impl Cluster {
             route,
         };
         if stage.jobs.try_send(job).is_err() {
-            self.send_result_to_owner(
-                owner,
-                StageResult::Failed {
-                    sequence,
-                    message: "the stage is overloaded".into(),
-                },
-            );
+            self.fail_at_owner(owner, sequence, "the stage is overloaded");
             return;
         }
         self.hosted.insert(sequence, owner);
@@ -1407,13 +1412,7 @@ impl Cluster {
         let input = match forward.payload {
             Payload::Tokens(tokens) if !tokens.is_empty() => ShardInput::Tokens(tokens),
             Payload::Tokens(_) => {
-                self.send_result_to_owner(
-                    forward.owner,
-                    StageResult::Failed {
-                        sequence,
-                        message: "an empty token payload".into(),
-                    },
-                );
+                self.fail_at_owner(forward.owner, sequence, "an empty token payload");
                 return;
             }
             Payload::Hidden {
@@ -1425,10 +1424,7 @@ impl Cluster {
                 Ok(tensor) => ShardInput::Hidden(tensor),
                 Err(message) => {
                     tracing::warn!(peer = %from, %message, "refusing activations");
-                    self.send_result_to_owner(
-                        forward.owner,
-                        StageResult::Failed { sequence, message },
-                    );
+                    self.fail_at_owner(forward.owner, sequence, message);
                     return;
                 }
             },
@@ -1439,6 +1435,12 @@ impl Cluster {
             WireSample::Continue => Sample::Continue,
         };
         self.forward_local(sequence, forward.position as usize, input, sample, route);
+    }
+
+    /// Fails a request at the node that owns it.
+    fn fail_at_owner(&mut self, owner: NodeId, sequence: SequenceId, message: impl Into<String>) {
+        let message = message.into();
+        self.send_result_to_owner(owner, StageResult::Failed { sequence, message });
     }
 
     fn send_result_to_owner(&mut self, owner: NodeId, result: StageResult) {
@@ -1540,12 +1542,10 @@ impl Cluster {
             name: self.name.clone(),
             address: self.listen.to_string(),
             status: "self".into(),
-            device: self.resources.device.clone(),
-            device_name: self.resources.device_name.clone(),
-            memory_total_bytes: self.resources.memory_total_bytes,
-            memory_available_bytes: self.memory_available(),
-            memory_budget_bytes: self.resources.memory_budget_bytes,
-            compute_score: self.resources.compute_score,
+            resources: Resources {
+                memory_available_bytes: self.local.memory_available_bytes,
+                ..self.resources.clone()
+            },
             model: self.identity.clone(),
             layers: plan_layers(self.me),
             weight_bytes: self
@@ -1555,7 +1555,7 @@ impl Cluster {
                 .or_else(|| reported(self.me)),
             rss_bytes: Some(rss),
             peak_rss_bytes: Some(peak),
-            models: self.model_availability(),
+            models: self.local.models.clone(),
         }];
         for (id, member) in &self.members {
             let r = &member.hello.resources;
@@ -1572,15 +1572,13 @@ impl Cluster {
                 name: member.hello.name.clone(),
                 address: member.address.clone(),
                 status,
-                device: r.device.clone(),
-                device_name: r.device_name.clone(),
-                memory_total_bytes: r.memory_total_bytes,
-                memory_available_bytes: member
-                    .status
-                    .as_ref()
-                    .map_or(r.memory_available_bytes, |s| s.memory_available_bytes),
-                memory_budget_bytes: r.memory_budget_bytes,
-                compute_score: r.compute_score,
+                resources: Resources {
+                    memory_available_bytes: member
+                        .status
+                        .as_ref()
+                        .map_or(r.memory_available_bytes, |s| s.memory_available_bytes),
+                    ..r.clone()
+                },
                 model: member.hello.model.clone(),
                 layers: plan_layers(*id),
                 weight_bytes: reported(*id),

@@ -307,12 +307,9 @@ pub struct NodeView {
     pub address: String,
     /// `self`, `linked`, or why the node is not used.
     pub status: String,
-    pub device: String,
-    pub device_name: String,
-    pub memory_total_bytes: u64,
-    pub memory_available_bytes: u64,
-    pub memory_budget_bytes: u64,
-    pub compute_score: f64,
+    /// Device, memory (available memory as last reported) and compute.
+    #[serde(flatten)]
+    pub resources: Resources,
     pub model: ModelIdentity,
     /// The layers it holds in the current plan.
     pub layers: Option<LayerRange>,
