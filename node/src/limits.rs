@@ -44,6 +44,9 @@ pub const SSE_KEEP_ALIVE_SECS: u64 = 15;
 /// hash). The default model is about 100 MB.
 pub const MODEL_FETCH_TIMEOUT_SECS: u64 = 900;
 
+/// How often a model download's progress is measured.
+pub const FETCH_PROGRESS_INTERVAL_MS: u64 = 500;
+
 /// Seconds a running node waits for in-flight requests when asked to stop.
 pub const SHUTDOWN_GRACE_SECS: u64 = 10;
 

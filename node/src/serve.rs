@@ -17,6 +17,7 @@ use crate::cluster::{self, ClusterConfig, resources};
 use crate::engine::{Engine, EngineModel, Scheduling};
 use crate::limits::SHUTDOWN_GRACE_SECS;
 use crate::loaded_model::{LoadedModel, OpenedModel};
+use crate::model_store::Downloads;
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let runtime = args.runtime.resolve()?;
@@ -75,6 +76,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             model_name: model.name.clone(),
             model_path: model.file.path().to_path_buf(),
             model_store: runtime.store.clone(),
+            downloads: Downloads::default(),
             device: runtime.device.clone(),
             policy,
             policy_faults,

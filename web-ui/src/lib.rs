@@ -2,6 +2,7 @@
 //! the browser by Leptos. It talks to the node that serves it only through
 //! the node's HTTP API (`api.rs`).
 
+mod admin;
 mod api;
 mod chat;
 mod cluster;

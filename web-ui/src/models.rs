@@ -1,33 +1,83 @@
 //! The models page: the models the node knows and, per node, whether its
-//! file is there, downloading or loaded.
+//! file is there, downloading or loaded; fetching a missing one onto every
+//! node that lacks it.
 
 use leptos::prelude::*;
 
-use crate::api::{self, KnownModels, NodeView};
-use crate::{Shared, format};
+use crate::api::{self, KnownModel, KnownModels, NodeView};
+use crate::{Shared, admin, format};
+
+/// The outcome of the last download request, in the node's words.
+#[derive(Clone, Debug, PartialEq)]
+enum Outcome {
+    Started(String),
+    Refused(String),
+}
 
 #[component]
 pub fn ModelsPage() -> impl IntoView {
     let shared = expect_context::<Shared>();
     let known = LocalResource::new(|| api::get_json::<KnownModels>("/v1/cluster/models"));
+    let token = RwSignal::new(admin::stored_token());
+    let outcome = RwSignal::new(None::<Outcome>);
+    let download = Callback::new(move |model: String| {
+        let token = token.get_untracked();
+        admin::remember_token(&token);
+        outcome.set(None);
+        leptos::task::spawn_local(async move {
+            let authorization = admin::bearer(&token);
+            let url = format!("/v1/cluster/models/{model}/download");
+            let answer = api::send("POST", &url, &[("Authorization", &authorization)], None).await;
+            outcome.set(Some(match answer {
+                Ok(answer) if answer.ok() => Outcome::Started(
+                    serde_json::from_str::<serde_json::Value>(&answer.body)
+                        .ok()
+                        .and_then(|v| v["message"].as_str().map(str::to_string))
+                        .unwrap_or_else(|| format!("Fetching {model}.")),
+                ),
+                Ok(answer) => Outcome::Refused(answer.error()),
+                Err(error) => Outcome::Refused(error),
+            }));
+        });
+    });
     view! {
         <h1>"Models"</h1>
         <p class="subtitle">
             "Models ringlet can fetch by name, and where their files are. Every node serves the same model; "
-            <code>"ringlet pull NAME"</code> " fetches one ahead of time."
+            "fetch one onto every node ahead of time here, or with "<code>"ringlet pull NAME"</code>" on a node."
         </p>
+        {move || {
+            outcome
+                .get()
+                .map(|outcome| match outcome {
+                    Outcome::Started(text) => {
+                        view! { <div class="notice success" data-testid="download-outcome">{text}</div> }.into_any()
+                    }
+                    Outcome::Refused(text) => {
+                        view! { <div class="notice error" data-testid="download-outcome">{text}</div> }.into_any()
+                    }
+                })
+        }}
         {move || match known.get() {
             None => view! { <div class="panel muted">"Asking the node…"</div> }.into_any(),
             Some(Err(error)) => view! { <div class="notice error">{error}</div> }.into_any(),
             Some(Ok(known)) => {
                 let nodes = shared.cluster.get().map(|c| c.nodes).unwrap_or_default();
-                table(&known, &nodes).into_any()
+                table(&known, &nodes, download).into_any()
             }
         }}
+        <div class="panel section token-panel">
+            {admin::token_field(token)}
+            <p class="muted">"Downloads change what the nodes store, so they need the admin token."</p>
+        </div>
     }
 }
 
-fn table(known: &KnownModels, nodes: &[NodeView]) -> impl IntoView + use<> {
+fn table(
+    known: &KnownModels,
+    nodes: &[NodeView],
+    download: Callback<String>,
+) -> impl IntoView + use<> {
     let header: Vec<_> = nodes
         .iter()
         .map(|n| view! { <th>{n.name.clone()}</th> })
@@ -40,7 +90,11 @@ fn table(known: &KnownModels, nodes: &[NodeView]) -> impl IntoView + use<> {
                 .iter()
                 .map(|node| {
                     let availability = node.models.iter().find(|m| m.name == model.id);
-                    view! { <td data-testid="availability">{state_cell(availability)}</td> }
+                    view! {
+                        <td data-testid="availability" data-node=node.name.clone()>
+                            {state_cell(availability)}
+                        </td>
+                    }
                 })
                 .collect();
             view! {
@@ -52,6 +106,7 @@ fn table(known: &KnownModels, nodes: &[NodeView]) -> impl IntoView + use<> {
                     </td>
                     <td>{model.size_bytes.map(format::bytes).unwrap_or_default()}</td>
                     {cells}
+                    <td>{download_button(model, nodes, download)}</td>
                 </tr>
             }
         })
@@ -64,12 +119,41 @@ fn table(known: &KnownModels, nodes: &[NodeView]) -> impl IntoView + use<> {
                         <th>"Model"</th>
                         <th>"Size"</th>
                         {header}
+                        <th></th>
                     </tr>
                 </thead>
                 <tbody>{rows}</tbody>
             </table>
         </div>
     }
+}
+
+/// "Download" while some node lacks a catalogue model and none is fetching
+/// it already.
+fn download_button(
+    model: &KnownModel,
+    nodes: &[NodeView],
+    download: Callback<String>,
+) -> Option<impl IntoView + use<>> {
+    let states: Vec<&str> = nodes
+        .iter()
+        .map(|node| {
+            node.models
+                .iter()
+                .find(|m| m.name == model.id)
+                .map_or("missing", |m| m.state.as_str())
+        })
+        .collect();
+    let lacking = states.contains(&"missing");
+    let busy = states.contains(&"downloading");
+    (model.downloadable && lacking && !busy).then(|| {
+        let id = model.id.clone();
+        view! {
+            <button class="btn primary" data-testid="download" on:click=move |_| download.run(id.clone())>
+                "Download to every node"
+            </button>
+        }
+    })
 }
 
 fn state_cell(availability: Option<&api::ModelAvailability>) -> AnyView {
@@ -84,7 +168,7 @@ fn state_cell(availability: Option<&api::ModelAvailability>) -> AnyView {
             let total = availability.total_bytes.unwrap_or(0);
             let width = format!("width: {}%", format::percent(done, total));
             view! {
-                <div>
+                <div data-testid="download-progress">
                     <div class="progress"><div style=width></div></div>
                     <span class="muted">
                         {format!("downloading {} of {}", format::bytes(done), format::bytes(total))}
@@ -93,6 +177,15 @@ fn state_cell(availability: Option<&api::ModelAvailability>) -> AnyView {
             }
             .into_any()
         }
-        _ => view! { <span class="muted">"not downloaded"</span> }.into_any(),
+        _ => match availability.error.clone() {
+            Some(error) => view! {
+                <div>
+                    <span class="badge warn">"download failed"</span>
+                    <div class="cell-error" data-testid="download-error">{error}</div>
+                </div>
+            }
+            .into_any(),
+            None => view! { <span class="muted">"not downloaded"</span> }.into_any(),
+        },
     }
 }

@@ -6,10 +6,7 @@ use leptos::prelude::*;
 use wasm_bindgen::JsValue;
 
 use crate::api::{self, PolicyStatus};
-use crate::{Shared, cluster, format};
-
-/// Where the admin token is kept for this browser tab.
-const TOKEN_KEY: &str = "ringlet-admin-token";
+use crate::{Shared, admin, cluster, format};
 
 /// The outcome of the last change: a success or the node's error.
 #[derive(Clone, Debug, PartialEq)]
@@ -21,18 +18,18 @@ enum Outcome {
 #[component]
 pub fn PolicyPage() -> impl IntoView {
     let shared = expect_context::<Shared>();
-    let token = RwSignal::new(stored_token());
+    let token = RwSignal::new(admin::stored_token());
     let outcome = RwSignal::new(None::<Outcome>);
     let working = RwSignal::new(false);
     let file_input = NodeRef::<leptos::html::Input>::new();
 
     let change = move |method: &'static str, body: Option<JsValue>| {
         let token = token.get_untracked();
-        remember_token(&token);
+        admin::remember_token(&token);
         working.set(true);
         outcome.set(None);
         leptos::task::spawn_local(async move {
-            let authorization = format!("Bearer {}", token.trim());
+            let authorization = admin::bearer(&token);
             let mut headers = vec![("Authorization", authorization.as_str())];
             if body.is_some() {
                 headers.push(("Content-Type", "application/wasm"));
@@ -89,16 +86,7 @@ pub fn PolicyPage() -> impl IntoView {
                     <span>"Policy component (.wasm)"</span>
                     <input type="file" accept=".wasm,application/wasm" node_ref=file_input data-testid="policy-file" />
                 </label>
-                <label class="field">
-                    <span>"Admin token"</span>
-                    <input
-                        type="password"
-                        placeholder="the node's --admin-token"
-                        data-testid="admin-token"
-                        prop:value=move || token.get()
-                        on:input=move |ev| token.set(event_target_value(&ev))
-                    />
-                </label>
+                {admin::token_field(token)}
                 <div class="actions">
                     <button class="btn primary" data-testid="upload" disabled=move || working.get() on:click=upload>
                         "Upload and activate"
@@ -165,22 +153,5 @@ fn active(policy: &PolicyStatus) -> impl IntoView + use<> {
                 <dd>{policy.revision}</dd>
             </dl>
         </div>
-    }
-}
-
-fn session_storage() -> Option<web_sys::Storage> {
-    web_sys::window().and_then(|w| w.session_storage().ok().flatten())
-}
-
-fn stored_token() -> String {
-    session_storage()
-        .and_then(|s| s.get_item(TOKEN_KEY).ok().flatten())
-        .unwrap_or_default()
-}
-
-/// Kept for this tab only (session storage), so a reload does not ask again.
-fn remember_token(token: &str) {
-    if let Some(storage) = session_storage() {
-        let _ = storage.set_item(TOKEN_KEY, token);
     }
 }

@@ -2,10 +2,12 @@
 //! health check. Handlers return `Result<_, ApiError>`; every error leaves
 //! in OpenAI's JSON shape.
 
+mod admin;
 pub mod chat;
 mod cluster;
 mod dashboard;
 pub mod error;
+mod models;
 pub mod openai;
 mod policy;
 
@@ -21,7 +23,6 @@ use tower_http::trace::TraceLayer;
 use crate::cluster::ClusterHandle;
 use crate::engine::EngineHandle;
 use crate::limits::MAX_REQUEST_BODY_BYTES;
-use crate::model_store::CATALOGUE;
 use crate::prompt::PromptBuilder;
 pub use error::ApiError;
 use openai::{ModelCard, ModelList};
@@ -78,7 +79,11 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/v1/cluster", get(cluster::cluster_view))
         .route("/v1/cluster/events", get(cluster::cluster_events))
-        .route("/v1/cluster/models", get(known_models))
+        .route("/v1/cluster/models", get(models::known_models))
+        .route(
+            "/v1/cluster/models/{name}/download",
+            post(models::download_model),
+        )
         .route(
             "/v1/cluster/policy",
             get(policy::get_policy)
@@ -123,40 +128,6 @@ async fn get_model(
             std::slice::from_ref(&state.model.name),
         ))
     }
-}
-
-/// A model the node knows: the catalogue's, and the one it serves.
-#[derive(Debug, serde::Serialize)]
-struct KnownModel {
-    id: String,
-    description: String,
-    size_bytes: Option<u64>,
-    /// The model this node (and so the cluster) serves.
-    served: bool,
-}
-
-/// The models ringlet can fetch by name, and the one served. Which nodes
-/// have them is in `GET /v1/cluster` (`nodes[].models`).
-async fn known_models(State(state): State<AppState>) -> Json<serde_json::Value> {
-    let served = &state.model.name;
-    let mut models: Vec<KnownModel> = CATALOGUE
-        .iter()
-        .map(|entry| KnownModel {
-            id: entry.name.to_string(),
-            description: entry.description.to_string(),
-            size_bytes: Some(entry.bytes),
-            served: entry.name == served,
-        })
-        .collect();
-    if !models.iter().any(|m| m.served) {
-        models.push(KnownModel {
-            id: served.clone(),
-            description: "a GGUF file given by its path".into(),
-            size_bytes: None,
-            served: true,
-        });
-    }
-    Json(json!({ "models": models }))
 }
 
 /// 200 while the node can serve, 503 once its engine has stopped, so that

@@ -4,9 +4,10 @@
 use axum::Json;
 use axum::body::{Body, to_bytes};
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 
+use super::admin::{self, Admin};
 use super::{ApiError, AppState};
 use crate::cluster::{ClusterHandle, PolicyStatus, SetPolicyError};
 use crate::limits::MAX_POLICY_BYTES;
@@ -30,7 +31,7 @@ pub async fn put_policy(
     body: Body,
 ) -> Result<Json<PolicyStatus>, Response> {
     let cluster = cluster(&state).map_err(IntoResponse::into_response)?;
-    if let Some(refused) = refusal(&state, &headers) {
+    if let Some(refused) = admin::refusal(&state, &headers, Admin::Policy) {
         return Err(refused);
     }
     // Read one byte past the limit, so that a too-large upload is told
@@ -70,7 +71,7 @@ pub async fn delete_policy(
     headers: HeaderMap,
 ) -> Result<Json<PolicyStatus>, Response> {
     let cluster = cluster(&state).map_err(IntoResponse::into_response)?;
-    if let Some(refused) = refusal(&state, &headers) {
+    if let Some(refused) = admin::refusal(&state, &headers, Admin::Policy) {
         return Err(refused);
     }
     cluster
@@ -85,64 +86,6 @@ fn cluster(state: &AppState) -> Result<&ClusterHandle, ApiError> {
         .cluster
         .as_ref()
         .ok_or_else(|| ApiError::not_found("/v1/cluster/policy"))
-}
-
-/// The refusal, if the request may not change the policy: 403 when the
-/// node takes no policy changes at all, 401 when the token is missing or
-/// wrong.
-fn refusal(state: &AppState, headers: &HeaderMap) -> Option<Response> {
-    check_token(state, headers).err().map(|error| {
-        let unauthorized = error.status == StatusCode::UNAUTHORIZED;
-        let mut response = error.into_response();
-        if unauthorized {
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer"),
-            );
-        }
-        response
-    })
-}
-
-fn check_token(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(expected) = &state.admin_token else {
-        return Err(ApiError {
-            status: StatusCode::FORBIDDEN,
-            code: Some("policy_changes_disabled"),
-            ..ApiError::invalid_request(
-                "This node does not accept policy changes: it was started without an admin \
-                 token. Restart it with --admin-token <TOKEN> (or RINGLET_ADMIN_TOKEN) to allow them.",
-            )
-        });
-    };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim());
-    match given {
-        Some(token) if same_secret(token.as_bytes(), expected.as_bytes()) => Ok(()),
-        _ => Err(ApiError {
-            status: StatusCode::UNAUTHORIZED,
-            code: Some("invalid_admin_token"),
-            ..ApiError::invalid_request(if given.is_some() {
-                "The admin token is wrong."
-            } else {
-                "Changing the policy needs the node's admin token: send `Authorization: Bearer <TOKEN>`."
-            })
-        }),
-    }
-}
-
-/// Compares two secrets in time that depends only on their lengths.
-fn same_secret(given: &[u8], expected: &[u8]) -> bool {
-    given.len() == expected.len()
-        && given
-            .iter()
-            .zip(expected)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
 }
 
 fn policy_error(error: SetPolicyError) -> ApiError {
@@ -172,18 +115,5 @@ fn policy_error(error: SetPolicyError) -> ApiError {
         status,
         code: Some("policy_refused"),
         ..ApiError::invalid_request(message)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn secrets_compare_exactly() {
-        assert!(same_secret(b"s3cret", b"s3cret"));
-        assert!(!same_secret(b"s3cres", b"s3cret"));
-        assert!(!same_secret(b"s3cre", b"s3cret"));
-        assert!(!same_secret(b"", b"s3cret"));
     }
 }

@@ -28,7 +28,9 @@ use crate::limits::{
     STAGE_REQUEST_LIMIT,
 };
 use crate::limits::{MAX_POLICY_BYTES, POLICY_CHUNK_BYTES, POLICY_RETRY_MS};
-use crate::model_store::{CATALOGUE, ModelStore, catalogue_entry};
+use crate::model_store::{
+    CATALOGUE, CatalogueEntry, Download, Downloads, ModelStore, catalogue_entry,
+};
 use crate::policy::{
     self, Change, Fault, Faults, Placed, PolicyError, PolicyHandle, PolicyView, StageLoad,
 };
@@ -99,6 +101,7 @@ pub(super) struct Cluster {
     /// The model as the policy sees it.
     policy_model: policy::Model,
     model_store: ModelStore,
+    downloads: Downloads,
     local: LocalFigures,
     device: Device,
     members: BTreeMap<NodeId, Member>,
@@ -164,6 +167,7 @@ impl Cluster {
             model,
             policy_model,
             model_store: config.model_store,
+            downloads: config.downloads,
             local: LocalFigures::default(),
             device: config.device,
             members: BTreeMap::new(),
@@ -269,6 +273,9 @@ impl Cluster {
             }
             ClusterEvent::Placed { generation, placed } => self.on_placed(generation, placed),
             ClusterEvent::SetPolicy { wasm, reply } => self.set_policy(wasm, reply),
+            ClusterEvent::FetchModel { entry, reply } => {
+                let _ = reply.send(self.fetch_model(entry));
+            }
             ClusterEvent::PolicyInstalled {
                 revision,
                 wasm,
@@ -562,30 +569,75 @@ impl Cluster {
         })
     }
 
-    /// Which catalogue models are in this node's cache, and the one it
-    /// serves (which may be a file outside the catalogue).
+    /// Which catalogue models are in this node's cache or on their way,
+    /// and the one it serves (which may be a file outside the catalogue).
     fn model_availability(&self) -> Vec<ModelAvailability> {
         let serving = &self.identity.name;
         let mut models: Vec<ModelAvailability> = CATALOGUE
             .iter()
-            .map(|entry| ModelAvailability {
-                name: entry.name.to_string(),
-                state: if entry.name == serving {
-                    ModelState::Loaded
+            .map(|entry| {
+                let download = self.downloads.state(entry.name);
+                if entry.name == serving {
+                    ModelAvailability::new(entry.name, ModelState::Loaded)
+                } else if let Some(Download::Running {
+                    done_bytes,
+                    total_bytes,
+                }) = download
+                {
+                    ModelAvailability {
+                        downloaded_bytes: Some(done_bytes),
+                        total_bytes: Some(total_bytes),
+                        ..ModelAvailability::new(entry.name, ModelState::Downloading)
+                    }
                 } else if self.model_store.is_present(entry) {
-                    ModelState::Present
+                    ModelAvailability::new(entry.name, ModelState::Present)
                 } else {
-                    ModelState::Missing
-                },
+                    ModelAvailability {
+                        error: match download {
+                            Some(Download::Failed(error)) => Some(error),
+                            _ => None,
+                        },
+                        ..ModelAvailability::new(entry.name, ModelState::Missing)
+                    }
+                }
             })
             .collect();
         if catalogue_entry(serving).is_none() {
-            models.push(ModelAvailability {
-                name: serving.clone(),
-                state: ModelState::Loaded,
-            });
+            models.push(ModelAvailability::new(serving.clone(), ModelState::Loaded));
         }
         models
+    }
+
+    /// Starts fetching `entry` here and asks every peer to do the same;
+    /// returns the names of the nodes that lack it.
+    fn fetch_model(&mut self, entry: &'static CatalogueEntry) -> Vec<String> {
+        let mut fetching = Vec::new();
+        let started = self.downloads.start(&self.model_store, entry);
+        if started
+            || matches!(
+                self.downloads.state(entry.name),
+                Some(Download::Running { .. })
+            )
+        {
+            fetching.push(self.name.clone());
+        }
+        for member in self.members.values() {
+            member.link.send(Frame::FetchModel {
+                name: entry.name.to_string(),
+            });
+            let has_it = member.status.as_ref().is_some_and(|status| {
+                status.models.iter().any(|m| {
+                    m.name == entry.name
+                        && matches!(m.state, ModelState::Loaded | ModelState::Present)
+                })
+            });
+            if !has_it {
+                fetching.push(member.hello.name.clone());
+            }
+        }
+        tracing::info!(model = entry.name, nodes = ?fetching, "fetching model onto the nodes that lack it");
+        self.refresh_local();
+        fetching
     }
 
     fn send_status(&mut self) {
@@ -1213,6 +1265,17 @@ impl Cluster {
                 }
             }
             Frame::Policy(message) => self.on_policy_message(from, message),
+            Frame::FetchModel { name } => match catalogue_entry(&name) {
+                Some(entry) => {
+                    if self.downloads.start(&self.model_store, entry) {
+                        tracing::info!(model = entry.name, asked_by = %self.node_name(from), "fetching model");
+                        self.refresh_local();
+                    }
+                }
+                None => {
+                    tracing::warn!(model = %name, asked_by = %self.node_name(from), "a peer asked for a model this node does not know; is it a newer ringlet?")
+                }
+            },
             Frame::PolicyChunk {
                 revision,
                 offset,

@@ -39,7 +39,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::engine::PipelineEnds;
 use crate::engine::stage::StageOutput;
 use crate::limits::{CLUSTER_EVENT_QUEUE_LEN, POLICY_CHANGE_TIMEOUT_SECS};
-use crate::model_store::ModelStore;
+use crate::model_store::{CatalogueEntry, Downloads, ModelStore};
 use crate::policy::{Faults, Placed, PolicyError, PolicyHandle, PolicyView, StageLoad};
 use link::{LinkId, LinkSender};
 use protocol::{Frame, Hello, ModelAvailability, ModelIdentity, PolicyRevision, Resources};
@@ -57,6 +57,8 @@ pub struct ClusterConfig {
     pub model_path: PathBuf,
     /// The model cache, to tell peers which catalogue models are here.
     pub model_store: ModelStore,
+    /// Fetches into the model cache that run in the background.
+    pub downloads: Downloads,
     pub device: Device,
     /// The policy thread, shared with the request coordinator.
     pub policy: PolicyHandle,
@@ -97,6 +99,12 @@ pub(crate) enum ClusterEvent {
     SetPolicy {
         wasm: Option<Vec<u8>>,
         reply: oneshot::Sender<Result<PolicyStatus, PolicyError>>,
+    },
+    /// Someone asked this node to fetch a catalogue model onto every node
+    /// that lacks it; the reply names those nodes.
+    FetchModel {
+        entry: &'static CatalogueEntry,
+        reply: oneshot::Sender<Vec<String>>,
     },
     /// The policy thread finished installing revision `revision`.
     PolicyInstalled {
@@ -181,6 +189,18 @@ impl ClusterHandle {
             Ok(Err(_)) => Err(SetPolicyError::Refused(PolicyError::Stopped)),
             Err(_) => Err(SetPolicyError::StillRunning),
         }
+    }
+
+    /// Fetches a catalogue model onto every node that lacks it, in the
+    /// background; returns the names of the nodes that fetch it. Progress
+    /// shows in each node's `models` in the view.
+    pub async fn fetch_model(&self, entry: &'static CatalogueEntry) -> Option<Vec<String>> {
+        let (reply, answer) = oneshot::channel();
+        self.events
+            .send(ClusterEvent::FetchModel { entry, reply })
+            .await
+            .ok()?;
+        answer.await.ok()
     }
 
     /// Hands an upgraded connection to the cluster; it runs the link.

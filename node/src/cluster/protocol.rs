@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Bumped whenever frames change incompatibly; peers must match exactly.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The HTTP `Upgrade` token of a link.
 pub const UPGRADE_TOKEN: &str = "ringlet-link";
@@ -210,6 +210,23 @@ pub struct NodeStatus {
 pub struct ModelAvailability {
     pub name: String,
     pub state: ModelState,
+    /// While downloading: bytes so far, of `total_bytes`.
+    pub downloaded_bytes: Option<u64>,
+    pub total_bytes: Option<u64>,
+    /// Why the last download of a missing model failed.
+    pub error: Option<String>,
+}
+
+impl ModelAvailability {
+    pub fn new(name: impl Into<String>, state: ModelState) -> Self {
+        Self {
+            name: name.into(),
+            state,
+            downloaded_bytes: None,
+            total_bytes: None,
+            error: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -219,6 +236,8 @@ pub enum ModelState {
     Loaded,
     /// In the model cache, complete.
     Present,
+    /// Being fetched into the model cache.
+    Downloading,
     /// Not in the model cache.
     Missing,
 }
@@ -297,6 +316,10 @@ pub enum Frame {
         offset: u32,
         data: bytes::Bytes,
     },
+    /// Fetch this catalogue model into your model cache unless it is there.
+    FetchModel {
+        name: String,
+    },
 }
 
 impl Frame {
@@ -321,6 +344,7 @@ impl Frame {
             Frame::NodeStatus(_) => "node-status",
             Frame::Policy(_) => "policy",
             Frame::PolicyChunk { .. } => "policy-chunk",
+            Frame::FetchModel { .. } => "fetch-model",
         }
     }
 }
@@ -484,10 +508,14 @@ mod tests {
                 }],
                 memory_available_bytes: 8 << 30,
                 rss_bytes: 300 << 20,
-                models: vec![ModelAvailability {
-                    name: "smollm2-135m".into(),
-                    state: ModelState::Loaded,
-                }],
+                models: vec![
+                    ModelAvailability::new("smollm2-135m", ModelState::Loaded),
+                    ModelAvailability {
+                        downloaded_bytes: Some(1 << 20),
+                        total_bytes: Some(90 << 20),
+                        ..ModelAvailability::new("other", ModelState::Downloading)
+                    },
+                ],
             }),
             Frame::Policy(PolicyMessage {
                 revision: PolicyRevision {
@@ -510,6 +538,9 @@ mod tests {
                 wasm_bytes: None,
                 warning: Some("policy x failed".into()),
             }),
+            Frame::FetchModel {
+                name: "smollm2-135m".into(),
+            },
         ]
     }
 
