@@ -211,35 +211,13 @@ async fn concurrent_requests_on_a_three_node_ring_all_finish_right() {
 async fn a_request_fails_fast_when_a_stage_dies() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let mut nodes = Node::start_cluster(3, &[]);
-    let body = chat_body(
+    let (mut stream, _) = support::start_stream(
+        nodes[0].addr,
         "Write a very long essay about the history of sailing.",
         600,
-        true,
-    );
-    let raw = format!(
-        "POST /v1/chat/completions HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let mut stream = TcpStream::connect(nodes[0].addr).await.expect("connect");
-    stream.write_all(raw.as_bytes()).await.expect("send");
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while String::from_utf8_lossy(&seen)
-        .matches("\"content\"")
-        .count()
-        < 3
-    {
-        let n = tokio::time::timeout(Duration::from_secs(60), stream.read(&mut buf))
-            .await
-            .expect("tokens")
-            .expect("read");
-        assert!(
-            n > 0,
-            "the stream ended early: {}",
-            String::from_utf8_lossy(&seen)
-        );
-        seen.extend_from_slice(&buf[..n]);
-    }
+        3,
+    )
+    .await;
     // Kill a node that holds a stage and is not the request's owner.
     nodes[2].kill();
     // The owner notices the broken link at once (or after the heartbeat
@@ -261,6 +239,52 @@ async fn a_request_fails_fast_when_a_stage_dies() {
     assert_eq!(response.status, 200);
 }
 
+#[tokio::test]
+async fn a_joining_node_waits_for_the_running_request() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let mut nodes = Node::start_cluster(2, &[]);
+    let (mut stream, mut seen) = support::start_stream(
+        nodes[0].addr,
+        "Write a very long essay about the history of sailing.",
+        400,
+        3,
+    )
+    .await;
+    // A third node joins while the answer streams.
+    let first = nodes[0].addr.to_string();
+    nodes.push(Node::start(&["--name", "node-2", "--peer", &first]));
+    let rest = tokio::time::timeout(Duration::from_secs(120), async {
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).await.expect("read");
+        rest
+    })
+    .await
+    .expect("the stream ends");
+    seen.extend_from_slice(&rest);
+    let body = String::from_utf8_lossy(&seen);
+    let events = sse_data(body.split_once("\r\n\r\n").map_or("", |(_, b)| b));
+    assert!(
+        !body.contains("\"error\""),
+        "the answer was not cut: {body}"
+    );
+    let (_, finish) = streamed_content(&events);
+    assert!(finish.is_some(), "the answer finished: {body}");
+    // Then the cluster re-plans over all three.
+    for node in &mut nodes {
+        node.wait_for_log("plan active: 3 stages", support::START_TIMEOUT);
+    }
+    let waited = nodes.iter_mut().any(|node| {
+        node.log_mark();
+        node.log_seen
+            .iter()
+            .any(|l| l.contains("re-planning once the running requests finish"))
+    });
+    assert!(
+        waited,
+        "the leader waited for the request before re-planning"
+    );
+}
+
 /// A raw link to a node, as a (possibly hostile) peer would open it.
 async fn raw_link(addr: std::net::SocketAddr, version: u32) -> (TcpStream, String) {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
@@ -280,6 +304,7 @@ fn test_hello(fingerprint: &str) -> Hello {
         protocol_version: PROTOCOL_VERSION,
         node: NodeId(1),
         name: "test-peer".into(),
+        cluster: "default".into(),
         address: "127.0.0.1:9".into(),
         resources: Resources {
             device: "cpu".into(),

@@ -17,13 +17,16 @@ const ABOUT: &str = "Run a large language model across the machines you already 
 const LONG_ABOUT: &str = "\
 Run a large language model across the machines you already own.
 
-Start `ringlet` on a machine and it loads the model and serves an
-OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models) on
-http://127.0.0.1:52415. With no subcommand, `ringlet` runs `serve`.
+Start `ringlet` on each machine: the nodes find each other on the local
+network (mDNS), split the model's layers between them, and each serves the
+dashboard and an OpenAI-compatible API (POST /v1/chat/completions,
+GET /v1/models) on port 52415. With no subcommand, `ringlet` runs `serve`.
 
 Examples:
   ringlet                                  serve the default model (fetched on first start)
-  ringlet --listen 0.0.0.0:52415           serve to the local network
+  ringlet --cluster lab                    join only the nodes started with --cluster lab
+  ringlet --peer 10.0.0.7:52415            join a node multicast does not reach
+  ringlet --listen 127.0.0.1:52415         this machine only, no discovery
   ringlet run --prompt \"Why is the sky blue?\"
   ringlet pull smollm2-135m                fetch a model into the cache
   ringlet bench --threads 2                compare speed with llama.cpp";
@@ -214,17 +217,35 @@ pub struct ServeArgs {
     #[arg(long, env = "RINGLET_MODEL", default_value = DEFAULT_MODEL)]
     pub model: String,
 
-    /// Address for the HTTP API; port 0 picks a free port
+    /// Address for the HTTP API, which peers also link to; port 0 picks a
+    /// free port. On 127.0.0.1 only this machine can reach the node, and
+    /// discovery is off
     #[arg(
         long,
         env = "RINGLET_LISTEN",
-        default_value = "127.0.0.1:52415",
+        default_value = "0.0.0.0:52415",
         value_name = "HOST:PORT"
     )]
     pub listen: String,
 
+    /// The cluster to join: nodes find each other on the local network
+    /// (mDNS) and join only nodes with the same cluster name
+    #[arg(
+        long,
+        env = "RINGLET_CLUSTER",
+        default_value = "default",
+        value_name = "NAME"
+    )]
+    pub cluster: String,
+
+    /// Do not advertise this node or look for others on the local network;
+    /// join only `--peer` nodes (and the nodes they know)
+    #[arg(long, env = "RINGLET_NO_MDNS")]
+    pub no_mdns: bool,
+
     /// Another node to join, as HOST:PORT (its API address); repeat for
-    /// more. Nodes a peer knows are joined too.
+    /// more. Nodes a peer knows are joined too. Needed only where multicast
+    /// does not reach (another subnet, a VPN) or with --no-mdns.
     #[arg(
         long = "peer",
         env = "RINGLET_PEERS",

@@ -44,6 +44,13 @@ pub const SSE_KEEP_ALIVE_SECS: u64 = 15;
 /// hash). The default model is about 100 MB.
 pub const MODEL_FETCH_TIMEOUT_SECS: u64 = 900;
 
+/// A re-plan (a node joined, the policy changed) waits for the requests
+/// running on the active plan to finish, checking this often...
+pub const REPLAN_RECHECK_MS: u64 = 200;
+
+/// ...for at most this long; then it fails them (they can be retried).
+pub const REPLAN_DEFER_MAX_MS: u64 = 30_000;
+
 /// How often a model download's progress is measured.
 pub const FETCH_PROGRESS_INTERVAL_MS: u64 = 500;
 

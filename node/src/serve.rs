@@ -34,6 +34,20 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let me = NodeId(rand::rng().random());
     tracing::info!(version = env!("CARGO_PKG_VERSION"), node = %me, %name, threads = runtime.threads, "starting ringlet node");
 
+    let mdns = !args.no_mdns && !listen.ip().is_loopback();
+    if args.no_mdns {
+        tracing::info!("discovery is off (--no-mdns): joining only --peer nodes");
+    } else if !mdns {
+        tracing::info!(
+            "discovery is off: {listen} is reachable from this machine only (listen on 0.0.0.0 to pool machines)"
+        );
+    }
+    anyhow::ensure!(
+        !args.cluster.trim().is_empty() && args.cluster.len() <= 63,
+        "--cluster `{}` must be 1 to 63 characters",
+        args.cluster
+    );
+
     let model = OpenedModel::open(&runtime, &args.model).await?;
     let score = tokio::task::spawn_blocking(resources::measure_compute_score)
         .await
@@ -70,6 +84,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ClusterConfig {
             me,
             name,
+            cluster: args.cluster.clone(),
+            mdns,
             listen,
             peers,
             resources,

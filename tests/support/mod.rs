@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+pub mod netns;
+
 pub const MODEL: &str = "smollm2-135m";
 /// Generous: the first start of a node in CI may share two cores with
 /// other test binaries.
@@ -43,11 +45,19 @@ impl Node {
 
     /// Like [`Node::start`], with environment variables set for the node.
     pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Node {
-        let mut child = Command::new(ringlet_binary())
+        let mut command = Command::new(ringlet_binary());
+        command
             .args(["serve", "--listen", "127.0.0.1:0", "--threads", "2"])
             .args(extra)
+            .envs(env.iter().copied());
+        Node::spawn(command)
+    }
+
+    /// Runs `command` (a `ringlet serve` command line, perhaps behind a
+    /// wrapper) and waits until the node says it is listening.
+    pub fn spawn(mut command: Command) -> Node {
+        let mut child = command
             .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -434,6 +444,43 @@ pub fn chat_body(user: &str, max_tokens: u32, stream: bool) -> String {
         "stream": stream,
     })
     .to_string()
+}
+
+/// Starts a streamed chat completion on a raw socket and reads until the
+/// first `events` content chunks have come; returns the socket, to read
+/// the rest or to hang up, and what was read.
+pub async fn start_stream(
+    addr: SocketAddr,
+    prompt: &str,
+    max_tokens: u32,
+    events: usize,
+) -> (TcpStream, Vec<u8>) {
+    let body = chat_body(prompt, max_tokens, true);
+    let raw = format!(
+        "POST /v1/chat/completions HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(raw.as_bytes()).await.expect("send");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while String::from_utf8_lossy(&seen)
+        .matches("\"content\"")
+        .count()
+        < events
+    {
+        let n = tokio::time::timeout(REQUEST_TIMEOUT, stream.read(&mut buf))
+            .await
+            .expect("tokens in time")
+            .expect("read");
+        assert!(
+            n > 0,
+            "the stream ended early: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+    (stream, seen)
 }
 
 /// Follows `GET /v1/cluster/events` until a view satisfies `wanted`, and

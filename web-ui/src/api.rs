@@ -20,6 +20,16 @@ pub struct ClusterView {
     pub plan: Option<PlanView>,
     pub plan_error: Option<String>,
     pub policy: Option<PolicyStatus>,
+    pub not_joined: Vec<NotJoinedView>,
+}
+
+/// A node found on the network that this cluster does not join.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct NotJoinedView {
+    pub name: String,
+    pub addresses: Vec<String>,
+    pub reason: String,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]

@@ -4,7 +4,7 @@
 
 use leptos::prelude::*;
 
-use crate::api::{ClusterView, NodeView, StageView};
+use crate::api::{ClusterView, NodeView, NotJoinedView, StageView};
 use crate::{Shared, format};
 
 #[component]
@@ -135,6 +135,38 @@ fn cluster_view(view: &ClusterView) -> impl IntoView + use<> {
                 }
                     .into_any()
             }}
+        </div>
+        {(!view.not_joined.is_empty()).then(|| not_joined(&view.not_joined))}
+    }
+}
+
+/// Nodes discovery found on the network that this cluster does not join.
+fn not_joined(peers: &[NotJoinedView]) -> impl IntoView + use<> {
+    let rows: Vec<_> = peers
+        .iter()
+        .map(|peer| {
+            view! {
+                <tr>
+                    <td><strong>{peer.name.clone()}</strong></td>
+                    <td class="mono">{peer.addresses.join(", ")}</td>
+                    <td>{peer.reason.clone()}</td>
+                </tr>
+            }
+        })
+        .collect();
+    view! {
+        <div class="panel section" data-testid="not-joined">
+            <h2>"Seen on the network, not joined"</h2>
+            <table class="data">
+                <thead>
+                    <tr>
+                        <th>"Node"</th>
+                        <th>"Address"</th>
+                        <th>"Why not"</th>
+                    </tr>
+                </thead>
+                <tbody>{rows}</tbody>
+            </table>
         </div>
     }
 }

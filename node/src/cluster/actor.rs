@@ -10,6 +10,7 @@ use kernels::{Device, LayerRange, ModelFile, SequenceId, ShardInput, Tensor};
 use scheduler::NodeId;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::discovery::{Discovery, PeerAdvert, Verdict};
 use super::link::{self, LinkContext, LinkId, LinkSender};
 use super::protocol::{
     Epoch, ForwardFrame, Frame, Hello, LinkMeasurement, ModelAvailability, ModelIdentity,
@@ -18,14 +19,14 @@ use super::protocol::{
 };
 use super::resources::{process_memory, system_memory};
 use super::{
-    ClusterConfig, ClusterEvent, ClusterView, LinkView, NodeView, PlanState, PlanView,
-    PolicyStatus, StageView,
+    ClusterConfig, ClusterEvent, ClusterView, LinkView, NodeView, NotJoinedView, PlanState,
+    PlanView, PolicyStatus, StageView,
 };
 use crate::engine::PipelineEnds;
 use crate::engine::stage::{self, Route, Sample, StageJob, StageOutput, StageResult};
 use crate::limits::{
     MAX_ACTIVE_SEQUENCES, MAX_NODES, NODE_STATUS_INTERVAL_MS, PLAN_SETTLE_MS, REDIAL_INTERVAL_MS,
-    STAGE_REQUEST_LIMIT,
+    REPLAN_DEFER_MAX_MS, REPLAN_RECHECK_MS, STAGE_REQUEST_LIMIT,
 };
 use crate::limits::{MAX_POLICY_BYTES, POLICY_CHUNK_BYTES, POLICY_RETRY_MS};
 use crate::model_store::{
@@ -94,6 +95,14 @@ struct LocalStage {
 pub(super) struct Cluster {
     me: NodeId,
     name: String,
+    /// The cluster name: peers with another one are not joined.
+    cluster: String,
+    /// The mDNS advertisement and browser, withdrawn when the actor ends.
+    _discovery: Option<Discovery>,
+    /// Advertisements mDNS resolved, by service name.
+    discovered: BTreeMap<String, (PeerAdvert, Verdict)>,
+    /// `--peer` addresses, which are dialed for as long as the node runs.
+    configured_peers: HashSet<String>,
     listen: SocketAddr,
     resources: Resources,
     identity: ModelIdentity,
@@ -113,6 +122,8 @@ pub(super) struct Cluster {
     plan_error: Option<String>,
     /// When the leader should (re)plan, after membership settles.
     replan_at: Option<Instant>,
+    /// Since when a wanted re-plan waits for running requests to finish.
+    replan_waiting_since: Option<Instant>,
     local_stage: Option<LocalStage>,
     /// This node's layers for the current plan are loaded (with these
     /// weight bytes) but a link to some stage node is still missing.
@@ -152,6 +163,7 @@ impl Cluster {
         events_tx: mpsc::Sender<ClusterEvent>,
         events: mpsc::Receiver<ClusterEvent>,
         view: watch::Sender<ClusterView>,
+        discovery: Option<Discovery>,
     ) -> Self {
         let policy_model = policy_model(&model);
         let identity = ModelIdentity {
@@ -161,6 +173,10 @@ impl Cluster {
         Self {
             me: config.me,
             name: config.name,
+            cluster: config.cluster,
+            _discovery: discovery,
+            discovered: BTreeMap::new(),
+            configured_peers: config.peers.iter().cloned().collect(),
             listen: config.listen,
             resources: config.resources,
             identity,
@@ -177,6 +193,7 @@ impl Cluster {
             highest_epoch: Epoch(0),
             plan_error: None,
             replan_at: Some(Instant::now()),
+            replan_waiting_since: None,
             local_stage: None,
             ready_pending: None,
             owned: HashSet::new(),
@@ -273,6 +290,12 @@ impl Cluster {
             }
             ClusterEvent::Placed { generation, placed } => self.on_placed(generation, placed),
             ClusterEvent::SetPolicy { wasm, reply } => self.set_policy(wasm, reply),
+            ClusterEvent::Discovered {
+                fullname,
+                peer,
+                verdict,
+            } => self.discovered(fullname, peer, verdict),
+            ClusterEvent::Withdrawn { fullname } => self.withdrawn(&fullname),
             ClusterEvent::FetchModel { entry, reply } => {
                 let _ = reply.send(self.fetch_model(entry));
             }
@@ -304,6 +327,7 @@ impl Cluster {
             protocol_version: PROTOCOL_VERSION,
             node: self.me,
             name: self.name.clone(),
+            cluster: self.cluster.clone(),
             address: self.listen.to_string(),
             resources: self.resources.clone(),
             model: self.identity.clone(),
@@ -366,6 +390,25 @@ impl Cluster {
     /// Registers a new link; false to close it (a duplicate, or too many).
     fn link_up(&mut self, hello: Hello, link: LinkSender) -> bool {
         let peer = hello.node;
+        let address = advertised_address(&hello.address, &link.observed_address);
+        if peer == self.me {
+            // This node's own address, reached through another interface.
+            self.known_addresses.remove(&link.observed_address);
+            return false;
+        }
+        if hello.cluster != self.cluster {
+            tracing::warn!(
+                node = %peer,
+                "not joining peer {} at {address}: it is in cluster `{}`, this node in `{}`; start both with the same --cluster",
+                hello.name,
+                hello.cluster,
+                self.cluster
+            );
+            // Dialing it again would be refused again.
+            self.known_addresses.remove(&address);
+            self.known_addresses.remove(&link.observed_address);
+            return false;
+        }
         if let Some(existing) = self.members.get(&peer) {
             // Two links to one peer (both dialed at once): both sides keep
             // the one the smaller node id dialed.
@@ -379,7 +422,6 @@ impl Cluster {
             tracing::warn!(peer = %hello.name, "refusing a peer: the cluster has {MAX_NODES} nodes");
             return false;
         }
-        let address = advertised_address(&hello.address, &link.observed_address);
         for peer in &hello.peers {
             if peer.node != self.me && !self.members.contains_key(&peer.node) {
                 self.known_addresses.insert(peer.address.clone());
@@ -395,7 +437,7 @@ impl Cluster {
                 "peer has a different model file; it will not be given layers"
             );
         } else {
-            tracing::info!(peer = %hello.name, node = %peer, %address, "peer joined");
+            tracing::info!(node = %peer, "peer {} joined from {address}", hello.name);
         }
         // A newcomer learns the cluster's policy (if it has a newer one,
         // it sends it here the same way and it wins).
@@ -425,7 +467,7 @@ impl Cluster {
         let Some(member) = self.members.remove(&node) else {
             return;
         };
-        tracing::info!(peer = %member.hello.name, node = %node, %reason, "peer left");
+        tracing::info!(node = %node, address = %member.address, %reason, "peer {} left", member.hello.name);
         if self
             .incoming_policy
             .as_ref()
@@ -465,6 +507,31 @@ impl Cluster {
             self.release_local(sequence);
         }
         self.membership_changed();
+    }
+
+    /// mDNS found a node: dial it if it may be joined, list it if not.
+    fn discovered(&mut self, fullname: String, peer: PeerAdvert, verdict: Verdict) {
+        if verdict == Verdict::Join && !self.members.contains_key(&peer.node) {
+            for address in &peer.addresses {
+                self.known_addresses.insert(address.to_string());
+            }
+            self.redial();
+        }
+        self.discovered.insert(fullname, (peer, verdict));
+    }
+
+    /// A node withdrew its advertisement: stop dialing its addresses
+    /// (unless they are `--peer` ones); its links end by themselves.
+    fn withdrawn(&mut self, fullname: &str) {
+        let Some((peer, _)) = self.discovered.remove(fullname) else {
+            return;
+        };
+        let linked: HashSet<&String> = self.members.values().map(|m| &m.address).collect();
+        for address in peer.addresses.iter().map(ToString::to_string) {
+            if !self.configured_peers.contains(&address) && !linked.contains(&address) {
+                self.known_addresses.remove(&address);
+            }
+        }
     }
 
     fn membership_changed(&mut self) {
@@ -679,6 +746,18 @@ impl Cluster {
         });
     }
 
+    /// True while requests run anywhere in the cluster: owned here, on
+    /// this node's stage, or on a peer's as it last reported (a node that
+    /// just joined knows this from the status each peer sends first).
+    fn requests_running(&self) -> bool {
+        !self.owned.is_empty()
+            || self.in_flight() > 0
+            || self
+                .members
+                .values()
+                .any(|m| m.status.as_ref().is_some_and(|s| s.in_flight > 0))
+    }
+
     fn stage_in_flight(&self, node: NodeId) -> u32 {
         if node == self.me {
             return self.in_flight();
@@ -697,8 +776,26 @@ impl Cluster {
     /// answer comes back as [`ClusterEvent::Placed`].
     fn plan_if_leader(&mut self) {
         if self.leader() != self.me {
+            self.replan_waiting_since = None;
             return;
         }
+        // A new plan fails the requests running on the old one: let them
+        // finish first, for a while.
+        if self.requests_running() {
+            if self.replan_waiting_since.is_none() {
+                tracing::info!("re-planning once the running requests finish");
+            }
+            let since = *self.replan_waiting_since.get_or_insert_with(Instant::now);
+            if since.elapsed() < Duration::from_millis(REPLAN_DEFER_MAX_MS) {
+                self.replan_at = Some(Instant::now() + Duration::from_millis(REPLAN_RECHECK_MS));
+                return;
+            }
+            tracing::warn!(
+                "re-planning although requests still run after {} s; they fail and can be retried",
+                REPLAN_DEFER_MAX_MS / 1000
+            );
+        }
+        self.replan_waiting_since = None;
         self.placement += 1;
         let generation = self.placement;
         let cluster = self.policy_cluster();
@@ -1703,6 +1800,21 @@ impl Cluster {
             plan,
             plan_error: self.plan_error.clone(),
             policy: Some(self.policy_status.clone()),
+            not_joined: self
+                .discovered
+                .values()
+                .filter_map(|(peer, verdict)| match verdict {
+                    Verdict::Skip(reason) => Some(NotJoinedView {
+                        node: peer.node,
+                        name: peer.name.clone(),
+                        addresses: peer.addresses.iter().map(ToString::to_string).collect(),
+                        cluster: peer.cluster.clone(),
+                        protocol_version: peer.protocol_version,
+                        reason: reason.clone(),
+                    }),
+                    _ => None,
+                })
+                .collect(),
         };
         self.view.send_replace(view);
     }

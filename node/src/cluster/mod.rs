@@ -24,6 +24,7 @@
 //! latency and bandwidth between every pair.
 
 mod actor;
+pub mod discovery;
 pub mod link;
 pub mod protocol;
 pub mod resources;
@@ -48,6 +49,10 @@ use protocol::{Frame, Hello, ModelAvailability, ModelIdentity, PolicyRevision, R
 pub struct ClusterConfig {
     pub me: NodeId,
     pub name: String,
+    /// Only nodes with the same cluster name are joined.
+    pub cluster: String,
+    /// Advertise this node and look for others with mDNS.
+    pub mdns: bool,
     /// Where this node's API (and link) port listens.
     pub listen: std::net::SocketAddr,
     /// Peers to link to (`--peer`), as HOST:PORT.
@@ -99,6 +104,16 @@ pub(crate) enum ClusterEvent {
     SetPolicy {
         wasm: Option<Vec<u8>>,
         reply: oneshot::Sender<Result<PolicyStatus, PolicyError>>,
+    },
+    /// mDNS resolved another node's advertisement.
+    Discovered {
+        fullname: String,
+        peer: discovery::PeerAdvert,
+        verdict: discovery::Verdict,
+    },
+    /// A node withdrew its advertisement (it stopped).
+    Withdrawn {
+        fullname: String,
     },
     /// Someone asked this node to fetch a catalogue model onto every node
     /// that lacks it; the reply names those nodes.
@@ -222,6 +237,19 @@ pub fn start(
 ) -> ClusterHandle {
     let (events_tx, events_rx) = mpsc::channel(CLUSTER_EVENT_QUEUE_LEN);
     let (view_tx, view_rx) = watch::channel(ClusterView::default());
+    let discovery = config.mdns.then(|| {
+        let advert = discovery::Advertisement {
+            node: config.me,
+            name: config.name.clone(),
+            cluster: config.cluster.clone(),
+            listen: config.listen,
+        };
+        discovery::start(advert, events_tx.clone())
+            .inspect_err(|error| {
+                tracing::warn!(%error, "mDNS discovery is unavailable; only --peer nodes are joined");
+            })
+            .ok()
+    });
     let actor = actor::Cluster::new(
         config,
         model,
@@ -229,6 +257,7 @@ pub fn start(
         events_tx.clone(),
         events_rx,
         view_tx,
+        discovery.flatten(),
     );
     tokio::spawn(actor.run());
     ClusterHandle {
@@ -279,6 +308,20 @@ pub struct ClusterView {
     pub plan_error: Option<String>,
     /// The scheduling policy this node runs.
     pub policy: Option<PolicyStatus>,
+    /// Nodes found on the network that this node does not join, and why.
+    pub not_joined: Vec<NotJoinedView>,
+}
+
+/// A node discovery found but this node does not join.
+#[derive(Debug, Clone, Serialize)]
+pub struct NotJoinedView {
+    #[serde(with = "hex_id")]
+    pub node: NodeId,
+    pub name: String,
+    pub addresses: Vec<String>,
+    pub cluster: String,
+    pub protocol_version: u32,
+    pub reason: String,
 }
 
 /// The active scheduling policy, as `GET /v1/cluster/policy` shows it.

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Bumped whenever frames change incompatibly; peers must match exactly.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The HTTP `Upgrade` token of a link.
 pub const UPGRADE_TOKEN: &str = "ringlet-link";
@@ -61,6 +61,8 @@ pub struct Hello {
     pub protocol_version: u32,
     pub node: NodeId,
     pub name: String,
+    /// The cluster name (`--cluster`): links between clusters are refused.
+    pub cluster: String,
     /// The address of the node's API (and link) port, as peers reach it.
     pub address: String,
     pub resources: Resources,
@@ -449,6 +451,7 @@ mod tests {
                 protocol_version: PROTOCOL_VERSION,
                 node: NodeId(7),
                 name: "alpha".into(),
+                cluster: "default".into(),
                 address: "10.0.0.1:52415".into(),
                 resources: Resources {
                     device: "cpu".into(),
