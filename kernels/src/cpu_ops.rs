@@ -5,6 +5,7 @@
 //! Candle's ops.
 
 use candle_core::{Device, Storage, Tensor};
+use rayon::prelude::*;
 
 use crate::error::Result;
 
@@ -60,11 +61,14 @@ pub(crate) fn dot_f32(x: &[f32], y: &[f32]) -> f32 {
     let n = x.len().min(y.len());
     let np = n & !63;
     let mut acc = [[0f32; 16]; 4];
-    for i in (0..np).step_by(64) {
+    // Fixed-size steps with no index arithmetic, so that each 16-lane
+    // accumulator becomes vector FMAs (lane by lane the same operations).
+    for (xs, ys) in x[..np].chunks_exact(64).zip(y[..np].chunks_exact(64)) {
         for (j, acc) in acc.iter_mut().enumerate() {
-            for (l, a) in acc.iter_mut().enumerate() {
-                let e = i + 16 * j + l;
-                *a = x[e].mul_add(y[e], *a);
+            let xs: &[f32; 16] = xs[16 * j..16 * j + 16].try_into().unwrap_or(&[0.0; 16]);
+            let ys: &[f32; 16] = ys[16 * j..16 * j + 16].try_into().unwrap_or(&[0.0; 16]);
+            for l in 0..16 {
+                acc[l] = xs[l].mul_add(ys[l], acc[l]);
             }
         }
     }
@@ -116,13 +120,16 @@ pub(crate) fn v_expf(x: f32) -> f32 {
             f32::from_bits(0x3E2A_AF33).mul_add(b, f32::from_bits(0x3EFF_FEDB)),
         ) // 0x1.555e66p-3, 0x1.fffdb6p-2
         .mul_add(u, f32::from_bits(0x3F7F_FFF6).mul_add(b, 1.0)); // 0x1.ffffecp-1
-    if n.abs() > 192.0 {
-        return if n <= 0.0 { 0.0 } else { f32::INFINITY };
-    }
+    // Without branches, so that loops over many values vectorise: both
+    // outcomes are computed and one is chosen.
+    let saturated = if n <= 0.0 { 0.0 } else { f32::INFINITY };
     // _mm512_scalef_ps: j * 2^n with one rounding (exact in f64, then
-    // rounded); |n| <= 192 here, so 2^n is a normal f64 built from its bits.
-    let two_to_n = f64::from_bits(((n as i64 + 1023) as u64) << 52);
-    (f64::from(j) * two_to_n) as f32
+    // rounded). The clamp changes nothing where the result is used
+    // (|n| <= 192) and keeps 2^n a normal f64 built from its bits.
+    let clamped = n.clamp(-192.0, 192.0);
+    let two_to_n = f64::from_bits(((clamped as i64 + 1023) as u64) << 52);
+    let scaled = (f64::from(j) * two_to_n) as f32;
+    if n.abs() > 192.0 { saturated } else { scaled }
 }
 
 /// `gate * up` through SiLU per row of `cols`, as `ggml_vec_swiglu_f32`:
@@ -209,13 +216,16 @@ pub(crate) fn attention(q: &[f32], keys: &[f32], values: &[f32], s: &AttentionSh
     let scale = 1.0 / (d as f32).sqrt();
     let tiny_blas = n >= 2 && d % 4 == 0;
     let mut out = vec![0f32; n * heads * d];
-    let mut scores = vec![0f32; padded];
-    for h in 0..heads {
-        let kv = h / group;
-        let k_head = &keys[kv * capacity * d..(kv * capacity + len) * d];
-        let v_head = &values[kv * capacity * d..(kv * capacity + len) * d];
-        for i in 0..n {
-            let q_row = &q[(i * heads + h) * d..(i * heads + h + 1) * d];
+    // Every (token, head) row is independent: they share the compute pool,
+    // each thread reusing one scores buffer.
+    out.par_chunks_mut(d).enumerate().for_each_init(
+        || vec![0f32; padded],
+        |scores, (row, out_row)| {
+            let (i, h) = (row / heads, row % heads);
+            let kv = h / group;
+            let k_head = &keys[kv * capacity * d..(kv * capacity + len) * d];
+            let v_head = &values[kv * capacity * d..(kv * capacity + len) * d];
+            let q_row = &q[row * d..(row + 1) * d];
             let visible = position + i + 1;
             for (j, score) in scores.iter_mut().enumerate() {
                 *score = if j < visible {
@@ -224,15 +234,14 @@ pub(crate) fn attention(q: &[f32], keys: &[f32], values: &[f32], s: &AttentionSh
                     f32::NEG_INFINITY
                 };
             }
-            softmax_in_place(&mut scores);
-            let out_row = &mut out[(i * heads + h) * d..(i * heads + h + 1) * d];
+            softmax_in_place(scores);
             if tiny_blas {
                 weighted_sum_tiny_blas(v_head, &scores[..len], d, out_row);
             } else {
                 weighted_sum_vec_dot(v_head, &scores[..len], d, out_row);
             }
-        }
-    }
+        },
+    );
     out
 }
 
@@ -248,13 +257,36 @@ fn weighted_sum_vec_dot(v: &[f32], p: &[f32], d: usize, out: &mut [f32]) {
             *a = vc.mul_add(pj, *a);
         }
     }
-    for (c, o) in out.iter_mut().enumerate() {
-        let mut lanes = [0f32; 16];
-        for (l, lane) in lanes.iter_mut().enumerate() {
-            let a = |g: usize| acc[(g * 16 + l) * d + c];
-            *lane = (a(0) + a(2)) + (a(1) + a(3));
+    // Lane l of output c is (a0 + a2) + (a1 + a3) over the four
+    // accumulators, computed for all outputs at once.
+    let mut lanes = vec![0f32; 16 * d];
+    for (l, lane) in lanes.chunks_exact_mut(d).enumerate() {
+        let a = |g: usize| &acc[(g * 16 + l) * d..][..d];
+        let (a0, a1, a2, a3) = (a(0), a(1), a(2), a(3));
+        for c in 0..d {
+            lane[c] = (a0[c] + a2[c]) + (a1[c] + a3[c]);
         }
-        *o = reduce_add16(&lanes);
+    }
+    reduce_add16_columns(&lanes, d, out);
+}
+
+/// [`reduce_add16`] of every column of `lanes` (`[16, d]`) into `out`:
+/// per column the same additions in the same order, written as loops over
+/// columns so that they run as vector instructions.
+fn reduce_add16_columns(lanes: &[f32], d: usize, out: &mut [f32]) {
+    let lane = |l: usize| &lanes[l * d..][..d];
+    let mut t8 = vec![0f32; 8 * d];
+    for (i, t) in t8.chunks_exact_mut(d).enumerate() {
+        let (hi, lo) = (lane(8 + i), lane(i));
+        for c in 0..d {
+            t[c] = hi[c] + lo[c];
+        }
+    }
+    let t = |i: usize| &t8[i * d..][..d];
+    let (t0, t1, t2, t3, t4, t5, t6, t7) = (t(0), t(1), t(2), t(3), t(4), t(5), t(6), t(7));
+    for c in 0..d {
+        let q = [t4[c] + t0[c], t5[c] + t1[c], t6[c] + t2[c], t7[c] + t3[c]];
+        out[c] = (q[0] + q[2]) + (q[1] + q[3]);
     }
 }
 
@@ -267,10 +299,7 @@ fn weighted_sum_tiny_blas(v: &[f32], p: &[f32], d: usize, out: &mut [f32]) {
             *a = vc.mul_add(pj, *a);
         }
     }
-    for (c, o) in out.iter_mut().enumerate() {
-        let lanes: [f32; 16] = std::array::from_fn(|l| acc[l * d + c]);
-        *o = reduce_add16(&lanes);
-    }
+    reduce_add16_columns(&acc, d, out);
 }
 
 /// `ggml_compute_forward_soft_max_f32` after scale and mask, over a row
@@ -283,10 +312,10 @@ fn softmax_in_place(row: &mut [f32]) {
     let mut sum = 0f64;
     for chunk in row.chunks_exact_mut(16) {
         let mut lanes = [0f32; 16];
-        for (l, v) in chunk.iter_mut().enumerate() {
-            *v = v_expf(*v - max);
-            lanes[l] = *v;
+        for (lane, v) in lanes.iter_mut().zip(chunk.iter()) {
+            *lane = v_expf(*v - max);
         }
+        chunk.copy_from_slice(&lanes);
         sum += f64::from(reduce_add16(&lanes));
     }
     let inv = (1.0 / sum) as f32;
@@ -311,6 +340,57 @@ mod tests {
         assert_eq!(v_expf(200.0), f32::INFINITY);
     }
 
+    /// `v_expf` as first written, with an early return: the definition
+    /// the branch-free version is held to.
+    fn v_expf_with_branch(x: f32) -> f32 {
+        let r = f32::from_bits(0x4B40_0000);
+        let z = x.mul_add(f32::from_bits(0x3FB8_AA3B), r);
+        let n = z - r;
+        let b = (-n).mul_add(
+            f32::from_bits(0x35BF_BE8E),
+            (-n).mul_add(f32::from_bits(0x3F31_7200), x),
+        );
+        let u = b * b;
+        let j = f32::from_bits(0x3C07_2010)
+            .mul_add(b, f32::from_bits(0x3D2B_9F17))
+            .mul_add(
+                u,
+                f32::from_bits(0x3E2A_AF33).mul_add(b, f32::from_bits(0x3EFF_FEDB)),
+            )
+            .mul_add(u, f32::from_bits(0x3F7F_FFF6).mul_add(b, 1.0));
+        if n.abs() > 192.0 {
+            return if n <= 0.0 { 0.0 } else { f32::INFINITY };
+        }
+        let two_to_n = f64::from_bits(((n as i64 + 1023) as u64) << 52);
+        (f64::from(j) * two_to_n) as f32
+    }
+
+    #[test]
+    fn branch_free_v_expf_equals_the_definition_bit_for_bit() {
+        let mut state = 7u64;
+        let mut inputs: Vec<f32> = (-300_000..300_000).map(|i| i as f32 / 1000.0).collect();
+        inputs.extend((0..200_000).map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            f32::from_bits((state >> 32) as u32)
+        }));
+        inputs.extend([
+            f32::NEG_INFINITY,
+            f32::INFINITY,
+            0.0,
+            -0.0,
+            f32::MIN_POSITIVE,
+        ]);
+        for x in inputs {
+            let (got, want) = (v_expf(x), v_expf_with_branch(x));
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "{x}: {got} vs {want}"
+            );
+        }
+    }
+
     #[test]
     fn reductions_sum_correctly() {
         let x: Vec<f32> = (0..200).map(|i| (i % 7) as f32 - 3.0).collect();
@@ -333,7 +413,12 @@ mod tests {
 
     #[test]
     fn row_walking_weighted_sums_equal_the_column_dots() {
-        let (len, d): (usize, usize) = (150, 8);
+        for (len, d) in [(150usize, 8usize), (200, 64), (17, 128)] {
+            weighted_sums_match(len, d);
+        }
+    }
+
+    fn weighted_sums_match(len: usize, d: usize) {
         let v: Vec<f32> = (0..len * d)
             .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 37.0)
             .collect();

@@ -17,6 +17,7 @@ pub mod layers;
 pub mod llama;
 mod matrix;
 pub mod model_file;
+pub mod profile;
 pub mod quant;
 pub mod sampler;
 pub mod tokenizer;

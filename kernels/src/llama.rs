@@ -29,6 +29,7 @@ use crate::kv_cache::{LayerCache, SequenceCache};
 use crate::layers::{LayerRange, SequenceId};
 use crate::matrix::Matrix;
 use crate::model_file::TensorReader;
+use crate::profile::{self, Op};
 
 // ---------------------------------------------------------------------------
 // Tensor names (GGUF convention)
@@ -412,7 +413,12 @@ impl Shard {
         position: usize,
         input: ShardInput,
     ) -> Result<ShardOutput> {
-        let result = self.forward_inner(sequence, position, input);
+        // Run the whole step on a worker of the compute pool: the many
+        // parallel loops inside then start on the pool's fast path instead
+        // of each waking a worker and putting the caller to sleep (two
+        // context switches per matrix, hundreds per token).
+        let _step = profile::span(Op::Step);
+        let result = rayon::scope(|_| self.forward_inner(sequence, position, input));
         if result.is_err() {
             self.caches.remove(&sequence);
         }
@@ -425,7 +431,10 @@ impl Shard {
         position: usize,
         input: ShardInput,
     ) -> Result<ShardOutput> {
-        let x = self.embed(input)?; // [n, hidden]
+        let x = {
+            let _embed = profile::span(Op::Embed);
+            self.embed(input)?
+        }; // [n, hidden]
         let n = x.dim(0)?;
         if n == 0 {
             return Err(KernelError::EmptyInput { sequence });
@@ -469,6 +478,7 @@ impl Shard {
             Some(head) => {
                 let last = x.narrow(0, n - 1, 1)?; // [1, hidden]
                 let normed = rms_norm(&last, &head.norm, self.config.rms_norm_eps)?;
+                let _head = profile::span(Op::Head);
                 let logits = head.output.matmul(&normed)?.squeeze(0)?; // [vocab]
                 Ok(ShardOutput::Logits(logits))
             }
@@ -554,12 +564,21 @@ impl Block {
         let eps = config.rms_norm_eps;
         let h = rms_norm(x, &self.attn_norm, eps)?;
         let attn = self.attention(&h, config, rope, mask, cache)?;
-        let x = (x + attn)?;
+        let x = add(x, &attn)?;
         let h = rms_norm(&x, &self.ffn_norm, eps)?;
-        let gate = self.w_gate.matmul(&h)?; // [n, ff]
-        let up = self.w_up.matmul(&h)?; // [n, ff]
-        let mlp = self.w_down.matmul(&swiglu(&gate, &up)?)?; // [n, hidden]
-        Ok((x + mlp)?)
+        let (gate, up) = {
+            let _mlp = profile::span(Op::MlpMatmul);
+            (self.w_gate.matmul(&h)?, self.w_up.matmul(&h)?) // [n, ff] each
+        };
+        let act = {
+            let _swiglu = profile::span(Op::Elementwise);
+            swiglu(&gate, &up)?
+        };
+        let mlp = {
+            let _mlp = profile::span(Op::MlpMatmul);
+            self.w_down.matmul(&act)? // [n, hidden]
+        };
+        add(&x, &mlp)
     }
 
     /// Causal grouped-query attention over the sequence's cache; appends
@@ -572,14 +591,20 @@ impl Block {
         mask: Option<&Tensor>,
         cache: &mut LayerCache,
     ) -> Result<Tensor> {
-        let q = self.wq.matmul(h)?; // [n, H*d]
-        let k = self.wk.matmul(h)?; // [n, KV*d]
-        let v = self.wv.matmul(h)?; // [n, KV*d]
-        let y = if h.device().is_cpu() {
-            attention_cpu(&q, &k, &v, config, rope, cache)?
-        } else {
-            attention_candle(&q, &k, &v, config, rope, mask, cache)?
+        let (q, k, v) = {
+            let _qkv = profile::span(Op::AttentionMatmul);
+            // [n, H*d], [n, KV*d], [n, KV*d]
+            (self.wq.matmul(h)?, self.wk.matmul(h)?, self.wv.matmul(h)?)
         };
+        let y = {
+            let _attention = profile::span(Op::Attention);
+            if h.device().is_cpu() {
+                attention_cpu(&q, &k, &v, config, rope, cache)?
+            } else {
+                attention_candle(&q, &k, &v, config, rope, mask, cache)?
+            }
+        };
+        let _o = profile::span(Op::AttentionMatmul);
         self.wo.matmul(&y)
     }
 }
@@ -689,8 +714,15 @@ fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// The residual addition `x + y`.
+fn add(x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    let _add = profile::span(Op::Elementwise);
+    Ok((x + y)?)
+}
+
 /// RMS norm times `weight`: ggml's arithmetic on the CPU, Candle's elsewhere.
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+    let _norm = profile::span(Op::Norm);
     if x.device().is_cpu() {
         crate::cpu_ops::rms_norm_mul(x, weight, eps)
     } else {

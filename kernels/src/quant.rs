@@ -178,16 +178,36 @@ impl QuantMatrix {
         // its columns for all m activation rows, so a weight row is read once
         // per call, and writes a contiguous [columns, m] slice.
         let mut out_t = vec![0f32; self.rows * m];
-        let per_task = (self.rows / (4 * rayon::current_num_threads().max(1))).clamp(16, 1024);
+        // A multiple of four, for the four-row kernels.
+        let per_task =
+            (self.rows / (4 * rayon::current_num_threads().max(1))).clamp(16, 1024) / 4 * 4;
         out_t
             .par_chunks_mut(per_task * m)
             .enumerate()
             .for_each(|(chunk, out)| {
                 let first = chunk * per_task;
-                for (i, col_out) in out.chunks_exact_mut(m).enumerate() {
+                let columns = out.len() / m;
+                // Four weight rows at a time share each activation block.
+                let quads = columns / 4;
+                for q in 0..quads {
+                    let c = first + 4 * q;
+                    let w = [
+                        self.row(c),
+                        self.row(c + 1),
+                        self.row(c + 2),
+                        self.row(c + 3),
+                    ];
+                    for r in 0..m {
+                        let dots = self.dot4(w, &xq[r * a_row_bytes..(r + 1) * a_row_bytes]);
+                        for (i, dot) in dots.into_iter().enumerate() {
+                            out[(4 * q + i) * m + r] = dot;
+                        }
+                    }
+                }
+                for i in 4 * quads..columns {
                     let w = self.row(first + i);
-                    for (r, o) in col_out.iter_mut().enumerate() {
-                        *o = self.dot(w, &xq[r * a_row_bytes..(r + 1) * a_row_bytes]);
+                    for r in 0..m {
+                        out[i * m + r] = self.dot(w, &xq[r * a_row_bytes..(r + 1) * a_row_bytes]);
                     }
                 }
             });
@@ -201,6 +221,14 @@ impl QuantMatrix {
             }
         }
         Ok(out)
+    }
+
+    fn dot4(&self, w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
+        match self.format {
+            BlockFormat::Q4_0 => simd::dot4_q4_0_q8_0(w, a),
+            BlockFormat::Q4_1 => simd::dot4_q4_1_q8_1(w, a),
+            BlockFormat::Q8_0 => simd::dot4_q8_0_q8_0(w, a),
+        }
     }
 
     fn dot(&self, w: &[u8], a: &[u8]) -> f32 {
@@ -420,6 +448,92 @@ mod simd {
         }
     }
 
+    /// Four weight rows against one activation row: each row's result is
+    /// bit for bit `dot_q4_0_q8_0` (the same steps in the same order per
+    /// row); the activation block is loaded once for all four, and the
+    /// four independent accumulator chains keep the FMA units busy.
+    pub fn dot4_q4_0_q8_0(w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
+        // SAFETY: `dot4_signed` passes a pointer to an 18-byte block.
+        unsafe {
+            dot4_signed(w, a, 18, |wb| {
+                _mm256_sub_epi8(nibbles(wb.add(2)), _mm256_set1_epi8(8))
+            })
+        }
+    }
+
+    /// As [`dot4_q4_0_q8_0`], for `dot_q8_0_q8_0`.
+    pub fn dot4_q8_0_q8_0(w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
+        // SAFETY: `dot4_signed` passes a pointer to a 34-byte block.
+        unsafe {
+            dot4_signed(w, a, 34, |wb| {
+                _mm256_loadu_si256(wb.add(2) as *const __m256i)
+            })
+        }
+    }
+
+    /// Four rows of a format whose 32 weights `load` turns into signed
+    /// bytes (from a pointer to the block, whose scale is its first f16),
+    /// against Q8_0 activations.
+    #[inline(always)]
+    unsafe fn dot4_signed(
+        w: [&[u8]; 4],
+        a: &[u8],
+        w_block: usize,
+        load: impl Fn(*const u8) -> __m256i,
+    ) -> [f32; 4] {
+        let blocks = a.len() / 34;
+        assert!(
+            w.iter().all(|w| w.len() == blocks * w_block),
+            "rows and activations differ in length"
+        );
+        // SAFETY: every pointer below stays inside its block: each row has
+        // `blocks` blocks of `w_block` bytes (asserted above).
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for b in 0..blocks {
+                let ab = a.as_ptr().add(b * 34);
+                let dy = f16_at(a, b * 34);
+                let qy = _mm256_loadu_si256(ab.add(2) as *const __m256i);
+                for r in 0..4 {
+                    let d = _mm256_set1_ps(f16_at(w[r], b * w_block) * dy);
+                    let qx = load(w[r].as_ptr().add(b * w_block));
+                    // |qx| times qy with qx's sign: unsigned × signed.
+                    let q = dot_u8_i8(_mm256_sign_epi8(qx, qx), _mm256_sign_epi8(qy, qx));
+                    acc[r] = _mm256_fmadd_ps(d, q, acc[r]);
+                }
+            }
+            acc.map(|acc| hsum8(acc))
+        }
+    }
+
+    /// As [`dot4_q4_0_q8_0`], for `dot_q4_1_q8_1`.
+    pub fn dot4_q4_1_q8_1(w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
+        let blocks = a.len() / 36;
+        assert!(
+            w.iter().all(|w| w.len() == blocks * 20),
+            "rows and activations differ in length"
+        );
+        // SAFETY: every pointer below stays inside its 20- or 36-byte block
+        // (each row has `blocks` blocks, asserted above).
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut summs = [0f32; 4];
+            for b in 0..blocks {
+                let ab = a.as_ptr().add(b * 36);
+                let dy = f16_at(a, b * 36);
+                let sy = f16_at(a, b * 36 + 2);
+                let qy = _mm256_loadu_si256(ab.add(4) as *const __m256i);
+                for r in 0..4 {
+                    let wb = w[r].as_ptr().add(b * 20);
+                    summs[r] += f16_at(w[r], b * 20 + 2) * sy;
+                    let d = _mm256_set1_ps(f16_at(w[r], b * 20) * dy);
+                    acc[r] = _mm256_fmadd_ps(d, dot_u8_i8(nibbles(wb.add(4)), qy), acc[r]);
+                }
+            }
+            [0, 1, 2, 3].map(|r| hsum8(acc[r]) + summs[r])
+        }
+    }
+
     pub fn dot_q8_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
         debug_assert_eq!(w.len() / 34, a.len() / 34);
         // SAFETY: every pointer below stays inside its 34-byte block.
@@ -444,6 +558,18 @@ mod simd {
 )))]
 mod simd {
     pub use super::portable::*;
+
+    pub fn dot4_q4_0_q8_0(w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
+        w.map(|w| dot_q4_0_q8_0(w, a))
+    }
+
+    pub fn dot4_q4_1_q8_1(w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
+        w.map(|w| dot_q4_1_q8_1(w, a))
+    }
+
+    pub fn dot4_q8_0_q8_0(w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
+        w.map(|w| dot_q8_0_q8_0(w, a))
+    }
 }
 
 #[cfg(test)]
@@ -525,21 +651,60 @@ mod tests {
     }
 
     #[test]
-    fn matmul_equals_row_by_row_dots() {
-        let (w, _) = random_blocks(BlockFormat::Q4_1, 8 * 4, 9); // 8 rows of 4 blocks
-        let m = QuantMatrix::new("w", BlockFormat::Q4_1, 8, 128, w).expect("matrix");
-        let x: Vec<f32> = (0..3 * 128)
-            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
-            .collect();
-        let out = m.matmul(&x, 3).expect("matmul");
-        for r in 0..3 {
-            let mut a = vec![0u8; 4 * 36];
-            quantize_activations(Activation::Q8_1, &x[r * 128..(r + 1) * 128], &mut a);
-            for c in 0..8 {
+    fn four_row_dot_products_equal_the_portable_definition_bit_for_bit() {
+        for format in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
+            for seed in 0..100 {
+                let blocks = 1 + (seed as usize % 40);
+                let (w, a) = random_blocks(format, 4 * blocks, seed);
+                let rows: Vec<&[u8]> = w.chunks_exact(blocks * format.block_bytes()).collect();
+                let a = &a[..blocks * format.activation().block_bytes()];
+                let w4 = [rows[0], rows[1], rows[2], rows[3]];
+                let (fast, reference): ([f32; 4], [f32; 4]) = match format {
+                    BlockFormat::Q4_0 => (
+                        simd::dot4_q4_0_q8_0(w4, a),
+                        w4.map(|w| portable::dot_q4_0_q8_0(w, a)),
+                    ),
+                    BlockFormat::Q4_1 => (
+                        simd::dot4_q4_1_q8_1(w4, a),
+                        w4.map(|w| portable::dot_q4_1_q8_1(w, a)),
+                    ),
+                    BlockFormat::Q8_0 => (
+                        simd::dot4_q8_0_q8_0(w4, a),
+                        w4.map(|w| portable::dot_q8_0_q8_0(w, a)),
+                    ),
+                };
                 assert_eq!(
-                    out[r * 8 + c].to_bits(),
-                    portable::dot_q4_1_q8_1(m.row(c), &a).to_bits()
+                    fast.map(f32::to_bits),
+                    reference.map(f32::to_bits),
+                    "{format:?} seed {seed}: {fast:?} vs {reference:?}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_equals_row_by_row_dots() {
+        // 7 rows: one group of four and three left over; 45 rows: several
+        // tasks, each with groups and leftovers.
+        for rows in [7usize, 45] {
+            let (w, _) = random_blocks(BlockFormat::Q4_1, rows * 4, 9); // rows of 4 blocks
+            let m = QuantMatrix::new("w", BlockFormat::Q4_1, rows, 128, w).expect("matrix");
+            let x: Vec<f32> = (0..3 * 128)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+                .collect();
+            for batch in [1usize, 3] {
+                let out = m.matmul(&x[..batch * 128], batch).expect("matmul");
+                for r in 0..batch {
+                    let mut a = vec![0u8; 4 * 36];
+                    quantize_activations(Activation::Q8_1, &x[r * 128..(r + 1) * 128], &mut a);
+                    for c in 0..rows {
+                        assert_eq!(
+                            out[r * rows + c].to_bits(),
+                            portable::dot_q4_1_q8_1(m.row(c), &a).to_bits(),
+                            "rows {rows}, batch {batch}, row {r}, column {c}"
+                        );
+                    }
+                }
             }
         }
     }

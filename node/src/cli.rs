@@ -478,6 +478,11 @@ pub struct EngineBenchArgs {
     #[arg(long, default_value = "python3", value_name = "PYTHON|off")]
     pub llama_cpp: String,
 
+    /// Also show where ringlet's time goes, per kind of op, for prefill and
+    /// for each decoded token
+    #[arg(long)]
+    pub profile: bool,
+
     /// Also write the results as JSON to this file
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,

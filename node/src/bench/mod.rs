@@ -92,8 +92,16 @@ pub async fn bench(args: EngineBenchArgs) -> anyhow::Result<()> {
     );
     let mut ours = Vec::new();
     let mut theirs = Vec::new();
+    let mut profile = args.profile.then(StepProfile::default);
+    kernels::profile::set_enabled(args.profile);
     for round in 1..=args.rounds {
-        let r = measure_ringlet(&engine.handle, &prompt, args.decode_tokens).await?;
+        let r = measure_ringlet(
+            &engine.handle,
+            &prompt,
+            args.decode_tokens,
+            profile.as_mut(),
+        )
+        .await?;
         eprintln!(
             "  round {round}/{}: ringlet   decode {:6.1} tok/s, prefill {:7.1} tok/s",
             args.rounds, r.decode_tok_s, r.prefill_tok_s
@@ -131,6 +139,9 @@ pub async fn bench(args: EngineBenchArgs) -> anyhow::Result<()> {
         }),
     };
     print_table(&report);
+    if let Some(profile) = &profile {
+        profile.print(args.prompt_tokens, args.rounds);
+    }
     if let Some(path) = &args.json {
         let json = serde_json::to_string_pretty(&report)?;
         std::fs::write(path, json).with_context(|| format!("cannot write {}", path.display()))?;
@@ -154,11 +165,81 @@ fn bench_prompt(tokenizer: &Tokenizer, n: usize) -> anyhow::Result<Vec<u32>> {
     }
 }
 
+/// Time per kind of op, summed over rounds: prefill (up to the first
+/// token) and decode (after it).
+#[derive(Default)]
+struct StepProfile {
+    prefill: Vec<(kernels::profile::Op, u64, u64)>,
+    decode: Vec<(kernels::profile::Op, u64, u64)>,
+    decoded: usize,
+}
+
+impl StepProfile {
+    fn add(into: &mut Vec<(kernels::profile::Op, u64, u64)>) {
+        let taken = kernels::profile::take();
+        if into.is_empty() {
+            *into = taken;
+        } else {
+            for (sum, (_, nanos, calls)) in into.iter_mut().zip(taken) {
+                sum.1 += nanos;
+                sum.2 += calls;
+            }
+        }
+    }
+
+    fn print(&self, prompt_tokens: usize, rounds: usize) {
+        let table = |title: String, ops: &[(kernels::profile::Op, u64, u64)], per: f64| {
+            println!();
+            println!("{title}");
+            println!("| op | ms | share of the step | calls |");
+            println!("|---|---:|---:|---:|");
+            let step = ops.first().map_or(0, |o| o.1).max(1) as f64;
+            let mut accounted = 0u64;
+            for (op, nanos, calls) in ops.iter().skip(1) {
+                accounted += nanos;
+                println!(
+                    "| {} | {:.3} | {:.1}% | {:.0} |",
+                    op.name(),
+                    *nanos as f64 / 1e6 / per,
+                    *nanos as f64 / step * 100.0,
+                    *calls as f64 / per
+                );
+            }
+            let rest = step - accounted as f64;
+            println!(
+                "| everything else (dispatch, allocation, copies) | {:.3} | {:.1}% | |",
+                rest / 1e6 / per,
+                rest / step * 100.0
+            );
+            println!(
+                "| **whole step** | **{:.3}** | 100% | {:.0} |",
+                step / 1e6 / per,
+                ops.first().map_or(0, |o| o.2) as f64 / per
+            );
+        };
+        let rounds = rounds.max(1) as f64;
+        table(
+            format!("where the time of a {prompt_tokens}-token prefill goes (per prompt)"),
+            &self.prefill,
+            rounds,
+        );
+        table(
+            "where the time of a decode step goes (per token)".into(),
+            &self.decode,
+            self.decoded.max(1) as f64,
+        );
+    }
+}
+
 async fn measure_ringlet(
     engine: &EngineHandle,
     prompt: &[u32],
     decode_tokens: usize,
+    mut profile: Option<&mut StepProfile>,
 ) -> anyhow::Result<Round> {
+    if profile.is_some() {
+        kernels::profile::take(); // nothing from before this round
+    }
     let started = Instant::now();
     let mut generation = engine.submit(GenerationRequest {
         id: SequenceId(rand::random()),
@@ -170,10 +251,21 @@ async fn measure_ringlet(
     let mut stamps = Vec::with_capacity(decode_tokens + 1);
     while let Some(event) = generation.events.recv().await {
         match event {
-            GenerationEvent::Token(_) => stamps.push(Instant::now()),
+            GenerationEvent::Token(_) => {
+                stamps.push(Instant::now());
+                if stamps.len() == 1
+                    && let Some(profile) = profile.as_deref_mut()
+                {
+                    StepProfile::add(&mut profile.prefill);
+                }
+            }
             GenerationEvent::Finished { .. } => break,
             GenerationEvent::Failed { message } => bail!("generation failed: {message}"),
         }
+    }
+    if let Some(profile) = profile {
+        StepProfile::add(&mut profile.decode);
+        profile.decoded += stamps.len().saturating_sub(1);
     }
     let (Some(first), Some(last)) = (stamps.first(), stamps.last()) else {
         bail!("the engine generated no tokens");
