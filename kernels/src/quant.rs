@@ -389,6 +389,18 @@ mod simd {
         }
     }
 
+    /// The f16 at `p` (unaligned) as f32, without a bounds check.
+    #[inline(always)]
+    unsafe fn f16_ptr(p: *const u8) -> f32 {
+        // SAFETY: the caller passes a pointer to two readable bytes.
+        unsafe { half::f16::from_bits((p as *const u16).read_unaligned()).to_f32() }
+    }
+
+    /// How far ahead (in bytes) each weight row is prefetched: a few
+    /// blocks, so that the next blocks arrive from L2/L3 while these are
+    /// computed.
+    const PREFETCH_BYTES: usize = 640;
+
     /// 32 weights of a 4-bit block as bytes 0..=15: low nibbles, then high.
     #[inline(always)]
     unsafe fn nibbles(qs: *const u8) -> __m256i {
@@ -492,11 +504,14 @@ mod simd {
             let mut acc = [_mm256_setzero_ps(); 4];
             for b in 0..blocks {
                 let ab = a.as_ptr().add(b * 34);
-                let dy = f16_at(a, b * 34);
+                let dy = f16_ptr(ab);
                 let qy = _mm256_loadu_si256(ab.add(2) as *const __m256i);
                 for r in 0..4 {
-                    let d = _mm256_set1_ps(f16_at(w[r], b * w_block) * dy);
-                    let qx = load(w[r].as_ptr().add(b * w_block));
+                    let wb = w[r].as_ptr().add(b * w_block);
+                    // A hint only: prefetching past the row's end is harmless.
+                    _mm_prefetch::<_MM_HINT_T0>(wb.wrapping_add(PREFETCH_BYTES) as *const i8);
+                    let d = _mm256_set1_ps(f16_ptr(wb) * dy);
+                    let qx = load(wb);
                     // |qx| times qy with qx's sign: unsigned × signed.
                     let q = dot_u8_i8(_mm256_sign_epi8(qx, qx), _mm256_sign_epi8(qy, qx));
                     acc[r] = _mm256_fmadd_ps(d, q, acc[r]);
@@ -520,13 +535,15 @@ mod simd {
             let mut summs = [0f32; 4];
             for b in 0..blocks {
                 let ab = a.as_ptr().add(b * 36);
-                let dy = f16_at(a, b * 36);
-                let sy = f16_at(a, b * 36 + 2);
+                let dy = f16_ptr(ab);
+                let sy = f16_ptr(ab.add(2));
                 let qy = _mm256_loadu_si256(ab.add(4) as *const __m256i);
                 for r in 0..4 {
                     let wb = w[r].as_ptr().add(b * 20);
-                    summs[r] += f16_at(w[r], b * 20 + 2) * sy;
-                    let d = _mm256_set1_ps(f16_at(w[r], b * 20) * dy);
+                    // A hint only: prefetching past the row's end is harmless.
+                    _mm_prefetch::<_MM_HINT_T0>(wb.wrapping_add(PREFETCH_BYTES) as *const i8);
+                    summs[r] += f16_ptr(wb.add(2)) * sy;
+                    let d = _mm256_set1_ps(f16_ptr(wb) * dy);
                     acc[r] = _mm256_fmadd_ps(d, dot_u8_i8(nibbles(wb.add(4)), qy), acc[r]);
                 }
             }
