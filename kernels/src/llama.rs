@@ -568,7 +568,11 @@ impl Block {
         let h = rms_norm(&x, &self.ffn_norm, eps)?;
         let (gate, up) = {
             let _mlp = profile::span(Op::MlpMatmul);
-            (self.w_gate.matmul(&h)?, self.w_up.matmul(&h)?) // [n, ff] each
+            let mut both = Matrix::matmul_each(&[&self.w_gate, &self.w_up], &h)?.into_iter();
+            match (both.next(), both.next()) {
+                (Some(gate), Some(up)) => (gate, up), // [n, ff] each
+                _ => return Err(candle_core::Error::Msg("a product went missing".into()).into()),
+            }
         };
         let act = {
             let _swiglu = profile::span(Op::Elementwise);
@@ -593,8 +597,11 @@ impl Block {
     ) -> Result<Tensor> {
         let (q, k, v) = {
             let _qkv = profile::span(Op::AttentionMatmul);
-            // [n, H*d], [n, KV*d], [n, KV*d]
-            (self.wq.matmul(h)?, self.wk.matmul(h)?, self.wv.matmul(h)?)
+            let mut qkv = Matrix::matmul_each(&[&self.wq, &self.wk, &self.wv], h)?.into_iter();
+            match (qkv.next(), qkv.next(), qkv.next()) {
+                (Some(q), Some(k), Some(v)) => (q, k, v), // [n, H*d], [n, KV*d], [n, KV*d]
+                _ => return Err(candle_core::Error::Msg("a product went missing".into()).into()),
+            }
         };
         let y = {
             let _attention = profile::span(Op::Attention);

@@ -70,6 +70,35 @@ impl Matrix {
         }
     }
 
+    /// `x` times each of `matrices`: on the CPU with ringlet's kernels in
+    /// one parallel pass (see [`QuantMatrix::matmul_each`]), else one by
+    /// one.
+    pub(crate) fn matmul_each(matrices: &[&Matrix], x: &Tensor) -> Result<Vec<Tensor>> {
+        let quant: Option<Vec<&QuantMatrix>> = matrices
+            .iter()
+            .map(|w| match w {
+                Self::Quant(w) => Some(w.as_ref()),
+                Self::Candle { .. } => None,
+            })
+            .collect();
+        let same_activation = quant.as_ref().is_some_and(|q| {
+            q.windows(2)
+                .all(|p| p[0].format().activation_bytes() == p[1].format().activation_bytes())
+        });
+        match quant {
+            Some(quant) if same_activation => {
+                let m = x.dim(0)?;
+                let values = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let outs = QuantMatrix::matmul_each(&quant, &values, m)?;
+                outs.into_iter()
+                    .zip(&quant)
+                    .map(|(out, w)| Ok(Tensor::from_vec(out, (m, w.rows()), x.device())?))
+                    .collect()
+            }
+            _ => matrices.iter().map(|w| w.matmul(x)).collect(),
+        }
+    }
+
     /// Rows `ids` as f32, `[ids.len(), cols]`.
     pub(crate) fn embed(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
         match self {

@@ -62,6 +62,12 @@ impl BlockFormat {
         }
     }
 
+    /// Bytes per block of the activations this format multiplies with
+    /// (formats with equal values share one quantization of them).
+    pub const fn activation_bytes(self) -> usize {
+        self.activation().block_bytes()
+    }
+
     /// The format activations are quantized to before the dot product.
     const fn activation(self) -> Activation {
         match self {
@@ -159,68 +165,97 @@ impl QuantMatrix {
 
     /// `x` is `[m, cols]` row-major; returns `x · selfᵀ`, `[m, rows]`.
     pub fn matmul(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
-        if x.len() != m * self.cols {
+        let mut out = Self::matmul_each(&[self], x, m)?;
+        Ok(out.pop().unwrap_or_default())
+    }
+
+    /// `x · wᵀ` for every `w` in `matrices` (same `cols`, same activation
+    /// format), in one parallel pass: the activations are quantized once,
+    /// and the threads share out the rows of all matrices together, so
+    /// that Q, K and V (or gate and up) cost one dispatch instead of
+    /// several. Each result is bit for bit [`matmul`](Self::matmul)'s.
+    pub fn matmul_each(matrices: &[&QuantMatrix], x: &[f32], m: usize) -> Result<Vec<Vec<f32>>> {
+        let Some(first) = matrices.first() else {
+            return Ok(Vec::new());
+        };
+        let (cols, activation) = (first.cols, first.format.activation());
+        if x.len() != m * cols
+            || matrices
+                .iter()
+                .any(|w| w.cols != cols || w.format.activation() != activation)
+        {
             return Err(KernelError::HiddenShape {
                 got: vec![x.len()],
-                hidden_size: self.cols,
+                hidden_size: cols,
             });
         }
-        let activation = self.format.activation();
-        let a_row_bytes = self.cols / BLOCK_VALUES * activation.block_bytes();
+        let a_row_bytes = cols / BLOCK_VALUES * activation.block_bytes();
         let mut xq = vec![0u8; m * a_row_bytes];
-        for (row, out) in x
-            .chunks_exact(self.cols)
-            .zip(xq.chunks_exact_mut(a_row_bytes))
-        {
+        for (row, out) in x.chunks_exact(cols).zip(xq.chunks_exact_mut(a_row_bytes)) {
             quantize_activations(activation, row, out);
         }
-        // Columns (weight rows) are split across threads; each task computes
-        // its columns for all m activation rows, so a weight row is read once
+        // Columns (weight rows) are split into tasks; each task computes its
+        // columns for all m activation rows, so a weight row is read once
         // per call, and writes a contiguous [columns, m] slice.
-        let mut out_t = vec![0f32; self.rows * m];
+        let total_rows: usize = matrices.iter().map(|w| w.rows).sum();
         // A multiple of four, for the four-row kernels.
         let per_task =
-            (self.rows / (4 * rayon::current_num_threads().max(1))).clamp(16, 1024) / 4 * 4;
-        out_t
-            .par_chunks_mut(per_task * m)
-            .enumerate()
-            .for_each(|(chunk, out)| {
-                let first = chunk * per_task;
-                let columns = out.len() / m;
-                // Four weight rows at a time share each activation block.
-                let quads = columns / 4;
-                for q in 0..quads {
-                    let c = first + 4 * q;
-                    let w = [
-                        self.row(c),
-                        self.row(c + 1),
-                        self.row(c + 2),
-                        self.row(c + 3),
-                    ];
-                    for r in 0..m {
-                        let dots = self.dot4(w, &xq[r * a_row_bytes..(r + 1) * a_row_bytes]);
-                        for (i, dot) in dots.into_iter().enumerate() {
-                            out[(4 * q + i) * m + r] = dot;
-                        }
-                    }
-                }
-                for i in 4 * quads..columns {
-                    let w = self.row(first + i);
-                    for r in 0..m {
-                        out[i * m + r] = self.dot(w, &xq[r * a_row_bytes..(r + 1) * a_row_bytes]);
-                    }
-                }
-            });
-        if m == 1 {
-            return Ok(out_t);
-        }
-        let mut out = vec![0f32; m * self.rows];
-        for (c, col) in out_t.chunks_exact(m).enumerate() {
-            for (r, v) in col.iter().enumerate() {
-                out[r * self.rows + c] = *v;
+            (total_rows / (4 * rayon::current_num_threads().max(1))).clamp(16, 1024) / 4 * 4;
+        let mut outs_t: Vec<Vec<f32>> = matrices.iter().map(|w| vec![0f32; w.rows * m]).collect();
+        let mut tasks: Vec<(&QuantMatrix, usize, &mut [f32])> = Vec::new();
+        for (w, out_t) in matrices.iter().zip(outs_t.iter_mut()) {
+            for (chunk, out) in out_t.chunks_mut(per_task * m).enumerate() {
+                tasks.push((w, chunk * per_task, out));
             }
         }
-        Ok(out)
+        tasks
+            .into_par_iter()
+            .for_each(|(w, first, out)| w.columns(first, out, &xq, a_row_bytes, m));
+        if m == 1 {
+            return Ok(outs_t);
+        }
+        Ok(matrices
+            .iter()
+            .zip(outs_t)
+            .map(|(w, out_t)| {
+                let mut out = vec![0f32; m * w.rows];
+                for (c, col) in out_t.chunks_exact(m).enumerate() {
+                    for (r, v) in col.iter().enumerate() {
+                        out[r * w.rows + c] = *v;
+                    }
+                }
+                out
+            })
+            .collect())
+    }
+
+    /// Columns `first..first + out.len() / m` of the product with the
+    /// quantized activations `xq` (`m` rows), into `out` as `[columns, m]`.
+    fn columns(&self, first: usize, out: &mut [f32], xq: &[u8], a_row_bytes: usize, m: usize) {
+        let columns = out.len() / m;
+        // Four weight rows at a time share each activation block.
+        let quads = columns / 4;
+        for q in 0..quads {
+            let c = first + 4 * q;
+            let w = [
+                self.row(c),
+                self.row(c + 1),
+                self.row(c + 2),
+                self.row(c + 3),
+            ];
+            for r in 0..m {
+                let dots = self.dot4(w, &xq[r * a_row_bytes..(r + 1) * a_row_bytes]);
+                for (i, dot) in dots.into_iter().enumerate() {
+                    out[(4 * q + i) * m + r] = dot;
+                }
+            }
+        }
+        for i in 4 * quads..columns {
+            let w = self.row(first + i);
+            for r in 0..m {
+                out[i * m + r] = self.dot(w, &xq[r * a_row_bytes..(r + 1) * a_row_bytes]);
+            }
+        }
     }
 
     fn dot4(&self, w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
@@ -697,6 +732,38 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn one_pass_over_several_matrices_equals_one_at_a_time() {
+        // Q, K, V shapes in miniature: 45, 15 and 15 rows of 4 blocks.
+        let matrices: Vec<QuantMatrix> = [(45usize, 1u64), (15, 2), (15, 3)]
+            .iter()
+            .map(|&(rows, seed)| {
+                let (w, _) = random_blocks(BlockFormat::Q4_1, rows * 4, seed);
+                QuantMatrix::new("w", BlockFormat::Q4_1, rows, 128, w).expect("matrix")
+            })
+            .collect();
+        let refs: Vec<&QuantMatrix> = matrices.iter().collect();
+        let x: Vec<f32> = (0..5 * 128)
+            .map(|i| ((i * 53 % 211) as f32 - 105.0) / 9.0)
+            .collect();
+        for m in [1usize, 5] {
+            let together = QuantMatrix::matmul_each(&refs, &x[..m * 128], m).expect("together");
+            for (w, out) in matrices.iter().zip(&together) {
+                let alone = w.matmul(&x[..m * 128], m).expect("alone");
+                assert_eq!(
+                    out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    alone.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                );
+            }
+        }
+        let (w, _) = random_blocks(BlockFormat::Q8_0, 4 * 4, 4);
+        let other = QuantMatrix::new("w", BlockFormat::Q8_0, 4, 128, w).expect("matrix");
+        assert!(
+            QuantMatrix::matmul_each(&[&matrices[0], &other], &x[..128], 1).is_err(),
+            "matrices with different activation formats are refused"
+        );
     }
 
     #[test]
