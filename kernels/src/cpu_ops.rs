@@ -60,15 +60,49 @@ fn reduce_add16(a: &[f32; 16]) -> f32 {
 pub(crate) fn dot_f32(x: &[f32], y: &[f32]) -> f32 {
     let n = x.len().min(y.len());
     let np = n & !63;
+    let mut s = dot_f32_steps(&x[..np], &y[..np]);
+    for e in np..n {
+        s = x[e].mul_add(y[e], s);
+    }
+    s
+}
+
+/// The 64-element steps of [`dot_f32`] (`x.len() == y.len()`, a multiple
+/// of 64), reduced: ggml's AVX-512 code itself where the build has it.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+fn dot_f32_steps(x: &[f32], y: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let steps = x.len().min(y.len()) / 64;
+    // SAFETY: AVX-512F is enabled (cfg); every load reads 16 floats inside
+    // the first `steps * 64` elements of `x` and `y`.
+    unsafe {
+        let mut acc = [_mm512_setzero_ps(); 4];
+        for i in 0..steps {
+            for (j, acc) in acc.iter_mut().enumerate() {
+                let at = i * 64 + 16 * j;
+                *acc = _mm512_fmadd_ps(
+                    _mm512_loadu_ps(x.as_ptr().add(at)),
+                    _mm512_loadu_ps(y.as_ptr().add(at)),
+                    *acc,
+                );
+            }
+        }
+        let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3]));
+        reduce_add16_avx512(sum)
+    }
+}
+
+/// The portable definition of [`dot_f32`]'s 64-element steps.
+#[cfg_attr(
+    all(target_arch = "x86_64", target_feature = "avx512f"),
+    allow(dead_code)
+)]
+fn dot_f32_steps_portable(x: &[f32], y: &[f32]) -> f32 {
     let mut acc = [[0f32; 16]; 4];
-    // Fixed-size steps with no index arithmetic, so that each 16-lane
-    // accumulator becomes vector FMAs (lane by lane the same operations).
-    for (xs, ys) in x[..np].chunks_exact(64).zip(y[..np].chunks_exact(64)) {
+    for (xs, ys) in x.chunks_exact(64).zip(y.chunks_exact(64)) {
         for (j, acc) in acc.iter_mut().enumerate() {
-            let xs: &[f32; 16] = xs[16 * j..16 * j + 16].try_into().unwrap_or(&[0.0; 16]);
-            let ys: &[f32; 16] = ys[16 * j..16 * j + 16].try_into().unwrap_or(&[0.0; 16]);
-            for l in 0..16 {
-                acc[l] = xs[l].mul_add(ys[l], acc[l]);
+            for (l, a) in acc.iter_mut().enumerate() {
+                *a = xs[16 * j + l].mul_add(ys[16 * j + l], *a);
             }
         }
     }
@@ -78,11 +112,12 @@ pub(crate) fn dot_f32(x: &[f32], y: &[f32]) -> f32 {
         let a1 = acc[1][l] + acc[3][l];
         sum[l] = a0 + a1;
     }
-    let mut s = reduce_add16(&sum);
-    for e in np..n {
-        s = x[e].mul_add(y[e], s);
-    }
-    s
+    reduce_add16(&sum)
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
+fn dot_f32_steps(x: &[f32], y: &[f32]) -> f32 {
+    dot_f32_steps_portable(x, y)
 }
 
 /// llamafile's tinyBLAS f32 kernel for one output: one 16-lane FMA
@@ -311,17 +346,97 @@ fn softmax_in_place(row: &mut [f32]) {
         .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
     let mut sum = 0f64;
     for chunk in row.chunks_exact_mut(16) {
-        let mut lanes = [0f32; 16];
-        for (lane, v) in lanes.iter_mut().zip(chunk.iter()) {
-            *lane = v_expf(*v - max);
-        }
-        chunk.copy_from_slice(&lanes);
-        sum += f64::from(reduce_add16(&lanes));
+        sum += f64::from(exp_chunk(chunk, max));
     }
     let inv = (1.0 / sum) as f32;
     for v in row.iter_mut() {
         *v *= inv;
     }
+}
+
+/// Replaces the 16 values of `chunk` by `v_expf(v - max)` and returns
+/// their `reduce_add16`: ggml's AVX-512 code itself where the build has it.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+fn exp_chunk(chunk: &mut [f32], max: f32) -> f32 {
+    use std::arch::x86_64::*;
+    assert_eq!(chunk.len(), 16, "softmax chunks are 16 values");
+    let c = |bits: u32| f32::from_bits(bits);
+    // SAFETY: AVX-512F is enabled (cfg); the loads and the store touch the
+    // 16 floats of `chunk` (asserted above).
+    unsafe {
+        let x = _mm512_sub_ps(_mm512_loadu_ps(chunk.as_ptr()), _mm512_set1_ps(max));
+        let r = _mm512_set1_ps(c(0x4B40_0000));
+        let z = _mm512_fmadd_ps(x, _mm512_set1_ps(c(0x3FB8_AA3B)), r);
+        let n = _mm512_sub_ps(z, r);
+        let b = _mm512_fnmadd_ps(
+            n,
+            _mm512_set1_ps(c(0x35BF_BE8E)),
+            _mm512_fnmadd_ps(n, _mm512_set1_ps(c(0x3F31_7200)), x),
+        );
+        let saturated = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(_mm512_abs_ps(n), _mm512_set1_ps(192.0));
+        let u = _mm512_mul_ps(b, b);
+        let j = _mm512_fmadd_ps(
+            _mm512_fmadd_ps(
+                _mm512_fmadd_ps(
+                    _mm512_set1_ps(c(0x3C07_2010)),
+                    b,
+                    _mm512_set1_ps(c(0x3D2B_9F17)),
+                ),
+                u,
+                _mm512_fmadd_ps(
+                    _mm512_set1_ps(c(0x3E2A_AF33)),
+                    b,
+                    _mm512_set1_ps(c(0x3EFF_FEDB)),
+                ),
+            ),
+            u,
+            _mm512_fmadd_ps(_mm512_set1_ps(c(0x3F7F_FFF6)), b, _mm512_set1_ps(1.0)),
+        );
+        let scaled = _mm512_scalef_ps(j, n);
+        let non_positive = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(n, _mm512_setzero_ps());
+        let limit = _mm512_mask_blend_ps(
+            non_positive,
+            _mm512_set1_ps(f32::INFINITY),
+            _mm512_setzero_ps(),
+        );
+        let e = _mm512_mask_blend_ps(saturated, scaled, limit);
+        _mm512_storeu_ps(chunk.as_mut_ptr(), e);
+        reduce_add16_avx512(e)
+    }
+}
+
+/// [`reduce_add16`] of a vector: halves, quarters, then (0 + 2) + (1 + 3).
+#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+#[inline(always)]
+fn reduce_add16_avx512(v: std::arch::x86_64::__m512) -> f32 {
+    use std::arch::x86_64::*;
+    // SAFETY: AVX-512F is enabled (cfg); register-only operations.
+    unsafe {
+        let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+        let t8 = _mm256_add_ps(high, _mm512_castps512_ps256(v));
+        let t4 = _mm_add_ps(_mm256_extractf128_ps::<1>(t8), _mm256_castps256_ps128(t8));
+        let t2 = _mm_add_ps(t4, _mm_movehl_ps(t4, t4));
+        _mm_cvtss_f32(_mm_add_ss(t2, _mm_movehdup_ps(t2)))
+    }
+}
+
+/// The portable definition of [`exp_chunk`].
+#[cfg_attr(
+    all(target_arch = "x86_64", target_feature = "avx512f"),
+    allow(dead_code)
+)]
+fn exp_chunk_portable(chunk: &mut [f32], max: f32) -> f32 {
+    let mut lanes = [0f32; 16];
+    for (lane, v) in lanes.iter_mut().zip(chunk.iter()) {
+        *lane = v_expf(*v - max);
+    }
+    chunk.copy_from_slice(&lanes);
+    reduce_add16(&lanes)
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
+fn exp_chunk(chunk: &mut [f32], max: f32) -> f32 {
+    exp_chunk_portable(chunk, max)
 }
 
 #[cfg(test)]
@@ -387,6 +502,58 @@ mod tests {
             assert!(
                 got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
                 "{x}: {got} vs {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn fast_f32_dots_equal_the_portable_definition_bit_for_bit() {
+        let mut state = 3u64;
+        let mut next = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 20.0
+        };
+        for steps in [1usize, 2, 3, 8] {
+            for _ in 0..200 {
+                let x: Vec<f32> = (0..64 * steps).map(|_| next()).collect();
+                let y: Vec<f32> = (0..64 * steps).map(|_| next()).collect();
+                assert_eq!(
+                    dot_f32_steps(&x, &y).to_bits(),
+                    dot_f32_steps_portable(&x, &y).to_bits()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn fast_exp_chunks_equal_the_portable_definition_bit_for_bit() {
+        let mut state = 11u64;
+        let mut next = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 40) as f32 / (1u64 << 24) as f32
+        };
+        for round in 0..20_000 {
+            // Scores from -250 to 250 around the max, with masked slots.
+            let mut values: Vec<f32> = (0..16)
+                .map(|i| match (round + i) % 11 {
+                    0 => f32::NEG_INFINITY,
+                    1 => 0.0,
+                    _ => (next() - 0.5) * 500.0,
+                })
+                .collect();
+            let max = values.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let mut reference = values.clone();
+            let sum = exp_chunk(&mut values, max);
+            let want = exp_chunk_portable(&mut reference, max);
+            assert_eq!(sum.to_bits(), want.to_bits(), "sum, round {round}");
+            assert_eq!(
+                values.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                reference.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "round {round}"
             );
         }
     }
