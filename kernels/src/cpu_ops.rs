@@ -173,15 +173,59 @@ pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let cols = gate.dim(candle_core::D::Minus1)?;
     let up_values = up.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
     let out = with_f32(gate, |g| {
-        let mut out = Vec::with_capacity(g.len());
-        for (x, u) in g.chunks_exact(cols).zip(up_values.chunks_exact(cols)) {
-            let simd = cols & !15;
-            out.extend((0..simd).map(|i| (x[i] / (1.0 + v_expf(0.0 - x[i]))) * u[i]));
-            out.extend((simd..cols).map(|i| (x[i] / (1.0 + (-x[i]).exp())) * u[i]));
-        }
+        let mut out = vec![0f32; g.len()];
+        // Rows are independent: they share the compute pool.
+        out.par_chunks_mut(cols)
+            .zip(g.par_chunks(cols).zip(up_values.par_chunks(cols)))
+            .for_each(|(out, (x, u))| swiglu_row(x, u, out));
         out
     })?;
     Ok(Tensor::from_vec(out, gate.shape(), &Device::Cpu)?)
+}
+
+/// One row of [`swiglu`]: 16-wide chunks with `v_expf`, the rest with
+/// libm's `expf`, as `ggml_vec_swiglu_f32`.
+fn swiglu_row(x: &[f32], u: &[f32], out: &mut [f32]) {
+    let simd = x.len() & !15;
+    swiglu_chunks(&x[..simd], &u[..simd], &mut out[..simd]);
+    for i in simd..x.len() {
+        out[i] = (x[i] / (1.0 + (-x[i]).exp())) * u[i];
+    }
+}
+
+/// `(x / (1 + v_expf(0 - x))) * u` over whole 16-value chunks:
+/// `ggml_v_silu` and the multiply, as ggml's AVX-512 build computes them.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+fn swiglu_chunks(x: &[f32], u: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let chunks = x.len().min(u.len()).min(out.len()) / 16;
+    // SAFETY: AVX-512F is enabled (cfg); every access covers 16 floats
+    // inside the first `chunks * 16` of each slice.
+    unsafe {
+        for i in 0..chunks {
+            let xv = _mm512_loadu_ps(x.as_ptr().add(16 * i));
+            let e = v_expf16(_mm512_sub_ps(_mm512_setzero_ps(), xv));
+            let silu = _mm512_div_ps(xv, _mm512_add_ps(_mm512_set1_ps(1.0), e));
+            let y = _mm512_mul_ps(silu, _mm512_loadu_ps(u.as_ptr().add(16 * i)));
+            _mm512_storeu_ps(out.as_mut_ptr().add(16 * i), y);
+        }
+    }
+}
+
+/// The portable definition of [`swiglu_chunks`].
+#[cfg_attr(
+    all(target_arch = "x86_64", target_feature = "avx512f"),
+    allow(dead_code)
+)]
+fn swiglu_chunks_portable(x: &[f32], u: &[f32], out: &mut [f32]) {
+    for ((o, &x), &u) in out.iter_mut().zip(x).zip(u) {
+        *o = (x / (1.0 + v_expf(0.0 - x))) * u;
+    }
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
+fn swiglu_chunks(x: &[f32], u: &[f32], out: &mut [f32]) {
+    swiglu_chunks_portable(x, u, out)
 }
 
 // ---------------------------------------------------------------------------
@@ -360,11 +404,25 @@ fn softmax_in_place(row: &mut [f32]) {
 fn exp_chunk(chunk: &mut [f32], max: f32) -> f32 {
     use std::arch::x86_64::*;
     assert_eq!(chunk.len(), 16, "softmax chunks are 16 values");
-    let c = |bits: u32| f32::from_bits(bits);
     // SAFETY: AVX-512F is enabled (cfg); the loads and the store touch the
     // 16 floats of `chunk` (asserted above).
     unsafe {
         let x = _mm512_sub_ps(_mm512_loadu_ps(chunk.as_ptr()), _mm512_set1_ps(max));
+        let e = v_expf16(x);
+        _mm512_storeu_ps(chunk.as_mut_ptr(), e);
+        reduce_add16_avx512(e)
+    }
+}
+
+/// [`v_expf`] of 16 lanes: `ggml_v_expf` (AVX-512), instruction for
+/// instruction.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+#[inline(always)]
+fn v_expf16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let c = |bits: u32| f32::from_bits(bits);
+    // SAFETY: AVX-512F is enabled (cfg); register-only operations.
+    unsafe {
         let r = _mm512_set1_ps(c(0x4B40_0000));
         let z = _mm512_fmadd_ps(x, _mm512_set1_ps(c(0x3FB8_AA3B)), r);
         let n = _mm512_sub_ps(z, r);
@@ -399,9 +457,7 @@ fn exp_chunk(chunk: &mut [f32], max: f32) -> f32 {
             _mm512_set1_ps(f32::INFINITY),
             _mm512_setzero_ps(),
         );
-        let e = _mm512_mask_blend_ps(saturated, scaled, limit);
-        _mm512_storeu_ps(chunk.as_mut_ptr(), e);
-        reduce_add16_avx512(e)
+        _mm512_mask_blend_ps(saturated, scaled, limit)
     }
 }
 
@@ -556,6 +612,26 @@ mod tests {
                 "round {round}"
             );
         }
+    }
+
+    #[test]
+    fn fast_swiglu_equals_the_portable_definition_bit_for_bit() {
+        let mut state = 5u64;
+        let mut next = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 60.0
+        };
+        let x: Vec<f32> = (0..16 * 4096).map(|_| next()).collect();
+        let u: Vec<f32> = (0..16 * 4096).map(|_| next()).collect();
+        let (mut fast, mut reference) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+        swiglu_chunks(&x, &u, &mut fast);
+        swiglu_chunks_portable(&x, &u, &mut reference);
+        assert_eq!(
+            fast.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            reference.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
     }
 
     #[test]
