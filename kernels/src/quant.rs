@@ -217,15 +217,7 @@ impl QuantMatrix {
         Ok(matrices
             .iter()
             .zip(outs_t)
-            .map(|(w, out_t)| {
-                let mut out = vec![0f32; m * w.rows];
-                for (c, col) in out_t.chunks_exact(m).enumerate() {
-                    for (r, v) in col.iter().enumerate() {
-                        out[r * w.rows + c] = *v;
-                    }
-                }
-                out
-            })
+            .map(|(w, out_t)| transposed(&out_t, w.rows, m))
             .collect())
     }
 
@@ -341,6 +333,28 @@ fn quantize_activations(format: Activation, x: &[f32], out: &mut [u8]) {
             block[2..4].copy_from_slice(&f16::from_f32(d * sum as f32).to_le_bytes());
         }
     }
+}
+
+/// `[rows, m]` → `[m, rows]`, in tiles that stay in cache, the output's
+/// row blocks shared out to the compute pool.
+fn transposed(values: &[f32], rows: usize, m: usize) -> Vec<f32> {
+    const TILE: usize = 16;
+    let mut out = vec![0f32; rows * m];
+    out.par_chunks_mut(TILE * rows)
+        .enumerate()
+        .for_each(|(block, out_rows)| {
+            let r0 = block * TILE;
+            let height = out_rows.len() / rows;
+            for c0 in (0..rows).step_by(TILE) {
+                for c in c0..(c0 + TILE).min(rows) {
+                    let column = &values[c * m + r0..c * m + r0 + height];
+                    for (i, v) in column.iter().enumerate() {
+                        out_rows[i * rows + c] = *v;
+                    }
+                }
+            }
+        });
+    out
 }
 
 /// Eight-lane horizontal sum in ggml's order (`hsum_float_8`).
