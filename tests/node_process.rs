@@ -8,7 +8,7 @@ mod support;
 use std::time::Duration;
 
 use support::{Node, chat, chat_body, request, sse_data, streamed_content};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 #[tokio::test]
@@ -42,27 +42,13 @@ async fn the_official_openai_python_client_works() {
 #[tokio::test]
 async fn a_client_that_hangs_up_cancels_its_generation() {
     let mut node = Node::start_ready(&[]);
-    let body = chat_body("Write a very long essay about mountains.", 4000, true);
-    let raw = format!(
-        "POST /v1/chat/completions HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let mut stream = TcpStream::connect(node.addr).await.expect("connect");
-    stream.write_all(raw.as_bytes()).await.expect("send");
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while String::from_utf8_lossy(&seen).matches("data:").count() < 4 {
-        let n = tokio::time::timeout(Duration::from_secs(60), stream.read(&mut buf))
-            .await
-            .expect("data in time")
-            .expect("read");
-        assert!(
-            n > 0,
-            "the stream closed early: {}",
-            String::from_utf8_lossy(&seen)
-        );
-        seen.extend_from_slice(&buf[..n]);
-    }
+    let (stream, _) = support::start_stream(
+        node.addr,
+        "Write a very long essay about mountains.",
+        4000,
+        3,
+    )
+    .await;
     drop(stream);
     let line = node.wait_for_log("generation cancelled", Duration::from_secs(30));
     assert!(line.contains("client went away"), "{line}");

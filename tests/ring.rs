@@ -222,13 +222,7 @@ async fn a_request_fails_fast_when_a_stage_dies() {
     nodes[2].kill();
     // The owner notices the broken link at once (or after the heartbeat
     // timeout at worst); the stream must end with an error, not hang.
-    let rest = tokio::time::timeout(Duration::from_secs(15), async {
-        let mut rest = Vec::new();
-        stream.read_to_end(&mut rest).await.expect("read");
-        rest
-    })
-    .await
-    .expect("the stream ends within 15 s of the node dying");
+    let rest = support::read_rest(&mut stream, Duration::from_secs(15)).await;
     let tail = String::from_utf8_lossy(&rest);
     assert!(
         tail.contains("\"error\"") && tail.contains("left the cluster"),
@@ -253,13 +247,7 @@ async fn a_joining_node_waits_for_the_running_request() {
     // A third node joins while the answer streams.
     let first = nodes[0].addr.to_string();
     nodes.push(Node::start(&["--name", "node-2", "--peer", &first]));
-    let rest = tokio::time::timeout(Duration::from_secs(120), async {
-        let mut rest = Vec::new();
-        stream.read_to_end(&mut rest).await.expect("read");
-        rest
-    })
-    .await
-    .expect("the stream ends");
+    let rest = support::read_rest(&mut stream, Duration::from_secs(120)).await;
     seen.extend_from_slice(&rest);
     let body = String::from_utf8_lossy(&seen);
     let events = sse_data(body.split_once("\r\n\r\n").map_or("", |(_, b)| b));

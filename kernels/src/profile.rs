@@ -93,10 +93,23 @@ pub(crate) fn span(op: Op) -> Span {
 impl Drop for Span {
     fn drop(&mut self) {
         if let Some(started) = self.started {
-            let i = Op::ALL.iter().position(|o| *o == self.op).unwrap_or(0);
+            // `Op::ALL` lists the ops in declaration order.
+            let i = self.op as usize;
             let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
             NANOS[i].fetch_add(nanos, Ordering::Relaxed);
             CALLS[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ops_are_listed_in_declaration_order() {
+        for (i, op) in Op::ALL.iter().enumerate() {
+            assert_eq!(*op as usize, i, "{op:?}");
         }
     }
 }

@@ -483,6 +483,17 @@ pub async fn start_stream(
     (stream, seen)
 }
 
+/// Reads what is left of `stream` until the node closes it.
+pub async fn read_rest(stream: &mut TcpStream, timeout: Duration) -> Vec<u8> {
+    tokio::time::timeout(timeout, async {
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).await.expect("read");
+        rest
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the stream did not end within {timeout:?}"))
+}
+
 /// Follows `GET /v1/cluster/events` until a view satisfies `wanted`, and
 /// returns that view; panics with the last view seen after `timeout`.
 pub async fn wait_for_cluster(

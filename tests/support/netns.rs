@@ -20,7 +20,7 @@ fn ip(args: &[&str]) {
         .expect("run `ip` (iproute2)");
     assert!(
         output.status.success(),
-        "ip {} failed: {}",
+        "ip {} failed: {} (the multi-host test needs root and iproute2; tests/run installs iproute2, CI runs as root)",
         args.join(" "),
         String::from_utf8_lossy(&output.stderr).trim()
     );

@@ -7,37 +7,24 @@ use leptos::prelude::*;
 use crate::api::{self, KnownModel, KnownModels, NodeView};
 use crate::{Shared, admin, format};
 
-/// The outcome of the last download request, in the node's words.
-#[derive(Clone, Debug, PartialEq)]
-enum Outcome {
-    Started(String),
-    Refused(String),
-}
-
 #[component]
 pub fn ModelsPage() -> impl IntoView {
     let shared = expect_context::<Shared>();
     let known = LocalResource::new(|| api::get_json::<KnownModels>("/v1/cluster/models"));
     let token = RwSignal::new(admin::stored_token());
-    let outcome = RwSignal::new(None::<Outcome>);
+    let outcome = RwSignal::new(None::<admin::Outcome>);
     let download = Callback::new(move |model: String| {
         let token = token.get_untracked();
-        admin::remember_token(&token);
         outcome.set(None);
         leptos::task::spawn_local(async move {
-            let authorization = admin::bearer(&token);
             let url = format!("/v1/cluster/models/{model}/download");
-            let answer = api::send("POST", &url, &[("Authorization", &authorization)], None).await;
-            outcome.set(Some(match answer {
-                Ok(answer) if answer.ok() => Outcome::Started(
-                    serde_json::from_str::<serde_json::Value>(&answer.body)
-                        .ok()
-                        .and_then(|v| v["message"].as_str().map(str::to_string))
-                        .unwrap_or_else(|| format!("Fetching {model}.")),
-                ),
-                Ok(answer) => Outcome::Refused(answer.error()),
-                Err(error) => Outcome::Refused(error),
-            }));
+            let answer = admin::send("POST", &url, &token, None).await;
+            outcome.set(Some(answer.map(|body| {
+                serde_json::from_str::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v["message"].as_str().map(str::to_string))
+                    .unwrap_or_else(|| format!("Fetching {model}."))
+            })));
         });
     });
     view! {
@@ -46,18 +33,7 @@ pub fn ModelsPage() -> impl IntoView {
             "Models ringlet can fetch by name, and where their files are. Every node serves the same model; "
             "fetch one onto every node ahead of time here, or with "<code>"ringlet pull NAME"</code>" on a node."
         </p>
-        {move || {
-            outcome
-                .get()
-                .map(|outcome| match outcome {
-                    Outcome::Started(text) => {
-                        view! { <div class="notice success" data-testid="download-outcome">{text}</div> }.into_any()
-                    }
-                    Outcome::Refused(text) => {
-                        view! { <div class="notice error" data-testid="download-outcome">{text}</div> }.into_any()
-                    }
-                })
-        }}
+        {move || outcome.get().map(|o| admin::notice(o, "", "download-outcome"))}
         {move || match known.get() {
             None => view! { <div class="panel muted">"Asking the node…"</div> }.into_any(),
             Some(Err(error)) => view! { <div class="notice error">{error}</div> }.into_any(),

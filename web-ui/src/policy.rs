@@ -5,49 +5,31 @@
 use leptos::prelude::*;
 use wasm_bindgen::JsValue;
 
-use crate::api::{self, PolicyStatus};
+use crate::api::PolicyStatus;
 use crate::{Shared, admin, cluster, format};
-
-/// The outcome of the last change: a success or the node's error.
-#[derive(Clone, Debug, PartialEq)]
-enum Outcome {
-    Changed(String),
-    Refused(String),
-}
 
 #[component]
 pub fn PolicyPage() -> impl IntoView {
     let shared = expect_context::<Shared>();
     let token = RwSignal::new(admin::stored_token());
-    let outcome = RwSignal::new(None::<Outcome>);
+    let outcome = RwSignal::new(None::<admin::Outcome>);
     let working = RwSignal::new(false);
     let file_input = NodeRef::<leptos::html::Input>::new();
 
     let change = move |method: &'static str, body: Option<JsValue>| {
         let token = token.get_untracked();
-        admin::remember_token(&token);
         working.set(true);
         outcome.set(None);
         leptos::task::spawn_local(async move {
-            let authorization = admin::bearer(&token);
-            let mut headers = vec![("Authorization", authorization.as_str())];
-            if body.is_some() {
-                headers.push(("Content-Type", "application/wasm"));
-            }
-            let answer = api::send(method, "/v1/cluster/policy", &headers, body.as_ref()).await;
-            let result = match answer {
-                Ok(answer) if answer.ok() => {
-                    match serde_json::from_str::<PolicyStatus>(&answer.body) {
-                        Ok(policy) => Outcome::Changed(format!(
-                            "Now active: {} {} (revision {}). Every node takes it up, and the leader re-plans with it.",
-                            policy.name, policy.version, policy.revision
-                        )),
-                        Err(_) => Outcome::Changed("The policy changed.".into()),
-                    }
-                }
-                Ok(answer) => Outcome::Refused(answer.error()),
-                Err(error) => Outcome::Refused(error),
-            };
+            let body = body.map(|b| ("application/wasm", b));
+            let answer = admin::send(method, "/v1/cluster/policy", &token, body).await;
+            let result = answer.map(|body| match serde_json::from_str::<PolicyStatus>(&body) {
+                Ok(policy) => format!(
+                    "Now active: {} {} (revision {}). Every node takes it up, and the leader re-plans with it.",
+                    policy.name, policy.version, policy.revision
+                ),
+                Err(_) => "The policy changed.".into(),
+            });
             outcome.set(Some(result));
             working.set(false);
         });
@@ -59,7 +41,7 @@ pub fn PolicyPage() -> impl IntoView {
             .and_then(|files| files.get(0));
         match file {
             Some(file) => change("PUT", Some(file.into())),
-            None => outcome.set(Some(Outcome::Refused(
+            None => outcome.set(Some(Err(
                 "Choose a .wasm file first: a component built with `cargo build --target wasm32-wasip2`."
                     .into(),
             ))),
@@ -95,18 +77,7 @@ pub fn PolicyPage() -> impl IntoView {
                         "Return to the built-in policy"
                     </button>
                 </div>
-                {move || {
-                    outcome
-                        .get()
-                        .map(|outcome| match outcome {
-                            Outcome::Changed(text) => {
-                                view! { <div class="notice success section" data-testid="outcome">{text}</div> }.into_any()
-                            }
-                            Outcome::Refused(text) => {
-                                view! { <div class="notice error section" data-testid="outcome">{text}</div> }.into_any()
-                            }
-                        })
-                }}
+                {move || outcome.get().map(|o| admin::notice(o, "section", "outcome"))}
             </div>
         </div>
         <div class="panel ring-panel section">

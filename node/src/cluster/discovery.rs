@@ -7,7 +7,7 @@
 //! `--peer`. Whether a peer is alive is the links' business (heartbeats),
 //! not mDNS's: a killed node sends no goodbye and its records outlive it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 
 use mdns_sd::{IfKind, ServiceDaemon, ServiceEvent, ServiceInfo};
@@ -178,9 +178,9 @@ async fn follow(
     advert: Advertisement,
     events: mpsc::Sender<ClusterEvent>,
 ) {
-    // Service full name → the peer it resolved to, for its removal.
-    let mut seen: HashMap<String, PeerAdvert> = HashMap::new();
-    let mut logged: HashSet<(NodeId, Vec<SocketAddr>)> = HashSet::new();
+    // What was logged, by service name: each address set once. The actor
+    // keeps the advertisements themselves.
+    let mut logged: HashSet<(String, Vec<SocketAddr>)> = HashSet::new();
     while let Ok(event) = browse.recv_async().await {
         let event = match event {
             ServiceEvent::ServiceResolved(service) => {
@@ -192,7 +192,8 @@ async fn follow(
                 if verdict == Verdict::Myself || peer.addresses.is_empty() {
                     continue;
                 }
-                let first = logged.insert((peer.node, peer.addresses.clone()));
+                let fullname = service.get_fullname().to_string();
+                let first = logged.insert((fullname.clone(), peer.addresses.clone()));
                 let shown = describe(&peer.addresses);
                 match &verdict {
                     Verdict::Join if first => {
@@ -203,21 +204,17 @@ async fn follow(
                     }
                     _ => {}
                 }
-                seen.insert(service.get_fullname().to_string(), peer.clone());
                 ClusterEvent::Discovered {
-                    fullname: service.get_fullname().to_string(),
+                    fullname,
                     peer,
                     verdict,
                 }
             }
-            ServiceEvent::ServiceRemoved(_, fullname) => match seen.remove(&fullname) {
-                Some(peer) => {
-                    logged.retain(|(node, _)| *node != peer.node);
-                    tracing::debug!(peer = %peer.name, "peer withdrew its advertisement");
-                    ClusterEvent::Withdrawn { fullname }
-                }
-                None => continue,
-            },
+            ServiceEvent::ServiceRemoved(_, fullname) => {
+                logged.retain(|(name, _)| *name != fullname);
+                tracing::debug!(service = %fullname, "an advertisement was withdrawn");
+                ClusterEvent::Withdrawn { fullname }
+            }
             _ => continue,
         };
         if events.send(event).await.is_err() {

@@ -42,6 +42,9 @@ mod policy {
                 panic!("this policy panics on purpose");
             }
             if cfg!(feature = "sleeps") {
+                // The misbehaviour under test, not a wait: a guest blocked in
+                // WASI's clock (no fuel burnt) must be stopped by the host's
+                // 2 s wall-clock deadline.
                 std::thread::sleep(std::time::Duration::from_secs(60));
             }
             let limit = if cfg!(feature = "fails-on-two-nodes") {
