@@ -192,13 +192,55 @@ fn nested_cargo(workspace: &Path) -> Command {
 }
 
 fn run(mut command: Command, what: &str, target: &str) {
+    ensure_target(target);
     match command.status() {
         Ok(status) if status.success() => {}
         Ok(status) => fail(&format!(
-            "building {what} for {target} failed ({status}). The target is listed in \
-             rust-toolchain.toml; if rustup did not install it, run `rustup target add {target}`."
+            "building {what} for {target} failed ({status}); the messages above say why"
         )),
         Err(error) => fail(&format!("cannot run cargo to build {what}: {error}")),
+    }
+}
+
+/// Installs the standard library for `target` when the toolchain lacks it.
+/// rustup installs the targets of `rust-toolchain.toml` only when it
+/// installs the toolchain itself, so a machine that already had this
+/// toolchain can lack them; `cargo build` then works there too.
+fn ensure_target(target: &str) {
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let libdir = Command::new(&rustc)
+        .args(["--print", "target-libdir", "--target", target])
+        .output()
+        .ok()
+        .filter(|output| output.status.success())
+        .map(|output| PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()));
+    let installed = libdir
+        .and_then(|dir| std::fs::read_dir(dir).ok())
+        .is_some_and(|mut entries| {
+            entries.any(|entry| {
+                entry.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("libstd-"))
+            })
+        });
+    if installed {
+        return;
+    }
+    println!(
+        "cargo:warning=the Rust standard library for {target} is missing; installing it with `rustup target add {target}`"
+    );
+    let mut rustup = Command::new("rustup");
+    rustup.args(["target", "add", target]);
+    if let Some(toolchain) = std::env::var_os("RUSTUP_TOOLCHAIN") {
+        rustup.arg("--toolchain").arg(toolchain);
+    }
+    match rustup.status() {
+        Ok(status) if status.success() => {}
+        Ok(status) => fail(&format!(
+            "`rustup target add {target}` failed ({status}); run it by hand, then build again"
+        )),
+        Err(error) => fail(&format!(
+            "the Rust standard library for {target} is missing and rustup cannot be run ({error}); \
+             install the target for this toolchain (rust-toolchain.toml), then build again"
+        )),
     }
 }
 

@@ -14,7 +14,7 @@ use bytes::Bytes;
 
 use kernels::{SamplingParams, SequenceId};
 use ringlet_node::cluster::protocol::PolicyRevision;
-use ringlet_node::engine::stage::{StageJob, StageResult};
+use ringlet_node::stage::{StageJob, StageResult};
 use ringlet_node::engine::{Engine, EngineModel, GenerationRequest, PipelineEnds, Scheduling};
 use ringlet_node::policy::{
     self, Change, Cluster, Fault, Faults, Model, Node, PolicyError, PolicyHandle, PolicySource,

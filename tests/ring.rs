@@ -9,10 +9,11 @@ mod support;
 
 use std::time::Duration;
 
-use kernels::{LayerRange, ModelFile};
+// Frames name a request by its sequence id and say how to sample.
+use kernels::{LayerRange, ModelFile, SequenceId as RequestId};
 use ringlet_node::cluster::protocol::{
     self, Epoch, ForwardFrame, Frame, Hello, ModelIdentity, PROTOCOL_VERSION, Payload, PlanMessage,
-    PlanStage, RequestId, Resources, UPGRADE_TOKEN, VERSION_HEADER, WireDType, WireSample,
+    PlanStage, Resources, Sample as WireSample, UPGRADE_TOKEN, VERSION_HEADER, WireDType,
 };
 use ringlet_node::model_store::{CATALOGUE, ModelStore};
 use scheduler::NodeId;

@@ -15,6 +15,7 @@ pub mod policy;
 pub mod prompt;
 pub mod run;
 pub mod serve;
+pub mod stage;
 pub mod text;
 
 /// Seconds since the Unix epoch (0 if the clock is before it).

@@ -23,6 +23,16 @@ pub const ENGINE_QUEUE_LEN: usize = 64;
 /// 46 KiB per token per sequence (30 layers × 2 × 3 heads × 64 × 4 bytes).
 pub const MAX_ACTIVE_SEQUENCES: usize = 16;
 
+/// Jobs queued from the coordinator to the pipeline (its own stage, or the
+/// cluster), and results queued back: each active request has one job or
+/// result in flight plus, at its end, a release.
+pub const PIPELINE_QUEUE_LEN: usize = 2 * MAX_ACTIVE_SEQUENCES;
+
+/// Jobs queued for this node's stage in a cluster: one in flight for every
+/// request of every node, each of which runs at most
+/// `MAX_ACTIVE_SEQUENCES`. A full queue fails the job, not the node.
+pub const STAGE_QUEUE_LEN: usize = MAX_ACTIVE_SEQUENCES * MAX_NODES;
+
 /// Default KV-cache budget of a node's engine (`--kv-cache`). Requests
 /// reserve KV cache for their prompt plus `max_tokens` when admitted and
 /// wait for room beyond this; one that could never fit is refused. 2 GiB
@@ -61,6 +71,23 @@ pub const SHUTDOWN_GRACE_SECS: u64 = 10;
 // Cluster links (milliseconds unless the name says otherwise)
 // ---------------------------------------------------------------------------
 
+/// Largest frame accepted on a link: a 512-token prefill chunk of hidden
+/// states for a model with hidden size up to 16,384 in f32 is 32 MiB.
+pub const MAX_FRAME_BYTES: u32 = 64 << 20;
+
+/// Frames at least this long measure the link's bandwidth as they arrive;
+/// shorter ones arrive in a packet or two and would measure nothing.
+pub const BANDWIDTH_SAMPLE_MIN_BYTES: u32 = 256 << 10;
+
+/// The size of the probe frame sent when a link opens, so the receiver
+/// measures the link's bandwidth before any activations flow.
+pub const PROBE_BYTES: usize = 1 << 20;
+
+/// Time to read the body of a refused link upgrade (the reason), after its
+/// head arrived; of it, at most `UPGRADE_REFUSAL_BODY_BYTES` are kept.
+pub const UPGRADE_REFUSAL_BODY_MS: u64 = 500;
+pub const UPGRADE_REFUSAL_BODY_BYTES: usize = 2048;
+
 /// A link sends a heartbeat this often; the answer measures its latency.
 pub const HEARTBEAT_INTERVAL_MS: u64 = 1_000;
 
@@ -98,6 +125,11 @@ pub const CLUSTER_EVENT_QUEUE_LEN: usize = 4_096;
 
 /// Most nodes a cluster admits; beyond it new peers are refused.
 pub const MAX_NODES: usize = 64;
+
+/// Memory left to the operating system and everything else when no
+/// `--memory-budget` is given: the default budget is the available memory
+/// less this, so a node does not push its machine into swap.
+pub const MEMORY_RESERVE_BYTES: u64 = 1 << 30;
 
 // ---------------------------------------------------------------------------
 // Scheduling policy (Wasm)
@@ -153,7 +185,8 @@ pub const POLICY_STDERR_BYTES: usize = 16 * 1024;
 pub const POLICY_CHANGE_TIMEOUT_SECS: u64 = 60;
 
 /// The least time between two events of `GET /v1/cluster/events`: the
-/// view changes with every token, people need a few updates a second.
+/// view changes as often as stage loads do (with every request that starts
+/// or ends); people need a few updates a second.
 pub const CLUSTER_EVENTS_INTERVAL_MS: u64 = 500;
 
 /// How often a node tells its peers what it measured of its links and how
@@ -167,3 +200,15 @@ pub const STAGE_REQUEST_LIMIT: u32 = MAX_ACTIVE_SEQUENCES as u32;
 /// When the policy thread is busy, the leader asks again for a placement
 /// after this long.
 pub const POLICY_RETRY_MS: u64 = 1_000;
+
+// ---------------------------------------------------------------------------
+// Benchmarks (`ringlet bench`)
+// ---------------------------------------------------------------------------
+
+/// Seconds a benchmark ring of node processes may take to load and plan:
+/// each node loads its layers and measures its compute first.
+pub const BENCH_RING_START_TIMEOUT_SECS: u64 = 180;
+
+/// Seconds one benchmark request may take: a long prefill and a few
+/// hundred tokens on two shared cores.
+pub const BENCH_REQUEST_TIMEOUT_SECS: u64 = 600;

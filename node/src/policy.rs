@@ -40,16 +40,24 @@ use crate::limits::{
     POLICY_YIELD_FUEL,
 };
 
-wasmtime::component::bindgen!({
-    world: "policy",
-    path: "../wit",
-    exports: { default: async },
-    additional_derives: [PartialEq],
-});
+/// The bindings wasmtime generates from the contract. They stay in here:
+/// the rest of the node uses the contract's plain records
+/// (`scheduler::contract`), converted at each call.
+mod wit {
+    wasmtime::component::bindgen!({
+        world: "policy",
+        path: "../wit",
+        exports: { default: async },
+    });
 
-// The world's `use` already defines Cluster, Model, Plan, StageLoad,
-// WaitingRequest and PolicyInfo here.
-pub use ringlet::scheduler::types::{Link, Node, Stage};
+    scheduler::contract_conversions!(ringlet::scheduler::types);
+}
+
+use wit::{Policy, PolicyPre};
+
+pub use scheduler::contract::{
+    Cluster, Link, Model, Node, Plan, PolicyInfo, Stage, StageLoad, WaitingRequest,
+};
 
 /// The default policy, built from `scheduler-wasm` by `build.rs`.
 const DEFAULT_POLICY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/default_policy.wasm"));
@@ -130,7 +138,7 @@ pub struct PolicyView {
 
 /// How a policy change came about, which decides what it is checked
 /// against and what it falls back to.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Change {
     /// An upload through this node's API: tried on this cluster first, and
     /// the policy it replaces is kept to fall back to.
@@ -241,7 +249,8 @@ impl Sandbox {
     async fn identify(&self, compiled: &mut Compiled) -> Result<(), PolicyError> {
         let info = self
             .call(compiled, async |p, store| p.call_info(store).await)
-            .await?;
+            .await
+            .map(PolicyInfo::from)?;
         let name = info.name.trim();
         if name.is_empty() {
             return Err(PolicyError::WrongInterface(
@@ -411,14 +420,15 @@ impl PolicyHost {
         cluster: &Cluster,
         model: &Model,
     ) -> Result<Plan, PolicyError> {
+        let (wit_cluster, wit_model) = (cluster.clone().into(), model.clone().into());
         let answer = self
             .sandbox
             .call(policy, async |p, store| {
-                p.call_place(store, cluster, model).await
+                p.call_place(store, &wit_cluster, &wit_model).await
             })
             .await?;
         let plan = match answer {
-            Ok(plan) => plan,
+            Ok(plan) => Plan::from(plan),
             Err(reason) => {
                 let reason = capped(&reason);
                 let uploaded = policy.view.source == PolicySource::Uploaded;
@@ -432,7 +442,8 @@ impl PolicyHost {
                 return Err(PolicyError::Refused(reason));
             }
         };
-        validate_plan(&plan, cluster, model).map_err(PolicyError::InvalidPlan)?;
+        scheduler::contract::check_plan(&plan, cluster, model)
+            .map_err(|violation| PolicyError::InvalidPlan(violation.to_string()))?;
         Ok(plan)
     }
 
@@ -441,11 +452,13 @@ impl PolicyHost {
         queue: &[WaitingRequest],
         stages: &[StageLoad],
     ) -> Result<Vec<u64>, PolicyError> {
+        let queue: Vec<_> = queue.iter().cloned().map(Into::into).collect();
+        let stages: Vec<_> = stages.iter().copied().map(Into::into).collect();
         loop {
             let answer = self
                 .sandbox
                 .call(self.current(), async |p, store| {
-                    p.call_schedule(store, queue, stages).await
+                    p.call_schedule(store, &queue, &stages).await
                 })
                 .await;
             match answer {
@@ -543,7 +556,7 @@ impl PolicyHost {
                 .map(|&node| StageLoad {
                     node,
                     in_flight,
-                    limit: 16,
+                    limit: crate::limits::STAGE_REQUEST_LIMIT,
                 })
                 .collect()
         };
@@ -558,7 +571,8 @@ impl PolicyHost {
                 .collect()
         };
         for (waiting, in_flight) in [(4, 0), (64, 8), (0, 16)] {
-            let (queue, stages) = (queue(waiting), stages(in_flight));
+            let queue: Vec<_> = queue(waiting).into_iter().map(Into::into).collect();
+            let stages: Vec<_> = stages(in_flight).into_iter().map(Into::into).collect();
             self.sandbox
                 .call(candidate, async |p, store| {
                     p.call_schedule(store, &queue, &stages).await
@@ -602,50 +616,6 @@ impl PolicyHost {
     }
 }
 
-/// Checks a plan from the policy against the cluster and model it was
-/// given: every layer once, in order, on known nodes, within budgets.
-pub fn validate_plan(plan: &Plan, cluster: &Cluster, model: &Model) -> Result<(), String> {
-    let nodes: Vec<scheduler::NodeResources> = cluster
-        .nodes
-        .iter()
-        .map(|n| scheduler::NodeResources {
-            id: scheduler::NodeId(n.id),
-            memory_budget_bytes: n.memory_budget_bytes,
-            compute_score: n.compute_score,
-        })
-        .collect();
-    let shape = shape_of(model);
-    let plan = to_scheduler_plan(plan);
-    scheduler::validate(&plan, &nodes, &shape).map_err(|e| e.to_string())
-}
-
-/// The scheduler crate's view of a WIT model.
-pub fn shape_of(model: &Model) -> scheduler::ModelShape {
-    scheduler::ModelShape::new(
-        model.layer_bytes.clone(),
-        model.embedding_bytes,
-        model.head_bytes,
-        model.tied_embeddings,
-    )
-}
-
-pub fn to_scheduler_plan(plan: &Plan) -> scheduler::Plan {
-    scheduler::Plan {
-        stages: plan
-            .stages
-            .iter()
-            .map(|s| scheduler::Stage {
-                node: scheduler::NodeId(s.node),
-                layers: scheduler::Layers {
-                    start: s.start,
-                    end: s.end,
-                },
-                bytes: 0,
-            })
-            .collect(),
-    }
-}
-
 /// An async handle to the policy thread.
 #[derive(Clone)]
 pub struct PolicyHandle {
@@ -671,7 +641,7 @@ pub fn start() -> anyhow::Result<(PolicyHandle, Faults)> {
         .map_err(not_loaded)?;
     let (faults_tx, faults) = mpsc::channel(POLICY_QUEUE_LEN);
     let (requests, requests_rx) = std_mpsc::sync_channel(POLICY_QUEUE_LEN);
-    let (named_tx, named) = std_mpsc::channel();
+    let (named_tx, named) = std_mpsc::sync_channel(1);
     let host_sandbox = Arc::clone(&sandbox);
     std::thread::Builder::new()
         .name("ringlet-policy".into())
@@ -787,5 +757,81 @@ impl PolicyHandle {
     /// The built-in policy's name, version and hash.
     pub fn built_in(&self) -> &PolicyView {
         &self.built_in
+    }
+}
+
+impl crate::engine::AdmissionPolicy for PolicyHandle {
+    fn schedule(
+        &self,
+        queue: Vec<WaitingRequest>,
+        stages: Vec<StageLoad>,
+    ) -> futures_util::future::BoxFuture<'static, Result<Vec<u64>, String>> {
+        let handle = self.clone();
+        Box::pin(async move {
+            PolicyHandle::schedule(&handle, queue, stages)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wit::ringlet::scheduler::types as generated;
+
+    #[test]
+    fn contract_records_round_trip_through_the_generated_bindings() {
+        let cluster = Cluster {
+            nodes: vec![Node {
+                id: 7,
+                name: "a".into(),
+                device: "cpu".into(),
+                memory_budget_bytes: 300,
+                compute_score: 2.5,
+            }],
+            links: vec![Link {
+                from: 7,
+                to: 8,
+                latency_micros: 90,
+                bandwidth_bytes_per_second: 1_000,
+            }],
+        };
+        let there = generated::Cluster::from(cluster.clone());
+        assert_eq!(there.nodes[0].memory_budget_bytes, 300);
+        assert_eq!(there.links[0].latency_micros, 90);
+        assert_eq!(Cluster::from(there), cluster);
+        let model = Model {
+            layer_count: 2,
+            layer_bytes: vec![10, 20],
+            embedding_bytes: 5,
+            head_bytes: 6,
+            tied_embeddings: true,
+            kv_bytes_per_token_per_layer: 8,
+            context_length: 512,
+        };
+        assert_eq!(Model::from(generated::Model::from(model.clone())), model);
+        let plan = Plan {
+            stages: vec![Stage {
+                node: 7,
+                start: 0,
+                end: 2,
+            }],
+        };
+        assert_eq!(Plan::from(generated::Plan::from(plan.clone())), plan);
+        let waiting = WaitingRequest {
+            id: 3,
+            prompt_tokens: 4,
+            max_tokens: 5,
+            waited_millis: 6,
+        };
+        let back = WaitingRequest::from(generated::WaitingRequest::from(waiting.clone()));
+        assert_eq!(back, waiting);
+        let load = StageLoad {
+            node: 7,
+            in_flight: 1,
+            limit: 16,
+        };
+        assert_eq!(StageLoad::from(generated::StageLoad::from(load)), load);
     }
 }

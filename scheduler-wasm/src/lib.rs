@@ -11,11 +11,15 @@
 //! [`validate`] checks any plan (from this policy or another) against the
 //! cluster and the model. [`place_default`] adds the ring order
 //! ([`order_by_latency`]) and [`schedule_fifo`] picks which waiting requests
-//! start. Built for `wasm32`, the crate is also the default policy
+//! start. [`contract`] is the WIT contract as plain Rust: its records,
+//! the conversions to and from any generated bindings (written once, used
+//! by the node and by this crate's component), and the built-in policy
+//! over them. Built for `wasm32`, the crate is also the default policy
 //! component (`component.rs`, the WIT glue).
 
 #[cfg(target_arch = "wasm32")]
 mod component;
+pub mod contract;
 
 use std::fmt;
 

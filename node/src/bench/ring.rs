@@ -17,6 +17,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
 use crate::cli::RingBenchArgs;
+use crate::limits::{BENCH_REQUEST_TIMEOUT_SECS, BENCH_RING_START_TIMEOUT_SECS};
 
 /// The user message: long enough for a real prefill, and a request the
 /// default model answers at length.
@@ -25,8 +26,8 @@ calculators of Pascal and Leibniz, continue with Babbage's engines and Ada Lovel
 electronic machines of the 1940s, the invention of the transistor and the integrated circuit, the rise of \
 personal computers, and end with today's networks of machines that share their work.";
 
-const START_TIMEOUT: Duration = Duration::from_secs(180);
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
+const START_TIMEOUT: Duration = Duration::from_secs(BENCH_RING_START_TIMEOUT_SECS);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(BENCH_REQUEST_TIMEOUT_SECS);
 
 /// One streamed request as the client saw it.
 #[derive(Debug, Clone, Serialize)]

@@ -18,7 +18,8 @@ use super::protocol::{
 };
 use crate::limits::{
     HEARTBEAT_INTERVAL_MS, HEARTBEAT_TIMEOUT_MS, LINK_CONNECT_TIMEOUT_MS,
-    LINK_HANDSHAKE_TIMEOUT_MS, LINK_QUEUE_LEN, LINK_WRITE_TIMEOUT_MS, UPGRADE_RESPONSE_MAX_BYTES,
+    LINK_HANDSHAKE_TIMEOUT_MS, LINK_QUEUE_LEN, LINK_WRITE_TIMEOUT_MS, PROBE_BYTES,
+    UPGRADE_REFUSAL_BODY_BYTES, UPGRADE_REFUSAL_BODY_MS, UPGRADE_RESPONSE_MAX_BYTES,
 };
 
 /// Distinguishes the links to one peer over time (a reconnect is a new link).
@@ -125,8 +126,8 @@ async fn read_upgrade_response(stream: &mut TcpStream, address: &str) -> Result<
         return Ok(());
     }
     // Refusals carry a JSON body explaining why; read a little of it.
-    let mut body = vec![0u8; 2048];
-    let n = tokio::time::timeout(Duration::from_millis(500), stream.read(&mut body))
+    let mut body = vec![0u8; UPGRADE_REFUSAL_BODY_BYTES];
+    let n = tokio::time::timeout(Duration::from_millis(UPGRADE_REFUSAL_BODY_MS), stream.read(&mut body))
         .await
         .ok()
         .and_then(Result::ok)
@@ -190,7 +191,7 @@ where
     let writer_task = tokio::spawn(write_loop(writer, frames_rx));
     // The peer measures the link's bandwidth on this before real traffic.
     let _ = frames_tx.try_send(Frame::Probe {
-        padding: vec![0; protocol::PROBE_BYTES],
+        padding: vec![0; PROBE_BYTES],
     });
     let reason = tokio::select! {
         reason = read_loop(&mut reader, peer, &frames_tx, &context.events) => reason,
@@ -342,5 +343,22 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut writer: W, mut frames: mpsc::Rece
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+impl LinkSender {
+    /// A link with no connection behind it, for the cluster's unit tests:
+    /// what is sent on it comes out of the returned receiver.
+    pub(crate) fn detached(dialed: bool, observed_address: &str) -> (Self, mpsc::Receiver<Frame>) {
+        let (frames, receiver) = mpsc::channel(LINK_QUEUE_LEN);
+        let sender = Self {
+            id: NEXT_LINK_ID.fetch_add(1, Ordering::Relaxed),
+            dialed,
+            observed_address: observed_address.to_string(),
+            frames,
+            close: Arc::new(Notify::new()),
+        };
+        (sender, receiver)
     }
 }

@@ -2,10 +2,18 @@
 //! every activation and token goes next.
 //!
 //! One actor task ([`actor`]) owns all cluster state and is fed by
-//! [`ClusterEvent`]s: links opening and closing, frames from peers, jobs from
-//! this node's request coordinator, outputs of this node's stage, and
-//! timers. Nothing else mutates cluster state; others read the published
-//! [`ClusterView`].
+//! [`ClusterEvent`]s ([`events`]): links opening and closing, frames from
+//! peers, jobs from this node's request coordinator, outputs of this node's
+//! stage, and timers. Nothing else mutates cluster state; others read the
+//! published [`ClusterView`] ([`view`]). The actor's state is split by
+//! concern, each part a plain struct that decides and returns outcomes:
+//! [`membership`] (peers, addresses, admission, the leader, link
+//! measurements), [`planning`] (plans, epochs, re-plan timing, this node's
+//! stage), [`routing`] (requests owned and hosted here, where each job goes,
+//! and the wire form of jobs and results), [`policy_sync`] (policy
+//! revisions and their transfer) and [`status`] (what this node reports
+//! about itself). The actor does the IO they decide on and writes each
+//! transition that crosses concerns once.
 //!
 //! Planning: the node with the smallest id among those serving the same
 //! model file is the leader. After membership settles it asks the
@@ -16,7 +24,8 @@
 //! change fails with a clear error.
 //!
 //! The policy is the same on every node: a change (an upload, a return to
-//! the built-in one, a fallback after a failure) gets a [`PolicyRevision`]
+//! the built-in one, a fallback after a failure) gets a
+//! [`protocol::PolicyRevision`]
 //! and is sent to every peer, and to each new one when it links; the
 //! highest revision wins everywhere. Nodes report what they measure of
 //! their links and how many requests their stage carries every second
@@ -25,9 +34,18 @@
 
 mod actor;
 pub mod discovery;
+mod events;
 pub mod link;
+mod membership;
+mod planning;
+mod policy_sync;
 pub mod protocol;
 pub mod resources;
+mod routing;
+mod status;
+mod view;
+
+pub(crate) use events::ClusterEvent;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -38,12 +56,10 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::engine::PipelineEnds;
-use crate::engine::stage::StageOutput;
 use crate::limits::{CLUSTER_EVENT_QUEUE_LEN, POLICY_CHANGE_TIMEOUT_SECS};
 use crate::model_store::{CatalogueEntry, Downloads, ModelStore};
-use crate::policy::{Faults, Placed, PolicyError, PolicyHandle, PolicyView, StageLoad};
-use link::{LinkId, LinkSender};
-use protocol::{Frame, Hello, ModelAvailability, ModelIdentity, PolicyRevision, Resources};
+use crate::policy::{Faults, PolicyError, PolicyHandle, PolicyView, StageLoad};
+use protocol::{ModelAvailability, ModelIdentity, Resources};
 
 /// Everything a node brings to the cluster.
 pub struct ClusterConfig {
@@ -71,86 +87,6 @@ pub struct ClusterConfig {
     pub policy_faults: Faults,
     /// Where the actor publishes each stage's load for the coordinator.
     pub stage_loads: watch::Sender<Vec<StageLoad>>,
-}
-
-/// Events the cluster actor handles, in arrival order.
-pub(crate) enum ClusterEvent {
-    /// A link finished its handshake; answer whether to keep it.
-    LinkUp {
-        hello: Box<Hello>,
-        sender: LinkSender,
-        accepted: oneshot::Sender<bool>,
-    },
-    LinkDown {
-        node: NodeId,
-        link: LinkId,
-        reason: String,
-    },
-    LinkRtt {
-        node: NodeId,
-        rtt_micros: u64,
-    },
-    LinkBandwidth {
-        node: NodeId,
-        bytes_per_second: u64,
-    },
-    /// The policy answered placement number `generation`.
-    Placed {
-        generation: u64,
-        placed: Placed,
-    },
-    /// Someone asked this node to change the cluster's policy (`None`: back
-    /// to the built-in one).
-    SetPolicy {
-        wasm: Option<Vec<u8>>,
-        reply: oneshot::Sender<Result<PolicyStatus, PolicyError>>,
-    },
-    /// mDNS resolved another node's advertisement.
-    Discovered {
-        fullname: String,
-        peer: discovery::PeerAdvert,
-        verdict: discovery::Verdict,
-    },
-    /// A node withdrew its advertisement (it stopped).
-    Withdrawn {
-        fullname: String,
-    },
-    /// Someone asked this node to fetch a catalogue model onto every node
-    /// that lacks it; the reply names those nodes.
-    FetchModel {
-        entry: &'static CatalogueEntry,
-        reply: oneshot::Sender<Vec<String>>,
-    },
-    /// The policy thread finished installing revision `revision`.
-    PolicyInstalled {
-        revision: PolicyRevision,
-        wasm: Option<bytes::Bytes>,
-        result: Result<PolicyView, PolicyError>,
-        /// Why the change happened, when a failing policy was replaced.
-        warning: Option<String>,
-        /// Whom to answer, when the change started here from the API.
-        reply: Option<oneshot::Sender<Result<PolicyStatus, PolicyError>>>,
-    },
-    Frame {
-        from: NodeId,
-        frame: Frame,
-    },
-    /// An output of this node's stage.
-    FromStage(StageOutput),
-    /// This node's shard for plan `epoch` finished loading (or failed).
-    ShardLoaded {
-        epoch: protocol::Epoch,
-        result: Result<kernels::Shard, String>,
-    },
-    /// A dial attempt ended (successfully or not).
-    DialEnded {
-        address: String,
-    },
-    /// An accepted connection to hand to a link task.
-    Accept {
-        stream: link::AcceptedStream,
-        remote: std::net::SocketAddr,
-    },
 }
 
 /// Why a policy change did not (yet) happen.
@@ -250,15 +186,12 @@ pub fn start(
             })
             .ok()
     });
-    let actor = actor::Cluster::new(
-        config,
-        model,
-        pipeline,
-        events_tx.clone(),
-        events_rx,
-        view_tx,
-        discovery.flatten(),
-    );
+    let channels = actor::Channels {
+        events_tx: events_tx.clone(),
+        events: events_rx,
+        view: view_tx,
+    };
+    let actor = actor::Cluster::new(config, model, pipeline, channels, discovery.flatten());
     tokio::spawn(actor.run());
     ClusterHandle {
         events: events_tx,
@@ -293,7 +226,7 @@ mod hex_id {
 }
 
 /// The cluster as one node sees it.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct ClusterView {
     /// This node.
     #[serde(with = "hex_id::option")]
@@ -313,7 +246,7 @@ pub struct ClusterView {
 }
 
 /// A node discovery found but this node does not join.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct NotJoinedView {
     #[serde(with = "hex_id")]
     pub node: NodeId,
@@ -325,7 +258,7 @@ pub struct NotJoinedView {
 }
 
 /// The active scheduling policy, as `GET /v1/cluster/policy` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PolicyStatus {
     #[serde(flatten)]
     pub policy: PolicyView,
@@ -362,7 +295,7 @@ impl ClusterView {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct NodeView {
     #[serde(with = "hex_id")]
     pub id: NodeId,
@@ -386,7 +319,7 @@ pub struct NodeView {
     pub models: Vec<ModelAvailability>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LinkView {
     #[serde(with = "hex_id")]
     pub from: NodeId,
@@ -405,7 +338,7 @@ pub enum PlanState {
     Active,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PlanView {
     pub epoch: u64,
     #[serde(with = "hex_id")]
@@ -414,7 +347,7 @@ pub struct PlanView {
     pub stages: Vec<StageView>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StageView {
     #[serde(with = "hex_id")]
     pub node: NodeId,

@@ -11,9 +11,8 @@
 //! Activations travel as little-endian f32 (`dtype` says so, so a later
 //! version can send f16 without ambiguity).
 
-use std::fmt;
 
-use kernels::{LayerRange, SamplingParams};
+use kernels::{LayerRange, SequenceId};
 use scheduler::NodeId;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -27,27 +26,8 @@ pub const UPGRADE_TOKEN: &str = "ringlet-link";
 /// The HTTP header carrying [`PROTOCOL_VERSION`] on the upgrade request.
 pub const VERSION_HEADER: &str = "ringlet-protocol";
 
-/// Frames at least this long measure the link's bandwidth as they arrive;
-/// shorter ones arrive in a packet or two and would measure nothing.
-pub const BANDWIDTH_SAMPLE_MIN_BYTES: u32 = 256 << 10;
-
-/// The size of the [`Frame::Probe`] sent when a link opens.
-pub const PROBE_BYTES: usize = 1 << 20;
-
-/// Largest frame accepted: a 512-token prefill chunk of hidden states for a
-/// model with hidden size up to 16,384 in f32 is 32 MiB.
-pub const MAX_FRAME_BYTES: u32 = 64 << 20;
-
-/// Identifies one generation across the cluster (the KV-cache key on every
-/// stage and the key of the owner's bookkeeping).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct RequestId(pub u64);
-
-impl fmt::Display for RequestId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:016x}", self.0)
-    }
-}
+pub use crate::limits::{BANDWIDTH_SAMPLE_MIN_BYTES, MAX_FRAME_BYTES, PROBE_BYTES};
+pub use crate::stage::Sample;
 
 /// A plan's number; each new plan has a higher one.
 #[derive(
@@ -139,18 +119,12 @@ pub enum WireDType {
     F32,
 }
 
-/// Whether the last stage samples after this job.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub enum WireSample {
-    No,
-    Start(SamplingParams),
-    Continue,
-}
-
 /// Work for the stage at `stage` of plan `epoch`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ForwardFrame {
-    pub request: RequestId,
+    /// The request: the key of its KV cache on every stage and of its
+    /// bookkeeping at the owner.
+    pub request: SequenceId,
     /// The node that owns the request and receives its tokens.
     pub owner: NodeId,
     pub epoch: Epoch,
@@ -158,7 +132,7 @@ pub struct ForwardFrame {
     /// Position of the first of the payload's tokens in the sequence.
     pub position: u32,
     pub payload: Payload,
-    pub sample: WireSample,
+    pub sample: Sample,
 }
 
 /// Orders policy changes across the cluster: a higher revision replaces a
@@ -283,21 +257,21 @@ pub enum Frame {
     Forward(ForwardFrame),
     /// From the last stage to the owner.
     Token {
-        request: RequestId,
+        request: SequenceId,
         token: u32,
     },
     /// A prompt chunk went through every stage; the owner sends the next.
     ChunkDone {
-        request: RequestId,
+        request: SequenceId,
     },
     /// From any stage to the owner.
     Failed {
-        request: RequestId,
+        request: SequenceId,
         error: String,
     },
     /// From the owner to every stage: forget the request.
     Release {
-        request: RequestId,
+        request: SequenceId,
     },
     /// The sender is leaving; the reason is for the log.
     Bye {
@@ -440,6 +414,7 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kernels::SamplingParams;
 
     fn samples() -> Vec<Frame> {
         let identity = ModelIdentity {
@@ -479,7 +454,7 @@ mod tests {
                 }],
             }),
             Frame::Forward(ForwardFrame {
-                request: RequestId(5),
+                request: SequenceId(5),
                 owner: NodeId(7),
                 epoch: Epoch(3),
                 stage: 1,
@@ -490,10 +465,10 @@ mod tests {
                     dtype: WireDType::F32,
                     data: vec![0; 16],
                 },
-                sample: WireSample::Start(SamplingParams::greedy()),
+                sample: Sample::Start(SamplingParams::greedy()),
             }),
             Frame::Token {
-                request: RequestId(5),
+                request: SequenceId(5),
                 token: 42,
             },
             Frame::Bye {
@@ -560,7 +535,7 @@ mod tests {
     #[tokio::test]
     async fn bad_input_is_an_error_value() {
         let good = encode(&Frame::Token {
-            request: RequestId(1),
+            request: SequenceId(1),
             token: 2,
         })
         .expect("encode");

@@ -6,11 +6,7 @@ use std::time::Instant;
 use kernels::quant::{BlockFormat, QuantMatrix};
 
 use super::protocol::Resources;
-
-/// Memory left to the operating system and everything else when no
-/// `--memory-budget` is given: the default budget is the available memory
-/// less this, so a node does not push its machine into swap.
-pub const MEMORY_RESERVE_BYTES: u64 = 1 << 30;
+use crate::limits::MEMORY_RESERVE_BYTES;
 
 /// Total and available memory from `/proc/meminfo`; `None` where there is
 /// no such file (not Linux).

@@ -24,8 +24,6 @@
 //! The coordinator runs on its own thread with its own small runtime, so the
 //! engine outlives any one caller's runtime (tests share one engine).
 
-pub mod stage;
-
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -33,15 +31,17 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 use std::time::Instant;
 
+use futures_util::future::BoxFuture;
 use kernels::{SamplingParams, SequenceId, Shard, ShardInput};
+use scheduler::contract::{StageLoad, WaitingRequest};
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
 use crate::limits::{
-    ENGINE_QUEUE_LEN, MAX_ACTIVE_SEQUENCES, PREFILL_CHUNK_TOKENS, SCHEDULE_WAIT_MS,
+    ENGINE_QUEUE_LEN, MAX_ACTIVE_SEQUENCES, PIPELINE_QUEUE_LEN, PREFILL_CHUNK_TOKENS,
+    SCHEDULE_WAIT_MS,
 };
-use crate::policy::{PolicyHandle, StageLoad, WaitingRequest};
-use stage::{Route, Sample, StageJob, StageOutput, StageResult};
+use crate::stage::{self, Sample, StageJob, StageOutput, StageResult};
 
 /// One generation, as the API layer hands it over.
 #[derive(Debug, Clone)]
@@ -148,14 +148,46 @@ impl EngineModel {
     }
 }
 
+/// The scheduling policy as the coordinator knows it: which waiting
+/// requests start now, in order, given each stage's load. The node's Wasm
+/// policy host implements it; the coordinator knows nothing of Wasm.
+pub trait AdmissionPolicy: Send + Sync + 'static {
+    /// The ids to start, in order; an error is said in words for the log.
+    fn schedule(
+        &self,
+        queue: Vec<WaitingRequest>,
+        stages: Vec<StageLoad>,
+    ) -> BoxFuture<'static, Result<Vec<u64>, String>>;
+}
+
 /// How the coordinator picks which waiting requests start.
 #[derive(Debug, Clone)]
-pub struct Scheduling {
+pub struct Scheduling<P> {
     /// The node's scheduling policy.
-    pub policy: PolicyHandle,
+    pub policy: P,
     /// Each stage of the current plan, in ring order, with the requests
     /// going through it from every node (empty while there is no plan).
     pub stages: watch::Receiver<Vec<StageLoad>>,
+}
+
+/// The policy and stage loads the coordinator consults.
+struct Consulted {
+    policy: Arc<dyn AdmissionPolicy>,
+    stages: watch::Receiver<Vec<StageLoad>>,
+}
+
+/// The type of "no policy": the coordinator serves first come, first
+/// served by itself.
+enum NoPolicy {}
+
+impl AdmissionPolicy for NoPolicy {
+    fn schedule(
+        &self,
+        _: Vec<WaitingRequest>,
+        _: Vec<StageLoad>,
+    ) -> BoxFuture<'static, Result<Vec<u64>, String>> {
+        match *self {}
+    }
 }
 
 struct Submission {
@@ -266,13 +298,17 @@ impl Engine {
     /// Starts a coordinator for `model`; the caller runs the stages and
     /// connects them to the returned ends. Without `scheduling`, requests
     /// start first come, first served, as the built-in policy does.
-    pub fn start(
+    pub fn start<P: AdmissionPolicy>(
         model: EngineModel,
-        scheduling: Option<Scheduling>,
+        scheduling: Option<Scheduling<P>>,
     ) -> std::io::Result<(Self, PipelineEnds)> {
         let model = Arc::new(model);
-        let (job_tx, job_rx) = mpsc::channel(2 * MAX_ACTIVE_SEQUENCES);
-        let (result_tx, result_rx) = mpsc::channel(2 * MAX_ACTIVE_SEQUENCES);
+        let scheduling = scheduling.map(|s| Consulted {
+            policy: Arc::new(s.policy),
+            stages: s.stages,
+        });
+        let (job_tx, job_rx) = mpsc::channel(PIPELINE_QUEUE_LEN);
+        let (result_tx, result_rx) = mpsc::channel(PIPELINE_QUEUE_LEN);
         let (submission_tx, submission_rx) = mpsc::channel(ENGINE_QUEUE_LEN);
         let (stats_tx, stats_rx) = watch::channel(EngineStats::default());
         let waiting = Arc::new(AtomicUsize::new(0));
@@ -332,7 +368,7 @@ impl Engine {
             kv_bytes_per_token: config.kv_bytes_per_token_per_layer() * shard.range().len() as u64,
             kv_budget_bytes,
         };
-        let (mut engine, ends) = Self::start(model, None)?;
+        let (mut engine, ends) = Self::start(model, None::<Scheduling<NoPolicy>>)?;
         let results = ends.results;
         let stage_thread = stage::spawn(shard, ends.jobs, move |output| match output {
             StageOutput::Done { result, .. } => results.blocking_send(result).is_ok(),
@@ -391,7 +427,7 @@ struct Coordinator {
     /// Something changed (a request arrived or ended, a stage's load
     /// changed) since the policy was last asked.
     schedule_again: bool,
-    scheduling: Option<Scheduling>,
+    scheduling: Option<Consulted>,
     results: mpsc::Receiver<StageResult>,
     first_stage: mpsc::Sender<StageJob>,
     active: HashMap<SequenceId, ActiveRequest>,
@@ -624,7 +660,7 @@ impl Coordinator {
             position,
             input: ShardInput::Tokens(chunk),
             sample,
-            route: Route::default(),
+            route: (),
         })
         .await;
     }
@@ -681,7 +717,7 @@ impl Coordinator {
             position,
             input: ShardInput::Tokens(vec![token]),
             sample: Sample::Continue,
-            route: Route::default(),
+            route: (),
         })
         .await;
     }
@@ -769,23 +805,7 @@ impl Coordinator {
 /// The built-in order, for when there is no policy to ask: the same
 /// first come, first served as the default policy.
 fn first_come_first_served(queue: &[WaitingRequest], stages: &[StageLoad]) -> Vec<u64> {
-    let waiting: Vec<scheduler::Waiting> = queue
-        .iter()
-        .map(|w| scheduler::Waiting {
-            id: w.id,
-            prompt_tokens: w.prompt_tokens,
-            max_tokens: w.max_tokens,
-            waited_millis: w.waited_millis,
-        })
-        .collect();
-    let loads: Vec<scheduler::StageLoad> = stages
-        .iter()
-        .map(|s| scheduler::StageLoad {
-            in_flight: s.in_flight,
-            limit: s.limit,
-        })
-        .collect();
-    scheduler::schedule_fifo(&waiting, &loads)
+    scheduler::contract::schedule(queue, stages)
 }
 
 /// Waits for the next change of the stage loads: true when one came, false

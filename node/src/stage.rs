@@ -3,8 +3,10 @@
 //! The stage that holds the model's last layer also samples: it keeps one
 //! [`Sampler`] per sequence, so a token, not a vocabulary of logits, is what
 //! leaves it. Where its output goes (the next stage, the request's owner,
-//! near or far) is the caller's business: the stage hands every output to
-//! the `emit` function it was started with.
+//! near or far) is the business of whoever runs the stage: the engine for a
+//! model held whole in this process, the cluster in serve mode. Each job
+//! carries that owner's route (`R`), which the stage hands back untouched
+//! with the job's output, through the `emit` function it was started with.
 
 use std::collections::HashMap;
 use std::thread::JoinHandle;
@@ -14,8 +16,10 @@ use kernels::{
 };
 use tokio::sync::mpsc;
 
-/// Whether the last stage samples after this job, and with what.
-#[derive(Debug, Clone, PartialEq)]
+/// Whether the last stage samples after this job, and with what. Also part
+/// of the link protocol (`ForwardFrame`): changing it changes
+/// `PROTOCOL_VERSION`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Sample {
     /// A prompt chunk that is not the last: fill the KV cache only.
     No,
@@ -25,28 +29,32 @@ pub enum Sample {
     Continue,
 }
 
-/// Where a job belongs: which node owns the request, under which plan,
-/// and which stage of that plan the job is for. Opaque to the stage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Route {
-    pub owner: u64,
-    pub epoch: u64,
-    pub stage: u32,
-}
-
-/// Work for a stage.
+/// Work for a stage. `R` is the route of whoever runs the stage, handed
+/// back with the output (`()` for the engine's own stage).
 #[derive(Debug)]
-pub enum StageJob {
+pub enum StageJob<R = ()> {
     /// Run the shard over tokens `position..position + n` of `sequence`.
     Forward {
         sequence: SequenceId,
         position: usize,
         input: ShardInput,
         sample: Sample,
-        route: Route,
+        route: R,
     },
     /// Forget `sequence`: free its KV cache and sampler.
     Release { sequence: SequenceId },
+}
+
+impl<R: Copy> StageJob<R> {
+    /// The sequence and route of a forward job (`None` for a release).
+    pub fn forward_route(&self) -> Option<(SequenceId, R)> {
+        match self {
+            StageJob::Forward {
+                sequence, route, ..
+            } => Some((*sequence, *route)),
+            StageJob::Release { .. } => None,
+        }
+    }
 }
 
 /// What a stage reports to a request's owner.
@@ -66,28 +74,37 @@ pub enum StageResult {
     },
 }
 
-/// What leaves a stage.
+impl StageResult {
+    pub fn sequence(&self) -> SequenceId {
+        match self {
+            StageResult::Token { sequence, .. }
+            | StageResult::ChunkDone { sequence }
+            | StageResult::Failed { sequence, .. } => *sequence,
+        }
+    }
+}
+
+/// What leaves a stage, with the route of the job it came from.
 #[derive(Debug)]
-pub enum StageOutput {
-    /// Hidden states for the next stage (`route.stage` is already the
-    /// next stage's index).
+pub enum StageOutput<R> {
+    /// Hidden states for the stage after this one.
     Next {
         sequence: SequenceId,
         position: usize,
         hidden: Tensor,
         sample: Sample,
-        route: Route,
+        route: R,
     },
-    /// A result for the owner named in `route`.
-    Done { route: Route, result: StageResult },
+    /// A result for the request's owner.
+    Done { route: R, result: StageResult },
 }
 
 /// Starts a thread that runs `shard` over the jobs it receives until the
 /// job channel closes or `emit` returns false (its receiver is gone).
-pub fn spawn(
+pub fn spawn<R: Send + 'static>(
     shard: Shard,
-    jobs: mpsc::Receiver<StageJob>,
-    emit: impl FnMut(StageOutput) -> bool + Send + 'static,
+    jobs: mpsc::Receiver<StageJob<R>>,
+    emit: impl FnMut(StageOutput<R>) -> bool + Send + 'static,
 ) -> std::io::Result<JoinHandle<()>> {
     let name = format!("ringlet-stage-{}", shard.range());
     std::thread::Builder::new()
@@ -95,10 +112,10 @@ pub fn spawn(
         .spawn(move || run(shard, jobs, emit))
 }
 
-fn run(
+fn run<R>(
     mut shard: Shard,
-    mut jobs: mpsc::Receiver<StageJob>,
-    mut emit: impl FnMut(StageOutput) -> bool,
+    mut jobs: mpsc::Receiver<StageJob<R>>,
+    mut emit: impl FnMut(StageOutput<R>) -> bool,
 ) {
     let mut samplers: HashMap<SequenceId, Sampler> = HashMap::new();
     while let Some(job) = jobs.blocking_recv() {
@@ -118,18 +135,17 @@ fn run(
         };
         // A panic here is a bug; it fails this request, not the node.
         let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            step(
-                &mut shard,
-                &mut samplers,
-                sequence,
-                position,
-                input,
-                sample,
-                route,
-            )
+            step(&mut shard, &mut samplers, sequence, position, input, sample)
         }));
         let output = match stepped {
-            Ok(Ok(output)) => output,
+            Ok(Ok(Stepped::Hidden(hidden, sample))) => StageOutput::Next {
+                sequence,
+                position,
+                hidden,
+                sample,
+                route,
+            },
+            Ok(Ok(Stepped::Result(result))) => StageOutput::Done { route, result },
             Ok(Err(message)) => fail(&mut shard, &mut samplers, sequence, route, message),
             Err(panic) => {
                 let message = format!(
@@ -148,13 +164,13 @@ fn run(
     tracing::debug!(range = %shard.range(), "stage stopped");
 }
 
-fn fail(
+fn fail<R>(
     shard: &mut Shard,
     samplers: &mut HashMap<SequenceId, Sampler>,
     sequence: SequenceId,
-    route: Route,
+    route: R,
     message: String,
-) -> StageOutput {
+) -> StageOutput<R> {
     shard.release(sequence);
     samplers.remove(&sequence);
     StageOutput::Done {
@@ -171,6 +187,13 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "a panic".into())
 }
 
+/// What one step gave: hidden states to pass on (with the sampling they
+/// carry), or a result for the request's owner.
+enum Stepped {
+    Hidden(Tensor, Sample),
+    Result(StageResult),
+}
+
 fn step(
     shard: &mut Shard,
     samplers: &mut HashMap<SequenceId, Sampler>,
@@ -178,35 +201,17 @@ fn step(
     position: usize,
     input: ShardInput,
     sample: Sample,
-    route: Route,
-) -> Result<StageOutput, String> {
+) -> Result<Stepped, String> {
     let range: LayerRange = shard.range();
     let logits = match shard
         .forward(sequence, position, input)
         .map_err(|e| e.to_string())?
     {
-        ShardOutput::Hidden(hidden) => {
-            let next = Route {
-                stage: route.stage + 1,
-                ..route
-            };
-            return Ok(StageOutput::Next {
-                sequence,
-                position,
-                hidden,
-                sample,
-                route: next,
-            });
-        }
+        ShardOutput::Hidden(hidden) => return Ok(Stepped::Hidden(hidden, sample)),
         ShardOutput::Logits(logits) => logits,
     };
     let sampler = match sample {
-        Sample::No => {
-            return Ok(StageOutput::Done {
-                route,
-                result: StageResult::ChunkDone { sequence },
-            });
-        }
+        Sample::No => return Ok(Stepped::Result(StageResult::ChunkDone { sequence })),
         Sample::Start(params) => {
             let sampler = Sampler::new(&params).map_err(|e| e.to_string())?;
             samplers.entry(sequence).insert_entry(sampler).into_mut()
@@ -216,8 +221,5 @@ fn step(
             .ok_or_else(|| format!("sequence {sequence} has no sampler on stage {range}"))?,
     };
     let token = sampler.sample(&logits).map_err(|e| e.to_string())?;
-    Ok(StageOutput::Done {
-        route,
-        result: StageResult::Token { sequence, token },
-    })
+    Ok(Stepped::Result(StageResult::Token { sequence, token }))
 }

@@ -1,0 +1,94 @@
+//! The events the cluster actor handles: everything that changes cluster
+//! state arrives as one of these, in order, on one bounded queue.
+
+use tokio::sync::oneshot;
+
+use super::discovery;
+use super::link::{self, LinkId, LinkSender};
+use super::protocol::{self, Frame, Hello, PolicyRevision};
+use super::routing::Route;
+use super::PolicyStatus;
+use crate::model_store::CatalogueEntry;
+use crate::policy::{Placed, PolicyError, PolicyView};
+use crate::stage::StageOutput;
+use scheduler::NodeId;
+
+/// Events the cluster actor handles, in arrival order.
+pub(crate) enum ClusterEvent {
+    /// A link finished its handshake; answer whether to keep it.
+    LinkUp {
+        hello: Box<Hello>,
+        sender: LinkSender,
+        accepted: oneshot::Sender<bool>,
+    },
+    LinkDown {
+        node: NodeId,
+        link: LinkId,
+        reason: String,
+    },
+    LinkRtt {
+        node: NodeId,
+        rtt_micros: u64,
+    },
+    LinkBandwidth {
+        node: NodeId,
+        bytes_per_second: u64,
+    },
+    /// The policy answered placement number `generation`.
+    Placed {
+        generation: u64,
+        placed: Placed,
+    },
+    /// Someone asked this node to change the cluster's policy (`None`: back
+    /// to the built-in one).
+    SetPolicy {
+        wasm: Option<Vec<u8>>,
+        reply: oneshot::Sender<Result<PolicyStatus, PolicyError>>,
+    },
+    /// mDNS resolved another node's advertisement.
+    Discovered {
+        fullname: String,
+        peer: discovery::PeerAdvert,
+        verdict: discovery::Verdict,
+    },
+    /// A node withdrew its advertisement (it stopped).
+    Withdrawn {
+        fullname: String,
+    },
+    /// Someone asked this node to fetch a catalogue model onto every node
+    /// that lacks it; the reply names those nodes.
+    FetchModel {
+        entry: &'static CatalogueEntry,
+        reply: oneshot::Sender<Vec<String>>,
+    },
+    /// The policy thread finished installing revision `revision`.
+    PolicyInstalled {
+        revision: PolicyRevision,
+        wasm: Option<bytes::Bytes>,
+        result: Result<PolicyView, PolicyError>,
+        /// Why the change happened, when a failing policy was replaced.
+        warning: Option<String>,
+        /// Whom to answer, when the change started here from the API.
+        reply: Option<oneshot::Sender<Result<PolicyStatus, PolicyError>>>,
+    },
+    Frame {
+        from: NodeId,
+        frame: Frame,
+    },
+    /// An output of this node's stage.
+    FromStage(StageOutput<Route>),
+    /// This node's shard for plan `epoch` finished loading (or failed).
+    ShardLoaded {
+        epoch: protocol::Epoch,
+        result: Result<kernels::Shard, String>,
+    },
+    /// A dial attempt ended (successfully or not).
+    DialEnded {
+        address: String,
+    },
+    /// An accepted connection to hand to a link task.
+    Accept {
+        stream: link::AcceptedStream,
+        remote: std::net::SocketAddr,
+    },
+}

@@ -1,0 +1,529 @@
+//! Membership: who this node is, the peers it is linked to, the addresses
+//! it should be linked to (and is dialing), the nodes discovery found, and
+//! what each link measured. It decides admission and leadership; it does
+//! not plan or route.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+
+use scheduler::NodeId;
+
+use super::discovery::{PeerAdvert, Verdict};
+use super::link::{LinkId, LinkSender};
+use super::protocol::{
+    Frame, Hello, LinkMeasurement, ModelIdentity, NodeStatus, PROTOCOL_VERSION, PeerAddress,
+    Resources,
+};
+use crate::limits::MAX_NODES;
+use crate::policy;
+
+/// A node we are linked to.
+pub(super) struct Member {
+    pub hello: Hello,
+    /// HOST:PORT where its API and link port is reached.
+    pub address: String,
+    pub link: LinkSender,
+    pub rtt_micros: Option<u64>,
+    /// Bytes per second received from it, smoothed over large frames.
+    pub bandwidth: Option<u64>,
+    /// Its last report of its links and its stage's load.
+    pub status: Option<NodeStatus>,
+}
+
+impl Member {
+    /// Serves the same model file as `identity`, so it can be given layers.
+    pub fn serves(&self, identity: &ModelIdentity) -> bool {
+        self.hello.model.fingerprint == identity.fingerprint
+    }
+}
+
+/// What this node is, as its peers see it.
+pub(super) struct Myself {
+    pub id: NodeId,
+    pub name: String,
+    /// The cluster name: peers with another one are not joined.
+    pub cluster: String,
+    pub listen: SocketAddr,
+    pub resources: Resources,
+    pub identity: ModelIdentity,
+}
+
+/// Why a link was not kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Refusal {
+    /// It is this node, reached through another address.
+    Myself,
+    /// It is in another cluster.
+    OtherCluster,
+    /// A link to the peer exists and wins over this one.
+    Duplicate,
+    /// The cluster has `MAX_NODES` nodes.
+    Full,
+}
+
+pub(super) struct Membership {
+    pub me: Myself,
+    pub members: BTreeMap<NodeId, Member>,
+    /// `--peer` addresses, which are dialed for as long as the node runs.
+    configured_peers: HashSet<String>,
+    /// Addresses to stay linked to: `--peer` ones and those peers told us.
+    known_addresses: HashSet<String>,
+    dialing: HashSet<String>,
+    /// Advertisements mDNS resolved, by service name.
+    pub discovered: BTreeMap<String, (PeerAdvert, Verdict)>,
+}
+
+impl Membership {
+    pub fn new(me: Myself, peers: Vec<String>) -> Self {
+        Self {
+            me,
+            members: BTreeMap::new(),
+            configured_peers: peers.iter().cloned().collect(),
+            known_addresses: peers.into_iter().collect(),
+            dialing: HashSet::new(),
+            discovered: BTreeMap::new(),
+        }
+    }
+
+    pub fn hello(&self) -> Hello {
+        Hello {
+            protocol_version: PROTOCOL_VERSION,
+            node: self.me.id,
+            name: self.me.name.clone(),
+            cluster: self.me.cluster.clone(),
+            address: self.me.listen.to_string(),
+            resources: self.me.resources.clone(),
+            model: self.me.identity.clone(),
+            peers: self
+                .members
+                .iter()
+                .map(|(id, m)| PeerAddress {
+                    node: *id,
+                    address: m.address.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Known addresses not linked or being dialed yet; they count as being
+    /// dialed from now until [`Self::dial_ended`].
+    pub fn start_dialing(&mut self) -> Vec<String> {
+        let linked: HashSet<&String> = self.members.values().map(|m| &m.address).collect();
+        let own = self.me.listen.to_string();
+        let to_dial: Vec<String> = self
+            .known_addresses
+            .iter()
+            .filter(|a| !linked.contains(a) && !self.dialing.contains(*a) && **a != own)
+            .cloned()
+            .collect();
+        self.dialing.extend(to_dial.iter().cloned());
+        to_dial
+    }
+
+    pub fn dial_ended(&mut self, address: &str) {
+        self.dialing.remove(address);
+    }
+
+    /// Remembers addresses to link to (a plan's stages).
+    pub fn remember(&mut self, peers: impl IntoIterator<Item = (NodeId, String)>) {
+        for (node, address) in peers {
+            if node != self.me.id && !self.members.contains_key(&node) {
+                self.known_addresses.insert(address);
+            }
+        }
+    }
+
+    /// Admits the peer of a new link, or says why not. A duplicate link
+    /// that wins closes the one it replaces.
+    pub fn admit(&mut self, hello: Hello, link: LinkSender) -> Result<(), Refusal> {
+        let peer = hello.node;
+        let address = advertised_address(&hello.address, &link.observed_address);
+        if peer == self.me.id {
+            self.known_addresses.remove(&link.observed_address);
+            return Err(Refusal::Myself);
+        }
+        if hello.cluster != self.me.cluster {
+            tracing::warn!(
+                node = %peer,
+                "not joining peer {} at {address}: it is in cluster `{}`, this node in `{}`; start both with the same --cluster",
+                hello.name,
+                hello.cluster,
+                self.me.cluster
+            );
+            // Dialing it again would be refused again.
+            self.known_addresses.remove(&address);
+            self.known_addresses.remove(&link.observed_address);
+            return Err(Refusal::OtherCluster);
+        }
+        if let Some(existing) = self.members.get(&peer) {
+            // Two links to one peer (both dialed at once): both sides keep
+            // the one the smaller node id dialed.
+            let me = self.me.id;
+            let smaller_dialed = |dialed: bool| (dialed && me < peer) || (!dialed && peer < me);
+            if !smaller_dialed(link.dialed) || smaller_dialed(existing.link.dialed) {
+                return Err(Refusal::Duplicate);
+            }
+            existing.link.close();
+        } else if self.members.len() + 1 >= MAX_NODES {
+            tracing::warn!(peer = %hello.name, "refusing a peer: the cluster has {MAX_NODES} nodes");
+            return Err(Refusal::Full);
+        }
+        for told in &hello.peers {
+            if told.node != self.me.id && !self.members.contains_key(&told.node) {
+                self.known_addresses.insert(told.address.clone());
+            }
+        }
+        self.known_addresses.insert(address.clone());
+        if hello.model.fingerprint != self.me.identity.fingerprint {
+            tracing::warn!(
+                peer = %hello.name,
+                their_model = %hello.model.name,
+                their_fingerprint = %hello.model.fingerprint,
+                our_fingerprint = %self.me.identity.fingerprint,
+                "peer has a different model file; it will not be given layers"
+            );
+        } else {
+            tracing::info!(node = %peer, "peer {} joined from {address}", hello.name);
+        }
+        self.members.insert(
+            peer,
+            Member {
+                hello,
+                address,
+                link,
+                rtt_micros: None,
+                bandwidth: None,
+                status: None,
+            },
+        );
+        Ok(())
+    }
+
+    /// Removes the peer whose link `link` closed; `None` when that link was
+    /// a replaced duplicate (the peer stays).
+    pub fn remove(&mut self, node: NodeId, link: LinkId) -> Option<Member> {
+        if self.members.get(&node).is_none_or(|m| m.link.id != link) {
+            return None;
+        }
+        self.members.remove(&node)
+    }
+
+    /// mDNS found a node: true when it should be dialed now.
+    pub fn discovered(&mut self, fullname: String, peer: PeerAdvert, verdict: Verdict) -> bool {
+        let dial = verdict == Verdict::Join && !self.members.contains_key(&peer.node);
+        if dial {
+            self.known_addresses
+                .extend(peer.addresses.iter().map(ToString::to_string));
+        }
+        self.discovered.insert(fullname, (peer, verdict));
+        dial
+    }
+
+    /// A node withdrew its advertisement: stop dialing its addresses
+    /// (unless they are `--peer` ones); its links end by themselves.
+    pub fn withdrawn(&mut self, fullname: &str) {
+        let Some((peer, _)) = self.discovered.remove(fullname) else {
+            return;
+        };
+        let linked: HashSet<&String> = self.members.values().map(|m| &m.address).collect();
+        for address in peer.addresses.iter().map(ToString::to_string) {
+            if !self.configured_peers.contains(&address) && !linked.contains(&address) {
+                self.known_addresses.remove(&address);
+            }
+        }
+    }
+
+    pub fn record_rtt(&mut self, node: NodeId, rtt_micros: u64) {
+        if let Some(member) = self.members.get_mut(&node) {
+            member.rtt_micros = Some(rtt_micros);
+        }
+    }
+
+    pub fn record_bandwidth(&mut self, node: NodeId, bytes_per_second: u64) {
+        if let Some(member) = self.members.get_mut(&node) {
+            // Smoothed: one slow frame (a busy moment) does not halve the
+            // estimate.
+            member.bandwidth = Some(match member.bandwidth {
+                Some(old) => (old * 3 + bytes_per_second) / 4,
+                None => bytes_per_second,
+            });
+        }
+    }
+
+    pub fn record_status(&mut self, node: NodeId, status: NodeStatus) {
+        if let Some(member) = self.members.get_mut(&node) {
+            member.status = Some(status);
+        }
+    }
+
+    /// Nodes serving the same model file, this one included, by id.
+    pub fn compatible(&self) -> Vec<policy::Node> {
+        let node = |id: NodeId, name: &str, resources: &Resources| policy::Node {
+            id: id.0,
+            name: name.to_string(),
+            device: resources.device.clone(),
+            memory_budget_bytes: resources.memory_budget_bytes,
+            compute_score: resources.compute_score,
+        };
+        let mut nodes = vec![node(self.me.id, &self.me.name, &self.me.resources)];
+        nodes.extend(
+            self.members
+                .values()
+                .filter(|m| m.serves(&self.me.identity))
+                .map(|m| node(m.hello.node, &m.hello.name, &m.hello.resources)),
+        );
+        nodes.sort_by_key(|n| n.id);
+        nodes
+    }
+
+    /// The lowest id among the nodes serving this model file.
+    pub fn leader(&self) -> NodeId {
+        self.members
+            .values()
+            .filter(|m| m.serves(&self.me.identity))
+            .map(|m| m.hello.node)
+            .chain([self.me.id])
+            .min()
+            .unwrap_or(self.me.id)
+    }
+
+    /// What this node measured of its links.
+    pub fn measurements(&self) -> Vec<LinkMeasurement> {
+        self.members
+            .iter()
+            .filter_map(|(id, m)| {
+                Some(LinkMeasurement {
+                    to: *id,
+                    rtt_micros: m.rtt_micros?,
+                    bandwidth_bytes_per_second: m.bandwidth.unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+
+    /// The cluster as the policy sees it: the compatible nodes, and every
+    /// link between two of them that one end has measured.
+    pub fn policy_cluster(&self) -> policy::Cluster {
+        let nodes = self.compatible();
+        let known: HashSet<u64> = nodes.iter().map(|n| n.id).collect();
+        let link = |from: NodeId, m: &LinkMeasurement| policy::Link {
+            from: from.0,
+            to: m.to.0,
+            latency_micros: m.rtt_micros,
+            bandwidth_bytes_per_second: m.bandwidth_bytes_per_second,
+        };
+        let mut links: Vec<policy::Link> = self
+            .measurements()
+            .iter()
+            .map(|m| link(self.me.id, m))
+            .collect();
+        for (id, member) in &self.members {
+            if let Some(status) = &member.status {
+                links.extend(status.links.iter().map(|m| link(*id, m)));
+            }
+        }
+        links.retain(|l| known.contains(&l.from) && known.contains(&l.to));
+        policy::Cluster { nodes, links }
+    }
+
+    /// Requests on a peer's stage as it last reported them.
+    pub fn reported_in_flight(&self, node: NodeId) -> u32 {
+        self.members
+            .get(&node)
+            .and_then(|m| m.status.as_ref())
+            .map_or(0, |s| s.in_flight)
+    }
+
+    /// True while some peer reports requests on its stage (a node that
+    /// just joined knows this from the status each peer sends first).
+    pub fn peers_busy(&self) -> bool {
+        self.members
+            .values()
+            .any(|m| m.status.as_ref().is_some_and(|s| s.in_flight > 0))
+    }
+
+    /// Whether every node in `nodes` is this one or a member.
+    pub fn linked_to_all(&self, mut nodes: impl Iterator<Item = NodeId>) -> bool {
+        nodes.all(|n| n == self.me.id || self.members.contains_key(&n))
+    }
+
+    /// Sends a frame to a member; false if it is not linked.
+    pub fn send_to(&self, node: NodeId, frame: Frame) -> bool {
+        node != self.me.id && self.members.get(&node).is_some_and(|m| m.link.send(frame))
+    }
+
+    /// Sends a frame to every member.
+    pub fn broadcast(&self, frame: &Frame) {
+        for member in self.members.values() {
+            member.link.send(frame.clone());
+        }
+    }
+
+    pub fn address_of(&self, node: NodeId) -> String {
+        if node == self.me.id {
+            return self.me.listen.to_string();
+        }
+        self.members
+            .get(&node)
+            .map_or_else(String::new, |m| m.address.clone())
+    }
+
+    pub fn name_of(&self, node: NodeId) -> String {
+        if node == self.me.id {
+            return self.me.name.clone();
+        }
+        self.members
+            .get(&node)
+            .map_or_else(|| node.to_string(), |m| m.hello.name.clone())
+    }
+}
+
+/// Where a peer is reached: its own address, unless it listens on all
+/// interfaces, in which case the IP we see it from and its port.
+fn advertised_address(announced: &str, observed: &str) -> String {
+    match (
+        announced.parse::<SocketAddr>(),
+        observed.parse::<SocketAddr>(),
+    ) {
+        (Ok(a), Ok(o)) if a.ip().is_unspecified() => SocketAddr::new(o.ip(), a.port()).to_string(),
+        _ => announced.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::protocol::Resources;
+
+    fn resources() -> Resources {
+        Resources {
+            device: "cpu".into(),
+            device_name: "test".into(),
+            memory_total_bytes: 1 << 30,
+            memory_available_bytes: 1 << 30,
+            memory_budget_bytes: 1 << 29,
+            compute_score: 1.0,
+        }
+    }
+
+    fn identity(fingerprint: &str) -> ModelIdentity {
+        ModelIdentity {
+            name: "m".into(),
+            fingerprint: fingerprint.into(),
+        }
+    }
+
+    fn membership(me: u64) -> Membership {
+        let myself = Myself {
+            id: NodeId(me),
+            name: format!("node-{me}"),
+            cluster: "default".into(),
+            listen: "127.0.0.1:5000".parse().expect("address"),
+            resources: resources(),
+            identity: identity("sha256:a"),
+        };
+        Membership::new(myself, vec!["10.0.0.9:52415".into()])
+    }
+
+    fn hello(node: u64, cluster: &str, fingerprint: &str) -> Hello {
+        Hello {
+            protocol_version: PROTOCOL_VERSION,
+            node: NodeId(node),
+            name: format!("node-{node}"),
+            cluster: cluster.into(),
+            address: "0.0.0.0:52415".into(),
+            resources: resources(),
+            model: identity(fingerprint),
+            peers: vec![PeerAddress {
+                node: NodeId(77),
+                address: "10.0.0.77:52415".into(),
+            }],
+        }
+    }
+
+    fn link(dialed: bool) -> LinkSender {
+        LinkSender::detached(dialed, "10.0.0.7:40123").0
+    }
+
+    #[test]
+    fn addresses_of_peers_listening_everywhere_use_the_observed_ip() {
+        assert_eq!(
+            advertised_address("0.0.0.0:52415", "10.0.0.7:40123"),
+            "10.0.0.7:52415"
+        );
+        assert_eq!(
+            advertised_address("10.0.0.9:52415", "10.0.0.7:40123"),
+            "10.0.0.9:52415"
+        );
+        assert_eq!(advertised_address("hostname:1", "10.0.0.7:2"), "hostname:1");
+    }
+
+    #[test]
+    fn admission_refuses_itself_other_clusters_and_losing_duplicates() {
+        let mut members = membership(5);
+        assert_eq!(
+            members.admit(hello(5, "default", "sha256:a"), link(true)),
+            Err(Refusal::Myself)
+        );
+        assert_eq!(
+            members.admit(hello(3, "lab", "sha256:a"), link(true)),
+            Err(Refusal::OtherCluster)
+        );
+        assert!(members.members.is_empty());
+
+        // Node 3 < 5: the link node 3 dialed (accepted here) wins.
+        members
+            .admit(hello(3, "default", "sha256:a"), link(true))
+            .expect("first link");
+        assert_eq!(
+            members.admit(hello(3, "default", "sha256:a"), link(true)),
+            Err(Refusal::Duplicate),
+            "another link dialed by the larger id is refused"
+        );
+        let accepted = link(false);
+        let accepted_id = accepted.id;
+        members
+            .admit(hello(3, "default", "sha256:a"), accepted)
+            .expect("the link the smaller id dialed replaces the other");
+        assert_eq!(members.members[&NodeId(3)].link.id, accepted_id);
+        assert_eq!(members.address_of(NodeId(3)), "10.0.0.7:52415");
+    }
+
+    #[test]
+    fn admission_stops_at_the_node_limit_and_learns_peer_addresses() {
+        let mut members = membership(1_000);
+        for node in 0..MAX_NODES as u64 - 1 {
+            members
+                .admit(hello(node, "default", "sha256:a"), link(false))
+                .expect("room");
+        }
+        assert_eq!(
+            members.admit(hello(999, "default", "sha256:a"), link(false)),
+            Err(Refusal::Full)
+        );
+        let dialing = members.start_dialing();
+        assert!(dialing.contains(&"10.0.0.77:52415".to_string()), "{dialing:?}");
+        assert!(dialing.contains(&"10.0.0.9:52415".to_string()), "--peer");
+        assert!(members.start_dialing().is_empty(), "already dialing");
+    }
+
+    #[test]
+    fn the_leader_is_the_lowest_id_serving_the_same_file() {
+        let mut members = membership(5);
+        assert_eq!(members.leader(), NodeId(5));
+        members
+            .admit(hello(2, "default", "sha256:other"), link(false))
+            .expect("admitted");
+        assert_eq!(members.leader(), NodeId(5), "another model file");
+        members
+            .admit(hello(4, "default", "sha256:a"), link(false))
+            .expect("admitted");
+        assert_eq!(members.leader(), NodeId(4));
+        let ids: Vec<u64> = members.compatible().iter().map(|n| n.id).collect();
+        assert_eq!(ids, vec![4, 5]);
+        let gone = members.members[&NodeId(4)].link.id;
+        assert!(members.remove(NodeId(4), gone + 1_000).is_none(), "old link");
+        assert!(members.remove(NodeId(4), gone).is_some());
+        assert_eq!(members.leader(), NodeId(5));
+    }
+}

@@ -1,0 +1,159 @@
+//! Status: what this node reports about itself every status interval (its
+//! memory, the models in its cache or on their way, its stage's load), and
+//! the downloads it runs for the cluster. The figures that cost a system
+//! call are read once per interval, never per event.
+
+use crate::cluster::protocol::{
+    LinkMeasurement, ModelAvailability, ModelState, NodeStatus, Resources,
+};
+use crate::cluster::resources::{process_memory, system_memory};
+use crate::model_store::{CATALOGUE, CatalogueEntry, Download, Downloads, ModelStore, catalogue_entry};
+
+/// This machine's figures as last read.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub(super) struct LocalFigures {
+    pub memory_available_bytes: u64,
+    pub models: Vec<ModelAvailability>,
+    pub rss_bytes: u64,
+    pub peak_rss_bytes: u64,
+}
+
+pub(super) struct LocalStatus {
+    /// The model this node serves (which may be a file outside the
+    /// catalogue).
+    serving: String,
+    /// Available memory at the start, for where it cannot be read again.
+    memory_at_start: u64,
+    model_store: ModelStore,
+    downloads: Downloads,
+    pub figures: LocalFigures,
+    /// The stage load last reported to peers.
+    reported_in_flight: Option<u32>,
+}
+
+impl LocalStatus {
+    pub fn new(
+        serving: String,
+        resources: &Resources,
+        model_store: ModelStore,
+        downloads: Downloads,
+    ) -> Self {
+        let mut status = Self {
+            serving,
+            memory_at_start: resources.memory_available_bytes,
+            model_store,
+            downloads,
+            figures: LocalFigures::default(),
+            reported_in_flight: None,
+        };
+        status.refresh();
+        status
+    }
+
+    /// Reads this machine's figures again; true when they changed.
+    pub fn refresh(&mut self) -> bool {
+        let (rss_bytes, peak_rss_bytes) = process_memory();
+        let figures = LocalFigures {
+            memory_available_bytes: system_memory()
+                .map_or(self.memory_at_start, |(_, available)| available),
+            models: self.model_availability(),
+            rss_bytes,
+            peak_rss_bytes,
+        };
+        let changed = figures != self.figures;
+        self.figures = figures;
+        changed
+    }
+
+    /// The report for peers, with the stage's load and the links' figures.
+    pub fn report(&self, in_flight: u32, links: Vec<LinkMeasurement>) -> NodeStatus {
+        NodeStatus {
+            in_flight,
+            links,
+            memory_available_bytes: self.figures.memory_available_bytes,
+            rss_bytes: self.figures.rss_bytes,
+            models: self.figures.models.clone(),
+        }
+    }
+
+    /// True when the stage's load differs from what peers were told.
+    pub fn load_changed(&self, in_flight: u32) -> bool {
+        self.reported_in_flight != Some(in_flight)
+    }
+
+    /// Every peer was told the stage carries `in_flight` requests.
+    pub fn reported(&mut self, in_flight: u32) {
+        self.reported_in_flight = Some(in_flight);
+    }
+
+    /// Starts fetching `entry` here unless it is present; true when it is
+    /// being fetched (started now or before).
+    pub fn fetch(&mut self, entry: &'static CatalogueEntry) -> bool {
+        let started = self.downloads.start(&self.model_store, entry);
+        self.refresh();
+        started
+            || matches!(
+                self.downloads.state(entry.name),
+                Some(Download::Running { .. })
+            )
+    }
+
+    /// A peer asked this node to fetch `name`: the catalogue entry, or
+    /// `None` when this node does not know it (a newer ringlet's model).
+    pub fn fetch_for_peer(&mut self, name: &str) -> Option<bool> {
+        let entry = catalogue_entry(name)?;
+        let started = self.downloads.start(&self.model_store, entry);
+        if started {
+            self.refresh();
+        }
+        Some(started)
+    }
+
+    /// Which catalogue models are in this node's cache or on their way,
+    /// and the one it serves.
+    fn model_availability(&self) -> Vec<ModelAvailability> {
+        let serving = &self.serving;
+        let mut models: Vec<ModelAvailability> = CATALOGUE
+            .iter()
+            .map(|entry| {
+                let download = self.downloads.state(entry.name);
+                if entry.name == serving {
+                    ModelAvailability::new(entry.name, ModelState::Loaded)
+                } else if let Some(Download::Running {
+                    done_bytes,
+                    total_bytes,
+                }) = download
+                {
+                    ModelAvailability {
+                        downloaded_bytes: Some(done_bytes),
+                        total_bytes: Some(total_bytes),
+                        ..ModelAvailability::new(entry.name, ModelState::Downloading)
+                    }
+                } else if self.model_store.is_present(entry) {
+                    ModelAvailability::new(entry.name, ModelState::Present)
+                } else {
+                    ModelAvailability {
+                        error: match download {
+                            Some(Download::Failed(error)) => Some(error),
+                            _ => None,
+                        },
+                        ..ModelAvailability::new(entry.name, ModelState::Missing)
+                    }
+                }
+            })
+            .collect();
+        if catalogue_entry(serving).is_none() {
+            models.push(ModelAvailability::new(serving.clone(), ModelState::Loaded));
+        }
+        models
+    }
+}
+
+/// Whether a peer's last report says it has the model `name`.
+pub(super) fn reports_model(status: Option<&NodeStatus>, name: &str) -> bool {
+    status.is_some_and(|status| {
+        status.models.iter().any(|m| {
+            m.name == name && matches!(m.state, ModelState::Loaded | ModelState::Present)
+        })
+    })
+}

@@ -1,0 +1,175 @@
+//! The published view: the cluster as this node sees it, built from the
+//! actor's state for `GET /v1/cluster`, the dashboard and the coordinator's
+//! readiness checks. Built only after something in it may have changed.
+
+use scheduler::NodeId;
+
+use super::discovery::Verdict;
+use super::membership::Membership;
+use super::planning::Planning;
+use super::protocol::Resources;
+use super::status::LocalFigures;
+use super::{
+    ClusterView, LinkView, NodeView, NotJoinedView, PlanState, PlanView, PolicyStatus, StageView,
+};
+
+/// The parts of the actor's state the view shows.
+pub(super) struct Parts<'a> {
+    pub membership: &'a Membership,
+    pub planning: &'a Planning,
+    pub policy: &'a PolicyStatus,
+    pub local: &'a LocalFigures,
+    /// Requests going through this node's stage now.
+    pub in_flight: u32,
+}
+
+impl Parts<'_> {
+    fn stage_in_flight(&self, node: NodeId) -> u32 {
+        if node == self.membership.me.id {
+            self.in_flight
+        } else {
+            self.membership.reported_in_flight(node)
+        }
+    }
+
+    pub fn build(&self) -> ClusterView {
+        let me = &self.membership.me;
+        ClusterView {
+            node: Some(me.id),
+            leader: Some(self.membership.leader()),
+            model: Some(me.identity.clone()),
+            nodes: self.nodes(),
+            links: self.links(),
+            plan: self.plan(),
+            plan_error: self.planning.error.clone(),
+            policy: Some(self.policy.clone()),
+            not_joined: self
+                .membership
+                .discovered
+                .values()
+                .filter_map(|(peer, verdict)| match verdict {
+                    Verdict::Skip(reason) => Some(NotJoinedView {
+                        node: peer.node,
+                        name: peer.name.clone(),
+                        addresses: peer.addresses.iter().map(ToString::to_string).collect(),
+                        cluster: peer.cluster.clone(),
+                        protocol_version: peer.protocol_version,
+                        reason: reason.clone(),
+                    }),
+                    _ => None,
+                })
+                .collect(),
+        }
+    }
+
+    fn nodes(&self) -> Vec<NodeView> {
+        let plan = self.planning.plan.as_ref();
+        let plan_layers = |node: NodeId| plan.and_then(|p| p.stage_of(node)).map(|(_, l)| l);
+        let reported = |node: NodeId| plan.and_then(|p| p.ready.get(&node).copied());
+        let me = &self.membership.me;
+        let mut nodes = vec![NodeView {
+            id: me.id,
+            name: me.name.clone(),
+            address: me.listen.to_string(),
+            status: "self".into(),
+            resources: Resources {
+                memory_available_bytes: self.local.memory_available_bytes,
+                ..me.resources.clone()
+            },
+            model: me.identity.clone(),
+            layers: plan_layers(me.id),
+            weight_bytes: self
+                .planning
+                .local_stage
+                .as_ref()
+                .map(|s| s.weight_bytes)
+                .or_else(|| reported(me.id)),
+            rss_bytes: Some(self.local.rss_bytes),
+            peak_rss_bytes: Some(self.local.peak_rss_bytes),
+            models: self.local.models.clone(),
+        }];
+        for (id, member) in &self.membership.members {
+            let r = &member.hello.resources;
+            let status = if member.serves(&me.identity) {
+                "linked".to_string()
+            } else {
+                format!(
+                    "not used: it serves another model file ({})",
+                    member.hello.model.fingerprint
+                )
+            };
+            nodes.push(NodeView {
+                id: *id,
+                name: member.hello.name.clone(),
+                address: member.address.clone(),
+                status,
+                resources: Resources {
+                    memory_available_bytes: member
+                        .status
+                        .as_ref()
+                        .map_or(r.memory_available_bytes, |s| s.memory_available_bytes),
+                    ..r.clone()
+                },
+                model: member.hello.model.clone(),
+                layers: plan_layers(*id),
+                weight_bytes: reported(*id),
+                rss_bytes: member.status.as_ref().map(|s| s.rss_bytes),
+                peak_rss_bytes: None,
+                models: member
+                    .status
+                    .as_ref()
+                    .map(|s| s.models.clone())
+                    .unwrap_or_default(),
+            });
+        }
+        nodes
+    }
+
+    fn links(&self) -> Vec<LinkView> {
+        let me = self.membership.me.id;
+        let members = &self.membership.members;
+        let mut links: Vec<LinkView> = members
+            .iter()
+            .map(|(id, m)| LinkView {
+                from: me,
+                to: *id,
+                rtt_ms: m.rtt_micros.map(|us| us as f64 / 1000.0),
+                bandwidth_bytes_per_second: m.bandwidth,
+            })
+            .collect();
+        for (id, member) in members {
+            let reported = member.status.iter().flat_map(|s| &s.links);
+            links.extend(reported.filter(|m| m.to != me).map(|m| LinkView {
+                from: *id,
+                to: m.to,
+                rtt_ms: Some(m.rtt_micros as f64 / 1000.0),
+                bandwidth_bytes_per_second: (m.bandwidth_bytes_per_second > 0)
+                    .then_some(m.bandwidth_bytes_per_second),
+            }));
+        }
+        links
+    }
+
+    fn plan(&self) -> Option<PlanView> {
+        self.planning.plan.as_ref().map(|p| PlanView {
+            epoch: p.message.epoch.0,
+            leader: p.message.leader,
+            state: if p.active {
+                PlanState::Active
+            } else {
+                PlanState::Loading
+            },
+            stages: p
+                .message
+                .stages
+                .iter()
+                .map(|s| StageView {
+                    node: s.node,
+                    layers: s.layers,
+                    weight_bytes: p.ready.get(&s.node).copied(),
+                    in_flight: self.stage_in_flight(s.node),
+                })
+                .collect(),
+        })
+    }
+}
