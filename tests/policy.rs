@@ -14,12 +14,12 @@ use bytes::Bytes;
 
 use kernels::{SamplingParams, SequenceId};
 use ringlet_node::cluster::protocol::PolicyRevision;
-use ringlet_node::stage::{StageJob, StageResult};
 use ringlet_node::engine::{Engine, EngineModel, GenerationRequest, PipelineEnds, Scheduling};
 use ringlet_node::policy::{
     self, Change, Cluster, Fault, Faults, Model, Node, PolicyError, PolicyHandle, PolicySource,
     StageLoad,
 };
+use ringlet_node::stage::{StageJob, StageResult};
 use scheduler::NodeId;
 use serde_json::Value;
 use sha2::{Digest, Sha256};

@@ -175,8 +175,11 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 
 fn parse_threads(text: &str) -> Result<usize, String> {
     match text.parse::<usize>() {
-        Ok(n) if (1..=1024).contains(&n) => Ok(n),
-        _ => Err(format!("`{text}` is not a thread count from 1 to 1024")),
+        Ok(n) if (1..=crate::limits::MAX_THREADS).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "`{text}` is not a thread count from 1 to {}",
+            crate::limits::MAX_THREADS
+        )),
     }
 }
 

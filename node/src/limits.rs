@@ -33,6 +33,9 @@ pub const PIPELINE_QUEUE_LEN: usize = 2 * MAX_ACTIVE_SEQUENCES;
 /// `MAX_ACTIVE_SEQUENCES`. A full queue fails the job, not the node.
 pub const STAGE_QUEUE_LEN: usize = MAX_ACTIVE_SEQUENCES * MAX_NODES;
 
+/// Most compute threads a node may be given (`--threads`).
+pub const MAX_THREADS: usize = 1024;
+
 /// Default KV-cache budget of a node's engine (`--kv-cache`). Requests
 /// reserve KV cache for their prompt plus `max_tokens` when admitted and
 /// wait for room beyond this; one that could never fit is refused. 2 GiB
@@ -123,6 +126,10 @@ pub const REDIAL_INTERVAL_MS: u64 = 2_000;
 /// Events queued for the cluster actor (frames, stage outputs, control).
 pub const CLUSTER_EVENT_QUEUE_LEN: usize = 4_096;
 
+/// Longest cluster name (`--cluster`), in bytes: it travels in every
+/// mDNS advertisement, whose TXT entries hold at most 255 bytes each.
+pub const MAX_CLUSTER_NAME_BYTES: usize = 63;
+
 /// Most nodes a cluster admits; beyond it new peers are refused.
 pub const MAX_NODES: usize = 64;
 
@@ -173,6 +180,17 @@ pub const POLICY_CHUNK_BYTES: usize = 256 * 1024;
 /// before it starts requests first come, first served for this round
 /// (the policy thread may be busy with a placement or a dry run).
 pub const SCHEDULE_WAIT_MS: u64 = 100;
+
+/// Instances, tables and linear memories one policy call may create: a
+/// component built by Rust or C needs a few of each; the bound keeps a
+/// hostile one from allocating host structures without limit.
+pub const POLICY_INSTANCES: usize = 16;
+pub const POLICY_TABLES: usize = 16;
+pub const POLICY_MEMORIES: usize = 4;
+
+/// Characters kept of a policy's name and of its version, as it reports
+/// them: they show in logs, the dashboard and every node's view.
+pub const POLICY_NAME_CHARS: usize = 64;
 
 /// Calls waiting for the policy thread; beyond it callers get an error.
 pub const POLICY_QUEUE_LEN: usize = 64;

@@ -35,9 +35,9 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use crate::cluster::protocol::PolicyRevision;
 use crate::limits::{
-    MAX_POLICY_BYTES, POLICY_CALL_TIMEOUT_MS, POLICY_FUEL_PER_CALL, POLICY_MEMORY_BYTES,
-    POLICY_QUEUE_LEN, POLICY_STDERR_BYTES, POLICY_TABLE_ELEMENTS, POLICY_TEXT_BYTES,
-    POLICY_YIELD_FUEL,
+    MAX_POLICY_BYTES, POLICY_CALL_TIMEOUT_MS, POLICY_FUEL_PER_CALL, POLICY_INSTANCES,
+    POLICY_MEMORIES, POLICY_MEMORY_BYTES, POLICY_NAME_CHARS, POLICY_QUEUE_LEN, POLICY_STDERR_BYTES,
+    POLICY_TABLE_ELEMENTS, POLICY_TABLES, POLICY_TEXT_BYTES, POLICY_YIELD_FUEL,
 };
 
 /// The bindings wasmtime generates from the contract. They stay in here:
@@ -257,7 +257,7 @@ impl Sandbox {
                 "info() returned an empty name".into(),
             ));
         }
-        let short = |text: &str| text.chars().take(64).collect::<String>();
+        let short = |text: &str| text.chars().take(POLICY_NAME_CHARS).collect::<String>();
         compiled.view.name = short(name);
         compiled.view.version = short(info.version.trim());
         Ok(())
@@ -274,9 +274,9 @@ impl Sandbox {
         let limits = StoreLimitsBuilder::new()
             .memory_size(POLICY_MEMORY_BYTES)
             .table_elements(POLICY_TABLE_ELEMENTS)
-            .instances(16)
-            .tables(16)
-            .memories(4)
+            .instances(POLICY_INSTANCES)
+            .tables(POLICY_TABLES)
+            .memories(POLICY_MEMORIES)
             .trap_on_grow_failure(true)
             .build();
         let mut store = Store::new(

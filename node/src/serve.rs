@@ -15,7 +15,7 @@ use crate::api::{self, AdminToken, AppState, ServedModel};
 use crate::cli::ServeArgs;
 use crate::cluster::{self, ClusterConfig, resources};
 use crate::engine::{Engine, EngineModel, Scheduling};
-use crate::limits::SHUTDOWN_GRACE_SECS;
+use crate::limits::{MAX_CLUSTER_NAME_BYTES, SHUTDOWN_GRACE_SECS};
 use crate::loaded_model::{LoadedModel, OpenedModel};
 use crate::model_store::Downloads;
 
@@ -43,8 +43,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
     anyhow::ensure!(
-        !args.cluster.trim().is_empty() && args.cluster.len() <= 63,
-        "--cluster `{}` must be 1 to 63 characters",
+        !args.cluster.trim().is_empty() && args.cluster.len() <= MAX_CLUSTER_NAME_BYTES,
+        "--cluster `{}` must be 1 to {MAX_CLUSTER_NAME_BYTES} characters",
         args.cluster
     );
 

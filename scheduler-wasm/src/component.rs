@@ -23,7 +23,8 @@ impl Guest for DefaultPolicy {
     }
 
     fn schedule(queue: Vec<WaitingRequest>, stages: Vec<StageLoad>) -> Vec<u64> {
-        let queue: Vec<crate::contract::WaitingRequest> = queue.into_iter().map(Into::into).collect();
+        let queue: Vec<crate::contract::WaitingRequest> =
+            queue.into_iter().map(Into::into).collect();
         let stages: Vec<crate::contract::StageLoad> = stages.into_iter().map(Into::into).collect();
         crate::contract::schedule(&queue, &stages)
     }

@@ -10,7 +10,7 @@
 //! built-in policy and the plan check over the contract's types.
 
 use crate::{
-    LinkLatency, Layers, ModelShape, NodeId, NodeResources, PlanError, PlanViolation, Waiting,
+    Layers, LinkLatency, ModelShape, NodeId, NodeResources, PlanError, PlanViolation, Waiting,
 };
 
 /// A node that can hold layers (WIT `node`).

@@ -24,13 +24,17 @@ use super::link::{self, LinkContext, LinkId, LinkSender};
 use super::membership::{Membership, Myself};
 use super::planning::{LocalStage, PlanCheck, Planning, Ready};
 use super::policy_sync::{Installed, PolicySync, capped_warning};
-use super::protocol::{Epoch, ForwardFrame, Frame, Hello, ModelIdentity, PlanMessage, PolicyRevision};
+use super::protocol::{
+    Epoch, ForwardFrame, Frame, Hello, ModelIdentity, PlanMessage, PolicyRevision,
+};
 use super::routing::{self, Route, Routing};
 use super::status::{LocalStatus, reports_model};
 use super::view::Parts;
 use super::{ClusterConfig, ClusterEvent, ClusterView, PolicyStatus};
 use crate::engine::PipelineEnds;
-use crate::limits::{NODE_STATUS_INTERVAL_MS, REDIAL_INTERVAL_MS, STAGE_QUEUE_LEN, STAGE_REQUEST_LIMIT};
+use crate::limits::{
+    NODE_STATUS_INTERVAL_MS, REDIAL_INTERVAL_MS, STAGE_QUEUE_LEN, STAGE_REQUEST_LIMIT,
+};
 use crate::model_store::CatalogueEntry;
 use crate::policy::{
     self, Change, Fault, Faults, Placed, PolicyError, PolicyHandle, PolicyView, StageLoad,
@@ -409,7 +413,9 @@ impl Cluster {
                 match self.local.fetch_for_peer(&name) {
                     Some(true) => tracing::info!(model = %name, %asked_by, "fetching model"),
                     Some(false) => {}
-                    None => tracing::warn!(model = %name, %asked_by, "a peer asked for a model this node does not know; is it a newer ringlet?"),
+                    None => {
+                        tracing::warn!(model = %name, %asked_by, "a peer asked for a model this node does not know; is it a newer ringlet?")
+                    }
                 }
                 true
             }

@@ -3,11 +3,11 @@
 
 use tokio::sync::oneshot;
 
+use super::PolicyStatus;
 use super::discovery;
 use super::link::{self, LinkId, LinkSender};
 use super::protocol::{self, Frame, Hello, PolicyRevision};
 use super::routing::Route;
-use super::PolicyStatus;
 use crate::model_store::CatalogueEntry;
 use crate::policy::{Placed, PolicyError, PolicyView};
 use crate::stage::StageOutput;

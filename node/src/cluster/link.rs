@@ -127,11 +127,14 @@ async fn read_upgrade_response(stream: &mut TcpStream, address: &str) -> Result<
     }
     // Refusals carry a JSON body explaining why; read a little of it.
     let mut body = vec![0u8; UPGRADE_REFUSAL_BODY_BYTES];
-    let n = tokio::time::timeout(Duration::from_millis(UPGRADE_REFUSAL_BODY_MS), stream.read(&mut body))
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .unwrap_or(0);
+    let n = tokio::time::timeout(
+        Duration::from_millis(UPGRADE_REFUSAL_BODY_MS),
+        stream.read(&mut body),
+    )
+    .await
+    .ok()
+    .and_then(Result::ok)
+    .unwrap_or(0);
     let status = head.lines().next().unwrap_or_default().to_string();
     let detail = String::from_utf8_lossy(&body[..n]).to_string();
     Err(LinkError::Refused {

@@ -502,7 +502,10 @@ mod tests {
             Err(Refusal::Full)
         );
         let dialing = members.start_dialing();
-        assert!(dialing.contains(&"10.0.0.77:52415".to_string()), "{dialing:?}");
+        assert!(
+            dialing.contains(&"10.0.0.77:52415".to_string()),
+            "{dialing:?}"
+        );
         assert!(dialing.contains(&"10.0.0.9:52415".to_string()), "--peer");
         assert!(members.start_dialing().is_empty(), "already dialing");
     }
@@ -522,7 +525,10 @@ mod tests {
         let ids: Vec<u64> = members.compatible().iter().map(|n| n.id).collect();
         assert_eq!(ids, vec![4, 5]);
         let gone = members.members[&NodeId(4)].link.id;
-        assert!(members.remove(NodeId(4), gone + 1_000).is_none(), "old link");
+        assert!(
+            members.remove(NodeId(4), gone + 1_000).is_none(),
+            "old link"
+        );
         assert!(members.remove(NodeId(4), gone).is_some());
         assert_eq!(members.leader(), NodeId(5));
     }

@@ -50,7 +50,9 @@ pub(super) enum PlanCheck {
     Adopt,
     /// Its epoch is not newer than one followed here: the leader must plan
     /// past `highest`.
-    Stale { highest: Epoch },
+    Stale {
+        highest: Epoch,
+    },
     /// It is for another model file; this node cannot take part.
     WrongModel(String),
 }
@@ -383,7 +385,10 @@ mod tests {
     fn plans_are_followed_only_with_newer_epochs_and_the_same_file() {
         let mut planning = Planning::new();
         let first = plan(3, 1, &[(1, 0, 10), (2, 10, 30)]);
-        assert_eq!(planning.check(&first, &identity("sha256:a")), PlanCheck::Adopt);
+        assert_eq!(
+            planning.check(&first, &identity("sha256:a")),
+            PlanCheck::Adopt
+        );
         assert!(matches!(
             planning.check(&first, &identity("sha256:b")),
             PlanCheck::WrongModel(_)
@@ -394,16 +399,12 @@ mod tests {
         );
         assert_eq!(
             planning.check(&first, &identity("sha256:a")),
-            PlanCheck::Stale {
-                highest: Epoch(3)
-            }
+            PlanCheck::Stale { highest: Epoch(3) }
         );
         let older = plan(2, 0, &[(0, 0, 30)]);
         assert_eq!(
             planning.check(&older, &identity("sha256:a")),
-            PlanCheck::Stale {
-                highest: Epoch(3)
-            }
+            PlanCheck::Stale { highest: Epoch(3) }
         );
         // The leader of a stale plan plans past the highest epoch.
         let mut leader = Planning::new();
@@ -429,7 +430,11 @@ mod tests {
         planning.adopt(plan(1, 1, &[(1, 0, 10), (2, 10, 30)]), me);
         assert!(planning.active().is_none());
         assert_eq!(planning.node_ready(Epoch(1), NodeId(1), 5, me), None);
-        assert_eq!(planning.node_ready(Epoch(0), NodeId(2), 7, me), None, "old epoch");
+        assert_eq!(
+            planning.node_ready(Epoch(0), NodeId(2), 7, me),
+            None,
+            "old epoch"
+        );
         let weights = planning
             .node_ready(Epoch(1), NodeId(2), 7, me)
             .expect("all ready");
@@ -455,7 +460,11 @@ mod tests {
             })
         );
         assert_eq!(planning.pending_ready(), None);
-        assert_eq!(planning.ready(Epoch(2), 42, |_| true), None, "not this plan");
+        assert_eq!(
+            planning.ready(Epoch(2), 42, |_| true),
+            None,
+            "not this plan"
+        );
     }
 
     #[test]

@@ -273,8 +273,17 @@ mod tests {
             Installed::Superseded(_)
         ));
         assert_eq!(sync.status.policy.name, "b");
-        assert_eq!(sync.next_revision(me), revision(3, 1), "past every one seen");
-        assert!(sync.on_message(NodeId(7), message(2, 7, None)).expect("ok").is_none(), "not newer");
+        assert_eq!(
+            sync.next_revision(me),
+            revision(3, 1),
+            "past every one seen"
+        );
+        assert!(
+            sync.on_message(NodeId(7), message(2, 7, None))
+                .expect("ok")
+                .is_none(),
+            "not newer"
+        );
         let adopted = sync
             .on_message(NodeId(7), message(4, 7, None))
             .expect("ok")
@@ -288,14 +297,27 @@ mod tests {
     fn a_component_arrives_in_order_or_not_at_all() {
         let mut sync = PolicySync::new(view("built-in"));
         let from = NodeId(9);
-        assert!(sync.on_message(from, message(1, 9, Some(0))).is_err(), "empty");
         assert!(
-            sync.on_message(from, message(1, 9, Some(u32::MAX))).is_err(),
+            sync.on_message(from, message(1, 9, Some(0))).is_err(),
+            "empty"
+        );
+        assert!(
+            sync.on_message(from, message(1, 9, Some(u32::MAX)))
+                .is_err(),
             "too large"
         );
-        assert!(sync.on_message(from, message(1, 9, Some(6))).expect("ok").is_none());
+        assert!(
+            sync.on_message(from, message(1, 9, Some(6)))
+                .expect("ok")
+                .is_none()
+        );
         let rev = revision(1, 9);
-        assert!(sync.on_chunk(NodeId(8), rev, 0, b"abc").expect("ok").is_none(), "other peer");
+        assert!(
+            sync.on_chunk(NodeId(8), rev, 0, b"abc")
+                .expect("ok")
+                .is_none(),
+            "other peer"
+        );
         assert!(sync.on_chunk(from, rev, 0, b"abc").expect("ok").is_none());
         let complete = sync
             .on_chunk(from, rev, 3, b"def")
@@ -304,10 +326,19 @@ mod tests {
         assert_eq!(complete.wasm.as_deref(), Some(&b"abcdef"[..]));
         assert_eq!(complete.change, Change::Propagated);
 
-        assert!(sync.on_message(from, message(2, 9, Some(6))).expect("ok").is_none());
-        assert!(sync.on_chunk(from, revision(2, 9), 3, b"def").is_err(), "a gap");
         assert!(
-            sync.on_chunk(from, revision(2, 9), 0, b"abc").expect("ok").is_none(),
+            sync.on_message(from, message(2, 9, Some(6)))
+                .expect("ok")
+                .is_none()
+        );
+        assert!(
+            sync.on_chunk(from, revision(2, 9), 3, b"def").is_err(),
+            "a gap"
+        );
+        assert!(
+            sync.on_chunk(from, revision(2, 9), 0, b"abc")
+                .expect("ok")
+                .is_none(),
             "the transfer was dropped"
         );
     }

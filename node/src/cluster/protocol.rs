@@ -11,7 +11,6 @@
 //! Activations travel as little-endian f32 (`dtype` says so, so a later
 //! version can send f16 without ambiguity).
 
-
 use kernels::{LayerRange, SequenceId};
 use scheduler::NodeId;
 use serde::{Deserialize, Serialize};

@@ -370,7 +370,11 @@ mod tests {
         let route = Route::first(NodeId(9), Epoch(4));
         assert_eq!(target(Some(&plan), route), Some(NodeId(1)));
         assert_eq!(target(Some(&plan), route.next()), Some(NodeId(2)));
-        assert_eq!(target(Some(&plan), route.next().next()), None, "past the end");
+        assert_eq!(
+            target(Some(&plan), route.next().next()),
+            None,
+            "past the end"
+        );
         assert_eq!(target(Some(&plan), Route::first(NodeId(9), Epoch(3))), None);
 
         let job = StageJob::Forward {
@@ -392,7 +396,10 @@ mod tests {
         else {
             panic!("a job")
         };
-        assert_eq!((sequence, position, back), (SequenceId(5), 12, route.next()));
+        assert_eq!(
+            (sequence, position, back),
+            (SequenceId(5), 12, route.next())
+        );
 
         let result = StageResult::Token {
             sequence: SequenceId(5),
@@ -403,6 +410,11 @@ mod tests {
             StageResult::try_from(frame),
             Ok(StageResult::Token { token: 9, .. })
         ));
-        assert!(StageResult::try_from(Frame::Bye { reason: String::new() }).is_err());
+        assert!(
+            StageResult::try_from(Frame::Bye {
+                reason: String::new()
+            })
+            .is_err()
+        );
     }
 }

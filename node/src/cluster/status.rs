@@ -7,7 +7,9 @@ use crate::cluster::protocol::{
     LinkMeasurement, ModelAvailability, ModelState, NodeStatus, Resources,
 };
 use crate::cluster::resources::{process_memory, system_memory};
-use crate::model_store::{CATALOGUE, CatalogueEntry, Download, Downloads, ModelStore, catalogue_entry};
+use crate::model_store::{
+    CATALOGUE, CatalogueEntry, Download, Downloads, ModelStore, catalogue_entry,
+};
 
 /// This machine's figures as last read.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -152,8 +154,9 @@ impl LocalStatus {
 /// Whether a peer's last report says it has the model `name`.
 pub(super) fn reports_model(status: Option<&NodeStatus>, name: &str) -> bool {
     status.is_some_and(|status| {
-        status.models.iter().any(|m| {
-            m.name == name && matches!(m.state, ModelState::Loaded | ModelState::Present)
-        })
+        status
+            .models
+            .iter()
+            .any(|m| m.name == name && matches!(m.state, ModelState::Loaded | ModelState::Present))
     })
 }

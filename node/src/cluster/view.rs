@@ -143,8 +143,8 @@ impl Parts<'_> {
                 from: *id,
                 to: m.to,
                 rtt_ms: Some(m.rtt_micros as f64 / 1000.0),
-                bandwidth_bytes_per_second: (m.bandwidth_bytes_per_second > 0)
-                    .then_some(m.bandwidth_bytes_per_second),
+                bandwidth_bytes_per_second:
+                    (m.bandwidth_bytes_per_second > 0).then_some(m.bandwidth_bytes_per_second),
             }));
         }
         links

@@ -40,13 +40,12 @@ impl Cluster {
         }
         let policy_name = placed.policy.name.clone();
         let membership = &self.membership;
-        let Some(message) = self.planning.placed(
-            generation,
-            me,
-            &membership.me.identity,
-            placed,
-            |node| membership.address_of(node),
-        ) else {
+        let Some(message) =
+            self.planning
+                .placed(generation, me, &membership.me.identity, placed, |node| {
+                    membership.address_of(node)
+                })
+        else {
             return;
         };
         let stages: Vec<String> = message
@@ -74,7 +73,14 @@ impl Cluster {
             }
             PlanCheck::WrongModel(error) => {
                 tracing::error!("{error}");
-                self.to_leader(leader, Frame::PlanFailed { epoch, node: me, error });
+                self.to_leader(
+                    leader,
+                    Frame::PlanFailed {
+                        epoch,
+                        node: me,
+                        error,
+                    },
+                );
                 return;
             }
         }
@@ -133,7 +139,10 @@ impl Cluster {
                 .is_ok()
         });
         if let Err(error) = spawned {
-            self.to_leader(leader, failed(format!("cannot start the stage thread: {error}")));
+            self.to_leader(
+                leader,
+                failed(format!("cannot start the stage thread: {error}")),
+            );
             return;
         }
         self.planning.local_stage = Some(LocalStage {

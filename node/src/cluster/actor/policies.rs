@@ -32,7 +32,11 @@ impl Cluster {
         let warning = capped_warning(format!(
             "policy {} ({}) failed and was replaced by {}: {}",
             fault.failed.name,
-            fault.failed.sha256.get(..12).unwrap_or(&fault.failed.sha256),
+            fault
+                .failed
+                .sha256
+                .get(..12)
+                .unwrap_or(&fault.failed.sha256),
             fault.now_active.name,
             fault.error
         ));
@@ -97,7 +101,10 @@ impl Cluster {
             }
         };
         let me = self.me();
-        match self.policy_sync.installed(revision, wasm, view, warning, me) {
+        match self
+            .policy_sync
+            .installed(revision, wasm, view, warning, me)
+        {
             Installed::Superseded(status) => answer(reply, Ok(status)),
             Installed::Applied { tell_peers } => {
                 let status = &self.policy_sync.status;

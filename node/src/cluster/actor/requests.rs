@@ -76,7 +76,11 @@ impl Cluster {
             return;
         };
         let Some(target) = routing::target(self.planning.plan.as_ref(), route) else {
-            self.fail_at_owner(route.owner, sequence, "the cluster re-planned; retry the request");
+            self.fail_at_owner(
+                route.owner,
+                sequence,
+                "the cluster re-planned; retry the request",
+            );
             return;
         };
         if target == self.me() {
@@ -138,7 +142,12 @@ impl Cluster {
     }
 
     /// Fails a request at the node that owns it.
-    pub(super) fn fail_at_owner(&mut self, owner: NodeId, sequence: SequenceId, message: impl Into<String>) {
+    pub(super) fn fail_at_owner(
+        &mut self,
+        owner: NodeId,
+        sequence: SequenceId,
+        message: impl Into<String>,
+    ) {
         let message = message.into();
         self.send_result(owner, StageResult::Failed { sequence, message });
     }
