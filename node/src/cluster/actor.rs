@@ -14,32 +14,24 @@ mod requests;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use kernels::{Device, ModelFile, SequenceId, ShardInput};
+use kernels::{Device, ModelFile};
 use scheduler::NodeId;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
 use super::discovery::Discovery;
 use super::link::{self, LinkContext, LinkId, LinkSender};
 use super::membership::{Membership, Myself};
-use super::planning::{LocalStage, PlanCheck, Planning, Ready};
-use super::policy_sync::{Installed, PolicySync, capped_warning};
-use super::protocol::{
-    Epoch, ForwardFrame, Frame, Hello, ModelIdentity, PlanMessage, PolicyRevision,
-};
-use super::routing::{self, Route, Routing};
-use super::status::{LocalStatus, reports_model};
+use super::planning::Planning;
+use super::policy_sync::PolicySync;
+use super::protocol::{Frame, Hello, ModelIdentity};
+use super::routing::Routing;
+use super::status::LocalStatus;
 use super::view::Parts;
-use super::{ClusterConfig, ClusterEvent, ClusterView, PolicyStatus};
+use super::{ClusterConfig, ClusterEvent, ClusterView};
 use crate::engine::PipelineEnds;
-use crate::limits::{
-    NODE_STATUS_INTERVAL_MS, REDIAL_INTERVAL_MS, STAGE_QUEUE_LEN, STAGE_REQUEST_LIMIT,
-};
-use crate::model_store::CatalogueEntry;
-use crate::policy::{
-    self, Change, Fault, Faults, Placed, PolicyError, PolicyHandle, PolicyView, StageLoad,
-};
-use crate::stage::{self, StageJob, StageOutput, StageResult};
+use crate::limits::{NODE_STATUS_INTERVAL_MS, REDIAL_INTERVAL_MS};
+use crate::policy::{self, Faults, PolicyHandle, StageLoad};
+use crate::stage::{StageJob, StageResult};
 
 /// The channels the actor is fed by and publishes to.
 pub(super) struct Channels {

@@ -2,7 +2,18 @@
 //! every node follows the plan, loads its layers, starts its stage and
 //! reports ready, and the leader activates the plan.
 
-use super::*;
+use std::sync::Arc;
+
+use scheduler::NodeId;
+use tokio::sync::mpsc;
+
+use super::Cluster;
+use crate::cluster::ClusterEvent;
+use crate::cluster::planning::{LocalStage, PlanCheck, Ready};
+use crate::cluster::protocol::{Epoch, Frame, PlanMessage};
+use crate::limits::STAGE_QUEUE_LEN;
+use crate::policy::Placed;
+use crate::stage;
 
 impl Cluster {
     /// The re-plan timer fired: the leader asks the policy for a placement,

@@ -2,7 +2,15 @@
 //! fallback after a fault) or arriving from a peer is installed on the
 //! policy thread, then applied in revision order and passed on.
 
-use super::*;
+use bytes::Bytes;
+use scheduler::NodeId;
+use tokio::sync::oneshot;
+
+use super::Cluster;
+use crate::cluster::policy_sync::{Installed, capped_warning};
+use crate::cluster::protocol::{Frame, PolicyRevision};
+use crate::cluster::{ClusterEvent, PolicyStatus};
+use crate::policy::{Change, Fault, PolicyError, PolicyView};
 
 impl Cluster {
     /// An upload (or reset) through this node's API.

@@ -1,7 +1,12 @@
 //! This node's reports: its status to peers, each stage's load to the
 //! coordinator, and model downloads across the cluster.
 
-use super::*;
+use super::Cluster;
+use crate::cluster::protocol::Frame;
+use crate::cluster::status::reports_model;
+use crate::limits::STAGE_REQUEST_LIMIT;
+use crate::model_store::CatalogueEntry;
+use crate::policy::StageLoad;
 
 impl Cluster {
     pub(super) fn send_status(&mut self) {

@@ -2,7 +2,13 @@
 //! coordinator, outputs of its stage and frames from peers go to the node
 //! holding the next stage; results go back to the request's owner.
 
-use super::*;
+use kernels::{SequenceId, ShardInput};
+use scheduler::NodeId;
+
+use super::Cluster;
+use crate::cluster::protocol::{ForwardFrame, Frame};
+use crate::cluster::routing::{self, Route};
+use crate::stage::{StageJob, StageOutput, StageResult};
 
 impl Cluster {
     /// A job from this node's coordinator: the first step of a request it
