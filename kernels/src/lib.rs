@@ -8,30 +8,45 @@
 //! This crate does no networking, spawns no tasks or threads of its own
 //! (its compute parallelism runs on rayon's global pool, as Candle's does)
 //! and reads no environment variables: the node decides all of that.
+//!
+//! Layout, from the file up: `gguf` reads the container and knows no
+//! architecture; `config` holds the shared hyper-parameters; `models` has
+//! one file per architecture behind the `architecture` traits, built from
+//! the shared `blocks`; `shard` runs any of them; `model_file` joins a
+//! file to its architecture. The kernels underneath are `matrix`/`quant`
+//! (quantized products) and `cpu_ops` (everything else on the CPU), whose
+//! SIMD fast paths are chosen one way, `simd`'s. Only what is re-exported
+//! below (and [`profile`]) is public.
 
-pub mod chat_template;
+mod architecture;
+mod blocks;
+mod chat_template;
+mod config;
 mod cpu_ops;
-pub mod error;
+mod error;
+mod gguf;
 mod kv_cache;
-pub mod layers;
-pub mod llama;
+mod layers;
 mod matrix;
-pub mod model_file;
+mod model_file;
+mod models;
 pub mod profile;
-pub mod quant;
-pub mod sampler;
-pub mod tokenizer;
+mod quant;
+mod sampler;
+mod shard;
+mod simd;
+mod tensor_names;
+mod tokenizer;
+mod weights;
 
 pub use candle_core::{DType, Device, Tensor};
 pub use chat_template::{ChatMessage, ChatTemplate};
+pub use config::ModelConfig;
 pub use error::{KernelError, Result};
+pub use gguf::to_hex;
 pub use layers::{LayerRange, SequenceId};
-pub use llama::{LlamaConfig, Shard, ShardInput, ShardOutput};
 pub use model_file::ModelFile;
+pub use quant::{BlockFormat, QuantMatrix};
 pub use sampler::{Sampler, SamplingParams};
+pub use shard::{Shard, ShardInput, ShardOutput};
 pub use tokenizer::Tokenizer;
-
-/// Lowercase hexadecimal of `bytes` (digests in logs, fingerprints, checks).
-pub fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}

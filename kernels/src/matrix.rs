@@ -9,7 +9,7 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::{KernelError, Result};
-use crate::model_file::TensorReader;
+use crate::gguf::TensorReader;
 use crate::quant::{BlockFormat, QuantMatrix};
 
 /// A `[rows, cols]` weight matrix; rows are output features.
@@ -31,7 +31,7 @@ impl Matrix {
         cols: usize,
     ) -> Result<Self> {
         let format = BlockFormat::from_ggml(reader.dtype(name)?);
-        match (format, reader.device.is_cpu()) {
+        match (format, reader.device().is_cpu()) {
             (Some(format), true) => {
                 let (_, dims, data) = reader.read_raw(name)?;
                 check_shape(name, &dims, rows, cols)?;

@@ -19,6 +19,7 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
 use crate::error::{KernelError, Result};
+use crate::gguf::{get_string, get_string_array};
 
 /// GGUF token types (`tokenizer.ggml.token_type`), as llama.cpp numbers them.
 const TOKEN_TYPE_CONTROL: i32 = 3;
@@ -70,8 +71,8 @@ fn tokenizer_error(reason: impl std::fmt::Display) -> KernelError {
 
 impl Tokenizer {
     pub fn from_gguf_metadata(metadata: &HashMap<String, Value>) -> Result<Self> {
-        let model = string(metadata, "tokenizer.ggml.model")?;
-        let tokens = string_array(metadata, "tokenizer.ggml.tokens")?;
+        let model = get_string(metadata, "tokenizer.ggml.model")?;
+        let tokens = get_string_array(metadata, "tokenizer.ggml.tokens")?;
         let token_types = match metadata.get("tokenizer.ggml.token_type") {
             Some(Value::Array(types)) => types.iter().map(|t| t.to_i32().unwrap_or(1)).collect(),
             _ => vec![1; tokens.len()],
@@ -189,7 +190,7 @@ fn byte_level_bpe(
     tokens: &[String],
     pre: &str,
 ) -> Result<tokenizers::Tokenizer> {
-    let merges = string_array(metadata, "tokenizer.ggml.merges")?
+    let merges = get_string_array(metadata, "tokenizer.ggml.merges")?
         .into_iter()
         .map(|merge| {
             merge
@@ -252,32 +253,6 @@ fn byte_level_bpe(
     tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
     tokenizer.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::default())));
     Ok(tokenizer)
-}
-
-fn string(metadata: &HashMap<String, Value>, key: &str) -> Result<String> {
-    match metadata.get(key) {
-        Some(Value::String(s)) => Ok(s.clone()),
-        Some(_) => Err(KernelError::BadMetadata {
-            key: key.into(),
-            expected: "a string",
-        }),
-        None => Err(KernelError::MissingMetadata { key: key.into() }),
-    }
-}
-
-fn string_array(metadata: &HashMap<String, Value>, key: &str) -> Result<Vec<String>> {
-    let bad = || KernelError::BadMetadata {
-        key: key.into(),
-        expected: "an array of strings",
-    };
-    match metadata.get(key) {
-        Some(Value::Array(values)) => values
-            .iter()
-            .map(|v| v.to_string().cloned().map_err(|_| bad()))
-            .collect(),
-        Some(_) => Err(bad()),
-        None => Err(KernelError::MissingMetadata { key: key.into() }),
-    }
 }
 
 fn opt_u32(metadata: &HashMap<String, Value>, key: &str) -> Option<u32> {

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use kernels::quant::{BlockFormat, QuantMatrix};
+use kernels::{BlockFormat, QuantMatrix};
 
 use super::protocol::Resources;
 use crate::limits::MEMORY_RESERVE_BYTES;

@@ -16,8 +16,9 @@
 //!   then sums the lanes as `((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7))`;
 //! - Q4_1 adds `Σ_blocks m * s` accumulated separately, in block order.
 //!
-//! The portable code below is the definition; `simd` holds AVX2 versions
-//! that are tested to give bit-identical results.
+//! `portable` holds the definitions; `x86` the AVX2 and AVX-512 VNNI
+//! versions of ggml, tested to give bit-identical results; `simd` picks
+//! one at run time (see `crate::simd` for the convention).
 //!
 //! Block layouts (little endian, 32 values per block):
 //! - Q4_0: `d: f16, qs: [u8; 16]` — value `i` is nibble `i` (low nibbles
@@ -31,6 +32,12 @@ use half::f16;
 use rayon::prelude::*;
 
 use crate::error::{KernelError, Result};
+
+mod portable;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use portable::{f16_at, nibble};
 
 /// Values per block in every format here.
 pub const BLOCK_VALUES: usize = 32;
@@ -279,19 +286,6 @@ impl QuantMatrix {
     }
 }
 
-fn f16_at(bytes: &[u8], at: usize) -> f32 {
-    f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
-}
-
-/// Weight `i` (0..32) of a 4-bit block's 16 bytes of nibbles.
-fn nibble(qs: &[u8], i: usize) -> u8 {
-    if i < 16 {
-        qs[i] & 0x0F
-    } else {
-        qs[i - 16] >> 4
-    }
-}
-
 fn dequantize_block(format: BlockFormat, block: &[u8], out: &mut Vec<f32>) {
     let d = f16_at(block, 0);
     match format {
@@ -357,284 +351,64 @@ fn transposed(values: &[f32], rows: usize, m: usize) -> Vec<f32> {
     out
 }
 
-/// Eight-lane horizontal sum in ggml's order (`hsum_float_8`).
-#[inline]
-fn hsum8(a: [f32; 8]) -> f32 {
-    ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
-}
-
-/// The portable definitions. Lane `j` of a block holds the exact integer
-/// sum of products `4j..4j+4`.
-pub mod portable {
-    use super::*;
-
-    pub fn dot_q4_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
-        let mut acc = [0f32; 8];
-        for (wb, ab) in w.chunks_exact(18).zip(a.chunks_exact(34)) {
-            let d = f16_at(wb, 0) * f16_at(ab, 0);
-            for (lane, acc) in acc.iter_mut().enumerate() {
-                let sum: i32 = (4 * lane..4 * lane + 4)
-                    .map(|i| (nibble(&wb[2..], i) as i32 - 8) * (ab[2 + i] as i8 as i32))
-                    .sum();
-                *acc = d.mul_add(sum as f32, *acc);
-            }
-        }
-        hsum8(acc)
-    }
-
-    pub fn dot_q4_1_q8_1(w: &[u8], a: &[u8]) -> f32 {
-        let mut acc = [0f32; 8];
-        let mut summs = 0f32;
-        for (wb, ab) in w.chunks_exact(20).zip(a.chunks_exact(36)) {
-            let d = f16_at(wb, 0) * f16_at(ab, 0);
-            summs += f16_at(wb, 2) * f16_at(ab, 2);
-            for (lane, acc) in acc.iter_mut().enumerate() {
-                let sum: i32 = (4 * lane..4 * lane + 4)
-                    .map(|i| nibble(&wb[4..], i) as i32 * (ab[4 + i] as i8 as i32))
-                    .sum();
-                *acc = d.mul_add(sum as f32, *acc);
-            }
-        }
-        hsum8(acc) + summs
-    }
-
-    pub fn dot_q8_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
-        let mut acc = [0f32; 8];
-        for (wb, ab) in w.chunks_exact(34).zip(a.chunks_exact(34)) {
-            let d = f16_at(wb, 0) * f16_at(ab, 0);
-            for (lane, acc) in acc.iter_mut().enumerate() {
-                let sum: i32 = (4 * lane..4 * lane + 4)
-                    .map(|i| (wb[2 + i] as i8 as i32) * (ab[2 + i] as i8 as i32))
-                    .sum();
-                *acc = d.mul_add(sum as f32, *acc);
-            }
-        }
-        hsum8(acc)
-    }
-}
-
-/// The dot products used at run time: AVX2 where the build has it (the
-/// integer lane sums are exact whichever instructions compute them, and
-/// the float steps are the same FMAs in the same order), else portable.
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma"
-))]
+/// The dot products used at run time: the fastest version this CPU runs
+/// (AVX-512 VNNI, then AVX2), else the portable definition.
 mod simd {
-    use std::arch::x86_64::*;
+    use super::portable;
+    #[cfg(target_arch = "x86_64")]
+    use super::x86::{avx2, vnni};
+    use crate::simd::fast_path;
 
-    use super::f16_at;
-
-    /// `((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7))`, ggml's `hsum_float_8`.
-    #[inline(always)]
-    unsafe fn hsum8(x: __m256) -> f32 {
-        // SAFETY: AVX is available (cfg above); register-only operations.
-        unsafe {
-            let mut r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
-            r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-            r = _mm_add_ss(r, _mm_movehdup_ps(r));
-            _mm_cvtss_f32(r)
-        }
+    pub(super) fn dot_q4_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
+        fast_path!(
+            avx512_vnni => vnni::dot_q4_0_q8_0(w, a),
+            avx2_fma => avx2::dot_q4_0_q8_0(w, a);
+            portable::dot_q4_0_q8_0(w, a)
+        )
     }
 
-    /// The f16 at `p` (unaligned) as f32, without a bounds check.
-    #[inline(always)]
-    unsafe fn f16_ptr(p: *const u8) -> f32 {
-        // SAFETY: the caller passes a pointer to two readable bytes.
-        unsafe { half::f16::from_bits((p as *const u16).read_unaligned()).to_f32() }
+    pub(super) fn dot_q4_1_q8_1(w: &[u8], a: &[u8]) -> f32 {
+        fast_path!(
+            avx512_vnni => vnni::dot_q4_1_q8_1(w, a),
+            avx2_fma => avx2::dot_q4_1_q8_1(w, a);
+            portable::dot_q4_1_q8_1(w, a)
+        )
     }
 
-    /// How far ahead (in bytes) each weight row is prefetched: a few
-    /// blocks, so that the next blocks arrive from L2/L3 while these are
-    /// computed.
-    const PREFETCH_BYTES: usize = 640;
-
-    /// 32 weights of a 4-bit block as bytes 0..=15: low nibbles, then high.
-    #[inline(always)]
-    unsafe fn nibbles(qs: *const u8) -> __m256i {
-        // SAFETY: the caller passes a pointer to 16 readable bytes.
-        unsafe {
-            let tmp = _mm_loadu_si128(qs as *const __m128i);
-            let both = _mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp);
-            _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
-        }
+    pub(super) fn dot_q8_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
+        fast_path!(
+            avx512_vnni => vnni::dot_q8_0_q8_0(w, a),
+            avx2_fma => avx2::dot_q8_0_q8_0(w, a);
+            portable::dot_q8_0_q8_0(w, a)
+        )
     }
 
-    /// Eight i32 lanes, lane j = Σ_{t<4} u[4j+t]·s[4j+t], for u in 0..=255
-    /// and products that fit i16 pairs (true for every caller here).
-    #[inline(always)]
-    unsafe fn dot_u8_i8(u: __m256i, s: __m256i) -> __m256 {
-        // SAFETY: the needed target features are enabled (cfg); register-only.
-        unsafe {
-            #[cfg(all(target_feature = "avx512vnni", target_feature = "avx512vl"))]
-            let lanes = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
-            #[cfg(not(all(target_feature = "avx512vnni", target_feature = "avx512vl")))]
-            let lanes = _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
-            _mm256_cvtepi32_ps(lanes)
-        }
+    /// Four rows against one activation row; each result is bit for bit
+    /// [`dot_q4_0_q8_0`]'s.
+    pub(super) fn dot4_q4_0_q8_0(w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
+        fast_path!(
+            avx512_vnni => vnni::dot4_q4_0_q8_0(w, a),
+            avx2_fma => avx2::dot4_q4_0_q8_0(w, a);
+            w.map(|w| portable::dot_q4_0_q8_0(w, a))
+        )
     }
 
-    pub fn dot_q4_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
-        debug_assert_eq!(w.len() / 18, a.len() / 34);
-        // SAFETY: every pointer below stays inside its 18- or 34-byte block.
-        unsafe {
-            let mut acc = _mm256_setzero_ps();
-            for (wb, ab) in w.chunks_exact(18).zip(a.chunks_exact(34)) {
-                let d = _mm256_set1_ps(f16_at(wb, 0) * f16_at(ab, 0));
-                let qx = _mm256_sub_epi8(nibbles(wb.as_ptr().add(2)), _mm256_set1_epi8(8));
-                let qy = _mm256_loadu_si256(ab.as_ptr().add(2) as *const __m256i);
-                // |qx| times qy with qx's sign: unsigned × signed, no overflow.
-                let q = dot_u8_i8(_mm256_sign_epi8(qx, qx), _mm256_sign_epi8(qy, qx));
-                acc = _mm256_fmadd_ps(d, q, acc);
-            }
-            hsum8(acc)
-        }
+    /// As [`dot4_q4_0_q8_0`], for [`dot_q4_1_q8_1`].
+    pub(super) fn dot4_q4_1_q8_1(w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
+        fast_path!(
+            avx512_vnni => vnni::dot4_q4_1_q8_1(w, a),
+            avx2_fma => avx2::dot4_q4_1_q8_1(w, a);
+            w.map(|w| portable::dot_q4_1_q8_1(w, a))
+        )
     }
 
-    pub fn dot_q4_1_q8_1(w: &[u8], a: &[u8]) -> f32 {
-        debug_assert_eq!(w.len() / 20, a.len() / 36);
-        // SAFETY: every pointer below stays inside its 20- or 36-byte block.
-        unsafe {
-            let mut acc = _mm256_setzero_ps();
-            let mut summs = 0f32;
-            for (wb, ab) in w.chunks_exact(20).zip(a.chunks_exact(36)) {
-                summs += f16_at(wb, 2) * f16_at(ab, 2);
-                let d = _mm256_set1_ps(f16_at(wb, 0) * f16_at(ab, 0));
-                let qx = nibbles(wb.as_ptr().add(4));
-                let qy = _mm256_loadu_si256(ab.as_ptr().add(4) as *const __m256i);
-                acc = _mm256_fmadd_ps(d, dot_u8_i8(qx, qy), acc);
-            }
-            hsum8(acc) + summs
-        }
-    }
-
-    /// Four weight rows against one activation row: each row's result is
-    /// bit for bit `dot_q4_0_q8_0` (the same steps in the same order per
-    /// row); the activation block is loaded once for all four, and the
-    /// four independent accumulator chains keep the FMA units busy.
-    pub fn dot4_q4_0_q8_0(w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
-        // SAFETY: `dot4_signed` passes a pointer to an 18-byte block.
-        unsafe {
-            dot4_signed(w, a, 18, |wb| {
-                _mm256_sub_epi8(nibbles(wb.add(2)), _mm256_set1_epi8(8))
-            })
-        }
-    }
-
-    /// As [`dot4_q4_0_q8_0`], for `dot_q8_0_q8_0`.
-    pub fn dot4_q8_0_q8_0(w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
-        // SAFETY: `dot4_signed` passes a pointer to a 34-byte block.
-        unsafe {
-            dot4_signed(w, a, 34, |wb| {
-                _mm256_loadu_si256(wb.add(2) as *const __m256i)
-            })
-        }
-    }
-
-    /// Four rows of a format whose 32 weights `load` turns into signed
-    /// bytes (from a pointer to the block, whose scale is its first f16),
-    /// against Q8_0 activations.
-    #[inline(always)]
-    unsafe fn dot4_signed(
-        w: [&[u8]; 4],
-        a: &[u8],
-        w_block: usize,
-        load: impl Fn(*const u8) -> __m256i,
-    ) -> [f32; 4] {
-        let blocks = a.len() / 34;
-        assert!(
-            w.iter().all(|w| w.len() == blocks * w_block),
-            "rows and activations differ in length"
-        );
-        // SAFETY: every pointer below stays inside its block: each row has
-        // `blocks` blocks of `w_block` bytes (asserted above).
-        unsafe {
-            let mut acc = [_mm256_setzero_ps(); 4];
-            for b in 0..blocks {
-                let ab = a.as_ptr().add(b * 34);
-                let dy = f16_ptr(ab);
-                let qy = _mm256_loadu_si256(ab.add(2) as *const __m256i);
-                for r in 0..4 {
-                    let wb = w[r].as_ptr().add(b * w_block);
-                    // A hint only: prefetching past the row's end is harmless.
-                    _mm_prefetch::<_MM_HINT_T0>(wb.wrapping_add(PREFETCH_BYTES) as *const i8);
-                    let d = _mm256_set1_ps(f16_ptr(wb) * dy);
-                    let qx = load(wb);
-                    // |qx| times qy with qx's sign: unsigned × signed.
-                    let q = dot_u8_i8(_mm256_sign_epi8(qx, qx), _mm256_sign_epi8(qy, qx));
-                    acc[r] = _mm256_fmadd_ps(d, q, acc[r]);
-                }
-            }
-            acc.map(|acc| hsum8(acc))
-        }
-    }
-
-    /// As [`dot4_q4_0_q8_0`], for `dot_q4_1_q8_1`.
-    pub fn dot4_q4_1_q8_1(w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
-        let blocks = a.len() / 36;
-        assert!(
-            w.iter().all(|w| w.len() == blocks * 20),
-            "rows and activations differ in length"
-        );
-        // SAFETY: every pointer below stays inside its 20- or 36-byte block
-        // (each row has `blocks` blocks, asserted above).
-        unsafe {
-            let mut acc = [_mm256_setzero_ps(); 4];
-            let mut summs = [0f32; 4];
-            for b in 0..blocks {
-                let ab = a.as_ptr().add(b * 36);
-                let dy = f16_ptr(ab);
-                let sy = f16_ptr(ab.add(2));
-                let qy = _mm256_loadu_si256(ab.add(4) as *const __m256i);
-                for r in 0..4 {
-                    let wb = w[r].as_ptr().add(b * 20);
-                    // A hint only: prefetching past the row's end is harmless.
-                    _mm_prefetch::<_MM_HINT_T0>(wb.wrapping_add(PREFETCH_BYTES) as *const i8);
-                    summs[r] += f16_ptr(wb.add(2)) * sy;
-                    let d = _mm256_set1_ps(f16_ptr(wb) * dy);
-                    acc[r] = _mm256_fmadd_ps(d, dot_u8_i8(nibbles(wb.add(4)), qy), acc[r]);
-                }
-            }
-            [0, 1, 2, 3].map(|r| hsum8(acc[r]) + summs[r])
-        }
-    }
-
-    pub fn dot_q8_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
-        debug_assert_eq!(w.len() / 34, a.len() / 34);
-        // SAFETY: every pointer below stays inside its 34-byte block.
-        unsafe {
-            let mut acc = _mm256_setzero_ps();
-            for (wb, ab) in w.chunks_exact(34).zip(a.chunks_exact(34)) {
-                let d = _mm256_set1_ps(f16_at(wb, 0) * f16_at(ab, 0));
-                let qx = _mm256_loadu_si256(wb.as_ptr().add(2) as *const __m256i);
-                let qy = _mm256_loadu_si256(ab.as_ptr().add(2) as *const __m256i);
-                let q = dot_u8_i8(_mm256_sign_epi8(qx, qx), _mm256_sign_epi8(qy, qx));
-                acc = _mm256_fmadd_ps(d, q, acc);
-            }
-            hsum8(acc)
-        }
-    }
-}
-
-#[cfg(not(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma"
-)))]
-mod simd {
-    pub use super::portable::*;
-
-    pub fn dot4_q4_0_q8_0(w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
-        w.map(|w| dot_q4_0_q8_0(w, a))
-    }
-
-    pub fn dot4_q4_1_q8_1(w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
-        w.map(|w| dot_q4_1_q8_1(w, a))
-    }
-
-    pub fn dot4_q8_0_q8_0(w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
-        w.map(|w| dot_q8_0_q8_0(w, a))
+    /// As [`dot4_q4_0_q8_0`], for [`dot_q8_0_q8_0`].
+    pub(super) fn dot4_q8_0_q8_0(w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
+        fast_path!(
+            avx512_vnni => vnni::dot4_q8_0_q8_0(w, a),
+            avx2_fma => avx2::dot4_q8_0_q8_0(w, a);
+            w.map(|w| portable::dot_q8_0_q8_0(w, a))
+        )
     }
 }
 

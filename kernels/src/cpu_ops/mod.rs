@@ -1,13 +1,22 @@
-//! The non-matmul ops of the llama forward pass on the CPU, with the same
-//! arithmetic as llama.cpp's CPU back-end (ggml-cpu), so that ringlet and
-//! llama.cpp agree bit for bit (see `quant` for why that matters). Each
-//! function documents the ggml rounding it reproduces. Other devices use
-//! Candle's ops.
+//! The non-matmul ops of the forward pass on the CPU (RMS norm, RoPE,
+//! attention, softmax, SwiGLU), with the same arithmetic as llama.cpp's CPU
+//! back-end (ggml-cpu), so that ringlet and llama.cpp agree bit for bit
+//! (see `quant` for why that matters). Each function documents the ggml
+//! rounding it reproduces. Other devices use Candle's ops (`blocks`).
+//!
+//! The reductions are written lane by lane as ggml's AVX-512 build performs
+//! them. Where ggml has AVX-512 code, `portable` holds the definition,
+//! `x86` ggml's code itself, and `simd` picks one at run time (see
+//! `crate::simd` for the convention).
 
 use candle_core::{Device, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::error::Result;
+
+mod portable;
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 /// Runs `f` over the contiguous f32 data of a CPU tensor.
 pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
@@ -45,79 +54,16 @@ pub(crate) fn rms_norm_mul(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
 // Reductions, written lane by lane as ggml's AVX-512 build performs them
 // ---------------------------------------------------------------------------
 
-/// `_mm512_reduce_add_ps` as GCC implements it: halves, quarters, pairs.
-fn reduce_add16(a: &[f32; 16]) -> f32 {
-    let mut t8 = [0f32; 8];
-    for i in 0..8 {
-        t8[i] = a[8 + i] + a[i];
-    }
-    let t4 = [t8[4] + t8[0], t8[5] + t8[1], t8[6] + t8[2], t8[7] + t8[3]];
-    (t4[0] + t4[2]) + (t4[1] + t4[3])
-}
-
 /// `ggml_vec_dot_f32`: four 16-lane FMA accumulators over 64-element steps,
 /// folded 0+2, 1+3, then 0+1, then reduced; leftovers added in order.
 pub(crate) fn dot_f32(x: &[f32], y: &[f32]) -> f32 {
     let n = x.len().min(y.len());
     let np = n & !63;
-    let mut s = dot_f32_steps(&x[..np], &y[..np]);
+    let mut s = simd::dot_f32_steps(&x[..np], &y[..np]);
     for e in np..n {
         s = x[e].mul_add(y[e], s);
     }
     s
-}
-
-/// The 64-element steps of [`dot_f32`] (`x.len() == y.len()`, a multiple
-/// of 64), reduced: ggml's AVX-512 code itself where the build has it.
-#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-fn dot_f32_steps(x: &[f32], y: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
-    let steps = x.len().min(y.len()) / 64;
-    // SAFETY: AVX-512F is enabled (cfg); every load reads 16 floats inside
-    // the first `steps * 64` elements of `x` and `y`.
-    unsafe {
-        let mut acc = [_mm512_setzero_ps(); 4];
-        for i in 0..steps {
-            for (j, acc) in acc.iter_mut().enumerate() {
-                let at = i * 64 + 16 * j;
-                *acc = _mm512_fmadd_ps(
-                    _mm512_loadu_ps(x.as_ptr().add(at)),
-                    _mm512_loadu_ps(y.as_ptr().add(at)),
-                    *acc,
-                );
-            }
-        }
-        let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3]));
-        reduce_add16_avx512(sum)
-    }
-}
-
-/// The portable definition of [`dot_f32`]'s 64-element steps.
-#[cfg_attr(
-    all(target_arch = "x86_64", target_feature = "avx512f"),
-    allow(dead_code)
-)]
-fn dot_f32_steps_portable(x: &[f32], y: &[f32]) -> f32 {
-    let mut acc = [[0f32; 16]; 4];
-    for (xs, ys) in x.chunks_exact(64).zip(y.chunks_exact(64)) {
-        for (j, acc) in acc.iter_mut().enumerate() {
-            for (l, a) in acc.iter_mut().enumerate() {
-                *a = xs[16 * j + l].mul_add(ys[16 * j + l], *a);
-            }
-        }
-    }
-    let mut sum = [0f32; 16];
-    for l in 0..16 {
-        let a0 = acc[0][l] + acc[2][l];
-        let a1 = acc[1][l] + acc[3][l];
-        sum[l] = a0 + a1;
-    }
-    reduce_add16(&sum)
-}
-
-#[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
-fn dot_f32_steps(x: &[f32], y: &[f32]) -> f32 {
-    dot_f32_steps_portable(x, y)
 }
 
 /// llamafile's tinyBLAS f32 kernel for one output: one 16-lane FMA
@@ -131,41 +77,12 @@ fn dot_f32_tiny_blas(x: &[f32], y: &[f32]) -> f32 {
             acc[l] = xs[l].mul_add(ys[l], acc[l]);
         }
     }
-    reduce_add16(&acc)
+    portable::reduce_add16(&acc)
 }
 
 // ---------------------------------------------------------------------------
 // exp, SiLU and SwiGLU
 // ---------------------------------------------------------------------------
-
-/// ggml's vectorised `expf` (`ggml_v_expf`, AVX-512 branch), one lane.
-pub(crate) fn v_expf(x: f32) -> f32 {
-    let r = f32::from_bits(0x4B40_0000); // 0x1.8p23
-    let z = x.mul_add(f32::from_bits(0x3FB8_AA3B), r); // 0x1.715476p+0
-    let n = z - r;
-    let b = (-n).mul_add(
-        f32::from_bits(0x35BF_BE8E),
-        (-n).mul_add(f32::from_bits(0x3F31_7200), x),
-    ); // 0x1.7f7d1cp-20, 0x1.62e4p-1
-    let u = b * b;
-    let j = f32::from_bits(0x3C07_2010) // 0x1.0e4020p-7
-        .mul_add(b, f32::from_bits(0x3D2B_9F17)) // 0x1.573e2ep-5
-        .mul_add(
-            u,
-            f32::from_bits(0x3E2A_AF33).mul_add(b, f32::from_bits(0x3EFF_FEDB)),
-        ) // 0x1.555e66p-3, 0x1.fffdb6p-2
-        .mul_add(u, f32::from_bits(0x3F7F_FFF6).mul_add(b, 1.0)); // 0x1.ffffecp-1
-    // Without branches, so that loops over many values vectorise: both
-    // outcomes are computed and one is chosen.
-    let saturated = if n <= 0.0 { 0.0 } else { f32::INFINITY };
-    // _mm512_scalef_ps: j * 2^n with one rounding (exact in f64, then
-    // rounded). The clamp changes nothing where the result is used
-    // (|n| <= 192) and keeps 2^n a normal f64 built from its bits.
-    let clamped = n.clamp(-192.0, 192.0);
-    let two_to_n = f64::from_bits(((clamped as i64 + 1023) as u64) << 52);
-    let scaled = (f64::from(j) * two_to_n) as f32;
-    if n.abs() > 192.0 { saturated } else { scaled }
-}
 
 /// `gate * up` through SiLU per row of `cols`, as `ggml_vec_swiglu_f32`:
 /// 16-wide chunks use `v_expf`, a remainder uses libm `expf`.
@@ -186,46 +103,11 @@ pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// One row of [`swiglu`]: 16-wide chunks with `v_expf`, the rest with
 /// libm's `expf`, as `ggml_vec_swiglu_f32`.
 fn swiglu_row(x: &[f32], u: &[f32], out: &mut [f32]) {
-    let simd = x.len() & !15;
-    swiglu_chunks(&x[..simd], &u[..simd], &mut out[..simd]);
-    for i in simd..x.len() {
+    let chunked = x.len() & !15;
+    simd::swiglu_chunks(&x[..chunked], &u[..chunked], &mut out[..chunked]);
+    for i in chunked..x.len() {
         out[i] = (x[i] / (1.0 + (-x[i]).exp())) * u[i];
     }
-}
-
-/// `(x / (1 + v_expf(0 - x))) * u` over whole 16-value chunks:
-/// `ggml_v_silu` and the multiply, as ggml's AVX-512 build computes them.
-#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-fn swiglu_chunks(x: &[f32], u: &[f32], out: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let chunks = x.len().min(u.len()).min(out.len()) / 16;
-    // SAFETY: AVX-512F is enabled (cfg); every access covers 16 floats
-    // inside the first `chunks * 16` of each slice.
-    unsafe {
-        for i in 0..chunks {
-            let xv = _mm512_loadu_ps(x.as_ptr().add(16 * i));
-            let e = v_expf16(_mm512_sub_ps(_mm512_setzero_ps(), xv));
-            let silu = _mm512_div_ps(xv, _mm512_add_ps(_mm512_set1_ps(1.0), e));
-            let y = _mm512_mul_ps(silu, _mm512_loadu_ps(u.as_ptr().add(16 * i)));
-            _mm512_storeu_ps(out.as_mut_ptr().add(16 * i), y);
-        }
-    }
-}
-
-/// The portable definition of [`swiglu_chunks`].
-#[cfg_attr(
-    all(target_arch = "x86_64", target_feature = "avx512f"),
-    allow(dead_code)
-)]
-fn swiglu_chunks_portable(x: &[f32], u: &[f32], out: &mut [f32]) {
-    for ((o, &x), &u) in out.iter_mut().zip(x).zip(u) {
-        *o = (x / (1.0 + v_expf(0.0 - x))) * u;
-    }
-}
-
-#[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
-fn swiglu_chunks(x: &[f32], u: &[f32], out: &mut [f32]) {
-    swiglu_chunks_portable(x, u, out)
 }
 
 // ---------------------------------------------------------------------------
@@ -349,9 +231,9 @@ fn weighted_sum_vec_dot(v: &[f32], p: &[f32], d: usize, out: &mut [f32]) {
     reduce_add16_columns(&lanes, d, out);
 }
 
-/// [`reduce_add16`] of every column of `lanes` (`[16, d]`) into `out`:
-/// per column the same additions in the same order, written as loops over
-/// columns so that they run as vector instructions.
+/// [`portable::reduce_add16`] of every column of `lanes` (`[16, d]`) into
+/// `out`: per column the same additions in the same order, written as
+/// loops over columns so that they run as vector instructions.
 fn reduce_add16_columns(lanes: &[f32], d: usize, out: &mut [f32]) {
     let lane = |l: usize| &lanes[l * d..][..d];
     let mut t8 = vec![0f32; 8 * d];
@@ -390,7 +272,7 @@ fn softmax_in_place(row: &mut [f32]) {
         .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
     let mut sum = 0f64;
     for chunk in row.chunks_exact_mut(16) {
-        sum += f64::from(exp_chunk(chunk, max));
+        sum += f64::from(simd::exp_chunk(chunk, max));
     }
     let inv = (1.0 / sum) as f32;
     for v in row.iter_mut() {
@@ -398,105 +280,37 @@ fn softmax_in_place(row: &mut [f32]) {
     }
 }
 
-/// Replaces the 16 values of `chunk` by `v_expf(v - max)` and returns
-/// their `reduce_add16`: ggml's AVX-512 code itself where the build has it.
-#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-fn exp_chunk(chunk: &mut [f32], max: f32) -> f32 {
-    use std::arch::x86_64::*;
-    assert_eq!(chunk.len(), 16, "softmax chunks are 16 values");
-    // SAFETY: AVX-512F is enabled (cfg); the loads and the store touch the
-    // 16 floats of `chunk` (asserted above).
-    unsafe {
-        let x = _mm512_sub_ps(_mm512_loadu_ps(chunk.as_ptr()), _mm512_set1_ps(max));
-        let e = v_expf16(x);
-        _mm512_storeu_ps(chunk.as_mut_ptr(), e);
-        reduce_add16_avx512(e)
-    }
-}
+/// The ops used at run time: ggml's AVX-512 code where the CPU has it,
+/// else the portable definition.
+mod simd {
+    use super::portable;
+    #[cfg(target_arch = "x86_64")]
+    use super::x86;
+    use crate::simd::fast_path;
 
-/// [`v_expf`] of 16 lanes: `ggml_v_expf` (AVX-512), instruction for
-/// instruction.
-#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-#[inline(always)]
-fn v_expf16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
-    use std::arch::x86_64::*;
-    let c = |bits: u32| f32::from_bits(bits);
-    // SAFETY: AVX-512F is enabled (cfg); register-only operations.
-    unsafe {
-        let r = _mm512_set1_ps(c(0x4B40_0000));
-        let z = _mm512_fmadd_ps(x, _mm512_set1_ps(c(0x3FB8_AA3B)), r);
-        let n = _mm512_sub_ps(z, r);
-        let b = _mm512_fnmadd_ps(
-            n,
-            _mm512_set1_ps(c(0x35BF_BE8E)),
-            _mm512_fnmadd_ps(n, _mm512_set1_ps(c(0x3F31_7200)), x),
-        );
-        let saturated = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(_mm512_abs_ps(n), _mm512_set1_ps(192.0));
-        let u = _mm512_mul_ps(b, b);
-        let j = _mm512_fmadd_ps(
-            _mm512_fmadd_ps(
-                _mm512_fmadd_ps(
-                    _mm512_set1_ps(c(0x3C07_2010)),
-                    b,
-                    _mm512_set1_ps(c(0x3D2B_9F17)),
-                ),
-                u,
-                _mm512_fmadd_ps(
-                    _mm512_set1_ps(c(0x3E2A_AF33)),
-                    b,
-                    _mm512_set1_ps(c(0x3EFF_FEDB)),
-                ),
-            ),
-            u,
-            _mm512_fmadd_ps(_mm512_set1_ps(c(0x3F7F_FFF6)), b, _mm512_set1_ps(1.0)),
-        );
-        let scaled = _mm512_scalef_ps(j, n);
-        let non_positive = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(n, _mm512_setzero_ps());
-        let limit = _mm512_mask_blend_ps(
-            non_positive,
-            _mm512_set1_ps(f32::INFINITY),
-            _mm512_setzero_ps(),
-        );
-        _mm512_mask_blend_ps(saturated, scaled, limit)
+    /// The 64-element steps of [`dot_f32`](super::dot_f32), reduced.
+    pub(super) fn dot_f32_steps(x: &[f32], y: &[f32]) -> f32 {
+        fast_path!(avx512f => x86::dot_f32_steps(x, y); portable::dot_f32_steps(x, y))
     }
-}
 
-/// [`reduce_add16`] of a vector: halves, quarters, then (0 + 2) + (1 + 3).
-#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-#[inline(always)]
-fn reduce_add16_avx512(v: std::arch::x86_64::__m512) -> f32 {
-    use std::arch::x86_64::*;
-    // SAFETY: AVX-512F is enabled (cfg); register-only operations.
-    unsafe {
-        let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
-        let t8 = _mm256_add_ps(high, _mm512_castps512_ps256(v));
-        let t4 = _mm_add_ps(_mm256_extractf128_ps::<1>(t8), _mm256_castps256_ps128(t8));
-        let t2 = _mm_add_ps(t4, _mm_movehl_ps(t4, t4));
-        _mm_cvtss_f32(_mm_add_ss(t2, _mm_movehdup_ps(t2)))
+    /// SiLU(x) * u over whole 16-value chunks.
+    pub(super) fn swiglu_chunks(x: &[f32], u: &[f32], out: &mut [f32]) {
+        fast_path!(avx512f => x86::swiglu_chunks(x, u, out); portable::swiglu_chunks(x, u, out))
     }
-}
 
-/// The portable definition of [`exp_chunk`].
-#[cfg_attr(
-    all(target_arch = "x86_64", target_feature = "avx512f"),
-    allow(dead_code)
-)]
-fn exp_chunk_portable(chunk: &mut [f32], max: f32) -> f32 {
-    let mut lanes = [0f32; 16];
-    for (lane, v) in lanes.iter_mut().zip(chunk.iter()) {
-        *lane = v_expf(*v - max);
+    /// `v_expf(v - max)` of a 16-value softmax chunk, and its sum.
+    pub(super) fn exp_chunk(chunk: &mut [f32], max: f32) -> f32 {
+        fast_path!(avx512f => x86::exp_chunk(chunk, max); portable::exp_chunk(chunk, max))
     }
-    chunk.copy_from_slice(&lanes);
-    reduce_add16(&lanes)
-}
-
-#[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
-fn exp_chunk(chunk: &mut [f32], max: f32) -> f32 {
-    exp_chunk_portable(chunk, max)
 }
 
 #[cfg(test)]
 mod tests {
+    use super::portable::{
+        dot_f32_steps as dot_f32_steps_portable, exp_chunk as exp_chunk_portable,
+        swiglu_chunks as swiglu_chunks_portable, v_expf,
+    };
+    use super::simd::{dot_f32_steps, exp_chunk, swiglu_chunks};
     use super::*;
 
     #[test]

@@ -1,0 +1,56 @@
+//! The seam between the shared machinery and a model family.
+//!
+//! Everything that is the same for every decoder-only architecture lives
+//! outside `models`: the GGUF reader (`gguf`), the hyper-parameters
+//! (`config`), the shard with its KV caches, embedding and head (`shard`),
+//! and the blocks layers are built from (`blocks`). A model family adds
+//! one file in `models/` that implements [`Architecture`] (which
+//! `general.architecture` values it runs, its configuration checks, its
+//! layer's tensors) and [`Layer`] (how its blocks are wired), and one line
+//! in `models::ARCHITECTURES`.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use candle_core::Tensor;
+use candle_core::quantized::gguf_file::Value;
+
+use crate::blocks::Step;
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::kv_cache::LayerCache;
+use crate::weights::Weights;
+
+/// A model family: how its files are read into layers.
+pub(crate) trait Architecture: fmt::Debug + Sync {
+    /// The `general.architecture` values this implementation runs.
+    fn names(&self) -> &'static [&'static str];
+
+    /// The model's hyper-parameters from its metadata, checked against
+    /// what this implementation handles. `architecture` is the file's
+    /// `general.architecture`, one of [`names`](Self::names).
+    fn config(
+        &self,
+        metadata: &HashMap<String, Value>,
+        architecture: String,
+    ) -> Result<ModelConfig>;
+
+    /// The GGUF names of the tensors of layer `layer`: what the directory
+    /// check requires and what a layer's bytes are counted from.
+    fn layer_tensors(&self, layer: usize) -> Vec<String>;
+
+    /// Reads layer `layer`.
+    fn load_layer(
+        &self,
+        weights: &mut Weights<'_>,
+        layer: usize,
+        config: &ModelConfig,
+    ) -> Result<Box<dyn Layer>>;
+}
+
+/// One transformer layer of some architecture.
+pub(crate) trait Layer: Send + Sync {
+    /// `x`: `[n, hidden]` → `[n, hidden]`, appending the keys and values of
+    /// the `n` new positions to this layer's `cache`.
+    fn forward(&self, x: &Tensor, step: &Step<'_>, cache: &mut LayerCache) -> Result<Tensor>;
+}

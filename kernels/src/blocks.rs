@@ -1,0 +1,344 @@
+//! The blocks decoder layers are built from, shared by every architecture:
+//! RMS norm, RoPE tables, grouped-query attention over a sequence's KV
+//! cache, the SwiGLU MLP and the residual add. Each computes with ggml's
+//! arithmetic on the CPU (`cpu_ops`) and with Candle's ops on other
+//! devices. An architecture (`models::*`) loads the blocks its layers have
+//! and wires them in its own order.
+//!
+//! Shapes are written `[rows, cols]`; `n` is the number of new tokens in a
+//! forward call, `len` the sequence length after it, `H` the query heads,
+//! `KV` the key/value heads, `d` the head dimension, `ff` the MLP width.
+
+use candle_core::{Device, Tensor};
+
+use crate::config::ModelConfig;
+use crate::cpu_ops;
+use crate::error::Result;
+use crate::kv_cache::LayerCache;
+use crate::matrix::Matrix;
+use crate::profile::{self, Op};
+use crate::tensor_names::{
+    ATTN_K, ATTN_OUTPUT, ATTN_Q, ATTN_V, FFN_DOWN, FFN_GATE, FFN_UP, in_layer,
+};
+use crate::weights::Weights;
+
+/// What every layer of one forward call shares.
+pub(crate) struct Step<'a> {
+    pub(crate) config: &'a ModelConfig,
+    /// RoPE for the call's positions.
+    pub(crate) rope: &'a RopeTables,
+    /// The causal mask `[n, len]`, where the device needs one (the CPU
+    /// attention masks as it goes).
+    pub(crate) mask: Option<&'a Tensor>,
+}
+
+// ---------------------------------------------------------------------------
+// Norm, residual, mask
+// ---------------------------------------------------------------------------
+
+/// RMS norm times `weight`: ggml's arithmetic on the CPU, Candle's elsewhere.
+pub(crate) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+    let _norm = profile::span(Op::Norm);
+    if x.device().is_cpu() {
+        cpu_ops::rms_norm_mul(x, weight, eps)
+    } else {
+        Ok(candle_nn::ops::rms_norm(x, weight, eps)?)
+    }
+}
+
+/// The residual addition `x + y`.
+pub(crate) fn add(x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    let _add = profile::span(Op::Elementwise);
+    Ok((x + y)?)
+}
+
+/// Additive causal mask `[n, position + n]`: query `i` (at absolute
+/// position `position + i`) sees keys `0..=position + i`.
+pub(crate) fn causal_mask(position: usize, n: usize, device: &Device) -> Result<Tensor> {
+    let len = position + n;
+    let mask: Vec<f32> = (0..n)
+        .flat_map(|i| {
+            (0..len).map(move |j| {
+                if j > position + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(mask, (n, len), device)?)
+}
+
+// ---------------------------------------------------------------------------
+// RoPE
+// ---------------------------------------------------------------------------
+
+/// RoPE cos/sin for the positions of one forward call, `[n, d/2]` each,
+/// as tensors (Candle's ops) and as plain values (the CPU ops), computed
+/// once per call rather than once per layer.
+pub(crate) struct RopeTables {
+    cos: Tensor,
+    sin: Tensor,
+    cos_values: Vec<f32>,
+    sin_values: Vec<f32>,
+}
+
+impl RopeTables {
+    /// The tables for positions `position..position + n`, computed as
+    /// llama.cpp does (`theta_p,i = p * base^(-2i/d)` by repeated f32
+    /// multiplication, divided by the per-frequency factor when the model
+    /// has them) so that greedy decoding matches it.
+    pub(crate) fn new(
+        config: &ModelConfig,
+        freq_factors: Option<&[f32]>,
+        position: usize,
+        n: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let half = config.rope_dim / 2;
+        let theta_scale = config.rope_freq_base.powf(-2.0 / config.rope_dim as f32);
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
+        for p in position..position + n {
+            let mut theta = p as f32;
+            for i in 0..half {
+                let factor = freq_factors.map_or(1.0, |f| f[i]);
+                let t = theta / factor;
+                cos.push(t.cos());
+                sin.push(t.sin());
+                theta *= theta_scale;
+            }
+        }
+        Ok(Self {
+            cos: Tensor::from_slice(&cos, (n, half), device)?,
+            sin: Tensor::from_slice(&sin, (n, half), device)?,
+            cos_values: cos,
+            sin_values: sin,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Attention
+// ---------------------------------------------------------------------------
+
+/// Grouped-query self-attention with separate Q, K, V projections, RoPE on
+/// adjacent pairs, and K/V never repeated across the query heads that
+/// share them.
+pub(crate) struct Attention {
+    wq: Matrix, // [H*d, hidden]
+    wk: Matrix, // [KV*d, hidden]
+    wv: Matrix, // [KV*d, hidden]
+    wo: Matrix, // [hidden, H*d]
+}
+
+impl Attention {
+    pub(crate) fn load(
+        weights: &mut Weights<'_>,
+        layer: usize,
+        config: &ModelConfig,
+    ) -> Result<Self> {
+        let hidden = config.hidden_size;
+        let q_rows = config.n_heads * config.head_dim;
+        let kv_rows = config.n_kv_heads * config.head_dim;
+        Ok(Self {
+            wq: weights.matrix(&in_layer(layer, ATTN_Q), q_rows, hidden)?,
+            wk: weights.matrix(&in_layer(layer, ATTN_K), kv_rows, hidden)?,
+            wv: weights.matrix(&in_layer(layer, ATTN_V), kv_rows, hidden)?,
+            wo: weights.matrix(&in_layer(layer, ATTN_OUTPUT), hidden, q_rows)?,
+        })
+    }
+
+    /// The GGUF names of the tensors [`load`](Self::load) reads.
+    pub(crate) const TENSORS: [&'static str; 4] = [ATTN_Q, ATTN_K, ATTN_V, ATTN_OUTPUT];
+
+    /// Causal attention over the sequence's cache; appends the new keys
+    /// and values. `h`: `[n, hidden]` → `[n, hidden]`.
+    pub(crate) fn forward(
+        &self,
+        h: &Tensor,
+        step: &Step<'_>,
+        cache: &mut LayerCache,
+    ) -> Result<Tensor> {
+        let (q, k, v) = {
+            let _qkv = profile::span(Op::AttentionMatmul);
+            let mut qkv = Matrix::matmul_each(&[&self.wq, &self.wk, &self.wv], h)?.into_iter();
+            match (qkv.next(), qkv.next(), qkv.next()) {
+                (Some(q), Some(k), Some(v)) => (q, k, v), // [n, H*d], [n, KV*d], [n, KV*d]
+                _ => return Err(candle_core::Error::Msg("a product went missing".into()).into()),
+            }
+        };
+        let y = {
+            let _attention = profile::span(Op::Attention);
+            if h.device().is_cpu() {
+                attention_cpu(&q, &k, &v, step, cache)?
+            } else {
+                attention_candle(&q, &k, &v, step, cache)?
+            }
+        };
+        let _o = profile::span(Op::AttentionMatmul);
+        self.wo.matmul(&y)
+    }
+}
+
+/// Attention with ggml's arithmetic (see `cpu_ops::attention`).
+fn attention_cpu(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    step: &Step<'_>,
+    cache: &mut LayerCache,
+) -> Result<Tensor> {
+    let (config, rope) = (step.config, step.rope);
+    let n = q.dim(0)?;
+    let (heads, kv_heads, d) = (config.n_heads, config.n_kv_heads, config.head_dim);
+    let mut q = q.flatten_all()?.to_vec1::<f32>()?; // [n, H, d]
+    let mut k = k.flatten_all()?.to_vec1::<f32>()?; // [n, KV, d]
+    cpu_ops::rope_pairs(&mut q, heads, d, &rope.cos_values, &rope.sin_values);
+    cpu_ops::rope_pairs(&mut k, kv_heads, d, &rope.cos_values, &rope.sin_values);
+    let device = Device::Cpu;
+    let k = Tensor::from_vec(k, (n, kv_heads, d), &device)?
+        .transpose(0, 1)?
+        .contiguous()?; // [KV, n, d]
+    let v = v.reshape((n, kv_heads, d))?.transpose(0, 1)?.contiguous()?; // [KV, n, d]
+    let (k_all, _) = cache.append(&k, &v, config.context_length)?;
+    let position = k_all.dim(1)? - n;
+    let (keys, values, capacity) = cache.buffers()?;
+    let shape = cpu_ops::AttentionShape {
+        n,
+        heads,
+        kv_heads,
+        d,
+        position,
+        len: position + n,
+        capacity,
+    };
+    let out = cpu_ops::with_f32(keys, |keys| {
+        cpu_ops::with_f32(values, |values| {
+            cpu_ops::attention(&q, keys, values, &shape)
+        })
+    })??;
+    Ok(Tensor::from_vec(out, (n, heads * d), &device)?)
+}
+
+/// Attention with Candle's ops (GPU devices). The `H / KV` query heads that
+/// share a KV head are stacked as rows of one matmul, so K and V are never
+/// repeated.
+fn attention_candle(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    step: &Step<'_>,
+    cache: &mut LayerCache,
+) -> Result<Tensor> {
+    let (config, rope) = (step.config, step.rope);
+    let n = q.dim(0)?;
+    let (heads, kv_heads, d) = (config.n_heads, config.n_kv_heads, config.head_dim);
+    let group = heads / kv_heads;
+    // [n, H*d] → [1, H, n, d]: rope_i wants (batch, heads, seq, dim).
+    let q = q.reshape((1, n, heads, d))?.transpose(1, 2)?.contiguous()?;
+    let k = k
+        .reshape((1, n, kv_heads, d))?
+        .transpose(1, 2)?
+        .contiguous()?;
+    let v = v.reshape((n, kv_heads, d))?.transpose(0, 1)?.contiguous()?; // [KV, n, d]
+    let q = candle_nn::rotary_emb::rope_i(&q, &rope.cos, &rope.sin)?; // [1, H, n, d]
+    let k = candle_nn::rotary_emb::rope_i(&k, &rope.cos, &rope.sin)?.squeeze(0)?; // [KV, n, d]
+
+    let (k_all, v_all) = cache.append(&k, &v, config.context_length)?; // [KV, len, d] each
+    let len = k_all.dim(1)?;
+
+    // Heads are ordered kv-major, so [H, n, d] = [KV, group, n, d].
+    let q = q.reshape((kv_heads, group * n, d))?;
+    let scale = 1.0 / (d as f64).sqrt();
+    let scores = q.matmul(&k_all.t()?)?.affine(scale, 0.0)?; // [KV, group*n, len]
+    let scores = match step.mask {
+        Some(mask) => scores
+            .reshape((kv_heads, group, n, len))?
+            .broadcast_add(mask)? // mask: [n, len]
+            .reshape((kv_heads, group * n, len))?,
+        None => scores,
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let y = probs.matmul(&v_all)?; // [KV, group*n, d]
+    Ok(y.reshape((heads, n, d))?
+        .transpose(0, 1)?
+        .reshape((n, heads * d))?)
+}
+
+// ---------------------------------------------------------------------------
+// MLP
+// ---------------------------------------------------------------------------
+
+/// The SwiGLU MLP: `down(SiLU(gate(x)) * up(x))`.
+pub(crate) struct Mlp {
+    gate: Matrix, // [ff, hidden]
+    up: Matrix,   // [ff, hidden]
+    down: Matrix, // [hidden, ff]
+}
+
+impl Mlp {
+    pub(crate) fn load(
+        weights: &mut Weights<'_>,
+        layer: usize,
+        config: &ModelConfig,
+    ) -> Result<Self> {
+        let (hidden, ff) = (config.hidden_size, config.feed_forward_size);
+        Ok(Self {
+            gate: weights.matrix(&in_layer(layer, FFN_GATE), ff, hidden)?,
+            up: weights.matrix(&in_layer(layer, FFN_UP), ff, hidden)?,
+            down: weights.matrix(&in_layer(layer, FFN_DOWN), hidden, ff)?,
+        })
+    }
+
+    /// The GGUF names of the tensors [`load`](Self::load) reads.
+    pub(crate) const TENSORS: [&'static str; 3] = [FFN_GATE, FFN_UP, FFN_DOWN];
+
+    /// `h`: `[n, hidden]` → `[n, hidden]`.
+    pub(crate) fn forward(&self, h: &Tensor) -> Result<Tensor> {
+        let (gate, up) = {
+            let _mlp = profile::span(Op::MlpMatmul);
+            let mut both = Matrix::matmul_each(&[&self.gate, &self.up], h)?.into_iter();
+            match (both.next(), both.next()) {
+                (Some(gate), Some(up)) => (gate, up), // [n, ff] each
+                _ => return Err(candle_core::Error::Msg("a product went missing".into()).into()),
+            }
+        };
+        let act = {
+            let _swiglu = profile::span(Op::Elementwise);
+            swiglu(&gate, &up)?
+        };
+        let _mlp = profile::span(Op::MlpMatmul);
+        self.down.matmul(&act) // [n, hidden]
+    }
+}
+
+/// SiLU(gate) * up: ggml's arithmetic on the CPU, Candle's elsewhere.
+fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if gate.device().is_cpu() {
+        cpu_ops::swiglu(gate, up)
+    } else {
+        Ok((candle_nn::ops::silu(gate)? * up)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causal_mask_with_prefix() -> Result<()> {
+        let m = causal_mask(2, 3, &Device::Cpu)?.to_vec2::<f32>()?;
+        let inf = f32::NEG_INFINITY;
+        assert_eq!(
+            m,
+            vec![
+                vec![0.0, 0.0, 0.0, inf, inf],
+                vec![0.0, 0.0, 0.0, 0.0, inf],
+                vec![0.0, 0.0, 0.0, 0.0, 0.0],
+            ]
+        );
+        Ok(())
+    }
+}

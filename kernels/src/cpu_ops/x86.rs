@@ -1,0 +1,128 @@
+//! ggml's own AVX-512 code for the ops of [`portable`](super::portable),
+//! instruction for instruction, so that they give its bits exactly. The
+//! entry points have `#[target_feature(enable = "avx512f")]`
+//! (`CpuFeatures::avx512f`); the helpers are `#[inline(always)]` without
+//! features of their own and are only ever inlined into those.
+
+use std::arch::x86_64::*;
+
+/// The 64-element steps of `dot_f32`, reduced: four 16-lane FMA
+/// accumulators, folded 0+2, 1+3, then 0+1, then reduced.
+#[target_feature(enable = "avx512f")]
+pub(super) fn dot_f32_steps(x: &[f32], y: &[f32]) -> f32 {
+    let steps = x.len().min(y.len()) / 64;
+    // SAFETY: this function has AVX-512F; every load reads 16 floats inside
+    // the first `steps * 64` elements of `x` and `y`.
+    unsafe {
+        let mut acc = [_mm512_setzero_ps(); 4];
+        for i in 0..steps {
+            for (j, acc) in acc.iter_mut().enumerate() {
+                let at = i * 64 + 16 * j;
+                *acc = _mm512_fmadd_ps(
+                    _mm512_loadu_ps(x.as_ptr().add(at)),
+                    _mm512_loadu_ps(y.as_ptr().add(at)),
+                    *acc,
+                );
+            }
+        }
+        let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3]));
+        reduce_add16(sum)
+    }
+}
+
+/// `(x / (1 + v_expf(0 - x))) * u` over whole 16-value chunks:
+/// `ggml_v_silu` and the multiply.
+#[target_feature(enable = "avx512f")]
+pub(super) fn swiglu_chunks(x: &[f32], u: &[f32], out: &mut [f32]) {
+    let chunks = x.len().min(u.len()).min(out.len()) / 16;
+    // SAFETY: this function has AVX-512F; every access covers 16 floats
+    // inside the first `chunks * 16` of each slice.
+    unsafe {
+        for i in 0..chunks {
+            let xv = _mm512_loadu_ps(x.as_ptr().add(16 * i));
+            let e = v_expf16(_mm512_sub_ps(_mm512_setzero_ps(), xv));
+            let silu = _mm512_div_ps(xv, _mm512_add_ps(_mm512_set1_ps(1.0), e));
+            let y = _mm512_mul_ps(silu, _mm512_loadu_ps(u.as_ptr().add(16 * i)));
+            _mm512_storeu_ps(out.as_mut_ptr().add(16 * i), y);
+        }
+    }
+}
+
+/// Replaces the 16 values of `chunk` by `v_expf(v - max)` and returns
+/// their `reduce_add16`.
+#[target_feature(enable = "avx512f")]
+pub(super) fn exp_chunk(chunk: &mut [f32], max: f32) -> f32 {
+    assert_eq!(chunk.len(), 16, "softmax chunks are 16 values");
+    // SAFETY: this function has AVX-512F; the loads and the store touch the
+    // 16 floats of `chunk` (asserted above).
+    unsafe {
+        let x = _mm512_sub_ps(_mm512_loadu_ps(chunk.as_ptr()), _mm512_set1_ps(max));
+        let e = v_expf16(x);
+        _mm512_storeu_ps(chunk.as_mut_ptr(), e);
+        reduce_add16(e)
+    }
+}
+
+/// `v_expf` of 16 lanes: `ggml_v_expf` (AVX-512), instruction for
+/// instruction.
+///
+/// # Safety
+/// The caller has AVX-512F.
+#[inline(always)]
+unsafe fn v_expf16(x: __m512) -> __m512 {
+    let c = |bits: u32| f32::from_bits(bits);
+    // SAFETY: the caller has AVX-512F; register-only operations.
+    unsafe {
+        let r = _mm512_set1_ps(c(0x4B40_0000));
+        let z = _mm512_fmadd_ps(x, _mm512_set1_ps(c(0x3FB8_AA3B)), r);
+        let n = _mm512_sub_ps(z, r);
+        let b = _mm512_fnmadd_ps(
+            n,
+            _mm512_set1_ps(c(0x35BF_BE8E)),
+            _mm512_fnmadd_ps(n, _mm512_set1_ps(c(0x3F31_7200)), x),
+        );
+        let saturated = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(_mm512_abs_ps(n), _mm512_set1_ps(192.0));
+        let u = _mm512_mul_ps(b, b);
+        let j = _mm512_fmadd_ps(
+            _mm512_fmadd_ps(
+                _mm512_fmadd_ps(
+                    _mm512_set1_ps(c(0x3C07_2010)),
+                    b,
+                    _mm512_set1_ps(c(0x3D2B_9F17)),
+                ),
+                u,
+                _mm512_fmadd_ps(
+                    _mm512_set1_ps(c(0x3E2A_AF33)),
+                    b,
+                    _mm512_set1_ps(c(0x3EFF_FEDB)),
+                ),
+            ),
+            u,
+            _mm512_fmadd_ps(_mm512_set1_ps(c(0x3F7F_FFF6)), b, _mm512_set1_ps(1.0)),
+        );
+        let scaled = _mm512_scalef_ps(j, n);
+        let non_positive = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(n, _mm512_setzero_ps());
+        let limit = _mm512_mask_blend_ps(
+            non_positive,
+            _mm512_set1_ps(f32::INFINITY),
+            _mm512_setzero_ps(),
+        );
+        _mm512_mask_blend_ps(saturated, scaled, limit)
+    }
+}
+
+/// `reduce_add16` of a vector: halves, quarters, then (0 + 2) + (1 + 3).
+///
+/// # Safety
+/// The caller has AVX-512F.
+#[inline(always)]
+unsafe fn reduce_add16(v: __m512) -> f32 {
+    // SAFETY: the caller has AVX-512F; register-only operations.
+    unsafe {
+        let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+        let t8 = _mm256_add_ps(high, _mm512_castps512_ps256(v));
+        let t4 = _mm_add_ps(_mm256_extractf128_ps::<1>(t8), _mm256_castps256_ps128(t8));
+        let t2 = _mm_add_ps(t4, _mm_movehl_ps(t4, t4));
+        _mm_cvtss_f32(_mm_add_ss(t2, _mm_movehdup_ps(t2)))
+    }
+}

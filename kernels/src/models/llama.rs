@@ -1,0 +1,120 @@
+//! The llama architecture: pre-norm residual layers of grouped-query
+//! attention and a SwiGLU MLP, RoPE on adjacent pairs.
+//!
+//! - Paper: Touvron et al., "LLaMA: Open and Efficient Foundation Language
+//!   Models", <https://arxiv.org/abs/2302.13971>; grouped-query attention from
+//!   Ainslie et al., <https://arxiv.org/abs/2305.13245>.
+//! - Reference implementations: llama.cpp (`src/models/llama.cpp`) and
+//!   candle-transformers (`models/quantized_llama.rs`). Unlike the latter,
+//!   a shard loads only the layers it is given and passes hidden states in
+//!   and out (see `shard`).
+//!
+//! Covers Llama 2/3, Mistral and SmolLM2 GGUF files (`general.architecture`
+//! = `llama` or `mistral`), with every quantized type Candle reads. What is
+//! llama's own is here: which files it runs, its layer's tensors, and how
+//! a layer wires the shared blocks (`blocks`).
+//!
+//! Shapes are written `[rows, cols]`; `n` is the number of new tokens in a
+//! forward call.
+
+use std::collections::HashMap;
+
+use candle_core::Tensor;
+use candle_core::quantized::gguf_file::Value;
+
+use crate::architecture::{Architecture, Layer};
+use crate::blocks::{Attention, Mlp, Step, add, rms_norm};
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::kv_cache::LayerCache;
+use crate::tensor_names::{ATTN_NORM, FFN_NORM, in_layer};
+use crate::weights::Weights;
+
+/// The llama architecture.
+#[derive(Debug)]
+pub(crate) struct Llama;
+
+impl Architecture for Llama {
+    /// Architectures whose GGUF layout and maths are llama's.
+    fn names(&self) -> &'static [&'static str] {
+        &["llama", "mistral"]
+    }
+
+    /// Llama's hyper-parameters are exactly the shared ones.
+    fn config(
+        &self,
+        metadata: &HashMap<String, Value>,
+        architecture: String,
+    ) -> Result<ModelConfig> {
+        ModelConfig::from_metadata(metadata, architecture)
+    }
+
+    fn layer_tensors(&self, layer: usize) -> Vec<String> {
+        block_tensor_names(layer)
+    }
+
+    fn load_layer(
+        &self,
+        weights: &mut Weights<'_>,
+        layer: usize,
+        config: &ModelConfig,
+    ) -> Result<Box<dyn Layer>> {
+        let hidden = config.hidden_size;
+        Ok(Box::new(Block {
+            attn_norm: weights.vector(&in_layer(layer, ATTN_NORM), hidden)?,
+            attention: Attention::load(weights, layer, config)?,
+            ffn_norm: weights.vector(&in_layer(layer, FFN_NORM), hidden)?,
+            mlp: Mlp::load(weights, layer, config)?,
+        }))
+    }
+}
+
+/// The GGUF names of the nine tensors of transformer layer `layer`.
+fn block_tensor_names(layer: usize) -> Vec<String> {
+    let norms_and_blocks = [
+        &[ATTN_NORM][..],
+        &Attention::TENSORS,
+        &[FFN_NORM],
+        &Mlp::TENSORS,
+    ];
+    norms_and_blocks
+        .concat()
+        .into_iter()
+        .map(|t| in_layer(layer, t))
+        .collect()
+}
+
+/// One transformer layer: pre-norm attention and a SwiGLU MLP, each added
+/// back to the residual stream.
+struct Block {
+    attn_norm: Tensor, // [hidden]
+    attention: Attention,
+    ffn_norm: Tensor, // [hidden]
+    mlp: Mlp,
+}
+
+impl Layer for Block {
+    /// `x`: `[n, hidden]` → `[n, hidden]`.
+    fn forward(&self, x: &Tensor, step: &Step<'_>, cache: &mut LayerCache) -> Result<Tensor> {
+        let eps = step.config.rms_norm_eps;
+        let h = rms_norm(x, &self.attn_norm, eps)?;
+        let attn = self.attention.forward(&h, step, cache)?;
+        let x = add(x, &attn)?;
+        let h = rms_norm(&x, &self.ffn_norm, eps)?;
+        let mlp = self.mlp.forward(&h)?;
+        add(&x, &mlp)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_names_are_gguf_names() {
+        let names = block_tensor_names(7);
+        assert_eq!(names.len(), 9);
+        assert!(names.contains(&"blk.7.attn_q.weight".to_string()));
+        assert!(names.contains(&"blk.7.ffn_down.weight".to_string()));
+    }
+}
