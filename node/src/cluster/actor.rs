@@ -20,7 +20,7 @@ use super::protocol::{
 use super::resources::{process_memory, system_memory};
 use super::{
     ClusterConfig, ClusterEvent, ClusterView, LinkView, NodeView, NotJoinedView, PlanState,
-    PlanView, PolicyStatus, StageView,
+    PlanView, PolicyStatus, StageView, view_id, view_layers,
 };
 use crate::engine::PipelineEnds;
 use crate::engine::stage::{self, Route, Sample, StageJob, StageOutput, StageResult};
@@ -1175,7 +1175,7 @@ impl Cluster {
         let status = PolicyStatus {
             policy: view,
             revision: revision.counter,
-            changed_by: Some(revision.origin),
+            changed_by: Some(view_id(revision.origin)),
             warning,
         };
         // Installs finish in order on the policy thread, but their events
@@ -1693,12 +1693,12 @@ impl Cluster {
             self.plan
                 .as_ref()
                 .and_then(|p| p.stage_of(node))
-                .map(|(_, l)| l)
+                .map(|(_, l)| view_layers(l))
         };
         let reported = |node: NodeId| self.plan.as_ref().and_then(|p| p.ready.get(&node).copied());
         let (rss, peak) = process_memory();
         let mut nodes = vec![NodeView {
-            id: self.me,
+            id: view_id(self.me),
             name: self.name.clone(),
             address: self.listen.to_string(),
             status: "self".into(),
@@ -1728,7 +1728,7 @@ impl Cluster {
                 )
             };
             nodes.push(NodeView {
-                id: *id,
+                id: view_id(*id),
                 name: member.hello.name.clone(),
                 address: member.address.clone(),
                 status,
@@ -1755,8 +1755,8 @@ impl Cluster {
             .members
             .iter()
             .map(|(id, m)| LinkView {
-                from: self.me,
-                to: *id,
+                from: view_id(self.me),
+                to: view_id(*id),
                 rtt_ms: m.rtt_micros.map(|us| us as f64 / 1000.0),
                 bandwidth_bytes_per_second: m.bandwidth,
             })
@@ -1764,8 +1764,8 @@ impl Cluster {
         for (id, member) in &self.members {
             let reported = member.status.iter().flat_map(|s| &s.links);
             links.extend(reported.filter(|m| m.to != self.me).map(|m| LinkView {
-                from: *id,
-                to: m.to,
+                from: view_id(*id),
+                to: view_id(m.to),
                 rtt_ms: Some(m.rtt_micros as f64 / 1000.0),
                 bandwidth_bytes_per_second:
                     (m.bandwidth_bytes_per_second > 0).then_some(m.bandwidth_bytes_per_second),
@@ -1773,7 +1773,7 @@ impl Cluster {
         }
         let plan = self.plan.as_ref().map(|p| PlanView {
             epoch: p.message.epoch.0,
-            leader: p.message.leader,
+            leader: view_id(p.message.leader),
             state: if p.active {
                 PlanState::Active
             } else {
@@ -1784,16 +1784,16 @@ impl Cluster {
                 .stages
                 .iter()
                 .map(|s| StageView {
-                    node: s.node,
-                    layers: s.layers,
+                    node: view_id(s.node),
+                    layers: view_layers(s.layers),
                     weight_bytes: p.ready.get(&s.node).copied(),
                     in_flight: self.stage_in_flight(s.node),
                 })
                 .collect(),
         });
         let view = ClusterView {
-            node: Some(self.me),
-            leader: Some(self.leader()),
+            node: Some(view_id(self.me)),
+            leader: Some(view_id(self.leader())),
             model: Some(self.identity.clone()),
             nodes,
             links,
@@ -1805,7 +1805,7 @@ impl Cluster {
                 .values()
                 .filter_map(|(peer, verdict)| match verdict {
                     Verdict::Skip(reason) => Some(NotJoinedView {
-                        node: peer.node,
+                        node: view_id(peer.node),
                         name: peer.name.clone(),
                         addresses: peer.addresses.iter().map(ToString::to_string).collect(),
                         cluster: peer.cluster.clone(),
