@@ -94,9 +94,9 @@ fn id_of(request: &Request) -> &str {
 fn request_span(request: &Request) -> Span {
     tracing::info_span!(
         "request",
-        id = id_of(request),
+        id = %id_of(request),
         method = %request.method(),
-        path = request.uri().path(),
+        path = %request.uri().path(),
     )
 }
 
@@ -195,7 +195,7 @@ mod tests {
 
     /// Status, `x-request-id` and JSON body of one request.
     async fn send(path: &str, id: Option<&str>) -> (u16, String, serde_json::Value) {
-        let mut request = Request::get(path);
+        let mut request = axum::http::Request::get(path);
         if let Some(id) = id {
             request = request.header(&REQUEST_ID_HEADER, id);
         }
@@ -213,8 +213,11 @@ mod tests {
         (status, id, json)
     }
 
+    /// One test, so that no other test registers these callsites first
+    /// on a thread without this subscriber: tracing would then cache them
+    /// as disabled for every thread.
     #[tokio::test]
-    async fn an_internal_error_names_its_request_id_and_only_the_log_has_the_text() {
+    async fn requests_get_ids_and_internal_errors_only_name_theirs() {
         let log = Log::default();
         let subscriber = tracing_subscriber::fmt()
             .with_max_level(tracing::Level::INFO)
@@ -226,6 +229,7 @@ mod tests {
             .finish();
         let _default = tracing::subscriber::set_default(subscriber);
 
+        // An internal error: the client gets the id, the log the text.
         let (status, id, json) = send("/fails", None).await;
         assert_eq!(status, 500);
         let error = &json["error"];
@@ -236,7 +240,6 @@ mod tests {
         );
         assert!(!json.to_string().contains("disk"), "{json}");
         assert_eq!(id.len(), 36, "a UUID: {id}");
-
         let text = log.text();
         let failures: Vec<&str> = text
             .lines()
@@ -246,16 +249,16 @@ mod tests {
         assert!(failures[0].contains(&id), "{text}");
         assert!(failures[0].contains("the disk is on fire"), "{text}");
         assert!(failures[0].contains("status=500"), "{text}");
-    }
 
-    #[tokio::test]
-    async fn a_sane_client_id_is_kept_and_others_replaced() {
+        // A 503 is no invalid request; a sane client id is kept.
         let (status, id, json) = send("/busy", Some("client-42.a:b_c")).await;
         assert_eq!(status, 503);
         assert_eq!(id, "client-42.a:b_c");
         assert_eq!(json["error"]["type"], "service_unavailable_error");
         assert_eq!(json["error"]["code"], "server_busy");
+        assert!(log.text().contains("request{id=client-42.a:b_c"));
 
+        // Other ids are replaced, and every request gets its own.
         let long = "a".repeat(MAX_REQUEST_ID_BYTES + 1);
         for insane in ["", "two words", "<script>", long.as_str()] {
             let (status, id, _) = send("/fine", Some(insane)).await;
