@@ -13,6 +13,8 @@ fn main() {
     let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_default());
     let workspace = manifest_dir.parent().unwrap_or(&manifest_dir).to_path_buf();
     for watched in [
+        "api-types/src",
+        "api-types/Cargo.toml",
         "scheduler-wasm/src",
         "scheduler-wasm/Cargo.toml",
         "wit",

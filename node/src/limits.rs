@@ -5,6 +5,11 @@
 /// under 100 KiB of JSON; anything far larger is a mistake or an attack.
 pub const MAX_REQUEST_BODY_BYTES: usize = 4 * 1024 * 1024;
 
+/// Longest `x-request-id` a client may choose (UUIDs are 36 bytes); a
+/// longer one, or one with other than letters, digits and `-_.:`, is
+/// replaced by the node's own, so that logs stay readable.
+pub const MAX_REQUEST_ID_BYTES: usize = 128;
+
 /// Most messages in one chat request.
 pub const MAX_MESSAGES: usize = 2048;
 

@@ -25,7 +25,6 @@ use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 use wasmtime::component::{Component, Linker, ResourceTable};
@@ -118,23 +117,9 @@ impl PolicyError {
     }
 }
 
-/// Where a policy came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PolicySource {
-    BuiltIn,
-    Uploaded,
-}
-
-/// A policy as people see it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct PolicyView {
-    pub name: String,
-    pub version: String,
-    pub sha256: String,
-    pub source: PolicySource,
-    pub size_bytes: usize,
-}
+// Where a policy came from, and a policy as people see it: part of the
+// HTTP API, so defined in `api_types`.
+pub use api_types::{PolicySource, PolicyView};
 
 /// How a policy change came about, which decides what it is checked
 /// against and what it falls back to.
@@ -239,7 +224,7 @@ impl Sandbox {
                 version: String::new(),
                 sha256: kernels::to_hex(&Sha256::digest(&bytes)),
                 source,
-                size_bytes: bytes.len(),
+                size_bytes: bytes.len() as u64,
             },
             wasm: (source == PolicySource::Uploaded).then_some(bytes),
         })

@@ -1,153 +1,12 @@
-//! The node's HTTP API, as the dashboard uses it: the response types it
-//! reads (only the fields it shows) and `fetch` wrappers whose errors are
-//! sentences for the page.
+//! The node's HTTP API, as the dashboard uses it: `fetch` wrappers whose
+//! errors are sentences for the page, and the chat stream read chunk by
+//! chunk. The JSON types are the node's own, from `api_types`.
 
-use serde::Deserialize;
+use api_types::{ChatCompletionChunk, ChatCompletionRequest, ErrorBody, FinishReason};
 use serde::de::DeserializeOwned;
 use wasm_bindgen::{JsCast, JsValue};
 use wasm_bindgen_futures::JsFuture;
 use web_sys::{AbortSignal, ReadableStreamDefaultReader, Request, RequestInit, Response};
-
-/// `GET /v1/cluster`.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(default)]
-pub struct ClusterView {
-    pub node: Option<String>,
-    pub leader: Option<String>,
-    pub model: Option<ModelIdentity>,
-    pub nodes: Vec<NodeView>,
-    pub links: Vec<LinkView>,
-    pub plan: Option<PlanView>,
-    pub plan_error: Option<String>,
-    pub policy: Option<PolicyStatus>,
-    pub not_joined: Vec<NotJoinedView>,
-}
-
-/// A node found on the network that this cluster does not join.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(default)]
-pub struct NotJoinedView {
-    pub name: String,
-    pub addresses: Vec<String>,
-    pub reason: String,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(default)]
-pub struct ModelIdentity {
-    pub name: String,
-    pub fingerprint: String,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(default)]
-pub struct NodeView {
-    pub id: String,
-    pub name: String,
-    pub address: String,
-    pub status: String,
-    pub device: String,
-    pub device_name: String,
-    pub memory_total_bytes: u64,
-    pub memory_available_bytes: u64,
-    pub memory_budget_bytes: u64,
-    pub compute_score: f64,
-    pub model: ModelIdentity,
-    pub layers: Option<LayerRange>,
-    pub weight_bytes: Option<u64>,
-    pub rss_bytes: Option<u64>,
-    pub models: Vec<ModelAvailability>,
-}
-
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq)]
-pub struct LayerRange {
-    pub start: u32,
-    pub end: u32,
-}
-
-/// Whether a node has a model's file.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(default)]
-pub struct ModelAvailability {
-    pub name: String,
-    /// `loaded`, `present`, `downloading` or `missing`.
-    pub state: String,
-    pub downloaded_bytes: Option<u64>,
-    pub total_bytes: Option<u64>,
-    /// Why the last download failed.
-    pub error: Option<String>,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(default)]
-pub struct LinkView {
-    pub from: String,
-    pub to: String,
-    pub rtt_ms: Option<f64>,
-    pub bandwidth_bytes_per_second: Option<u64>,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(default)]
-pub struct PlanView {
-    pub epoch: u64,
-    pub leader: String,
-    pub state: String,
-    pub stages: Vec<StageView>,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(default)]
-pub struct StageView {
-    pub node: String,
-    pub layers: LayerRange,
-    pub weight_bytes: Option<u64>,
-    pub in_flight: u32,
-}
-
-/// `GET /v1/cluster/policy`.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(default)]
-pub struct PolicyStatus {
-    pub name: String,
-    pub version: String,
-    pub sha256: String,
-    pub source: String,
-    pub size_bytes: u64,
-    pub revision: u64,
-    pub warning: Option<String>,
-}
-
-/// `GET /v1/cluster/models`.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(default)]
-pub struct KnownModels {
-    pub models: Vec<KnownModel>,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(default)]
-pub struct KnownModel {
-    pub id: String,
-    pub description: String,
-    pub size_bytes: Option<u64>,
-    pub served: bool,
-    /// In the catalogue: nodes can fetch it by name.
-    pub downloadable: bool,
-}
-
-/// `GET /v1/models`.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(default)]
-pub struct ModelList {
-    pub data: Vec<ModelCard>,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(default)]
-pub struct ModelCard {
-    pub id: String,
-}
 
 /// An HTTP answer read whole.
 pub struct Answer {
@@ -167,10 +26,9 @@ impl Answer {
 }
 
 pub fn error_message(status: u16, body: &str) -> String {
-    serde_json::from_str::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
-        .unwrap_or_else(|| format!("HTTP {status}: {}", body.trim()))
+    serde_json::from_str::<ErrorBody>(body)
+        .map(|body| body.error.message)
+        .unwrap_or_else(|_| format!("HTTP {status}: {}", body.trim()))
 }
 
 pub fn js_error(error: JsValue) -> String {
@@ -233,22 +91,24 @@ pub async fn get_json<T: DeserializeOwned>(url: &str) -> Result<T, String> {
 /// What a streamed chat completion says, chunk by chunk.
 pub enum ChatEvent {
     Token(String),
-    Finished { reason: String },
+    Finished { reason: FinishReason },
     Usage { completion_tokens: u64 },
 }
 
 /// Posts a streaming chat completion and reports its events until
 /// `[DONE]`. Aborting `signal` ends it with an error.
 pub async fn stream_chat(
-    body: &str,
+    request: &ChatCompletionRequest,
     signal: &AbortSignal,
     mut on_event: impl FnMut(ChatEvent),
 ) -> Result<(), String> {
+    let body = serde_json::to_string(request)
+        .map_err(|e| format!("cannot write the chat request: {e}"))?;
     let response = fetch(
         "POST",
         "/v1/chat/completions",
         &[("Content-Type", "application/json")],
-        Some(&JsValue::from_str(body)),
+        Some(&JsValue::from_str(&body)),
         Some(signal),
     )
     .await?;
@@ -289,25 +149,25 @@ pub async fn stream_chat(
             if data == "[DONE]" {
                 return Ok(());
             }
-            let chunk: serde_json::Value = serde_json::from_str(data)
+            // A failure after the answer started comes as an error body.
+            if let Ok(failure) = serde_json::from_str::<ErrorBody>(data) {
+                return Err(failure.error.message);
+            }
+            let chunk: ChatCompletionChunk = serde_json::from_str(data)
                 .map_err(|e| format!("the node sent an unreadable chunk: {e}"))?;
-            if let Some(message) = chunk["error"]["message"].as_str() {
-                return Err(message.to_string());
+            if let Some(choice) = chunk.choices.into_iter().next() {
+                if let Some(text) = choice.delta.content
+                    && !text.is_empty()
+                {
+                    on_event(ChatEvent::Token(text));
+                }
+                if let Some(reason) = choice.finish_reason {
+                    on_event(ChatEvent::Finished { reason });
+                }
             }
-            let choice = &chunk["choices"][0];
-            if let Some(text) = choice["delta"]["content"].as_str()
-                && !text.is_empty()
-            {
-                on_event(ChatEvent::Token(text.to_string()));
-            }
-            if let Some(reason) = choice["finish_reason"].as_str() {
-                on_event(ChatEvent::Finished {
-                    reason: reason.to_string(),
-                });
-            }
-            if let Some(tokens) = chunk["usage"]["completion_tokens"].as_u64() {
+            if let Some(Some(usage)) = chunk.usage {
                 on_event(ChatEvent::Usage {
-                    completion_tokens: tokens,
+                    completion_tokens: usage.completion_tokens,
                 });
             }
         }

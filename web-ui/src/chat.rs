@@ -3,14 +3,17 @@
 
 use std::cell::RefCell;
 
+use api_types::{
+    ChatCompletionRequest, FinishReason, MessageContent, ModelList, RequestMessage, Role,
+    StreamOptions,
+};
 use leptos::prelude::*;
-use serde_json::json;
 use web_sys::AbortController;
 
 use crate::{Shared, api, markdown};
 
 /// The most tokens an answer may take.
-const MAX_TOKENS: u32 = 512;
+const MAX_TOKENS: u64 = 512;
 
 /// One message of the conversation.
 #[derive(Clone, Debug, PartialEq)]
@@ -81,7 +84,7 @@ impl ChatState {
     }
 
     async fn load_models(self) {
-        match api::get_json::<api::ModelList>("/v1/models").await {
+        match api::get_json::<ModelList>("/v1/models").await {
             Ok(list) => {
                 let ids: Vec<String> = list.data.into_iter().map(|m| m.id).collect();
                 if self.model.get_untracked().is_none() {
@@ -104,25 +107,35 @@ impl ChatState {
                 .set(Some("The node serves no model yet; wait a moment.".into()));
             return;
         };
-        let mut messages: Vec<serde_json::Value> = self
+        let message = |role, text: &str| RequestMessage {
+            role,
+            content: Some(MessageContent::Text(text.to_string())),
+        };
+        let mut messages: Vec<RequestMessage> = self
             .turns
             .get_untracked()
             .iter()
             .filter(|t| t.error.is_none() && !t.text.is_empty())
             .map(|t| {
-                let role = if t.from_user { "user" } else { "assistant" };
-                json!({ "role": role, "content": t.text })
+                let role = if t.from_user {
+                    Role::User
+                } else {
+                    Role::Assistant
+                };
+                message(role, &t.text)
             })
             .collect();
-        messages.push(json!({ "role": "user", "content": text }));
-        let body = json!({
-            "model": model,
-            "messages": messages,
-            "stream": true,
-            "stream_options": { "include_usage": true },
-            "max_tokens": MAX_TOKENS,
-        })
-        .to_string();
+        messages.push(message(Role::User, &text));
+        let request = ChatCompletionRequest {
+            model,
+            messages,
+            stream: Some(true),
+            stream_options: Some(StreamOptions {
+                include_usage: Some(true),
+            }),
+            max_tokens: Some(MAX_TOKENS),
+            ..ChatCompletionRequest::default()
+        };
 
         let question = self.new_turn(true, text, false);
         let answer = self.new_turn(false, String::new(), true);
@@ -146,8 +159,8 @@ impl ChatState {
             let mut first_token: Option<f64> = None;
             let mut tokens: u64 = 0;
             let mut usage: Option<u64> = None;
-            let mut finish: Option<String> = None;
-            let result = api::stream_chat(&body, &signal, |event| match event {
+            let mut finish: Option<FinishReason> = None;
+            let result = api::stream_chat(&request, &signal, |event| match event {
                 api::ChatEvent::Token(text) => {
                     first_token.get_or_insert_with(api::now_ms);
                     tokens += 1;
@@ -176,7 +189,7 @@ impl ChatState {
                 match (&result, stopped) {
                     (_, true) => t.meta.push("stopped".into()),
                     (Err(error), false) => t.error = Some(error.clone()),
-                    (Ok(()), false) if finish.as_deref() == Some("length") => {
+                    (Ok(()), false) if finish == Some(FinishReason::Length) => {
                         t.meta.push(format!("cut at {MAX_TOKENS} tokens"));
                     }
                     (Ok(()), false) => {}

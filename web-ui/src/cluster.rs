@@ -2,9 +2,9 @@
 //! ring drawn as a circle of layer ranges. It follows `Shared::cluster`,
 //! which the node's event feed keeps current.
 
+use api_types::{ClusterView, NodeId, NodeView, NotJoinedView, PlanState, StageView};
 use leptos::prelude::*;
 
-use crate::api::{ClusterView, NodeView, NotJoinedView, StageView};
 use crate::{Shared, format};
 
 #[component]
@@ -34,14 +34,19 @@ fn cluster_view(view: &ClusterView) -> impl IntoView + use<> {
         .unwrap_or_default();
     let layers = stages.last().map_or(0, |s| s.layers.end);
     let plan_state = match view.plan.as_ref() {
-        Some(plan) if plan.state == "active" => format!("active · epoch {}", plan.epoch),
+        Some(plan) if plan.state == PlanState::Active => format!("active · epoch {}", plan.epoch),
         Some(plan) => format!("loading · epoch {}", plan.epoch),
         None => "none yet".into(),
     };
     let (policy, policy_version) = view
         .policy
         .as_ref()
-        .map(|p| (p.name.clone(), format!("version {}", p.version)))
+        .map(|p| {
+            (
+                p.policy.name.clone(),
+                format!("version {}", p.policy.version),
+            )
+        })
         .unwrap_or_default();
     let model = view
         .model
@@ -57,15 +62,9 @@ fn cluster_view(view: &ClusterView) -> impl IntoView + use<> {
             .unwrap_or(usize::MAX)
     });
     let names = view.nodes.clone();
-    let name_of = move |id: &str| {
-        names
-            .iter()
-            .find(|n| n.id == id)
-            .map_or_else(|| format::short_id(id), |n| n.name.clone())
-    };
+    let name_of = move |id: NodeId| node_name(&names, id);
     let links = view.links.clone();
-    let me = view.node.clone().unwrap_or_default();
-    let leader = view.leader.clone().unwrap_or_default();
+    let (me, leader) = (view.node, view.leader);
     view! {
         <div class="grid stats">
             <Stat label="Nodes" value=view.nodes.len().to_string() hint="in this cluster" />
@@ -89,7 +88,7 @@ fn cluster_view(view: &ClusterView) -> impl IntoView + use<> {
             {nodes
                 .iter()
                 .map(|node| {
-                    node_card(node, &stages, node.id == me, node.id == leader)
+                    node_card(node, &stages, Some(node.id) == me, Some(node.id) == leader)
                 })
                 .collect_view()}
         </div>
@@ -114,8 +113,8 @@ fn cluster_view(view: &ClusterView) -> impl IntoView + use<> {
                                 .map(|link| {
                                     view! {
                                         <tr>
-                                            <td>{name_of(&link.from)}</td>
-                                            <td>{name_of(&link.to)}</td>
+                                            <td>{name_of(link.from)}</td>
+                                            <td>{name_of(link.to)}</td>
                                             <td>
                                                 {link
                                                     .rtt_ms
@@ -187,7 +186,7 @@ fn Stat(
     }
 }
 
-fn node_name(nodes: &[NodeView], id: &str) -> String {
+fn node_name(nodes: &[NodeView], id: NodeId) -> String {
     nodes
         .iter()
         .find(|n| n.id == id)
@@ -221,7 +220,7 @@ pub fn ring(stages: &[StageView], nodes: &[NodeView]) -> impl IntoView + use<> {
             let colour = format::node_colour(index);
             let title = format!(
                 "{}: layers {}",
-                node_name(nodes, &stage.node),
+                node_name(nodes, stage.node),
                 layer_text(stage.layers.start, stage.layers.end)
             );
             if stages.len() == 1 {
@@ -284,7 +283,7 @@ pub fn legend(stages: &[StageView], nodes: &[NodeView]) -> impl IntoView + use<>
                     view! {
                         <div class="legend-row" data-testid="stage">
                             <span class="swatch" style=swatch></span>
-                            <strong>{node_name(nodes, &stage.node)}</strong>
+                            <strong>{node_name(nodes, stage.node)}</strong>
                             <span class="muted">
                                 {format!("layers {}", layer_text(stage.layers.start, stage.layers.end))}
                             </span>
@@ -309,10 +308,10 @@ fn layer_strip(stages: &[StageView], nodes: &[NodeView]) -> impl IntoView + use<
                 .iter()
                 .enumerate()
                 .map(|(index, stage)| {
-                    let share = format::percent(u64::from(stage.layers.end - stage.layers.start), u64::from(total));
+                    let share = format::percent(u64::from(stage.layers.len()), u64::from(total));
                     let style = format!("width: {share}%; background: {}", format::node_colour(index));
                     view! {
-                        <div style=style title=node_name(nodes, &stage.node)>
+                        <div style=style title=node_name(nodes, stage.node)>
                             {format!("{}–{}", stage.layers.start, stage.layers.end.saturating_sub(1))}
                         </div>
                     }
@@ -336,14 +335,15 @@ fn node_card(
         |l| layer_text(l.start, l.end),
     );
     let weights = node.weight_bytes.unwrap_or(0);
-    let budget = node.memory_budget_bytes;
-    let used = node
+    let resources = &node.resources;
+    let budget = resources.memory_budget_bytes;
+    let used = resources
         .memory_total_bytes
-        .saturating_sub(node.memory_available_bytes);
-    let device = if node.device_name.is_empty() {
-        node.device.clone()
+        .saturating_sub(resources.memory_available_bytes);
+    let device = if resources.device_name.is_empty() {
+        resources.device.clone()
     } else {
-        format!("{} ({})", node.device_name, node.device)
+        format!("{} ({})", resources.device_name, resources.device)
     };
     view! {
         <div class="panel node-card" data-testid="node" data-node=node.name.clone()>
@@ -355,14 +355,14 @@ fn node_card(
                 {(node.status != "self" && node.status != "linked")
                     .then(|| view! { <span class="badge warn">{node.status.clone()}</span> })}
             </h3>
-            <div class="addr mono">{format!("{} · {}", node.address, format::short_id(&node.id))}</div>
+            <div class="addr mono">{format!("{} · {}", node.address, format::short_id(node.id))}</div>
             <dl class="kv">
                 <dt>"Layers"</dt>
                 <dd data-testid="layers">{layers}</dd>
                 <dt>"Device"</dt>
                 <dd>{device}</dd>
                 <dt>"Compute"</dt>
-                <dd>{format!("{:.1} GFLOP/s", node.compute_score)}</dd>
+                <dd>{format!("{:.1} GFLOP/s", resources.compute_score)}</dd>
                 <dt>"Requests"</dt>
                 <dd>{format!("{in_flight} in flight")}</dd>
             </dl>
@@ -384,14 +384,14 @@ fn node_card(
                     {format!(
                         "{} used of {}",
                         format::bytes(used),
-                        format::bytes(node.memory_total_bytes),
+                        format::bytes(resources.memory_total_bytes),
                     )}
                 </span>
             </div>
             <div class="bar">
                 <div style=format!(
                     "width: {}%; background: #9aa0b5",
-                    format::percent(used, node.memory_total_bytes),
+                    format::percent(used, resources.memory_total_bytes),
                 )></div>
             </div>
             {node

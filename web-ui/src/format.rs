@@ -1,5 +1,7 @@
 //! Numbers as people read them.
 
+use api_types::NodeId;
+
 pub fn bytes(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut value = bytes as f64;
@@ -34,9 +36,9 @@ pub fn percent(part: u64, whole: u64) -> f64 {
     }
 }
 
-/// A node id as a short tag.
-pub fn short_id(id: &str) -> String {
-    id.chars().take(8).collect()
+/// A node id as a short tag: its first 8 hex digits.
+pub fn short_id(id: NodeId) -> String {
+    id.to_string().chars().take(8).collect()
 }
 
 /// Colours for nodes, in ring order; the same everywhere on the page.

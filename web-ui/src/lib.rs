@@ -11,10 +11,9 @@ mod markdown;
 mod models;
 mod policy;
 
+use api_types::{ClusterView, PlanState};
 use leptos::prelude::*;
 use wasm_bindgen::prelude::*;
-
-use api::ClusterView;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Page {
@@ -189,9 +188,9 @@ fn StatusPill() -> impl IntoView {
         };
         let nodes = view.nodes.len();
         let noun = if nodes == 1 { "node" } else { "nodes" };
-        match view.plan.as_ref().map(|p| p.state.as_str()) {
-            Some("active") => ("ok", format!("{nodes} {noun} · ready")),
-            Some(_) => ("warn", format!("{nodes} {noun} · loading")),
+        match view.plan.as_ref().map(|p| p.state) {
+            Some(PlanState::Active) => ("ok", format!("{nodes} {noun} · ready")),
+            Some(PlanState::Loading) => ("warn", format!("{nodes} {noun} · loading")),
             None => ("warn", format!("{nodes} {noun} · no plan")),
         }
     };

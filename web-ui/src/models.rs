@@ -2,10 +2,12 @@
 //! file is there, downloading or loaded; fetching a missing one onto every
 //! node that lacks it.
 
+use api_types::{
+    DownloadStarted, KnownModel, KnownModels, ModelAvailability, ModelState, NodeView,
+};
 use leptos::prelude::*;
 
-use crate::api::{self, KnownModel, KnownModels, NodeView};
-use crate::{Shared, admin, format};
+use crate::{Shared, admin, api, format};
 
 #[component]
 pub fn ModelsPage() -> impl IntoView {
@@ -20,10 +22,9 @@ pub fn ModelsPage() -> impl IntoView {
             let url = format!("/v1/cluster/models/{model}/download");
             let answer = admin::send("POST", &url, &token, None).await;
             outcome.set(Some(answer.map(|body| {
-                serde_json::from_str::<serde_json::Value>(&body)
-                    .ok()
-                    .and_then(|v| v["message"].as_str().map(str::to_string))
-                    .unwrap_or_else(|| format!("Fetching {model}."))
+                serde_json::from_str::<DownloadStarted>(&body)
+                    .map(|started| started.message)
+                    .unwrap_or_else(|_| format!("Fetching {model}."))
             })));
         });
     });
@@ -111,17 +112,17 @@ fn download_button(
     nodes: &[NodeView],
     download: Callback<String>,
 ) -> Option<impl IntoView + use<>> {
-    let states: Vec<&str> = nodes
+    let states: Vec<ModelState> = nodes
         .iter()
         .map(|node| {
             node.models
                 .iter()
                 .find(|m| m.name == model.id)
-                .map_or("missing", |m| m.state.as_str())
+                .map_or(ModelState::Missing, |m| m.state)
         })
         .collect();
-    let lacking = states.contains(&"missing");
-    let busy = states.contains(&"downloading");
+    let lacking = states.contains(&ModelState::Missing);
+    let busy = states.contains(&ModelState::Downloading);
     (model.downloadable && lacking && !busy).then(|| {
         let id = model.id.clone();
         view! {
@@ -132,14 +133,14 @@ fn download_button(
     })
 }
 
-fn state_cell(availability: Option<&api::ModelAvailability>) -> AnyView {
+fn state_cell(availability: Option<&ModelAvailability>) -> AnyView {
     let Some(availability) = availability else {
         return view! { <span class="muted">"unknown"</span> }.into_any();
     };
-    match availability.state.as_str() {
-        "loaded" => view! { <span class="badge ok">"loaded"</span> }.into_any(),
-        "present" => view! { <span class="badge plain">"file present"</span> }.into_any(),
-        "downloading" => {
+    match availability.state {
+        ModelState::Loaded => view! { <span class="badge ok">"loaded"</span> }.into_any(),
+        ModelState::Present => view! { <span class="badge plain">"file present"</span> }.into_any(),
+        ModelState::Downloading => {
             let done = availability.downloaded_bytes.unwrap_or(0);
             let total = availability.total_bytes.unwrap_or(0);
             let width = format!("width: {}%", format::percent(done, total));
@@ -153,7 +154,7 @@ fn state_cell(availability: Option<&api::ModelAvailability>) -> AnyView {
             }
             .into_any()
         }
-        _ => match availability.error.clone() {
+        ModelState::Missing => match availability.error.clone() {
             Some(error) => view! {
                 <div>
                     <span class="badge warn">"download failed"</span>

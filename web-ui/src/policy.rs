@@ -5,8 +5,8 @@
 use leptos::prelude::*;
 use wasm_bindgen::JsValue;
 
-use crate::api::PolicyStatus;
 use crate::{Shared, admin, cluster, format};
+use api_types::{PolicySource, PolicyStatus};
 
 #[component]
 pub fn PolicyPage() -> impl IntoView {
@@ -26,7 +26,7 @@ pub fn PolicyPage() -> impl IntoView {
             let result = answer.map(|body| match serde_json::from_str::<PolicyStatus>(&body) {
                 Ok(policy) => format!(
                     "Now active: {} {} (revision {}). Every node takes it up, and the leader re-plans with it.",
-                    policy.name, policy.version, policy.revision
+                    policy.policy.name, policy.policy.version, policy.revision
                 ),
                 Err(_) => "The policy changed.".into(),
             });
@@ -97,17 +97,16 @@ pub fn PolicyPage() -> impl IntoView {
 }
 
 fn active(policy: &PolicyStatus) -> impl IntoView + use<> {
-    let source = if policy.source == "built_in" {
-        "built in"
-    } else {
-        "uploaded"
+    let source = match policy.policy.source {
+        PolicySource::BuiltIn => "built in",
+        PolicySource::Uploaded => "uploaded",
     };
     view! {
         <div>
             <p style="margin: 0 0 12px">
-                <strong style="font-size: 20px" data-testid="policy-name">{policy.name.clone()}</strong>
+                <strong style="font-size: 20px" data-testid="policy-name">{policy.policy.name.clone()}</strong>
                 " "
-                <span class="muted">{policy.version.clone()}</span>
+                <span class="muted">{policy.policy.version.clone()}</span>
                 " "
                 <span class="badge plain">{source}</span>
             </p>
@@ -117,9 +116,9 @@ fn active(policy: &PolicyStatus) -> impl IntoView + use<> {
                 .map(|warning| view! { <div class="notice warning">{warning}</div> })}
             <dl class="kv">
                 <dt>"SHA-256"</dt>
-                <dd class="mono sha" data-testid="policy-sha">{policy.sha256.clone()}</dd>
+                <dd class="mono sha" data-testid="policy-sha">{policy.policy.sha256.clone()}</dd>
                 <dt>"Size"</dt>
-                <dd>{format::bytes(policy.size_bytes)}</dd>
+                <dd>{format::bytes(policy.policy.size_bytes)}</dd>
                 <dt>"Revision"</dt>
                 <dd>{policy.revision}</dd>
             </dl>

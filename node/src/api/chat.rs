@@ -4,6 +4,10 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use api_types::{
+    AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
+    ChunkChoice, Delta, MessageContent, Object, RequestMessage, Role, StopField, Usage,
+};
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -17,15 +21,10 @@ use serde::de::DeserializeOwned;
 
 use super::AppState;
 use super::error::ApiError;
-use super::openai::{
-    AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
-    ChunkChoice, Delta, MessageContent, RequestMessage, StopField, Usage,
-};
-use crate::engine::{FinishReason, GenerationRequest, SubmitError};
+use crate::engine::{FinishReason, GenerationRequest};
 use crate::limits::{
     MAX_MESSAGES, MAX_STOP_SEQUENCE_BYTES, MAX_STOP_SEQUENCES, SSE_KEEP_ALIVE_SECS,
 };
-use crate::prompt::PromptError;
 use crate::text::{TextEvent, TextStream};
 
 /// A request that passed validation, ready for the engine.
@@ -41,40 +40,29 @@ pub(crate) struct PreparedChat {
 
 pub async fn chat_completions(
     State(state): State<AppState>,
+    // A rejection as a value, so that it leaves as an `ApiError`.
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(|rejection| ApiError {
-        status: rejection.status(),
-        ..ApiError::invalid_request(format!(
-            "Cannot read the request body: {}",
-            rejection.body_text()
-        ))
-    })?;
-    let request: ChatCompletionRequest = parse_json(&body)?;
+    let request: ChatCompletionRequest = parse_json(&body?)?;
     let prepared = prepare(&state, request).await?;
     if let Some(cluster) = &state.cluster {
         let view = cluster.view();
         if view.active_plan().is_none() {
-            return Err(ApiError::not_ready(view.not_ready_reason()));
+            return Err(ApiError::ClusterNotReady {
+                reason: view.not_ready_reason(),
+            });
         }
     }
 
     let id = SequenceId(rand::rng().random());
     let prompt_tokens = prepared.prompt.len();
-    let generation = state
-        .engine
-        .submit(GenerationRequest {
-            id,
-            prompt: prepared.prompt,
-            max_tokens: prepared.max_tokens,
-            sampling: prepared.sampling,
-            ignore_eos: false,
-        })
-        .map_err(|e| match e {
-            SubmitError::Busy => ApiError::busy(e.to_string()),
-            SubmitError::TooLarge { .. } => ApiError::invalid_param("max_tokens", e.to_string()),
-            SubmitError::Stopped => ApiError::internal(e.to_string()),
-        })?;
+    let generation = state.engine.submit(GenerationRequest {
+        id,
+        prompt: prepared.prompt,
+        max_tokens: prepared.max_tokens,
+        sampling: prepared.sampling,
+        ignore_eos: false,
+    })?;
     let text = TextStream::new(
         generation,
         state.model.prompt.tokenizer().clone(),
@@ -101,26 +89,15 @@ pub(crate) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
     // serde would read a struct from an array too; requests are objects.
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(match serde_json::from_slice::<serde_json::Value>(body) {
-            Ok(_) => ApiError::invalid_request(
-                "The request body must be a JSON object, like {\"model\": \"...\", \"messages\": [...]}.",
-            ),
-            Err(e) => ApiError::invalid_request(format!("The request body is not valid JSON: {e}")),
+            Ok(_) => ApiError::NotAnObject,
+            Err(error) => ApiError::BadJson {
+                path: ".".into(),
+                error,
+            },
         });
     }
     let mut deserializer = serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
-        let path = error.path().to_string();
-        let inner = error.into_inner();
-        match inner.classify() {
-            serde_json::error::Category::Data if path != "." => {
-                ApiError::invalid_param(&path, format!("Invalid value for `{path}`: {inner}"))
-            }
-            serde_json::error::Category::Data => {
-                ApiError::invalid_request(format!("Invalid request: {inner}"))
-            }
-            _ => ApiError::invalid_request(format!("The request body is not valid JSON: {inner}")),
-        }
-    })
+    Ok(serde_path_to_error::deserialize(&mut deserializer)?)
 }
 
 /// Checks every field and turns the conversation into prompt tokens.
@@ -130,10 +107,10 @@ pub(crate) async fn prepare(
 ) -> Result<PreparedChat, ApiError> {
     let model = &state.model;
     if request.model != model.name {
-        return Err(ApiError::model_not_found(
-            &request.model,
-            std::slice::from_ref(&model.name),
-        ));
+        return Err(ApiError::ModelNotFound {
+            model: request.model,
+            available: vec![model.name.clone()],
+        });
     }
     if let Some(n) = request.n.filter(|&n| n != 1) {
         return Err(ApiError::invalid_param(
@@ -162,14 +139,7 @@ pub(crate) async fn prepare(
     let messages = chat_messages(request.messages)?;
 
     let model = Arc::clone(model);
-    let prompt = tokio::task::spawn_blocking(move || model.prompt.tokens(&messages))
-        .await
-        .map_err(|e| ApiError::internal(format!("The prompt task failed: {e}")))?
-        .map_err(|e| match e {
-            PromptError::TooLong { .. } => ApiError::context_length_exceeded(e.to_string()),
-            PromptError::Template(_) => ApiError::invalid_param("messages", e.to_string()),
-            PromptError::Tokenize(_) => ApiError::internal(e.to_string()),
-        })?;
+    let prompt = tokio::task::spawn_blocking(move || model.prompt.tokens(&messages)).await??;
     let max_tokens = completion_budget(
         requested_max,
         prompt.len(),
@@ -267,7 +237,7 @@ fn chat_messages(messages: Vec<RequestMessage>) -> Result<Vec<ChatMessage>, ApiE
                     })
                     .collect::<Result<String, ApiError>>()?,
             };
-            Ok(ChatMessage::new(message.role.template_name(), content))
+            Ok(ChatMessage::new(template_role(message.role), content))
         })
         .collect()
 }
@@ -285,9 +255,11 @@ fn completion_budget(
     let n = usize::try_from(n).unwrap_or(usize::MAX);
     let total = prompt_tokens.saturating_add(n);
     if total > context {
-        return Err(ApiError::context_length_exceeded(format!(
-            "This model's maximum context length is {context} tokens. However, you requested {total} tokens ({prompt_tokens} in the messages, {n} in the completion). Please reduce the length of the messages or completion."
-        )));
+        return Err(ApiError::ContextLengthExceeded {
+            context_tokens: context,
+            prompt_tokens,
+            completion_tokens: n,
+        });
     }
     Ok(n)
 }
@@ -305,13 +277,13 @@ impl ResponseMeta {
         &self,
         choices: Vec<ChunkChoice>,
         usage: Option<Option<Usage>>,
-    ) -> ChatCompletionChunk<'_> {
+    ) -> ChatCompletionChunk {
         ChatCompletionChunk {
-            id: &self.id,
-            object: "chat.completion.chunk",
+            id: self.id.clone(),
+            object: Object::ChatCompletionChunk,
             created: self.created,
-            model: &self.model,
-            system_fingerprint: &self.system_fingerprint,
+            model: self.model.clone(),
+            system_fingerprint: self.system_fingerprint.clone(),
             choices,
             usage,
         }
@@ -333,24 +305,24 @@ async fn collect_response(
             }) => {
                 return Ok(Json(ChatCompletion {
                     id: meta.id,
-                    object: "chat.completion",
+                    object: Object::ChatCompletion,
                     created: meta.created,
                     model: meta.model,
                     system_fingerprint: meta.system_fingerprint,
                     choices: vec![Choice {
                         index: 0,
                         message: AssistantMessage {
-                            role: "assistant",
+                            role: Role::Assistant,
                             content,
                         },
                         logprobs: None,
-                        finish_reason: reason,
+                        finish_reason: reason.into(),
                     }],
-                    usage: Usage::new(prompt_tokens, completion_tokens),
+                    usage: usage(prompt_tokens, completion_tokens),
                 }));
             }
-            Some(TextEvent::Failed(message)) => {
-                return Err(ApiError::internal(format!("Generation failed: {message}")));
+            Some(TextEvent::Failed(reason)) => {
+                return Err(ApiError::GenerationFailed { reason });
             }
             None => return Err(ApiError::internal("Generation ended without a result.")),
         }
@@ -380,7 +352,7 @@ fn stream_response(
             let (event, next) = match phase {
                 Phase::Role => {
                     let delta = Delta {
-                        role: Some("assistant"),
+                        role: Some(Role::Assistant),
                         content: Some(String::new()),
                     };
                     (chunk_event(&meta, delta, None, usage_field), Phase::Content)
@@ -399,7 +371,7 @@ fn stream_response(
                         completion_tokens,
                     }) => {
                         let next = if include_usage {
-                            Phase::Usage(Usage::new(prompt_tokens, completion_tokens))
+                            Phase::Usage(usage(prompt_tokens, completion_tokens))
                         } else {
                             Phase::Done
                         };
@@ -408,12 +380,12 @@ fn stream_response(
                             next,
                         )
                     }
-                    Some(TextEvent::Failed(message)) => {
-                        let error = ApiError::internal(format!("Generation failed: {message}"));
-                        (
-                            Event::default().data(error.to_json().to_string()),
-                            Phase::End,
-                        )
+                    Some(TextEvent::Failed(reason)) => {
+                        let error = ApiError::GenerationFailed { reason };
+                        // Through a `Value`, whose keys are sorted, as this
+                        // event has always been written.
+                        let json = serde_json::to_value(error.body(None)).unwrap_or_default();
+                        (Event::default().data(json.to_string()), Phase::End)
                     }
                     None => return None,
                 },
@@ -441,8 +413,30 @@ fn chunk_event(
         index: 0,
         delta,
         logprobs: None,
-        finish_reason,
+        finish_reason: finish_reason.map(Into::into),
     };
     let json = serde_json::to_string(&meta.chunk(vec![choice], usage)).unwrap_or_default();
     Event::default().data(json)
+}
+
+/// The role name chat templates know.
+fn template_role(role: Role) -> &'static str {
+    match role {
+        Role::System | Role::Developer => "system",
+        Role::User => "user",
+        Role::Assistant => "assistant",
+    }
+}
+
+fn usage(prompt_tokens: usize, completion_tokens: usize) -> Usage {
+    Usage::new(prompt_tokens as u64, completion_tokens as u64)
+}
+
+impl From<FinishReason> for api_types::FinishReason {
+    fn from(reason: FinishReason) -> Self {
+        match reason {
+            FinishReason::Stop => api_types::FinishReason::Stop,
+            FinishReason::Length => api_types::FinishReason::Length,
+        }
+    }
 }

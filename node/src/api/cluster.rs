@@ -9,8 +9,8 @@ use axum::Json;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{StatusCode, header};
+use axum::response::Response;
 use axum::response::sse::{Event, KeepAlive, Sse};
-use axum::response::{IntoResponse, Response};
 use futures_util::Stream;
 
 use super::{ApiError, AppState};
@@ -20,10 +20,9 @@ use crate::limits::{CLUSTER_EVENTS_INTERVAL_MS, SSE_KEEP_ALIVE_SECS};
 
 /// The cluster as this node sees it: nodes, links, the plan.
 pub async fn cluster_view(State(state): State<AppState>) -> Result<Json<ClusterView>, ApiError> {
-    let cluster = state
-        .cluster
-        .as_ref()
-        .ok_or_else(|| ApiError::not_found("/v1/cluster"))?;
+    let cluster = state.cluster.as_ref().ok_or_else(|| ApiError::NoRoute {
+        path: "/v1/cluster".into(),
+    })?;
     Ok(Json(cluster.view()))
 }
 
@@ -32,10 +31,9 @@ pub async fn cluster_view(State(state): State<AppState>) -> Result<Json<ClusterV
 pub async fn cluster_events(
     State(state): State<AppState>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let cluster = state
-        .cluster
-        .as_ref()
-        .ok_or_else(|| ApiError::not_found("/v1/cluster/events"))?;
+    let cluster = state.cluster.as_ref().ok_or_else(|| ApiError::NoRoute {
+        path: "/v1/cluster/events".into(),
+    })?;
     let mut pace = tokio::time::interval(Duration::from_millis(CLUSTER_EVENTS_INTERVAL_MS));
     pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let start = (cluster.watch(), pace, true);
@@ -56,10 +54,13 @@ pub async fn cluster_events(
 }
 
 /// Upgrades the connection to a node-to-node link.
-pub async fn ring_link(State(state): State<AppState>, mut request: Request) -> Response {
-    let Some(cluster) = state.cluster.clone() else {
-        return ApiError::not_found("/v1/ring/link").into_response();
-    };
+pub async fn ring_link(
+    State(state): State<AppState>,
+    mut request: Request,
+) -> Result<Response, ApiError> {
+    let cluster = state.cluster.clone().ok_or_else(|| ApiError::NoRoute {
+        path: "/v1/ring/link".into(),
+    })?;
     let header = |name: &str| {
         request
             .headers()
@@ -68,33 +69,17 @@ pub async fn ring_link(State(state): State<AppState>, mut request: Request) -> R
             .map(str::to_string)
     };
     if !header("upgrade").is_some_and(|u| u.eq_ignore_ascii_case(UPGRADE_TOKEN)) {
-        return ApiError {
-            status: StatusCode::UPGRADE_REQUIRED,
-            ..ApiError::invalid_request(format!(
-                "/v1/ring/link is for ringlet nodes: send `Upgrade: {UPGRADE_TOKEN}`."
-            ))
-        }
-        .into_response();
+        return Err(ApiError::UpgradeRequired);
     }
     let version = header(VERSION_HEADER).and_then(|v| v.parse::<u32>().ok());
     if version != Some(PROTOCOL_VERSION) {
-        let theirs = version.map_or_else(|| "no".to_string(), |v| v.to_string());
-        return ApiError {
-            status: StatusCode::CONFLICT,
-            code: Some("protocol_mismatch"),
-            ..ApiError::invalid_request(format!(
-                "this node speaks ringlet protocol {PROTOCOL_VERSION}, the peer speaks {theirs}; run the same ringlet version on every node"
-            ))
-        }
-        .into_response();
+        return Err(ApiError::ProtocolMismatch { theirs: version });
     }
-    let Some(remote) = request
+    let remote = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0)
-    else {
-        return ApiError::internal("the connection has no peer address").into_response();
-    };
+        .ok_or_else(|| ApiError::internal("the connection has no peer address"))?;
     let upgrade = hyper::upgrade::on(&mut request);
     tokio::spawn(async move {
         match upgrade.await {
@@ -111,5 +96,5 @@ pub async fn ring_link(State(state): State<AppState>, mut request: Request) -> R
         .header(header::CONNECTION, "Upgrade")
         .header(header::UPGRADE, UPGRADE_TOKEN)
         .body(Body::empty())
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+        .map_err(|error| ApiError::internal(format!("cannot build the upgrade: {error}")))
 }

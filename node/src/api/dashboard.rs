@@ -46,7 +46,9 @@ async fn asset(Path(name): Path<String>) -> Result<Response, ApiError> {
     let &(_, content_type, bytes) = embedded::ASSETS
         .iter()
         .find(|(asset, _, _)| *asset == name)
-        .ok_or_else(|| ApiError::not_found(&format!("/assets/{name}")))?;
+        .ok_or_else(|| ApiError::NoRoute {
+            path: format!("/assets/{name}"),
+        })?;
     let mut response = bytes.into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));

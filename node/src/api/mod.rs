@@ -1,6 +1,7 @@
 //! The node's HTTP API: OpenAI-compatible endpoints under `/v1` and a
-//! health check. Handlers return `Result<_, ApiError>`; every error leaves
-//! in OpenAI's JSON shape.
+//! health check. Its JSON types are `api_types`'s, shared with the
+//! dashboard. Handlers return `Result<_, ApiError>`; every error leaves in
+//! OpenAI's JSON shape, and every request has an id (`request_id.rs`).
 
 mod admin;
 pub mod chat;
@@ -8,24 +9,24 @@ mod cluster;
 mod dashboard;
 pub mod error;
 mod models;
-pub mod openai;
 mod policy;
+mod request_id;
 
 use std::sync::Arc;
 
+use api_types::{ModelCard, ModelList, Object};
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{StatusCode, Uri};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde_json::json;
-use tower_http::trace::TraceLayer;
 
 use crate::cluster::ClusterHandle;
 use crate::engine::EngineHandle;
 use crate::limits::MAX_REQUEST_BODY_BYTES;
 use crate::prompt::PromptBuilder;
+pub use admin::Admin;
 pub use error::ApiError;
-use openai::{ModelCard, ModelList};
 
 /// The model a node serves, with what the API needs to talk about it.
 #[derive(Debug)]
@@ -72,7 +73,7 @@ impl std::fmt::Debug for AdminToken {
 }
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
@@ -95,23 +96,22 @@ pub fn router(state: AppState) -> Router {
         .merge(dashboard::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(MAX_REQUEST_BODY_BYTES))
-        .layer(TraceLayer::new_for_http())
-        .with_state(state)
+        .layer(DefaultBodyLimit::max(MAX_REQUEST_BODY_BYTES));
+    request_id::layers(routes).with_state(state)
 }
 
 fn model_card(model: &ServedModel) -> ModelCard {
     ModelCard {
         id: model.name.clone(),
-        object: "model",
+        object: Object::Model,
         created: model.created,
-        owned_by: "ringlet",
+        owned_by: "ringlet".into(),
     }
 }
 
 async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
     Json(ModelList {
-        object: "list",
+        object: Object::List,
         data: vec![model_card(&state.model)],
     })
 }
@@ -123,10 +123,10 @@ async fn get_model(
     if id == state.model.name {
         Ok(Json(model_card(&state.model)))
     } else {
-        Err(ApiError::model_not_found(
-            &id,
-            std::slice::from_ref(&state.model.name),
-        ))
+        Err(ApiError::ModelNotFound {
+            model: id,
+            available: vec![state.model.name.clone()],
+        })
     }
 }
 
@@ -146,12 +146,13 @@ async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<serde_json:
 }
 
 async fn not_found(uri: Uri) -> ApiError {
-    ApiError::not_found(uri.path())
+    ApiError::NoRoute {
+        path: uri.path().to_string(),
+    }
 }
 
 async fn method_not_allowed(uri: Uri) -> ApiError {
-    ApiError {
-        status: StatusCode::METHOD_NOT_ALLOWED,
-        ..ApiError::invalid_request(format!("{} does not accept this HTTP method.", uri.path()))
+    ApiError::MethodNotAllowed {
+        path: uri.path().to_string(),
     }
 }

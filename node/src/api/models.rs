@@ -1,31 +1,18 @@
 //! `/v1/cluster/models`: the models the cluster knows, and fetching a
 //! catalogue model onto every node that lacks it.
 
+use api_types::{DownloadStarted, KnownModel, KnownModels};
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use serde_json::json;
 
 use super::admin::{self, Admin};
 use super::{ApiError, AppState};
 use crate::model_store::{CATALOGUE, catalogue_entry};
 
-/// A model the node knows: the catalogue's, and the one it serves.
-#[derive(Debug, serde::Serialize)]
-struct KnownModel {
-    id: String,
-    description: String,
-    size_bytes: Option<u64>,
-    /// The model this node (and so the cluster) serves.
-    served: bool,
-    /// In the catalogue, so nodes can fetch it by name.
-    downloadable: bool,
-}
-
 /// The models ringlet can fetch by name, and the one served. Which nodes
 /// have them is in `GET /v1/cluster` (`nodes[].models`).
-pub(super) async fn known_models(State(state): State<AppState>) -> Json<serde_json::Value> {
+pub(super) async fn known_models(State(state): State<AppState>) -> Json<KnownModels> {
     let served = &state.model.name;
     let mut models: Vec<KnownModel> = CATALOGUE
         .iter()
@@ -46,7 +33,7 @@ pub(super) async fn known_models(State(state): State<AppState>) -> Json<serde_js
             downloadable: false,
         });
     }
-    Json(json!({ "models": models }))
+    Json(KnownModels { models })
 }
 
 /// `POST /v1/cluster/models/{name}/download`: every node that lacks the
@@ -56,46 +43,33 @@ pub(super) async fn download_model(
     State(state): State<AppState>,
     Path(name): Path<String>,
     headers: HeaderMap,
-) -> Result<Response, Response> {
-    let cluster = state
-        .cluster
-        .as_ref()
-        .ok_or_else(|| ApiError::not_found("/v1/cluster/models").into_response())?;
-    if let Some(refused) = admin::refusal(&state, &headers, Admin::Models) {
-        return Err(refused);
-    }
-    let entry = catalogue_entry(&name).ok_or_else(|| {
-        let known: Vec<String> = CATALOGUE.iter().map(|e| e.name.to_string()).collect();
-        ApiError {
-            message: format!(
-                "`{name}` is not in ringlet's catalogue, so nodes cannot fetch it by name; known \
-                 models: {}. Copy another GGUF file to each node and start it with --model PATH.",
-                known.join(", ")
-            ),
-            ..ApiError::model_not_found(&name, &known)
-        }
-        .into_response()
+) -> Result<(StatusCode, Json<DownloadStarted>), ApiError> {
+    let cluster = state.cluster.as_ref().ok_or_else(|| ApiError::NoRoute {
+        path: "/v1/cluster/models".into(),
     })?;
-    let fetching = cluster.fetch_model(entry).await.ok_or_else(|| {
-        ApiError::internal("the node is stopping; nothing was fetched").into_response()
+    admin::check(&state, &headers, Admin::Models)?;
+    let entry = catalogue_entry(&name).ok_or_else(|| ApiError::NotInCatalogue {
+        name: name.clone(),
+        known: CATALOGUE.iter().map(|e| e.name.to_string()).collect(),
     })?;
-    let status = if fetching.is_empty() {
-        StatusCode::OK
+    let fetching_on = cluster
+        .fetch_model(entry)
+        .await
+        .ok_or_else(|| ApiError::internal("the node is stopping; nothing was fetched"))?;
+    let (status, message) = if fetching_on.is_empty() {
+        (StatusCode::OK, format!("Every node already has {name}."))
     } else {
-        StatusCode::ACCEPTED
-    };
-    let message = if fetching.is_empty() {
-        format!("Every node already has {name}.")
-    } else {
-        format!(
+        let message = format!(
             "Fetching {name} ({} MiB) on {}; GET /v1/cluster shows the progress.",
             entry.download_bytes() >> 20,
-            fetching.join(", ")
-        )
+            fetching_on.join(", ")
+        );
+        (StatusCode::ACCEPTED, message)
     };
-    Ok((
-        status,
-        Json(json!({ "model": name, "fetching_on": fetching, "message": message })),
-    )
-        .into_response())
+    let started = DownloadStarted {
+        fetching_on,
+        message,
+        model: name,
+    };
+    Ok((status, Json(started)))
 }

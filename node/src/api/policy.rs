@@ -4,12 +4,11 @@
 use axum::Json;
 use axum::body::{Body, to_bytes};
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::HeaderMap;
 
 use super::admin::{self, Admin};
 use super::{ApiError, AppState};
-use crate::cluster::{ClusterHandle, PolicyStatus, SetPolicyError};
+use crate::cluster::{ClusterHandle, PolicyStatus};
 use crate::limits::MAX_POLICY_BYTES;
 use crate::policy::PolicyError;
 
@@ -29,11 +28,9 @@ pub async fn put_policy(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<PolicyStatus>, Response> {
-    let cluster = cluster(&state).map_err(IntoResponse::into_response)?;
-    if let Some(refused) = admin::refusal(&state, &headers, Admin::Policy) {
-        return Err(refused);
-    }
+) -> Result<Json<PolicyStatus>, ApiError> {
+    let cluster = cluster(&state)?;
+    admin::check(&state, &headers, Admin::Policy)?;
     // Read one byte past the limit, so that a too-large upload is told
     // its limit rather than cut off.
     let bytes = to_bytes(body, MAX_POLICY_BYTES + 1)
@@ -42,78 +39,35 @@ pub async fn put_policy(
             let too_large = std::error::Error::source(&error)
                 .is_some_and(|e| e.to_string().contains("length limit"));
             if too_large {
-                policy_error(SetPolicyError::Refused(PolicyError::TooLarge {
+                ApiError::from(PolicyError::TooLarge {
                     bytes: MAX_POLICY_BYTES + 1,
-                }))
+                })
             } else {
                 ApiError::invalid_request(format!("Cannot read the uploaded policy: {error}"))
             }
-            .into_response()
         })?;
     if bytes.is_empty() {
         return Err(ApiError::invalid_request(
             "The body is empty: send the policy's .wasm file as the request body, e.g. \
              `curl -T policy.wasm -H 'Authorization: Bearer <token>' http://<node>/v1/cluster/policy`.",
-        )
-        .into_response());
+        ));
     }
     tracing::info!(size_bytes = bytes.len(), "policy upload received");
-    cluster
-        .set_policy(Some(bytes.to_vec()))
-        .await
-        .map(Json)
-        .map_err(|e| policy_error(e).into_response())
+    Ok(Json(cluster.set_policy(Some(bytes.to_vec())).await?))
 }
 
 /// Goes back to the built-in policy.
 pub async fn delete_policy(
     State(state): State<AppState>,
     headers: HeaderMap,
-) -> Result<Json<PolicyStatus>, Response> {
-    let cluster = cluster(&state).map_err(IntoResponse::into_response)?;
-    if let Some(refused) = admin::refusal(&state, &headers, Admin::Policy) {
-        return Err(refused);
-    }
-    cluster
-        .set_policy(None)
-        .await
-        .map(Json)
-        .map_err(|e| policy_error(e).into_response())
+) -> Result<Json<PolicyStatus>, ApiError> {
+    let cluster = cluster(&state)?;
+    admin::check(&state, &headers, Admin::Policy)?;
+    Ok(Json(cluster.set_policy(None).await?))
 }
 
 fn cluster(state: &AppState) -> Result<&ClusterHandle, ApiError> {
-    state
-        .cluster
-        .as_ref()
-        .ok_or_else(|| ApiError::not_found("/v1/cluster/policy"))
-}
-
-fn policy_error(error: SetPolicyError) -> ApiError {
-    let error = match error {
-        SetPolicyError::StillRunning => {
-            return ApiError {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                code: Some("policy_change_pending"),
-                ..ApiError::invalid_request(format!("No answer yet: {error}."))
-            };
-        }
-        SetPolicyError::Refused(error) => error,
-    };
-    let status = match error {
-        PolicyError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-        PolicyError::Outdated => StatusCode::CONFLICT,
-        PolicyError::Busy | PolicyError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
-        _ => StatusCode::UNPROCESSABLE_ENTITY,
-    };
-    let message = match error {
-        PolicyError::Outdated | PolicyError::Busy | PolicyError::Stopped => {
-            format!("The policy was not changed: {error}.")
-        }
-        _ => format!("The policy was refused and nothing changed: {error}"),
-    };
-    ApiError {
-        status,
-        code: Some("policy_refused"),
-        ..ApiError::invalid_request(message)
-    }
+    state.cluster.as_ref().ok_or_else(|| ApiError::NoRoute {
+        path: "/v1/cluster/policy".into(),
+    })
 }

@@ -25,7 +25,7 @@ struct Latency {
 struct Report {
     policy: String,
     sha256: String,
-    size_bytes: usize,
+    size_bytes: u64,
     compile_ms: f64,
     latencies: Vec<Latency>,
 }

@@ -52,14 +52,13 @@ use std::sync::Arc;
 
 use kernels::{Device, LayerRange, ModelFile};
 use scheduler::NodeId;
-use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::engine::PipelineEnds;
 use crate::limits::{CLUSTER_EVENT_QUEUE_LEN, POLICY_CHANGE_TIMEOUT_SECS};
 use crate::model_store::{CatalogueEntry, Downloads, ModelStore};
-use crate::policy::{Faults, PolicyError, PolicyHandle, PolicyView, StageLoad};
-use protocol::{ModelAvailability, ModelIdentity, Resources};
+use crate::policy::{Faults, PolicyError, PolicyHandle, StageLoad};
+use protocol::Resources;
 
 /// Everything a node brings to the cluster.
 pub struct ClusterConfig {
@@ -203,156 +202,21 @@ pub fn start(
 // The view: what `GET /v1/cluster` returns
 // ---------------------------------------------------------------------------
 
-/// Node ids as 16 hex digits in JSON: a u64 number would lose precision in
-/// JavaScript clients.
-mod hex_id {
-    use scheduler::NodeId;
-    use serde::Serializer;
+// The HTTP API's JSON types, defined once for the node and the dashboard.
+pub use api_types::{
+    ClusterView, LinkView, NodeView, NotJoinedView, PlanState, PlanView, PolicyStatus, StageView,
+};
 
-    pub fn serialize<S: Serializer>(id: &NodeId, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(id)
+/// A node's id as the view writes it (the same number, 16 hex digits).
+pub(crate) fn view_id(id: NodeId) -> api_types::NodeId {
+    api_types::NodeId(id.0)
+}
+
+/// A layer range as the view writes it.
+pub(crate) fn view_layers(layers: LayerRange) -> api_types::LayerRange {
+    let layer = |index: usize| u32::try_from(index).unwrap_or(u32::MAX);
+    api_types::LayerRange {
+        start: layer(layers.start),
+        end: layer(layers.end),
     }
-
-    pub mod option {
-        use super::*;
-
-        pub fn serialize<S: Serializer>(id: &Option<NodeId>, s: S) -> Result<S::Ok, S::Error> {
-            match id {
-                Some(id) => s.collect_str(id),
-                None => s.serialize_none(),
-            }
-        }
-    }
-}
-
-/// The cluster as one node sees it.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct ClusterView {
-    /// This node.
-    #[serde(with = "hex_id::option")]
-    pub node: Option<NodeId>,
-    #[serde(with = "hex_id::option")]
-    pub leader: Option<NodeId>,
-    pub model: Option<ModelIdentity>,
-    pub nodes: Vec<NodeView>,
-    pub links: Vec<LinkView>,
-    pub plan: Option<PlanView>,
-    /// Why there is no usable plan, when there is none.
-    pub plan_error: Option<String>,
-    /// The scheduling policy this node runs.
-    pub policy: Option<PolicyStatus>,
-    /// Nodes found on the network that this node does not join, and why.
-    pub not_joined: Vec<NotJoinedView>,
-}
-
-/// A node discovery found but this node does not join.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct NotJoinedView {
-    #[serde(with = "hex_id")]
-    pub node: NodeId,
-    pub name: String,
-    pub addresses: Vec<String>,
-    pub cluster: String,
-    pub protocol_version: u32,
-    pub reason: String,
-}
-
-/// The active scheduling policy, as `GET /v1/cluster/policy` shows it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct PolicyStatus {
-    #[serde(flatten)]
-    pub policy: PolicyView,
-    /// Numbers the cluster's policy changes (higher is newer; a refused
-    /// upload uses a number up). Equal on every node once the last change
-    /// has reached it.
-    pub revision: u64,
-    /// The node where the last change happened (none for the start).
-    #[serde(with = "hex_id::option")]
-    pub changed_by: Option<NodeId>,
-    /// Set when a policy failed and the cluster fell back from it.
-    pub warning: Option<String>,
-}
-
-impl ClusterView {
-    /// The active plan, if requests can run now.
-    pub fn active_plan(&self) -> Option<&PlanView> {
-        self.plan.as_ref().filter(|p| p.state == PlanState::Active)
-    }
-
-    /// Why requests cannot run now, in words for an API error.
-    pub fn not_ready_reason(&self) -> String {
-        match (&self.plan, &self.plan_error) {
-            (_, Some(error)) => error.clone(),
-            (Some(plan), None) if plan.state == PlanState::Loading => {
-                format!(
-                    "the cluster is loading plan {} ({} stages); retry in a moment",
-                    plan.epoch,
-                    plan.stages.len()
-                )
-            }
-            _ => "the cluster has no plan yet; retry in a moment".into(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct NodeView {
-    #[serde(with = "hex_id")]
-    pub id: NodeId,
-    pub name: String,
-    pub address: String,
-    /// `self`, `linked`, or why the node is not used.
-    pub status: String,
-    /// Device, memory (available memory as last reported) and compute.
-    #[serde(flatten)]
-    pub resources: Resources,
-    pub model: ModelIdentity,
-    /// The layers it holds in the current plan.
-    pub layers: Option<LayerRange>,
-    /// The weight bytes it reported holding for the current plan.
-    pub weight_bytes: Option<u64>,
-    /// The node process's resident memory.
-    pub rss_bytes: Option<u64>,
-    /// The peak of it (only for this node).
-    pub peak_rss_bytes: Option<u64>,
-    /// The catalogue's models on the node, and the model it serves.
-    pub models: Vec<ModelAvailability>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct LinkView {
-    #[serde(with = "hex_id")]
-    pub from: NodeId,
-    #[serde(with = "hex_id")]
-    pub to: NodeId,
-    /// Round-trip time of the last heartbeat, in milliseconds.
-    pub rtt_ms: Option<f64>,
-    /// Bytes per second `from` received from `to` in large frames.
-    pub bandwidth_bytes_per_second: Option<u64>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PlanState {
-    Loading,
-    Active,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct PlanView {
-    pub epoch: u64,
-    #[serde(with = "hex_id")]
-    pub leader: NodeId,
-    pub state: PlanState,
-    pub stages: Vec<StageView>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct StageView {
-    #[serde(with = "hex_id")]
-    pub node: NodeId,
-    pub layers: LayerRange,
-    pub weight_bytes: Option<u64>,
-    /// Requests going through the stage now, from every node.
-    pub in_flight: u32,
 }

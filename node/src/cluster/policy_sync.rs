@@ -205,7 +205,7 @@ impl PolicySync {
         let status = PolicyStatus {
             policy: view,
             revision: revision.counter,
-            changed_by: Some(revision.origin),
+            changed_by: Some(super::view_id(revision.origin)),
             warning,
         };
         if revision < self.revision {

@@ -11,6 +11,9 @@
 //! Activations travel as little-endian f32 (`dtype` says so, so a later
 //! version can send f16 without ambiguity).
 
+// Fields of `Hello` and `NodeStatus` that the HTTP API's cluster view shows
+// too: defined once, in `api_types`.
+pub use api_types::{ModelAvailability, ModelIdentity, ModelState, Resources};
 use kernels::{LayerRange, SequenceId};
 use scheduler::NodeId;
 use serde::{Deserialize, Serialize};
@@ -55,28 +58,6 @@ pub struct Hello {
 pub struct PeerAddress {
     pub node: NodeId,
     pub address: String,
-}
-
-/// What a node can contribute.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Resources {
-    /// `cpu`, `cuda:0`, `metal`.
-    pub device: String,
-    /// The processor or GPU, for people reading the dashboard.
-    pub device_name: String,
-    pub memory_total_bytes: u64,
-    pub memory_available_bytes: u64,
-    /// What the planner may use for weights on this node.
-    pub memory_budget_bytes: u64,
-    /// Measured quantized mat-vec throughput, in GFLOP/s.
-    pub compute_score: f64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ModelIdentity {
-    pub name: String,
-    /// `sha256:…` over the GGUF header and file size.
-    pub fingerprint: String,
 }
 
 /// One node's layers in a plan.
@@ -178,43 +159,6 @@ pub struct NodeStatus {
     pub rss_bytes: u64,
     /// The catalogue's models on this node, and the model it serves.
     pub models: Vec<ModelAvailability>,
-}
-
-/// Whether a node has a model's file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ModelAvailability {
-    pub name: String,
-    pub state: ModelState,
-    /// While downloading: bytes so far, of `total_bytes`.
-    pub downloaded_bytes: Option<u64>,
-    pub total_bytes: Option<u64>,
-    /// Why the last download of a missing model failed.
-    pub error: Option<String>,
-}
-
-impl ModelAvailability {
-    pub fn new(name: impl Into<String>, state: ModelState) -> Self {
-        Self {
-            name: name.into(),
-            state,
-            downloaded_bytes: None,
-            total_bytes: None,
-            error: None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ModelState {
-    /// The model this node serves.
-    Loaded,
-    /// In the model cache, complete.
-    Present,
-    /// Being fetched into the model cache.
-    Downloading,
-    /// Not in the model cache.
-    Missing,
 }
 
 /// Every message a link carries. No catch-all: an unknown variant is a

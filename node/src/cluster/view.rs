@@ -11,6 +11,7 @@ use super::protocol::Resources;
 use super::status::LocalFigures;
 use super::{
     ClusterView, LinkView, NodeView, NotJoinedView, PlanState, PlanView, PolicyStatus, StageView,
+    view_id, view_layers,
 };
 
 /// The parts of the actor's state the view shows.
@@ -35,8 +36,8 @@ impl Parts<'_> {
     pub fn build(&self) -> ClusterView {
         let me = &self.membership.me;
         ClusterView {
-            node: Some(me.id),
-            leader: Some(self.membership.leader()),
+            node: Some(view_id(me.id)),
+            leader: Some(view_id(self.membership.leader())),
             model: Some(me.identity.clone()),
             nodes: self.nodes(),
             links: self.links(),
@@ -49,7 +50,7 @@ impl Parts<'_> {
                 .values()
                 .filter_map(|(peer, verdict)| match verdict {
                     Verdict::Skip(reason) => Some(NotJoinedView {
-                        node: peer.node,
+                        node: view_id(peer.node),
                         name: peer.name.clone(),
                         addresses: peer.addresses.iter().map(ToString::to_string).collect(),
                         cluster: peer.cluster.clone(),
@@ -64,11 +65,14 @@ impl Parts<'_> {
 
     fn nodes(&self) -> Vec<NodeView> {
         let plan = self.planning.plan.as_ref();
-        let plan_layers = |node: NodeId| plan.and_then(|p| p.stage_of(node)).map(|(_, l)| l);
+        let plan_layers = |node: NodeId| {
+            plan.and_then(|p| p.stage_of(node))
+                .map(|(_, l)| view_layers(l))
+        };
         let reported = |node: NodeId| plan.and_then(|p| p.ready.get(&node).copied());
         let me = &self.membership.me;
         let mut nodes = vec![NodeView {
-            id: me.id,
+            id: view_id(me.id),
             name: me.name.clone(),
             address: me.listen.to_string(),
             status: "self".into(),
@@ -99,7 +103,7 @@ impl Parts<'_> {
                 )
             };
             nodes.push(NodeView {
-                id: *id,
+                id: view_id(*id),
                 name: member.hello.name.clone(),
                 address: member.address.clone(),
                 status,
@@ -131,8 +135,8 @@ impl Parts<'_> {
         let mut links: Vec<LinkView> = members
             .iter()
             .map(|(id, m)| LinkView {
-                from: me,
-                to: *id,
+                from: view_id(me),
+                to: view_id(*id),
                 rtt_ms: m.rtt_micros.map(|us| us as f64 / 1000.0),
                 bandwidth_bytes_per_second: m.bandwidth,
             })
@@ -140,8 +144,8 @@ impl Parts<'_> {
         for (id, member) in members {
             let reported = member.status.iter().flat_map(|s| &s.links);
             links.extend(reported.filter(|m| m.to != me).map(|m| LinkView {
-                from: *id,
-                to: m.to,
+                from: view_id(*id),
+                to: view_id(m.to),
                 rtt_ms: Some(m.rtt_micros as f64 / 1000.0),
                 bandwidth_bytes_per_second:
                     (m.bandwidth_bytes_per_second > 0).then_some(m.bandwidth_bytes_per_second),
@@ -153,7 +157,7 @@ impl Parts<'_> {
     fn plan(&self) -> Option<PlanView> {
         self.planning.plan.as_ref().map(|p| PlanView {
             epoch: p.message.epoch.0,
-            leader: p.message.leader,
+            leader: view_id(p.message.leader),
             state: if p.active {
                 PlanState::Active
             } else {
@@ -164,8 +168,8 @@ impl Parts<'_> {
                 .stages
                 .iter()
                 .map(|s| StageView {
-                    node: s.node,
-                    layers: s.layers,
+                    node: view_id(s.node),
+                    layers: view_layers(s.layers),
                     weight_bytes: p.ready.get(&s.node).copied(),
                     in_flight: self.stage_in_flight(s.node),
                 })
