@@ -79,12 +79,12 @@ impl Cluster {
             PlanCheck::Stale { highest } => {
                 // Another node led earlier with higher epochs; the leader's
                 // next plan must be newer than anything followed here.
-                self.to_leader(leader, Frame::PlanStale { epoch, highest });
+                self.tell_leader(leader, Frame::PlanStale { epoch, highest });
                 return;
             }
             PlanCheck::WrongModel(error) => {
                 tracing::error!("{error}");
-                self.to_leader(
+                self.tell_leader(
                     leader,
                     Frame::PlanFailed {
                         epoch,
@@ -131,7 +131,7 @@ impl Cluster {
             Ok(shard) => shard,
             Err(error) => {
                 tracing::error!(%error, "cannot load this node's layers");
-                self.to_leader(leader, failed(error));
+                self.tell_leader(leader, failed(error));
                 return;
             }
         };
@@ -150,7 +150,7 @@ impl Cluster {
                 .is_ok()
         });
         if let Err(error) = spawned {
-            self.to_leader(
+            self.tell_leader(
                 leader,
                 failed(format!("cannot start the stage thread: {error}")),
             );
@@ -179,7 +179,7 @@ impl Cluster {
         }) = ready
         {
             let node = self.me();
-            self.to_leader(
+            self.tell_leader(
                 leader,
                 Frame::PlanReady {
                     epoch,
@@ -191,7 +191,7 @@ impl Cluster {
     }
 
     /// Sends a frame about a plan to its leader, which may be this node.
-    pub(super) fn to_leader(&mut self, leader: NodeId, frame: Frame) {
+    pub(super) fn tell_leader(&mut self, leader: NodeId, frame: Frame) {
         if leader == self.me() {
             self.on_frame(leader, frame);
         } else {
