@@ -101,8 +101,10 @@ impl Cluster {
             }
         };
         if !sent {
+            // The link is gone (or was closed for falling behind): the node
+            // left, though its departure may not have been handled yet.
             let message = format!(
-                "cannot reach node {}, which holds stage {}",
+                "node {} ({target}) left the cluster: its link closed while it held stage {}",
                 self.membership.name_of(target),
                 route.stage
             );
