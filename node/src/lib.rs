@@ -8,6 +8,7 @@ pub mod cli;
 pub mod cluster;
 pub mod commands;
 pub mod engine;
+pub mod hub;
 pub mod limits;
 pub mod loaded_model;
 pub mod model_store;
