@@ -88,27 +88,29 @@ impl LocalStatus {
         self.reported_in_flight = Some(in_flight);
     }
 
-    /// Starts fetching `entry` here unless it is present; true when it is
-    /// being fetched (started now or before).
-    pub fn fetch(&mut self, entry: &'static CatalogueEntry) -> bool {
+    /// Starts fetching `entry` here unless it is present or on its way;
+    /// true when this call started it.
+    fn start(&mut self, entry: &'static CatalogueEntry) -> bool {
         let started = self.downloads.start(&self.model_store, entry);
         self.refresh();
         started
+    }
+
+    /// Fetches `entry` here unless it is present; true when it is being
+    /// fetched (started now or before).
+    pub fn fetch(&mut self, entry: &'static CatalogueEntry) -> bool {
+        self.start(entry)
             || matches!(
                 self.downloads.state(entry.name),
                 Some(Download::Running { .. })
             )
     }
 
-    /// A peer asked this node to fetch `name`: the catalogue entry, or
-    /// `None` when this node does not know it (a newer ringlet's model).
+    /// A peer asked this node to fetch `name`: whether this call started
+    /// it, or `None` when this node does not know it (a newer ringlet's
+    /// model).
     pub fn fetch_for_peer(&mut self, name: &str) -> Option<bool> {
-        let entry = catalogue_entry(name)?;
-        let started = self.downloads.start(&self.model_store, entry);
-        if started {
-            self.refresh();
-        }
-        Some(started)
+        catalogue_entry(name).map(|entry| self.start(entry))
     }
 
     /// Which catalogue models are in this node's cache or on their way,
