@@ -34,6 +34,7 @@ fn state() -> AppState {
                     store: ModelStore::new(ModelStore::default_dir()),
                     device: kernels::Device::Cpu,
                     kv_cache_bytes: KV_BUDGET_BYTES,
+                    hub: ringlet_node::hub::HubConfig::from_env(),
                 };
                 let model = runtime
                     .block_on(LoadedModel::load_whole(&config, MODEL))

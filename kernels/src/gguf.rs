@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
@@ -76,6 +77,23 @@ impl GgufFile {
             .ok_or_else(|| KernelError::MissingTensor {
                 name: name.to_string(),
             })
+    }
+
+    /// Where tensor `name`'s data lies in the file: `[start, end)`.
+    pub(crate) fn tensor_extent(&self, name: &str) -> Result<Range<u64>> {
+        let info = self.tensor_info(name)?;
+        let start = self.content.tensor_data_offset.checked_add(info.offset);
+        start
+            .and_then(|start| Some(start..start.checked_add(self.tensor_bytes(name).ok()?)?))
+            .ok_or_else(|| KernelError::NotGguf {
+                path: self.path.clone(),
+                reason: format!("tensor `{name}` lies past any possible file end"),
+            })
+    }
+
+    /// Bytes before the tensor data: the metadata and the tensor directory.
+    pub(crate) fn header_len(&self) -> u64 {
+        self.content.tensor_data_offset
     }
 
     /// Bytes of one tensor's data as stored in the file.
@@ -191,6 +209,18 @@ impl TensorReader<'_> {
             &self.device,
         )?)
     }
+}
+
+/// The length of the GGUF header (metadata and tensor directory, up to the
+/// aligned start of the tensor data) when `prefix`, the first bytes of a
+/// file, holds all of it; `None` when it is cut short. A downloader reads
+/// the header in growing pieces with this before it knows its length.
+pub fn header_len_in(prefix: &[u8]) -> Option<u64> {
+    let mut cursor = std::io::Cursor::new(prefix);
+    let content = Content::read(&mut cursor).ok()?;
+    // `Content::read` does not read the alignment padding; the header is
+    // whole only when the prefix reaches the data.
+    (content.tensor_data_offset <= prefix.len() as u64).then_some(content.tensor_data_offset)
 }
 
 fn fingerprint_header(

@@ -43,7 +43,7 @@ pub use candle_core::{DType, Device, Tensor};
 pub use chat_template::{ChatMessage, ChatTemplate};
 pub use config::ModelConfig;
 pub use error::{KernelError, Result};
-pub use gguf::to_hex;
+pub use gguf::{header_len_in, to_hex};
 pub use layers::{LayerRange, SequenceId};
 pub use model_file::ModelFile;
 pub use quant::{BlockFormat, QuantMatrix};

@@ -4,6 +4,7 @@
 //! and head that placement needs, the fingerprint, the tokenizer and the
 //! chat template. Loading a shard reads only that shard's tensors.
 
+use std::ops::Range;
 use std::path::Path;
 
 use candle_core::Device;
@@ -109,28 +110,64 @@ impl ModelFile {
         !self.gguf.has_tensor(OUTPUT)
     }
 
-    /// The weight bytes a shard of `range` holds once loaded.
-    pub fn shard_weight_bytes(&self, range: LayerRange) -> Result<u64> {
+    /// The tensors a shard of `range` reads: its layers', plus the
+    /// embedding for the first shard and the output norm and head for the
+    /// last (the embedding again when tied), each once.
+    pub fn shard_tensors(&self, range: LayerRange) -> Result<Vec<String>> {
         self.check_range(range)?;
-        let layers = self.layer_weight_bytes()?;
-        let mut bytes: u64 = layers[range.start..range.end].iter().sum();
+        let mut names: Vec<String> = (range.start..range.end)
+            .flat_map(|layer| self.architecture.layer_tensors(layer))
+            .collect();
         let first = range.is_first();
-        let last = range.is_last(self.config.n_layers);
         if first {
-            bytes += self.embedding_bytes()?;
+            names.push(TOKEN_EMBEDDING.to_string());
         }
-        if last {
-            bytes += self.tensor_bytes(OUTPUT_NORM)?;
+        if range.is_last(self.config.n_layers) {
+            names.push(OUTPUT_NORM.to_string());
             if !self.ties_embeddings() {
-                bytes += self.tensor_bytes(OUTPUT)?;
+                names.push(OUTPUT.to_string());
             } else if !first {
-                bytes += self.embedding_bytes()?;
+                names.push(TOKEN_EMBEDDING.to_string());
             }
         }
         if self.gguf.has_tensor(ROPE_FREQS) {
-            bytes += self.tensor_bytes(ROPE_FREQS)?;
+            names.push(ROPE_FREQS.to_string());
         }
-        Ok(bytes)
+        Ok(names)
+    }
+
+    /// The weight bytes a shard of `range` holds once loaded.
+    pub fn shard_weight_bytes(&self, range: LayerRange) -> Result<u64> {
+        self.shard_tensors(range)?
+            .iter()
+            .map(|name| self.tensor_bytes(name))
+            .sum()
+    }
+
+    /// Where the data of a shard's tensors lie in the file, as `[start,
+    /// end)` byte ranges in file order, adjacent tensors joined: what a
+    /// node must have on disk to load the shard.
+    pub fn shard_byte_ranges(&self, range: LayerRange) -> Result<Vec<Range<u64>>> {
+        let mut extents = self
+            .shard_tensors(range)?
+            .iter()
+            .map(|name| self.gguf.tensor_extent(name))
+            .collect::<Result<Vec<_>>>()?;
+        extents.sort_by_key(|extent| extent.start);
+        let mut joined: Vec<Range<u64>> = Vec::with_capacity(extents.len());
+        for extent in extents {
+            match joined.last_mut() {
+                Some(last) if extent.start <= last.end => last.end = last.end.max(extent.end),
+                _ => joined.push(extent),
+            }
+        }
+        Ok(joined)
+    }
+
+    /// Bytes of the header (metadata and tensor directory), which every
+    /// node reads before it holds any weights.
+    pub fn header_len(&self) -> u64 {
+        self.gguf.header_len()
     }
 
     fn check_range(&self, range: LayerRange) -> Result<()> {

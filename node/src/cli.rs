@@ -29,7 +29,14 @@ Examples:
   ringlet --listen 127.0.0.1:52415         this machine only, no discovery
   ringlet run --prompt \"Why is the sky blue?\"
   ringlet pull smollm2-135m                fetch a model into the cache
-  ringlet bench --threads 2                compare speed with llama.cpp";
+  ringlet --model bartowski/Qwen2.5-7B-Instruct-GGUF:Q4_K_M
+                                           serve a model from Hugging Face; each
+                                           node fetches only its layers
+  ringlet bench --threads 2                compare speed with llama.cpp
+
+Hugging Face: HF_ENDPOINT (default https://huggingface.co), HF_TOKEN (or the
+token file of `huggingface-cli login`) for gated and private repositories,
+HF_HOME and HF_HUB_CACHE for the cache, as huggingface_hub reads them.";
 
 #[derive(Debug, Parser)]
 #[command(name = "ringlet", version, about = ABOUT, long_about = LONG_ABOUT, args_conflicts_with_subcommands = true)]
@@ -54,7 +61,7 @@ pub enum Command {
     Serve(ServeArgs),
     /// Answer one prompt in the terminal, streaming the text to stdout.
     Run(RunArgs),
-    /// Fetch a catalogue model into the model cache and verify it.
+    /// Fetch a model (catalogue or Hugging Face) into its cache and verify it.
     Pull(PullArgs),
     /// List the models ringlet knows and which are in the cache.
     Models(ModelsArgs),
@@ -126,6 +133,8 @@ pub struct RuntimeConfig {
     pub store: ModelStore,
     pub device: Device,
     pub kv_cache_bytes: u64,
+    /// The Hugging Face Hub and its cache, from the environment.
+    pub hub: crate::hub::HubConfig,
 }
 
 impl RuntimeArgs {
@@ -135,6 +144,7 @@ impl RuntimeArgs {
             store: self.cache.store(),
             device: parse_device(&self.device)?,
             kv_cache_bytes: self.kv_cache.unwrap_or(DEFAULT_KV_CACHE_BYTES),
+            hub: crate::hub::HubConfig::from_env(),
         })
     }
 }
@@ -215,8 +225,11 @@ fn parse_device(text: &str) -> anyhow::Result<Device> {
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// Model to serve: a catalogue name (see `ringlet models`) or the path
-    /// of a GGUF file. A catalogue model missing from the cache is fetched.
+    /// Model to serve: a catalogue name (see `ringlet models`), the path of
+    /// a GGUF file, or a Hugging Face repository ORG/REPO[:QUANT][@REVISION]
+    /// (QUANT picks the file, e.g. Q4_K_M, the default, or Q8_0). A
+    /// catalogue model missing from the cache is fetched; of a Hub model,
+    /// each node fetches only the layers it holds
     #[arg(long, env = "RINGLET_MODEL", default_value = DEFAULT_MODEL)]
     pub model: String,
 
@@ -324,7 +337,8 @@ impl ServeArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
-    /// Model: a catalogue name or the path of a GGUF file
+    /// Model: a catalogue name, the path of a GGUF file, or a Hugging Face
+    /// repository ORG/REPO[:QUANT][@REVISION]
     #[arg(default_value = DEFAULT_MODEL)]
     pub model: String,
 
@@ -362,7 +376,10 @@ pub struct RunArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct PullArgs {
-    /// Catalogue name of the model to fetch
+    /// Model to fetch: a catalogue name, or a Hugging Face repository
+    /// ORG/REPO[:QUANT][@REVISION], whose GGUF file goes into the Hugging
+    /// Face cache ($HF_HUB_CACHE, else $HF_HOME/hub, else
+    /// ~/.cache/huggingface/hub), shared with huggingface_hub and llama.cpp
     #[arg(default_value = DEFAULT_MODEL)]
     pub model: String,
 

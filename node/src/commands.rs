@@ -3,6 +3,7 @@
 use anyhow::Context;
 
 use crate::cli::{BenchMode, Command, ModelsArgs, PullArgs};
+use crate::hub::{self, FetchProgress, HubClient, HubConfig, HubModel};
 use crate::model_store::{CATALOGUE, catalogue_entry};
 
 pub async fn dispatch(command: Command) -> anyhow::Result<()> {
@@ -20,6 +21,11 @@ pub async fn dispatch(command: Command) -> anyhow::Result<()> {
 }
 
 async fn pull(args: PullArgs) -> anyhow::Result<()> {
+    if catalogue_entry(&args.model).is_none()
+        && let Ok(model) = HubModel::parse(&args.model)
+    {
+        return pull_from_hub(&model).await;
+    }
     let store = args.cache.store();
     let entry = catalogue_entry(&args.model).with_context(|| {
         let known: Vec<&str> = CATALOGUE.iter().map(|e| e.name).collect();
@@ -39,6 +45,31 @@ async fn pull(args: PullArgs) -> anyhow::Result<()> {
     }
     let path = store.fetch(entry).await?;
     println!("{} fetched and verified: {}", entry.name, path.display());
+    Ok(())
+}
+
+/// Downloads a whole Hub model file into the Hugging Face cache (resuming
+/// what an earlier pull or a node left there) and checks its SHA-256.
+async fn pull_from_hub(model: &HubModel) -> anyhow::Result<()> {
+    let client = HubClient::new(HubConfig::from_env())?;
+    let file = hub::open(&client, model).await?;
+    let Some(partial) = file.partial else {
+        println!("{} is in the cache: {}", file.name, file.path.display());
+        return Ok(());
+    };
+    let progress = FetchProgress::new(file.name.clone(), |_, _| {});
+    let completed = partial
+        .complete(&|done, total| progress.update(done, total))
+        .await;
+    drop(progress);
+    let (path, fetched) = completed?;
+    println!(
+        "{} fetched and verified ({:.1} MiB downloaded, {:.1} MiB were on disk): {}",
+        file.name,
+        fetched.downloaded as f64 / (1 << 20) as f64,
+        fetched.on_disk as f64 / (1 << 20) as f64,
+        path.display()
+    );
     Ok(())
 }
 

@@ -235,3 +235,33 @@ pub const BENCH_RING_START_TIMEOUT_SECS: u64 = 180;
 /// Seconds one benchmark request may take: a long prefill and a few
 /// hundred tokens on two shared cores.
 pub const BENCH_REQUEST_TIMEOUT_SECS: u64 = 600;
+
+/// Seconds to open a connection to the Hugging Face Hub.
+pub const HUB_CONNECT_TIMEOUT_SECS: u64 = 10;
+
+/// Seconds the Hub may stay silent in the middle of an answer before the
+/// request counts as failed (and is tried again).
+pub const HUB_READ_TIMEOUT_SECS: u64 = 30;
+
+/// Redirects followed for one Hub request (the Hub sends one, to storage).
+pub const HUB_MAX_REDIRECTS: usize = 5;
+
+/// Bytes asked for in one range request. Small enough that an interrupted
+/// download loses little and progress moves; large enough that the
+/// per-request cost is noise.
+pub const HUB_CHUNK_BYTES: u64 = 4 << 20;
+
+/// Range requests one node keeps in flight at once.
+pub const HUB_CONCURRENT_RANGES: usize = 4;
+
+/// Tries of one range request before the fetch fails, with a pause that
+/// doubles from `HUB_RETRY_FIRST_MS` to at most `HUB_RETRY_MAX_MS`.
+pub const HUB_TRIES: u32 = 6;
+pub const HUB_RETRY_FIRST_MS: u64 = 500;
+pub const HUB_RETRY_MAX_MS: u64 = 8_000;
+
+/// The first read of a GGUF header, grown fourfold until the header fits;
+/// a header larger than the most is not a model file (real ones are a few
+/// MiB: the tokenizer's vocabulary dominates).
+pub const HUB_HEADER_FIRST_BYTES: u64 = 1 << 20;
+pub const HUB_HEADER_MAX_BYTES: u64 = 256 << 20;

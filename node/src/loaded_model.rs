@@ -1,13 +1,17 @@
 //! Opening a model for a node: resolve (and fetch) the file, read its
-//! tokenizer and chat template, and load the layers this node holds.
+//! tokenizer and chat template, and load the layers this node holds,
+//! fetching their bytes first when the file is a Hub model held in part.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use kernels::{LayerRange, ModelFile, Shard};
+use kernels::{Device, LayerRange, ModelFile, Shard};
 
 use crate::cli::RuntimeConfig;
+use crate::hub::{self, FetchProgress, HubClient, HubModel, PartialModel};
+use crate::model_store::{Downloads, StoreError};
 use crate::prompt::PromptBuilder;
 
 /// A model file opened (header, tokenizer, chat template), no layers yet.
@@ -16,19 +20,68 @@ pub struct OpenedModel {
     pub name: String,
     pub file: ModelFile,
     pub prompt: PromptBuilder,
+    /// For a Hub model held in part: fetches the bytes of the layers a
+    /// shard needs before it loads.
+    pub partial: Option<Arc<PartialModel>>,
+}
+
+/// Where a model's file is.
+struct Located {
+    name: String,
+    path: PathBuf,
+    partial: Option<Arc<PartialModel>>,
+}
+
+/// Finds `model`: a GGUF path, a catalogue name (fetched when missing), or
+/// a Hugging Face repository `ORG/REPO[:QUANT][@REVISION]`, of which only
+/// the header is fetched here.
+async fn locate(runtime: &RuntimeConfig, model: &str) -> anyhow::Result<Located> {
+    let unknown = match runtime.store.resolve_or_fetch(model).await {
+        Ok(resolved) => {
+            return Ok(Located {
+                name: resolved.name,
+                path: resolved.path,
+                partial: None,
+            });
+        }
+        Err(error @ StoreError::UnknownModel { .. }) => error,
+        Err(error) => return Err(error.into()),
+    };
+    let looks_like_a_path = model.ends_with(".gguf") || model.starts_with(['/', '.', '~']);
+    let hub_model = match HubModel::parse(model) {
+        Ok(hub_model) if !looks_like_a_path => hub_model,
+        _ if looks_like_a_path => anyhow::bail!("{model}: no such model file"),
+        _ => return Err(unknown.into()),
+    };
+    let client = HubClient::new(runtime.hub.clone())?;
+    let file = hub::open(&client, &hub_model).await?;
+    Ok(Located {
+        name: file.name,
+        path: file.path,
+        partial: file.partial,
+    })
 }
 
 impl OpenedModel {
-    /// Resolves (fetching if needed) and opens a model; reads no weights.
+    /// Resolves and opens a model; reads no weights (and, for a Hub model
+    /// not in the cache, downloads only the header).
     pub async fn open(runtime: &RuntimeConfig, model: &str) -> anyhow::Result<Self> {
-        let resolved = runtime.store.resolve_or_fetch(model).await?;
-        let name = resolved.name.clone();
+        let Located {
+            name,
+            path,
+            partial,
+        } = locate(runtime, model).await?;
         tokio::task::spawn_blocking(move || {
-            let file = ModelFile::open(&resolved.path)?;
+            let file = ModelFile::open(&path)?;
             let tokenizer = Arc::new(file.tokenizer()?);
             let template = file.chat_template(&tokenizer)?;
             let prompt = PromptBuilder::new(tokenizer, template, file.config().context_length);
-            Ok::<_, anyhow::Error>(Self { name, file, prompt })
+            Ok::<_, anyhow::Error>(Self {
+                name,
+                file,
+                prompt,
+                partial,
+            })
         })
         .await
         .context("the model opening task failed")?
@@ -48,11 +101,19 @@ pub struct LoadedModel {
 impl LoadedModel {
     /// Loads the whole model (every layer) for a single node.
     pub async fn load_whole(runtime: &RuntimeConfig, model: &str) -> anyhow::Result<Self> {
-        let OpenedModel { name, file, prompt } = OpenedModel::open(runtime, model).await?;
+        let OpenedModel {
+            name,
+            file,
+            prompt,
+            partial,
+        } = OpenedModel::open(runtime, model).await?;
+        let range = LayerRange::new(0, file.config().n_layers);
+        if let Some(partial) = partial {
+            fetch_slice(&partial, &file, range, &name, &Downloads::default()).await?;
+        }
         let device = runtime.device.clone();
         tokio::task::spawn_blocking(move || {
             let started = Instant::now();
-            let range = LayerRange::new(0, file.config().n_layers);
             let shard = file.load_shard(range, &device)?;
             tracing::info!(
                 model = %name,
@@ -74,4 +135,57 @@ impl LoadedModel {
         .context("the model loading task failed")?
         .with_context(|| format!("cannot load model `{model}`"))
     }
+}
+
+/// Fetches the bytes of the layers `range` of a Hub model held in part,
+/// with a progress bar, reporting progress to `downloads` under `name`.
+pub async fn fetch_slice(
+    partial: &PartialModel,
+    file: &ModelFile,
+    range: LayerRange,
+    name: &str,
+    downloads: &Downloads,
+) -> anyhow::Result<()> {
+    let ranges = file.shard_byte_ranges(range)?;
+    let progress = FetchProgress::new(format!("{name} layers {range}"), |done, total| {
+        downloads.running(name, done, total)
+    });
+    let started = Instant::now();
+    let fetched = partial
+        .ensure(&ranges, &|done, total| progress.update(done, total))
+        .await;
+    drop(progress);
+    downloads.ended(
+        name,
+        fetched.as_ref().map(|_| ()).map_err(ToString::to_string),
+    );
+    let fetched = fetched.with_context(|| format!("cannot fetch layers {range} of {name}"))?;
+    tracing::info!(
+        layers = %range,
+        wanted_mib = format!("{:.1}", fetched.wanted as f64 / (1 << 20) as f64),
+        on_disk_mib = format!("{:.1}", fetched.on_disk as f64 / (1 << 20) as f64),
+        downloaded_bytes = fetched.downloaded,
+        source = "hub",
+        ms = started.elapsed().as_millis() as u64,
+        "this node's slice of the model is on disk"
+    );
+    Ok(())
+}
+
+/// Loads the layers `range` for a plan: fetches their bytes first when the
+/// file is held in part, then reads them on a blocking thread.
+pub async fn load_layers(
+    file: Arc<ModelFile>,
+    range: LayerRange,
+    device: Device,
+    partial: Option<(Arc<PartialModel>, String, Downloads)>,
+) -> Result<Shard, String> {
+    if let Some((partial, name, downloads)) = partial {
+        fetch_slice(&partial, &file, range, &name, &downloads)
+            .await
+            .map_err(|error| format!("{error:#}"))?;
+    }
+    tokio::task::spawn_blocking(move || file.load_shard(range, &device).map_err(|e| e.to_string()))
+        .await
+        .map_err(|error| format!("the loading task failed: {error}"))?
 }

@@ -78,7 +78,7 @@ pub fn catalogue_entry(name: &str) -> Option<&'static CatalogueEntry> {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(
-        "`{name}` is neither a model file nor a known model name; known models: {known}. Pass a GGUF file path to serve another model"
+        "`{name}` is neither a model file nor a known model name; known models: {known}. Pass a GGUF file path, or a Hugging Face repository as ORG/REPO[:QUANT], to serve another model"
     )]
     UnknownModel { name: String, known: String },
 
@@ -117,6 +117,15 @@ pub enum StoreError {
     },
 }
 
+/// The user's cache folder: `$XDG_CACHE_HOME`, else `~/.cache`.
+pub fn user_cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from(".cache"))
+}
+
 /// A model file ready to open.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResolvedModel {
@@ -142,11 +151,7 @@ impl ModelStore {
         if let Some(home) = std::env::var_os("RINGLET_HOME") {
             return PathBuf::from(home).join("models");
         }
-        let cache = std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-            .unwrap_or_else(|| PathBuf::from(".cache"));
-        cache.join("ringlet").join("models")
+        user_cache_dir().join("ringlet").join("models")
     }
 
     pub fn dir(&self) -> &Path {
@@ -399,7 +404,7 @@ pub enum Download {
 /// the dashboard or a peer), so that the node can report their progress.
 #[derive(Debug, Clone, Default)]
 pub struct Downloads {
-    by_model: Arc<Mutex<HashMap<&'static str, Download>>>,
+    by_model: Arc<Mutex<HashMap<String, Download>>>,
 }
 
 impl Downloads {
@@ -418,7 +423,7 @@ impl Downloads {
                 return false;
             }
             by_model.insert(
-                entry.name,
+                entry.name.to_string(),
                 Download::Running {
                     done_bytes: 0,
                     total_bytes: entry.download_bytes(),
@@ -432,7 +437,7 @@ impl Downloads {
             let result = store
                 .fetch_reporting(entry, move |done_bytes, total_bytes| {
                     report.lock().insert(
-                        entry.name,
+                        entry.name.to_string(),
                         Download::Running {
                             done_bytes,
                             total_bytes,
@@ -447,14 +452,35 @@ impl Downloads {
                 }
                 Err(error) => {
                     tracing::warn!(model = entry.name, %error, "fetching model failed");
-                    by_model.insert(entry.name, Download::Failed(error.to_string()));
+                    by_model.insert(entry.name.to_string(), Download::Failed(error.to_string()));
                 }
             }
         });
         true
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<&'static str, Download>> {
+    /// A download this process runs itself (a node's slice of a Hub
+    /// model) has `done` of `total` bytes.
+    pub fn running(&self, model: &str, done_bytes: u64, total_bytes: u64) {
+        self.lock().insert(
+            model.to_string(),
+            Download::Running {
+                done_bytes,
+                total_bytes,
+            },
+        );
+    }
+
+    /// The download of `model` is over: `Err` says why it failed.
+    pub fn ended(&self, model: &str, result: Result<(), String>) {
+        let mut by_model = self.lock();
+        match result {
+            Ok(()) => by_model.remove(model),
+            Err(error) => by_model.insert(model.to_string(), Download::Failed(error)),
+        };
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Download>> {
         // The map stays consistent even if a holder panicked: every write is
         // a single insert or remove.
         self.by_model.lock().unwrap_or_else(PoisonError::into_inner)

@@ -20,7 +20,7 @@ use crate::loaded_model::{LoadedModel, OpenedModel};
 use crate::model_store::Downloads;
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let runtime = args.runtime.resolve()?;
+    let mut runtime = args.runtime.resolve()?;
     let listen = args.listen_addr()?;
     let peers = args.peer_addrs()?;
     let name = args.node_name();
@@ -48,6 +48,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         args.cluster
     );
 
+    runtime.hub.client_name = Some(name.clone());
     let model = OpenedModel::open(&runtime, &args.model).await?;
     let score = tokio::task::spawn_blocking(resources::measure_compute_score)
         .await
@@ -91,6 +92,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             resources,
             model_name: model.name.clone(),
             model_path: model.file.path().to_path_buf(),
+            partial: model.partial,
             model_store: runtime.store.clone(),
             downloads: Downloads::default(),
             device: runtime.device.clone(),

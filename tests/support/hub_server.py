@@ -18,7 +18,8 @@ and llama.cpp rely on:
 
 Every body byte sent is counted per client, named by the `User-Agent`
 header; `GET /_stats` returns the counts as JSON and `POST /_stats/reset`
-clears them. Bodies go out no faster than BYTES_PER_SECOND (0: no limit).
+clears them. Bodies go out no faster than BYTES_PER_SECOND in all, shared by
+every connection as one link would be (0: no limit).
 
     python3 hub_server.py ROOT BYTES_PER_SECOND
 
@@ -56,6 +57,8 @@ def main():
     hashes = {}
     stats = {}
     lock = threading.Lock()
+    # When the shared link is next free to send, for the rate limit.
+    link_free_at = [time.monotonic()]
 
     def repo_dir(org, name):
         path = os.path.join(root, org, name)
@@ -208,7 +211,6 @@ def main():
             self.send_body(full, start, end - start + 1)
 
         def send_body(self, full, start, length):
-            began = time.monotonic()
             sent = 0
             with open(full, "rb") as f:
                 f.seek(start)
@@ -223,10 +225,15 @@ def main():
                     sent += len(chunk)
                     with lock:
                         stats[self.client()] = stats.get(self.client(), 0) + len(chunk)
-                    if rate > 0:
-                        ahead = sent / rate - (time.monotonic() - began)
-                        if ahead > 0:
-                            time.sleep(ahead)
+                        if rate > 0:
+                            # This chunk occupies the link after those before it.
+                            now = time.monotonic()
+                            link_free_at[0] = max(link_free_at[0], now) + len(chunk) / rate
+                            wait = link_free_at[0] - now
+                        else:
+                            wait = 0
+                    if wait > 0:
+                        time.sleep(wait)
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True

@@ -218,30 +218,88 @@ pub struct PackageIndex {
 impl PackageIndex {
     /// Serves the wheels in `wheel_dir`, sending at most `bytes_per_second`.
     pub fn start(wheel_dir: &std::path::Path, bytes_per_second: u64) -> PackageIndex {
-        let script =
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/support/package_index.py");
-        let mut child = Command::new("python3")
-            .arg(script)
-            .arg(wheel_dir)
-            .arg(bytes_per_second.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start the package index (python3)");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read the package index's port");
-        let port = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("the package index said {line:?}"));
+        let (child, port) = spawn_python_server("package_index.py", wheel_dir, bytes_per_second);
         PackageIndex {
             url: format!("http://127.0.0.1:{port}/simple/"),
             child,
         }
+    }
+}
+
+/// Runs one of the loopback servers in `tests/support` on `root`, and
+/// returns it with the port it says it listens on.
+fn spawn_python_server(
+    script: &str,
+    root: &std::path::Path,
+    bytes_per_second: u64,
+) -> (Child, u16) {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/support")
+        .join(script);
+    let mut child = Command::new("python3")
+        .arg(&script)
+        .arg(root)
+        .arg(bytes_per_second.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {} (python3): {e}", script.display()));
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read the server's port");
+    let port = line
+        .trim()
+        .strip_prefix("listening on ")
+        .and_then(|port| port.parse().ok())
+        .unwrap_or_else(|| panic!("{} said {line:?}", script.display()));
+    (child, port)
+}
+
+/// A Hugging Face Hub-compatible file server on loopback
+/// (`tests/support/hub_server.py`) over the repositories in a folder,
+/// killed when dropped.
+pub struct HubServer {
+    /// For `HF_ENDPOINT`.
+    pub endpoint: String,
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl HubServer {
+    /// Serves `root/ORG/REPO/FILE`, sending at most `bytes_per_second` in
+    /// all (0: no limit).
+    pub fn start(root: &std::path::Path, bytes_per_second: u64) -> HubServer {
+        let (child, port) = spawn_python_server("hub_server.py", root, bytes_per_second);
+        HubServer {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            child,
+        }
+    }
+
+    /// Body bytes sent so far to each User-Agent.
+    pub async fn bytes_sent(&self) -> std::collections::HashMap<String, u64> {
+        serde_json::from_value(get_json(self.addr, "/_stats").await).expect("byte counts")
+    }
+
+    /// Body bytes sent so far to clients whose User-Agent ends in `suffix`.
+    pub async fn bytes_sent_to(&self, suffix: &str) -> u64 {
+        self.bytes_sent()
+            .await
+            .iter()
+            .filter(|(agent, _)| agent.ends_with(suffix))
+            .map(|(_, bytes)| bytes)
+            .sum()
+    }
+}
+
+impl Drop for HubServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

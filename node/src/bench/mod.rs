@@ -71,6 +71,7 @@ pub async fn bench(args: EngineBenchArgs) -> anyhow::Result<()> {
         store: args.cache.store(),
         device: Device::Cpu,
         kv_cache_bytes: DEFAULT_KV_CACHE_BYTES,
+        hub: crate::hub::HubConfig::from_env(),
     };
     let model = LoadedModel::load_whole(&runtime, &args.model).await?;
     let context_length = model.file.config().context_length;

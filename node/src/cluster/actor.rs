@@ -29,7 +29,9 @@ use super::status::LocalStatus;
 use super::view::Parts;
 use super::{ClusterConfig, ClusterEvent, ClusterView};
 use crate::engine::PipelineEnds;
+use crate::hub::PartialModel;
 use crate::limits::{NODE_STATUS_INTERVAL_MS, REDIAL_INTERVAL_MS};
+use crate::model_store::Downloads;
 use crate::policy::{self, Faults, PolicyHandle, StageLoad};
 use crate::stage::{StageJob, StageResult};
 
@@ -49,6 +51,10 @@ pub(super) struct Cluster {
     /// The mDNS advertisement and browser, withdrawn when the actor ends.
     _discovery: Option<Discovery>,
     model: Arc<ModelFile>,
+    /// For a Hub model held in part: fetches a new shard's bytes.
+    partial: Option<Arc<PartialModel>>,
+    /// Where the fetch of this node's slice reports its progress.
+    downloads: Downloads,
     /// The model as the policy sees it.
     policy_model: policy::Model,
     device: Device,
@@ -80,7 +86,7 @@ impl Cluster {
             identity.name.clone(),
             &config.resources,
             config.model_store,
-            config.downloads,
+            config.downloads.clone(),
         );
         let myself = Myself {
             id: config.me,
@@ -99,6 +105,8 @@ impl Cluster {
             _discovery: discovery,
             policy_model: policy_model(&model),
             model,
+            partial: config.partial,
+            downloads: config.downloads,
             device: config.device,
             policy: config.policy,
             policy_faults: config.policy_faults,

@@ -119,11 +119,10 @@ impl LocalStatus {
         let serving = &self.serving;
         let mut models: Vec<ModelAvailability> = CATALOGUE
             .iter()
+            .filter(|entry| entry.name != serving)
             .map(|entry| {
                 let download = self.downloads.state(entry.name);
-                if entry.name == serving {
-                    ModelAvailability::new(entry.name, ModelState::Loaded)
-                } else if let Some(Download::Running {
+                if let Some(Download::Running {
                     done_bytes,
                     total_bytes,
                 }) = download
@@ -146,9 +145,28 @@ impl LocalStatus {
                 }
             })
             .collect();
-        if catalogue_entry(serving).is_none() {
-            models.push(ModelAvailability::new(serving.clone(), ModelState::Loaded));
-        }
+        // The model served: loaded, or this node's slice of it on its way
+        // (the last fetch's failure, if any, goes with it).
+        let served = match self.downloads.state(serving) {
+            Some(Download::Running {
+                done_bytes,
+                total_bytes,
+            }) => ModelAvailability {
+                downloaded_bytes: Some(done_bytes),
+                total_bytes: Some(total_bytes),
+                ..ModelAvailability::new(serving.clone(), ModelState::Downloading)
+            },
+            Some(Download::Failed(error)) => ModelAvailability {
+                error: Some(error),
+                ..ModelAvailability::new(serving.clone(), ModelState::Loaded)
+            },
+            None => ModelAvailability::new(serving.clone(), ModelState::Loaded),
+        };
+        let at = CATALOGUE
+            .iter()
+            .position(|entry| entry.name == serving)
+            .unwrap_or(models.len());
+        models.insert(at, served);
         models
     }
 }

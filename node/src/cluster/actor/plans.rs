@@ -12,6 +12,7 @@ use crate::cluster::ClusterEvent;
 use crate::cluster::planning::{LocalStage, PlanCheck, Ready};
 use crate::cluster::protocol::{Epoch, Frame, PlanMessage};
 use crate::limits::STAGE_QUEUE_LEN;
+use crate::loaded_model::load_layers;
 use crate::policy::Placed;
 use crate::stage;
 
@@ -106,9 +107,15 @@ impl Cluster {
                 let model = Arc::clone(&self.model);
                 let device = self.device.clone();
                 let events = self.events_tx.clone();
-                tokio::task::spawn_blocking(move || {
-                    let result = model.load_shard(layers, &device).map_err(|e| e.to_string());
-                    let _ = events.blocking_send(ClusterEvent::ShardLoaded { epoch, result });
+                let partial = self.partial.clone().map(|partial| {
+                    let name = self.membership.me.identity.name.clone();
+                    (partial, name, self.downloads.clone())
+                });
+                tokio::spawn(async move {
+                    let result = load_layers(model, layers, device, partial).await;
+                    let _ = events
+                        .send(ClusterEvent::ShardLoaded { epoch, result })
+                        .await;
                 });
             }
             None => self.report_ready(epoch, 0),

@@ -1,0 +1,585 @@
+//! Talking to the Hugging Face Hub: where it is and who we are (the
+//! `huggingface_hub` environment variables), which file a name means, the
+//! file's size, ETag and commit, and byte ranges of it.
+//!
+//! hf-hub provides the repository listing, the names of things and the
+//! cache layout; byte ranges, which it lacks, go through reqwest here,
+//! with the checks that make a range safe to put beside others: the
+//! server answered with exactly the bytes asked for, of the same file.
+
+use std::ops::Range;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hf_hub::api::RepoInfo;
+use hf_hub::api::tokio::{Api, ApiBuilder};
+use hf_hub::{Cache, Repo, RepoType};
+use reqwest::header::{self, HeaderMap};
+use reqwest::{StatusCode, Url};
+
+use super::naming::{ChoiceError, HubModel, choose_file};
+use crate::limits::{HUB_CONNECT_TIMEOUT_SECS, HUB_MAX_REDIRECTS, HUB_READ_TIMEOUT_SECS};
+
+/// Where the Hub is, the token and the cache, as `huggingface_hub` and
+/// llama.cpp read them, so that all three share one cache.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// `HF_ENDPOINT`, default `https://huggingface.co`.
+    pub endpoint: String,
+    /// `HF_TOKEN`, else the file at `HF_TOKEN_PATH`, else `$HF_HOME/token`.
+    pub token: Option<String>,
+    /// `HF_HUB_CACHE`, else `$HF_HOME/hub`; `HF_HOME` defaults to
+    /// `$XDG_CACHE_HOME/huggingface`.
+    pub cache_dir: PathBuf,
+    /// Added to the User-Agent, e.g. the node's name.
+    pub client_name: Option<String>,
+}
+
+impl HubConfig {
+    pub fn from_env() -> Self {
+        let var = |key: &str| std::env::var(key).ok().filter(|v| !v.trim().is_empty());
+        let hf_home = var("HF_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| crate::model_store::user_cache_dir().join("huggingface"));
+        let cache_dir = var("HF_HUB_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| hf_home.join("hub"));
+        let token = var("HF_TOKEN").or_else(|| {
+            let path = var("HF_TOKEN_PATH")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| hf_home.join("token"));
+            std::fs::read_to_string(path)
+                .ok()
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty())
+        });
+        let endpoint = var("HF_ENDPOINT")
+            .unwrap_or_else(|| "https://huggingface.co".to_string())
+            .trim_end_matches('/')
+            .to_string();
+        Self {
+            endpoint,
+            token,
+            cache_dir,
+            client_name: None,
+        }
+    }
+}
+
+/// One GGUF file on the Hub, pinned to a commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteFile {
+    /// `ORG/REPO`.
+    pub repo: String,
+    /// The revision asked for (`main` when none was).
+    pub revision: String,
+    /// The commit the revision pointed at.
+    pub commit: String,
+    /// The file's path in the repository.
+    pub file: String,
+    /// The quantization its name says, if it says.
+    pub quant: Option<String>,
+    pub size: u64,
+    /// The Hub's ETag without quotes: the SHA-256 of the content for files
+    /// stored with LFS, which GGUF files are.
+    pub etag: String,
+}
+
+impl RemoteFile {
+    /// The name API clients use: `ORG/REPO:QUANT`, plus `@REVISION` when
+    /// one was asked for.
+    pub fn model_name(&self) -> String {
+        let mut name = self.repo.clone();
+        if let Some(quant) = &self.quant {
+            name = format!("{name}:{quant}");
+        }
+        if self.revision != "main" {
+            name = format!("{name}@{}", self.revision);
+        }
+        name
+    }
+
+    /// True when the ETag is a SHA-256, against which the whole file can
+    /// be checked.
+    pub fn etag_is_sha256(&self) -> bool {
+        self.etag.len() == 64 && self.etag.bytes().all(|b| b.is_ascii_hexdigit())
+    }
+
+    pub(super) fn repo(&self) -> Repo {
+        Repo::with_revision(self.repo.clone(), RepoType::Model, self.revision.clone())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error(
+        "the Hugging Face Hub has no repository {repo} (a private one needs HF_TOKEN set to a token that can read it); check the name at {endpoint}/{repo}"
+    )]
+    RepoNotFound { repo: String, endpoint: String },
+
+    #[error("{repo} has no revision `{revision}`; name a branch, tag or commit that exists")]
+    RevisionNotFound { repo: String, revision: String },
+
+    #[error(
+        "{repo} is gated: accept its licence at {endpoint}/{repo}, then set HF_TOKEN (or run `huggingface-cli login`) with a token of that account{}",
+        if *.token_sent { "; the token sent was refused" } else { "; no token is set" }
+    )]
+    Gated {
+        repo: String,
+        endpoint: String,
+        token_sent: bool,
+    },
+
+    #[error("{repo} has no file {file} at revision {revision}")]
+    FileNotFound {
+        repo: String,
+        file: String,
+        revision: String,
+    },
+
+    #[error(transparent)]
+    Choice(#[from] ChoiceError),
+
+    #[error(
+        "{repo}: {first} is split in {parts} parts, and ringlet cannot load split GGUF files yet; merge them with llama.cpp's `llama-gguf-split --merge` and serve the merged file by its path, or choose an unsplit quantization"
+    )]
+    Split {
+        repo: String,
+        first: String,
+        parts: usize,
+    },
+
+    #[error(
+        "cannot reach the Hugging Face Hub at {url}: {reason}; check the network (or HF_ENDPOINT), or serve a model already in the cache"
+    )]
+    Unreachable { url: String, reason: String },
+
+    #[error("the Hub answered {status} for {url}: {body}")]
+    Status {
+        url: String,
+        status: StatusCode,
+        body: String,
+    },
+
+    #[error("the Hub sent an answer ringlet cannot read for {url}: {reason}")]
+    BadAnswer { url: String, reason: String },
+
+    #[error("the server refused bytes {}..{} of {file}: {reason}", .range.start, .range.end)]
+    RangeRefused {
+        file: String,
+        range: Range<u64>,
+        reason: String,
+    },
+
+    #[error(
+        "{file} changed on the Hub while this node fetched it (ETag {expected}, now {got}); start the node again to fetch the new version"
+    )]
+    Changed {
+        file: String,
+        expected: String,
+        got: String,
+    },
+
+    #[error(
+        "{file} has SHA-256 {got}, but the Hub says {expected}: the bytes on disk are damaged; they were moved aside to {moved}, fetch again"
+    )]
+    WrongHash {
+        file: String,
+        expected: String,
+        got: String,
+        moved: PathBuf,
+    },
+
+    #[error("{file} is not a GGUF model file: {reason}")]
+    NotGguf { file: String, reason: String },
+
+    #[error(
+        "{dir} has {free_mib} MiB free, but this node's part of {file} needs {needed_mib} MiB more; free some disk space or point HF_HUB_CACHE elsewhere"
+    )]
+    NoRoom {
+        dir: PathBuf,
+        file: String,
+        needed_mib: u64,
+        free_mib: u64,
+    },
+
+    #[error("model cache {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl HubError {
+    /// Worth another try after a pause: the network or the server faltered.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Unreachable { .. } => true,
+            Self::Status { status, .. } => {
+                status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
+            }
+            Self::BadAnswer { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// A client of one Hub endpoint.
+#[derive(Debug, Clone)]
+pub struct HubClient {
+    config: HubConfig,
+    api: Api,
+    /// Follows no redirect by itself: the token goes only to the Hub, and
+    /// the Hub's own answer to a redirected request is checked first.
+    http: reqwest::Client,
+}
+
+impl HubClient {
+    pub fn new(config: HubConfig) -> Result<Self, HubError> {
+        let user_agent = format!(
+            "ringlet/{}{}",
+            env!("CARGO_PKG_VERSION"),
+            config
+                .client_name
+                .as_ref()
+                .map(|name| format!("; node/{name}"))
+                .unwrap_or_default()
+        );
+        let mut builder = ApiBuilder::from_cache(Cache::new(config.cache_dir.clone()))
+            .with_endpoint(config.endpoint.clone())
+            .with_token(config.token.clone())
+            .with_progress(false)
+            .with_user_agent("ringlet", env!("CARGO_PKG_VERSION"));
+        if let Some(name) = &config.client_name {
+            builder = builder.with_user_agent("node", name);
+        }
+        let unusable = |reason: String| HubError::Unreachable {
+            url: config.endpoint.clone(),
+            reason,
+        };
+        let api = builder
+            .build()
+            .map_err(|e| unusable(format!("cannot set up the client: {e}")))?;
+        let http = reqwest::Client::builder()
+            .user_agent(user_agent)
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(Duration::from_secs(HUB_CONNECT_TIMEOUT_SECS))
+            .read_timeout(Duration::from_secs(HUB_READ_TIMEOUT_SECS))
+            .build()
+            .map_err(|e| unusable(format!("cannot set up the client: {e}")))?;
+        Ok(Self { config, api, http })
+    }
+
+    pub fn config(&self) -> &HubConfig {
+        &self.config
+    }
+
+    pub fn cache(&self) -> Cache {
+        Cache::new(self.config.cache_dir.clone())
+    }
+
+    /// Finds the file `model` names: lists the repository at its revision,
+    /// chooses the GGUF file as llama.cpp does, and reads its size, ETag
+    /// and commit.
+    pub async fn resolve(&self, model: &HubModel) -> Result<RemoteFile, HubError> {
+        let revision = model.revision.clone().unwrap_or_else(|| "main".into());
+        let repo = Repo::with_revision(model.repo.clone(), RepoType::Model, revision.clone());
+        let request = self
+            .api
+            .repo(repo.clone())
+            .info_request()
+            .timeout(Duration::from_secs(HUB_READ_TIMEOUT_SECS));
+        let url = format!("{}/api/{}", self.config.endpoint, repo.api_url());
+        let response = request.send().await.map_err(|e| unreachable(&url, &e))?;
+        if !response.status().is_success() {
+            return Err(self.refusal(model, &revision, None, &url, response).await);
+        }
+        let info: RepoInfo = response.json().await.map_err(|e| HubError::BadAnswer {
+            url: url.clone(),
+            reason: e.to_string(),
+        })?;
+        let files: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
+        let chosen = choose_file(model, &files)?;
+        let [file] = chosen.parts.as_slice() else {
+            return Err(HubError::Split {
+                repo: model.repo.clone(),
+                first: chosen.parts.first().cloned().unwrap_or_default(),
+                parts: chosen.parts.len(),
+            });
+        };
+        let mut remote = RemoteFile {
+            repo: model.repo.clone(),
+            revision,
+            commit: info.sha,
+            file: file.clone(),
+            quant: chosen.quant,
+            size: 0,
+            etag: String::new(),
+        };
+        self.head(model, &mut remote).await?;
+        Ok(remote)
+    }
+
+    /// The file's URL, pinned to its commit so that a branch moving on
+    /// cannot mix two versions.
+    fn file_url(&self, remote: &RemoteFile) -> String {
+        format!(
+            "{}/{}/resolve/{}/{}",
+            self.config.endpoint, remote.repo, remote.commit, remote.file
+        )
+    }
+
+    /// Reads size and ETag with `HEAD`, following the Hub's redirects as
+    /// `huggingface_hub` does: an LFS file's redirect carries its
+    /// `X-Linked-Size` and `X-Linked-Etag`.
+    async fn head(&self, model: &HubModel, remote: &mut RemoteFile) -> Result<(), HubError> {
+        let mut url = self.file_url(remote);
+        for _ in 0..HUB_MAX_REDIRECTS {
+            let response = self
+                .authorized(self.http.head(&url), &url)
+                .send()
+                .await
+                .map_err(|e| unreachable(&url, &e))?;
+            let status = response.status();
+            let headers = response.headers();
+            if let Some(commit) = text_in(headers, "x-repo-commit") {
+                remote.commit = commit;
+            }
+            let linked_etag = etag_in(headers, "x-linked-etag");
+            let linked_size = number_in(headers, "x-linked-size");
+            if status.is_success() {
+                let etag = linked_etag.or_else(|| etag_in(headers, "etag"));
+                let size = linked_size.or_else(|| number_in(headers, "content-length"));
+                let (Some(etag), Some(size)) = (etag, size) else {
+                    return Err(HubError::BadAnswer {
+                        url,
+                        reason: "no ETag or size for the file".into(),
+                    });
+                };
+                (remote.etag, remote.size) = (etag, size);
+                return Ok(());
+            }
+            if status.is_redirection() {
+                if let (Some(etag), Some(size)) = (linked_etag, linked_size) {
+                    (remote.etag, remote.size) = (etag, size);
+                    return Ok(());
+                }
+                url = next_url(&url, headers)?;
+                continue;
+            }
+            let revision = remote.revision.clone();
+            return Err(self
+                .refusal(model, &revision, Some(&remote.file), &url, response)
+                .await);
+        }
+        Err(HubError::BadAnswer {
+            url,
+            reason: format!("more than {HUB_MAX_REDIRECTS} redirects"),
+        })
+    }
+
+    /// Bytes `range` of `remote`, checked: a 206 answer whose
+    /// `Content-Range` is the range asked for, of a file of the expected
+    /// size and ETag, and a body of exactly that many bytes.
+    pub async fn fetch_range(
+        &self,
+        remote: &RemoteFile,
+        range: Range<u64>,
+    ) -> Result<Vec<u8>, HubError> {
+        let refused = |reason: String| HubError::RangeRefused {
+            file: remote.file.clone(),
+            range: range.clone(),
+            reason,
+        };
+        let check_etag = |got: Option<String>| match got {
+            Some(got) if got != remote.etag => Err(HubError::Changed {
+                file: remote.file.clone(),
+                expected: remote.etag.clone(),
+                got,
+            }),
+            _ => Ok(()),
+        };
+        let mut url = self.file_url(remote);
+        let mut redirected = false;
+        for _ in 0..HUB_MAX_REDIRECTS {
+            let request = self.http.get(&url).header(
+                header::RANGE,
+                format!("bytes={}-{}", range.start, range.end - 1),
+            );
+            let response = self
+                .authorized(request, &url)
+                .send()
+                .await
+                .map_err(|e| unreachable(&url, &e))?;
+            let status = response.status();
+            if status.is_redirection() {
+                // The Hub names the file it redirects to; a CDN's own ETag
+                // is of its storage, not the content, so only this one counts.
+                check_etag(etag_in(response.headers(), "x-linked-etag"))?;
+                url = next_url(&url, response.headers())?;
+                redirected = true;
+                continue;
+            }
+            match status {
+                StatusCode::PARTIAL_CONTENT => {}
+                StatusCode::OK => {
+                    return Err(refused(
+                        "it sent the whole file instead (no byte ranges)".into(),
+                    ));
+                }
+                StatusCode::RANGE_NOT_SATISFIABLE => {
+                    return Err(refused(
+                        "it is past the end of the file, which must have changed".into(),
+                    ));
+                }
+                _ => {
+                    let model = HubModel {
+                        repo: remote.repo.clone(),
+                        quant: None,
+                        revision: Some(remote.revision.clone()),
+                    };
+                    return Err(self
+                        .refusal(&model, &remote.revision, Some(&remote.file), &url, response)
+                        .await);
+                }
+            }
+            if !redirected {
+                check_etag(etag_in(response.headers(), "etag"))?;
+            }
+            let content_range = text_in(response.headers(), header::CONTENT_RANGE.as_str());
+            let expected = format!("bytes {}-{}/{}", range.start, range.end - 1, remote.size);
+            if content_range.as_deref() != Some(expected.as_str()) {
+                return Err(refused(format!(
+                    "it answered with Content-Range {content_range:?}, not {expected:?}"
+                )));
+            }
+            let body = response.bytes().await.map_err(|e| unreachable(&url, &e))?;
+            if body.len() as u64 != range.end - range.start {
+                return Err(HubError::BadAnswer {
+                    url,
+                    reason: format!(
+                        "{} bytes arrived of the {} asked for (the connection dropped?)",
+                        body.len(),
+                        range.end - range.start
+                    ),
+                });
+            }
+            return Ok(body.to_vec());
+        }
+        Err(HubError::BadAnswer {
+            url,
+            reason: format!("more than {HUB_MAX_REDIRECTS} redirects"),
+        })
+    }
+
+    /// Adds the token to requests for the Hub itself, never to another
+    /// host (a storage redirect is signed already).
+    fn authorized(&self, request: reqwest::RequestBuilder, url: &str) -> reqwest::RequestBuilder {
+        match &self.config.token {
+            Some(token) if same_origin(url, &self.config.endpoint) => request.bearer_auth(token),
+            _ => request,
+        }
+    }
+
+    /// The error a refusing answer means, from its status and the Hub's
+    /// `X-Error-Code`.
+    async fn refusal(
+        &self,
+        model: &HubModel,
+        revision: &str,
+        file: Option<&str>,
+        url: &str,
+        response: reqwest::Response,
+    ) -> HubError {
+        let status = response.status();
+        let code = text_in(response.headers(), "x-error-code").unwrap_or_default();
+        let repo = model.repo.clone();
+        let endpoint = self.config.endpoint.clone();
+        match (status, code.as_str()) {
+            (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN, "GatedRepo")
+            | (StatusCode::FORBIDDEN, _) => HubError::Gated {
+                repo,
+                endpoint,
+                token_sent: self.config.token.is_some(),
+            },
+            (StatusCode::UNAUTHORIZED, _) if self.config.token.is_some() => HubError::Gated {
+                repo,
+                endpoint,
+                token_sent: true,
+            },
+            (StatusCode::UNAUTHORIZED, _) | (StatusCode::NOT_FOUND, "RepoNotFound") => {
+                HubError::RepoNotFound { repo, endpoint }
+            }
+            (StatusCode::NOT_FOUND, "RevisionNotFound") => HubError::RevisionNotFound {
+                repo,
+                revision: revision.to_string(),
+            },
+            (StatusCode::NOT_FOUND, _) if file.is_some() => HubError::FileNotFound {
+                repo,
+                file: file.unwrap_or_default().to_string(),
+                revision: revision.to_string(),
+            },
+            (StatusCode::NOT_FOUND, _) => HubError::RepoNotFound { repo, endpoint },
+            _ => {
+                let body = response.text().await.unwrap_or_default();
+                HubError::Status {
+                    url: url.to_string(),
+                    status,
+                    body: body.chars().take(200).collect(),
+                }
+            }
+        }
+    }
+}
+
+fn unreachable(url: &str, error: &reqwest::Error) -> HubError {
+    // reqwest's own message names only the outermost cause.
+    let mut reason = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        reason = format!("{reason}: {cause}");
+        source = cause.source();
+    }
+    HubError::Unreachable {
+        url: url.to_string(),
+        reason,
+    }
+}
+
+fn text_in(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+/// An ETag without its weak marker and quotes.
+fn etag_in(headers: &HeaderMap, name: &str) -> Option<String> {
+    text_in(headers, name).map(|v| v.trim_start_matches("W/").trim_matches('"').to_string())
+}
+
+fn number_in(headers: &HeaderMap, name: &str) -> Option<u64> {
+    text_in(headers, name).and_then(|v| v.parse().ok())
+}
+
+fn next_url(url: &str, headers: &HeaderMap) -> Result<String, HubError> {
+    let bad = |reason: &str| HubError::BadAnswer {
+        url: url.to_string(),
+        reason: reason.to_string(),
+    };
+    let location = text_in(headers, header::LOCATION.as_str())
+        .ok_or_else(|| bad("a redirect without a Location"))?;
+    let base = Url::parse(url).map_err(|_| bad("the URL does not parse"))?;
+    base.join(&location)
+        .map(String::from)
+        .map_err(|_| bad("the redirect's Location does not parse"))
+}
+
+fn same_origin(url: &str, endpoint: &str) -> bool {
+    match (Url::parse(url), Url::parse(endpoint)) {
+        (Ok(a), Ok(b)) => a.origin() == b.origin(),
+        _ => false,
+    }
+}

@@ -1,0 +1,468 @@
+//! A Hub model file held in part, in the Hugging Face cache.
+//!
+//! A complete file lives where `huggingface_hub` puts it
+//! (`models--ORG--REPO/blobs/<etag>`, linked from
+//! `snapshots/<commit>/<file>`), and one found there is used as it is. A
+//! file this node holds only part of lives beside it, under
+//! `models--ORG--REPO/.ringlet/`: `<etag>.partial`, a sparse file of the
+//! full size where only the fetched bytes are written (the holes take no
+//! disk), and `<etag>.ranges.json`, which bytes those are. A range is
+//! recorded only after its bytes are written, so a killed node loses at
+//! most the ranges in flight, and a later plan needing other layers
+//! fetches only what the record lacks. The kernels open the partial file
+//! like any GGUF file: they read the header, then only the tensors of the
+//! layers asked for, which are the bytes fetched.
+
+use std::fs::File;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use hf_hub::Repo;
+
+use super::client::{HubClient, HubError, RemoteFile};
+use super::naming::{HubModel, choose_file};
+use super::ranges::{self, RangeSet};
+use crate::limits::{
+    HUB_CHUNK_BYTES, HUB_CONCURRENT_RANGES, HUB_HEADER_FIRST_BYTES, HUB_HEADER_MAX_BYTES,
+    HUB_RETRY_FIRST_MS, HUB_RETRY_MAX_MS, HUB_TRIES,
+};
+
+/// A Hub model ready to open.
+#[derive(Debug, Clone)]
+pub struct HubFile {
+    /// The name API clients use (`ORG/REPO:QUANT`).
+    pub name: String,
+    /// The GGUF file to open: complete, or partial with its header.
+    pub path: PathBuf,
+    /// Present while the file is partial: fetches the ranges a shard needs.
+    pub partial: Option<Arc<PartialModel>>,
+}
+
+/// What a fetch did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fetched {
+    /// Bytes wanted in all.
+    pub wanted: u64,
+    /// Bytes of those already on disk.
+    pub on_disk: u64,
+    /// Bytes downloaded now.
+    pub downloaded: u64,
+}
+
+/// One Hub file of which this node holds some ranges.
+#[derive(Debug)]
+pub struct PartialModel {
+    client: HubClient,
+    remote: RemoteFile,
+    data_path: PathBuf,
+    record_path: PathBuf,
+    data: File,
+    have: Mutex<RangeSet>,
+    /// One fetch at a time: a second plan's fetch waits, then finds most of
+    /// its bytes on disk instead of fetching them twice.
+    fetching: tokio::sync::Mutex<()>,
+}
+
+/// Finds the file `model` names and makes it ready to open: a complete
+/// file already in the cache as it is; otherwise a partial file holding
+/// (at least) the header. When the Hub cannot be reached, a complete file
+/// cached earlier for the same name still serves.
+pub async fn open(client: &HubClient, model: &HubModel) -> Result<HubFile, HubError> {
+    let remote = match client.resolve(model).await {
+        Ok(remote) => remote,
+        Err(error @ HubError::Unreachable { .. }) => {
+            return cached_offline(client, model).ok_or(error);
+        }
+        Err(error) => return Err(error),
+    };
+    tracing::info!(
+        repo = %remote.repo,
+        file = %remote.file,
+        quant = remote.quant.as_deref().unwrap_or("unknown"),
+        commit = %remote.commit,
+        size_mib = remote.size >> 20,
+        "chose the model file on the Hugging Face Hub"
+    );
+    let name = remote.model_name();
+    let cache = CachePaths::new(client, &remote);
+    if std::fs::metadata(&cache.blob).is_ok_and(|m| m.len() == remote.size) {
+        cache.link_snapshot(client, &remote)?;
+        tracing::info!(path = %cache.snapshot.display(), "the model file is in the Hugging Face cache already");
+        return Ok(HubFile {
+            name,
+            path: cache.snapshot,
+            partial: None,
+        });
+    }
+    let partial = Arc::new(PartialModel::create(client.clone(), remote, &cache)?);
+    partial.fetch_header().await?;
+    if partial.have().covers(partial.remote.size) {
+        let path = partial.finish().await?;
+        return Ok(HubFile {
+            name,
+            path,
+            partial: None,
+        });
+    }
+    Ok(HubFile {
+        name,
+        path: partial.data_path.clone(),
+        partial: Some(partial),
+    })
+}
+
+/// A complete file in the cache for `model` at its revision, found without
+/// the Hub: `refs/<revision>` names the commit, whose snapshot's files are
+/// chosen from as the Hub's list would be.
+fn cached_offline(client: &HubClient, model: &HubModel) -> Option<HubFile> {
+    let revision = model.revision.clone().unwrap_or_else(|| "main".into());
+    let repo = Repo::with_revision(
+        model.repo.clone(),
+        hf_hub::RepoType::Model,
+        revision.clone(),
+    );
+    let folder = client.config().cache_dir.join(repo.folder_name());
+    let commit = std::fs::read_to_string(folder.join("refs").join(&revision))
+        .map(|c| c.trim().to_string())
+        .unwrap_or(revision);
+    let snapshot = folder.join("snapshots").join(&commit);
+    let files: Vec<String> = std::fs::read_dir(&snapshot)
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    let chosen = choose_file(model, &files).ok()?;
+    let [file] = chosen.parts.as_slice() else {
+        return None;
+    };
+    let path = snapshot.join(file);
+    path.is_file().then(|| {
+        tracing::warn!(path = %path.display(), "the Hub is unreachable; serving the file cached for this name");
+        let mut name = model.repo.clone();
+        if let Some(quant) = chosen.quant {
+            name = format!("{name}:{quant}");
+        }
+        HubFile {
+            name,
+            path,
+            partial: None,
+        }
+    })
+}
+
+/// Where one remote file's pieces live in the cache.
+struct CachePaths {
+    blob: PathBuf,
+    snapshot: PathBuf,
+    work_dir: PathBuf,
+}
+
+impl CachePaths {
+    fn new(client: &HubClient, remote: &RemoteFile) -> Self {
+        let folder = client.config().cache_dir.join(remote.repo().folder_name());
+        Self {
+            blob: folder.join("blobs").join(&remote.etag),
+            snapshot: folder
+                .join("snapshots")
+                .join(&remote.commit)
+                .join(&remote.file),
+            work_dir: folder.join(".ringlet"),
+        }
+    }
+
+    /// Links `snapshots/<commit>/<file>` to the blob, relatively, as
+    /// `huggingface_hub` does, and points `refs/<revision>` at the commit.
+    fn link_snapshot(&self, client: &HubClient, remote: &RemoteFile) -> Result<(), HubError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| HubError::Io { path, source }
+        };
+        if !self.snapshot.exists() {
+            let parent = self.snapshot.parent().unwrap_or(Path::new("."));
+            std::fs::create_dir_all(parent).map_err(io(parent))?;
+            // From snapshots/<commit>/<dirs...>/ up to the repo folder.
+            let depth = 2 + remote.file.matches('/').count();
+            let target = PathBuf::from("../".repeat(depth))
+                .join("blobs")
+                .join(&remote.etag);
+            let _ = std::fs::remove_file(&self.snapshot); // a dangling link
+            std::os::unix::fs::symlink(&target, &self.snapshot).map_err(io(&self.snapshot))?;
+        }
+        if remote.revision != remote.commit {
+            client
+                .cache()
+                .repo(remote.repo())
+                .create_ref(&remote.commit)
+                .map_err(io(&client.config().cache_dir))?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Record {
+    file: String,
+    etag: String,
+    size: u64,
+    have: RangeSet,
+}
+
+impl PartialModel {
+    /// Opens (or starts) the partial file of `remote`, with the record of
+    /// what an earlier run fetched.
+    fn create(client: HubClient, remote: RemoteFile, cache: &CachePaths) -> Result<Self, HubError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| HubError::Io { path, source }
+        };
+        std::fs::create_dir_all(&cache.work_dir).map_err(io(&cache.work_dir))?;
+        let data_path = cache.work_dir.join(format!("{}.partial", remote.etag));
+        let record_path = cache.work_dir.join(format!("{}.ranges.json", remote.etag));
+        let data = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&data_path)
+            .map_err(io(&data_path))?;
+        let len = data.metadata().map_err(io(&data_path))?.len();
+        let recorded = std::fs::read(&record_path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<Record>(&bytes).ok())
+            .filter(|r| r.etag == remote.etag && r.size == remote.size && len == remote.size);
+        let have = match recorded {
+            Some(record) => {
+                tracing::info!(
+                    file = %remote.file,
+                    on_disk_mib = record.have.bytes() >> 20,
+                    "resuming a partial download"
+                );
+                record.have
+            }
+            None => {
+                // Sparse: the length costs no disk until bytes are written.
+                data.set_len(remote.size).map_err(io(&data_path))?;
+                RangeSet::default()
+            }
+        };
+        Ok(Self {
+            client,
+            remote,
+            data_path,
+            record_path,
+            data,
+            have: Mutex::new(have),
+            fetching: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub fn remote(&self) -> &RemoteFile {
+        &self.remote
+    }
+
+    fn have(&self) -> std::sync::MutexGuard<'_, RangeSet> {
+        // Every write is one insert: the set stays consistent.
+        self.have.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Fetches the GGUF header: a first piece, grown until it holds the
+    /// whole header. Returns its length.
+    async fn fetch_header(&self) -> Result<u64, HubError> {
+        let size = self.remote.size;
+        let mut want = HUB_HEADER_FIRST_BYTES.min(size);
+        loop {
+            self.ensure(&[0..want], &|_, _| {}).await?;
+            let prefix = self.read(0..want)?;
+            if let Some(len) = kernels::header_len_in(&prefix) {
+                return Ok(len);
+            }
+            if want >= size || want >= HUB_HEADER_MAX_BYTES {
+                return Err(HubError::NotGguf {
+                    file: self.remote.file.clone(),
+                    reason: format!("no GGUF header fits in its first {want} bytes"),
+                });
+            }
+            want = (want * 4).min(size).min(HUB_HEADER_MAX_BYTES);
+        }
+    }
+
+    fn read(&self, range: Range<u64>) -> Result<Vec<u8>, HubError> {
+        let mut buf = vec![0u8; (range.end - range.start) as usize];
+        self.data
+            .read_exact_at(&mut buf, range.start)
+            .map_err(|source| HubError::Io {
+                path: self.data_path.clone(),
+                source,
+            })?;
+        Ok(buf)
+    }
+
+    /// Makes `wanted` present on disk, downloading only the parts that are
+    /// not, in pieces of at most [`HUB_CHUNK_BYTES`], at most
+    /// [`HUB_CONCURRENT_RANGES`] at once, each tried again after a pause
+    /// when the network or server falters. Calls `progress(done, total)`
+    /// over the bytes of `wanted`.
+    pub async fn ensure(
+        &self,
+        wanted: &[Range<u64>],
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<Fetched, HubError> {
+        let _one_at_a_time = self.fetching.lock().await;
+        let total = ranges::total(wanted);
+        let missing = self.have().missing(wanted);
+        let missing_bytes = ranges::total(&missing);
+        let on_disk = total - missing_bytes;
+        progress(on_disk, total);
+        if missing_bytes > 0 {
+            self.check_room(missing_bytes)?;
+            let started = Instant::now();
+            let mut fetches = futures_util::stream::iter(ranges::chunks(&missing, HUB_CHUNK_BYTES))
+                .map(|chunk| self.fetch_chunk(chunk))
+                .buffer_unordered(HUB_CONCURRENT_RANGES);
+            let mut done = on_disk;
+            while let Some(fetched) = fetches.next().await {
+                done += fetched?;
+                progress(done, total);
+            }
+            tracing::debug!(
+                file = %self.remote.file,
+                downloaded = missing_bytes,
+                ms = started.elapsed().as_millis() as u64,
+                "ranges fetched from the Hub"
+            );
+        }
+        Ok(Fetched {
+            wanted: total,
+            on_disk,
+            downloaded: missing_bytes,
+        })
+    }
+
+    /// Downloads one range, with pauses between tries, writes it and
+    /// records it. Returns its length.
+    async fn fetch_chunk(&self, range: Range<u64>) -> Result<u64, HubError> {
+        let mut pause = Duration::from_millis(HUB_RETRY_FIRST_MS);
+        let mut tries = 1;
+        let bytes = loop {
+            match self.client.fetch_range(&self.remote, range.clone()).await {
+                Ok(bytes) => break bytes,
+                Err(error) if error.is_transient() && tries < HUB_TRIES => {
+                    tracing::warn!(%error, start = range.start, end = range.end, try_again_ms = pause.as_millis() as u64, "a range request failed; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(HUB_RETRY_MAX_MS));
+                    tries += 1;
+                }
+                Err(error) => return Err(error),
+            }
+        };
+        self.data
+            .write_all_at(&bytes, range.start)
+            .map_err(|source| HubError::Io {
+                path: self.data_path.clone(),
+                source,
+            })?;
+        tracing::trace!(
+            source = "hub",
+            start = range.start,
+            end = range.end,
+            "range written"
+        );
+        self.record(range.clone())?;
+        Ok(range.end - range.start)
+    }
+
+    /// Adds `range` to the record on disk (written aside, then renamed, so
+    /// that a crash leaves the old record or the new one).
+    fn record(&self, range: Range<u64>) -> Result<(), HubError> {
+        let mut have = self.have();
+        have.insert(range);
+        let record = Record {
+            file: self.remote.file.clone(),
+            etag: self.remote.etag.clone(),
+            size: self.remote.size,
+            have: have.clone(),
+        };
+        let io = |source| HubError::Io {
+            path: self.record_path.clone(),
+            source,
+        };
+        let json = serde_json::to_vec(&record).map_err(|e| io(std::io::Error::other(e)))?;
+        let aside = self.record_path.with_extension("json.new");
+        std::fs::write(&aside, json).map_err(io)?;
+        std::fs::rename(&aside, &self.record_path).map_err(io)
+    }
+
+    /// Refuses when the disk cannot take `bytes` more.
+    fn check_room(&self, bytes: u64) -> Result<(), HubError> {
+        let dir = self.data_path.parent().unwrap_or(Path::new("."));
+        let Ok(stats) = rustix::fs::statvfs(dir) else {
+            return Ok(()); // unknown: the write will say
+        };
+        let free = stats.f_bavail.saturating_mul(stats.f_frsize);
+        if bytes > free {
+            return Err(HubError::NoRoom {
+                dir: dir.to_path_buf(),
+                file: self.remote.file.clone(),
+                needed_mib: bytes.div_ceil(1 << 20),
+                free_mib: free >> 20,
+            });
+        }
+        Ok(())
+    }
+
+    /// Downloads whatever of the file is missing, checks the whole file
+    /// against the Hub's SHA-256 and moves it into the cache proper.
+    /// Returns the path to open it by.
+    pub async fn complete(
+        &self,
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<(PathBuf, Fetched), HubError> {
+        let fetched = self.ensure(&[0..self.remote.size], progress).await?;
+        Ok((self.finish().await?, fetched))
+    }
+
+    /// The whole file is on disk: check it and move it into place.
+    async fn finish(&self) -> Result<PathBuf, HubError> {
+        let cache = CachePaths::new(&self.client, &self.remote);
+        let remote = &self.remote;
+        if remote.etag_is_sha256() {
+            let path = self.data_path.clone();
+            let hashed =
+                tokio::task::spawn_blocking(move || crate::model_store::sha256_file(&path))
+                    .await
+                    .map_err(|e| std::io::Error::other(e.to_string()))
+                    .and_then(|r| r);
+            let (_, sha256) = hashed.map_err(|source| HubError::Io {
+                path: self.data_path.clone(),
+                source,
+            })?;
+            if sha256 != remote.etag {
+                let moved = self.data_path.with_extension("damaged");
+                let _ = std::fs::rename(&self.data_path, &moved);
+                let _ = std::fs::remove_file(&self.record_path);
+                return Err(HubError::WrongHash {
+                    file: remote.file.clone(),
+                    expected: remote.etag.clone(),
+                    got: sha256,
+                    moved,
+                });
+            }
+        } else {
+            tracing::warn!(file = %remote.file, etag = %remote.etag, "the Hub gives no SHA-256 for this file: only its size and each range were checked");
+        }
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| HubError::Io { path, source }
+        };
+        let blobs = cache.blob.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(blobs).map_err(io(blobs))?;
+        std::fs::rename(&self.data_path, &cache.blob).map_err(io(&cache.blob))?;
+        let _ = std::fs::remove_file(&self.record_path);
+        cache.link_snapshot(&self.client, remote)?;
+        tracing::info!(file = %remote.file, path = %cache.snapshot.display(), "model file complete and verified");
+        Ok(cache.snapshot)
+    }
+}

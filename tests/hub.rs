@@ -1,0 +1,445 @@
+//! Models from the Hugging Face Hub, against a Hub-compatible server on
+//! loopback (`support/hub_server.py`, named in `HF_ENDPOINT`) that serves
+//! the default model as a repository with two quantizations (Q4_1 as
+//! published, Q8_0 made from it by `scripts/requantize_gguf.py`), a gated
+//! copy, and an empty repository. Every ringlet here starts from an empty
+//! Hugging Face cache of its own.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)] // test code: a failed expectation is the report
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use kernels::{LayerRange, ModelFile};
+use ringlet_node::model_store::sha256_file;
+use support::*;
+
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const REPO: &str = "ringlet-test/SmolLM2-135M-Instruct-GGUF";
+const GATED: &str = "ringlet-test/gated-GGUF";
+const EMPTY: &str = "ringlet-test/empty";
+const TOKEN: &str = "hf_ringlet_test_token";
+const Q4_FILE: &str = "SmolLM2-135M-Instruct-Q4_1.gguf";
+const Q8_FILE: &str = "SmolLM2-135M-Instruct-Q8_0.gguf";
+/// What a node may fetch beyond its slice: the header reads (the first
+/// 1 MiB piece and, when the header is longer, a 4 MiB one) and the
+/// repository listing.
+const HEADER_ALLOWANCE: u64 = (5 << 20) + (64 << 10);
+
+/// The Q8_0 variant of the default model; `tests/run` makes it.
+fn q8_model_file() -> PathBuf {
+    let path = std::env::var_os("RINGLET_TEST_Q8_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            panic!("RINGLET_TEST_Q8_MODEL must name the Q8_0 copy of the default model; `tests/run` makes it with scripts/requantize_gguf.py")
+        });
+    assert!(
+        path.is_file(),
+        "{} is missing; `tests/run` makes it",
+        path.display()
+    );
+    path
+}
+
+/// The repositories, laid out as the server reads them.
+fn hub_root(tag: &str) -> PathBuf {
+    let root = empty_dir(tag);
+    let link = |target: &Path, repo: &str, file: &str| {
+        let dir = root.join(repo);
+        std::fs::create_dir_all(&dir).expect("repository folder");
+        std::os::unix::fs::symlink(target, dir.join(file)).expect("link the model");
+        std::fs::write(dir.join("README.md"), "# test repository\n").expect("readme");
+    };
+    link(&model_file(), REPO, Q4_FILE);
+    link(&q8_model_file(), REPO, Q8_FILE);
+    link(&model_file(), GATED, Q4_FILE);
+    std::fs::write(root.join(GATED).join(".token"), TOKEN).expect("token");
+    std::fs::create_dir_all(root.join(EMPTY)).expect("empty repository");
+    std::fs::write(root.join(EMPTY).join("README.md"), "nothing here\n").expect("readme");
+    root
+}
+
+/// A `ringlet` command that sees only `endpoint` and the Hugging Face home
+/// `home` (and the token given, if any).
+fn ringlet(endpoint: &str, home: &Path, token: Option<&str>) -> Command {
+    let mut command = Command::new(ringlet_binary());
+    command
+        .env("HF_ENDPOINT", endpoint)
+        .env("HF_HOME", home)
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("HF_TOKEN_PATH")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null());
+    match token {
+        Some(token) => command.env("HF_TOKEN", token),
+        None => command.env_remove("HF_TOKEN"),
+    };
+    command
+}
+
+/// Runs `ringlet pull MODEL`: whether it succeeded, and what it printed.
+fn pull(endpoint: &str, home: &Path, model: &str, token: Option<&str>) -> (bool, String) {
+    let output = ringlet(endpoint, home, token)
+        .args(["pull", model])
+        .output()
+        .expect("run ringlet pull");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+fn assert_fails_saying(result: (bool, String), needles: &[&str]) {
+    let (ok, text) = result;
+    assert!(!ok, "expected a failure, got:\n{text}");
+    for needle in needles {
+        assert!(text.contains(needle), "no {needle:?} in:\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn each_hub_failure_says_what_to_do() {
+    let root = hub_root("hub-failures");
+    let server = HubServer::start(&root, 0);
+    let home = empty_dir("hub-failures-home");
+    let at = server.endpoint.as_str();
+    assert_fails_saying(
+        pull(at, &home, "ringlet-test/missing-GGUF", None),
+        &["has no repository ringlet-test/missing-GGUF", "HF_TOKEN"],
+    );
+    assert_fails_saying(pull(at, &home, EMPTY, None), &["holds no GGUF file"]);
+    assert_fails_saying(
+        pull(at, &home, &format!("{REPO}:Q5_K_M"), None),
+        &["has no GGUF file for Q5_K_M; it has: Q4_1, Q8_0"],
+    );
+    assert_fails_saying(
+        pull(at, &home, &format!("{REPO}@v9"), None),
+        &["has no revision `v9`"],
+    );
+    assert_fails_saying(
+        pull(at, &home, GATED, None),
+        &[
+            "is gated",
+            "accept its licence",
+            "HF_TOKEN",
+            "no token is set",
+        ],
+    );
+    assert_fails_saying(
+        pull(at, &home, GATED, Some("hf_wrong")),
+        &["is gated", "the token sent was refused"],
+    );
+    // A port nothing listens on: bind one, then let it go.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let closed_endpoint = format!("http://{}", closed.local_addr().expect("addr"));
+    drop(closed);
+    assert_fails_saying(
+        pull(&closed_endpoint, &home, REPO, None),
+        &["cannot reach the Hugging Face Hub", "HF_ENDPOINT"],
+    );
+    // The right token opens the gated repository; nothing else was fetched.
+    let (ok, text) = pull(at, &home, GATED, Some(TOKEN));
+    assert!(ok, "{text}");
+    assert!(text.contains("fetched and verified"), "{text}");
+}
+
+/// Reads `child`'s stderr until a line contains `needle`.
+fn wait_for_line(child: &mut std::process::Child, needle: &str) -> Vec<String> {
+    let stderr = child.stderr.take().expect("stderr piped");
+    let mut seen = Vec::new();
+    for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+        let hit = line.contains(needle);
+        seen.push(line);
+        if hit {
+            return seen;
+        }
+    }
+    panic!(
+        "no line with {needle:?}; the process said:\n{}",
+        seen.join("\n")
+    );
+}
+
+#[tokio::test]
+async fn a_pull_resumes_after_a_kill_and_lands_in_the_shared_cache() {
+    let root = hub_root("hub-resume");
+    // 16 MB/s: the 98 MB file takes six seconds, time to stop it midway.
+    let server = HubServer::start(&root, 16_000_000);
+    let home = empty_dir("hub-resume-home");
+    let size = std::fs::metadata(model_file()).expect("model").len();
+    let model = format!("{REPO}:q4_1"); // the quantization matches without case
+
+    let mut first = ringlet(&server.endpoint, &home, None)
+        .args(["pull", &model])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start ringlet pull");
+    wait_for_line(&mut first, "download 30%");
+    first.kill().expect("kill the pull");
+    let _ = first.wait();
+    let sent_before = server.bytes_sent_to("ringlet/0.1.0").await;
+    assert!(
+        sent_before < size,
+        "the first pull finished before the kill"
+    );
+
+    let (ok, text) = pull(&server.endpoint, &home, &model, None);
+    assert!(ok, "{text}");
+    assert!(
+        !text.contains(", 0.0 MiB were on disk"),
+        "nothing was resumed:\n{text}"
+    );
+    let sent = server.bytes_sent_to("ringlet/0.1.0").await;
+    // At most the ranges in flight at the kill (4 × 4 MiB) are fetched twice.
+    assert!(
+        sent <= size + (16 << 20) + (64 << 10),
+        "{sent} bytes sent for a {size}-byte file"
+    );
+
+    // The file sits where huggingface_hub puts it: a blob named by its
+    // SHA-256, linked from the commit's snapshot, and the ref names it.
+    let (_, sha256) = sha256_file(&model_file()).expect("hash");
+    let folder = home.join("hub/models--ringlet-test--SmolLM2-135M-Instruct-GGUF");
+    let commit = std::fs::read_to_string(folder.join("refs/main")).expect("refs/main");
+    let snapshot = folder.join("snapshots").join(commit.trim()).join(Q4_FILE);
+    let link = std::fs::read_link(&snapshot).expect("the snapshot is a link");
+    assert_eq!(link, Path::new("../../blobs").join(&sha256));
+    assert_eq!(sha256_file(&snapshot).expect("hash").1, sha256);
+    assert!(
+        !folder
+            .join(".ringlet")
+            .join(format!("{sha256}.partial"))
+            .exists(),
+        "the partial file stayed behind"
+    );
+
+    // Pulled again: found in the cache, no model bytes sent.
+    let (ok, text) = pull(&server.endpoint, &home, &model, None);
+    assert!(ok && text.contains("is in the cache"), "{text}");
+    let again = server.bytes_sent_to("ringlet/0.1.0").await;
+    assert!(
+        again - sent < 64 << 10,
+        "{} bytes sent for a cached file",
+        again - sent
+    );
+}
+
+#[tokio::test]
+async fn run_picks_the_quantization_asked_for() {
+    let root = hub_root("hub-run");
+    let server = HubServer::start(&root, 0);
+    let home = empty_dir("hub-run-home");
+    let answer = |model: &str| {
+        let output = ringlet(&server.endpoint, &home, None)
+            .args(["run", model, "--prompt", "What is the capital of France?"])
+            .args(["--temperature", "0", "--max-tokens", "24", "--threads", "2"])
+            .output()
+            .expect("run ringlet run");
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(output.status.success(), "{model}: {stderr}");
+        (String::from_utf8_lossy(&output.stdout).into_owned(), stderr)
+    };
+    let q8 = q8_model_file();
+    let (from_hub, log) = answer(&format!("{REPO}:Q8_0"));
+    assert!(
+        log.contains(Q8_FILE),
+        "the log names no chosen file:\n{log}"
+    );
+    let (from_file, _) = answer(q8.to_str().expect("utf-8 path"));
+    assert_eq!(from_hub, from_file);
+    assert!(!from_hub.trim().is_empty());
+}
+
+fn chat_body_for(model: &str, user: &str) -> String {
+    serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": user}],
+        "max_tokens": 24,
+        "temperature": 0,
+    })
+    .to_string()
+}
+
+fn self_layers(view: &serde_json::Value) -> LayerRange {
+    let me = view["nodes"]
+        .as_array()
+        .and_then(|nodes| nodes.iter().find(|n| n["status"] == "self"))
+        .expect("the node itself in the view");
+    serde_json::from_value(me["layers"].clone()).expect("layers")
+}
+
+#[tokio::test]
+async fn three_nodes_fetch_only_their_slices_and_answer_as_one_node() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let root = hub_root("hub-three");
+    // A fixed rate, so that the figures compare with whole-file downloads.
+    let rate: u64 = 40_000_000;
+    let server = HubServer::start(&root, rate);
+    let model = format!("{REPO}:Q4_1");
+    let started = Instant::now();
+    let mut nodes: Vec<Node> = Vec::new();
+    for i in 0..3 {
+        let home = empty_dir(&format!("hub-three-home-{i}"));
+        let name = format!("node-{i}");
+        let mut flags = vec![
+            "--model",
+            &model,
+            "--memory-budget",
+            "45MiB",
+            "--name",
+            &name,
+        ];
+        let first = nodes.first().map(|n: &Node| n.addr.to_string());
+        if let Some(first) = &first {
+            flags.extend(["--peer", first.as_str()]);
+        }
+        let home = home.to_string_lossy().into_owned();
+        nodes.push(Node::start_with_env(
+            &flags,
+            &[
+                ("HF_ENDPOINT", server.endpoint.as_str()),
+                ("HF_HOME", &home),
+                ("HF_TOKEN", ""),
+            ],
+        ));
+    }
+    for node in &mut nodes {
+        node.wait_for_log("plan active: 3 stages", START_TIMEOUT);
+    }
+    let question = "Name three colours of the rainbow.";
+    let ring = request(
+        nodes[1].addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&chat_body_for(&model, question)),
+    )
+    .await;
+    let to_first_answer = started.elapsed();
+    assert_eq!(ring.status, 200, "{}", ring.body);
+
+    // Each node fetched its slice and the header, and no more.
+    let file = ModelFile::open(model_file()).expect("the default model");
+    let size = std::fs::metadata(model_file()).expect("model").len();
+    let mut total = 0;
+    for (i, node) in nodes.iter().enumerate() {
+        let view = get_json(node.addr, "/v1/cluster").await;
+        let layers = self_layers(&view);
+        let slice: u64 = file
+            .shard_byte_ranges(layers)
+            .expect("ranges")
+            .iter()
+            .map(|r| r.end - r.start)
+            .sum();
+        let fetched = server.bytes_sent_to(&format!("node/node-{i}")).await;
+        eprintln!(
+            "node-{i}: layers {layers}, slice {slice} bytes, fetched {fetched} bytes of a {size}-byte file"
+        );
+        assert!(
+            fetched >= slice,
+            "node-{i} fetched {fetched} bytes, less than its slice {slice}"
+        );
+        assert!(
+            fetched <= slice + HEADER_ALLOWANCE,
+            "node-{i} fetched {fetched} bytes for a {slice}-byte slice"
+        );
+        assert!(
+            fetched < size * 6 / 10,
+            "node-{i} fetched {fetched} of {size} bytes"
+        );
+        total += fetched;
+    }
+    eprintln!(
+        "three empty caches to the first answer: {:.1} s; one whole file per node at {} MB/s would take {:.1} s to download alone",
+        to_first_answer.as_secs_f64(),
+        rate / 1_000_000,
+        (3 * size) as f64 / rate as f64
+    );
+    // The tied embedding is both the first stage's input and the last
+    // one's head, so the slices overlap by it: more than one file in all.
+    eprintln!(
+        "fetched in all: {total} bytes, {:.2} files",
+        total as f64 / size as f64
+    );
+
+    // The answers are one node's with the whole file, bit for bit.
+    drop(nodes);
+    let path = model_file();
+    let alone = Node::start_ready(&["--model", path.to_str().expect("utf-8 path")]);
+    let name = path
+        .file_stem()
+        .expect("stem")
+        .to_string_lossy()
+        .into_owned();
+    let one = request(
+        alone.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&chat_body_for(&name, question)),
+    )
+    .await;
+    assert_eq!(one.status, 200, "{}", one.body);
+    assert_eq!(
+        ring.json()["choices"][0]["message"]["content"],
+        one.json()["choices"][0]["message"]["content"]
+    );
+}
+
+#[tokio::test]
+async fn a_node_whose_hub_goes_away_says_so_and_keeps_serving() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let root = hub_root("hub-gone");
+    // Slow enough that the slice cannot arrive before the server stops.
+    let server = HubServer::start(&root, 2_000_000);
+    let home = empty_dir("hub-gone-home");
+    let home = home.to_string_lossy().into_owned();
+    let model = format!("{REPO}:Q4_1");
+    let mut node = Node::start_with_env(
+        &["--model", &model],
+        &[
+            ("HF_ENDPOINT", server.endpoint.as_str()),
+            ("HF_HOME", &home),
+            ("HF_TOKEN", ""),
+        ],
+    );
+    node.wait_for_log("loading layers for the new plan", START_TIMEOUT);
+    drop(server);
+    let line = node.wait_for_log("cannot load this node's layers", START_TIMEOUT);
+    assert!(line.contains("cannot reach the Hugging Face Hub"), "{line}");
+    // The node still answers, and says why it has no model.
+    let health = request(node.addr, "GET", "/healthz", None).await;
+    assert!(node.is_running());
+    assert!(
+        health.status == 200 || health.status == 503,
+        "{}",
+        health.body
+    );
+    let view = wait_for_cluster(node.addr, REQUEST_TIMEOUT, |view| {
+        view["nodes"].as_array().is_some_and(|nodes| {
+            nodes.iter().any(|n| {
+                n["models"].as_array().is_some_and(|models| {
+                    models
+                        .iter()
+                        .any(|m| m["name"] == model.as_str() && m["error"].is_string())
+                })
+            })
+        })
+    })
+    .await;
+    let chat = request(
+        node.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&chat_body_for(&model, "hi")),
+    )
+    .await;
+    assert_eq!(chat.status, 503, "{}", chat.body);
+    assert!(!view.is_null());
+}
