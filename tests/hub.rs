@@ -21,6 +21,7 @@ use support::*;
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const REPO: &str = "ringlet-test/SmolLM2-135M-Instruct-GGUF";
+const SPLIT: &str = "ringlet-test/SmolLM2-135M-Instruct-split-GGUF";
 const GATED: &str = "ringlet-test/gated-GGUF";
 const EMPTY: &str = "ringlet-test/empty";
 const TOKEN: &str = "hf_ringlet_test_token";
@@ -46,6 +47,23 @@ fn q8_model_file() -> PathBuf {
     path
 }
 
+/// The default model split in three parts; `tests/run` makes them.
+fn split_parts() -> Vec<PathBuf> {
+    let dir = std::env::var_os("RINGLET_TEST_SPLIT_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| panic!("RINGLET_TEST_SPLIT_DIR must name the folder of the default model split in three; `tests/run` makes it with scripts/split_gguf.py"));
+    (1..=3)
+        .map(|n| dir.join(format!("SmolLM2-135M-Instruct-Q4_1-{n:05}-of-00003.gguf")))
+        .inspect(|part| {
+            assert!(
+                part.is_file(),
+                "{} is missing; `tests/run` makes it",
+                part.display()
+            )
+        })
+        .collect()
+}
+
 /// The repositories, laid out as the server reads them.
 fn hub_root(tag: &str) -> PathBuf {
     let root = empty_dir(tag);
@@ -58,6 +76,14 @@ fn hub_root(tag: &str) -> PathBuf {
     link(&model_file(), REPO, Q4_FILE);
     link(&q8_model_file(), REPO, Q8_FILE);
     link(&model_file(), GATED, Q4_FILE);
+    for part in split_parts() {
+        let name = part
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        link(&part, SPLIT, &name);
+    }
     std::fs::write(root.join(GATED).join(".token"), TOKEN).expect("token");
     std::fs::create_dir_all(root.join(EMPTY)).expect("empty repository");
     std::fs::write(root.join(EMPTY).join("README.md"), "nothing here\n").expect("readme");
@@ -336,6 +362,7 @@ async fn three_nodes_fetch_only_their_slices_and_answer_as_one_node() {
             .shard_byte_ranges(layers)
             .expect("ranges")
             .iter()
+            .flatten()
             .map(|r| r.end - r.start)
             .sum();
         let fetched = server.bytes_sent_to(&format!("node/node-{i}")).await;
@@ -442,4 +469,87 @@ async fn a_node_whose_hub_goes_away_says_so_and_keeps_serving() {
     .await;
     assert_eq!(chat.status, 503, "{}", chat.body);
     assert!(!view.is_null());
+}
+
+#[tokio::test]
+async fn a_split_model_answers_as_the_single_file_locally_and_from_the_hub() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let question = "Why is the sea salty?";
+    let answer_of = |node: &Node, model: &str| {
+        let body = chat_body_for(model, question);
+        let addr = node.addr;
+        async move {
+            let response = request(addr, "POST", "/v1/chat/completions", Some(&body)).await;
+            assert_eq!(response.status, 200, "{}", response.body);
+            response.json()["choices"][0]["message"]["content"].clone()
+        }
+    };
+    let whole = model_file();
+    let whole_name = whole
+        .file_stem()
+        .expect("stem")
+        .to_string_lossy()
+        .into_owned();
+    let expected = {
+        let node = Node::start_ready(&["--model", whole.to_str().expect("utf-8")]);
+        answer_of(&node, &whole_name).await
+    };
+
+    // Local: the first part names the model; the others are found beside it.
+    let parts = split_parts();
+    let first = parts[0].to_str().expect("utf-8");
+    let first_name = parts[0]
+        .file_stem()
+        .expect("stem")
+        .to_string_lossy()
+        .into_owned();
+    let local = Node::start_ready(&["--model", first]);
+    assert_eq!(answer_of(&local, &first_name).await, expected);
+    drop(local);
+
+    // From the Hub, on two nodes: each fetches its tensors from every part.
+    let root = hub_root("hub-split");
+    let server = HubServer::start(&root, 0);
+    let model = format!("{SPLIT}:Q4_1");
+    let mut nodes: Vec<Node> = Vec::new();
+    for i in 0..2 {
+        let home = empty_dir(&format!("hub-split-home-{i}"));
+        let home = home.to_string_lossy().into_owned();
+        let name = format!("node-{i}");
+        let mut flags = vec![
+            "--model",
+            &model,
+            "--memory-budget",
+            "70MiB",
+            "--name",
+            &name,
+        ];
+        let first = nodes.first().map(|n: &Node| n.addr.to_string());
+        if let Some(first) = &first {
+            flags.extend(["--peer", first.as_str()]);
+        }
+        nodes.push(Node::start_with_env(
+            &flags,
+            &[
+                ("HF_ENDPOINT", server.endpoint.as_str()),
+                ("HF_HOME", &home),
+                ("HF_TOKEN", ""),
+            ],
+        ));
+    }
+    for node in &mut nodes {
+        node.wait_for_log("plan active: 2 stages", START_TIMEOUT);
+    }
+    assert_eq!(answer_of(&nodes[0], &model).await, expected);
+    let total: u64 = parts
+        .iter()
+        .map(|p| std::fs::metadata(p).expect("part").len())
+        .sum();
+    for i in 0..2 {
+        let fetched = server.bytes_sent_to(&format!("node/node-{i}")).await;
+        assert!(
+            fetched < total * 8 / 10,
+            "node-{i} fetched {fetched} of {total} bytes"
+        );
+    }
 }

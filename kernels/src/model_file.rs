@@ -5,7 +5,7 @@
 //! chat template. Loading a shard reads only that shard's tensors.
 
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 
@@ -33,8 +33,19 @@ impl ModelFile {
     /// Reads the header of the GGUF file at `path` and checks that it is a
     /// model ringlet can run: a known architecture, and every tensor it
     /// needs present and inside the file.
+    /// The first part of a split model brings the others, found beside it
+    /// by name.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
-        let gguf = GgufFile::open(path.as_ref())?;
+        Self::from_gguf(GgufFile::open(path.as_ref())?)
+    }
+
+    /// Like [`open`](Self::open), for a model split in parts whose paths
+    /// are given in order (one path: an unsplit file).
+    pub fn open_parts(paths: &[PathBuf]) -> Result<Self> {
+        Self::from_gguf(GgufFile::open_parts(paths)?)
+    }
+
+    fn from_gguf(gguf: GgufFile) -> Result<Self> {
         let (architecture, config) = models::for_metadata(gguf.metadata())?;
         let model = Self {
             gguf,
@@ -45,8 +56,14 @@ impl ModelFile {
         Ok(model)
     }
 
+    /// The file's path (the first part's, when split).
     pub fn path(&self) -> &Path {
         self.gguf.path()
+    }
+
+    /// The files the model is stored in: 1 unless split.
+    pub fn part_count(&self) -> usize {
+        self.gguf.part_count()
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -144,30 +161,28 @@ impl ModelFile {
             .sum()
     }
 
-    /// Where the data of a shard's tensors lie in the file, as `[start,
-    /// end)` byte ranges in file order, adjacent tensors joined: what a
-    /// node must have on disk to load the shard.
-    pub fn shard_byte_ranges(&self, range: LayerRange) -> Result<Vec<Range<u64>>> {
-        let mut extents = self
-            .shard_tensors(range)?
-            .iter()
-            .map(|name| self.gguf.tensor_extent(name))
-            .collect::<Result<Vec<_>>>()?;
-        extents.sort_by_key(|extent| extent.start);
-        let mut joined: Vec<Range<u64>> = Vec::with_capacity(extents.len());
-        for extent in extents {
-            match joined.last_mut() {
-                Some(last) if extent.start <= last.end => last.end = last.end.max(extent.end),
-                _ => joined.push(extent),
-            }
+    /// Where the data of a shard's tensors lie: for each part of the
+    /// model (one list for an unsplit file), `[start, end)` byte ranges in
+    /// file order, adjacent tensors joined. What a node must have on disk
+    /// to load the shard.
+    pub fn shard_byte_ranges(&self, range: LayerRange) -> Result<Vec<Vec<Range<u64>>>> {
+        let mut by_part: Vec<Vec<Range<u64>>> = vec![Vec::new(); self.part_count()];
+        for name in self.shard_tensors(range)? {
+            let (part, extent) = self.gguf.tensor_extent(&name)?;
+            by_part[part].push(extent);
         }
-        Ok(joined)
-    }
-
-    /// Bytes of the header (metadata and tensor directory), which every
-    /// node reads before it holds any weights.
-    pub fn header_len(&self) -> u64 {
-        self.gguf.header_len()
+        for extents in &mut by_part {
+            extents.sort_by_key(|extent| extent.start);
+            let mut joined: Vec<Range<u64>> = Vec::with_capacity(extents.len());
+            for extent in extents.drain(..) {
+                match joined.last_mut() {
+                    Some(last) if extent.start <= last.end => last.end = last.end.max(extent.end),
+                    _ => joined.push(extent),
+                }
+            }
+            *extents = joined;
+        }
+        Ok(by_part)
     }
 
     fn check_range(&self, range: LayerRange) -> Result<()> {

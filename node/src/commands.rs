@@ -54,7 +54,7 @@ async fn pull_from_hub(model: &HubModel) -> anyhow::Result<()> {
     let client = HubClient::new(HubConfig::from_env())?;
     let file = hub::open(&client, model).await?;
     let Some(partial) = file.partial else {
-        println!("{} is in the cache: {}", file.name, file.path.display());
+        println!("{} is in the cache: {}", file.name, file.paths[0].display());
         return Ok(());
     };
     let progress = FetchProgress::new(file.name.clone(), |_, _| {});
@@ -62,13 +62,13 @@ async fn pull_from_hub(model: &HubModel) -> anyhow::Result<()> {
         .complete(&|done, total| progress.update(done, total))
         .await;
     drop(progress);
-    let (path, fetched) = completed?;
+    let (paths, fetched) = completed?;
     println!(
         "{} fetched and verified ({:.1} MiB downloaded, {:.1} MiB were on disk): {}",
         file.name,
         fetched.downloaded as f64 / (1 << 20) as f64,
         fetched.on_disk as f64 / (1 << 20) as f64,
-        path.display()
+        paths[0].display()
     );
     Ok(())
 }

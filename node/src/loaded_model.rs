@@ -28,7 +28,9 @@ pub struct OpenedModel {
 /// Where a model's file is.
 struct Located {
     name: String,
-    path: PathBuf,
+    /// The file, or the parts of a split Hub model in order. (A local split
+    /// model is named by its first part, which finds the others.)
+    paths: Vec<PathBuf>,
     partial: Option<Arc<PartialModel>>,
 }
 
@@ -40,7 +42,7 @@ async fn locate(runtime: &RuntimeConfig, model: &str) -> anyhow::Result<Located>
         Ok(resolved) => {
             return Ok(Located {
                 name: resolved.name,
-                path: resolved.path,
+                paths: vec![resolved.path],
                 partial: None,
             });
         }
@@ -57,7 +59,7 @@ async fn locate(runtime: &RuntimeConfig, model: &str) -> anyhow::Result<Located>
     let file = hub::open(&client, &hub_model).await?;
     Ok(Located {
         name: file.name,
-        path: file.path,
+        paths: file.paths,
         partial: file.partial,
     })
 }
@@ -68,11 +70,14 @@ impl OpenedModel {
     pub async fn open(runtime: &RuntimeConfig, model: &str) -> anyhow::Result<Self> {
         let Located {
             name,
-            path,
+            paths,
             partial,
         } = locate(runtime, model).await?;
         tokio::task::spawn_blocking(move || {
-            let file = ModelFile::open(&path)?;
+            let file = match paths.as_slice() {
+                [path] => ModelFile::open(path)?,
+                parts => ModelFile::open_parts(parts)?,
+            };
             let tokenizer = Arc::new(file.tokenizer()?);
             let template = file.chat_template(&tokenizer)?;
             let prompt = PromptBuilder::new(tokenizer, template, file.config().context_length);

@@ -141,15 +141,6 @@ pub enum HubError {
     Choice(#[from] ChoiceError),
 
     #[error(
-        "{repo}: {first} is split in {parts} parts, and ringlet cannot load split GGUF files yet; merge them with llama.cpp's `llama-gguf-split --merge` and serve the merged file by its path, or choose an unsplit quantization"
-    )]
-    Split {
-        repo: String,
-        first: String,
-        parts: usize,
-    },
-
-    #[error(
         "cannot reach the Hugging Face Hub at {url}: {reason}; check the network (or HF_ENDPOINT), or serve a model already in the cache"
     )]
     Unreachable { url: String, reason: String },
@@ -280,9 +271,9 @@ impl HubClient {
     }
 
     /// Finds the file `model` names: lists the repository at its revision,
-    /// chooses the GGUF file as llama.cpp does, and reads its size, ETag
-    /// and commit.
-    pub async fn resolve(&self, model: &HubModel) -> Result<RemoteFile, HubError> {
+    /// chooses the GGUF file as llama.cpp does, and reads the size, ETag
+    /// and commit of it, or of each of its parts when it is split.
+    pub async fn resolve(&self, model: &HubModel) -> Result<Vec<RemoteFile>, HubError> {
         let revision = model.revision.clone().unwrap_or_else(|| "main".into());
         let repo = Repo::with_revision(model.repo.clone(), RepoType::Model, revision.clone());
         let request = self
@@ -301,24 +292,21 @@ impl HubClient {
         })?;
         let files: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
         let chosen = choose_file(model, &files)?;
-        let [file] = chosen.parts.as_slice() else {
-            return Err(HubError::Split {
+        let mut parts = Vec::with_capacity(chosen.parts.len());
+        for file in chosen.parts {
+            let mut remote = RemoteFile {
                 repo: model.repo.clone(),
-                first: chosen.parts.first().cloned().unwrap_or_default(),
-                parts: chosen.parts.len(),
-            });
-        };
-        let mut remote = RemoteFile {
-            repo: model.repo.clone(),
-            revision,
-            commit: info.sha,
-            file: file.clone(),
-            quant: chosen.quant,
-            size: 0,
-            etag: String::new(),
-        };
-        self.head(model, &mut remote).await?;
-        Ok(remote)
+                revision: revision.clone(),
+                commit: info.sha.clone(),
+                file,
+                quant: chosen.quant.clone(),
+                size: 0,
+                etag: String::new(),
+            };
+            self.head(model, &mut remote).await?;
+            parts.push(remote);
+        }
+        Ok(parts)
     }
 
     /// The file's URL, pinned to its commit so that a branch moving on

@@ -11,7 +11,8 @@
 //! most the ranges in flight, and a later plan needing other layers
 //! fetches only what the record lacks. The kernels open the partial file
 //! like any GGUF file: they read the header, then only the tensors of the
-//! layers asked for, which are the bytes fetched.
+//! layers asked for, which are the bytes fetched. A model split in parts
+//! is one such file per part, each complete or partial on its own.
 
 use std::fs::File;
 use std::ops::Range;
@@ -21,6 +22,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use futures_util::future::{BoxFuture, FutureExt};
 use hf_hub::Repo;
 
 use super::client::{HubClient, HubError, RemoteFile};
@@ -36,9 +38,11 @@ use crate::limits::{
 pub struct HubFile {
     /// The name API clients use (`ORG/REPO:QUANT`).
     pub name: String,
-    /// The GGUF file to open: complete, or partial with its header.
-    pub path: PathBuf,
-    /// Present while the file is partial: fetches the ranges a shard needs.
+    /// The GGUF file to open, or its parts in order: complete, or partial
+    /// with their headers.
+    pub paths: Vec<PathBuf>,
+    /// Present while some part is partial: fetches the ranges a shard
+    /// needs.
     pub partial: Option<Arc<PartialModel>>,
 }
 
@@ -53,65 +57,89 @@ pub struct Fetched {
     pub downloaded: u64,
 }
 
-/// One Hub file of which this node holds some ranges.
+/// A Hub model (one file, or the parts of a split one) of which this node
+/// holds some ranges.
 #[derive(Debug)]
 pub struct PartialModel {
+    parts: Vec<Part>,
+    /// One fetch at a time: a second plan's fetch waits, then finds most of
+    /// its bytes on disk instead of fetching them twice.
+    fetching: tokio::sync::Mutex<()>,
+}
+
+/// One file of a model.
+#[derive(Debug)]
+enum Part {
+    Complete(PathBuf),
+    Partial(PartialFile),
+}
+
+/// One Hub file of which this node holds some ranges.
+#[derive(Debug)]
+struct PartialFile {
     client: HubClient,
     remote: RemoteFile,
     data_path: PathBuf,
     record_path: PathBuf,
     data: File,
     have: Mutex<RangeSet>,
-    /// One fetch at a time: a second plan's fetch waits, then finds most of
-    /// its bytes on disk instead of fetching them twice.
-    fetching: tokio::sync::Mutex<()>,
 }
 
 /// Finds the file `model` names and makes it ready to open: a complete
 /// file already in the cache as it is; otherwise a partial file holding
-/// (at least) the header. When the Hub cannot be reached, a complete file
-/// cached earlier for the same name still serves.
+/// (at least) the header. The same for each part of a split model. When
+/// the Hub cannot be reached, a complete file cached earlier for the same
+/// name still serves.
 pub async fn open(client: &HubClient, model: &HubModel) -> Result<HubFile, HubError> {
-    let remote = match client.resolve(model).await {
-        Ok(remote) => remote,
+    let remotes = match client.resolve(model).await {
+        Ok(remotes) => remotes,
         Err(error @ HubError::Unreachable { .. }) => {
             return cached_offline(client, model).ok_or(error);
         }
         Err(error) => return Err(error),
     };
+    let Some(first) = remotes.first() else {
+        return Err(HubError::Choice(super::naming::ChoiceError::NoGguf {
+            repo: model.repo.clone(),
+        }));
+    };
+    let name = first.model_name();
     tracing::info!(
-        repo = %remote.repo,
-        file = %remote.file,
-        quant = remote.quant.as_deref().unwrap_or("unknown"),
-        commit = %remote.commit,
-        size_mib = remote.size >> 20,
+        repo = %first.repo,
+        file = %first.file,
+        parts = remotes.len(),
+        quant = first.quant.as_deref().unwrap_or("unknown"),
+        commit = %first.commit,
+        size_mib = remotes.iter().map(|r| r.size).sum::<u64>() >> 20,
         "chose the model file on the Hugging Face Hub"
     );
-    let name = remote.model_name();
-    let cache = CachePaths::new(client, &remote);
-    if std::fs::metadata(&cache.blob).is_ok_and(|m| m.len() == remote.size) {
-        cache.link_snapshot(client, &remote)?;
-        tracing::info!(path = %cache.snapshot.display(), "the model file is in the Hugging Face cache already");
-        return Ok(HubFile {
-            name,
-            path: cache.snapshot,
-            partial: None,
-        });
+    let mut parts = Vec::with_capacity(remotes.len());
+    for remote in remotes {
+        let cache = CachePaths::new(client, &remote);
+        if std::fs::metadata(&cache.blob).is_ok_and(|m| m.len() == remote.size) {
+            cache.link_snapshot(client, &remote)?;
+            tracing::info!(path = %cache.snapshot.display(), "the model file is in the Hugging Face cache already");
+            parts.push(Part::Complete(cache.snapshot));
+            continue;
+        }
+        let partial = PartialFile::create(client.clone(), remote, &cache)?;
+        partial.fetch_header().await?;
+        if partial.have().covers(partial.remote.size) {
+            parts.push(Part::Complete(partial.finish().await?));
+        } else {
+            parts.push(Part::Partial(partial));
+        }
     }
-    let partial = Arc::new(PartialModel::create(client.clone(), remote, &cache)?);
-    partial.fetch_header().await?;
-    if partial.have().covers(partial.remote.size) {
-        let path = partial.finish().await?;
-        return Ok(HubFile {
-            name,
-            path,
-            partial: None,
-        });
-    }
+    let model = PartialModel {
+        parts,
+        fetching: tokio::sync::Mutex::new(()),
+    };
+    let paths = model.paths();
+    let complete = model.parts.iter().all(|p| matches!(p, Part::Complete(_)));
     Ok(HubFile {
         name,
-        path: partial.data_path.clone(),
-        partial: Some(partial),
+        paths,
+        partial: (!complete).then(|| Arc::new(model)),
     })
 }
 
@@ -135,19 +163,16 @@ fn cached_offline(client: &HubClient, model: &HubModel) -> Option<HubFile> {
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .collect();
     let chosen = choose_file(model, &files).ok()?;
-    let [file] = chosen.parts.as_slice() else {
-        return None;
-    };
-    let path = snapshot.join(file);
-    path.is_file().then(|| {
-        tracing::warn!(path = %path.display(), "the Hub is unreachable; serving the file cached for this name");
+    let paths: Vec<PathBuf> = chosen.parts.iter().map(|f| snapshot.join(f)).collect();
+    paths.iter().all(|p| p.is_file()).then(|| {
+        tracing::warn!(path = %paths[0].display(), "the Hub is unreachable; serving the file cached for this name");
         let mut name = model.repo.clone();
         if let Some(quant) = chosen.quant {
             name = format!("{name}:{quant}");
         }
         HubFile {
             name,
-            path,
+            paths,
             partial: None,
         }
     })
@@ -210,7 +235,7 @@ struct Record {
     have: RangeSet,
 }
 
-impl PartialModel {
+impl PartialFile {
     /// Opens (or starts) the partial file of `remote`, with the record of
     /// what an earlier run fetched.
     fn create(client: HubClient, remote: RemoteFile, cache: &CachePaths) -> Result<Self, HubError> {
@@ -255,12 +280,7 @@ impl PartialModel {
             record_path,
             data,
             have: Mutex::new(have),
-            fetching: tokio::sync::Mutex::new(()),
         })
-    }
-
-    pub fn remote(&self) -> &RemoteFile {
-        &self.remote
     }
 
     fn have(&self) -> std::sync::MutexGuard<'_, RangeSet> {
@@ -274,7 +294,10 @@ impl PartialModel {
         let size = self.remote.size;
         let mut want = HUB_HEADER_FIRST_BYTES.min(size);
         loop {
-            self.ensure(&[0..want], &|_, _| {}).await?;
+            let missing = self.have().missing(&[0..want]);
+            for chunk in ranges::chunks(&missing, HUB_CHUNK_BYTES) {
+                self.fetch_chunk(chunk).await?;
+            }
             let prefix = self.read(0..want)?;
             if let Some(len) = kernels::header_len_in(&prefix) {
                 return Ok(len);
@@ -298,47 +321,6 @@ impl PartialModel {
                 source,
             })?;
         Ok(buf)
-    }
-
-    /// Makes `wanted` present on disk, downloading only the parts that are
-    /// not, in pieces of at most [`HUB_CHUNK_BYTES`], at most
-    /// [`HUB_CONCURRENT_RANGES`] at once, each tried again after a pause
-    /// when the network or server falters. Calls `progress(done, total)`
-    /// over the bytes of `wanted`.
-    pub async fn ensure(
-        &self,
-        wanted: &[Range<u64>],
-        progress: &(dyn Fn(u64, u64) + Sync),
-    ) -> Result<Fetched, HubError> {
-        let _one_at_a_time = self.fetching.lock().await;
-        let total = ranges::total(wanted);
-        let missing = self.have().missing(wanted);
-        let missing_bytes = ranges::total(&missing);
-        let on_disk = total - missing_bytes;
-        progress(on_disk, total);
-        if missing_bytes > 0 {
-            self.check_room(missing_bytes)?;
-            let started = Instant::now();
-            let mut fetches = futures_util::stream::iter(ranges::chunks(&missing, HUB_CHUNK_BYTES))
-                .map(|chunk| self.fetch_chunk(chunk))
-                .buffer_unordered(HUB_CONCURRENT_RANGES);
-            let mut done = on_disk;
-            while let Some(fetched) = fetches.next().await {
-                done += fetched?;
-                progress(done, total);
-            }
-            tracing::debug!(
-                file = %self.remote.file,
-                downloaded = missing_bytes,
-                ms = started.elapsed().as_millis() as u64,
-                "ranges fetched from the Hub"
-            );
-        }
-        Ok(Fetched {
-            wanted: total,
-            on_disk,
-            downloaded: missing_bytes,
-        })
     }
 
     /// Downloads one range, with pauses between tries, writes it and
@@ -395,35 +377,6 @@ impl PartialModel {
         std::fs::rename(&aside, &self.record_path).map_err(io)
     }
 
-    /// Refuses when the disk cannot take `bytes` more.
-    fn check_room(&self, bytes: u64) -> Result<(), HubError> {
-        let dir = self.data_path.parent().unwrap_or(Path::new("."));
-        let Ok(stats) = rustix::fs::statvfs(dir) else {
-            return Ok(()); // unknown: the write will say
-        };
-        let free = stats.f_bavail.saturating_mul(stats.f_frsize);
-        if bytes > free {
-            return Err(HubError::NoRoom {
-                dir: dir.to_path_buf(),
-                file: self.remote.file.clone(),
-                needed_mib: bytes.div_ceil(1 << 20),
-                free_mib: free >> 20,
-            });
-        }
-        Ok(())
-    }
-
-    /// Downloads whatever of the file is missing, checks the whole file
-    /// against the Hub's SHA-256 and moves it into the cache proper.
-    /// Returns the path to open it by.
-    pub async fn complete(
-        &self,
-        progress: &(dyn Fn(u64, u64) + Sync),
-    ) -> Result<(PathBuf, Fetched), HubError> {
-        let fetched = self.ensure(&[0..self.remote.size], progress).await?;
-        Ok((self.finish().await?, fetched))
-    }
-
     /// The whole file is on disk: check it and move it into place.
     async fn finish(&self) -> Result<PathBuf, HubError> {
         let cache = CachePaths::new(&self.client, &self.remote);
@@ -465,4 +418,117 @@ impl PartialModel {
         tracing::info!(file = %remote.file, path = %cache.snapshot.display(), "model file complete and verified");
         Ok(cache.snapshot)
     }
+}
+
+impl PartialModel {
+    /// The files to open, in order.
+    pub fn paths(&self) -> Vec<PathBuf> {
+        self.parts
+            .iter()
+            .map(|part| match part {
+                Part::Complete(path) => path.clone(),
+                Part::Partial(file) => file.data_path.clone(),
+            })
+            .collect()
+    }
+
+    /// Makes `wanted` (byte ranges per part, in part order) present on
+    /// disk, downloading only what is not, in pieces of at most
+    /// [`HUB_CHUNK_BYTES`], at most [`HUB_CONCURRENT_RANGES`] at once, each
+    /// tried again after a pause when the network or server falters.
+    /// Calls `progress(done, total)` over the bytes of `wanted`.
+    pub async fn ensure(
+        &self,
+        wanted: &[Vec<Range<u64>>],
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<Fetched, HubError> {
+        let _one_at_a_time = self.fetching.lock().await;
+        let mut total = 0;
+        let mut jobs = Vec::new();
+        for (part, wanted) in self.parts.iter().zip(wanted) {
+            total += ranges::total(wanted);
+            if let Part::Partial(file) = part {
+                let missing = file.have().missing(wanted);
+                jobs.extend(
+                    ranges::chunks(&missing, HUB_CHUNK_BYTES)
+                        .into_iter()
+                        .map(|chunk| (file, chunk)),
+                );
+            }
+        }
+        let missing_bytes: u64 = jobs.iter().map(|(_, c)| c.end - c.start).sum();
+        let on_disk = total - missing_bytes;
+        progress(on_disk, total);
+        if let Some((file, _)) = jobs.first() {
+            check_room(file, missing_bytes)?;
+            let started = Instant::now();
+            // Boxed: the compiler cannot otherwise prove the unboxed futures
+            // `Send` for every lifetime, which spawning the caller needs.
+            let fetches: Vec<BoxFuture<'_, Result<u64, HubError>>> = jobs
+                .into_iter()
+                .map(|(file, chunk)| file.fetch_chunk(chunk).boxed())
+                .collect();
+            let mut fetches =
+                futures_util::stream::iter(fetches).buffer_unordered(HUB_CONCURRENT_RANGES);
+            let mut done = on_disk;
+            while let Some(fetched) = fetches.next().await {
+                done += fetched?;
+                progress(done, total);
+            }
+            tracing::debug!(
+                downloaded = missing_bytes,
+                ms = started.elapsed().as_millis() as u64,
+                "ranges fetched from the Hub"
+            );
+        }
+        Ok(Fetched {
+            wanted: total,
+            on_disk,
+            downloaded: missing_bytes,
+        })
+    }
+
+    /// Downloads whatever of the model is missing, checks each whole file
+    /// against the Hub's SHA-256 and moves it into the cache proper.
+    /// Returns the paths to open it by.
+    pub async fn complete(
+        &self,
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<(Vec<PathBuf>, Fetched), HubError> {
+        let wanted: Vec<Vec<Range<u64>>> = self
+            .parts
+            .iter()
+            .map(|part| match part {
+                Part::Complete(_) => Vec::new(),
+                Part::Partial(file) => vec![0..file.remote.size],
+            })
+            .collect();
+        let fetched = self.ensure(&wanted, progress).await?;
+        let mut paths = Vec::with_capacity(self.parts.len());
+        for part in &self.parts {
+            paths.push(match part {
+                Part::Complete(path) => path.clone(),
+                Part::Partial(file) => file.finish().await?,
+            });
+        }
+        Ok((paths, fetched))
+    }
+}
+
+/// Refuses when the disk holding `file` cannot take `bytes` more.
+fn check_room(file: &PartialFile, bytes: u64) -> Result<(), HubError> {
+    let dir = file.data_path.parent().unwrap_or(Path::new("."));
+    let Ok(stats) = rustix::fs::statvfs(dir) else {
+        return Ok(()); // unknown: the write will say
+    };
+    let free = stats.f_bavail.saturating_mul(stats.f_frsize);
+    if bytes > free {
+        return Err(HubError::NoRoom {
+            dir: dir.to_path_buf(),
+            file: file.remote.file.clone(),
+            needed_mib: bytes.div_ceil(1 << 20),
+            free_mib: free >> 20,
+        });
+    }
+    Ok(())
 }
