@@ -71,7 +71,7 @@ pub struct PartialModel {
 #[derive(Debug)]
 enum Part {
     Complete(PathBuf),
-    Partial(PartialFile),
+    Partial(Box<PartialFile>),
 }
 
 /// One Hub file of which this node holds some ranges.
@@ -127,7 +127,7 @@ pub async fn open(client: &HubClient, model: &HubModel) -> Result<HubFile, HubEr
         if partial.have().covers(partial.remote.size) {
             parts.push(Part::Complete(partial.finish().await?));
         } else {
-            parts.push(Part::Partial(partial));
+            parts.push(Part::Partial(Box::new(partial)));
         }
     }
     let model = PartialModel {
