@@ -52,13 +52,19 @@ async fn pull(args: PullArgs) -> anyhow::Result<()> {
 /// what an earlier pull or a node left there) and checks its SHA-256.
 async fn pull_from_hub(model: &HubModel) -> anyhow::Result<()> {
     let client = HubClient::new(HubConfig::from_env())?;
-    let file = hub::open(&client, model).await?;
-    let Some(partial) = file.partial else {
-        println!("{} is in the cache: {}", file.name, file.paths[0].display());
+    let file = hub::open(&client, model, &[]).await?;
+    if file.files.is_complete() {
+        let first = file.paths.first().map(|p| p.display().to_string());
+        println!(
+            "{} is in the cache: {}",
+            file.name,
+            first.unwrap_or_default()
+        );
         return Ok(());
-    };
+    }
     let progress = FetchProgress::new(file.name.clone(), |_, _| {});
-    let completed = partial
+    let completed = file
+        .files
         .complete(&|done, total| progress.update(done, total))
         .await;
     drop(progress);
@@ -68,7 +74,10 @@ async fn pull_from_hub(model: &HubModel) -> anyhow::Result<()> {
         file.name,
         fetched.downloaded as f64 / (1 << 20) as f64,
         fetched.on_disk as f64 / (1 << 20) as f64,
-        paths[0].display()
+        paths
+            .first()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
     );
     Ok(())
 }

@@ -265,3 +265,11 @@ pub const HUB_RETRY_MAX_MS: u64 = 8_000;
 /// MiB: the tokenizer's vocabulary dominates).
 pub const HUB_HEADER_FIRST_BYTES: u64 = 1 << 20;
 pub const HUB_HEADER_MAX_BYTES: u64 = 256 << 20;
+
+/// Seconds a peer has to say which bytes of a model file it holds, or
+/// which Hub model it serves, before it counts as holding none.
+pub const HUB_PEER_QUERY_TIMEOUT_SECS: u64 = 5;
+
+/// Most bytes of a model file a node sends a peer in one answer; the
+/// asker's pieces are `HUB_CHUNK_BYTES`.
+pub const MAX_PEER_RANGE_BYTES: u64 = 16 << 20;

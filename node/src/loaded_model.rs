@@ -10,7 +10,7 @@ use anyhow::Context;
 use kernels::{Device, LayerRange, ModelFile, Shard};
 
 use crate::cli::RuntimeConfig;
-use crate::hub::{self, FetchProgress, HubClient, HubModel, PartialModel};
+use crate::hub::{self, FetchProgress, HubClient, HubFiles, HubModel};
 use crate::model_store::{Downloads, StoreError};
 use crate::prompt::PromptBuilder;
 
@@ -20,9 +20,9 @@ pub struct OpenedModel {
     pub name: String,
     pub file: ModelFile,
     pub prompt: PromptBuilder,
-    /// For a Hub model held in part: fetches the bytes of the layers a
-    /// shard needs before it loads.
-    pub partial: Option<Arc<PartialModel>>,
+    /// For a Hub model: its files, which fetch the bytes of the layers a
+    /// shard needs before it loads, and which peers may fetch from.
+    pub hub_files: Option<Arc<HubFiles>>,
 }
 
 /// Where a model's file is.
@@ -31,19 +31,19 @@ struct Located {
     /// The file, or the parts of a split Hub model in order. (A local split
     /// model is named by its first part, which finds the others.)
     paths: Vec<PathBuf>,
-    partial: Option<Arc<PartialModel>>,
+    hub_files: Option<Arc<HubFiles>>,
 }
 
 /// Finds `model`: a GGUF path, a catalogue name (fetched when missing), or
 /// a Hugging Face repository `ORG/REPO[:QUANT][@REVISION]`, of which only
-/// the header is fetched here.
-async fn locate(runtime: &RuntimeConfig, model: &str) -> anyhow::Result<Located> {
+/// the header is fetched here (from the Hub, else from `peers`).
+async fn locate(runtime: &RuntimeConfig, model: &str, peers: &[String]) -> anyhow::Result<Located> {
     let unknown = match runtime.store.resolve_or_fetch(model).await {
         Ok(resolved) => {
             return Ok(Located {
                 name: resolved.name,
                 paths: vec![resolved.path],
-                partial: None,
+                hub_files: None,
             });
         }
         Err(error @ StoreError::UnknownModel { .. }) => error,
@@ -56,11 +56,11 @@ async fn locate(runtime: &RuntimeConfig, model: &str) -> anyhow::Result<Located>
         _ => return Err(unknown.into()),
     };
     let client = HubClient::new(runtime.hub.clone())?;
-    let file = hub::open(&client, &hub_model).await?;
+    let file = hub::open(&client, &hub_model, peers).await?;
     Ok(Located {
         name: file.name,
         paths: file.paths,
-        partial: file.partial,
+        hub_files: Some(file.files),
     })
 }
 
@@ -68,11 +68,21 @@ impl OpenedModel {
     /// Resolves and opens a model; reads no weights (and, for a Hub model
     /// not in the cache, downloads only the header).
     pub async fn open(runtime: &RuntimeConfig, model: &str) -> anyhow::Result<Self> {
+        Self::open_with_peers(runtime, model, &[]).await
+    }
+
+    /// Like [`open`](Self::open); a Hub model's header comes from `peers`
+    /// (HOST:PORT) when the Hub cannot be reached.
+    pub async fn open_with_peers(
+        runtime: &RuntimeConfig,
+        model: &str,
+        peers: &[String],
+    ) -> anyhow::Result<Self> {
         let Located {
             name,
             paths,
-            partial,
-        } = locate(runtime, model).await?;
+            hub_files,
+        } = locate(runtime, model, peers).await?;
         tokio::task::spawn_blocking(move || {
             let file = match paths.as_slice() {
                 [path] => ModelFile::open(path)?,
@@ -85,7 +95,7 @@ impl OpenedModel {
                 name,
                 file,
                 prompt,
-                partial,
+                hub_files,
             })
         })
         .await
@@ -110,11 +120,11 @@ impl LoadedModel {
             name,
             file,
             prompt,
-            partial,
+            hub_files,
         } = OpenedModel::open(runtime, model).await?;
         let range = LayerRange::new(0, file.config().n_layers);
-        if let Some(partial) = partial {
-            fetch_slice(&partial, &file, range, &name, &Downloads::default()).await?;
+        if let Some(files) = hub_files {
+            fetch_slice(&files, &file, range, &name, &Downloads::default(), &[]).await?;
         }
         let device = runtime.device.clone();
         tokio::task::spawn_blocking(move || {
@@ -145,19 +155,23 @@ impl LoadedModel {
 /// Fetches the bytes of the layers `range` of a Hub model held in part,
 /// with a progress bar, reporting progress to `downloads` under `name`.
 pub async fn fetch_slice(
-    partial: &PartialModel,
+    files: &HubFiles,
     file: &ModelFile,
     range: LayerRange,
     name: &str,
     downloads: &Downloads,
+    peers: &[String],
 ) -> anyhow::Result<()> {
+    if files.is_complete() {
+        return Ok(());
+    }
     let ranges = file.shard_byte_ranges(range)?;
     let progress = FetchProgress::new(format!("{name} layers {range}"), |done, total| {
         downloads.running(name, done, total)
     });
     let started = Instant::now();
-    let fetched = partial
-        .ensure(&ranges, &|done, total| progress.update(done, total))
+    let fetched = files
+        .ensure(&ranges, peers, &|done, total| progress.update(done, total))
         .await;
     drop(progress);
     downloads.ended(
@@ -170,11 +184,20 @@ pub async fn fetch_slice(
         wanted_mib = format!("{:.1}", fetched.wanted as f64 / (1 << 20) as f64),
         on_disk_mib = format!("{:.1}", fetched.on_disk as f64 / (1 << 20) as f64),
         downloaded_bytes = fetched.downloaded,
-        source = "hub",
-        ms = started.elapsed().as_millis() as u64,
+                ms = started.elapsed().as_millis() as u64,
         "this node's slice of the model is on disk"
     );
     Ok(())
+}
+
+/// What fetching a plan's slice of a Hub model needs.
+pub struct SliceFetch {
+    pub files: Arc<HubFiles>,
+    /// The model's name, under which progress is reported.
+    pub name: String,
+    pub downloads: Downloads,
+    /// The cluster's other nodes (HOST:PORT), asked first.
+    pub peers: Vec<String>,
 }
 
 /// Loads the layers `range` for a plan: fetches their bytes first when the
@@ -183,10 +206,16 @@ pub async fn load_layers(
     file: Arc<ModelFile>,
     range: LayerRange,
     device: Device,
-    partial: Option<(Arc<PartialModel>, String, Downloads)>,
+    fetch: Option<SliceFetch>,
 ) -> Result<Shard, String> {
-    if let Some((partial, name, downloads)) = partial {
-        fetch_slice(&partial, &file, range, &name, &downloads)
+    if let Some(fetch) = fetch {
+        let SliceFetch {
+            files,
+            name,
+            downloads,
+            peers,
+        } = fetch;
+        fetch_slice(&files, &file, range, &name, &downloads, &peers)
             .await
             .map_err(|error| format!("{error:#}"))?;
     }

@@ -49,7 +49,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
 
     runtime.hub.client_name = Some(name.clone());
-    let model = OpenedModel::open(&runtime, &args.model).await?;
+    let model = OpenedModel::open_with_peers(&runtime, &args.model, &peers).await?;
     let score = tokio::task::spawn_blocking(resources::measure_compute_score)
         .await
         .unwrap_or(0.0);
@@ -92,7 +92,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             resources,
             model_name: model.name.clone(),
             model_path: model.file.path().to_path_buf(),
-            partial: model.partial,
+            hub_files: model.hub_files.clone(),
             model_store: runtime.store.clone(),
             downloads: Downloads::default(),
             device: runtime.device.clone(),
@@ -112,6 +112,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             created: crate::unix_seconds(),
         }),
         cluster: Some(cluster),
+        hub_files: model.hub_files,
         admin_token: args.admin_token.as_deref().and_then(AdminToken::new),
     };
     tracing::info!("listening on http://{listen} (OpenAI-compatible API at http://{listen}/v1)");
@@ -175,6 +176,7 @@ pub fn start_local_engine(
         engine: engine.handle.clone(),
         model: Arc::new(served),
         cluster: None,
+        hub_files: None,
         admin_token: None,
     };
     Ok((engine, state))

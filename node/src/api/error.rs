@@ -82,6 +82,15 @@ pub enum ApiError {
     MethodNotAllowed {
         path: String,
     },
+    /// A peer asked for model bytes this node does not hold (or for a
+    /// file it does not serve).
+    NotHeld {
+        etag: String,
+    },
+    /// A peer's `Range` for model bytes is not one range this node sends.
+    BadRange {
+        reason: String,
+    },
     /// `/v1/ring/link` without the link's `Upgrade` header.
     UpgradeRequired,
     /// A peer speaking another protocol version (`None`: it sent none).
@@ -321,6 +330,16 @@ impl ApiError {
                 StatusCode::METHOD_NOT_ALLOWED,
                 format!("{path} does not accept this HTTP method."),
             ),
+            Self::NotHeld { etag } => Described::new(
+                StatusCode::NOT_FOUND,
+                format!("This node holds no such bytes of a model file with ETag {etag}; ask another node or the Hub."),
+            )
+            .code("not_held"),
+            Self::BadRange { reason } => Described::new(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                format!("The Range header is not one this node serves: {reason}."),
+            )
+            .code("bad_range"),
             Self::UpgradeRequired => Described::new(
                 StatusCode::UPGRADE_REQUIRED,
                 format!("/v1/ring/link is for ringlet nodes: send `Upgrade: {UPGRADE_TOKEN}`."),

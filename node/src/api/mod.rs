@@ -8,6 +8,7 @@ pub mod chat;
 mod cluster;
 mod dashboard;
 pub mod error;
+mod files;
 mod models;
 mod policy;
 mod request_id;
@@ -23,6 +24,7 @@ use serde_json::json;
 
 use crate::cluster::ClusterHandle;
 use crate::engine::EngineHandle;
+use crate::hub::HubFiles;
 use crate::limits::MAX_REQUEST_BODY_BYTES;
 use crate::prompt::PromptBuilder;
 pub use admin::Admin;
@@ -47,6 +49,8 @@ pub struct AppState {
     /// The cluster this node is part of; `None` when the engine runs its
     /// own local stage (in-process tests).
     pub cluster: Option<ClusterHandle>,
+    /// The files of the Hub model served, which peers may fetch from.
+    pub hub_files: Option<Arc<HubFiles>>,
     /// The secret that policy changes must carry; `None` refuses them.
     pub admin_token: Option<AdminToken>,
 }
@@ -93,6 +97,9 @@ pub fn router(state: AppState) -> Router {
                 .merge(put(policy::put_policy).layer(DefaultBodyLimit::disable())),
         )
         .route("/v1/ring/link", get(cluster::ring_link))
+        .route("/v1/ring/model", get(files::served_model))
+        .route("/v1/ring/files/{etag}", get(files::file_range))
+        .route("/v1/ring/files/{etag}/held", get(files::held_ranges))
         .merge(dashboard::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -29,7 +29,7 @@ use super::status::LocalStatus;
 use super::view::Parts;
 use super::{ClusterConfig, ClusterEvent, ClusterView};
 use crate::engine::PipelineEnds;
-use crate::hub::PartialModel;
+use crate::hub::HubFiles;
 use crate::limits::{NODE_STATUS_INTERVAL_MS, REDIAL_INTERVAL_MS};
 use crate::model_store::Downloads;
 use crate::policy::{self, Faults, PolicyHandle, StageLoad};
@@ -51,8 +51,8 @@ pub(super) struct Cluster {
     /// The mDNS advertisement and browser, withdrawn when the actor ends.
     _discovery: Option<Discovery>,
     model: Arc<ModelFile>,
-    /// For a Hub model held in part: fetches a new shard's bytes.
-    partial: Option<Arc<PartialModel>>,
+    /// For a Hub model: fetches a new shard's bytes.
+    hub_files: Option<Arc<HubFiles>>,
     /// Where the fetch of this node's slice reports its progress.
     downloads: Downloads,
     /// The model as the policy sees it.
@@ -105,7 +105,7 @@ impl Cluster {
             _discovery: discovery,
             policy_model: policy_model(&model),
             model,
-            partial: config.partial,
+            hub_files: config.hub_files,
             downloads: config.downloads,
             device: config.device,
             policy: config.policy,

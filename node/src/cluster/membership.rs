@@ -124,6 +124,11 @@ impl Membership {
         self.dialing.remove(address);
     }
 
+    /// The addresses (HOST:PORT) of the nodes linked to this one.
+    pub fn peer_addresses(&self) -> Vec<String> {
+        self.members.values().map(|m| m.address.clone()).collect()
+    }
+
     /// Remembers addresses to link to (a plan's stages).
     pub fn remember(&mut self, peers: impl IntoIterator<Item = (NodeId, String)>) {
         for (node, address) in peers {

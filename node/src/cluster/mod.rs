@@ -75,9 +75,9 @@ pub struct ClusterConfig {
     pub resources: Resources,
     pub model_name: String,
     pub model_path: PathBuf,
-    /// For a Hub model held in part: fetches the bytes of the layers each
-    /// plan gives this node.
-    pub partial: Option<Arc<crate::hub::PartialModel>>,
+    /// For a Hub model: fetches the bytes of the layers each plan gives
+    /// this node.
+    pub hub_files: Option<Arc<crate::hub::HubFiles>>,
     /// The model cache, to tell peers which catalogue models are here.
     pub model_store: ModelStore,
     /// Fetches into the model cache that run in the background.

@@ -18,7 +18,10 @@ use reqwest::header::{self, HeaderMap};
 use reqwest::{StatusCode, Url};
 
 use super::naming::{ChoiceError, HubModel, choose_file};
-use crate::limits::{HUB_CONNECT_TIMEOUT_SECS, HUB_MAX_REDIRECTS, HUB_READ_TIMEOUT_SECS};
+use super::ranges::RangeSet;
+use crate::limits::{
+    HUB_CONNECT_TIMEOUT_SECS, HUB_MAX_REDIRECTS, HUB_PEER_QUERY_TIMEOUT_SECS, HUB_READ_TIMEOUT_SECS,
+};
 
 /// Where the Hub is, the token and the cache, as `huggingface_hub` and
 /// llama.cpp read them, so that all three share one cache.
@@ -67,7 +70,7 @@ impl HubConfig {
 }
 
 /// One GGUF file on the Hub, pinned to a commit.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RemoteFile {
     /// `ORG/REPO`.
     pub repo: String,
@@ -432,33 +435,79 @@ impl HubClient {
                         .await);
                 }
             }
-            if !redirected {
-                check_etag(etag_in(response.headers(), "etag"))?;
-            }
-            let content_range = text_in(response.headers(), header::CONTENT_RANGE.as_str());
-            let expected = format!("bytes {}-{}/{}", range.start, range.end - 1, remote.size);
-            if content_range.as_deref() != Some(expected.as_str()) {
-                return Err(refused(format!(
-                    "it answered with Content-Range {content_range:?}, not {expected:?}"
-                )));
-            }
-            let body = response.bytes().await.map_err(|e| unreachable(&url, &e))?;
-            if body.len() as u64 != range.end - range.start {
-                return Err(HubError::BadAnswer {
-                    url,
-                    reason: format!(
-                        "{} bytes arrived of the {} asked for (the connection dropped?)",
-                        body.len(),
-                        range.end - range.start
-                    ),
-                });
-            }
-            return Ok(body.to_vec());
+            return checked_range(response, remote, range, !redirected, &url).await;
         }
         Err(HubError::BadAnswer {
             url,
             reason: format!("more than {HUB_MAX_REDIRECTS} redirects"),
         })
+    }
+
+    /// Bytes `range` of `remote` from the peer node at `peer` (HOST:PORT),
+    /// with the same checks as from the Hub: a peer that sends anything
+    /// but exactly those bytes of that file is refused.
+    pub async fn fetch_from_peer(
+        &self,
+        peer: &str,
+        remote: &RemoteFile,
+        range: Range<u64>,
+    ) -> Result<Vec<u8>, HubError> {
+        let url = format!("http://{peer}/v1/ring/files/{}", remote.etag);
+        let response = self
+            .http
+            .get(&url)
+            .header(
+                header::RANGE,
+                format!("bytes={}-{}", range.start, range.end - 1),
+            )
+            .send()
+            .await
+            .map_err(|e| unreachable(&url, &e))?;
+        if response.status() != StatusCode::PARTIAL_CONTENT {
+            let status = response.status();
+            let body = response.text().await.unwrap_or_default();
+            return Err(HubError::Status {
+                url,
+                status,
+                body: body.chars().take(200).collect(),
+            });
+        }
+        checked_range(response, remote, range, true, &url).await
+    }
+
+    /// Which bytes of `remote` the peer at `peer` holds; `None` when it
+    /// holds none or does not answer in time.
+    pub async fn peer_holds(&self, peer: &str, remote: &RemoteFile) -> Option<RangeSet> {
+        let url = format!("http://{peer}/v1/ring/files/{}/held", remote.etag);
+        let response = self
+            .http
+            .get(&url)
+            .timeout(Duration::from_secs(HUB_PEER_QUERY_TIMEOUT_SECS))
+            .send()
+            .await
+            .ok()?;
+        if !response.status().is_success() {
+            return None;
+        }
+        let held: HeldRanges = response.json().await.ok()?;
+        (held.size == remote.size).then_some(held.held)
+    }
+
+    /// The Hub model the peer at `peer` serves, if any: how a node that
+    /// cannot reach the Hub learns which files a name means.
+    pub async fn peer_model(&self, peer: &str) -> Option<PeerModel> {
+        let url = format!("http://{peer}/v1/ring/model");
+        let response = self
+            .http
+            .get(&url)
+            .timeout(Duration::from_secs(HUB_PEER_QUERY_TIMEOUT_SECS))
+            .send()
+            .await
+            .ok()?;
+        if !response.status().is_success() {
+            return None;
+        }
+        response.json().await.ok()
     }
 
     /// Adds the token to requests for the Hub itself, never to another
@@ -519,6 +568,67 @@ impl HubClient {
             }
         }
     }
+}
+
+/// The body of a 206 answer for `range` of `remote`, checked: its
+/// `Content-Range` is the range asked for of a file of the expected size,
+/// its ETag (when `etag_is_the_files`: not from a storage redirect) is the
+/// file's, and the body has exactly that many bytes.
+async fn checked_range(
+    response: reqwest::Response,
+    remote: &RemoteFile,
+    range: Range<u64>,
+    etag_is_the_files: bool,
+    url: &str,
+) -> Result<Vec<u8>, HubError> {
+    let refused = |reason: String| HubError::RangeRefused {
+        file: remote.file.clone(),
+        range: range.clone(),
+        reason,
+    };
+    if etag_is_the_files
+        && let Some(got) = etag_in(response.headers(), "etag")
+        && got != remote.etag
+    {
+        return Err(HubError::Changed {
+            file: remote.file.clone(),
+            expected: remote.etag.clone(),
+            got,
+        });
+    }
+    let content_range = text_in(response.headers(), header::CONTENT_RANGE.as_str());
+    let expected = format!("bytes {}-{}/{}", range.start, range.end - 1, remote.size);
+    if content_range.as_deref() != Some(expected.as_str()) {
+        return Err(refused(format!(
+            "it answered with Content-Range {content_range:?}, not {expected:?}"
+        )));
+    }
+    let body = response.bytes().await.map_err(|e| unreachable(url, &e))?;
+    if body.len() as u64 != range.end - range.start {
+        return Err(HubError::BadAnswer {
+            url: url.to_string(),
+            reason: format!(
+                "{} bytes arrived of the {} asked for (the connection dropped?)",
+                body.len(),
+                range.end - range.start
+            ),
+        });
+    }
+    Ok(body.to_vec())
+}
+
+/// What a node answers at `GET /v1/ring/files/{etag}/held`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct HeldRanges {
+    pub size: u64,
+    pub held: RangeSet,
+}
+
+/// What a node answers at `GET /v1/ring/model`: the Hub model it serves.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PeerModel {
+    pub name: String,
+    pub parts: Vec<RemoteFile>,
 }
 
 fn unreachable(url: &str, error: &reqwest::Error) -> HubError {

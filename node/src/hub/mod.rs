@@ -12,10 +12,10 @@ mod partial;
 mod progress;
 mod ranges;
 
-pub use client::{HubClient, HubConfig, HubError, RemoteFile};
+pub use client::{HeldRanges, HubClient, HubConfig, HubError, PeerModel, RemoteFile};
 pub use naming::{
     ChoiceError, ChosenFile, DEFAULT_QUANTS, HubModel, NameError, choose_file, quant_of,
 };
-pub use partial::{Fetched, HubFile, PartialModel, open};
+pub use partial::{Fetched, HubFile, HubFiles, Source, open};
 pub use progress::FetchProgress;
 pub use ranges::RangeSet;

@@ -19,7 +19,7 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::future::{BoxFuture, FutureExt};
@@ -41,9 +41,9 @@ pub struct HubFile {
     /// The GGUF file to open, or its parts in order: complete, or partial
     /// with their headers.
     pub paths: Vec<PathBuf>,
-    /// Present while some part is partial: fetches the ranges a shard
-    /// needs.
-    pub partial: Option<Arc<PartialModel>>,
+    /// The files, to fetch the ranges a shard needs (nothing when they are
+    /// complete) and to share them with peers.
+    pub files: Arc<HubFiles>,
 }
 
 /// What a fetch did.
@@ -57,10 +57,13 @@ pub struct Fetched {
     pub downloaded: u64,
 }
 
-/// A Hub model (one file, or the parts of a split one) of which this node
-/// holds some ranges.
+/// The files of a Hub model (one, or the parts of a split one), each
+/// complete or held in part. Fetches what a shard needs, from peers first
+/// and the Hub last, and tells peers what it holds.
 #[derive(Debug)]
-pub struct PartialModel {
+pub struct HubFiles {
+    /// The name API clients use.
+    name: String,
     parts: Vec<Part>,
     /// One fetch at a time: a second plan's fetch waits, then finds most of
     /// its bytes on disk instead of fetching them twice.
@@ -70,7 +73,7 @@ pub struct PartialModel {
 /// One file of a model.
 #[derive(Debug)]
 enum Part {
-    Complete(PathBuf),
+    Complete { path: PathBuf, remote: RemoteFile },
     Partial(Box<PartialFile>),
 }
 
@@ -89,12 +92,25 @@ struct PartialFile {
 /// file already in the cache as it is; otherwise a partial file holding
 /// (at least) the header. The same for each part of a split model. When
 /// the Hub cannot be reached, a complete file cached earlier for the same
-/// name still serves.
-pub async fn open(client: &HubClient, model: &HubModel) -> Result<HubFile, HubError> {
+/// name serves, else the files a peer (`peers`, HOST:PORT) serves under
+/// that name, fetched from the peers.
+pub async fn open(
+    client: &HubClient,
+    model: &HubModel,
+    peers: &[String],
+) -> Result<HubFile, HubError> {
     let remotes = match client.resolve(model).await {
         Ok(remotes) => remotes,
         Err(error @ HubError::Unreachable { .. }) => {
-            return cached_offline(client, model).ok_or(error);
+            if let Some(remotes) = cached_offline(client, model) {
+                tracing::warn!(%error, "the Hub is unreachable; serving the file cached for this name");
+                remotes
+            } else if let Some((peer, remotes)) = from_peers(client, model, peers).await {
+                tracing::warn!(%error, %peer, "the Hub is unreachable; fetching the model from peers, as {peer} serves it");
+                remotes
+            } else {
+                return Err(error);
+            }
         }
         Err(error) => return Err(error),
     };
@@ -119,34 +135,42 @@ pub async fn open(client: &HubClient, model: &HubModel) -> Result<HubFile, HubEr
         if std::fs::metadata(&cache.blob).is_ok_and(|m| m.len() == remote.size) {
             cache.link_snapshot(client, &remote)?;
             tracing::info!(path = %cache.snapshot.display(), "the model file is in the Hugging Face cache already");
-            parts.push(Part::Complete(cache.snapshot));
+            parts.push(Part::Complete {
+                path: cache.snapshot,
+                remote,
+            });
             continue;
         }
         let partial = PartialFile::create(client.clone(), remote, &cache)?;
-        partial.fetch_header().await?;
+        let holders = partial.holders(peers).await;
+        partial.fetch_header(&holders).await?;
         if partial.have().covers(partial.remote.size) {
-            parts.push(Part::Complete(partial.finish().await?));
+            let path = partial.finish().await?;
+            parts.push(Part::Complete {
+                path,
+                remote: partial.remote,
+            });
         } else {
             parts.push(Part::Partial(Box::new(partial)));
         }
     }
-    let model = PartialModel {
+    let files = HubFiles {
+        name: name.clone(),
         parts,
         fetching: tokio::sync::Mutex::new(()),
     };
-    let paths = model.paths();
-    let complete = model.parts.iter().all(|p| matches!(p, Part::Complete(_)));
     Ok(HubFile {
         name,
-        paths,
-        partial: (!complete).then(|| Arc::new(model)),
+        paths: files.paths(),
+        files: Arc::new(files),
     })
 }
 
-/// A complete file in the cache for `model` at its revision, found without
-/// the Hub: `refs/<revision>` names the commit, whose snapshot's files are
-/// chosen from as the Hub's list would be.
-fn cached_offline(client: &HubClient, model: &HubModel) -> Option<HubFile> {
+/// The files of a complete model in the cache for `model` at its
+/// revision, found without the Hub: `refs/<revision>` names the commit,
+/// whose snapshot's files are chosen from as the Hub's list would be, and
+/// each link's blob name is the file's ETag.
+fn cached_offline(client: &HubClient, model: &HubModel) -> Option<Vec<RemoteFile>> {
     let revision = model.revision.clone().unwrap_or_else(|| "main".into());
     let repo = Repo::with_revision(
         model.repo.clone(),
@@ -156,26 +180,65 @@ fn cached_offline(client: &HubClient, model: &HubModel) -> Option<HubFile> {
     let folder = client.config().cache_dir.join(repo.folder_name());
     let commit = std::fs::read_to_string(folder.join("refs").join(&revision))
         .map(|c| c.trim().to_string())
-        .unwrap_or(revision);
+        .unwrap_or_else(|_| revision.clone());
     let snapshot = folder.join("snapshots").join(&commit);
     let files: Vec<String> = std::fs::read_dir(&snapshot)
         .ok()?
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .collect();
     let chosen = choose_file(model, &files).ok()?;
-    let paths: Vec<PathBuf> = chosen.parts.iter().map(|f| snapshot.join(f)).collect();
-    paths.iter().all(|p| p.is_file()).then(|| {
-        tracing::warn!(path = %paths[0].display(), "the Hub is unreachable; serving the file cached for this name");
-        let mut name = model.repo.clone();
-        if let Some(quant) = chosen.quant {
-            name = format!("{name}:{quant}");
+    chosen
+        .parts
+        .into_iter()
+        .map(|file| {
+            let path = snapshot.join(&file);
+            let etag = std::fs::read_link(&path)
+                .ok()?
+                .file_name()?
+                .to_str()?
+                .to_string();
+            Some(RemoteFile {
+                repo: model.repo.clone(),
+                revision: revision.clone(),
+                commit: commit.clone(),
+                quant: chosen.quant.clone(),
+                size: std::fs::metadata(&path).ok()?.len(),
+                etag,
+                file,
+            })
+        })
+        .collect()
+}
+
+/// The files of the model a peer serves under the name `model` means, and
+/// that peer.
+async fn from_peers(
+    client: &HubClient,
+    model: &HubModel,
+    peers: &[String],
+) -> Option<(String, Vec<RemoteFile>)> {
+    for peer in peers {
+        let Some(served) = client.peer_model(peer).await else {
+            continue;
+        };
+        let Some(first) = served.parts.first() else {
+            continue;
+        };
+        let same_quant = match (&model.quant, &first.quant) {
+            (None, _) => true,
+            (Some(asked), Some(theirs)) => asked.eq_ignore_ascii_case(theirs),
+            (Some(_), None) => false,
+        };
+        let same_revision = model
+            .revision
+            .as_ref()
+            .is_none_or(|r| *r == first.revision || *r == first.commit);
+        if first.repo.eq_ignore_ascii_case(&model.repo) && same_quant && same_revision {
+            return Some((peer.clone(), served.parts));
         }
-        HubFile {
-            name,
-            paths,
-            partial: None,
-        }
-    })
+        tracing::info!(%peer, serves = %served.name, "a peer serves another model");
+    }
+    None
 }
 
 /// Where one remote file's pieces live in the cache.
@@ -288,15 +351,29 @@ impl PartialFile {
         self.have.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The peers (HOST:PORT) holding bytes of this file, with those bytes.
+    async fn holders(&self, peers: &[String]) -> Vec<(String, RangeSet)> {
+        let asked = peers.iter().map(|peer| async move {
+            let held = self.client.peer_holds(peer, &self.remote).await;
+            held.filter(|held| held.bytes() > 0)
+                .map(|held| (peer.clone(), held))
+        });
+        futures_util::future::join_all(asked)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
     /// Fetches the GGUF header: a first piece, grown until it holds the
     /// whole header. Returns its length.
-    async fn fetch_header(&self) -> Result<u64, HubError> {
+    async fn fetch_header(&self, holders: &[(String, RangeSet)]) -> Result<u64, HubError> {
         let size = self.remote.size;
         let mut want = HUB_HEADER_FIRST_BYTES.min(size);
         loop {
             let missing = self.have().missing(&[0..want]);
             for chunk in ranges::chunks(&missing, HUB_CHUNK_BYTES) {
-                self.fetch_chunk(chunk).await?;
+                self.fetch_chunk(chunk, holders).await?;
             }
             let prefix = self.read(0..want)?;
             if let Some(len) = kernels::header_len_in(&prefix) {
@@ -323,14 +400,58 @@ impl PartialFile {
         Ok(buf)
     }
 
-    /// Downloads one range, with pauses between tries, writes it and
-    /// records it. Returns its length.
-    async fn fetch_chunk(&self, range: Range<u64>) -> Result<u64, HubError> {
+    /// Downloads one range, writes it and records it: from the first peer
+    /// in `holders` that holds all of it, else the next, else the Hub, with
+    /// pauses between tries when the Hub falters. A peer's failure of any
+    /// kind (down, refusing, or sending other bytes than asked) moves on to
+    /// the next source. Returns the range's length and where it came from.
+    async fn fetch_chunk(
+        &self,
+        range: Range<u64>,
+        holders: &[(String, RangeSet)],
+    ) -> Result<(u64, Source), HubError> {
+        let mut fetched = None;
+        for (peer, held) in holders {
+            if !held.missing(std::slice::from_ref(&range)).is_empty() {
+                continue;
+            }
+            match self
+                .client
+                .fetch_from_peer(peer, &self.remote, range.clone())
+                .await
+            {
+                Ok(bytes) => {
+                    fetched = Some((bytes, Source::Peer(peer.clone())));
+                    break;
+                }
+                Err(error) => {
+                    tracing::warn!(%peer, %error, start = range.start, end = range.end, "a peer failed to send a range; trying the next source")
+                }
+            }
+        }
+        let (bytes, source) = match fetched {
+            Some(fetched) => fetched,
+            None => (self.fetch_from_hub(range.clone()).await?, Source::Hub),
+        };
+        self.data
+            .write_all_at(&bytes, range.start)
+            .map_err(|source| HubError::Io {
+                path: self.data_path.clone(),
+                source,
+            })?;
+        tracing::debug!(file = %self.remote.file, %source, start = range.start, end = range.end, "range fetched");
+        self.record(range.clone())?;
+        Ok((range.end - range.start, source))
+    }
+
+    /// Downloads one range from the Hub, trying again after a pause while
+    /// the network or the server falters.
+    async fn fetch_from_hub(&self, range: Range<u64>) -> Result<Vec<u8>, HubError> {
         let mut pause = Duration::from_millis(HUB_RETRY_FIRST_MS);
         let mut tries = 1;
-        let bytes = loop {
+        loop {
             match self.client.fetch_range(&self.remote, range.clone()).await {
-                Ok(bytes) => break bytes,
+                Ok(bytes) => return Ok(bytes),
                 Err(error) if error.is_transient() && tries < HUB_TRIES => {
                     tracing::warn!(%error, start = range.start, end = range.end, try_again_ms = pause.as_millis() as u64, "a range request failed; trying again");
                     tokio::time::sleep(pause).await;
@@ -339,21 +460,15 @@ impl PartialFile {
                 }
                 Err(error) => return Err(error),
             }
-        };
-        self.data
-            .write_all_at(&bytes, range.start)
-            .map_err(|source| HubError::Io {
-                path: self.data_path.clone(),
-                source,
-            })?;
-        tracing::trace!(
-            source = "hub",
-            start = range.start,
-            end = range.end,
-            "range written"
-        );
-        self.record(range.clone())?;
-        Ok(range.end - range.start)
+        }
+    }
+
+    /// Bytes `range` of this file when all of them are on disk.
+    fn read_held(&self, range: Range<u64>) -> Result<Option<Vec<u8>>, HubError> {
+        if !self.have().missing(std::slice::from_ref(&range)).is_empty() {
+            return Ok(None);
+        }
+        self.read(range).map(Some)
     }
 
     /// Adds `range` to the record on disk (written aside, then renamed, so
@@ -420,66 +535,142 @@ impl PartialFile {
     }
 }
 
-impl PartialModel {
+/// Where a range came from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Source {
+    Peer(String),
+    Hub,
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Peer(peer) => write!(f, "peer {peer}"),
+            Self::Hub => f.write_str("the Hub"),
+        }
+    }
+}
+
+impl HubFiles {
+    /// The name API clients use.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// The files to open, in order.
     pub fn paths(&self) -> Vec<PathBuf> {
         self.parts
             .iter()
             .map(|part| match part {
-                Part::Complete(path) => path.clone(),
+                Part::Complete { path, .. } => path.clone(),
                 Part::Partial(file) => file.data_path.clone(),
             })
             .collect()
     }
 
+    /// The files as the Hub names them, in order.
+    pub fn remotes(&self) -> Vec<RemoteFile> {
+        self.parts
+            .iter()
+            .map(|part| part.remote().clone())
+            .collect()
+    }
+
+    /// Which bytes of the file with ETag `etag` are on disk here, and its
+    /// size; `None` when it is none of this model's files.
+    pub fn held(&self, etag: &str) -> Option<(u64, RangeSet)> {
+        let part = self.parts.iter().find(|p| p.remote().etag == etag)?;
+        let size = part.remote().size;
+        let held = match part {
+            Part::Complete { .. } => RangeSet::from(vec![(0, size)]),
+            Part::Partial(file) => file.have().clone(),
+        };
+        Some((size, held))
+    }
+
+    /// Bytes `range` of the file with ETag `etag`, when they are all on
+    /// disk here; `Ok(None)` when they are not (or it is no file of this
+    /// model).
+    pub fn read_held(&self, etag: &str, range: Range<u64>) -> Result<Option<Vec<u8>>, HubError> {
+        let Some(part) = self.parts.iter().find(|p| p.remote().etag == etag) else {
+            return Ok(None);
+        };
+        if range.is_empty() || range.end > part.remote().size {
+            return Ok(None);
+        }
+        match part {
+            Part::Complete { path, .. } => {
+                let io = |source| HubError::Io {
+                    path: path.clone(),
+                    source,
+                };
+                let file = File::open(path).map_err(io)?;
+                let mut buf = vec![0u8; (range.end - range.start) as usize];
+                file.read_exact_at(&mut buf, range.start).map_err(io)?;
+                Ok(Some(buf))
+            }
+            Part::Partial(file) => file.read_held(range),
+        }
+    }
+
     /// Makes `wanted` (byte ranges per part, in part order) present on
-    /// disk, downloading only what is not, in pieces of at most
-    /// [`HUB_CHUNK_BYTES`], at most [`HUB_CONCURRENT_RANGES`] at once, each
-    /// tried again after a pause when the network or server falters.
+    /// disk, downloading only what is not: from the peers (HOST:PORT) that
+    /// hold it, else from the Hub, in pieces of at most
+    /// [`HUB_CHUNK_BYTES`], at most [`HUB_CONCURRENT_RANGES`] at once.
     /// Calls `progress(done, total)` over the bytes of `wanted`.
     pub async fn ensure(
         &self,
         wanted: &[Vec<Range<u64>>],
+        peers: &[String],
         progress: &(dyn Fn(u64, u64) + Sync),
     ) -> Result<Fetched, HubError> {
         let _one_at_a_time = self.fetching.lock().await;
         let mut total = 0;
         let mut jobs = Vec::new();
+        let mut holders = Vec::new();
         for (part, wanted) in self.parts.iter().zip(wanted) {
             total += ranges::total(wanted);
             if let Part::Partial(file) = part {
                 let missing = file.have().missing(wanted);
-                jobs.extend(
-                    ranges::chunks(&missing, HUB_CHUNK_BYTES)
-                        .into_iter()
-                        .map(|chunk| (file, chunk)),
-                );
+                if !missing.is_empty() {
+                    holders.push(file.holders(peers).await);
+                    let index = holders.len() - 1;
+                    jobs.extend(
+                        ranges::chunks(&missing, HUB_CHUNK_BYTES)
+                            .into_iter()
+                            .map(|chunk| (&**file, index, chunk)),
+                    );
+                }
             }
         }
-        let missing_bytes: u64 = jobs.iter().map(|(_, c)| c.end - c.start).sum();
+        let missing_bytes: u64 = jobs.iter().map(|(_, _, c)| c.end - c.start).sum();
         let on_disk = total - missing_bytes;
         progress(on_disk, total);
-        if let Some((file, _)) = jobs.first() {
+        let mut by_source: Vec<(Source, u64)> = Vec::new();
+        if let Some((file, _, _)) = jobs.first() {
             check_room(file, missing_bytes)?;
-            let started = Instant::now();
             // Boxed: the compiler cannot otherwise prove the unboxed futures
             // `Send` for every lifetime, which spawning the caller needs.
-            let fetches: Vec<BoxFuture<'_, Result<u64, HubError>>> = jobs
+            let holders = &holders;
+            let fetches: Vec<BoxFuture<'_, Result<(u64, Source), HubError>>> = jobs
                 .into_iter()
-                .map(|(file, chunk)| file.fetch_chunk(chunk).boxed())
+                .map(|(file, index, chunk)| file.fetch_chunk(chunk, &holders[index]).boxed())
                 .collect();
             let mut fetches =
                 futures_util::stream::iter(fetches).buffer_unordered(HUB_CONCURRENT_RANGES);
             let mut done = on_disk;
             while let Some(fetched) = fetches.next().await {
-                done += fetched?;
+                let (bytes, source) = fetched?;
+                done += bytes;
+                match by_source.iter_mut().find(|(s, _)| *s == source) {
+                    Some((_, sum)) => *sum += bytes,
+                    None => by_source.push((source, bytes)),
+                }
                 progress(done, total);
             }
-            tracing::debug!(
-                downloaded = missing_bytes,
-                ms = started.elapsed().as_millis() as u64,
-                "ranges fetched from the Hub"
-            );
+        }
+        for (source, bytes) in &by_source {
+            tracing::info!(model = %self.name, %source, mib = format!("{:.1}", *bytes as f64 / (1 << 20) as f64), "fetched ranges from {source}");
         }
         Ok(Fetched {
             wanted: total,
@@ -499,19 +690,35 @@ impl PartialModel {
             .parts
             .iter()
             .map(|part| match part {
-                Part::Complete(_) => Vec::new(),
+                Part::Complete { .. } => Vec::new(),
                 Part::Partial(file) => vec![0..file.remote.size],
             })
             .collect();
-        let fetched = self.ensure(&wanted, progress).await?;
+        let fetched = self.ensure(&wanted, &[], progress).await?;
         let mut paths = Vec::with_capacity(self.parts.len());
         for part in &self.parts {
             paths.push(match part {
-                Part::Complete(path) => path.clone(),
+                Part::Complete { path, .. } => path.clone(),
                 Part::Partial(file) => file.finish().await?,
             });
         }
         Ok((paths, fetched))
+    }
+
+    /// True when every file is complete: nothing to fetch.
+    pub fn is_complete(&self) -> bool {
+        self.parts
+            .iter()
+            .all(|p| matches!(p, Part::Complete { .. }))
+    }
+}
+
+impl Part {
+    fn remote(&self) -> &RemoteFile {
+        match self {
+            Part::Complete { remote, .. } => remote,
+            Part::Partial(file) => &file.remote,
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use crate::cluster::ClusterEvent;
 use crate::cluster::planning::{LocalStage, PlanCheck, Ready};
 use crate::cluster::protocol::{Epoch, Frame, PlanMessage};
 use crate::limits::STAGE_QUEUE_LEN;
-use crate::loaded_model::load_layers;
+use crate::loaded_model::{SliceFetch, load_layers};
 use crate::policy::Placed;
 use crate::stage;
 
@@ -107,12 +107,14 @@ impl Cluster {
                 let model = Arc::clone(&self.model);
                 let device = self.device.clone();
                 let events = self.events_tx.clone();
-                let partial = self.partial.clone().map(|partial| {
-                    let name = self.membership.me.identity.name.clone();
-                    (partial, name, self.downloads.clone())
+                let fetch = self.hub_files.clone().map(|files| SliceFetch {
+                    files,
+                    name: self.membership.me.identity.name.clone(),
+                    downloads: self.downloads.clone(),
+                    peers: self.membership.peer_addresses(),
                 });
                 tokio::spawn(async move {
-                    let result = load_layers(model, layers, device, partial).await;
+                    let result = load_layers(model, layers, device, fetch).await;
                     let _ = events
                         .send(ClusterEvent::ShardLoaded { epoch, result })
                         .await;
