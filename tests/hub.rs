@@ -24,6 +24,8 @@ const REPO: &str = "ringlet-test/SmolLM2-135M-Instruct-GGUF";
 const SPLIT: &str = "ringlet-test/SmolLM2-135M-Instruct-split-GGUF";
 const GATED: &str = "ringlet-test/gated-GGUF";
 const EMPTY: &str = "ringlet-test/empty";
+const NO_RANGES: &str = "ringlet-test/no-ranges-GGUF";
+const BROKEN_SPLIT: &str = "ringlet-test/broken-split-GGUF";
 const TOKEN: &str = "hf_ringlet_test_token";
 const Q4_FILE: &str = "SmolLM2-135M-Instruct-Q4_1.gguf";
 const Q8_FILE: &str = "SmolLM2-135M-Instruct-Q8_0.gguf";
@@ -76,14 +78,19 @@ fn hub_root(tag: &str) -> PathBuf {
     link(&model_file(), REPO, Q4_FILE);
     link(&q8_model_file(), REPO, Q8_FILE);
     link(&model_file(), GATED, Q4_FILE);
-    for part in split_parts() {
+    for (i, part) in split_parts().iter().enumerate() {
         let name = part
             .file_name()
             .expect("name")
             .to_string_lossy()
             .into_owned();
-        link(&part, SPLIT, &name);
+        link(part, SPLIT, &name);
+        if i != 1 {
+            link(part, BROKEN_SPLIT, &name);
+        }
     }
+    link(&model_file(), NO_RANGES, Q4_FILE);
+    std::fs::write(root.join(NO_RANGES).join(".no-ranges"), "").expect("no ranges");
     std::fs::write(root.join(GATED).join(".token"), TOKEN).expect("token");
     std::fs::create_dir_all(root.join(EMPTY)).expect("empty repository");
     std::fs::write(root.join(EMPTY).join("README.md"), "nothing here\n").expect("readme");
@@ -170,21 +177,30 @@ async fn each_hub_failure_says_what_to_do() {
         pull(&closed_endpoint, &home, REPO, None),
         &["cannot reach the Hugging Face Hub", "HF_ENDPOINT"],
     );
+    assert_fails_saying(pull(at, &home, BROKEN_SPLIT, None), &["lacks part 2 of 3"]);
+    assert_fails_saying(
+        pull(at, &home, NO_RANGES, None),
+        &["refused bytes 0..1048576", "it sent the whole file instead"],
+    );
     // The right token opens the gated repository; nothing else was fetched.
     let (ok, text) = pull(at, &home, GATED, Some(TOKEN));
     assert!(ok, "{text}");
     assert!(text.contains("fetched and verified"), "{text}");
 }
 
-/// Reads `child`'s stderr until a line contains `needle`.
-fn wait_for_line(child: &mut std::process::Child, needle: &str) -> Vec<String> {
+type StderrLines = std::io::Lines<BufReader<std::process::ChildStderr>>;
+
+/// Reads `child`'s stderr until a line contains `needle`; returns the lines
+/// so far and the rest to come.
+fn wait_for_line(child: &mut std::process::Child, needle: &str) -> (Vec<String>, StderrLines) {
     let stderr = child.stderr.take().expect("stderr piped");
+    let mut lines = BufReader::new(stderr).lines();
     let mut seen = Vec::new();
-    for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+    while let Some(Ok(line)) = lines.next() {
         let hit = line.contains(needle);
         seen.push(line);
         if hit {
-            return seen;
+            return (seen, lines);
         }
     }
     panic!(
@@ -644,5 +660,64 @@ async fn a_node_without_the_hub_gets_its_slice_from_peers_and_peers_come_first()
     assert_eq!(
         ring.json()["choices"][0]["message"]["content"],
         one.json()["choices"][0]["message"]["content"]
+    );
+}
+
+#[tokio::test]
+async fn a_file_that_changes_midway_is_refused() {
+    let root = hub_root("hub-changed");
+    let server = HubServer::start(&root, 16_000_000);
+    let home = empty_dir("hub-changed-home");
+    let mut pull = ringlet(&server.endpoint, &home, None)
+        .args(["pull", &format!("{REPO}:Q4_1")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start ringlet pull");
+    let (mut seen, rest) = wait_for_line(&mut pull, "download 10%");
+    // The repository's file is replaced by another under the same name.
+    let file = root.join(REPO).join(Q4_FILE);
+    std::fs::remove_file(&file).expect("remove");
+    std::os::unix::fs::symlink(q8_model_file(), &file).expect("replace");
+    seen.extend(rest.map_while(Result::ok));
+    let status = pull.wait().expect("wait");
+    let log = seen.join("\n");
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("changed on the Hub while this node fetched it"),
+        "{log}"
+    );
+}
+
+#[tokio::test]
+async fn a_full_disk_is_refused_before_fetching() {
+    // A 48 MiB file system for the cache: the 94 MiB model cannot fit.
+    let home = empty_dir("hub-full-home");
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=48m", "tmpfs"])
+        .arg(&home)
+        .status()
+        .expect("run mount");
+    assert!(
+        mounted.success(),
+        "mounting a tmpfs needs root, as the netns tests do"
+    );
+    let root = hub_root("hub-full");
+    let server = HubServer::start(&root, 0);
+    let result = pull(&server.endpoint, &home, &format!("{REPO}:Q4_1"), None);
+    let _ = Command::new("umount").arg(&home).status();
+    assert_fails_saying(
+        result,
+        &[
+            "MiB free, but this node's part of",
+            "needs",
+            "free some disk space",
+        ],
+    );
+    let sent = server.bytes_sent_to("ringlet/0.1.0").await;
+    // Only the header was read.
+    assert!(
+        sent < HEADER_ALLOWANCE,
+        "{sent} bytes were fetched for a file that cannot fit"
     );
 }

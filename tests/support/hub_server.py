@@ -13,6 +13,8 @@ and llama.cpp rely on:
 - A repository with a file `.token` is gated: without `Authorization: Bearer
   <that token>` it answers 401, with another token 403 (`X-Error-Code:
   GatedRepo`, as the Hub does).
+- A repository with a file `.no-ranges` ignores `Range` and sends whole
+  files, as some servers do.
 - A missing repository or file answers 404 with `X-Error-Code`
   `RepoNotFound`, `RevisionNotFound` or `EntryNotFound`.
 
@@ -70,10 +72,14 @@ def main():
         )
 
     def file_hash(path):
+        # Keyed by what the file is now, so that a file replaced while the
+        # server runs gets its new hash (and ETag).
+        st = os.stat(path)
+        key = (path, st.st_ino, st.st_size, st.st_mtime_ns)
         with lock:
-            if path not in hashes:
-                hashes[path] = sha256_of(path)
-            return hashes[path]
+            if key not in hashes:
+                hashes[key] = sha256_of(path)
+            return hashes[key]
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -188,6 +194,8 @@ def main():
             size = os.path.getsize(full)
             start, end = 0, size - 1
             ranged = self.headers.get("Range")
+            if os.path.isfile(os.path.join(path, ".no-ranges")):
+                ranged = None
             if ranged:
                 match = re.fullmatch(r"bytes=(\d+)-(\d*)", ranged.strip())
                 if not match or int(match.group(1)) >= size:
