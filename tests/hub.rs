@@ -721,3 +721,138 @@ async fn a_full_disk_is_refused_before_fetching() {
         "{sent} bytes were fetched for a file that cannot fit"
     );
 }
+
+#[tokio::test]
+async fn an_admin_switches_the_cluster_to_another_model_without_restarts() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let root = hub_root("hub-switch");
+    let server = HubServer::start(&root, 0);
+    let (q4, q8) = (format!("{REPO}:Q4_1"), format!("{REPO}:Q8_0"));
+    let mut nodes: Vec<Node> = Vec::new();
+    for i in 0..2 {
+        let home = empty_dir(&format!("hub-switch-home-{i}"));
+        let home = home.to_string_lossy().into_owned();
+        let name = format!("node-{i}");
+        let mut flags = vec!["--model", &q4, "--memory-budget", "100MiB", "--name", &name];
+        flags.extend(["--admin-token", "s3cret"]);
+        let first = nodes.first().map(|n: &Node| n.addr.to_string());
+        if let Some(first) = &first {
+            flags.extend(["--peer", first.as_str()]);
+        }
+        nodes.push(Node::start_with_env(
+            &flags,
+            &[
+                ("HF_ENDPOINT", server.endpoint.as_str()),
+                ("HF_HOME", &home),
+                ("HF_TOKEN", ""),
+            ],
+        ));
+    }
+    for node in &mut nodes {
+        node.wait_for_log("plan active: 2 stages", START_TIMEOUT);
+    }
+    let switch = |addr, token: &str, model: &str| {
+        let body = serde_json::json!({ "model": model }).to_string();
+        let token = format!("Bearer {token}");
+        async move {
+            request_raw(
+                addr,
+                "POST",
+                "/v1/cluster/models",
+                &[
+                    ("authorization", token.as_str()),
+                    ("content-type", "application/json"),
+                ],
+                Some(body.as_bytes()),
+            )
+            .await
+        }
+    };
+    let refused = switch(nodes[0].addr, "wrong", &q8).await;
+    assert_eq!(refused.status, 401, "{}", refused.body);
+
+    // A model no node can open: each says why, and the old one still serves.
+    let missing = "ringlet-test/missing-GGUF";
+    let started = switch(nodes[0].addr, "s3cret", missing).await;
+    assert_eq!(started.status, 202, "{}", started.body);
+    wait_for_cluster(nodes[1].addr, REQUEST_TIMEOUT, |view| {
+        view["nodes"].as_array().is_some_and(|nodes| {
+            nodes
+                .iter()
+                .filter(|n| {
+                    n["models"].as_array().is_some_and(|models| {
+                        models.iter().any(|m| {
+                            m["name"] == missing
+                                && m["error"]
+                                    .as_str()
+                                    .is_some_and(|e| e.contains("has no repository"))
+                        })
+                    })
+                })
+                .count()
+                == 2
+        })
+    })
+    .await;
+    let question = "What colour is the sky?";
+    let old = request(
+        nodes[1].addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&chat_body_for(&q4, question)),
+    )
+    .await;
+    assert_eq!(old.status, 200, "{}", old.body);
+
+    // The switch: both nodes serve the Q8_0 file, re-planned, no restart.
+    let marks: Vec<usize> = nodes.iter_mut().map(Node::log_mark).collect();
+    let started = switch(nodes[1].addr, "s3cret", &q8).await;
+    assert_eq!(started.status, 202, "{}", started.body);
+    assert_eq!(
+        started.json()["nodes"],
+        serde_json::json!(["node-1", "node-0"])
+    );
+    for (node, mark) in nodes.iter_mut().zip(marks) {
+        node.wait_for_log_since(mark, "now serving another model", START_TIMEOUT);
+        node.wait_for_log_since(mark, "plan active: 2 stages", START_TIMEOUT);
+    }
+    let listed = get_json(nodes[0].addr, "/v1/models").await;
+    assert_eq!(listed["data"][0]["id"], q8.as_str(), "{listed}");
+    let ring = request(
+        nodes[0].addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&chat_body_for(&q8, question)),
+    )
+    .await;
+    assert_eq!(ring.status, 200, "{}", ring.body);
+    let stale = request(
+        nodes[0].addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&chat_body_for(&q4, question)),
+    )
+    .await;
+    assert_eq!(stale.status, 404, "{}", stale.body);
+    assert!(nodes.iter_mut().all(Node::is_running));
+
+    drop(nodes);
+    let path = q8_model_file();
+    let alone = Node::start_ready(&["--model", path.to_str().expect("utf-8 path")]);
+    let name = path
+        .file_stem()
+        .expect("stem")
+        .to_string_lossy()
+        .into_owned();
+    let one = request(
+        alone.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&chat_body_for(&name, question)),
+    )
+    .await;
+    assert_eq!(
+        ring.json()["choices"][0]["message"]["content"],
+        one.json()["choices"][0]["message"]["content"]
+    );
+}

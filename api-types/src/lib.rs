@@ -36,5 +36,8 @@ pub use cluster::{
 };
 pub use error::{ErrorBody, ErrorDetail, ErrorType};
 pub use ids::{LayerRange, NodeId, ParseNodeIdError};
-pub use models::{DownloadStarted, KnownModel, KnownModels, ModelCard, ModelList, Object};
+pub use models::{
+    DownloadStarted, KnownModel, KnownModels, ModelCard, ModelList, Object, SwitchModel,
+    SwitchStarted,
+};
 pub use policy::{PolicySource, PolicyStatus, PolicyView};

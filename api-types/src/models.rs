@@ -72,6 +72,26 @@ pub struct DownloadStarted {
     pub model: String,
 }
 
+/// `POST /v1/cluster/models`: switch every node to this model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchModel {
+    /// A catalogue name, a GGUF path every node has, or a Hugging Face
+    /// repository `ORG/REPO[:QUANT][@REVISION]`.
+    pub model: String,
+}
+
+/// The answer to a switch: which nodes were told. Alphabetical field
+/// order, as for [`KnownModel`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwitchStarted {
+    /// What happens, in a sentence.
+    pub message: String,
+    pub model: String,
+    /// The names of the nodes told to switch, this one first.
+    pub nodes: Vec<String>,
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)] // test code: a failed expectation is the report

@@ -7,6 +7,7 @@ pub mod bench;
 pub mod cli;
 pub mod cluster;
 pub mod commands;
+pub mod current;
 pub mod engine;
 pub mod hub;
 pub mod limits;

@@ -273,3 +273,7 @@ pub const HUB_PEER_QUERY_TIMEOUT_SECS: u64 = 5;
 /// Most bytes of a model file a node sends a peer in one answer; the
 /// asker's pieces are `HUB_CHUNK_BYTES`.
 pub const MAX_PEER_RANGE_BYTES: u64 = 16 << 20;
+
+/// Longest model name a switch accepts: a Hub name with quantization and
+/// revision, or a path.
+pub const MAX_MODEL_NAME_BYTES: usize = 512;

@@ -459,6 +459,17 @@ impl Downloads {
         true
     }
 
+    /// Every download running or failed, by model name.
+    pub fn all(&self) -> Vec<(String, Download)> {
+        let mut all: Vec<_> = self
+            .lock()
+            .iter()
+            .map(|(n, d)| (n.clone(), d.clone()))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
     /// A download this process runs itself (a node's slice of a Hub
     /// model) has `done` of `total` bytes.
     pub fn running(&self, model: &str, done_bytes: u64, total_bytes: u64) {

@@ -12,12 +12,18 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 
 use crate::api::{self, AdminToken, AppState, ServedModel};
+use crate::cli::RuntimeConfig;
 use crate::cli::ServeArgs;
-use crate::cluster::{self, ClusterConfig, resources};
-use crate::engine::{Engine, EngineModel, Scheduling};
+use crate::cluster::{self, ClusterConfig, ModelOpener, SwitchedModel, resources};
+use crate::current::Current;
+use crate::engine::{Engine, EngineHandle, EngineModel, Scheduling};
+use crate::hub::HubFiles;
 use crate::limits::{MAX_CLUSTER_NAME_BYTES, SHUTDOWN_GRACE_SECS};
 use crate::loaded_model::{LoadedModel, OpenedModel};
 use crate::model_store::Downloads;
+use crate::prompt::PromptBuilder;
+use futures_util::FutureExt;
+use kernels::ModelFile;
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut runtime = args.runtime.resolve()?;
@@ -66,21 +72,28 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (policy, policy_faults) =
         crate::policy::start().context("cannot start the scheduling policy")?;
     let (stage_loads_tx, stage_loads) = watch::channel(Vec::new());
-    let config = model.file.config();
-    let fingerprint = short_fingerprint(model.file.fingerprint());
     let (engine, pipeline) = Engine::start(
-        EngineModel {
-            context_length: config.context_length,
-            stop_tokens: model.prompt.tokenizer().stop_tokens().clone(),
-            kv_bytes_per_token: config.kv_bytes_per_token_per_layer() * config.n_layers as u64,
-            kv_budget_bytes: runtime.kv_cache_bytes,
-        },
+        engine_model(&model.file, &model.prompt, runtime.kv_cache_bytes),
         Some(Scheduling {
             policy: policy.clone(),
             stages: stage_loads,
         }),
     )
     .context("cannot start the request coordinator")?;
+    let OpenedModel {
+        name: model_name,
+        file,
+        prompt,
+        hub_files,
+    } = model;
+    let served = Current::new(served_model(model_name.clone(), prompt, &file));
+    let shared_files = Current::new(hub_files.clone());
+    let open_model = model_opener(
+        runtime.clone(),
+        engine.handle.clone(),
+        served.clone(),
+        shared_files.clone(),
+    );
     let cluster = cluster::start(
         ClusterConfig {
             me,
@@ -90,29 +103,25 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             listen,
             peers,
             resources,
-            model_name: model.name.clone(),
-            model_path: model.file.path().to_path_buf(),
-            hub_files: model.hub_files.clone(),
+            model_name,
+            model_path: file.path().to_path_buf(),
+            hub_files,
             model_store: runtime.store.clone(),
             downloads: Downloads::default(),
             device: runtime.device.clone(),
             policy,
             policy_faults,
             stage_loads: stage_loads_tx,
+            open_model,
         },
-        Arc::new(model.file),
+        Arc::new(file),
         pipeline,
     );
     let state = AppState {
         engine: engine.handle.clone(),
-        model: Arc::new(ServedModel {
-            system_fingerprint: format!("ringlet-{}-{fingerprint}", env!("CARGO_PKG_VERSION")),
-            name: model.name,
-            prompt: model.prompt,
-            created: crate::unix_seconds(),
-        }),
+        model: served,
         cluster: Some(cluster),
-        hub_files: model.hub_files,
+        hub_files: shared_files,
         admin_token: args.admin_token.as_deref().and_then(AdminToken::new),
     };
     tracing::info!("listening on http://{listen} (OpenAI-compatible API at http://{listen}/v1)");
@@ -121,6 +130,66 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(SHUTDOWN_GRACE_SECS), joined).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// What the coordinator needs to know of `file`.
+fn engine_model(file: &ModelFile, prompt: &PromptBuilder, kv_budget_bytes: u64) -> EngineModel {
+    let config = file.config();
+    EngineModel {
+        context_length: config.context_length,
+        stop_tokens: prompt.tokenizer().stop_tokens().clone(),
+        kv_bytes_per_token: config.kv_bytes_per_token_per_layer() * config.n_layers as u64,
+        kv_budget_bytes,
+    }
+}
+
+/// What the API needs to know of the model `name` in `file`.
+fn served_model(name: String, prompt: PromptBuilder, file: &ModelFile) -> ServedModel {
+    let fingerprint = short_fingerprint(file.fingerprint());
+    ServedModel {
+        system_fingerprint: format!("ringlet-{}-{fingerprint}", env!("CARGO_PKG_VERSION")),
+        name,
+        prompt,
+        created: crate::unix_seconds(),
+    }
+}
+
+/// Opens the model a cluster switch names and makes this node's engine and
+/// API serve it, for the cluster actor to swap in.
+fn model_opener(
+    runtime: RuntimeConfig,
+    engine: EngineHandle,
+    served: Current<ServedModel>,
+    shared_files: Current<Option<Arc<HubFiles>>>,
+) -> ModelOpener {
+    Arc::new(move |model: String, peers: Vec<String>| {
+        let (runtime, engine) = (runtime.clone(), engine.clone());
+        let (served, shared_files) = (served.clone(), shared_files.clone());
+        async move {
+            let opened = OpenedModel::open_with_peers(&runtime, &model, &peers)
+                .await
+                .map_err(|error| format!("{error:#}"))?;
+            engine.set_model(engine_model(
+                &opened.file,
+                &opened.prompt,
+                runtime.kv_cache_bytes,
+            ));
+            let OpenedModel {
+                name,
+                file,
+                prompt,
+                hub_files,
+            } = opened;
+            served.set(served_model(name.clone(), prompt, &file));
+            shared_files.set(hub_files.clone());
+            Ok(SwitchedModel {
+                name,
+                file: Arc::new(file),
+                hub_files,
+            })
+        }
+        .boxed()
+    })
 }
 
 /// Serves until a signal, then gives open streams SHUTDOWN_GRACE_SECS.
@@ -162,21 +231,15 @@ pub fn start_local_engine(
     model: LoadedModel,
     kv_budget_bytes: u64,
 ) -> anyhow::Result<(Engine, AppState)> {
-    let fingerprint = short_fingerprint(model.file.fingerprint());
     let stop_tokens = model.prompt.tokenizer().stop_tokens().clone();
     let engine = Engine::start_local(model.shard, stop_tokens, kv_budget_bytes)
         .context("cannot start the inference engine threads")?;
-    let served = ServedModel {
-        system_fingerprint: format!("ringlet-{}-{fingerprint}", env!("CARGO_PKG_VERSION")),
-        name: model.name,
-        prompt: model.prompt,
-        created: crate::unix_seconds(),
-    };
+    let served = served_model(model.name, model.prompt, &model.file);
     let state = AppState {
         engine: engine.handle.clone(),
-        model: Arc::new(served),
+        model: Current::new(served),
         cluster: None,
-        hub_files: None,
+        hub_files: Current::new(None),
         admin_token: None,
     };
     Ok((engine, state))

@@ -215,6 +215,27 @@ async function main() {
     (await page.innerText('[data-testid="policy-name"]')) === "memory-weighted" &&
     (await page.locator('[data-testid="stage"]').count()) === 2);
 
+  // Models: switch the cluster to the catalogue model, now on both nodes,
+  // from the form; a name no node can open first says why on each node.
+  await openPage(page, "models");
+  await page.fill('[data-testid="admin-token"]', token);
+  await page.fill('[data-testid="switch-model"]', "ringlet-test/no-such-model-GGUF:Q4_K_M");
+  await page.click('[data-testid="switch"]');
+  const switchOutcome = page.locator('[data-testid="download-outcome"]');
+  await waitFor("the switch to be accepted", async () =>
+    (await switchOutcome.count()) === 1 && (await switchOutcome.innerText()).includes("Switching"));
+  const missing = page.locator('[data-testid="model-row"][data-model="ringlet-test/no-such-model-GGUF:Q4_K_M"]');
+  await waitFor("each node saying why it cannot switch", async () =>
+    (await missing.count()) === 1 && (await missing.locator('[data-testid="download-error"]').count()) === 2);
+  console.log("bad switch:", await missing.locator('[data-testid="download-error"]').first().innerText());
+  await shot(page, "models-switch-failed");
+  await page.fill('[data-testid="switch-model"]', "smollm2-135m");
+  await page.click('[data-testid="switch"]');
+  await waitFor("the cluster serving smollm2-135m on both nodes", async () =>
+    (await row.locator(".badge", { hasText: "serving" }).count()) === 1 &&
+    (await row.locator(".badge.ok").count()) === 2);
+  await shot(page, "models-switched");
+
   await browser.close();
   check(problems.length === 0, `the page reported problems:\n${problems.join("\n")}`);
   console.log("dashboard: every check passed");

@@ -1,9 +1,11 @@
 //! The models page: the models the node knows and, per node, whether its
 //! file is there, downloading or loaded; fetching a missing one onto every
-//! node that lacks it.
+//! node that lacks it; switching the cluster to another model (a Hugging
+//! Face repository, say) without restarting a node.
 
 use api_types::{
     DownloadStarted, KnownModel, KnownModels, ModelAvailability, ModelState, NodeView,
+    SwitchStarted,
 };
 use leptos::prelude::*;
 
@@ -12,7 +14,26 @@ use crate::{Shared, admin, api, format};
 #[component]
 pub fn ModelsPage() -> impl IntoView {
     let shared = expect_context::<Shared>();
-    let known = LocalResource::new(|| api::get_json::<KnownModels>("/v1/cluster/models"));
+    // Asked again whenever the models the nodes report change: a switch
+    // adds one, and moves the "serving" mark.
+    let reported = Memo::new(move |_| {
+        let mut names: Vec<String> = shared
+            .cluster
+            .get()
+            .map(|view| view.nodes)
+            .unwrap_or_default()
+            .iter()
+            .flat_map(|node| node.models.iter())
+            .map(|m| format!("{} {:?}", m.name, m.state))
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    });
+    let known = LocalResource::new(move || {
+        reported.track();
+        api::get_json::<KnownModels>("/v1/cluster/models")
+    });
     let token = RwSignal::new(admin::stored_token());
     let outcome = RwSignal::new(None::<admin::Outcome>);
     let download = Callback::new(move |model: String| {
@@ -28,6 +49,22 @@ pub fn ModelsPage() -> impl IntoView {
             })));
         });
     });
+    let wanted = RwSignal::new(String::new());
+    let switch = move || {
+        let token = token.get_untracked();
+        let model = wanted.get_untracked().trim().to_string();
+        outcome.set(None);
+        leptos::task::spawn_local(async move {
+            let body = serde_json::json!({ "model": model }).to_string();
+            let body = Some(("application/json", wasm_bindgen::JsValue::from_str(&body)));
+            let answer = admin::send("POST", "/v1/cluster/models", &token, body).await;
+            outcome.set(Some(answer.map(|body| {
+                serde_json::from_str::<SwitchStarted>(&body)
+                    .map(|started| started.message)
+                    .unwrap_or_else(|_| format!("Switching to {model}."))
+            })));
+        });
+    };
     view! {
         <h1>"Models"</h1>
         <p class="subtitle">
@@ -43,9 +80,32 @@ pub fn ModelsPage() -> impl IntoView {
                 table(&known, &nodes, download).into_any()
             }
         }}
+        <div class="panel section" data-testid="switch-panel">
+            <h2>"Serve another model"</h2>
+            <p class="muted">
+                "A Hugging Face repository as "<code>"ORG/REPO:QUANT"</code>" (each node fetches only its layers), "
+                "a catalogue name, or a GGUF path every node has. Every node switches without a restart; "
+                "requests running then fail and can be retried."
+            </p>
+            <form class="inline-form" on:submit=move |ev| {
+                ev.prevent_default();
+                switch();
+            }>
+                <input
+                    type="text"
+                    placeholder="bartowski/Qwen2.5-7B-Instruct-GGUF:Q4_K_M"
+                    data-testid="switch-model"
+                    prop:value=move || wanted.get()
+                    on:input=move |ev| wanted.set(event_target_value(&ev))
+                />
+                <button class="btn primary" type="submit" data-testid="switch" disabled=move || wanted.get().trim().is_empty()>
+                    "Fetch and switch"
+                </button>
+            </form>
+        </div>
         <div class="panel section token-panel">
             {admin::token_field(token)}
-            <p class="muted">"Downloads change what the nodes store, so they need the admin token."</p>
+            <p class="muted">"Downloads and switches change what the nodes store and serve, so they need the admin token."</p>
         </div>
     }
 }
@@ -157,7 +217,7 @@ fn state_cell(availability: Option<&ModelAvailability>) -> AnyView {
         ModelState::Missing => match availability.error.clone() {
             Some(error) => view! {
                 <div>
-                    <span class="badge warn">"download failed"</span>
+                    <span class="badge warn">"failed"</span>
                     <div class="cell-error" data-testid="download-error">{error}</div>
                 </div>
             }

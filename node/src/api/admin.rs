@@ -10,6 +10,7 @@ use super::{ApiError, AppState};
 pub enum Admin {
     Policy,
     Models,
+    Switch,
 }
 
 impl Admin {
@@ -17,6 +18,7 @@ impl Admin {
         match self {
             Admin::Policy => "policy changes",
             Admin::Models => "model downloads",
+            Admin::Switch => "model switches",
         }
     }
 
@@ -24,6 +26,7 @@ impl Admin {
         match self {
             Admin::Policy => "policy_changes_disabled",
             Admin::Models => "model_downloads_disabled",
+            Admin::Switch => "model_switches_disabled",
         }
     }
 }

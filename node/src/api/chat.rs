@@ -19,8 +19,8 @@ use kernels::{ChatMessage, SamplingParams, SequenceId};
 use rand::Rng;
 use serde::de::DeserializeOwned;
 
-use super::AppState;
 use super::error::ApiError;
+use super::{AppState, ServedModel};
 use crate::engine::{FinishReason, GenerationRequest};
 use crate::limits::{
     MAX_MESSAGES, MAX_STOP_SEQUENCE_BYTES, MAX_STOP_SEQUENCES, SSE_KEEP_ALIVE_SECS,
@@ -30,6 +30,9 @@ use crate::text::{TextEvent, TextStream};
 /// A request that passed validation, ready for the engine.
 #[derive(Debug)]
 pub(crate) struct PreparedChat {
+    /// The model the request was checked against (a switch may replace the
+    /// node's while it runs).
+    pub model: Arc<ServedModel>,
     pub prompt: Vec<u32>,
     pub max_tokens: usize,
     pub sampling: SamplingParams,
@@ -65,15 +68,15 @@ pub async fn chat_completions(
     })?;
     let text = TextStream::new(
         generation,
-        state.model.prompt.tokenizer().clone(),
+        prepared.model.prompt.tokenizer().clone(),
         prepared.stops,
         prompt_tokens,
     );
     let response = ResponseMeta {
         id: format!("chatcmpl-{id}"),
         created: crate::unix_seconds(),
-        model: state.model.name.clone(),
-        system_fingerprint: state.model.system_fingerprint.clone(),
+        model: prepared.model.name.clone(),
+        system_fingerprint: prepared.model.system_fingerprint.clone(),
     };
     if prepared.stream {
         Ok(stream_response(text, response, prepared.include_usage).into_response())
@@ -105,7 +108,7 @@ pub(crate) async fn prepare(
     state: &AppState,
     request: ChatCompletionRequest,
 ) -> Result<PreparedChat, ApiError> {
-    let model = &state.model;
+    let model = state.model.get();
     if request.model != model.name {
         return Err(ApiError::ModelNotFound {
             model: request.model,
@@ -138,14 +141,11 @@ pub(crate) async fn prepare(
         .unwrap_or(false);
     let messages = chat_messages(request.messages)?;
 
-    let model = Arc::clone(model);
-    let prompt = tokio::task::spawn_blocking(move || model.prompt.tokens(&messages)).await??;
-    let max_tokens = completion_budget(
-        requested_max,
-        prompt.len(),
-        state.model.prompt.context_length(),
-    )?;
+    let for_prompt = Arc::clone(&model);
+    let prompt = tokio::task::spawn_blocking(move || for_prompt.prompt.tokens(&messages)).await??;
+    let max_tokens = completion_budget(requested_max, prompt.len(), model.prompt.context_length())?;
     Ok(PreparedChat {
+        model,
         prompt,
         max_tokens,
         sampling,

@@ -17,9 +17,11 @@ use crate::hub::{HeldRanges, HubFiles, PeerModel};
 use crate::limits::MAX_PEER_RANGE_BYTES;
 
 fn files(state: &AppState, path: &str) -> Result<std::sync::Arc<HubFiles>, ApiError> {
-    state.hub_files.clone().ok_or_else(|| ApiError::NoRoute {
-        path: path.to_string(),
-    })
+    (*state.hub_files.get())
+        .clone()
+        .ok_or_else(|| ApiError::NoRoute {
+            path: path.to_string(),
+        })
 }
 
 /// The Hub model this node serves: its name and files.

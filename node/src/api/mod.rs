@@ -23,6 +23,7 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use crate::cluster::ClusterHandle;
+use crate::current::Current;
 use crate::engine::EngineHandle;
 use crate::hub::HubFiles;
 use crate::limits::MAX_REQUEST_BODY_BYTES;
@@ -45,12 +46,14 @@ pub struct ServedModel {
 #[derive(Clone, Debug)]
 pub struct AppState {
     pub engine: EngineHandle,
-    pub model: Arc<ServedModel>,
+    /// The model served now; a switch replaces it.
+    pub model: Current<ServedModel>,
     /// The cluster this node is part of; `None` when the engine runs its
     /// own local stage (in-process tests).
     pub cluster: Option<ClusterHandle>,
-    /// The files of the Hub model served, which peers may fetch from.
-    pub hub_files: Option<Arc<HubFiles>>,
+    /// The files of the Hub model served, which peers may fetch from; a
+    /// switch replaces them.
+    pub hub_files: Current<Option<Arc<HubFiles>>>,
     /// The secret that policy changes must carry; `None` refuses them.
     pub admin_token: Option<AdminToken>,
 }
@@ -84,7 +87,10 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/v1/cluster", get(cluster::cluster_view))
         .route("/v1/cluster/events", get(cluster::cluster_events))
-        .route("/v1/cluster/models", get(models::known_models))
+        .route(
+            "/v1/cluster/models",
+            get(models::known_models).post(models::switch_model),
+        )
         .route(
             "/v1/cluster/models/{name}/download",
             post(models::download_model),
@@ -119,7 +125,7 @@ fn model_card(model: &ServedModel) -> ModelCard {
 async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
     Json(ModelList {
         object: Object::List,
-        data: vec![model_card(&state.model)],
+        data: vec![model_card(&state.model.get())],
     })
 }
 
@@ -127,12 +133,13 @@ async fn get_model(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<ModelCard>, ApiError> {
-    if id == state.model.name {
-        Ok(Json(model_card(&state.model)))
+    let model = state.model.get();
+    if id == model.name {
+        Ok(Json(model_card(&model)))
     } else {
         Err(ApiError::ModelNotFound {
             model: id,
-            available: vec![state.model.name.clone()],
+            available: vec![model.name.clone()],
         })
     }
 }
@@ -148,7 +155,7 @@ async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<serde_json:
     };
     (
         status,
-        Json(json!({ "status": word, "model": state.model.name, "engine": stats })),
+        Json(json!({ "status": word, "model": state.model.get().name, "engine": stats })),
     )
 }
 

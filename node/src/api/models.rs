@@ -1,19 +1,25 @@
 //! `/v1/cluster/models`: the models the cluster knows, and fetching a
 //! catalogue model onto every node that lacks it.
 
-use api_types::{DownloadStarted, KnownModel, KnownModels};
+use api_types::{DownloadStarted, KnownModel, KnownModels, SwitchModel, SwitchStarted};
 use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 
 use super::admin::{self, Admin};
 use super::{ApiError, AppState};
+use crate::hub::HubModel;
+use crate::limits::MAX_MODEL_NAME_BYTES;
 use crate::model_store::{CATALOGUE, catalogue_entry};
 
-/// The models ringlet can fetch by name, and the one served. Which nodes
-/// have them is in `GET /v1/cluster` (`nodes[].models`).
+/// The models ringlet can fetch by name, the one served, and those nodes
+/// report opening for a switch (or failing to). Which nodes have them is
+/// in `GET /v1/cluster` (`nodes[].models`).
 pub(super) async fn known_models(State(state): State<AppState>) -> Json<KnownModels> {
-    let served = &state.model.name;
+    let served = &state.model.get().name;
+    let is_hub = |name: &str| HubModel::parse(name).is_ok() && !std::path::Path::new(name).exists();
     let mut models: Vec<KnownModel> = CATALOGUE
         .iter()
         .map(|entry| KnownModel {
@@ -25,15 +31,93 @@ pub(super) async fn known_models(State(state): State<AppState>) -> Json<KnownMod
         })
         .collect();
     if !models.iter().any(|m| m.served) {
+        let description = if is_hub(served) {
+            "from Hugging Face; each node holds only its layers"
+        } else {
+            "a GGUF file given by its path"
+        };
         models.push(KnownModel {
             id: served.clone(),
-            description: "a GGUF file given by its path".into(),
+            description: description.into(),
             size_bytes: None,
             served: true,
             downloadable: false,
         });
     }
+    let reported = state
+        .cluster
+        .iter()
+        .flat_map(|cluster| cluster.view().nodes);
+    for availability in reported.flat_map(|node| node.models) {
+        if models.iter().all(|m| m.id != availability.name) {
+            models.push(KnownModel {
+                description: if is_hub(&availability.name) {
+                    "from Hugging Face, asked for by a switch".into()
+                } else {
+                    "asked for by a switch".into()
+                },
+                id: availability.name,
+                size_bytes: None,
+                served: false,
+                downloadable: false,
+            });
+        }
+    }
     Json(KnownModels { models })
+}
+
+/// `POST /v1/cluster/models` with `{"model": NAME}`: every node opens
+/// the model (a Hub model's header only) and serves it from then on, and
+/// the cluster re-plans; running requests fail with the reason. The
+/// progress and any node's failure show in `GET /v1/cluster`; a node that
+/// cannot open the model keeps serving the old one. Needs the admin token.
+pub(super) async fn switch_model(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<SwitchStarted>), ApiError> {
+    let cluster = state.cluster.as_ref().ok_or_else(|| ApiError::NoRoute {
+        path: "/v1/cluster/models".into(),
+    })?;
+    admin::check(&state, &headers, Admin::Switch)?;
+    let SwitchModel { model } = super::chat::parse_json(&body?)?;
+    let model = model.trim().to_string();
+    if model.is_empty() || model.len() > MAX_MODEL_NAME_BYTES {
+        return Err(ApiError::invalid_param(
+            "model",
+            format!(
+                "`model` must be 1 to {MAX_MODEL_NAME_BYTES} bytes: a catalogue name, a GGUF path or ORG/REPO[:QUANT]."
+            ),
+        ));
+    }
+    if model == state.model.get().name {
+        let message = format!("The cluster serves {model} already.");
+        let nodes = Vec::new();
+        return Ok((
+            StatusCode::OK,
+            Json(SwitchStarted {
+                message,
+                model,
+                nodes,
+            }),
+        ));
+    }
+    let nodes = cluster
+        .switch_model(model.clone())
+        .await
+        .ok_or_else(|| ApiError::internal("the node is stopping; nothing was switched"))?;
+    let message = format!(
+        "Switching {} to {model}; GET /v1/cluster shows each node's progress, and GET /v1/models the model served.",
+        nodes.join(", ")
+    );
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(SwitchStarted {
+            message,
+            model,
+            nodes,
+        }),
+    ))
 }
 
 /// `POST /v1/cluster/models/{name}/download`: every node that lacks the

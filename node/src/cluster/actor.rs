@@ -10,6 +10,7 @@ mod plans;
 mod policies;
 mod reports;
 mod requests;
+mod switch;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -55,6 +56,10 @@ pub(super) struct Cluster {
     hub_files: Option<Arc<HubFiles>>,
     /// Where the fetch of this node's slice reports its progress.
     downloads: Downloads,
+    /// Opens the model a switch names.
+    open_model: super::ModelOpener,
+    /// The model this node is opening for a switch.
+    switching: Option<String>,
     /// The model as the policy sees it.
     policy_model: policy::Model,
     device: Device,
@@ -106,6 +111,8 @@ impl Cluster {
             policy_model: policy_model(&model),
             model,
             hub_files: config.hub_files,
+            open_model: config.open_model,
+            switching: None,
             downloads: config.downloads,
             device: config.device,
             policy: config.policy,
@@ -220,6 +227,14 @@ impl Cluster {
             }
             ClusterEvent::FetchModel { entry, reply } => {
                 let _ = reply.send(self.fetch_model(entry));
+                true
+            }
+            ClusterEvent::SwitchModel { model, reply } => {
+                let _ = reply.send(self.switch_cluster(model));
+                true
+            }
+            ClusterEvent::ModelOpened { model, result } => {
+                self.model_opened(model, result);
                 true
             }
             ClusterEvent::PolicyInstalled {
@@ -407,6 +422,15 @@ impl Cluster {
             frame @ (Frame::Policy(_) | Frame::PolicyChunk { .. }) => {
                 self.on_policy_frame(from, frame);
                 false
+            }
+            Frame::SwitchModel { model } => {
+                tracing::info!(%model, asked_by = %self.membership.name_of(from), "asked to switch models");
+                self.switch_here(model);
+                true
+            }
+            Frame::ModelChanged { identity } => {
+                self.peer_switched(from, identity);
+                true
             }
             Frame::FetchModel { name } => {
                 let asked_by = self.membership.name_of(from);

@@ -4,6 +4,7 @@
 use tokio::sync::oneshot;
 
 use super::PolicyStatus;
+use super::SwitchedModel;
 use super::discovery;
 use super::link::{self, LinkId, LinkSender};
 use super::protocol::{self, Frame, Hello, PolicyRevision};
@@ -60,6 +61,17 @@ pub(crate) enum ClusterEvent {
     FetchModel {
         entry: &'static CatalogueEntry,
         reply: oneshot::Sender<Vec<String>>,
+    },
+    /// An admin asked this node to switch the cluster to `model`; the reply
+    /// names the nodes told.
+    SwitchModel {
+        model: String,
+        reply: oneshot::Sender<Vec<String>>,
+    },
+    /// This node opened the model it was asked to switch to (or failed).
+    ModelOpened {
+        model: String,
+        result: Result<SwitchedModel, String>,
     },
     /// The policy thread finished installing revision `revision`.
     PolicyInstalled {

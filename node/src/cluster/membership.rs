@@ -255,6 +255,13 @@ impl Membership {
         }
     }
 
+    /// A peer serves another model now (it switched).
+    pub fn record_model(&mut self, node: NodeId, identity: ModelIdentity) {
+        if let Some(member) = self.members.get_mut(&node) {
+            member.hello.model = identity;
+        }
+    }
+
     pub fn record_status(&mut self, node: NodeId, status: NodeStatus) {
         if let Some(member) = self.members.get_mut(&node) {
             member.status = Some(status);

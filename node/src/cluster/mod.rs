@@ -60,6 +60,26 @@ use crate::model_store::{CatalogueEntry, Downloads, ModelStore};
 use crate::policy::{Faults, PolicyError, PolicyHandle, StageLoad};
 use protocol::Resources;
 
+/// A model a node opened to switch to: what the cluster actor swaps in.
+pub struct SwitchedModel {
+    /// The name API clients use.
+    pub name: String,
+    pub file: Arc<ModelFile>,
+    pub hub_files: Option<Arc<crate::hub::HubFiles>>,
+}
+
+/// Opens the model a switch names (fetching its header from the Hub, or
+/// from the peers given as HOST:PORT) and makes the node's API and engine
+/// serve it; the error is said in words.
+pub type ModelOpener = Arc<
+    dyn Fn(
+            String,
+            Vec<String>,
+        ) -> futures_util::future::BoxFuture<'static, Result<SwitchedModel, String>>
+        + Send
+        + Sync,
+>;
+
 /// Everything a node brings to the cluster.
 pub struct ClusterConfig {
     pub me: NodeId,
@@ -89,6 +109,8 @@ pub struct ClusterConfig {
     pub policy_faults: Faults,
     /// Where the actor publishes each stage's load for the coordinator.
     pub stage_loads: watch::Sender<Vec<StageLoad>>,
+    /// Opens another model when the cluster switches.
+    pub open_model: ModelOpener,
 }
 
 /// Why a policy change did not (yet) happen.
@@ -151,6 +173,18 @@ impl ClusterHandle {
         let (reply, answer) = oneshot::channel();
         self.events
             .send(ClusterEvent::FetchModel { entry, reply })
+            .await
+            .ok()?;
+        answer.await.ok()
+    }
+
+    /// Switches every node of the cluster to serving `model`; returns the
+    /// names of the nodes told (this one first), `None` when the node is
+    /// stopping.
+    pub async fn switch_model(&self, model: String) -> Option<Vec<String>> {
+        let (reply, answer) = oneshot::channel();
+        self.events
+            .send(ClusterEvent::SwitchModel { model, reply })
             .await
             .ok()?;
         answer.await.ok()

@@ -319,6 +319,16 @@ impl Planning {
         self.error = Some(error);
     }
 
+    /// The cluster switched models: the plan and this node's stage are of
+    /// the old one. The next plan's epoch is still past every old one.
+    pub fn forget_plan(&mut self, reason: String) {
+        self.plan = None;
+        self.local_stage = None;
+        self.ready_pending = None;
+        self.error = Some(reason);
+        self.replan_soon();
+    }
+
     /// Whether `node` holds a stage of the current plan.
     pub fn in_plan(&self, node: NodeId) -> bool {
         self.plan

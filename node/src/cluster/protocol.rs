@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Bumped whenever frames change incompatibly; peers must match exactly.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// The HTTP `Upgrade` token of a link.
 pub const UPGRADE_TOKEN: &str = "ringlet-link";
@@ -239,6 +239,16 @@ pub enum Frame {
     FetchModel {
         name: String,
     },
+    /// Serve this model from now on (a catalogue name, a path, or a Hub
+    /// repository `ORG/REPO[:QUANT][@REVISION]`): an admin switched the
+    /// cluster.
+    SwitchModel {
+        model: String,
+    },
+    /// The sender serves this model now, after a switch.
+    ModelChanged {
+        identity: ModelIdentity,
+    },
 }
 
 impl Frame {
@@ -264,6 +274,8 @@ impl Frame {
             Frame::Policy(_) => "policy",
             Frame::PolicyChunk { .. } => "policy-chunk",
             Frame::FetchModel { .. } => "fetch-model",
+            Frame::SwitchModel { .. } => "switch-model",
+            Frame::ModelChanged { .. } => "model-changed",
         }
     }
 }
@@ -461,6 +473,15 @@ mod tests {
             }),
             Frame::FetchModel {
                 name: "smollm2-135m".into(),
+            },
+            Frame::SwitchModel {
+                model: "org/repo:Q8_0".into(),
+            },
+            Frame::ModelChanged {
+                identity: ModelIdentity {
+                    name: "org/repo:Q8_0".into(),
+                    fingerprint: "sha256:c".into(),
+                },
             },
         ]
     }

@@ -52,6 +52,12 @@ impl LocalStatus {
         status
     }
 
+    /// The node serves another model now.
+    pub fn set_serving(&mut self, name: String) {
+        self.serving = name;
+        self.refresh();
+    }
+
     /// Reads this machine's figures again; true when they changed.
     pub fn refresh(&mut self) -> bool {
         let (rss_bytes, peak_rss_bytes) = process_memory();
@@ -167,6 +173,26 @@ impl LocalStatus {
             .position(|entry| entry.name == serving)
             .unwrap_or(models.len());
         models.insert(at, served);
+        // Models being opened for a switch, or that failed to open.
+        for (name, download) in self.downloads.all() {
+            if models.iter().any(|m| m.name == name) {
+                continue;
+            }
+            models.push(match download {
+                Download::Running {
+                    done_bytes,
+                    total_bytes,
+                } => ModelAvailability {
+                    downloaded_bytes: Some(done_bytes),
+                    total_bytes: Some(total_bytes),
+                    ..ModelAvailability::new(name, ModelState::Downloading)
+                },
+                Download::Failed(error) => ModelAvailability {
+                    error: Some(error),
+                    ..ModelAvailability::new(name, ModelState::Missing)
+                },
+            });
+        }
         models
     }
 }

@@ -37,6 +37,7 @@ use scheduler::contract::{StageLoad, WaitingRequest};
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
+use crate::current::Current;
 use crate::limits::{
     ENGINE_QUEUE_LEN, MAX_ACTIVE_SEQUENCES, PIPELINE_QUEUE_LEN, PREFILL_CHUNK_TOKENS,
     SCHEDULE_WAIT_MS,
@@ -205,7 +206,7 @@ pub struct EngineHandle {
     /// or in the coordinator's queue. At most [`ENGINE_QUEUE_LEN`].
     waiting: Arc<AtomicUsize>,
     stats: watch::Receiver<EngineStats>,
-    model: Arc<EngineModel>,
+    model: Current<EngineModel>,
 }
 
 impl std::fmt::Debug for EngineHandle {
@@ -227,20 +228,24 @@ impl EngineHandle {
         !self.submissions.is_closed() && !self.stats.borrow().stopped
     }
 
+    /// Serves another model from now on (the cluster switched): its context
+    /// length, stop tokens and KV size per token.
+    pub fn set_model(&self, model: EngineModel) {
+        self.model.set(model);
+    }
+
     /// Queues a generation.
     pub fn submit(&self, mut request: GenerationRequest) -> Result<Generation, SubmitError> {
-        let room = self
-            .model
-            .context_length
-            .saturating_sub(request.prompt.len());
+        let model = self.model.get();
+        let room = model.context_length.saturating_sub(request.prompt.len());
         request.max_tokens = request.max_tokens.min(room);
         let tokens = request.prompt.len() + request.max_tokens;
-        let needed_bytes = self.model.kv_bytes(tokens);
-        if needed_bytes > self.model.kv_budget_bytes {
+        let needed_bytes = model.kv_bytes(tokens);
+        if needed_bytes > model.kv_budget_bytes {
             return Err(SubmitError::TooLarge {
                 tokens,
                 needed_bytes,
-                budget_bytes: self.model.kv_budget_bytes,
+                budget_bytes: model.kv_budget_bytes,
             });
         }
         // One slot per possible token plus the final event, so the engine
@@ -302,7 +307,7 @@ impl Engine {
         model: EngineModel,
         scheduling: Option<Scheduling<P>>,
     ) -> std::io::Result<(Self, PipelineEnds)> {
-        let model = Arc::new(model);
+        let model = Current::new(model);
         let scheduling = scheduling.map(|s| Consulted {
             policy: Arc::new(s.policy),
             stages: s.stages,
@@ -313,7 +318,7 @@ impl Engine {
         let (stats_tx, stats_rx) = watch::channel(EngineStats::default());
         let waiting = Arc::new(AtomicUsize::new(0));
         let coordinator = Coordinator {
-            model: Arc::clone(&model),
+            model: model.clone(),
             submissions: submission_rx,
             submissions_open: true,
             queue: VecDeque::new(),
@@ -417,7 +422,7 @@ enum Outcome {
 }
 
 struct Coordinator {
-    model: Arc<EngineModel>,
+    model: Current<EngineModel>,
     submissions: mpsc::Receiver<Submission>,
     submissions_open: bool,
     /// Requests waiting to start, oldest first.
@@ -601,13 +606,14 @@ impl Coordinator {
 
     fn kv_needed(&self, request: &GenerationRequest) -> u64 {
         self.model
+            .get()
             .kv_bytes(request.prompt.len() + request.max_tokens)
     }
 
     /// True when the request's KV cache fits beside the active ones'.
     fn fits(&self, submission: &Submission) -> bool {
         let reserved: u64 = self.active.values().map(|a| a.kv_reserved_bytes).sum();
-        reserved + self.kv_needed(&submission.request) <= self.model.kv_budget_bytes
+        reserved + self.kv_needed(&submission.request) <= self.model.get().kv_budget_bytes
     }
 
     async fn start(&mut self, submission: Submission) {
@@ -686,7 +692,7 @@ impl Coordinator {
             return;
         };
         active.first_token_at.get_or_insert_with(Instant::now);
-        if self.model.stop_tokens.contains(&token) && !active.request.ignore_eos {
+        if self.model.get().stop_tokens.contains(&token) && !active.request.ignore_eos {
             self.end(id, Outcome::Finished(FinishReason::Stop)).await;
             return;
         }
