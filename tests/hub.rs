@@ -235,10 +235,15 @@ async fn a_pull_resumes_after_a_kill_and_lands_in_the_shared_cache() {
 
     let (ok, text) = pull(&server.endpoint, &home, &model, None);
     assert!(ok, "{text}");
-    assert!(
-        !text.contains(", 0.0 MiB were on disk"),
-        "nothing was resumed:\n{text}"
-    );
+    // More than the header (which the second pull fetched again first)
+    // was on disk: the first pull's ranges were kept.
+    let on_disk: f64 = text
+        .split(" MiB were on disk")
+        .next()
+        .and_then(|head| head.rsplit(", ").next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no figure of what was on disk in:\n{text}"));
+    assert!(on_disk > 8.0, "only {on_disk} MiB were kept:\n{text}");
     let sent = server.bytes_sent_to("ringlet/0.1.0").await;
     // At most the ranges in flight at the kill (4 × 4 MiB) are fetched twice.
     assert!(
@@ -322,8 +327,12 @@ fn self_layers(view: &serde_json::Value) -> LayerRange {
 async fn three_nodes_fetch_only_their_slices_and_answer_as_one_node() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let root = hub_root("hub-three");
-    // A fixed rate, so that the figures compare with whole-file downloads.
-    let rate: u64 = 40_000_000;
+    // A fixed rate, so that the figures compare with whole-file downloads
+    // (RINGLET_TEST_HUB_RATE, bytes per second, measures at another).
+    let rate: u64 = std::env::var("RINGLET_TEST_HUB_RATE")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(40_000_000);
     let server = HubServer::start(&root, rate);
     let model = format!("{REPO}:Q4_1");
     let started = Instant::now();
@@ -458,11 +467,7 @@ async fn a_node_whose_hub_goes_away_says_so_and_keeps_serving() {
     // The node still answers, and says why it has no model.
     let health = request(node.addr, "GET", "/healthz", None).await;
     assert!(node.is_running());
-    assert!(
-        health.status == 200 || health.status == 503,
-        "{}",
-        health.body
-    );
+    assert_eq!(health.status, 200, "{}", health.body);
     let view = wait_for_cluster(node.addr, REQUEST_TIMEOUT, |view| {
         view["nodes"].as_array().is_some_and(|nodes| {
             nodes.iter().any(|n| {
@@ -483,7 +488,12 @@ async fn a_node_whose_hub_goes_away_says_so_and_keeps_serving() {
     )
     .await;
     assert_eq!(chat.status, 503, "{}", chat.body);
-    assert!(!view.is_null());
+    assert!(
+        chat.body.contains("cannot reach the Hugging Face Hub"),
+        "the refusal says why: {}",
+        chat.body
+    );
+    drop(view);
 }
 
 #[tokio::test]

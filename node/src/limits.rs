@@ -277,3 +277,17 @@ pub const MAX_PEER_RANGE_BYTES: u64 = 16 << 20;
 /// Longest model name a switch accepts: a Hub name with quantization and
 /// revision, or a path.
 pub const MAX_MODEL_NAME_BYTES: usize = 512;
+
+/// Largest model file (one part) the Hub or a peer may announce: far above
+/// any GGUF (the largest are split in 50 GB parts), far below an amount
+/// that would overflow offsets.
+pub const MAX_MODEL_FILE_BYTES: u64 = 1 << 42;
+
+/// Longest JSON answer a peer may give about the files it holds.
+pub const MAX_PEER_ANSWER_BYTES: u64 = 1 << 20;
+
+/// Ranges of model files a node reads for its peers at once; more wait,
+/// up to `PEER_READ_WAIT_SECS`, then get 503. Peers ask for 4 at a time
+/// each (`HUB_CONCURRENT_RANGES`).
+pub const MAX_PEER_RANGE_READS: usize = 8;
+pub const PEER_READ_WAIT_SECS: u64 = 20;

@@ -154,8 +154,8 @@ fn served_model(name: String, prompt: PromptBuilder, file: &ModelFile) -> Served
     }
 }
 
-/// Opens the model a cluster switch names and makes this node's engine and
-/// API serve it, for the cluster actor to swap in.
+/// Opens the model a cluster switch names, for the cluster actor to swap
+/// in; the actor commits the engine and the API to it at the same time.
 fn model_opener(
     runtime: RuntimeConfig,
     engine: EngineHandle,
@@ -169,23 +169,25 @@ fn model_opener(
             let opened = OpenedModel::open_with_peers(&runtime, &model, &peers)
                 .await
                 .map_err(|error| format!("{error:#}"))?;
-            engine.set_model(engine_model(
-                &opened.file,
-                &opened.prompt,
-                runtime.kv_cache_bytes,
-            ));
+            let for_engine = engine_model(&opened.file, &opened.prompt, runtime.kv_cache_bytes);
             let OpenedModel {
                 name,
                 file,
                 prompt,
                 hub_files,
             } = opened;
-            served.set(served_model(name.clone(), prompt, &file));
-            shared_files.set(hub_files.clone());
+            let for_api = served_model(name.clone(), prompt, &file);
+            let files = hub_files.clone();
+            let commit = Box::new(move || {
+                engine.set_model(for_engine);
+                served.set(for_api);
+                shared_files.set(files);
+            });
             Ok(SwitchedModel {
                 name,
                 file: Arc::new(file),
                 hub_files,
+                commit,
             })
         }
         .boxed()

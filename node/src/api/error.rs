@@ -20,6 +20,7 @@ use super::request_id;
 use crate::cluster::SetPolicyError;
 use crate::cluster::protocol::{PROTOCOL_VERSION, UPGRADE_TOKEN};
 use crate::engine::SubmitError;
+use crate::limits::MAX_PEER_RANGE_READS;
 use crate::policy::PolicyError;
 use crate::prompt::PromptError;
 
@@ -87,6 +88,8 @@ pub enum ApiError {
     NotHeld {
         etag: String,
     },
+    /// Peers are reading as many ranges from this node as it sends at once.
+    PeerReadsBusy,
     /// A peer's `Range` for model bytes is not one range this node sends.
     BadRange {
         reason: String,
@@ -335,6 +338,11 @@ impl ApiError {
                 format!("This node holds no such bytes of a model file with ETag {etag}; ask another node or the Hub."),
             )
             .code("not_held"),
+            Self::PeerReadsBusy => Described::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("This node has been sending {MAX_PEER_RANGE_READS} ranges of model files to peers for a while; ask another node or the Hub."),
+            )
+            .code("busy"),
             Self::BadRange { reason } => Described::new(
                 StatusCode::RANGE_NOT_SATISFIABLE,
                 format!("The Range header is not one this node serves: {reason}."),

@@ -5,6 +5,7 @@
 //! its slice over the LAN before the Hub, or with no Hub at all.
 
 use std::ops::Range;
+use std::time::Duration;
 
 use axum::Json;
 use axum::body::Body;
@@ -14,7 +15,10 @@ use axum::response::Response;
 
 use super::{ApiError, AppState};
 use crate::hub::{HeldRanges, HubFiles, PeerModel};
-use crate::limits::MAX_PEER_RANGE_BYTES;
+use crate::limits::{MAX_PEER_RANGE_BYTES, MAX_PEER_RANGE_READS, PEER_READ_WAIT_SECS};
+
+/// Reads of model bytes for peers under way in this process.
+static PEER_READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_PEER_RANGE_READS);
 
 fn files(state: &AppState, path: &str) -> Result<std::sync::Arc<HubFiles>, ApiError> {
     (*state.hub_files.get())
@@ -60,6 +64,14 @@ pub async fn file_range(
             reason: "send one `Range: bytes=START-END`".into(),
         })
         .and_then(|text| parse_range(text, size).map_err(|reason| ApiError::BadRange { reason }))?;
+    // A bounded number of reads at once: each holds up to
+    // MAX_PEER_RANGE_BYTES and a blocking thread. The others wait their
+    // turn, a while.
+    let wait = Duration::from_secs(PEER_READ_WAIT_SECS);
+    let _permit = tokio::time::timeout(wait, PEER_READS.acquire())
+        .await
+        .map_err(|_| ApiError::PeerReadsBusy)?
+        .map_err(|_| ApiError::PeerReadsBusy)?;
     let read = {
         let (etag, range) = (etag.clone(), range.clone());
         tokio::task::spawn_blocking(move || files.read_held(&etag, range))

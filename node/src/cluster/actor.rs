@@ -31,7 +31,7 @@ use super::view::Parts;
 use super::{ClusterConfig, ClusterEvent, ClusterView};
 use crate::engine::PipelineEnds;
 use crate::hub::HubFiles;
-use crate::limits::{NODE_STATUS_INTERVAL_MS, REDIAL_INTERVAL_MS};
+use crate::limits::{MAX_MODEL_NAME_BYTES, NODE_STATUS_INTERVAL_MS, REDIAL_INTERVAL_MS};
 use crate::model_store::Downloads;
 use crate::policy::{self, Faults, PolicyHandle, StageLoad};
 use crate::stage::{StageJob, StageResult};
@@ -424,7 +424,12 @@ impl Cluster {
                 false
             }
             Frame::SwitchModel { model } => {
-                tracing::info!(%model, asked_by = %self.membership.name_of(from), "asked to switch models");
+                let asked_by = self.membership.name_of(from);
+                if model.is_empty() || model.len() > MAX_MODEL_NAME_BYTES {
+                    tracing::warn!(%asked_by, bytes = model.len(), "a peer asked to switch to a model name of impossible length; ignored");
+                    return false;
+                }
+                tracing::info!(%model, %asked_by, "asked to switch models");
                 self.switch_here(model);
                 true
             }

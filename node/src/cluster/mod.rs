@@ -66,11 +66,13 @@ pub struct SwitchedModel {
     pub name: String,
     pub file: Arc<ModelFile>,
     pub hub_files: Option<Arc<crate::hub::HubFiles>>,
+    /// Points this node's engine and API at the model; the actor calls it
+    /// when it swaps the model in, and drops it when a newer switch came.
+    pub commit: Box<dyn FnOnce() + Send>,
 }
 
 /// Opens the model a switch names (fetching its header from the Hub, or
-/// from the peers given as HOST:PORT) and makes the node's API and engine
-/// serve it; the error is said in words.
+/// from the peers given as HOST:PORT); the error is said in words.
 pub type ModelOpener = Arc<
     dyn Fn(
             String,

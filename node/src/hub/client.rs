@@ -11,6 +11,7 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use hf_hub::api::RepoInfo;
 use hf_hub::api::tokio::{Api, ApiBuilder};
 use hf_hub::{Cache, Repo, RepoType};
@@ -20,7 +21,8 @@ use reqwest::{StatusCode, Url};
 use super::naming::{ChoiceError, HubModel, choose_file};
 use super::ranges::RangeSet;
 use crate::limits::{
-    HUB_CONNECT_TIMEOUT_SECS, HUB_MAX_REDIRECTS, HUB_PEER_QUERY_TIMEOUT_SECS, HUB_READ_TIMEOUT_SECS,
+    HUB_CHUNK_BYTES, HUB_CONNECT_TIMEOUT_SECS, HUB_MAX_REDIRECTS, HUB_PEER_QUERY_TIMEOUT_SECS,
+    HUB_READ_TIMEOUT_SECS, MAX_MODEL_FILE_BYTES, MAX_PEER_ANSWER_BYTES,
 };
 
 /// Where the Hub is, the token and the cache, as `huggingface_hub` and
@@ -100,6 +102,44 @@ impl RemoteFile {
             name = format!("{name}@{}", self.revision);
         }
         name
+    }
+
+    /// Checks what the Hub or a peer said about the file before any of it
+    /// names a path: the ETag and commit become file names in the cache,
+    /// the file name a path below a snapshot.
+    pub fn check(&self) -> Result<(), HubError> {
+        let bad = |reason: String| HubError::BadAnswer {
+            url: format!("{}/{}", self.repo, self.file),
+            reason,
+        };
+        let hex = |s: &str, lengths: &[usize]| {
+            lengths.contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit())
+        };
+        if !hex(&self.etag, &[40, 64]) {
+            return Err(bad(format!(
+                "the ETag {:?} is not a git or SHA-256 hash",
+                self.etag
+            )));
+        }
+        if !hex(&self.commit, &[40]) {
+            return Err(bad(format!(
+                "the commit {:?} is not a git hash",
+                self.commit
+            )));
+        }
+        let safe_part = |p: &str| {
+            !p.is_empty() && p != "." && p != ".." && !p.contains('\\') && !p.contains('\0')
+        };
+        if self.file.starts_with('/') || !self.file.split('/').all(safe_part) {
+            return Err(bad(format!(
+                "the file name {:?} is not a relative path",
+                self.file
+            )));
+        }
+        if self.size > MAX_MODEL_FILE_BYTES {
+            return Err(bad(format!("the file claims {} bytes", self.size)));
+        }
+        Ok(())
     }
 
     /// True when the ETag is a SHA-256, against which the whole file can
@@ -307,6 +347,7 @@ impl HubClient {
                 etag: String::new(),
             };
             self.head(model, &mut remote).await?;
+            remote.check()?;
             parts.push(remote);
         }
         Ok(parts)
@@ -489,7 +530,10 @@ impl HubClient {
         if !response.status().is_success() {
             return None;
         }
-        let held: HeldRanges = response.json().await.ok()?;
+        let body = read_at_most(response, MAX_PEER_ANSWER_BYTES, &url)
+            .await
+            .ok()?;
+        let held: HeldRanges = serde_json::from_slice(&body).ok()?;
         (held.size == remote.size).then_some(held.held)
     }
 
@@ -507,7 +551,16 @@ impl HubClient {
         if !response.status().is_success() {
             return None;
         }
-        response.json().await.ok()
+        let body = read_at_most(response, MAX_PEER_ANSWER_BYTES, &url)
+            .await
+            .ok()?;
+        let model: PeerModel = serde_json::from_slice(&body).ok()?;
+        // Its files name paths here: the same checks as the Hub's answers.
+        model
+            .parts
+            .iter()
+            .all(|part| part.check().is_ok())
+            .then_some(model)
     }
 
     /// Adds the token to requests for the Hub itself, never to another
@@ -603,8 +656,9 @@ async fn checked_range(
             "it answered with Content-Range {content_range:?}, not {expected:?}"
         )));
     }
-    let body = response.bytes().await.map_err(|e| unreachable(url, &e))?;
-    if body.len() as u64 != range.end - range.start {
+    let wanted = range.end - range.start;
+    let body = read_at_most(response, wanted, url).await?;
+    if body.len() as u64 != wanted {
         return Err(HubError::BadAnswer {
             url: url.to_string(),
             reason: format!(
@@ -614,7 +668,33 @@ async fn checked_range(
             ),
         });
     }
-    Ok(body.to_vec())
+    Ok(body)
+}
+
+/// The body of `response`, failing once it passes `most` bytes: a server
+/// cannot make the node hold more than it asked for.
+async fn read_at_most(
+    response: reqwest::Response,
+    most: u64,
+    url: &str,
+) -> Result<Vec<u8>, HubError> {
+    let too_long = || HubError::BadAnswer {
+        url: url.to_string(),
+        reason: format!("the answer is longer than the {most} bytes asked for"),
+    };
+    if response.content_length().is_some_and(|len| len > most) {
+        return Err(too_long());
+    }
+    let mut body = Vec::with_capacity(most.min(HUB_CHUNK_BYTES) as usize);
+    let mut stream = response.bytes_stream();
+    while let Some(piece) = stream.next().await {
+        let piece = piece.map_err(|e| unreachable(url, &e))?;
+        if body.len() as u64 + piece.len() as u64 > most {
+            return Err(too_long());
+        }
+        body.extend_from_slice(&piece);
+    }
+    Ok(body)
 }
 
 /// What a node answers at `GET /v1/ring/files/{etag}/held`.

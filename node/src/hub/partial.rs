@@ -14,6 +14,7 @@
 //! layers asked for, which are the bytes fetched. A model split in parts
 //! is one such file per part, each complete or partial on its own.
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
@@ -197,7 +198,7 @@ fn cached_offline(client: &HubClient, model: &HubModel) -> Option<Vec<RemoteFile
                 .file_name()?
                 .to_str()?
                 .to_string();
-            Some(RemoteFile {
+            let remote = RemoteFile {
                 repo: model.repo.clone(),
                 revision: revision.clone(),
                 commit: commit.clone(),
@@ -205,7 +206,8 @@ fn cached_offline(client: &HubClient, model: &HubModel) -> Option<Vec<RemoteFile
                 size: std::fs::metadata(&path).ok()?.len(),
                 etag,
                 file,
-            })
+            };
+            remote.check().ok().map(|()| remote)
         })
         .collect()
 }
@@ -233,7 +235,11 @@ async fn from_peers(
             .revision
             .as_ref()
             .is_none_or(|r| *r == first.revision || *r == first.commit);
-        if first.repo.eq_ignore_ascii_case(&model.repo) && same_quant && same_revision {
+        let same_repo = served
+            .parts
+            .iter()
+            .all(|part| part.repo.eq_ignore_ascii_case(&model.repo));
+        if same_repo && same_quant && same_revision {
             return Some((peer.clone(), served.parts));
         }
         tracing::info!(%peer, serves = %served.name, "a peer serves another model");
@@ -372,8 +378,9 @@ impl PartialFile {
         let mut want = HUB_HEADER_FIRST_BYTES.min(size);
         loop {
             let missing = self.have().missing(&[0..want]);
+            let failed_peers = Mutex::new(HashSet::new());
             for chunk in ranges::chunks(&missing, HUB_CHUNK_BYTES) {
-                self.fetch_chunk(chunk, holders).await?;
+                self.fetch_chunk(chunk, holders, &failed_peers).await?;
             }
             let prefix = self.read(0..want)?;
             if let Some(len) = kernels::header_len_in(&prefix) {
@@ -409,10 +416,15 @@ impl PartialFile {
         &self,
         range: Range<u64>,
         holders: &[(String, RangeSet)],
+        failed_peers: &Mutex<HashSet<String>>,
     ) -> Result<(u64, Source), HubError> {
         let mut fetched = None;
         for (peer, held) in holders {
-            if !held.missing(std::slice::from_ref(&range)).is_empty() {
+            let failed = failed_peers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains(peer);
+            if failed || !held.missing(std::slice::from_ref(&range)).is_empty() {
                 continue;
             }
             match self
@@ -425,7 +437,14 @@ impl PartialFile {
                     break;
                 }
                 Err(error) => {
-                    tracing::warn!(%peer, %error, start = range.start, end = range.end, "a peer failed to send a range; trying the next source")
+                    // Not asked again in this fetch: a peer that failed
+                    // once (down, slow, or sending other bytes) would only
+                    // cost each later piece a timeout.
+                    tracing::warn!(%peer, %error, start = range.start, end = range.end, "a peer failed to send a range; trying the next source, and not this peer again in this fetch");
+                    failed_peers
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(peer.clone());
                 }
             }
         }
@@ -433,8 +452,11 @@ impl PartialFile {
             Some(fetched) => fetched,
             None => (self.fetch_from_hub(range.clone()).await?, Source::Hub),
         };
+        // On disk before the record says so: a crash, even of the machine,
+        // never leaves a recorded range unwritten.
         self.data
             .write_all_at(&bytes, range.start)
+            .and_then(|()| self.data.sync_data())
             .map_err(|source| HubError::Io {
                 path: self.data_path.clone(),
                 source,
@@ -487,7 +509,11 @@ impl PartialFile {
             source,
         };
         let json = serde_json::to_vec(&record).map_err(|e| io(std::io::Error::other(e)))?;
-        let aside = self.record_path.with_extension("json.new");
+        // A name of this process's own: another process fetching the same
+        // file (a `pull` beside a node) must not rename it away.
+        let aside = self
+            .record_path
+            .with_extension(format!("json.{}.new", std::process::id()));
         std::fs::write(&aside, json).map_err(io)?;
         std::fs::rename(&aside, &self.record_path).map_err(io)
     }
@@ -652,9 +678,13 @@ impl HubFiles {
             // Boxed: the compiler cannot otherwise prove the unboxed futures
             // `Send` for every lifetime, which spawning the caller needs.
             let holders = &holders;
+            let failed_peers = &Mutex::new(HashSet::new());
             let fetches: Vec<BoxFuture<'_, Result<(u64, Source), HubError>>> = jobs
                 .into_iter()
-                .map(|(file, index, chunk)| file.fetch_chunk(chunk, &holders[index]).boxed())
+                .map(|(file, index, chunk)| {
+                    file.fetch_chunk(chunk, &holders[index], failed_peers)
+                        .boxed()
+                })
                 .collect();
             let mut fetches =
                 futures_util::stream::iter(fetches).buffer_unordered(HUB_CONCURRENT_RANGES);

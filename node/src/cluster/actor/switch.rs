@@ -33,7 +33,12 @@ impl Cluster {
 
     /// Opens `model` here unless it is served already or being opened.
     pub(super) fn switch_here(&mut self, model: String) {
-        if model == self.membership.me.identity.name || self.switching.as_ref() == Some(&model) {
+        if model == self.membership.me.identity.name {
+            // Back to the model served: a switch still opening is void.
+            self.switching = None;
+            return;
+        }
+        if self.switching.as_ref() == Some(&model) {
             return;
         }
         self.switching = Some(model.clone());
@@ -49,12 +54,16 @@ impl Cluster {
         });
     }
 
-    /// The model asked for is open (the API and engine serve it already):
-    /// swap it in, drop the old plan, and tell the peers.
+    /// The model asked for is open: swap it in (with the engine and the
+    /// API), drop the old plan, and tell the peers. A model a newer switch
+    /// replaced meanwhile is dropped.
     pub(super) fn model_opened(&mut self, model: String, result: Result<SwitchedModel, String>) {
-        if self.switching.as_ref() == Some(&model) {
-            self.switching = None;
+        if self.switching.as_ref() != Some(&model) {
+            tracing::info!(%model, "a newer switch replaced this one; not swapping it in");
+            self.downloads.ended(&model, Ok(()));
+            return;
         }
+        self.switching = None;
         let switched = match result {
             Ok(switched) => switched,
             Err(error) => {
@@ -64,6 +73,7 @@ impl Cluster {
             }
         };
         self.downloads.ended(&model, Ok(()));
+        (switched.commit)();
         let identity = ModelIdentity {
             name: switched.name.clone(),
             fingerprint: switched.file.fingerprint().to_string(),
