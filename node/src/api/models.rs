@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, StatusCode};
 
 use super::admin::{self, Admin};
 use super::{ApiError, AppState};
-use crate::hub::HubModel;
+use crate::hub::{HubConfig, HubModel, quant_of};
 use crate::limits::MAX_MODEL_NAME_BYTES;
 use crate::model_store::{CATALOGUE, catalogue_entry};
 
@@ -44,6 +44,18 @@ pub(super) async fn known_models(State(state): State<AppState>) -> Json<KnownMod
             downloadable: false,
         });
     }
+    // Hub models in this node's Hugging Face cache, whole.
+    for name in hub_cache_models(&HubConfig::from_env().cache_dir) {
+        if models.iter().all(|m| m.id != name) {
+            models.push(KnownModel {
+                id: name,
+                description: "from Hugging Face, in this node's cache".into(),
+                size_bytes: None,
+                served: false,
+                downloadable: false,
+            });
+        }
+    }
     let reported = state
         .cluster
         .iter()
@@ -64,6 +76,46 @@ pub(super) async fn known_models(State(state): State<AppState>) -> Json<KnownMod
         }
     }
     Json(KnownModels { models })
+}
+
+/// The GGUF models whole in a Hugging Face cache, named as `ORG/REPO:QUANT`
+/// (the first part of a split one), from each repository's snapshots.
+fn hub_cache_models(cache_dir: &std::path::Path) -> Vec<String> {
+    let Ok(repos) = std::fs::read_dir(cache_dir) else {
+        return Vec::new();
+    };
+    let mut names = Vec::new();
+    for repo in repos.filter_map(Result::ok) {
+        let folder = repo.file_name().to_string_lossy().into_owned();
+        let Some((org, name)) = folder
+            .strip_prefix("models--")
+            .and_then(|id| id.split_once("--"))
+        else {
+            continue;
+        };
+        let Ok(snapshots) = std::fs::read_dir(repo.path().join("snapshots")) else {
+            continue;
+        };
+        let files = snapshots
+            .filter_map(Result::ok)
+            .filter_map(|snapshot| std::fs::read_dir(snapshot.path()).ok())
+            .flat_map(|files| files.filter_map(Result::ok));
+        for file in files {
+            let file_name = file.file_name().to_string_lossy().into_owned();
+            // A link whose blob is there; a split model by its first part.
+            let whole = file.path().is_file();
+            let first = !file_name.contains("-of-") || file_name.contains("-00001-of-");
+            if whole && first && file_name.ends_with(".gguf") {
+                names.push(match quant_of(&file_name) {
+                    Some(quant) => format!("{org}/{name}:{quant}"),
+                    None => format!("{org}/{name}"),
+                });
+            }
+        }
+    }
+    names.sort();
+    names.dedup();
+    names
 }
 
 /// `POST /v1/cluster/models` with `{"model": NAME}`: every node opens
@@ -156,4 +208,34 @@ pub(super) async fn download_model(
         model: name,
     };
     Ok((status, Json(started)))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is the report
+
+    use super::hub_cache_models;
+
+    #[test]
+    fn whole_gguf_files_in_the_hugging_face_cache_are_listed_by_name() {
+        let cache = std::env::temp_dir().join(format!("ringlet-hub-cache-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&cache);
+        let snapshot = |repo: &str| {
+            let dir = cache.join(repo).join("snapshots").join("abc");
+            std::fs::create_dir_all(&dir).expect("snapshot folder");
+            dir
+        };
+        let one = snapshot("models--org--repo");
+        std::fs::write(one.join("repo-Q4_K_M.gguf"), b"x").expect("file");
+        std::fs::write(one.join("README.md"), b"x").expect("file");
+        // A link whose blob is missing is not a whole file.
+        std::os::unix::fs::symlink("../../blobs/gone", one.join("repo-Q8_0.gguf")).expect("link");
+        let split = snapshot("models--org--split");
+        std::fs::write(split.join("split-Q8_0-00001-of-00002.gguf"), b"x").expect("file");
+        std::fs::write(split.join("split-Q8_0-00002-of-00002.gguf"), b"x").expect("file");
+        snapshot("datasets--org--data");
+        let listed = hub_cache_models(&cache);
+        let _ = std::fs::remove_dir_all(&cache);
+        assert_eq!(listed, ["org/repo:Q4_K_M", "org/split:Q8_0"]);
+    }
 }

@@ -761,3 +761,93 @@ fn same_origin(url: &str, endpoint: &str) -> bool {
         _ => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is the report
+
+    use super::*;
+
+    fn remote() -> RemoteFile {
+        RemoteFile {
+            repo: "org/repo".into(),
+            revision: "main".into(),
+            commit: "a".repeat(40),
+            file: "model-Q4_K_M.gguf".into(),
+            quant: Some("Q4_K_M".into()),
+            size: 100,
+            etag: "b".repeat(64),
+        }
+    }
+
+    fn answer(content_range: &str, etag: &str, body: &'static [u8]) -> reqwest::Response {
+        let response = axum::http::Response::builder()
+            .status(206)
+            .header("content-range", content_range)
+            .header("etag", format!("\"{etag}\""))
+            .body(body)
+            .expect("a response");
+        reqwest::Response::from(response)
+    }
+
+    #[tokio::test]
+    async fn only_exactly_the_bytes_asked_for_of_the_same_file_are_taken() {
+        let remote = remote();
+        let etag = remote.etag.clone();
+        let ok = answer("bytes 10-13/100", &etag, b"abcd");
+        assert_eq!(
+            checked_range(ok, &remote, 10..14, true, "u")
+                .await
+                .expect("taken"),
+            b"abcd"
+        );
+        let shifted = answer("bytes 11-14/100", &etag, b"abcd");
+        let refused = checked_range(shifted, &remote, 10..14, true, "u").await;
+        assert!(
+            matches!(refused, Err(HubError::RangeRefused { .. })),
+            "{refused:?}"
+        );
+        let other_file = answer("bytes 10-13/100", &"c".repeat(64), b"abcd");
+        let changed = checked_range(other_file, &remote, 10..14, true, "u").await;
+        assert!(
+            matches!(changed, Err(HubError::Changed { .. })),
+            "{changed:?}"
+        );
+        let other_size = answer("bytes 10-13/101", &etag, b"abcd");
+        assert!(
+            checked_range(other_size, &remote, 10..14, true, "u")
+                .await
+                .is_err()
+        );
+        let long = answer("bytes 10-13/100", &etag, b"abcdef");
+        assert!(matches!(
+            checked_range(long, &remote, 10..14, true, "u").await,
+            Err(HubError::BadAnswer { .. })
+        ));
+        let short = answer("bytes 10-13/100", &etag, b"ab");
+        assert!(
+            checked_range(short, &remote, 10..14, true, "u")
+                .await
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn file_names_etags_and_commits_that_would_escape_the_cache_are_refused() {
+        assert!(remote().check().is_ok());
+        let with = |change: fn(&mut RemoteFile)| {
+            let mut remote = remote();
+            change(&mut remote);
+            remote.check()
+        };
+        assert!(with(|r| r.etag = "../../../etc/passwd".into()).is_err());
+        assert!(with(|r| r.etag = "b".repeat(63)).is_err());
+        assert!(with(|r| r.commit = "main/../..".into()).is_err());
+        assert!(with(|r| r.file = "/etc/passwd".into()).is_err());
+        assert!(with(|r| r.file = "sub/../../x.gguf".into()).is_err());
+        assert!(with(|r| r.file = "sub//x.gguf".into()).is_err());
+        assert!(with(|r| r.size = u64::MAX).is_err());
+        assert!(with(|r| r.file = "sub/dir/x.gguf".into()).is_ok());
+        assert!(with(|r| r.etag = "d".repeat(40)).is_ok());
+    }
+}
