@@ -461,6 +461,28 @@ async fn a_node_whose_hub_goes_away_says_so_and_keeps_serving() {
         ],
     );
     node.wait_for_log("loading layers for the new plan", START_TIMEOUT);
+    // While it fetches, the cluster view says how far, of how much.
+    let file = ModelFile::open(model_file()).expect("the default model");
+    let slice: u64 = file
+        .shard_byte_ranges(LayerRange::new(0, 30))
+        .expect("ranges")
+        .iter()
+        .flatten()
+        .map(|r| r.end - r.start)
+        .sum();
+    wait_for_cluster(node.addr, REQUEST_TIMEOUT, |view| {
+        view["nodes"][0]["models"].as_array().is_some_and(|models| {
+            models.iter().any(|m| {
+                m["name"] == model.as_str()
+                    && m["state"] == "downloading"
+                    && m["total_bytes"] == slice
+                    && m["downloaded_bytes"]
+                        .as_u64()
+                        .is_some_and(|done| done > 0 && done < slice)
+            })
+        })
+    })
+    .await;
     drop(server);
     let line = node.wait_for_log("cannot load this node's layers", START_TIMEOUT);
     assert!(line.contains("cannot reach the Hugging Face Hub"), "{line}");
@@ -634,6 +656,9 @@ async fn a_node_without_the_hub_gets_its_slice_from_peers_and_peers_come_first()
     let lan_only = &mut nodes[2];
     lan_only.wait_for_log("fetching the model from peers", START_TIMEOUT);
     lan_only.wait_for_log("fetched ranges from peer", START_TIMEOUT);
+    // ...and says, range by range, where each came from.
+    let line = lan_only.wait_for_log("range fetched from peer", START_TIMEOUT);
+    assert!(line.contains("start=") && line.contains("end="), "{line}");
     // node-1 could reach the Hub, yet took its header and slice from node-0:
     // the Hub sent it only the repository listing and the file's HEAD.
     let node_1_from_hub = server.bytes_sent_to("node/node-1").await;

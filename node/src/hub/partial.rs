@@ -461,7 +461,12 @@ impl PartialFile {
                 path: self.data_path.clone(),
                 source,
             })?;
-        tracing::debug!(file = %self.remote.file, %source, start = range.start, end = range.end, "range fetched");
+        // Where each range came from, when more than the Hub could send it.
+        if holders.is_empty() {
+            tracing::debug!(file = %self.remote.file, %source, start = range.start, end = range.end, "range fetched");
+        } else {
+            tracing::info!(file = %self.remote.file, %source, start = range.start, end = range.end, "range fetched from {source}");
+        }
         self.record(range.clone())?;
         Ok((range.end - range.start, source))
     }
