@@ -60,6 +60,9 @@ pub(super) struct Cluster {
     open_model: super::ModelOpener,
     /// The model this node is opening for a switch.
     switching: Option<String>,
+    /// The task fetching and loading this node's layers for the plan
+    /// followed, stopped when another plan or model replaces it.
+    loading: Option<tokio::task::AbortHandle>,
     /// The model as the policy sees it.
     policy_model: policy::Model,
     device: Device,
@@ -113,6 +116,7 @@ impl Cluster {
             hub_files: config.hub_files,
             open_model: config.open_model,
             switching: None,
+            loading: None,
             downloads: config.downloads,
             device: config.device,
             policy: config.policy,
@@ -128,6 +132,16 @@ impl Cluster {
 
     fn me(&self) -> NodeId {
         self.membership.me.id
+    }
+
+    /// Stops fetching the layers of a plan no longer followed: a fetch
+    /// stopped between pieces keeps what it recorded (a piece is written
+    /// and recorded with no pause between), and a load already reading
+    /// runs out with its result dropped.
+    fn stop_loading(&mut self) {
+        if let Some(loading) = self.loading.take() {
+            loading.abort();
+        }
     }
 
     pub(super) async fn run(mut self) {

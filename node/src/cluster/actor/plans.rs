@@ -113,12 +113,14 @@ impl Cluster {
                     downloads: self.downloads.clone(),
                     peers: self.membership.peer_addresses(),
                 });
-                tokio::spawn(async move {
+                let loading = tokio::spawn(async move {
                     let result = load_layers(model, layers, device, fetch).await;
                     let _ = events
                         .send(ClusterEvent::ShardLoaded { epoch, result })
                         .await;
                 });
+                self.stop_loading();
+                self.loading = Some(loading.abort_handle());
             }
             None => self.report_ready(epoch, 0),
         }

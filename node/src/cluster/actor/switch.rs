@@ -87,6 +87,9 @@ impl Cluster {
         self.routing.clear_hosted();
         self.planning
             .forget_plan(format!("switching to {}", identity.name));
+        self.stop_loading();
+        // A fetch of the old model's layers stopped: it reports no more.
+        self.downloads.ended(&old.name, Ok(()));
         self.policy_model = policy_model(&switched.file);
         self.model = switched.file;
         self.hub_files = switched.hub_files;
