@@ -20,6 +20,7 @@ import sys
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, quants
+from gguf_copy import write_out
 
 SHAPES = {
     # hidden, feed-forward, query heads, key/value heads, rope base
@@ -91,10 +92,7 @@ def main():
             writer.add_tensor(prefix + name + ".weight", random_matrix(rng, rows, cols, q4_1), raw_dtype=q4_1)
         print(f"  layer {layer + 1}/{args.layers} quantized", flush=True)
 
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file(progress=False)
-    writer.close()
+    write_out(writer)
     print(f"wrote {args.out}")
 
 

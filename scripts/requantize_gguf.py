@@ -17,34 +17,13 @@ import argparse
 import sys
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, quants
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, quants
 from gguf.constants import GGML_QUANT_SIZES, Keys
+from gguf_copy import copy_metadata, write_out
 
 Q = GGMLQuantizationType
 TARGETS = {"Q8_0": (Q.Q8_0, 7)}  # output type -> (ggml type, general.file_type)
 CONVERTIBLE = {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.F16}
-
-
-def copy_metadata(reader, writer, file_type):
-    """Copies every key/value in the file's order, with general.file_type replaced."""
-    for name, field in reader.fields.items():
-        # GGUF.version, GGUF.tensor_count and GGUF.kv_count are header fields
-        # the reader shows as keys; the writer writes its own header.
-        # GGUFWriter writes general.architecture itself, as its first key
-        # (where converters, llama.cpp's included, put it).
-        if name.startswith("GGUF.") or name == Keys.General.ARCHITECTURE:
-            continue
-        main_type = field.types[0]
-        if name == Keys.General.FILE_TYPE:
-            writer.add_file_type(file_type)
-        elif name == Keys.General.ALIGNMENT:
-            # Also sets the padding the writer uses between tensors.
-            writer.add_custom_alignment(field.contents())
-        elif main_type == GGUFValueType.ARRAY and len(field.types) > 2:
-            sys.exit(f"{name}: nested arrays are not supported")
-        else:
-            sub_type = field.types[-1] if main_type == GGUFValueType.ARRAY else None
-            writer.add_key_value(name, field.contents(), main_type, sub_type)
 
 
 def convert(tensor, target):
@@ -84,7 +63,14 @@ def main():
         sys.exit(f"{args.input} is not in this machine's byte order; convert it first")
 
     writer = GGUFWriter(args.output, arch_field.contents())
-    copy_metadata(reader, writer, file_type)
+    # GGUFWriter writes general.architecture itself, as its first key (where
+    # converters, llama.cpp's included, put it).
+    copy_metadata(
+        reader,
+        writer,
+        skip={Keys.General.ARCHITECTURE},
+        replace={Keys.General.FILE_TYPE: lambda w: w.add_file_type(file_type)},
+    )
 
     converted = 0
     for tensor in reader.tensors:
@@ -94,10 +80,7 @@ def main():
         # tensors are typed by their numpy dtype.
         writer.add_tensor(tensor.name, data, raw_dtype=raw_dtype if data.dtype == np.uint8 else None)
 
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file(progress=False)
-    writer.close()
+    write_out(writer)
     print(f"wrote {args.output}: {len(reader.tensors)} tensors, {converted} re-encoded as {args.type}")
 
 

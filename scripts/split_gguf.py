@@ -29,8 +29,9 @@ output is deterministic: the same input always gives the same bytes.
 import argparse
 import sys
 
-from gguf import GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGUFReader, GGUFWriter
 from gguf.constants import GGUF_DEFAULT_ALIGNMENT, Keys
+from gguf_copy import copy_metadata, write_out
 
 SPLIT_NO = Keys.Split.LLM_KV_SPLIT_NO                        # "split.no"
 SPLIT_COUNT = Keys.Split.LLM_KV_SPLIT_COUNT                  # "split.count"
@@ -50,24 +51,6 @@ def tensor_runs(n_tensors, n_parts):
         end = start + base + (1 if i < extra else 0)
         yield range(start, end)
         start = end
-
-
-def copy_metadata(reader, writer):
-    """Copies every key/value in the file's order and types, except the split keys."""
-    for name, field in reader.fields.items():
-        # GGUF.version, GGUF.tensor_count and GGUF.kv_count are header fields the
-        # reader shows as keys; the writer writes its own header.
-        if name.startswith("GGUF.") or name in (SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS_COUNT):
-            continue
-        main_type = field.types[0]
-        if name == Keys.General.ALIGNMENT:
-            # Also sets the padding the writer uses before and between tensors.
-            writer.add_custom_alignment(field.contents())
-        elif main_type == GGUFValueType.ARRAY and len(field.types) > 2:
-            sys.exit(f"{name}: nested arrays are not supported")
-        else:
-            sub_type = field.types[-1] if main_type == GGUFValueType.ARRAY else None
-            writer.add_key_value(name, field.contents(), main_type, sub_type)
 
 
 def main():
@@ -97,7 +80,7 @@ def main():
         writer = GGUFWriter(path, arch="")
         writer.kv_data[0].clear()
         if index == 0:
-            copy_metadata(reader, writer)
+            copy_metadata(reader, writer, skip={SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS_COUNT})
         elif reader.alignment != GGUF_DEFAULT_ALIGNMENT:
             writer.add_custom_alignment(reader.alignment)  # see the note above
         writer.add_uint16(SPLIT_NO, index)
@@ -111,10 +94,7 @@ def main():
             # both, and writes the bytes as they are.
             writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
 
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=False)
-        writer.close()
+        write_out(writer)
         print(f"wrote {path}: {len(run)} tensors ({run.start}..{run.stop - 1} of {n_tensors})")
 
 

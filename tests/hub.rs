@@ -10,6 +10,7 @@
 mod support;
 
 use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -169,12 +170,8 @@ async fn each_hub_failure_says_what_to_do() {
         pull(at, &home, GATED, Some("hf_wrong")),
         &["is gated", "the token sent was refused"],
     );
-    // A port nothing listens on: bind one, then let it go.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let closed_endpoint = format!("http://{}", closed.local_addr().expect("addr"));
-    drop(closed);
     assert_fails_saying(
-        pull(&closed_endpoint, &home, REPO, None),
+        pull(&unreachable_endpoint(), &home, REPO, None),
         &["cannot reach the Hugging Face Hub", "HF_ENDPOINT"],
     );
     assert_fails_saying(pull(at, &home, BROKEN_SPLIT, None), &["lacks part 2 of 3"]);
@@ -305,14 +302,80 @@ async fn run_picks_the_quantization_asked_for() {
     assert!(!from_hub.trim().is_empty());
 }
 
-fn chat_body_for(model: &str, user: &str) -> String {
-    serde_json::json!({
-        "model": model,
-        "messages": [{"role": "user", "content": user}],
-        "max_tokens": 24,
-        "temperature": 0,
-    })
-    .to_string()
+/// A fresh Hugging Face home for node `i` of the test `tag`.
+fn hub_home(tag: &str, i: usize) -> String {
+    empty_dir(&format!("{tag}-home-{i}"))
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// An endpoint nothing listens on: a port bound, then let go.
+fn unreachable_endpoint() -> String {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    format!("http://{}", closed.local_addr().expect("addr"))
+}
+
+/// Starts one cluster of nodes serving `model` with `extra` flags: node `i`
+/// is `node-i`, reaches the Hub at `hubs[i].0` and keeps its Hugging Face
+/// home in `hubs[i].1`, and every node after the first names the first
+/// with `--peer`. Waits until each has activated a plan with all of them.
+fn start_hub_nodes(model: &str, extra: &[&str], hubs: &[(&str, &str)]) -> Vec<Node> {
+    let mut nodes: Vec<Node> = Vec::new();
+    for (i, (endpoint, home)) in hubs.iter().enumerate() {
+        let name = format!("node-{i}");
+        let first = nodes.first().map(|n| n.addr.to_string());
+        let mut flags = vec!["--model", model, "--name", &name];
+        flags.extend(extra);
+        if let Some(first) = &first {
+            flags.extend(["--peer", first.as_str()]);
+        }
+        nodes.push(Node::start_with_env(
+            &flags,
+            &[
+                ("HF_ENDPOINT", endpoint),
+                ("HF_HOME", home),
+                ("HF_TOKEN", ""),
+            ],
+        ));
+    }
+    let ready = format!("plan active: {} stages", hubs.len());
+    for node in &mut nodes {
+        node.wait_for_log(&ready, START_TIMEOUT);
+    }
+    nodes
+}
+
+/// What the node at `addr` answers to `question` asked of `model`.
+async fn chat_at(addr: SocketAddr, model: &str, question: &str) -> Response {
+    let body = chat_body_for(model, question, 24, false);
+    request(addr, "POST", "/v1/chat/completions", Some(&body)).await
+}
+
+/// The text of a chat answer, which must have succeeded.
+fn content_of(response: &Response) -> serde_json::Value {
+    assert_eq!(response.status, 200, "{}", response.body);
+    response.json()["choices"][0]["message"]["content"].clone()
+}
+
+/// What one node serving the file at `path` alone answers to `question`.
+async fn answer_alone(path: &Path, question: &str) -> serde_json::Value {
+    let node = Node::start_ready(&["--model", path.to_str().expect("utf-8 path")]);
+    let name = path
+        .file_stem()
+        .expect("stem")
+        .to_string_lossy()
+        .into_owned();
+    content_of(&chat_at(node.addr, &name, question).await)
+}
+
+/// The bytes of the tensors a shard of `layers` reads.
+fn slice_bytes(file: &ModelFile, layers: LayerRange) -> u64 {
+    file.shard_byte_ranges(layers)
+        .expect("ranges")
+        .iter()
+        .flatten()
+        .map(|r| r.end - r.start)
+        .sum()
 }
 
 fn self_layers(view: &serde_json::Value) -> LayerRange {
@@ -336,43 +399,14 @@ async fn three_nodes_fetch_only_their_slices_and_answer_as_one_node() {
     let server = HubServer::start(&root, rate);
     let model = format!("{REPO}:Q4_1");
     let started = Instant::now();
-    let mut nodes: Vec<Node> = Vec::new();
-    for i in 0..3 {
-        let home = empty_dir(&format!("hub-three-home-{i}"));
-        let name = format!("node-{i}");
-        let mut flags = vec![
-            "--model",
-            &model,
-            "--memory-budget",
-            "45MiB",
-            "--name",
-            &name,
-        ];
-        let first = nodes.first().map(|n: &Node| n.addr.to_string());
-        if let Some(first) = &first {
-            flags.extend(["--peer", first.as_str()]);
-        }
-        let home = home.to_string_lossy().into_owned();
-        nodes.push(Node::start_with_env(
-            &flags,
-            &[
-                ("HF_ENDPOINT", server.endpoint.as_str()),
-                ("HF_HOME", &home),
-                ("HF_TOKEN", ""),
-            ],
-        ));
-    }
-    for node in &mut nodes {
-        node.wait_for_log("plan active: 3 stages", START_TIMEOUT);
-    }
+    let homes: Vec<String> = (0..3).map(|i| hub_home("hub-three", i)).collect();
+    let hubs: Vec<(&str, &str)> = homes
+        .iter()
+        .map(|h| (server.endpoint.as_str(), h.as_str()))
+        .collect();
+    let nodes = start_hub_nodes(&model, &["--memory-budget", "45MiB"], &hubs);
     let question = "Name three colours of the rainbow.";
-    let ring = request(
-        nodes[1].addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(&chat_body_for(&model, question)),
-    )
-    .await;
+    let ring = chat_at(nodes[1].addr, &model, question).await;
     let to_first_answer = started.elapsed();
     assert_eq!(ring.status, 200, "{}", ring.body);
 
@@ -383,13 +417,7 @@ async fn three_nodes_fetch_only_their_slices_and_answer_as_one_node() {
     for (i, node) in nodes.iter().enumerate() {
         let view = get_json(node.addr, "/v1/cluster").await;
         let layers = self_layers(&view);
-        let slice: u64 = file
-            .shard_byte_ranges(layers)
-            .expect("ranges")
-            .iter()
-            .flatten()
-            .map(|r| r.end - r.start)
-            .sum();
+        let slice = slice_bytes(&file, layers);
         let fetched = server.bytes_sent_to(&format!("node/node-{i}")).await;
         eprintln!(
             "node-{i}: layers {layers}, slice {slice} bytes, fetched {fetched} bytes of a {size}-byte file"
@@ -422,24 +450,9 @@ async fn three_nodes_fetch_only_their_slices_and_answer_as_one_node() {
 
     // The answers are one node's with the whole file, bit for bit.
     drop(nodes);
-    let path = model_file();
-    let alone = Node::start_ready(&["--model", path.to_str().expect("utf-8 path")]);
-    let name = path
-        .file_stem()
-        .expect("stem")
-        .to_string_lossy()
-        .into_owned();
-    let one = request(
-        alone.addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(&chat_body_for(&name, question)),
-    )
-    .await;
-    assert_eq!(one.status, 200, "{}", one.body);
     assert_eq!(
-        ring.json()["choices"][0]["message"]["content"],
-        one.json()["choices"][0]["message"]["content"]
+        content_of(&ring),
+        answer_alone(&model_file(), question).await
     );
 }
 
@@ -449,8 +462,7 @@ async fn a_node_whose_hub_goes_away_says_so_and_keeps_serving() {
     let root = hub_root("hub-gone");
     // Slow enough that the slice cannot arrive before the server stops.
     let server = HubServer::start(&root, 2_000_000);
-    let home = empty_dir("hub-gone-home");
-    let home = home.to_string_lossy().into_owned();
+    let home = hub_home("hub-gone", 0);
     let model = format!("{REPO}:Q4_1");
     let mut node = Node::start_with_env(
         &["--model", &model],
@@ -463,13 +475,7 @@ async fn a_node_whose_hub_goes_away_says_so_and_keeps_serving() {
     node.wait_for_log("loading layers for the new plan", START_TIMEOUT);
     // While it fetches, the cluster view says how far, of how much.
     let file = ModelFile::open(model_file()).expect("the default model");
-    let slice: u64 = file
-        .shard_byte_ranges(LayerRange::new(0, 30))
-        .expect("ranges")
-        .iter()
-        .flatten()
-        .map(|r| r.end - r.start)
-        .sum();
+    let slice = slice_bytes(&file, LayerRange::new(0, 30));
     wait_for_cluster(node.addr, REQUEST_TIMEOUT, |view| {
         view["nodes"][0]["models"].as_array().is_some_and(|models| {
             models.iter().any(|m| {
@@ -502,13 +508,7 @@ async fn a_node_whose_hub_goes_away_says_so_and_keeps_serving() {
         })
     })
     .await;
-    let chat = request(
-        node.addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(&chat_body_for(&model, "hi")),
-    )
-    .await;
+    let chat = chat_at(node.addr, &model, "hi").await;
     assert_eq!(chat.status, 503, "{}", chat.body);
     assert!(
         chat.body.contains("cannot reach the Hugging Face Hub"),
@@ -522,72 +522,26 @@ async fn a_node_whose_hub_goes_away_says_so_and_keeps_serving() {
 async fn a_split_model_answers_as_the_single_file_locally_and_from_the_hub() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let question = "Why is the sea salty?";
-    let answer_of = |node: &Node, model: &str| {
-        let body = chat_body_for(model, question);
-        let addr = node.addr;
-        async move {
-            let response = request(addr, "POST", "/v1/chat/completions", Some(&body)).await;
-            assert_eq!(response.status, 200, "{}", response.body);
-            response.json()["choices"][0]["message"]["content"].clone()
-        }
-    };
-    let whole = model_file();
-    let whole_name = whole
-        .file_stem()
-        .expect("stem")
-        .to_string_lossy()
-        .into_owned();
-    let expected = {
-        let node = Node::start_ready(&["--model", whole.to_str().expect("utf-8")]);
-        answer_of(&node, &whole_name).await
-    };
+    let expected = answer_alone(&model_file(), question).await;
 
     // Local: the first part names the model; the others are found beside it.
     let parts = split_parts();
-    let first = parts[0].to_str().expect("utf-8");
-    let first_name = parts[0]
-        .file_stem()
-        .expect("stem")
-        .to_string_lossy()
-        .into_owned();
-    let local = Node::start_ready(&["--model", first]);
-    assert_eq!(answer_of(&local, &first_name).await, expected);
-    drop(local);
+    assert_eq!(answer_alone(&parts[0], question).await, expected);
 
     // From the Hub, on two nodes: each fetches its tensors from every part.
     let root = hub_root("hub-split");
     let server = HubServer::start(&root, 0);
     let model = format!("{SPLIT}:Q4_1");
-    let mut nodes: Vec<Node> = Vec::new();
-    for i in 0..2 {
-        let home = empty_dir(&format!("hub-split-home-{i}"));
-        let home = home.to_string_lossy().into_owned();
-        let name = format!("node-{i}");
-        let mut flags = vec![
-            "--model",
-            &model,
-            "--memory-budget",
-            "70MiB",
-            "--name",
-            &name,
-        ];
-        let first = nodes.first().map(|n: &Node| n.addr.to_string());
-        if let Some(first) = &first {
-            flags.extend(["--peer", first.as_str()]);
-        }
-        nodes.push(Node::start_with_env(
-            &flags,
-            &[
-                ("HF_ENDPOINT", server.endpoint.as_str()),
-                ("HF_HOME", &home),
-                ("HF_TOKEN", ""),
-            ],
-        ));
-    }
-    for node in &mut nodes {
-        node.wait_for_log("plan active: 2 stages", START_TIMEOUT);
-    }
-    assert_eq!(answer_of(&nodes[0], &model).await, expected);
+    let homes: Vec<String> = (0..2).map(|i| hub_home("hub-split", i)).collect();
+    let hubs: Vec<(&str, &str)> = homes
+        .iter()
+        .map(|h| (server.endpoint.as_str(), h.as_str()))
+        .collect();
+    let nodes = start_hub_nodes(&model, &["--memory-budget", "70MiB"], &hubs);
+    assert_eq!(
+        content_of(&chat_at(nodes[0].addr, &model, question).await),
+        expected
+    );
     let total: u64 = parts
         .iter()
         .map(|p| std::fs::metadata(p).expect("part").len())
@@ -609,50 +563,16 @@ async fn a_node_without_the_hub_gets_its_slice_from_peers_and_peers_come_first()
     let model = format!("{REPO}:Q4_1");
     // node-0 has the whole file (pulled before); node-1 starts empty with
     // the Hub in reach; node-2 starts empty with no route to the Hub.
-    let homes: Vec<String> = (0..3)
-        .map(|i| {
-            empty_dir(&format!("hub-peers-home-{i}"))
-                .to_string_lossy()
-                .into_owned()
-        })
-        .collect();
+    let homes: Vec<String> = (0..3).map(|i| hub_home("hub-peers", i)).collect();
     let (ok, text) = pull(&server.endpoint, Path::new(&homes[0]), &model, None);
     assert!(ok, "{text}");
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let no_hub = format!("http://{}", closed.local_addr().expect("addr"));
-    drop(closed);
-    let mut nodes: Vec<Node> = Vec::new();
-    for (i, home) in homes.iter().enumerate() {
-        let name = format!("node-{i}");
-        let mut flags = vec![
-            "--model",
-            &model,
-            "--memory-budget",
-            "45MiB",
-            "--name",
-            &name,
-        ];
-        let first = nodes.first().map(|n: &Node| n.addr.to_string());
-        if let Some(first) = &first {
-            flags.extend(["--peer", first.as_str()]);
-        }
-        let endpoint = if i == 2 {
-            no_hub.as_str()
-        } else {
-            server.endpoint.as_str()
-        };
-        nodes.push(Node::start_with_env(
-            &flags,
-            &[
-                ("HF_ENDPOINT", endpoint),
-                ("HF_HOME", home.as_str()),
-                ("HF_TOKEN", ""),
-            ],
-        ));
-    }
-    for node in &mut nodes {
-        node.wait_for_log("plan active: 3 stages", START_TIMEOUT);
-    }
+    let no_hub = unreachable_endpoint();
+    let hubs = [
+        (server.endpoint.as_str(), homes[0].as_str()),
+        (server.endpoint.as_str(), homes[1].as_str()),
+        (no_hub.as_str(), homes[2].as_str()),
+    ];
+    let mut nodes = start_hub_nodes(&model, &["--memory-budget", "45MiB"], &hubs);
     let lan_only = &mut nodes[2];
     lan_only.wait_for_log("fetching the model from peers", START_TIMEOUT);
     lan_only.wait_for_log("fetched ranges from peer", START_TIMEOUT);
@@ -669,33 +589,9 @@ async fn a_node_without_the_hub_gets_its_slice_from_peers_and_peers_come_first()
     nodes[1].wait_for_log("fetched ranges from peer", START_TIMEOUT);
 
     let question = "What is two plus two?";
-    let ring = request(
-        nodes[2].addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(&chat_body_for(&model, question)),
-    )
-    .await;
-    assert_eq!(ring.status, 200, "{}", ring.body);
+    let ring = content_of(&chat_at(nodes[2].addr, &model, question).await);
     drop(nodes);
-    let path = model_file();
-    let alone = Node::start_ready(&["--model", path.to_str().expect("utf-8 path")]);
-    let name = path
-        .file_stem()
-        .expect("stem")
-        .to_string_lossy()
-        .into_owned();
-    let one = request(
-        alone.addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(&chat_body_for(&name, question)),
-    )
-    .await;
-    assert_eq!(
-        ring.json()["choices"][0]["message"]["content"],
-        one.json()["choices"][0]["message"]["content"]
-    );
+    assert_eq!(ring, answer_alone(&model_file(), question).await);
 }
 
 #[tokio::test]
@@ -763,29 +659,13 @@ async fn an_admin_switches_the_cluster_to_another_model_without_restarts() {
     let root = hub_root("hub-switch");
     let server = HubServer::start(&root, 0);
     let (q4, q8) = (format!("{REPO}:Q4_1"), format!("{REPO}:Q8_0"));
-    let mut nodes: Vec<Node> = Vec::new();
-    for i in 0..2 {
-        let home = empty_dir(&format!("hub-switch-home-{i}"));
-        let home = home.to_string_lossy().into_owned();
-        let name = format!("node-{i}");
-        let mut flags = vec!["--model", &q4, "--memory-budget", "100MiB", "--name", &name];
-        flags.extend(["--admin-token", "s3cret"]);
-        let first = nodes.first().map(|n: &Node| n.addr.to_string());
-        if let Some(first) = &first {
-            flags.extend(["--peer", first.as_str()]);
-        }
-        nodes.push(Node::start_with_env(
-            &flags,
-            &[
-                ("HF_ENDPOINT", server.endpoint.as_str()),
-                ("HF_HOME", &home),
-                ("HF_TOKEN", ""),
-            ],
-        ));
-    }
-    for node in &mut nodes {
-        node.wait_for_log("plan active: 2 stages", START_TIMEOUT);
-    }
+    let homes: Vec<String> = (0..2).map(|i| hub_home("hub-switch", i)).collect();
+    let hubs: Vec<(&str, &str)> = homes
+        .iter()
+        .map(|h| (server.endpoint.as_str(), h.as_str()))
+        .collect();
+    let extra = ["--memory-budget", "100MiB", "--admin-token", "s3cret"];
+    let mut nodes = start_hub_nodes(&q4, &extra, &hubs);
     let switch = |addr, token: &str, model: &str| {
         let body = serde_json::json!({ "model": model }).to_string();
         let token = format!("Bearer {token}");
@@ -830,13 +710,7 @@ async fn an_admin_switches_the_cluster_to_another_model_without_restarts() {
     })
     .await;
     let question = "What colour is the sky?";
-    let old = request(
-        nodes[1].addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(&chat_body_for(&q4, question)),
-    )
-    .await;
+    let old = chat_at(nodes[1].addr, &q4, question).await;
     assert_eq!(old.status, 200, "{}", old.body);
 
     // The switch: both nodes serve the Q8_0 file, re-planned, no restart.
@@ -853,41 +727,15 @@ async fn an_admin_switches_the_cluster_to_another_model_without_restarts() {
     }
     let listed = get_json(nodes[0].addr, "/v1/models").await;
     assert_eq!(listed["data"][0]["id"], q8.as_str(), "{listed}");
-    let ring = request(
-        nodes[0].addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(&chat_body_for(&q8, question)),
-    )
-    .await;
+    let ring = chat_at(nodes[0].addr, &q8, question).await;
     assert_eq!(ring.status, 200, "{}", ring.body);
-    let stale = request(
-        nodes[0].addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(&chat_body_for(&q4, question)),
-    )
-    .await;
+    let stale = chat_at(nodes[0].addr, &q4, question).await;
     assert_eq!(stale.status, 404, "{}", stale.body);
     assert!(nodes.iter_mut().all(Node::is_running));
 
     drop(nodes);
-    let path = q8_model_file();
-    let alone = Node::start_ready(&["--model", path.to_str().expect("utf-8 path")]);
-    let name = path
-        .file_stem()
-        .expect("stem")
-        .to_string_lossy()
-        .into_owned();
-    let one = request(
-        alone.addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(&chat_body_for(&name, question)),
-    )
-    .await;
     assert_eq!(
-        ring.json()["choices"][0]["message"]["content"],
-        one.json()["choices"][0]["message"]["content"]
+        content_of(&ring),
+        answer_alone(&q8_model_file(), question).await
     );
 }

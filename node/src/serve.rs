@@ -104,7 +104,6 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             peers,
             resources,
             model_name,
-            model_path: file.path().to_path_buf(),
             hub_files,
             model_store: runtime.store.clone(),
             downloads: Downloads::default(),

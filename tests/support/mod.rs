@@ -494,8 +494,13 @@ pub async fn chat(addr: SocketAddr, user: &str, max_tokens: u32, stream: bool) -
 }
 
 pub fn chat_body(user: &str, max_tokens: u32, stream: bool) -> String {
+    chat_body_for(MODEL, user, max_tokens, stream)
+}
+
+/// Like [`chat_body`], for a node serving `model`.
+pub fn chat_body_for(model: &str, user: &str, max_tokens: u32, stream: bool) -> String {
     serde_json::json!({
-        "model": MODEL,
+        "model": model,
         "messages": [{"role": "user", "content": user}],
         "max_tokens": max_tokens,
         "temperature": 0,

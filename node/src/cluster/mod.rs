@@ -47,7 +47,6 @@ mod view;
 
 pub(crate) use events::ClusterEvent;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use kernels::{Device, LayerRange, ModelFile};
@@ -96,7 +95,6 @@ pub struct ClusterConfig {
     pub peers: Vec<String>,
     pub resources: Resources,
     pub model_name: String,
-    pub model_path: PathBuf,
     /// For a Hub model: fetches the bytes of the layers each plan gives
     /// this node.
     pub hub_files: Option<Arc<crate::hub::HubFiles>>,

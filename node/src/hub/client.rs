@@ -520,30 +520,30 @@ impl HubClient {
     /// holds none or does not answer in time.
     pub async fn peer_holds(&self, peer: &str, remote: &RemoteFile) -> Option<RangeSet> {
         let url = format!("http://{peer}/v1/ring/files/{}/held", remote.etag);
-        let response = self
-            .http
-            .get(&url)
-            .timeout(Duration::from_secs(HUB_PEER_QUERY_TIMEOUT_SECS))
-            .send()
-            .await
-            .ok()?;
-        if !response.status().is_success() {
-            return None;
-        }
-        let body = read_at_most(response, MAX_PEER_ANSWER_BYTES, &url)
-            .await
-            .ok()?;
-        let held: HeldRanges = serde_json::from_slice(&body).ok()?;
+        let held: HeldRanges = self.peer_json(&url).await?;
         (held.size == remote.size).then_some(held.held)
     }
 
     /// The Hub model the peer at `peer` serves, if any: how a node that
     /// cannot reach the Hub learns which files a name means.
     pub async fn peer_model(&self, peer: &str) -> Option<PeerModel> {
-        let url = format!("http://{peer}/v1/ring/model");
+        let model: PeerModel = self
+            .peer_json(&format!("http://{peer}/v1/ring/model"))
+            .await?;
+        // Its files name paths here: the same checks as the Hub's answers.
+        model
+            .parts
+            .iter()
+            .all(|part| part.check().is_ok())
+            .then_some(model)
+    }
+
+    /// A peer's JSON answer at `url`, within [`HUB_PEER_QUERY_TIMEOUT_SECS`]
+    /// and [`MAX_PEER_ANSWER_BYTES`]; `None` for anything else.
+    async fn peer_json<T: serde::de::DeserializeOwned>(&self, url: &str) -> Option<T> {
         let response = self
             .http
-            .get(&url)
+            .get(url)
             .timeout(Duration::from_secs(HUB_PEER_QUERY_TIMEOUT_SECS))
             .send()
             .await
@@ -551,16 +551,10 @@ impl HubClient {
         if !response.status().is_success() {
             return None;
         }
-        let body = read_at_most(response, MAX_PEER_ANSWER_BYTES, &url)
+        let body = read_at_most(response, MAX_PEER_ANSWER_BYTES, url)
             .await
             .ok()?;
-        let model: PeerModel = serde_json::from_slice(&body).ok()?;
-        // Its files name paths here: the same checks as the Hub's answers.
-        model
-            .parts
-            .iter()
-            .all(|part| part.check().is_ok())
-            .then_some(model)
+        serde_json::from_slice(&body).ok()
     }
 
     /// Adds the token to requests for the Hub itself, never to another

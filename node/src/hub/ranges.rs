@@ -55,11 +55,6 @@ impl RangeSet {
         len == 0 || self.0.first().is_some_and(|r| r.start == 0 && r.end >= len)
     }
 
-    /// The length of the set's run from byte 0.
-    pub fn prefix_len(&self) -> u64 {
-        self.0.first().filter(|r| r.start == 0).map_or(0, |r| r.end)
-    }
-
     pub fn bytes(&self) -> u64 {
         total(&self.0)
     }
