@@ -16,7 +16,7 @@ use candle_core::Tensor;
 use candle_core::quantized::gguf_file::Value;
 
 use crate::blocks::Step;
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, RopeFrequencies};
 use crate::error::Result;
 use crate::kv_cache::LayerCache;
 use crate::weights::Weights;
@@ -38,6 +38,25 @@ pub(crate) trait Architecture: fmt::Debug + Sync {
     /// The GGUF names of the tensors of layer `layer`: what the directory
     /// check requires and what a layer's bytes are counted from.
     fn layer_tensors(&self, layer: usize) -> Vec<String>;
+
+    /// The RoPE frequency bases the layers use, each of which gets a table
+    /// per forward step; a layer's attention picks one by index
+    /// (`AttentionOptions::rope_table`). Most families have one base.
+    fn rope_bases(&self, config: &ModelConfig) -> Vec<RopeFrequencies> {
+        vec![config.rope()]
+    }
+
+    /// What the token embeddings are multiplied by before the first layer
+    /// (Gemma: `√hidden`), if anything.
+    fn embedding_scale(&self, _config: &ModelConfig) -> Option<f32> {
+        None
+    }
+
+    /// The family's chat template, for files that carry none in
+    /// `tokenizer.chat_template` (ChatML is used when this is `None` too).
+    fn default_chat_template(&self) -> Option<&'static str> {
+        None
+    }
 
     /// Reads layer `layer`.
     fn load_layer(

@@ -1,6 +1,8 @@
 //! The blocks decoder layers are built from, shared by every architecture:
 //! RMS norm, RoPE tables, grouped-query attention over a sequence's KV
-//! cache, the SwiGLU MLP and the residual add. Each computes with ggml's
+//! cache (with the options families differ by: Q/K/V biases, per-head
+//! Q/K norms, adjacent-pair or NEOX RoPE, a sliding window, a query
+//! scale), the gated MLP (SiLU or GELU) and the residual add. Each computes with ggml's
 //! arithmetic on the CPU (`cpu_ops`) and with Candle's ops on other
 //! devices. An architecture (`models::*`) loads the blocks its layers have
 //! and wires them in its own order.
@@ -11,22 +13,25 @@
 
 use candle_core::{Device, Tensor};
 
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, RopeFrequencies, RopeStyle};
 use crate::cpu_ops;
 use crate::error::Result;
 use crate::kv_cache::LayerCache;
 use crate::matrix::Matrix;
 use crate::profile::{self, Op};
 use crate::tensor_names::{
-    ATTN_K, ATTN_OUTPUT, ATTN_Q, ATTN_V, FFN_DOWN, FFN_GATE, FFN_UP, in_layer,
+    ATTN_K, ATTN_K_NORM, ATTN_OUTPUT, ATTN_Q, ATTN_Q_NORM, ATTN_V, FFN_DOWN, FFN_GATE, FFN_UP,
+    bias_in_layer, in_layer,
 };
 use crate::weights::Weights;
 
 /// What every layer of one forward call shares.
 pub(crate) struct Step<'a> {
     pub(crate) config: &'a ModelConfig,
-    /// RoPE for the call's positions.
-    pub(crate) rope: &'a RopeTables,
+    /// RoPE for the call's positions, one table per frequency base the
+    /// architecture uses (`Architecture::rope_bases`); a layer's attention
+    /// picks its own by index.
+    pub(crate) ropes: &'a [RopeTables],
     /// The causal mask `[n, len]`, where the device needs one (the CPU
     /// attention masks as it goes).
     pub(crate) mask: Option<&'a Tensor>,
@@ -46,6 +51,12 @@ pub(crate) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> 
     }
 }
 
+/// `x * factor`, as `ggml_scale` (one f32 multiply per value).
+pub(crate) fn scale(x: &Tensor, factor: f32) -> Result<Tensor> {
+    let _scale = profile::span(Op::Elementwise);
+    Ok(x.affine(f64::from(factor), 0.0)?)
+}
+
 /// The residual addition `x + y`.
 pub(crate) fn add(x: &Tensor, y: &Tensor) -> Result<Tensor> {
     let _add = profile::span(Op::Elementwise);
@@ -53,13 +64,19 @@ pub(crate) fn add(x: &Tensor, y: &Tensor) -> Result<Tensor> {
 }
 
 /// Additive causal mask `[n, position + n]`: query `i` (at absolute
-/// position `position + i`) sees keys `0..=position + i`.
-pub(crate) fn causal_mask(position: usize, n: usize, device: &Device) -> Result<Tensor> {
+/// position `position + i`) sees keys `position + i + 1 - window ..=
+/// position + i` (pass `usize::MAX` for no window).
+pub(crate) fn causal_mask(
+    position: usize,
+    n: usize,
+    window: usize,
+    device: &Device,
+) -> Result<Tensor> {
     let len = position + n;
     let mask: Vec<f32> = (0..n)
         .flat_map(|i| {
             (0..len).map(move |j| {
-                if j > position + i {
+                if j > position + i || position + i - j >= window {
                     f32::NEG_INFINITY
                 } else {
                     0.0
@@ -91,20 +108,24 @@ impl RopeTables {
     /// has them) so that greedy decoding matches it.
     pub(crate) fn new(
         config: &ModelConfig,
+        frequencies: RopeFrequencies,
         freq_factors: Option<&[f32]>,
         position: usize,
         n: usize,
         device: &Device,
     ) -> Result<Self> {
         let half = config.rope_dim / 2;
-        let theta_scale = config.rope_freq_base.powf(-2.0 / config.rope_dim as f32);
+        let theta_scale = frequencies.base.powf(-2.0 / config.rope_dim as f32);
+        let freq_scale = frequencies.scale;
         let mut cos = Vec::with_capacity(n * half);
         let mut sin = Vec::with_capacity(n * half);
         for p in position..position + n {
             let mut theta = p as f32;
             for i in 0..half {
                 let factor = freq_factors.map_or(1.0, |f| f[i]);
-                let t = theta / factor;
+                // ggml's `rope_yarn` without extrapolation: the
+                // interpolated angle, `freq_scale * theta_extrap`.
+                let t = freq_scale * (theta / factor);
                 cos.push(t.cos());
                 sin.push(t.sin());
                 theta *= theta_scale;
@@ -123,14 +144,47 @@ impl RopeTables {
 // Attention
 // ---------------------------------------------------------------------------
 
-/// Grouped-query self-attention with separate Q, K, V projections, RoPE on
-/// adjacent pairs, and K/V never repeated across the query heads that
-/// share them.
+/// What a family's attention adds to llama's; the default is llama's.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct AttentionOptions {
+    /// Q, K and V projections have biases (Qwen 2).
+    pub(crate) qkv_bias: bool,
+    /// Queries and keys are RMS-normed per head before RoPE (Qwen 3, Gemma 3).
+    pub(crate) qk_norm: bool,
+    /// Which of the step's RoPE tables this layer uses (Gemma 3's local
+    /// layers have a base of their own).
+    pub(crate) rope_table: usize,
+    /// A query at position `p` sees keys at `p - window + 1 ..= p` only
+    /// (sliding-window layers).
+    pub(crate) window: Option<usize>,
+    /// Queries are multiplied by this after RoPE and the scores are not
+    /// scaled again (Gemma 3); without it, scores are scaled by `1/√d`.
+    pub(crate) query_scale: Option<f32>,
+}
+
+/// Q, K and V biases, `[H*d]`, `[KV*d]`, `[KV*d]`.
+struct Biases {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+}
+
+/// Per-head norm weights for queries and keys, `[d]` each.
+struct QkNorm {
+    q: Tensor,
+    k: Tensor,
+}
+
+/// Grouped-query self-attention with separate Q, K, V projections, RoPE,
+/// and K/V never repeated across the query heads that share them.
 pub(crate) struct Attention {
     wq: Matrix, // [H*d, hidden]
     wk: Matrix, // [KV*d, hidden]
     wv: Matrix, // [KV*d, hidden]
     wo: Matrix, // [hidden, H*d]
+    biases: Option<Biases>,
+    qk_norm: Option<QkNorm>,
+    options: AttentionOptions,
 }
 
 impl Attention {
@@ -138,20 +192,91 @@ impl Attention {
         weights: &mut Weights<'_>,
         layer: usize,
         config: &ModelConfig,
+        options: AttentionOptions,
     ) -> Result<Self> {
         let hidden = config.hidden_size;
-        let q_rows = config.n_heads * config.head_dim;
-        let kv_rows = config.n_kv_heads * config.head_dim;
+        let d = config.head_dim;
+        let q_rows = config.n_heads * d;
+        let kv_rows = config.n_kv_heads * d;
+        let biases = if options.qkv_bias {
+            Some(Biases {
+                q: weights.vector(&bias_in_layer(layer, ATTN_Q), q_rows)?,
+                k: weights.vector(&bias_in_layer(layer, ATTN_K), kv_rows)?,
+                v: weights.vector(&bias_in_layer(layer, ATTN_V), kv_rows)?,
+            })
+        } else {
+            None
+        };
+        let qk_norm = if options.qk_norm {
+            Some(QkNorm {
+                q: weights.vector(&in_layer(layer, ATTN_Q_NORM), d)?,
+                k: weights.vector(&in_layer(layer, ATTN_K_NORM), d)?,
+            })
+        } else {
+            None
+        };
         Ok(Self {
             wq: weights.matrix(&in_layer(layer, ATTN_Q), q_rows, hidden)?,
             wk: weights.matrix(&in_layer(layer, ATTN_K), kv_rows, hidden)?,
             wv: weights.matrix(&in_layer(layer, ATTN_V), kv_rows, hidden)?,
             wo: weights.matrix(&in_layer(layer, ATTN_OUTPUT), hidden, q_rows)?,
+            biases,
+            qk_norm,
+            options,
         })
     }
 
-    /// The GGUF names of the tensors [`load`](Self::load) reads.
-    pub(crate) const TENSORS: [&'static str; 4] = [ATTN_Q, ATTN_K, ATTN_V, ATTN_OUTPUT];
+    /// The GGUF names of the tensors [`load`](Self::load) reads with
+    /// `options`, in layer `layer`.
+    pub(crate) fn tensors(layer: usize, options: AttentionOptions) -> Vec<String> {
+        let mut names: Vec<String> = [ATTN_Q, ATTN_K, ATTN_V, ATTN_OUTPUT]
+            .iter()
+            .map(|t| in_layer(layer, t))
+            .collect();
+        if options.qkv_bias {
+            names.extend(
+                [ATTN_Q, ATTN_K, ATTN_V]
+                    .iter()
+                    .map(|t| bias_in_layer(layer, t)),
+            );
+        }
+        if options.qk_norm {
+            names.extend(
+                [ATTN_Q_NORM, ATTN_K_NORM]
+                    .iter()
+                    .map(|t| in_layer(layer, t)),
+            );
+        }
+        names
+    }
+
+    /// Q, K, V as llama.cpp has them just before RoPE: projected, biased,
+    /// and normed per head. `h`: `[n, hidden]`.
+    fn project(&self, h: &Tensor, step: &Step<'_>) -> Result<(Tensor, Tensor, Tensor)> {
+        let _qkv = profile::span(Op::AttentionMatmul);
+        let mut qkv = Matrix::matmul_each(&[&self.wq, &self.wk, &self.wv], h)?.into_iter();
+        let (mut q, mut k, mut v) = match (qkv.next(), qkv.next(), qkv.next()) {
+            (Some(q), Some(k), Some(v)) => (q, k, v), // [n, H*d], [n, KV*d], [n, KV*d]
+            _ => return Err(candle_core::Error::Msg("a product went missing".into()).into()),
+        };
+        if let Some(b) = &self.biases {
+            q = q.broadcast_add(&b.q)?;
+            k = k.broadcast_add(&b.k)?;
+            v = v.broadcast_add(&b.v)?;
+        }
+        if let Some(norm) = &self.qk_norm {
+            let (n, d, eps) = (h.dim(0)?, step.config.head_dim, step.config.rms_norm_eps);
+            let per_head = |x: &Tensor, w: &Tensor| -> Result<Tensor> {
+                let rows = x.elem_count() / d;
+                rms_norm(&x.reshape((rows, d))?, w, eps)?
+                    .reshape((n, rows / n * d))
+                    .map_err(Into::into)
+            };
+            q = per_head(&q, &norm.q)?;
+            k = per_head(&k, &norm.k)?;
+        }
+        Ok((q, k, v))
+    }
 
     /// Causal attention over the sequence's cache; appends the new keys
     /// and values. `h`: `[n, hidden]` → `[n, hidden]`.
@@ -161,20 +286,20 @@ impl Attention {
         step: &Step<'_>,
         cache: &mut LayerCache,
     ) -> Result<Tensor> {
-        let (q, k, v) = {
-            let _qkv = profile::span(Op::AttentionMatmul);
-            let mut qkv = Matrix::matmul_each(&[&self.wq, &self.wk, &self.wv], h)?.into_iter();
-            match (qkv.next(), qkv.next(), qkv.next()) {
-                (Some(q), Some(k), Some(v)) => (q, k, v), // [n, H*d], [n, KV*d], [n, KV*d]
-                _ => return Err(candle_core::Error::Msg("a product went missing".into()).into()),
-            }
-        };
+        let (q, k, v) = self.project(h, step)?;
+        let rope = step.ropes.get(self.options.rope_table).ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "attention uses RoPE table {} of {}",
+                self.options.rope_table,
+                step.ropes.len()
+            ))
+        })?;
         let y = {
             let _attention = profile::span(Op::Attention);
             if h.device().is_cpu() {
-                attention_cpu(&q, &k, &v, step, cache)?
+                attention_cpu(&q, &k, &v, step, rope, &self.options, cache)?
             } else {
-                attention_candle(&q, &k, &v, step, cache)?
+                attention_candle(&q, &k, &v, step, rope, &self.options, cache)?
             }
         };
         let _o = profile::span(Op::AttentionMatmul);
@@ -188,15 +313,29 @@ fn attention_cpu(
     k: &Tensor,
     v: &Tensor,
     step: &Step<'_>,
+    rope: &RopeTables,
+    options: &AttentionOptions,
     cache: &mut LayerCache,
 ) -> Result<Tensor> {
-    let (config, rope) = (step.config, step.rope);
+    let config = step.config;
     let n = q.dim(0)?;
     let (heads, kv_heads, d) = (config.n_heads, config.n_kv_heads, config.head_dim);
     let mut q = q.flatten_all()?.to_vec1::<f32>()?; // [n, H, d]
     let mut k = k.flatten_all()?.to_vec1::<f32>()?; // [n, KV, d]
-    cpu_ops::rope_pairs(&mut q, heads, d, &rope.cos_values, &rope.sin_values);
-    cpu_ops::rope_pairs(&mut k, kv_heads, d, &rope.cos_values, &rope.sin_values);
+    let rotate = match config.rope_style {
+        RopeStyle::Pairs => cpu_ops::rope_pairs,
+        RopeStyle::Halves => cpu_ops::rope_halves,
+    };
+    rotate(&mut q, heads, d, &rope.cos_values, &rope.sin_values);
+    rotate(&mut k, kv_heads, d, &rope.cos_values, &rope.sin_values);
+    // ggml_scale after RoPE: one multiply per value.
+    let score_scale = match options.query_scale {
+        Some(factor) => {
+            q.iter_mut().for_each(|x| *x *= factor);
+            1.0
+        }
+        None => 1.0 / (d as f32).sqrt(),
+    };
     let device = Device::Cpu;
     let k = Tensor::from_vec(k, (n, kv_heads, d), &device)?
         .transpose(0, 1)?
@@ -213,6 +352,8 @@ fn attention_cpu(
         position,
         len: position + n,
         capacity,
+        scale: score_scale,
+        window: options.window,
     };
     let out = cpu_ops::with_f32(keys, |keys| {
         cpu_ops::with_f32(values, |values| {
@@ -230,9 +371,15 @@ fn attention_candle(
     k: &Tensor,
     v: &Tensor,
     step: &Step<'_>,
+    rope: &RopeTables,
+    options: &AttentionOptions,
     cache: &mut LayerCache,
 ) -> Result<Tensor> {
-    let (config, rope) = (step.config, step.rope);
+    let config = step.config;
+    let rotate = match config.rope_style {
+        RopeStyle::Pairs => candle_nn::rotary_emb::rope_i,
+        RopeStyle::Halves => candle_nn::rotary_emb::rope,
+    };
     let n = q.dim(0)?;
     let (heads, kv_heads, d) = (config.n_heads, config.n_kv_heads, config.head_dim);
     let group = heads / kv_heads;
@@ -243,17 +390,24 @@ fn attention_candle(
         .transpose(1, 2)?
         .contiguous()?;
     let v = v.reshape((n, kv_heads, d))?.transpose(0, 1)?.contiguous()?; // [KV, n, d]
-    let q = candle_nn::rotary_emb::rope_i(&q, &rope.cos, &rope.sin)?; // [1, H, n, d]
-    let k = candle_nn::rotary_emb::rope_i(&k, &rope.cos, &rope.sin)?.squeeze(0)?; // [KV, n, d]
+    let q = rotate(&q, &rope.cos, &rope.sin)?; // [1, H, n, d]
+    let k = rotate(&k, &rope.cos, &rope.sin)?.squeeze(0)?; // [KV, n, d]
+    let (q, scale) = match options.query_scale {
+        Some(factor) => (q.affine(f64::from(factor), 0.0)?, 1.0),
+        None => (q, 1.0 / (d as f64).sqrt()),
+    };
 
     let (k_all, v_all) = cache.append(&k, &v, config.context_length)?; // [KV, len, d] each
     let len = k_all.dim(1)?;
 
     // Heads are ordered kv-major, so [H, n, d] = [KV, group, n, d].
     let q = q.reshape((kv_heads, group * n, d))?;
-    let scale = 1.0 / (d as f64).sqrt();
     let scores = q.matmul(&k_all.t()?)?.affine(scale, 0.0)?; // [KV, group*n, len]
-    let scores = match step.mask {
+    let window_mask = match options.window {
+        Some(window) => Some(causal_mask(len - n, n, window, q.device())?),
+        None => None,
+    };
+    let scores = match window_mask.as_ref().or(step.mask) {
         Some(mask) => scores
             .reshape((kv_heads, group, n, len))?
             .broadcast_add(mask)? // mask: [n, len]
@@ -271,11 +425,21 @@ fn attention_candle(
 // MLP
 // ---------------------------------------------------------------------------
 
-/// The SwiGLU MLP: `down(SiLU(gate(x)) * up(x))`.
+/// The gate's activation in a gated MLP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Gate {
+    /// SwiGLU (Llama, Qwen, Mistral).
+    Silu,
+    /// GeGLU with the tanh approximation of GELU (Gemma).
+    GeluTanh,
+}
+
+/// The gated MLP: `down(act(gate(x)) * up(x))`.
 pub(crate) struct Mlp {
     gate: Matrix, // [ff, hidden]
     up: Matrix,   // [ff, hidden]
     down: Matrix, // [hidden, ff]
+    activation: Gate,
 }
 
 impl Mlp {
@@ -283,17 +447,25 @@ impl Mlp {
         weights: &mut Weights<'_>,
         layer: usize,
         config: &ModelConfig,
+        activation: Gate,
     ) -> Result<Self> {
         let (hidden, ff) = (config.hidden_size, config.feed_forward_size);
         Ok(Self {
             gate: weights.matrix(&in_layer(layer, FFN_GATE), ff, hidden)?,
             up: weights.matrix(&in_layer(layer, FFN_UP), ff, hidden)?,
             down: weights.matrix(&in_layer(layer, FFN_DOWN), hidden, ff)?,
+            activation,
         })
     }
 
-    /// The GGUF names of the tensors [`load`](Self::load) reads.
-    pub(crate) const TENSORS: [&'static str; 3] = [FFN_GATE, FFN_UP, FFN_DOWN];
+    /// The GGUF names of the tensors [`load`](Self::load) reads in layer
+    /// `layer`.
+    pub(crate) fn tensors(layer: usize) -> Vec<String> {
+        [FFN_GATE, FFN_UP, FFN_DOWN]
+            .iter()
+            .map(|t| in_layer(layer, t))
+            .collect()
+    }
 
     /// `h`: `[n, hidden]` → `[n, hidden]`.
     pub(crate) fn forward(&self, h: &Tensor) -> Result<Tensor> {
@@ -306,11 +478,24 @@ impl Mlp {
             }
         };
         let act = {
-            let _swiglu = profile::span(Op::Elementwise);
-            swiglu(&gate, &up)?
+            let _gated = profile::span(Op::Elementwise);
+            match self.activation {
+                Gate::Silu => swiglu(&gate, &up)?,
+                Gate::GeluTanh => geglu(&gate, &up)?,
+            }
         };
         let _mlp = profile::span(Op::MlpMatmul);
         self.down.matmul(&act) // [n, hidden]
+    }
+}
+
+/// GELU(gate) * up (tanh approximation): ggml's arithmetic on the CPU,
+/// Candle's elsewhere.
+fn geglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if gate.device().is_cpu() {
+        cpu_ops::geglu(gate, up)
+    } else {
+        Ok((gate.gelu()? * up)?)
     }
 }
 
@@ -329,7 +514,7 @@ mod tests {
 
     #[test]
     fn causal_mask_with_prefix() -> Result<()> {
-        let m = causal_mask(2, 3, &Device::Cpu)?.to_vec2::<f32>()?;
+        let m = causal_mask(2, 3, usize::MAX, &Device::Cpu)?.to_vec2::<f32>()?;
         let inf = f32::NEG_INFINITY;
         assert_eq!(
             m,
@@ -338,6 +523,16 @@ mod tests {
                 vec![0.0, 0.0, 0.0, 0.0, inf],
                 vec![0.0, 0.0, 0.0, 0.0, 0.0],
             ]
+        );
+        let m = causal_mask(2, 3, 2, &Device::Cpu)?.to_vec2::<f32>()?;
+        assert_eq!(
+            m,
+            vec![
+                vec![inf, 0.0, 0.0, inf, inf],
+                vec![inf, inf, 0.0, 0.0, inf],
+                vec![inf, inf, inf, 0.0, 0.0],
+            ],
+            "a window of two: each query sees itself and the key before"
         );
         Ok(())
     }

@@ -29,9 +29,13 @@ pub enum KernelError {
     BadMetadata { key: String, expected: &'static str },
 
     #[error(
-        "architecture `{architecture}` is not supported: ringlet runs llama-architecture GGUF models (Llama 2/3, Mistral, SmolLM2)"
+        "architecture `{architecture}` is not supported; ringlet runs {supported} (the file's `general.architecture`)"
     )]
-    UnsupportedArchitecture { architecture: String },
+    UnsupportedArchitecture {
+        architecture: String,
+        /// Every `general.architecture` ringlet runs, comma-separated.
+        supported: String,
+    },
 
     #[error("the model file has no tensor `{name}`")]
     MissingTensor { name: String },

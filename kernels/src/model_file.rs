@@ -215,15 +215,16 @@ impl ModelFile {
         Tokenizer::from_gguf_metadata(self.gguf.metadata())
     }
 
-    /// The chat template from `tokenizer.chat_template`, or ChatML when the
-    /// file carries none.
+    /// The chat template from `tokenizer.chat_template`; when the file
+    /// carries none, its family's own (Gemma's turns), else ChatML.
     pub fn chat_template(&self, tokenizer: &Tokenizer) -> Result<ChatTemplate> {
         let source = self
             .gguf
             .metadata()
             .get("tokenizer.chat_template")
             .and_then(|v| v.to_string().ok())
-            .cloned();
+            .cloned()
+            .or_else(|| self.architecture.default_chat_template().map(String::from));
         ChatTemplate::new(source, tokenizer.bos_text(), tokenizer.eos_text())
     }
 

@@ -16,8 +16,8 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 
 use crate::architecture::{Architecture, Layer};
-use crate::blocks::{RopeTables, Step, causal_mask, rms_norm};
-use crate::config::ModelConfig;
+use crate::blocks::{RopeTables, Step, causal_mask, rms_norm, scale};
+use crate::config::{ModelConfig, RopeFrequencies};
 use crate::error::{KernelError, Result};
 use crate::kv_cache::SequenceCache;
 use crate::layers::{LayerRange, SequenceId};
@@ -66,6 +66,8 @@ pub struct Shard {
     range: LayerRange,
     embedding: Option<Matrix>, // [vocab, hidden], first shard only
     layers: Vec<Box<dyn Layer>>,
+    rope_bases: Vec<RopeFrequencies>,
+    embedding_scale: Option<f32>,
     head: Option<Head>,                  // last shard only
     rope_freq_factors: Option<Vec<f32>>, // [d/2]
     caches: HashMap<SequenceId, SequenceCache>,
@@ -124,6 +126,8 @@ impl Shard {
             None
         };
         let weight_bytes = weights.bytes();
+        let rope_bases = architecture.rope_bases(&config);
+        let embedding_scale = architecture.embedding_scale(&config);
         tracing::debug!(%range, weight_bytes, "shard loaded");
         Ok(Self {
             device,
@@ -131,6 +135,8 @@ impl Shard {
             range,
             embedding: if first { token_embedding } else { None },
             layers,
+            rope_bases,
+            embedding_scale,
             head,
             rope_freq_factors,
             caches: HashMap::new(),
@@ -204,22 +210,29 @@ impl Shard {
         self.check_step(sequence, position, n)?;
         let len = position + n;
 
-        let rope = RopeTables::new(
-            &self.config,
-            self.rope_freq_factors.as_deref(),
-            position,
-            n,
-            &self.device,
-        )?;
+        let ropes = self
+            .rope_bases
+            .iter()
+            .map(|&frequencies| {
+                RopeTables::new(
+                    &self.config,
+                    frequencies,
+                    self.rope_freq_factors.as_deref(),
+                    position,
+                    n,
+                    &self.device,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
         // The CPU attention masks as it goes; Candle's needs the mask tensor.
         let mask = if n > 1 && !self.device.is_cpu() {
-            Some(causal_mask(position, n, &self.device)?)
+            Some(causal_mask(position, n, usize::MAX, &self.device)?)
         } else {
             None
         };
         let step = Step {
             config: &self.config,
-            rope: &rope,
+            ropes: &ropes,
             mask: mask.as_ref(),
         };
         let n_layers = self.layers.len();
@@ -283,7 +296,11 @@ impl Shard {
                 if let Some(&token) = ids.iter().find(|&&t| t as usize >= vocab_size) {
                     return Err(KernelError::TokenOutOfVocabulary { token, vocab_size });
                 }
-                embedding.embed(&ids, &self.device)
+                let x = embedding.embed(&ids, &self.device)?;
+                match self.embedding_scale {
+                    Some(factor) => scale(&x, factor),
+                    None => Ok(x),
+                }
             }
             (ShardInput::Hidden(h), None) => {
                 let hidden_size = self.config.hidden_size;

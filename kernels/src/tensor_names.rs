@@ -25,6 +25,13 @@ pub(crate) const ATTN_K: &str = "attn_k";
 pub(crate) const ATTN_V: &str = "attn_v";
 /// The attention output projection, `[hidden, H*d]`.
 pub(crate) const ATTN_OUTPUT: &str = "attn_output";
+/// Per-head RMS norm of the queries, `[d]` (Qwen 3, Gemma 3).
+pub(crate) const ATTN_Q_NORM: &str = "attn_q_norm";
+/// Per-head RMS norm of the keys, `[d]` (Qwen 3, Gemma 3).
+pub(crate) const ATTN_K_NORM: &str = "attn_k_norm";
+/// The norm of the attention's output before the residual add, `[hidden]`
+/// (Gemma 2/3).
+pub(crate) const POST_ATTENTION_NORM: &str = "post_attention_norm";
 /// The norm before the MLP, `[hidden]`.
 pub(crate) const FFN_NORM: &str = "ffn_norm";
 /// The MLP's gate projection, `[ff, hidden]`.
@@ -34,8 +41,18 @@ pub(crate) const FFN_UP: &str = "ffn_up";
 /// The MLP's down projection, `[hidden, ff]`.
 pub(crate) const FFN_DOWN: &str = "ffn_down";
 
+/// The norm of the MLP's output before the residual add, `[hidden]`
+/// (Gemma 2/3).
+pub(crate) const POST_FFN_NORM: &str = "post_ffw_norm";
+
 /// The full GGUF name of `tensor` (one of the per-layer names above) in
 /// layer `layer`: `blk.{layer}.{tensor}.weight`.
 pub(crate) fn in_layer(layer: usize, tensor: &str) -> String {
     format!("blk.{layer}.{tensor}.weight")
+}
+
+/// The GGUF name of the bias of `tensor` in layer `layer`:
+/// `blk.{layer}.{tensor}.bias`.
+pub(crate) fn bias_in_layer(layer: usize, tensor: &str) -> String {
+    format!("blk.{layer}.{tensor}.bias")
 }

@@ -2,9 +2,17 @@
 //! metadata with the `tokenizers` crate, so that no `tokenizer.json` is
 //! needed beside the weights.
 //!
-//! Supported: byte-level BPE (`tokenizer.ggml.model = "gpt2"`), the family
-//! of SmolLM2, Llama 3, Qwen 2 and GPT-2, with the pre-tokenizer named by
-//! `tokenizer.ggml.pre` (the same regexes llama.cpp uses).
+//! Supported:
+//! - byte-level BPE (`tokenizer.ggml.model = "gpt2"`), the family of
+//!   SmolLM2, Llama 3, Qwen 2 and GPT-2, with the pre-tokenizer named by
+//!   `tokenizer.ggml.pre` (the same regexes llama.cpp uses);
+//! - SentencePiece BPE (`tokenizer.ggml.model = "llama"`), the family of
+//!   Llama 2, Mistral 7B v0.x, TinyLlama and Gemma: pieces with scores and
+//!   `<0xXX>` byte pieces. llama.cpp merges the adjacent pair whose joined
+//!   text is the piece with the highest score, leftmost first; a BPE whose
+//!   merges are every split of every piece into two pieces, ranked by the
+//!   joined piece's score, makes the same choices (this is how
+//!   `transformers` converts SentencePiece models too).
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -85,9 +93,10 @@ impl Tokenizer {
                     .map_or("default", String::as_str);
                 byte_level_bpe(metadata, &tokens, pre)?
             }
+            "llama" => sentencepiece_bpe(metadata, &tokens, &token_types)?,
             other => {
                 return Err(tokenizer_error(format!(
-                    "tokenizer model `{other}` is not supported yet; ringlet reads byte-level BPE (`gpt2`) tokenizers such as SmolLM2's and Llama 3's"
+                    "tokenizer model `{other}` is not supported yet; ringlet reads byte-level BPE (`gpt2`: SmolLM2, Llama 3, Qwen) and SentencePiece (`llama`: Llama 2, Mistral, Gemma) tokenizers"
                 )));
             }
         };
@@ -95,12 +104,16 @@ impl Tokenizer {
             inner,
             bos: opt_u32(metadata, "tokenizer.ggml.bos_token_id"),
             eos: opt_u32(metadata, "tokenizer.ggml.eos_token_id"),
+            // llama.cpp's default when the key is absent: SentencePiece
+            // models start with BOS, byte-level BPE ones do not.
             add_bos: metadata
                 .get("tokenizer.ggml.add_bos_token")
                 .and_then(|v| v.to_bool().ok())
-                .unwrap_or(false),
+                .unwrap_or(model == "llama"),
             stop_tokens: BTreeSet::new(),
-            // Byte-level BPE writes one character per byte.
+            // Byte-level BPE writes one character per byte; SentencePiece
+            // writes UTF-8 (a `▁` is three bytes for one space), so the
+            // character count bounds the bytes a piece decodes to either way.
             max_token_bytes: tokens.iter().map(|t| t.chars().count()).max().unwrap_or(1),
         };
         tokenizer.add_special_tokens(&tokens, &token_types);
@@ -116,7 +129,12 @@ impl Tokenizer {
             .iter()
             .zip(token_types)
             .filter(|(_, t)| **t == TOKEN_TYPE_CONTROL || **t == TOKEN_TYPE_USER_DEFINED)
-            .map(|(text, t)| AddedToken::from(text.clone(), *t == TOKEN_TYPE_CONTROL))
+            // Matched against the text as written, before a normalizer
+            // turns spaces into `▁` (Gemma's user-defined tokens are runs
+            // of spaces), as llama.cpp matches them.
+            .map(|(text, t)| {
+                AddedToken::from(text.clone(), *t == TOKEN_TYPE_CONTROL).normalized(false)
+            })
             .collect();
         self.inner.add_special_tokens(&special);
     }
@@ -252,6 +270,93 @@ fn byte_level_bpe(
     let mut tokenizer = tokenizers::Tokenizer::new(bpe);
     tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
     tokenizer.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::default())));
+    Ok(tokenizer)
+}
+
+/// GGUF token types of SentencePiece pieces that are text, not control
+/// tokens or single bytes (`<0xXX>`).
+const TOKEN_TYPE_NORMAL: i32 = 1;
+const TOKEN_TYPE_BYTE: i32 = 6;
+
+/// A SentencePiece BPE vocabulary (`tokenizer.ggml.model = "llama"`) as a
+/// `tokenizers` BPE: spaces become `▁` (and one is put in front of the
+/// text when `tokenizer.ggml.add_space_prefix` says so, as llama.cpp
+/// does), unknown characters fall back to their bytes' `<0xXX>` pieces.
+fn sentencepiece_bpe(
+    metadata: &HashMap<String, Value>,
+    tokens: &[String],
+    token_types: &[i32],
+) -> Result<tokenizers::Tokenizer> {
+    use tokenizers::decoders::byte_fallback::ByteFallback;
+    use tokenizers::decoders::fuse::Fuse;
+    use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+    use tokenizers::decoders::strip::Strip;
+    use tokenizers::normalizers::{NormalizerWrapper, Prepend, Replace};
+
+    let scores: Vec<f32> = match metadata.get("tokenizer.ggml.scores") {
+        Some(Value::Array(scores)) if scores.len() == tokens.len() => {
+            scores.iter().map(|s| s.to_f32().unwrap_or(0.0)).collect()
+        }
+        _ => {
+            return Err(tokenizer_error(
+                "a SentencePiece (`llama`) tokenizer needs `tokenizer.ggml.scores`, one per token",
+            ));
+        }
+    };
+    let vocab: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(id, t)| (t.clone(), id as u32))
+        .collect();
+    // Every split of a text piece into two pieces is a merge, ranked by the
+    // joined piece's score (highest first), ties by id, as llama.cpp's
+    // priority queue orders them.
+    let mut ranked: Vec<(f32, u32, String, String)> = Vec::new();
+    for (id, piece) in tokens.iter().enumerate() {
+        if token_types.get(id).copied().unwrap_or(TOKEN_TYPE_NORMAL) != TOKEN_TYPE_NORMAL {
+            continue;
+        }
+        for (at, _) in piece.char_indices().skip(1) {
+            let (left, right) = piece.split_at(at);
+            if vocab.contains_key(left) && vocab.contains_key(right) {
+                ranked.push((scores[id], id as u32, left.to_string(), right.to_string()));
+            }
+        }
+    }
+    ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let merges = ranked.into_iter().map(|(_, _, l, r)| (l, r)).collect();
+    let has_bytes = token_types.contains(&TOKEN_TYPE_BYTE);
+    let mut builder = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .byte_fallback(has_bytes);
+    if let Some(unk) =
+        opt_u32(metadata, "tokenizer.ggml.unknown_token_id").and_then(|id| tokens.get(id as usize))
+    {
+        builder = builder.unk_token(unk.clone());
+    }
+    let bpe = builder.build().map_err(tokenizer_error)?;
+
+    let add_space_prefix = metadata
+        .get("tokenizer.ggml.add_space_prefix")
+        .and_then(|v| v.to_bool().ok())
+        .unwrap_or(true);
+    let space = Replace::new(" ", "\u{2581}").map_err(tokenizer_error)?;
+    let mut normalizers = Vec::new();
+    let mut decoders = vec![
+        DecoderWrapper::Replace(Replace::new("\u{2581}", " ").map_err(tokenizer_error)?),
+        DecoderWrapper::ByteFallback(ByteFallback::new()),
+        DecoderWrapper::Fuse(Fuse::new()),
+    ];
+    if add_space_prefix {
+        normalizers.push(NormalizerWrapper::Prepend(Prepend::new("\u{2581}".into())));
+        decoders.push(DecoderWrapper::Strip(Strip::new(' ', 1, 0)));
+    }
+    normalizers.push(NormalizerWrapper::Replace(space));
+    let mut tokenizer = tokenizers::Tokenizer::new(bpe);
+    tokenizer.with_normalizer(Some(tokenizers::normalizers::Sequence::new(normalizers)));
+    tokenizer.with_decoder(Some(DecoderWrapper::Sequence(DecoderSequence::new(
+        decoders,
+    ))));
     Ok(tokenizer)
 }
 

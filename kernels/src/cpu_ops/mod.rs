@@ -110,6 +110,53 @@ fn swiglu_row(x: &[f32], u: &[f32], out: &mut [f32]) {
     }
 }
 
+/// `GELU(gate) * up` per value, as `ggml_vec_geglu_f32` in ggml's build
+/// (`GGML_GELU_FP16`): GELU is looked up in a table of all f16 inputs, so
+/// the input is rounded to f16 and the GELU to f16 before the multiply;
+/// inputs at or below -10 give 0, at or above 10 give `x * up`.
+pub(crate) fn geglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let cols = gate.dim(candle_core::D::Minus1)?;
+    let up_values = up.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    let table = gelu_table();
+    let out = with_f32(gate, |g| {
+        let mut out = vec![0f32; g.len()];
+        out.par_chunks_mut(cols)
+            .zip(g.par_chunks(cols).zip(up_values.par_chunks(cols)))
+            .for_each(|(out, (x, u))| {
+                for ((y, &x), &u) in out.iter_mut().zip(x).zip(u) {
+                    *y = if x <= -10.0 {
+                        0.0
+                    } else if x >= 10.0 {
+                        x * u
+                    } else {
+                        table[usize::from(half::f16::from_f32(x).to_bits())] * u
+                    };
+                }
+            });
+        out
+    })?;
+    Ok(Tensor::from_vec(out, gate.shape(), &Device::Cpu)?)
+}
+
+/// ggml's `ggml_table_gelu_f16`, widened to f32: for every f16 input,
+/// `f16(0.5x(1 + tanh(√(2/π)·x·(1 + 0.044715x²))))`, with the one FMA GCC
+/// contracts (`1 + (0.044715x)·x`) and libm's `tanhf`.
+fn gelu_table() -> &'static [f32] {
+    static TABLE: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        const GELU_COEF_A: f32 = 0.044715;
+        const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+        (0..=u16::MAX)
+            .map(|bits| {
+                let x = half::f16::from_bits(bits).to_f32();
+                let inner = (GELU_COEF_A * x).mul_add(x, 1.0);
+                let gelu = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * inner).tanh());
+                half::f16::from_f32(gelu).to_f32()
+            })
+            .collect()
+    })
+}
+
 // ---------------------------------------------------------------------------
 // RoPE
 // ---------------------------------------------------------------------------
@@ -135,6 +182,26 @@ pub(crate) fn rope_pairs(x: &mut [f32], heads: usize, d: usize, cos: &[f32], sin
     }
 }
 
+/// Rotates the halves of each head in place (GPT-NeoX's RoPE, which
+/// Qwen, Gemma and Phi-3 use): dimension `p` with `p + d/2`. Shapes and
+/// contractions as [`rope_pairs`].
+pub(crate) fn rope_halves(x: &mut [f32], heads: usize, d: usize, cos: &[f32], sin: &[f32]) {
+    let half = d / 2;
+    for (t, token) in x.chunks_exact_mut(heads * d).enumerate() {
+        let (cos, sin) = (
+            &cos[t * half..(t + 1) * half],
+            &sin[t * half..(t + 1) * half],
+        );
+        for head in token.chunks_exact_mut(d) {
+            for p in 0..half {
+                let (x0, x1) = (head[p], head[p + half]);
+                head[p] = x0.mul_add(cos[p], -(x1 * sin[p]));
+                head[p + half] = x0.mul_add(sin[p], x1 * cos[p]);
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Attention
 // ---------------------------------------------------------------------------
@@ -151,6 +218,11 @@ pub(crate) struct AttentionShape {
     pub len: usize,
     /// Rows allocated per KV head in the cache buffers.
     pub capacity: usize,
+    /// What each score `k · q` is multiplied by (`1/√d`, or 1 where the
+    /// queries were scaled already).
+    pub scale: f32,
+    /// A query at position `p` sees only keys `p - window + 1 ..= p`.
+    pub window: Option<usize>,
 }
 
 /// Causal grouped-query attention with ggml's arithmetic.
@@ -171,10 +243,11 @@ pub(crate) fn attention(q: &[f32], keys: &[f32], values: &[f32], s: &AttentionSh
         position,
         len,
         capacity,
+        scale,
+        window,
     } = *s;
     let group = heads / kv_heads;
     let padded = len.div_ceil(64) * 64;
-    let scale = 1.0 / (d as f32).sqrt();
     let tiny_blas = n >= 2 && d % 4 == 0;
     let mut out = vec![0f32; n * heads * d];
     // Every (token, head) row is independent: they share the compute pool,
@@ -188,8 +261,9 @@ pub(crate) fn attention(q: &[f32], keys: &[f32], values: &[f32], s: &AttentionSh
             let v_head = &values[kv * capacity * d..(kv * capacity + len) * d];
             let q_row = &q[row * d..(row + 1) * d];
             let visible = position + i + 1;
+            let first_visible = window.map_or(0, |w| visible.saturating_sub(w));
             for (j, score) in scores.iter_mut().enumerate() {
-                *score = if j < visible {
+                *score = if j < visible && j >= first_visible {
                     dot_f32(&k_head[j * d..(j + 1) * d], q_row) * scale
                 } else {
                     f32::NEG_INFINITY

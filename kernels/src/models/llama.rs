@@ -12,7 +12,9 @@
 //! Covers Llama 2/3, Mistral and SmolLM2 GGUF files (`general.architecture`
 //! = `llama` or `mistral`), with every quantized type Candle reads. What is
 //! llama's own is here: which files it runs, its layer's tensors, and how
-//! a layer wires the shared blocks (`blocks`).
+//! a layer wires the shared blocks (`blocks`). Qwen 2 and Qwen 3 wire their
+//! layers the same way with other attention options, so they build
+//! [`PreNormBlock`] too.
 //!
 //! Shapes are written `[rows, cols]`; `n` is the number of new tokens in a
 //! forward call.
@@ -23,7 +25,7 @@ use candle_core::Tensor;
 use candle_core::quantized::gguf_file::Value;
 
 use crate::architecture::{Architecture, Layer};
-use crate::blocks::{Attention, Mlp, Step, add, rms_norm};
+use crate::blocks::{Attention, AttentionOptions, Gate, Mlp, Step, add, rms_norm};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::kv_cache::LayerCache;
@@ -50,7 +52,7 @@ impl Architecture for Llama {
     }
 
     fn layer_tensors(&self, layer: usize) -> Vec<String> {
-        block_tensor_names(layer)
+        PreNormBlock::tensors(layer, AttentionOptions::default())
     }
 
     fn load_layer(
@@ -59,41 +61,46 @@ impl Architecture for Llama {
         layer: usize,
         config: &ModelConfig,
     ) -> Result<Box<dyn Layer>> {
-        let hidden = config.hidden_size;
-        Ok(Box::new(Block {
-            attn_norm: weights.vector(&in_layer(layer, ATTN_NORM), hidden)?,
-            attention: Attention::load(weights, layer, config)?,
-            ffn_norm: weights.vector(&in_layer(layer, FFN_NORM), hidden)?,
-            mlp: Mlp::load(weights, layer, config)?,
-        }))
+        PreNormBlock::load(weights, layer, config, AttentionOptions::default())
     }
-}
-
-/// The GGUF names of the nine tensors of transformer layer `layer`.
-fn block_tensor_names(layer: usize) -> Vec<String> {
-    let norms_and_blocks = [
-        &[ATTN_NORM][..],
-        &Attention::TENSORS,
-        &[FFN_NORM],
-        &Mlp::TENSORS,
-    ];
-    norms_and_blocks
-        .concat()
-        .into_iter()
-        .map(|t| in_layer(layer, t))
-        .collect()
 }
 
 /// One transformer layer: pre-norm attention and a SwiGLU MLP, each added
 /// back to the residual stream.
-struct Block {
+pub(super) struct PreNormBlock {
     attn_norm: Tensor, // [hidden]
     attention: Attention,
     ffn_norm: Tensor, // [hidden]
     mlp: Mlp,
 }
 
-impl Layer for Block {
+impl PreNormBlock {
+    /// Reads layer `layer` with attention `options`.
+    pub(super) fn load(
+        weights: &mut Weights<'_>,
+        layer: usize,
+        config: &ModelConfig,
+        options: AttentionOptions,
+    ) -> Result<Box<dyn Layer>> {
+        let hidden = config.hidden_size;
+        Ok(Box::new(Self {
+            attn_norm: weights.vector(&in_layer(layer, ATTN_NORM), hidden)?,
+            attention: Attention::load(weights, layer, config, options)?,
+            ffn_norm: weights.vector(&in_layer(layer, FFN_NORM), hidden)?,
+            mlp: Mlp::load(weights, layer, config, Gate::Silu)?,
+        }))
+    }
+
+    /// The GGUF names of the tensors of layer `layer` (nine for llama).
+    pub(super) fn tensors(layer: usize, options: AttentionOptions) -> Vec<String> {
+        let mut names = vec![in_layer(layer, ATTN_NORM), in_layer(layer, FFN_NORM)];
+        names.extend(Attention::tensors(layer, options));
+        names.extend(Mlp::tensors(layer));
+        names
+    }
+}
+
+impl Layer for PreNormBlock {
     /// `x`: `[n, hidden]` → `[n, hidden]`.
     fn forward(&self, x: &Tensor, step: &Step<'_>, cache: &mut LayerCache) -> Result<Tensor> {
         let eps = step.config.rms_norm_eps;
@@ -112,7 +119,7 @@ mod tests {
 
     #[test]
     fn block_names_are_gguf_names() {
-        let names = block_tensor_names(7);
+        let names = PreNormBlock::tensors(7, AttentionOptions::default());
         assert_eq!(names.len(), 9);
         assert!(names.contains(&"blk.7.attn_q.weight".to_string()));
         assert!(names.contains(&"blk.7.ffn_down.weight".to_string()));

@@ -12,10 +12,14 @@ use crate::config::ModelConfig;
 use crate::error::{KernelError, Result};
 use crate::gguf::get_string;
 
+mod gemma3;
 mod llama;
+mod qwen2;
+mod qwen3;
 
 /// Every architecture ringlet runs.
-static ARCHITECTURES: [&dyn Architecture; 1] = [&llama::Llama];
+static ARCHITECTURES: [&dyn Architecture; 4] =
+    [&llama::Llama, &qwen2::Qwen2, &qwen3::Qwen3, &gemma3::Gemma3];
 
 /// The architecture that runs the model described by `metadata`, and the
 /// model's hyper-parameters as that architecture reads them.
@@ -27,7 +31,16 @@ pub(crate) fn for_metadata(
         .iter()
         .find(|a| a.names().contains(&architecture.as_str()))
     else {
-        return Err(KernelError::UnsupportedArchitecture { architecture });
+        let supported = ARCHITECTURES
+            .iter()
+            .flat_map(|a| a.names())
+            .copied()
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(KernelError::UnsupportedArchitecture {
+            architecture,
+            supported,
+        });
     };
     let config = family.config(metadata, architecture)?;
     Ok((family, config))

@@ -39,15 +39,20 @@ mod x86;
 
 use portable::{f16_at, nibble};
 
-/// Values per block in every format here.
+/// Values per block in the 32-value formats (Q4_0, Q4_1, Q5_0, Q8_0).
 pub const BLOCK_VALUES: usize = 32;
+/// Values per super-block in the K-quant formats (ggml's `QK_K`).
+pub const K_BLOCK_VALUES: usize = 256;
 
 /// The weight formats ringlet's own kernels handle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlockFormat {
     Q4_0,
     Q4_1,
+    Q5_0,
     Q8_0,
+    Q4K,
+    Q6K,
 }
 
 impl BlockFormat {
@@ -55,17 +60,31 @@ impl BlockFormat {
         match dtype {
             GgmlDType::Q4_0 => Some(Self::Q4_0),
             GgmlDType::Q4_1 => Some(Self::Q4_1),
+            GgmlDType::Q5_0 => Some(Self::Q5_0),
             GgmlDType::Q8_0 => Some(Self::Q8_0),
+            GgmlDType::Q4K => Some(Self::Q4K),
+            GgmlDType::Q6K => Some(Self::Q6K),
             _ => None,
         }
     }
 
-    /// Bytes of one block of 32 weights.
+    /// Values per block.
+    pub const fn block_values(self) -> usize {
+        match self {
+            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q8_0 => BLOCK_VALUES,
+            Self::Q4K | Self::Q6K => K_BLOCK_VALUES,
+        }
+    }
+
+    /// Bytes of one block.
     pub const fn block_bytes(self) -> usize {
         match self {
             Self::Q4_0 => 18,
             Self::Q4_1 => 20,
+            Self::Q5_0 => 22,
             Self::Q8_0 => 34,
+            Self::Q4K => 144,
+            Self::Q6K => 210,
         }
     }
 
@@ -78,8 +97,9 @@ impl BlockFormat {
     /// The format activations are quantized to before the dot product.
     const fn activation(self) -> Activation {
         match self {
-            Self::Q4_0 | Self::Q8_0 => Activation::Q8_0,
+            Self::Q4_0 | Self::Q5_0 | Self::Q8_0 => Activation::Q8_0,
             Self::Q4_1 => Activation::Q8_1,
+            Self::Q4K | Self::Q6K => Activation::Q8K,
         }
     }
 }
@@ -88,6 +108,8 @@ impl BlockFormat {
 enum Activation {
     Q8_0,
     Q8_1,
+    /// `d: f32, qs: [i8; 256], bsums: [i16; 16]` (sums of each 16 qs).
+    Q8K,
 }
 
 impl Activation {
@@ -95,6 +117,14 @@ impl Activation {
         match self {
             Self::Q8_0 => 34,
             Self::Q8_1 => 36,
+            Self::Q8K => 292,
+        }
+    }
+
+    const fn block_values(self) -> usize {
+        match self {
+            Self::Q8_0 | Self::Q8_1 => BLOCK_VALUES,
+            Self::Q8K => K_BLOCK_VALUES,
         }
     }
 }
@@ -118,8 +148,8 @@ impl std::fmt::Debug for QuantMatrix {
 }
 
 impl QuantMatrix {
-    /// Wraps raw GGUF tensor bytes. `cols` must be a multiple of 32 and
-    /// `data` exactly `rows * cols / 32` blocks.
+    /// Wraps raw GGUF tensor bytes. `cols` must be a multiple of the
+    /// format's block and `data` exactly `rows * cols / block` blocks.
     pub fn new(
         name: &str,
         format: BlockFormat,
@@ -128,9 +158,9 @@ impl QuantMatrix {
         data: Vec<u8>,
     ) -> Result<Self> {
         let expected = rows
-            .checked_mul(cols / BLOCK_VALUES)
+            .checked_mul(cols / format.block_values())
             .and_then(|b| b.checked_mul(format.block_bytes()));
-        if !cols.is_multiple_of(BLOCK_VALUES) || expected != Some(data.len()) {
+        if !cols.is_multiple_of(format.block_values()) || expected != Some(data.len()) {
             return Err(KernelError::TensorShape {
                 name: name.to_string(),
                 expected: vec![rows, cols, expected.unwrap_or(usize::MAX)],
@@ -162,7 +192,7 @@ impl QuantMatrix {
     }
 
     fn row_bytes(&self) -> usize {
-        self.cols / BLOCK_VALUES * self.format.block_bytes()
+        self.cols / self.format.block_values() * self.format.block_bytes()
     }
 
     fn row(&self, r: usize) -> &[u8] {
@@ -196,7 +226,7 @@ impl QuantMatrix {
                 hidden_size: cols,
             });
         }
-        let a_row_bytes = cols / BLOCK_VALUES * activation.block_bytes();
+        let a_row_bytes = cols / activation.block_values() * activation.block_bytes();
         let mut xq = vec![0u8; m * a_row_bytes];
         for (row, out) in x.chunks_exact(cols).zip(xq.chunks_exact_mut(a_row_bytes)) {
             quantize_activations(activation, row, out);
@@ -261,7 +291,10 @@ impl QuantMatrix {
         match self.format {
             BlockFormat::Q4_0 => simd::dot4_q4_0_q8_0(w, a),
             BlockFormat::Q4_1 => simd::dot4_q4_1_q8_1(w, a),
+            BlockFormat::Q5_0 => simd::dot4_q5_0_q8_0(w, a),
             BlockFormat::Q8_0 => simd::dot4_q8_0_q8_0(w, a),
+            BlockFormat::Q4K => w.map(|w| portable::dot_q4_k_q8_k(w, a)),
+            BlockFormat::Q6K => simd::dot4_q6_k_q8_k(w, a),
         }
     }
 
@@ -269,7 +302,10 @@ impl QuantMatrix {
         match self.format {
             BlockFormat::Q4_0 => simd::dot_q4_0_q8_0(w, a),
             BlockFormat::Q4_1 => simd::dot_q4_1_q8_1(w, a),
+            BlockFormat::Q5_0 => simd::dot_q5_0_q8_0(w, a),
             BlockFormat::Q8_0 => simd::dot_q8_0_q8_0(w, a),
+            BlockFormat::Q4K => portable::dot_q4_k_q8_k(w, a),
+            BlockFormat::Q6K => simd::dot_q6_k_q8_k(w, a),
         }
     }
 
@@ -286,7 +322,14 @@ impl QuantMatrix {
     }
 }
 
+/// One block as f32, as ggml's `dequantize_row_*` (compiled without FMA
+/// contraction in ggml-base) computes it for `get_rows`.
 fn dequantize_block(format: BlockFormat, block: &[u8], out: &mut Vec<f32>) {
+    match format {
+        BlockFormat::Q4K => return portable::dequantize_q4_k(block, out),
+        BlockFormat::Q6K => return portable::dequantize_q6_k(block, out),
+        _ => {}
+    }
     let d = f16_at(block, 0);
     match format {
         BlockFormat::Q4_0 => {
@@ -296,12 +339,19 @@ fn dequantize_block(format: BlockFormat, block: &[u8], out: &mut Vec<f32>) {
             let m = f16_at(block, 2);
             out.extend((0..BLOCK_VALUES).map(|i| nibble(&block[4..], i) as f32 * d + m));
         }
+        BlockFormat::Q5_0 => {
+            out.extend((0..BLOCK_VALUES).map(|i| portable::q5_0_value(block, i) as f32 * d))
+        }
         BlockFormat::Q8_0 => out.extend(block[2..34].iter().map(|&q| q as i8 as f32 * d)),
+        BlockFormat::Q4K | BlockFormat::Q6K => {}
     }
 }
 
-/// Quantizes one row of activations into Q8_0 or Q8_1 blocks.
+/// Quantizes one row of activations into Q8_0, Q8_1 or Q8K blocks.
 fn quantize_activations(format: Activation, x: &[f32], out: &mut [u8]) {
+    if format == Activation::Q8K {
+        return quantize_q8_k(x, out);
+    }
     for (values, block) in x
         .chunks_exact(BLOCK_VALUES)
         .zip(out.chunks_exact_mut(format.block_bytes()))
@@ -313,6 +363,7 @@ fn quantize_activations(format: Activation, x: &[f32], out: &mut [u8]) {
         let qs_at = match format {
             Activation::Q8_0 => 2,
             Activation::Q8_1 => 4,
+            Activation::Q8K => unreachable!("Q8_K blocks are quantized by quantize_q8_k"),
         };
         let mut sum = 0i32;
         for (i, v) in values.iter().enumerate() {
@@ -326,6 +377,44 @@ fn quantize_activations(format: Activation, x: &[f32], out: &mut [u8]) {
         if format == Activation::Q8_1 {
             block[2..4].copy_from_slice(&f16::from_f32(d * sum as f32).to_le_bytes());
         }
+    }
+}
+
+/// `quantize_row_q8_K_ref`, which x86 builds use: per 256 values, the
+/// value of largest magnitude `max` (the first of equals) sets
+/// `iscale = -127 / max`; `q = min(127, nearest(iscale * x))` with ggml's
+/// round-half-even trick; `d = 1 / iscale`; and the sums of each 16 `q`.
+fn quantize_q8_k(x: &[f32], out: &mut [u8]) {
+    for (values, block) in x
+        .chunks_exact(K_BLOCK_VALUES)
+        .zip(out.chunks_exact_mut(Activation::Q8K.block_bytes()))
+    {
+        let (mut max, mut amax) = (0f32, 0f32);
+        for &v in values {
+            if v.abs() > amax {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        if amax == 0.0 {
+            block.fill(0);
+            continue;
+        }
+        let iscale = -127.0 / max;
+        for (q, &v) in block[4..4 + K_BLOCK_VALUES].iter_mut().zip(values) {
+            // `nearest_int`: adding 1.5 * 2^23 rounds to an integer, half to even.
+            let rounded =
+                ((iscale * v + 12_582_912.0).to_bits() & 0x007f_ffff) as i32 - 0x0040_0000;
+            *q = rounded.min(127) as i8 as u8;
+        }
+        for g in 0..K_BLOCK_VALUES / 16 {
+            let sum: i16 = block[4 + 16 * g..4 + 16 * (g + 1)]
+                .iter()
+                .map(|&q| i16::from(q as i8))
+                .sum();
+            block[4 + K_BLOCK_VALUES + 2 * g..][..2].copy_from_slice(&sum.to_le_bytes());
+        }
+        block[0..4].copy_from_slice(&(1.0 / iscale).to_le_bytes());
     }
 }
 
@@ -402,6 +491,40 @@ mod simd {
         )
     }
 
+    pub(super) fn dot_q5_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
+        fast_path!(
+            avx512_vnni => vnni::dot_q5_0_q8_0(w, a),
+            avx2_fma => avx2::dot_q5_0_q8_0(w, a);
+            portable::dot_q5_0_q8_0(w, a)
+        )
+    }
+
+    /// As [`dot4_q4_0_q8_0`], for [`dot_q5_0_q8_0`].
+    pub(super) fn dot4_q5_0_q8_0(w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
+        fast_path!(
+            avx512_vnni => vnni::dot4_q5_0_q8_0(w, a),
+            avx2_fma => avx2::dot4_q5_0_q8_0(w, a);
+            w.map(|w| portable::dot_q5_0_q8_0(w, a))
+        )
+    }
+
+    pub(super) fn dot_q6_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
+        fast_path!(
+            avx512_vnni => vnni::dot_q6_k_q8_k(w, a),
+            avx2_fma => avx2::dot_q6_k_q8_k(w, a);
+            portable::dot_q6_k_q8_k(w, a)
+        )
+    }
+
+    /// As [`dot4_q4_0_q8_0`], for [`dot_q6_k_q8_k`].
+    pub(super) fn dot4_q6_k_q8_k(w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
+        fast_path!(
+            avx512_vnni => vnni::dot4_q6_k_q8_k(w, a),
+            avx2_fma => avx2::dot4_q6_k_q8_k(w, a);
+            w.map(|w| portable::dot_q6_k_q8_k(w, a))
+        )
+    }
+
     /// As [`dot4_q4_0_q8_0`], for [`dot_q8_0_q8_0`].
     pub(super) fn dot4_q8_0_q8_0(w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
         fast_path!(
@@ -429,6 +552,33 @@ mod tests {
         assert_eq!(f16_at(&out, 2), 58.0, "s = d * (127 - 127 + 62 + 0 - 4)");
     }
 
+    /// Every format with a fast kernel.
+    const FORMATS: [BlockFormat; 5] = [
+        BlockFormat::Q4_0,
+        BlockFormat::Q4_1,
+        BlockFormat::Q5_0,
+        BlockFormat::Q8_0,
+        BlockFormat::Q6K,
+    ];
+
+    /// The portable definition of `format`'s dot product.
+    fn portable_dot(format: BlockFormat, w: &[u8], a: &[u8]) -> f32 {
+        match format {
+            BlockFormat::Q4_0 => portable::dot_q4_0_q8_0(w, a),
+            BlockFormat::Q4_1 => portable::dot_q4_1_q8_1(w, a),
+            BlockFormat::Q5_0 => portable::dot_q5_0_q8_0(w, a),
+            BlockFormat::Q8_0 => portable::dot_q8_0_q8_0(w, a),
+            BlockFormat::Q4K => portable::dot_q4_k_q8_k(w, a),
+            BlockFormat::Q6K => portable::dot_q6_k_q8_k(w, a),
+        }
+    }
+
+    /// A one-row matrix of `format`, to reach the kernels run time picks.
+    fn matrix(format: BlockFormat, w: &[u8]) -> QuantMatrix {
+        let cols = w.len() / format.block_bytes() * format.block_values();
+        QuantMatrix::new("w", format, 1, cols, w.to_vec()).expect("matrix")
+    }
+
     /// Random weight and activation blocks, including the extremes (-128,
     /// 127, 15, 0) where saturating integer instructions would go wrong.
     fn random_blocks(format: BlockFormat, blocks: usize, seed: u64) -> (Vec<u8>, Vec<u8>) {
@@ -441,13 +591,8 @@ mod tests {
         };
         let mut w = Vec::new();
         for _ in 0..blocks {
-            let d = f16::from_f32((next() % 1000) as f32 / 5000.0 + 1e-3).to_le_bytes();
-            w.extend_from_slice(&d);
-            if format == BlockFormat::Q4_1 {
-                w.extend_from_slice(&f16::from_f32(-((next() % 100) as f32) / 50.0).to_le_bytes());
-            }
-            let payload = format.block_bytes() - w.len() % format.block_bytes();
-            for i in 0..payload {
+            let start = w.len();
+            for i in 0..format.block_bytes() {
                 w.push(match (next() + i as u32) % 8 {
                     0 => 0x80,
                     1 => 0x7F,
@@ -456,8 +601,16 @@ mod tests {
                     _ => next() as u8,
                 });
             }
+            // The block's f16 scale (and Q4_1's minimum): finite values.
+            let d = f16::from_f32((next() % 1000) as f32 / 5000.0 + 1e-3).to_le_bytes();
+            let d_at = if format == BlockFormat::Q6K { 208 } else { 0 };
+            w[start + d_at..start + d_at + 2].copy_from_slice(&d);
+            if format == BlockFormat::Q4_1 {
+                let m = f16::from_f32(-((next() % 100) as f32) / 50.0).to_le_bytes();
+                w[start + 2..start + 4].copy_from_slice(&m);
+            }
         }
-        let x: Vec<f32> = (0..blocks * BLOCK_VALUES)
+        let x: Vec<f32> = (0..blocks * format.block_values())
             .map(|_| (next() % 20001) as f32 / 1000.0 - 10.0)
             .collect();
         let mut a = vec![0u8; blocks * format.activation().block_bytes()];
@@ -467,20 +620,11 @@ mod tests {
 
     #[test]
     fn fast_dot_products_equal_the_portable_definition_bit_for_bit() {
-        for format in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
+        for format in FORMATS {
             for seed in 0..200 {
-                let (w, a) = random_blocks(format, 1 + (seed as usize % 40), seed);
-                let (fast, reference) = match format {
-                    BlockFormat::Q4_0 => {
-                        (simd::dot_q4_0_q8_0(&w, &a), portable::dot_q4_0_q8_0(&w, &a))
-                    }
-                    BlockFormat::Q4_1 => {
-                        (simd::dot_q4_1_q8_1(&w, &a), portable::dot_q4_1_q8_1(&w, &a))
-                    }
-                    BlockFormat::Q8_0 => {
-                        (simd::dot_q8_0_q8_0(&w, &a), portable::dot_q8_0_q8_0(&w, &a))
-                    }
-                };
+                let (w, a) = random_blocks(format, 1 + (seed as usize % 12), seed);
+                let (fast, reference) =
+                    (matrix(format, &w).dot(&w, &a), portable_dot(format, &w, &a));
                 assert_eq!(
                     fast.to_bits(),
                     reference.to_bits(),
@@ -492,27 +636,15 @@ mod tests {
 
     #[test]
     fn four_row_dot_products_equal_the_portable_definition_bit_for_bit() {
-        for format in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
+        for format in FORMATS {
             for seed in 0..100 {
-                let blocks = 1 + (seed as usize % 40);
+                let blocks = 1 + (seed as usize % 12);
                 let (w, a) = random_blocks(format, 4 * blocks, seed);
                 let rows: Vec<&[u8]> = w.chunks_exact(blocks * format.block_bytes()).collect();
                 let a = &a[..blocks * format.activation().block_bytes()];
                 let w4 = [rows[0], rows[1], rows[2], rows[3]];
-                let (fast, reference): ([f32; 4], [f32; 4]) = match format {
-                    BlockFormat::Q4_0 => (
-                        simd::dot4_q4_0_q8_0(w4, a),
-                        w4.map(|w| portable::dot_q4_0_q8_0(w, a)),
-                    ),
-                    BlockFormat::Q4_1 => (
-                        simd::dot4_q4_1_q8_1(w4, a),
-                        w4.map(|w| portable::dot_q4_1_q8_1(w, a)),
-                    ),
-                    BlockFormat::Q8_0 => (
-                        simd::dot4_q8_0_q8_0(w4, a),
-                        w4.map(|w| portable::dot_q8_0_q8_0(w, a)),
-                    ),
-                };
+                let fast = matrix(format, rows[0]).dot4(w4, a);
+                let reference = w4.map(|w| portable_dot(format, w, a));
                 assert_eq!(
                     fast.map(f32::to_bits),
                     reference.map(f32::to_bits),
@@ -520,6 +652,47 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Q6_K against its meaning: the dot product of the dequantized
+    /// weights and activations, to float rounding.
+    #[test]
+    fn q6_k_dot_product_means_the_dequantized_dot_product() {
+        let (w, a) = random_blocks(BlockFormat::Q6K, 3, 42);
+        let mut weights = Vec::new();
+        for block in w.chunks_exact(210) {
+            portable::dequantize_q6_k(block, &mut weights);
+        }
+        let activations: Vec<f32> = a
+            .chunks_exact(292)
+            .flat_map(|ab| {
+                let d = portable::f32_at(ab, 0);
+                ab[4..260].iter().map(move |&q| d * f32::from(q as i8))
+            })
+            .collect();
+        let exact: f64 = weights
+            .iter()
+            .zip(&activations)
+            .map(|(&w, &x)| f64::from(w) * f64::from(x))
+            .sum();
+        let dot = f64::from(portable::dot_q6_k_q8_k(&w, &a));
+        assert!(
+            (dot - exact).abs() <= 1e-4 * exact.abs().max(1.0),
+            "{dot} vs {exact}"
+        );
+    }
+
+    #[test]
+    fn q8_k_activations_round_as_ggml() {
+        // max magnitude -2 → iscale 63.5, d = 1/63.5; halves round to even.
+        let mut x = vec![0f32; 256];
+        x[..4].copy_from_slice(&[-2.0, 1.0, 1.0 / 127.0, 0.5]);
+        let mut out = vec![0u8; 292];
+        quantize_activations(Activation::Q8K, &x, &mut out);
+        let qs: Vec<i8> = out[4..8].iter().map(|&b| b as i8).collect();
+        assert_eq!(qs, vec![-127, 64, 0, 32], "63.5 → 64, 0.5 → 0, 31.75 → 32");
+        assert_eq!(portable::f32_at(&out, 0), 1.0 / 63.5);
+        assert_eq!(i16::from_le_bytes([out[260], out[261]]), -127 + 64 + 32);
     }
 
     #[test]

@@ -74,6 +74,31 @@ macro_rules! entry_points {
             }
 
             #[target_feature(enable = $features)]
+            pub(in crate::quant) fn dot_q5_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
+                let [dot, ..] = dot4_q5_0_q8_0([w; 4], a);
+                dot
+            }
+
+            #[target_feature(enable = $features)]
+            pub(in crate::quant) fn dot4_q5_0_q8_0(w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
+                // SAFETY: this function has the kernel's features;
+                // `dot4_signed` passes a pointer to a 22-byte block.
+                unsafe { super::dot4_signed::<$lanes>(w, a, 22, |wb| super::q5_0_bytes(wb)) }
+            }
+
+            #[target_feature(enable = $features)]
+            pub(in crate::quant) fn dot_q6_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
+                let [dot, ..] = dot4_q6_k_q8_k([w; 4], a);
+                dot
+            }
+
+            #[target_feature(enable = $features)]
+            pub(in crate::quant) fn dot4_q6_k_q8_k(w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
+                // SAFETY: this function has the kernel's features.
+                unsafe { super::dot4_q6_k_q8_k(w, a) }
+            }
+
+            #[target_feature(enable = $features)]
             pub(in crate::quant) fn dot_q8_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
                 // SAFETY: this function has the kernel's features.
                 unsafe { super::dot_q8_0_q8_0::<$lanes>(w, a) }
@@ -150,6 +175,32 @@ unsafe fn nibbles(qs: *const u8) -> __m256i {
         let tmp = _mm_loadu_si128(qs as *const __m128i);
         let both = _mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp);
         _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+    }
+}
+
+/// The 32 weights of a Q5_0 block (at `wb`) as signed bytes, as ggml
+/// builds them: nibbles, with `0xF0` or-ed in where the fifth bit is clear
+/// (`bytes_from_bits_32` then `andnot`), which is the value minus 16.
+#[inline(always)]
+unsafe fn q5_0_bytes(wb: *const u8) -> __m256i {
+    // SAFETY: the caller has AVX2 and passes a pointer to a 22-byte block.
+    unsafe {
+        let qh = (wb.add(2) as *const u32).read_unaligned();
+        let spread = _mm256_shuffle_epi8(
+            _mm256_set1_epi32(qh as i32),
+            _mm256_set_epi64x(
+                0x0303_0303_0303_0303,
+                0x0202_0202_0202_0202,
+                0x0101_0101_0101_0101,
+                0,
+            ),
+        );
+        let bit_set = _mm256_cmpeq_epi8(
+            _mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe)),
+            _mm256_set1_epi64x(-1),
+        );
+        let high = _mm256_andnot_si256(bit_set, _mm256_set1_epi8(0xF0u8 as i8));
+        _mm256_or_si256(nibbles(wb.add(6)), high)
     }
 }
 
@@ -282,5 +333,79 @@ unsafe fn dot4_q4_1_q8_1<L: Lanes>(w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
             }
         }
         [0, 1, 2, 3].map(|r| hsum8(acc[r]) + summs[r])
+    }
+}
+
+/// The eight integer lanes of one Q6_K super-block (at `wb`, 210 bytes)
+/// against one Q8_K block (at `ab`, 292 bytes), as
+/// `ggml_vec_dot_q6_K_q8_K`'s AVX2 code forms them (see
+/// `portable::dot_q6_k_q8_k` for what each lane holds).
+#[inline(always)]
+unsafe fn q6_k_lanes(wb: *const u8, ab: *const u8) -> __m256i {
+    // SAFETY: the caller has AVX2 and passes pointers to whole blocks;
+    // every load below stays inside them.
+    unsafe {
+        let m15 = _mm256_set1_epi8(15);
+        let m3 = _mm256_set1_epi8(3);
+        let scales = wb.add(192) as *const i8;
+        let scale_pair = |i: usize| {
+            _mm256_set_m128i(
+                _mm_set1_epi16(i16::from(*scales.add(2 * i + 1))),
+                _mm_set1_epi16(i16::from(*scales.add(2 * i))),
+            )
+        };
+        let bsums = _mm256_loadu_si256(ab.add(260) as *const __m256i);
+        let scales_16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(scales as *const __m128i));
+        let offset = _mm256_slli_epi32(_mm256_madd_epi16(bsums, scales_16), 5);
+        let mut sumi = _mm256_setzero_si256();
+        for j in 0..2 {
+            let bits1 = _mm256_loadu_si256(wb.add(64 * j) as *const __m256i);
+            let bits2 = _mm256_loadu_si256(wb.add(64 * j + 32) as *const __m256i);
+            let high = _mm256_loadu_si256(wb.add(128 + 32 * j) as *const __m256i);
+            let h0 = _mm256_slli_epi16(_mm256_and_si256(high, m3), 4);
+            let h1 = _mm256_slli_epi16(_mm256_and_si256(high, _mm256_set1_epi8(12)), 2);
+            let h2 = _mm256_and_si256(high, _mm256_set1_epi8(48));
+            let h3 = _mm256_srli_epi16(_mm256_and_si256(high, _mm256_set1_epi8(-64)), 2);
+            let q = [
+                _mm256_or_si256(_mm256_and_si256(bits1, m15), h0),
+                _mm256_or_si256(_mm256_and_si256(bits2, m15), h1),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits1, 4), m15), h2),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits2, 4), m15), h3),
+            ];
+            for (r, q) in q.into_iter().enumerate() {
+                let y = _mm256_loadu_si256(ab.add(4 + 128 * j + 32 * r) as *const __m256i);
+                let p16 = _mm256_maddubs_epi16(q, y);
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(scale_pair(4 * j + r), p16));
+            }
+        }
+        _mm256_sub_epi32(sumi, offset)
+    }
+}
+
+/// Four Q6_K rows against one Q8_K row; each result is bit for bit
+/// `portable::dot_q6_k_q8_k`'s.
+#[inline(always)]
+unsafe fn dot4_q6_k_q8_k(w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
+    let blocks = a.len() / 292;
+    assert!(
+        w.iter().all(|w| w.len() == blocks * 210),
+        "rows and activations differ in length"
+    );
+    // SAFETY: the caller has AVX2 and FMA; each row has `blocks` blocks of
+    // 210 bytes (asserted above) and `a` has `blocks` of 292.
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for b in 0..blocks {
+            let ab = a.as_ptr().add(b * 292);
+            let dy = (ab as *const f32).read_unaligned();
+            for r in 0..4 {
+                let wb = w[r].as_ptr().add(b * 210);
+                _mm_prefetch::<_MM_HINT_T0>(wb.wrapping_add(PREFETCH_BYTES) as *const i8);
+                let d = _mm256_set1_ps(dy * f16_ptr(wb.add(208)));
+                let lanes = _mm256_cvtepi32_ps(q6_k_lanes(wb, ab));
+                acc[r] = _mm256_fmadd_ps(d, lanes, acc[r]);
+            }
+        }
+        acc.map(|acc| hsum8(acc))
     }
 }

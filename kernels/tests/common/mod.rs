@@ -1,5 +1,6 @@
 //! Shared helpers for the kernels' model tests.
 
+#![allow(dead_code)] // each test binary uses a part of these helpers
 #![allow(clippy::expect_used, clippy::unwrap_used)] // test code: a failed expectation is the report
 
 use std::path::PathBuf;
