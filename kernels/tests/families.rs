@@ -1,6 +1,6 @@
 //! The families beyond llama (Gemma 3, Qwen 2, Qwen 3) against llama.cpp
 //! on the same files: the same tokens for the prompts and plain texts, the
-//! same top tokens after each prompt with logits within [`TOLERANCE`], and
+//! same top tokens after each prompt with logits within a [`tolerance`], and
 //! the same greedy tokens; and each family split across shards gives
 //! exactly what it gives whole.
 //!
@@ -25,11 +25,14 @@ use serde_json::Value;
 
 const REFERENCE: &str = include_str!("../../tests/golden/families.json");
 
-/// How far a logit may be from llama.cpp's: the 8- versus 16-lane f32
-/// sums differ in the last bits, and the activations' 8-bit quantization
-/// turns that into this much after a whole model (measured: see the
-/// closing note of the change that added this test).
-const TOLERANCE: f32 = 1.0;
+/// How far a logit may be from llama.cpp's, per file: the 8- versus
+/// 16-lane f32 sums differ in the last bits from the fifth token on, and
+/// the activations' 8-bit quantization amplifies that through the layers.
+/// Measured: Gemma 3 270M (logits up to 13) 0.27 and 0.95; the random
+/// Qwen files (logits about ±3) at most 0.035.
+fn tolerance(name: &str) -> f32 {
+    if name == "gemma3" { 1.0 } else { 0.1 }
+}
 
 fn model_path(name: &str) -> PathBuf {
     let path = if name == "gemma3" {
@@ -132,8 +135,9 @@ fn matches_llama_cpp(name: &str, reference: &Value, model: &ModelFile) -> Vec<Ve
         }
         eprintln!("{name}/{case}: largest logit difference from llama.cpp {worst}");
         assert!(
-            worst <= TOLERANCE,
-            "{name}/{case}: logits {worst} from llama.cpp's (tolerance {TOLERANCE})"
+            worst <= tolerance(name),
+            "{name}/{case}: logits {worst} from llama.cpp's (tolerance {})",
+            tolerance(name)
         );
         let top_id = top[0][0].as_u64().expect("id") as u32;
         assert_eq!(
@@ -149,7 +153,7 @@ fn matches_llama_cpp(name: &str, reference: &Value, model: &ModelFile) -> Vec<Ve
             let best = logits[common::argmax(&logits) as usize];
             let gap = best - logits[token as usize];
             assert!(
-                gap <= TOLERANCE,
+                gap <= tolerance(name),
                 "{name}/{case}: step {step}: llama.cpp's token {token} is {gap} below ringlet's best"
             );
             logits = whole
@@ -205,11 +209,9 @@ fn short_prompt_is_bit_exact(name: &str, reference: &Value, model: &ModelFile) {
 }
 
 /// `exact_prefix`: whether the four-token prompt matches llama.cpp's bits
-/// with this reference. It does for Gemma 3 Q4_K_M and Qwen 2 Q8_0; for
-/// Qwen 2 Q4_K_M and Qwen 3 it does not yet (not explained yet: the
-/// reference's 8-lane sums over Qwen 3's 128-wide heads are one suspect,
-/// llama.cpp's repacked Q4_K kernels another), so those are held to the
-/// tolerance only.
+/// with this reference. It does for Gemma 3 and both Qwen 2 files; for
+/// Qwen 3 it does not (not explained yet; its 128-wide heads are the
+/// difference from the others), so those are held to the tolerance only.
 fn family(name: &str, exact_prefix: bool) {
     let reference: Value = serde_json::from_str(REFERENCE).expect("reference json");
     let entry = &reference["models"][name];
@@ -233,7 +235,7 @@ fn qwen2_q8_0_matches_llama_cpp_and_splits_exactly() {
 
 #[test]
 fn qwen2_q4_k_m_matches_llama_cpp_and_splits_exactly() {
-    family("qwen2-q4_k_m", false);
+    family("qwen2-q4_k_m", true);
 }
 
 #[test]

@@ -37,7 +37,7 @@ mod portable;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-use portable::{f16_at, nibble};
+use portable::{KKernel, f16_at, nibble};
 
 /// Values per block in the 32-value formats (Q4_0, Q4_1, Q5_0, Q8_0).
 pub const BLOCK_VALUES: usize = 32;
@@ -262,6 +262,21 @@ impl QuantMatrix {
     /// quantized activations `xq` (`m` rows), into `out` as `[columns, m]`.
     fn columns(&self, first: usize, out: &mut [f32], xq: &[u8], a_row_bytes: usize, m: usize) {
         let columns = out.len() / m;
+        // K-quant prefill: each weight block unpacked once for all rows.
+        if m > 1 && matches!(self.format, BlockFormat::Q4K | BlockFormat::Q6K) {
+            let kernel = |r: usize| self.k_kernel(m, r);
+            for (i, out) in out.chunks_exact_mut(m).enumerate() {
+                simd::k_row_against_rows(
+                    self.format == BlockFormat::Q4K,
+                    &kernel,
+                    self.row(first + i),
+                    xq,
+                    a_row_bytes,
+                    out,
+                );
+            }
+            return;
+        }
         // Four weight rows at a time share each activation block.
         let quads = columns / 4;
         for q in 0..quads {
@@ -273,7 +288,8 @@ impl QuantMatrix {
                 self.row(c + 3),
             ];
             for r in 0..m {
-                let dots = self.dot4(w, &xq[r * a_row_bytes..(r + 1) * a_row_bytes]);
+                let kernel = self.k_kernel(m, r);
+                let dots = self.dot4(kernel, w, &xq[r * a_row_bytes..(r + 1) * a_row_bytes]);
                 for (i, dot) in dots.into_iter().enumerate() {
                     out[(4 * q + i) * m + r] = dot;
                 }
@@ -282,30 +298,48 @@ impl QuantMatrix {
         for i in 4 * quads..columns {
             let w = self.row(first + i);
             for r in 0..m {
-                out[i * m + r] = self.dot(w, &xq[r * a_row_bytes..(r + 1) * a_row_bytes]);
+                let kernel = self.k_kernel(m, r);
+                out[i * m + r] = self.dot(kernel, w, &xq[r * a_row_bytes..(r + 1) * a_row_bytes]);
             }
         }
     }
 
-    fn dot4(&self, w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
+    /// The llama.cpp kernel whose rounding output row `r` of an `m`-row
+    /// product takes, for the K-quants (see [`KKernel`]).
+    fn k_kernel(&self, m: usize, r: usize) -> KKernel {
+        match self.format {
+            // Repacked (`q4_K_8x8_q8_K`) when the row count allows.
+            BlockFormat::Q4K if self.rows.is_multiple_of(8) => {
+                if m >= 4 && r < m - m % 4 {
+                    KKernel::Gemm
+                } else {
+                    KKernel::Gemv
+                }
+            }
+            BlockFormat::Q4K | BlockFormat::Q6K if m >= 8 => KKernel::Tiled,
+            _ => KKernel::VecDot,
+        }
+    }
+
+    fn dot4(&self, kernel: KKernel, w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
         match self.format {
             BlockFormat::Q4_0 => simd::dot4_q4_0_q8_0(w, a),
             BlockFormat::Q4_1 => simd::dot4_q4_1_q8_1(w, a),
             BlockFormat::Q5_0 => simd::dot4_q5_0_q8_0(w, a),
             BlockFormat::Q8_0 => simd::dot4_q8_0_q8_0(w, a),
-            BlockFormat::Q4K => w.map(|w| portable::dot_q4_k_q8_k(w, a)),
-            BlockFormat::Q6K => simd::dot4_q6_k_q8_k(w, a),
+            BlockFormat::Q4K => simd::dot4_q4_k_q8_k(kernel, w, a),
+            BlockFormat::Q6K => simd::dot4_q6_k_q8_k(kernel, w, a),
         }
     }
 
-    fn dot(&self, w: &[u8], a: &[u8]) -> f32 {
+    fn dot(&self, kernel: KKernel, w: &[u8], a: &[u8]) -> f32 {
         match self.format {
             BlockFormat::Q4_0 => simd::dot_q4_0_q8_0(w, a),
             BlockFormat::Q4_1 => simd::dot_q4_1_q8_1(w, a),
             BlockFormat::Q5_0 => simd::dot_q5_0_q8_0(w, a),
             BlockFormat::Q8_0 => simd::dot_q8_0_q8_0(w, a),
-            BlockFormat::Q4K => portable::dot_q4_k_q8_k(w, a),
-            BlockFormat::Q6K => simd::dot_q6_k_q8_k(w, a),
+            BlockFormat::Q4K => simd::dot4_q4_k_q8_k(kernel, [w; 4], a)[0],
+            BlockFormat::Q6K => simd::dot4_q6_k_q8_k(kernel, [w; 4], a)[0],
         }
     }
 
@@ -443,7 +477,7 @@ fn transposed(values: &[f32], rows: usize, m: usize) -> Vec<f32> {
 /// The dot products used at run time: the fastest version this CPU runs
 /// (AVX-512 VNNI, then AVX2), else the portable definition.
 mod simd {
-    use super::portable;
+    use super::portable::{self, KKernel};
     #[cfg(target_arch = "x86_64")]
     use super::x86::{avx2, vnni};
     use crate::simd::fast_path;
@@ -508,20 +542,45 @@ mod simd {
         )
     }
 
-    pub(super) fn dot_q6_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
+    /// Four Q4_K rows against one Q8_K row, each rounded as `kernel`.
+    pub(super) fn dot4_q4_k_q8_k(kernel: KKernel, w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
         fast_path!(
-            avx512_vnni => vnni::dot_q6_k_q8_k(w, a),
-            avx2_fma => avx2::dot_q6_k_q8_k(w, a);
-            portable::dot_q6_k_q8_k(w, a)
+            avx512_vnni => vnni::dot4_q4_k_q8_k(kernel, w, a),
+            avx2_fma => avx2::dot4_q4_k_q8_k(kernel, w, a);
+            w.map(|w| portable::dot_q4_k_q8_k(kernel, w, a))
         )
     }
 
-    /// As [`dot4_q4_0_q8_0`], for [`dot_q6_k_q8_k`].
-    pub(super) fn dot4_q6_k_q8_k(w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
+    /// One Q4_K (`q4_k`) or Q6_K weight row against `out.len()` activation
+    /// rows; output `r` rounded as `kernel(r)`.
+    pub(super) fn k_row_against_rows(
+        q4_k: bool,
+        kernel: &dyn Fn(usize) -> KKernel,
+        w: &[u8],
+        xq: &[u8],
+        a_row_bytes: usize,
+        out: &mut [f32],
+    ) {
         fast_path!(
-            avx512_vnni => vnni::dot4_q6_k_q8_k(w, a),
-            avx2_fma => avx2::dot4_q6_k_q8_k(w, a);
-            w.map(|w| portable::dot_q6_k_q8_k(w, a))
+            avx512_vnni => vnni::k_row_against_rows(q4_k, kernel, w, xq, a_row_bytes, out),
+            avx2_fma => avx2::k_row_against_rows(q4_k, kernel, w, xq, a_row_bytes, out);
+            for (r, out) in out.iter_mut().enumerate() {
+                let a = &xq[r * a_row_bytes..(r + 1) * a_row_bytes];
+                *out = if q4_k {
+                    portable::dot_q4_k_q8_k(kernel(r), w, a)
+                } else {
+                    portable::dot_q6_k_q8_k(kernel(r), w, a)
+                };
+            }
+        )
+    }
+
+    /// Four Q6_K rows against one Q8_K row, each rounded as `kernel`.
+    pub(super) fn dot4_q6_k_q8_k(kernel: KKernel, w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
+        fast_path!(
+            avx512_vnni => vnni::dot4_q6_k_q8_k(kernel, w, a),
+            avx2_fma => avx2::dot4_q6_k_q8_k(kernel, w, a);
+            w.map(|w| portable::dot_q6_k_q8_k(kernel, w, a))
         )
     }
 
@@ -553,23 +612,38 @@ mod tests {
     }
 
     /// Every format with a fast kernel.
-    const FORMATS: [BlockFormat; 5] = [
+    const FORMATS: [BlockFormat; 6] = [
         BlockFormat::Q4_0,
         BlockFormat::Q4_1,
         BlockFormat::Q5_0,
         BlockFormat::Q8_0,
+        BlockFormat::Q4K,
         BlockFormat::Q6K,
     ];
 
-    /// The portable definition of `format`'s dot product.
-    fn portable_dot(format: BlockFormat, w: &[u8], a: &[u8]) -> f32 {
+    /// The kernels a format's outputs can take.
+    fn kernels(format: BlockFormat) -> &'static [KKernel] {
+        match format {
+            BlockFormat::Q4K => &[
+                KKernel::VecDot,
+                KKernel::Gemv,
+                KKernel::Gemm,
+                KKernel::Tiled,
+            ],
+            BlockFormat::Q6K => &[KKernel::VecDot, KKernel::Tiled],
+            _ => &[KKernel::VecDot],
+        }
+    }
+
+    /// The portable definition of `format`'s dot product with `kernel`.
+    fn portable_dot(format: BlockFormat, kernel: KKernel, w: &[u8], a: &[u8]) -> f32 {
         match format {
             BlockFormat::Q4_0 => portable::dot_q4_0_q8_0(w, a),
             BlockFormat::Q4_1 => portable::dot_q4_1_q8_1(w, a),
             BlockFormat::Q5_0 => portable::dot_q5_0_q8_0(w, a),
             BlockFormat::Q8_0 => portable::dot_q8_0_q8_0(w, a),
-            BlockFormat::Q4K => portable::dot_q4_k_q8_k(w, a),
-            BlockFormat::Q6K => portable::dot_q6_k_q8_k(w, a),
+            BlockFormat::Q4K => portable::dot_q4_k_q8_k(kernel, w, a),
+            BlockFormat::Q6K => portable::dot_q6_k_q8_k(kernel, w, a),
         }
     }
 
@@ -605,7 +679,7 @@ mod tests {
             let d = f16::from_f32((next() % 1000) as f32 / 5000.0 + 1e-3).to_le_bytes();
             let d_at = if format == BlockFormat::Q6K { 208 } else { 0 };
             w[start + d_at..start + d_at + 2].copy_from_slice(&d);
-            if format == BlockFormat::Q4_1 {
+            if matches!(format, BlockFormat::Q4_1 | BlockFormat::Q4K) {
                 let m = f16::from_f32(-((next() % 100) as f32) / 50.0).to_le_bytes();
                 w[start + 2..start + 4].copy_from_slice(&m);
             }
@@ -621,15 +695,17 @@ mod tests {
     #[test]
     fn fast_dot_products_equal_the_portable_definition_bit_for_bit() {
         for format in FORMATS {
-            for seed in 0..200 {
-                let (w, a) = random_blocks(format, 1 + (seed as usize % 12), seed);
-                let (fast, reference) =
-                    (matrix(format, &w).dot(&w, &a), portable_dot(format, &w, &a));
-                assert_eq!(
-                    fast.to_bits(),
-                    reference.to_bits(),
-                    "{format:?} seed {seed}: {fast} vs {reference}"
-                );
+            for &kernel in kernels(format) {
+                for seed in 0..200 {
+                    let (w, a) = random_blocks(format, 1 + (seed as usize % 12), seed);
+                    let fast = matrix(format, &w).dot(kernel, &w, &a);
+                    let reference = portable_dot(format, kernel, &w, &a);
+                    assert_eq!(
+                        fast.to_bits(),
+                        reference.to_bits(),
+                        "{format:?} {kernel:?} seed {seed}: {fast} vs {reference}"
+                    );
+                }
             }
         }
     }
@@ -637,49 +713,108 @@ mod tests {
     #[test]
     fn four_row_dot_products_equal_the_portable_definition_bit_for_bit() {
         for format in FORMATS {
-            for seed in 0..100 {
-                let blocks = 1 + (seed as usize % 12);
-                let (w, a) = random_blocks(format, 4 * blocks, seed);
-                let rows: Vec<&[u8]> = w.chunks_exact(blocks * format.block_bytes()).collect();
-                let a = &a[..blocks * format.activation().block_bytes()];
-                let w4 = [rows[0], rows[1], rows[2], rows[3]];
-                let fast = matrix(format, rows[0]).dot4(w4, a);
-                let reference = w4.map(|w| portable_dot(format, w, a));
-                assert_eq!(
-                    fast.map(f32::to_bits),
-                    reference.map(f32::to_bits),
-                    "{format:?} seed {seed}: {fast:?} vs {reference:?}"
-                );
+            for &kernel in kernels(format) {
+                for seed in 0..100 {
+                    let blocks = 1 + (seed as usize % 12);
+                    let (w, a) = random_blocks(format, 4 * blocks, seed);
+                    let rows: Vec<&[u8]> = w.chunks_exact(blocks * format.block_bytes()).collect();
+                    let a = &a[..blocks * format.activation().block_bytes()];
+                    let w4 = [rows[0], rows[1], rows[2], rows[3]];
+                    let fast = matrix(format, rows[0]).dot4(kernel, w4, a);
+                    let reference = w4.map(|w| portable_dot(format, kernel, w, a));
+                    assert_eq!(
+                        fast.map(f32::to_bits),
+                        reference.map(f32::to_bits),
+                        "{format:?} {kernel:?} seed {seed}: {fast:?} vs {reference:?}"
+                    );
+                }
             }
         }
     }
 
-    /// Q6_K against its meaning: the dot product of the dequantized
-    /// weights and activations, to float rounding.
+    /// K-quant products of several activation rows (each weight block
+    /// unpacked once for all of them) give each output the bits of its
+    /// kernel's portable definition.
     #[test]
-    fn q6_k_dot_product_means_the_dequantized_dot_product() {
-        let (w, a) = random_blocks(BlockFormat::Q6K, 3, 42);
-        let mut weights = Vec::new();
-        for block in w.chunks_exact(210) {
-            portable::dequantize_q6_k(block, &mut weights);
+    fn k_quant_batches_equal_row_by_row_dots() {
+        for (format, rows) in [
+            (BlockFormat::Q4K, 8usize),
+            (BlockFormat::Q4K, 12),
+            (BlockFormat::Q6K, 8),
+        ] {
+            let (w, _) = random_blocks(format, rows * 2, 17); // rows of 2 blocks
+            let matrix = QuantMatrix::new("w", format, rows, 512, w).expect("matrix");
+            let x: Vec<f32> = (0..9 * 512)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+                .collect();
+            for m in [1usize, 5, 9] {
+                let out = matrix.matmul(&x[..m * 512], m).expect("matmul");
+                for r in 0..m {
+                    let mut a = vec![0u8; 2 * 292];
+                    quantize_activations(Activation::Q8K, &x[r * 512..(r + 1) * 512], &mut a);
+                    let kernel = matrix.k_kernel(m, r);
+                    for c in 0..rows {
+                        assert_eq!(
+                            out[r * rows + c].to_bits(),
+                            portable_dot(format, kernel, matrix.row(c), &a).to_bits(),
+                            "{format:?} rows {rows}, batch {m}, row {r} ({kernel:?}), column {c}"
+                        );
+                    }
+                }
+            }
         }
-        let activations: Vec<f32> = a
-            .chunks_exact(292)
-            .flat_map(|ab| {
-                let d = portable::f32_at(ab, 0);
-                ab[4..260].iter().map(move |&q| d * f32::from(q as i8))
-            })
-            .collect();
-        let exact: f64 = weights
-            .iter()
-            .zip(&activations)
-            .map(|(&w, &x)| f64::from(w) * f64::from(x))
-            .sum();
-        let dot = f64::from(portable::dot_q6_k_q8_k(&w, &a));
-        assert!(
-            (dot - exact).abs() <= 1e-4 * exact.abs().max(1.0),
-            "{dot} vs {exact}"
+    }
+
+    /// Which kernel each output takes, as llama.cpp chooses.
+    #[test]
+    fn k_quant_outputs_take_llama_cpp_kernels() {
+        let q4k = |rows: usize| {
+            QuantMatrix::new("w", BlockFormat::Q4K, rows, 256, vec![0; rows * 144]).expect("matrix")
+        };
+        let q6k =
+            QuantMatrix::new("w", BlockFormat::Q6K, 8, 256, vec![0; 8 * 210]).expect("matrix");
+        let repacked = q4k(8);
+        assert_eq!(repacked.k_kernel(1, 0), KKernel::Gemv);
+        assert_eq!(repacked.k_kernel(3, 2), KKernel::Gemv);
+        assert_eq!(
+            repacked.k_kernel(6, 3),
+            KKernel::Gemm,
+            "rows below 6 - 6 % 4"
         );
+        assert_eq!(repacked.k_kernel(6, 4), KKernel::Gemv);
+        assert_eq!(repacked.k_kernel(100, 99), KKernel::Gemm);
+        let not_repacked = q4k(12);
+        assert_eq!(not_repacked.k_kernel(7, 0), KKernel::VecDot);
+        assert_eq!(not_repacked.k_kernel(8, 0), KKernel::Tiled);
+        assert_eq!(q6k.k_kernel(7, 6), KKernel::VecDot);
+        assert_eq!(q6k.k_kernel(8, 6), KKernel::Tiled);
+    }
+
+    /// The K-quants against their meaning: the dot product of the
+    /// dequantized weights and activations, to float rounding.
+    #[test]
+    fn k_quant_dot_products_mean_the_dequantized_dot_products() {
+        for format in [BlockFormat::Q4K, BlockFormat::Q6K] {
+            let (w, a) = random_blocks(format, 3, 42);
+            let weights = matrix(format, &w).dequantize_rows(&[0]);
+            let activations: Vec<f32> = a
+                .chunks_exact(292)
+                .flat_map(|ab| {
+                    let d = portable::f32_at(ab, 0);
+                    ab[4..260].iter().map(move |&q| d * f32::from(q as i8))
+                })
+                .collect();
+            let exact: f64 = weights
+                .iter()
+                .zip(&activations)
+                .map(|(&w, &x)| f64::from(w) * f64::from(x))
+                .sum();
+            let dot = f64::from(portable_dot(format, KKernel::VecDot, &w, &a));
+            assert!(
+                (dot - exact).abs() <= 1e-4 * exact.abs().max(1.0),
+                "{format:?}: {dot} vs {exact}"
+            );
+        }
     }
 
     #[test]

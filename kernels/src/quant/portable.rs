@@ -122,35 +122,6 @@ fn q6_k_scale(block: &[u8], g: usize) -> i32 {
     block[192 + g] as i8 as i32
 }
 
-/// `ggml_vec_dot_q6_K_q8_K` (AVX2): per super-block, lane `k` of eight
-/// holds the exact integer `Σ_c sc(c, k) · Σ_{t<4} q[32c+4k+t] ·
-/// y[32c+4k+t]` over the eight 32-value chunks `c`, where `sc(c, k)` is
-/// the scale of the chunk's first 16 values for `k < 4` and of its last
-/// 16 otherwise, minus `32 · (bsum[2k]·sc[2k] + bsum[2k+1]·sc[2k+1])`
-/// (the `- 32` of every value, folded in as ggml does); then
-/// `acc_k = fma(d_y · d_x, lane_k, acc_k)`, and the lanes are summed.
-pub(super) fn dot_q6_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
-    let mut acc = [0f32; 8];
-    for (wb, ab) in w.chunks_exact(210).zip(a.chunks_exact(292)) {
-        let d = f32_at(ab, 0) * f16_at(wb, 208);
-        for (k, acc) in acc.iter_mut().enumerate() {
-            let mut lane = 0i32;
-            for c in 0..8 {
-                let scale = q6_k_scale(wb, 2 * c + k / 4);
-                let products: i32 = (32 * c + 4 * k..32 * c + 4 * k + 4)
-                    .map(|e| q6_k_value(wb, e) * q8_k_value(ab, e))
-                    .sum();
-                lane += scale * products;
-            }
-            lane -= 32
-                * (q8_k_bsum(ab, 2 * k) * q6_k_scale(wb, 2 * k)
-                    + q8_k_bsum(ab, 2 * k + 1) * q6_k_scale(wb, 2 * k + 1));
-            *acc = d.mul_add(lane as f32, *acc);
-        }
-    }
-    hsum8(acc)
-}
-
 /// `dequantize_row_q6_K`: `(d · scale) · (q - 32)`.
 pub(super) fn dequantize_q6_k(block: &[u8], out: &mut Vec<f32>) {
     let d = f16_at(block, 208);
@@ -185,48 +156,6 @@ pub(super) fn q4_k_value(block: &[u8], e: usize) -> i32 {
     i32::from(if e % 64 < 32 { byte & 0x0F } else { byte >> 4 })
 }
 
-/// `ggml_vec_dot_q4_K_q8_K` (AVX2): per super-block, lane `k` of eight
-/// holds the exact integer sum over the four 64-value groups `j` of
-/// `sc[2j]` times the products of the low nibbles `32j+4k..32j+4k+4` with
-/// their activations, plus `sc[2j+1]` times the same for the high nibbles;
-/// then `acc_k = fma(d_y * d, lane_k, acc_k)`. The minimums go to four
-/// lanes of their own: lane `l` takes `fma(-d_y * dmin, m[2l] * (b[4l] +
-/// b[4l+1]) + m[2l+1] * (b[4l+2] + b[4l+3]), acc)` with `b` the 16-value
-/// sums, and is added at the end as `(m0 + m2) + (m1 + m3)`.
-pub(super) fn dot_q4_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
-    let mut acc = [0f32; 8];
-    let mut acc_m = [0f32; 4];
-    for (wb, ab) in w.chunks_exact(144).zip(a.chunks_exact(292)) {
-        let dy = f32_at(ab, 0);
-        let d = dy * f16_at(wb, 0);
-        let dmin = -dy * f16_at(wb, 2);
-        let (sc, m) = k4_scales_mins(&wb[4..16]);
-        for (l, acc_m) in acc_m.iter_mut().enumerate() {
-            let pair = |k: usize| m[k] * (q8_k_bsum(ab, 2 * k) + q8_k_bsum(ab, 2 * k + 1));
-            *acc_m = dmin.mul_add((pair(2 * l) + pair(2 * l + 1)) as f32, *acc_m);
-        }
-        for (k, acc) in acc.iter_mut().enumerate() {
-            let mut lane = 0i32;
-            for j in 0..4 {
-                let low: i32 = (0..4)
-                    .map(|t| {
-                        q4_k_value(wb, 64 * j + 4 * k + t) * q8_k_value(ab, 64 * j + 4 * k + t)
-                    })
-                    .sum();
-                let high: i32 = (0..4)
-                    .map(|t| {
-                        q4_k_value(wb, 64 * j + 32 + 4 * k + t)
-                            * q8_k_value(ab, 64 * j + 32 + 4 * k + t)
-                    })
-                    .sum();
-                lane += sc[2 * j] * low + sc[2 * j + 1] * high;
-            }
-            *acc = d.mul_add(lane as f32, *acc);
-        }
-    }
-    hsum8(acc) + ((acc_m[0] + acc_m[2]) + (acc_m[1] + acc_m[3]))
-}
-
 /// `dequantize_row_q4_K`: `(d·sc)·q - (dmin·m)` per value, unfused.
 pub(super) fn dequantize_q4_k(block: &[u8], out: &mut Vec<f32>) {
     let (d, dmin) = (f16_at(block, 0), f16_at(block, 2));
@@ -235,4 +164,198 @@ pub(super) fn dequantize_q4_k(block: &[u8], out: &mut Vec<f32>) {
         let g = e / 32;
         (d * sc[g] as f32) * q4_k_value(block, e) as f32 - dmin * m[g] as f32
     }));
+}
+
+/// Which of llama.cpp's kernels computes an output of a K-quant product:
+/// x86 builds repack Q4_K matrices whose row count is a multiple of 8
+/// and multiply them with `gemv` (one activation row) or `gemm` (the
+/// first `N - N % 4` of `N >= 4` rows); other K-quant matrices use
+/// `vec_dot` below 8 activation rows and the `tiled` kernels from 8 on.
+/// Each rounds differently, so ringlet picks as llama.cpp does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KKernel {
+    VecDot,
+    Gemv,
+    Gemm,
+    Tiled,
+}
+
+/// The exact integers of one K-quant super-block times one Q8_K block;
+/// the kernels differ only in how they turn these into floats.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct BlockInts {
+    /// The eight lanes of ggml's AVX2 `vec_dot`: lane `k` sums, over every
+    /// 32-value chunk, the scaled products of values `4k..4k+4` of the
+    /// chunk (Q6_K: with the `- 32` of every value folded in per lane as
+    /// ggml does, `32·(b[2k]·sc[2k] + b[2k+1]·sc[2k+1])`).
+    pub(super) lanes: [i32; 8],
+    /// Q4_K: per pair `p` of 32-value sub-blocks, `sc[2p]·D[2p] +
+    /// sc[2p+1]·D[2p+1]`, `D` a sub-block's dot product (`gemm`'s steps).
+    pub(super) pairs: [i32; 4],
+    /// Q4_K: per pair `p`, `m[2p]·S[2p] + m[2p+1]·S[2p+1]`, `S[s]` the sum
+    /// of the sub-block's activations (`vec_dot`'s four minimum lanes).
+    pub(super) mins: [i32; 4],
+}
+
+/// The float side of a K-quant dot product, kernel by kernel.
+pub(super) struct KAccumulator {
+    kernel: KKernel,
+    lanes: [f32; 8],
+    mins: [f32; 4],
+    sum: f32,
+    min_sum: f32,
+}
+
+impl KAccumulator {
+    pub(super) fn kernel(&self) -> KKernel {
+        self.kernel
+    }
+
+    pub(super) fn new(kernel: KKernel) -> Self {
+        Self {
+            kernel,
+            lanes: [0.0; 8],
+            mins: [0.0; 4],
+            sum: 0.0,
+            min_sum: 0.0,
+        }
+    }
+
+    /// A Q4_K block with scales `xd`, `xdmin`, against activations of
+    /// scale `yd`:
+    /// - `vec_dot`: `lane_k = fma(yd·xd, L_k, lane_k)`, minimum lanes
+    ///   `fma(-yd·xdmin, m_l, ·)`;
+    /// - `gemv`: `A = fma(ΣL, xd·yd, A)`, `M = fma(Σm, xdmin·yd, M)`;
+    /// - `gemm`: the same with the four pairs and four minimums in turn;
+    /// - `tiled`: `r = fma(-xdmin, Σm, xd·ΣL)`, `A = fma(r, yd, A)`.
+    #[inline(always)]
+    pub(super) fn add_q4_k(&mut self, ints: &BlockInts, xd: f32, xdmin: f32, yd: f32) {
+        match self.kernel {
+            KKernel::VecDot => {
+                let (d, dmin) = (yd * xd, -yd * xdmin);
+                for (acc, &lane) in self.lanes.iter_mut().zip(&ints.lanes) {
+                    *acc = d.mul_add(lane as f32, *acc);
+                }
+                for (acc, &m) in self.mins.iter_mut().zip(&ints.mins) {
+                    *acc = dmin.mul_add(m as f32, *acc);
+                }
+            }
+            KKernel::Gemv => {
+                let whole: i32 = ints.pairs.iter().sum();
+                let mins: i32 = ints.mins.iter().sum();
+                self.sum = (whole as f32).mul_add(xd * yd, self.sum);
+                self.min_sum = (mins as f32).mul_add(xdmin * yd, self.min_sum);
+            }
+            KKernel::Gemm => {
+                let (d, dmin) = (xd * yd, xdmin * yd);
+                for (&pair, &m) in ints.pairs.iter().zip(&ints.mins) {
+                    self.sum = (pair as f32).mul_add(d, self.sum);
+                    self.min_sum = (m as f32).mul_add(dmin, self.min_sum);
+                }
+            }
+            KKernel::Tiled => {
+                let whole: i32 = ints.pairs.iter().sum();
+                let mins: i32 = ints.mins.iter().sum();
+                let r = (-xdmin).mul_add(mins as f32, xd * whole as f32);
+                self.sum = r.mul_add(yd, self.sum);
+            }
+        }
+    }
+
+    /// A Q6_K block of scale `xd` against activations of scale `yd`:
+    /// `vec_dot` as for Q4_K without minimums; `tiled`: `A = fma(xd·ΣL,
+    /// yd, A)` (ΣL is the block's exact integer dot product).
+    #[inline(always)]
+    pub(super) fn add_q6_k(&mut self, ints: &BlockInts, xd: f32, yd: f32) {
+        match self.kernel {
+            KKernel::Tiled => {
+                let whole: i32 = ints.lanes.iter().sum();
+                self.sum = (xd * whole as f32).mul_add(yd, self.sum);
+            }
+            _ => {
+                let d = yd * xd;
+                for (acc, &lane) in self.lanes.iter_mut().zip(&ints.lanes) {
+                    *acc = d.mul_add(lane as f32, *acc);
+                }
+            }
+        }
+    }
+
+    /// The result: `vec_dot` sums its lanes (`hsum8`) and adds the
+    /// minimum lanes as `(m0 + m2) + (m1 + m3)` where the format has them;
+    /// `gemv` and `gemm` return `A - M`; `tiled` its sum.
+    pub(super) fn finish(&self, has_mins: bool) -> f32 {
+        match self.kernel {
+            KKernel::VecDot if has_mins => {
+                hsum8(self.lanes) + ((self.mins[0] + self.mins[2]) + (self.mins[1] + self.mins[3]))
+            }
+            KKernel::VecDot => hsum8(self.lanes),
+            KKernel::Gemv | KKernel::Gemm => self.sum - self.min_sum,
+            KKernel::Tiled => self.sum,
+        }
+    }
+}
+
+/// The integers of a Q4_K block `wb` against a Q8_K block `ab`.
+pub(super) fn q4_k_ints(wb: &[u8], ab: &[u8]) -> BlockInts {
+    let (sc, m) = k4_scales_mins(&wb[4..16]);
+    let mut ints = BlockInts::default();
+    for j in 0..4 {
+        for k in 0..8 {
+            let products = |first: usize| -> i32 {
+                (first + 4 * k..first + 4 * k + 4)
+                    .map(|e| q4_k_value(wb, e) * q8_k_value(ab, e))
+                    .sum()
+            };
+            let v = sc[2 * j] * products(64 * j) + sc[2 * j + 1] * products(64 * j + 32);
+            ints.lanes[k] += v;
+            ints.pairs[j] += v;
+        }
+    }
+    for (l, mins) in ints.mins.iter_mut().enumerate() {
+        let pair = |s: usize| m[s] * (q8_k_bsum(ab, 2 * s) + q8_k_bsum(ab, 2 * s + 1));
+        *mins = pair(2 * l) + pair(2 * l + 1);
+    }
+    ints
+}
+
+/// The integers of a Q6_K block `wb` against a Q8_K block `ab`.
+pub(super) fn q6_k_ints(wb: &[u8], ab: &[u8]) -> BlockInts {
+    let mut ints = BlockInts::default();
+    for (k, lane) in ints.lanes.iter_mut().enumerate() {
+        for c in 0..8 {
+            let scale = q6_k_scale(wb, 2 * c + k / 4);
+            let products: i32 = (32 * c + 4 * k..32 * c + 4 * k + 4)
+                .map(|e| q6_k_value(wb, e) * q8_k_value(ab, e))
+                .sum();
+            *lane += scale * products;
+        }
+        *lane -= 32
+            * (q8_k_bsum(ab, 2 * k) * q6_k_scale(wb, 2 * k)
+                + q8_k_bsum(ab, 2 * k + 1) * q6_k_scale(wb, 2 * k + 1));
+    }
+    ints
+}
+
+/// A Q4_K row times a Q8_K row with `kernel`'s rounding.
+pub(super) fn dot_q4_k_q8_k(kernel: KKernel, w: &[u8], a: &[u8]) -> f32 {
+    let mut acc = KAccumulator::new(kernel);
+    for (wb, ab) in w.chunks_exact(144).zip(a.chunks_exact(292)) {
+        acc.add_q4_k(
+            &q4_k_ints(wb, ab),
+            f16_at(wb, 0),
+            f16_at(wb, 2),
+            f32_at(ab, 0),
+        );
+    }
+    acc.finish(true)
+}
+
+/// A Q6_K row times a Q8_K row with `kernel`'s rounding.
+pub(super) fn dot_q6_k_q8_k(kernel: KKernel, w: &[u8], a: &[u8]) -> f32 {
+    let mut acc = KAccumulator::new(kernel);
+    for (wb, ab) in w.chunks_exact(210).zip(a.chunks_exact(292)) {
+        acc.add_q6_k(&q6_k_ints(wb, ab), f16_at(wb, 208), f32_at(ab, 0));
+    }
+    acc.finish(false)
 }

@@ -12,7 +12,7 @@
 
 use std::arch::x86_64::*;
 
-use super::portable::f16_at;
+use super::portable::{BlockInts, KAccumulator, KKernel, f16_at};
 
 /// How far ahead (in bytes) each weight row is prefetched: a few blocks,
 /// so that the next blocks arrive from L2/L3 while these are computed.
@@ -87,15 +87,43 @@ macro_rules! entry_points {
             }
 
             #[target_feature(enable = $features)]
-            pub(in crate::quant) fn dot_q6_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
-                let [dot, ..] = dot4_q6_k_q8_k([w; 4], a);
-                dot
+            pub(in crate::quant) fn dot4_q4_k_q8_k(
+                kernel: KKernel,
+                w: [&[u8]; 4],
+                a: &[u8],
+            ) -> [f32; 4] {
+                // SAFETY: this function has the kernel's features.
+                unsafe { super::dot4_k(kernel, w, a, 144, |acc, wb, ab| {
+                    acc.add_q4_k(&super::q4_k_ints(kernel, wb, ab), f16_ptr(wb), f16_ptr(wb.add(2)), f32_ptr(ab))
+                }, true) }
+            }
+
+            /// One Q4_K or Q6_K weight row against `out.len()` activation
+            /// rows (prefill): each weight block is unpacked once for all
+            /// of them. Output `r` takes `kernel(r)`'s rounding.
+            #[target_feature(enable = $features)]
+            pub(in crate::quant) fn k_row_against_rows(
+                q4_k: bool,
+                kernel: &dyn Fn(usize) -> KKernel,
+                w: &[u8],
+                xq: &[u8],
+                a_row_bytes: usize,
+                out: &mut [f32],
+            ) {
+                // SAFETY: this function has the kernel's features.
+                unsafe { super::k_row_against_rows(q4_k, kernel, w, xq, a_row_bytes, out) }
             }
 
             #[target_feature(enable = $features)]
-            pub(in crate::quant) fn dot4_q6_k_q8_k(w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
+            pub(in crate::quant) fn dot4_q6_k_q8_k(
+                kernel: KKernel,
+                w: [&[u8]; 4],
+                a: &[u8],
+            ) -> [f32; 4] {
                 // SAFETY: this function has the kernel's features.
-                unsafe { super::dot4_q6_k_q8_k(w, a) }
+                unsafe { super::dot4_k(kernel, w, a, 210, |acc, wb, ab| {
+                    acc.add_q6_k(&super::q6_k_ints(wb, ab), f16_ptr(wb.add(208)), f32_ptr(ab))
+                }, false) }
             }
 
             #[target_feature(enable = $features)]
@@ -382,30 +410,276 @@ unsafe fn q6_k_lanes(wb: *const u8, ab: *const u8) -> __m256i {
     }
 }
 
-/// Four Q6_K rows against one Q8_K row; each result is bit for bit
-/// `portable::dot_q6_k_q8_k`'s.
+/// The scales (low 128 bits, eight i16) and minimums (high 128 bits) of a
+/// Q4_K block's 12 packed bytes at `packed`, as ggml's AVX2 code unpacks
+/// them (the `utmp` shuffle, the same values as `get_scale_min_k4`).
 #[inline(always)]
-unsafe fn dot4_q6_k_q8_k(w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
+unsafe fn k4_scales_mins(packed: *const u8) -> __m256i {
+    // SAFETY: the caller has AVX2 and passes a pointer to 12 readable bytes.
+    unsafe {
+        const KMASK1: u32 = 0x3f3f_3f3f;
+        const KMASK2: u32 = 0x0f0f_0f0f;
+        const KMASK3: u32 = 0x0303_0303;
+        let word = |i: usize| (packed.add(4 * i) as *const u32).read_unaligned();
+        let (u0, u1, u2) = (word(0), word(1), word(2));
+        let u3 = ((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4);
+        let mins_low = u1 & KMASK1;
+        let scales_high = (u2 & KMASK2) | (((u0 >> 6) & KMASK3) << 4);
+        let scales_low = u0 & KMASK1;
+        _mm256_cvtepu8_epi16(_mm_set_epi32(
+            u3 as i32,
+            mins_low as i32,
+            scales_high as i32,
+            scales_low as i32,
+        ))
+    }
+}
+
+/// The f32 at `p` (unaligned), without a bounds check.
+#[inline(always)]
+unsafe fn f32_ptr(p: *const u8) -> f32 {
+    // SAFETY: the caller passes a pointer to four readable bytes.
+    unsafe { (p as *const f32).read_unaligned() }
+}
+
+/// The eight i32 lanes of `v`, and their exact sum.
+#[inline(always)]
+unsafe fn lanes_of(v: __m256i) -> [i32; 8] {
+    let mut lanes = [0i32; 8];
+    // SAFETY: the caller has AVX; `lanes` has room for 32 bytes.
+    unsafe { _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, v) };
+    lanes
+}
+
+/// The exact sum of the eight i32 lanes of `v`.
+#[inline(always)]
+unsafe fn hsum_i32(v: __m256i) -> i32 {
+    // SAFETY: the caller has AVX2; register-only operations.
+    unsafe {
+        let x = _mm_add_epi32(_mm256_extracti128_si256(v, 1), _mm256_castsi256_si128(v));
+        let x = _mm_add_epi32(x, _mm_unpackhi_epi64(x, x));
+        let x = _mm_add_epi32(x, _mm_shuffle_epi32::<0b01>(x));
+        _mm_cvtsi128_si32(x)
+    }
+}
+
+/// `portable::q6_k_ints` with AVX2.
+#[inline(always)]
+unsafe fn q6_k_ints(wb: *const u8, ab: *const u8) -> BlockInts {
+    // SAFETY: the caller has AVX2 and passes pointers to whole blocks.
+    unsafe {
+        BlockInts {
+            lanes: lanes_of(q6_k_lanes(wb, ab)),
+            ..BlockInts::default()
+        }
+    }
+}
+
+/// `portable::q4_k_ints` with AVX2, as `ggml_vec_dot_q4_K_q8_K` forms the
+/// integers (the per-pair sums are those of its 32-byte steps), reduced to
+/// what `kernel` reads: the lanes for `vec_dot`, the pairs for `gemm`, and
+/// for `gemv` and `tiled`, which read only the pairs' total, that total in
+/// the first pair.
+#[inline(always)]
+unsafe fn q4_k_ints(kernel: KKernel, wb: *const u8, ab: *const u8) -> BlockInts {
+    // SAFETY: the caller has AVX2 and passes pointers to a 144-byte Q4_K
+    // block and a 292-byte Q8_K block; every load stays inside them.
+    unsafe {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let scales_mins = k4_scales_mins(wb.add(4));
+        let bsums = _mm256_loadu_si256(ab.add(260) as *const __m256i);
+        let pair_sums = _mm_hadd_epi16(
+            _mm256_extracti128_si256(bsums, 0),
+            _mm256_extracti128_si256(bsums, 1),
+        );
+        let prod = _mm_madd_epi16(_mm256_extracti128_si256(scales_mins, 1), pair_sums);
+        let mut mins = [0i32; 4];
+        _mm_storeu_si128(mins.as_mut_ptr() as *mut __m128i, prod);
+        let scales128 = _mm256_extracti128_si256(scales_mins, 0);
+        let scales = _mm256_set_m128i(scales128, scales128);
+        // Scale `k` in all sixteen i16 lanes (ggml's `get_scale_shuffle_k4`).
+        let scale = |k: usize| {
+            let pick = (((2 * k + 1) << 8) | (2 * k)) as i16;
+            _mm256_shuffle_epi8(scales, _mm256_set1_epi16(pick))
+        };
+        let mut sumi = _mm256_setzero_si256();
+        let mut pairs = [0i32; 4];
+        let per_pair = kernel == KKernel::Gemm;
+        for (j, pair) in pairs.iter_mut().enumerate() {
+            let bits = _mm256_loadu_si256(wb.add(16 + 32 * j) as *const __m256i);
+            let low = _mm256_and_si256(bits, m4);
+            let high = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
+            let y_low = _mm256_loadu_si256(ab.add(4 + 64 * j) as *const __m256i);
+            let y_high = _mm256_loadu_si256(ab.add(36 + 64 * j) as *const __m256i);
+            let p_low = _mm256_madd_epi16(scale(2 * j), _mm256_maddubs_epi16(low, y_low));
+            let p_high = _mm256_madd_epi16(scale(2 * j + 1), _mm256_maddubs_epi16(high, y_high));
+            let step = _mm256_add_epi32(p_low, p_high);
+            if per_pair {
+                *pair = hsum_i32(step);
+            }
+            sumi = _mm256_add_epi32(sumi, step);
+        }
+        match kernel {
+            KKernel::VecDot => BlockInts {
+                lanes: lanes_of(sumi),
+                pairs,
+                mins,
+            },
+            KKernel::Gemm => BlockInts {
+                pairs,
+                mins,
+                ..BlockInts::default()
+            },
+            KKernel::Gemv | KKernel::Tiled => BlockInts {
+                pairs: [hsum_i32(sumi), 0, 0, 0],
+                mins,
+                ..BlockInts::default()
+            },
+        }
+    }
+}
+
+/// Four K-quant rows (blocks of `block` bytes) against one Q8_K row, each
+/// with `kernel`'s rounding: `add` folds one block's integers into a row's
+/// accumulator (the same float steps as the portable definition, so the
+/// results are its bits).
+#[inline(always)]
+unsafe fn dot4_k(
+    kernel: KKernel,
+    w: [&[u8]; 4],
+    a: &[u8],
+    block: usize,
+    add: impl Fn(&mut KAccumulator, *const u8, *const u8),
+    has_mins: bool,
+) -> [f32; 4] {
     let blocks = a.len() / 292;
     assert!(
-        w.iter().all(|w| w.len() == blocks * 210),
+        w.iter().all(|w| w.len() == blocks * block),
         "rows and activations differ in length"
     );
-    // SAFETY: the caller has AVX2 and FMA; each row has `blocks` blocks of
-    // 210 bytes (asserted above) and `a` has `blocks` of 292.
+    // SAFETY: each row has `blocks` blocks of `block` bytes (asserted
+    // above) and `a` has `blocks` of 292; `add` reads inside them.
     unsafe {
-        let mut acc = [_mm256_setzero_ps(); 4];
-        for b in 0..blocks {
-            let ab = a.as_ptr().add(b * 292);
-            let dy = (ab as *const f32).read_unaligned();
-            for r in 0..4 {
-                let wb = w[r].as_ptr().add(b * 210);
+        w.map(|row| {
+            let mut acc = KAccumulator::new(kernel);
+            for b in 0..blocks {
+                let wb = row.as_ptr().add(b * block);
                 _mm_prefetch::<_MM_HINT_T0>(wb.wrapping_add(PREFETCH_BYTES) as *const i8);
-                let d = _mm256_set1_ps(dy * f16_ptr(wb.add(208)));
-                let lanes = _mm256_cvtepi32_ps(q6_k_lanes(wb, ab));
-                acc[r] = _mm256_fmadd_ps(d, lanes, acc[r]);
+                add(&mut acc, wb, a.as_ptr().add(b * 292));
+            }
+            acc.finish(has_mins)
+        })
+    }
+}
+
+/// See the entry point of the same name.
+#[inline(always)]
+unsafe fn k_row_against_rows(
+    q4_k: bool,
+    kernel: &dyn Fn(usize) -> KKernel,
+    w: &[u8],
+    xq: &[u8],
+    a_row_bytes: usize,
+    out: &mut [f32],
+) {
+    let m = out.len();
+    let block = if q4_k { 144 } else { 210 };
+    let blocks = a_row_bytes / 292;
+    assert!(
+        w.len() == blocks * block && xq.len() >= m * a_row_bytes,
+        "rows and activations differ in length"
+    );
+    let mut accs: Vec<KAccumulator> = (0..m).map(|r| KAccumulator::new(kernel(r))).collect();
+    // SAFETY: the caller has AVX2 and FMA; the weight row has `blocks`
+    // blocks (asserted above), each activation row `blocks` Q8_K blocks.
+    unsafe {
+        let m4 = _mm256_set1_epi8(0x0F);
+        for b in 0..blocks {
+            let wb = w.as_ptr().add(b * block);
+            if q4_k {
+                let (xd, xdmin) = (f16_ptr(wb), f16_ptr(wb.add(2)));
+                let scales_mins = k4_scales_mins(wb.add(4));
+                let mins16 = _mm256_extracti128_si256(scales_mins, 1);
+                let scales128 = _mm256_extracti128_si256(scales_mins, 0);
+                let scales = _mm256_set_m128i(scales128, scales128);
+                let scale: [__m256i; 8] = std::array::from_fn(|k| {
+                    let pick = (((2 * k + 1) << 8) | (2 * k)) as i16;
+                    _mm256_shuffle_epi8(scales, _mm256_set1_epi16(pick))
+                });
+                let nibbles: [__m256i; 8] = std::array::from_fn(|i| {
+                    let bits = _mm256_loadu_si256(wb.add(16 + 32 * (i / 2)) as *const __m256i);
+                    if i % 2 == 0 {
+                        _mm256_and_si256(bits, m4)
+                    } else {
+                        _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4)
+                    }
+                });
+                for (r, acc) in accs.iter_mut().enumerate() {
+                    let ab = xq.as_ptr().add(r * a_row_bytes + b * 292);
+                    let bsums = _mm256_loadu_si256(ab.add(260) as *const __m256i);
+                    let pair_sums = _mm_hadd_epi16(
+                        _mm256_extracti128_si256(bsums, 0),
+                        _mm256_extracti128_si256(bsums, 1),
+                    );
+                    let mut mins = [0i32; 4];
+                    _mm_storeu_si128(
+                        mins.as_mut_ptr() as *mut __m128i,
+                        _mm_madd_epi16(mins16, pair_sums),
+                    );
+                    let kernel = acc.kernel();
+                    let mut sumi = _mm256_setzero_si256();
+                    let mut pairs = [0i32; 4];
+                    for (j, pair) in pairs.iter_mut().enumerate() {
+                        let y_low = _mm256_loadu_si256(ab.add(4 + 64 * j) as *const __m256i);
+                        let y_high = _mm256_loadu_si256(ab.add(36 + 64 * j) as *const __m256i);
+                        let step = _mm256_add_epi32(
+                            _mm256_madd_epi16(
+                                scale[2 * j],
+                                _mm256_maddubs_epi16(nibbles[2 * j], y_low),
+                            ),
+                            _mm256_madd_epi16(
+                                scale[2 * j + 1],
+                                _mm256_maddubs_epi16(nibbles[2 * j + 1], y_high),
+                            ),
+                        );
+                        if kernel == KKernel::Gemm {
+                            *pair = hsum_i32(step);
+                        }
+                        sumi = _mm256_add_epi32(sumi, step);
+                    }
+                    let ints = match kernel {
+                        KKernel::VecDot => BlockInts {
+                            lanes: lanes_of(sumi),
+                            pairs,
+                            mins,
+                        },
+                        KKernel::Gemm => BlockInts {
+                            pairs,
+                            mins,
+                            ..BlockInts::default()
+                        },
+                        KKernel::Gemv | KKernel::Tiled => BlockInts {
+                            pairs: [hsum_i32(sumi), 0, 0, 0],
+                            mins,
+                            ..BlockInts::default()
+                        },
+                    };
+                    acc.add_q4_k(&ints, xd, xdmin, f32_ptr(ab));
+                }
+            } else {
+                let xd = f16_ptr(wb.add(208));
+                for (r, acc) in accs.iter_mut().enumerate() {
+                    let ab = xq.as_ptr().add(r * a_row_bytes + b * 292);
+                    let ints = BlockInts {
+                        lanes: lanes_of(q6_k_lanes(wb, ab)),
+                        ..BlockInts::default()
+                    };
+                    acc.add_q6_k(&ints, xd, f32_ptr(ab));
+                }
             }
         }
-        acc.map(|acc| hsum8(acc))
+    }
+    for (out, acc) in out.iter_mut().zip(&accs) {
+        *out = acc.finish(q4_k);
     }
 }
