@@ -20,6 +20,12 @@
 //! versions of ggml, tested to give bit-identical results; `simd` picks
 //! one at run time (see `crate::simd` for the convention).
 //!
+//! The K-quants (Q4_K, Q6_K) multiply with Q8_K activations (`d: f32`,
+//! 256 values, sums of each 16) and keep every integer exact; llama.cpp's
+//! x86 build turns those integers into floats in four different ways
+//! depending on the matrix and the batch (see `portable::KKernel`), and so
+//! does ringlet, output by output.
+//!
 //! Block layouts (little endian, 32 values per block):
 //! - Q4_0: `d: f16, qs: [u8; 16]` — value `i` is nibble `i` (low nibbles
 //!   first, then high), minus 8, times `d`;
