@@ -364,28 +364,24 @@ unsafe fn dot4_q4_1_q8_1<L: Lanes>(w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
     }
 }
 
-/// The eight integer lanes of one Q6_K super-block (at `wb`, 210 bytes)
-/// against one Q8_K block (at `ab`, 292 bytes), as
-/// `ggml_vec_dot_q6_K_q8_K`'s AVX2 code forms them (see
-/// `portable::dot_q6_k_q8_k` for what each lane holds).
+/// A Q6_K super-block unpacked for its products: the 256 unsigned
+/// values as eight 32-byte chunks, each chunk's two scales widened to
+/// i16 lanes, and all sixteen scales as i16 (for the `- 32` correction).
+struct Q6kBlock {
+    values: [__m256i; 8],
+    scales: [__m256i; 8],
+    scales_16: __m256i,
+}
+
+/// Unpacks the Q6_K block at `wb` (210 bytes) as ggml's AVX2 code does.
 #[inline(always)]
-unsafe fn q6_k_lanes(wb: *const u8, ab: *const u8) -> __m256i {
-    // SAFETY: the caller has AVX2 and passes pointers to whole blocks;
-    // every load below stays inside them.
+unsafe fn q6_k_unpack(wb: *const u8) -> Q6kBlock {
+    // SAFETY: the caller has AVX2 and passes a pointer to a whole block.
     unsafe {
         let m15 = _mm256_set1_epi8(15);
         let m3 = _mm256_set1_epi8(3);
         let scales = wb.add(192) as *const i8;
-        let scale_pair = |i: usize| {
-            _mm256_set_m128i(
-                _mm_set1_epi16(i16::from(*scales.add(2 * i + 1))),
-                _mm_set1_epi16(i16::from(*scales.add(2 * i))),
-            )
-        };
-        let bsums = _mm256_loadu_si256(ab.add(260) as *const __m256i);
-        let scales_16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(scales as *const __m128i));
-        let offset = _mm256_slli_epi32(_mm256_madd_epi16(bsums, scales_16), 5);
-        let mut sumi = _mm256_setzero_si256();
+        let mut values = [_mm256_setzero_si256(); 8];
         for j in 0..2 {
             let bits1 = _mm256_loadu_si256(wb.add(64 * j) as *const __m256i);
             let bits2 = _mm256_loadu_si256(wb.add(64 * j + 32) as *const __m256i);
@@ -394,20 +390,50 @@ unsafe fn q6_k_lanes(wb: *const u8, ab: *const u8) -> __m256i {
             let h1 = _mm256_slli_epi16(_mm256_and_si256(high, _mm256_set1_epi8(12)), 2);
             let h2 = _mm256_and_si256(high, _mm256_set1_epi8(48));
             let h3 = _mm256_srli_epi16(_mm256_and_si256(high, _mm256_set1_epi8(-64)), 2);
-            let q = [
-                _mm256_or_si256(_mm256_and_si256(bits1, m15), h0),
-                _mm256_or_si256(_mm256_and_si256(bits2, m15), h1),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits1, 4), m15), h2),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits2, 4), m15), h3),
-            ];
-            for (r, q) in q.into_iter().enumerate() {
-                let y = _mm256_loadu_si256(ab.add(4 + 128 * j + 32 * r) as *const __m256i);
-                let p16 = _mm256_maddubs_epi16(q, y);
-                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(scale_pair(4 * j + r), p16));
-            }
+            values[4 * j] = _mm256_or_si256(_mm256_and_si256(bits1, m15), h0);
+            values[4 * j + 1] = _mm256_or_si256(_mm256_and_si256(bits2, m15), h1);
+            values[4 * j + 2] =
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits1, 4), m15), h2);
+            values[4 * j + 3] =
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits2, 4), m15), h3);
+        }
+        Q6kBlock {
+            values,
+            scales: std::array::from_fn(|c| {
+                _mm256_set_m128i(
+                    _mm_set1_epi16(i16::from(*scales.add(2 * c + 1))),
+                    _mm_set1_epi16(i16::from(*scales.add(2 * c))),
+                )
+            }),
+            scales_16: _mm256_cvtepi8_epi16(_mm_loadu_si128(scales as *const __m128i)),
+        }
+    }
+}
+
+/// The eight integer lanes of an unpacked Q6_K block against one Q8_K
+/// block (at `ab`, 292 bytes), as `ggml_vec_dot_q6_K_q8_K`'s AVX2 code
+/// forms them (see `portable::q6_k_ints` for what each lane holds).
+#[inline(always)]
+unsafe fn q6_k_block_lanes(block: &Q6kBlock, ab: *const u8) -> __m256i {
+    // SAFETY: the caller has AVX2 and passes a pointer to a whole block.
+    unsafe {
+        let bsums = _mm256_loadu_si256(ab.add(260) as *const __m256i);
+        let offset = _mm256_slli_epi32(_mm256_madd_epi16(bsums, block.scales_16), 5);
+        let mut sumi = _mm256_setzero_si256();
+        for c in 0..8 {
+            let y = _mm256_loadu_si256(ab.add(4 + 32 * c) as *const __m256i);
+            let p16 = _mm256_maddubs_epi16(block.values[c], y);
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(block.scales[c], p16));
         }
         _mm256_sub_epi32(sumi, offset)
     }
+}
+
+/// The lanes of the Q6_K block at `wb` against the Q8_K block at `ab`.
+#[inline(always)]
+unsafe fn q6_k_lanes(wb: *const u8, ab: *const u8) -> __m256i {
+    // SAFETY: the caller has AVX2 and passes pointers to whole blocks.
+    unsafe { q6_k_block_lanes(&q6_k_unpack(wb), ab) }
 }
 
 /// The scales (low 128 bits, eight i16) and minimums (high 128 bits) of a
@@ -460,6 +486,19 @@ unsafe fn hsum_i32(v: __m256i) -> i32 {
         let x = _mm_add_epi32(x, _mm_unpackhi_epi64(x, x));
         let x = _mm_add_epi32(x, _mm_shuffle_epi32::<0b01>(x));
         _mm_cvtsi128_si32(x)
+    }
+}
+
+/// The exact sums of the eight i32 lanes of each of four vectors.
+#[inline(always)]
+unsafe fn hsum4_i32(v: [__m256i; 4]) -> [i32; 4] {
+    // SAFETY: the caller has AVX2; `sums` has room for 16 bytes.
+    unsafe {
+        let t = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+        let x = _mm_add_epi32(_mm256_extracti128_si256(t, 1), _mm256_castsi256_si128(t));
+        let mut sums = [0i32; 4];
+        _mm_storeu_si128(sums.as_mut_ptr() as *mut __m128i, x);
+        sums
     }
 }
 
@@ -627,12 +666,10 @@ unsafe fn k_row_against_rows(
                         _mm_madd_epi16(mins16, pair_sums),
                     );
                     let kernel = acc.kernel();
-                    let mut sumi = _mm256_setzero_si256();
-                    let mut pairs = [0i32; 4];
-                    for (j, pair) in pairs.iter_mut().enumerate() {
+                    let steps: [__m256i; 4] = std::array::from_fn(|j| {
                         let y_low = _mm256_loadu_si256(ab.add(4 + 64 * j) as *const __m256i);
                         let y_high = _mm256_loadu_si256(ab.add(36 + 64 * j) as *const __m256i);
-                        let step = _mm256_add_epi32(
+                        _mm256_add_epi32(
                             _mm256_madd_epi16(
                                 scale[2 * j],
                                 _mm256_maddubs_epi16(nibbles[2 * j], y_low),
@@ -641,37 +678,43 @@ unsafe fn k_row_against_rows(
                                 scale[2 * j + 1],
                                 _mm256_maddubs_epi16(nibbles[2 * j + 1], y_high),
                             ),
-                        );
-                        if kernel == KKernel::Gemm {
-                            *pair = hsum_i32(step);
-                        }
-                        sumi = _mm256_add_epi32(sumi, step);
-                    }
+                        )
+                    });
                     let ints = match kernel {
-                        KKernel::VecDot => BlockInts {
-                            lanes: lanes_of(sumi),
-                            pairs,
-                            mins,
-                        },
                         KKernel::Gemm => BlockInts {
-                            pairs,
+                            pairs: hsum4_i32(steps),
                             mins,
                             ..BlockInts::default()
                         },
-                        KKernel::Gemv | KKernel::Tiled => BlockInts {
-                            pairs: [hsum_i32(sumi), 0, 0, 0],
-                            mins,
-                            ..BlockInts::default()
-                        },
+                        _ => {
+                            let sumi = _mm256_add_epi32(
+                                _mm256_add_epi32(steps[0], steps[1]),
+                                _mm256_add_epi32(steps[2], steps[3]),
+                            );
+                            if kernel == KKernel::VecDot {
+                                BlockInts {
+                                    lanes: lanes_of(sumi),
+                                    mins,
+                                    ..BlockInts::default()
+                                }
+                            } else {
+                                BlockInts {
+                                    pairs: [hsum_i32(sumi), 0, 0, 0],
+                                    mins,
+                                    ..BlockInts::default()
+                                }
+                            }
+                        }
                     };
                     acc.add_q4_k(&ints, xd, xdmin, f32_ptr(ab));
                 }
             } else {
                 let xd = f16_ptr(wb.add(208));
+                let unpacked = q6_k_unpack(wb);
                 for (r, acc) in accs.iter_mut().enumerate() {
                     let ab = xq.as_ptr().add(r * a_row_bytes + b * 292);
                     let ints = BlockInts {
-                        lanes: lanes_of(q6_k_lanes(wb, ab)),
+                        lanes: lanes_of(q6_k_block_lanes(&unpacked, ab)),
                         ..BlockInts::default()
                     };
                     acc.add_q6_k(&ints, xd, f32_ptr(ab));
