@@ -111,6 +111,46 @@ async fn one_two_and_three_nodes_give_llama_cpp_s_output_streaming_or_not() {
     }
 }
 
+/// Another family and the K-quant mix people download: Gemma 3 270M
+/// Q4_K_M (sliding-window and global layers, its own tokenizer and chat
+/// turns) answers the same on one node and on a ring of two. (Three equal
+/// nodes get a two-stage plan from the built-in policy: the 170 MiB tied
+/// embedding that the first stage holds is more than a third of the
+/// model's bytes.)
+#[tokio::test]
+async fn gemma3_answers_the_same_on_one_and_two_nodes() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let path = std::env::var("RINGLET_TEST_GEMMA_MODEL")
+        .expect("set RINGLET_TEST_GEMMA_MODEL (tests/run does)");
+    let body = json!({
+        "model": "gemma-3-270m-q4_k_m",
+        "messages": [{"role": "user", "content": "Name the planets of the solar system."}],
+        "temperature": 0,
+        "max_tokens": 24,
+    })
+    .to_string();
+    let mut answers = Vec::new();
+    for n in 1..=2 {
+        let nodes = Node::start_cluster(n, &["--model", &path]);
+        let reply = request(
+            nodes[n - 1].addr,
+            "POST",
+            "/v1/chat/completions",
+            Some(&body),
+        )
+        .await;
+        assert_eq!(reply.status, 200, "{n} nodes: {}", reply.body);
+        let json = reply.json();
+        assert_eq!(json["usage"]["completion_tokens"], 24, "{n} nodes: {json}");
+        answers.push(json["choices"][0]["message"]["content"].clone());
+    }
+    assert!(
+        answers[0].as_str().is_some_and(|a| !a.is_empty()),
+        "{answers:?}"
+    );
+    assert_eq!(answers[0], answers[1], "one node and two");
+}
+
 #[tokio::test]
 async fn small_nodes_pool_memory_and_hold_only_their_layers() {
     let _turn = ONE_AT_A_TIME.lock().await;

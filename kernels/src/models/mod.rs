@@ -45,3 +45,22 @@ pub(crate) fn for_metadata(
     let config = family.config(metadata, architecture)?;
     Ok((family, config))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unknown_architecture_is_refused_by_name_with_the_supported_ones() {
+        let metadata = HashMap::from([(
+            "general.architecture".to_string(),
+            Value::String("phi3".to_string()),
+        )]);
+        let error = for_metadata(&metadata).expect_err("phi3 is not supported");
+        let message = error.to_string();
+        assert!(message.contains("`phi3` is not supported"), "{message}");
+        for name in ["llama", "mistral", "qwen2", "qwen3", "gemma3"] {
+            assert!(message.contains(name), "{message} lists {name}");
+        }
+    }
+}
