@@ -1,7 +1,7 @@
 //! Every weight format Candle reads loads and runs: a small llama model with
 //! random weights is written in each format, loaded whole and split in two,
-//! and both give the same finite logits, bit for bit. Q4_0, Q4_1 and Q8_0
-//! run on ringlet's own kernels, the rest on Candle's.
+//! and both give the same finite logits, bit for bit. Q4_0, Q4_1, Q5_0,
+//! Q8_0, Q4_K, Q5_K and Q6_K run on ringlet's own kernels, the rest on Candle's.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // test code: a failed expectation is the report
 

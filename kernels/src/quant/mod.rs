@@ -20,7 +20,7 @@
 //! versions of ggml, tested to give bit-identical results; `simd` picks
 //! one at run time (see `crate::simd` for the convention).
 //!
-//! The K-quants (Q4_K, Q6_K) multiply with Q8_K activations (`d: f32`,
+//! The K-quants (Q4_K, Q5_K, Q6_K) multiply with Q8_K activations (`d: f32`,
 //! 256 values, sums of each 16) and keep every integer exact; llama.cpp's
 //! x86 build turns those integers into floats in four different ways
 //! depending on the matrix and the batch (see `portable::KKernel`), and so
@@ -58,6 +58,7 @@ pub enum BlockFormat {
     Q5_0,
     Q8_0,
     Q4K,
+    Q5K,
     Q6K,
 }
 
@@ -69,6 +70,7 @@ impl BlockFormat {
             GgmlDType::Q5_0 => Some(Self::Q5_0),
             GgmlDType::Q8_0 => Some(Self::Q8_0),
             GgmlDType::Q4K => Some(Self::Q4K),
+            GgmlDType::Q5K => Some(Self::Q5K),
             GgmlDType::Q6K => Some(Self::Q6K),
             _ => None,
         }
@@ -78,7 +80,7 @@ impl BlockFormat {
     pub const fn block_values(self) -> usize {
         match self {
             Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q8_0 => BLOCK_VALUES,
-            Self::Q4K | Self::Q6K => K_BLOCK_VALUES,
+            Self::Q4K | Self::Q5K | Self::Q6K => K_BLOCK_VALUES,
         }
     }
 
@@ -90,6 +92,7 @@ impl BlockFormat {
             Self::Q5_0 => 22,
             Self::Q8_0 => 34,
             Self::Q4K => 144,
+            Self::Q5K => 176,
             Self::Q6K => 210,
         }
     }
@@ -105,7 +108,7 @@ impl BlockFormat {
         match self {
             Self::Q4_0 | Self::Q5_0 | Self::Q8_0 => Activation::Q8_0,
             Self::Q4_1 => Activation::Q8_1,
-            Self::Q4K | Self::Q6K => Activation::Q8K,
+            Self::Q4K | Self::Q5K | Self::Q6K => Activation::Q8K,
         }
     }
 }
@@ -322,7 +325,7 @@ impl QuantMatrix {
                     KKernel::Gemv
                 }
             }
-            BlockFormat::Q4K | BlockFormat::Q6K if m >= 8 => KKernel::Tiled,
+            BlockFormat::Q4K | BlockFormat::Q5K | BlockFormat::Q6K if m >= 8 => KKernel::Tiled,
             _ => KKernel::VecDot,
         }
     }
@@ -334,6 +337,7 @@ impl QuantMatrix {
             BlockFormat::Q5_0 => simd::dot4_q5_0_q8_0(w, a),
             BlockFormat::Q8_0 => simd::dot4_q8_0_q8_0(w, a),
             BlockFormat::Q4K => simd::dot4_q4_k_q8_k(kernel, w, a),
+            BlockFormat::Q5K => simd::dot4_q5_k_q8_k(kernel, w, a),
             BlockFormat::Q6K => simd::dot4_q6_k_q8_k(kernel, w, a),
         }
     }
@@ -345,6 +349,7 @@ impl QuantMatrix {
             BlockFormat::Q5_0 => simd::dot_q5_0_q8_0(w, a),
             BlockFormat::Q8_0 => simd::dot_q8_0_q8_0(w, a),
             BlockFormat::Q4K => simd::dot4_q4_k_q8_k(kernel, [w; 4], a)[0],
+            BlockFormat::Q5K => simd::dot4_q5_k_q8_k(kernel, [w; 4], a)[0],
             BlockFormat::Q6K => simd::dot4_q6_k_q8_k(kernel, [w; 4], a)[0],
         }
     }
@@ -367,6 +372,7 @@ impl QuantMatrix {
 fn dequantize_block(format: BlockFormat, block: &[u8], out: &mut Vec<f32>) {
     match format {
         BlockFormat::Q4K => return portable::dequantize_q4_k(block, out),
+        BlockFormat::Q5K => return portable::dequantize_q5_k(block, out),
         BlockFormat::Q6K => return portable::dequantize_q6_k(block, out),
         _ => {}
     }
@@ -383,7 +389,7 @@ fn dequantize_block(format: BlockFormat, block: &[u8], out: &mut Vec<f32>) {
             out.extend((0..BLOCK_VALUES).map(|i| portable::q5_0_value(block, i) as f32 * d))
         }
         BlockFormat::Q8_0 => out.extend(block[2..34].iter().map(|&q| q as i8 as f32 * d)),
-        BlockFormat::Q4K | BlockFormat::Q6K => {}
+        BlockFormat::Q4K | BlockFormat::Q5K | BlockFormat::Q6K => {}
     }
 }
 
@@ -581,6 +587,15 @@ mod simd {
         )
     }
 
+    /// Four Q5_K rows against one Q8_K row, each rounded as `kernel`.
+    pub(super) fn dot4_q5_k_q8_k(kernel: KKernel, w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
+        fast_path!(
+            avx512_vnni => vnni::dot4_q5_k_q8_k(kernel, w, a),
+            avx2_fma => avx2::dot4_q5_k_q8_k(kernel, w, a);
+            w.map(|w| portable::dot_q5_k_q8_k(kernel, w, a))
+        )
+    }
+
     /// Four Q6_K rows against one Q8_K row, each rounded as `kernel`.
     pub(super) fn dot4_q6_k_q8_k(kernel: KKernel, w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
         fast_path!(
@@ -618,7 +633,8 @@ mod tests {
     }
 
     /// Every format with a fast kernel.
-    const FORMATS: [BlockFormat; 6] = [
+    const FORMATS: [BlockFormat; 7] = [
+        BlockFormat::Q5K,
         BlockFormat::Q4_0,
         BlockFormat::Q4_1,
         BlockFormat::Q5_0,
@@ -636,7 +652,7 @@ mod tests {
                 KKernel::Gemm,
                 KKernel::Tiled,
             ],
-            BlockFormat::Q6K => &[KKernel::VecDot, KKernel::Tiled],
+            BlockFormat::Q5K | BlockFormat::Q6K => &[KKernel::VecDot, KKernel::Tiled],
             _ => &[KKernel::VecDot],
         }
     }
@@ -649,6 +665,7 @@ mod tests {
             BlockFormat::Q5_0 => portable::dot_q5_0_q8_0(w, a),
             BlockFormat::Q8_0 => portable::dot_q8_0_q8_0(w, a),
             BlockFormat::Q4K => portable::dot_q4_k_q8_k(kernel, w, a),
+            BlockFormat::Q5K => portable::dot_q5_k_q8_k(kernel, w, a),
             BlockFormat::Q6K => portable::dot_q6_k_q8_k(kernel, w, a),
         }
     }
@@ -685,7 +702,10 @@ mod tests {
             let d = f16::from_f32((next() % 1000) as f32 / 5000.0 + 1e-3).to_le_bytes();
             let d_at = if format == BlockFormat::Q6K { 208 } else { 0 };
             w[start + d_at..start + d_at + 2].copy_from_slice(&d);
-            if matches!(format, BlockFormat::Q4_1 | BlockFormat::Q4K) {
+            if matches!(
+                format,
+                BlockFormat::Q4_1 | BlockFormat::Q4K | BlockFormat::Q5K
+            ) {
                 let m = f16::from_f32(-((next() % 100) as f32) / 50.0).to_le_bytes();
                 w[start + 2..start + 4].copy_from_slice(&m);
             }
@@ -746,6 +766,7 @@ mod tests {
         for (format, rows) in [
             (BlockFormat::Q4K, 8usize),
             (BlockFormat::Q4K, 12),
+            (BlockFormat::Q5K, 8),
             (BlockFormat::Q6K, 8),
         ] {
             let (w, _) = random_blocks(format, rows * 2, 17); // rows of 2 blocks
@@ -800,7 +821,7 @@ mod tests {
     /// dequantized weights and activations, to float rounding.
     #[test]
     fn k_quant_dot_products_mean_the_dequantized_dot_products() {
-        for format in [BlockFormat::Q4K, BlockFormat::Q6K] {
+        for format in [BlockFormat::Q4K, BlockFormat::Q5K, BlockFormat::Q6K] {
             let (w, a) = random_blocks(format, 3, 42);
             let weights = matrix(format, &w).dequantize_rows(&[0]);
             let activations: Vec<f32> = a

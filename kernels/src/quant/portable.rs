@@ -156,6 +156,26 @@ pub(super) fn q4_k_value(block: &[u8], e: usize) -> i32 {
     i32::from(if e % 64 < 32 { byte & 0x0F } else { byte >> 4 })
 }
 
+/// Value `e` (0..256) of a Q5_K block (`d, dmin: f16, scales: [u8; 12],
+/// qh: [u8; 32], qs: [u8; 128]`), 0..32: the Q4_K nibble plus bit `e / 32`
+/// of `qh[e % 32]` as its fifth bit.
+pub(super) fn q5_k_value(block: &[u8], e: usize) -> i32 {
+    let byte = block[48 + 32 * (e / 64) + e % 32];
+    let low = if e % 64 < 32 { byte & 0x0F } else { byte >> 4 };
+    let high = (block[16 + e % 32] >> (e / 32)) & 1;
+    i32::from(low) + 16 * i32::from(high)
+}
+
+/// `dequantize_row_q5_K`: `(d·sc)·q - (dmin·m)` per value, unfused.
+pub(super) fn dequantize_q5_k(block: &[u8], out: &mut Vec<f32>) {
+    let (d, dmin) = (f16_at(block, 0), f16_at(block, 2));
+    let (sc, m) = k4_scales_mins(&block[4..16]);
+    out.extend((0..256).map(|e| {
+        let g = e / 32;
+        (d * sc[g] as f32) * q5_k_value(block, e) as f32 - dmin * m[g] as f32
+    }));
+}
+
 /// `dequantize_row_q4_K`: `(d·sc)·q - (dmin·m)` per value, unfused.
 pub(super) fn dequantize_q4_k(block: &[u8], out: &mut Vec<f32>) {
     let (d, dmin) = (f16_at(block, 0), f16_at(block, 2));
@@ -262,6 +282,23 @@ impl KAccumulator {
         }
     }
 
+    /// A Q5_K block: `vec_dot` as Q4_K's lanes, but its minimums summed
+    /// to one integer and folded into one scalar, `s = fma(-yd·xdmin, Σm,
+    /// s)` (GCC contracts ggml's `summs += dmin * sum`); `tiled` as Q4_K.
+    #[inline(always)]
+    pub(super) fn add_q5_k(&mut self, ints: &BlockInts, xd: f32, xdmin: f32, yd: f32) {
+        if self.kernel == KKernel::VecDot {
+            let (d, dmin) = (yd * xd, -yd * xdmin);
+            for (acc, &lane) in self.lanes.iter_mut().zip(&ints.lanes) {
+                *acc = d.mul_add(lane as f32, *acc);
+            }
+            let mins: i32 = ints.mins.iter().sum();
+            self.min_sum = dmin.mul_add(mins as f32, self.min_sum);
+        } else {
+            self.add_q4_k(ints, xd, xdmin, yd);
+        }
+    }
+
     /// A Q6_K block of scale `xd` against activations of scale `yd`:
     /// `vec_dot` as for Q4_K without minimums; `tiled`: `A = fma(xd·ΣL,
     /// yd, A)` (ΣL is the block's exact integer dot product).
@@ -282,18 +319,31 @@ impl KAccumulator {
     }
 
     /// The result: `vec_dot` sums its lanes (`hsum8`) and adds the
-    /// minimum lanes as `(m0 + m2) + (m1 + m3)` where the format has them;
-    /// `gemv` and `gemm` return `A - M`; `tiled` its sum.
-    pub(super) fn finish(&self, has_mins: bool) -> f32 {
-        match self.kernel {
-            KKernel::VecDot if has_mins => {
+    /// minimums as the format keeps them (Q4_K's four lanes as `(m0 + m2)
+    /// + (m1 + m3)`, Q5_K's one scalar); `gemv` and `gemm` return `A - M`;
+    /// `tiled` its sum.
+    pub(super) fn finish(&self, mins: Mins) -> f32 {
+        match (self.kernel, mins) {
+            (KKernel::VecDot, Mins::Lanes) => {
                 hsum8(self.lanes) + ((self.mins[0] + self.mins[2]) + (self.mins[1] + self.mins[3]))
             }
-            KKernel::VecDot => hsum8(self.lanes),
-            KKernel::Gemv | KKernel::Gemm => self.sum - self.min_sum,
-            KKernel::Tiled => self.sum,
+            (KKernel::VecDot, Mins::Scalar) => hsum8(self.lanes) + self.min_sum,
+            (KKernel::VecDot, Mins::None) => hsum8(self.lanes),
+            (KKernel::Gemv | KKernel::Gemm, _) => self.sum - self.min_sum,
+            (KKernel::Tiled, _) => self.sum,
         }
     }
+}
+
+/// How a K-quant format's `vec_dot` keeps its minimums.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Mins {
+    /// Q6_K has none.
+    None,
+    /// Q4_K: four lanes.
+    Lanes,
+    /// Q5_K: one scalar.
+    Scalar,
 }
 
 /// The integers of a Q4_K block `wb` against a Q8_K block `ab`.
@@ -317,6 +367,44 @@ pub(super) fn q4_k_ints(wb: &[u8], ab: &[u8]) -> BlockInts {
         *mins = pair(2 * l) + pair(2 * l + 1);
     }
     ints
+}
+
+/// The integers of a Q5_K block `wb` against a Q8_K block `ab` (Q4_K's,
+/// with five-bit values).
+pub(super) fn q5_k_ints(wb: &[u8], ab: &[u8]) -> BlockInts {
+    let (sc, m) = k4_scales_mins(&wb[4..16]);
+    let mut ints = BlockInts::default();
+    for j in 0..4 {
+        for k in 0..8 {
+            let products = |first: usize| -> i32 {
+                (first + 4 * k..first + 4 * k + 4)
+                    .map(|e| q5_k_value(wb, e) * q8_k_value(ab, e))
+                    .sum()
+            };
+            let v = sc[2 * j] * products(64 * j) + sc[2 * j + 1] * products(64 * j + 32);
+            ints.lanes[k] += v;
+            ints.pairs[j] += v;
+        }
+    }
+    for (l, mins) in ints.mins.iter_mut().enumerate() {
+        let pair = |s: usize| m[s] * (q8_k_bsum(ab, 2 * s) + q8_k_bsum(ab, 2 * s + 1));
+        *mins = pair(2 * l) + pair(2 * l + 1);
+    }
+    ints
+}
+
+/// A Q5_K row times a Q8_K row with `kernel`'s rounding.
+pub(super) fn dot_q5_k_q8_k(kernel: KKernel, w: &[u8], a: &[u8]) -> f32 {
+    let mut acc = KAccumulator::new(kernel);
+    for (wb, ab) in w.chunks_exact(176).zip(a.chunks_exact(292)) {
+        acc.add_q5_k(
+            &q5_k_ints(wb, ab),
+            f16_at(wb, 0),
+            f16_at(wb, 2),
+            f32_at(ab, 0),
+        );
+    }
+    acc.finish(Mins::Scalar)
 }
 
 /// The integers of a Q6_K block `wb` against a Q8_K block `ab`.
@@ -348,7 +436,7 @@ pub(super) fn dot_q4_k_q8_k(kernel: KKernel, w: &[u8], a: &[u8]) -> f32 {
             f32_at(ab, 0),
         );
     }
-    acc.finish(true)
+    acc.finish(Mins::Lanes)
 }
 
 /// A Q6_K row times a Q8_K row with `kernel`'s rounding.
@@ -357,5 +445,5 @@ pub(super) fn dot_q6_k_q8_k(kernel: KKernel, w: &[u8], a: &[u8]) -> f32 {
     for (wb, ab) in w.chunks_exact(210).zip(a.chunks_exact(292)) {
         acc.add_q6_k(&q6_k_ints(wb, ab), f16_at(wb, 208), f32_at(ab, 0));
     }
-    acc.finish(false)
+    acc.finish(Mins::None)
 }

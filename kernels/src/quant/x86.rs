@@ -12,7 +12,7 @@
 
 use std::arch::x86_64::*;
 
-use super::portable::{BlockInts, KAccumulator, KKernel, f16_at};
+use super::portable::{BlockInts, KAccumulator, KKernel, Mins, f16_at};
 
 /// How far ahead (in bytes) each weight row is prefetched: a few blocks,
 /// so that the next blocks arrive from L2/L3 while these are computed.
@@ -95,7 +95,19 @@ macro_rules! entry_points {
                 // SAFETY: this function has the kernel's features.
                 unsafe { super::dot4_k(kernel, w, a, 144, |acc, wb, ab| {
                     acc.add_q4_k(&super::q4_k_ints(kernel, wb, ab), f16_ptr(wb), f16_ptr(wb.add(2)), f32_ptr(ab))
-                }, true) }
+                }, Mins::Lanes) }
+            }
+
+            #[target_feature(enable = $features)]
+            pub(in crate::quant) fn dot4_q5_k_q8_k(
+                kernel: KKernel,
+                w: [&[u8]; 4],
+                a: &[u8],
+            ) -> [f32; 4] {
+                // SAFETY: this function has the kernel's features.
+                unsafe { super::dot4_k(kernel, w, a, 176, |acc, wb, ab| {
+                    acc.add_q5_k(&super::q5_k_ints(wb, ab), f16_ptr(wb), f16_ptr(wb.add(2)), f32_ptr(ab))
+                }, Mins::Scalar) }
             }
 
             /// One Q4_K or Q6_K weight row against `out.len()` activation
@@ -123,7 +135,7 @@ macro_rules! entry_points {
                 // SAFETY: this function has the kernel's features.
                 unsafe { super::dot4_k(kernel, w, a, 210, |acc, wb, ab| {
                     acc.add_q6_k(&super::q6_k_ints(wb, ab), f16_ptr(wb.add(208)), f32_ptr(ab))
-                }, false) }
+                }, Mins::None) }
             }
 
             #[target_feature(enable = $features)]
@@ -489,6 +501,65 @@ unsafe fn hsum_i32(v: __m256i) -> i32 {
     }
 }
 
+/// `portable::q5_k_ints` with AVX2, as `ggml_vec_dot_q5_K_q8_K` forms the
+/// integers: Q4_K's, with each value's fifth bit from `qh` added as 16.
+#[inline(always)]
+unsafe fn q5_k_ints(wb: *const u8, ab: *const u8) -> BlockInts {
+    // SAFETY: the caller has AVX2 and passes pointers to a 176-byte Q5_K
+    // block and a 292-byte Q8_K block; every load stays inside them.
+    unsafe {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let sixteen = _mm256_set1_epi8(16);
+        let scales_mins = k4_scales_mins(wb.add(4));
+        let bsums = _mm256_loadu_si256(ab.add(260) as *const __m256i);
+        let pair_sums = _mm_hadd_epi16(
+            _mm256_extracti128_si256(bsums, 0),
+            _mm256_extracti128_si256(bsums, 1),
+        );
+        let prod = _mm_madd_epi16(_mm256_extracti128_si256(scales_mins, 1), pair_sums);
+        let mut mins = [0i32; 4];
+        _mm_storeu_si128(mins.as_mut_ptr() as *mut __m128i, prod);
+        let scales128 = _mm256_extracti128_si256(scales_mins, 0);
+        let scales = _mm256_set_m128i(scales128, scales128);
+        let scale = |k: usize| {
+            let pick = (((2 * k + 1) << 8) | (2 * k)) as i16;
+            _mm256_shuffle_epi8(scales, _mm256_set1_epi16(pick))
+        };
+        let high_bits = _mm256_loadu_si256(wb.add(16) as *const __m256i);
+        // 16 where bit `bit` of each `qh` byte is set, else 0.
+        let fifth = |bit: usize| {
+            let mask = _mm256_set1_epi8((1u8 << bit) as i8);
+            _mm256_and_si256(
+                _mm256_cmpeq_epi8(_mm256_and_si256(high_bits, mask), mask),
+                sixteen,
+            )
+        };
+        let steps: [__m256i; 4] = std::array::from_fn(|j| {
+            let bits = _mm256_loadu_si256(wb.add(48 + 32 * j) as *const __m256i);
+            let low = _mm256_add_epi8(_mm256_and_si256(bits, m4), fifth(2 * j));
+            let high = _mm256_add_epi8(
+                _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4),
+                fifth(2 * j + 1),
+            );
+            let y_low = _mm256_loadu_si256(ab.add(4 + 64 * j) as *const __m256i);
+            let y_high = _mm256_loadu_si256(ab.add(36 + 64 * j) as *const __m256i);
+            _mm256_add_epi32(
+                _mm256_madd_epi16(scale(2 * j), _mm256_maddubs_epi16(low, y_low)),
+                _mm256_madd_epi16(scale(2 * j + 1), _mm256_maddubs_epi16(high, y_high)),
+            )
+        });
+        let sumi = _mm256_add_epi32(
+            _mm256_add_epi32(steps[0], steps[1]),
+            _mm256_add_epi32(steps[2], steps[3]),
+        );
+        BlockInts {
+            lanes: lanes_of(sumi),
+            pairs: hsum4_i32(steps),
+            mins,
+        }
+    }
+}
+
 /// The exact sums of the eight i32 lanes of each of four vectors.
 #[inline(always)]
 unsafe fn hsum4_i32(v: [__m256i; 4]) -> [i32; 4] {
@@ -589,7 +660,7 @@ unsafe fn dot4_k(
     a: &[u8],
     block: usize,
     add: impl Fn(&mut KAccumulator, *const u8, *const u8),
-    has_mins: bool,
+    mins: Mins,
 ) -> [f32; 4] {
     let blocks = a.len() / 292;
     assert!(
@@ -606,7 +677,7 @@ unsafe fn dot4_k(
                 _mm_prefetch::<_MM_HINT_T0>(wb.wrapping_add(PREFETCH_BYTES) as *const i8);
                 add(&mut acc, wb, a.as_ptr().add(b * 292));
             }
-            acc.finish(has_mins)
+            acc.finish(mins)
         })
     }
 }
@@ -723,6 +794,6 @@ unsafe fn k_row_against_rows(
         }
     }
     for (out, acc) in out.iter_mut().zip(&accs) {
-        *out = acc.finish(q4_k);
+        *out = acc.finish(if q4_k { Mins::Lanes } else { Mins::None });
     }
 }
