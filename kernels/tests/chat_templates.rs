@@ -10,26 +10,13 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // test code: a failed expectation is the report
 
-use std::path::PathBuf;
+mod common;
 
-use kernels::{ChatMessage, ChatTemplate, ModelFile};
+use common::messages;
+use kernels::{ChatTemplate, ModelFile};
 use serde_json::Value;
 
 const REFERENCE: &str = include_str!("../../tests/golden/chat_templates.json");
-
-fn messages(case: &Value) -> Vec<ChatMessage> {
-    case["messages"]
-        .as_array()
-        .expect("messages")
-        .iter()
-        .map(|m| {
-            ChatMessage::new(
-                m["role"].as_str().expect("role"),
-                m["content"].as_str().expect("content"),
-            )
-        })
-        .collect()
-}
 
 fn text(value: &Value) -> String {
     value.as_str().unwrap_or_default().to_string()
@@ -83,10 +70,7 @@ fn the_built_in_gemma_template_renders_as_googles() {
         .iter()
         .find(|f| f["name"] == "gemma3-it")
         .expect("the gemma3-it reference");
-    let path = std::env::var_os("RINGLET_TEST_GEMMA_MODEL")
-        .map(PathBuf::from)
-        .expect("set RINGLET_TEST_GEMMA_MODEL (tests/run does)");
-    let model = ModelFile::open(path).expect("open the Gemma 3 file");
+    let model = ModelFile::open(common::gemma_model_path()).expect("open the Gemma 3 file");
     let tokenizer = model.tokenizer().expect("tokenizer");
     let template = model.chat_template(&tokenizer).expect("template");
     assert!(renders_as_transformers("built-in gemma3", family, &template) >= 5);

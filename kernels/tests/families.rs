@@ -20,7 +20,8 @@ mod common;
 
 use std::path::PathBuf;
 
-use kernels::{ChatMessage, LayerRange, ModelFile, SequenceId};
+use common::{ids, messages, sha256_hex};
+use kernels::{LayerRange, ModelFile, SequenceId};
 use serde_json::Value;
 
 const REFERENCE: &str = include_str!("../../tests/golden/families.json");
@@ -35,44 +36,18 @@ fn tolerance(name: &str) -> f32 {
 }
 
 fn model_path(name: &str) -> PathBuf {
-    let path = if name == "gemma3" {
-        std::env::var_os("RINGLET_TEST_GEMMA_MODEL").map(PathBuf::from)
-    } else {
-        std::env::var_os("RINGLET_TEST_FAMILY_DIR")
-            .map(|dir| PathBuf::from(dir).join(format!("{name}.gguf")))
-    };
-    let path = path.unwrap_or_else(|| {
-        panic!("set RINGLET_TEST_GEMMA_MODEL and RINGLET_TEST_FAMILY_DIR (tests/run does) to test {name}")
-    });
+    if name == "gemma3" {
+        return common::gemma_model_path();
+    }
+    let dir = std::env::var_os("RINGLET_TEST_FAMILY_DIR")
+        .expect("set RINGLET_TEST_FAMILY_DIR (tests/run does) to test the Qwen files");
+    let path = PathBuf::from(dir).join(format!("{name}.gguf"));
     assert!(
         path.is_file(),
         "{name}: no model at {}; run tests/run",
         path.display()
     );
     path
-}
-
-fn ids(value: &Value) -> Vec<u32> {
-    value
-        .as_array()
-        .expect("ids")
-        .iter()
-        .map(|v| v.as_u64().expect("id") as u32)
-        .collect()
-}
-
-fn messages(chat: &Value) -> Vec<ChatMessage> {
-    chat["messages"]
-        .as_array()
-        .expect("messages")
-        .iter()
-        .map(|m| {
-            ChatMessage::new(
-                m["role"].as_str().expect("role"),
-                m["content"].as_str().expect("content"),
-            )
-        })
-        .collect()
 }
 
 /// Checks one model against its reference; returns the prompt ids of its
@@ -200,9 +175,8 @@ fn short_prompt_is_bit_exact(name: &str, reference: &Value, model: &ModelFile) {
         .to_vec1()
         .expect("logits");
     let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
-    use sha2::{Digest, Sha256};
     assert_eq!(
-        kernels::to_hex(&Sha256::digest(&bytes)),
+        sha256_hex(&bytes),
         reference["prefix"]["logits_sha256"].as_str().expect("hash"),
         "{name}: logits after {prompt:?} differ from llama.cpp's"
     );

@@ -9,33 +9,11 @@
 
 mod common;
 
-use kernels::{ChatMessage, LayerRange, SequenceId};
+use common::{ids, messages, sha256_hex};
+use kernels::{LayerRange, SequenceId};
 use serde_json::Value;
 
 const REFERENCE: &str = include_str!("../../tests/golden/smollm2-135m.json");
-
-fn messages(case: &Value) -> Vec<ChatMessage> {
-    case["messages"]
-        .as_array()
-        .expect("messages")
-        .iter()
-        .map(|m| {
-            ChatMessage::new(
-                m["role"].as_str().expect("role"),
-                m["content"].as_str().expect("content"),
-            )
-        })
-        .collect()
-}
-
-fn ids(value: &Value) -> Vec<u32> {
-    value
-        .as_array()
-        .expect("ids")
-        .iter()
-        .map(|v| v.as_u64().expect("id") as u32)
-        .collect()
-}
 
 #[test]
 fn greedy_decoding_matches_llama_cpp() {
@@ -88,11 +66,6 @@ fn greedy_decoding_matches_llama_cpp() {
             "{name}: decoded text"
         );
     }
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::{Digest, Sha256};
-    kernels::to_hex(&Sha256::digest(bytes))
 }
 
 #[test]

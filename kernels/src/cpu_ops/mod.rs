@@ -166,26 +166,26 @@ fn gelu_table() -> &'static [f32] {
 /// `x0*c - x1*s` and `x0*s + x1*c` to `fma(x0, c, -(x1*s))` and
 /// `fma(x0, s, x1*c)`; so do we.
 pub(crate) fn rope_pairs(x: &mut [f32], heads: usize, d: usize, cos: &[f32], sin: &[f32]) {
-    let half = d / 2;
-    for (t, token) in x.chunks_exact_mut(heads * d).enumerate() {
-        let (cos, sin) = (
-            &cos[t * half..(t + 1) * half],
-            &sin[t * half..(t + 1) * half],
-        );
-        for head in token.chunks_exact_mut(d) {
-            for p in 0..half {
-                let (x0, x1) = (head[2 * p], head[2 * p + 1]);
-                head[2 * p] = x0.mul_add(cos[p], -(x1 * sin[p]));
-                head[2 * p + 1] = x0.mul_add(sin[p], x1 * cos[p]);
-            }
-        }
-    }
+    rotate(x, heads, d, cos, sin, |p, _| (2 * p, 2 * p + 1));
 }
 
 /// Rotates the halves of each head in place (GPT-NeoX's RoPE, which
 /// Qwen, Gemma and Phi-3 use): dimension `p` with `p + d/2`. Shapes and
 /// contractions as [`rope_pairs`].
 pub(crate) fn rope_halves(x: &mut [f32], heads: usize, d: usize, cos: &[f32], sin: &[f32]) {
+    rotate(x, heads, d, cos, sin, |p, half| (p, p + half));
+}
+
+/// RoPE in place, rotating the dimensions `pair(p, d/2)` of each head by
+/// angle `p` of the token's table.
+fn rotate(
+    x: &mut [f32],
+    heads: usize,
+    d: usize,
+    cos: &[f32],
+    sin: &[f32],
+    pair: impl Fn(usize, usize) -> (usize, usize),
+) {
     let half = d / 2;
     for (t, token) in x.chunks_exact_mut(heads * d).enumerate() {
         let (cos, sin) = (
@@ -194,9 +194,10 @@ pub(crate) fn rope_halves(x: &mut [f32], heads: usize, d: usize, cos: &[f32], si
         );
         for head in token.chunks_exact_mut(d) {
             for p in 0..half {
-                let (x0, x1) = (head[p], head[p + half]);
-                head[p] = x0.mul_add(cos[p], -(x1 * sin[p]));
-                head[p + half] = x0.mul_add(sin[p], x1 * cos[p]);
+                let (i0, i1) = pair(p, half);
+                let (x0, x1) = (head[i0], head[i1]);
+                head[i0] = x0.mul_add(cos[p], -(x1 * sin[p]));
+                head[i1] = x0.mul_add(sin[p], x1 * cos[p]);
             }
         }
     }

@@ -13,8 +13,8 @@
 //! = `llama` or `mistral`), with every quantized type Candle reads. What is
 //! llama's own is here: which files it runs, its layer's tensors, and how
 //! a layer wires the shared blocks (`blocks`). Qwen 2 and Qwen 3 wire their
-//! layers the same way with other attention options, so they build
-//! [`PreNormBlock`] too.
+//! layers the same way with other attention options, so they are
+//! [`PreNormFamily`] values too.
 //!
 //! Shapes are written `[rows, cols]`; `n` is the number of new tokens in a
 //! forward call.
@@ -26,33 +26,57 @@ use candle_core::quantized::gguf_file::Value;
 
 use crate::architecture::{Architecture, Layer};
 use crate::blocks::{Attention, AttentionOptions, Gate, Mlp, Step, add, rms_norm};
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, RopeStyle};
 use crate::error::Result;
 use crate::kv_cache::LayerCache;
 use crate::tensor_names::{ATTN_NORM, FFN_NORM, in_layer};
 use crate::weights::Weights;
 
-/// The llama architecture.
+/// A family whose layers are llama's [`PreNormBlock`]: llama itself, and
+/// (in their own files) Qwen 2 and Qwen 3 with other attention options
+/// and NEOX RoPE.
 #[derive(Debug)]
-pub(crate) struct Llama;
+pub(super) struct PreNormFamily {
+    /// The `general.architecture` values it runs.
+    pub(super) names: &'static [&'static str],
+    /// Which dimensions its RoPE rotates together.
+    pub(super) rope_style: RopeStyle,
+    /// What its attention adds to llama's.
+    pub(super) options: AttentionOptions,
+}
 
-impl Architecture for Llama {
-    /// Architectures whose GGUF layout and maths are llama's.
+/// The llama architecture (and Mistral, whose GGUF layout and maths are
+/// llama's).
+pub(super) static LLAMA: PreNormFamily = PreNormFamily {
+    names: &["llama", "mistral"],
+    rope_style: RopeStyle::Pairs,
+    options: AttentionOptions {
+        qkv_bias: false,
+        qk_norm: false,
+        rope_table: 0,
+        window: None,
+        query_scale: None,
+    },
+};
+
+impl Architecture for PreNormFamily {
     fn names(&self) -> &'static [&'static str] {
-        &["llama", "mistral"]
+        self.names
     }
 
-    /// Llama's hyper-parameters are exactly the shared ones.
+    /// The shared hyper-parameters, with the family's RoPE style.
     fn config(
         &self,
         metadata: &HashMap<String, Value>,
         architecture: String,
     ) -> Result<ModelConfig> {
-        ModelConfig::from_metadata(metadata, architecture)
+        let mut config = ModelConfig::from_metadata(metadata, architecture)?;
+        config.rope_style = self.rope_style;
+        Ok(config)
     }
 
     fn layer_tensors(&self, layer: usize) -> Vec<String> {
-        PreNormBlock::tensors(layer, AttentionOptions::default())
+        PreNormBlock::tensors(layer, self.options)
     }
 
     fn load_layer(
@@ -61,13 +85,13 @@ impl Architecture for Llama {
         layer: usize,
         config: &ModelConfig,
     ) -> Result<Box<dyn Layer>> {
-        PreNormBlock::load(weights, layer, config, AttentionOptions::default())
+        PreNormBlock::load(weights, layer, config, self.options)
     }
 }
 
 /// One transformer layer: pre-norm attention and a SwiGLU MLP, each added
 /// back to the residual stream.
-pub(super) struct PreNormBlock {
+struct PreNormBlock {
     attn_norm: Tensor, // [hidden]
     attention: Attention,
     ffn_norm: Tensor, // [hidden]
@@ -76,7 +100,7 @@ pub(super) struct PreNormBlock {
 
 impl PreNormBlock {
     /// Reads layer `layer` with attention `options`.
-    pub(super) fn load(
+    fn load(
         weights: &mut Weights<'_>,
         layer: usize,
         config: &ModelConfig,
@@ -92,7 +116,7 @@ impl PreNormBlock {
     }
 
     /// The GGUF names of the tensors of layer `layer` (nine for llama).
-    pub(super) fn tensors(layer: usize, options: AttentionOptions) -> Vec<String> {
+    fn tensors(layer: usize, options: AttentionOptions) -> Vec<String> {
         let mut names = vec![in_layer(layer, ATTN_NORM), in_layer(layer, FFN_NORM)];
         names.extend(Attention::tensors(layer, options));
         names.extend(Mlp::tensors(layer));

@@ -19,7 +19,7 @@ mod qwen3;
 
 /// Every architecture ringlet runs.
 static ARCHITECTURES: [&dyn Architecture; 4] =
-    [&llama::Llama, &qwen2::Qwen2, &qwen3::Qwen3, &gemma3::Gemma3];
+    [&llama::LLAMA, &qwen2::QWEN2, &qwen3::QWEN3, &gemma3::Gemma3];
 
 /// The architecture that runs the model described by `metadata`, and the
 /// model's hyper-parameters as that architecture reads them.

@@ -371,8 +371,8 @@ impl QuantMatrix {
 /// contraction in ggml-base) computes it for `get_rows`.
 fn dequantize_block(format: BlockFormat, block: &[u8], out: &mut Vec<f32>) {
     match format {
-        BlockFormat::Q4K => return portable::dequantize_q4_k(block, out),
-        BlockFormat::Q5K => return portable::dequantize_q5_k(block, out),
+        BlockFormat::Q4K => return portable::dequantize_k4(block, out, portable::q4_k_value),
+        BlockFormat::Q5K => return portable::dequantize_k4(block, out, portable::q5_k_value),
         BlockFormat::Q6K => return portable::dequantize_q6_k(block, out),
         _ => {}
     }
@@ -406,11 +406,7 @@ fn quantize_activations(format: Activation, x: &[f32], out: &mut [u8]) {
         let d = max / 127.0;
         let id = if max != 0.0 { 127.0 / max } else { 0.0 };
         block[0..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
-        let qs_at = match format {
-            Activation::Q8_0 => 2,
-            Activation::Q8_1 => 4,
-            Activation::Q8K => unreachable!("Q8_K blocks are quantized by quantize_q8_k"),
-        };
+        let qs_at = if format == Activation::Q8_1 { 4 } else { 2 };
         let mut sum = 0i32;
         for (i, v) in values.iter().enumerate() {
             // |v * id| <= 127 by construction; the clamp only makes it explicit.

@@ -166,23 +166,14 @@ pub(super) fn q5_k_value(block: &[u8], e: usize) -> i32 {
     i32::from(low) + 16 * i32::from(high)
 }
 
-/// `dequantize_row_q5_K`: `(d·sc)·q - (dmin·m)` per value, unfused.
-pub(super) fn dequantize_q5_k(block: &[u8], out: &mut Vec<f32>) {
+/// `dequantize_row_q4_K` and `dequantize_row_q5_K`: `(d·sc)·q - (dmin·m)`
+/// per value, unfused, where value `e` is `value(block, e)`.
+pub(super) fn dequantize_k4(block: &[u8], out: &mut Vec<f32>, value: fn(&[u8], usize) -> i32) {
     let (d, dmin) = (f16_at(block, 0), f16_at(block, 2));
     let (sc, m) = k4_scales_mins(&block[4..16]);
     out.extend((0..256).map(|e| {
         let g = e / 32;
-        (d * sc[g] as f32) * q5_k_value(block, e) as f32 - dmin * m[g] as f32
-    }));
-}
-
-/// `dequantize_row_q4_K`: `(d·sc)·q - (dmin·m)` per value, unfused.
-pub(super) fn dequantize_q4_k(block: &[u8], out: &mut Vec<f32>) {
-    let (d, dmin) = (f16_at(block, 0), f16_at(block, 2));
-    let (sc, m) = k4_scales_mins(&block[4..16]);
-    out.extend((0..256).map(|e| {
-        let g = e / 32;
-        (d * sc[g] as f32) * q4_k_value(block, e) as f32 - dmin * m[g] as f32
+        (d * sc[g] as f32) * value(block, e) as f32 - dmin * m[g] as f32
     }));
 }
 
@@ -348,37 +339,25 @@ pub(super) enum Mins {
 
 /// The integers of a Q4_K block `wb` against a Q8_K block `ab`.
 pub(super) fn q4_k_ints(wb: &[u8], ab: &[u8]) -> BlockInts {
-    let (sc, m) = k4_scales_mins(&wb[4..16]);
-    let mut ints = BlockInts::default();
-    for j in 0..4 {
-        for k in 0..8 {
-            let products = |first: usize| -> i32 {
-                (first + 4 * k..first + 4 * k + 4)
-                    .map(|e| q4_k_value(wb, e) * q8_k_value(ab, e))
-                    .sum()
-            };
-            let v = sc[2 * j] * products(64 * j) + sc[2 * j + 1] * products(64 * j + 32);
-            ints.lanes[k] += v;
-            ints.pairs[j] += v;
-        }
-    }
-    for (l, mins) in ints.mins.iter_mut().enumerate() {
-        let pair = |s: usize| m[s] * (q8_k_bsum(ab, 2 * s) + q8_k_bsum(ab, 2 * s + 1));
-        *mins = pair(2 * l) + pair(2 * l + 1);
-    }
-    ints
+    k4_ints(wb, ab, q4_k_value)
 }
 
 /// The integers of a Q5_K block `wb` against a Q8_K block `ab` (Q4_K's,
 /// with five-bit values).
 pub(super) fn q5_k_ints(wb: &[u8], ab: &[u8]) -> BlockInts {
+    k4_ints(wb, ab, q5_k_value)
+}
+
+/// The integers of a block with Q4_K's scales and minimums (Q4_K, Q5_K),
+/// whose value `e` is `value(wb, e)`, against a Q8_K block `ab`.
+fn k4_ints(wb: &[u8], ab: &[u8], value: fn(&[u8], usize) -> i32) -> BlockInts {
     let (sc, m) = k4_scales_mins(&wb[4..16]);
     let mut ints = BlockInts::default();
     for j in 0..4 {
         for k in 0..8 {
             let products = |first: usize| -> i32 {
                 (first + 4 * k..first + 4 * k + 4)
-                    .map(|e| q5_k_value(wb, e) * q8_k_value(ab, e))
+                    .map(|e| value(wb, e) * q8_k_value(ab, e))
                     .sum()
             };
             let v = sc[2 * j] * products(64 * j) + sc[2 * j + 1] * products(64 * j + 32);

@@ -106,7 +106,7 @@ macro_rules! entry_points {
             ) -> [f32; 4] {
                 // SAFETY: this function has the kernel's features.
                 unsafe { super::dot4_k(kernel, w, a, 176, |acc, wb, ab| {
-                    acc.add_q5_k(&super::q5_k_ints(wb, ab), f16_ptr(wb), f16_ptr(wb.add(2)), f32_ptr(ab))
+                    acc.add_q5_k(&super::q5_k_ints(kernel, wb, ab), f16_ptr(wb), f16_ptr(wb.add(2)), f32_ptr(ab))
                 }, Mins::Scalar) }
             }
 
@@ -501,63 +501,128 @@ unsafe fn hsum_i32(v: __m256i) -> i32 {
     }
 }
 
-/// `portable::q5_k_ints` with AVX2, as `ggml_vec_dot_q5_K_q8_K` forms the
-/// integers: Q4_K's, with each value's fifth bit from `qh` added as 16.
+/// A Q4_K or Q5_K block unpacked for its products: the values of its
+/// eight 32-value sub-blocks as bytes, each sub-block's scale in all
+/// sixteen i16 lanes (ggml's `get_scale_shuffle_k4`), and the eight
+/// minimums as i16.
+struct K4Block {
+    values: [__m256i; 8],
+    scales: [__m256i; 8],
+    mins: __m128i,
+}
+
+/// Unpacks the Q4_K (`five_bits` false, 144 bytes) or Q5_K (176 bytes)
+/// block at `wb` as ggml's AVX2 code does: value `i` of a 64-value group
+/// is the low nibble for the first 32 and the high one for the rest, plus
+/// (Q5_K) 16 where its bit of `qh` is set.
 #[inline(always)]
-unsafe fn q5_k_ints(wb: *const u8, ab: *const u8) -> BlockInts {
-    // SAFETY: the caller has AVX2 and passes pointers to a 176-byte Q5_K
-    // block and a 292-byte Q8_K block; every load stays inside them.
+unsafe fn k4_unpack(wb: *const u8, five_bits: bool) -> K4Block {
+    // SAFETY: the caller has AVX2 and passes a pointer to a whole block.
     unsafe {
         let m4 = _mm256_set1_epi8(0x0F);
-        let sixteen = _mm256_set1_epi8(16);
         let scales_mins = k4_scales_mins(wb.add(4));
+        let scales128 = _mm256_extracti128_si256(scales_mins, 0);
+        let scales = _mm256_set_m128i(scales128, scales128);
+        let qs = wb.add(if five_bits { 48 } else { 16 });
+        let high_bits = _mm256_loadu_si256(wb.add(16) as *const __m256i);
+        let values = std::array::from_fn(|i| {
+            let bits = _mm256_loadu_si256(qs.add(32 * (i / 2)) as *const __m256i);
+            let nibbles = if i % 2 == 0 {
+                _mm256_and_si256(bits, m4)
+            } else {
+                _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4)
+            };
+            if !five_bits {
+                return nibbles;
+            }
+            let mask = _mm256_set1_epi8((1u8 << i) as i8);
+            let set = _mm256_cmpeq_epi8(_mm256_and_si256(high_bits, mask), mask);
+            _mm256_add_epi8(nibbles, _mm256_and_si256(set, _mm256_set1_epi8(16)))
+        });
+        K4Block {
+            values,
+            scales: std::array::from_fn(|k| {
+                let pick = (((2 * k + 1) << 8) | (2 * k)) as i16;
+                _mm256_shuffle_epi8(scales, _mm256_set1_epi16(pick))
+            }),
+            mins: _mm256_extracti128_si256(scales_mins, 1),
+        }
+    }
+}
+
+/// `portable::k4_ints` with AVX2 for an unpacked block against the Q8_K
+/// block at `ab`, as `ggml_vec_dot_q4_K_q8_K` forms the integers (the
+/// per-pair sums are those of its 32-byte steps), reduced to what `kernel`
+/// reads: the lanes for `vec_dot`, the pairs for `gemm`, and for `gemv`
+/// and `tiled`, which read only the pairs' total, that total in the first
+/// pair.
+#[inline(always)]
+unsafe fn k4_block_ints(kernel: KKernel, block: &K4Block, ab: *const u8) -> BlockInts {
+    // SAFETY: the caller has AVX2 and passes a pointer to a 292-byte block.
+    unsafe {
         let bsums = _mm256_loadu_si256(ab.add(260) as *const __m256i);
         let pair_sums = _mm_hadd_epi16(
             _mm256_extracti128_si256(bsums, 0),
             _mm256_extracti128_si256(bsums, 1),
         );
-        let prod = _mm_madd_epi16(_mm256_extracti128_si256(scales_mins, 1), pair_sums);
         let mut mins = [0i32; 4];
-        _mm_storeu_si128(mins.as_mut_ptr() as *mut __m128i, prod);
-        let scales128 = _mm256_extracti128_si256(scales_mins, 0);
-        let scales = _mm256_set_m128i(scales128, scales128);
-        let scale = |k: usize| {
-            let pick = (((2 * k + 1) << 8) | (2 * k)) as i16;
-            _mm256_shuffle_epi8(scales, _mm256_set1_epi16(pick))
-        };
-        let high_bits = _mm256_loadu_si256(wb.add(16) as *const __m256i);
-        // 16 where bit `bit` of each `qh` byte is set, else 0.
-        let fifth = |bit: usize| {
-            let mask = _mm256_set1_epi8((1u8 << bit) as i8);
-            _mm256_and_si256(
-                _mm256_cmpeq_epi8(_mm256_and_si256(high_bits, mask), mask),
-                sixteen,
-            )
-        };
+        _mm_storeu_si128(
+            mins.as_mut_ptr() as *mut __m128i,
+            _mm_madd_epi16(block.mins, pair_sums),
+        );
         let steps: [__m256i; 4] = std::array::from_fn(|j| {
-            let bits = _mm256_loadu_si256(wb.add(48 + 32 * j) as *const __m256i);
-            let low = _mm256_add_epi8(_mm256_and_si256(bits, m4), fifth(2 * j));
-            let high = _mm256_add_epi8(
-                _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4),
-                fifth(2 * j + 1),
-            );
             let y_low = _mm256_loadu_si256(ab.add(4 + 64 * j) as *const __m256i);
             let y_high = _mm256_loadu_si256(ab.add(36 + 64 * j) as *const __m256i);
             _mm256_add_epi32(
-                _mm256_madd_epi16(scale(2 * j), _mm256_maddubs_epi16(low, y_low)),
-                _mm256_madd_epi16(scale(2 * j + 1), _mm256_maddubs_epi16(high, y_high)),
+                _mm256_madd_epi16(
+                    block.scales[2 * j],
+                    _mm256_maddubs_epi16(block.values[2 * j], y_low),
+                ),
+                _mm256_madd_epi16(
+                    block.scales[2 * j + 1],
+                    _mm256_maddubs_epi16(block.values[2 * j + 1], y_high),
+                ),
             )
         });
+        if kernel == KKernel::Gemm {
+            return BlockInts {
+                pairs: hsum4_i32(steps),
+                mins,
+                ..BlockInts::default()
+            };
+        }
         let sumi = _mm256_add_epi32(
             _mm256_add_epi32(steps[0], steps[1]),
             _mm256_add_epi32(steps[2], steps[3]),
         );
-        BlockInts {
-            lanes: lanes_of(sumi),
-            pairs: hsum4_i32(steps),
-            mins,
+        if kernel == KKernel::VecDot {
+            BlockInts {
+                lanes: lanes_of(sumi),
+                mins,
+                ..BlockInts::default()
+            }
+        } else {
+            BlockInts {
+                pairs: [hsum_i32(sumi), 0, 0, 0],
+                mins,
+                ..BlockInts::default()
+            }
         }
     }
+}
+
+/// The integers of the Q4_K block at `wb` against the Q8_K block at `ab`.
+#[inline(always)]
+unsafe fn q4_k_ints(kernel: KKernel, wb: *const u8, ab: *const u8) -> BlockInts {
+    // SAFETY: the caller has AVX2 and passes pointers to whole blocks.
+    unsafe { k4_block_ints(kernel, &k4_unpack(wb, false), ab) }
+}
+
+/// The integers of the Q5_K block at `wb` against the Q8_K block at `ab`.
+#[inline(always)]
+unsafe fn q5_k_ints(kernel: KKernel, wb: *const u8, ab: *const u8) -> BlockInts {
+    // SAFETY: the caller has AVX2 and passes pointers to whole blocks.
+    unsafe { k4_block_ints(kernel, &k4_unpack(wb, true), ab) }
 }
 
 /// The exact sums of the eight i32 lanes of each of four vectors.
@@ -581,70 +646,6 @@ unsafe fn q6_k_ints(wb: *const u8, ab: *const u8) -> BlockInts {
         BlockInts {
             lanes: lanes_of(q6_k_lanes(wb, ab)),
             ..BlockInts::default()
-        }
-    }
-}
-
-/// `portable::q4_k_ints` with AVX2, as `ggml_vec_dot_q4_K_q8_K` forms the
-/// integers (the per-pair sums are those of its 32-byte steps), reduced to
-/// what `kernel` reads: the lanes for `vec_dot`, the pairs for `gemm`, and
-/// for `gemv` and `tiled`, which read only the pairs' total, that total in
-/// the first pair.
-#[inline(always)]
-unsafe fn q4_k_ints(kernel: KKernel, wb: *const u8, ab: *const u8) -> BlockInts {
-    // SAFETY: the caller has AVX2 and passes pointers to a 144-byte Q4_K
-    // block and a 292-byte Q8_K block; every load stays inside them.
-    unsafe {
-        let m4 = _mm256_set1_epi8(0x0F);
-        let scales_mins = k4_scales_mins(wb.add(4));
-        let bsums = _mm256_loadu_si256(ab.add(260) as *const __m256i);
-        let pair_sums = _mm_hadd_epi16(
-            _mm256_extracti128_si256(bsums, 0),
-            _mm256_extracti128_si256(bsums, 1),
-        );
-        let prod = _mm_madd_epi16(_mm256_extracti128_si256(scales_mins, 1), pair_sums);
-        let mut mins = [0i32; 4];
-        _mm_storeu_si128(mins.as_mut_ptr() as *mut __m128i, prod);
-        let scales128 = _mm256_extracti128_si256(scales_mins, 0);
-        let scales = _mm256_set_m128i(scales128, scales128);
-        // Scale `k` in all sixteen i16 lanes (ggml's `get_scale_shuffle_k4`).
-        let scale = |k: usize| {
-            let pick = (((2 * k + 1) << 8) | (2 * k)) as i16;
-            _mm256_shuffle_epi8(scales, _mm256_set1_epi16(pick))
-        };
-        let mut sumi = _mm256_setzero_si256();
-        let mut pairs = [0i32; 4];
-        let per_pair = kernel == KKernel::Gemm;
-        for (j, pair) in pairs.iter_mut().enumerate() {
-            let bits = _mm256_loadu_si256(wb.add(16 + 32 * j) as *const __m256i);
-            let low = _mm256_and_si256(bits, m4);
-            let high = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
-            let y_low = _mm256_loadu_si256(ab.add(4 + 64 * j) as *const __m256i);
-            let y_high = _mm256_loadu_si256(ab.add(36 + 64 * j) as *const __m256i);
-            let p_low = _mm256_madd_epi16(scale(2 * j), _mm256_maddubs_epi16(low, y_low));
-            let p_high = _mm256_madd_epi16(scale(2 * j + 1), _mm256_maddubs_epi16(high, y_high));
-            let step = _mm256_add_epi32(p_low, p_high);
-            if per_pair {
-                *pair = hsum_i32(step);
-            }
-            sumi = _mm256_add_epi32(sumi, step);
-        }
-        match kernel {
-            KKernel::VecDot => BlockInts {
-                lanes: lanes_of(sumi),
-                pairs,
-                mins,
-            },
-            KKernel::Gemm => BlockInts {
-                pairs,
-                mins,
-                ..BlockInts::default()
-            },
-            KKernel::Gemv | KKernel::Tiled => BlockInts {
-                pairs: [hsum_i32(sumi), 0, 0, 0],
-                mins,
-                ..BlockInts::default()
-            },
         }
     }
 }
@@ -703,80 +704,14 @@ unsafe fn k_row_against_rows(
     // SAFETY: the caller has AVX2 and FMA; the weight row has `blocks`
     // blocks (asserted above), each activation row `blocks` Q8_K blocks.
     unsafe {
-        let m4 = _mm256_set1_epi8(0x0F);
         for b in 0..blocks {
             let wb = w.as_ptr().add(b * block);
             if q4_k {
                 let (xd, xdmin) = (f16_ptr(wb), f16_ptr(wb.add(2)));
-                let scales_mins = k4_scales_mins(wb.add(4));
-                let mins16 = _mm256_extracti128_si256(scales_mins, 1);
-                let scales128 = _mm256_extracti128_si256(scales_mins, 0);
-                let scales = _mm256_set_m128i(scales128, scales128);
-                let scale: [__m256i; 8] = std::array::from_fn(|k| {
-                    let pick = (((2 * k + 1) << 8) | (2 * k)) as i16;
-                    _mm256_shuffle_epi8(scales, _mm256_set1_epi16(pick))
-                });
-                let nibbles: [__m256i; 8] = std::array::from_fn(|i| {
-                    let bits = _mm256_loadu_si256(wb.add(16 + 32 * (i / 2)) as *const __m256i);
-                    if i % 2 == 0 {
-                        _mm256_and_si256(bits, m4)
-                    } else {
-                        _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4)
-                    }
-                });
+                let unpacked = k4_unpack(wb, false);
                 for (r, acc) in accs.iter_mut().enumerate() {
                     let ab = xq.as_ptr().add(r * a_row_bytes + b * 292);
-                    let bsums = _mm256_loadu_si256(ab.add(260) as *const __m256i);
-                    let pair_sums = _mm_hadd_epi16(
-                        _mm256_extracti128_si256(bsums, 0),
-                        _mm256_extracti128_si256(bsums, 1),
-                    );
-                    let mut mins = [0i32; 4];
-                    _mm_storeu_si128(
-                        mins.as_mut_ptr() as *mut __m128i,
-                        _mm_madd_epi16(mins16, pair_sums),
-                    );
-                    let kernel = acc.kernel();
-                    let steps: [__m256i; 4] = std::array::from_fn(|j| {
-                        let y_low = _mm256_loadu_si256(ab.add(4 + 64 * j) as *const __m256i);
-                        let y_high = _mm256_loadu_si256(ab.add(36 + 64 * j) as *const __m256i);
-                        _mm256_add_epi32(
-                            _mm256_madd_epi16(
-                                scale[2 * j],
-                                _mm256_maddubs_epi16(nibbles[2 * j], y_low),
-                            ),
-                            _mm256_madd_epi16(
-                                scale[2 * j + 1],
-                                _mm256_maddubs_epi16(nibbles[2 * j + 1], y_high),
-                            ),
-                        )
-                    });
-                    let ints = match kernel {
-                        KKernel::Gemm => BlockInts {
-                            pairs: hsum4_i32(steps),
-                            mins,
-                            ..BlockInts::default()
-                        },
-                        _ => {
-                            let sumi = _mm256_add_epi32(
-                                _mm256_add_epi32(steps[0], steps[1]),
-                                _mm256_add_epi32(steps[2], steps[3]),
-                            );
-                            if kernel == KKernel::VecDot {
-                                BlockInts {
-                                    lanes: lanes_of(sumi),
-                                    mins,
-                                    ..BlockInts::default()
-                                }
-                            } else {
-                                BlockInts {
-                                    pairs: [hsum_i32(sumi), 0, 0, 0],
-                                    mins,
-                                    ..BlockInts::default()
-                                }
-                            }
-                        }
-                    };
+                    let ints = k4_block_ints(acc.kernel(), &unpacked, ab);
                     acc.add_q4_k(&ints, xd, xdmin, f32_ptr(ab));
                 }
             } else {

@@ -5,7 +5,10 @@
 
 use std::path::PathBuf;
 
-use kernels::{Device, LayerRange, ModelFile, SequenceId, Shard, ShardInput, ShardOutput, Tensor};
+use kernels::{
+    ChatMessage, Device, LayerRange, ModelFile, SequenceId, Shard, ShardInput, ShardOutput, Tensor,
+};
+use serde_json::Value;
 
 /// The default model's file in the model cache, where `ringlet pull` (run
 /// by `tests/run`) puts it. `RINGLET_MODEL_PATH` overrides.
@@ -95,4 +98,48 @@ pub fn argmax(values: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+/// The Gemma 3 270M Q4_K_M file `tests/run` fetches from PyPI.
+pub fn gemma_model_path() -> PathBuf {
+    let path = std::env::var_os("RINGLET_TEST_GEMMA_MODEL")
+        .map(PathBuf::from)
+        .expect("set RINGLET_TEST_GEMMA_MODEL (tests/run does)");
+    assert!(
+        path.is_file(),
+        "no Gemma 3 model at {}; run tests/run",
+        path.display()
+    );
+    path
+}
+
+/// The `messages` of a reference case, as chat messages.
+pub fn messages(case: &Value) -> Vec<ChatMessage> {
+    case["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| {
+            ChatMessage::new(
+                m["role"].as_str().expect("role"),
+                m["content"].as_str().expect("content"),
+            )
+        })
+        .collect()
+}
+
+/// A JSON array of token ids.
+pub fn ids(value: &Value) -> Vec<u32> {
+    value
+        .as_array()
+        .expect("ids")
+        .iter()
+        .map(|v| v.as_u64().expect("id") as u32)
+        .collect()
+}
+
+/// The SHA-256 of `bytes`, in hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    kernels::to_hex(&Sha256::digest(bytes))
 }
