@@ -40,6 +40,7 @@ use rayon::prelude::*;
 use crate::error::{KernelError, Result};
 
 mod portable;
+mod q4_k_x8;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -143,7 +144,12 @@ pub struct QuantMatrix {
     format: BlockFormat,
     rows: usize,
     cols: usize,
+    /// The GGUF bytes, row after row, except where `interleaved`.
     data: Vec<u8>,
+    /// Q4_K with a multiple of 8 rows, repacked eight rows at a time as
+    /// llama.cpp's x86 build does (see [`q4_k_x8`]); these matrices only
+    /// ever take the `gemv` and `gemm` kernels.
+    interleaved: bool,
 }
 
 impl std::fmt::Debug for QuantMatrix {
@@ -176,11 +182,18 @@ impl QuantMatrix {
                 got: vec![rows, cols, data.len()],
             });
         }
+        let interleaved = format == BlockFormat::Q4K && rows.is_multiple_of(8);
+        let data = if interleaved {
+            q4_k_x8::repack(&data, rows, cols / K_BLOCK_VALUES)
+        } else {
+            data
+        };
         Ok(Self {
             format,
             rows,
             cols,
             data,
+            interleaved,
         })
     }
 
@@ -204,9 +217,26 @@ impl QuantMatrix {
         self.cols / self.format.block_values() * self.format.block_bytes()
     }
 
+    /// Row `r` as GGUF blocks; not for `interleaved` matrices.
     fn row(&self, r: usize) -> &[u8] {
+        debug_assert!(!self.interleaved);
         let n = self.row_bytes();
         &self.data[r * n..(r + 1) * n]
+    }
+
+    /// The eight rows `8g..8g + 8` of an `interleaved` matrix.
+    fn group(&self, g: usize) -> &[u8] {
+        let n = self.cols / K_BLOCK_VALUES * q4_k_x8::GROUP_BLOCK;
+        &self.data[g * n..(g + 1) * n]
+    }
+
+    /// Row `r` as GGUF blocks, whatever the layout.
+    fn original_row(&self, r: usize) -> std::borrow::Cow<'_, [u8]> {
+        if self.interleaved {
+            std::borrow::Cow::Owned(q4_k_x8::original_row(self.group(r / 8), r % 8))
+        } else {
+            std::borrow::Cow::Borrowed(self.row(r))
+        }
     }
 
     /// `x` is `[m, cols]` row-major; returns `x · selfᵀ`, `[m, rows]`.
@@ -244,9 +274,10 @@ impl QuantMatrix {
         // columns for all m activation rows, so a weight row is read once
         // per call, and writes a contiguous [columns, m] slice.
         let total_rows: usize = matrices.iter().map(|w| w.rows).sum();
-        // A multiple of four, for the four-row kernels.
+        // A multiple of eight, for the groups of interleaved Q4_K (and the
+        // four-row kernels).
         let per_task =
-            (total_rows / (4 * rayon::current_num_threads().max(1))).clamp(16, 1024) / 4 * 4;
+            (total_rows / (4 * rayon::current_num_threads().max(1))).clamp(16, 1024) / 8 * 8;
         let mut outs_t: Vec<Vec<f32>> = matrices.iter().map(|w| vec![0f32; w.rows * m]).collect();
         let mut tasks: Vec<(&QuantMatrix, usize, &mut [f32])> = Vec::new();
         for (w, out_t) in matrices.iter().zip(outs_t.iter_mut()) {
@@ -271,6 +302,9 @@ impl QuantMatrix {
     /// quantized activations `xq` (`m` rows), into `out` as `[columns, m]`.
     fn columns(&self, first: usize, out: &mut [f32], xq: &[u8], a_row_bytes: usize, m: usize) {
         let columns = out.len() / m;
+        if self.interleaved {
+            return self.interleaved_columns(first, out, xq, a_row_bytes, m);
+        }
         // K-quant prefill: each weight block unpacked once for all rows.
         if m > 1 && matches!(self.format, BlockFormat::Q4K | BlockFormat::Q6K) {
             let kernel = |r: usize| self.k_kernel(m, r);
@@ -309,6 +343,40 @@ impl QuantMatrix {
             for r in 0..m {
                 let kernel = self.k_kernel(m, r);
                 out[i * m + r] = self.dot(kernel, w, &xq[r * a_row_bytes..(r + 1) * a_row_bytes]);
+            }
+        }
+    }
+
+    /// [`columns`](Self::columns) of an `interleaved` matrix (`first` and
+    /// the column count are multiples of 8): activation rows four at a
+    /// time with `gemm`, the last `m % 4` (all, below 4) with `gemv`.
+    fn interleaved_columns(
+        &self,
+        first: usize,
+        out: &mut [f32],
+        xq: &[u8],
+        a_row_bytes: usize,
+        m: usize,
+    ) {
+        let activations = |r: usize| &xq[r * a_row_bytes..(r + 1) * a_row_bytes];
+        let four_at_a_time = if m >= 4 { m - m % 4 } else { 0 };
+        for (i, out) in out.chunks_exact_mut(8 * m).enumerate() {
+            let group = self.group(first / 8 + i);
+            for r0 in (0..four_at_a_time).step_by(4) {
+                let dots = simd::gemm_q4_k_x8(group, std::array::from_fn(|k| activations(r0 + k)));
+                for (k, dots) in dots.iter().enumerate() {
+                    for (c, &dot) in dots.iter().enumerate() {
+                        out[c * m + r0 + k] = dot;
+                    }
+                }
+            }
+            for r in four_at_a_time..m {
+                for (c, dot) in simd::gemv_q4_k_x8(group, activations(r))
+                    .into_iter()
+                    .enumerate()
+                {
+                    out[c * m + r] = dot;
+                }
             }
         }
     }
@@ -358,7 +426,7 @@ impl QuantMatrix {
     pub fn dequantize_rows(&self, ids: &[u32]) -> Vec<f32> {
         let mut out = Vec::with_capacity(ids.len() * self.cols);
         for &id in ids {
-            let row = self.row(id as usize);
+            let row = self.original_row(id as usize);
             for block in row.chunks_exact(self.format.block_bytes()) {
                 dequantize_block(self.format, block, &mut out);
             }
@@ -486,6 +554,7 @@ fn transposed(values: &[f32], rows: usize, m: usize) -> Vec<f32> {
 /// (AVX-512 VNNI, then AVX2), else the portable definition.
 mod simd {
     use super::portable::{self, KKernel};
+    use super::q4_k_x8;
     #[cfg(target_arch = "x86_64")]
     use super::x86::{avx2, vnni};
     use crate::simd::fast_path;
@@ -580,6 +649,32 @@ mod simd {
                     portable::dot_q6_k_q8_k(kernel(r), w, a)
                 };
             }
+        )
+    }
+
+    /// Eight interleaved Q4_K rows (one group, see [`super::q4_k_x8`])
+    /// against one Q8_K row with `gemv`'s rounding.
+    pub(super) fn gemv_q4_k_x8(group: &[u8], a: &[u8]) -> [f32; 8] {
+        fast_path!(
+            avx512_vnni => vnni::gemv_q4_k_x8(group, a),
+            avx2_fma => avx2::gemv_q4_k_x8(group, a);
+            std::array::from_fn(|r| {
+                portable::dot_q4_k_q8_k(KKernel::Gemv, &q4_k_x8::original_row(group, r), a)
+            })
+        )
+    }
+
+    /// Eight interleaved Q4_K rows against four Q8_K rows with `gemm`'s
+    /// rounding, `[activation row][output row]`.
+    pub(super) fn gemm_q4_k_x8(group: &[u8], a: [&[u8]; 4]) -> [[f32; 8]; 4] {
+        fast_path!(
+            avx512_vnni => vnni::gemm_q4_k_x8(group, a),
+            avx2_fma => avx2::gemm_q4_k_x8(group, a);
+            a.map(|a| {
+                std::array::from_fn(|r| {
+                    portable::dot_q4_k_q8_k(KKernel::Gemm, &q4_k_x8::original_row(group, r), a)
+                })
+            })
         )
     }
 
@@ -762,16 +857,26 @@ mod tests {
         for (format, rows) in [
             (BlockFormat::Q4K, 8usize),
             (BlockFormat::Q4K, 12),
+            (BlockFormat::Q4K, 48),
             (BlockFormat::Q5K, 8),
             (BlockFormat::Q6K, 8),
         ] {
             let (w, _) = random_blocks(format, rows * 2, 17); // rows of 2 blocks
-            let matrix = QuantMatrix::new("w", format, rows, 512, w).expect("matrix");
+            let matrix = QuantMatrix::new("w", format, rows, 512, w.clone()).expect("matrix");
+            let row =
+                |c: usize| &w[c * 2 * format.block_bytes()..(c + 1) * 2 * format.block_bytes()];
             let x: Vec<f32> = (0..9 * 512)
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
                 .collect();
-            for m in [1usize, 5, 9] {
+            for m in [1usize, 2, 4, 5, 8, 9] {
                 let out = matrix.matmul(&x[..m * 512], m).expect("matmul");
+                for c in 0..rows {
+                    let mut weights = Vec::new();
+                    for block in row(c).chunks_exact(format.block_bytes()) {
+                        dequantize_block(format, block, &mut weights);
+                    }
+                    assert_eq!(matrix.dequantize_rows(&[c as u32]), weights, "row {c}");
+                }
                 for r in 0..m {
                     let mut a = vec![0u8; 2 * 292];
                     quantize_activations(Activation::Q8K, &x[r * 512..(r + 1) * 512], &mut a);
@@ -779,7 +884,7 @@ mod tests {
                     for c in 0..rows {
                         assert_eq!(
                             out[r * rows + c].to_bits(),
-                            portable_dot(format, kernel, matrix.row(c), &a).to_bits(),
+                            portable_dot(format, kernel, row(c), &a).to_bits(),
                             "{format:?} rows {rows}, batch {m}, row {r} ({kernel:?}), column {c}"
                         );
                     }

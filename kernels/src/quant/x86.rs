@@ -13,6 +13,7 @@
 use std::arch::x86_64::*;
 
 use super::portable::{BlockInts, KAccumulator, KKernel, Mins, f16_at};
+use super::q4_k_x8::{D, DMIN, GROUP_BLOCK, MINS_LOW, QS, SCALES};
 
 /// How far ahead (in bytes) each weight row is prefetched: a few blocks,
 /// so that the next blocks arrive from L2/L3 while these are computed.
@@ -124,6 +125,23 @@ macro_rules! entry_points {
             ) {
                 // SAFETY: this function has the kernel's features.
                 unsafe { super::k_row_against_rows(q4_k, kernel, w, xq, a_row_bytes, out) }
+            }
+
+            /// Eight interleaved Q4_K rows against one Q8_K row, with
+            /// `gemv`'s rounding; lane `r` is output row `r`.
+            #[target_feature(enable = $features)]
+            pub(in crate::quant) fn gemv_q4_k_x8(group: &[u8], a: &[u8]) -> [f32; 8] {
+                // SAFETY: this function has the kernel's features.
+                let [out] = unsafe { super::q4_k_x8::<1>(group, [a]) };
+                out
+            }
+
+            /// Eight interleaved Q4_K rows against four Q8_K rows, with
+            /// `gemm`'s rounding; `[activation row][output row]`.
+            #[target_feature(enable = $features)]
+            pub(in crate::quant) fn gemm_q4_k_x8(group: &[u8], a: [&[u8]; 4]) -> [[f32; 8]; 4] {
+                // SAFETY: this function has the kernel's features.
+                unsafe { super::q4_k_x8::<4>(group, a) }
             }
 
             #[target_feature(enable = $features)]
@@ -730,5 +748,152 @@ unsafe fn k_row_against_rows(
     }
     for (out, acc) in out.iter_mut().zip(&accs) {
         *out = acc.finish(if q4_k { Mins::Lanes } else { Mins::None });
+    }
+}
+
+/// The scales of sub-block `s` of the eight rows of an interleaved Q4_K
+/// block (8 bytes at `p`), each in both i16 lanes of its row's i32 lane,
+/// ready for `madd` against the row's two i16 product sums.
+#[inline(always)]
+unsafe fn q4_k_x8_scales(p: *const u8) -> __m256i {
+    // SAFETY: the caller has AVX2 and passes a pointer to 8 bytes.
+    unsafe {
+        let bytes = _mm256_set1_epi64x(std::ptr::read_unaligned(p as *const i64));
+        // i16 lane `k` of each half takes byte `4·half + k / 2`, high byte 0.
+        let z = -128i8;
+        let pick = _mm256_setr_epi8(
+            0, z, 0, z, 1, z, 1, z, 2, z, 2, z, 3, z, 3, z, //
+            4, z, 4, z, 5, z, 5, z, 6, z, 6, z, 7, z, 7, z,
+        );
+        _mm256_and_si256(_mm256_shuffle_epi8(bytes, pick), _mm256_set1_epi16(63))
+    }
+}
+
+/// The minimums of the eight rows of the interleaved Q4_K block at `wb`,
+/// per pair `p` of sub-blocks: i16 lanes `2r` and `2r + 1` hold row `r`'s
+/// minimums of sub-blocks `2p` and `2p + 1`, ready for `madd` against the
+/// pair's activation sums.
+#[inline(always)]
+unsafe fn q4_k_x8_mins(wb: *const u8) -> [__m256i; 4] {
+    // SAFETY: the caller has AVX2 and passes a pointer to a group block.
+    unsafe {
+        let three = _mm256_set1_epi8(3);
+        let m4 = _mm256_set1_epi8(0x0F);
+        // The top two bits of the minimums: per 128-bit half, the scale
+        // bytes of sub-blocks 2p and 2p + 1 (rows 0..8 each), woven into
+        // row order; half h of `high[k]` is pair 2k + h.
+        let high = [0, 32].map(|at| {
+            let bytes = _mm256_loadu_si256(wb.add(SCALES + at) as *const __m256i);
+            let bits = _mm256_and_si256(_mm256_srli_epi16(bytes, 6), three);
+            let woven = _mm256_unpacklo_epi8(bits, _mm256_srli_si256(bits, 8));
+            _mm256_slli_epi16(woven, 4)
+        });
+        // Half h of the low nibbles: pair h; of the high nibbles: pair 2 + h.
+        let low = _mm256_loadu_si256(wb.add(MINS_LOW) as *const __m256i);
+        let first = _mm256_or_si256(_mm256_and_si256(low, m4), high[0]);
+        let second = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(low, 4), m4), high[1]);
+        [
+            _mm256_cvtepu8_epi16(_mm256_castsi256_si128(first)),
+            _mm256_cvtepu8_epi16(_mm256_extracti128_si256(first, 1)),
+            _mm256_cvtepu8_epi16(_mm256_castsi256_si128(second)),
+            _mm256_cvtepu8_epi16(_mm256_extracti128_si256(second, 1)),
+        ]
+    }
+}
+
+/// Eight interleaved Q4_K rows (`group`: its group blocks, see
+/// [`super::q4_k_x8`]) against `N` Q8_K rows: `N == 1` with `gemv`'s
+/// rounding, `N == 4` with `gemm`'s (the float steps of
+/// `KAccumulator::add_q4_k`, the eight outputs in the lanes of one
+/// vector). Returns `[activation row][output row]`.
+///
+/// The integers: for each 64-value group, each 4-byte chunk of quants is
+/// one load for all eight rows, its low and high nibbles multiplied by the
+/// chunk's activations broadcast to every lane; the i16 sums of a 32-value
+/// sub-block stay below 2^15 (16 products of at most 15 · 128 each), and
+/// `madd` with the sub-block's scales makes them the exact i32 pair sums.
+#[inline(always)]
+unsafe fn q4_k_x8<const N: usize>(group: &[u8], a: [&[u8]; N]) -> [[f32; 8]; N] {
+    let blocks = group.len() / GROUP_BLOCK;
+    assert!(
+        group.len() == blocks * GROUP_BLOCK && a.iter().all(|a| a.len() == blocks * 292),
+        "rows and activations differ in length"
+    );
+    // SAFETY: the caller has AVX2 and FMA; every pointer below stays
+    // inside block `b` of `group` (1152 bytes) or of an activation row
+    // (292 bytes), whose lengths are asserted above.
+    unsafe {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let mut sum = [_mm256_setzero_ps(); N];
+        let mut min_sum = [_mm256_setzero_ps(); N];
+        for b in 0..blocks {
+            let wb = group.as_ptr().add(b * GROUP_BLOCK);
+            let ab: [*const u8; N] = std::array::from_fn(|r| a[r].as_ptr().add(b * 292));
+            let xd = _mm256_cvtph_ps(_mm_loadu_si128(wb.add(D) as *const __m128i));
+            let xdmin = _mm256_cvtph_ps(_mm_loadu_si128(wb.add(DMIN) as *const __m128i));
+            let yd: [__m256; N] = std::array::from_fn(|r| _mm256_set1_ps(f32_ptr(ab[r])));
+            // Per activation row, the sums of sub-blocks 2p and 2p + 1 as
+            // the i16 halves of i32 `p`.
+            let sub_sums: [[i32; 4]; N] = std::array::from_fn(|r| {
+                let bsums = _mm256_loadu_si256(ab[r].add(260) as *const __m256i);
+                let pairs = _mm_hadd_epi16(
+                    _mm256_extracti128_si256(bsums, 0),
+                    _mm256_extracti128_si256(bsums, 1),
+                );
+                let mut sums = [0i32; 4];
+                _mm_storeu_si128(sums.as_mut_ptr() as *mut __m128i, pairs);
+                sums
+            });
+            let mins = q4_k_x8_mins(wb);
+            let mut whole = _mm256_setzero_si256();
+            let mut mins_whole = _mm256_setzero_si256();
+            for j in 0..4 {
+                let mut low = [_mm256_setzero_si256(); N];
+                let mut high = [_mm256_setzero_si256(); N];
+                for c in 0..8 {
+                    let q = _mm256_loadu_si256(wb.add(QS + 32 * (8 * j + c)) as *const __m256i);
+                    let q_low = _mm256_and_si256(q, m4);
+                    let q_high = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+                    for r in 0..N {
+                        let y = ab[r].add(4 + 64 * j + 4 * c);
+                        let y_low = _mm256_set1_epi32(std::ptr::read_unaligned(y as *const i32));
+                        let y_high =
+                            _mm256_set1_epi32(std::ptr::read_unaligned(y.add(32) as *const i32));
+                        low[r] = _mm256_add_epi16(low[r], _mm256_maddubs_epi16(q_low, y_low));
+                        high[r] = _mm256_add_epi16(high[r], _mm256_maddubs_epi16(q_high, y_high));
+                    }
+                }
+                let scales_low = q4_k_x8_scales(wb.add(SCALES + 16 * j));
+                let scales_high = q4_k_x8_scales(wb.add(SCALES + 16 * j + 8));
+                for r in 0..N {
+                    let pair = _mm256_add_epi32(
+                        _mm256_madd_epi16(low[r], scales_low),
+                        _mm256_madd_epi16(high[r], scales_high),
+                    );
+                    let pair_mins = _mm256_madd_epi16(mins[j], _mm256_set1_epi32(sub_sums[r][j]));
+                    if N == 1 {
+                        whole = _mm256_add_epi32(whole, pair);
+                        mins_whole = _mm256_add_epi32(mins_whole, pair_mins);
+                    } else {
+                        let d = _mm256_mul_ps(xd, yd[r]);
+                        let dmin = _mm256_mul_ps(xdmin, yd[r]);
+                        sum[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pair), d, sum[r]);
+                        min_sum[r] =
+                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(pair_mins), dmin, min_sum[r]);
+                    }
+                }
+            }
+            if N == 1 {
+                let d = _mm256_mul_ps(xd, yd[0]);
+                let dmin = _mm256_mul_ps(xdmin, yd[0]);
+                sum[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(whole), d, sum[0]);
+                min_sum[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(mins_whole), dmin, min_sum[0]);
+            }
+        }
+        std::array::from_fn(|r| {
+            let mut out = [0f32; 8];
+            _mm256_storeu_ps(out.as_mut_ptr(), _mm256_sub_ps(sum[r], min_sum[r]));
+            out
+        })
     }
 }
