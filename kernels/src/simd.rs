@@ -27,9 +27,10 @@
 #[cfg(target_arch = "x86_64")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct CpuFeatures {
-    /// `"avx2,fma"`: ggml's AVX2 quantized dot products.
+    /// `"avx2,fma,f16c"`: ggml's AVX2 quantized dot products (with F16C's
+    /// inline f16 conversions, which every AVX2 CPU has).
     pub(crate) avx2_fma: bool,
-    /// `"avx2,fma,avx512vnni,avx512vl"`: the same with VNNI's one-step
+    /// `"avx2,fma,f16c,avx512vnni,avx512vl"`: the same with VNNI's one-step
     /// byte dot product.
     pub(crate) avx512_vnni: bool,
     /// `"avx512f"`: ggml's AVX-512 f32 dot product, `expf` and SiLU.
@@ -41,7 +42,9 @@ impl CpuFeatures {
     /// The features of the CPU this runs on.
     #[inline]
     pub(crate) fn get() -> Self {
-        let avx2_fma = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        let avx2_fma = is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c");
         Self {
             avx2_fma,
             avx512_vnni: avx2_fma
