@@ -23,9 +23,7 @@ use super::q4_k_x8::{D, DMIN, GROUP_BLOCK, MINS_LOW, QS, SCALES};
 /// 4096 columns, one row ahead beat two and four (and a fixed 640 bytes).
 fn prefetch_next_row(wb: *const u8, row_bytes: usize) {
     // SAFETY: a prefetch is a hint that never faults, wherever it points.
-    unsafe {
-        _mm_prefetch::<_MM_HINT_T0>(wb.wrapping_add(row_bytes) as *const i8)
-    }
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(wb.wrapping_add(row_bytes) as *const i8) }
 }
 
 /// Eight i32 lanes, lane j = Σ_{t<4} u[4j+t]·s[4j+t], for u in 0..=255
@@ -187,9 +185,14 @@ macro_rules! entry_points {
                 a: &[u8],
             ) -> [f32; 4] {
                 // SAFETY: this function has the kernel's features.
-                unsafe { super::dot4_k(kernel, w, a, 210, |acc, wb, ab| {
-                    acc.add_q6_k(&super::q6_k_ints(wb, ab), f16_ptr(wb.add(208)), f32_ptr(ab))
-                }, Mins::None) }
+                unsafe {
+                    if kernel == KKernel::VecDot {
+                        return super::dot4_q6_k_vec_dot(w, a);
+                    }
+                    super::dot4_k(kernel, w, a, 210, |acc, wb, ab| {
+                        acc.add_q6_k(&super::q6_k_ints(wb, ab), f16_ptr(wb.add(208)), f32_ptr(ab))
+                    }, Mins::None)
+                }
             }
 
             #[target_feature(enable = $features)]
@@ -548,6 +551,34 @@ unsafe fn q6_k_block_lanes(block: &Q6kBlock, ab: *const u8) -> __m256i {
 unsafe fn q6_k_lanes(wb: *const u8, ab: *const u8) -> __m256i {
     // SAFETY: the caller has AVX2 and passes pointers to whole blocks.
     unsafe { q6_k_block_lanes(&q6_k_unpack(wb), ab) }
+}
+
+/// Four Q6_K rows against one Q8_K row with `vec_dot`'s rounding (decode):
+/// `KAccumulator::add_q6_k`'s eight lane FMAs as one vector FMA per block,
+/// as ggml's own loop does, and `hsum8` at the end.
+#[inline(always)]
+unsafe fn dot4_q6_k_vec_dot(w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
+    let blocks = a.len() / 292;
+    assert!(
+        w.iter().all(|w| w.len() == blocks * 210),
+        "rows and activations differ in length"
+    );
+    // SAFETY: the caller has AVX2, FMA and F16C; each row has `blocks`
+    // blocks of 210 bytes (asserted above) and `a` has `blocks` of 292.
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for b in 0..blocks {
+            let ab = a.as_ptr().add(b * 292);
+            let yd = f32_ptr(ab);
+            for (row, acc) in w.iter().zip(acc.iter_mut()) {
+                let wb = row.as_ptr().add(b * 210);
+                prefetch_next_row(wb, blocks * 210);
+                let d = _mm256_set1_ps(yd * f16_ptr(wb.add(208)));
+                *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(q6_k_lanes(wb, ab)), *acc);
+            }
+        }
+        acc.map(|acc| hsum8(acc))
+    }
 }
 
 /// The scales (low 128 bits, eight i16) and minimums (high 128 bits) of a
