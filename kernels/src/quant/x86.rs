@@ -430,7 +430,7 @@ unsafe fn rows4_signed<L: Lanes>(
         for b in 0..blocks {
             let wb: [*const u8; 4] = std::array::from_fn(|i| w[i].as_ptr().add(b * w_block));
             let dx = wb.map(|p| f16_ptr(p));
-            let qx = wb.map(|p| load(p));
+            let qx = wb.map(&load);
             let ax = qx.map(|q| _mm256_sign_epi8(q, q));
             for (r, acc) in acc.iter_mut().enumerate() {
                 let ab = xq.as_ptr().add(r * a_row_bytes + b * 34);
