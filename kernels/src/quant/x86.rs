@@ -514,15 +514,55 @@ unsafe fn q6_k_unpack(wb: *const u8) -> Q6kBlock {
             values[4 * j + 3] =
                 _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits2, 4), m15), h3);
         }
+        let scales_16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(scales as *const __m128i));
+        // Scale pair c (i16 lanes 2c and 2c + 1 of `scales_16`) spread
+        // over the low and the high half: one shuffle of the half that
+        // holds it (ggml's `get_scale_shuffle`), not eight scalar loads.
+        let halves = [
+            _mm256_broadcastsi128_si256(_mm256_castsi256_si128(scales_16)),
+            _mm256_broadcastsi128_si256(_mm256_extracti128_si256(scales_16, 1)),
+        ];
         Q6kBlock {
             values,
             scales: std::array::from_fn(|c| {
-                _mm256_set_m128i(
-                    _mm_set1_epi16(i16::from(*scales.add(2 * c + 1))),
-                    _mm_set1_epi16(i16::from(*scales.add(2 * c))),
-                )
+                let low = (4 * (c % 4)) as i8;
+                let pick = _mm256_setr_epi8(
+                    low,
+                    low + 1,
+                    low,
+                    low + 1,
+                    low,
+                    low + 1,
+                    low,
+                    low + 1, //
+                    low,
+                    low + 1,
+                    low,
+                    low + 1,
+                    low,
+                    low + 1,
+                    low,
+                    low + 1, //
+                    low + 2,
+                    low + 3,
+                    low + 2,
+                    low + 3,
+                    low + 2,
+                    low + 3,
+                    low + 2,
+                    low + 3, //
+                    low + 2,
+                    low + 3,
+                    low + 2,
+                    low + 3,
+                    low + 2,
+                    low + 3,
+                    low + 2,
+                    low + 3,
+                );
+                _mm256_shuffle_epi8(halves[c / 4], pick)
             }),
-            scales_16: _mm256_cvtepi8_epi16(_mm_loadu_si128(scales as *const __m128i)),
+            scales_16,
         }
     }
 }
