@@ -32,7 +32,16 @@ trait Lanes {
     /// # Safety
     /// The caller is compiled with the features of the module that uses
     /// this implementation.
-    unsafe fn dot_u8_i8(u: __m256i, s: __m256i) -> __m256;
+    unsafe fn dot_u8_i8(u: __m256i, s: __m256i) -> __m256 {
+        // SAFETY: as this function's.
+        unsafe { _mm256_cvtepi32_ps(Self::dot_u8_i8_i32(u, s)) }
+    }
+
+    /// The same lanes as i32.
+    ///
+    /// # Safety
+    /// As [`Lanes::dot_u8_i8`].
+    unsafe fn dot_u8_i8_i32(u: __m256i, s: __m256i) -> __m256i;
 }
 
 /// AVX2: two multiply-adds (pairs to i16, then to i32).
@@ -40,12 +49,9 @@ struct Avx2;
 
 impl Lanes for Avx2 {
     #[inline(always)]
-    unsafe fn dot_u8_i8(u: __m256i, s: __m256i) -> __m256 {
+    unsafe fn dot_u8_i8_i32(u: __m256i, s: __m256i) -> __m256i {
         // SAFETY: the caller has AVX2 (trait contract); register-only.
-        unsafe {
-            let lanes = _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
-            _mm256_cvtepi32_ps(lanes)
-        }
+        unsafe { _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)) }
     }
 }
 
@@ -54,10 +60,10 @@ struct Vnni;
 
 impl Lanes for Vnni {
     #[inline(always)]
-    unsafe fn dot_u8_i8(u: __m256i, s: __m256i) -> __m256 {
+    unsafe fn dot_u8_i8_i32(u: __m256i, s: __m256i) -> __m256i {
         // SAFETY: the caller has AVX-512 VNNI and VL (trait contract);
         // register-only.
-        unsafe { _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)) }
+        unsafe { _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s) }
     }
 }
 
@@ -148,11 +154,11 @@ macro_rules! entry_points {
                 // `load` gets a pointer to a whole block of its format.
                 unsafe {
                     match format {
-                        BlockFormat::Q4_0 => super::rows4_signed::<$lanes>(w, xq, a_row_bytes, 18, out, |wb| {
-                            _mm256_sub_epi8(super::nibbles(wb.add(2)), _mm256_set1_epi8(8))
+                        BlockFormat::Q4_0 => super::rows4_biased::<$lanes>(w, xq, a_row_bytes, 18, 8, out, |wb| {
+                            super::nibbles(wb.add(2))
                         }),
-                        BlockFormat::Q5_0 => super::rows4_signed::<$lanes>(w, xq, a_row_bytes, 22, out, |wb| {
-                            super::q5_0_bytes(wb)
+                        BlockFormat::Q5_0 => super::rows4_biased::<$lanes>(w, xq, a_row_bytes, 22, 16, out, |wb| {
+                            super::q5_0_unsigned(wb)
                         }),
                         _ => super::rows4_signed::<$lanes>(w, xq, a_row_bytes, 34, out, |wb| {
                             _mm256_loadu_si256(wb.add(2) as *const __m256i)
@@ -287,6 +293,28 @@ unsafe fn nibbles(qs: *const u8) -> __m256i {
 unsafe fn q5_0_bytes(wb: *const u8) -> __m256i {
     // SAFETY: the caller has AVX2 and passes a pointer to a 22-byte block.
     unsafe {
+        let high = _mm256_andnot_si256(q5_0_fifth_bits(wb), _mm256_set1_epi8(0xF0u8 as i8));
+        _mm256_or_si256(nibbles(wb.add(6)), high)
+    }
+}
+
+/// The 32 weights of a Q5_0 block (at `wb`) plus 16, as unsigned bytes
+/// 0..=31: the nibble with its fifth bit.
+#[inline(always)]
+unsafe fn q5_0_unsigned(wb: *const u8) -> __m256i {
+    // SAFETY: the caller has AVX2 and passes a pointer to a 22-byte block.
+    unsafe {
+        let high = _mm256_and_si256(q5_0_fifth_bits(wb), _mm256_set1_epi8(0x10));
+        _mm256_or_si256(nibbles(wb.add(6)), high)
+    }
+}
+
+/// `0xFF` in byte `i` where weight `i` of the Q5_0 block at `wb` has its
+/// fifth bit set (ggml's `bytes_from_bits_32`).
+#[inline(always)]
+unsafe fn q5_0_fifth_bits(wb: *const u8) -> __m256i {
+    // SAFETY: the caller has AVX2 and passes a pointer to a 22-byte block.
+    unsafe {
         let qh = (wb.add(2) as *const u32).read_unaligned();
         let spread = _mm256_shuffle_epi8(
             _mm256_set1_epi32(qh as i32),
@@ -297,12 +325,10 @@ unsafe fn q5_0_bytes(wb: *const u8) -> __m256i {
                 0,
             ),
         );
-        let bit_set = _mm256_cmpeq_epi8(
+        _mm256_cmpeq_epi8(
             _mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe)),
             _mm256_set1_epi64x(-1),
-        );
-        let high = _mm256_andnot_si256(bit_set, _mm256_set1_epi8(0xF0u8 as i8));
-        _mm256_or_si256(nibbles(wb.add(6)), high)
+        )
     }
 }
 
@@ -441,6 +467,55 @@ unsafe fn rows4_signed<L: Lanes>(
                     // |qx| times qy with qx's sign: unsigned × signed.
                     let q = L::dot_u8_i8(ax[i], _mm256_sign_epi8(qy, qx[i]));
                     acc[i] = _mm256_fmadd_ps(d, q, acc[i]);
+                }
+            }
+        }
+        for (out, acc) in out.iter_mut().zip(&acc) {
+            *out = acc.map(|acc| hsum8(acc));
+        }
+    }
+}
+
+/// [`rows4_signed`] for weights that `load` gives as unsigned bytes, each
+/// the weight plus `bias` (Q4_0: 8, Q5_0: 16): a lane's exact sum is
+/// `Σ (w + bias)·y - bias·Σ y`, and `bias·Σ y` is formed once per
+/// activation block for the four rows, in place of the sign trick on
+/// every product. The integer lanes, and so every float step, are
+/// [`dot4_signed`]'s.
+#[inline(always)]
+unsafe fn rows4_biased<L: Lanes>(
+    w: [&[u8]; 4],
+    xq: &[u8],
+    a_row_bytes: usize,
+    w_block: usize,
+    bias: i8,
+    out: &mut [[f32; 4]],
+    load: impl Fn(*const u8) -> __m256i,
+) {
+    let (m, blocks) = (out.len(), a_row_bytes / 34);
+    assert!(
+        w.iter().all(|w| w.len() == blocks * w_block) && xq.len() >= m * a_row_bytes,
+        "rows and activations differ in length"
+    );
+    // SAFETY: the caller has the features of `L`; each row has `blocks`
+    // blocks of `w_block` bytes and each activation row `blocks` of 34
+    // (asserted above), and every pointer below stays inside one.
+    unsafe {
+        let biases = _mm256_set1_epi8(bias);
+        let mut acc = vec![[_mm256_setzero_ps(); 4]; m];
+        for b in 0..blocks {
+            let wb: [*const u8; 4] = std::array::from_fn(|i| w[i].as_ptr().add(b * w_block));
+            let dx = wb.map(|p| _mm256_set1_ps(f16_ptr(p)));
+            let qx = wb.map(&load);
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let ab = xq.as_ptr().add(r * a_row_bytes + b * 34);
+                let dy = _mm256_set1_ps(f16_ptr(ab));
+                let qy = _mm256_loadu_si256(ab.add(2) as *const __m256i);
+                let offset = L::dot_u8_i8_i32(biases, qy);
+                for i in 0..4 {
+                    let lanes = _mm256_sub_epi32(L::dot_u8_i8_i32(qx[i], qy), offset);
+                    let d = _mm256_mul_ps(dx[i], dy);
+                    acc[i] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc[i]);
                 }
             }
         }
