@@ -154,13 +154,13 @@ macro_rules! entry_points {
                 // `load` gets a pointer to a whole block of its format.
                 unsafe {
                     match format {
-                        BlockFormat::Q4_0 => super::rows4_biased::<$lanes>(w, xq, a_row_bytes, 18, 8, out, |wb| {
+                        BlockFormat::Q4_0 => super::rows4_prefill::<$lanes>(w, xq, a_row_bytes, 18, Some(8), out, |wb| {
                             super::nibbles(wb.add(2))
                         }),
-                        BlockFormat::Q5_0 => super::rows4_biased::<$lanes>(w, xq, a_row_bytes, 22, 16, out, |wb| {
+                        BlockFormat::Q5_0 => super::rows4_prefill::<$lanes>(w, xq, a_row_bytes, 22, Some(16), out, |wb| {
                             super::q5_0_unsigned(wb)
                         }),
-                        _ => super::rows4_signed::<$lanes>(w, xq, a_row_bytes, 34, out, |wb| {
+                        _ => super::rows4_prefill::<$lanes>(w, xq, a_row_bytes, 34, None, out, |wb| {
                             _mm256_loadu_si256(wb.add(2) as *const __m256i)
                         }),
                     }
@@ -432,14 +432,24 @@ unsafe fn dot4_signed<L: Lanes>(
 }
 
 /// [`dot4_signed`] for each of the `out.len()` activation rows of `xq`
-/// (`a_row_bytes` apart), with each weight block loaded and unpacked once
-/// for all of them: the same steps, in the same order, per output.
+/// (`a_row_bytes` apart), with the same steps in the same order per
+/// output. The four rows' blocks are unpacked once into a scratch copy;
+/// then activation rows go through in pairs, the eight accumulators in
+/// registers, each weight vector read once per pair.
+///
+/// `bias`: `None` when `load` gives signed weights (Q8_0: the sign
+/// trick per product); `Some(b)` when it gives each weight plus `b` as
+/// an unsigned byte (Q4_0: 8, Q5_0: 16), for which a lane's exact sum is
+/// `Σ (w + b)·y - b·Σ y`, with `b·Σ y` formed once per activation block
+/// for the four rows. The integer lanes, and so every float step, are
+/// the same either way.
 #[inline(always)]
-unsafe fn rows4_signed<L: Lanes>(
+unsafe fn rows4_prefill<L: Lanes>(
     w: [&[u8]; 4],
     xq: &[u8],
     a_row_bytes: usize,
     w_block: usize,
+    bias: Option<i8>,
     out: &mut [[f32; 4]],
     load: impl Fn(*const u8) -> __m256i,
 ) {
@@ -452,76 +462,60 @@ unsafe fn rows4_signed<L: Lanes>(
     // blocks of `w_block` bytes and each activation row `blocks` of 34
     // (asserted above), and every pointer below stays inside one.
     unsafe {
-        let mut acc = vec![[_mm256_setzero_ps(); 4]; m];
-        for b in 0..blocks {
-            let wb: [*const u8; 4] = std::array::from_fn(|i| w[i].as_ptr().add(b * w_block));
-            let dx = wb.map(|p| f16_ptr(p));
-            let qx = wb.map(&load);
-            let ax = qx.map(|q| _mm256_sign_epi8(q, q));
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let ab = xq.as_ptr().add(r * a_row_bytes + b * 34);
-                let dy = f16_ptr(ab);
-                let qy = _mm256_loadu_si256(ab.add(2) as *const __m256i);
-                for i in 0..4 {
-                    let d = _mm256_set1_ps(dx[i] * dy);
-                    // |qx| times qy with qx's sign: unsigned × signed.
-                    let q = L::dot_u8_i8(ax[i], _mm256_sign_epi8(qy, qx[i]));
-                    acc[i] = _mm256_fmadd_ps(d, q, acc[i]);
-                }
-            }
+        let weights: Vec<([__m256i; 4], [f32; 4])> = (0..blocks)
+            .map(|b| {
+                let wb: [*const u8; 4] = std::array::from_fn(|i| w[i].as_ptr().add(b * w_block));
+                (wb.map(&load), wb.map(|p| f16_ptr(p)))
+            })
+            .collect();
+        let pairs = m / 2;
+        for p in 0..pairs {
+            let a = [2 * p, 2 * p + 1].map(|r| xq.as_ptr().add(r * a_row_bytes));
+            let [first, second] = rows_tile::<L, 2>(&weights, a, bias);
+            out[2 * p] = first;
+            out[2 * p + 1] = second;
         }
-        for (out, acc) in out.iter_mut().zip(&acc) {
-            *out = acc.map(|acc| hsum8(acc));
+        if m % 2 == 1 {
+            let [last] =
+                rows_tile::<L, 1>(&weights, [xq.as_ptr().add((m - 1) * a_row_bytes)], bias);
+            out[m - 1] = last;
         }
     }
 }
 
-/// [`rows4_signed`] for weights that `load` gives as unsigned bytes, each
-/// the weight plus `bias` (Q4_0: 8, Q5_0: 16): a lane's exact sum is
-/// `Σ (w + bias)·y - bias·Σ y`, and `bias·Σ y` is formed once per
-/// activation block for the four rows, in place of the sign trick on
-/// every product. The integer lanes, and so every float step, are
-/// [`dot4_signed`]'s.
+/// The products of unpacked weights (see [`rows4_prefill`]) with the `N`
+/// activation rows starting at `a`; `[activation row][weight row]`.
 #[inline(always)]
-unsafe fn rows4_biased<L: Lanes>(
-    w: [&[u8]; 4],
-    xq: &[u8],
-    a_row_bytes: usize,
-    w_block: usize,
-    bias: i8,
-    out: &mut [[f32; 4]],
-    load: impl Fn(*const u8) -> __m256i,
-) {
-    let (m, blocks) = (out.len(), a_row_bytes / 34);
-    assert!(
-        w.iter().all(|w| w.len() == blocks * w_block) && xq.len() >= m * a_row_bytes,
-        "rows and activations differ in length"
-    );
-    // SAFETY: the caller has the features of `L`; each row has `blocks`
-    // blocks of `w_block` bytes and each activation row `blocks` of 34
-    // (asserted above), and every pointer below stays inside one.
+unsafe fn rows_tile<L: Lanes, const N: usize>(
+    weights: &[([__m256i; 4], [f32; 4])],
+    a: [*const u8; N],
+    bias: Option<i8>,
+) -> [[f32; 4]; N] {
+    // SAFETY: the caller has the features of `L` and passes activation
+    // rows of `weights.len()` blocks of 34 bytes.
     unsafe {
-        let biases = _mm256_set1_epi8(bias);
-        let mut acc = vec![[_mm256_setzero_ps(); 4]; m];
-        for b in 0..blocks {
-            let wb: [*const u8; 4] = std::array::from_fn(|i| w[i].as_ptr().add(b * w_block));
-            let dx = wb.map(|p| _mm256_set1_ps(f16_ptr(p)));
-            let qx = wb.map(&load);
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let ab = xq.as_ptr().add(r * a_row_bytes + b * 34);
-                let dy = _mm256_set1_ps(f16_ptr(ab));
-                let qy = _mm256_loadu_si256(ab.add(2) as *const __m256i);
-                let offset = L::dot_u8_i8_i32(biases, qy);
-                for i in 0..4 {
-                    let lanes = _mm256_sub_epi32(L::dot_u8_i8_i32(qx[i], qy), offset);
-                    let d = _mm256_mul_ps(dx[i], dy);
-                    acc[i] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc[i]);
+        let biases = _mm256_set1_epi8(bias.unwrap_or(0));
+        let mut acc = [[_mm256_setzero_ps(); 4]; N];
+        for (b, (qx, dx)) in weights.iter().enumerate() {
+            let ab = a.map(|a| a.add(b * 34));
+            let dy = ab.map(|ab| f16_ptr(ab));
+            let qy = ab.map(|ab| _mm256_loadu_si256(ab.add(2) as *const __m256i));
+            let offset = qy.map(|qy| L::dot_u8_i8_i32(biases, qy));
+            for i in 0..4 {
+                for r in 0..N {
+                    let lanes = if bias.is_some() {
+                        _mm256_sub_epi32(L::dot_u8_i8_i32(qx[i], qy[r]), offset[r])
+                    } else {
+                        // |qx| times qy with qx's sign: unsigned × signed.
+                        let ax = _mm256_sign_epi8(qx[i], qx[i]);
+                        L::dot_u8_i8_i32(ax, _mm256_sign_epi8(qy[r], qx[i]))
+                    };
+                    let d = _mm256_set1_ps(dx[i] * dy[r]);
+                    acc[r][i] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc[r][i]);
                 }
             }
         }
-        for (out, acc) in out.iter_mut().zip(&acc) {
-            *out = acc.map(|acc| hsum8(acc));
-        }
+        acc.map(|acc| acc.map(|acc| hsum8(acc)))
     }
 }
 
