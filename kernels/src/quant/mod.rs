@@ -331,10 +331,10 @@ impl QuantMatrix {
         let mut dots = vec![[0f32; 4]; m];
         for q in 0..quads {
             let w = [0, 1, 2, 3].map(|i| self.row(first + col(q, i)));
-            // Prefill with Q8_0 activations: each weight block unpacked
+            // Prefill of the 32-value formats: each weight block unpacked
             // once for all activation rows.
-            if m > 1 && self.format.activation() == Activation::Q8_0 {
-                simd::rows4_q8_0(self.format, w, xq, a_row_bytes, &mut dots);
+            if m > 1 && self.format.block_values() == BLOCK_VALUES {
+                simd::prefill4(self.format, w, xq, a_row_bytes, &mut dots);
                 for (r, dots) in dots.iter().enumerate() {
                     for (i, &dot) in dots.iter().enumerate() {
                         out[col(q, i) * m + r] = dot;
@@ -690,10 +690,10 @@ mod simd {
         )
     }
 
-    /// Four Q4_0, Q5_0 or Q8_0 rows against the `out.len()` Q8_0 rows
-    /// of `xq`; `out[r]` is bit for bit the four-row kernel's result for
-    /// activation row `r`.
-    pub(super) fn rows4_q8_0(
+    /// Four Q4_0, Q4_1, Q5_0 or Q8_0 rows against the `out.len()`
+    /// activation rows of `xq`; `out[r]` is bit for bit the four-row
+    /// kernel's result for activation row `r`.
+    pub(super) fn prefill4(
         format: BlockFormat,
         w: [&[u8]; 4],
         xq: &[u8],
@@ -701,12 +701,13 @@ mod simd {
         out: &mut [[f32; 4]],
     ) {
         fast_path!(
-            avx512_vnni => vnni::rows4_q8_0(format, w, xq, a_row_bytes, out),
-            avx2_fma => avx2::rows4_q8_0(format, w, xq, a_row_bytes, out);
+            avx512_vnni => vnni::prefill4(format, w, xq, a_row_bytes, out),
+            avx2_fma => avx2::prefill4(format, w, xq, a_row_bytes, out);
             for (r, out) in out.iter_mut().enumerate() {
                 let a = &xq[r * a_row_bytes..(r + 1) * a_row_bytes];
                 *out = w.map(|w| match format {
                     BlockFormat::Q4_0 => portable::dot_q4_0_q8_0(w, a),
+                    BlockFormat::Q4_1 => portable::dot_q4_1_q8_1(w, a),
                     BlockFormat::Q5_0 => portable::dot_q5_0_q8_0(w, a),
                     _ => portable::dot_q8_0_q8_0(w, a),
                 });

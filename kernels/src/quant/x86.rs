@@ -140,10 +140,10 @@ macro_rules! entry_points {
                 unsafe { super::k_row_against_rows(q4_k, kernel, w, xq, a_row_bytes, out) }
             }
 
-            /// Four Q4_0, Q5_0 or Q8_0 weight rows against the
+            /// Four Q4_0, Q4_1, Q5_0 or Q8_0 weight rows against the
             /// `out.len()` activation rows of `xq` (prefill).
             #[target_feature(enable = $features)]
-            pub(in crate::quant) fn rows4_q8_0(
+            pub(in crate::quant) fn prefill4(
                 format: BlockFormat,
                 w: [&[u8]; 4],
                 xq: &[u8],
@@ -154,13 +154,16 @@ macro_rules! entry_points {
                 // `load` gets a pointer to a whole block of its format.
                 unsafe {
                     match format {
-                        BlockFormat::Q4_0 => super::rows4_prefill::<$lanes>(w, xq, a_row_bytes, 18, Some(8), out, |wb| {
+                        BlockFormat::Q4_0 => super::rows4_prefill::<$lanes>(w, xq, a_row_bytes, 18, Weights::Biased(8), out, |wb| {
                             super::nibbles(wb.add(2))
                         }),
-                        BlockFormat::Q5_0 => super::rows4_prefill::<$lanes>(w, xq, a_row_bytes, 22, Some(16), out, |wb| {
+                        BlockFormat::Q4_1 => super::rows4_prefill::<$lanes>(w, xq, a_row_bytes, 20, Weights::WithMinimum, out, |wb| {
+                            super::nibbles(wb.add(4))
+                        }),
+                        BlockFormat::Q5_0 => super::rows4_prefill::<$lanes>(w, xq, a_row_bytes, 22, Weights::Biased(16), out, |wb| {
                             super::q5_0_unsigned(wb)
                         }),
-                        _ => super::rows4_prefill::<$lanes>(w, xq, a_row_bytes, 34, None, out, |wb| {
+                        _ => super::rows4_prefill::<$lanes>(w, xq, a_row_bytes, 34, Weights::Signed, out, |wb| {
                             _mm256_loadu_si256(wb.add(2) as *const __m256i)
                         }),
                     }
@@ -431,91 +434,148 @@ unsafe fn dot4_signed<L: Lanes>(
     }
 }
 
-/// [`dot4_signed`] for each of the `out.len()` activation rows of `xq`
-/// (`a_row_bytes` apart), with the same steps in the same order per
-/// output. The four rows' blocks are unpacked once into a scratch copy;
-/// then activation rows go through in pairs, the eight accumulators in
-/// registers, each weight vector read once per pair.
-///
-/// `bias`: `None` when `load` gives signed weights (Q8_0: the sign
-/// trick per product); `Some(b)` when it gives each weight plus `b` as
-/// an unsigned byte (Q4_0: 8, Q5_0: 16), for which a lane's exact sum is
-/// `Σ (w + b)·y - b·Σ y`, with `b·Σ y` formed once per activation block
-/// for the four rows. The integer lanes, and so every float step, are
-/// the same either way.
+/// How a prefill kernel's weights come and multiply (see
+/// [`rows4_prefill`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Weights {
+    /// Signed bytes against Q8_0 (Q8_0): the sign trick per product.
+    Signed,
+    /// Each weight plus the bias as an unsigned byte, against Q8_0 (Q4_0:
+    /// 8, Q5_0: 16): a lane's exact sum is `Σ (w + b)·y - b·Σ y`, with
+    /// `b·Σ y` formed once per activation block for the four rows.
+    Biased(i8),
+    /// Unsigned nibbles with a block minimum, against Q8_1 (Q4_1): the
+    /// minimum times the activation block's sum accumulated apart.
+    WithMinimum,
+}
+
+/// [`dot4_signed`] (Q4_1: [`dot4_q4_1_q8_1`]) for each of the `out.len()`
+/// activation rows of `xq` (`a_row_bytes` apart), with the same steps in
+/// the same order per output: the integer lanes are exact whichever way
+/// `weights` forms them. The four rows' blocks are unpacked once into a
+/// scratch copy; then activation rows go through in pairs, the eight
+/// accumulators in registers, each weight vector read once per pair.
 #[inline(always)]
 unsafe fn rows4_prefill<L: Lanes>(
     w: [&[u8]; 4],
     xq: &[u8],
     a_row_bytes: usize,
     w_block: usize,
-    bias: Option<i8>,
+    weights: Weights,
     out: &mut [[f32; 4]],
     load: impl Fn(*const u8) -> __m256i,
 ) {
-    let (m, blocks) = (out.len(), a_row_bytes / 34);
+    let a_block = if weights == Weights::WithMinimum {
+        36
+    } else {
+        34
+    };
+    let (m, blocks) = (out.len(), a_row_bytes / a_block);
     assert!(
         w.iter().all(|w| w.len() == blocks * w_block) && xq.len() >= m * a_row_bytes,
         "rows and activations differ in length"
     );
     // SAFETY: the caller has the features of `L`; each row has `blocks`
-    // blocks of `w_block` bytes and each activation row `blocks` of 34
-    // (asserted above), and every pointer below stays inside one.
+    // blocks of `w_block` bytes and each activation row `blocks` of
+    // `a_block` (asserted above), and every pointer below stays inside one.
     unsafe {
-        let weights: Vec<([__m256i; 4], [f32; 4])> = (0..blocks)
+        let unpacked: Vec<Unpacked> = (0..blocks)
             .map(|b| {
                 let wb: [*const u8; 4] = std::array::from_fn(|i| w[i].as_ptr().add(b * w_block));
-                (wb.map(&load), wb.map(|p| f16_ptr(p)))
+                Unpacked {
+                    q: wb.map(&load),
+                    d: wb.map(|p| f16_ptr(p)),
+                    minimum: wb.map(|p| {
+                        if weights == Weights::WithMinimum {
+                            f16_ptr(p.add(2))
+                        } else {
+                            0.0
+                        }
+                    }),
+                }
             })
             .collect();
-        let pairs = m / 2;
-        for p in 0..pairs {
-            let a = [2 * p, 2 * p + 1].map(|r| xq.as_ptr().add(r * a_row_bytes));
-            let [first, second] = rows_tile::<L, 2>(&weights, a, bias);
+        let row = |r: usize| xq.as_ptr().add(r * a_row_bytes);
+        for p in 0..m / 2 {
+            let [first, second] =
+                rows_tile::<L, 2>(&unpacked, [row(2 * p), row(2 * p + 1)], weights);
             out[2 * p] = first;
             out[2 * p + 1] = second;
         }
         if m % 2 == 1 {
-            let [last] =
-                rows_tile::<L, 1>(&weights, [xq.as_ptr().add((m - 1) * a_row_bytes)], bias);
+            let [last] = rows_tile::<L, 1>(&unpacked, [row(m - 1)], weights);
             out[m - 1] = last;
         }
     }
 }
 
-/// The products of unpacked weights (see [`rows4_prefill`]) with the `N`
-/// activation rows starting at `a`; `[activation row][weight row]`.
+/// Four rows' weight block, unpacked for [`rows_tile`].
+struct Unpacked {
+    q: [__m256i; 4],
+    d: [f32; 4],
+    /// Q4_1's minimums (else unused).
+    minimum: [f32; 4],
+}
+
+/// The products of unpacked weights with the `N` activation rows starting
+/// at `a`; `[activation row][weight row]`.
 #[inline(always)]
 unsafe fn rows_tile<L: Lanes, const N: usize>(
-    weights: &[([__m256i; 4], [f32; 4])],
+    unpacked: &[Unpacked],
     a: [*const u8; N],
-    bias: Option<i8>,
+    weights: Weights,
 ) -> [[f32; 4]; N] {
     // SAFETY: the caller has the features of `L` and passes activation
-    // rows of `weights.len()` blocks of 34 bytes.
+    // rows of `unpacked.len()` blocks of the format `weights` implies.
     unsafe {
-        let biases = _mm256_set1_epi8(bias.unwrap_or(0));
+        let (a_block, qs) = match weights {
+            Weights::WithMinimum => (36, 4),
+            _ => (34, 2),
+        };
+        let bias = match weights {
+            Weights::Biased(bias) => bias,
+            _ => 0,
+        };
+        let biases = _mm256_set1_epi8(bias);
         let mut acc = [[_mm256_setzero_ps(); 4]; N];
-        for (b, (qx, dx)) in weights.iter().enumerate() {
-            let ab = a.map(|a| a.add(b * 34));
+        let mut minimums = [[0f32; 4]; N];
+        for (b, block) in unpacked.iter().enumerate() {
+            let ab = a.map(|a| a.add(b * a_block));
             let dy = ab.map(|ab| f16_ptr(ab));
-            let qy = ab.map(|ab| _mm256_loadu_si256(ab.add(2) as *const __m256i));
+            let qy = ab.map(|ab| _mm256_loadu_si256(ab.add(qs) as *const __m256i));
             let offset = qy.map(|qy| L::dot_u8_i8_i32(biases, qy));
             for i in 0..4 {
+                let qx = block.q[i];
                 for r in 0..N {
-                    let lanes = if bias.is_some() {
-                        _mm256_sub_epi32(L::dot_u8_i8_i32(qx[i], qy[r]), offset[r])
-                    } else {
+                    let lanes = match weights {
+                        Weights::Biased(_) => {
+                            _mm256_sub_epi32(L::dot_u8_i8_i32(qx, qy[r]), offset[r])
+                        }
+                        Weights::WithMinimum => L::dot_u8_i8_i32(qx, qy[r]),
                         // |qx| times qy with qx's sign: unsigned × signed.
-                        let ax = _mm256_sign_epi8(qx[i], qx[i]);
-                        L::dot_u8_i8_i32(ax, _mm256_sign_epi8(qy[r], qx[i]))
+                        Weights::Signed => {
+                            L::dot_u8_i8_i32(_mm256_sign_epi8(qx, qx), _mm256_sign_epi8(qy[r], qx))
+                        }
                     };
-                    let d = _mm256_set1_ps(dx[i] * dy[r]);
+                    let d = _mm256_set1_ps(block.d[i] * dy[r]);
                     acc[r][i] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc[r][i]);
+                    if weights == Weights::WithMinimum {
+                        minimums[r][i] += block.minimum[i] * f16_ptr(ab[r].add(2));
+                    }
                 }
             }
         }
-        acc.map(|acc| acc.map(|acc| hsum8(acc)))
+        std::array::from_fn(|r| {
+            std::array::from_fn(|i| {
+                let sum = hsum8(acc[r][i]);
+                // Q4_1 only: adding a zero elsewhere could turn -0 into +0.
+                if weights == Weights::WithMinimum {
+                    sum + minimums[r][i]
+                } else {
+                    sum
+                }
+            })
+        })
     }
 }
 
