@@ -541,11 +541,12 @@ unsafe fn rows_tile<L: Lanes, const N: usize>(
         let mut minimums = [[0f32; 4]; N];
         for (b, block) in unpacked.iter().enumerate() {
             let ab = a.map(|a| a.add(b * a_block));
-            let dy = ab.map(|ab| f16_ptr(ab));
+            let dy = ab.map(|ab| _mm256_set1_ps(f16_ptr(ab)));
             let qy = ab.map(|ab| _mm256_loadu_si256(ab.add(qs) as *const __m256i));
             let offset = qy.map(|qy| L::dot_u8_i8_i32(biases, qy));
             for i in 0..4 {
                 let qx = block.q[i];
+                let dx = _mm256_broadcast_ss(&block.d[i]);
                 for r in 0..N {
                     let lanes = match weights {
                         Weights::Biased(_) => {
@@ -557,7 +558,7 @@ unsafe fn rows_tile<L: Lanes, const N: usize>(
                             L::dot_u8_i8_i32(_mm256_sign_epi8(qx, qx), _mm256_sign_epi8(qy[r], qx))
                         }
                     };
-                    let d = _mm256_set1_ps(block.d[i] * dy[r]);
+                    let d = _mm256_mul_ps(dx, dy[r]);
                     acc[r][i] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc[r][i]);
                     if weights == Weights::WithMinimum {
                         minimums[r][i] += block.minimum[i] * f16_ptr(ab[r].add(2));
