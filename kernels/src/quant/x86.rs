@@ -154,14 +154,14 @@ macro_rules! entry_points {
                 // `load` gets a pointer to a whole block of its format.
                 unsafe {
                     match format {
-                        BlockFormat::Q4_0 => super::rows4_prefill::<$lanes>(w, xq, a_row_bytes, 18, Weights::Biased(8), out, |wb| {
-                            super::nibbles(wb.add(2))
+                        BlockFormat::Q4_0 => super::rows4_prefill::<$lanes>(w, xq, a_row_bytes, 18, Weights::SmallSigned, out, |wb| {
+                            _mm256_sub_epi8(super::nibbles(wb.add(2)), _mm256_set1_epi8(8))
                         }),
                         BlockFormat::Q4_1 => super::rows4_prefill::<$lanes>(w, xq, a_row_bytes, 20, Weights::WithMinimum, out, |wb| {
                             super::nibbles(wb.add(4))
                         }),
-                        BlockFormat::Q5_0 => super::rows4_prefill::<$lanes>(w, xq, a_row_bytes, 22, Weights::Biased(16), out, |wb| {
-                            super::q5_0_unsigned(wb)
+                        BlockFormat::Q5_0 => super::rows4_prefill::<$lanes>(w, xq, a_row_bytes, 22, Weights::SmallSigned, out, |wb| {
+                            super::q5_0_bytes(wb)
                         }),
                         _ => super::rows4_prefill::<$lanes>(w, xq, a_row_bytes, 34, Weights::Signed, out, |wb| {
                             _mm256_loadu_si256(wb.add(2) as *const __m256i)
@@ -301,17 +301,6 @@ unsafe fn q5_0_bytes(wb: *const u8) -> __m256i {
     }
 }
 
-/// The 32 weights of a Q5_0 block (at `wb`) plus 16, as unsigned bytes
-/// 0..=31: the nibble with its fifth bit.
-#[inline(always)]
-unsafe fn q5_0_unsigned(wb: *const u8) -> __m256i {
-    // SAFETY: the caller has AVX2 and passes a pointer to a 22-byte block.
-    unsafe {
-        let high = _mm256_and_si256(q5_0_fifth_bits(wb), _mm256_set1_epi8(0x10));
-        _mm256_or_si256(nibbles(wb.add(6)), high)
-    }
-}
-
 /// `0xFF` in byte `i` where weight `i` of the Q5_0 block at `wb` has its
 /// fifth bit set (ggml's `bytes_from_bits_32`).
 #[inline(always)]
@@ -440,10 +429,13 @@ unsafe fn dot4_signed<L: Lanes>(
 enum Weights {
     /// Signed bytes against Q8_0 (Q8_0): the sign trick per product.
     Signed,
-    /// Each weight plus the bias as an unsigned byte, against Q8_0 (Q4_0:
-    /// 8, Q5_0: 16): a lane's exact sum is `Σ (w + b)·y - b·Σ y`, with
-    /// `b·Σ y` formed once per activation block for the four rows.
-    Biased(i8),
+    /// Signed bytes of at most 16 in magnitude, against Q8_0 (Q4_0,
+    /// Q5_0): the activations shifted to unsigned (`y + 128`, once per
+    /// activation block), so that a lane's exact sum is
+    /// `Σ (y + 128)·w - 128·Σ w`, with `128·Σ w` formed once per weight
+    /// block for every activation row (no product of at most 255 · 16
+    /// saturates an i16 pair).
+    SmallSigned,
     /// Unsigned nibbles with a block minimum, against Q8_1 (Q4_1): the
     /// minimum times the activation block's sum accumulated apart.
     WithMinimum,
@@ -482,8 +474,10 @@ unsafe fn rows4_prefill<L: Lanes>(
         let unpacked: Vec<Unpacked> = (0..blocks)
             .map(|b| {
                 let wb: [*const u8; 4] = std::array::from_fn(|i| w[i].as_ptr().add(b * w_block));
+                let q = wb.map(&load);
                 Unpacked {
-                    q: wb.map(&load),
+                    q,
+                    shift: q.map(|q| L::dot_u8_i8_i32(_mm256_set1_epi8(-128), q)),
                     d: wb.map(|p| f16_ptr(p)),
                     minimum: wb.map(|p| {
                         if weights == Weights::WithMinimum {
@@ -512,6 +506,8 @@ unsafe fn rows4_prefill<L: Lanes>(
 /// Four rows' weight block, unpacked for [`rows_tile`].
 struct Unpacked {
     q: [__m256i; 4],
+    /// `SmallSigned`: 128 times each lane's sum of weights.
+    shift: [__m256i; 4],
     d: [f32; 4],
     /// Q4_1's minimums (else unused).
     minimum: [f32; 4],
@@ -532,25 +528,22 @@ unsafe fn rows_tile<L: Lanes, const N: usize>(
             Weights::WithMinimum => (36, 4),
             _ => (34, 2),
         };
-        let bias = match weights {
-            Weights::Biased(bias) => bias,
-            _ => 0,
-        };
-        let biases = _mm256_set1_epi8(bias);
+        let flip = _mm256_set1_epi8(-128);
         let mut acc = [[_mm256_setzero_ps(); 4]; N];
         let mut minimums = [[0f32; 4]; N];
         for (b, block) in unpacked.iter().enumerate() {
             let ab = a.map(|a| a.add(b * a_block));
             let dy = ab.map(|ab| _mm256_set1_ps(f16_ptr(ab)));
             let qy = ab.map(|ab| _mm256_loadu_si256(ab.add(qs) as *const __m256i));
-            let offset = qy.map(|qy| L::dot_u8_i8_i32(biases, qy));
+            // `SmallSigned`: y + 128 as unsigned bytes.
+            let shifted = qy.map(|qy| _mm256_xor_si256(qy, flip));
             for i in 0..4 {
                 let qx = block.q[i];
                 let dx = _mm256_broadcast_ss(&block.d[i]);
                 for r in 0..N {
                     let lanes = match weights {
-                        Weights::Biased(_) => {
-                            _mm256_sub_epi32(L::dot_u8_i8_i32(qx, qy[r]), offset[r])
+                        Weights::SmallSigned => {
+                            _mm256_sub_epi32(L::dot_u8_i8_i32(shifted[r], qx), block.shift[i])
                         }
                         Weights::WithMinimum => L::dot_u8_i8_i32(qx, qy[r]),
                         // |qx| times qy with qx's sign: unsigned × signed.
