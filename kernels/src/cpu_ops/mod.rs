@@ -365,7 +365,11 @@ mod simd {
 
     /// The 64-element steps of [`dot_f32`](super::dot_f32), reduced.
     pub(super) fn dot_f32_steps(x: &[f32], y: &[f32]) -> f32 {
-        fast_path!(avx512f => x86::dot_f32_steps(x, y); portable::dot_f32_steps(x, y))
+        fast_path!(
+            avx512f => x86::dot_f32_steps(x, y),
+            avx2_fma => x86::dot_f32_steps_avx2(x, y);
+            portable::dot_f32_steps(x, y)
+        )
     }
 
     /// SiLU(x) * u over whole 16-value chunks.

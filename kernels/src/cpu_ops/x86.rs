@@ -2,7 +2,8 @@
 //! instruction for instruction, so that they give its bits exactly. The
 //! entry points have `#[target_feature(enable = "avx512f")]`
 //! (`CpuFeatures::avx512f`); the helpers are `#[inline(always)]` without
-//! features of their own and are only ever inlined into those.
+//! features of their own and are only ever inlined into those. The f32
+//! dot product also has an AVX2 build of the same arithmetic.
 
 use std::arch::x86_64::*;
 
@@ -27,6 +28,42 @@ pub(super) fn dot_f32_steps(x: &[f32], y: &[f32]) -> f32 {
         }
         let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3]));
         reduce_add16(sum)
+    }
+}
+
+/// [`dot_f32_steps`] on AVX2 (`CpuFeatures::avx2_fma`): each 16-lane
+/// accumulator as two 8-lane halves, the same FMAs per lane, and the
+/// reduction in `_mm512_reduce_add_ps`'s order (halves, then quarters,
+/// then `(t0 + t2) + (t1 + t3)`), so the bits are the AVX-512 ones.
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn dot_f32_steps_avx2(x: &[f32], y: &[f32]) -> f32 {
+    let steps = x.len().min(y.len()) / 64;
+    // SAFETY: this function has AVX2 and FMA; every load reads 8 floats
+    // inside the first `steps * 64` elements of `x` and `y`.
+    unsafe {
+        let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+        for i in 0..steps {
+            for (j, acc) in acc.iter_mut().enumerate() {
+                for (h, acc) in acc.iter_mut().enumerate() {
+                    let at = i * 64 + 16 * j + 8 * h;
+                    *acc = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(x.as_ptr().add(at)),
+                        _mm256_loadu_ps(y.as_ptr().add(at)),
+                        *acc,
+                    );
+                }
+            }
+        }
+        let [low, high] = [0, 1].map(|h| {
+            _mm256_add_ps(
+                _mm256_add_ps(acc[0][h], acc[2][h]),
+                _mm256_add_ps(acc[1][h], acc[3][h]),
+            )
+        });
+        let t8 = _mm256_add_ps(high, low);
+        let t4 = _mm_add_ps(_mm256_extractf128_ps(t8, 1), _mm256_castps256_ps128(t8));
+        let t2 = _mm_add_ps(t4, _mm_movehl_ps(t4, t4));
+        _mm_cvtss_f32(_mm_add_ss(t2, _mm_movehdup_ps(t2)))
     }
 }
 
