@@ -144,12 +144,9 @@ pub struct QuantMatrix {
     format: BlockFormat,
     rows: usize,
     cols: usize,
-    /// The GGUF bytes, row after row, except where `interleaved`.
+    /// The GGUF bytes, row after row, except where
+    /// [`interleaved`](Self::interleaved).
     data: Vec<u8>,
-    /// Q4_K with a multiple of 8 rows, repacked eight rows at a time as
-    /// llama.cpp's x86 build does (see [`q4_k_x8`]); these matrices only
-    /// ever take the `gemv` and `gemm` kernels.
-    interleaved: bool,
 }
 
 impl std::fmt::Debug for QuantMatrix {
@@ -182,8 +179,7 @@ impl QuantMatrix {
                 got: vec![rows, cols, data.len()],
             });
         }
-        let interleaved = format == BlockFormat::Q4K && rows.is_multiple_of(8);
-        let data = if interleaved {
+        let data = if Self::repacks(format, rows) {
             q4_k_x8::repack(&data, rows, cols / K_BLOCK_VALUES)
         } else {
             data
@@ -193,8 +189,19 @@ impl QuantMatrix {
             rows,
             cols,
             data,
-            interleaved,
         })
+    }
+
+    /// Whether a matrix of `format` with `rows` rows is stored repacked:
+    /// Q4_K with a multiple of 8 rows, eight rows at a time as llama.cpp's
+    /// x86 build repacks it (see [`q4_k_x8`]), and multiplied only with
+    /// its `gemv` and `gemm` kernels.
+    fn repacks(format: BlockFormat, rows: usize) -> bool {
+        format == BlockFormat::Q4K && rows.is_multiple_of(8)
+    }
+
+    fn interleaved(&self) -> bool {
+        Self::repacks(self.format, self.rows)
     }
 
     pub fn rows(&self) -> usize {
@@ -219,7 +226,7 @@ impl QuantMatrix {
 
     /// Row `r` as GGUF blocks; not for `interleaved` matrices.
     fn row(&self, r: usize) -> &[u8] {
-        debug_assert!(!self.interleaved);
+        debug_assert!(!self.interleaved());
         let n = self.row_bytes();
         &self.data[r * n..(r + 1) * n]
     }
@@ -232,7 +239,7 @@ impl QuantMatrix {
 
     /// Row `r` as GGUF blocks, whatever the layout.
     fn original_row(&self, r: usize) -> std::borrow::Cow<'_, [u8]> {
-        if self.interleaved {
+        if self.interleaved() {
             std::borrow::Cow::Owned(q4_k_x8::original_row(self.group(r / 8), r % 8))
         } else {
             std::borrow::Cow::Borrowed(self.row(r))
@@ -302,7 +309,7 @@ impl QuantMatrix {
     /// quantized activations `xq` (`m` rows), into `out` as `[columns, m]`.
     fn columns(&self, first: usize, out: &mut [f32], xq: &[u8], a_row_bytes: usize, m: usize) {
         let columns = out.len() / m;
-        if self.interleaved {
+        if self.interleaved() {
             return self.interleaved_columns(first, out, xq, a_row_bytes, m);
         }
         // K-quant prefill: each weight block unpacked once for all rows.
@@ -398,7 +405,7 @@ impl QuantMatrix {
     fn k_kernel(&self, m: usize, r: usize) -> KKernel {
         match self.format {
             // Repacked (`q4_K_8x8_q8_K`) when the row count allows.
-            BlockFormat::Q4K if self.rows.is_multiple_of(8) => {
+            BlockFormat::Q4K if self.interleaved() => {
                 if m >= 4 && r < m - m % 4 {
                     KKernel::Gemm
                 } else {

@@ -441,6 +441,17 @@ enum Weights {
     WithMinimum,
 }
 
+impl Weights {
+    /// The activation block's bytes and where its quants start: Q8_1
+    /// (`d, s, qs`) for `WithMinimum`, else Q8_0 (`d, qs`).
+    fn activation_layout(self) -> (usize, usize) {
+        match self {
+            Weights::WithMinimum => (36, 4),
+            _ => (34, 2),
+        }
+    }
+}
+
 /// [`dot4_signed`] (Q4_1: [`dot4_q4_1_q8_1`]) for each of the `out.len()`
 /// activation rows of `xq` (`a_row_bytes` apart), with the same steps in
 /// the same order per output: the integer lanes are exact whichever way
@@ -457,11 +468,7 @@ unsafe fn rows4_prefill<L: Lanes>(
     out: &mut [[f32; 4]],
     load: impl Fn(*const u8) -> __m256i,
 ) {
-    let a_block = if weights == Weights::WithMinimum {
-        36
-    } else {
-        34
-    };
+    let (a_block, _) = weights.activation_layout();
     let (m, blocks) = (out.len(), a_row_bytes / a_block);
     assert!(
         w.iter().all(|w| w.len() == blocks * w_block) && xq.len() >= m * a_row_bytes,
@@ -477,7 +484,11 @@ unsafe fn rows4_prefill<L: Lanes>(
                 let q = wb.map(&load);
                 Unpacked {
                     q,
-                    shift: q.map(|q| L::dot_u8_i8_i32(_mm256_set1_epi8(-128), q)),
+                    shift: if weights == Weights::SmallSigned {
+                        q.map(|q| L::dot_u8_i8_i32(_mm256_set1_epi8(-128), q))
+                    } else {
+                        [_mm256_setzero_si256(); 4]
+                    },
                     d: wb.map(|p| f16_ptr(p)),
                     minimum: wb.map(|p| {
                         if weights == Weights::WithMinimum {
@@ -524,10 +535,7 @@ unsafe fn rows_tile<L: Lanes, const N: usize>(
     // SAFETY: the caller has the features of `L` and passes activation
     // rows of `unpacked.len()` blocks of the format `weights` implies.
     unsafe {
-        let (a_block, qs) = match weights {
-            Weights::WithMinimum => (36, 4),
-            _ => (34, 2),
-        };
+        let (a_block, qs) = weights.activation_layout();
         let flip = _mm256_set1_epi8(-128);
         let mut acc = [[_mm256_setzero_ps(); 4]; N];
         let mut minimums = [[0f32; 4]; N];
