@@ -3,7 +3,8 @@
 //! entry points have `#[target_feature(enable = "avx512f")]`
 //! (`CpuFeatures::avx512f`); the helpers are `#[inline(always)]` without
 //! features of their own and are only ever inlined into those. The f32
-//! dot product also has an AVX2 build of the same arithmetic.
+//! dot product, SwiGLU and the softmax exponentials also have AVX2 builds
+//! of the same arithmetic.
 
 use std::arch::x86_64::*;
 
@@ -145,6 +146,114 @@ unsafe fn v_expf16(x: __m512) -> __m512 {
             _mm512_setzero_ps(),
         );
         _mm512_mask_blend_ps(saturated, scaled, limit)
+    }
+}
+
+/// [`swiglu_chunks`] on AVX2 (`CpuFeatures::avx2_fma`): the same lanes
+/// in two 8-lane halves ([`v_expf8`]), the division and the multiply
+/// rounded as AVX-512 rounds them. Groups of 8 with an exponent only
+/// `_mm512_scalef_ps` handles in one rounding take the portable definition.
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn swiglu_chunks_avx2(x: &[f32], u: &[f32], out: &mut [f32]) {
+    let groups = x.len().min(u.len()).min(out.len()) / 16 * 2;
+    // SAFETY: this function has AVX2 and FMA; every access covers 8 floats
+    // inside the first `groups * 8` of each slice.
+    unsafe {
+        for i in 0..groups {
+            let at = 8 * i;
+            let xv = _mm256_loadu_ps(x.as_ptr().add(at));
+            let Some(e) = v_expf8(_mm256_sub_ps(_mm256_setzero_ps(), xv)) else {
+                let (x, u) = (&x[at..at + 8], &u[at..at + 8]);
+                super::portable::swiglu_chunks(x, u, &mut out[at..at + 8]);
+                continue;
+            };
+            let silu = _mm256_div_ps(xv, _mm256_add_ps(_mm256_set1_ps(1.0), e));
+            let y = _mm256_mul_ps(silu, _mm256_loadu_ps(u.as_ptr().add(at)));
+            _mm256_storeu_ps(out.as_mut_ptr().add(at), y);
+        }
+    }
+}
+
+/// [`exp_chunk`] on AVX2: two halves of [`v_expf8`] and the AVX-512
+/// reduction's order; a chunk with an exponent only `_mm512_scalef_ps`
+/// handles in one rounding takes the portable definition.
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn exp_chunk_avx2(chunk: &mut [f32], max: f32) -> f32 {
+    assert_eq!(chunk.len(), 16, "softmax chunks are 16 values");
+    // SAFETY: this function has AVX2 and FMA; the loads and stores touch
+    // the 16 floats of `chunk` (asserted above).
+    unsafe {
+        let m = _mm256_set1_ps(max);
+        let low = v_expf8(_mm256_sub_ps(_mm256_loadu_ps(chunk.as_ptr()), m));
+        let high = v_expf8(_mm256_sub_ps(_mm256_loadu_ps(chunk.as_ptr().add(8)), m));
+        let (Some(low), Some(high)) = (low, high) else {
+            return super::portable::exp_chunk(chunk, max);
+        };
+        _mm256_storeu_ps(chunk.as_mut_ptr(), low);
+        _mm256_storeu_ps(chunk.as_mut_ptr().add(8), high);
+        let t8 = _mm256_add_ps(high, low);
+        let t4 = _mm_add_ps(_mm256_extractf128_ps(t8, 1), _mm256_castps256_ps128(t8));
+        let t2 = _mm_add_ps(t4, _mm_movehl_ps(t4, t4));
+        _mm_cvtss_f32(_mm_add_ss(t2, _mm_movehdup_ps(t2)))
+    }
+}
+
+/// [`v_expf16`]'s arithmetic on 8 lanes with AVX2 and FMA. `scalef(j, n)`
+/// is `j * 2^n` rounded once: for `|n| <= 126`, 2^n is a normal float and
+/// one multiply by it rounds once too; `|n| > 192` saturates as in
+/// `v_expf16`. `None` when a lane lies between (or is NaN), for the caller
+/// to take the portable definition.
+///
+/// # Safety
+/// The caller has AVX2 and FMA.
+#[inline(always)]
+unsafe fn v_expf8(x: __m256) -> Option<__m256> {
+    let c = |bits: u32| f32::from_bits(bits);
+    // SAFETY: the caller has AVX2 and FMA; register-only operations.
+    unsafe {
+        let r = _mm256_set1_ps(c(0x4B40_0000));
+        let z = _mm256_fmadd_ps(x, _mm256_set1_ps(c(0x3FB8_AA3B)), r);
+        let n = _mm256_sub_ps(z, r);
+        let abs_n = _mm256_andnot_ps(_mm256_set1_ps(-0.0), n);
+        let saturated = _mm256_cmp_ps::<_CMP_GT_OQ>(abs_n, _mm256_set1_ps(192.0));
+        let exact = _mm256_cmp_ps::<_CMP_LE_OQ>(abs_n, _mm256_set1_ps(126.0));
+        if _mm256_movemask_ps(_mm256_or_ps(saturated, exact)) != 0xFF {
+            return None;
+        }
+        let b = _mm256_fnmadd_ps(
+            n,
+            _mm256_set1_ps(c(0x35BF_BE8E)),
+            _mm256_fnmadd_ps(n, _mm256_set1_ps(c(0x3F31_7200)), x),
+        );
+        let u = _mm256_mul_ps(b, b);
+        let j = _mm256_fmadd_ps(
+            _mm256_fmadd_ps(
+                _mm256_fmadd_ps(
+                    _mm256_set1_ps(c(0x3C07_2010)),
+                    b,
+                    _mm256_set1_ps(c(0x3D2B_9F17)),
+                ),
+                u,
+                _mm256_fmadd_ps(
+                    _mm256_set1_ps(c(0x3E2A_AF33)),
+                    b,
+                    _mm256_set1_ps(c(0x3EFF_FEDB)),
+                ),
+            ),
+            u,
+            _mm256_fmadd_ps(_mm256_set1_ps(c(0x3F7F_FFF6)), b, _mm256_set1_ps(1.0)),
+        );
+        // 2^n from n's bits; saturated lanes are replaced below.
+        let biased = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+        let two_to_n = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(biased));
+        let scaled = _mm256_mul_ps(j, two_to_n);
+        let non_positive = _mm256_cmp_ps::<_CMP_LE_OQ>(n, _mm256_setzero_ps());
+        let limit = _mm256_blendv_ps(
+            _mm256_set1_ps(f32::INFINITY),
+            _mm256_setzero_ps(),
+            non_positive,
+        );
+        Some(_mm256_blendv_ps(scaled, limit, saturated))
     }
 }
 
