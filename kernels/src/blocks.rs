@@ -60,7 +60,20 @@ pub(crate) fn scale(x: &Tensor, factor: f32) -> Result<Tensor> {
 /// The residual addition `x + y`.
 pub(crate) fn add(x: &Tensor, y: &Tensor) -> Result<Tensor> {
     let _add = profile::span(Op::Elementwise);
-    Ok((x + y)?)
+    if x.device().is_cpu() {
+        cpu_ops::add(x, y)
+    } else {
+        Ok((x + y)?)
+    }
+}
+
+/// `x + bias` for each row of `x`.
+fn add_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        cpu_ops::add_row(x, bias)
+    } else {
+        Ok(x.broadcast_add(bias)?)
+    }
 }
 
 /// Additive causal mask `[n, position + n]`: query `i` (at absolute
@@ -260,9 +273,9 @@ impl Attention {
             _ => return Err(candle_core::Error::Msg("a product went missing".into()).into()),
         };
         if let Some(b) = &self.biases {
-            q = q.broadcast_add(&b.q)?;
-            k = k.broadcast_add(&b.k)?;
-            v = v.broadcast_add(&b.v)?;
+            q = add_bias(&q, &b.q)?;
+            k = add_bias(&k, &b.k)?;
+            v = add_bias(&v, &b.v)?;
         }
         if let Some(norm) = &self.qk_norm {
             let (n, d, eps) = (h.dim(0)?, step.config.head_dim, step.config.rms_norm_eps);

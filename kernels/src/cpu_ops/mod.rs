@@ -50,6 +50,47 @@ pub(crate) fn rms_norm_mul(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
     Ok(Tensor::from_vec(out, x.shape(), &Device::Cpu)?)
 }
 
+/// `x + y` for two f32 tensors of one shape (the residual additions), one
+/// f32 add per value on the calling thread. Candle's binary ops hand large
+/// tensors to a pool of its own whose threads then spin, taking the cores
+/// the matmuls' pool runs on (about a sixth of a 2-core prefill).
+pub(crate) fn add(x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    if x.shape() != y.shape() {
+        return Err(candle_core::Error::Msg(format!(
+            "cpu add: shapes {:?} and {:?} differ",
+            x.shape(),
+            y.shape()
+        ))
+        .into());
+    }
+    let out = with_f32(x, |x| {
+        with_f32(y, |y| {
+            x.iter().zip(y).map(|(a, b)| a + b).collect::<Vec<f32>>()
+        })
+    })??;
+    Ok(Tensor::from_vec(out, x.shape(), &Device::Cpu)?)
+}
+
+/// `x + bias` for each row of `x` (`[rows, bias.len()]`): the Q, K, V
+/// biases, as [`add`] (ggml ADD with a broadcast row).
+pub(crate) fn add_row(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let bias = bias.flatten_all()?.to_vec1::<f32>()?;
+    let cols = x.dim(candle_core::D::Minus1)?;
+    if cols != bias.len() {
+        return Err(candle_core::Error::Msg(format!(
+            "cpu bias add: rows of {cols} values, a bias of {}",
+            bias.len()
+        ))
+        .into());
+    }
+    let out = with_f32(x, |x| {
+        x.chunks_exact(cols)
+            .flat_map(|row| row.iter().zip(&bias).map(|(a, b)| a + b))
+            .collect::<Vec<f32>>()
+    })?;
+    Ok(Tensor::from_vec(out, x.shape(), &Device::Cpu)?)
+}
+
 // ---------------------------------------------------------------------------
 // Reductions, written lane by lane as ggml's AVX-512 build performs them
 // ---------------------------------------------------------------------------
