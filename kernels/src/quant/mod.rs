@@ -274,9 +274,12 @@ impl QuantMatrix {
         }
         let a_row_bytes = cols / activation.block_values() * activation.block_bytes();
         let mut xq = vec![0u8; m * a_row_bytes];
-        for (row, out) in x.chunks_exact(cols).zip(xq.chunks_exact_mut(a_row_bytes)) {
-            quantize_activations(activation, row, out);
-        }
+        // Rows are independent: a prompt's rows share the compute pool
+        // (one thread alone took a few percent of a prefill).
+        xq.par_chunks_exact_mut(a_row_bytes)
+            .zip(x.par_chunks_exact(cols))
+            .with_min_len(8)
+            .for_each(|(out, row)| quantize_activations(activation, row, out));
         // Columns (weight rows) are split into tasks; each task computes its
         // columns for all m activation rows, so a weight row is read once
         // per call, and writes a contiguous [columns, m] slice.
