@@ -9,6 +9,8 @@
 //! `x86` ggml's code itself, and `simd` picks one at run time (see
 //! `crate::simd` for the convention).
 
+use std::ops::Range;
+
 use candle_core::{Device, Storage, Tensor};
 use rayon::prelude::*;
 
@@ -312,10 +314,12 @@ pub(crate) fn attention(q: &[f32], keys: &[f32], values: &[f32], s: &AttentionSh
                 };
             }
             softmax_in_place(scores);
+            // The masked keys' weights are exactly zero: they add nothing.
+            let keys = first_visible..visible;
             if tiny_blas {
-                weighted_sum_tiny_blas(v_head, &scores[..len], d, out_row);
+                weighted_sum_tiny_blas(v_head, &scores[..len], keys, d, out_row);
             } else {
-                weighted_sum_vec_dot(v_head, &scores[..len], d, out_row);
+                weighted_sum_vec_dot(v_head, &scores[..len], keys, d, out_row);
             }
         },
     );
@@ -324,11 +328,14 @@ pub(crate) fn attention(q: &[f32], keys: &[f32], values: &[f32], s: &AttentionSh
 
 /// `out[c] = Σ_j p[j] · v[j][c]` for every `c`, each sum with exactly the
 /// lanes and order of `dot_f32` over a window padded with zeros (which add
-/// nothing), but walking `v` by rows so the loads are contiguous.
-fn weighted_sum_vec_dot(v: &[f32], p: &[f32], d: usize, out: &mut [f32]) {
+/// nothing), but walking `v` by rows so the loads are contiguous. Only
+/// the rows `keys` are read: every other weight in `p` must be zero, and
+/// so adds nothing either (an FMA with a zero product returns the
+/// accumulator, which starts at +0 and so is never -0).
+fn weighted_sum_vec_dot(v: &[f32], p: &[f32], keys: Range<usize>, d: usize, out: &mut [f32]) {
     // acc[g][l][c]: accumulator g (of 4), lane l (of 16), output c.
     let mut acc = vec![0f32; 4 * 16 * d];
-    for (j, &pj) in p.iter().enumerate() {
+    for (j, &pj) in p.iter().enumerate().take(keys.end).skip(keys.start) {
         let slot = &mut acc[((j % 64) / 16 * 16 + j % 16) * d..][..d];
         for (a, &vc) in slot.iter_mut().zip(&v[j * d..(j + 1) * d]) {
             *a = vc.mul_add(pj, *a);
@@ -368,9 +375,9 @@ fn reduce_add16_columns(lanes: &[f32], d: usize, out: &mut [f32]) {
 }
 
 /// As [`weighted_sum_vec_dot`], with tinyBLAS's single 16-lane accumulator.
-fn weighted_sum_tiny_blas(v: &[f32], p: &[f32], d: usize, out: &mut [f32]) {
+fn weighted_sum_tiny_blas(v: &[f32], p: &[f32], keys: Range<usize>, d: usize, out: &mut [f32]) {
     let mut acc = vec![0f32; 16 * d];
-    for (j, &pj) in p.iter().enumerate() {
+    for (j, &pj) in p.iter().enumerate().take(keys.end).skip(keys.start) {
         let slot = &mut acc[(j % 16) * d..][..d];
         for (a, &vc) in slot.iter_mut().zip(&v[j * d..(j + 1) * d]) {
             *a = vc.mul_add(pj, *a);
@@ -621,21 +628,34 @@ mod tests {
     #[test]
     fn row_walking_weighted_sums_equal_the_column_dots() {
         for (len, d) in [(150usize, 8usize), (200, 64), (17, 128)] {
-            weighted_sums_match(len, d);
+            weighted_sums_match(len, d, 0..len);
         }
+        // A causal row (keys after the query masked) and a sliding window.
+        weighted_sums_match(150, 64, 0..77);
+        weighted_sums_match(150, 64, 40..113);
     }
 
-    fn weighted_sums_match(len: usize, d: usize) {
+    /// The sums reading only `keys`, against the dots over every key with
+    /// zero weights outside `keys`.
+    fn weighted_sums_match(len: usize, d: usize, keys: Range<usize>) {
         let v: Vec<f32> = (0..len * d)
             .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 37.0)
             .collect();
-        let p: Vec<f32> = (0..len).map(|j| ((j * 31 % 97) as f32) / 3001.0).collect();
+        let p: Vec<f32> = (0..len)
+            .map(|j| {
+                if keys.contains(&j) {
+                    ((j * 31 % 97) as f32) / 3001.0
+                } else {
+                    0.0
+                }
+            })
+            .collect();
         let padded = len.div_ceil(64) * 64;
         let mut p_pad = p.clone();
         p_pad.resize(padded, 0.0);
         let (mut a, mut b) = (vec![0f32; d], vec![0f32; d]);
-        weighted_sum_vec_dot(&v, &p, d, &mut a);
-        weighted_sum_tiny_blas(&v, &p, d, &mut b);
+        weighted_sum_vec_dot(&v, &p, keys.clone(), d, &mut a);
+        weighted_sum_tiny_blas(&v, &p, keys, d, &mut b);
         for c in 0..d {
             let mut col: Vec<f32> = (0..len).map(|j| v[j * d + c]).collect();
             col.resize(padded, 0.0);
