@@ -109,6 +109,19 @@ pub(crate) fn dot_f32(x: &[f32], y: &[f32]) -> f32 {
     s
 }
 
+/// [`dot_f32`] of each `y.len()`-long row of `rows` with `y`, into `out`
+/// (one per row): the keys' scores against one query.
+pub(crate) fn dot_f32_rows(rows: &[f32], y: &[f32], out: &mut [f32]) {
+    let d = y.len();
+    let np = d & !63;
+    simd::dot_f32_steps_rows(rows, d, &y[..np], out);
+    for (row, s) in rows.chunks_exact(d).zip(out.iter_mut()) {
+        for e in np..d {
+            *s = row[e].mul_add(y[e], *s);
+        }
+    }
+}
+
 /// llamafile's tinyBLAS f32 kernel for one output: one 16-lane FMA
 /// accumulator stepping through `k` (a multiple of 16), then reduced. The
 /// definition that `weighted_sum_tiny_blas` is tested against.
@@ -306,13 +319,10 @@ pub(crate) fn attention(q: &[f32], keys: &[f32], values: &[f32], s: &AttentionSh
             let q_row = &q[row * d..(row + 1) * d];
             let visible = position + i + 1;
             let first_visible = window.map_or(0, |w| visible.saturating_sub(w));
-            for (j, score) in scores.iter_mut().enumerate() {
-                *score = if j < visible && j >= first_visible {
-                    dot_f32(&k_head[j * d..(j + 1) * d], q_row) * scale
-                } else {
-                    f32::NEG_INFINITY
-                };
-            }
+            scores.fill(f32::NEG_INFINITY);
+            let seen = &mut scores[first_visible..visible];
+            dot_f32_rows(&k_head[first_visible * d..visible * d], q_row, seen);
+            seen.iter_mut().for_each(|score| *score *= scale);
             softmax_in_place(scores);
             // The masked keys' weights are exactly zero: they add nothing.
             let keys = first_visible..visible;
@@ -417,6 +427,16 @@ mod simd {
             avx512f => x86::dot_f32_steps(x, y),
             avx2_fma => x86::dot_f32_steps_avx2(x, y);
             portable::dot_f32_steps(x, y)
+        )
+    }
+
+    /// [`dot_f32_steps`] of each `d`-long row of `rows` (over its first
+    /// `y.len()` values) with `y`, into `out`.
+    pub(super) fn dot_f32_steps_rows(rows: &[f32], d: usize, y: &[f32], out: &mut [f32]) {
+        fast_path!(
+            avx512f => x86::dot_f32_steps_rows(rows, d, y, out),
+            avx2_fma => x86::dot_f32_steps_rows_avx2(rows, d, y, out);
+            portable::dot_f32_steps_rows(rows, d, y, out)
         )
     }
 
@@ -528,6 +548,21 @@ mod tests {
                     dot_f32_steps(&x, &y).to_bits(),
                     dot_f32_steps_portable(&x, &y).to_bits()
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn row_dots_equal_one_dot_per_row() {
+        for d in [40usize, 64, 72, 128, 256] {
+            let rows: Vec<f32> = (0..9 * d)
+                .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 37.0)
+                .collect();
+            let y: Vec<f32> = (0..d).map(|i| ((i * 31 % 97) as f32 - 48.0) / 301.0).collect();
+            let mut out = vec![0f32; 9];
+            dot_f32_rows(&rows, &y, &mut out);
+            for (row, got) in rows.chunks_exact(d).zip(&out) {
+                assert_eq!(got.to_bits(), dot_f32(row, &y).to_bits(), "d = {d}");
             }
         }
     }

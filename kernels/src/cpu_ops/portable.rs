@@ -62,6 +62,14 @@ pub(super) fn dot_f32_steps(x: &[f32], y: &[f32]) -> f32 {
     reduce_add16(&sum)
 }
 
+/// [`dot_f32_steps`] of each `d`-long row of `rows`, over its first
+/// `y.len()` values, with `y`.
+pub(super) fn dot_f32_steps_rows(rows: &[f32], d: usize, y: &[f32], out: &mut [f32]) {
+    for (row, s) in rows.chunks_exact(d).zip(out.iter_mut()) {
+        *s = dot_f32_steps(&row[..y.len()], y);
+    }
+}
+
 /// `(x / (1 + v_expf(0 - x))) * u` over whole 16-value chunks:
 /// `ggml_v_silu` and the multiply.
 pub(super) fn swiglu_chunks(x: &[f32], u: &[f32], out: &mut [f32]) {

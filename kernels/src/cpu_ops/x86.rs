@@ -68,6 +68,24 @@ pub(super) fn dot_f32_steps_avx2(x: &[f32], y: &[f32]) -> f32 {
     }
 }
 
+/// [`dot_f32_steps`] of each `d`-long row of `rows`, over its first
+/// `y.len()` values, with `y`: one call for all of a query's keys, so
+/// that the products inline and the rows' reductions overlap.
+#[target_feature(enable = "avx512f")]
+pub(super) fn dot_f32_steps_rows(rows: &[f32], d: usize, y: &[f32], out: &mut [f32]) {
+    for (row, s) in rows.chunks_exact(d).zip(out.iter_mut()) {
+        *s = dot_f32_steps(&row[..y.len()], y);
+    }
+}
+
+/// [`dot_f32_steps_rows`] with [`dot_f32_steps_avx2`].
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn dot_f32_steps_rows_avx2(rows: &[f32], d: usize, y: &[f32], out: &mut [f32]) {
+    for (row, s) in rows.chunks_exact(d).zip(out.iter_mut()) {
+        *s = dot_f32_steps_avx2(&row[..y.len()], y);
+    }
+}
+
 /// `(x / (1 + v_expf(0 - x))) * u` over whole 16-value chunks:
 /// `ggml_v_silu` and the multiply.
 #[target_feature(enable = "avx512f")]
