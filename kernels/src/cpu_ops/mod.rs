@@ -98,8 +98,10 @@ pub(crate) fn add_row(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
 // ---------------------------------------------------------------------------
 
 /// `ggml_vec_dot_f32`: four 16-lane FMA accumulators over 64-element steps,
-/// folded 0+2, 1+3, then 0+1, then reduced; leftovers added in order.
-pub(crate) fn dot_f32(x: &[f32], y: &[f32]) -> f32 {
+/// folded 0+2, 1+3, then 0+1, then reduced; leftovers added in order. The
+/// definition [`dot_f32_rows`] is tested against.
+#[cfg(test)]
+fn dot_f32(x: &[f32], y: &[f32]) -> f32 {
     let n = x.len().min(y.len());
     let np = n & !63;
     let mut s = simd::dot_f32_steps(&x[..np], &y[..np]);
@@ -421,7 +423,8 @@ mod simd {
     use super::x86;
     use crate::simd::fast_path;
 
-    /// The 64-element steps of [`dot_f32`](super::dot_f32), reduced.
+    /// The 64-element steps of `dot_f32`, reduced.
+    #[cfg(test)]
     pub(super) fn dot_f32_steps(x: &[f32], y: &[f32]) -> f32 {
         fast_path!(
             avx512f => x86::dot_f32_steps(x, y),
@@ -558,7 +561,9 @@ mod tests {
             let rows: Vec<f32> = (0..9 * d)
                 .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 37.0)
                 .collect();
-            let y: Vec<f32> = (0..d).map(|i| ((i * 31 % 97) as f32 - 48.0) / 301.0).collect();
+            let y: Vec<f32> = (0..d)
+                .map(|i| ((i * 31 % 97) as f32 - 48.0) / 301.0)
+                .collect();
             let mut out = vec![0f32; 9];
             dot_f32_rows(&rows, &y, &mut out);
             for (row, got) in rows.chunks_exact(d).zip(&out) {

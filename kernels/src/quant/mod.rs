@@ -41,10 +41,12 @@ use crate::error::{KernelError, Result};
 
 mod portable;
 mod q4_k_x8;
+mod task_output;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
 use portable::{KKernel, f16_at, nibble};
+use task_output::TaskOutput;
 
 /// Values per block in the 32-value formats (Q4_0, Q4_1, Q5_0, Q8_0).
 pub const BLOCK_VALUES: usize = 32;
@@ -282,30 +284,29 @@ impl QuantMatrix {
             .for_each(|(out, row)| quantize_activations(activation, row, out));
         // Columns (weight rows) are split into tasks; each task computes its
         // columns for all m activation rows, so a weight row is read once
-        // per call, and writes a contiguous [columns, m] slice.
+        // per call, into a `[columns, m]` buffer of its own that it then
+        // writes into place while it is still in cache.
         let total_rows: usize = matrices.iter().map(|w| w.rows).sum();
         // A multiple of eight, for the groups of interleaved Q4_K (and the
         // four-row kernels).
         let per_task =
             (total_rows / (4 * rayon::current_num_threads().max(1))).clamp(16, 1024) / 8 * 8;
-        let mut outs_t: Vec<Vec<f32>> = matrices.iter().map(|w| vec![0f32; w.rows * m]).collect();
-        let mut tasks: Vec<(&QuantMatrix, usize, &mut [f32])> = Vec::new();
-        for (w, out_t) in matrices.iter().zip(outs_t.iter_mut()) {
-            for (chunk, out) in out_t.chunks_mut(per_task * m).enumerate() {
-                tasks.push((w, chunk * per_task, out));
+        let mut outs: Vec<Vec<f32>> = matrices.iter().map(|w| vec![0f32; w.rows * m]).collect();
+        let mut tasks: Vec<(&QuantMatrix, TaskOutput)> = Vec::new();
+        for (w, out) in matrices.iter().zip(outs.iter_mut()) {
+            for task in TaskOutput::split(out, w.rows, m, per_task) {
+                tasks.push((w, task));
             }
         }
         tasks
             .into_par_iter()
-            .for_each(|(w, first, out)| w.columns(first, out, &xq, a_row_bytes, m));
-        if m == 1 {
-            return Ok(outs_t);
-        }
-        Ok(matrices
-            .iter()
-            .zip(outs_t)
-            .map(|(w, out_t)| transposed(&out_t, w.rows, m))
-            .collect())
+            .for_each_init(Vec::new, |local, (w, mut out)| {
+                local.clear();
+                local.resize(out.columns() * m, 0f32);
+                w.columns(out.first(), local, &xq, a_row_bytes, m);
+                out.write_transposed(local);
+            });
+        Ok(outs)
     }
 
     /// Columns `first..first + out.len() / m` of the product with the
@@ -548,28 +549,6 @@ fn quantize_q8_k(x: &[f32], out: &mut [u8]) {
         }
         block[0..4].copy_from_slice(&(1.0 / iscale).to_le_bytes());
     }
-}
-
-/// `[rows, m]` → `[m, rows]`, in tiles that stay in cache, the output's
-/// row blocks shared out to the compute pool.
-fn transposed(values: &[f32], rows: usize, m: usize) -> Vec<f32> {
-    const TILE: usize = 16;
-    let mut out = vec![0f32; rows * m];
-    out.par_chunks_mut(TILE * rows)
-        .enumerate()
-        .for_each(|(block, out_rows)| {
-            let r0 = block * TILE;
-            let height = out_rows.len() / rows;
-            for c0 in (0..rows).step_by(TILE) {
-                for c in c0..(c0 + TILE).min(rows) {
-                    let column = &values[c * m + r0..c * m + r0 + height];
-                    for (i, v) in column.iter().enumerate() {
-                        out_rows[i * rows + c] = *v;
-                    }
-                }
-            }
-        });
-    out
 }
 
 /// The dot products used at run time: the fastest version this CPU runs
