@@ -340,12 +340,18 @@ impl QuantMatrix {
         let quads = columns / 4;
         let col = |q: usize, i: usize| q + i * quads;
         let mut dots = vec![[0f32; 4]; m];
+        let prefill = m > 1 && self.format.block_values() == BLOCK_VALUES;
+        let scales = if prefill {
+            ActivationScales::new(self.format.activation(), xq)
+        } else {
+            ActivationScales::default()
+        };
         for q in 0..quads {
             let w = [0, 1, 2, 3].map(|i| self.row(first + col(q, i)));
             // Prefill of the 32-value formats: each weight block unpacked
             // once for all activation rows.
-            if m > 1 && self.format.block_values() == BLOCK_VALUES {
-                simd::prefill4(self.format, w, xq, a_row_bytes, &mut dots);
+            if prefill {
+                simd::prefill4(self.format, w, xq, a_row_bytes, &scales, &mut dots);
                 for (r, dots) in dots.iter().enumerate() {
                     for (i, &dot) in dots.iter().enumerate() {
                         out[col(q, i) * m + r] = dot;
@@ -458,6 +464,31 @@ impl QuantMatrix {
     }
 }
 
+/// The f16 scales of quantized activation blocks (and Q8_1's sums) as
+/// f32, `[rows, blocks]`: converted once per task for the prefill
+/// kernels, not once for every four weight rows.
+#[derive(Default)]
+struct ActivationScales {
+    d: Vec<f32>,
+    /// Q8_1 only: `d · Σ q` of each block.
+    s: Vec<f32>,
+}
+
+impl ActivationScales {
+    /// The scales of every block of `xq`, Q8_0 or Q8_1 blocks.
+    fn new(activation: Activation, xq: &[u8]) -> Self {
+        debug_assert!(activation != Activation::Q8K, "32-value activation blocks");
+        let blocks = xq.chunks_exact(activation.block_bytes());
+        let d = blocks.clone().map(|block| f16_at(block, 0)).collect();
+        let s = if activation == Activation::Q8_1 {
+            blocks.map(|block| f16_at(block, 2)).collect()
+        } else {
+            Vec::new()
+        };
+        Self { d, s }
+    }
+}
+
 /// One block as f32, as ggml's `dequantize_row_*` (compiled without FMA
 /// contraction in ggml-base) computes it for `get_rows`.
 fn dequantize_block(format: BlockFormat, block: &[u8], out: &mut Vec<f32>) {
@@ -557,7 +588,7 @@ mod simd {
     use super::portable::{self, KKernel};
     #[cfg(target_arch = "x86_64")]
     use super::x86::{avx2, vnni};
-    use super::{BlockFormat, q4_k_x8};
+    use super::{ActivationScales, BlockFormat, q4_k_x8};
     use crate::simd::fast_path;
 
     pub(super) fn dot_q4_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
@@ -687,19 +718,23 @@ mod simd {
         w: [&[u8]; 4],
         xq: &[u8],
         a_row_bytes: usize,
+        scales: &ActivationScales,
         out: &mut [[f32; 4]],
     ) {
         fast_path!(
-            avx512_vnni => vnni::prefill4(format, w, xq, a_row_bytes, out),
-            avx2_fma => avx2::prefill4(format, w, xq, a_row_bytes, out);
-            for (r, out) in out.iter_mut().enumerate() {
-                let a = &xq[r * a_row_bytes..(r + 1) * a_row_bytes];
-                *out = w.map(|w| match format {
-                    BlockFormat::Q4_0 => portable::dot_q4_0_q8_0(w, a),
-                    BlockFormat::Q4_1 => portable::dot_q4_1_q8_1(w, a),
-                    BlockFormat::Q5_0 => portable::dot_q5_0_q8_0(w, a),
-                    _ => portable::dot_q8_0_q8_0(w, a),
-                });
+            avx512_vnni => vnni::prefill4(format, w, xq, a_row_bytes, scales, out),
+            avx2_fma => avx2::prefill4(format, w, xq, a_row_bytes, scales, out);
+            {
+                let _ = scales; // the portable dots read the blocks' own scales
+                for (r, out) in out.iter_mut().enumerate() {
+                    let a = &xq[r * a_row_bytes..(r + 1) * a_row_bytes];
+                    *out = w.map(|w| match format {
+                        BlockFormat::Q4_0 => portable::dot_q4_0_q8_0(w, a),
+                        BlockFormat::Q4_1 => portable::dot_q4_1_q8_1(w, a),
+                        BlockFormat::Q5_0 => portable::dot_q5_0_q8_0(w, a),
+                        _ => portable::dot_q8_0_q8_0(w, a),
+                    });
+                }
             }
         )
     }

@@ -12,9 +12,9 @@
 
 use std::arch::x86_64::*;
 
-use super::BlockFormat;
 use super::portable::{BlockInts, KAccumulator, KKernel, Mins};
 use super::q4_k_x8::{D, DMIN, GROUP_BLOCK, MINS_LOW, QS, SCALES};
+use super::{ActivationScales, BlockFormat};
 
 /// Each of the four rows of a four-row product is prefetched one row
 /// ahead, at the block it is computing: the caller reads each of the four
@@ -148,22 +148,23 @@ macro_rules! entry_points {
                 w: [&[u8]; 4],
                 xq: &[u8],
                 a_row_bytes: usize,
+                scales: &ActivationScales,
                 out: &mut [[f32; 4]],
             ) {
                 // SAFETY: this function has the kernel's features; each
                 // `load` gets a pointer to a whole block of its format.
                 unsafe {
                     match format {
-                        BlockFormat::Q4_0 => super::rows4_prefill::<$lanes>(w, xq, a_row_bytes, 18, Weights::SmallSigned, out, |wb| {
+                        BlockFormat::Q4_0 => super::rows4_prefill::<$lanes>(w, xq, a_row_bytes, scales, 18, Weights::SmallSigned, out, |wb| {
                             _mm256_sub_epi8(super::nibbles(wb.add(2)), _mm256_set1_epi8(8))
                         }),
-                        BlockFormat::Q4_1 => super::rows4_prefill::<$lanes>(w, xq, a_row_bytes, 20, Weights::WithMinimum, out, |wb| {
+                        BlockFormat::Q4_1 => super::rows4_prefill::<$lanes>(w, xq, a_row_bytes, scales, 20, Weights::WithMinimum, out, |wb| {
                             super::nibbles(wb.add(4))
                         }),
-                        BlockFormat::Q5_0 => super::rows4_prefill::<$lanes>(w, xq, a_row_bytes, 22, Weights::SmallSigned, out, |wb| {
+                        BlockFormat::Q5_0 => super::rows4_prefill::<$lanes>(w, xq, a_row_bytes, scales, 22, Weights::SmallSigned, out, |wb| {
                             super::q5_0_bytes(wb)
                         }),
-                        _ => super::rows4_prefill::<$lanes>(w, xq, a_row_bytes, 34, Weights::Signed, out, |wb| {
+                        _ => super::rows4_prefill::<$lanes>(w, xq, a_row_bytes, scales, 34, Weights::Signed, out, |wb| {
                             _mm256_loadu_si256(wb.add(2) as *const __m256i)
                         }),
                     }
@@ -463,6 +464,7 @@ unsafe fn rows4_prefill<L: Lanes>(
     w: [&[u8]; 4],
     xq: &[u8],
     a_row_bytes: usize,
+    scales: &ActivationScales,
     w_block: usize,
     weights: Weights,
     out: &mut [[f32; 4]],
@@ -470,13 +472,18 @@ unsafe fn rows4_prefill<L: Lanes>(
 ) {
     let (a_block, _) = weights.activation_layout();
     let (m, blocks) = (out.len(), a_row_bytes / a_block);
+    let with_minimum = weights == Weights::WithMinimum;
     assert!(
-        w.iter().all(|w| w.len() == blocks * w_block) && xq.len() >= m * a_row_bytes,
+        w.iter().all(|w| w.len() == blocks * w_block)
+            && xq.len() >= m * a_row_bytes
+            && scales.d.len() >= m * blocks
+            && (!with_minimum || scales.s.len() >= m * blocks),
         "rows and activations differ in length"
     );
     // SAFETY: the caller has the features of `L`; each row has `blocks`
-    // blocks of `w_block` bytes and each activation row `blocks` of
-    // `a_block` (asserted above), and every pointer below stays inside one.
+    // blocks of `w_block` bytes, each activation row `blocks` of `a_block`
+    // and `blocks` scales (asserted above), and every pointer below stays
+    // inside one.
     unsafe {
         let unpacked: Vec<Unpacked> = (0..blocks)
             .map(|b| {
@@ -500,7 +507,12 @@ unsafe fn rows4_prefill<L: Lanes>(
                 }
             })
             .collect();
-        let row = |r: usize| xq.as_ptr().add(r * a_row_bytes);
+        let row = |r: usize| {
+            (
+                xq.as_ptr().add(r * a_row_bytes),
+                scales.d.as_ptr().add(r * blocks),
+            )
+        };
         for p in 0..m / 2 {
             let [first, second] =
                 rows_tile::<L, 2>(&unpacked, [row(2 * p), row(2 * p + 1)], weights);
@@ -510,6 +522,24 @@ unsafe fn rows4_prefill<L: Lanes>(
         if m % 2 == 1 {
             let [last] = rows_tile::<L, 1>(&unpacked, [row(m - 1)], weights);
             out[m - 1] = last;
+        }
+        if with_minimum {
+            // Q4_1's minimums times the activation blocks' sums, apart from
+            // the products: per lane the scalar steps (`m · s` rounded, then
+            // added), block by block, then added to the product's sum.
+            for (r, out) in out.iter_mut().enumerate() {
+                let sums = &scales.s[r * blocks..(r + 1) * blocks];
+                let mut acc = _mm_setzero_ps();
+                for (block, &s) in unpacked.iter().zip(sums) {
+                    let m = _mm_loadu_ps(block.minimum.as_ptr());
+                    acc = _mm_add_ps(acc, _mm_mul_ps(m, _mm_set1_ps(s)));
+                }
+                let mut minimum = [0f32; 4];
+                _mm_storeu_ps(minimum.as_mut_ptr(), acc);
+                for (dot, minimum) in out.iter_mut().zip(minimum) {
+                    *dot += minimum;
+                }
+            }
         }
     }
 }
@@ -525,11 +555,12 @@ struct Unpacked {
 }
 
 /// The products of unpacked weights with the `N` activation rows starting
-/// at `a`; `[activation row][weight row]`.
+/// at `a` (their bytes, and their blocks' scales as f32);
+/// `[activation row][weight row]`. Q4_1's minimums are the caller's.
 #[inline(always)]
 unsafe fn rows_tile<L: Lanes, const N: usize>(
     unpacked: &[Unpacked],
-    a: [*const u8; N],
+    a: [(*const u8, *const f32); N],
     weights: Weights,
 ) -> [[f32; 4]; N] {
     // SAFETY: the caller has the features of `L` and passes activation
@@ -538,10 +569,9 @@ unsafe fn rows_tile<L: Lanes, const N: usize>(
         let (a_block, qs) = weights.activation_layout();
         let flip = _mm256_set1_epi8(-128);
         let mut acc = [[_mm256_setzero_ps(); 4]; N];
-        let mut minimums = [[0f32; 4]; N];
         for (b, block) in unpacked.iter().enumerate() {
-            let ab = a.map(|a| a.add(b * a_block));
-            let dy = ab.map(|ab| _mm256_set1_ps(f16_ptr(ab)));
+            let ab = a.map(|(a, _)| a.add(b * a_block));
+            let dy = a.map(|(_, d)| _mm256_broadcast_ss(&*d.add(b)));
             let qy = ab.map(|ab| _mm256_loadu_si256(ab.add(qs) as *const __m256i));
             // `SmallSigned`: y + 128 as unsigned bytes.
             let shifted = qy.map(|qy| _mm256_xor_si256(qy, flip));
@@ -561,23 +591,10 @@ unsafe fn rows_tile<L: Lanes, const N: usize>(
                     };
                     let d = _mm256_mul_ps(dx, dy[r]);
                     acc[r][i] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc[r][i]);
-                    if weights == Weights::WithMinimum {
-                        minimums[r][i] += block.minimum[i] * f16_ptr(ab[r].add(2));
-                    }
                 }
             }
         }
-        std::array::from_fn(|r| {
-            std::array::from_fn(|i| {
-                let sum = hsum8(acc[r][i]);
-                // Q4_1 only: adding a zero elsewhere could turn -0 into +0.
-                if weights == Weights::WithMinimum {
-                    sum + minimums[r][i]
-                } else {
-                    sum
-                }
-            })
-        })
+        std::array::from_fn(|r| std::array::from_fn(|i| hsum8(acc[r][i])))
     }
 }
 
