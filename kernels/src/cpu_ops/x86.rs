@@ -61,10 +61,7 @@ pub(super) fn dot_f32_steps_avx2(x: &[f32], y: &[f32]) -> f32 {
                 _mm256_add_ps(acc[1][h], acc[3][h]),
             )
         });
-        let t8 = _mm256_add_ps(high, low);
-        let t4 = _mm_add_ps(_mm256_extractf128_ps(t8, 1), _mm256_castps256_ps128(t8));
-        let t2 = _mm_add_ps(t4, _mm_movehl_ps(t4, t4));
-        _mm_cvtss_f32(_mm_add_ss(t2, _mm_movehdup_ps(t2)))
+        reduce_add16_halves(low, high)
     }
 }
 
@@ -209,10 +206,7 @@ pub(super) fn exp_chunk_avx2(chunk: &mut [f32], max: f32) -> f32 {
         };
         _mm256_storeu_ps(chunk.as_mut_ptr(), low);
         _mm256_storeu_ps(chunk.as_mut_ptr().add(8), high);
-        let t8 = _mm256_add_ps(high, low);
-        let t4 = _mm_add_ps(_mm256_extractf128_ps(t8, 1), _mm256_castps256_ps128(t8));
-        let t2 = _mm_add_ps(t4, _mm_movehl_ps(t4, t4));
-        _mm_cvtss_f32(_mm_add_ss(t2, _mm_movehdup_ps(t2)))
+        reduce_add16_halves(low, high)
     }
 }
 
@@ -272,6 +266,22 @@ unsafe fn v_expf8(x: __m256) -> Option<__m256> {
             non_positive,
         );
         Some(_mm256_blendv_ps(scaled, limit, saturated))
+    }
+}
+
+/// `reduce_add16` of the 16 lanes `low` then `high`, on AVX2: halves,
+/// quarters, then (0 + 2) + (1 + 3), as `_mm512_reduce_add_ps`.
+///
+/// # Safety
+/// The caller has AVX2.
+#[inline(always)]
+unsafe fn reduce_add16_halves(low: __m256, high: __m256) -> f32 {
+    // SAFETY: the caller has AVX2; register-only operations.
+    unsafe {
+        let t8 = _mm256_add_ps(high, low);
+        let t4 = _mm_add_ps(_mm256_extractf128_ps(t8, 1), _mm256_castps256_ps128(t8));
+        let t2 = _mm_add_ps(t4, _mm_movehl_ps(t4, t4));
+        _mm_cvtss_f32(_mm_add_ss(t2, _mm_movehdup_ps(t2)))
     }
 }
 
