@@ -14,6 +14,7 @@ use std::process::Command;
 use support::{Node, PackageIndex, START_TIMEOUT};
 
 const TOKEN: &str = "dashboard-admin-token";
+const API_KEY: &str = "dashboard-api-key";
 
 #[test]
 fn the_dashboard_shows_the_ring_chats_and_changes_the_policy() {
@@ -43,6 +44,8 @@ fn the_dashboard_shows_the_ring_chats_and_changes_the_policy() {
         model_file,
         "--admin-token",
         TOKEN,
+        "--api-key",
+        API_KEY,
     ]);
     let peer = first.addr.to_string();
     let mut second = Node::start_with_env(
@@ -71,6 +74,7 @@ fn the_dashboard_shows_the_ring_chats_and_changes_the_policy() {
         .env("RINGLET_URL", format!("http://{}", nodes[0].addr))
         .env("RINGLET_POLICY", &policy_path)
         .env("RINGLET_TOKEN", TOKEN)
+        .env("RINGLET_API_KEY", API_KEY)
         .env("RINGLET_SCREENSHOTS", &artifacts)
         .output()
         .expect("run node (Node.js) with the browser script");

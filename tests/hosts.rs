@@ -10,8 +10,12 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use ringlet_node::identity::{ClusterSecret, JoinToken};
 use support::netns::Lan;
 use support::{Node, START_TIMEOUT};
+
+/// How a node names one refused for lacking the cluster's secret.
+const REFUSED: &str = "does not hold this cluster's key";
 
 /// The stated time for three fresh nodes to find each other and activate
 /// a plan over all of them (README: "within 30 seconds").
@@ -140,6 +144,37 @@ fn nodes_on_a_lan_find_each_other_and_follow_departures_and_returns() {
     assert_eq!(seen["nodes"].as_array().map(Vec::len), Some(3), "{seen:#}");
     drop(outsider);
 
+    // A node of this cluster's name without its secret (another token),
+    // found by mDNS, is refused on both sides and gets no layers.
+    let stranger_token = JoinToken(ClusterSecret::random()).to_string();
+    let mut stranger = lan.start_node(
+        &other_host,
+        &["--name", "node-s", "--join", &stranger_token],
+    );
+    let line = stranger.wait_for_log(REFUSED, DISCOVERY_TIMEOUT);
+    assert!(line.contains("refused"), "{line}");
+    nodes[0].wait_for_log(REFUSED, DISCOVERY_TIMEOUT);
+    stranger.wait_for_log("plan active: 1 stages", START_TIMEOUT);
+    let refused = block_on(support::wait_for_cluster(
+        nodes[0].addr,
+        DISCOVERY_TIMEOUT,
+        |view| {
+            view["not_joined"].as_array().is_some_and(|peers| {
+                peers
+                    .iter()
+                    .any(|p| p["reason"].as_str().is_some_and(|r| r.contains(REFUSED)))
+            })
+        },
+    ));
+    assert_eq!(
+        refused["nodes"].as_array().map(Vec::len),
+        Some(3),
+        "{refused:#}"
+    );
+    assert_eq!(stages(&refused).len(), 3, "{refused:#}");
+    assert!(!chat_via(&nodes[0]).is_empty());
+    drop(stranger);
+
     // A node of another protocol version is listed, not joined. It is
     // advertised by this test (on the bridge only), as an older ringlet
     // would.
@@ -252,7 +287,44 @@ fn nodes_on_a_lan_find_each_other_and_follow_departures_and_returns() {
         "{c:#}"
     );
     assert!(!chat_via(&nodes[1]).is_empty());
-
     drop(nodes);
+
+    a_node_on_the_network_answers_other_machines_only_with_a_key(&mut lan);
     drop(lan);
+}
+
+/// A node listening on the LAN with no API key answers other machines'
+/// API requests with a 403 that says how to open it; with a key, only
+/// requests that carry it get in. The health check stays open. (Part of
+/// the test above: one LAN per test process.)
+fn a_node_on_the_network_answers_other_machines_only_with_a_key(lan: &mut Lan) {
+    let host = lan.add_host(40);
+    let open = |node: &Node, path: &str, key: Option<&str>| {
+        let bearer = key.map(|k| format!("Bearer {k}"));
+        let headers: Vec<(&str, &str)> = bearer
+            .as_deref()
+            .map(|b| vec![("Authorization", b)])
+            .unwrap_or_default();
+        block_on(support::request_raw(node.addr, "GET", path, &headers, None))
+    };
+
+    let mut closed = lan.start_node_exact(&host, &["--name", "node-closed", "--no-mdns"]);
+    closed.wait_for_log("answers this machine only", START_TIMEOUT);
+    let refused = open(&closed, "/v1/models", None);
+    assert_eq!(refused.status, 403, "{}", refused.body);
+    assert_eq!(refused.json()["error"]["code"], "api_key_required");
+    assert!(refused.body.contains("--api-key"), "{}", refused.body);
+    assert_eq!(open(&closed, "/healthz", None).status, 200);
+    drop(closed);
+
+    let keyed = lan.start_node_exact(
+        &host,
+        &["--name", "node-keyed", "--no-mdns", "--api-key", "lan-key"],
+    );
+    let missing = open(&keyed, "/v1/models", None);
+    assert_eq!(missing.status, 401, "{}", missing.body);
+    assert_eq!(missing.json()["error"]["code"], "invalid_api_key");
+    assert_eq!(open(&keyed, "/v1/models", Some("wrong")).status, 401);
+    assert_eq!(open(&keyed, "/v1/models", Some("lan-key")).status, 200);
+    assert_eq!(open(&keyed, "/healthz", None).status, 200);
 }

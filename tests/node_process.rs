@@ -39,6 +39,37 @@ async fn the_official_openai_python_client_works() {
     assert!(stdout.contains("all checks passed"), "{stdout}");
 }
 
+/// `--api-key`: missing, wrong and right keys through the official
+/// client, `/healthz` open, and guessing stopped (tests/openai_api_keys.py).
+#[tokio::test]
+async fn api_keys_through_the_official_openai_client() {
+    let python = std::env::var("RINGLET_TEST_PYTHON").unwrap_or_else(|_| {
+        panic!("RINGLET_TEST_PYTHON must name a Python with the `openai` package; `tests/run` sets it up")
+    });
+    let node = Node::start_ready(&["--api-key", "right-key", "--api-key", "second-key"]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/openai_api_keys.py");
+    let output = tokio::time::timeout(
+        Duration::from_secs(300),
+        tokio::process::Command::new(python)
+            .arg(script)
+            .arg(node.url())
+            .arg(support::MODEL)
+            .arg("second-key")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the openai client finishes within 300 s")
+    .expect("run python");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "openai client checks failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("all checks passed"), "{stdout}");
+}
+
 #[tokio::test]
 async fn a_client_that_hangs_up_cancels_its_generation() {
     let mut node = Node::start_ready(&[]);

@@ -15,6 +15,8 @@ use ringlet_node::cluster::protocol::{
     self, Epoch, ForwardFrame, Frame, Hello, ModelIdentity, PROTOCOL_VERSION, Payload, PlanMessage,
     PlanStage, Resources, Sample as WireSample, UPGRADE_TOKEN, VERSION_HEADER, WireDType,
 };
+use ringlet_node::cluster::secure;
+use ringlet_node::identity::{Identity, JoinToken};
 use ringlet_node::model_store::{CATALOGUE, ModelStore};
 use scheduler::NodeId;
 use serde_json::{Value, json};
@@ -348,32 +350,53 @@ fn test_hello(fingerprint: &str) -> Hello {
             fingerprint: fingerprint.into(),
         },
         peers: vec![],
+        // Senior to the node under test, so that it leads: its plans are
+        // considered (and refused on their merits).
+        serving_since_ms: Some(1),
     }
 }
 
-/// Opens a link, exchanges hellos, and returns the stream.
-async fn linked_peer(addr: std::net::SocketAddr, fingerprint: &str) -> TcpStream {
-    let (mut stream, head) = raw_link(addr, PROTOCOL_VERSION).await;
+/// Opens a link and proves the cluster's secret as a member would (the
+/// test binary's token, a key of its own): the hello is the caller's.
+async fn linked_session(addr: std::net::SocketAddr) -> secure::Session {
+    let dir = support::fresh_config_dir();
+    let token: JoinToken = support::test_join_token().parse().expect("token");
+    let (identity, _) = Identity::load_or_create(&dir, Some(&token)).expect("identity");
+    let _ = std::fs::remove_dir_all(&dir);
+    let keys = secure::LinkKeys::new(identity.key, &identity.secret, false);
+    let (stream, head) = raw_link(addr, PROTOCOL_VERSION).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    protocol::write_frame(&mut stream, &Frame::Hello(test_hello(fingerprint)))
+    let (reader, writer) = stream.into_split();
+    secure::handshake(reader, writer, &keys, true)
+        .await
+        .expect("a member's handshake")
+}
+
+/// Links as a member, exchanges hellos, and returns the session.
+async fn linked_peer(addr: std::net::SocketAddr, fingerprint: &str) -> secure::Session {
+    let mut session = linked_session(addr).await;
+    session
+        .writer
+        .write_frame(&Frame::Hello(test_hello(fingerprint)))
         .await
         .expect("hello");
-    match tokio::time::timeout(Duration::from_secs(10), protocol::read_frame(&mut stream))
+    match tokio::time::timeout(Duration::from_secs(10), session.reader.read_frame_timed())
         .await
         .expect("hello in time")
     {
-        Ok(Frame::Hello(_)) => stream,
+        Ok((Frame::Hello(_), _)) => session,
         other => panic!("expected the node's hello, got {other:?}"),
     }
 }
 
 /// Reads frames until one matches, skipping heartbeats.
-async fn read_until(stream: &mut TcpStream, wanted: impl Fn(&Frame) -> bool) -> Frame {
+async fn read_until(session: &mut secure::Session, wanted: impl Fn(&Frame) -> bool) -> Frame {
     loop {
-        let frame = tokio::time::timeout(Duration::from_secs(10), protocol::read_frame(stream))
-            .await
-            .expect("a frame within 10 s")
-            .expect("a frame");
+        let (frame, _) =
+            tokio::time::timeout(Duration::from_secs(10), session.reader.read_frame_timed())
+                .await
+                .expect("a frame within 10 s")
+                .expect("a frame");
         if wanted(&frame) {
             return frame;
         }
@@ -390,28 +413,33 @@ async fn malformed_frames_and_lying_peers_do_not_hurt_a_node() {
     let (_, head) = raw_link(node.addr, PROTOCOL_VERSION + 1).await;
     assert!(head.starts_with("HTTP/1.1 409"), "{head}");
 
-    // Bad bytes where the hello belongs: each handshake fails, nothing else.
+    // Bad bytes where the handshake belongs: each link fails, nothing else.
     let oversized = (protocol::MAX_FRAME_BYTES + 1).to_be_bytes().to_vec();
     let mut garbage = 8u32.to_be_bytes().to_vec();
     garbage.extend_from_slice(&[0xff; 8]);
     let mut truncated = 100u32.to_be_bytes().to_vec();
     truncated.extend_from_slice(&[1; 10]);
-    let wrong_hello = protocol::encode(&Frame::Hello(Hello {
-        protocol_version: 99,
-        ..test_hello(&fingerprint)
-    }))
-    .expect("encode");
-    for bytes in [oversized, garbage, truncated, wrong_hello] {
+    for bytes in [oversized, garbage, truncated] {
         let (mut stream, head) = raw_link(node.addr, PROTOCOL_VERSION).await;
         assert!(head.starts_with("HTTP/1.1 101"), "{head}");
         stream.write_all(&bytes).await.expect("send");
         drop(stream);
     }
-    node.wait_for_log_count("link handshake failed", 4, Duration::from_secs(20));
+
+    // A member whose hello is of another protocol: that link fails.
+    let mut wrong = linked_session(node.addr).await;
+    let hello = Frame::Hello(Hello {
+        protocol_version: 99,
+        ..test_hello(&fingerprint)
+    });
+    wrong.writer.write_frame(&hello).await.expect("send");
+    node.wait_for_log("link handshake failed", Duration::from_secs(20));
+    drop(wrong);
 
     // Garbage after a good handshake closes that link with one warning.
     let mut liar = linked_peer(node.addr, &fingerprint).await;
-    liar.write_all(&(protocol::MAX_FRAME_BYTES + 1).to_be_bytes())
+    liar.writer
+        .write_stream_bytes(&(protocol::MAX_FRAME_BYTES + 1).to_be_bytes())
         .await
         .expect("send");
     node.wait_for_log("closing a link after a bad frame", Duration::from_secs(10));
@@ -434,9 +462,7 @@ async fn malformed_frames_and_lying_peers_do_not_hurt_a_node() {
         },
         sample: WireSample::Continue,
     });
-    protocol::write_frame(&mut peer, &forward)
-        .await
-        .expect("send");
+    peer.writer.write_frame(&forward).await.expect("send");
     let failed = read_until(&mut peer, |f| matches!(f, Frame::Failed { .. })).await;
     assert!(
         matches!(
@@ -463,7 +489,7 @@ async fn malformed_frames_and_lying_peers_do_not_hurt_a_node() {
             layers: LayerRange::new(0, 30),
         }],
     });
-    protocol::write_frame(&mut peer, &plan).await.expect("send");
+    peer.writer.write_frame(&plan).await.expect("send");
     let refusal = read_until(&mut peer, |f| matches!(f, Frame::PlanFailed { .. })).await;
     let Frame::PlanFailed { error, .. } = refusal else {
         unreachable!()

@@ -46,14 +46,21 @@ impl ClusterView {
     }
 }
 
-/// A node discovery found but this node does not join.
+/// A node this node does not join: one discovery found in another
+/// cluster or speaking another protocol, or one refused at the handshake
+/// for lacking the cluster's key (then only its address is known, and the
+/// reason says "does not hold this cluster's key").
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NotJoinedView {
-    pub node: NodeId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<NodeId>,
+    /// Its name, or its address when refused before it said its name.
     pub name: String,
     pub addresses: Vec<String>,
-    pub cluster: String,
-    pub protocol_version: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol_version: Option<u32>,
     pub reason: String,
 }
 
@@ -62,6 +69,11 @@ pub struct NodeView {
     pub id: NodeId,
     pub name: String,
     pub address: String,
+    /// A short fingerprint of the node's long-term key, which its link
+    /// handshake proved (an admin removes a node by its id; the key tells
+    /// a node that restarted under another id from a new machine).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub key: String,
     /// `self`, `linked`, or why the node is not used.
     pub status: String,
     /// Device, memory (available memory as last reported) and compute.
@@ -200,6 +212,7 @@ mod tests {
                 id: NodeId(0x2a),
                 name: "alpha".into(),
                 address: "10.0.0.1:52415".into(),
+                key: String::new(),
                 status: "self".into(),
                 resources: Resources {
                     device: "cpu".into(),
@@ -251,11 +264,11 @@ mod tests {
                 warning: None,
             }),
             not_joined: vec![NotJoinedView {
-                node: NodeId(7),
+                node: Some(NodeId(7)),
                 name: "beta".into(),
                 addresses: vec!["10.0.0.2:52415".into()],
-                cluster: "other".into(),
-                protocol_version: 5,
+                cluster: Some("other".into()),
+                protocol_version: Some(5),
                 reason: "another cluster".into(),
             }],
         };

@@ -24,8 +24,10 @@ GET /v1/models) on port 52415. With no subcommand, `ringlet` runs `serve`.
 
 Examples:
   ringlet                                  serve the default model (fetched on first start)
-  ringlet --cluster lab                    join only the nodes started with --cluster lab
-  ringlet --peer 10.0.0.7:52415            join a node multicast does not reach
+  ringlet invite                           print the token that admits another machine
+  ringlet --join TOKEN                     on that machine: join the cluster
+  ringlet --join TOKEN --peer 10.0.0.7:52415
+                                           join a node multicast does not reach
   ringlet --listen 127.0.0.1:52415         this machine only, no discovery
   ringlet run --prompt \"Why is the sky blue?\"
   ringlet pull smollm2-135m                fetch a model into the cache
@@ -36,7 +38,12 @@ Examples:
 
 Hugging Face: HF_ENDPOINT (default https://huggingface.co), HF_TOKEN (or the
 token file of `huggingface-cli login`) for gated and private repositories,
-HF_HOME and HF_HUB_CACHE for the cache, as huggingface_hub reads them.";
+HF_HOME and HF_HUB_CACHE for the cache, as huggingface_hub reads them.
+
+Security: the first node creates a cluster secret in its config directory
+(~/.config/ringlet, or --config-dir); nodes link only after proving they
+hold it, and every frame between them is encrypted. `ringlet invite`
+prints the token that carries it to a new machine.";
 
 #[derive(Debug, Parser)]
 #[command(name = "ringlet", version, about = ABOUT, long_about = LONG_ABOUT, args_conflicts_with_subcommands = true)]
@@ -63,6 +70,9 @@ pub enum Command {
     Run(RunArgs),
     /// Fetch a model (catalogue or Hugging Face) into its cache and verify it.
     Pull(PullArgs),
+    /// Print the token that admits a new machine to this node's cluster:
+    /// start the new node with `ringlet --join TOKEN`.
+    Invite(InviteArgs),
     /// List the models ringlet knows and which are in the cache.
     Models(ModelsArgs),
     /// Measure prefill, decode, time to first token and memory, side by
@@ -81,7 +91,7 @@ impl Command {
                 Some(BenchMode::Ring(_) | BenchMode::Policy(_)) => None,
                 None => Some(a.engine.threads),
             },
-            Command::Pull(_) | Command::Models(_) => None,
+            Command::Pull(_) | Command::Models(_) | Command::Invite(_) => None,
         }
     }
 }
@@ -279,6 +289,55 @@ pub struct ServeArgs {
     #[arg(long, env = "RINGLET_MEMORY_BUDGET", value_name = "SIZE", value_parser = parse_size)]
     pub memory_budget: Option<u64>,
 
+    /// A key API clients must send as `Authorization: Bearer KEY` (the
+    /// openai client's api_key) for /v1; repeat for more. Without one, a
+    /// node listening on the network answers API requests from its own
+    /// machine only (see --open-api). Prefer the environment variable
+    /// (comma-separated) or --api-key-file: other users can read a
+    /// command line
+    #[arg(
+        long = "api-key",
+        env = "RINGLET_API_KEY",
+        value_delimiter = ',',
+        value_name = "KEY",
+        hide_env_values = true
+    )]
+    pub api_keys: Vec<String>,
+
+    /// A file of API keys, one per line (blank lines and lines starting
+    /// with # are skipped)
+    #[arg(long, env = "RINGLET_API_KEY_FILE", value_name = "FILE")]
+    pub api_key_file: Option<PathBuf>,
+
+    /// Let every address that reaches this node use its API without a key
+    /// (for a network where everyone is trusted)
+    #[arg(long, env = "RINGLET_OPEN_API")]
+    pub open_api: bool,
+
+    /// Join the cluster this token admits to (from `ringlet invite` on a
+    /// member); it is stored in the config directory, so later starts
+    /// need no token. Prefer the environment variable: other users can
+    /// read a command line
+    #[arg(
+        long,
+        env = "RINGLET_JOIN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub join: Option<String>,
+
+    /// Where this node keeps its key and its cluster's secret (mode 0600)
+    /// [default: $XDG_CONFIG_HOME/ringlet, else ~/.config/ringlet]. Each
+    /// node on one machine needs its own
+    #[arg(long, env = "RINGLET_CONFIG_DIR", value_name = "DIR")]
+    pub config_dir: Option<PathBuf>,
+
+    /// Send frames between nodes unencrypted after the handshake (which
+    /// still proves the cluster's key). For measuring what encryption
+    /// costs; every node of the cluster must be started with it
+    #[arg(long, hide = true)]
+    pub insecure_plaintext_links: bool,
+
     /// Secret that `PUT` and `DELETE /v1/cluster/policy` must send as
     /// `Authorization: Bearer <TOKEN>` to change the scheduling policy.
     /// Without one, policy changes are refused on this node. Prefer the
@@ -385,6 +444,15 @@ pub struct PullArgs {
 
     #[command(flatten)]
     pub cache: CacheArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct InviteArgs {
+    /// The node's config directory [default: $XDG_CONFIG_HOME/ringlet,
+    /// else ~/.config/ringlet]; a cluster secret is created there if it
+    /// has none
+    #[arg(long, env = "RINGLET_CONFIG_DIR", value_name = "DIR")]
+    pub config_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]

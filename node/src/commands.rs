@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 
-use crate::cli::{BenchMode, Command, ModelsArgs, PullArgs};
+use crate::cli::{BenchMode, Command, InviteArgs, ModelsArgs, PullArgs};
 use crate::hub::{self, FetchProgress, HubClient, HubConfig, HubModel};
 use crate::model_store::{CATALOGUE, catalogue_entry};
 
@@ -12,12 +12,30 @@ pub async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Run(args) => crate::run::run(args).await,
         Command::Pull(args) => pull(args).await,
         Command::Models(args) => models(args),
+        Command::Invite(args) => invite(&args),
         Command::Bench(args) => match args.mode {
             Some(BenchMode::Ring(ring)) => crate::bench::ring::bench(ring).await,
             Some(BenchMode::Policy(policy)) => crate::bench::policy::bench(policy).await,
             None => crate::bench::bench(args.engine).await,
         },
     }
+}
+
+/// Prints the join token on stdout (alone, for scripts) and how to use
+/// it on stderr.
+fn invite(args: &InviteArgs) -> anyhow::Result<()> {
+    let dir = crate::identity::config_dir(args.config_dir.as_deref())?;
+    let (identity, membership) = crate::identity::Identity::load_or_create(&dir, None)?;
+    if membership == crate::identity::Membership::Created {
+        eprintln!("Created a new cluster secret in {}.", dir.display());
+    }
+    let token = identity.token();
+    println!("{token}");
+    eprintln!(
+        "\nThis token admits a machine to the cluster: keep it secret. On the new machine:\n\n  \
+         ringlet --join {token}\n\n(or RINGLET_JOIN={token}; add --peer HOST:PORT where multicast does not reach)"
+    );
+    Ok(())
 }
 
 async fn pull(args: PullArgs) -> anyhow::Result<()> {

@@ -10,6 +10,7 @@ pub mod commands;
 pub mod current;
 pub mod engine;
 pub mod hub;
+pub mod identity;
 pub mod limits;
 pub mod loaded_model;
 pub mod model_store;
@@ -21,6 +22,12 @@ pub mod stage;
 pub mod text;
 
 /// Seconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 pub fn unix_seconds() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -107,8 +107,13 @@ pub const HEARTBEAT_TIMEOUT_MS: u64 = 6_000;
 /// Time to open a TCP connection to a peer.
 pub const LINK_CONNECT_TIMEOUT_MS: u64 = 3_000;
 
-/// Time for the HTTP upgrade and the Hello exchange.
+/// Time for the HTTP upgrade, and again for the Noise handshake with the
+/// Hello exchange.
 pub const LINK_HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
+
+/// Nodes refused for lacking the cluster's key that the view lists (the
+/// latest ones); the list cannot grow with the strangers on a network.
+pub const MAX_REFUSED_PEERS: usize = 32;
 
 /// Frames queued for one link. Activations dominate: one per in-flight
 /// request per hop, at most `MAX_ACTIVE_SEQUENCES` per owner, so a full
@@ -291,3 +296,25 @@ pub const MAX_PEER_ANSWER_BYTES: u64 = 1 << 20;
 /// each (`HUB_CONCURRENT_RANGES`).
 pub const MAX_PEER_RANGE_READS: usize = 8;
 pub const PEER_READ_WAIT_SECS: u64 = 20;
+
+/// Failed API key attempts one client address may make per window before
+/// it is refused (429) for the rest of the window: enough for a person
+/// mistyping, far too few to guess a key.
+pub const AUTH_FAILURES_PER_WINDOW: u32 = 10;
+
+/// The window of [`AUTH_FAILURES_PER_WINDOW`], in seconds.
+pub const AUTH_FAILURE_WINDOW_SECS: u64 = 60;
+
+/// Client addresses whose failed attempts are remembered at once; beyond
+/// it the oldest windows are forgotten, so a flood of addresses cannot
+/// grow the table.
+pub const MAX_TRACKED_AUTH_CLIENTS: usize = 4096;
+
+/// How far an admin's authorization of a cluster change may be from this
+/// node's clock, in seconds. Changes reach every node within a second;
+/// the margin is for clocks that are a little off. Older ones are replays.
+pub const ADMIN_PROOF_MAX_AGE_SECS: u64 = 600;
+
+/// Admin authorizations remembered to refuse a second use of one; more
+/// than an admin makes in [`ADMIN_PROOF_MAX_AGE_SECS`].
+pub const ADMIN_PROOFS_REMEMBERED: usize = 4096;

@@ -11,13 +11,14 @@ use scheduler::NodeId;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 
-use crate::api::{self, AdminToken, AppState, ServedModel};
+use crate::api::{self, AdminToken, ApiAccess, AppState, ServedModel};
 use crate::cli::RuntimeConfig;
 use crate::cli::ServeArgs;
 use crate::cluster::{self, ClusterConfig, ModelOpener, SwitchedModel, resources};
 use crate::current::Current;
 use crate::engine::{Engine, EngineHandle, EngineModel, Scheduling};
 use crate::hub::HubFiles;
+use crate::identity::{self, Identity, JoinToken, Membership};
 use crate::limits::{MAX_CLUSTER_NAME_BYTES, SHUTDOWN_GRACE_SECS};
 use crate::loaded_model::{LoadedModel, OpenedModel};
 use crate::model_store::Downloads;
@@ -39,6 +40,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .context("cannot read the listening address")?;
     let me = NodeId(rand::rng().random());
     tracing::info!(version = env!("CARGO_PKG_VERSION"), node = %me, %name, threads = runtime.threads, "starting ringlet node");
+    let identity = cluster_identity(&args)?;
 
     let mdns = !args.no_mdns && !listen.ip().is_loopback();
     if args.no_mdns {
@@ -97,6 +99,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let cluster = cluster::start(
         ClusterConfig {
             me,
+            identity,
+            plaintext_frames: args.insecure_plaintext_links,
+            admin_token: args.admin_token.clone().filter(|t| !t.is_empty()),
             name,
             cluster: args.cluster.clone(),
             mdns,
@@ -122,6 +127,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         cluster: Some(cluster),
         hub_files: shared_files,
         admin_token: args.admin_token.as_deref().and_then(AdminToken::new),
+        access: api_access(&args, listen)?,
     };
     tracing::info!("listening on http://{listen} (OpenAI-compatible API at http://{listen}/v1)");
     serve_until_stopped(listener, state).await?;
@@ -129,6 +135,66 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(SHUTDOWN_GRACE_SECS), joined).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Loads (or creates) this node's key and its cluster's secret, and says
+/// in the log which cluster it is and how to add machines.
+fn cluster_identity(args: &ServeArgs) -> anyhow::Result<Identity> {
+    let join = args
+        .join
+        .as_deref()
+        .map(str::parse::<JoinToken>)
+        .transpose()
+        .context("--join")?;
+    let dir = identity::config_dir(args.config_dir.as_deref())?;
+    let (identity, membership) = Identity::load_or_create(&dir, join.as_ref())?;
+    let secret = identity.secret.fingerprint();
+    let key = identity::key_fingerprint(&identity.key.public);
+    let dir = dir.display();
+    match membership {
+        Membership::Created => tracing::info!(
+            %secret, %key,
+            "created a new cluster secret in {dir}; to add a machine, run `ringlet invite` here and start it with --join TOKEN"
+        ),
+        Membership::Joined => {
+            tracing::info!(%secret, %key, "joining the cluster of the --join token; stored it in {dir}")
+        }
+        Membership::Stored => tracing::info!(%secret, %key, "cluster secret from {dir}"),
+    }
+    if args.insecure_plaintext_links {
+        tracing::warn!("frames between nodes travel unencrypted (--insecure-plaintext-links)");
+    }
+    Ok(identity)
+}
+
+/// The API keys from the flags and the key file, and whether a node
+/// without one answers other machines; says in the log which applies.
+fn api_access(args: &ServeArgs, listen: SocketAddr) -> anyhow::Result<ApiAccess> {
+    let mut keys = args.api_keys.clone();
+    if let Some(path) = &args.api_key_file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the API key file {}", path.display()))?;
+        keys.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(String::from),
+        );
+    }
+    let loopback = listen.ip().is_loopback();
+    let access = ApiAccess::new(&keys, args.open_api || loopback);
+    if access.requires_key() {
+        tracing::info!("the API requires a key (Authorization: Bearer KEY)");
+    } else if args.open_api && !loopback {
+        tracing::warn!(
+            "the API is open to anyone who reaches {listen} (--open-api); set --api-key to require a key"
+        );
+    } else if !loopback {
+        tracing::warn!(
+            "the API answers this machine only, because it has no key: start with --api-key KEY (or RINGLET_API_KEY) to serve other machines, or --open-api to serve them without one. Nodes link to each other either way."
+        );
+    }
+    Ok(access)
 }
 
 /// What the coordinator needs to know of `file`.
@@ -242,6 +308,7 @@ pub fn start_local_engine(
         cluster: None,
         hub_files: Current::new(None),
         admin_token: None,
+        access: ApiAccess::open(),
     };
     Ok((engine, state))
 }

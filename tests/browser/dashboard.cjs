@@ -10,6 +10,7 @@ const { chromium } = require(path.join(process.env.RINGLET_BROWSER_MODULES, "pla
 const base = process.env.RINGLET_URL;
 const policyPath = process.env.RINGLET_POLICY;
 const token = process.env.RINGLET_TOKEN;
+const apiKey = process.env.RINGLET_API_KEY;
 const shots = process.env.RINGLET_SCREENSHOTS;
 const TIMEOUT = 60_000;
 
@@ -67,8 +68,19 @@ async function main() {
     if (message.type() === "error" && !expected) problems.push(`console error: ${message.text()}`);
   });
 
-  // The cluster: both nodes, each with a share of the layers.
+  // The node requires an API key: the dashboard says so, asks for it once
+  // and keeps it for this origin; every request after carries it.
   await page.goto(`${base}/#/cluster`);
+  const banner = page.locator('[data-testid="api-key-banner"]');
+  await banner.waitFor({ timeout: TIMEOUT });
+  const asked = await banner.innerText();
+  check(asked.includes("requires an API key"), `the banner says why: ${asked}`);
+  await shot(page, "api-key-asked");
+  await page.fill('[data-testid="api-key"]', apiKey);
+  await page.click('[data-testid="api-key-save"]');
+  await page.waitForLoadState();
+
+  // The cluster: both nodes, each with a share of the layers.
   await waitFor("two nodes with layers", async () => {
     const ranges = await layerRanges(page);
     const held = Object.values(ranges).filter((r) => !r.startsWith("none"));
@@ -78,7 +90,15 @@ async function main() {
   console.log("layers before:", JSON.stringify(before));
   check((await page.locator('[data-testid="stage"]').count()) === 2, "the ring shows two stages");
   await page.locator('[data-testid="links"] tbody tr').first().waitFor({ timeout: TIMEOUT });
+  check((await banner.count()) === 0, "no API key banner once the key is given");
   await shot(page, "cluster-two-stages");
+
+  // An admin sees the join token that admits a new machine.
+  const members = page.locator('[data-testid="members"]');
+  await members.locator('[data-testid="admin-token"]').fill(token);
+  await members.locator('[data-testid="show-join-token"]').click();
+  const joinToken = await members.locator('[data-testid="join-token"]').innerText({ timeout: TIMEOUT });
+  check(/^ringlet --join ringlet1\S+$/.test(joinToken.trim()), `the join command: ${joinToken}`);
 
   // The chat: the answer grows token by token, then shows its speed.
   await openPage(page, "chat");

@@ -30,6 +30,31 @@ pub struct Node {
     child: Child,
     log: mpsc::Receiver<String>,
     pub log_seen: Vec<String>,
+    /// The config directory the harness made for it, removed on drop.
+    config_dir: Option<PathBuf>,
+}
+
+/// The join token of the cluster every node of this test binary joins
+/// unless a test says otherwise: nodes need the same secret to link.
+pub fn test_join_token() -> &'static str {
+    static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TOKEN.get_or_init(|| {
+        use ringlet_node::identity::{ClusterSecret, JoinToken};
+        JoinToken(ClusterSecret::random()).to_string()
+    })
+}
+
+/// A fresh, empty config directory (a node's own key and secret).
+pub fn fresh_config_dir() -> PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "ringlet-test-config-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
 }
 
 pub fn ringlet_binary() -> PathBuf {
@@ -54,10 +79,25 @@ impl Node {
     }
 
     /// Runs `command` (a `ringlet serve` command line, perhaps behind a
-    /// wrapper) and waits until the node says it is listening.
+    /// wrapper) and waits until the node says it is listening. Unless the
+    /// command names them, the node gets a config directory of its own and
+    /// joins the test binary's cluster ([`test_join_token`]).
     pub fn spawn(mut command: Command) -> Node {
+        let names = |env: &str, flag: &str| {
+            command.get_envs().any(|(k, _)| k == env) || command.get_args().any(|a| a == flag)
+        };
+        let config_dir = (!names("RINGLET_CONFIG_DIR", "--config-dir")).then(fresh_config_dir);
+        let join = !names("RINGLET_JOIN", "--join");
+        if let Some(dir) = &config_dir {
+            command.env("RINGLET_CONFIG_DIR", dir);
+        }
+        if join {
+            command.env("RINGLET_JOIN", test_join_token());
+        }
+        if !command.get_envs().any(|(k, _)| k == "RUST_LOG") {
+            command.env("RUST_LOG", "info");
+        }
         let mut child = command
-            .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -77,6 +117,7 @@ impl Node {
             child,
             log,
             log_seen: Vec::new(),
+            config_dir,
         };
         let line = node.wait_for_log("listening on http://", START_TIMEOUT);
         let addr = line
@@ -188,6 +229,9 @@ impl Drop for Node {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(dir) = &self.config_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 

@@ -140,8 +140,19 @@ impl Lan {
 
     /// Starts `ringlet serve` on `host`, listening on every address at a
     /// free port, with `extra` flags; the node's `addr` is its address on
-    /// the LAN.
+    /// the LAN. The tests call the API from outside the node's namespace,
+    /// so its API is open (`--open-api`) unless the test sets a key.
     pub fn start_node(&self, host: &Host, extra: &[&str]) -> Node {
+        if extra.iter().any(|a| a.starts_with("--api-key")) {
+            self.start_node_exact(host, extra)
+        } else {
+            self.start_node_exact(host, &[extra, &["--open-api"]].concat())
+        }
+    }
+
+    /// Like [`Lan::start_node`], with exactly the flags given: a node
+    /// without a key answers only its own machine.
+    pub fn start_node_exact(&self, host: &Host, extra: &[&str]) -> Node {
         let mut command = Command::new("ip");
         command
             .args(["netns", "exec", &host.namespace])

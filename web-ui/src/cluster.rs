@@ -23,6 +23,7 @@ pub fn ClusterPage() -> impl IntoView {
             None => view! { <div class="panel muted">"Asking the node…"</div> }.into_any(),
             Some(view) => cluster_view(&view).into_any(),
         }}
+        <crate::members::MembersPanel />
     }
 }
 

@@ -2,12 +2,14 @@
 //! the browser by Leptos. It talks to the node that serves it only through
 //! the node's HTTP API (`api.rs`).
 
+mod access;
 mod admin;
 mod api;
 mod chat;
 mod cluster;
 mod format;
 mod markdown;
+mod members;
 mod models;
 mod policy;
 
@@ -86,6 +88,7 @@ fn App() -> impl IntoView {
         chat: chat::ChatState::new(),
     };
     provide_context(shared);
+    let refusal = access::refusal_signal();
     follow_cluster(shared);
 
     view! {
@@ -110,6 +113,7 @@ fn App() -> impl IntoView {
                 </nav>
                 <StatusPill />
             </header>
+            <access::ApiKeyBanner refusal=refusal />
             <main>
                 {move || match page.get() {
                     Page::Chat => view! { <chat::ChatPage /> }.into_any(),
@@ -122,58 +126,51 @@ fn App() -> impl IntoView {
     }
 }
 
-/// Follows the node's cluster feed for the page's lifetime. The browser
-/// reconnects by itself after an error.
+/// Follows the node's cluster feed for the page's lifetime, reconnecting
+/// after an error. It is read with `fetch` rather than an `EventSource`
+/// so that it carries the API key.
 fn follow_cluster(shared: Shared) {
     let set_error = move |error: Option<String>| {
         if shared.cluster_error.get_untracked() != error {
             shared.cluster_error.set(error);
         }
     };
-    let feed = match web_sys::EventSource::new("/v1/cluster/events") {
-        Ok(feed) => feed,
-        Err(error) => {
-            set_error(Some(format!(
-                "cannot follow the cluster: {}",
-                api::js_error(error)
-            )));
-            return;
-        }
-    };
-    let on_view =
-        Closure::<dyn FnMut(web_sys::MessageEvent)>::new(move |event: web_sys::MessageEvent| {
-            let text = event.data().as_string().unwrap_or_default();
-            match serde_json::from_str::<ClusterView>(&text) {
-                Ok(view) => {
-                    if shared.cluster.get_untracked().as_ref() != Some(&view) {
-                        shared.cluster.set(Some(view));
-                    }
-                    set_error(None);
+    wasm_bindgen_futures::spawn_local(async move {
+        loop {
+            let followed = api::follow_events("/v1/cluster/events", |event| {
+                if event.name != "cluster" {
+                    return Ok(true);
                 }
-                Err(error) => set_error(Some(format!(
-                    "the node sent an unreadable cluster view: {error}"
-                ))),
+                match serde_json::from_str::<ClusterView>(&event.data) {
+                    Ok(view) => {
+                        if shared.cluster.get_untracked().as_ref() != Some(&view) {
+                            shared.cluster.set(Some(view));
+                        }
+                        set_error(None);
+                        Ok(true)
+                    }
+                    Err(error) => Err(format!(
+                        "the node sent an unreadable cluster view: {error}"
+                    )),
+                }
+            })
+            .await;
+            let error = followed.err().unwrap_or_default();
+            if access::refused() {
+                // The banner asks for the key; the page reloads with it.
+                set_error(Some(error));
+                return;
             }
-        });
-    let on_error = Closure::<dyn FnMut()>::new(move || {
-        set_error(Some(
-            "Lost the connection to the node; reconnecting…".into(),
-        ));
+            set_error(Some(format!(
+                "Lost the connection to the node ({error}); reconnecting…"
+            )));
+            api::sleep_ms(RECONNECT_MS).await;
+        }
     });
-    let listening =
-        feed.add_event_listener_with_callback("cluster", on_view.as_ref().unchecked_ref());
-    if let Err(error) = listening {
-        set_error(Some(format!(
-            "cannot follow the cluster: {}",
-            api::js_error(error)
-        )));
-    }
-    feed.set_onerror(Some(on_error.as_ref().unchecked_ref()));
-    // The feed and its handlers live as long as the page.
-    on_view.forget();
-    on_error.forget();
-    std::mem::forget(feed);
 }
+
+/// How long the cluster feed waits before it reconnects.
+const RECONNECT_MS: i32 = 2_000;
 
 /// The cluster's state in a word, on every page.
 #[component]

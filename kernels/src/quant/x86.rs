@@ -460,6 +460,7 @@ impl Weights {
 /// scratch copy; then activation rows go through in pairs, the eight
 /// accumulators in registers, each weight vector read once per pair.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)] // both operands' layouts and the output; a struct would only rename them
 unsafe fn rows4_prefill<L: Lanes>(
     w: [&[u8]; 4],
     xq: &[u8],
@@ -575,6 +576,8 @@ unsafe fn rows_tile<L: Lanes, const N: usize>(
             let qy = ab.map(|ab| _mm256_loadu_si256(ab.add(qs) as *const __m256i));
             // `SmallSigned`: y + 128 as unsigned bytes.
             let shifted = qy.map(|qy| _mm256_xor_si256(qy, flip));
+            // `i` picks the weight row in four arrays and the accumulator.
+            #[allow(clippy::needless_range_loop)]
             for i in 0..4 {
                 let qx = block.q[i];
                 let dx = _mm256_broadcast_ss(&block.d[i]);

@@ -77,6 +77,17 @@ pub enum ApiError {
         change: Admin,
         given: bool,
     },
+    /// The API needs a key: none was sent (`given` false) or it is wrong.
+    ApiKey {
+        given: bool,
+    },
+    /// A node with no API key that listens on the network answers only
+    /// its own machine.
+    LocalOnly,
+    /// Too many failed key attempts from this address lately.
+    TooManyFailedAttempts {
+        retry_after_secs: u64,
+    },
     NoRoute {
         path: String,
     },
@@ -322,6 +333,30 @@ impl ApiError {
                 },
             )
             .code("invalid_admin_token"),
+            Self::ApiKey { given } => Described::new(
+                StatusCode::UNAUTHORIZED,
+                if *given {
+                    "The API key is wrong. Check the key the node was started with (--api-key, --api-key-file or RINGLET_API_KEY).".to_string()
+                } else {
+                    "This node requires an API key: send `Authorization: Bearer <KEY>` (the openai client's api_key).".to_string()
+                },
+            )
+            .code("invalid_api_key"),
+            Self::LocalOnly => Described::new(
+                StatusCode::FORBIDDEN,
+                "This node answers API requests from its own machine only, because it has no API key. \
+                 Restart it with --api-key <KEY> (or RINGLET_API_KEY) and send `Authorization: Bearer <KEY>`, \
+                 or with --open-api to let anyone who reaches it use it without a key."
+                    .to_string(),
+            )
+            .code("api_key_required"),
+            Self::TooManyFailedAttempts { retry_after_secs } => Described::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "Too many failed API key attempts from this address; try again in {retry_after_secs} s."
+                ),
+            )
+            .code("rate_limit_exceeded"),
             Self::NoRoute { path } => Described::new(
                 StatusCode::NOT_FOUND,
                 format!(
@@ -483,10 +518,15 @@ impl IntoResponse for ApiError {
             detail: described.message,
         };
         let mut response = (described.status, Json(body)).into_response();
-        if let ApiError::AdminToken { .. } = self {
+        if let ApiError::AdminToken { .. } | ApiError::ApiKey { .. } = self {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let ApiError::TooManyFailedAttempts { retry_after_secs } = self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
         }
         response.extensions_mut().insert(report);
         response

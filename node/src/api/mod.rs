@@ -3,12 +3,14 @@
 //! dashboard. Handlers return `Result<_, ApiError>`; every error leaves in
 //! OpenAI's JSON shape, and every request has an id (`request_id.rs`).
 
+mod access;
 mod admin;
 pub mod chat;
 mod cluster;
 mod dashboard;
 pub mod error;
 mod files;
+mod membership;
 mod models;
 mod policy;
 mod request_id;
@@ -28,6 +30,7 @@ use crate::engine::EngineHandle;
 use crate::hub::HubFiles;
 use crate::limits::MAX_REQUEST_BODY_BYTES;
 use crate::prompt::PromptBuilder;
+pub use access::ApiAccess;
 pub use admin::Admin;
 pub use error::ApiError;
 
@@ -56,6 +59,8 @@ pub struct AppState {
     pub hub_files: Current<Option<Arc<HubFiles>>>,
     /// The secret that policy changes must carry; `None` refuses them.
     pub admin_token: Option<AdminToken>,
+    /// The API keys, and who gets in without one.
+    pub access: ApiAccess,
 }
 
 /// The admin token; its `Debug` does not show it.
@@ -102,6 +107,12 @@ pub fn router(state: AppState) -> Router {
                 // The handler reads the body itself, with the policy limit.
                 .merge(put(policy::put_policy).layer(DefaultBodyLimit::disable())),
         )
+        .route("/v1/cluster/invite", get(membership::invite))
+        .route(
+            "/v1/cluster/nodes/{id}",
+            axum::routing::delete(membership::remove_node),
+        )
+        .route("/v1/cluster/secret/rotate", post(membership::rotate_secret))
         .route("/v1/ring/link", get(cluster::ring_link))
         .route("/v1/ring/model", get(files::served_model))
         .route("/v1/ring/files/{etag}", get(files::file_range))
@@ -109,7 +120,11 @@ pub fn router(state: AppState) -> Router {
         .merge(dashboard::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(MAX_REQUEST_BODY_BYTES));
+        .layer(DefaultBodyLimit::max(MAX_REQUEST_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            access::require_key,
+        ));
     request_id::layers(routes).with_state(state)
 }
 

@@ -4,6 +4,10 @@
 //! All rings run at once so that rounds can alternate between them (these
 //! machines are shared and noisy); the table reports medians. Greedy
 //! decoding gives every ring size the same text, so they do the same work.
+//!
+//! Links are encrypted, as in a real cluster. The largest ring runs a
+//! second time with frames in plaintext (`--insecure-plaintext-links`), so
+//! one run says what encryption costs.
 
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -41,6 +45,8 @@ pub struct StreamTiming {
 #[derive(Debug, Serialize)]
 struct SizeReport {
     nodes: usize,
+    /// Frames encrypted on the links (false: the plaintext comparison).
+    encrypted: bool,
     rounds: Vec<StreamTiming>,
     median_decode_tok_s: f64,
     median_ttft_s: f64,
@@ -62,6 +68,24 @@ struct Report {
     decode_tokens: usize,
     sizes: Vec<SizeReport>,
     concurrency: Vec<ConcurrencyReport>,
+    /// Handshake (Noise and Hello) times of the links, as the nodes logged.
+    handshake_micros: Vec<u64>,
+}
+
+/// The benchmark's nodes' config directories, removed at the end.
+struct Scratch(std::path::PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// One ring to start: its size and whether frames are encrypted.
+#[derive(Debug, Clone, Copy)]
+struct RingKind {
+    nodes: usize,
+    encrypted: bool,
 }
 
 /// A node process started for the benchmark; killed when dropped.
@@ -85,25 +109,57 @@ pub async fn bench(args: RingBenchArgs) -> anyhow::Result<()> {
     let mut sizes = args.nodes.clone();
     sizes.sort_unstable();
     sizes.dedup();
+    let largest_size = sizes.last().copied().unwrap_or(1);
+    let mut kinds: Vec<RingKind> = sizes
+        .iter()
+        .map(|&nodes| RingKind {
+            nodes,
+            encrypted: true,
+        })
+        .collect();
+    if largest_size > 1 {
+        kinds.push(RingKind {
+            nodes: largest_size,
+            encrypted: false,
+        });
+    }
     eprintln!(
-        "ringlet bench ring: starting rings of {sizes:?} nodes ({} threads each)",
+        "ringlet bench ring: starting rings of {sizes:?} nodes ({} threads each), and one of {largest_size} with plaintext links",
         args.threads
     );
+    // Every node gets a config directory of its own, all with one
+    // cluster's secret.
+    let scratch =
+        Scratch(std::env::temp_dir().join(format!("ringlet-bench-ring-{}", std::process::id())));
+    let token = crate::identity::JoinToken(crate::identity::ClusterSecret::random()).to_string();
     let mut rings = Vec::new();
-    for (ring, &n) in sizes.iter().enumerate() {
-        rings.push(start_ring(ring, n, args.threads, &args).await?);
-        eprintln!("  ring of {n} ready");
+    let mut handshake_micros = Vec::new();
+    for (ring, &kind) in kinds.iter().enumerate() {
+        let started = start_ring(ring, kind, args.threads, &args, &scratch.0, &token).await?;
+        handshake_micros.extend(started.handshake_micros);
+        rings.push(started.nodes);
+        let links = if kind.encrypted {
+            "encrypted"
+        } else {
+            "plaintext"
+        };
+        eprintln!("  ring of {} ready ({links} links)", kind.nodes);
     }
 
     let body = request_body(&model.name, args.decode_tokens);
-    let mut per_size: Vec<Vec<StreamTiming>> = vec![Vec::new(); sizes.len()];
+    let mut per_size: Vec<Vec<StreamTiming>> = vec![Vec::new(); kinds.len()];
     for round in 1..=args.rounds {
         for (i, ring) in rings.iter().enumerate() {
             let timing = stream(ring[0].addr, &body).await?;
             eprintln!(
-                "  round {round}/{}: {} nodes: decode {:6.1} tok/s, first token after {:4.0} ms",
+                "  round {round}/{}: {} nodes{}: decode {:6.1} tok/s, first token after {:4.0} ms",
                 args.rounds,
-                sizes[i],
+                kinds[i].nodes,
+                if kinds[i].encrypted {
+                    ""
+                } else {
+                    " (plaintext)"
+                },
                 timing.decode_tok_s,
                 timing.ttft_s * 1000.0
             );
@@ -111,7 +167,7 @@ pub async fn bench(args: RingBenchArgs) -> anyhow::Result<()> {
         }
     }
 
-    let largest = rings.last().context("no ring")?;
+    let largest = rings.get(sizes.len() - 1).context("no ring")?;
     let mut concurrency = Vec::new();
     for &streams in &args.streams {
         let mut rates = Vec::new();
@@ -140,11 +196,12 @@ pub async fn bench(args: RingBenchArgs) -> anyhow::Result<()> {
         model: model.name,
         threads_per_node: args.threads,
         decode_tokens: args.decode_tokens,
-        sizes: sizes
+        sizes: kinds
             .iter()
             .zip(per_size)
-            .map(|(&nodes, rounds)| SizeReport {
-                nodes,
+            .map(|(kind, rounds)| SizeReport {
+                nodes: kind.nodes,
+                encrypted: kind.encrypted,
                 median_decode_tok_s: median(
                     &rounds.iter().map(|t| t.decode_tok_s).collect::<Vec<_>>(),
                 ),
@@ -153,6 +210,7 @@ pub async fn bench(args: RingBenchArgs) -> anyhow::Result<()> {
             })
             .collect(),
         concurrency,
+        handshake_micros,
     };
     print_tables(&report);
     if let Some(path) = &args.json {
@@ -175,14 +233,23 @@ fn request_body(model: &str, decode_tokens: usize) -> String {
     .to_string()
 }
 
-/// Starts `n` nodes joined into one ring and waits until each has
-/// activated the `n`-stage plan.
+/// A started ring, and how long its links' handshakes took.
+struct StartedRing {
+    nodes: Vec<BenchNode>,
+    handshake_micros: Vec<u64>,
+}
+
+/// Starts `kind.nodes` nodes joined into one ring and waits until each has
+/// activated the plan with all of them.
 async fn start_ring(
     ring: usize,
-    n: usize,
+    kind: RingKind,
     threads: usize,
     args: &RingBenchArgs,
-) -> anyhow::Result<Vec<BenchNode>> {
+    scratch: &std::path::Path,
+    token: &str,
+) -> anyhow::Result<StartedRing> {
+    let n = kind.nodes;
     let exe = std::env::current_exe().context("cannot find the ringlet binary")?;
     let ready = format!("plan active: {n} stages");
     let mut nodes = Vec::new();
@@ -201,7 +268,11 @@ async fn start_ring(
                 &args.model,
             ])
             .args(["--name", &format!("bench-{ring}-{i}")])
-            .env("RUST_LOG", "info")
+            .arg("--config-dir")
+            .arg(scratch.join(format!("ring{ring}-node{i}")))
+            .env("RINGLET_JOIN", token)
+            // Info for the readiness lines, debug for the handshake times.
+            .env("RUST_LOG", "info,ringlet_node::cluster::link=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -211,6 +282,9 @@ async fn start_ring(
         }
         if let Some(first) = first {
             command.args(["--peer", &first.to_string()]);
+        }
+        if !kind.encrypted {
+            command.arg("--insecure-plaintext-links");
         }
         let mut child = command.spawn().context("cannot start a node")?;
         let stderr = child.stderr.take().context("no stderr")?;
@@ -237,22 +311,47 @@ async fn start_ring(
         });
         logs.push(rx);
     }
+    let mut handshake_micros = Vec::new();
     for rx in &mut logs {
-        wait_for(rx, &ready).await?;
+        let (before, _) = wait_for_collecting(rx, &ready).await?;
+        handshake_micros.extend(before.iter().filter_map(|line| handshake_time(line)));
     }
     // Keep draining the logs so the nodes never block on a full pipe.
     for mut rx in logs {
         tokio::spawn(async move { while rx.recv().await.is_some() {} });
     }
-    Ok(nodes)
+    Ok(StartedRing {
+        nodes,
+        handshake_micros,
+    })
 }
 
-async fn wait_for(lines: &mut mpsc::Receiver<String>, needle: &str) -> anyhow::Result<String> {
+/// The `micros` of a "link handshake done" debug line.
+fn handshake_time(line: &str) -> Option<u64> {
+    if !line.contains("link handshake done") {
+        return None;
+    }
+    line.split("micros=")
+        .nth(1)?
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Waits for a log line containing `needle`; returns the lines before it
+/// and the line.
+async fn wait_for_collecting(
+    lines: &mut mpsc::Receiver<String>,
+    needle: &str,
+) -> anyhow::Result<(Vec<String>, String)> {
     let found = tokio::time::timeout(START_TIMEOUT, async {
+        let mut before = Vec::new();
         while let Some(line) = lines.recv().await {
             if line.contains(needle) {
-                return Some(line);
+                return Some((before, line));
             }
+            before.push(line);
         }
         None
     })
@@ -264,6 +363,12 @@ async fn wait_for(lines: &mut mpsc::Receiver<String>, needle: &str) -> anyhow::R
         )
     })?;
     found.with_context(|| format!("a node exited before logging {needle:?}"))
+}
+
+async fn wait_for(lines: &mut mpsc::Receiver<String>, needle: &str) -> anyhow::Result<String> {
+    wait_for_collecting(lines, needle)
+        .await
+        .map(|(_, line)| line)
 }
 
 /// One streamed chat completion over HTTP/1.0, timed at the client.
@@ -343,18 +448,52 @@ fn print_tables(report: &Report) {
         return;
     };
     println!(
-        "| nodes | decode tok/s | time to first token ms | decode vs {} node | TTFT vs {} node |",
+        "| nodes | links | decode tok/s | time to first token ms | decode vs {} node | TTFT vs {} node |",
         one.nodes, one.nodes
     );
-    println!("|---:|---:|---:|---:|---:|");
+    println!("|---:|---|---:|---:|---:|---:|");
     for size in &report.sizes {
         println!(
-            "| {} | {:.1} | {:.0} | {:.2} | {:.2} |",
+            "| {} | {} | {:.1} | {:.0} | {:.2} | {:.2} |",
             size.nodes,
+            if size.encrypted {
+                "encrypted"
+            } else {
+                "plaintext"
+            },
             size.median_decode_tok_s,
             size.median_ttft_s * 1000.0,
             size.median_decode_tok_s / one.median_decode_tok_s.max(f64::MIN_POSITIVE),
             size.median_ttft_s / one.median_ttft_s.max(f64::MIN_POSITIVE)
+        );
+    }
+    let plain = report.sizes.iter().find(|s| !s.encrypted);
+    let encrypted = plain.and_then(|p| {
+        report
+            .sizes
+            .iter()
+            .find(|s| s.encrypted && s.nodes == p.nodes)
+    });
+    if let (Some(plain), Some(encrypted)) = (plain, encrypted) {
+        println!();
+        println!(
+            "encryption on {} nodes: decode {:.3}x, time to first token {:.3}x of plaintext links",
+            plain.nodes,
+            encrypted.median_decode_tok_s / plain.median_decode_tok_s.max(f64::MIN_POSITIVE),
+            encrypted.median_ttft_s / plain.median_ttft_s.max(f64::MIN_POSITIVE)
+        );
+    }
+    if !report.handshake_micros.is_empty() {
+        let ms: Vec<f64> = report
+            .handshake_micros
+            .iter()
+            .map(|&m| m as f64 / 1000.0)
+            .collect();
+        println!(
+            "link handshakes (Noise and Hello): median {:.2} ms, max {:.2} ms over {} link ends",
+            median(&ms),
+            ms.iter().copied().fold(0.0, f64::max),
+            ms.len()
         );
     }
     if let Some(single) = report.concurrency.first() {

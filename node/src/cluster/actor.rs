@@ -11,6 +11,7 @@ mod policies;
 mod reports;
 mod requests;
 mod switch;
+mod trust;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +20,7 @@ use kernels::{Device, ModelFile};
 use scheduler::NodeId;
 use tokio::sync::{mpsc, watch};
 
+use super::admin_proof::AdminKey;
 use super::discovery::Discovery;
 use super::link::{self, LinkContext, LinkId, LinkSender};
 use super::membership::{Membership, Myself};
@@ -26,6 +28,7 @@ use super::planning::Planning;
 use super::policy_sync::PolicySync;
 use super::protocol::{Frame, Hello, ModelIdentity};
 use super::routing::Routing;
+use super::secure::LinkKeys;
 use super::status::LocalStatus;
 use super::view::Parts;
 use super::{ClusterConfig, ClusterEvent, ClusterView};
@@ -45,6 +48,12 @@ pub(super) struct Channels {
 
 pub(super) struct Cluster {
     membership: Membership,
+    /// This node's key and the cluster's secret, for every link.
+    keys: Arc<LinkKeys>,
+    /// Where they are kept: a rotation writes the new secret there.
+    identity: crate::identity::Identity,
+    /// Makes and checks admins' authorizations; `None` without a token.
+    admin: Option<AdminKey>,
     planning: Planning,
     routing: Routing,
     policy_sync: PolicySync,
@@ -98,14 +107,23 @@ impl Cluster {
         );
         let myself = Myself {
             id: config.me,
+            key_fingerprint: crate::identity::key_fingerprint(&config.identity.key.public),
             name: config.name,
             cluster: config.cluster,
             listen: config.listen,
             resources: config.resources,
             identity,
+            serving_since_ms: None,
         };
         Self {
             membership: Membership::new(myself, config.peers),
+            keys: Arc::new(LinkKeys::new(
+                config.identity.key.clone(),
+                &config.identity.secret,
+                config.plaintext_frames,
+            )),
+            identity: config.identity,
+            admin: config.admin_token.as_deref().map(AdminKey::from_token),
             planning: Planning::new(),
             routing: Routing::default(),
             policy_sync: PolicySync::new(config.policy.built_in().clone()),
@@ -198,12 +216,32 @@ impl Cluster {
         match event {
             ClusterEvent::LinkUp {
                 hello,
+                key,
                 sender,
                 accepted,
             } => {
-                let keep = self.link_up(*hello, sender);
+                let keep = self.link_up(*hello, key, sender);
                 let _ = accepted.send(keep);
                 keep
+            }
+            ClusterEvent::Refused {
+                address,
+                dialed,
+                reason,
+                wrong_key,
+            } => {
+                if wrong_key {
+                    self.membership.refuse(&address, dialed, &reason);
+                    return true;
+                }
+                // The network's problems: a dial is retried; a connection
+                // that came in and failed is a stranger's business.
+                if dialed {
+                    tracing::warn!(peer = %address, %reason, "link handshake failed; will retry");
+                } else {
+                    tracing::debug!(peer = %address, %reason, "an incoming link failed its handshake");
+                }
+                false
             }
             ClusterEvent::LinkDown { node, link, reason } => self.link_down(node, link, &reason),
             ClusterEvent::LinkRtt { node, rtt_micros } => {
@@ -243,6 +281,14 @@ impl Cluster {
                 let _ = reply.send(self.fetch_model(entry));
                 true
             }
+            ClusterEvent::Invite { reply } => {
+                let _ = reply.send(self.invite());
+                false
+            }
+            ClusterEvent::RotateSecret { removed, reply } => {
+                let _ = reply.send(self.rotate_secret(removed));
+                true
+            }
             ClusterEvent::SwitchModel { model, reply } => {
                 let _ = reply.send(self.switch_cluster(model));
                 true
@@ -257,8 +303,9 @@ impl Cluster {
                 result,
                 reply,
                 warning,
+                proof,
             } => {
-                self.policy_installed(revision, wasm, result, warning, reply);
+                self.policy_installed(revision, wasm, result, warning, proof, reply);
                 true
             }
             ClusterEvent::Frame { from, frame } => self.on_frame(from, frame),
@@ -291,6 +338,7 @@ impl Cluster {
             let hello = self.membership.hello();
             let events = self.events_tx.clone();
             let me = self.me();
+            let keys = Arc::clone(&self.keys);
             tokio::spawn(async move {
                 match link::dial(&address).await {
                     Ok(stream) => {
@@ -298,6 +346,7 @@ impl Cluster {
                             me,
                             events: events.clone(),
                             observed_address: address.clone(),
+                            keys,
                         };
                         let _ = events.send(ClusterEvent::DialEnded { address }).await;
                         link::run(stream, hello, true, context).await;
@@ -316,6 +365,7 @@ impl Cluster {
             me: self.me(),
             events: self.events_tx.clone(),
             observed_address,
+            keys: Arc::clone(&self.keys),
         };
         tokio::spawn(link::run(stream, self.membership.hello(), false, context));
     }
@@ -324,9 +374,9 @@ impl Cluster {
     /// to close the link); the peer hears the policy and this node's
     /// status; planning re-plans; a readiness report waiting for this link
     /// goes out.
-    fn link_up(&mut self, hello: Hello, link: LinkSender) -> bool {
+    fn link_up(&mut self, hello: Hello, key: Vec<u8>, link: LinkSender) -> bool {
         let peer = hello.node;
-        if self.membership.admit(hello, link).is_err() {
+        if self.membership.admit(hello, key, link).is_err() {
             return false;
         }
         // A newcomer learns the cluster's policy (if it has a newer one,
@@ -336,9 +386,11 @@ impl Cluster {
                 self.membership.send_to(peer, frame);
             }
         }
-        let status = self
-            .local
-            .report(self.routing.in_flight(), self.membership.measurements());
+        let status = self.local.report(
+            self.routing.in_flight(),
+            self.membership.measurements(),
+            self.membership.me.serving_since_ms,
+        );
         self.membership.send_to(peer, Frame::NodeStatus(status));
         self.planning.replan_soon();
         if let Some((epoch, weight_bytes)) = self.planning.pending_ready() {
@@ -411,8 +463,12 @@ impl Cluster {
                 self.planning.error = Some(message);
                 true
             }
-            Frame::PlanActive { epoch, weights } => {
-                self.on_active(epoch, weights);
+            Frame::PlanActive {
+                epoch,
+                weights,
+                since_ms,
+            } => {
+                self.on_active(epoch, weights, since_ms);
                 true
             }
             Frame::Forward(forward) => {
@@ -437,22 +493,45 @@ impl Cluster {
                 self.on_policy_frame(from, frame);
                 false
             }
-            Frame::SwitchModel { model } => {
+            Frame::SwitchModel { model, proof } => {
                 let asked_by = self.membership.name_of(from);
                 if model.is_empty() || model.len() > MAX_MODEL_NAME_BYTES {
                     tracing::warn!(%asked_by, bytes = model.len(), "a peer asked to switch to a model name of impossible length; ignored");
+                    return false;
+                }
+                let change = trust::switch_change(&model);
+                if !self.authorized("a model switch", &change, from, from, proof.as_ref(), false) {
                     return false;
                 }
                 tracing::info!(%model, %asked_by, "asked to switch models");
                 self.switch_here(model);
                 true
             }
+            Frame::RotateSecret {
+                removed,
+                secret,
+                proof,
+            } => {
+                self.on_rotation(from, removed, &secret, proof.as_ref());
+                true
+            }
             Frame::ModelChanged { identity } => {
                 self.peer_switched(from, identity);
                 true
             }
-            Frame::FetchModel { name } => {
+            Frame::FetchModel { name, proof } => {
                 let asked_by = self.membership.name_of(from);
+                let change = trust::fetch_change(&name);
+                if !self.authorized(
+                    "a model download",
+                    &change,
+                    from,
+                    from,
+                    proof.as_ref(),
+                    false,
+                ) {
+                    return false;
+                }
                 match self.local.fetch_for_peer(&name) {
                     Some(true) => tracing::info!(model = %name, %asked_by, "fetching model"),
                     Some(false) => {}

@@ -19,8 +19,19 @@ pub(crate) enum ClusterEvent {
     /// A link finished its handshake; answer whether to keep it.
     LinkUp {
         hello: Box<Hello>,
+        /// The long-term public key the handshake proved.
+        key: Vec<u8>,
         sender: LinkSender,
         accepted: oneshot::Sender<bool>,
+    },
+    /// A link's handshake failed: `wrong_key` when the peer does not
+    /// hold this cluster's secret, else a network or protocol problem.
+    Refused {
+        /// The address dialed, or the address the connection came from.
+        address: String,
+        dialed: bool,
+        reason: String,
+        wrong_key: bool,
     },
     LinkDown {
         node: NodeId,
@@ -68,6 +79,15 @@ pub(crate) enum ClusterEvent {
         model: String,
         reply: oneshot::Sender<Vec<String>>,
     },
+    /// An admin asked for the join token.
+    Invite {
+        reply: oneshot::Sender<crate::identity::JoinToken>,
+    },
+    /// An admin asked to remove a node and rotate the cluster secret.
+    RotateSecret {
+        removed: Option<NodeId>,
+        reply: oneshot::Sender<Result<super::Rotated, String>>,
+    },
     /// This node opened the model it was asked to switch to (or failed).
     ModelOpened {
         model: String,
@@ -80,6 +100,8 @@ pub(crate) enum ClusterEvent {
         result: Result<PolicyView, PolicyError>,
         /// Why the change happened, when a failing policy was replaced.
         warning: Option<String>,
+        /// The admin's authorization of the change, to pass on.
+        proof: Option<protocol::AdminProof>,
         /// Whom to answer, when the change started here from the API.
         reply: Option<oneshot::Sender<Result<PolicyStatus, PolicyError>>>,
     },

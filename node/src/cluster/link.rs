@@ -1,7 +1,9 @@
-//! Links between nodes: opening one (dial or accept), the Hello handshake,
-//! and the two tasks that then carry frames (a reader and a writer with a
-//! heartbeat). Every wait has a timeout; a bad frame closes the link with
-//! one warning; the node goes on serving.
+//! Links between nodes: opening one (dial or accept), the Noise handshake
+//! that proves both ends hold the cluster secret ([`super::secure`]), the
+//! Hello exchange, and the two tasks that then carry encrypted frames (a
+//! reader and a writer with a heartbeat). Every wait has a timeout; a bad
+//! or unauthentic frame closes the link with one warning; the node goes
+//! on serving.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,9 +15,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::ClusterEvent;
-use super::protocol::{
-    self, Frame, FrameError, Hello, PROTOCOL_VERSION, UPGRADE_TOKEN, VERSION_HEADER,
-};
+use super::protocol::{Frame, FrameError, Hello, PROTOCOL_VERSION, UPGRADE_TOKEN, VERSION_HEADER};
+use super::secure::{self, HandshakeError, LinkKeys, SecureReader, SecureWriter};
 use crate::limits::{
     HEARTBEAT_INTERVAL_MS, HEARTBEAT_TIMEOUT_MS, LINK_CONNECT_TIMEOUT_MS,
     LINK_HANDSHAKE_TIMEOUT_MS, LINK_QUEUE_LEN, LINK_WRITE_TIMEOUT_MS, PROBE_BYTES,
@@ -148,6 +149,8 @@ pub(crate) struct LinkContext {
     pub me: NodeId,
     pub events: mpsc::Sender<ClusterEvent>,
     pub observed_address: String,
+    /// This node's key and the cluster's, as they are when the link opens.
+    pub keys: Arc<LinkKeys>,
 }
 
 /// Runs a link until it closes: handshake, registration with the cluster
@@ -156,9 +159,47 @@ pub(crate) async fn run<S>(stream: S, hello: Hello, dialed: bool, context: LinkC
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut reader, mut writer) = tokio::io::split(stream);
+    let (reader, writer) = tokio::io::split(stream);
     let id = NEXT_LINK_ID.fetch_add(1, Ordering::Relaxed);
-    let theirs = match handshake(&mut reader, &mut writer, hello, context.me).await {
+    let started = std::time::Instant::now();
+    let proven = tokio::time::timeout(
+        secure::handshake_timeout(),
+        secure::handshake(reader, writer, &context.keys, dialed),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(HandshakeError::Protocol(format!(
+            "no handshake within {LINK_HANDSHAKE_TIMEOUT_MS} ms"
+        )))
+    });
+    let session = match proven {
+        Ok(session) => session,
+        Err(error) => {
+            // The actor logs refusals once per peer; other failures are
+            // the network's and are retried.
+            let refused = ClusterEvent::Refused {
+                address: context.observed_address.clone(),
+                dialed,
+                reason: error.to_string(),
+                wrong_key: error.is_wrong_key(),
+            };
+            let _ = context.events.send(refused).await;
+            return;
+        }
+    };
+    let secure::Session {
+        peer_key,
+        mut reader,
+        mut writer,
+    } = session;
+    if peer_key == context.keys.node.public {
+        tracing::warn!(
+            peer = %context.observed_address,
+            "a node has this node's own key: each node on a machine needs its own --config-dir"
+        );
+        return;
+    }
+    let theirs = match exchange_hellos(&mut reader, &mut writer, hello, context.me).await {
         Ok(theirs) => theirs,
         Err(error) => {
             tracing::warn!(%error, "link handshake failed");
@@ -166,6 +207,11 @@ where
         }
     };
     let peer = theirs.node;
+    tracing::debug!(
+        peer = %context.observed_address,
+        micros = started.elapsed().as_micros() as u64,
+        "link handshake done (Noise and Hello)"
+    );
     let (frames_tx, frames_rx) = mpsc::channel(LINK_QUEUE_LEN);
     let close = Arc::new(Notify::new());
     let sender = LinkSender {
@@ -178,17 +224,16 @@ where
     let (accept_tx, accept_rx) = oneshot::channel();
     let up = ClusterEvent::LinkUp {
         hello: Box::new(theirs),
+        key: peer_key,
         sender,
         accepted: accept_tx,
     };
     if context.events.send(up).await.is_err() || !accept_rx.await.unwrap_or(false) {
-        let _ = protocol::write_frame(
-            &mut writer,
-            &Frame::Bye {
+        let _ = writer
+            .write_frame(&Frame::Bye {
                 reason: "duplicate link".into(),
-            },
-        )
-        .await;
+            })
+            .await;
         return;
     }
     let writer_task = tokio::spawn(write_loop(writer, frames_rx));
@@ -211,30 +256,29 @@ where
         .await;
 }
 
-async fn handshake<R, W>(
-    reader: &mut R,
-    writer: &mut W,
+/// Sends our Hello and reads theirs, over the proven session.
+async fn exchange_hellos(
+    reader: &mut SecureReader,
+    writer: &mut SecureWriter,
     ours: Hello,
     me: NodeId,
-) -> Result<Hello, LinkError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
+) -> Result<Hello, LinkError> {
     let fail = |reason: String| LinkError::Handshake {
         peer: "peer".into(),
         reason,
     };
     let exchange = async {
-        protocol::write_frame(writer, &Frame::Hello(ours))
+        writer
+            .write_frame(&Frame::Hello(ours))
             .await
             .map_err(|e| fail(e.to_string()))?;
-        match protocol::read_frame(reader)
+        match reader
+            .read_frame_timed()
             .await
             .map_err(|e| fail(e.to_string()))?
         {
-            Frame::Hello(theirs) => Ok(theirs),
-            other => Err(fail(format!("expected hello, got {}", other.kind()))),
+            (Frame::Hello(theirs), _) => Ok(theirs),
+            (other, _) => Err(fail(format!("expected hello, got {}", other.kind()))),
         }
     };
     let theirs = tokio::time::timeout(Duration::from_millis(LINK_HANDSHAKE_TIMEOUT_MS), exchange)
@@ -266,17 +310,21 @@ fn now_micros() -> u64 {
 
 /// Reads frames until the link fails; returns why it ended. Heartbeats are
 /// answered here; everything else goes to the cluster actor.
-async fn read_loop<R: AsyncRead + Unpin>(
-    reader: &mut R,
+async fn read_loop(
+    reader: &mut SecureReader,
     peer: NodeId,
     frames: &mpsc::Sender<Frame>,
     events: &mpsc::Sender<ClusterEvent>,
 ) -> String {
     let silence = Duration::from_millis(HEARTBEAT_TIMEOUT_MS);
     loop {
-        let frame = match tokio::time::timeout(silence, protocol::read_frame_timed(reader)).await {
+        let frame = match tokio::time::timeout(silence, reader.read_frame_timed()).await {
             Err(_) => return format!("no frame for {HEARTBEAT_TIMEOUT_MS} ms"),
             Ok(Err(FrameError::Closed)) => return "the connection closed".into(),
+            Ok(Err(error @ FrameError::Unauthentic)) => {
+                tracing::warn!(peer = %peer, %error, "closing a link after a frame that failed authentication");
+                return format!("a frame failed authentication: {error}");
+            }
             Ok(Err(error)) => {
                 tracing::warn!(peer = %peer, %error, "closing a link after a bad frame");
                 return format!("bad frame: {error}");
@@ -323,7 +371,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
 
 /// Writes queued frames and a heartbeat every interval; stops when the
 /// queue closes or a write stalls.
-async fn write_loop<W: AsyncWrite + Unpin>(mut writer: W, mut frames: mpsc::Receiver<Frame>) {
+async fn write_loop(mut writer: SecureWriter, mut frames: mpsc::Receiver<Frame>) {
     let mut heartbeat = tokio::time::interval(Duration::from_millis(HEARTBEAT_INTERVAL_MS));
     let stall = Duration::from_millis(LINK_WRITE_TIMEOUT_MS);
     loop {
@@ -334,7 +382,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut writer: W, mut frames: mpsc::Rece
             },
             _ = heartbeat.tick() => Frame::Heartbeat { sent_at_micros: now_micros() },
         };
-        let written = tokio::time::timeout(stall, protocol::write_frame(&mut writer, &frame)).await;
+        let written = tokio::time::timeout(stall, writer.write_frame(&frame)).await;
         match written {
             Ok(Ok(())) => {}
             Ok(Err(error)) => {

@@ -14,12 +14,14 @@ use super::protocol::{
     Frame, Hello, LinkMeasurement, ModelIdentity, NodeStatus, PROTOCOL_VERSION, PeerAddress,
     Resources,
 };
-use crate::limits::MAX_NODES;
+use crate::limits::{MAX_NODES, MAX_REFUSED_PEERS};
 use crate::policy;
 
 /// A node we are linked to.
 pub(super) struct Member {
     pub hello: Hello,
+    /// The long-term public key its handshake proved.
+    pub key: Vec<u8>,
     /// HOST:PORT where its API and link port is reached.
     pub address: String,
     pub link: LinkSender,
@@ -40,12 +42,16 @@ impl Member {
 /// What this node is, as its peers see it.
 pub(super) struct Myself {
     pub id: NodeId,
+    /// A short fingerprint of this node's long-term key.
+    pub key_fingerprint: String,
     pub name: String,
     /// The cluster name: peers with another one are not joined.
     pub cluster: String,
     pub listen: SocketAddr,
     pub resources: Resources,
     pub identity: ModelIdentity,
+    /// When this node first served in an active plan (unix ms).
+    pub serving_since_ms: Option<u64>,
 }
 
 /// Why a link was not kept.
@@ -71,6 +77,18 @@ pub(super) struct Membership {
     dialing: HashSet<String>,
     /// Advertisements mDNS resolved, by service name.
     pub discovered: BTreeMap<String, (PeerAdvert, Verdict)>,
+    /// Nodes that failed to prove they hold the cluster's key, by the
+    /// address dialed or the IP address a link came from.
+    pub refused: BTreeMap<String, RefusedPeer>,
+    /// Increases with each refusal, to drop the oldest entries first.
+    refusals: u64,
+}
+
+/// A node that failed to prove it holds the cluster's key.
+pub(super) struct RefusedPeer {
+    pub reason: String,
+    /// Which refusal this was last, counted from the node's start.
+    pub last: u64,
 }
 
 impl Membership {
@@ -82,6 +100,8 @@ impl Membership {
             known_addresses: peers.into_iter().collect(),
             dialing: HashSet::new(),
             discovered: BTreeMap::new(),
+            refused: BTreeMap::new(),
+            refusals: 0,
         }
     }
 
@@ -94,6 +114,7 @@ impl Membership {
             address: self.me.listen.to_string(),
             resources: self.me.resources.clone(),
             model: self.me.identity.clone(),
+            serving_since_ms: self.me.serving_since_ms,
             peers: self
                 .members
                 .iter()
@@ -138,9 +159,58 @@ impl Membership {
         }
     }
 
+    /// A link's handshake failed because one end lacks the cluster's key:
+    /// the peer is listed as refused and logged the first time. An
+    /// address only a peer or discovery named is not dialed again; a
+    /// `--peer` one is, in case it joins later.
+    pub fn refuse(&mut self, address: &str, dialed: bool, reason: &str) {
+        let who = if dialed {
+            address.to_string()
+        } else {
+            address
+                .parse::<SocketAddr>()
+                .map_or(address.to_string(), |a| a.ip().to_string())
+        };
+        self.refusals += 1;
+        let first = !self.refused.contains_key(&who);
+        self.refused.insert(
+            who.clone(),
+            RefusedPeer {
+                reason: reason.to_string(),
+                last: self.refusals,
+            },
+        );
+        if self.refused.len() > MAX_REFUSED_PEERS
+            && let Some(oldest) = self
+                .refused
+                .iter()
+                .min_by_key(|(_, p)| p.last)
+                .map(|(k, _)| k.clone())
+        {
+            self.refused.remove(&oldest);
+        }
+        if dialed && !self.configured_peers.contains(address) {
+            self.known_addresses.remove(address);
+        }
+        if first {
+            let direction = if dialed {
+                format!("the node at {who}")
+            } else {
+                format!("a node connecting from {who}")
+            };
+            tracing::warn!(
+                peer = %who,
+                %reason,
+                "refused {direction}: {reason}. To add a machine, run `ringlet invite` on a member and start the new node with --join TOKEN"
+            );
+        } else {
+            tracing::debug!(peer = %who, %reason, "refused again");
+        }
+    }
+
     /// Admits the peer of a new link, or says why not. A duplicate link
     /// that wins closes the one it replaces.
-    pub fn admit(&mut self, hello: Hello, link: LinkSender) -> Result<(), Refusal> {
+    pub fn admit(&mut self, hello: Hello, key: Vec<u8>, link: LinkSender) -> Result<(), Refusal> {
         let peer = hello.node;
         let address = advertised_address(&hello.address, &link.observed_address);
         if peer == self.me.id {
@@ -190,10 +260,15 @@ impl Membership {
         } else {
             tracing::info!(node = %peer, "peer {} joined from {address}", hello.name);
         }
+        self.refused.remove(&address);
+        if let Ok(observed) = link.observed_address.parse::<SocketAddr>() {
+            self.refused.remove(&observed.ip().to_string());
+        }
         self.members.insert(
             peer,
             Member {
                 hello,
+                key,
                 address,
                 link,
                 rtt_micros: None,
@@ -211,6 +286,17 @@ impl Membership {
             return None;
         }
         self.members.remove(&node)
+    }
+
+    /// An admin removed `node`: its link closes and its address is not
+    /// dialed again (unless it is a `--peer` one, which stays refused).
+    pub fn forget_node(&mut self, node: NodeId) {
+        if let Some(member) = self.members.get(&node) {
+            member.link.close();
+            if !self.configured_peers.contains(&member.address) {
+                self.known_addresses.remove(&member.address);
+            }
+        }
     }
 
     /// mDNS found a node: true when it should be dialed now.
@@ -264,6 +350,7 @@ impl Membership {
 
     pub fn record_status(&mut self, node: NodeId, status: NodeStatus) {
         if let Some(member) = self.members.get_mut(&node) {
+            member.hello.serving_since_ms = status.serving_since_ms;
             member.status = Some(status);
         }
     }
@@ -288,15 +375,29 @@ impl Membership {
         nodes
     }
 
-    /// The lowest id among the nodes serving this model file.
+    /// The most senior node serving this model file: the one that has
+    /// served in an active plan the longest, so a node that joins a
+    /// running cluster never takes it over whatever its id; among nodes
+    /// equally senior (the first plan of a fresh cluster), the lowest id.
     pub fn leader(&self) -> NodeId {
+        let seniority = |since: Option<u64>, id: NodeId| (since.unwrap_or(u64::MAX), id);
         self.members
             .values()
             .filter(|m| m.serves(&self.me.identity))
-            .map(|m| m.hello.node)
-            .chain([self.me.id])
+            .map(|m| seniority(m.hello.serving_since_ms, m.hello.node))
+            .chain([seniority(self.me.serving_since_ms, self.me.id)])
             .min()
-            .unwrap_or(self.me.id)
+            .map_or(self.me.id, |(_, id)| id)
+    }
+
+    /// This node serves in a plan activated at `since_ms`: the first such
+    /// plan dates its seniority.
+    pub fn serving_in_plan(&mut self, since_ms: u64) {
+        let since = self
+            .me
+            .serving_since_ms
+            .map_or(since_ms, |s| s.min(since_ms));
+        self.me.serving_since_ms = Some(since);
     }
 
     /// What this node measured of its links.
@@ -428,11 +529,13 @@ mod tests {
     fn membership(me: u64) -> Membership {
         let myself = Myself {
             id: NodeId(me),
+            key_fingerprint: String::new(),
             name: format!("node-{me}"),
             cluster: "default".into(),
             listen: "127.0.0.1:5000".parse().expect("address"),
             resources: resources(),
             identity: identity("sha256:a"),
+            serving_since_ms: None,
         };
         Membership::new(myself, vec!["10.0.0.9:52415".into()])
     }
@@ -450,6 +553,7 @@ mod tests {
                 node: NodeId(77),
                 address: "10.0.0.77:52415".into(),
             }],
+            serving_since_ms: None,
         }
     }
 
@@ -474,28 +578,28 @@ mod tests {
     fn admission_refuses_itself_other_clusters_and_losing_duplicates() {
         let mut members = membership(5);
         assert_eq!(
-            members.admit(hello(5, "default", "sha256:a"), link(true)),
+            members.admit(hello(5, "default", "sha256:a"), Vec::new(), link(true)),
             Err(Refusal::Myself)
         );
         assert_eq!(
-            members.admit(hello(3, "lab", "sha256:a"), link(true)),
+            members.admit(hello(3, "lab", "sha256:a"), Vec::new(), link(true)),
             Err(Refusal::OtherCluster)
         );
         assert!(members.members.is_empty());
 
         // Node 3 < 5: the link node 3 dialed (accepted here) wins.
         members
-            .admit(hello(3, "default", "sha256:a"), link(true))
+            .admit(hello(3, "default", "sha256:a"), Vec::new(), link(true))
             .expect("first link");
         assert_eq!(
-            members.admit(hello(3, "default", "sha256:a"), link(true)),
+            members.admit(hello(3, "default", "sha256:a"), Vec::new(), link(true)),
             Err(Refusal::Duplicate),
             "another link dialed by the larger id is refused"
         );
         let accepted = link(false);
         let accepted_id = accepted.id;
         members
-            .admit(hello(3, "default", "sha256:a"), accepted)
+            .admit(hello(3, "default", "sha256:a"), Vec::new(), accepted)
             .expect("the link the smaller id dialed replaces the other");
         assert_eq!(members.members[&NodeId(3)].link.id, accepted_id);
         assert_eq!(members.address_of(NodeId(3)), "10.0.0.7:52415");
@@ -506,11 +610,11 @@ mod tests {
         let mut members = membership(1_000);
         for node in 0..MAX_NODES as u64 - 1 {
             members
-                .admit(hello(node, "default", "sha256:a"), link(false))
+                .admit(hello(node, "default", "sha256:a"), Vec::new(), link(false))
                 .expect("room");
         }
         assert_eq!(
-            members.admit(hello(999, "default", "sha256:a"), link(false)),
+            members.admit(hello(999, "default", "sha256:a"), Vec::new(), link(false)),
             Err(Refusal::Full)
         );
         let dialing = members.start_dialing();
@@ -527,11 +631,11 @@ mod tests {
         let mut members = membership(5);
         assert_eq!(members.leader(), NodeId(5));
         members
-            .admit(hello(2, "default", "sha256:other"), link(false))
+            .admit(hello(2, "default", "sha256:other"), Vec::new(), link(false))
             .expect("admitted");
         assert_eq!(members.leader(), NodeId(5), "another model file");
         members
-            .admit(hello(4, "default", "sha256:a"), link(false))
+            .admit(hello(4, "default", "sha256:a"), Vec::new(), link(false))
             .expect("admitted");
         assert_eq!(members.leader(), NodeId(4));
         let ids: Vec<u64> = members.compatible().iter().map(|n| n.id).collect();
@@ -543,5 +647,33 @@ mod tests {
         );
         assert!(members.remove(NodeId(4), gone).is_some());
         assert_eq!(members.leader(), NodeId(5));
+    }
+
+    #[test]
+    fn a_newcomer_does_not_take_over_a_serving_cluster_whatever_its_id() {
+        let mut members = membership(5);
+        members.serving_in_plan(1_000);
+        members
+            .admit(hello(1, "default", "sha256:a"), Vec::new(), link(true))
+            .expect("admitted");
+        assert_eq!(members.leader(), NodeId(5), "the serving node leads");
+        // It serves from the joint plan on, later than this node.
+        let mut status = NodeStatus {
+            in_flight: 0,
+            links: Vec::new(),
+            memory_available_bytes: 0,
+            rss_bytes: 0,
+            models: Vec::new(),
+            serving_since_ms: Some(2_000),
+        };
+        members.record_status(NodeId(1), status.clone());
+        assert_eq!(members.leader(), NodeId(5));
+        // The first plan this node serves in dates it; later ones do not.
+        members.serving_in_plan(3_000);
+        assert_eq!(members.me.serving_since_ms, Some(1_000));
+        // A node that has served longer than this one leads it.
+        status.serving_since_ms = Some(500);
+        members.record_status(NodeId(1), status);
+        assert_eq!(members.leader(), NodeId(1));
     }
 }

@@ -15,8 +15,9 @@
 //! about itself). The actor does the IO they decide on and writes each
 //! transition that crosses concerns once.
 //!
-//! Planning: the node with the smallest id among those serving the same
-//! model file is the leader. After membership settles it asks the
+//! Planning: the most senior node among those serving the same model file
+//! (the one that has served longest in an active plan; the smallest id
+//! among equals) is the leader. After membership settles it asks the
 //! scheduling policy (a Wasm component, see [`crate::policy`]) for a
 //! placement, sends the checked plan (with a higher epoch) to every node,
 //! waits until each has loaded its layers, and then declares the plan
@@ -33,6 +34,7 @@
 //! latency and bandwidth between every pair.
 
 mod actor;
+pub mod admin_proof;
 pub mod discovery;
 mod events;
 pub mod link;
@@ -42,6 +44,7 @@ mod policy_sync;
 pub mod protocol;
 pub mod resources;
 mod routing;
+pub mod secure;
 mod status;
 mod view;
 
@@ -84,6 +87,13 @@ pub type ModelOpener = Arc<
 /// Everything a node brings to the cluster.
 pub struct ClusterConfig {
     pub me: NodeId,
+    /// This node's key and the cluster secret: links prove both.
+    pub identity: crate::identity::Identity,
+    /// Frames unencrypted after the handshake (benchmarks and tests).
+    pub plaintext_frames: bool,
+    /// The admin token, to authorize the changes an admin makes here and
+    /// to check those that come from peers.
+    pub admin_token: Option<String>,
     pub name: String,
     /// Only nodes with the same cluster name are joined.
     pub cluster: String,
@@ -111,6 +121,17 @@ pub struct ClusterConfig {
     pub stage_loads: watch::Sender<Vec<StageLoad>>,
     /// Opens another model when the cluster switches.
     pub open_model: ModelOpener,
+}
+
+/// A rotation of the cluster secret that happened.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Rotated {
+    /// The name of the node removed, if one was.
+    pub removed: Option<String>,
+    /// The nodes that hold the new secret, this one first.
+    pub told: Vec<String>,
+    /// The new join token (for an admin to hand out).
+    pub token: String,
 }
 
 /// Why a policy change did not (yet) happen.
@@ -188,6 +209,33 @@ impl ClusterHandle {
             .await
             .ok()?;
         answer.await.ok()
+    }
+
+    /// The token that admits a machine to the cluster now.
+    pub async fn invite(&self) -> Option<crate::identity::JoinToken> {
+        let (reply, answer) = oneshot::channel();
+        self.events
+            .send(ClusterEvent::Invite { reply })
+            .await
+            .ok()?;
+        answer.await.ok()
+    }
+
+    /// Removes `node` from the cluster (`None`: nobody) and gives every
+    /// other node a new cluster secret, so that the old token admits no
+    /// one. Returns the names of the nodes told, or why not.
+    pub async fn rotate_secret(&self, node: Option<NodeId>) -> Result<Rotated, String> {
+        let (reply, answer) = oneshot::channel();
+        self.events
+            .send(ClusterEvent::RotateSecret {
+                removed: node,
+                reply,
+            })
+            .await
+            .map_err(|_| "the node is stopping".to_string())?;
+        answer
+            .await
+            .map_err(|_| "the node is stopping".to_string())?
     }
 
     /// Hands an upgraded connection to the cluster; it runs the link.

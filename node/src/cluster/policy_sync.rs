@@ -8,7 +8,7 @@ use bytes::Bytes;
 use scheduler::NodeId;
 
 use super::PolicyStatus;
-use super::protocol::{Frame, PolicyMessage, PolicyRevision};
+use super::protocol::{AdminProof, Frame, PolicyMessage, PolicyRevision};
 use crate::limits::{MAX_POLICY_BYTES, POLICY_CHUNK_BYTES, POLICY_TEXT_BYTES};
 use crate::policy::{Change, PolicyView};
 
@@ -27,6 +27,8 @@ pub(super) struct Adoption {
     pub wasm: Option<Bytes>,
     pub change: Change,
     pub warning: Option<String>,
+    /// The admin's authorization, for the actor to check.
+    pub proof: Option<AdminProof>,
 }
 
 /// What an install that finished means here.
@@ -44,6 +46,9 @@ pub(super) struct PolicySync {
     highest: PolicyRevision,
     /// The uploaded component in force, for new peers (`None`: built-in).
     wasm: Option<Bytes>,
+    /// The admin's authorization of the change in force, passed on to
+    /// new peers with it.
+    proof: Option<AdminProof>,
     incoming: Option<IncomingPolicy>,
     pub status: PolicyStatus,
 }
@@ -54,6 +59,7 @@ impl PolicySync {
             revision: PolicyRevision::default(),
             highest: PolicyRevision::default(),
             wasm: None,
+            proof: None,
             incoming: None,
             status: PolicyStatus {
                 policy: built_in,
@@ -67,7 +73,7 @@ impl PolicySync {
     /// The revision of a change made here.
     pub fn next_revision(&mut self, me: NodeId) -> PolicyRevision {
         self.highest = PolicyRevision {
-            counter: self.highest.counter + 1,
+            counter: self.highest.counter.saturating_add(1),
             origin: me,
         };
         self.highest
@@ -88,6 +94,7 @@ impl PolicySync {
                 .as_ref()
                 .map(|w| u32::try_from(w.len()).unwrap_or(u32::MAX)),
             warning: self.status.warning.clone(),
+            proof: self.proof.clone(),
         })];
         if let Some(wasm) = &self.wasm {
             for offset in (0..wasm.len()).step_by(POLICY_CHUNK_BYTES) {
@@ -167,8 +174,11 @@ impl PolicySync {
             .map(|complete| self.adopt(complete.message, Some(Bytes::from(complete.data)))))
     }
 
+    /// A peer's change, complete. The actor checks its authorization
+    /// before installing it; only then does it count as seen
+    /// ([`Self::accepted`]), so a refused change cannot push the revision
+    /// counter.
     fn adopt(&mut self, message: PolicyMessage, wasm: Option<Bytes>) -> Adoption {
-        self.highest = self.highest.max(message.revision);
         // A change that replaced a failing policy says why; it ends a
         // fallback chain here as it did there.
         let change = if message.warning.is_some() || wasm.is_none() {
@@ -181,7 +191,14 @@ impl PolicySync {
             wasm,
             change,
             warning: message.warning.map(capped_warning),
+            proof: message.proof,
         }
+    }
+
+    /// A peer's change passed the checks: later changes made here go past
+    /// it.
+    pub fn accepted(&mut self, revision: PolicyRevision) {
+        self.highest = self.highest.max(revision);
     }
 
     /// A peer left: a transfer from it will not finish.
@@ -200,6 +217,7 @@ impl PolicySync {
         wasm: Option<Bytes>,
         view: PolicyView,
         warning: Option<String>,
+        proof: Option<AdminProof>,
         me: NodeId,
     ) -> Installed {
         let status = PolicyStatus {
@@ -214,6 +232,7 @@ impl PolicySync {
         self.revision = revision;
         self.highest = self.highest.max(revision);
         self.wasm = wasm;
+        self.proof = proof;
         self.status = status;
         Installed::Applied {
             tell_peers: revision.origin == me,
@@ -253,6 +272,7 @@ mod tests {
             revision: revision(counter, origin),
             wasm_bytes,
             warning: None,
+            proof: None,
         }
     }
 
@@ -265,11 +285,11 @@ mod tests {
         assert_eq!(mine, revision(1, 1));
         let newer = revision(2, 7);
         assert!(matches!(
-            sync.installed(newer, None, view("b"), None, me),
+            sync.installed(newer, None, view("b"), None, None, me),
             Installed::Applied { tell_peers: false }
         ));
         assert!(matches!(
-            sync.installed(mine, None, view("a"), None, me),
+            sync.installed(mine, None, view("a"), None, None, me),
             Installed::Superseded(_)
         ));
         assert_eq!(sync.status.policy.name, "b");
@@ -349,7 +369,7 @@ mod tests {
         let mut sync = PolicySync::new(view("built-in"));
         let wasm = Bytes::from(vec![7u8; POLICY_CHUNK_BYTES + 10]);
         let rev = sync.next_revision(me);
-        sync.installed(rev, Some(wasm), view("up"), None, me);
+        sync.installed(rev, Some(wasm), view("up"), None, None, me);
         let frames = sync.frames();
         assert_eq!(frames.len(), 3, "the message and two chunks");
         assert!(matches!(

@@ -1,11 +1,14 @@
 //! The link protocol between nodes.
 //!
 //! A link is a TCP connection that started as an HTTP request to
-//! `GET /v1/ring/link` on a node's API port and was upgraded. Both sides
-//! then send a [`Frame::Hello`] and after that any frames, in both
-//! directions. On the wire a frame is a 4-byte big-endian length followed
-//! by that many bytes of [postcard](https://docs.rs/postcard) encoding of
-//! [`Frame`]. A frame longer than [`MAX_FRAME_BYTES`], or one that does not
+//! `GET /v1/ring/link` on a node's API port and was upgraded. The two
+//! nodes then run a Noise handshake that proves both hold the cluster
+//! secret ([`super::secure`]), and from then on every frame travels
+//! encrypted. Both sides send a [`Frame::Hello`] and after that any
+//! frames, in both directions. A frame is a 4-byte big-endian length
+//! followed by that many bytes of [postcard](https://docs.rs/postcard)
+//! encoding of [`Frame`]; on the wire that stream is cut into encrypted
+//! records. A frame longer than [`MAX_FRAME_BYTES`], or one that does not
 //! decode, closes the link.
 //!
 //! Activations travel as little-endian f32 (`dtype` says so, so a later
@@ -20,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Bumped whenever frames change incompatibly; peers must match exactly.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// The HTTP `Upgrade` token of a link.
 pub const UPGRADE_TOKEN: &str = "ringlet-link";
@@ -28,6 +31,7 @@ pub const UPGRADE_TOKEN: &str = "ringlet-link";
 /// The HTTP header carrying [`PROTOCOL_VERSION`] on the upgrade request.
 pub const VERSION_HEADER: &str = "ringlet-protocol";
 
+pub use super::admin_proof::AdminProof;
 pub use crate::limits::{BANDWIDTH_SAMPLE_MIN_BYTES, MAX_FRAME_BYTES, PROBE_BYTES};
 pub use crate::stage::Sample;
 
@@ -52,6 +56,10 @@ pub struct Hello {
     pub model: ModelIdentity,
     /// Nodes this node is linked to, so that a newcomer can link to them.
     pub peers: Vec<PeerAddress>,
+    /// When the node first served in an active plan (unix ms, the plan's
+    /// activation as its leader stamped it); `None` before. The earliest
+    /// leads, so a newcomer cannot take over a running cluster.
+    pub serving_since_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,6 +143,9 @@ pub struct PolicyMessage {
     pub wasm_bytes: Option<u32>,
     /// Set when the change replaced a policy that failed: why.
     pub warning: Option<String>,
+    /// The admin's authorization, from the node where the admin acted;
+    /// `None` only for a fallback to the built-in policy after a failure.
+    pub proof: Option<AdminProof>,
 }
 
 /// What one node measured of its link to another.
@@ -159,6 +170,8 @@ pub struct NodeStatus {
     pub rss_bytes: u64,
     /// The catalogue's models on this node, and the model it serves.
     pub models: Vec<ModelAvailability>,
+    /// As in [`Hello::serving_since_ms`], which it can change after.
+    pub serving_since_ms: Option<u64>,
 }
 
 /// Every message a link carries. No catch-all: an unknown variant is a
@@ -196,6 +209,9 @@ pub enum Frame {
     PlanActive {
         epoch: Epoch,
         weights: Vec<(NodeId, u64)>,
+        /// When the leader activated it (unix ms): every node of the plan
+        /// that served in none before serves since then.
+        since_ms: u64,
     },
     Forward(ForwardFrame),
     /// From the last stage to the owner.
@@ -238,12 +254,23 @@ pub enum Frame {
     /// Fetch this catalogue model into your model cache unless it is there.
     FetchModel {
         name: String,
+        proof: Option<AdminProof>,
     },
     /// Serve this model from now on (a catalogue name, a path, or a Hub
     /// repository `ORG/REPO[:QUANT][@REVISION]`): an admin switched the
     /// cluster.
     SwitchModel {
         model: String,
+        proof: Option<AdminProof>,
+    },
+    /// An admin removed `removed` from the cluster: the cluster's secret
+    /// is `secret` from now on (the removed node is not told it), and
+    /// links to the removed node close.
+    RotateSecret {
+        removed: Option<NodeId>,
+        #[serde(with = "serde_bytes")]
+        secret: Vec<u8>,
+        proof: Option<AdminProof>,
     },
     /// The sender serves this model now, after a switch.
     ModelChanged {
@@ -276,6 +303,7 @@ impl Frame {
             Frame::FetchModel { .. } => "fetch-model",
             Frame::SwitchModel { .. } => "switch-model",
             Frame::ModelChanged { .. } => "model-changed",
+            Frame::RotateSecret { .. } => "rotate-secret",
         }
     }
 }
@@ -289,6 +317,10 @@ pub enum FrameError {
     Malformed(String),
     #[error("the connection closed")]
     Closed,
+    /// An encrypted record did not authenticate: altered, replayed, or
+    /// out of order.
+    #[error("a record failed authentication (altered, replayed or out of order)")]
+    Unauthentic,
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
@@ -396,6 +428,7 @@ mod tests {
                     node: NodeId(8),
                     address: "10.0.0.2:52415".into(),
                 }],
+                serving_since_ms: Some(1_700_000_000_000),
             }),
             Frame::Heartbeat { sent_at_micros: 99 },
             Frame::Plan(PlanMessage {
@@ -449,6 +482,7 @@ mod tests {
                         ..ModelAvailability::new("other", ModelState::Downloading)
                     },
                 ],
+                serving_since_ms: None,
             }),
             Frame::Policy(PolicyMessage {
                 revision: PolicyRevision {
@@ -457,6 +491,11 @@ mod tests {
                 },
                 wasm_bytes: Some(4),
                 warning: None,
+                proof: Some(AdminProof {
+                    issued_at: 1,
+                    nonce: 2,
+                    mac: vec![3; 32],
+                }),
             }),
             Frame::PolicyChunk {
                 revision: PolicyRevision {
@@ -470,12 +509,20 @@ mod tests {
                 revision: PolicyRevision::default(),
                 wasm_bytes: None,
                 warning: Some("policy x failed".into()),
+                proof: None,
             }),
             Frame::FetchModel {
                 name: "smollm2-135m".into(),
+                proof: None,
             },
             Frame::SwitchModel {
                 model: "org/repo:Q8_0".into(),
+                proof: None,
+            },
+            Frame::RotateSecret {
+                removed: Some(NodeId(8)),
+                secret: vec![1; 32],
+                proof: None,
             },
             Frame::ModelChanged {
                 identity: ModelIdentity {

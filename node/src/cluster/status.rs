@@ -74,13 +74,19 @@ impl LocalStatus {
     }
 
     /// The report for peers, with the stage's load and the links' figures.
-    pub fn report(&self, in_flight: u32, links: Vec<LinkMeasurement>) -> NodeStatus {
+    pub fn report(
+        &self,
+        in_flight: u32,
+        links: Vec<LinkMeasurement>,
+        serving_since_ms: Option<u64>,
+    ) -> NodeStatus {
         NodeStatus {
             in_flight,
             links,
             memory_available_bytes: self.figures.memory_available_bytes,
             rss_bytes: self.figures.rss_bytes,
             models: self.figures.models.clone(),
+            serving_since_ms,
         }
     }
 

@@ -50,15 +50,28 @@ impl Parts<'_> {
                 .values()
                 .filter_map(|(peer, verdict)| match verdict {
                     Verdict::Skip(reason) => Some(NotJoinedView {
-                        node: view_id(peer.node),
+                        node: Some(view_id(peer.node)),
                         name: peer.name.clone(),
                         addresses: peer.addresses.iter().map(ToString::to_string).collect(),
-                        cluster: peer.cluster.clone(),
-                        protocol_version: peer.protocol_version,
+                        cluster: Some(peer.cluster.clone()),
+                        protocol_version: Some(peer.protocol_version),
                         reason: reason.clone(),
                     }),
                     _ => None,
                 })
+                .chain(
+                    self.membership
+                        .refused
+                        .iter()
+                        .map(|(who, refused)| NotJoinedView {
+                            node: None,
+                            name: who.clone(),
+                            addresses: vec![who.clone()],
+                            cluster: None,
+                            protocol_version: None,
+                            reason: refused.reason.clone(),
+                        }),
+                )
                 .collect(),
         }
     }
@@ -75,6 +88,7 @@ impl Parts<'_> {
             id: view_id(me.id),
             name: me.name.clone(),
             address: me.listen.to_string(),
+            key: me.key_fingerprint.clone(),
             status: "self".into(),
             resources: Resources {
                 memory_available_bytes: self.local.memory_available_bytes,
@@ -106,6 +120,7 @@ impl Parts<'_> {
                 id: view_id(*id),
                 name: member.hello.name.clone(),
                 address: member.address.clone(),
+                key: crate::identity::key_fingerprint(&member.key),
                 status,
                 resources: Resources {
                     memory_available_bytes: member

@@ -214,16 +214,20 @@ impl Cluster {
     pub(super) fn on_ready(&mut self, epoch: Epoch, node: NodeId, weight_bytes: u64) {
         let me = self.me();
         if let Some(weights) = self.planning.node_ready(epoch, node, weight_bytes, me) {
+            let since_ms = crate::unix_millis();
             self.membership.broadcast(&Frame::PlanActive {
                 epoch,
                 weights: weights.clone(),
+                since_ms,
             });
-            self.on_active(epoch, weights);
+            self.on_active(epoch, weights, since_ms);
         }
     }
 
-    pub(super) fn on_active(&mut self, epoch: Epoch, weights: Vec<(NodeId, u64)>) {
+    pub(super) fn on_active(&mut self, epoch: Epoch, weights: Vec<(NodeId, u64)>, since_ms: u64) {
         if let Some(stages) = self.planning.activate(epoch, weights) {
+            // Seniority: the first plan this node serves in dates it.
+            self.membership.serving_in_plan(since_ms);
             // Publish before announcing it: whoever reacts to the log line
             // must find the plan active.
             self.track_load();

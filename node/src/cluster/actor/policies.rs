@@ -8,7 +8,7 @@ use tokio::sync::oneshot;
 
 use super::Cluster;
 use crate::cluster::policy_sync::{Installed, capped_warning};
-use crate::cluster::protocol::{Frame, PolicyRevision};
+use crate::cluster::protocol::{AdminProof, Frame, PolicyRevision};
 use crate::cluster::{ClusterEvent, PolicyStatus};
 use crate::policy::{Change, Fault, PolicyError, PolicyView};
 
@@ -28,7 +28,15 @@ impl Cluster {
             None => Change::Fallback,
         };
         let revision = self.policy_sync.next_revision(self.me());
-        self.install_policy(revision, wasm.map(Bytes::from), change, Some(reply), None);
+        let proof = self.admin_proof(&super::trust::policy_change(revision, wasm.as_deref()));
+        self.install_policy(
+            revision,
+            wasm.map(Bytes::from),
+            change,
+            Some(reply),
+            None,
+            proof,
+        );
     }
 
     /// The active policy failed here; this node runs the fallback already.
@@ -49,6 +57,9 @@ impl Cluster {
             fault.error
         ));
         tracing::warn!("{warning}");
+        // A fallback is this node's own decision, not an admin's: peers
+        // take it without authorization only when it is to the built-in
+        // policy (see `on_policy_frame`).
         let revision = self.policy_sync.next_revision(self.me());
         self.install_policy(
             revision,
@@ -56,6 +67,7 @@ impl Cluster {
             Change::Fallback,
             None,
             Some(warning),
+            None,
         );
     }
 
@@ -68,6 +80,7 @@ impl Cluster {
         change: Change,
         reply: Option<oneshot::Sender<Result<PolicyStatus, PolicyError>>>,
         warning: Option<String>,
+        proof: Option<AdminProof>,
     ) {
         let policy = self.policy.clone();
         let events = self.events_tx.clone();
@@ -79,6 +92,7 @@ impl Cluster {
                     wasm,
                     result,
                     warning,
+                    proof,
                     reply,
                 })
                 .await;
@@ -91,6 +105,7 @@ impl Cluster {
         wasm: Option<Bytes>,
         result: Result<PolicyView, PolicyError>,
         warning: Option<String>,
+        proof: Option<AdminProof>,
         reply: Option<oneshot::Sender<Result<PolicyStatus, PolicyError>>>,
     ) {
         let answer = |reply: Option<oneshot::Sender<_>>, result| {
@@ -111,7 +126,7 @@ impl Cluster {
         let me = self.me();
         match self
             .policy_sync
-            .installed(revision, wasm, view, warning, me)
+            .installed(revision, wasm, view, warning, proof, me)
         {
             Installed::Superseded(status) => answer(reply, Ok(status)),
             Installed::Applied { tell_peers } => {
@@ -150,6 +165,24 @@ impl Cluster {
         match outcome {
             Ok(None) => {}
             Ok(Some(adoption)) => {
+                // A node's own fallback to the built-in policy after a
+                // failure needs no admin; every other change does.
+                let fallback_to_built_in = adoption.wasm.is_none() && adoption.warning.is_some();
+                let change =
+                    super::trust::policy_change(adoption.revision, adoption.wasm.as_deref());
+                if !fallback_to_built_in
+                    && !self.authorized(
+                        "a policy change",
+                        &change,
+                        adoption.revision.origin,
+                        from,
+                        adoption.proof.as_ref(),
+                        true,
+                    )
+                {
+                    return;
+                }
+                self.policy_sync.accepted(adoption.revision);
                 tracing::info!(peer = %self.membership.name_of(from), revision = adoption.revision.counter, "the cluster's policy changed; installing it");
                 self.install_policy(
                     adoption.revision,
@@ -157,6 +190,7 @@ impl Cluster {
                     adoption.change,
                     None,
                     adoption.warning,
+                    adoption.proof,
                 );
             }
             Err(problem) => {

@@ -11,7 +11,11 @@ use crate::policy::StageLoad;
 impl Cluster {
     pub(super) fn send_status(&mut self) {
         let in_flight = self.routing.in_flight();
-        let status = self.local.report(in_flight, self.membership.measurements());
+        let status = self.local.report(
+            in_flight,
+            self.membership.measurements(),
+            self.membership.me.serving_since_ms,
+        );
         self.local.reported(in_flight);
         self.membership.broadcast(&Frame::NodeStatus(status));
     }
@@ -61,8 +65,10 @@ impl Cluster {
         if self.local.fetch(entry) {
             fetching.push(self.membership.me.name.clone());
         }
+        let proof = self.admin_proof(&super::trust::fetch_change(entry.name));
         self.membership.broadcast(&Frame::FetchModel {
             name: entry.name.to_string(),
+            proof,
         });
         for member in self.membership.members.values() {
             if !reports_model(member.status.as_ref(), entry.name) {

@@ -16,8 +16,10 @@ impl Cluster {
     /// An admin asked this node to switch the cluster to `model`: tell
     /// every peer, and switch here. Returns the names of the nodes told.
     pub(super) fn switch_cluster(&mut self, model: String) -> Vec<String> {
+        let proof = self.admin_proof(&super::trust::switch_change(&model));
         self.membership.broadcast(&Frame::SwitchModel {
             model: model.clone(),
+            proof,
         });
         let mut told = vec![self.membership.me.name.clone()];
         told.extend(
