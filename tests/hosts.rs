@@ -310,6 +310,7 @@ fn a_node_on_the_network_answers_other_machines_only_with_a_key(lan: &mut Lan) {
 
     let mut closed = lan.start_node_exact(&host, &["--name", "node-closed", "--no-mdns"]);
     closed.wait_for_log("answers this machine only", START_TIMEOUT);
+    closed.wait_for_log("plan active: 1 stages", START_TIMEOUT);
     let refused = open(&closed, "/v1/models", None);
     assert_eq!(refused.status, 403, "{}", refused.body);
     assert_eq!(refused.json()["error"]["code"], "api_key_required");
@@ -317,10 +318,11 @@ fn a_node_on_the_network_answers_other_machines_only_with_a_key(lan: &mut Lan) {
     assert_eq!(open(&closed, "/healthz", None).status, 200);
     drop(closed);
 
-    let keyed = lan.start_node_exact(
+    let mut keyed = lan.start_node_exact(
         &host,
         &["--name", "node-keyed", "--no-mdns", "--api-key", "lan-key"],
     );
+    keyed.wait_for_log("plan active: 1 stages", START_TIMEOUT);
     let missing = open(&keyed, "/v1/models", None);
     assert_eq!(missing.status, 401, "{}", missing.body);
     assert_eq!(missing.json()["error"]["code"], "invalid_api_key");

@@ -492,10 +492,13 @@ async fn a_node_whose_hub_goes_away_says_so_and_keeps_serving() {
     drop(server);
     let line = node.wait_for_log("cannot load this node's layers", START_TIMEOUT);
     assert!(line.contains("cannot reach the Hugging Face Hub"), "{line}");
-    // The node still answers, and says why it has no model.
+    // The node still answers, and says why it cannot serve: alive, not
+    // ready, with the reason.
+    assert_eq!(request(node.addr, "GET", "/livez", None).await.status, 200);
     let health = request(node.addr, "GET", "/healthz", None).await;
     assert!(node.is_running());
-    assert_eq!(health.status, 200, "{}", health.body);
+    assert_eq!(health.status, 503, "{}", health.body);
+    assert!(health.json()["reason"].is_string(), "{}", health.body);
     let view = wait_for_cluster(node.addr, REQUEST_TIMEOUT, |view| {
         view["nodes"].as_array().is_some_and(|nodes| {
             nodes.iter().any(|n| {
@@ -587,6 +590,13 @@ async fn a_node_without_the_hub_gets_its_slice_from_peers_and_peers_come_first()
         "node-1 fetched {node_1_from_hub} bytes from the Hub"
     );
     nodes[1].wait_for_log("fetched ranges from peer", START_TIMEOUT);
+    // Peers proved the cluster secret for those files; a stranger learns
+    // neither the model nor its bytes.
+    for path in ["/v1/ring/model", "/v1/ring/files/x/held"] {
+        let stranger = request(nodes[0].addr, "GET", path, None).await;
+        assert_eq!(stranger.status, 403, "{path}: {}", stranger.body);
+        assert_eq!(stranger.json()["error"]["code"], "not_a_cluster_node");
+    }
 
     let question = "What is two plus two?";
     let ring = content_of(&chat_at(nodes[2].addr, &model, question).await);

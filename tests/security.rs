@@ -23,6 +23,10 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 
 const WAIT: Duration = Duration::from_secs(60);
+
+/// These tests start nodes and flood one with handshakes; on two cores
+/// they run one at a time, so that none starves another's nodes.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const REFUSED: &str = "does not hold this cluster's key";
 
 /// What a relay does to the bytes coming back from the node it dials.
@@ -159,6 +163,7 @@ async fn answers(addr: SocketAddr) {
 
 #[tokio::test]
 async fn a_node_without_the_secret_is_refused_on_both_sides_and_the_cluster_serves_on() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let mut member = Node::start_ready(&["--name", "member"]);
     let stranger_token = JoinToken(ClusterSecret::random()).to_string();
     let peer = member.addr.to_string();
@@ -213,6 +218,7 @@ async fn a_node_without_the_secret_is_refused_on_both_sides_and_the_cluster_serv
 
 #[tokio::test]
 async fn the_dialer_and_random_handshakes_learn_nothing_and_the_node_serves_on() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let mut node = Node::start_ready(&["--name", "target"]);
 
     // A well-formed handshake with another cluster's key: refused.
@@ -342,6 +348,7 @@ async fn observe(extra: &[&str]) -> [bool; 4] {
 // The relay runs on the runtime while the test blocks on node logs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_observer_of_the_link_sees_no_names_and_no_tokens() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     assert_eq!(observe(&[]).await, [false; 4], "names, cluster, token ids");
     // The same observer sees them all when frames go in plaintext: the
     // check above can fail.
@@ -367,12 +374,14 @@ async fn tampered_link_closes(tamper: Tamper) {
 // The relay runs on the runtime while the test blocks on node logs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flipped_bit_closes_the_link_and_the_nodes_serve_on() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     tampered_link_closes(Tamper::FlipBit(2)).await;
 }
 
 // The relay runs on the runtime while the test blocks on node logs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replayed_record_closes_the_link_and_the_nodes_serve_on() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     tampered_link_closes(Tamper::Replay(2)).await;
 }
 
@@ -435,6 +444,7 @@ async fn policy_revision(addr: SocketAddr) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_without_the_admin_token_cannot_change_the_cluster() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let mut nodes = Node::start_cluster(2, &["--admin-token", ADMIN]);
     for node in &mut nodes {
         let mut mallory = member_without_admin_token(node.addr).await;
@@ -519,6 +529,7 @@ async fn a_member_without_the_admin_token_cannot_change_the_cluster() {
 
 #[tokio::test]
 async fn a_removed_node_cannot_rejoin_and_the_old_token_admits_no_one() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let mut nodes = Node::start_cluster(2, &["--admin-token", ADMIN]);
     let view = get_json(nodes[0].addr, "/v1/cluster").await;
     let removed = view["nodes"]

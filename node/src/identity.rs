@@ -207,6 +207,80 @@ pub fn key_fingerprint(public: &[u8]) -> String {
     URL_SAFE_NO_PAD.encode(&digest[..9])
 }
 
+/// The header a node's requests for model files carry to a peer.
+pub const PEER_PASS_HEADER: &str = "x-ringlet-peer";
+
+/// How far a peer pass may be from the receiving node's clock, in seconds.
+const PEER_PASS_MAX_AGE_SECS: u64 = 120;
+
+/// Proof of the cluster secret on the HTTP requests a node makes for a
+/// peer's model files (`/v1/ring/model`, `/v1/ring/files`), which travel
+/// outside the links: an HMAC-SHA256 (ring) of the path and the time
+/// under a key derived from the secret, so a node without it learns
+/// nothing of the model there either. Shared by the node's HTTP client and
+/// its API; a rotation replaces the key in place.
+#[derive(Clone)]
+pub struct PeerPass(std::sync::Arc<std::sync::RwLock<ring::hmac::Key>>);
+
+impl fmt::Debug for PeerPass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PeerPass(..)")
+    }
+}
+
+fn peer_pass_key(secret: &ClusterSecret) -> ring::hmac::Key {
+    let mut hash = Sha256::new();
+    hash.update(b"ringlet peer files v1\0");
+    hash.update(secret.bytes());
+    ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &hash.finalize())
+}
+
+fn peer_pass_message(path: &str, time: u64) -> Vec<u8> {
+    format!("{time}\0{path}").into_bytes()
+}
+
+impl PeerPass {
+    pub fn new(secret: &ClusterSecret) -> Self {
+        Self(std::sync::Arc::new(std::sync::RwLock::new(peer_pass_key(
+            secret,
+        ))))
+    }
+
+    /// The cluster's secret changed.
+    pub fn rotate(&self, secret: &ClusterSecret) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = peer_pass_key(secret);
+    }
+
+    /// The header value for a request for `path`, made at `now`.
+    pub fn header_value(&self, path: &str, now: u64) -> String {
+        let key = self.0.read().unwrap_or_else(|p| p.into_inner());
+        let tag = ring::hmac::sign(&key, &peer_pass_message(path, now));
+        let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        format!("{now}.{hex}")
+    }
+
+    /// Whether `value` proves the secret for `path`, made near `now`.
+    pub fn check(&self, path: &str, value: Option<&str>, now: u64) -> bool {
+        let Some((time, hex)) = value.and_then(|v| v.split_once('.')) else {
+            return false;
+        };
+        let Ok(time) = time.parse::<u64>() else {
+            return false;
+        };
+        if now.abs_diff(time) > PEER_PASS_MAX_AGE_SECS || hex.len() != 64 {
+            return false;
+        }
+        let tag: Option<Vec<u8>> = (0..32)
+            .map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
+            .collect();
+        let Some(tag) = tag else {
+            return false;
+        };
+        let key = self.0.read().unwrap_or_else(|p| p.into_inner());
+        ring::hmac::verify(&key, &peer_pass_message(path, time), &tag).is_ok()
+    }
+}
+
 /// How this start came by its cluster secret.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Membership {
@@ -369,6 +443,31 @@ mod tests {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         dir
+    }
+
+    #[test]
+    fn peer_passes_bind_the_secret_the_path_and_the_time() {
+        let secret = ClusterSecret::random();
+        let pass = PeerPass::new(&secret);
+        let value = pass.header_value("/v1/ring/model", 1_000);
+        assert!(pass.check("/v1/ring/model", Some(&value), 1_050));
+        assert!(
+            !pass.check("/v1/ring/files/x", Some(&value), 1_050),
+            "another path"
+        );
+        assert!(
+            !pass.check("/v1/ring/model", Some(&value), 2_000),
+            "too old"
+        );
+        assert!(!pass.check("/v1/ring/model", None, 1_000));
+        assert!(!pass.check("/v1/ring/model", Some("1000.zz"), 1_000));
+        let stranger = PeerPass::new(&ClusterSecret::random());
+        assert!(!stranger.check("/v1/ring/model", Some(&value), 1_000));
+        pass.rotate(&ClusterSecret::random());
+        assert!(
+            !pass.check("/v1/ring/model", Some(&value), 1_000),
+            "rotated"
+        );
     }
 
     #[test]

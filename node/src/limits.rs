@@ -297,6 +297,13 @@ pub const MAX_PEER_ANSWER_BYTES: u64 = 1 << 20;
 pub const MAX_PEER_RANGE_READS: usize = 8;
 pub const PEER_READ_WAIT_SECS: u64 = 20;
 
+/// How long a chat that arrives while the cluster has no active plan (one
+/// loading, a re-plan after a node joined or left) waits for one before
+/// it gets 503: a plan of the default model loads in under a second, a
+/// join waits up to `REPLAN_DEFER_MAX_MS` for running requests, and a
+/// client's own timeout is usually a minute or more.
+pub const PLAN_WAIT_SECS: u64 = 30;
+
 /// Failed API key attempts one client address may make per window before
 /// it is refused (429) for the rest of the window: enough for a person
 /// mistyping, far too few to guess a key.

@@ -18,7 +18,7 @@ use crate::cluster::{self, ClusterConfig, ModelOpener, SwitchedModel, resources}
 use crate::current::Current;
 use crate::engine::{Engine, EngineHandle, EngineModel, Scheduling};
 use crate::hub::HubFiles;
-use crate::identity::{self, Identity, JoinToken, Membership};
+use crate::identity::{self, Identity, JoinToken, Membership, PeerPass};
 use crate::limits::{MAX_CLUSTER_NAME_BYTES, SHUTDOWN_GRACE_SECS};
 use crate::loaded_model::{LoadedModel, OpenedModel};
 use crate::model_store::Downloads;
@@ -41,6 +41,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let me = NodeId(rand::rng().random());
     tracing::info!(version = env!("CARGO_PKG_VERSION"), node = %me, %name, threads = runtime.threads, "starting ringlet node");
     let identity = cluster_identity(&args)?;
+    let peer_pass = PeerPass::new(&identity.secret);
 
     let mdns = !args.no_mdns && !listen.ip().is_loopback();
     if args.no_mdns {
@@ -57,6 +58,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
 
     runtime.hub.client_name = Some(name.clone());
+    runtime.hub.peer_pass = Some(peer_pass.clone());
     let model = OpenedModel::open_with_peers(&runtime, &args.model, &peers).await?;
     let score = tokio::task::spawn_blocking(resources::measure_compute_score)
         .await
@@ -101,6 +103,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             me,
             identity,
             plaintext_frames: args.insecure_plaintext_links,
+            peer_pass: peer_pass.clone(),
             admin_token: args.admin_token.clone().filter(|t| !t.is_empty()),
             name,
             cluster: args.cluster.clone(),
@@ -128,6 +131,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         hub_files: shared_files,
         admin_token: args.admin_token.as_deref().and_then(AdminToken::new),
         access: api_access(&args, listen)?,
+        peer_pass: Some(peer_pass),
     };
     tracing::info!("listening on http://{listen} (OpenAI-compatible API at http://{listen}/v1)");
     serve_until_stopped(listener, state).await?;
@@ -309,6 +313,7 @@ pub fn start_local_engine(
         hub_files: Current::new(None),
         admin_token: None,
         access: ApiAccess::open(),
+        peer_pass: None,
     };
     Ok((engine, state))
 }

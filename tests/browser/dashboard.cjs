@@ -126,6 +126,10 @@ async function main() {
   await page.click('[data-testid="send"]');
   await waitFor("the long answer to start", async () => {
     const text = (await streaming.count()) ? await streaming.innerText() : "";
+    const second = page.locator('[data-testid="answer"]').nth(1);
+    if ((await second.count()) && (await second.getAttribute("data-state")) === "done") {
+      throw new Error(`the long answer ended before it streamed: ${await second.innerText()}`);
+    }
     return text.trim().length > 0;
   });
   await page.click('[data-testid="stop"]');

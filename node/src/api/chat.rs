@@ -23,7 +23,7 @@ use super::error::ApiError;
 use super::{AppState, ServedModel};
 use crate::engine::{FinishReason, GenerationRequest};
 use crate::limits::{
-    MAX_MESSAGES, MAX_STOP_SEQUENCE_BYTES, MAX_STOP_SEQUENCES, SSE_KEEP_ALIVE_SECS,
+    MAX_MESSAGES, MAX_STOP_SEQUENCE_BYTES, MAX_STOP_SEQUENCES, PLAN_WAIT_SECS, SSE_KEEP_ALIVE_SECS,
 };
 use crate::text::{TextEvent, TextStream};
 
@@ -41,6 +41,28 @@ pub(crate) struct PreparedChat {
     pub include_usage: bool,
 }
 
+/// Waits, at most [`PLAN_WAIT_SECS`], until the cluster has an active
+/// plan: a request that arrives while a plan loads is served when it is
+/// ready rather than refused at once.
+async fn wait_for_plan(cluster: &crate::cluster::ClusterHandle) -> Result<(), ApiError> {
+    let mut views = cluster.watch();
+    let ready = async {
+        views
+            .wait_for(|view| view.active_plan().is_some())
+            .await
+            .is_ok()
+    };
+    match tokio::time::timeout(Duration::from_secs(PLAN_WAIT_SECS), ready).await {
+        Ok(true) => Ok(()),
+        _ => Err(ApiError::ClusterNotReady {
+            reason: format!(
+                "{} (waited {PLAN_WAIT_SECS} s)",
+                cluster.view().not_ready_reason()
+            ),
+        }),
+    }
+}
+
 pub async fn chat_completions(
     State(state): State<AppState>,
     // A rejection as a value, so that it leaves as an `ApiError`.
@@ -49,12 +71,7 @@ pub async fn chat_completions(
     let request: ChatCompletionRequest = parse_json(&body?)?;
     let prepared = prepare(&state, request).await?;
     if let Some(cluster) = &state.cluster {
-        let view = cluster.view();
-        if view.active_plan().is_none() {
-            return Err(ApiError::ClusterNotReady {
-                reason: view.not_ready_reason(),
-            });
-        }
+        wait_for_plan(cluster).await?;
     }
 
     let id = SequenceId(rand::rng().random());

@@ -99,6 +99,9 @@ pub enum ApiError {
     NotHeld {
         etag: String,
     },
+    /// A request for model files without a valid peer pass: not a node
+    /// of this cluster.
+    NotAPeer,
     /// Peers are reading as many ranges from this node as it sends at once.
     PeerReadsBusy,
     /// A peer's `Range` for model bytes is not one range this node sends.
@@ -357,6 +360,12 @@ impl ApiError {
                 ),
             )
             .code("rate_limit_exceeded"),
+            Self::NotAPeer => Described::new(
+                StatusCode::FORBIDDEN,
+                "Model files are served to this cluster's nodes only (the request must prove the cluster secret)."
+                    .to_string(),
+            )
+            .code("not_a_cluster_node"),
             Self::NoRoute { path } => Described::new(
                 StatusCode::NOT_FOUND,
                 format!(

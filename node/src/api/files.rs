@@ -10,17 +10,31 @@ use std::time::Duration;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::Response;
 
 use super::{ApiError, AppState};
 use crate::hub::{HeldRanges, HubFiles, PeerModel};
+use crate::identity::PEER_PASS_HEADER;
 use crate::limits::{MAX_PEER_RANGE_BYTES, MAX_PEER_RANGE_READS, PEER_READ_WAIT_SECS};
 
 /// Reads of model bytes for peers under way in this process.
 static PEER_READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_PEER_RANGE_READS);
 
-fn files(state: &AppState, path: &str) -> Result<std::sync::Arc<HubFiles>, ApiError> {
+/// The served model's files, for a request that proves the cluster secret
+/// (`x-ringlet-peer`): only the cluster's nodes learn what it serves.
+fn files(
+    state: &AppState,
+    headers: &HeaderMap,
+    uri: &Uri,
+    path: &str,
+) -> Result<std::sync::Arc<HubFiles>, ApiError> {
+    if let Some(pass) = &state.peer_pass {
+        let given = headers.get(PEER_PASS_HEADER).and_then(|v| v.to_str().ok());
+        if !pass.check(uri.path(), given, crate::unix_seconds()) {
+            return Err(ApiError::NotAPeer);
+        }
+    }
     (*state.hub_files.get())
         .clone()
         .ok_or_else(|| ApiError::NoRoute {
@@ -29,8 +43,12 @@ fn files(state: &AppState, path: &str) -> Result<std::sync::Arc<HubFiles>, ApiEr
 }
 
 /// The Hub model this node serves: its name and files.
-pub async fn served_model(State(state): State<AppState>) -> Result<Json<PeerModel>, ApiError> {
-    let files = files(&state, "/v1/ring/model")?;
+pub async fn served_model(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Result<Json<PeerModel>, ApiError> {
+    let files = files(&state, &headers, &uri, "/v1/ring/model")?;
     Ok(Json(PeerModel {
         name: files.name().to_string(),
         parts: files.remotes(),
@@ -41,8 +59,10 @@ pub async fn served_model(State(state): State<AppState>) -> Result<Json<PeerMode
 pub async fn held_ranges(
     State(state): State<AppState>,
     Path(etag): Path<String>,
+    headers: HeaderMap,
+    uri: Uri,
 ) -> Result<Json<HeldRanges>, ApiError> {
-    let files = files(&state, "/v1/ring/files")?;
+    let files = files(&state, &headers, &uri, "/v1/ring/files")?;
     let (size, held) = files.held(&etag).ok_or(ApiError::NotHeld { etag })?;
     Ok(Json(HeldRanges { size, held }))
 }
@@ -52,8 +72,9 @@ pub async fn file_range(
     State(state): State<AppState>,
     Path(etag): Path<String>,
     headers: HeaderMap,
+    uri: Uri,
 ) -> Result<Response, ApiError> {
-    let files = files(&state, "/v1/ring/files")?;
+    let files = files(&state, &headers, &uri, "/v1/ring/files")?;
     let (size, _) = files
         .held(&etag)
         .ok_or_else(|| ApiError::NotHeld { etag: etag.clone() })?;

@@ -61,6 +61,9 @@ pub struct AppState {
     pub admin_token: Option<AdminToken>,
     /// The API keys, and who gets in without one.
     pub access: ApiAccess,
+    /// What peers' requests for model files must carry; `None` outside a
+    /// cluster.
+    pub peer_pass: Option<crate::identity::PeerPass>,
 }
 
 /// The admin token; its `Debug` does not show it.
@@ -90,6 +93,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
         .route("/healthz", get(healthz))
+        .route("/livez", get(livez))
         .route("/v1/cluster", get(cluster::cluster_view))
         .route("/v1/cluster/events", get(cluster::cluster_events))
         .route(
@@ -159,19 +163,42 @@ async fn get_model(
     }
 }
 
-/// 200 while the node can serve, 503 once its engine has stopped, so that
-/// a supervisor restarts it.
+/// Readiness: 200 once this node can serve a chat (its cluster has an
+/// active plan), 503 with the reason before (the plan still loading, no
+/// plan) and once its engine has stopped, as llama.cpp's server answers
+/// while it loads; a script that waits for 200 gets no 503 on its first
+/// request.
 async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
     let stats = state.engine.stats().borrow().clone();
-    let (status, word) = if state.engine.is_running() {
-        (StatusCode::OK, "ok")
+    let model = state.model.get().name.clone();
+    let not_ready = if !state.engine.is_running() {
+        Some((
+            "stopped",
+            "the inference engine stopped; restart the node".to_string(),
+        ))
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "stopped")
+        state.cluster.as_ref().and_then(|cluster| {
+            let view = cluster.view();
+            view.active_plan()
+                .is_none()
+                .then(|| ("loading", view.not_ready_reason()))
+        })
     };
-    (
-        status,
-        Json(json!({ "status": word, "model": state.model.get().name, "engine": stats })),
-    )
+    match not_ready {
+        None => (
+            StatusCode::OK,
+            Json(json!({ "status": "ok", "model": model, "engine": stats })),
+        ),
+        Some((word, reason)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": word, "reason": reason, "model": model, "engine": stats })),
+        ),
+    }
+}
+
+/// Liveness: 200 while the process runs and answers, whatever its plan.
+async fn livez() -> Json<serde_json::Value> {
+    Json(json!({ "status": "alive" }))
 }
 
 async fn not_found(uri: Uri) -> ApiError {

@@ -456,10 +456,10 @@ fn print_tables(report: &Report) {
         println!(
             "| {} | {} | {:.1} | {:.0} | {:.2} | {:.2} |",
             size.nodes,
-            if size.encrypted {
-                "encrypted"
-            } else {
-                "plaintext"
+            match (size.nodes, size.encrypted) {
+                (1, _) => "none",
+                (_, true) => "encrypted",
+                (_, false) => "plaintext",
             },
             size.median_decode_tok_s,
             size.median_ttft_s * 1000.0,

@@ -50,8 +50,13 @@ pub(super) struct Cluster {
     membership: Membership,
     /// This node's key and the cluster's secret, for every link.
     keys: Arc<LinkKeys>,
+    /// The last plan ignored because its sender did not lead in this
+    /// node's view; followed if the sender turns out to lead.
+    passed_over_plan: Option<super::protocol::PlanMessage>,
     /// Where they are kept: a rotation writes the new secret there.
     identity: crate::identity::Identity,
+    /// Proves the secret on requests for model files; a rotation renews it.
+    peer_pass: crate::identity::PeerPass,
     /// Makes and checks admins' authorizations; `None` without a token.
     admin: Option<AdminKey>,
     planning: Planning,
@@ -122,7 +127,9 @@ impl Cluster {
                 &config.identity.secret,
                 config.plaintext_frames,
             )),
+            passed_over_plan: None,
             identity: config.identity,
+            peer_pass: config.peer_pass,
             admin: config.admin_token.as_deref().map(AdminKey::from_token),
             planning: Planning::new(),
             routing: Routing::default(),
@@ -435,9 +442,13 @@ impl Cluster {
                 // Only the leader in this node's view plans for it: while
                 // nodes are still meeting, two may each think they lead.
                 if message.leader != from || from != self.membership.leader() {
-                    tracing::debug!(peer = %from, "ignoring a plan from a node that is not the leader here");
+                    tracing::debug!(peer = %from, "ignoring a plan from a node that is not the leader here (yet)");
+                    // Kept: if this node learns that the sender is senior
+                    // after all, the plan is followed then.
+                    self.passed_over_plan = (message.leader == from).then_some(message);
                     return false;
                 }
+                self.passed_over_plan = None;
                 self.on_plan(message);
                 true
             }
@@ -486,7 +497,9 @@ impl Cluster {
                 false
             }
             Frame::NodeStatus(status) => {
+                let leader = self.membership.leader();
                 self.membership.record_status(from, status);
+                self.leader_may_have_changed(leader);
                 true
             }
             frame @ (Frame::Policy(_) | Frame::PolicyChunk { .. }) => {
@@ -547,6 +560,25 @@ impl Cluster {
             | Frame::HeartbeatAck { .. }
             | Frame::Probe { .. }
             | Frame::Bye { .. } => false,
+        }
+    }
+
+    /// Seniority moved (a node's first plan activated, here or at a peer)
+    /// and with it, perhaps, the leader. With no active plan the new one
+    /// plans, so nodes that met while each served alone converge on one
+    /// plan; an active plan stays until membership changes (re-planning
+    /// would only interrupt requests).
+    pub(super) fn leader_may_have_changed(&mut self, before: NodeId) {
+        let now = self.membership.leader();
+        if now != before {
+            tracing::info!(leader = %now, "the leader is now {}: it has served the longest", self.membership.name_of(now));
+            if self.planning.active().is_none() {
+                self.planning.replan_soon();
+            }
+            // Its plan may have come while another node seemed to lead.
+            if let Some(plan) = self.passed_over_plan.take_if(|p| p.leader == now) {
+                self.on_plan(plan);
+            }
         }
     }
 

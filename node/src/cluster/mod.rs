@@ -91,6 +91,8 @@ pub struct ClusterConfig {
     pub identity: crate::identity::Identity,
     /// Frames unencrypted after the handshake (benchmarks and tests).
     pub plaintext_frames: bool,
+    /// What requests for peers' model files carry; a rotation renews it.
+    pub peer_pass: crate::identity::PeerPass,
     /// The admin token, to authorize the changes an admin makes here and
     /// to check those that come from peers.
     pub admin_token: Option<String>,

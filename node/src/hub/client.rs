@@ -38,6 +38,9 @@ pub struct HubConfig {
     pub cache_dir: PathBuf,
     /// Added to the User-Agent, e.g. the node's name.
     pub client_name: Option<String>,
+    /// Proves the cluster secret to peers that serve model files; `None`
+    /// outside a cluster (`ringlet pull`).
+    pub peer_pass: Option<crate::identity::PeerPass>,
 }
 
 impl HubConfig {
@@ -67,6 +70,7 @@ impl HubConfig {
             token,
             cache_dir,
             client_name: None,
+            peer_pass: None,
         }
     }
 }
@@ -495,8 +499,7 @@ impl HubClient {
     ) -> Result<Vec<u8>, HubError> {
         let url = format!("http://{peer}/v1/ring/files/{}", remote.etag);
         let response = self
-            .http
-            .get(&url)
+            .to_peer(self.http.get(&url), &url)
             .header(
                 header::RANGE,
                 format!("bytes={}-{}", range.start, range.end - 1),
@@ -542,8 +545,7 @@ impl HubClient {
     /// and [`MAX_PEER_ANSWER_BYTES`]; `None` for anything else.
     async fn peer_json<T: serde::de::DeserializeOwned>(&self, url: &str) -> Option<T> {
         let response = self
-            .http
-            .get(url)
+            .to_peer(self.http.get(url), url)
             .timeout(Duration::from_secs(HUB_PEER_QUERY_TIMEOUT_SECS))
             .send()
             .await
@@ -555,6 +557,21 @@ impl HubClient {
             .await
             .ok()?;
         serde_json::from_slice(&body).ok()
+    }
+
+    /// Adds the peer pass to a request for a peer's files at `url`.
+    fn to_peer(&self, request: reqwest::RequestBuilder, url: &str) -> reqwest::RequestBuilder {
+        let Some(pass) = &self.config.peer_pass else {
+            return request;
+        };
+        let path = url
+            .split_once("://")
+            .and_then(|(_, rest)| rest.find('/').map(|i| &rest[i..]))
+            .unwrap_or("/");
+        request.header(
+            crate::identity::PEER_PASS_HEADER,
+            pass.header_value(path, crate::unix_seconds()),
+        )
     }
 
     /// Adds the token to requests for the Hub itself, never to another

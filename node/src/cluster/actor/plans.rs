@@ -227,7 +227,9 @@ impl Cluster {
     pub(super) fn on_active(&mut self, epoch: Epoch, weights: Vec<(NodeId, u64)>, since_ms: u64) {
         if let Some(stages) = self.planning.activate(epoch, weights) {
             // Seniority: the first plan this node serves in dates it.
+            let leader = self.membership.leader();
             self.membership.serving_in_plan(since_ms);
+            self.leader_may_have_changed(leader);
             // Publish before announcing it: whoever reacts to the log line
             // must find the plan active.
             self.track_load();

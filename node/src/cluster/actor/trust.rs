@@ -166,6 +166,7 @@ impl Cluster {
         self.identity
             .store_secret(secret)
             .map_err(|error| format!("{error:#}"))?;
+        self.peer_pass.rotate(&self.identity.secret);
         self.keys = Arc::new(LinkKeys::new(
             self.identity.key.clone(),
             &self.identity.secret,
