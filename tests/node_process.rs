@@ -11,19 +11,21 @@ use support::{Node, chat, chat_body, request, sse_data, streamed_content};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-#[tokio::test]
-async fn the_official_openai_python_client_works() {
+/// Runs `script` (in tests/) with the Python that has the official
+/// `openai` package, against `node`, with `args` after the URL and model;
+/// asserts it passed every check.
+async fn run_openai_script(script: &str, node: &Node, args: &[&str]) {
     let python = std::env::var("RINGLET_TEST_PYTHON").unwrap_or_else(|_| {
         panic!("RINGLET_TEST_PYTHON must name a Python with the `openai` package; `tests/run` sets it up")
     });
-    let node = Node::start_ready(&[]);
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/openai_client.py");
+    let script = format!("{}/../tests/{script}", env!("CARGO_MANIFEST_DIR"));
     let output = tokio::time::timeout(
         Duration::from_secs(300),
         tokio::process::Command::new(python)
             .arg(script)
             .arg(node.url())
             .arg(support::MODEL)
+            .args(args)
             .kill_on_drop(true)
             .output(),
     )
@@ -39,35 +41,18 @@ async fn the_official_openai_python_client_works() {
     assert!(stdout.contains("all checks passed"), "{stdout}");
 }
 
+#[tokio::test]
+async fn the_official_openai_python_client_works() {
+    let node = Node::start_ready(&[]);
+    run_openai_script("openai_client.py", &node, &[]).await;
+}
+
 /// `--api-key`: missing, wrong and right keys through the official
 /// client, `/healthz` open, and guessing stopped (tests/openai_api_keys.py).
 #[tokio::test]
 async fn api_keys_through_the_official_openai_client() {
-    let python = std::env::var("RINGLET_TEST_PYTHON").unwrap_or_else(|_| {
-        panic!("RINGLET_TEST_PYTHON must name a Python with the `openai` package; `tests/run` sets it up")
-    });
     let node = Node::start_ready(&["--api-key", "right-key", "--api-key", "second-key"]);
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/openai_api_keys.py");
-    let output = tokio::time::timeout(
-        Duration::from_secs(300),
-        tokio::process::Command::new(python)
-            .arg(script)
-            .arg(node.url())
-            .arg(support::MODEL)
-            .arg("second-key")
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("the openai client finishes within 300 s")
-    .expect("run python");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "openai client checks failed:\n{stdout}\n{stderr}"
-    );
-    assert!(stdout.contains("all checks passed"), "{stdout}");
+    run_openai_script("openai_api_keys.py", &node, &["second-key"]).await;
 }
 
 #[tokio::test]

@@ -121,7 +121,16 @@ async function main() {
   check(/first token [0-9.]+ s/.test(meta) && /tok\/s/.test(meta), `speed under the answer: ${meta}`);
   await shot(page, "chat-answer");
 
-  // Stop: a long answer is cut short and says so.
+  // Stop: a long answer is cut short and says so. The dashboard samples,
+  // and a sampled answer may be two words long; so that there is a long
+  // answer to stop, this one request goes to the node greedy, on a prompt
+  // the model answers at length.
+  await page.route("**/v1/chat/completions", async (route) => {
+    const body = JSON.parse(route.request().postData());
+    body.messages = [{ role: "user", content: "Write a very long essay about the history of sailing." }];
+    body.temperature = 0;
+    await route.continue({ postData: JSON.stringify(body) });
+  });
   await page.fill('[data-testid="prompt"]', "Count from one to two hundred in words.");
   await page.click('[data-testid="send"]');
   await waitFor("the long answer to start", async () => {
@@ -136,6 +145,7 @@ async function main() {
   await page.locator('[data-testid="answer"][data-state="done"]').nth(1).waitFor({ timeout: TIMEOUT });
   const stoppedMeta = await page.locator('[data-testid="answer"]').nth(1).locator(".meta").innerText();
   check(stoppedMeta.includes("stopped"), `the stopped answer says so: ${stoppedMeta}`);
+  await page.unroute("**/v1/chat/completions");
   await page.locator('[data-testid="send"]').waitFor({ timeout: TIMEOUT });
 
   // The conversation survives moving between pages.
