@@ -335,7 +335,16 @@ impl Identity {
         };
         let (token, membership) = match (join, stored) {
             (Some(join), Some(stored)) if *join == stored => (stored, Membership::Stored),
-            (Some(join), _) => {
+            (Some(join), stored) => {
+                if let Some(stored) = stored {
+                    // A --join left in a service's environment would undo
+                    // a rotation at every restart: say so.
+                    tracing::warn!(
+                        replaced = %stored.0.fingerprint(),
+                        now = %join.0.fingerprint(),
+                        "--join replaces the cluster secret this node had; if its cluster rotated the secret since that token was made, drop --join (RINGLET_JOIN): the stored secret is kept across starts"
+                    );
+                }
                 write_private(&token_path, &join.to_string())?;
                 (join.clone(), Membership::Joined)
             }

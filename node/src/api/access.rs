@@ -220,7 +220,8 @@ pub(super) async fn require_key(
     let client = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip());
+        // An IPv4 client of a dual-stack listener shows as ::ffff:a.b.c.d.
+        .map(|c| c.0.ip().to_canonical());
     if admin_route(request.method(), request.uri().path()) {
         let address = client.unwrap_or(IpAddr::from([0, 0, 0, 0]));
         if let Err(error) = state.access.not_blocked(address, Instant::now()) {
@@ -269,6 +270,12 @@ mod tests {
             Err(ApiError::LocalOnly)
         ));
         assert!(ApiAccess::open().check(None, Some(LAN), None, now).is_ok());
+        let mapped: IpAddr = "::ffff:127.0.0.1".parse().expect("address");
+        assert!(
+            closed
+                .check(None, Some(mapped.to_canonical()), None, now)
+                .is_ok()
+        );
     }
 
     #[test]
