@@ -16,7 +16,6 @@ use ringlet_node::cluster::protocol::{
     PlanStage, Resources, Sample as WireSample, UPGRADE_TOKEN, VERSION_HEADER, WireDType,
 };
 use ringlet_node::cluster::secure;
-use ringlet_node::identity::{Identity, JoinToken};
 use ringlet_node::model_store::{CATALOGUE, ModelStore};
 use scheduler::NodeId;
 use serde_json::{Value, json};
@@ -360,17 +359,9 @@ fn test_hello(fingerprint: &str) -> Hello {
 /// Opens a link and proves the cluster's secret as a member would (the
 /// test binary's token, a key of its own): the hello is the caller's.
 async fn linked_session(addr: std::net::SocketAddr) -> secure::Session {
-    let dir = support::fresh_config_dir();
-    let token: JoinToken = support::test_join_token().parse().expect("token");
-    let (identity, _) = Identity::load_or_create(&dir, Some(&token)).expect("identity");
-    let _ = std::fs::remove_dir_all(&dir);
-    let keys = secure::LinkKeys::new(identity.key, &identity.secret, false);
     let (stream, head) = raw_link(addr, PROTOCOL_VERSION).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    let (reader, writer) = stream.into_split();
-    secure::handshake(reader, writer, &keys, true)
-        .await
-        .expect("a member's handshake")
+    support::member_handshake(stream).await
 }
 
 /// Links as a member, exchanges hellos, and returns the session.

@@ -15,9 +15,9 @@ use ringlet_node::cluster::protocol::{
     AdminProof, Frame, Hello, PROTOCOL_VERSION, PolicyMessage, PolicyRevision,
 };
 use ringlet_node::cluster::{link, secure};
-use ringlet_node::identity::{ClusterSecret, Identity, JoinToken};
+use ringlet_node::identity::{ClusterSecret, JoinToken};
 use scheduler::NodeId;
-use support::{Node, START_TIMEOUT, chat, fresh_config_dir, get_json, model_file, request_raw};
+use support::{Node, START_TIMEOUT, chat, get_json, model_file, request_raw};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -222,10 +222,7 @@ async fn the_dialer_and_random_handshakes_learn_nothing_and_the_node_serves_on()
     let mut node = Node::start_ready(&["--name", "target"]);
 
     // A well-formed handshake with another cluster's key: refused.
-    let dir = fresh_config_dir();
-    let (identity, _) = Identity::load_or_create(&dir, None).expect("identity");
-    let _ = std::fs::remove_dir_all(&dir);
-    let keys = secure::LinkKeys::new(identity.key, &ClusterSecret::random(), false);
+    let keys = support::link_keys(Some(&ClusterSecret::random()));
     let stream = link::dial(&node.addr.to_string()).await.expect("dial");
     let (reader, writer) = stream.into_split();
     let result = secure::handshake(reader, writer, &keys, true).await;
@@ -391,16 +388,8 @@ const ADMIN: &str = "security-admin-token";
 /// test binary's token) but not the admin token. It links to `addr` from
 /// this test process and sends frames of its own.
 async fn member_without_admin_token(addr: SocketAddr) -> secure::Session {
-    let dir = fresh_config_dir();
-    let token: JoinToken = support::test_join_token().parse().expect("token");
-    let (identity, _) = Identity::load_or_create(&dir, Some(&token)).expect("identity");
-    let _ = std::fs::remove_dir_all(&dir);
-    let keys = secure::LinkKeys::new(identity.key, &identity.secret, false);
     let stream = link::dial(&addr.to_string()).await.expect("dial");
-    let (reader, writer) = stream.into_split();
-    let mut session = secure::handshake(reader, writer, &keys, true)
-        .await
-        .expect("a member's handshake succeeds");
+    let mut session = support::member_handshake(stream).await;
     let hello = Hello {
         protocol_version: PROTOCOL_VERSION,
         node: NodeId(rand::random()),

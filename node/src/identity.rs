@@ -255,27 +255,20 @@ impl PeerPass {
     pub fn header_value(&self, path: &str, now: u64) -> String {
         let key = self.0.read().unwrap_or_else(|p| p.into_inner());
         let tag = ring::hmac::sign(&key, &peer_pass_message(path, now));
-        let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-        format!("{now}.{hex}")
+        format!("{now}.{}", URL_SAFE_NO_PAD.encode(tag.as_ref()))
     }
 
     /// Whether `value` proves the secret for `path`, made near `now`.
     pub fn check(&self, path: &str, value: Option<&str>, now: u64) -> bool {
-        let Some((time, hex)) = value.and_then(|v| v.split_once('.')) else {
+        let Some((time, tag)) = value.and_then(|v| v.split_once('.')) else {
             return false;
         };
-        let Ok(time) = time.parse::<u64>() else {
+        let (Ok(time), Ok(tag)) = (time.parse::<u64>(), URL_SAFE_NO_PAD.decode(tag)) else {
             return false;
         };
-        if now.abs_diff(time) > PEER_PASS_MAX_AGE_SECS || hex.len() != 64 {
+        if now.abs_diff(time) > PEER_PASS_MAX_AGE_SECS {
             return false;
         }
-        let tag: Option<Vec<u8>> = (0..32)
-            .map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
-            .collect();
-        let Some(tag) = tag else {
-            return false;
-        };
         let key = self.0.read().unwrap_or_else(|p| p.into_inner());
         ring::hmac::verify(&key, &peer_pass_message(path, time), &tag).is_ok()
     }

@@ -44,6 +44,29 @@ pub fn test_join_token() -> &'static str {
     })
 }
 
+/// Link keys for a node run by the test itself: a fresh long-term key of
+/// its own and `secret` (`None`: the test binary's cluster's).
+pub fn link_keys(
+    secret: Option<&ringlet_node::identity::ClusterSecret>,
+) -> ringlet_node::cluster::secure::LinkKeys {
+    use ringlet_node::identity::{Identity, JoinToken};
+    let dir = fresh_config_dir();
+    let token: JoinToken = test_join_token().parse().expect("token");
+    let (identity, _) = Identity::load_or_create(&dir, Some(&token)).expect("identity");
+    let _ = std::fs::remove_dir_all(&dir);
+    let secret = secret.unwrap_or(&identity.secret);
+    ringlet_node::cluster::secure::LinkKeys::new(identity.key.clone(), secret, false)
+}
+
+/// Proves the test binary's cluster secret on an upgraded link `stream`,
+/// as a member would; the Hello is the caller's.
+pub async fn member_handshake(stream: TcpStream) -> ringlet_node::cluster::secure::Session {
+    let (reader, writer) = stream.into_split();
+    ringlet_node::cluster::secure::handshake(reader, writer, &link_keys(None), true)
+        .await
+        .expect("a member's handshake succeeds")
+}
+
 /// A fresh, empty config directory (a node's own key and secret).
 pub fn fresh_config_dir() -> PathBuf {
     use std::sync::atomic::{AtomicU32, Ordering};

@@ -97,16 +97,12 @@ pub fn ApiKeyBanner(refusal: RwSignal<Option<Refusal>>) -> impl IntoView {
                         .then(|| {
                             view! {
                                 <div class="row">
-                                    <label class="field">
-                                        <span>"API key"</span>
-                                        <input
-                                            type="password"
-                                            placeholder="the node's --api-key"
-                                            data-testid="api-key"
-                                            prop:value=move || key.get()
-                                            on:input=move |ev| key.set(event_target_value(&ev))
-                                        />
-                                    </label>
+                                    {crate::admin::secret_field(
+                                        "API key",
+                                        "the node's --api-key",
+                                        "api-key",
+                                        key,
+                                    )}
                                     <button class="btn primary" data-testid="api-key-save" on:click=save>
                                         "Use this key"
                                     </button>

@@ -58,15 +58,25 @@ pub fn notice(outcome: Outcome, class: &'static str, testid: &'static str) -> An
 
 /// A password field bound to `token`.
 pub fn token_field(token: RwSignal<String>) -> impl IntoView {
+    secret_field("Admin token", "the node's --admin-token", "admin-token", token)
+}
+
+/// A labelled password field bound to `value`.
+pub fn secret_field(
+    label: &'static str,
+    placeholder: &'static str,
+    testid: &'static str,
+    value: RwSignal<String>,
+) -> impl IntoView {
     view! {
         <label class="field">
-            <span>"Admin token"</span>
+            <span>{label}</span>
             <input
                 type="password"
-                placeholder="the node's --admin-token"
-                data-testid="admin-token"
-                prop:value=move || token.get()
-                on:input=move |ev| token.set(event_target_value(&ev))
+                placeholder=placeholder
+                data-testid=testid
+                prop:value=move || value.get()
+                on:input=move |ev| value.set(event_target_value(&ev))
             />
         </label>
     }

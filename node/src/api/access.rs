@@ -73,10 +73,6 @@ impl ApiAccess {
         !self.keys.is_empty()
     }
 
-    pub fn is_open(&self) -> bool {
-        self.keys.is_empty() && self.open
-    }
-
     /// Whether `request` may go on.
     fn check(
         &self,
@@ -108,9 +104,7 @@ impl ApiAccess {
             given: bearer.is_some(),
         })
     }
-}
 
-impl ApiAccess {
     /// 429 while `client` failed too often lately.
     fn not_blocked(&self, client: IpAddr, now: Instant) -> Result<(), ApiError> {
         let failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());

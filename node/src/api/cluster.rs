@@ -20,9 +20,7 @@ use crate::limits::{CLUSTER_EVENTS_INTERVAL_MS, SSE_KEEP_ALIVE_SECS};
 
 /// The cluster as this node sees it: nodes, links, the plan.
 pub async fn cluster_view(State(state): State<AppState>) -> Result<Json<ClusterView>, ApiError> {
-    let cluster = state.cluster.as_ref().ok_or_else(|| ApiError::NoRoute {
-        path: "/v1/cluster".into(),
-    })?;
+    let cluster = state.cluster("/v1/cluster")?;
     Ok(Json(cluster.view()))
 }
 
@@ -31,9 +29,7 @@ pub async fn cluster_view(State(state): State<AppState>) -> Result<Json<ClusterV
 pub async fn cluster_events(
     State(state): State<AppState>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let cluster = state.cluster.as_ref().ok_or_else(|| ApiError::NoRoute {
-        path: "/v1/cluster/events".into(),
-    })?;
+    let cluster = state.cluster("/v1/cluster/events")?;
     let mut pace = tokio::time::interval(Duration::from_millis(CLUSTER_EVENTS_INTERVAL_MS));
     pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let start = (cluster.watch(), pace, true);
@@ -58,9 +54,7 @@ pub async fn ring_link(
     State(state): State<AppState>,
     mut request: Request,
 ) -> Result<Response, ApiError> {
-    let cluster = state.cluster.clone().ok_or_else(|| ApiError::NoRoute {
-        path: "/v1/ring/link".into(),
-    })?;
+    let cluster = state.cluster("/v1/ring/link")?.clone();
     let header = |name: &str| {
         request
             .headers()

@@ -15,19 +15,12 @@ use super::admin::{self, Admin};
 use super::{ApiError, AppState};
 use crate::cluster::{ClusterHandle, Rotated};
 
-fn cluster(state: &AppState, path: &str) -> Result<ClusterHandle, ApiError> {
-    state
-        .cluster
-        .clone()
-        .ok_or_else(|| ApiError::NoRoute { path: path.into() })
-}
-
 /// The join token, and the command that uses it.
 pub async fn invite(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    let cluster = cluster(&state, "/v1/cluster/invite")?;
+    let cluster = state.cluster("/v1/cluster/invite")?;
     admin::check(&state, &headers, Admin::Membership)?;
     let token = cluster
         .invite()
@@ -45,14 +38,14 @@ pub async fn remove_node(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Rotated>, ApiError> {
-    let cluster = cluster(&state, "/v1/cluster/nodes")?;
+    let cluster = state.cluster("/v1/cluster/nodes")?;
     admin::check(&state, &headers, Admin::Membership)?;
     let node = u64::from_str_radix(id.trim(), 16).map_err(|_| {
         ApiError::invalid_request(format!(
             "`{id}` is not a node id: use the 16 hex digits GET /v1/cluster shows as a node's `id`"
         ))
     })?;
-    rotate(&cluster, Some(NodeId(node))).await
+    rotate(cluster, Some(NodeId(node))).await
 }
 
 /// Rotates the secret, removing no one.
@@ -60,9 +53,9 @@ pub async fn rotate_secret(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Json<Rotated>, ApiError> {
-    let cluster = cluster(&state, "/v1/cluster/secret/rotate")?;
+    let cluster = state.cluster("/v1/cluster/secret/rotate")?;
     admin::check(&state, &headers, Admin::Membership)?;
-    rotate(&cluster, None).await
+    rotate(cluster, None).await
 }
 
 async fn rotate(cluster: &ClusterHandle, node: Option<NodeId>) -> Result<Json<Rotated>, ApiError> {

@@ -66,6 +66,16 @@ pub struct AppState {
     pub peer_pass: Option<crate::identity::PeerPass>,
 }
 
+impl AppState {
+    /// The cluster, for a route only a node in one serves (`path` names
+    /// the route in the 404 of an in-process engine).
+    pub(crate) fn cluster(&self, path: &str) -> Result<&ClusterHandle, ApiError> {
+        self.cluster
+            .as_ref()
+            .ok_or_else(|| ApiError::NoRoute { path: path.into() })
+    }
+}
+
 /// The admin token; its `Debug` does not show it.
 #[derive(Clone)]
 pub struct AdminToken(Arc<str>);

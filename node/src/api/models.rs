@@ -128,9 +128,7 @@ pub(super) async fn switch_model(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<SwitchStarted>), ApiError> {
-    let cluster = state.cluster.as_ref().ok_or_else(|| ApiError::NoRoute {
-        path: "/v1/cluster/models".into(),
-    })?;
+    let cluster = state.cluster("/v1/cluster/models")?;
     admin::check(&state, &headers, Admin::Switch)?;
     let SwitchModel { model } = super::chat::parse_json(&body?)?;
     let model = model.trim().to_string();
@@ -180,9 +178,7 @@ pub(super) async fn download_model(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Result<(StatusCode, Json<DownloadStarted>), ApiError> {
-    let cluster = state.cluster.as_ref().ok_or_else(|| ApiError::NoRoute {
-        path: "/v1/cluster/models".into(),
-    })?;
+    let cluster = state.cluster("/v1/cluster/models")?;
     admin::check(&state, &headers, Admin::Models)?;
     let entry = catalogue_entry(&name).ok_or_else(|| ApiError::NotInCatalogue {
         name: name.clone(),

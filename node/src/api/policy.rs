@@ -8,14 +8,14 @@ use axum::http::HeaderMap;
 
 use super::admin::{self, Admin};
 use super::{ApiError, AppState};
-use crate::cluster::{ClusterHandle, PolicyStatus};
+use crate::cluster::PolicyStatus;
 use crate::limits::MAX_POLICY_BYTES;
 use crate::policy::PolicyError;
 
 /// The policy this node runs (the same on every node once a change has
 /// reached them all).
 pub async fn get_policy(State(state): State<AppState>) -> Result<Json<PolicyStatus>, ApiError> {
-    let cluster = cluster(&state)?;
+    let cluster = state.cluster("/v1/cluster/policy")?;
     cluster
         .view()
         .policy
@@ -29,7 +29,7 @@ pub async fn put_policy(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<PolicyStatus>, ApiError> {
-    let cluster = cluster(&state)?;
+    let cluster = state.cluster("/v1/cluster/policy")?;
     admin::check(&state, &headers, Admin::Policy)?;
     // Read one byte past the limit, so that a too-large upload is told
     // its limit rather than cut off.
@@ -61,13 +61,7 @@ pub async fn delete_policy(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Json<PolicyStatus>, ApiError> {
-    let cluster = cluster(&state)?;
+    let cluster = state.cluster("/v1/cluster/policy")?;
     admin::check(&state, &headers, Admin::Policy)?;
     Ok(Json(cluster.set_policy(None).await?))
-}
-
-fn cluster(state: &AppState) -> Result<&ClusterHandle, ApiError> {
-    state.cluster.as_ref().ok_or_else(|| ApiError::NoRoute {
-        path: "/v1/cluster/policy".into(),
-    })
 }

@@ -163,7 +163,7 @@ where
     let id = NEXT_LINK_ID.fetch_add(1, Ordering::Relaxed);
     let started = std::time::Instant::now();
     let proven = tokio::time::timeout(
-        secure::handshake_timeout(),
+        Duration::from_millis(LINK_HANDSHAKE_TIMEOUT_MS),
         secure::handshake(reader, writer, &context.keys, dialed),
     )
     .await

@@ -20,8 +20,8 @@ use crate::policy;
 /// A node we are linked to.
 pub(super) struct Member {
     pub hello: Hello,
-    /// The long-term public key its handshake proved.
-    pub key: Vec<u8>,
+    /// A short fingerprint of the long-term key its handshake proved.
+    pub key_fingerprint: String,
     /// HOST:PORT where its API and link port is reached.
     pub address: String,
     pub link: LinkSender,
@@ -268,7 +268,7 @@ impl Membership {
             peer,
             Member {
                 hello,
-                key,
+                key_fingerprint: crate::identity::key_fingerprint(&key),
                 address,
                 link,
                 rtt_micros: None,

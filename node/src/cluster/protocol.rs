@@ -383,10 +383,15 @@ pub async fn read_frame_timed<R: AsyncRead + Unpin>(
             }
             _ => FrameError::Io(e),
         })?;
-    let seconds = started.elapsed().as_secs_f64();
-    let bytes_per_second = (length >= BANDWIDTH_SAMPLE_MIN_BYTES && seconds > 0.0)
-        .then(|| (f64::from(length) / seconds) as u64);
-    Ok((decode(&body)?, bytes_per_second))
+    Ok((decode(&body)?, bandwidth(length, started.elapsed())))
+}
+
+/// Bytes per second of a `length`-byte frame whose body took `elapsed` to
+/// arrive, when it is large enough to measure the link by.
+pub fn bandwidth(length: u32, elapsed: std::time::Duration) -> Option<u64> {
+    let seconds = elapsed.as_secs_f64();
+    (length >= BANDWIDTH_SAMPLE_MIN_BYTES && seconds > 0.0)
+        .then(|| (f64::from(length) / seconds) as u64)
 }
 
 pub async fn write_frame<W: AsyncWrite + Unpin>(

@@ -22,14 +22,14 @@
 //! a replay, a record out of order) ends the link.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use snow::StatelessTransportState;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::protocol::{self, Frame, FrameError, PROTOCOL_VERSION};
 use crate::identity::{ClusterSecret, NOISE_PARAMS, NodeKey};
-use crate::limits::{BANDWIDTH_SAMPLE_MIN_BYTES, MAX_FRAME_BYTES};
+use crate::limits::MAX_FRAME_BYTES;
 
 /// Noise's largest message, less the authentication tag.
 const RECORD_PLAINTEXT_BYTES: usize = 65535 - TAG_BYTES;
@@ -301,9 +301,9 @@ impl SecureReader {
         };
         let frame = protocol::decode(&self.plain[4..4 + length]);
         self.plain.drain(..4 + length);
-        let seconds = started.map_or(0.0, |s: Instant| s.elapsed().as_secs_f64());
-        let bytes_per_second = (length >= BANDWIDTH_SAMPLE_MIN_BYTES as usize && seconds > 0.0)
-            .then(|| (length as f64 / seconds) as u64);
+        let bytes_per_second = started.and_then(|s: Instant| {
+            protocol::bandwidth(u32::try_from(length).unwrap_or(u32::MAX), s.elapsed())
+        });
         Ok((frame?, bytes_per_second))
     }
 
@@ -386,11 +386,6 @@ impl SecureWriter {
         self.inner.write_all(&self.sealed).await?;
         Ok(())
     }
-}
-
-/// How long a handshake may take before the link is given up.
-pub fn handshake_timeout() -> Duration {
-    Duration::from_millis(crate::limits::LINK_HANDSHAKE_TIMEOUT_MS)
 }
 
 #[cfg(test)]

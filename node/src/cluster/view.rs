@@ -120,7 +120,7 @@ impl Parts<'_> {
                 id: view_id(*id),
                 name: member.hello.name.clone(),
                 address: member.address.clone(),
-                key: crate::identity::key_fingerprint(&member.key),
+                key: member.key_fingerprint.clone(),
                 status,
                 resources: Resources {
                     memory_available_bytes: member

@@ -16,7 +16,7 @@ use crate::identity::{ClusterSecret, JoinToken};
 
 /// The change a policy proof covers: the revision and the component.
 pub(super) fn policy_change(revision: PolicyRevision, wasm: Option<&[u8]>) -> String {
-    let component = wasm.map_or_else(|| "built-in".to_string(), |w| hex(&Sha256::digest(w)));
+    let component = wasm.map_or_else(|| "built-in".to_string(), digest);
     format!(
         "policy\0{}\0{}\0{component}",
         revision.counter, revision.origin.0
@@ -33,11 +33,13 @@ pub(super) fn fetch_change(name: &str) -> String {
 
 fn rotate_change(removed: Option<NodeId>, secret: &[u8]) -> String {
     let removed = removed.map_or_else(|| "none".to_string(), |n| n.0.to_string());
-    format!("rotate-secret\0{removed}\0{}", hex(&Sha256::digest(secret)))
+    format!("rotate-secret\0{removed}\0{}", digest(secret))
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// A digest written into a change's text: what the proof binds.
+fn digest(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(Sha256::digest(bytes))
 }
 
 impl Cluster {
