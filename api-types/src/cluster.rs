@@ -22,6 +22,14 @@ pub struct ClusterView {
     pub policy: Option<PolicyStatus>,
     /// Nodes found on the network that this node does not join, and why.
     pub not_joined: Vec<NotJoinedView>,
+    /// Why this node's own stage was lost (its thread stopped or stopped
+    /// making progress): it serves no layers until it restarts.
+    #[serde(default)]
+    pub stage_error: Option<String>,
+    /// The latest losses of a plan's node and what became of them, oldest
+    /// first.
+    #[serde(default)]
+    pub recoveries: Vec<RecoveryView>,
 }
 
 impl ClusterView {
@@ -44,6 +52,36 @@ impl ClusterView {
             _ => "the cluster has no plan yet; retry in a moment".into(),
         }
     }
+}
+
+/// A node of the plan was lost and the cluster planned around it: what
+/// was lost, the plan it went on with, how many of this node's requests
+/// resumed, and how long they paused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryView {
+    /// The node lost (the first, if several went during one recovery).
+    pub lost_node: NodeId,
+    pub lost_name: String,
+    /// How the loss was noticed: its link closed, it fell silent, its
+    /// stage stopped making progress.
+    pub reason: String,
+    /// When it was noticed (unix ms).
+    pub at_unix_ms: u64,
+    /// `resumed`, or `failed` when the nodes left could not hold the
+    /// model within the wait.
+    pub outcome: String,
+    /// The plan the cluster went on with, as `name layers` per stage.
+    pub plan_epoch: Option<u64>,
+    pub plan: Vec<String>,
+    /// This node's requests that were interrupted and fed again.
+    pub resumed_requests: u32,
+    /// From the loss being noticed to the new plan being sent, and from
+    /// then to every stage having loaded its layers; their sum is the
+    /// pause before the requests replay their history.
+    pub replan_ms: u64,
+    pub load_ms: u64,
+    /// What failed, for a recovery that did not resume.
+    pub error: Option<String>,
 }
 
 /// A node this node does not join: one discovery found in another
@@ -271,6 +309,20 @@ mod tests {
                 protocol_version: Some(5),
                 reason: "another cluster".into(),
             }],
+            stage_error: None,
+            recoveries: vec![RecoveryView {
+                lost_node: NodeId(7),
+                lost_name: "beta".into(),
+                reason: "its link closed".into(),
+                at_unix_ms: 5,
+                outcome: "resumed".into(),
+                plan_epoch: Some(4),
+                plan: vec!["alpha 0..30".into()],
+                resumed_requests: 2,
+                replan_ms: 3,
+                load_ms: 40,
+                error: None,
+            }],
         };
         let json = concat!(
             r#"{"node":"000000000000002a","leader":"000000000000002a","#,
@@ -292,7 +344,11 @@ mod tests {
             r#""source":"built_in","size_bytes":5,"revision":0,"changed_by":null,"warning":null},"#,
             r#""not_joined":[{"node":"0000000000000007","name":"beta","#,
             r#""addresses":["10.0.0.2:52415"],"cluster":"other","protocol_version":5,"#,
-            r#""reason":"another cluster"}]}"#,
+            r#""reason":"another cluster"}],"stage_error":null,"#,
+            r#""recoveries":[{"lost_node":"0000000000000007","lost_name":"beta","#,
+            r#""reason":"its link closed","at_unix_ms":5,"outcome":"resumed","plan_epoch":4,"#,
+            r#""plan":["alpha 0..30"],"resumed_requests":2,"replan_ms":3,"load_ms":40,"#,
+            r#""error":null}]}"#,
         );
         (view, json)
     }

@@ -32,7 +32,7 @@ pub use chat::{
 };
 pub use cluster::{
     ClusterView, LinkView, ModelAvailability, ModelIdentity, ModelState, NodeView, NotJoinedView,
-    PlanState, PlanView, Resources, StageView,
+    PlanState, PlanView, RecoveryView, Resources, StageView,
 };
 pub use error::{ErrorBody, ErrorDetail, ErrorType};
 pub use ids::{LayerRange, NodeId, ParseNodeIdError};

@@ -76,19 +76,34 @@ impl Default for SamplingParams {
     }
 }
 
-/// A stateful sampler for one sequence.
+/// A sampler for one sequence. Its whole state is its parameters and the
+/// index of the next token it draws: the `i`-th token's randomness comes
+/// from its own generator, seeded from the request's seed and `i`. So a
+/// sequence rebuilt on another node (after a node of the ring was lost)
+/// draws exactly what it would have drawn, from [`Sampler::resume`], with
+/// nothing to carry but a count.
 pub struct Sampler {
-    processor: LogitsProcessor,
+    sampling: Sampling,
+    seed: u64,
+    /// Tokens drawn so far: the index of the next one.
+    drawn: u64,
 }
 
 impl std::fmt::Debug for Sampler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sampler").finish_non_exhaustive()
+        f.debug_struct("Sampler")
+            .field("drawn", &self.drawn)
+            .finish_non_exhaustive()
     }
 }
 
 impl Sampler {
     pub fn new(params: &SamplingParams) -> Result<Self> {
+        Self::resume(params, 0)
+    }
+
+    /// A sampler that has already drawn `drawn` tokens.
+    pub fn resume(params: &SamplingParams, drawn: u64) -> Result<Self> {
         params.validate()?;
         let temperature = params.temperature;
         let top_p = (params.top_p < 1.0).then_some(params.top_p);
@@ -100,14 +115,35 @@ impl Sampler {
             (false, Some(k), Some(p)) => Sampling::TopKThenTopP { k, p, temperature },
         };
         Ok(Self {
-            processor: LogitsProcessor::from_sampling(params.seed, sampling),
+            sampling,
+            seed: params.seed,
+            drawn,
         })
+    }
+
+    /// Tokens drawn so far.
+    pub fn drawn(&self) -> u64 {
+        self.drawn
     }
 
     /// Picks a token from `[vocab]` logits.
     pub fn sample(&mut self, logits: &Tensor) -> Result<u32> {
-        Ok(self.processor.sample(logits)?)
+        let seed = token_seed(self.seed, self.drawn);
+        let mut processor = LogitsProcessor::from_sampling(seed, self.sampling.clone());
+        let token = processor.sample(logits)?;
+        self.drawn += 1;
+        Ok(token)
     }
+}
+
+/// The seed of the generator for token `index` of a request seeded with
+/// `seed`: SplitMix64's finalizer over both, so that neighbouring seeds
+/// and indices give unrelated streams.
+fn token_seed(seed: u64, index: u64) -> u64 {
+    let mut z = seed ^ index.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 #[cfg(test)]
@@ -147,6 +183,28 @@ mod tests {
         };
         assert_eq!(draw(7)?, draw(7)?);
         assert_ne!(draw(7)?, draw(8)?);
+        Ok(())
+    }
+
+    #[test]
+    fn a_resumed_sampler_continues_the_same_draws() -> Result<()> {
+        let logits = logits()?;
+        let params = SamplingParams {
+            temperature: 1.2,
+            top_p: 0.9,
+            top_k: None,
+            seed: 42,
+        };
+        let mut whole = Sampler::new(&params)?;
+        let all: Vec<u32> = (0..40)
+            .map(|_| whole.sample(&logits))
+            .collect::<Result<_>>()?;
+        let mut resumed = Sampler::resume(&params, 25)?;
+        let rest: Vec<u32> = (0..15)
+            .map(|_| resumed.sample(&logits))
+            .collect::<Result<_>>()?;
+        assert_eq!(rest, all[25..]);
+        assert_eq!(resumed.drawn(), 40);
         Ok(())
     }
 

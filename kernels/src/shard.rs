@@ -36,6 +36,18 @@ pub enum ShardInput {
 }
 
 impl ShardInput {
+    /// The number of positions (tokens or rows of hidden states).
+    pub fn len(&self) -> usize {
+        match self {
+            ShardInput::Tokens(tokens) => tokens.len(),
+            ShardInput::Hidden(hidden) => hidden.dims().first().copied().unwrap_or(0),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     fn kind(&self) -> &'static str {
         match self {
             ShardInput::Tokens(_) => "token ids",

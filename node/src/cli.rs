@@ -332,6 +332,21 @@ pub struct ServeArgs {
     #[arg(long, env = "RINGLET_CONFIG_DIR", value_name = "DIR")]
     pub config_dir: Option<PathBuf>,
 
+    /// Seconds a request waits for the cluster when it cannot run now: a
+    /// request that arrives while no plan is active, and one interrupted
+    /// mid-answer by a lost node when the nodes left cannot hold the
+    /// model (a laptop that closed its lid may come back). A plan that is
+    /// loading when the time runs out is waited for. Then the request
+    /// fails with an error naming the lost node
+    #[arg(
+        long,
+        env = "RINGLET_RECOVERY_WAIT",
+        value_name = "SECONDS",
+        default_value_t = crate::limits::DEFAULT_RECOVERY_WAIT_SECS,
+        value_parser = clap::value_parser!(u64).range(1..=86_400)
+    )]
+    pub recovery_wait: u64,
+
     /// Send frames between nodes unencrypted after the handshake (which
     /// still proves the cluster's key). For measuring what encryption
     /// costs; every node of the cluster must be started with it

@@ -297,13 +297,6 @@ pub const MAX_PEER_ANSWER_BYTES: u64 = 1 << 20;
 pub const MAX_PEER_RANGE_READS: usize = 8;
 pub const PEER_READ_WAIT_SECS: u64 = 20;
 
-/// How long a chat that arrives while the cluster has no active plan (one
-/// loading, a re-plan after a node joined or left) waits for one before
-/// it gets 503: a plan of the default model loads in under a second, a
-/// join waits up to `REPLAN_DEFER_MAX_MS` for running requests, and a
-/// client's own timeout is usually a minute or more.
-pub const PLAN_WAIT_SECS: u64 = 30;
-
 /// Failed API key attempts one client address may make per window before
 /// it is refused (429) for the rest of the window: enough for a person
 /// mistyping, far too few to guess a key.
@@ -325,3 +318,45 @@ pub const ADMIN_PROOF_MAX_AGE_SECS: u64 = 600;
 /// Admin authorizations remembered to refuse a second use of one; more
 /// than an admin makes in [`ADMIN_PROOF_MAX_AGE_SECS`].
 pub const ADMIN_PROOFS_REMEMBERED: usize = 4096;
+
+/// A stage step that has run this many times longer than this stage's
+/// measured time for a step of its size (decode steps and prompt tokens
+/// are measured apart, per token), plus [`STAGE_STALL_SLACK_MS`], means
+/// the stage stopped making progress: its node counts its stage as lost
+/// and the cluster re-plans around it. Why 20: a step's time moves with
+/// what else runs on the machine (on two cores, three nodes' stages
+/// share them; a neighbour's prefill or the page cache evicting weights
+/// can make steps several times slower), and a false alarm costs a
+/// re-plan and a replay of every running request, while a real hang
+/// costs only the wait. A long prefill is measured by its size, so it
+/// never trips this however slow the model.
+pub const STAGE_STALL_FACTOR: u32 = 20;
+
+/// Added to the limit above, so that the tiny steps of a small model are
+/// not judged on milliseconds.
+pub const STAGE_STALL_SLACK_MS: u64 = 2_000;
+
+/// A peer of the plan that has sent nothing, not even a heartbeat's
+/// answer, for this long while requests of this node run through it has
+/// stopped (a stopped process, a frozen machine, a pulled cable): its
+/// link is closed and the cluster re-plans without it. Heartbeats go
+/// every [`HEARTBEAT_INTERVAL_MS`] and are answered at once by a task
+/// that never waits for the model, so a peer busy with a long prefill
+/// still answers; three silent heartbeats, plus the time the link
+/// needs to carry the largest activation frame at its measured
+/// bandwidth, are not a slow peer. Without running requests the link's
+/// own [`HEARTBEAT_TIMEOUT_MS`] applies.
+pub const PEER_SILENCE_HEARTBEATS: u64 = 3;
+
+/// How often a node checks its own stage and its peers for progress.
+pub const WATCHDOG_INTERVAL_MS: u64 = 250;
+
+/// Default of `--recovery-wait`: how long requests interrupted by a lost
+/// node wait for a new plan when the nodes left cannot hold the model (a
+/// laptop that closed its lid and opens it again, a machine rebooting).
+/// A plan that is loading when the wait runs out is waited for: loading
+/// is progress.
+pub const DEFAULT_RECOVERY_WAIT_SECS: u64 = 60;
+
+/// Recent recoveries the cluster view lists.
+pub const RECOVERIES_SHOWN: usize = 8;

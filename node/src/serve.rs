@@ -120,6 +120,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             policy_faults,
             stage_loads: stage_loads_tx,
             open_model,
+            recovery_wait: Duration::from_secs(args.recovery_wait),
+            stage_fault: crate::stage::TestFault::from_env(),
         },
         Arc::new(file),
         pipeline,

@@ -7,14 +7,24 @@
 //! model held whole in this process, the cluster in serve mode. Each job
 //! carries that owner's route (`R`), which the stage hands back untouched
 //! with the job's output, through the `emit` function it was started with.
+//!
+//! A stage also says how it is doing ([`StageProgress`]): the step it is
+//! running and how long steps of each kind take here, so that a stage that
+//! stopped making progress (a deadlocked thread) is told apart from a slow
+//! one without a fixed timeout.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use kernels::{
     LayerRange, Sampler, SamplingParams, SequenceId, Shard, ShardInput, ShardOutput, Tensor,
 };
 use tokio::sync::mpsc;
+
+use crate::limits::{STAGE_STALL_FACTOR, STAGE_STALL_SLACK_MS};
 
 /// Whether the last stage samples after this job, and with what. Also part
 /// of the link protocol (`ForwardFrame`): changing it changes
@@ -23,8 +33,10 @@ use tokio::sync::mpsc;
 pub enum Sample {
     /// A prompt chunk that is not the last: fill the KV cache only.
     No,
-    /// The first token of a sequence: create its sampler.
-    Start(SamplingParams),
+    /// The first token sampled in this plan: create the sequence's
+    /// sampler, which has already drawn `drawn` tokens (more than 0 when a
+    /// request resumes on a new plan after a node was lost).
+    Start { params: SamplingParams, drawn: u64 },
     /// A later token: use the sequence's sampler.
     Continue,
 }
@@ -39,6 +51,11 @@ pub enum StageJob<R = ()> {
         position: usize,
         input: ShardInput,
         sample: Sample,
+        /// Run each token as a step of its own: a replay of tokens that
+        /// were first decoded one at a time, so that every one gets the
+        /// bits it got then (a step of several tokens sums attention in
+        /// another order).
+        token_by_token: bool,
         route: R,
     },
     /// Forget `sequence`: free its KV cache and sampler.
@@ -72,6 +89,11 @@ pub enum StageResult {
         sequence: SequenceId,
         message: String,
     },
+    /// The plan the sequence ran on is gone and a new one is active: its
+    /// owner sends its whole history again (only the cluster says this).
+    Resume {
+        sequence: SequenceId,
+    },
 }
 
 impl StageResult {
@@ -79,7 +101,8 @@ impl StageResult {
         match self {
             StageResult::Token { sequence, .. }
             | StageResult::ChunkDone { sequence }
-            | StageResult::Failed { sequence, .. } => *sequence,
+            | StageResult::Failed { sequence, .. }
+            | StageResult::Resume { sequence } => *sequence,
         }
     }
 }
@@ -93,10 +116,165 @@ pub enum StageOutput<R> {
         position: usize,
         hidden: Tensor,
         sample: Sample,
+        token_by_token: bool,
         route: R,
     },
     /// A result for the request's owner.
     Done { route: R, result: StageResult },
+}
+
+/// How a stage is doing, shared with whoever runs it: the step running
+/// now (since when, over how many tokens) and the typical time of a
+/// decode step and of a prompt token here, measured as it runs.
+#[derive(Debug)]
+pub struct StageProgress {
+    /// When times below are measured from.
+    base: Instant,
+    /// Microseconds after `base` at which the running step started, plus
+    /// one; 0 while no step runs.
+    busy_since: AtomicU64,
+    busy_tokens: AtomicU64,
+    busy_token_by_token: AtomicU64,
+    /// Moving averages, in microseconds (0 until a step measured it): a
+    /// one-token step, and a token of a prompt chunk.
+    decode_micros: AtomicU64,
+    prefill_token_micros: AtomicU64,
+    /// The stage thread ended (it stops only when its node lets it go, or
+    /// on a bug).
+    ended: AtomicU64,
+}
+
+impl StageProgress {
+    fn new() -> Self {
+        Self {
+            base: Instant::now(),
+            busy_since: AtomicU64::new(0),
+            busy_tokens: AtomicU64::new(0),
+            busy_token_by_token: AtomicU64::new(0),
+            decode_micros: AtomicU64::new(0),
+            prefill_token_micros: AtomicU64::new(0),
+            ended: AtomicU64::new(0),
+        }
+    }
+
+    fn micros_now(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    fn step_started(&self, tokens: usize, token_by_token: bool) {
+        self.busy_tokens.store(tokens as u64, Ordering::Relaxed);
+        self.busy_token_by_token
+            .store(u64::from(token_by_token), Ordering::Relaxed);
+        self.busy_since
+            .store(self.micros_now() + 1, Ordering::Release);
+    }
+
+    fn step_ended(&self, tokens: usize, token_by_token: bool) {
+        let started = self.busy_since.swap(0, Ordering::AcqRel);
+        if started == 0 || tokens == 0 {
+            return;
+        }
+        let took = self.micros_now().saturating_sub(started - 1);
+        let (average, sample) = if tokens == 1 || token_by_token {
+            (&self.decode_micros, took / tokens as u64)
+        } else {
+            (&self.prefill_token_micros, took / tokens as u64)
+        };
+        let old = average.load(Ordering::Relaxed);
+        // A quarter of each new step: it follows a change of load within
+        // a few steps and one odd step moves it little.
+        let new = if old == 0 {
+            sample
+        } else {
+            (3 * old + sample) / 4
+        };
+        average.store(new.max(1), Ordering::Relaxed);
+    }
+
+    /// The process was frozen: the running step's time counts from now.
+    pub fn restart_clock(&self) {
+        let now = self.micros_now() + 1;
+        let _ = self
+            .busy_since
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |since| {
+                (since != 0).then_some(now)
+            });
+    }
+
+    /// Why the stage counts as lost, if it does: its thread ended, or its
+    /// step has run far longer than steps of its size take here. A stage
+    /// that has measured nothing yet (its first steps read the weights
+    /// from disk) is not judged.
+    pub fn stalled(&self) -> Option<String> {
+        if self.ended.load(Ordering::Acquire) != 0 {
+            return Some("its stage thread stopped".into());
+        }
+        let started = self.busy_since.load(Ordering::Acquire);
+        if started == 0 {
+            return None;
+        }
+        let running = Duration::from_micros(self.micros_now().saturating_sub(started - 1));
+        let tokens = self.busy_tokens.load(Ordering::Relaxed).max(1);
+        let decode = self.decode_micros.load(Ordering::Relaxed);
+        let prefill = self.prefill_token_micros.load(Ordering::Relaxed);
+        let one_by_one = tokens == 1 || self.busy_token_by_token.load(Ordering::Relaxed) != 0;
+        // A prompt token never costs more than a decode step, so without
+        // a prefill measure the decode one bounds it from above.
+        let per_token = if one_by_one || prefill == 0 {
+            decode
+        } else {
+            prefill
+        };
+        if per_token == 0 {
+            return None;
+        }
+        let expected = Duration::from_micros(per_token.saturating_mul(tokens));
+        let limit = expected.saturating_mul(STAGE_STALL_FACTOR)
+            + Duration::from_millis(STAGE_STALL_SLACK_MS);
+        (running > limit).then(|| {
+            format!(
+                "its step over {tokens} tokens has run {} ms where {} ms is usual",
+                running.as_millis(),
+                expected.as_millis().max(1)
+            )
+        })
+    }
+}
+
+/// A fault a test asks a stage to have (`RINGLET_TEST_STAGE_FAULT`), to
+/// show what the cluster does when a stage thread hangs or dies for real.
+/// Never set outside tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestFault {
+    /// After this many steps, the thread blocks forever, as a deadlock.
+    HangAfter(u64),
+    /// After this many steps, the thread ends, as a panic outside a step.
+    ExitAfter(u64),
+}
+
+impl TestFault {
+    /// `hang-after:N` or `exit-after:N` from `RINGLET_TEST_STAGE_FAULT`.
+    pub fn from_env() -> Option<Self> {
+        let value = std::env::var("RINGLET_TEST_STAGE_FAULT").ok()?;
+        let (kind, steps) = value.split_once(':')?;
+        let steps = steps.parse().ok()?;
+        let fault = match kind {
+            "hang-after" => TestFault::HangAfter(steps),
+            "exit-after" => TestFault::ExitAfter(steps),
+            _ => return None,
+        };
+        tracing::warn!(
+            ?fault,
+            "RINGLET_TEST_STAGE_FAULT is set: this node's stage will fail on purpose"
+        );
+        Some(fault)
+    }
+}
+
+/// A running stage thread and how it is doing.
+pub struct Spawned {
+    pub thread: JoinHandle<()>,
+    pub progress: Arc<StageProgress>,
 }
 
 /// Starts a thread that runs `shard` over the jobs it receives until the
@@ -104,22 +282,30 @@ pub enum StageOutput<R> {
 pub fn spawn<R: Send + 'static>(
     shard: Shard,
     jobs: mpsc::Receiver<StageJob<R>>,
+    fault: Option<TestFault>,
     emit: impl FnMut(StageOutput<R>) -> bool + Send + 'static,
-) -> std::io::Result<JoinHandle<()>> {
+) -> std::io::Result<Spawned> {
     let name = format!("ringlet-stage-{}", shard.range());
-    std::thread::Builder::new()
-        .name(name)
-        .spawn(move || run(shard, jobs, emit))
+    let progress = Arc::new(StageProgress::new());
+    let shared = Arc::clone(&progress);
+    let thread = std::thread::Builder::new().name(name).spawn(move || {
+        run(shard, jobs, &shared, fault, emit);
+        shared.ended.store(1, Ordering::Release);
+    })?;
+    Ok(Spawned { thread, progress })
 }
 
 fn run<R>(
     mut shard: Shard,
     mut jobs: mpsc::Receiver<StageJob<R>>,
+    progress: &StageProgress,
+    fault: Option<TestFault>,
     mut emit: impl FnMut(StageOutput<R>) -> bool,
 ) {
     let mut samplers: HashMap<SequenceId, Sampler> = HashMap::new();
+    let mut steps = 0u64;
     while let Some(job) = jobs.blocking_recv() {
-        let (sequence, position, input, sample, route) = match job {
+        let (sequence, position, input, sample, token_by_token, route) = match job {
             StageJob::Release { sequence } => {
                 shard.release(sequence);
                 samplers.remove(&sequence);
@@ -130,19 +316,46 @@ fn run<R>(
                 position,
                 input,
                 sample,
+                token_by_token,
                 route,
-            } => (sequence, position, input, sample, route),
+            } => (sequence, position, input, sample, token_by_token, route),
         };
+        match fault {
+            Some(TestFault::HangAfter(n)) if steps >= n => {
+                tracing::warn!("stage thread hanging on purpose (RINGLET_TEST_STAGE_FAULT)");
+                progress.step_started(input.len(), token_by_token);
+                loop {
+                    std::thread::park();
+                }
+            }
+            Some(TestFault::ExitAfter(n)) if steps >= n => {
+                tracing::warn!("stage thread ending on purpose (RINGLET_TEST_STAGE_FAULT)");
+                return;
+            }
+            _ => {}
+        }
+        steps += 1;
+        let tokens = input.len();
+        progress.step_started(tokens, token_by_token);
         // A panic here is a bug; it fails this request, not the node.
         let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            step(&mut shard, &mut samplers, sequence, position, input, sample)
+            let job = Job {
+                sequence,
+                position,
+                input,
+                sample,
+                token_by_token,
+            };
+            step(&mut shard, &mut samplers, job)
         }));
+        progress.step_ended(tokens, token_by_token);
         let output = match stepped {
             Ok(Ok(Stepped::Hidden(hidden, sample))) => StageOutput::Next {
                 sequence,
                 position,
                 hidden,
                 sample,
+                token_by_token,
                 route,
             },
             Ok(Ok(Stepped::Result(result))) => StageOutput::Done { route, result },
@@ -194,26 +407,43 @@ enum Stepped {
     Result(StageResult),
 }
 
-fn step(
-    shard: &mut Shard,
-    samplers: &mut HashMap<SequenceId, Sampler>,
+/// A forward job's work, without its route.
+struct Job {
     sequence: SequenceId,
     position: usize,
     input: ShardInput,
     sample: Sample,
+    token_by_token: bool,
+}
+
+fn step(
+    shard: &mut Shard,
+    samplers: &mut HashMap<SequenceId, Sampler>,
+    job: Job,
 ) -> Result<Stepped, String> {
+    let Job {
+        sequence,
+        position,
+        input,
+        sample,
+        token_by_token,
+    } = job;
     let range: LayerRange = shard.range();
-    let logits = match shard
-        .forward(sequence, position, input)
-        .map_err(|e| e.to_string())?
-    {
+    let output = if token_by_token {
+        forward_token_by_token(shard, sequence, position, input)?
+    } else {
+        shard
+            .forward(sequence, position, input)
+            .map_err(|e| e.to_string())?
+    };
+    let logits = match output {
         ShardOutput::Hidden(hidden) => return Ok(Stepped::Hidden(hidden, sample)),
         ShardOutput::Logits(logits) => logits,
     };
     let sampler = match sample {
         Sample::No => return Ok(Stepped::Result(StageResult::ChunkDone { sequence })),
-        Sample::Start(params) => {
-            let sampler = Sampler::new(&params).map_err(|e| e.to_string())?;
+        Sample::Start { params, drawn } => {
+            let sampler = Sampler::resume(&params, drawn).map_err(|e| e.to_string())?;
             samplers.entry(sequence).insert_entry(sampler).into_mut()
         }
         Sample::Continue => samplers
@@ -222,4 +452,45 @@ fn step(
     };
     let token = sampler.sample(&logits).map_err(|e| e.to_string())?;
     Ok(Stepped::Result(StageResult::Token { sequence, token }))
+}
+
+/// Runs each token of `input` as a one-token step, as decoding ran them:
+/// the hidden states of all of them (for the next stage), or the logits
+/// after the last.
+fn forward_token_by_token(
+    shard: &mut Shard,
+    sequence: SequenceId,
+    position: usize,
+    input: ShardInput,
+) -> Result<ShardOutput, String> {
+    let rows: Vec<ShardInput> = match input {
+        ShardInput::Tokens(tokens) => tokens
+            .into_iter()
+            .map(|t| ShardInput::Tokens(vec![t]))
+            .collect(),
+        ShardInput::Hidden(hidden) => {
+            let n = hidden.dim(0).map_err(|e| e.to_string())?;
+            (0..n)
+                .map(|i| hidden.narrow(0, i, 1).map(ShardInput::Hidden))
+                .collect::<Result<_, _>>()
+                .map_err(|e| e.to_string())?
+        }
+    };
+    let mut hidden = Vec::with_capacity(rows.len());
+    let mut last = None;
+    for (i, row) in rows.into_iter().enumerate() {
+        match shard
+            .forward(sequence, position + i, row)
+            .map_err(|e| e.to_string())?
+        {
+            ShardOutput::Hidden(h) => hidden.push(h),
+            logits @ ShardOutput::Logits(_) => last = Some(logits),
+        }
+    }
+    if let Some(logits) = last {
+        return Ok(logits);
+    }
+    Tensor::cat(&hidden, 0)
+        .map(ShardOutput::Hidden)
+        .map_err(|e| e.to_string())
 }

@@ -238,6 +238,16 @@ impl Node {
         let _ = self.child.wait();
     }
 
+    /// Sends the process a signal (`STOP`, `CONT`, ...) with `kill`.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
     /// True while the process runs.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -585,20 +595,29 @@ pub async fn start_stream(
     max_tokens: u32,
     events: usize,
 ) -> (TcpStream, Vec<u8>) {
-    let body = chat_body(prompt, max_tokens, true);
+    let mut stream = send_chat(addr, &chat_body(prompt, max_tokens, true)).await;
+    let mut seen = Vec::new();
+    read_content_events(&mut stream, &mut seen, events).await;
+    (stream, seen)
+}
+
+/// Sends a chat completion request with `body` on a raw socket, for the
+/// caller to read the answer as it comes.
+pub async fn send_chat(addr: SocketAddr, body: &str) -> TcpStream {
     let raw = format!(
         "POST /v1/chat/completions HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     stream.write_all(raw.as_bytes()).await.expect("send");
-    let mut seen = Vec::new();
+    stream
+}
+
+/// Reads a streamed answer into `seen` until it holds `events` content
+/// chunks.
+pub async fn read_content_events(stream: &mut TcpStream, seen: &mut Vec<u8>, events: usize) {
     let mut buf = [0u8; 4096];
-    while String::from_utf8_lossy(&seen)
-        .matches("\"content\"")
-        .count()
-        < events
-    {
+    while String::from_utf8_lossy(seen).matches("\"content\"").count() < events {
         let n = tokio::time::timeout(REQUEST_TIMEOUT, stream.read(&mut buf))
             .await
             .expect("tokens in time")
@@ -606,11 +625,10 @@ pub async fn start_stream(
         assert!(
             n > 0,
             "the stream ended early: {}",
-            String::from_utf8_lossy(&seen)
+            String::from_utf8_lossy(seen)
         );
         seen.extend_from_slice(&buf[..n]);
     }
-    (stream, seen)
 }
 
 /// Reads what is left of `stream` until the node closes it.

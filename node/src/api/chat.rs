@@ -23,7 +23,7 @@ use super::error::ApiError;
 use super::{AppState, ServedModel};
 use crate::engine::{FinishReason, GenerationRequest};
 use crate::limits::{
-    MAX_MESSAGES, MAX_STOP_SEQUENCE_BYTES, MAX_STOP_SEQUENCES, PLAN_WAIT_SECS, SSE_KEEP_ALIVE_SECS,
+    MAX_MESSAGES, MAX_STOP_SEQUENCE_BYTES, MAX_STOP_SEQUENCES, SSE_KEEP_ALIVE_SECS,
 };
 use crate::text::{TextEvent, TextStream};
 
@@ -41,9 +41,10 @@ pub(crate) struct PreparedChat {
     pub include_usage: bool,
 }
 
-/// Waits, at most [`PLAN_WAIT_SECS`], until the cluster has an active
-/// plan: a request that arrives while a plan loads is served when it is
-/// ready rather than refused at once.
+/// Waits, at most `--recovery-wait`, until the cluster has an active
+/// plan: a request that arrives while a plan loads, or while the cluster
+/// recovers from a lost node, is served when it is ready rather than
+/// refused at once.
 async fn wait_for_plan(cluster: &crate::cluster::ClusterHandle) -> Result<(), ApiError> {
     let mut views = cluster.watch();
     let ready = async {
@@ -52,12 +53,14 @@ async fn wait_for_plan(cluster: &crate::cluster::ClusterHandle) -> Result<(), Ap
             .await
             .is_ok()
     };
-    match tokio::time::timeout(Duration::from_secs(PLAN_WAIT_SECS), ready).await {
+    let wait = cluster.recovery_wait();
+    match tokio::time::timeout(wait, ready).await {
         Ok(true) => Ok(()),
         _ => Err(ApiError::ClusterNotReady {
             reason: format!(
-                "{} (waited {PLAN_WAIT_SECS} s)",
-                cluster.view().not_ready_reason()
+                "{} (waited {} s, --recovery-wait)",
+                cluster.view().not_ready_reason(),
+                wait.as_secs()
             ),
         }),
     }

@@ -175,7 +175,8 @@ async fn get_model(
 
 /// Readiness: 200 once this node can serve a chat (its cluster has an
 /// active plan), 503 with the reason before (the plan still loading, no
-/// plan) and once its engine has stopped, as llama.cpp's server answers
+/// plan), once its engine has stopped, and once its own stage was lost (its
+/// thread died or stopped making progress), as llama.cpp's server answers
 /// while it loads; a script that waits for 200 gets no 503 on its first
 /// request.
 async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
@@ -189,6 +190,12 @@ async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<serde_json:
     } else {
         state.cluster.as_ref().and_then(|cluster| {
             let view = cluster.view();
+            if let Some(error) = &view.stage_error {
+                return Some((
+                    "stage_lost",
+                    format!("this node's stage was lost ({error}); it serves no layers until it is restarted"),
+                ));
+            }
             view.active_plan()
                 .is_none()
                 .then(|| ("loading", view.not_ready_reason()))

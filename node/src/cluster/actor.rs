@@ -27,6 +27,8 @@ use super::membership::{Membership, Myself};
 use super::planning::Planning;
 use super::policy_sync::PolicySync;
 use super::protocol::{Frame, Hello, ModelIdentity};
+use super::recovery::Recoveries;
+use super::routing;
 use super::routing::Routing;
 use super::secure::LinkKeys;
 use super::status::LocalStatus;
@@ -34,7 +36,9 @@ use super::view::Parts;
 use super::{ClusterConfig, ClusterEvent, ClusterView};
 use crate::engine::PipelineEnds;
 use crate::hub::HubFiles;
-use crate::limits::{MAX_MODEL_NAME_BYTES, NODE_STATUS_INTERVAL_MS, REDIAL_INTERVAL_MS};
+use crate::limits::{
+    MAX_MODEL_NAME_BYTES, NODE_STATUS_INTERVAL_MS, REDIAL_INTERVAL_MS, WATCHDOG_INTERVAL_MS,
+};
 use crate::model_store::Downloads;
 use crate::policy::{self, Faults, PolicyHandle, StageLoad};
 use crate::stage::{StageJob, StageResult};
@@ -61,6 +65,14 @@ pub(super) struct Cluster {
     admin: Option<AdminKey>,
     planning: Planning,
     routing: Routing,
+    /// Losses of the plan's nodes and the recoveries from them.
+    recoveries: Recoveries,
+    /// How long interrupted requests wait for a new plan (`--recovery-wait`).
+    recovery_wait: Duration,
+    /// A fault a test asked this node's stage to have.
+    stage_fault: Option<crate::stage::TestFault>,
+    /// When the watchdog last ran, to notice that this process was frozen.
+    last_watchdog: Instant,
     policy_sync: PolicySync,
     local: LocalStatus,
     /// The mDNS advertisement and browser, withdrawn when the actor ends.
@@ -119,6 +131,7 @@ impl Cluster {
             resources: config.resources,
             identity,
             serving_since_ms: None,
+            stage_lost: None,
         };
         Self {
             membership: Membership::new(myself, config.peers),
@@ -133,6 +146,10 @@ impl Cluster {
             admin: config.admin_token.as_deref().map(AdminKey::from_token),
             planning: Planning::new(),
             routing: Routing::default(),
+            recoveries: Recoveries::default(),
+            recovery_wait: config.recovery_wait,
+            stage_fault: config.stage_fault,
+            last_watchdog: Instant::now(),
             policy_sync: PolicySync::new(config.policy.built_in().clone()),
             local,
             _discovery: discovery,
@@ -174,6 +191,8 @@ impl Cluster {
         self.publish();
         let mut redial = tokio::time::interval(Duration::from_millis(REDIAL_INTERVAL_MS));
         let mut status = tokio::time::interval(Duration::from_millis(NODE_STATUS_INTERVAL_MS));
+        let mut watchdog = tokio::time::interval(Duration::from_millis(WATCHDOG_INTERVAL_MS));
+        watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let replan = self.planning.replan_at;
             // Whether the view may have changed: not for the frames and
@@ -203,6 +222,7 @@ impl Cluster {
                     self.send_status();
                     changed
                 }
+                _ = watchdog.tick() => self.watchdog(),
                 Some(fault) = self.policy_faults.recv() => {
                     self.on_policy_fault(fault);
                     false
@@ -252,6 +272,7 @@ impl Cluster {
             }
             ClusterEvent::LinkDown { node, link, reason } => self.link_down(node, link, &reason),
             ClusterEvent::LinkRtt { node, rtt_micros } => {
+                self.membership.heard_from(node);
                 self.membership.record_rtt(node, rtt_micros);
                 true
             }
@@ -315,7 +336,10 @@ impl Cluster {
                 self.policy_installed(revision, wasm, result, warning, proof, reply);
                 true
             }
-            ClusterEvent::Frame { from, frame } => self.on_frame(from, frame),
+            ClusterEvent::Frame { from, frame } => {
+                self.membership.heard_from(from);
+                self.on_frame(from, frame)
+            }
             ClusterEvent::FromStage(output) => {
                 self.on_stage_output(output);
                 false
@@ -407,27 +431,193 @@ impl Cluster {
     }
 
     /// A link closed: membership drops the peer, policy sync forgets its
-    /// transfer, the requests it broke fail, the sequences it owned here
-    /// are released, and planning re-plans.
+    /// transfer, the requests it broke wait for a new plan, the sequences
+    /// it owned here are released, and planning re-plans.
     fn link_down(&mut self, node: NodeId, link: LinkId, reason: &str) -> bool {
         let Some(member) = self.membership.remove(node, link) else {
             return false; // a replaced duplicate link closing
         };
         tracing::info!(node = %node, address = %member.address, %reason, "peer {} left", member.hello.name);
         self.policy_sync.forget(node);
-        // Requests owned here cannot finish if the peer held a stage.
-        if self.planning.in_plan(node) {
-            let message = format!(
-                "node {} ({node}) left the cluster: {reason}",
-                member.hello.name
-            );
-            self.fail_owned(&message);
-            self.planning.lost_stage(format!("{message}; re-planning"));
-        }
         for sequence in self.routing.orphans_of(node) {
             self.release_on_stage(sequence);
         }
-        self.planning.replan_soon();
+        if self.planning.in_plan(node) {
+            self.lost_plan_node(node, member.hello.name, reason.to_string());
+        } else {
+            self.planning.replan_soon();
+        }
+        true
+    }
+
+    /// A node holding a stage of the plan is lost: requests owned here
+    /// that ran on the plan wait for the next one, and the leader plans
+    /// at once on the nodes left (nothing runs on a broken plan, so there
+    /// is nothing to wait for).
+    fn lost_plan_node(&mut self, node: NodeId, name: String, reason: String) {
+        let Some(plan) = self.planning.plan.as_ref() else {
+            return;
+        };
+        let (epoch, layers) = (
+            plan.message.epoch,
+            plan.stage_of(node).map(|(_, layers)| layers.to_string()),
+        );
+        let Some(layers) = layers else {
+            return;
+        };
+        let interrupted = self.routing.interrupt_running();
+        tracing::warn!(
+            node = %node,
+            epoch = epoch.0,
+            %layers,
+            interrupted,
+            "lost node {name}, which held layers {layers}: {reason}; re-planning on the nodes left, {interrupted} requests of this node wait"
+        );
+        self.planning.lost_stage(format!(
+            "node {name} ({node}) was lost: {reason}; re-planning"
+        ));
+        self.recoveries.lost(node, name, reason, interrupted);
+        self.planning.replan_now();
+    }
+
+    /// Runs every [`WATCHDOG_INTERVAL_MS`]: this node's stage, the peers
+    /// of the plan while requests of this node run through them, and the
+    /// requests waiting for a plan; true when the view may have changed.
+    fn watchdog(&mut self) -> bool {
+        // A tick far later than due means this process (or its machine)
+        // was frozen (a stopped process, a suspended laptop): nothing here
+        // could run, so neither its own stage nor its peers' silence is
+        // judged on that time.
+        let gap = self.last_watchdog.elapsed();
+        self.last_watchdog = Instant::now();
+        if gap > Duration::from_millis(4 * WATCHDOG_INTERVAL_MS) {
+            tracing::warn!(
+                gap_ms = gap.as_millis() as u64,
+                "this node was frozen for {} ms (stopped or suspended); restarting its progress clocks",
+                gap.as_millis()
+            );
+            if let Some(stage) = &self.planning.local_stage {
+                stage.progress.restart_clock();
+            }
+            self.membership.heard_from_all();
+            return false;
+        }
+        let mut changed = false;
+        // This node's stage: a dead thread, or a step far slower than its
+        // measured steps of that size.
+        let stalled = self
+            .planning
+            .local_stage
+            .as_ref()
+            .and_then(|stage| stage.progress.stalled().map(|reason| (stage.epoch, reason)));
+        if let Some((epoch, reason)) = stalled {
+            self.own_stage_lost(epoch, reason);
+            changed = true;
+        }
+        // Peers of the plan that fell silent while they carry our requests
+        // (a stopped process, a frozen machine, a cable pulled): each node
+        // that sees the silence closes its link, so all of them re-plan.
+        if self.routing.owns_running() {
+            let nodes = self.planning.stage_nodes();
+            let largest = self.largest_activation_frame();
+            for (node, silent) in self.membership.silent_peers(&nodes, largest) {
+                tracing::warn!(node = %node, silent_ms = silent.as_millis() as u64, "node {} holds a stage of the plan and has sent nothing for {} ms, not even a heartbeat's answer; counting it as lost", self.membership.name_of(node), silent.as_millis());
+                self.membership.broadcast(&Frame::PeerSilent { node });
+                self.membership.close_link(node);
+            }
+        }
+        changed | self.expire_interrupted()
+    }
+
+    /// The largest activation frame a link carries: a prompt chunk's
+    /// hidden states.
+    fn largest_activation_frame(&self) -> u64 {
+        (crate::limits::PREFILL_CHUNK_TOKENS * self.model.config().hidden_size * 4) as u64
+    }
+
+    /// This node's stage thread died or stopped making progress: the
+    /// stage is lost here and everywhere (peers treat it as if the node
+    /// had left), and this node takes no layers until it restarts.
+    pub(super) fn own_stage_lost(&mut self, epoch: super::protocol::Epoch, reason: String) {
+        tracing::error!(epoch = epoch.0, %reason, "this node's stage is lost: {reason}; the cluster plans without it (restart this node to give it layers again)");
+        self.membership.me.stage_lost = Some(reason.clone());
+        self.planning.local_stage = None;
+        self.membership.broadcast(&Frame::StageLost {
+            epoch,
+            reason: reason.clone(),
+        });
+        let (me, name) = (self.me(), self.membership.me.name.clone());
+        self.lost_plan_node(me, name, format!("its stage {reason}"));
+    }
+
+    /// A peer says its stage of plan `epoch` was lost.
+    fn peer_stage_lost(&mut self, from: NodeId, epoch: super::protocol::Epoch, reason: &str) {
+        let current = self
+            .planning
+            .plan
+            .as_ref()
+            .is_some_and(|p| p.message.epoch == epoch);
+        self.membership.stage_lost(from, reason);
+        if current {
+            let name = self.membership.name_of(from);
+            self.lost_plan_node(from, name, format!("its stage {reason}"));
+        } else {
+            self.planning.replan_soon();
+        }
+    }
+
+    /// A peer counted `node` as lost for silence: if this node has not
+    /// heard from it for a while either, it closes its link too, so the
+    /// leader and every owner re-plan; if it has, the silence was only
+    /// between those two and the link here stays.
+    fn peer_silent(&mut self, from: NodeId, node: NodeId) {
+        let largest = self.largest_activation_frame();
+        if node == self.me() {
+            return;
+        }
+        if let Some((_, silent)) = self
+            .membership
+            .silent_peers(&[node], largest)
+            .into_iter()
+            .next()
+        {
+            tracing::warn!(node = %node, silent_ms = silent.as_millis() as u64, "node {} says node {} fell silent, and it has been silent here too; counting it as lost", self.membership.name_of(from), self.membership.name_of(node));
+            self.membership.close_link(node);
+        }
+    }
+
+    /// Fails the interrupted requests that waited longer than
+    /// `--recovery-wait` for a plan, unless one is loading (loading is
+    /// progress); true when some failed.
+    fn expire_interrupted(&mut self) -> bool {
+        let Some(since) = self.routing.interrupted_since() else {
+            return false;
+        };
+        if since.elapsed() < self.recovery_wait || self.planning.loading() {
+            return false;
+        }
+        let expired = self.routing.take_expired(self.recovery_wait);
+        if expired.is_empty() {
+            return false;
+        }
+        let lost = self
+            .recoveries
+            .describe_current()
+            .unwrap_or_else(|| "the cluster has no plan".into());
+        let shortfall = self
+            .planning
+            .error
+            .clone()
+            .unwrap_or_else(|| "no plan was made".into());
+        let message = format!(
+            "{lost}, and the nodes left cannot hold the model: {shortfall}; waited {} s (--recovery-wait) for a node to join or return",
+            self.recovery_wait.as_secs()
+        );
+        tracing::error!(requests = expired.len(), "{message}");
+        self.recoveries.failed(expired.len(), message.clone());
+        for sequence in expired {
+            self.deliver_failure(sequence, message.clone());
+        }
         true
     }
 
@@ -487,9 +677,25 @@ impl Cluster {
                 false
             }
             frame @ (Frame::Token { .. } | Frame::ChunkDone { .. } | Frame::Failed { .. }) => {
-                if let Ok(result) = StageResult::try_from(frame) {
-                    self.deliver_to_coordinator(result);
+                if let Some((result, epoch)) = routing::frame_result(frame) {
+                    self.deliver_to_coordinator(result, epoch);
                 }
+                false
+            }
+            Frame::Interrupted {
+                request,
+                epoch,
+                reason,
+            } => {
+                self.interrupt_owned(request, epoch, &reason);
+                false
+            }
+            Frame::StageLost { epoch, reason } => {
+                self.peer_stage_lost(from, epoch, &reason);
+                true
+            }
+            Frame::PeerSilent { node } => {
+                self.peer_silent(from, node);
                 false
             }
             Frame::Release { request } => {
@@ -594,6 +800,7 @@ impl Cluster {
             policy: &self.policy_sync.status,
             local: &self.local.figures,
             in_flight: self.routing.in_flight(),
+            recoveries: self.recoveries.recent(),
         }
         .build();
         self.view.send_if_modified(|current| {

@@ -321,6 +321,8 @@ async fn read_loop(
         let frame = match tokio::time::timeout(silence, reader.read_frame_timed()).await {
             Err(_) => return format!("no frame for {HEARTBEAT_TIMEOUT_MS} ms"),
             Ok(Err(FrameError::Closed)) => return "the connection closed".into(),
+            // The peer's process died or its machine went away.
+            Ok(Err(FrameError::Io(error))) => return format!("the connection failed: {error}"),
             Ok(Err(error @ FrameError::Unauthentic)) => {
                 tracing::warn!(peer = %peer, %error, "closing a link after a frame that failed authentication");
                 return format!("a frame failed authentication: {error}");

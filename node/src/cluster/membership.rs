@@ -14,7 +14,7 @@ use super::protocol::{
     Frame, Hello, LinkMeasurement, ModelIdentity, NodeStatus, PROTOCOL_VERSION, PeerAddress,
     Resources,
 };
-use crate::limits::{MAX_NODES, MAX_REFUSED_PEERS};
+use crate::limits::{HEARTBEAT_INTERVAL_MS, MAX_NODES, MAX_REFUSED_PEERS, PEER_SILENCE_HEARTBEATS};
 use crate::policy;
 
 /// A node we are linked to.
@@ -30,6 +30,11 @@ pub(super) struct Member {
     pub bandwidth: Option<u64>,
     /// Its last report of its links and its stage's load.
     pub status: Option<NodeStatus>,
+    /// When it last sent anything (a frame, a heartbeat's answer).
+    pub heard_at: std::time::Instant,
+    /// Why its stage was lost while it stayed linked (it stopped making
+    /// progress): it is given no layers until it links again.
+    pub stage_lost: Option<String>,
 }
 
 impl Member {
@@ -52,6 +57,9 @@ pub(super) struct Myself {
     pub identity: ModelIdentity,
     /// When this node first served in an active plan (unix ms).
     pub serving_since_ms: Option<u64>,
+    /// Why this node's own stage was lost (its thread stopped or stopped
+    /// making progress): it takes no layers until it restarts.
+    pub stage_lost: Option<String>,
 }
 
 /// Why a link was not kept.
@@ -274,6 +282,8 @@ impl Membership {
                 rtt_micros: None,
                 bandwidth: None,
                 status: None,
+                heard_at: std::time::Instant::now(),
+                stage_lost: None,
             },
         );
         Ok(())
@@ -324,6 +334,66 @@ impl Membership {
         }
     }
 
+    /// `node` sent something: it is alive.
+    pub fn heard_from(&mut self, node: NodeId) {
+        if let Some(member) = self.members.get_mut(&node) {
+            member.heard_at = std::time::Instant::now();
+        }
+    }
+
+    /// This node was frozen: what it did not hear meanwhile says nothing
+    /// of its peers, so their silence counts from now.
+    pub fn heard_from_all(&mut self) {
+        let now = std::time::Instant::now();
+        for member in self.members.values_mut() {
+            member.heard_at = now;
+        }
+    }
+
+    /// Of `nodes`, the peers that have sent nothing for longer than
+    /// [`PEER_SILENCE_HEARTBEATS`] heartbeats plus the time their link
+    /// takes to carry `largest_frame_bytes` at its measured bandwidth (a
+    /// heartbeat's answer may queue behind such a frame); how long each
+    /// has been silent. A link whose bandwidth is unknown is left to its
+    /// own heartbeat timeout.
+    pub fn silent_peers(
+        &self,
+        nodes: &[NodeId],
+        largest_frame_bytes: u64,
+    ) -> Vec<(NodeId, std::time::Duration)> {
+        nodes
+            .iter()
+            .filter_map(|node| {
+                let member = self.members.get(node)?;
+                let bandwidth = member.bandwidth.filter(|b| *b > 0)?;
+                let carry = std::time::Duration::from_secs_f64(
+                    largest_frame_bytes as f64 / bandwidth as f64,
+                );
+                let limit = std::time::Duration::from_millis(
+                    HEARTBEAT_INTERVAL_MS * PEER_SILENCE_HEARTBEATS,
+                ) + carry;
+                let silent = member.heard_at.elapsed();
+                (silent > limit).then_some((*node, silent))
+            })
+            .collect()
+    }
+
+    /// Closes the link to `node` (it is lost); its departure follows as a
+    /// link going down.
+    pub fn close_link(&self, node: NodeId) {
+        if let Some(member) = self.members.get(&node) {
+            member.link.close();
+        }
+    }
+
+    /// `node`'s stage was lost while it stays linked: no layers for it
+    /// until it links again.
+    pub fn stage_lost(&mut self, node: NodeId, reason: &str) {
+        if let Some(member) = self.members.get_mut(&node) {
+            member.stage_lost = Some(reason.to_string());
+        }
+    }
+
     pub fn record_rtt(&mut self, node: NodeId, rtt_micros: u64) {
         if let Some(member) = self.members.get_mut(&node) {
             member.rtt_micros = Some(rtt_micros);
@@ -364,11 +434,14 @@ impl Membership {
             memory_budget_bytes: resources.memory_budget_bytes,
             compute_score: resources.compute_score,
         };
-        let mut nodes = vec![node(self.me.id, &self.me.name, &self.me.resources)];
+        let mut nodes = Vec::new();
+        if self.me.stage_lost.is_none() {
+            nodes.push(node(self.me.id, &self.me.name, &self.me.resources));
+        }
         nodes.extend(
             self.members
                 .values()
-                .filter(|m| m.serves(&self.me.identity))
+                .filter(|m| m.serves(&self.me.identity) && m.stage_lost.is_none())
                 .map(|m| node(m.hello.node, &m.hello.name, &m.hello.resources)),
         );
         nodes.sort_by_key(|n| n.id);
@@ -536,6 +609,7 @@ mod tests {
             resources: resources(),
             identity: identity("sha256:a"),
             serving_since_ms: None,
+            stage_lost: None,
         };
         Membership::new(myself, vec!["10.0.0.9:52415".into()])
     }

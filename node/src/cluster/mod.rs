@@ -21,8 +21,12 @@
 //! scheduling policy (a Wasm component, see [`crate::policy`]) for a
 //! placement, sends the checked plan (with a higher epoch) to every node,
 //! waits until each has loaded its layers, and then declares the plan
-//! active. Requests only run on an active plan; a request caught by a
-//! change fails with a clear error.
+//! active. Requests only run on an active plan. A request caught by a
+//! change of plan (a node of the plan lost: its link closed, it fell
+//! silent, or its stage stopped making progress; or a re-plan) is not
+//! failed: its owner keeps its history and feeds it again once a new plan
+//! is active ([`recovery`] records each such loss); only when no plan
+//! comes within `--recovery-wait` does it fail, naming the lost node.
 //!
 //! The policy is the same on every node: a change (an upload, a return to
 //! the built-in one, a fallback after a failure) gets a
@@ -42,6 +46,7 @@ mod membership;
 mod planning;
 mod policy_sync;
 pub mod protocol;
+mod recovery;
 pub mod resources;
 mod routing;
 pub mod secure;
@@ -123,6 +128,10 @@ pub struct ClusterConfig {
     pub stage_loads: watch::Sender<Vec<StageLoad>>,
     /// Opens another model when the cluster switches.
     pub open_model: ModelOpener,
+    /// How long requests interrupted by a lost node wait for a new plan.
+    pub recovery_wait: std::time::Duration,
+    /// A fault a test asked this node's stage to have.
+    pub stage_fault: Option<crate::stage::TestFault>,
 }
 
 /// A rotation of the cluster secret that happened.
@@ -153,6 +162,7 @@ pub enum SetPolicyError {
 pub struct ClusterHandle {
     events: mpsc::Sender<ClusterEvent>,
     view: watch::Receiver<ClusterView>,
+    recovery_wait: std::time::Duration,
 }
 
 impl std::fmt::Debug for ClusterHandle {
@@ -165,6 +175,11 @@ impl ClusterHandle {
     /// The cluster as this node sees it now.
     pub fn view(&self) -> ClusterView {
         self.view.borrow().clone()
+    }
+
+    /// How long a request waits for a plan (`--recovery-wait`).
+    pub fn recovery_wait(&self) -> std::time::Duration {
+        self.recovery_wait
     }
 
     /// A receiver to wait for changes of the view.
@@ -259,6 +274,7 @@ pub fn start(
 ) -> ClusterHandle {
     let (events_tx, events_rx) = mpsc::channel(CLUSTER_EVENT_QUEUE_LEN);
     let (view_tx, view_rx) = watch::channel(ClusterView::default());
+    let recovery_wait = config.recovery_wait;
     let discovery = config.mdns.then(|| {
         let advert = discovery::Advertisement {
             node: config.me,
@@ -282,6 +298,7 @@ pub fn start(
     ClusterHandle {
         events: events_tx,
         view: view_rx,
+        recovery_wait,
     }
 }
 
@@ -291,7 +308,8 @@ pub fn start(
 
 // The HTTP API's JSON types, defined once for the node and the dashboard.
 pub use api_types::{
-    ClusterView, LinkView, NodeView, NotJoinedView, PlanState, PlanView, PolicyStatus, StageView,
+    ClusterView, LinkView, NodeView, NotJoinedView, PlanState, PlanView, PolicyStatus,
+    RecoveryView, StageView,
 };
 
 /// A node's id as the view writes it (the same number, 16 hex digits).

@@ -42,6 +42,8 @@ pub(super) struct LocalStage {
     pub index: usize,
     pub jobs: mpsc::Sender<StageJob<Route>>,
     pub weight_bytes: u64,
+    /// How its thread is doing, for the watchdog.
+    pub progress: std::sync::Arc<crate::stage::StageProgress>,
 }
 
 /// What to do with a plan from the leader.
@@ -106,6 +108,18 @@ impl Planning {
     pub fn replan_soon(&mut self) {
         self.replan_at = Some(Instant::now() + Duration::from_millis(PLAN_SETTLE_MS));
         self.placement += 1;
+    }
+
+    /// A node of the plan was lost: plan at once (no settling: the plan
+    /// is broken and requests wait for the next one).
+    pub fn replan_now(&mut self) {
+        self.replan_at = Some(Instant::now());
+        self.placement += 1;
+    }
+
+    /// A plan was adopted and is loading, without a failure so far.
+    pub fn loading(&self) -> bool {
+        self.plan.as_ref().is_some_and(|p| !p.active) && self.error.is_none()
     }
 
     /// The re-plan timer fired: the generation of a placement to ask the

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Bumped whenever frames change incompatibly; peers must match exactly.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// The HTTP `Upgrade` token of a link.
 pub const UPGRADE_TOKEN: &str = "ringlet-link";
@@ -121,6 +121,9 @@ pub struct ForwardFrame {
     pub position: u32,
     pub payload: Payload,
     pub sample: Sample,
+    /// Run each token as a step of its own (a resumed request's generated
+    /// tokens, replayed as they were decoded).
+    pub token_by_token: bool,
 }
 
 /// Orders policy changes across the cluster: a higher revision replaces a
@@ -214,19 +217,45 @@ pub enum Frame {
         since_ms: u64,
     },
     Forward(ForwardFrame),
-    /// From the last stage to the owner.
+    /// From the last stage to the owner. Results carry the epoch of the
+    /// plan the job ran on, so that the owner of a request resumed on a
+    /// newer plan drops what the old one still sends.
     Token {
         request: SequenceId,
+        epoch: Epoch,
         token: u32,
     },
     /// A prompt chunk went through every stage; the owner sends the next.
     ChunkDone {
         request: SequenceId,
+        epoch: Epoch,
     },
-    /// From any stage to the owner.
+    /// From any stage to the owner: the request cannot go on.
     Failed {
         request: SequenceId,
+        epoch: Epoch,
         error: String,
+    },
+    /// From any node to the owner: the job could not go on because the plan
+    /// it ran on is gone here (a stage's node left, or a new plan came);
+    /// the owner replays the request once a new plan is active.
+    Interrupted {
+        request: SequenceId,
+        epoch: Epoch,
+        reason: String,
+    },
+    /// The sender's stage of plan `epoch` stopped making progress or its
+    /// thread ended: every node treats it as lost, as if the node had left,
+    /// and the leader plans without it.
+    StageLost {
+        epoch: Epoch,
+        reason: String,
+    },
+    /// The sender has heard nothing from `node`, a stage of the plan, for
+    /// far longer than its heartbeats allow, and closed its link: a node
+    /// that has not heard from it either closes its link too.
+    PeerSilent {
+        node: NodeId,
     },
     /// From the owner to every stage: forget the request.
     Release {
@@ -294,6 +323,9 @@ impl Frame {
             Frame::Token { .. } => "token",
             Frame::ChunkDone { .. } => "chunk-done",
             Frame::Failed { .. } => "failed",
+            Frame::Interrupted { .. } => "interrupted",
+            Frame::StageLost { .. } => "stage-lost",
+            Frame::PeerSilent { .. } => "peer-silent",
             Frame::Release { .. } => "release",
             Frame::Bye { .. } => "bye",
             Frame::Probe { .. } => "probe",
@@ -458,12 +490,27 @@ mod tests {
                     dtype: WireDType::F32,
                     data: vec![0; 16],
                 },
-                sample: Sample::Start(SamplingParams::greedy()),
+                sample: Sample::Start {
+                    params: SamplingParams::greedy(),
+                    drawn: 3,
+                },
+                token_by_token: true,
             }),
             Frame::Token {
                 request: SequenceId(5),
+                epoch: Epoch(3),
                 token: 42,
             },
+            Frame::Interrupted {
+                request: SequenceId(5),
+                epoch: Epoch(3),
+                reason: "node b left".into(),
+            },
+            Frame::StageLost {
+                epoch: Epoch(3),
+                reason: "its stage thread stopped".into(),
+            },
+            Frame::PeerSilent { node: NodeId(8) },
             Frame::Bye {
                 reason: "shutting down".into(),
             },
@@ -552,6 +599,7 @@ mod tests {
     async fn bad_input_is_an_error_value() {
         let good = encode(&Frame::Token {
             request: SequenceId(1),
+            epoch: Epoch(1),
             token: 2,
         })
         .expect("encode");

@@ -2,7 +2,8 @@
 //! where a job goes next, and the conversions between stage jobs and
 //! results and their frames on the wire (each written once).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+use std::time::Instant;
 
 use kernels::{SequenceId, ShardInput, Tensor};
 use scheduler::NodeId;
@@ -40,20 +41,39 @@ impl Route {
     }
 }
 
+/// Where a request owned here stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Owned {
+    /// Its job runs on the plan of this epoch; results of other plans are
+    /// late and dropped.
+    Running(Epoch),
+    /// Its plan was lost (since then): it waits for a new one, to be fed
+    /// again from the start.
+    Interrupted { since: Instant },
+    /// A new plan is active and the coordinator was told to feed it again;
+    /// its next job (from position 0) runs on that plan.
+    Resuming,
+}
+
 /// Requests this node owns and requests its stage hosts.
 #[derive(Default)]
 pub(super) struct Routing {
-    /// Requests owned here that are in flight, to fail them if a stage dies.
-    owned: HashSet<SequenceId>,
+    /// Requests owned here that the coordinator runs.
+    owned: HashMap<SequenceId, Owned>,
     /// Sequences on this node's stage and their owners, to release them if
     /// the owner dies.
     hosted: HashMap<SequenceId, NodeId>,
 }
 
 impl Routing {
-    /// A request owned here starts its first job.
-    pub fn own(&mut self, sequence: SequenceId) {
-        self.owned.insert(sequence);
+    /// Where a request owned here stands, if it is one.
+    pub fn owned(&self, sequence: SequenceId) -> Option<Owned> {
+        self.owned.get(&sequence).copied()
+    }
+
+    /// A request owned here runs its next job on plan `epoch`.
+    pub fn run(&mut self, sequence: SequenceId, epoch: Epoch) {
+        self.owned.insert(sequence, Owned::Running(epoch));
     }
 
     /// The owner released a request it owns.
@@ -61,22 +81,93 @@ impl Routing {
         self.owned.remove(&sequence);
     }
 
-    /// Every request owned here, which fail together (their plan is gone).
-    pub fn drain_owned(&mut self) -> Vec<SequenceId> {
-        self.owned.drain().collect()
+    /// A request owned here lost its plan (or never had one): it waits.
+    /// True if it was running until now.
+    pub fn interrupt(&mut self, sequence: SequenceId) -> bool {
+        let state = self.owned.entry(sequence).or_insert(Owned::Interrupted {
+            since: Instant::now(),
+        });
+        match *state {
+            Owned::Interrupted { .. } => false,
+            Owned::Running(_) | Owned::Resuming => {
+                *state = Owned::Interrupted {
+                    since: Instant::now(),
+                };
+                true
+            }
+        }
     }
 
-    /// A result for a request owned here, to hand to the coordinator, or
-    /// `None` for a late result of a request already ended. A failure ends
-    /// the request here.
-    pub fn deliver(&mut self, result: StageResult) -> Option<StageResult> {
-        let sequence = result.sequence();
-        let failed = matches!(result, StageResult::Failed { .. });
-        if failed {
-            self.owned.remove(&sequence);
-            return Some(result);
+    /// Every request running here lost its plan; how many did.
+    pub fn interrupt_running(&mut self) -> usize {
+        let now = Instant::now();
+        let mut count = 0;
+        for state in self.owned.values_mut() {
+            if matches!(state, Owned::Running(_) | Owned::Resuming) {
+                *state = Owned::Interrupted { since: now };
+                count += 1;
+            }
         }
-        self.owned.contains(&sequence).then_some(result)
+        count
+    }
+
+    /// A plan is active: the interrupted requests, now to be fed again.
+    pub fn resume_interrupted(&mut self) -> Vec<SequenceId> {
+        let mut resumed = Vec::new();
+        for (sequence, state) in &mut self.owned {
+            if matches!(state, Owned::Interrupted { .. }) {
+                *state = Owned::Resuming;
+                resumed.push(*sequence);
+            }
+        }
+        resumed
+    }
+
+    /// When the longest-waiting interrupted request started waiting.
+    pub fn interrupted_since(&self) -> Option<Instant> {
+        self.owned
+            .values()
+            .filter_map(|state| match state {
+                Owned::Interrupted { since } => Some(*since),
+                _ => None,
+            })
+            .min()
+    }
+
+    /// The interrupted requests that have waited at least `wait`, which
+    /// are forgotten here (their owner fails them).
+    pub fn take_expired(&mut self, wait: std::time::Duration) -> Vec<SequenceId> {
+        let expired: Vec<SequenceId> = self
+            .owned
+            .iter()
+            .filter(|(_, state)| {
+                matches!(state, Owned::Interrupted { since } if since.elapsed() >= wait)
+            })
+            .map(|(sequence, _)| *sequence)
+            .collect();
+        for sequence in &expired {
+            self.owned.remove(sequence);
+        }
+        expired
+    }
+
+    /// Every request owned here, which fail together (their model is gone).
+    pub fn drain_owned(&mut self) -> Vec<SequenceId> {
+        self.owned.drain().map(|(sequence, _)| sequence).collect()
+    }
+
+    /// A result for a request owned here, from a job of plan `epoch`, to
+    /// hand to the coordinator; `None` for a late result (the request
+    /// ended, or runs on another plan now). A failure ends the request here.
+    pub fn deliver(&mut self, result: StageResult, epoch: Epoch) -> Option<StageResult> {
+        let sequence = result.sequence();
+        if self.owned.get(&sequence) != Some(&Owned::Running(epoch)) {
+            return None;
+        }
+        if matches!(result, StageResult::Failed { .. }) {
+            self.owned.remove(&sequence);
+        }
+        Some(result)
     }
 
     /// This node's stage took a job of `sequence`, owned by `owner`.
@@ -109,9 +200,11 @@ impl Routing {
         orphans
     }
 
-    /// True while requests owned here are in flight.
-    pub fn owns_any(&self) -> bool {
-        !self.owned.is_empty()
+    /// True while requests owned here run on a plan.
+    pub fn owns_running(&self) -> bool {
+        self.owned
+            .values()
+            .any(|state| matches!(state, Owned::Running(_) | Owned::Resuming))
     }
 
     /// Requests going through this node's stage now.
@@ -137,6 +230,7 @@ pub(super) fn forward_frame(job: StageJob<Route>) -> Result<Frame, String> {
         position,
         input,
         sample,
+        token_by_token,
         route,
     } = job
     else {
@@ -154,6 +248,7 @@ pub(super) fn forward_frame(job: StageJob<Route>) -> Result<Frame, String> {
         position: u32::try_from(position).unwrap_or(u32::MAX),
         payload,
         sample,
+        token_by_token,
     }))
 }
 
@@ -178,6 +273,7 @@ pub(super) fn forward_job(
         position: forward.position as usize,
         input,
         sample: forward.sample,
+        token_by_token: forward.token_by_token,
         route: Route {
             owner: forward.owner,
             epoch: forward.epoch,
@@ -186,39 +282,58 @@ pub(super) fn forward_job(
     })
 }
 
-impl From<StageResult> for Frame {
-    fn from(result: StageResult) -> Self {
-        match result {
-            StageResult::Token { sequence, token } => Frame::Token {
-                request: sequence,
-                token,
-            },
-            StageResult::ChunkDone { sequence } => Frame::ChunkDone { request: sequence },
-            StageResult::Failed { sequence, message } => Frame::Failed {
-                request: sequence,
-                error: message,
-            },
-        }
-    }
+/// A result of a job of plan `epoch` as a frame for the request's owner.
+pub(super) fn result_frame(result: StageResult, epoch: Epoch) -> Option<Frame> {
+    Some(match result {
+        StageResult::Token { sequence, token } => Frame::Token {
+            request: sequence,
+            epoch,
+            token,
+        },
+        StageResult::ChunkDone { sequence } => Frame::ChunkDone {
+            request: sequence,
+            epoch,
+        },
+        StageResult::Failed { sequence, message } => Frame::Failed {
+            request: sequence,
+            epoch,
+            error: message,
+        },
+        // Said by an owner's cluster to its own coordinator only.
+        StageResult::Resume { .. } => return None,
+    })
 }
 
-impl TryFrom<Frame> for StageResult {
-    /// A frame that is not a result, returned as it was.
-    type Error = Frame;
-
-    fn try_from(frame: Frame) -> Result<Self, Frame> {
-        match frame {
-            Frame::Token { request, token } => Ok(StageResult::Token {
+/// A result frame from a peer, with the epoch of the plan its job ran on;
+/// `None` for any other frame.
+pub(super) fn frame_result(frame: Frame) -> Option<(StageResult, Epoch)> {
+    match frame {
+        Frame::Token {
+            request,
+            epoch,
+            token,
+        } => Some((
+            StageResult::Token {
                 sequence: request,
                 token,
-            }),
-            Frame::ChunkDone { request } => Ok(StageResult::ChunkDone { sequence: request }),
-            Frame::Failed { request, error } => Ok(StageResult::Failed {
+            },
+            epoch,
+        )),
+        Frame::ChunkDone { request, epoch } => {
+            Some((StageResult::ChunkDone { sequence: request }, epoch))
+        }
+        Frame::Failed {
+            request,
+            epoch,
+            error,
+        } => Some((
+            StageResult::Failed {
                 sequence: request,
                 message: error,
-            }),
-            other => Err(other),
-        }
+            },
+            epoch,
+        )),
+        _ => None,
     }
 }
 
@@ -307,25 +422,63 @@ mod tests {
     fn results_reach_their_owner_once_and_late_ones_are_dropped() {
         let mut routing = Routing::default();
         let (a, b) = (SequenceId(1), SequenceId(2));
-        routing.own(a);
-        let token = StageResult::Token {
-            sequence: a,
-            token: 7,
-        };
-        assert!(routing.deliver(token).is_some());
-        let late = StageResult::Token {
-            sequence: b,
-            token: 7,
-        };
-        assert!(routing.deliver(late).is_none(), "not owned here");
+        routing.run(a, Epoch(3));
+        let token = |sequence| StageResult::Token { sequence, token: 7 };
+        assert!(routing.deliver(token(a), Epoch(3)).is_some());
+        assert!(
+            routing.deliver(token(b), Epoch(3)).is_none(),
+            "not owned here"
+        );
+        assert!(
+            routing.deliver(token(a), Epoch(2)).is_none(),
+            "from an older plan"
+        );
         let failed = StageResult::Failed {
             sequence: a,
             message: "x".into(),
         };
-        assert!(routing.deliver(failed).is_some());
-        assert!(!routing.owns_any(), "a failure ends the request");
+        assert!(routing.deliver(failed, Epoch(3)).is_some());
+        assert!(!routing.owns_running(), "a failure ends the request");
         let after = StageResult::ChunkDone { sequence: a };
-        assert!(routing.deliver(after).is_none(), "late result");
+        assert!(routing.deliver(after, Epoch(3)).is_none(), "late result");
+    }
+
+    #[test]
+    fn interrupted_requests_wait_drop_late_results_and_resume_once() {
+        let mut routing = Routing::default();
+        let (a, b, c) = (SequenceId(1), SequenceId(2), SequenceId(3));
+        routing.run(a, Epoch(1));
+        routing.run(b, Epoch(1));
+        assert_eq!(routing.interrupt_running(), 2);
+        assert!(!routing.interrupt(a), "already waiting");
+        assert!(!routing.owns_running());
+        let late = StageResult::Token {
+            sequence: a,
+            token: 7,
+        };
+        assert!(routing.deliver(late, Epoch(1)).is_none(), "the old plan's");
+        // A request that started with no plan waits too.
+        routing.interrupt(c);
+        assert!(routing.interrupted_since().is_some());
+        let mut resumed = routing.resume_interrupted();
+        resumed.sort();
+        assert_eq!(resumed, vec![a, b, c]);
+        assert!(routing.resume_interrupted().is_empty(), "told once");
+        assert_eq!(routing.owned(a), Some(Owned::Resuming));
+        routing.run(a, Epoch(2));
+        let token = StageResult::Token {
+            sequence: a,
+            token: 8,
+        };
+        assert!(routing.deliver(token, Epoch(2)).is_some());
+        // Waiting too long: forgotten here, for the owner to fail.
+        routing.interrupt(b);
+        assert_eq!(
+            routing.take_expired(std::time::Duration::from_secs(3600)),
+            vec![]
+        );
+        assert_eq!(routing.take_expired(std::time::Duration::ZERO), vec![b]);
+        assert_eq!(routing.owned(b), None);
     }
 
     #[test]
@@ -382,6 +535,7 @@ mod tests {
             position: 12,
             input: ShardInput::Tokens(vec![1, 2, 3]),
             sample: Sample::Continue,
+            token_by_token: false,
             route: route.next(),
         };
         let Ok(Frame::Forward(frame)) = forward_frame(job) else {
@@ -405,16 +559,26 @@ mod tests {
             sequence: SequenceId(5),
             token: 9,
         };
-        let frame = Frame::from(result);
+        let frame = result_frame(result, Epoch(4)).expect("a frame");
         assert!(matches!(
-            StageResult::try_from(frame),
-            Ok(StageResult::Token { token: 9, .. })
+            frame_result(frame),
+            Some((StageResult::Token { token: 9, .. }, Epoch(4)))
         ));
         assert!(
-            StageResult::try_from(Frame::Bye {
+            frame_result(Frame::Bye {
                 reason: String::new()
             })
-            .is_err()
+            .is_none()
+        );
+        assert!(
+            result_frame(
+                StageResult::Resume {
+                    sequence: SequenceId(5)
+                },
+                Epoch(4)
+            )
+            .is_none(),
+            "never sent"
         );
     }
 }

@@ -428,6 +428,7 @@ mod tests {
     fn token(n: u32) -> Frame {
         Frame::Token {
             request: SequenceId(7),
+            epoch: crate::cluster::protocol::Epoch(1),
             token: n,
         }
     }

@@ -22,6 +22,8 @@ pub(super) struct Parts<'a> {
     pub local: &'a LocalFigures,
     /// Requests going through this node's stage now.
     pub in_flight: u32,
+    /// The latest recoveries from a lost node.
+    pub recoveries: Vec<super::RecoveryView>,
 }
 
 impl Parts<'_> {
@@ -73,6 +75,8 @@ impl Parts<'_> {
                         }),
                 )
                 .collect(),
+            stage_error: me.stage_lost.clone(),
+            recoveries: self.recoveries.clone(),
         }
     }
 

@@ -12,6 +12,15 @@
 //! together. A prompt is fed in chunks of [`PREFILL_CHUNK_TOKENS`] so that
 //! a long prompt does not stall streams that are already decoding.
 //!
+//! The coordinator keeps each request's whole history: its prompt and the
+//! tokens generated so far. When the cluster loses a node that held a
+//! stage, it says [`StageResult::Resume`] once a new plan is active, and
+//! the request is fed again from the start on the new stages: the prompt
+//! in the same chunks as before, then the generated tokens one step each
+//! (as they were decoded), so every stage's KV cache gets the same bits,
+//! and the last stage's sampler resumes at the same draw. The client sees
+//! a pause and then the tokens an uninterrupted run gives.
+//!
 //! Which waiting request starts next is the scheduling policy's choice
 //! (`schedule` in `wit/scheduler.wit`, see [`Scheduling`]); without one,
 //! first come, first served. Whatever it picks, admission stays bounded
@@ -108,6 +117,8 @@ pub struct EngineStats {
     pub cancelled: u64,
     pub failed: u64,
     pub generated_tokens: u64,
+    /// Times a request was fed again on a new plan after a node was lost.
+    pub resumed: u64,
     /// Requests waiting to start.
     pub queued: usize,
     /// KV-cache bytes reserved by the active requests.
@@ -375,7 +386,7 @@ impl Engine {
         };
         let (mut engine, ends) = Self::start(model, None::<Scheduling<NoPolicy>>)?;
         let results = ends.results;
-        let stage_thread = stage::spawn(shard, ends.jobs, move |output| match output {
+        let stage = stage::spawn(shard, ends.jobs, None, move |output| match output {
             StageOutput::Done { result, .. } => results.blocking_send(result).is_ok(),
             StageOutput::Next { sequence, .. } => {
                 // One shard holding the whole model always ends in logits.
@@ -385,7 +396,7 @@ impl Engine {
                     .is_ok()
             }
         })?;
-        engine.threads.push(stage_thread);
+        engine.threads.push(stage.thread);
         Ok(engine)
     }
 
@@ -403,12 +414,16 @@ struct ActiveRequest {
     events: mpsc::Sender<GenerationEvent>,
     stopped: Arc<AtomicBool>,
     kv_reserved_bytes: u64,
-    /// Tokens the stages have been given so far (prompt, then generated).
+    /// Tokens of the history (prompt, then generated) the stages have
+    /// been given so far.
     fed: usize,
-    /// Tokens delivered to the owner.
-    delivered: usize,
+    /// Tokens generated and delivered to the owner, in order.
+    generated: Vec<u32>,
     started: Instant,
     first_token_at: Option<Instant>,
+    /// Since when the request is being fed again after a lost node, and
+    /// how many tokens it had generated then.
+    resuming: Option<(Instant, usize)>,
 }
 
 /// How a request left the engine.
@@ -634,16 +649,20 @@ impl Coordinator {
                 stopped,
                 kv_reserved_bytes: needed,
                 fed: 0,
-                delivered: 0,
+                generated: Vec::new(),
                 started: Instant::now(),
                 first_token_at: None,
+                resuming: None,
             },
         );
-        self.feed_prompt_chunk(id).await;
+        self.feed_history(id).await;
     }
 
-    /// Sends the next chunk of the prompt; the last chunk asks for a token.
-    async fn feed_prompt_chunk(&mut self, id: SequenceId) {
+    /// Sends the next piece of the request's history: a chunk of the
+    /// prompt, or (when it resumes) of the tokens generated so far, fed one
+    /// step per token as they were decoded. The last piece asks for a
+    /// token, from a sampler that has drawn one per generated token.
+    async fn feed_history(&mut self, id: SequenceId) {
         let Some(active) = self.active.get_mut(&id) else {
             return;
         };
@@ -652,23 +671,48 @@ impl Coordinator {
             return;
         }
         let prompt = &active.request.prompt;
-        let end = (active.fed + PREFILL_CHUNK_TOKENS).min(prompt.len());
-        let chunk = prompt[active.fed..end].to_vec();
-        let sample = if end == prompt.len() {
-            Sample::Start(active.request.sampling.clone())
+        let generated = &active.generated;
+        let history = prompt.len() + generated.len();
+        let position = active.fed;
+        let (chunk, token_by_token) = if position < prompt.len() {
+            let end = (position + PREFILL_CHUNK_TOKENS).min(prompt.len());
+            (prompt[position..end].to_vec(), false)
+        } else {
+            let start = position - prompt.len();
+            let end = (start + PREFILL_CHUNK_TOKENS).min(generated.len());
+            (generated[start..end].to_vec(), true)
+        };
+        active.fed += chunk.len();
+        let sample = if active.fed == history {
+            Sample::Start {
+                params: active.request.sampling.clone(),
+                drawn: generated.len() as u64,
+            }
         } else {
             Sample::No
         };
-        let position = active.fed;
-        active.fed = end;
         self.send_job(StageJob::Forward {
             sequence: id,
             position,
             input: ShardInput::Tokens(chunk),
             sample,
+            token_by_token,
             route: (),
         })
         .await;
+    }
+
+    /// The request's stages were lost and a new plan is active: feed its
+    /// history again from the start.
+    async fn resume(&mut self, id: SequenceId) {
+        let Some(active) = self.active.get_mut(&id) else {
+            return;
+        };
+        tracing::info!(request = %id, generated = active.generated.len(), "resuming the generation on the new plan");
+        active.fed = 0;
+        active.resuming = Some((Instant::now(), active.generated.len()));
+        self.stats.send_modify(|s| s.resumed += 1);
+        self.feed_history(id).await;
     }
 
     async fn send_job(&mut self, job: StageJob) {
@@ -679,7 +723,8 @@ impl Coordinator {
 
     async fn on_result(&mut self, result: StageResult) {
         match result {
-            StageResult::ChunkDone { sequence } => self.feed_prompt_chunk(sequence).await,
+            StageResult::ChunkDone { sequence } => self.feed_history(sequence).await,
+            StageResult::Resume { sequence } => self.resume(sequence).await,
             StageResult::Token { sequence, token } => self.on_token(sequence, token).await,
             StageResult::Failed { sequence, message } => {
                 self.end(sequence, Outcome::Failed(message)).await
@@ -692,6 +737,9 @@ impl Coordinator {
             return;
         };
         active.first_token_at.get_or_insert_with(Instant::now);
+        if let Some((since, generated)) = active.resuming.take() {
+            tracing::info!(request = %id, replayed_tokens = active.request.prompt.len() + generated, replay_ms = since.elapsed().as_millis() as u64, "generation resumed");
+        }
         if self.model.get().stop_tokens.contains(&token) && !active.request.ignore_eos {
             self.end(id, Outcome::Finished(FinishReason::Stop)).await;
             return;
@@ -711,8 +759,8 @@ impl Coordinator {
             self.end(id, outcome).await;
             return;
         }
-        active.delivered += 1;
-        if active.delivered >= active.request.max_tokens {
+        active.generated.push(token);
+        if active.generated.len() >= active.request.max_tokens {
             self.end(id, Outcome::Finished(FinishReason::Length)).await;
             return;
         }
@@ -723,6 +771,7 @@ impl Coordinator {
             position,
             input: ShardInput::Tokens(vec![token]),
             sample: Sample::Continue,
+            token_by_token: false,
             route: (),
         })
         .await;
@@ -738,7 +787,8 @@ impl Coordinator {
             .first_stage
             .send(StageJob::Release { sequence: id })
             .await;
-        let (prompt_tokens, completion_tokens) = (active.request.prompt.len(), active.delivered);
+        let (prompt_tokens, completion_tokens) =
+            (active.request.prompt.len(), active.generated.len());
         match outcome {
             Outcome::Finished(reason) => {
                 let _ = active.events.try_send(GenerationEvent::Finished {
@@ -833,9 +883,9 @@ fn log_finished(id: SequenceId, active: &ActiveRequest, finish: &str) {
     tracing::info!(
         request = %id,
         prompt_tokens = active.request.prompt.len(),
-        completion_tokens = active.delivered,
+        completion_tokens = active.generated.len(),
         ttft_ms,
-        decode_tok_per_s = format!("{:.1}", decode_rate(active.delivered, since_first)),
+        decode_tok_per_s = format!("{:.1}", decode_rate(active.generated.len(), since_first)),
         finish,
         "generation finished"
     );

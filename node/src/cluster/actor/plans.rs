@@ -21,8 +21,13 @@ impl Cluster {
     /// whose answer comes back as [`ClusterEvent::Placed`].
     pub(super) fn replan_due(&mut self) {
         let leader = self.membership.leader() == self.me();
-        let running =
-            self.routing.owns_any() || self.routing.in_flight() > 0 || self.membership.peers_busy();
+        // A new plan interrupts the requests running on the active one
+        // (they pause and replay), so it waits for them a while; with no
+        // active plan, nothing runs that it could interrupt.
+        let running = self.planning.active().is_some()
+            && (self.routing.owns_running()
+                || self.routing.in_flight() > 0
+                || self.membership.peers_busy());
         let Some(generation) = self.planning.placement_due(leader, running) else {
             return;
         };
@@ -71,8 +76,9 @@ impl Cluster {
     }
 
     /// Follows a plan from the leader (or made here): the requests on the
-    /// old one fail, its stage goes, and this node loads its layers (if it
-    /// has any) while linking to every stage node.
+    /// old one wait for it (to be fed again), its stage goes, and this
+    /// node loads its layers (if it has any) while linking to every stage
+    /// node.
     pub(super) fn on_plan(&mut self, message: PlanMessage) {
         let (me, leader, epoch) = (self.me(), message.leader, message.epoch);
         match self.planning.check(&message, &self.membership.me.identity) {
@@ -99,7 +105,16 @@ impl Cluster {
         self.membership
             .remember(message.stages.iter().map(|s| (s.node, s.address.clone())));
         self.redial();
-        self.fail_owned("the cluster re-planned; retry the request");
+        let interrupted = self.routing.interrupt_running();
+        if interrupted > 0 {
+            tracing::info!(
+                epoch = epoch.0,
+                interrupted,
+                "a new plan: {interrupted} requests of this node pause until it is active, then replay"
+            );
+            self.recoveries.interrupted(interrupted);
+        }
+        self.recoveries.plan_adopted(epoch);
         self.routing.clear_hosted();
         match self.planning.adopt(message, me) {
             Some(layers) => {
@@ -155,23 +170,27 @@ impl Cluster {
         );
         let (jobs, jobs_rx) = mpsc::channel(STAGE_QUEUE_LEN);
         let events = self.events_tx.clone();
-        let spawned = stage::spawn(shard, jobs_rx, move |output| {
+        let spawned = stage::spawn(shard, jobs_rx, self.stage_fault, move |output| {
             events
                 .blocking_send(ClusterEvent::FromStage(output))
                 .is_ok()
         });
-        if let Err(error) = spawned {
-            self.tell_leader(
-                leader,
-                failed(format!("cannot start the stage thread: {error}")),
-            );
-            return;
-        }
+        let progress = match spawned {
+            Ok(spawned) => spawned.progress,
+            Err(error) => {
+                self.tell_leader(
+                    leader,
+                    failed(format!("cannot start the stage thread: {error}")),
+                );
+                return;
+            }
+        };
         self.planning.local_stage = Some(LocalStage {
             epoch,
             index,
             jobs,
             weight_bytes,
+            progress,
         });
         self.report_ready(epoch, weight_bytes);
     }
@@ -226,6 +245,52 @@ impl Cluster {
 
     pub(super) fn on_active(&mut self, epoch: Epoch, weights: Vec<(NodeId, u64)>, since_ms: u64) {
         if let Some(stages) = self.planning.activate(epoch, weights) {
+            // The requests that waited for a plan go on: their coordinator
+            // feeds each one's history again.
+            let resumed = self.routing.resume_interrupted();
+            for sequence in &resumed {
+                self.deliver_resume(*sequence);
+            }
+            let plan: Vec<String> = self
+                .planning
+                .plan
+                .as_ref()
+                .map(|p| {
+                    p.message
+                        .stages
+                        .iter()
+                        .map(|s| format!("{} {}", self.membership.name_of(s.node), s.layers))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if let Some(recovered) = self.recoveries.plan_active(epoch, plan, resumed.len()) {
+                let view = &recovered.view;
+                tracing::warn!(
+                    lost = %view.lost_name,
+                    epoch = epoch.0,
+                    plan = %view.plan.join(", "),
+                    resumed = resumed.len(),
+                    pause_ms = recovered.pause_ms,
+                    replan_ms = view.replan_ms,
+                    load_ms = view.load_ms,
+                    "recovered from the loss of node {}: plan {} ({}) is active, {} requests of this node resume after a pause of {} ms (re-plan {} ms, layer load {} ms) and replay their history",
+                    view.lost_name,
+                    epoch.0,
+                    view.plan.join(", "),
+                    resumed.len(),
+                    recovered.pause_ms,
+                    view.replan_ms,
+                    view.load_ms
+                );
+            } else if !resumed.is_empty() {
+                tracing::info!(
+                    epoch = epoch.0,
+                    resumed = resumed.len(),
+                    "{} requests of this node resume on plan {}",
+                    resumed.len(),
+                    epoch.0
+                );
+            }
             // Seniority: the first plan this node serves in dates it.
             let leader = self.membership.leader();
             self.membership.serving_in_plan(since_ms);

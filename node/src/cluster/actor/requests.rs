@@ -1,18 +1,24 @@
 //! The request path through the cluster: jobs from this node's
 //! coordinator, outputs of its stage and frames from peers go to the node
-//! holding the next stage; results go back to the request's owner.
+//! holding the next stage; results go back to the request's owner. A job
+//! that cannot go on because its plan is gone (a stage's node left, a new
+//! plan came) interrupts its request at the owner, which replays it on the
+//! next plan; only a job that is wrong in itself fails its request.
 
 use kernels::{SequenceId, ShardInput};
 use scheduler::NodeId;
+use tokio::sync::mpsc;
 
 use super::Cluster;
-use crate::cluster::protocol::{ForwardFrame, Frame};
-use crate::cluster::routing::{self, Route};
+use crate::cluster::protocol::{Epoch, ForwardFrame, Frame};
+use crate::cluster::routing::{self, Owned, Route};
 use crate::stage::{StageJob, StageOutput, StageResult};
 
 impl Cluster {
-    /// A job from this node's coordinator: the first step of a request it
-    /// owns, or the release of one.
+    /// A job from this node's coordinator: a step of a request it owns,
+    /// or the release of one. A step runs on the active plan if the
+    /// request runs there (or starts there: position 0); else the request
+    /// waits for the next plan.
     pub(super) fn on_coordinator_job(&mut self, job: StageJob) {
         match job {
             StageJob::Release { sequence } => {
@@ -31,24 +37,30 @@ impl Cluster {
                 position,
                 input,
                 sample,
+                token_by_token,
                 route: (),
             } => {
-                let Some(plan) = self.planning.active() else {
-                    let message = format!(
-                        "the cluster cannot run requests now: {}",
-                        self.view.borrow().not_ready_reason()
-                    );
-                    self.deliver_to_coordinator(StageResult::Failed { sequence, message });
-                    return;
+                let active = self.planning.active().map(|p| p.message.epoch);
+                let state = self.routing.owned(sequence);
+                let epoch = match (active, state) {
+                    (Some(epoch), _) if position == 0 => epoch,
+                    (Some(epoch), Some(Owned::Running(running))) if running == epoch => epoch,
+                    // A step of a history being fed again, sent before the
+                    // coordinator heard so: the replay from 0 follows.
+                    (_, Some(Owned::Resuming | Owned::Interrupted { .. })) => return,
+                    _ => {
+                        self.routing.interrupt(sequence);
+                        return;
+                    }
                 };
-                let route = Route::first(self.me(), plan.message.epoch);
-                self.routing.own(sequence);
+                self.routing.run(sequence, epoch);
                 self.route(StageJob::Forward {
                     sequence,
                     position,
                     input,
                     sample,
-                    route,
+                    token_by_token,
+                    route: Route::first(self.me(), epoch),
                 });
             }
         }
@@ -63,15 +75,17 @@ impl Cluster {
                 position,
                 hidden,
                 sample,
+                token_by_token,
                 route,
             } => self.route(StageJob::Forward {
                 sequence,
                 position,
                 input: ShardInput::Hidden(hidden),
                 sample,
+                token_by_token,
                 route: route.next(),
             }),
-            StageOutput::Done { route, result } => self.send_result(route.owner, result),
+            StageOutput::Done { route, result } => self.send_result(route, result),
         }
     }
 
@@ -82,11 +96,7 @@ impl Cluster {
             return;
         };
         let Some(target) = routing::target(self.planning.plan.as_ref(), route) else {
-            self.fail_at_owner(
-                route.owner,
-                sequence,
-                "the cluster re-planned; retry the request",
-            );
+            self.interrupt_at_owner(route, sequence, "the cluster planned anew");
             return;
         };
         if target == self.me() {
@@ -96,19 +106,19 @@ impl Cluster {
         let sent = match routing::forward_frame(job) {
             Ok(frame) => self.membership.send_to(target, frame),
             Err(message) => {
-                self.fail_at_owner(route.owner, sequence, message);
+                self.fail_at_owner(route, sequence, message);
                 return;
             }
         };
         if !sent {
             // The link is gone (or was closed for falling behind): the node
             // left, though its departure may not have been handled yet.
-            let message = format!(
-                "node {} ({target}) left the cluster: its link closed while it held stage {}",
+            let reason = format!(
+                "node {} ({target}) left while it held stage {}",
                 self.membership.name_of(target),
                 route.stage
             );
-            self.fail_at_owner(route.owner, sequence, message);
+            self.interrupt_at_owner(route, sequence, &reason);
         }
     }
 
@@ -123,56 +133,112 @@ impl Cluster {
             .as_ref()
             .filter(|s| s.epoch == route.epoch && s.index == route.stage as usize);
         let Some(stage) = stage else {
-            self.fail_at_owner(
-                route.owner,
-                sequence,
-                "this node's layers are not loaded for that plan; retry",
+            let reason = format!(
+                "node {} has no stage of plan {} (any more)",
+                self.membership.me.name, route.epoch.0
             );
+            self.interrupt_at_owner(route, sequence, &reason);
             return;
         };
-        if stage.jobs.try_send(job).is_err() {
-            self.fail_at_owner(route.owner, sequence, "the stage is overloaded");
-            return;
-        }
-        self.routing.host(sequence, route.owner);
-    }
-
-    /// A job from a peer: checked, then run on this node's stage.
-    pub(super) fn forward_from_peer(&mut self, from: NodeId, forward: ForwardFrame) {
-        let (owner, sequence) = (forward.owner, forward.request);
-        match routing::forward_job(forward, self.model.config().hidden_size) {
-            Ok(job) => self.run_on_stage(job),
-            Err(message) => {
-                tracing::warn!(peer = %from, %message, "refusing a job");
-                self.fail_at_owner(owner, sequence, message);
+        let epoch = stage.epoch;
+        match stage.jobs.try_send(job) {
+            Ok(()) => self.routing.host(sequence, route.owner),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.fail_at_owner(route, sequence, "the stage is overloaded");
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                let reason = format!(
+                    "the stage thread of node {} stopped",
+                    self.membership.me.name
+                );
+                self.interrupt_at_owner(route, sequence, &reason);
+                self.own_stage_lost(epoch, "its stage thread stopped".into());
             }
         }
     }
 
-    /// Fails a request at the node that owns it.
+    /// A job from a peer: checked, then run on this node's stage.
+    pub(super) fn forward_from_peer(&mut self, from: NodeId, forward: ForwardFrame) {
+        let route = Route {
+            owner: forward.owner,
+            epoch: forward.epoch,
+            stage: forward.stage,
+        };
+        let sequence = forward.request;
+        match routing::forward_job(forward, self.model.config().hidden_size) {
+            Ok(job) => self.run_on_stage(job),
+            Err(message) => {
+                tracing::warn!(peer = %from, %message, "refusing a job");
+                self.fail_at_owner(route, sequence, message);
+            }
+        }
+    }
+
+    /// Fails a request at the node that owns it: its job was wrong.
     pub(super) fn fail_at_owner(
         &mut self,
-        owner: NodeId,
+        route: Route,
         sequence: SequenceId,
         message: impl Into<String>,
     ) {
         let message = message.into();
-        self.send_result(owner, StageResult::Failed { sequence, message });
+        self.send_result(route, StageResult::Failed { sequence, message });
     }
 
-    pub(super) fn send_result(&mut self, owner: NodeId, result: StageResult) {
-        if owner == self.me() {
-            self.deliver_to_coordinator(result);
+    /// Tells a request's owner that its job could not go on under the
+    /// plan it ran on: the owner replays it on the next plan.
+    fn interrupt_at_owner(&mut self, route: Route, sequence: SequenceId, reason: &str) {
+        if route.owner == self.me() {
+            self.interrupt_owned(sequence, route.epoch, reason);
         } else {
-            self.membership.send_to(owner, Frame::from(result));
+            self.membership.send_to(
+                route.owner,
+                Frame::Interrupted {
+                    request: sequence,
+                    epoch: route.epoch,
+                    reason: reason.to_string(),
+                },
+            );
         }
     }
 
-    pub(super) fn deliver_to_coordinator(&mut self, result: StageResult) {
+    /// A request owned here lost its job on plan `epoch` (unless it runs on
+    /// another plan by now): it waits for the next plan.
+    pub(super) fn interrupt_owned(&mut self, sequence: SequenceId, epoch: Epoch, reason: &str) {
+        if self.routing.owned(sequence) == Some(Owned::Running(epoch)) {
+            tracing::info!(request = %sequence, epoch = epoch.0, %reason, "a request's step was interrupted; it replays on the next plan");
+            self.routing.interrupt(sequence);
+        }
+    }
+
+    pub(super) fn send_result(&mut self, route: Route, result: StageResult) {
+        if route.owner == self.me() {
+            self.deliver_to_coordinator(result, route.epoch);
+        } else if let Some(frame) = routing::result_frame(result, route.epoch) {
+            self.membership.send_to(route.owner, frame);
+        }
+    }
+
+    /// A result of a job of plan `epoch` for a request owned here.
+    pub(super) fn deliver_to_coordinator(&mut self, result: StageResult, epoch: Epoch) {
+        if let Some(result) = self.routing.deliver(result, epoch) {
+            self.hand_to_coordinator(result);
+        }
+    }
+
+    /// A new plan is active: the coordinator feeds `sequence` again.
+    pub(super) fn deliver_resume(&mut self, sequence: SequenceId) {
+        self.hand_to_coordinator(StageResult::Resume { sequence });
+    }
+
+    /// Fails a request owned here that is no longer routed (it waited too
+    /// long, or its model is gone).
+    pub(super) fn deliver_failure(&mut self, sequence: SequenceId, message: String) {
+        self.hand_to_coordinator(StageResult::Failed { sequence, message });
+    }
+
+    fn hand_to_coordinator(&mut self, result: StageResult) {
         let sequence = result.sequence();
-        let Some(result) = self.routing.deliver(result) else {
-            return; // a late result for a request already ended
-        };
         // The channel has room for every request's one result in flight.
         if self.results.try_send(result).is_err() {
             tracing::error!(request = %sequence, "the coordinator's result queue is full; dropping a result");
@@ -186,12 +252,10 @@ impl Cluster {
         }
     }
 
+    /// Fails every request owned here: the model they ran on is gone.
     pub(super) fn fail_owned(&mut self, message: &str) {
         for sequence in self.routing.drain_owned() {
-            let _ = self.results.try_send(StageResult::Failed {
-                sequence,
-                message: message.to_string(),
-            });
+            self.deliver_failure(sequence, message.to_string());
         }
     }
 }
