@@ -21,8 +21,9 @@ const REFUSED: &str = "does not hold this cluster's key";
 /// a plan over all of them (README: "within 30 seconds").
 const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A node whose cable is pulled is dropped after the heartbeat timeout
-/// (6 s) plus a heartbeat; this leaves room for a busy CI machine.
+/// A node whose cable is pulled is dropped after three silent heartbeats
+/// while requests run through it, else after the heartbeat timeout (6 s)
+/// plus a heartbeat; this leaves room for a busy CI machine.
 const DEPARTURE_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn block_on<T>(future: impl std::future::Future<Output = T>) -> T {
@@ -229,9 +230,36 @@ fn nodes_on_a_lan_find_each_other_and_follow_departures_and_returns() {
     nodes[0].wait_for_log_since(mark, "peer node-y left", DEPARTURE_TIMEOUT);
     nodes[0].wait_for_log_since(mark, "plan active: 3 stages", DISCOVERY_TIMEOUT);
 
-    // Pull node-c's cable: it leaves, the other two re-plan and serve.
+    // Pull node-c's cable while an answer streams through its stage: the
+    // owner hears nothing from it, counts it as lost, the other two
+    // re-plan, and the answer finishes exactly as uninterrupted.
+    let prompt = "Tell me about the sea.";
+    let reference = block_on(support::chat(nodes[0].addr, prompt, 48, false)).content();
     let mark = nodes[0].log_mark();
-    lan.set_link(&hosts[2], false);
+    let (streamed, pulled_at) = block_on(async {
+        let (mut stream, mut seen) = support::start_stream(nodes[0].addr, prompt, 48, 6).await;
+        lan.set_link(&hosts[2], false);
+        let pulled_at = Instant::now();
+        seen.extend(support::read_rest(&mut stream, DEPARTURE_TIMEOUT).await);
+        (String::from_utf8_lossy(&seen).into_owned(), pulled_at)
+    });
+    let body = streamed.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    assert!(
+        !body.contains("\"error\""),
+        "the answer was not cut: {body}"
+    );
+    let (text, finish) = support::streamed_content(&support::sse_data(body));
+    assert_eq!(finish.as_deref(), Some("length"), "{body}");
+    assert_eq!(text, reference, "the answer with a cable pulled mid-way");
+    let line = nodes[0].wait_for_log_since(
+        mark,
+        "recovered from the loss of node node-c",
+        DEPARTURE_TIMEOUT,
+    );
+    println!(
+        "cable pulled mid-answer: the answer finished {:.1} s later\n  {line}",
+        pulled_at.elapsed().as_secs_f64()
+    );
     nodes[0].wait_for_log_since(mark, "peer node-c left", DEPARTURE_TIMEOUT);
     nodes[0].wait_for_log_since(mark, "plan active: 2 stages", DEPARTURE_TIMEOUT);
     let view = view_of(&nodes[0]);
