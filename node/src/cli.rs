@@ -86,9 +86,9 @@ impl Command {
         match self {
             Command::Serve(a) => a.runtime.threads,
             Command::Run(a) => a.runtime.threads,
-            // The ring benchmark computes in the node processes it starts.
+            // The ring benchmarks compute in the node processes they start.
             Command::Bench(a) => match a.mode {
-                Some(BenchMode::Ring(_) | BenchMode::Policy(_)) => None,
+                Some(BenchMode::Ring(_) | BenchMode::Recovery(_) | BenchMode::Policy(_)) => None,
                 None => Some(a.engine.threads),
             },
             Command::Pull(_) | Command::Models(_) | Command::Invite(_) => None,
@@ -493,6 +493,10 @@ pub enum BenchMode {
     /// real node processes on loopback, and the aggregate speed of
     /// concurrent streams on the largest ring.
     Ring(RingBenchArgs),
+    /// How long an answer pauses when a node of a ring of real processes
+    /// is killed while it streams: detection, re-plan, layer load and
+    /// replay, against restarting the cluster by hand.
+    Recovery(RecoveryBenchArgs),
     /// What the scheduling policy costs: compile time, and the latency of
     /// `place` and `schedule` calls as the node makes them.
     Policy(PolicyBenchArgs),
@@ -519,6 +523,45 @@ pub struct PolicyBenchArgs {
     /// Also write the results as JSON to this file
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RecoveryBenchArgs {
+    /// Model: a catalogue name or the path of a GGUF file
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: String,
+
+    /// Compute threads of each node
+    #[arg(long, default_value_t = 1, value_parser = parse_threads)]
+    pub threads: usize,
+
+    /// Nodes in the ring (the first owns the request and is never killed)
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+
+    /// Kills, each of another node in turn, each followed by its restart
+    #[arg(long, default_value_t = 4)]
+    pub kills: usize,
+
+    /// Tokens the client has when a node is killed
+    #[arg(long, default_value_t = 16)]
+    pub kill_after: usize,
+
+    /// Tokens to generate per request
+    #[arg(long, default_value_t = 48)]
+    pub decode_tokens: usize,
+
+    /// Each node's --memory-budget (the nodes left after a kill must hold
+    /// the model)
+    #[arg(long, value_name = "BYTES")]
+    pub memory_budget: Option<String>,
+
+    /// Also write the results as JSON to this file
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub cache: CacheArgs,
 }
 
 #[derive(Debug, Clone, Args)]

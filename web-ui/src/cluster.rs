@@ -2,7 +2,9 @@
 //! ring drawn as a circle of layer ranges. It follows `Shared::cluster`,
 //! which the node's event feed keeps current.
 
-use api_types::{ClusterView, NodeId, NodeView, NotJoinedView, PlanState, StageView};
+use api_types::{
+    ClusterView, NodeId, NodeView, NotJoinedView, PlanState, RecoveryView, StageView,
+};
 use leptos::prelude::*;
 
 use crate::{Shared, format};
@@ -77,6 +79,18 @@ fn cluster_view(view: &ClusterView) -> impl IntoView + use<> {
             .plan_error
             .clone()
             .map(|error| view! { <div class="notice warning">{error}</div> })}
+        {view
+            .stage_error
+            .clone()
+            .map(|error| {
+                view! {
+                    <div class="notice error">
+                        {format!(
+                            "This node's stage was lost ({error}); it holds no layers until it is restarted.",
+                        )}
+                    </div>
+                }
+            })}
         <div class="panel ring-panel">
             {ring(&stages, &view.nodes)}
             <div>
@@ -136,7 +150,69 @@ fn cluster_view(view: &ClusterView) -> impl IntoView + use<> {
                     .into_any()
             }}
         </div>
+        {(!view.recoveries.is_empty()).then(|| recoveries(&view.recoveries))}
         {(!view.not_joined.is_empty()).then(|| not_joined(&view.not_joined))}
+    }
+}
+
+/// The latest losses of a node of the plan, newest first: what was lost,
+/// the plan the cluster went on with, and how long requests paused.
+fn recoveries(recoveries: &[RecoveryView]) -> impl IntoView + use<> {
+    let rows: Vec<_> = recoveries
+        .iter()
+        .rev()
+        .map(|recovery| {
+            let when = js_sys::Date::new(&(recovery.at_unix_ms as f64).into())
+                .to_locale_time_string("default")
+                .as_string()
+                .unwrap_or_default();
+            let outcome = match &recovery.error {
+                Some(error) => error.clone(),
+                None => format!(
+                    "plan {} ({}); {} requests resumed",
+                    recovery.plan_epoch.unwrap_or_default(),
+                    recovery.plan.join(", "),
+                    recovery.resumed_requests
+                ),
+            };
+            let pause = format!(
+                "{} ms (re-plan {} ms, load {} ms)",
+                recovery.replan_ms + recovery.load_ms,
+                recovery.replan_ms,
+                recovery.load_ms
+            );
+            view! {
+                <tr>
+                    <td>{when}</td>
+                    <td><strong>{recovery.lost_name.clone()}</strong></td>
+                    <td>{recovery.reason.clone()}</td>
+                    <td>{recovery.outcome.clone()}</td>
+                    <td>{outcome}</td>
+                    <td>{pause}</td>
+                </tr>
+            }
+        })
+        .collect();
+    view! {
+        <div class="panel section" data-testid="recoveries">
+            <h2>"Recent recoveries"</h2>
+            <p class="muted">
+                "A node of the plan was lost; the others planned around it and the answers it carried went on."
+            </p>
+            <table class="data">
+                <thead>
+                    <tr>
+                        <th>"When"</th>
+                        <th>"Node lost"</th>
+                        <th>"How"</th>
+                        <th>"Outcome"</th>
+                        <th>"Went on with"</th>
+                        <th>"Pause before replay"</th>
+                    </tr>
+                </thead>
+                <tbody>{rows}</tbody>
+            </table>
+        </div>
     }
 }
 

@@ -4,6 +4,7 @@
 //! shared and noisy) and the table reports medians and ratios.
 
 pub mod policy;
+pub mod recovery;
 pub mod ring;
 
 use std::path::{Path, PathBuf};

@@ -73,7 +73,7 @@ struct Report {
 }
 
 /// The benchmark's nodes' config directories, removed at the end.
-struct Scratch(std::path::PathBuf);
+pub(super) struct Scratch(pub std::path::PathBuf);
 
 impl Drop for Scratch {
     fn drop(&mut self) {
@@ -89,9 +89,9 @@ struct RingKind {
 }
 
 /// A node process started for the benchmark; killed when dropped.
-struct BenchNode {
-    addr: SocketAddr,
-    _child: Child,
+pub(super) struct BenchNode {
+    pub addr: SocketAddr,
+    pub child: Child,
 }
 
 pub async fn bench(args: RingBenchArgs) -> anyhow::Result<()> {
@@ -221,7 +221,7 @@ pub async fn bench(args: RingBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn request_body(model: &str, decode_tokens: usize) -> String {
+pub(super) fn request_body(model: &str, decode_tokens: usize) -> String {
     serde_json::json!({
         "model": model,
         "messages": [{ "role": "user", "content": PROMPT }],
@@ -250,66 +250,26 @@ async fn start_ring(
     token: &str,
 ) -> anyhow::Result<StartedRing> {
     let n = kind.nodes;
-    let exe = std::env::current_exe().context("cannot find the ringlet binary")?;
     let ready = format!("plan active: {n} stages");
     let mut nodes = Vec::new();
     let mut first: Option<SocketAddr> = None;
     let mut logs = Vec::new();
+    let plaintext = ["--insecure-plaintext-links".to_string()];
     for i in 0..n {
-        let mut command = Command::new(&exe);
-        command
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--threads",
-                &threads.to_string(),
-                "--model",
-                &args.model,
-            ])
-            .args(["--name", &format!("bench-{ring}-{i}")])
-            .arg("--config-dir")
-            .arg(scratch.join(format!("ring{ring}-node{i}")))
-            .env("RINGLET_JOIN", token)
-            // Info for the readiness lines, debug for the handshake times.
-            .env("RUST_LOG", "info,ringlet_node::cluster::link=debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        if let Some(dir) = &args.cache.models_dir {
-            command.arg("--models-dir").arg(dir);
-        }
-        if let Some(first) = first {
-            command.args(["--peer", &first.to_string()]);
-        }
-        if !kind.encrypted {
-            command.arg("--insecure-plaintext-links");
-        }
-        let mut child = command.spawn().context("cannot start a node")?;
-        let stderr = child.stderr.take().context("no stderr")?;
-        let (tx, mut rx) = mpsc::channel::<String>(1024);
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                if tx.send(line).await.is_err() {
-                    break;
-                }
-            }
-        });
-        let line = wait_for(&mut rx, "listening on http://").await?;
-        let addr: SocketAddr = line
-            .split("listening on http://")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .context("no address in the node's log")?
-            .parse()?;
-        first.get_or_insert(addr);
-        nodes.push(BenchNode {
-            addr,
-            _child: child,
-        });
-        logs.push(rx);
+        let spec = NodeSpec {
+            name: format!("bench-{ring}-{i}"),
+            model: &args.model,
+            threads,
+            cache: &args.cache,
+            config_dir: scratch.join(format!("ring{ring}-node{i}")),
+            token,
+            peer: first,
+            extra: if kind.encrypted { &[] } else { &plaintext },
+        };
+        let (node, log) = start_node(spec).await?;
+        first.get_or_insert(node.addr);
+        nodes.push(node);
+        logs.push(log);
     }
     let mut handshake_micros = Vec::new();
     for rx in &mut logs {
@@ -317,13 +277,87 @@ async fn start_ring(
         handshake_micros.extend(before.iter().filter_map(|line| handshake_time(line)));
     }
     // Keep draining the logs so the nodes never block on a full pipe.
-    for mut rx in logs {
-        tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    for rx in logs {
+        drain(rx);
     }
     Ok(StartedRing {
         nodes,
         handshake_micros,
     })
+}
+
+/// How to start one benchmark node.
+pub(super) struct NodeSpec<'a> {
+    pub name: String,
+    pub model: &'a str,
+    pub threads: usize,
+    pub cache: &'a crate::cli::CacheArgs,
+    pub config_dir: std::path::PathBuf,
+    /// The join token every node of the benchmark shares.
+    pub token: &'a str,
+    pub peer: Option<SocketAddr>,
+    pub extra: &'a [String],
+}
+
+/// Starts a node and waits until it listens; returns it and its log lines
+/// (which the caller must keep reading, or drain, so that it never blocks
+/// on a full pipe).
+pub(super) async fn start_node(
+    spec: NodeSpec<'_>,
+) -> anyhow::Result<(BenchNode, mpsc::Receiver<String>)> {
+    let exe = std::env::current_exe().context("cannot find the ringlet binary")?;
+    let mut command = Command::new(&exe);
+    command
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--threads",
+            &spec.threads.to_string(),
+            "--model",
+            spec.model,
+        ])
+        .args(["--name", &spec.name])
+        .arg("--config-dir")
+        .arg(&spec.config_dir)
+        .args(spec.extra)
+        .env("RINGLET_JOIN", spec.token)
+        // Info for the readiness lines, debug for the handshake times.
+        .env("RUST_LOG", "info,ringlet_node::cluster::link=debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(dir) = &spec.cache.models_dir {
+        command.arg("--models-dir").arg(dir);
+    }
+    if let Some(peer) = spec.peer {
+        command.args(["--peer", &peer.to_string()]);
+    }
+    let mut child = command.spawn().context("cannot start a node")?;
+    let stderr = child.stderr.take().context("no stderr")?;
+    let (tx, mut rx) = mpsc::channel::<String>(1024);
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if tx.send(line).await.is_err() {
+                break;
+            }
+        }
+    });
+    let line = wait_for(&mut rx, "listening on http://").await?;
+    let addr: SocketAddr = line
+        .split("listening on http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .context("no address in the node's log")?
+        .parse()?;
+    Ok((BenchNode { addr, child }, rx))
+}
+
+/// Reads a node's log lines to the end, dropping them.
+pub(super) fn drain(mut log: mpsc::Receiver<String>) {
+    tokio::spawn(async move { while log.recv().await.is_some() {} });
 }
 
 /// The `micros` of a "link handshake done" debug line.
@@ -341,7 +375,7 @@ fn handshake_time(line: &str) -> Option<u64> {
 
 /// Waits for a log line containing `needle`; returns the lines before it
 /// and the line.
-async fn wait_for_collecting(
+pub(super) async fn wait_for_collecting(
     lines: &mut mpsc::Receiver<String>,
     needle: &str,
 ) -> anyhow::Result<(Vec<String>, String)> {
@@ -365,7 +399,10 @@ async fn wait_for_collecting(
     found.with_context(|| format!("a node exited before logging {needle:?}"))
 }
 
-async fn wait_for(lines: &mut mpsc::Receiver<String>, needle: &str) -> anyhow::Result<String> {
+pub(super) async fn wait_for(
+    lines: &mut mpsc::Receiver<String>,
+    needle: &str,
+) -> anyhow::Result<String> {
     wait_for_collecting(lines, needle)
         .await
         .map(|(_, line)| line)
@@ -432,7 +469,7 @@ async fn stream_inner(addr: SocketAddr, body: &str) -> anyhow::Result<StreamTimi
     })
 }
 
-fn median(values: &[f64]) -> f64 {
+pub(super) fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     sorted.get(sorted.len() / 2).copied().unwrap_or(0.0)
