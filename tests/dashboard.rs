@@ -1,7 +1,8 @@
 //! The dashboard in a real browser: headless Chromium, driven by
 //! `tests/browser/dashboard.cjs` (playwright-core), against a real
 //! two-node cluster, one of which downloads a model while the browser
-//! watches. Screenshots are kept in
+//! watches and is killed at the end, so the recovery shows. Screenshots
+//! are kept in
 //! `<target>/test-artifacts/dashboard/`.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // test code: a failed expectation is the report
@@ -76,6 +77,8 @@ fn the_dashboard_shows_the_ring_chats_and_changes_the_policy() {
         .env("RINGLET_TOKEN", TOKEN)
         .env("RINGLET_API_KEY", API_KEY)
         .env("RINGLET_SCREENSHOTS", &artifacts)
+        // The script kills node-1 at its end, to see the recovery listed.
+        .env("RINGLET_KILL_PID", nodes[1].pid().to_string())
         .output()
         .expect("run node (Node.js) with the browser script");
     let stdout = String::from_utf8_lossy(&output.stdout);

@@ -121,6 +121,12 @@ fn ring_of_three() -> (Node, Node, Node) {
     (a, b, owner)
 }
 
+/// Whether `victim` leads the cluster as `owner` sees it.
+async fn leads(victim: &Node, owner: &Node) -> bool {
+    let id = support::get_json(victim.addr, "/v1/cluster").await["node"].clone();
+    support::get_json(owner.addr, "/v1/cluster").await["leader"] == id
+}
+
 /// Starts a node that joins the cluster at `first` and waits until the
 /// cluster has grown back to `stages` stages, as `watch` sees it.
 fn rejoin(first: &str, name: &str, budget: &str, watch: &mut Node, stages: usize) -> Node {
@@ -159,7 +165,9 @@ async fn killed_and_stopped_stage_nodes_do_not_lose_the_answer() {
 
     // A senior node (perhaps the leader) dies during the prefill of a
     // greedy answer; the other one later, so the leader is among them.
+    let mut leaders_killed = 0;
     let mark = owner.log_mark();
+    leaders_killed += usize::from(leads(&a, &owner).await);
     let stream = send_chat(owner.addr, &greedy).await;
     owner.wait_for_log_since(mark, "generation started", support::REQUEST_TIMEOUT);
     let killed_at = Instant::now();
@@ -181,6 +189,7 @@ async fn killed_and_stopped_stage_nodes_do_not_lose_the_answer() {
 
     // The other stage node dies ten tokens into a greedy answer.
     let mark = owner.log_mark();
+    leaders_killed += usize::from(leads(&b, &owner).await);
     let mut stream = send_chat(owner.addr, &greedy).await;
     let mut seen = Vec::new();
     read_content_events(&mut stream, &mut seen, 10).await;
@@ -213,6 +222,10 @@ async fn killed_and_stopped_stage_nodes_do_not_lose_the_answer() {
         mark,
     );
     let _a = rejoin(&owner.addr.to_string(), "a", SMALL, &mut owner, 3);
+    assert!(
+        leaders_killed >= 1,
+        "the leader was among the nodes killed (a and b were the senior ones)"
+    );
 
     // A stopped process (a hang, not a death) is noticed by its silence.
     let mark = owner.log_mark();

@@ -270,6 +270,19 @@ async function main() {
     (await row.locator(".badge.ok").count()) === 2);
   await shot(page, "models-switched");
 
+  // node-1 dies: node-0 plans without it and the Cluster page lists the
+  // recovery, naming the node lost.
+  process.kill(Number(process.env.RINGLET_KILL_PID), "SIGKILL");
+  await openPage(page, "cluster");
+  const recoveries = page.locator('[data-testid="recoveries"]');
+  const listed = await waitFor("the recovery from node-1's loss", async () =>
+    (await recoveries.count()) === 1 && (await recoveries.innerText()).includes("node-1")
+      ? await recoveries.innerText()
+      : null);
+  console.log("recovery:", listed.replace(/\s+/g, " "));
+  check(/resumed/.test(listed), `the outcome shows: ${listed}`);
+  await shot(page, "cluster-recovered");
+
   await browser.close();
   check(problems.length === 0, `the page reported problems:\n${problems.join("\n")}`);
   console.log("dashboard: every check passed");

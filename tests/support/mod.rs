@@ -238,6 +238,11 @@ impl Node {
         let _ = self.child.wait();
     }
 
+    /// The process id, for a helper that signals the node itself.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends the process a signal (`STOP`, `CONT`, ...) with `kill`.
     pub fn signal(&self, signal: &str) {
         let status = Command::new("kill")
