@@ -33,6 +33,12 @@ pub const MAX_ACTIVE_SEQUENCES: usize = 16;
 /// result in flight plus, at its end, a release.
 pub const PIPELINE_QUEUE_LEN: usize = 2 * MAX_ACTIVE_SEQUENCES;
 
+/// Results queued back to the coordinator: for each active request its
+/// result in flight, and (in a cluster that lost nodes) up to two calls
+/// to feed it again and a failure, queued before the coordinator reads
+/// them.
+pub const RESULT_QUEUE_LEN: usize = 4 * MAX_ACTIVE_SEQUENCES;
+
 /// Jobs queued for this node's stage in a cluster: one in flight for every
 /// request of every node, each of which runs at most
 /// `MAX_ACTIVE_SEQUENCES`. A full queue fails the job, not the node.
@@ -350,6 +356,13 @@ pub const PEER_SILENCE_HEARTBEATS: u64 = 3;
 
 /// How often a node checks its own stage and its peers for progress.
 pub const WATCHDOG_INTERVAL_MS: u64 = 250;
+
+/// A watchdog check this much later than due means the process was
+/// frozen (stopped, or its machine suspended), not that its stage or its
+/// peers were slow: it restarts its clocks rather than judge them on
+/// time when nothing here could run. Two heartbeats: a busy moment of the
+/// actor is far shorter.
+pub const FROZEN_AFTER_MS: u64 = 2 * HEARTBEAT_INTERVAL_MS;
 
 /// Default of `--recovery-wait`: how long requests interrupted by a lost
 /// node wait for a new plan when the nodes left cannot hold the model (a

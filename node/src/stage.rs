@@ -219,16 +219,18 @@ impl StageProgress {
         let prefill = self.prefill_token_micros.load(Ordering::Relaxed);
         let one_by_one = tokens == 1 || self.busy_token_by_token.load(Ordering::Relaxed) != 0;
         // A prompt token never costs more than a decode step, so without
-        // a prefill measure the decode one bounds it from above.
-        let per_token = if one_by_one || prefill == 0 {
-            decode
+        // a prefill measure the decode one bounds it from above; and a
+        // short chunk costs at least a decode step, whatever the long
+        // chunks' per-token time says.
+        let expected_micros = if one_by_one || prefill == 0 {
+            decode.saturating_mul(tokens)
         } else {
-            prefill
+            decode.max(prefill.saturating_mul(tokens))
         };
-        if per_token == 0 {
+        if expected_micros == 0 {
             return None;
         }
-        let expected = Duration::from_micros(per_token.saturating_mul(tokens));
+        let expected = Duration::from_micros(expected_micros);
         let limit = expected.saturating_mul(STAGE_STALL_FACTOR)
             + Duration::from_millis(STAGE_STALL_SLACK_MS);
         (running > limit).then(|| {
@@ -302,6 +304,7 @@ fn run<R>(
     fault: Option<TestFault>,
     mut emit: impl FnMut(StageOutput<R>) -> bool,
 ) {
+    warm_up(&mut shard, progress);
     let mut samplers: HashMap<SequenceId, Sampler> = HashMap::new();
     let mut steps = 0u64;
     while let Some(job) = jobs.blocking_recv() {
@@ -375,6 +378,38 @@ fn run<R>(
         }
     }
     tracing::debug!(range = %shard.range(), "stage stopped");
+}
+
+/// The sequence id of the warm-up step: never a request's (requests
+/// draw random ids; this one is released before any job runs).
+const WARM_UP: SequenceId = SequenceId(u64::MAX);
+
+/// Runs one decode-sized step before any job: the weights are read once
+/// (from the page cache, or disk) before a request waits on them, and the
+/// stage has a measured step time from its first job on, so even a stage
+/// that hangs on its first job is judged.
+fn warm_up(shard: &mut Shard, progress: &StageProgress) {
+    let input = if shard.takes_tokens() {
+        ShardInput::Tokens(vec![0])
+    } else {
+        match Tensor::zeros(
+            (1, shard.config().hidden_size),
+            kernels::DType::F32,
+            &kernels::Device::Cpu,
+        ) {
+            Ok(zeros) => ShardInput::Hidden(zeros),
+            Err(_) => return,
+        }
+    };
+    progress.step_started(1, false);
+    let warmed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        shard.forward(WARM_UP, 0, input).is_ok()
+    }));
+    progress.step_ended(1, false);
+    shard.release(WARM_UP);
+    if !matches!(warmed, Ok(true)) {
+        tracing::warn!(range = %shard.range(), "the warm-up step failed; this stage's first steps are not judged for progress");
+    }
 }
 
 fn fail<R>(
@@ -493,4 +528,64 @@ fn forward_token_by_token(
     Tensor::cat(&hidden, 0)
         .map(ShardOutput::Hidden)
         .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stage whose clock started `ago` before now.
+    fn progress_started(ago: Duration) -> StageProgress {
+        let mut progress = StageProgress::new();
+        progress.base = Instant::now().checked_sub(ago).expect("a time in the past");
+        progress
+    }
+
+    #[test]
+    fn a_step_far_slower_than_its_measure_stalls_and_a_long_prefill_does_not() {
+        let ago = Duration::from_secs(10);
+        // Nothing measured yet: not judged.
+        let unmeasured = progress_started(ago);
+        unmeasured.busy_since.store(1, Ordering::Release);
+        assert_eq!(unmeasured.stalled(), None);
+
+        // A decode step of 1 ms running for 10 s: stalled.
+        let decode = progress_started(ago);
+        decode.decode_micros.store(1_000, Ordering::Relaxed);
+        decode.busy_tokens.store(1, Ordering::Relaxed);
+        decode.busy_since.store(1, Ordering::Release);
+        assert!(decode.stalled().is_some_and(|why| why.contains("1 tokens")));
+
+        // A 512-token prompt chunk at 10 ms a token, 10 s in: on time.
+        let prefill = progress_started(ago);
+        prefill.decode_micros.store(20_000, Ordering::Relaxed);
+        prefill
+            .prefill_token_micros
+            .store(10_000, Ordering::Relaxed);
+        prefill.busy_tokens.store(512, Ordering::Relaxed);
+        prefill.busy_since.store(1, Ordering::Release);
+        assert_eq!(prefill.stalled(), None);
+
+        // A frozen process restarts the clock of its running step.
+        decode.restart_clock();
+        assert_eq!(decode.stalled(), None);
+
+        // A thread that ended is lost, busy or not.
+        let ended = StageProgress::new();
+        ended.ended.store(1, Ordering::Release);
+        assert!(ended.stalled().is_some());
+    }
+
+    #[test]
+    fn step_times_are_measured_per_token_and_by_kind() {
+        let progress = StageProgress::new();
+        progress.step_started(1, false);
+        progress.step_ended(1, false);
+        assert!(progress.decode_micros.load(Ordering::Relaxed) >= 1);
+        assert_eq!(progress.prefill_token_micros.load(Ordering::Relaxed), 0);
+        progress.step_started(64, false);
+        progress.step_ended(64, false);
+        assert!(progress.prefill_token_micros.load(Ordering::Relaxed) >= 1);
+        assert_eq!(progress.busy_since.load(Ordering::Relaxed), 0, "idle");
+    }
 }

@@ -37,7 +37,8 @@ use super::{ClusterConfig, ClusterEvent, ClusterView};
 use crate::engine::PipelineEnds;
 use crate::hub::HubFiles;
 use crate::limits::{
-    MAX_MODEL_NAME_BYTES, NODE_STATUS_INTERVAL_MS, REDIAL_INTERVAL_MS, WATCHDOG_INTERVAL_MS,
+    FROZEN_AFTER_MS, MAX_MODEL_NAME_BYTES, NODE_STATUS_INTERVAL_MS, REDIAL_INTERVAL_MS,
+    WATCHDOG_INTERVAL_MS,
 };
 use crate::model_store::Downloads;
 use crate::policy::{self, Faults, PolicyHandle, StageLoad};
@@ -272,7 +273,6 @@ impl Cluster {
             }
             ClusterEvent::LinkDown { node, link, reason } => self.link_down(node, link, &reason),
             ClusterEvent::LinkRtt { node, rtt_micros } => {
-                self.membership.heard_from(node);
                 self.membership.record_rtt(node, rtt_micros);
                 true
             }
@@ -336,10 +336,7 @@ impl Cluster {
                 self.policy_installed(revision, wasm, result, warning, proof, reply);
                 true
             }
-            ClusterEvent::Frame { from, frame } => {
-                self.membership.heard_from(from);
-                self.on_frame(from, frame)
-            }
+            ClusterEvent::Frame { from, frame } => self.on_frame(from, frame),
             ClusterEvent::FromStage(output) => {
                 self.on_stage_output(output);
                 false
@@ -465,6 +462,19 @@ impl Cluster {
         let Some(layers) = layers else {
             return;
         };
+        // The leader plans; one that still sees the node must hear that
+        // this node lost it.
+        let leader = self.membership.leader();
+        if leader != self.me() && leader != node {
+            self.membership.send_to(
+                leader,
+                Frame::PlanBroken {
+                    epoch,
+                    node,
+                    reason: reason.clone(),
+                },
+            );
+        }
         let interrupted = self.routing.interrupt_running();
         tracing::warn!(
             node = %node,
@@ -490,7 +500,7 @@ impl Cluster {
         // judged on that time.
         let gap = self.last_watchdog.elapsed();
         self.last_watchdog = Instant::now();
-        if gap > Duration::from_millis(4 * WATCHDOG_INTERVAL_MS) {
+        if gap > Duration::from_millis(FROZEN_AFTER_MS) {
             tracing::warn!(
                 gap_ms = gap.as_millis() as u64,
                 "this node was frozen for {} ms (stopped or suspended); restarting its progress clocks",
@@ -588,15 +598,21 @@ impl Cluster {
 
     /// Fails the interrupted requests that waited longer than
     /// `--recovery-wait` for a plan, unless one is loading (loading is
-    /// progress); true when some failed.
+    /// progress), and then at most twice as long; true when some failed.
     fn expire_interrupted(&mut self) -> bool {
         let Some(since) = self.routing.interrupted_since() else {
             return false;
         };
-        if since.elapsed() < self.recovery_wait || self.planning.loading() {
+        let waited = since.elapsed();
+        let wait = if self.planning.loading() {
+            self.recovery_wait * 2
+        } else {
+            self.recovery_wait
+        };
+        if waited < wait {
             return false;
         }
-        let expired = self.routing.take_expired(self.recovery_wait);
+        let expired = self.routing.take_expired(wait);
         if expired.is_empty() {
             return false;
         }
@@ -611,7 +627,7 @@ impl Cluster {
             .unwrap_or_else(|| "no plan was made".into());
         let message = format!(
             "{lost}, and the nodes left cannot hold the model: {shortfall}; waited {} s (--recovery-wait) for a node to join or return",
-            self.recovery_wait.as_secs()
+            wait.as_secs()
         );
         tracing::error!(requests = expired.len(), "{message}");
         self.recoveries.failed(expired.len(), message.clone());
@@ -697,6 +713,25 @@ impl Cluster {
             Frame::PeerSilent { node } => {
                 self.peer_silent(from, node);
                 false
+            }
+            Frame::PlanBroken {
+                epoch,
+                node,
+                reason,
+            } => {
+                let current = self
+                    .planning
+                    .active()
+                    .is_some_and(|p| p.message.epoch == epoch);
+                if current && self.membership.leader() == self.me() {
+                    let (name, by) = (self.membership.name_of(node), self.membership.name_of(from));
+                    self.lost_plan_node(
+                        node,
+                        name,
+                        format!("node {by} lost its link to it: {reason}"),
+                    );
+                }
+                true
             }
             Frame::Release { request } => {
                 self.release_on_stage(request);

@@ -41,9 +41,49 @@ pub struct LinkSender {
     pub observed_address: String,
     frames: mpsc::Sender<Frame>,
     close: Arc<Notify>,
+    /// When a frame from the peer was last read (any frame, heartbeats
+    /// included), for telling a silent peer from a busy one.
+    heard: Arc<Heard>,
+}
+
+/// The time a link last read a frame, shared by its reader and the actor.
+#[derive(Debug)]
+pub struct Heard {
+    since: std::time::Instant,
+    millis: std::sync::atomic::AtomicU64,
+}
+
+impl Heard {
+    fn new() -> Self {
+        Self {
+            since: std::time::Instant::now(),
+            millis: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) {
+        let millis = u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.millis.store(millis, Ordering::Relaxed);
+    }
+
+    /// How long ago the last frame was read.
+    pub fn silent_for(&self) -> Duration {
+        let last = Duration::from_millis(self.millis.load(Ordering::Relaxed));
+        self.since.elapsed().saturating_sub(last)
+    }
 }
 
 impl LinkSender {
+    /// How long the peer has sent nothing on this link.
+    pub fn silent_for(&self) -> Duration {
+        self.heard.silent_for()
+    }
+
+    /// This node was frozen: the peer's silence counts from now.
+    pub fn heard_now(&self) {
+        self.heard.now();
+    }
+
     /// Queues a frame. A full queue means the peer stopped reading: the
     /// link is closed and false returned, as for a link already gone.
     pub fn send(&self, frame: Frame) -> bool {
@@ -220,7 +260,9 @@ where
         observed_address: context.observed_address.clone(),
         frames: frames_tx.clone(),
         close: Arc::clone(&close),
+        heard: Arc::new(Heard::new()),
     };
+    let heard = Arc::clone(&sender.heard);
     let (accept_tx, accept_rx) = oneshot::channel();
     let up = ClusterEvent::LinkUp {
         hello: Box::new(theirs),
@@ -242,7 +284,7 @@ where
         padding: vec![0; PROBE_BYTES],
     });
     let reason = tokio::select! {
-        reason = read_loop(&mut reader, peer, &frames_tx, &context.events) => reason,
+        reason = read_loop(&mut reader, peer, &frames_tx, &context.events, &heard) => reason,
         () = close.notified() => "closed by this node".to_string(),
     };
     writer_task.abort();
@@ -315,6 +357,7 @@ async fn read_loop(
     peer: NodeId,
     frames: &mpsc::Sender<Frame>,
     events: &mpsc::Sender<ClusterEvent>,
+    heard: &Heard,
 ) -> String {
     let silence = Duration::from_millis(HEARTBEAT_TIMEOUT_MS);
     loop {
@@ -332,6 +375,7 @@ async fn read_loop(
                 return format!("bad frame: {error}");
             }
             Ok(Ok((frame, bandwidth))) => {
+                heard.now();
                 if let Some(bytes_per_second) = bandwidth {
                     let _ = events.try_send(ClusterEvent::LinkBandwidth {
                         node: peer,
@@ -411,6 +455,7 @@ impl LinkSender {
             observed_address: observed_address.to_string(),
             frames,
             close: Arc::new(Notify::new()),
+            heard: Arc::new(Heard::new()),
         };
         (sender, receiver)
     }

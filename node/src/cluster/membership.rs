@@ -30,8 +30,6 @@ pub(super) struct Member {
     pub bandwidth: Option<u64>,
     /// Its last report of its links and its stage's load.
     pub status: Option<NodeStatus>,
-    /// When it last sent anything (a frame, a heartbeat's answer).
-    pub heard_at: std::time::Instant,
     /// Why its stage was lost while it stayed linked (it stopped making
     /// progress): it is given no layers until it links again.
     pub stage_lost: Option<String>,
@@ -282,7 +280,6 @@ impl Membership {
                 rtt_micros: None,
                 bandwidth: None,
                 status: None,
-                heard_at: std::time::Instant::now(),
                 stage_lost: None,
             },
         );
@@ -334,23 +331,16 @@ impl Membership {
         }
     }
 
-    /// `node` sent something: it is alive.
-    pub fn heard_from(&mut self, node: NodeId) {
-        if let Some(member) = self.members.get_mut(&node) {
-            member.heard_at = std::time::Instant::now();
-        }
-    }
-
     /// This node was frozen: what it did not hear meanwhile says nothing
     /// of its peers, so their silence counts from now.
     pub fn heard_from_all(&mut self) {
-        let now = std::time::Instant::now();
-        for member in self.members.values_mut() {
-            member.heard_at = now;
+        for member in self.members.values() {
+            member.link.heard_now();
         }
     }
 
-    /// Of `nodes`, the peers that have sent nothing for longer than
+    /// Of `nodes`, the peers that have sent nothing (no frame at all,
+    /// heartbeats included) for longer than
     /// [`PEER_SILENCE_HEARTBEATS`] heartbeats plus the time their link
     /// takes to carry `largest_frame_bytes` at its measured bandwidth (a
     /// heartbeat's answer may queue behind such a frame); how long each
@@ -372,7 +362,7 @@ impl Membership {
                 let limit = std::time::Duration::from_millis(
                     HEARTBEAT_INTERVAL_MS * PEER_SILENCE_HEARTBEATS,
                 ) + carry;
-                let silent = member.heard_at.elapsed();
+                let silent = member.link.silent_for();
                 (silent > limit).then_some((*node, silent))
             })
             .collect()

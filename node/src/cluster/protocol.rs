@@ -257,6 +257,14 @@ pub enum Frame {
     PeerSilent {
         node: NodeId,
     },
+    /// To the leader: the sender lost its link to `node`, a stage of plan
+    /// `epoch`, so the plan cannot carry the sender's requests; the leader
+    /// plans again (the sender links anew before it reports ready).
+    PlanBroken {
+        epoch: Epoch,
+        node: NodeId,
+        reason: String,
+    },
     /// From the owner to every stage: forget the request.
     Release {
         request: SequenceId,
@@ -326,6 +334,7 @@ impl Frame {
             Frame::Interrupted { .. } => "interrupted",
             Frame::StageLost { .. } => "stage-lost",
             Frame::PeerSilent { .. } => "peer-silent",
+            Frame::PlanBroken { .. } => "plan-broken",
             Frame::Release { .. } => "release",
             Frame::Bye { .. } => "bye",
             Frame::Probe { .. } => "probe",
@@ -511,6 +520,11 @@ mod tests {
                 reason: "its stage thread stopped".into(),
             },
             Frame::PeerSilent { node: NodeId(8) },
+            Frame::PlanBroken {
+                epoch: Epoch(3),
+                node: NodeId(8),
+                reason: "the connection closed".into(),
+            },
             Frame::Bye {
                 reason: "shutting down".into(),
             },

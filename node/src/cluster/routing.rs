@@ -50,9 +50,9 @@ pub(super) enum Owned {
     /// Its plan was lost (since then): it waits for a new one, to be fed
     /// again from the start.
     Interrupted { since: Instant },
-    /// A new plan is active and the coordinator was told to feed it again;
-    /// its next job (from position 0) runs on that plan.
-    Resuming,
+    /// A new plan is active and the coordinator was told (then) to feed
+    /// it again; its next job (from position 0) runs on that plan.
+    Resuming { since: Instant },
 }
 
 /// Requests this node owns and requests its stage hosts.
@@ -89,7 +89,7 @@ impl Routing {
         });
         match *state {
             Owned::Interrupted { .. } => false,
-            Owned::Running(_) | Owned::Resuming => {
+            Owned::Running(_) | Owned::Resuming { .. } => {
                 *state = Owned::Interrupted {
                     since: Instant::now(),
                 };
@@ -103,7 +103,7 @@ impl Routing {
         let now = Instant::now();
         let mut count = 0;
         for state in self.owned.values_mut() {
-            if matches!(state, Owned::Running(_) | Owned::Resuming) {
+            if matches!(state, Owned::Running(_) | Owned::Resuming { .. }) {
                 *state = Owned::Interrupted { since: now };
                 count += 1;
             }
@@ -114,35 +114,30 @@ impl Routing {
     /// A plan is active: the interrupted requests, now to be fed again.
     pub fn resume_interrupted(&mut self) -> Vec<SequenceId> {
         let mut resumed = Vec::new();
+        let now = Instant::now();
         for (sequence, state) in &mut self.owned {
             if matches!(state, Owned::Interrupted { .. }) {
-                *state = Owned::Resuming;
+                *state = Owned::Resuming { since: now };
                 resumed.push(*sequence);
             }
         }
         resumed
     }
 
-    /// When the longest-waiting interrupted request started waiting.
+    /// When the longest-waiting interrupted (or resuming) request started
+    /// waiting.
     pub fn interrupted_since(&self) -> Option<Instant> {
-        self.owned
-            .values()
-            .filter_map(|state| match state {
-                Owned::Interrupted { since } => Some(*since),
-                _ => None,
-            })
-            .min()
+        self.owned.values().filter_map(waiting_since).min()
     }
 
-    /// The interrupted requests that have waited at least `wait`, which
-    /// are forgotten here (their owner fails them).
+    /// The requests that have waited at least `wait` for a plan (or for
+    /// their coordinator to feed them again, which takes milliseconds),
+    /// which are forgotten here (their owner fails them).
     pub fn take_expired(&mut self, wait: std::time::Duration) -> Vec<SequenceId> {
         let expired: Vec<SequenceId> = self
             .owned
             .iter()
-            .filter(|(_, state)| {
-                matches!(state, Owned::Interrupted { since } if since.elapsed() >= wait)
-            })
+            .filter(|(_, state)| waiting_since(state).is_some_and(|since| since.elapsed() >= wait))
             .map(|(sequence, _)| *sequence)
             .collect();
         for sequence in &expired {
@@ -204,12 +199,20 @@ impl Routing {
     pub fn owns_running(&self) -> bool {
         self.owned
             .values()
-            .any(|state| matches!(state, Owned::Running(_) | Owned::Resuming))
+            .any(|state| matches!(state, Owned::Running(_) | Owned::Resuming { .. }))
     }
 
     /// Requests going through this node's stage now.
     pub fn in_flight(&self) -> u32 {
         u32::try_from(self.hosted.len()).unwrap_or(u32::MAX)
+    }
+}
+
+/// Since when a request owned here waits, if it does.
+fn waiting_since(state: &Owned) -> Option<Instant> {
+    match state {
+        Owned::Interrupted { since } | Owned::Resuming { since } => Some(*since),
+        Owned::Running(_) => None,
     }
 }
 
@@ -464,7 +467,7 @@ mod tests {
         resumed.sort();
         assert_eq!(resumed, vec![a, b, c]);
         assert!(routing.resume_interrupted().is_empty(), "told once");
-        assert_eq!(routing.owned(a), Some(Owned::Resuming));
+        assert!(matches!(routing.owned(a), Some(Owned::Resuming { .. })));
         routing.run(a, Epoch(2));
         let token = StageResult::Token {
             sequence: a,
@@ -477,8 +480,12 @@ mod tests {
             routing.take_expired(std::time::Duration::from_secs(3600)),
             vec![]
         );
-        assert_eq!(routing.take_expired(std::time::Duration::ZERO), vec![b]);
+        // c was told to resume and never fed again: it expires too.
+        let mut expired = routing.take_expired(std::time::Duration::ZERO);
+        expired.sort();
+        assert_eq!(expired, vec![b, c]);
         assert_eq!(routing.owned(b), None);
+        assert_eq!(routing.owned(a), Some(Owned::Running(Epoch(2))), "running");
     }
 
     #[test]

@@ -49,7 +49,7 @@ use tokio::sync::{mpsc, watch};
 use crate::current::Current;
 use crate::limits::{
     ENGINE_QUEUE_LEN, MAX_ACTIVE_SEQUENCES, PIPELINE_QUEUE_LEN, PREFILL_CHUNK_TOKENS,
-    SCHEDULE_WAIT_MS,
+    RESULT_QUEUE_LEN, SCHEDULE_WAIT_MS,
 };
 use crate::stage::{self, Sample, StageJob, StageOutput, StageResult};
 
@@ -324,7 +324,7 @@ impl Engine {
             stages: s.stages,
         });
         let (job_tx, job_rx) = mpsc::channel(PIPELINE_QUEUE_LEN);
-        let (result_tx, result_rx) = mpsc::channel(PIPELINE_QUEUE_LEN);
+        let (result_tx, result_rx) = mpsc::channel(RESULT_QUEUE_LEN);
         let (submission_tx, submission_rx) = mpsc::channel(ENGINE_QUEUE_LEN);
         let (stats_tx, stats_rx) = watch::channel(EngineStats::default());
         let waiting = Arc::new(AtomicUsize::new(0));

@@ -157,6 +157,7 @@ impl Cluster {
             Ok(shard) => shard,
             Err(error) => {
                 tracing::error!(%error, "cannot load this node's layers");
+                self.planning.error = Some(format!("this node cannot load its layers: {error}"));
                 self.tell_leader(leader, failed(error));
                 return;
             }

@@ -43,11 +43,16 @@ impl Cluster {
                 let active = self.planning.active().map(|p| p.message.epoch);
                 let state = self.routing.owned(sequence);
                 let epoch = match (active, state) {
-                    (Some(epoch), _) if position == 0 => epoch,
+                    // A new request, or one told to feed its history again.
+                    (Some(epoch), None | Some(Owned::Resuming { .. })) if position == 0 => epoch,
                     (Some(epoch), Some(Owned::Running(running))) if running == epoch => epoch,
-                    // A step of a history being fed again, sent before the
-                    // coordinator heard so: the replay from 0 follows.
-                    (_, Some(Owned::Resuming | Owned::Interrupted { .. })) => return,
+                    // A second start of a history already being fed again
+                    // (two plans activated before the coordinator heard of
+                    // the first): the same job as the one running.
+                    (Some(_), Some(Owned::Running(_))) if position == 0 => return,
+                    // A step sent before the coordinator heard that the
+                    // request waits for a plan, or is fed again from 0.
+                    (_, Some(Owned::Resuming { .. } | Owned::Interrupted { .. })) => return,
                     _ => {
                         self.routing.interrupt(sequence);
                         return;
@@ -226,9 +231,12 @@ impl Cluster {
         }
     }
 
-    /// A new plan is active: the coordinator feeds `sequence` again.
+    /// A new plan is active: the coordinator feeds `sequence` again (or,
+    /// if its queue is full, the request waits for the next plan).
     pub(super) fn deliver_resume(&mut self, sequence: SequenceId) {
-        self.hand_to_coordinator(StageResult::Resume { sequence });
+        if !self.hand_to_coordinator(StageResult::Resume { sequence }) {
+            self.routing.interrupt(sequence);
+        }
     }
 
     /// Fails a request owned here that is no longer routed (it waited too
@@ -237,12 +245,15 @@ impl Cluster {
         self.hand_to_coordinator(StageResult::Failed { sequence, message });
     }
 
-    fn hand_to_coordinator(&mut self, result: StageResult) {
+    /// False when the coordinator's queue was full (it has room for a
+    /// result, two resumptions and a failure of every request it runs).
+    fn hand_to_coordinator(&mut self, result: StageResult) -> bool {
         let sequence = result.sequence();
-        // The channel has room for every request's one result in flight.
-        if self.results.try_send(result).is_err() {
+        let sent = self.results.try_send(result).is_ok();
+        if !sent {
             tracing::error!(request = %sequence, "the coordinator's result queue is full; dropping a result");
         }
+        sent
     }
 
     pub(super) fn release_on_stage(&mut self, sequence: SequenceId) {
