@@ -358,9 +358,21 @@ async fn when_the_rest_cannot_hold_the_model_requests_wait_for_a_node() {
     let mark = owner.log_mark();
     a.kill();
     owner.wait_for_log_since(mark, "lost node a", RECOVERY_TIMEOUT);
+    // A request that arrives during the recovery waits for it too.
+    let late = tokio::spawn({
+        let (addr, body) = (owner.addr, body(prompt, 30, 0.0, false));
+        async move { request(addr, "POST", "/v1/chat/completions", Some(&body)).await }
+    });
     let _back = rejoin(&owner.addr.to_string(), "a", SMALL, &mut owner, 2);
     let text = finish_stream(stream, seen).await;
     assert_eq!(text, reference);
+    let late = late.await.expect("the late request");
+    assert_eq!(late.status, 200, "{}", late.body);
+    assert_eq!(
+        late.content(),
+        reference,
+        "the request that came during the recovery"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
