@@ -203,7 +203,7 @@ async fn killed_and_stopped_stage_nodes_do_not_lose_the_answer() {
         &mut owner,
         mark,
     );
-    let b = rejoin(&owner.addr.to_string(), "b", SMALL, &mut owner, 3);
+    let mut b = rejoin(&owner.addr.to_string(), "b", SMALL, &mut owner, 3);
 
     // A seeded sampled answer, the biggest stage killed 20 tokens in: the
     // sampler resumes at the same draw.
@@ -226,6 +226,22 @@ async fn killed_and_stopped_stage_nodes_do_not_lose_the_answer() {
         leaders_killed >= 1,
         "the leader was among the nodes killed (a and b were the senior ones)"
     );
+
+    // A seeded answer again, the other node killed in its prefill.
+    let mark = owner.log_mark();
+    let stream = send_chat(owner.addr, &seeded).await;
+    owner.wait_for_log_since(mark, "generation started", support::REQUEST_TIMEOUT);
+    let killed_at = Instant::now();
+    b.kill();
+    let text = finish_stream(stream, Vec::new()).await;
+    assert_eq!(&text, seeded_alone, "seeded, a node killed in the prefill");
+    report(
+        "seeded, stage node killed in the prefill",
+        killed_at,
+        &mut owner,
+        mark,
+    );
+    let b = rejoin(&owner.addr.to_string(), "b", SMALL, &mut owner, 3);
 
     // A stopped process (a hang, not a death) is noticed by its silence.
     let mark = owner.log_mark();
@@ -257,7 +273,7 @@ async fn killed_and_stopped_stage_nodes_do_not_lose_the_answer() {
     // The cluster view lists the recoveries.
     let view = support::get_json(owner.addr, "/v1/cluster").await;
     let recoveries = view["recoveries"].as_array().expect("recoveries");
-    assert!(recoveries.len() >= 4, "{view:#}");
+    assert!(recoveries.len() >= 5, "{view:#}");
     assert!(
         recoveries
             .iter()
