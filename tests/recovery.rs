@@ -140,15 +140,37 @@ fn rejoin(first: &str, name: &str, budget: &str, watch: &mut Node, stages: usize
     node
 }
 
-/// The pause the client saw: from the kill to the recovery's log line
-/// at the owner, and the owner's own breakdown.
-fn report(what: &str, killed_at: Instant, owner: &mut Node, mark: usize) {
+/// Streams `body` from `owner` and does `fault` to `victim` once the
+/// owner has started the generation (`after` 0: in its prefill) or the
+/// client has `after` chunks; returns the finished text and the owner's
+/// log mark from before the request, after printing the pause the client
+/// saw and the owner's breakdown of it.
+async fn answer_through(
+    owner: &mut Node,
+    victim: &mut Node,
+    body: &str,
+    after: usize,
+    what: &str,
+    fault: impl FnOnce(&mut Node),
+) -> (String, usize) {
+    let mark = owner.log_mark();
+    let mut stream = send_chat(owner.addr, body).await;
+    let mut seen = Vec::new();
+    if after == 0 {
+        owner.wait_for_log_since(mark, "generation started", support::REQUEST_TIMEOUT);
+    } else {
+        read_content_events(&mut stream, &mut seen, after).await;
+    }
+    let faulted_at = Instant::now();
+    fault(victim);
+    let text = finish_stream(stream, seen).await;
     let line = owner.wait_for_log_since(mark, "recovered from the loss of node", RECOVERY_TIMEOUT);
     let resumed = owner.wait_for_log_since(mark, "generation resumed", RECOVERY_TIMEOUT);
     println!(
-        "{what}: the stream went on {:.0} ms after the kill\n  {line}\n  {resumed}",
-        killed_at.elapsed().as_secs_f64() * 1000.0
+        "{what}: the stream went on {:.0} ms after the fault\n  {line}\n  {resumed}",
+        faulted_at.elapsed().as_secs_f64() * 1000.0
     );
+    (text, mark)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,62 +187,51 @@ async fn killed_and_stopped_stage_nodes_do_not_lose_the_answer() {
 
     // A senior node (perhaps the leader) dies during the prefill of a
     // greedy answer; the other one later, so the leader is among them.
-    let mut leaders_killed = 0;
-    let mark = owner.log_mark();
-    leaders_killed += usize::from(leads(&a, &owner).await);
-    let stream = send_chat(owner.addr, &greedy).await;
-    owner.wait_for_log_since(mark, "generation started", support::REQUEST_TIMEOUT);
-    let killed_at = Instant::now();
-    a.kill();
-    let text = finish_stream(stream, Vec::new()).await;
+    let kill = |node: &mut Node| node.kill();
+    let mut leaders_killed = usize::from(leads(&a, &owner).await);
+    let (text, mark) = answer_through(
+        &mut owner,
+        &mut a,
+        &greedy,
+        0,
+        "greedy, killed in the prefill",
+        kill,
+    )
+    .await;
     assert_eq!(&text, greedy_alone, "greedy, a node killed in the prefill");
     let resuming = owner.wait_for_log_since(mark, "resuming the generation", RECOVERY_TIMEOUT);
     assert!(
         resuming.contains("generated=0"),
         "the kill landed in the prefill: {resuming}"
     );
-    report(
-        "stage node killed in the prefill",
-        killed_at,
-        &mut owner,
-        mark,
-    );
     let mut a = rejoin(&owner.addr.to_string(), "a", SMALL, &mut owner, 3);
 
     // The other stage node dies ten tokens into a greedy answer.
-    let mark = owner.log_mark();
     leaders_killed += usize::from(leads(&b, &owner).await);
-    let mut stream = send_chat(owner.addr, &greedy).await;
-    let mut seen = Vec::new();
-    read_content_events(&mut stream, &mut seen, 10).await;
-    let killed_at = Instant::now();
-    b.kill();
-    let text = finish_stream(stream, seen).await;
-    assert_eq!(&text, greedy_alone, "greedy, a node killed after 10 tokens");
-    report(
-        "stage node killed after 10 tokens",
-        killed_at,
+    let (text, _) = answer_through(
         &mut owner,
-        mark,
-    );
+        &mut b,
+        &greedy,
+        10,
+        "greedy, killed after 10 tokens",
+        kill,
+    )
+    .await;
+    assert_eq!(&text, greedy_alone, "greedy, a node killed after 10 tokens");
     let mut b = rejoin(&owner.addr.to_string(), "b", SMALL, &mut owner, 3);
 
     // A seeded sampled answer, the biggest stage killed 20 tokens in: the
     // sampler resumes at the same draw.
-    let mark = owner.log_mark();
-    let mut stream = send_chat(owner.addr, &seeded).await;
-    let mut seen = Vec::new();
-    read_content_events(&mut stream, &mut seen, 20).await;
-    let killed_at = Instant::now();
-    a.kill();
-    let text = finish_stream(stream, seen).await;
-    assert_eq!(&text, seeded_alone, "seeded, a node killed after 20 tokens");
-    report(
-        "seeded, stage node killed after 20 tokens",
-        killed_at,
+    let (text, _) = answer_through(
         &mut owner,
-        mark,
-    );
+        &mut a,
+        &seeded,
+        20,
+        "seeded, killed after 20 tokens",
+        kill,
+    )
+    .await;
+    assert_eq!(&text, seeded_alone, "seeded, a node killed after 20 tokens");
     let _a = rejoin(&owner.addr.to_string(), "a", SMALL, &mut owner, 3);
     assert!(
         leaders_killed >= 1,
@@ -228,36 +239,30 @@ async fn killed_and_stopped_stage_nodes_do_not_lose_the_answer() {
     );
 
     // A seeded answer again, the other node killed in its prefill.
-    let mark = owner.log_mark();
-    let stream = send_chat(owner.addr, &seeded).await;
-    owner.wait_for_log_since(mark, "generation started", support::REQUEST_TIMEOUT);
-    let killed_at = Instant::now();
-    b.kill();
-    let text = finish_stream(stream, Vec::new()).await;
-    assert_eq!(&text, seeded_alone, "seeded, a node killed in the prefill");
-    report(
-        "seeded, stage node killed in the prefill",
-        killed_at,
+    let (text, _) = answer_through(
         &mut owner,
-        mark,
-    );
-    let b = rejoin(&owner.addr.to_string(), "b", SMALL, &mut owner, 3);
+        &mut b,
+        &seeded,
+        0,
+        "seeded, killed in the prefill",
+        kill,
+    )
+    .await;
+    assert_eq!(&text, seeded_alone, "seeded, a node killed in the prefill");
+    let mut b = rejoin(&owner.addr.to_string(), "b", SMALL, &mut owner, 3);
 
     // A stopped process (a hang, not a death) is noticed by its silence.
-    let mark = owner.log_mark();
-    let mut stream = send_chat(owner.addr, &short).await;
-    let mut seen = Vec::new();
-    read_content_events(&mut stream, &mut seen, 10).await;
-    let stopped_at = Instant::now();
-    b.signal("STOP");
-    let text = finish_stream(stream, seen).await;
-    assert_eq!(&text, short_alone, "greedy, a node stopped after 10 tokens");
-    report(
-        "stage node stopped after 10 tokens",
-        stopped_at,
+    let stop = |node: &mut Node| node.signal("STOP");
+    let (text, mark) = answer_through(
         &mut owner,
-        mark,
-    );
+        &mut b,
+        &short,
+        10,
+        "greedy, stopped after 10 tokens",
+        stop,
+    )
+    .await;
+    assert_eq!(&text, short_alone, "greedy, a node stopped after 10 tokens");
     let silent = owner.wait_for_log_since(mark, "has sent nothing for", RECOVERY_TIMEOUT);
     println!("  {silent}");
     // Let it go on: it does not disturb the plan that replaced it, and

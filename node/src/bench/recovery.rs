@@ -20,11 +20,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::ring::{
-    BenchNode, NodeSpec, Scratch, drain, median, request_body, start_node, wait_for,
+    BenchNode, NodeSpec, Scratch, drain, median, read_chunks, request_body, send_chat, start_node,
+    wait_for,
 };
 use crate::cli::RecoveryBenchArgs;
 use crate::limits::BENCH_REQUEST_TIMEOUT_SECS;
@@ -217,7 +217,7 @@ async fn stream_and_kill(
     body: &str,
     mut kill: Option<(usize, &mut BenchNode)>,
 ) -> anyhow::Result<Streamed> {
-    let mut socket = send(addr, body).await?;
+    let mut socket = send_chat(addr, body).await?;
     let mut text = String::new();
     let (mut tokens, mut killed_at, mut pause_ms) = (0, None::<Instant>, 0.0);
     let read = async {
@@ -245,7 +245,7 @@ async fn stream_and_kill(
 
 /// Streams `body` until `tokens` tokens have come.
 async fn first_tokens(addr: SocketAddr, body: &str, tokens: usize) -> anyhow::Result<()> {
-    let mut socket = send(addr, body).await?;
+    let mut socket = send_chat(addr, body).await?;
     let mut seen = 0;
     let read = read_events(&mut socket, |_| {
         seen += 1;
@@ -256,52 +256,23 @@ async fn first_tokens(addr: SocketAddr, body: &str, tokens: usize) -> anyhow::Re
         .context("the request timed out")?
 }
 
-async fn send(addr: SocketAddr, body: &str) -> anyhow::Result<TcpStream> {
-    let mut socket = TcpStream::connect(addr).await?;
-    let request = format!(
-        "POST /v1/chat/completions HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    socket.write_all(request.as_bytes()).await?;
-    Ok(socket)
-}
-
-/// Reads server-sent events, calling `on_content` with each piece of
-/// text until it returns false or the stream ends; an error event fails.
+/// Reads a streamed answer, calling `on_content` with each piece of text
+/// until it returns false or the stream ends.
 async fn read_events(
     socket: &mut TcpStream,
     mut on_content: impl FnMut(&str) -> bool,
 ) -> anyhow::Result<()> {
-    let mut pending = String::new();
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let n = socket.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        pending.push_str(&String::from_utf8_lossy(&buf[..n]));
-        while let Some(end) = pending.find("\n\n") {
-            let event: String = pending.drain(..end + 2).collect();
-            let Some(data) = event.lines().find_map(|l| l.strip_prefix("data: ")) else {
-                continue;
-            };
-            if data == "[DONE]" {
-                continue;
-            }
-            let chunk: serde_json::Value =
-                serde_json::from_str(data).context("a chunk that is not JSON")?;
-            if let Some(error) = chunk.get("error") {
-                bail!("the node failed the request: {error}");
-            }
-            if let Some(content) = chunk["choices"][0]["delta"]["content"]
-                .as_str()
-                .filter(|c| !c.is_empty())
-                && !on_content(content)
-            {
-                return Ok(());
-            }
-        }
-    }
+    read_chunks(
+        socket,
+        |chunk| match chunk["choices"][0]["delta"]["content"]
+            .as_str()
+            .filter(|c| !c.is_empty())
+        {
+            Some(content) => on_content(content),
+            None => true,
+        },
+    )
+    .await
 }
 
 /// The number after `name=` in a log line.

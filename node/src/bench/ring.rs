@@ -417,19 +417,59 @@ async fn stream(addr: SocketAddr, body: &str) -> anyhow::Result<StreamTiming> {
 
 async fn stream_inner(addr: SocketAddr, body: &str) -> anyhow::Result<StreamTiming> {
     let started = Instant::now();
+    let mut socket = send_chat(addr, body).await?;
+    let (mut first, mut last, mut tokens) = (None, None, None);
+    read_chunks(&mut socket, |chunk| {
+        if chunk["choices"][0]["delta"]["content"]
+            .as_str()
+            .is_some_and(|c| !c.is_empty())
+        {
+            let now = Instant::now();
+            first.get_or_insert(now);
+            last = Some(now);
+        }
+        if let Some(n) = chunk["usage"]["completion_tokens"].as_u64() {
+            tokens = Some(n as usize);
+        }
+        true
+    })
+    .await?;
+    let (Some(first), Some(last), Some(tokens)) = (first, last, tokens) else {
+        bail!("the stream ended without text and usage");
+    };
+    Ok(StreamTiming {
+        ttft_s: (first - started).as_secs_f64(),
+        decode_tok_s: crate::engine::decode_rate(tokens, (last - first).as_secs_f64()),
+        completion_tokens: tokens,
+        total_s: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Sends a chat completion request over HTTP/1.0; the answer is read from
+/// the returned socket.
+pub(super) async fn send_chat(addr: SocketAddr, body: &str) -> anyhow::Result<TcpStream> {
     let mut socket = TcpStream::connect(addr).await?;
     let request = format!(
         "POST /v1/chat/completions HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     socket.write_all(request.as_bytes()).await?;
+    Ok(socket)
+}
+
+/// Reads a streamed answer's server-sent events, calling `on_chunk` with
+/// each JSON chunk until it returns false or the stream ends; an error
+/// event fails.
+pub(super) async fn read_chunks(
+    socket: &mut TcpStream,
+    mut on_chunk: impl FnMut(&serde_json::Value) -> bool,
+) -> anyhow::Result<()> {
     let mut pending = String::new();
     let mut buf = vec![0u8; 16 * 1024];
-    let (mut first, mut last, mut tokens) = (None, None, None);
     loop {
         let n = socket.read(&mut buf).await?;
         if n == 0 {
-            break;
+            return Ok(());
         }
         pending.push_str(&String::from_utf8_lossy(&buf[..n]));
         while let Some(end) = pending.find("\n\n") {
@@ -445,28 +485,11 @@ async fn stream_inner(addr: SocketAddr, body: &str) -> anyhow::Result<StreamTimi
             if let Some(error) = chunk.get("error") {
                 bail!("the node failed the request: {error}");
             }
-            if chunk["choices"][0]["delta"]["content"]
-                .as_str()
-                .is_some_and(|c| !c.is_empty())
-            {
-                let now = Instant::now();
-                first.get_or_insert(now);
-                last = Some(now);
-            }
-            if let Some(n) = chunk["usage"]["completion_tokens"].as_u64() {
-                tokens = Some(n as usize);
+            if !on_chunk(&chunk) {
+                return Ok(());
             }
         }
     }
-    let (Some(first), Some(last), Some(tokens)) = (first, last, tokens) else {
-        bail!("the stream ended without text and usage: {pending}");
-    };
-    Ok(StreamTiming {
-        ttft_s: (first - started).as_secs_f64(),
-        decode_tok_s: crate::engine::decode_rate(tokens, (last - first).as_secs_f64()),
-        completion_tokens: tokens,
-        total_s: started.elapsed().as_secs_f64(),
-    })
 }
 
 pub(super) fn median(values: &[f64]) -> f64 {

@@ -581,10 +581,10 @@ impl Cluster {
     /// leader and every owner re-plan; if it has, the silence was only
     /// between those two and the link here stays.
     fn peer_silent(&mut self, from: NodeId, node: NodeId) {
-        let largest = self.largest_activation_frame();
         if node == self.me() {
             return;
         }
+        let largest = self.largest_activation_frame();
         if let Some((_, silent)) = self
             .membership
             .silent_peers(&[node], largest)

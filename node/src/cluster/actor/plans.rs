@@ -65,11 +65,7 @@ impl Cluster {
         else {
             return;
         };
-        let stages: Vec<String> = message
-            .stages
-            .iter()
-            .map(|s| format!("{} {}", self.membership.name_of(s.node), s.layers))
-            .collect();
+        let stages = self.stage_names(&message);
         tracing::info!(epoch = message.epoch.0, policy = %policy_name, stages = %stages.join(", "), "new plan");
         self.membership.broadcast(&Frame::Plan(message.clone()));
         self.on_plan(message);
@@ -221,6 +217,15 @@ impl Cluster {
         }
     }
 
+    /// A plan's stages as `name layers`, for the log and the view.
+    fn stage_names(&self, message: &PlanMessage) -> Vec<String> {
+        message
+            .stages
+            .iter()
+            .map(|s| format!("{} {}", self.membership.name_of(s.node), s.layers))
+            .collect()
+    }
+
     /// Sends a frame about a plan to its leader, which may be this node.
     pub(super) fn tell_leader(&mut self, leader: NodeId, frame: Frame) {
         if leader == self.me() {
@@ -252,17 +257,11 @@ impl Cluster {
             for sequence in &resumed {
                 self.deliver_resume(*sequence);
             }
-            let plan: Vec<String> = self
+            let plan = self
                 .planning
                 .plan
                 .as_ref()
-                .map(|p| {
-                    p.message
-                        .stages
-                        .iter()
-                        .map(|s| format!("{} {}", self.membership.name_of(s.node), s.layers))
-                        .collect()
-                })
+                .map(|p| self.stage_names(&p.message))
                 .unwrap_or_default();
             if let Some(recovered) = self.recoveries.plan_active(epoch, plan, resumed.len()) {
                 let view = &recovered.view;
