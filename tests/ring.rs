@@ -326,6 +326,8 @@ fn test_hello(fingerprint: &str) -> Hello {
         // Senior to the node under test, so that it leads: its plans are
         // considered (and refused on their merits).
         serving_since_ms: Some(1),
+        ice_servers: Vec::new(),
+        dtls_fingerprints: None,
     }
 }
 

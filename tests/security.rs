@@ -410,6 +410,8 @@ async fn member_without_admin_token(addr: SocketAddr) -> secure::Session {
         },
         peers: Vec::new(),
         serving_since_ms: None,
+        ice_servers: Vec::new(),
+        dtls_fingerprints: None,
     };
     session
         .writer

@@ -138,6 +138,37 @@ pub struct LinkView {
     pub rtt_ms: Option<f64>,
     /// Bytes per second `from` received from `to` in large frames.
     pub bandwidth_bytes_per_second: Option<u64>,
+    /// What carries the link.
+    #[serde(default)]
+    pub transport: LinkTransport,
+    /// For a WebRTC link: how long ICE and DTLS took to open it, from the
+    /// first signal to the open data channel, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handshake_ms: Option<f64>,
+}
+
+/// What carries a link between two nodes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LinkTransport {
+    /// A TCP connection one node dialed.
+    #[default]
+    Tcp,
+    /// A WebRTC data channel, node to node (through NATs, no relay).
+    Webrtc,
+    /// A WebRTC data channel relayed by a TURN server.
+    WebrtcTurn,
+}
+
+impl LinkTransport {
+    /// How the dashboard and logs name it.
+    pub fn label(self) -> &'static str {
+        match self {
+            LinkTransport::Tcp => "tcp",
+            LinkTransport::Webrtc => "webrtc",
+            LinkTransport::WebrtcTurn => "webrtc via TURN",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -276,6 +307,8 @@ mod tests {
                 to: NodeId(u64::MAX),
                 rtt_ms: Some(0.25),
                 bandwidth_bytes_per_second: None,
+                transport: LinkTransport::WebrtcTurn,
+                handshake_ms: Some(180.0),
             }],
             plan: Some(PlanView {
                 epoch: 3,
@@ -335,7 +368,7 @@ mod tests {
             r#""peak_rss_bytes":null,"models":[{"name":"other","state":"downloading","#,
             r#""downloaded_bytes":1,"total_bytes":2,"error":null}]}],"#,
             r#""links":[{"from":"000000000000002a","to":"ffffffffffffffff","rtt_ms":0.25,"#,
-            r#""bandwidth_bytes_per_second":null}],"#,
+            r#""bandwidth_bytes_per_second":null,"transport":"webrtc-turn","handshake_ms":180.0}],"#,
             r#""plan":{"epoch":3,"leader":"000000000000002a","state":"active","#,
             r#""stages":[{"node":"000000000000002a","layers":{"start":0,"end":30},"#,
             r#""weight_bytes":90,"in_flight":1}]},"#,

@@ -31,8 +31,8 @@ pub use chat::{
     StreamOptions, Usage,
 };
 pub use cluster::{
-    ClusterView, LinkView, ModelAvailability, ModelIdentity, ModelState, NodeView, NotJoinedView,
-    PlanState, PlanView, RecoveryView, Resources, StageView,
+    ClusterView, LinkTransport, LinkView, ModelAvailability, ModelIdentity, ModelState, NodeView,
+    NotJoinedView, PlanState, PlanView, RecoveryView, Resources, StageView,
 };
 pub use error::{ErrorBody, ErrorDetail, ErrorType};
 pub use ids::{LayerRange, NodeId, ParseNodeIdError};

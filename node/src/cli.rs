@@ -280,6 +280,51 @@ pub struct ServeArgs {
     )]
     pub peers: Vec<String>,
 
+    /// How this node links to peers: `auto` dials TCP and, when a dial
+    /// fails or times out (the peer is behind a NAT), opens a WebRTC data
+    /// channel through the NAT instead, signaled through a node both are
+    /// linked to; `tcp` never uses WebRTC; `webrtc` uses it for every node
+    /// learned of through a peer (`--peer` addresses still use TCP)
+    #[arg(long = "link", env = "RINGLET_LINK", value_enum, default_value_t = crate::cluster::LinkMode::Auto)]
+    pub link: crate::cluster::LinkMode,
+
+    /// A STUN server for WebRTC links, as stun:HOST:PORT; repeat for more.
+    /// It tells a node behind a NAT its public address. Shared with the
+    /// cluster: nodes started without one use their peers'
+    #[arg(
+        long = "stun",
+        env = "RINGLET_STUN",
+        value_delimiter = ',',
+        value_name = "URL"
+    )]
+    pub stun: Vec<String>,
+
+    /// A TURN server for WebRTC links, as turn:HOST:PORT (UDP). Nodes that
+    /// cannot reach each other directly (a symmetric NAT, a firewall that
+    /// blocks UDP between them) link through it. Needs --turn-user and
+    /// --turn-credential. Shared with the cluster like --stun
+    #[arg(
+        long = "turn",
+        env = "RINGLET_TURN",
+        value_delimiter = ',',
+        value_name = "URL"
+    )]
+    pub turn: Vec<String>,
+
+    /// The user name for --turn
+    #[arg(long, env = "RINGLET_TURN_USER", value_name = "USER")]
+    pub turn_user: Option<String>,
+
+    /// The credential (password) for --turn. Prefer the environment
+    /// variable: other users can read a command line
+    #[arg(
+        long,
+        env = "RINGLET_TURN_CREDENTIAL",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub turn_credential: Option<String>,
+
     /// This node's name in logs and the dashboard [default: the host name]
     #[arg(long, env = "RINGLET_NAME")]
     pub name: Option<String>,
@@ -589,6 +634,16 @@ pub struct RingBenchArgs {
     /// Rounds of each measurement, alternated; the table shows medians
     #[arg(long, default_value_t = 5)]
     pub rounds: usize,
+
+    /// Also run the largest ring with WebRTC data channels between its
+    /// nodes (on loopback; a relay node that holds no layers signals)
+    #[arg(long)]
+    pub webrtc: bool,
+
+    /// Also time one prompt of about this many tokens on each ring and
+    /// show the activation throughput its links measured (0: skip)
+    #[arg(long, default_value_t = 0, value_name = "TOKENS")]
+    pub prefill_tokens: usize,
 
     /// Also write the results as JSON to this file
     #[arg(long, value_name = "FILE")]

@@ -139,6 +139,49 @@ pub const PLAN_SETTLE_MS: u64 = 500;
 /// How often a node retries peers it should be linked to but is not.
 pub const REDIAL_INTERVAL_MS: u64 = 2_000;
 
+/// WebRTC links carry the link's byte stream in data-channel messages of
+/// at most this size: the common default every WebRTC stack accepts (the
+/// SDP may allow up to 256 KiB). Frames longer than this are cut into
+/// pieces and put back together by their length prefix.
+pub const RTC_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// Bytes one data channel may have handed to SCTP and not yet had
+/// acknowledged; a sender waits beyond it (back-pressure, so the queue
+/// cannot grow with a slow peer). Twice the activations of a 512-token
+/// prefill chunk of a 2,048-wide model (4 MiB), so a chunk never waits for
+/// its own pieces to be acknowledged.
+pub const RTC_SEND_BUFFER_BYTES: usize = 8 << 20;
+
+/// The in-memory pipe between the link's reader and writer and the data
+/// channel; a full pipe holds the writer back like a full socket buffer.
+pub const RTC_PIPE_BYTES: usize = 256 * 1024;
+
+/// Time to gather ICE candidates (host, STUN and TURN) for one session;
+/// what was gathered by then goes into the description.
+pub const RTC_GATHER_TIMEOUT_MS: u64 = 5_000;
+
+/// Time from sending an offer to its answer (the answering node gathers
+/// its candidates meanwhile; the relay forwards both).
+pub const RTC_ANSWER_TIMEOUT_MS: u64 = 15_000;
+
+/// Time from both descriptions to an open data channel (ICE checks, DTLS,
+/// SCTP).
+pub const RTC_CONNECT_TIMEOUT_MS: u64 = 15_000;
+
+/// A WebRTC link that closes waits at most this long for the bytes it
+/// wrote last (a goodbye) to be acknowledged before the channel closes.
+pub const RTC_DRAIN_TIMEOUT_MS: u64 = 2_000;
+
+/// After a WebRTC attempt to a node fails, the next one waits this long.
+pub const RTC_RETRY_MS: u64 = 10_000;
+
+/// STUN and TURN servers a node uses, its own and those peers shared: a
+/// peer cannot make a node try an unbounded list.
+pub const MAX_ICE_SERVERS: usize = 8;
+
+/// Longest session description accepted in a signal (they are a few KiB).
+pub const MAX_SDP_BYTES: usize = 32 * 1024;
+
 /// Events queued for the cluster actor (frames, stage outputs, control).
 pub const CLUSTER_EVENT_QUEUE_LEN: usize = 4_096;
 

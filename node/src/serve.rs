@@ -121,6 +121,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             stage_loads: stage_loads_tx,
             open_model,
             recovery_wait: Duration::from_secs(args.recovery_wait),
+            link_mode: args.link,
+            ice_servers: ice_servers(&args)?,
             stage_fault: crate::stage::TestFault::from_env(),
         },
         Arc::new(file),
@@ -175,6 +177,41 @@ fn cluster_identity(args: &ServeArgs) -> anyhow::Result<Identity> {
 
 /// The API keys from the flags and the key file, and whether a node
 /// without one answers other machines; says in the log which applies.
+/// The STUN and TURN servers of `--stun` and `--turn`, checked: a URL
+/// with the wrong scheme, or TURN without its user and credential, is an
+/// error that says what to pass.
+fn ice_servers(args: &ServeArgs) -> anyhow::Result<Vec<cluster::protocol::IceServer>> {
+    let mut servers = Vec::new();
+    for url in &args.stun {
+        anyhow::ensure!(
+            url.starts_with("stun:"),
+            "--stun {url}: a STUN server is given as stun:HOST:PORT"
+        );
+        servers.push(cluster::protocol::IceServer {
+            url: url.clone(),
+            username: String::new(),
+            credential: String::new(),
+        });
+    }
+    for url in &args.turn {
+        anyhow::ensure!(
+            url.starts_with("turn:"),
+            "--turn {url}: a TURN server is given as turn:HOST:PORT (UDP; turns: is not supported)"
+        );
+        let (Some(username), Some(credential)) = (&args.turn_user, &args.turn_credential) else {
+            anyhow::bail!(
+                "--turn {url} needs --turn-user and --turn-credential (or RINGLET_TURN_USER and RINGLET_TURN_CREDENTIAL)"
+            );
+        };
+        servers.push(cluster::protocol::IceServer {
+            url: url.clone(),
+            username: username.clone(),
+            credential: credential.clone(),
+        });
+    }
+    Ok(servers)
+}
+
 fn api_access(args: &ServeArgs, listen: SocketAddr) -> anyhow::Result<ApiAccess> {
     let mut keys = args.api_keys.clone();
     if let Some(path) = &args.api_key_file {

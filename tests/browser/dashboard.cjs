@@ -90,6 +90,8 @@ async function main() {
   console.log("layers before:", JSON.stringify(before));
   check((await page.locator('[data-testid="stage"]').count()) === 2, "the ring shows two stages");
   await page.locator('[data-testid="links"] tbody tr').first().waitFor({ timeout: TIMEOUT });
+  const transports = await page.locator('[data-testid="link-transport"]').allInnerTexts();
+  check(transports.length > 0 && transports.every((t) => t === "tcp"), `each link shows its transport: ${transports}`);
   check((await banner.count()) === 0, "no API key banner once the key is given");
   await shot(page, "cluster-two-stages");
 

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+pub mod natlab;
 pub mod netns;
 
 pub const MODEL: &str = "smollm2-135m";
@@ -164,6 +165,12 @@ impl Node {
             self.log_seen.push(line);
         }
         self.log_seen.len()
+    }
+
+    /// The lines logged after `mark` (from `log_mark`) until now.
+    pub fn lines_since(&mut self, mark: usize) -> Vec<String> {
+        let now = self.log_mark();
+        self.log_seen[mark.min(now)..now].to_vec()
     }
 
     /// Like `wait_for_log`, for lines after `mark` (from `log_mark`).

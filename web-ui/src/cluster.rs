@@ -3,7 +3,7 @@
 //! which the node's event feed keeps current.
 
 use api_types::{
-    ClusterView, NodeId, NodeView, NotJoinedView, PlanState, RecoveryView, StageView,
+    ClusterView, LinkView, NodeId, NodeView, NotJoinedView, PlanState, RecoveryView, StageView,
 };
 use leptos::prelude::*;
 
@@ -118,6 +118,7 @@ fn cluster_view(view: &ClusterView) -> impl IntoView + use<> {
                             <tr>
                                 <th>"From"</th>
                                 <th>"To"</th>
+                                <th>"Transport"</th>
                                 <th>"Latency (round trip)"</th>
                                 <th>"Bandwidth"</th>
                             </tr>
@@ -130,6 +131,9 @@ fn cluster_view(view: &ClusterView) -> impl IntoView + use<> {
                                         <tr>
                                             <td>{name_of(link.from)}</td>
                                             <td>{name_of(link.to)}</td>
+                                            <td data-testid="link-transport">
+                                                {transport(link)}
+                                            </td>
                                             <td>
                                                 {link
                                                     .rtt_ms
@@ -152,6 +156,14 @@ fn cluster_view(view: &ClusterView) -> impl IntoView + use<> {
         </div>
         {(!view.recoveries.is_empty()).then(|| recoveries(&view.recoveries))}
         {(!view.not_joined.is_empty()).then(|| not_joined(&view.not_joined))}
+    }
+}
+
+/// What carries a link, with a WebRTC link's handshake time.
+fn transport(link: &LinkView) -> String {
+    match link.handshake_ms {
+        Some(ms) => format!("{} (opened in {ms:.0} ms)", link.transport.label()),
+        None => link.transport.label().to_string(),
     }
 }
 

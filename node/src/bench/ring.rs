@@ -7,7 +7,11 @@
 //!
 //! Links are encrypted, as in a real cluster. The largest ring runs a
 //! second time with frames in plaintext (`--insecure-plaintext-links`), so
-//! one run says what encryption costs.
+//! one run says what encryption costs, and with `--webrtc` a third time
+//! with WebRTC data channels between its nodes (`--link webrtc`; a relay
+//! node too small for any layer signals for them), so one run says what
+//! WebRTC costs against TCP. `--prefill-tokens` times one long prompt on
+//! each ring and reads the activation throughput its links measured.
 
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -36,6 +40,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(BENCH_REQUEST_TIMEOUT_SECS
 /// One streamed request as the client saw it.
 #[derive(Debug, Clone, Serialize)]
 pub struct StreamTiming {
+    pub prompt_tokens: u64,
     pub ttft_s: f64,
     pub decode_tok_s: f64,
     pub completion_tokens: usize,
@@ -47,9 +52,22 @@ struct SizeReport {
     nodes: usize,
     /// Frames encrypted on the links (false: the plaintext comparison).
     encrypted: bool,
+    /// `tcp` or `webrtc` between the ring's nodes.
+    transport: &'static str,
+    /// The long prompt's time to first token, if `--prefill-tokens`.
+    prefill: Option<PrefillReport>,
     rounds: Vec<StreamTiming>,
     median_decode_tok_s: f64,
     median_ttft_s: f64,
+}
+
+/// One long prompt through a ring.
+#[derive(Debug, Clone, Serialize)]
+struct PrefillReport {
+    prompt_tokens: u64,
+    ttft_s: f64,
+    /// What the ring's links measured on the activation frames, bytes/s.
+    link_bytes_per_second: Vec<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -70,6 +88,8 @@ struct Report {
     concurrency: Vec<ConcurrencyReport>,
     /// Handshake (Noise and Hello) times of the links, as the nodes logged.
     handshake_micros: Vec<u64>,
+    /// WebRTC links' ICE and DTLS times (to the open data channel), ms.
+    webrtc_handshake_ms: Vec<u64>,
 }
 
 /// The benchmark's nodes' config directories, removed at the end.
@@ -81,11 +101,24 @@ impl Drop for Scratch {
     }
 }
 
-/// One ring to start: its size and whether frames are encrypted.
+/// One ring to start: its size, whether frames are encrypted, and
+/// whether its nodes link over WebRTC.
 #[derive(Debug, Clone, Copy)]
 struct RingKind {
     nodes: usize,
     encrypted: bool,
+    webrtc: bool,
+}
+
+impl RingKind {
+    fn label(self) -> &'static str {
+        match (self.nodes, self.encrypted, self.webrtc) {
+            (1, _, _) => "none",
+            (_, _, true) => "webrtc",
+            (_, true, false) => "encrypted",
+            (_, false, false) => "plaintext",
+        }
+    }
 }
 
 /// A node process started for the benchmark; killed when dropped.
@@ -115,13 +148,22 @@ pub async fn bench(args: RingBenchArgs) -> anyhow::Result<()> {
         .map(|&nodes| RingKind {
             nodes,
             encrypted: true,
+            webrtc: false,
         })
         .collect();
     if largest_size > 1 {
         kinds.push(RingKind {
             nodes: largest_size,
             encrypted: false,
+            webrtc: false,
         });
+        if args.webrtc {
+            kinds.push(RingKind {
+                nodes: largest_size,
+                encrypted: true,
+                webrtc: true,
+            });
+        }
     }
     eprintln!(
         "ringlet bench ring: starting rings of {sizes:?} nodes ({} threads each), and one of {largest_size} with plaintext links",
@@ -133,17 +175,46 @@ pub async fn bench(args: RingBenchArgs) -> anyhow::Result<()> {
         Scratch(std::env::temp_dir().join(format!("ringlet-bench-ring-{}", std::process::id())));
     let token = crate::identity::JoinToken(crate::identity::ClusterSecret::random()).to_string();
     let mut rings = Vec::new();
+    let mut relays = Vec::new();
     let mut handshake_micros = Vec::new();
+    let mut webrtc_handshake_ms = Vec::new();
     for (ring, &kind) in kinds.iter().enumerate() {
         let started = start_ring(ring, kind, args.threads, &args, &scratch.0, &token).await?;
         handshake_micros.extend(started.handshake_micros);
+        webrtc_handshake_ms.extend(started.webrtc_handshake_ms);
         rings.push(started.nodes);
-        let links = if kind.encrypted {
-            "encrypted"
-        } else {
-            "plaintext"
-        };
-        eprintln!("  ring of {} ready ({links} links)", kind.nodes);
+        relays.extend(started.relay);
+        eprintln!("  ring of {} ready ({} links)", kind.nodes, kind.label());
+    }
+
+    let mut prefills: Vec<Option<PrefillReport>> = vec![None; kinds.len()];
+    if args.prefill_tokens > 0 {
+        let body = long_prompt_body(&model.name, args.prefill_tokens);
+        for (i, ring) in rings.iter().enumerate() {
+            let timing = stream(ring[0].addr, &body).await?;
+            let view = get_json(ring[0].addr, "/v1/cluster").await?;
+            let transport = if kinds[i].webrtc { "webrtc" } else { "tcp" };
+            let link_bytes_per_second: Vec<u64> = view["links"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|l| l["transport"] == transport)
+                .filter_map(|l| l["bandwidth_bytes_per_second"].as_u64())
+                .collect();
+            let report = PrefillReport {
+                prompt_tokens: timing.prompt_tokens,
+                ttft_s: timing.ttft_s,
+                link_bytes_per_second,
+            };
+            eprintln!(
+                "  {}-token prompt on {} nodes ({} links): first token after {:.0} ms",
+                report.prompt_tokens,
+                kinds[i].nodes,
+                kinds[i].label(),
+                report.ttft_s * 1000.0
+            );
+            prefills[i] = Some(report);
+        }
     }
 
     let body = request_body(&model.name, args.decode_tokens);
@@ -152,14 +223,10 @@ pub async fn bench(args: RingBenchArgs) -> anyhow::Result<()> {
         for (i, ring) in rings.iter().enumerate() {
             let timing = stream(ring[0].addr, &body).await?;
             eprintln!(
-                "  round {round}/{}: {} nodes{}: decode {:6.1} tok/s, first token after {:4.0} ms",
+                "  round {round}/{}: {} nodes ({} links): decode {:6.1} tok/s, first token after {:4.0} ms",
                 args.rounds,
                 kinds[i].nodes,
-                if kinds[i].encrypted {
-                    ""
-                } else {
-                    " (plaintext)"
-                },
+                kinds[i].label(),
                 timing.decode_tok_s,
                 timing.ttft_s * 1000.0
             );
@@ -199,9 +266,12 @@ pub async fn bench(args: RingBenchArgs) -> anyhow::Result<()> {
         sizes: kinds
             .iter()
             .zip(per_size)
-            .map(|(kind, rounds)| SizeReport {
+            .zip(prefills)
+            .map(|((kind, rounds), prefill)| SizeReport {
                 nodes: kind.nodes,
                 encrypted: kind.encrypted,
+                transport: if kind.webrtc { "webrtc" } else { "tcp" },
+                prefill,
                 median_decode_tok_s: median(
                     &rounds.iter().map(|t| t.decode_tok_s).collect::<Vec<_>>(),
                 ),
@@ -211,7 +281,9 @@ pub async fn bench(args: RingBenchArgs) -> anyhow::Result<()> {
             .collect(),
         concurrency,
         handshake_micros,
+        webrtc_handshake_ms,
     };
+    drop(relays);
     print_tables(&report);
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
@@ -236,7 +308,10 @@ pub(super) fn request_body(model: &str, decode_tokens: usize) -> String {
 /// A started ring, and how long its links' handshakes took.
 struct StartedRing {
     nodes: Vec<BenchNode>,
+    /// The node that signals for a WebRTC ring (it holds no layers).
+    relay: Option<BenchNode>,
     handshake_micros: Vec<u64>,
+    webrtc_handshake_ms: Vec<u64>,
 }
 
 /// Starts `kind.nodes` nodes joined into one ring and waits until each has
@@ -255,6 +330,28 @@ async fn start_ring(
     let mut first: Option<SocketAddr> = None;
     let mut logs = Vec::new();
     let plaintext = ["--insecure-plaintext-links".to_string()];
+    let webrtc = ["--link".to_string(), "webrtc".to_string()];
+    let mut relay = None;
+    if kind.webrtc {
+        // Every node of the ring joins the relay; it is too small for a
+        // layer, so the ring's links are all between nodes that learned
+        // of each other through it: WebRTC.
+        let small = ["--memory-budget".to_string(), "1MiB".to_string()];
+        let spec = NodeSpec {
+            name: format!("bench-{ring}-relay"),
+            model: &args.model,
+            threads,
+            cache: &args.cache,
+            config_dir: scratch.join(format!("ring{ring}-relay")),
+            token,
+            peer: None,
+            extra: &small,
+        };
+        let (node, log) = start_node(spec).await?;
+        first = Some(node.addr);
+        relay = Some(node);
+        drain(log);
+    }
     for i in 0..n {
         let spec = NodeSpec {
             name: format!("bench-{ring}-{i}"),
@@ -264,7 +361,11 @@ async fn start_ring(
             config_dir: scratch.join(format!("ring{ring}-node{i}")),
             token,
             peer: first,
-            extra: if kind.encrypted { &[] } else { &plaintext },
+            extra: match (kind.encrypted, kind.webrtc) {
+                (_, true) => &webrtc,
+                (true, false) => &[],
+                (false, false) => &plaintext,
+            },
         };
         let (node, log) = start_node(spec).await?;
         first.get_or_insert(node.addr);
@@ -272,9 +373,11 @@ async fn start_ring(
         logs.push(log);
     }
     let mut handshake_micros = Vec::new();
+    let mut webrtc_handshake_ms = Vec::new();
     for rx in &mut logs {
         let (before, _) = wait_for_collecting(rx, &ready).await?;
         handshake_micros.extend(before.iter().filter_map(|line| handshake_time(line)));
+        webrtc_handshake_ms.extend(before.iter().filter_map(|line| webrtc_handshake_time(line)));
     }
     // Keep draining the logs so the nodes never block on a full pipe.
     for rx in logs {
@@ -282,7 +385,9 @@ async fn start_ring(
     }
     Ok(StartedRing {
         nodes,
+        relay,
         handshake_micros,
+        webrtc_handshake_ms,
     })
 }
 
@@ -373,6 +478,54 @@ fn handshake_time(line: &str) -> Option<u64> {
         .ok()
 }
 
+/// The `handshake_ms` of a "WebRTC data channel open" line.
+fn webrtc_handshake_time(line: &str) -> Option<u64> {
+    if !line.contains("WebRTC data channel open") {
+        return None;
+    }
+    line.split("handshake_ms=")
+        .nth(1)?
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// A chat whose prompt is about `tokens` tokens long, answered with one.
+fn long_prompt_body(model: &str, tokens: usize) -> String {
+    // " ring" is one token in the default model's vocabulary.
+    let content = format!(
+        "Repeat the last word.{}",
+        " ring".repeat(tokens.saturating_sub(40))
+    );
+    serde_json::json!({
+        "model": model,
+        "messages": [{ "role": "user", "content": content }],
+        "temperature": 0,
+        "max_tokens": 2,
+        "stream": true,
+        "stream_options": { "include_usage": true },
+    })
+    .to_string()
+}
+
+/// GETs `path` from a node and parses its JSON body.
+async fn get_json(addr: SocketAddr, path: &str) -> anyhow::Result<serde_json::Value> {
+    let mut socket = TcpStream::connect(addr).await?;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    socket.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    tokio::time::timeout(REQUEST_TIMEOUT, socket.read_to_end(&mut response))
+        .await
+        .context("the request timed out")??;
+    let response = String::from_utf8_lossy(&response);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body)
+        .context("no body in the response")?;
+    Ok(serde_json::from_str(body)?)
+}
+
 /// Waits for a log line containing `needle`; returns the lines before it
 /// and the line.
 pub(super) async fn wait_for_collecting(
@@ -418,7 +571,7 @@ async fn stream(addr: SocketAddr, body: &str) -> anyhow::Result<StreamTiming> {
 async fn stream_inner(addr: SocketAddr, body: &str) -> anyhow::Result<StreamTiming> {
     let started = Instant::now();
     let mut socket = send_chat(addr, body).await?;
-    let (mut first, mut last, mut tokens) = (None, None, None);
+    let (mut first, mut last, mut tokens, mut prompt_tokens) = (None, None, None, 0);
     read_chunks(&mut socket, |chunk| {
         if chunk["choices"][0]["delta"]["content"]
             .as_str()
@@ -431,6 +584,9 @@ async fn stream_inner(addr: SocketAddr, body: &str) -> anyhow::Result<StreamTimi
         if let Some(n) = chunk["usage"]["completion_tokens"].as_u64() {
             tokens = Some(n as usize);
         }
+        if let Some(n) = chunk["usage"]["prompt_tokens"].as_u64() {
+            prompt_tokens = n;
+        }
         true
     })
     .await?;
@@ -438,6 +594,7 @@ async fn stream_inner(addr: SocketAddr, body: &str) -> anyhow::Result<StreamTimi
         bail!("the stream ended without text and usage");
     };
     Ok(StreamTiming {
+        prompt_tokens,
         ttft_s: (first - started).as_secs_f64(),
         decode_tok_s: crate::engine::decode_rate(tokens, (last - first).as_secs_f64()),
         completion_tokens: tokens,
@@ -516,15 +673,77 @@ fn print_tables(report: &Report) {
         println!(
             "| {} | {} | {:.1} | {:.0} | {:.2} | {:.2} |",
             size.nodes,
-            match (size.nodes, size.encrypted) {
-                (1, _) => "none",
-                (_, true) => "encrypted",
-                (_, false) => "plaintext",
+            match (size.nodes, size.encrypted, size.transport) {
+                (1, _, _) => "none",
+                (_, _, "webrtc") => "webrtc",
+                (_, true, _) => "encrypted",
+                (_, false, _) => "plaintext",
             },
             size.median_decode_tok_s,
             size.median_ttft_s * 1000.0,
             size.median_decode_tok_s / one.median_decode_tok_s.max(f64::MIN_POSITIVE),
             size.median_ttft_s / one.median_ttft_s.max(f64::MIN_POSITIVE)
+        );
+    }
+    let tcp = report
+        .sizes
+        .iter()
+        .rev()
+        .find(|s| s.encrypted && s.transport == "tcp");
+    let webrtc = report.sizes.iter().find(|s| s.transport == "webrtc");
+    if let (Some(tcp), Some(webrtc)) = (tcp, webrtc) {
+        println!();
+        println!(
+            "webrtc on {} nodes: decode {:.3}x, time to first token {:.3}x of TCP links",
+            webrtc.nodes,
+            webrtc.median_decode_tok_s / tcp.median_decode_tok_s.max(f64::MIN_POSITIVE),
+            webrtc.median_ttft_s / tcp.median_ttft_s.max(f64::MIN_POSITIVE)
+        );
+    }
+    if report.sizes.iter().any(|s| s.prefill.is_some()) {
+        println!();
+        println!(
+            "| nodes | links | prompt tokens | time to first token ms | link throughput MB/s (median) |"
+        );
+        println!("|---:|---|---:|---:|---:|");
+        for size in &report.sizes {
+            let Some(prefill) = &size.prefill else {
+                continue;
+            };
+            let rates: Vec<f64> = prefill
+                .link_bytes_per_second
+                .iter()
+                .map(|&b| b as f64 / 1e6)
+                .collect();
+            println!(
+                "| {} | {} | {} | {:.0} | {} |",
+                size.nodes,
+                if size.nodes == 1 {
+                    "none"
+                } else {
+                    size.transport
+                },
+                prefill.prompt_tokens,
+                prefill.ttft_s * 1000.0,
+                if rates.is_empty() {
+                    "-".to_string()
+                } else {
+                    format!("{:.0}", median(&rates))
+                }
+            );
+        }
+    }
+    if !report.webrtc_handshake_ms.is_empty() {
+        let ms: Vec<f64> = report
+            .webrtc_handshake_ms
+            .iter()
+            .map(|&m| m as f64)
+            .collect();
+        println!(
+            "WebRTC link handshakes (ICE and DTLS to an open channel): median {:.0} ms, max {:.0} ms over {} link ends",
+            median(&ms),
+            ms.iter().copied().fold(0.0, f64::max),
+            ms.len()
         );
     }
     let plain = report.sizes.iter().find(|s| !s.encrypted);

@@ -12,6 +12,7 @@ mod reports;
 mod requests;
 mod switch;
 mod trust;
+mod webrtc;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,6 +32,7 @@ use super::recovery::Recoveries;
 use super::routing;
 use super::routing::Routing;
 use super::secure::LinkKeys;
+use super::signaling::Signaling;
 use super::status::LocalStatus;
 use super::view::Parts;
 use super::{ClusterConfig, ClusterEvent, ClusterView};
@@ -53,6 +55,8 @@ pub(super) struct Channels {
 
 pub(super) struct Cluster {
     membership: Membership,
+    /// WebRTC links: nodes told of, attempts, signals.
+    signaling: Signaling,
     /// This node's key and the cluster's secret, for every link.
     keys: Arc<LinkKeys>,
     /// The last plan ignored because its sender did not lead in this
@@ -133,8 +137,10 @@ impl Cluster {
             identity,
             serving_since_ms: None,
             stage_lost: None,
+            ice_servers: config.ice_servers,
         };
         Self {
+            signaling: Signaling::new(config.me, config.link_mode),
             membership: Membership::new(myself, config.peers),
             keys: Arc::new(LinkKeys::new(
                 config.identity.key.clone(),
@@ -345,10 +351,22 @@ impl Cluster {
                 self.shard_loaded(epoch, result);
                 true
             }
-            ClusterEvent::DialEnded { address } => {
+            ClusterEvent::DialEnded { address, failed } => {
                 self.membership.dial_ended(&address);
+                if failed {
+                    self.tcp_dial_failed(&address);
+                }
                 false
             }
+            ClusterEvent::SignalOut(signal) => {
+                self.send_signal(signal);
+                false
+            }
+            ClusterEvent::WebrtcEnded {
+                node,
+                session,
+                error,
+            } => self.webrtc_ended(node, session, error),
             ClusterEvent::Accept { stream, remote } => {
                 self.spawn_link(stream, remote.to_string());
                 false
@@ -363,6 +381,11 @@ impl Cluster {
     /// Links to every known address not linked yet.
     fn redial(&mut self) {
         for address in self.membership.start_dialing() {
+            if let Some(node) = self.webrtc_instead_of_tcp(&address) {
+                self.membership.dial_ended(&address);
+                self.want_webrtc(node);
+                continue;
+            }
             let hello = self.membership.hello();
             let events = self.events_tx.clone();
             let me = self.me();
@@ -370,18 +393,20 @@ impl Cluster {
             tokio::spawn(async move {
                 match link::dial(&address).await {
                     Ok(stream) => {
-                        let context = LinkContext {
-                            me,
-                            events: events.clone(),
-                            observed_address: address.clone(),
-                            keys,
+                        let context = LinkContext::tcp(me, events.clone(), address.clone(), keys);
+                        let ended = ClusterEvent::DialEnded {
+                            address,
+                            failed: false,
                         };
-                        let _ = events.send(ClusterEvent::DialEnded { address }).await;
+                        let _ = events.send(ended).await;
                         link::run(stream, hello, true, context).await;
                     }
                     Err(error) => {
                         tracing::debug!(%error, "dial failed; will retry");
-                        let _ = events.send(ClusterEvent::DialEnded { address }).await;
+                        let failed = matches!(error, link::LinkError::Connect { .. });
+                        let _ = events
+                            .send(ClusterEvent::DialEnded { address, failed })
+                            .await;
                     }
                 }
             });
@@ -389,12 +414,12 @@ impl Cluster {
     }
 
     fn spawn_link(&self, stream: link::AcceptedStream, observed_address: String) {
-        let context = LinkContext {
-            me: self.me(),
-            events: self.events_tx.clone(),
+        let context = LinkContext::tcp(
+            self.me(),
+            self.events_tx.clone(),
             observed_address,
-            keys: Arc::clone(&self.keys),
-        };
+            Arc::clone(&self.keys),
+        );
         tokio::spawn(link::run(stream, self.membership.hello(), false, context));
     }
 
@@ -404,9 +429,16 @@ impl Cluster {
     /// goes out.
     fn link_up(&mut self, hello: Hello, key: Vec<u8>, link: LinkSender) -> bool {
         let peer = hello.node;
+        let told: Vec<_> = hello
+            .peers
+            .iter()
+            .map(|p| (p.node, p.address.clone()))
+            .collect();
+        let servers = hello.ice_servers.clone();
         if self.membership.admit(hello, key, link).is_err() {
             return false;
         }
+        self.peer_linked(peer, told, &servers);
         // A newcomer learns the cluster's policy (if it has a newer one,
         // it sends it here the same way and it wins).
         if self.policy_sync.changed() {
@@ -435,6 +467,7 @@ impl Cluster {
             return false; // a replaced duplicate link closing
         };
         tracing::info!(node = %node, address = %member.address, %reason, "peer {} left", member.hello.name);
+        self.membership.forget_unreachable(node);
         self.policy_sync.forget(node);
         for sequence in self.routing.orphans_of(node) {
             self.release_on_stage(sequence);
@@ -739,8 +772,15 @@ impl Cluster {
             }
             Frame::NodeStatus(status) => {
                 let leader = self.membership.leader();
-                self.membership.record_status(from, status);
+                if self.membership.record_status(from, status) {
+                    // Two nodes left apart linked after all.
+                    self.planning.replan_soon();
+                }
                 self.leader_may_have_changed(leader);
+                true
+            }
+            Frame::Unreachable { node, reason } => {
+                self.peer_unreachable(from, node, &reason);
                 true
             }
             frame @ (Frame::Policy(_) | Frame::PolicyChunk { .. }) => {
@@ -773,6 +813,7 @@ impl Cluster {
                 self.peer_switched(from, identity);
                 true
             }
+            Frame::Signal(signal) => self.on_signal(from, signal),
             Frame::FetchModel { name, proof } => {
                 let asked_by = self.membership.name_of(from);
                 let change = trust::fetch_change(&name);
@@ -836,6 +877,7 @@ impl Cluster {
             local: &self.local.figures,
             in_flight: self.routing.in_flight(),
             recoveries: self.recoveries.recent(),
+            webrtc_failures: &self.signaling.failures,
         }
         .build();
         self.view.send_if_modified(|current| {

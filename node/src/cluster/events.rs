@@ -116,9 +116,20 @@ pub(crate) enum ClusterEvent {
         epoch: protocol::Epoch,
         result: Result<kernels::Shard, String>,
     },
-    /// A dial attempt ended (successfully or not).
+    /// A dial attempt ended: `failed` when no connection could be made
+    /// (refused or timed out), which WebRTC may get around.
     DialEnded {
         address: String,
+        failed: bool,
+    },
+    /// A WebRTC session task has a signal to send.
+    SignalOut(protocol::Signal),
+    /// A WebRTC attempt ended: its link runs (`error` is `None`) or it
+    /// failed.
+    WebrtcEnded {
+        node: NodeId,
+        session: u64,
+        error: Option<String>,
     },
     /// An accepted connection to hand to a link task.
     Accept {

@@ -15,7 +15,9 @@ use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::ClusterEvent;
-use super::protocol::{Frame, FrameError, Hello, PROTOCOL_VERSION, UPGRADE_TOKEN, VERSION_HEADER};
+use super::protocol::{
+    Frame, FrameError, Hello, LinkTransport, PROTOCOL_VERSION, UPGRADE_TOKEN, VERSION_HEADER,
+};
 use super::secure::{self, HandshakeError, LinkKeys, SecureReader, SecureWriter};
 use crate::limits::{
     HEARTBEAT_INTERVAL_MS, HEARTBEAT_TIMEOUT_MS, LINK_CONNECT_TIMEOUT_MS,
@@ -39,6 +41,10 @@ pub struct LinkSender {
     pub dialed: bool,
     /// The peer's address as seen from here (dialed, or connected from).
     pub observed_address: String,
+    /// What carries the link.
+    pub transport: LinkTransport,
+    /// How long a WebRTC link took to open.
+    pub handshake: Option<Duration>,
     frames: mpsc::Sender<Frame>,
     close: Arc<Notify>,
     /// When a frame from the peer was last read (any frame, heartbeats
@@ -191,6 +197,28 @@ pub(crate) struct LinkContext {
     pub observed_address: String,
     /// This node's key and the cluster's, as they are when the link opens.
     pub keys: Arc<LinkKeys>,
+    pub transport: LinkTransport,
+    /// How long a WebRTC link took to open.
+    pub handshake: Option<Duration>,
+}
+
+impl LinkContext {
+    /// The context of a TCP link.
+    pub fn tcp(
+        me: NodeId,
+        events: mpsc::Sender<ClusterEvent>,
+        observed_address: String,
+        keys: Arc<LinkKeys>,
+    ) -> Self {
+        Self {
+            me,
+            events,
+            observed_address,
+            keys,
+            transport: LinkTransport::Tcp,
+            handshake: None,
+        }
+    }
 }
 
 /// Runs a link until it closes: handshake, registration with the cluster
@@ -258,6 +286,8 @@ where
         id,
         dialed,
         observed_address: context.observed_address.clone(),
+        transport: context.transport,
+        handshake: context.handshake,
         frames: frames_tx.clone(),
         close: Arc::clone(&close),
         heard: Arc::new(Heard::new()),
@@ -309,6 +339,7 @@ async fn exchange_hellos(
         peer: "peer".into(),
         reason,
     };
+    let ours_fingerprints = ours.dtls_fingerprints.clone();
     let exchange = async {
         writer
             .write_frame(&Frame::Hello(ours))
@@ -332,6 +363,15 @@ async fn exchange_hellos(
             reason: format!(
                 "it speaks protocol {}, this node speaks {PROTOCOL_VERSION}",
                 theirs.protocol_version
+            ),
+        });
+    }
+    if theirs.dtls_fingerprints != ours_fingerprints {
+        return Err(LinkError::Handshake {
+            peer: theirs.name,
+            reason: format!(
+                "the data channel's DTLS fingerprints do not match: the peer negotiated {:?}, this node {:?}",
+                theirs.dtls_fingerprints, ours_fingerprints
             ),
         });
     }
@@ -453,6 +493,8 @@ impl LinkSender {
             id: NEXT_LINK_ID.fetch_add(1, Ordering::Relaxed),
             dialed,
             observed_address: observed_address.to_string(),
+            transport: LinkTransport::Tcp,
+            handshake: None,
             frames,
             close: Arc::new(Notify::new()),
             heard: Arc::new(Heard::new()),

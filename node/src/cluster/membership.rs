@@ -3,7 +3,7 @@
 //! what each link measured. It decides admission and leadership; it does
 //! not plan or route.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::SocketAddr;
 
 use scheduler::NodeId;
@@ -58,6 +58,9 @@ pub(super) struct Myself {
     /// Why this node's own stage was lost (its thread stopped or stopped
     /// making progress): it takes no layers until it restarts.
     pub stage_lost: Option<String>,
+    /// STUN and TURN servers for WebRTC links: this node's own, then
+    /// those its peers shared.
+    pub ice_servers: Vec<super::protocol::IceServer>,
 }
 
 /// Why a link was not kept.
@@ -88,6 +91,9 @@ pub(super) struct Membership {
     pub refused: BTreeMap<String, RefusedPeer>,
     /// Increases with each refusal, to drop the oldest entries first.
     refusals: u64,
+    /// Pairs of nodes that could not link to each other (the smaller id
+    /// first), with why: no plan may hold both ends.
+    pub unreachable: BTreeMap<(NodeId, NodeId), String>,
 }
 
 /// A node that failed to prove it holds the cluster's key.
@@ -108,6 +114,7 @@ impl Membership {
             discovered: BTreeMap::new(),
             refused: BTreeMap::new(),
             refusals: 0,
+            unreachable: BTreeMap::new(),
         }
     }
 
@@ -121,6 +128,8 @@ impl Membership {
             resources: self.me.resources.clone(),
             model: self.me.identity.clone(),
             serving_since_ms: self.me.serving_since_ms,
+            ice_servers: self.me.ice_servers.clone(),
+            dtls_fingerprints: None,
             peers: self
                 .members
                 .iter()
@@ -149,6 +158,27 @@ impl Membership {
 
     pub fn dial_ended(&mut self, address: &str) {
         self.dialing.remove(address);
+    }
+
+    /// Whether `address` was given with `--peer`.
+    pub fn is_configured(&self, address: &str) -> bool {
+        self.configured_peers.contains(address)
+    }
+
+    /// Adopts the STUN and TURN servers a peer shared that this node lacks;
+    /// returns the new ones.
+    pub fn adopt_ice_servers(
+        &mut self,
+        servers: &[super::protocol::IceServer],
+    ) -> Vec<super::protocol::IceServer> {
+        let new: Vec<_> = servers
+            .iter()
+            .filter(|s| !self.me.ice_servers.contains(s))
+            .take(crate::limits::MAX_ICE_SERVERS.saturating_sub(self.me.ice_servers.len()))
+            .cloned()
+            .collect();
+        self.me.ice_servers.extend(new.iter().cloned());
+        new
     }
 
     /// The addresses (HOST:PORT) of the nodes linked to this one.
@@ -408,11 +438,78 @@ impl Membership {
         }
     }
 
-    pub fn record_status(&mut self, node: NodeId, status: NodeStatus) {
+    /// Records a node's report; true when it shows a link between a pair
+    /// known as unreachable (so plans may hold both again).
+    pub fn record_status(&mut self, node: NodeId, status: NodeStatus) -> bool {
+        let mut relinked = false;
+        for link in &status.links {
+            relinked |= self.unreachable.remove(&pair(node, link.to)).is_some();
+        }
         if let Some(member) = self.members.get_mut(&node) {
             member.hello.serving_since_ms = status.serving_since_ms;
             member.status = Some(status);
         }
+        relinked
+    }
+
+    /// `a` cannot link to `b`: true when this is news.
+    pub fn record_unreachable(&mut self, a: NodeId, b: NodeId, reason: &str) -> bool {
+        if a == b || self.linked_pair(a, b) {
+            return false;
+        }
+        self.unreachable
+            .insert(pair(a, b), reason.to_string())
+            .is_none()
+    }
+
+    /// Whether `a` and `b` are linked (as far as this node knows).
+    fn linked_pair(&self, a: NodeId, b: NodeId) -> bool {
+        let reports = |x: NodeId, y: NodeId| {
+            (x == self.me.id && self.members.contains_key(&y))
+                || self
+                    .members
+                    .get(&x)
+                    .and_then(|m| m.status.as_ref())
+                    .is_some_and(|s| s.links.iter().any(|l| l.to == y))
+        };
+        reports(a, b) || reports(b, a)
+    }
+
+    /// `a` and `b` linked: a plan may hold both again.
+    pub fn relinked(&mut self, a: NodeId, b: NodeId) {
+        self.unreachable.remove(&pair(a, b));
+    }
+
+    /// Forgets the unreachable pairs a node is part of (it left, or it
+    /// linked to this one anew).
+    pub fn forget_unreachable(&mut self, node: NodeId) {
+        self.unreachable
+            .retain(|(a, b), _| *a != node && *b != node);
+    }
+
+    /// The nodes left out of plans so that no two unreachable nodes are in
+    /// one: repeatedly the node in the most such pairs (among equals, the
+    /// highest id, which is the newest as often as not).
+    fn left_out(&self) -> BTreeSet<NodeId> {
+        let mut pairs: Vec<(NodeId, NodeId)> = self.unreachable.keys().copied().collect();
+        let mut out = BTreeSet::new();
+        while !pairs.is_empty() {
+            let mut count: BTreeMap<NodeId, usize> = BTreeMap::new();
+            for (a, b) in &pairs {
+                *count.entry(*a).or_default() += 1;
+                *count.entry(*b).or_default() += 1;
+            }
+            let Some(worst) = count
+                .iter()
+                .max_by_key(|(id, n)| (**n, **id))
+                .map(|(id, _)| *id)
+            else {
+                break;
+            };
+            out.insert(worst);
+            pairs.retain(|(a, b)| *a != worst && *b != worst);
+        }
+        out
     }
 
     /// Nodes serving the same model file, this one included, by id.
@@ -424,14 +521,19 @@ impl Membership {
             memory_budget_bytes: resources.memory_budget_bytes,
             compute_score: resources.compute_score,
         };
+        let left_out = self.left_out();
         let mut nodes = Vec::new();
-        if self.me.stage_lost.is_none() {
+        if self.me.stage_lost.is_none() && !left_out.contains(&self.me.id) {
             nodes.push(node(self.me.id, &self.me.name, &self.me.resources));
         }
         nodes.extend(
             self.members
                 .values()
-                .filter(|m| m.serves(&self.me.identity) && m.stage_lost.is_none())
+                .filter(|m| {
+                    m.serves(&self.me.identity)
+                        && m.stage_lost.is_none()
+                        && !left_out.contains(&m.hello.node)
+                })
                 .map(|m| node(m.hello.node, &m.hello.name, &m.hello.resources)),
         );
         nodes.sort_by_key(|n| n.id);
@@ -472,6 +574,11 @@ impl Membership {
                     to: *id,
                     rtt_micros: m.rtt_micros?,
                     bandwidth_bytes_per_second: m.bandwidth.unwrap_or(0),
+                    transport: m.link.transport,
+                    handshake_micros: m
+                        .link
+                        .handshake
+                        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
                 })
             })
             .collect()
@@ -554,6 +661,11 @@ impl Membership {
     }
 }
 
+/// An unordered pair of nodes, as a key.
+fn pair(a: NodeId, b: NodeId) -> (NodeId, NodeId) {
+    if a < b { (a, b) } else { (b, a) }
+}
+
 /// Where a peer is reached: its own address, unless it listens on all
 /// interfaces, in which case the IP we see it from and its port.
 fn advertised_address(announced: &str, observed: &str) -> String {
@@ -600,6 +712,7 @@ mod tests {
             identity: identity("sha256:a"),
             serving_since_ms: None,
             stage_lost: None,
+            ice_servers: Vec::new(),
         };
         Membership::new(myself, vec!["10.0.0.9:52415".into()])
     }
@@ -618,6 +731,8 @@ mod tests {
                 address: "10.0.0.77:52415".into(),
             }],
             serving_since_ms: None,
+            ice_servers: Vec::new(),
+            dtls_fingerprints: None,
         }
     }
 

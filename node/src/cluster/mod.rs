@@ -49,11 +49,14 @@ pub mod protocol;
 mod recovery;
 pub mod resources;
 mod routing;
+pub mod rtc;
 pub mod secure;
+mod signaling;
 mod status;
 mod view;
 
 pub(crate) use events::ClusterEvent;
+pub use signaling::LinkMode;
 
 use std::sync::Arc;
 
@@ -132,6 +135,10 @@ pub struct ClusterConfig {
     pub recovery_wait: std::time::Duration,
     /// A fault a test asked this node's stage to have.
     pub stage_fault: Option<crate::stage::TestFault>,
+    /// Which transports links use (`--link`).
+    pub link_mode: LinkMode,
+    /// STUN and TURN servers for WebRTC links (`--stun`, `--turn`).
+    pub ice_servers: Vec<protocol::IceServer>,
 }
 
 /// A rotation of the cluster secret that happened.
@@ -308,8 +315,8 @@ pub fn start(
 
 // The HTTP API's JSON types, defined once for the node and the dashboard.
 pub use api_types::{
-    ClusterView, LinkView, NodeView, NotJoinedView, PlanState, PlanView, PolicyStatus,
-    RecoveryView, StageView,
+    ClusterView, LinkTransport, LinkView, NodeView, NotJoinedView, PlanState, PlanView,
+    PolicyStatus, RecoveryView, StageView,
 };
 
 /// A node's id as the view writes it (the same number, 16 hex digits).

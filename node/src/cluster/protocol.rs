@@ -16,14 +16,14 @@
 
 // Fields of `Hello` and `NodeStatus` that the HTTP API's cluster view shows
 // too: defined once, in `api_types`.
-pub use api_types::{ModelAvailability, ModelIdentity, ModelState, Resources};
+pub use api_types::{LinkTransport, ModelAvailability, ModelIdentity, ModelState, Resources};
 use kernels::{LayerRange, SequenceId};
 use scheduler::NodeId;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Bumped whenever frames change incompatibly; peers must match exactly.
-pub const PROTOCOL_VERSION: u32 = 8;
+pub const PROTOCOL_VERSION: u32 = 9;
 
 /// The HTTP `Upgrade` token of a link.
 pub const UPGRADE_TOKEN: &str = "ringlet-link";
@@ -60,6 +60,76 @@ pub struct Hello {
     /// activation as its leader stamped it); `None` before. The earliest
     /// leads, so a newcomer cannot take over a running cluster.
     pub serving_since_ms: Option<u64>,
+    /// The STUN and TURN servers this node uses for WebRTC links; a node
+    /// started without any adopts its peers', so nodes that join later
+    /// use them too.
+    pub ice_servers: Vec<IceServer>,
+    /// On a WebRTC link: the DTLS certificate fingerprints of the offering
+    /// and the answering end, as the sender's session negotiated them. The
+    /// receiver checks they are the ones it negotiated, so the encrypted
+    /// link and the data channel under it end at the same two nodes.
+    pub dtls_fingerprints: Option<DtlsFingerprints>,
+}
+
+/// A STUN or TURN server (`stun:HOST:PORT`, `turn:HOST:PORT`).
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct IceServer {
+    pub url: String,
+    pub username: String,
+    pub credential: String,
+}
+
+impl std::fmt::Debug for IceServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The credential stays out of logs.
+        f.debug_struct("IceServer")
+            .field("url", &self.url)
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Both ends' DTLS fingerprints (`sha-256 AB:CD:..`) on a WebRTC link.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DtlsFingerprints {
+    pub offerer: String,
+    pub answerer: String,
+}
+
+/// WebRTC signaling between two nodes that cannot reach each other over
+/// TCP, relayed by a node linked to both. The relay forwards only what
+/// its own link peer sends as `from`, to `to` if it is linked to it; so
+/// `from` is a member the relay authenticated (and the link on the data
+/// channel proves it again with the cluster's key).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Signal {
+    pub from: NodeId,
+    pub to: NodeId,
+    /// Chosen by the offering end; names the attempt.
+    pub session: u64,
+    /// Where `from` is reached (its API address), as the relay knows it:
+    /// the relay sets it, so the receiver learns of a node that joined
+    /// after it did.
+    pub address: String,
+    pub body: SignalBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SignalBody {
+    /// From the node with the higher id: please offer (only the lower id
+    /// offers, so two offers never cross).
+    Invite,
+    /// The session description with every ICE candidate gathered in it.
+    Offer {
+        sdp: String,
+    },
+    Answer {
+        sdp: String,
+    },
+    /// The attempt is over at the sender; the reason is for the log.
+    Refuse {
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -159,6 +229,9 @@ pub struct LinkMeasurement {
     pub rtt_micros: u64,
     /// Bytes per second received from `to` in large frames; 0 if none yet.
     pub bandwidth_bytes_per_second: u64,
+    pub transport: LinkTransport,
+    /// How long a WebRTC link took to open (ICE and DTLS).
+    pub handshake_micros: Option<u64>,
 }
 
 /// A node's periodic report to its peers, for placement and scheduling.
@@ -179,6 +252,9 @@ pub struct NodeStatus {
 
 /// Every message a link carries. No catch-all: an unknown variant is a
 /// decode error, which closes the link.
+// The Hello is the largest variant and goes once per link: boxing it would
+// save a few hundred bytes per queued frame at the cost of churn everywhere.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Frame {
     Hello(Hello),
@@ -313,6 +389,15 @@ pub enum Frame {
     ModelChanged {
         identity: ModelIdentity,
     },
+    /// WebRTC signaling, to this node or through it.
+    Signal(Signal),
+    /// To the leader: the sender cannot link to `node` (neither TCP nor
+    /// WebRTC found a path between them), so no plan can hold both; the
+    /// leader leaves one of them out until they link.
+    Unreachable {
+        node: NodeId,
+        reason: String,
+    },
 }
 
 impl Frame {
@@ -345,6 +430,8 @@ impl Frame {
             Frame::SwitchModel { .. } => "switch-model",
             Frame::ModelChanged { .. } => "model-changed",
             Frame::RotateSecret { .. } => "rotate-secret",
+            Frame::Signal(_) => "signal",
+            Frame::Unreachable { .. } => "unreachable",
         }
     }
 }
@@ -475,6 +562,24 @@ mod tests {
                     address: "10.0.0.2:52415".into(),
                 }],
                 serving_since_ms: Some(1_700_000_000_000),
+                ice_servers: vec![IceServer {
+                    url: "turn:198.51.100.3:3478".into(),
+                    username: "ringlet".into(),
+                    credential: "secret".into(),
+                }],
+                dtls_fingerprints: Some(DtlsFingerprints {
+                    offerer: "sha-256 ab:cd".into(),
+                    answerer: "sha-256 ef:01".into(),
+                }),
+            }),
+            Frame::Signal(Signal {
+                from: NodeId(1),
+                to: NodeId(2),
+                session: 0xfeed,
+                address: "198.51.100.21:52415".into(),
+                body: SignalBody::Offer {
+                    sdp: "v=0\r\n".into(),
+                },
             }),
             Frame::Heartbeat { sent_at_micros: 99 },
             Frame::Plan(PlanMessage {
@@ -537,6 +642,8 @@ mod tests {
                     to: NodeId(8),
                     rtt_micros: 250,
                     bandwidth_bytes_per_second: 117_000_000,
+                    transport: LinkTransport::WebrtcTurn,
+                    handshake_micros: Some(180_000),
                 }],
                 memory_available_bytes: 8 << 30,
                 rss_bytes: 300 << 20,

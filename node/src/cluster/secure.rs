@@ -297,7 +297,17 @@ impl SecureReader {
                     break length;
                 }
             }
-            self.read_record(&cipher, &mut started).await?;
+            match self.read_record(&cipher, &mut started).await {
+                // Part of a frame came and then the end: that is a bad
+                // frame, not a clean close.
+                Err(FrameError::Closed) if !self.plain.is_empty() => {
+                    return Err(FrameError::Malformed(format!(
+                        "the link closed in the middle of a frame ({} bytes of it came)",
+                        self.plain.len()
+                    )));
+                }
+                result => result?,
+            }
         };
         let frame = protocol::decode(&self.plain[4..4 + length]);
         self.plain.drain(..4 + length);

@@ -24,6 +24,8 @@ pub(super) struct Parts<'a> {
     pub in_flight: u32,
     /// The latest recoveries from a lost node.
     pub recoveries: Vec<super::RecoveryView>,
+    /// Nodes a WebRTC link to failed, and why.
+    pub webrtc_failures: &'a std::collections::HashMap<NodeId, super::signaling::Failure>,
 }
 
 impl Parts<'_> {
@@ -72,6 +74,19 @@ impl Parts<'_> {
                             cluster: None,
                             protocol_version: None,
                             reason: refused.reason.clone(),
+                        }),
+                )
+                .chain(
+                    self.webrtc_failures
+                        .iter()
+                        .filter(|(node, _)| !self.membership.members.contains_key(node))
+                        .map(|(node, failure)| NotJoinedView {
+                            node: Some(view_id(*node)),
+                            name: failure.address.clone(),
+                            addresses: vec![failure.address.clone()],
+                            cluster: None,
+                            protocol_version: None,
+                            reason: failure.reason.clone(),
                         }),
                 )
                 .collect(),
@@ -158,6 +173,8 @@ impl Parts<'_> {
                 to: view_id(*id),
                 rtt_ms: m.rtt_micros.map(|us| us as f64 / 1000.0),
                 bandwidth_bytes_per_second: m.bandwidth,
+                transport: m.link.transport,
+                handshake_ms: m.link.handshake.map(|d| d.as_secs_f64() * 1000.0),
             })
             .collect();
         for (id, member) in members {
@@ -168,6 +185,8 @@ impl Parts<'_> {
                 rtt_ms: Some(m.rtt_micros as f64 / 1000.0),
                 bandwidth_bytes_per_second:
                     (m.bandwidth_bytes_per_second > 0).then_some(m.bandwidth_bytes_per_second),
+                transport: m.transport,
+                handshake_ms: m.handshake_micros.map(|us| us as f64 / 1000.0),
             }));
         }
         links

@@ -100,6 +100,11 @@ impl Cluster {
         }
         self.membership
             .remember(message.stages.iter().map(|s| (s.node, s.address.clone())));
+        for stage in &message.stages {
+            // The leader is linked to every stage: it relays signals.
+            self.signaling
+                .told(stage.node, stage.address.clone(), message.leader);
+        }
         self.redial();
         let interrupted = self.routing.interrupt_running();
         if interrupted > 0 {
