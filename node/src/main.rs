@@ -15,7 +15,16 @@ fn main() -> ExitCode {
     // concurrently.
     unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
 
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // The WebRTC stack logs through `log` (forwarded here) and is chatty at
+    // info and warn (state changes, stray STUN packets): kept to what
+    // matters unless RUST_LOG names it.
+    let quiet = "webrtc=warn,rtc=error,rtc_ice=warn,rtc_turn=warn,rtc_sctp=warn,rtc_dtls=warn";
+    let directives = match std::env::var("RUST_LOG") {
+        Ok(set) if set.contains("rtc") => set,
+        Ok(set) => format!("{set},{quiet}"),
+        Err(_) => format!("info,{quiet}"),
+    };
+    let filter = EnvFilter::try_new(directives).unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -41,6 +41,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let me = NodeId(rand::rng().random());
     tracing::info!(version = env!("CARGO_PKG_VERSION"), node = %me, %name, threads = runtime.threads, "starting ringlet node");
     let identity = cluster_identity(&args)?;
+    // Checked before anything loads: a wrong flag is said at once.
+    let ice_servers = ice_servers(&args)?;
     let peer_pass = PeerPass::new(&identity.secret);
 
     let mdns = !args.no_mdns && !listen.ip().is_loopback();
@@ -122,7 +124,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             open_model,
             recovery_wait: Duration::from_secs(args.recovery_wait),
             link_mode: args.link,
-            ice_servers: ice_servers(&args)?,
+            ice_servers,
             stage_fault: crate::stage::TestFault::from_env(),
         },
         Arc::new(file),

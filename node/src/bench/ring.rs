@@ -61,6 +61,18 @@ struct SizeReport {
     median_ttft_s: f64,
 }
 
+impl SizeReport {
+    /// What carries the ring's links, as the tables say it.
+    fn label(&self) -> &'static str {
+        match (self.nodes, self.encrypted, self.transport) {
+            (1, _, _) => "none",
+            (_, _, "webrtc") => "webrtc",
+            (_, true, _) => "encrypted",
+            (_, false, _) => "plaintext",
+        }
+    }
+}
+
 /// One long prompt through a ring.
 #[derive(Debug, Clone, Serialize)]
 struct PrefillReport {
@@ -673,12 +685,7 @@ fn print_tables(report: &Report) {
         println!(
             "| {} | {} | {:.1} | {:.0} | {:.2} | {:.2} |",
             size.nodes,
-            match (size.nodes, size.encrypted, size.transport) {
-                (1, _, _) => "none",
-                (_, _, "webrtc") => "webrtc",
-                (_, true, _) => "encrypted",
-                (_, false, _) => "plaintext",
-            },
+            size.label(),
             size.median_decode_tok_s,
             size.median_ttft_s * 1000.0,
             size.median_decode_tok_s / one.median_decode_tok_s.max(f64::MIN_POSITIVE),
@@ -718,11 +725,7 @@ fn print_tables(report: &Report) {
             println!(
                 "| {} | {} | {} | {:.0} | {} |",
                 size.nodes,
-                if size.nodes == 1 {
-                    "none"
-                } else {
-                    size.transport
-                },
+                size.label(),
                 prefill.prompt_tokens,
                 prefill.ttft_s * 1000.0,
                 if rates.is_empty() {
