@@ -531,19 +531,17 @@ mod bad_signals {
             Duration::from_secs(10),
         );
 
-        // An offer from the higher id (the lower offers).
-        let mut high = fake_member(&node, NodeId(u64::MAX), Vec::new()).await;
-        let wrong_way = Frame::Signal(Signal {
-            from: NodeId(u64::MAX),
-            to: target,
-            session: 3,
-            address: String::new(),
-            body: SignalBody::Offer {
+        // An offer from a node with a higher id, relayed (the lower id
+        // offers).
+        let wrong_way = send(
+            SignalBody::Offer {
                 sdp: "v=0\r\n".into(),
             },
-        });
+            NodeId(u64::MAX),
+            3,
+        );
         if target < NodeId(u64::MAX) {
-            high.writer.write_frame(&wrong_way).await.expect("send");
+            session.writer.write_frame(&wrong_way).await.expect("send");
             node.wait_for_log("the node with the lower id offers", Duration::from_secs(10));
         }
 

@@ -366,7 +366,8 @@ impl Cluster {
                 node,
                 session,
                 error,
-            } => self.webrtc_ended(node, session, error),
+                no_path,
+            } => self.webrtc_ended(node, session, error, no_path),
             ClusterEvent::Accept { stream, remote } => {
                 self.spawn_link(stream, remote.to_string());
                 false
@@ -403,7 +404,9 @@ impl Cluster {
                     }
                     Err(error) => {
                         tracing::debug!(%error, "dial failed; will retry");
-                        let failed = matches!(error, link::LinkError::Connect { .. });
+                        // A peer that accepted the connection but did not
+                        // answer (a frozen process) is no case for WebRTC.
+                        let failed = matches!(error, link::LinkError::NoConnection { .. });
                         let _ = events
                             .send(ClusterEvent::DialEnded { address, failed })
                             .await;

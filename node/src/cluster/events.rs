@@ -130,6 +130,8 @@ pub(crate) enum ClusterEvent {
         node: NodeId,
         session: u64,
         error: Option<String>,
+        /// The failure was ICE finding no path (not an attempt cut short).
+        no_path: bool,
     },
     /// An accepted connection to hand to a link task.
     Accept {

@@ -115,6 +115,10 @@ impl LinkSender {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
+    /// No TCP connection could be opened (refused, unreachable, or no
+    /// answer in time): a NAT or firewall may be in the way.
+    #[error("cannot connect to {address}: {reason}")]
+    NoConnection { address: String, reason: String },
     #[error("cannot connect to {address}: {reason}")]
     Connect { address: String, reason: String },
     #[error("{address} refused the link: {reason}")]
@@ -129,11 +133,15 @@ pub async fn dial(address: &str) -> Result<TcpStream, LinkError> {
         address: address.to_string(),
         reason,
     };
+    let no_connection = |reason: String| LinkError::NoConnection {
+        address: address.to_string(),
+        reason,
+    };
     let timeout = Duration::from_millis(LINK_CONNECT_TIMEOUT_MS);
     let mut stream = tokio::time::timeout(timeout, TcpStream::connect(address))
         .await
-        .map_err(|_| connect(format!("no answer within {} ms", LINK_CONNECT_TIMEOUT_MS)))?
-        .map_err(|e| connect(e.to_string()))?;
+        .map_err(|_| no_connection(format!("no answer within {LINK_CONNECT_TIMEOUT_MS} ms")))?
+        .map_err(|e| no_connection(e.to_string()))?;
     let _ = stream.set_nodelay(true);
     let request = format!(
         "GET /v1/ring/link HTTP/1.1\r\nHost: {address}\r\nConnection: Upgrade\r\nUpgrade: {UPGRADE_TOKEN}\r\n{VERSION_HEADER}: {PROTOCOL_VERSION}\r\n\r\n"

@@ -51,8 +51,20 @@ pub enum RtcError {
     BadDescription(String),
     #[error("WebRTC failed: {0}")]
     Stack(String),
+    /// ICE found no path between the two nodes.
     #[error("{0}")]
     NoPath(String),
+    /// The attempt ended before ICE began (no answer, called off).
+    #[error("{0}")]
+    Abandoned(String),
+}
+
+impl RtcError {
+    /// Whether the two nodes were found to have no path between them (as
+    /// opposed to an attempt that could not be made).
+    pub fn no_path(&self) -> bool {
+        matches!(self, RtcError::NoPath(_))
+    }
 }
 
 fn stack(error: webrtc::error::Error) -> RtcError {

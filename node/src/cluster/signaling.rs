@@ -262,6 +262,11 @@ impl Signaling {
                 }
             }
             SignalBody::Offer { sdp } => {
+                if is_member(from) {
+                    // Linked meanwhile (over TCP, or an earlier attempt):
+                    // the offer is stale.
+                    return Action::Nothing;
+                }
                 if from > self.me {
                     return Action::Refuse {
                         reason: format!(

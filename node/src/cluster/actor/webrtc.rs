@@ -148,6 +148,7 @@ impl Cluster {
         node: NodeId,
         session: u64,
         error: Option<String>,
+        no_path: bool,
     ) -> bool {
         let address = self
             .signaling
@@ -166,13 +167,16 @@ impl Cluster {
             {
                 tracing::warn!(peer = %node, %address, "could not link to the node at {address} over WebRTC: {reason}");
             }
-            // The leader keeps the two of us out of one plan until we link.
-            let leader = self.membership.leader();
-            let unreachable = Frame::Unreachable {
-                node,
-                reason: reason.clone(),
-            };
-            self.tell_leader(leader, unreachable);
+            if no_path {
+                // The leader keeps the two of us out of one plan until we
+                // link.
+                let leader = self.membership.leader();
+                let unreachable = Frame::Unreachable {
+                    node,
+                    reason: reason.clone(),
+                };
+                self.tell_leader(leader, unreachable);
+            }
         } else {
             self.signaling.ended(node, session, None, Instant::now());
         }
@@ -228,11 +232,11 @@ impl Cluster {
                 let answer = tokio::time::timeout(wait, answer_rx)
                     .await
                     .map_err(|_| {
-                        RtcError::NoPath(format!(
+                        RtcError::Abandoned(format!(
                             "no answer to the offer within {RTC_ANSWER_TIMEOUT_MS} ms (the relay or the peer may have left)"
                         ))
                     })?
-                    .map_err(|_| RtcError::NoPath("the attempt was called off".into()))?;
+                    .map_err(|_| RtcError::Abandoned("the attempt was called off".into()))?;
                 session_rtc.answered(answer).await?;
                 session_rtc.open().await
             };
@@ -300,6 +304,7 @@ async fn run_link(
             let ended = ClusterEvent::WebrtcEnded {
                 node,
                 session,
+                no_path: error.no_path(),
                 error: Some(error.to_string()),
             };
             let _ = events.send(ended).await;
@@ -316,6 +321,7 @@ async fn run_link(
         node,
         session,
         error: None,
+        no_path: false,
     };
     let _ = events.send(ended).await;
     hello.dtls_fingerprints = Some(stream.fingerprints);
