@@ -205,12 +205,23 @@ fn nodes_behind_nats_form_one_ring_over_webrtc() {
     let b = lab.lab.private_host(2, Nat::Home);
     let c = lab.lab.private_host(3, Nat::Symmetric);
 
-    // Only p knows the STUN server: the others learn it from p. There is
-    // no TURN server, so c, behind a symmetric NAT, cannot link to a or b.
-    let stun = lab.stun();
-    let mut p = lab
-        .lab
-        .start_node(&lab.relay_host, &["--name", "p", "--stun", &stun]);
+    // Only p knows the STUN and TURN servers: the others learn them from p.
+    let (stun, turn) = (lab.stun(), lab.turn());
+    let mut p = lab.lab.start_node(
+        &lab.relay_host,
+        &[
+            "--name",
+            "p",
+            "--stun",
+            &stun,
+            "--turn",
+            &turn,
+            "--turn-user",
+            TURN_USER,
+            "--turn-credential",
+            TURN_CREDENTIAL,
+        ],
+    );
     let peer = format!("{}:{}", lab.relay_host.public, p.addr.port());
     let started = Instant::now();
     let mut node_a = lab.lab.start_node(&a, &["--name", "a", "--peer", &peer]);
@@ -252,8 +263,8 @@ fn nodes_behind_nats_form_one_ring_over_webrtc() {
         a_to_b["handshake_ms"].as_f64().unwrap_or(0.0)
     );
 
-    // The TURN server relays none of a's and b's bytes (nor could it: they
-    // were not told of it): a long prefill moves activations between them.
+    // a and b were told of the TURN server, yet it relays none of their
+    // bytes: a long prefill moves activations between them directly.
     let relayed_before = lab.lab.counted_bytes(&lab.turn_host);
     long_chat(&node_b);
     answers_like_one_node(&node_a);
@@ -263,8 +274,69 @@ fn nodes_behind_nats_form_one_ring_over_webrtc() {
         "the TURN server relayed {relayed} bytes between a and b"
     );
 
-    // c, behind a symmetric NAT, cannot link to a or b without TURN: it
-    // says why, the leader leaves it out of the plan, and the ring goes on.
+    // c, behind a symmetric NAT, can link to a and b only through TURN.
+    let mut node_c = lab.lab.start_node(&c, &["--name", "c", "--peer", &peer]);
+    for node in [&mut node_c, &mut node_a, &mut node_b, &mut p] {
+        node.wait_for_log("plan active: 4 stages", RING_TIMEOUT);
+    }
+    let view = block_on(get_json(node_c.addr, "/v1/cluster"));
+    for other in ["a", "b"] {
+        let through = link(&view, "c", other);
+        assert_eq!(through["transport"], "webrtc-turn", "{view:#}");
+        println!(
+            "c–{other} handshake through TURN (ICE + DTLS): {:.0} ms",
+            through["handshake_ms"].as_f64().unwrap_or(0.0)
+        );
+    }
+    let relayed_before = lab.lab.counted_bytes(&lab.turn_host);
+    for node in [&node_c, &node_a] {
+        answers_like_one_node(node);
+    }
+    let relayed = lab.lab.counted_bytes(&lab.turn_host) - relayed_before;
+    assert!(
+        relayed > 100_000,
+        "the TURN server relayed only {relayed} bytes of c's activations"
+    );
+
+    // p leaves; a, b and c go on, and their WebRTC links stay up.
+    let mark = node_a.log_mark();
+    p.kill();
+    node_a.wait_for_log_since(mark, "plan active: 3 stages", RING_TIMEOUT);
+    let left: Vec<String> = node_a
+        .lines_since(mark)
+        .into_iter()
+        .filter(|l| l.contains("peer b left") || l.contains("peer c left"))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "a lost a WebRTC link when p left: {left:?}"
+    );
+    let view = block_on(get_json(node_a.addr, "/v1/cluster"));
+    assert_eq!(link(&view, "a", "b")["transport"], "webrtc", "{view:#}");
+    answers_like_one_node(&node_b);
+}
+
+/// Without a TURN server, a node behind a symmetric NAT cannot link to
+/// the nodes behind other NATs: it says why, the leader leaves it out of
+/// the plan (the node with the most unlinkable pairs goes), and the ring
+/// goes on without it.
+#[test]
+fn without_turn_a_node_behind_a_symmetric_nat_is_left_out_with_the_reason() {
+    let mut lab = Lab::new();
+    let a = lab.lab.private_host(1, Nat::Home);
+    let b = lab.lab.private_host(2, Nat::Home);
+    let c = lab.lab.private_host(3, Nat::Symmetric);
+    let stun = lab.stun();
+    let mut p = lab
+        .lab
+        .start_node(&lab.relay_host, &["--name", "p", "--stun", &stun]);
+    let peer = format!("{}:{}", lab.relay_host.public, p.addr.port());
+    let mut node_a = lab.lab.start_node(&a, &["--name", "a", "--peer", &peer]);
+    let mut node_b = lab.lab.start_node(&b, &["--name", "b", "--peer", &peer]);
+    for node in [&mut node_a, &mut node_b, &mut p] {
+        node.wait_for_log("plan active: 3 stages", RING_TIMEOUT);
+    }
+
     let mark_p = p.log_mark();
     let mut node_c = lab.lab.start_node(&c, &["--name", "c", "--peer", &peer]);
     let why = node_c.wait_for_log("over WebRTC: ICE found no path", RING_TIMEOUT);
@@ -289,68 +361,56 @@ fn nodes_behind_nats_form_one_ring_over_webrtc() {
     for node in [&node_a, &node_b, &p] {
         answers_like_one_node(node);
     }
-
-    // p leaves; a and b go on, and their WebRTC link stays up.
-    let mark = node_a.log_mark();
-    p.kill();
-    node_a.wait_for_log_since(mark, "plan active: 2 stages", RING_TIMEOUT);
-    let left: Vec<String> = node_a
-        .lines_since(mark)
-        .into_iter()
-        .filter(|l| l.contains("peer b left"))
-        .collect();
-    assert!(
-        left.is_empty(),
-        "a lost its link to b when p left: {left:?}"
-    );
-    let view = block_on(get_json(node_a.addr, "/v1/cluster"));
-    assert_eq!(link(&view, "a", "b")["transport"], "webrtc", "{view:#}");
-    answers_like_one_node(&node_b);
 }
 
-/// What the issue asks of a node behind a symmetric NAT: it links through
-/// the TURN server. Ignored: with webrtc 0.21.1 against coturn 4.6.1 the
-/// allocation, permissions and channel bindings succeed, yet the server
-/// sends nothing from its relay ports, so ICE finds no relayed path (the
-/// same client relays through coturn when it is not behind a NAT). Run it
-/// with `--ignored` while working on that.
+/// Not a test: the lab's figures for the README. Two nodes behind home
+/// NATs run a 2-stage ring (a relay that holds no layers signals for
+/// them), first over WebRTC, then, with a port forwarded on each router
+/// so that TCP connects, over TCP; `ringlet bench cluster` measures each
+/// ring through a's API. Run it alone:
+/// `cargo test --release --test nat -- --ignored --nocapture lab_figures`.
 #[test]
-#[ignore = "TURN relaying through coturn from behind a NAT does not work yet (issue 17)"]
-fn a_node_behind_a_symmetric_nat_links_through_turn() {
-    let mut lab = Lab::new();
-    let a = lab.lab.private_host(1, Nat::Home);
-    let c = lab.lab.private_host(3, Nat::Symmetric);
-    let (stun, turn) = (lab.stun(), lab.turn());
-    let p = lab.lab.start_node(
-        &lab.relay_host,
-        &[
-            "--name",
-            "p",
-            "--stun",
-            &stun,
-            "--turn",
-            &turn,
-            "--turn-user",
-            TURN_USER,
-            "--turn-credential",
-            TURN_CREDENTIAL,
-        ],
-    );
-    let peer = format!("{}:{}", lab.relay_host.public, p.addr.port());
-    let mut node_a = lab.lab.start_node(&a, &["--name", "a", "--peer", &peer]);
-    let mut node_c = lab.lab.start_node(&c, &["--name", "c", "--peer", &peer]);
-    for node in [&mut node_c, &mut node_a] {
-        node.wait_for_log("plan active: 3 stages", RING_TIMEOUT);
+#[ignore = "a benchmark, not a test: run it with --ignored --nocapture"]
+fn lab_figures_webrtc_against_tcp() {
+    const PORT_A: u16 = 7101;
+    const PORT_B: u16 = 7102;
+    for tcp in [false, true] {
+        let mut lab = Lab::new();
+        let a = lab.lab.private_host(1, Nat::Home);
+        let b = lab.lab.private_host(2, Nat::Home);
+        if tcp {
+            lab.lab.forward_tcp(&a, PORT_A);
+            lab.lab.forward_tcp(&b, PORT_B);
+        }
+        let stun = lab.stun();
+        let p = lab.lab.start_node(
+            &lab.relay_host,
+            &["--name", "p", "--stun", &stun, "--memory-budget", "1MiB"],
+        );
+        let peer = format!("{}:{}", lab.relay_host.public, p.addr.port());
+        let mut node_a = lab
+            .lab
+            .start_node_on(&a, PORT_A, &["--name", "a", "--peer", &peer]);
+        let mut node_b = lab
+            .lab
+            .start_node_on(&b, PORT_B, &["--name", "b", "--peer", &peer]);
+        for node in [&mut node_a, &mut node_b] {
+            node.wait_for_log("plan active: 2 stages", RING_TIMEOUT);
+        }
+        let view = block_on(get_json(node_a.addr, "/v1/cluster"));
+        let expected = if tcp { "tcp" } else { "webrtc" };
+        assert_eq!(link(&view, "a", "b")["transport"], expected, "{view:#}");
+        let output = std::process::Command::new(support::ringlet_binary())
+            .args(["bench", "cluster", "--node", &node_a.addr.to_string()])
+            .output()
+            .expect("run ringlet bench cluster");
+        println!(
+            "\n=== a–b over {expected} (NAT lab) ===\n{}{}",
+            String::from_utf8_lossy(&output.stderr),
+            String::from_utf8_lossy(&output.stdout)
+        );
+        assert!(output.status.success(), "ringlet bench cluster failed");
     }
-    let view = block_on(get_json(node_c.addr, "/v1/cluster"));
-    assert_eq!(
-        link(&view, "c", "a")["transport"],
-        "webrtc-turn",
-        "{view:#}"
-    );
-    let relayed_before = lab.lab.counted_bytes(&lab.turn_host);
-    answers_like_one_node(&node_c);
-    assert!(lab.lab.counted_bytes(&lab.turn_host) - relayed_before > 10_000);
 }
 
 /// A fake member that the test drives: it holds the cluster's secret and

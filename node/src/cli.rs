@@ -88,7 +88,12 @@ impl Command {
             Command::Run(a) => a.runtime.threads,
             // The ring benchmarks compute in the node processes they start.
             Command::Bench(a) => match a.mode {
-                Some(BenchMode::Ring(_) | BenchMode::Recovery(_) | BenchMode::Policy(_)) => None,
+                Some(
+                    BenchMode::Ring(_)
+                    | BenchMode::Recovery(_)
+                    | BenchMode::Policy(_)
+                    | BenchMode::Cluster(_),
+                ) => None,
                 None => Some(a.engine.threads),
             },
             Command::Pull(_) | Command::Models(_) | Command::Invite(_) => None,
@@ -545,6 +550,35 @@ pub enum BenchMode {
     /// What the scheduling policy costs: compile time, and the latency of
     /// `place` and `schedule` calls as the node makes them.
     Policy(PolicyBenchArgs),
+    /// Decode speed, time to first token and each link's transport,
+    /// handshake time, RTT and measured throughput, of a cluster that is
+    /// already running, through one of its nodes' API.
+    Cluster(ClusterBenchArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ClusterBenchArgs {
+    /// The API address of a node of the cluster (its API must be open:
+    /// `--open-api`)
+    #[arg(long, value_name = "HOST:PORT")]
+    pub node: SocketAddr,
+
+    /// Tokens to generate per request
+    #[arg(long, default_value_t = 64)]
+    pub decode_tokens: usize,
+
+    /// Rounds of the decode measurement; the report shows medians
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+
+    /// First time one prompt of about this many tokens, then read the
+    /// activation throughput the links measured (0: skip)
+    #[arg(long, default_value_t = 2048, value_name = "TOKENS")]
+    pub prefill_tokens: usize,
+
+    /// Also write the results as JSON to this file
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]

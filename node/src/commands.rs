@@ -17,6 +17,7 @@ pub async fn dispatch(command: Command) -> anyhow::Result<()> {
             Some(BenchMode::Ring(ring)) => crate::bench::ring::bench(ring).await,
             Some(BenchMode::Recovery(recovery)) => crate::bench::recovery::bench(recovery).await,
             Some(BenchMode::Policy(policy)) => crate::bench::policy::bench(policy).await,
+            Some(BenchMode::Cluster(cluster)) => crate::bench::cluster::bench(cluster).await,
             None => crate::bench::bench(args.engine).await,
         },
     }

@@ -22,6 +22,8 @@ const PREFIX: &str = "rnat";
 /// documentation range (198.51.100.0/24 and the like): coturn does not
 /// relay to those, as a public TURN server should not.
 const PUBLIC: [u8; 3] = [11, 11, 11];
+/// The public network's default gateway: no namespace has this address.
+const NOWHERE: u8 = 254;
 
 fn run(program: &str, args: &[&str]) -> Output {
     Command::new(program)
@@ -96,13 +98,23 @@ pub struct NatLab {
     bridge: String,
     /// Namespaces to delete, in order.
     namespaces: Vec<String>,
-    /// Management veths in the test's namespace.
+    /// Veths whose outer end is in the test's namespace.
     links: Vec<String>,
     next: usize,
+    /// One lab at a time in a process: labs reuse the public addresses
+    /// and the names.
+    _alone: std::sync::MutexGuard<'static, ()>,
 }
+
+static ONE_LAB: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl NatLab {
     pub fn new() -> NatLab {
+        // A test that failed with the lab held poisons the lock; the next
+        // lab is built afresh all the same.
+        let alone = ONE_LAB
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         remove_leftovers();
         let bridge = format!("{PREFIX}{}br", std::process::id());
         ip(&["link", "add", &bridge, "type", "bridge"]);
@@ -111,6 +123,7 @@ impl NatLab {
             namespaces: Vec::new(),
             links: Vec::new(),
             next: 0,
+            _alone: alone,
         };
         let address = format!("{}/24", public(1));
         ip(&["addr", "add", &address, "dev", &lab.bridge]);
@@ -138,11 +151,21 @@ impl NatLab {
         ip(&[
             "link", "add", &outer, "type", "veth", "peer", "name", ifname, "netns", ns,
         ]);
+        // Deleted with the lab: a namespace's deletion removes its end
+        // of the veth only later, and the next lab reuses the name.
+        self.links.push(outer.clone());
         ip(&["link", "set", &outer, "master", &self.bridge]);
         ip(&["link", "set", &outer, "up"]);
         let address = format!("{}/24", public(last));
         ip(&["-n", ns, "addr", "add", &address, "dev", ifname]);
         ip(&["-n", ns, "link", "set", ifname, "up"]);
+        // A default route to a gateway that never answers, as on the
+        // internet: what is sent to an address nobody routes (a peer's
+        // private candidate) leaves and is lost. Without a default route
+        // sendto fails at once, and coturn closes a relay socket whose
+        // send fails, ending that allocation's relaying.
+        let nowhere = public(NOWHERE).to_string();
+        ip(&["-n", ns, "route", "add", "default", "via", &nowhere]);
     }
 
     /// A host on the public network at `.last`.
@@ -248,6 +271,12 @@ impl NatLab {
     /// Starts `ringlet serve` on `host` listening on every address, with
     /// `extra` flags; the node's `addr` is where the test reaches it.
     pub fn start_node(&self, host: &Host, extra: &[&str]) -> Node {
+        self.start_node_on(host, 0, extra)
+    }
+
+    /// [`NatLab::start_node`] on a chosen port (0: any).
+    pub fn start_node_on(&self, host: &Host, port: u16, extra: &[&str]) -> Node {
+        let listen = format!("0.0.0.0:{port}");
         let mut command = Command::new("ip");
         command
             .args(["netns", "exec", &host.namespace])
@@ -255,7 +284,7 @@ impl NatLab {
             .args([
                 "serve",
                 "--listen",
-                "0.0.0.0:0",
+                &listen,
                 "--threads",
                 "1",
                 "--no-mdns",
@@ -265,6 +294,25 @@ impl NatLab {
         let mut node = Node::spawn(command);
         node.addr.set_ip(host.reach.into());
         node
+    }
+
+    /// Forwards TCP `port` on `host`'s router to the host, as a person
+    /// opens a port on a home router: peers can then dial the host.
+    pub fn forward_tcp(&self, host: &Host, port: u16) {
+        let router = host.router.as_deref().expect("a host behind a router");
+        let inside = format!("10.{}.0.2", host.reach.octets()[2]);
+        nft(
+            router,
+            &format!(
+                "table ip nat {{
+                    chain prerouting {{
+                        type nat hook prerouting priority dstnat;
+                        iifname \"wan\" tcp dport {port} dnat to {inside}:{port};
+                    }}
+                }}
+                insert rule inet filter forward iifname \"wan\" ct status dnat accept"
+            ),
+        );
     }
 
     /// Whether a TCP connection from `from` to `to` opens within 3 s.

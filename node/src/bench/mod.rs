@@ -3,6 +3,7 @@
 //! same threads. Rounds alternate between the engines (these machines are
 //! shared and noisy) and the table reports medians and ratios.
 
+pub mod cluster;
 pub mod policy;
 pub mod recovery;
 pub mod ring;

@@ -504,7 +504,7 @@ fn webrtc_handshake_time(line: &str) -> Option<u64> {
 }
 
 /// A chat whose prompt is about `tokens` tokens long, answered with one.
-fn long_prompt_body(model: &str, tokens: usize) -> String {
+pub(super) fn long_prompt_body(model: &str, tokens: usize) -> String {
     // " ring" is one token in the default model's vocabulary.
     let content = format!(
         "Repeat the last word.{}",
@@ -522,7 +522,7 @@ fn long_prompt_body(model: &str, tokens: usize) -> String {
 }
 
 /// GETs `path` from a node and parses its JSON body.
-async fn get_json(addr: SocketAddr, path: &str) -> anyhow::Result<serde_json::Value> {
+pub(super) async fn get_json(addr: SocketAddr, path: &str) -> anyhow::Result<serde_json::Value> {
     let mut socket = TcpStream::connect(addr).await?;
     let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
     socket.write_all(request.as_bytes()).await?;
@@ -574,7 +574,7 @@ pub(super) async fn wait_for(
 }
 
 /// One streamed chat completion over HTTP/1.0, timed at the client.
-async fn stream(addr: SocketAddr, body: &str) -> anyhow::Result<StreamTiming> {
+pub(super) async fn stream(addr: SocketAddr, body: &str) -> anyhow::Result<StreamTiming> {
     tokio::time::timeout(REQUEST_TIMEOUT, stream_inner(addr, body))
         .await
         .context("the request timed out")?

@@ -25,7 +25,7 @@ use webrtc::data_channel::{DataChannel, DataChannelEvent, RTCDataChannelInit};
 use webrtc::peer_connection::{
     PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
     RTCIceCandidateType, RTCIceGatheringState, RTCIceServer, RTCPeerConnectionState,
-    RTCSessionDescription, RTCStatsReportEntry, SettingEngineBuilder, StatsSelector,
+    RTCSessionDescription, SettingEngineBuilder,
 };
 
 use super::protocol::{DtlsFingerprints, IceServer, LinkTransport};
@@ -316,32 +316,22 @@ impl Session {
         })
     }
 
-    /// Whether the selected candidate pair goes through a TURN server.
+    /// Whether the selected candidate pair goes through a TURN server: a
+    /// relayed candidate at either end. (The stats report cannot tell: it
+    /// does not list the candidates a description carried.)
     async fn transport(&self) -> LinkTransport {
-        let report = self.pc.get_stats(Instant::now(), StatsSelector::None).await;
-        let selected = report
-            .transport()
-            .map(|t| t.selected_candidate_pair_id.clone())
-            .and_then(|id| match report.get(&id) {
-                Some(RTCStatsReportEntry::IceCandidatePair(pair)) => Some(pair),
-                _ => None,
-            });
-        // Without a selected pair in the report, the nominated one.
-        let Some(pair) = selected.or_else(|| report.candidate_pairs().find(|p| p.nominated)) else {
+        let Some(sctp) = self.pc.sctp().await else {
             return LinkTransport::Webrtc;
         };
-        let relayed = |id: &str| {
-            matches!(
-                report.get(id),
-                Some(
-                    RTCStatsReportEntry::LocalCandidate(c) | RTCStatsReportEntry::RemoteCandidate(c)
-                ) if c.candidate_type == RTCIceCandidateType::Relay
-            )
-        };
-        if relayed(&pair.local_candidate_id) || relayed(&pair.remote_candidate_id) {
-            LinkTransport::WebrtcTurn
-        } else {
-            LinkTransport::Webrtc
+        let ice = sctp.transport().ice_transport();
+        match ice.get_selected_candidate_pair().await {
+            Ok(Some(pair))
+                if pair.local().typ == RTCIceCandidateType::Relay
+                    || pair.remote().typ == RTCIceCandidateType::Relay =>
+            {
+                LinkTransport::WebrtcTurn
+            }
+            _ => LinkTransport::Webrtc,
         }
     }
 
