@@ -375,6 +375,15 @@ async fn bad_requests_get_openai_errors() {
         ("too many stops", chat(user("hi"), json!({ "stop": ["a", "b", "c", "d", "e"] })).to_string(), StatusCode::BAD_REQUEST, Some("stop"), None),
         ("prompt longer than the context", chat(user(&long_prompt), json!({})).to_string(), StatusCode::BAD_REQUEST, Some("messages"), Some("context_length_exceeded")),
         ("completion past the context", chat(user("hi"), json!({ "max_tokens": 9000 })).to_string(), StatusCode::BAD_REQUEST, Some("messages"), Some("context_length_exceeded")),
+        ("top_logprobs of 21", chat(user("hi"), json!({ "logprobs": true, "top_logprobs": 21 })).to_string(), StatusCode::BAD_REQUEST, Some("top_logprobs"), None),
+        ("top_logprobs without logprobs", chat(user("hi"), json!({ "top_logprobs": 2 })).to_string(), StatusCode::BAD_REQUEST, Some("top_logprobs"), None),
+        ("presence_penalty out of range", chat(user("hi"), json!({ "presence_penalty": 2.5 })).to_string(), StatusCode::BAD_REQUEST, Some("presence_penalty"), None),
+        ("frequency_penalty out of range", chat(user("hi"), json!({ "frequency_penalty": -3 })).to_string(), StatusCode::BAD_REQUEST, Some("frequency_penalty"), None),
+        ("repetition_penalty of zero", chat(user("hi"), json!({ "repetition_penalty": 0 })).to_string(), StatusCode::BAD_REQUEST, Some("repetition_penalty"), None),
+        ("min_p above one", chat(user("hi"), json!({ "min_p": 1.5 })).to_string(), StatusCode::BAD_REQUEST, Some("min_p"), None),
+        ("logit_bias key not a token", chat(user("hi"), json!({ "logit_bias": { "hello": 5 } })).to_string(), StatusCode::BAD_REQUEST, Some("logit_bias"), None),
+        ("logit_bias token past the vocabulary", chat(user("hi"), json!({ "logit_bias": { "99999999": 5 } })).to_string(), StatusCode::BAD_REQUEST, Some("logit_bias"), None),
+        ("logit_bias out of range", chat(user("hi"), json!({ "logit_bias": { "42": 150 } })).to_string(), StatusCode::BAD_REQUEST, Some("logit_bias"), None),
     ];
     for (name, body, status, param, code) in cases {
         let (got, json) = post_chat(body).await;
@@ -536,4 +545,305 @@ async fn a_stop_sequence_is_a_finish_not_a_cancellation() {
     .await
     .expect("counted as completed within 30 s")
     .expect("engine alive");
+}
+
+/// The golden case's request with log probabilities asked for.
+fn logprobs_request(stream: bool) -> Value {
+    let case = &serde_json::from_str::<Value>(GOLDEN).expect("golden")["cases"][0];
+    chat(
+        case["messages"].clone(),
+        json!({ "temperature": 0, "max_tokens": 12, "logprobs": true, "top_logprobs": 5, "stream": stream }),
+    )
+}
+
+#[tokio::test]
+async fn logprobs_come_with_each_token_streaming_or_not() {
+    let (status, whole) = post_chat(logprobs_request(false).to_string()).await;
+    assert_eq!(status, StatusCode::OK, "{whole}");
+    let entries = whole["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .expect("logprobs.content");
+    assert_eq!(entries.len() as u64, whole["usage"]["completion_tokens"]);
+    let text: String = entries
+        .iter()
+        .map(|e| e["token"].as_str().expect("token"))
+        .collect();
+    assert_eq!(text, content(&whole), "the tokens spell the answer");
+    for entry in entries {
+        let logprob = entry["logprob"].as_f64().expect("logprob");
+        let top = entry["top_logprobs"].as_array().expect("top_logprobs");
+        assert_eq!(top.len(), 5, "{entry}");
+        // Greedy: the chosen token is the likeliest, and the list is in
+        // order.
+        assert_eq!(top[0]["token"], entry["token"], "{entry}");
+        assert_eq!(top[0]["logprob"].as_f64(), Some(logprob));
+        assert!(logprob <= 0.0);
+        let values: Vec<f64> = top.iter().map(|t| t["logprob"].as_f64().unwrap()).collect();
+        assert!(values.windows(2).all(|w| w[0] >= w[1]), "{values:?}");
+        let mass: f64 = values.iter().map(|v| v.exp()).sum();
+        assert!(mass <= 1.0 + 1e-4, "{mass}");
+        let bytes: Vec<u8> = entry["bytes"]
+            .as_array()
+            .expect("bytes")
+            .iter()
+            .map(|b| b.as_u64().unwrap() as u8)
+            .collect();
+        assert_eq!(bytes, entry["token"].as_str().unwrap().as_bytes());
+    }
+
+    // Streamed, the chunks carry the same entries, in order.
+    let events = post_chat_stream(logprobs_request(true)).await;
+    let streamed: Vec<Value> = events
+        .iter()
+        .filter(|e| e.as_str() != "[DONE]")
+        .map(|e| serde_json::from_str::<Value>(e).expect("chunk"))
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array().cloned())
+        .flatten()
+        .collect();
+    assert_eq!(&streamed, entries);
+
+    // Without the flag, no log probabilities.
+    let case = &serde_json::from_str::<Value>(GOLDEN).expect("golden")["cases"][0];
+    let (_, plain) = post_chat(
+        chat(
+            case["messages"].clone(),
+            json!({ "temperature": 0, "max_tokens": 4 }),
+        )
+        .to_string(),
+    )
+    .await;
+    assert!(plain["choices"][0]["logprobs"].is_null(), "{plain}");
+}
+
+#[tokio::test]
+async fn logit_bias_and_penalties_steer_the_choice() {
+    let case = &serde_json::from_str::<Value>(GOLDEN).expect("golden")["cases"][0];
+    let greedy = |extra: Value| {
+        let mut body = json!({ "temperature": 0, "max_tokens": 6, "logprobs": true });
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        chat(case["messages"].clone(), body)
+    };
+    let (_, plain) = post_chat(greedy(json!({})).to_string()).await;
+    let plain_text = content(&plain).to_string();
+
+    // A bias of 100 on a token makes it the first one.
+    let (status, biased) =
+        post_chat(greedy(json!({ "logit_bias": { "28": 100 } })).to_string()).await;
+    assert_eq!(status, StatusCode::OK, "{biased}");
+    let first = &biased["choices"][0]["logprobs"]["content"][0];
+    let expected_first = {
+        let state = state();
+        let model = state.model.get();
+        model.prompt.tokenizer().token_text(28)
+    };
+    assert_eq!(
+        first["token"].as_str(),
+        Some(expected_first.as_str()),
+        "{biased}"
+    );
+
+    // A strong repetition penalty changes a greedy answer that repeats the
+    // prompt's words; a penalty of 1 (off) changes nothing.
+    let (_, off) =
+        post_chat(greedy(json!({ "repetition_penalty": 1.0, "presence_penalty": 0 })).to_string())
+            .await;
+    assert_eq!(content(&off), plain_text);
+    let (_, penalized) = post_chat(greedy(json!({ "repetition_penalty": 2.0 })).to_string()).await;
+    assert_ne!(content(&penalized), plain_text, "{penalized}");
+}
+
+async fn post_completions(body: Value) -> (StatusCode, Value) {
+    let request = Request::post("/v1/completions")
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .expect("request");
+    let (status, bytes) = send(request).await;
+    let json = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&bytes)));
+    (status, json)
+}
+
+#[tokio::test]
+async fn legacy_completions_continue_text_whole_streamed_and_echoed() {
+    let prompt = "The capital of France is";
+    let (status, whole) = post_completions(
+        json!({ "model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0, "logprobs": 2 }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{whole}");
+    assert_eq!(whole["object"], "text_completion");
+    let choice = &whole["choices"][0];
+    let text = choice["text"].as_str().expect("text");
+    assert!(!text.is_empty());
+    assert_eq!(whole["usage"]["completion_tokens"], 8);
+    assert_eq!(choice["finish_reason"], "length");
+    let logprobs = &choice["logprobs"];
+    let tokens: Vec<&str> = logprobs["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(tokens.concat(), text);
+    assert_eq!(logprobs["token_logprobs"].as_array().unwrap().len(), 8);
+    assert_eq!(logprobs["text_offset"][0], 0);
+    assert_eq!(
+        logprobs["top_logprobs"][0].as_object().unwrap().len(),
+        2,
+        "{logprobs}"
+    );
+
+    // Streamed: the same text in pieces, then [DONE].
+    let request = Request::post("/v1/completions")
+        .body(Body::from(
+            json!({ "model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0, "stream": true, "stream_options": { "include_usage": true } })
+                .to_string(),
+        ))
+        .expect("request");
+    let (status, bytes) = send(request).await;
+    assert_eq!(status, StatusCode::OK);
+    let events: Vec<String> = String::from_utf8_lossy(&bytes)
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).expect("chunk"))
+        .collect();
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .collect();
+    assert_eq!(streamed, text);
+    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 8);
+
+    // Two prompts, one of them as token ids, echoed: two choices.
+    let (status, two) = post_completions(json!({
+        "model": MODEL, "prompt": [prompt, "Once upon a time"], "max_tokens": 4, "temperature": 0, "echo": true
+    }))
+    .await;
+    assert_eq!(status, StatusCode::OK, "{two}");
+    let choices = two["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 2);
+    assert!(choices[0]["text"].as_str().unwrap().starts_with(prompt));
+    assert!(
+        choices[1]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("Once upon a time")
+    );
+    assert_eq!(
+        choices[0]["text"].as_str().unwrap(),
+        format!(
+            "{prompt}{}",
+            &text[..choices[0]["text"].as_str().unwrap().len() - prompt.len()]
+        )
+    );
+    assert_eq!(two["usage"]["completion_tokens"], 8);
+
+    let bad: Vec<(&str, Value, &str)> = vec![
+        (
+            "n above one",
+            json!({ "model": MODEL, "prompt": "x", "n": 2 }),
+            "n",
+        ),
+        (
+            "best_of above one",
+            json!({ "model": MODEL, "prompt": "x", "best_of": 3 }),
+            "best_of",
+        ),
+        (
+            "suffix",
+            json!({ "model": MODEL, "prompt": "x", "suffix": "y" }),
+            "suffix",
+        ),
+        (
+            "echo with logprobs",
+            json!({ "model": MODEL, "prompt": "x", "echo": true, "logprobs": 1 }),
+            "echo",
+        ),
+        (
+            "empty prompt",
+            json!({ "model": MODEL, "prompt": "" }),
+            "prompt",
+        ),
+        (
+            "no prompts",
+            json!({ "model": MODEL, "prompt": [] }),
+            "prompt",
+        ),
+        (
+            "token past the vocabulary",
+            json!({ "model": MODEL, "prompt": [1, 99999999] }),
+            "prompt",
+        ),
+        (
+            "logprobs of 21",
+            json!({ "model": MODEL, "prompt": "x", "logprobs": 21 }),
+            "logprobs",
+        ),
+        (
+            "max_tokens of zero",
+            json!({ "model": MODEL, "prompt": "x", "max_tokens": 0 }),
+            "max_tokens",
+        ),
+    ];
+    for (name, body, param) in bad {
+        let (status, json) = post_completions(body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{name}: {json}");
+        assert_eq!(json["error"]["param"], param, "{name}: {json}");
+    }
+}
+
+/// Greedy log probabilities against llama-cpp-python's on the same file
+/// (tests/golden/make_logprobs_reference.py): the same tokens, in the same
+/// order, within 1e-4 (both are a log-softmax of the same logits, one in
+/// f32, one in f64).
+#[tokio::test]
+async fn logprobs_agree_with_llama_cpp_python() {
+    let reference: Value =
+        serde_json::from_str(include_str!("golden/smollm2-135m-logprobs.json")).expect("reference");
+    let golden: Value = serde_json::from_str(GOLDEN).expect("golden");
+    let top = reference["settings"]["top"].as_u64().expect("top");
+    for (case, expected) in golden["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(reference["cases"].as_array().unwrap())
+    {
+        let steps = expected["steps"].as_array().unwrap();
+        let body = chat(
+            case["messages"].clone(),
+            json!({ "temperature": 0, "max_tokens": steps.len(), "logprobs": true, "top_logprobs": top }),
+        );
+        let (status, answer) = post_chat(body.to_string()).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        let got = answer["choices"][0]["logprobs"]["content"]
+            .as_array()
+            .unwrap();
+        assert_eq!(got.len(), steps.len(), "{}", case["name"]);
+        for (i, (ours, theirs)) in got.iter().zip(steps).enumerate() {
+            let at = format!("{} token {i}", case["name"]);
+            assert_eq!(ours["token"], theirs["text"], "{at}");
+            let close =
+                |a: &Value, b: &Value| (a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 1e-4;
+            assert!(
+                close(&ours["logprob"], &theirs["logprob"]),
+                "{at}: {ours} {theirs}"
+            );
+            for (o, t) in ours["top_logprobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .zip(theirs["top"].as_array().unwrap())
+            {
+                assert_eq!(o["token"], t["text"], "{at}");
+                assert!(close(&o["logprob"], &t["logprob"]), "{at}: {o} {t}");
+            }
+        }
+    }
 }

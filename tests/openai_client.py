@@ -67,6 +67,48 @@ def main() -> None:
     except openai.BadRequestError as e:
         assert e.status_code == 400, e
 
+    # Log probabilities, as the client parses them.
+    scored = client.chat.completions.create(
+        model=model, messages=messages, temperature=0, max_tokens=6, logprobs=True, top_logprobs=3
+    )
+    entries = scored.choices[0].logprobs.content
+    assert len(entries) == scored.usage.completion_tokens, entries
+    assert "".join(e.token for e in entries) == scored.choices[0].message.content
+    for e in entries:
+        assert e.logprob <= 0 and len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token, e
+    streamed_entries = []
+    for chunk in client.chat.completions.create(
+        model=model, messages=messages, temperature=0, max_tokens=6, logprobs=True, top_logprobs=3, stream=True
+    ):
+        for c in chunk.choices:
+            if c.logprobs and c.logprobs.content:
+                streamed_entries.extend(c.logprobs.content)
+    assert [(e.token, e.logprob) for e in streamed_entries] == [(e.token, e.logprob) for e in entries]
+    print(f"logprobs: {[round(e.logprob, 3) for e in entries]}")
+
+    try:
+        client.chat.completions.create(model=model, messages=messages, logprobs=True, top_logprobs=21)
+        raise AssertionError("top_logprobs of 21 was accepted")
+    except openai.BadRequestError as e:
+        assert e.status_code == 400 and "top_logprobs" in str(e), e
+
+    # Legacy completions, whole and streamed.
+    completion = client.completions.create(
+        model=model, prompt="The capital of France is", max_tokens=8, temperature=0, logprobs=2
+    )
+    text = completion.choices[0].text
+    assert text and completion.object == "text_completion", completion
+    assert "".join(completion.choices[0].logprobs.tokens) == text
+    pieces = [
+        c.choices[0].text
+        for c in client.completions.create(
+            model=model, prompt="The capital of France is", max_tokens=8, temperature=0, stream=True
+        )
+        if c.choices
+    ]
+    assert "".join(pieces) == text, (pieces, text)
+    print(f"completions: {text!r}")
+
     print("openai client: all checks passed")
 
 

@@ -476,6 +476,7 @@ async fn started_after_the_stage_frees_up(policy: PolicyHandle) -> u64 {
         .send(StageResult::Token {
             sequence: SequenceId(100),
             token: 7,
+            logprobs: None,
         })
         .await
         .expect("result");

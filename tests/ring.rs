@@ -71,8 +71,38 @@ fn layers(view: &Value) -> LayerRange {
 #[tokio::test]
 async fn one_two_and_three_nodes_give_llama_cpp_s_output_streaming_or_not() {
     let _turn = ONE_AT_A_TIME.lock().await;
+    // Requests whose answers carry what the last stage computes beyond the
+    // token (log probabilities, penalties, biases, min-p, a seed), and a
+    // legacy completion: a ring answers them exactly as one node does.
+    let sampled = json!({
+        "model": support::MODEL,
+        "messages": [{ "role": "user", "content": "Write a short story about a lighthouse." }],
+        "max_tokens": 24, "temperature": 0.9, "seed": 11, "min_p": 0.05,
+        "presence_penalty": 0.4, "frequency_penalty": 0.3, "repetition_penalty": 1.2,
+        "logit_bias": { "28": -100 }, "logprobs": true, "top_logprobs": 3
+    })
+    .to_string();
+    let legacy = json!({
+        "model": support::MODEL, "prompt": ["The capital of France is", "Once upon a time"],
+        "max_tokens": 12, "temperature": 0, "logprobs": 3
+    })
+    .to_string();
+    let mut one_node: Option<(Value, Value)> = None;
     for n in 1..=3 {
         let nodes = Node::start_cluster(n, &[]);
+        let entry = nodes[n - 1].addr;
+        let sampled_chat = request(entry, "POST", "/v1/chat/completions", Some(&sampled)).await;
+        assert_eq!(sampled_chat.status, 200, "{n} nodes: {}", sampled_chat.body);
+        let completion = request(entry, "POST", "/v1/completions", Some(&legacy)).await;
+        assert_eq!(completion.status, 200, "{n} nodes: {}", completion.body);
+        let answers = (
+            sampled_chat.json()["choices"].clone(),
+            completion.json()["choices"].clone(),
+        );
+        match &one_node {
+            None => one_node = Some(answers),
+            Some(expected) => assert_eq!(&answers, expected, "{n} nodes against one"),
+        }
         for (i, case) in golden_cases().iter().enumerate() {
             let expected = case["output_text"].as_str().expect("text");
             // Enter the ring through a different node each time.

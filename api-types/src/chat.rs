@@ -13,7 +13,7 @@ use crate::models::Object;
 
 /// `POST /v1/chat/completions` body. Unknown fields are accepted and
 /// ignored, as OpenAI-compatible servers do, so that clients sending
-/// options ringlet does not act on (`user`, `logit_bias`, ...) still work.
+/// options ringlet does not act on (`user`, `metadata`, ...) still work.
 /// Options left out are not written.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ChatCompletionRequest {
@@ -40,6 +40,26 @@ pub struct ChatCompletionRequest {
     pub seed: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub n: Option<u64>,
+    /// Report each generated token's log probability.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<bool>,
+    /// With `logprobs`, also this many likeliest alternatives (0 to 20).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_logprobs: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence_penalty: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frequency_penalty: Option<f64>,
+    /// Not in OpenAI's API; `transformers`, llama.cpp and vLLM accept it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repetition_penalty: Option<f64>,
+    /// Not in OpenAI's API; llama.cpp and vLLM accept it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_p: Option<f64>,
+    /// Token id (as a string, as OpenAI's JSON has it) to a bias from -100
+    /// to 100 added to its logit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,7 +153,7 @@ impl Usage {
 }
 
 /// A whole answer (`stream` false).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChatCompletion {
     pub id: String,
     /// [`Object::ChatCompletion`].
@@ -145,13 +165,36 @@ pub struct ChatCompletion {
     pub usage: Usage,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Choice {
     pub index: u32,
     pub message: AssistantMessage,
-    /// Always null: ringlet reports no log probabilities.
-    pub logprobs: Option<()>,
+    /// Null unless the request asked for `logprobs`.
+    pub logprobs: Option<ChoiceLogprobs>,
     pub finish_reason: FinishReason,
+}
+
+/// The log probabilities of a choice's tokens (or of a chunk's).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChoiceLogprobs {
+    pub content: Vec<TokenLogprob>,
+}
+
+/// One generated token: its text, log probability, UTF-8 bytes (a token
+/// may hold part of a character) and the likeliest alternatives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f64,
+    pub bytes: Option<Vec<u8>>,
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f64,
+    pub bytes: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -169,7 +212,7 @@ pub struct AssistantMessage {
 /// When read, the fields the dashboard does not need (`id`, `object`,
 /// `created`, `model`, `system_fingerprint`) may be missing, as some
 /// OpenAI-compatible servers leave them out.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChatCompletionChunk {
     #[serde(default)]
     pub id: String,
@@ -194,12 +237,14 @@ fn chunk_object() -> Object {
     Object::ChatCompletionChunk
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChunkChoice {
     pub index: u32,
     pub delta: Delta,
-    /// Always null: ringlet reports no log probabilities.
-    pub logprobs: Option<()>,
+    /// Null unless the request asked for `logprobs`: then those of the
+    /// tokens whose text this chunk carries.
+    #[serde(default)]
+    pub logprobs: Option<ChoiceLogprobs>,
     pub finish_reason: Option<FinishReason>,
 }
 

@@ -12,7 +12,8 @@
 //! - The OpenAI chat completion types ([`ChatCompletionRequest`],
 //!   [`ChatCompletion`], [`ChatCompletionChunk`]) and OpenAI's error body
 //!   ([`ErrorBody`]), as <https://platform.openai.com/docs/api-reference/chat>
-//!   names them.
+//!   names them; the legacy completions ([`CompletionRequest`],
+//!   [`Completion`]).
 //!
 //! Only serde, no IO: what the JSON looks like, and nothing of how it
 //! travels. Field order is the JSON's key order; changing it changes the
@@ -20,6 +21,7 @@
 
 mod chat;
 mod cluster;
+mod completions;
 mod error;
 mod ids;
 mod models;
@@ -27,12 +29,15 @@ mod policy;
 
 pub use chat::{
     AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
-    ChunkChoice, ContentPart, Delta, FinishReason, MessageContent, RequestMessage, Role, StopField,
-    StreamOptions, Usage,
+    ChoiceLogprobs, ChunkChoice, ContentPart, Delta, FinishReason, MessageContent, RequestMessage,
+    Role, StopField, StreamOptions, TokenLogprob, TopLogprob, Usage,
 };
 pub use cluster::{
     ClusterView, LinkTransport, LinkView, ModelAvailability, ModelIdentity, ModelState, NodeView,
     NotJoinedView, PlanState, PlanView, RecoveryView, Resources, StageView,
+};
+pub use completions::{
+    Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, PromptField,
 };
 pub use error::{ErrorBody, ErrorDetail, ErrorType};
 pub use ids::{LayerRange, NodeId, ParseNodeIdError};

@@ -14,6 +14,9 @@ pub enum Object {
     ChatCompletion,
     #[serde(rename = "chat.completion.chunk")]
     ChatCompletionChunk,
+    /// A legacy completion, whole or a streamed chunk.
+    #[serde(rename = "text_completion")]
+    TextCompletion,
 }
 
 /// `GET /v1/models`: the model this node (and so the cluster) serves.

@@ -47,6 +47,6 @@ pub use gguf::{header_len_in, to_hex};
 pub use layers::{LayerRange, SequenceId};
 pub use model_file::ModelFile;
 pub use quant::{BlockFormat, QuantMatrix};
-pub use sampler::{Sampler, SamplingParams};
+pub use sampler::{MAX_TOP_LOGPROBS, Sampled, Sampler, SamplingParams, TokenLogprobs};
 pub use shard::{Shard, ShardInput, ShardOutput};
 pub use tokenizer::Tokenizer;

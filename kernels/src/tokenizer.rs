@@ -180,6 +180,21 @@ impl Tokenizer {
         self.inner.decode(ids, true).map_err(tokenizer_error)
     }
 
+    /// Tokens in the vocabulary, control tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// One token's own text, as clients see it in log probabilities:
+    /// decoded alone, so a token that holds part of a character reads as
+    /// U+FFFD, and a control token as its name (`<|im_end|>`).
+    pub fn token_text(&self, id: u32) -> String {
+        match self.inner.decode(&[id], true) {
+            Ok(text) if !text.is_empty() => text,
+            _ => self.inner.id_to_token(id).unwrap_or_default(),
+        }
+    }
+
     /// Tokens that end generation (EOS, end-of-turn).
     pub fn stop_tokens(&self) -> &BTreeSet<u32> {
         &self.stop_tokens

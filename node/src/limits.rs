@@ -13,6 +13,13 @@ pub const MAX_REQUEST_ID_BYTES: usize = 128;
 /// Most messages in one chat request.
 pub const MAX_MESSAGES: usize = 2048;
 
+/// Most prompts one `POST /v1/completions` may carry: each runs as its
+/// own generation, at once, with its own KV cache.
+pub const MAX_COMPLETION_PROMPTS: usize = 16;
+
+/// Most tokens a request's `logit_bias` may name (OpenAI's limit).
+pub const MAX_LOGIT_BIAS_TOKENS: usize = 300;
+
 /// Most stop sequences per request (OpenAI allows 4).
 pub const MAX_STOP_SEQUENCES: usize = 4;
 

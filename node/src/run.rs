@@ -30,6 +30,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         top_p: args.top_p,
         top_k: args.top_k,
         seed: args.seed.unwrap_or_else(|| rand::rng().random()),
+        ..SamplingParams::default()
     };
     sampling.validate()?;
 
@@ -61,7 +62,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut first_token_at = None;
     loop {
         match stream.next().await {
-            Some(TextEvent::Delta(piece)) => {
+            Some(TextEvent::Delta { text: piece, .. }) => {
                 first_token_at.get_or_insert_with(Instant::now);
                 stdout
                     .write_all(piece.as_bytes())

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use kernels::{
     LayerRange, Sampler, SamplingParams, SequenceId, Shard, ShardInput, ShardOutput, Tensor,
+    TokenLogprobs,
 };
 use tokio::sync::mpsc;
 
@@ -35,8 +36,16 @@ pub enum Sample {
     No,
     /// The first token sampled in this plan: create the sequence's
     /// sampler, which has already drawn `drawn` tokens (more than 0 when a
-    /// request resumes on a new plan after a node was lost).
-    Start { params: SamplingParams, drawn: u64 },
+    /// request resumes on a new plan after a node was lost). Its penalties
+    /// look at `prompt` and `generated`, which are sent only when the
+    /// parameters have penalties that need them.
+    Start {
+        /// Boxed: jobs stay small (this is sent once per request).
+        params: Box<SamplingParams>,
+        drawn: u64,
+        prompt: Vec<u32>,
+        generated: Vec<u32>,
+    },
     /// A later token: use the sequence's sampler.
     Continue,
 }
@@ -80,20 +89,18 @@ pub enum StageResult {
     Token {
         sequence: SequenceId,
         token: u32,
+        /// When the request asked for log probabilities.
+        logprobs: Option<TokenLogprobs>,
     },
     /// A prompt chunk went through every layer; send the next.
-    ChunkDone {
-        sequence: SequenceId,
-    },
+    ChunkDone { sequence: SequenceId },
     Failed {
         sequence: SequenceId,
         message: String,
     },
     /// The plan the sequence ran on is gone and a new one is active: its
     /// owner sends its whole history again (only the cluster says this).
-    Resume {
-        sequence: SequenceId,
-    },
+    Resume { sequence: SequenceId },
 }
 
 impl StageResult {
@@ -477,16 +484,26 @@ fn step(
     };
     let sampler = match sample {
         Sample::No => return Ok(Stepped::Result(StageResult::ChunkDone { sequence })),
-        Sample::Start { params, drawn } => {
-            let sampler = Sampler::resume(&params, drawn).map_err(|e| e.to_string())?;
+        Sample::Start {
+            params,
+            drawn,
+            prompt,
+            generated,
+        } => {
+            let sampler =
+                Sampler::resume(&params, drawn, &prompt, &generated).map_err(|e| e.to_string())?;
             samplers.entry(sequence).insert_entry(sampler).into_mut()
         }
         Sample::Continue => samplers
             .get_mut(&sequence)
             .ok_or_else(|| format!("sequence {sequence} has no sampler on stage {range}"))?,
     };
-    let token = sampler.sample(&logits).map_err(|e| e.to_string())?;
-    Ok(Stepped::Result(StageResult::Token { sequence, token }))
+    let sampled = sampler.sample(&logits).map_err(|e| e.to_string())?;
+    Ok(Stepped::Result(StageResult::Token {
+        sequence,
+        token: sampled.token,
+        logprobs: sampled.logprobs,
+    }))
 }
 
 /// Runs each token of `input` as a one-token step, as decoding ran them:

@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use kernels::Tokenizer;
+use kernels::{TokenLogprobs, Tokenizer};
 
 use crate::engine::{FinishReason, Generation, GenerationEvent};
 
@@ -130,10 +130,22 @@ impl StopMatcher {
     }
 }
 
+/// A generated token's log probabilities, for a client that asked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprobs: TokenLogprobs,
+}
+
 /// A piece of a generation's text, or its end.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TextEvent {
-    Delta(String),
+    /// Text, and the log probabilities (if asked for) of the tokens that
+    /// came since the last piece. At the end a piece may have no text.
+    Delta {
+        text: String,
+        logprobs: Vec<TokenLogprob>,
+    },
     Finished {
         reason: FinishReason,
         prompt_tokens: usize,
@@ -151,6 +163,8 @@ pub struct TextStream {
     stops: StopMatcher,
     prompt_tokens: usize,
     completion_tokens: usize,
+    /// Log probabilities of tokens whose text is not out yet.
+    logprobs: Vec<TokenLogprob>,
     out: VecDeque<TextEvent>,
     done: bool,
 }
@@ -168,6 +182,7 @@ impl TextStream {
             stops: StopMatcher::new(stops),
             prompt_tokens,
             completion_tokens: 0,
+            logprobs: Vec::new(),
             out: VecDeque::new(),
             done: false,
         }
@@ -183,7 +198,12 @@ impl TextStream {
                 return None;
             }
             match self.generation.events.recv().await {
-                Some(GenerationEvent::Token(token)) => self.on_token(token),
+                Some(GenerationEvent::Token { token, logprobs }) => {
+                    if let Some(logprobs) = logprobs {
+                        self.logprobs.push(TokenLogprob { token, logprobs });
+                    }
+                    self.on_token(token);
+                }
                 Some(GenerationEvent::Finished {
                     reason,
                     prompt_tokens,
@@ -229,7 +249,10 @@ impl TextStream {
         };
         match self.stops.push(&text) {
             StopOutcome::Emit(text) if text.is_empty() => {}
-            StopOutcome::Emit(text) => self.out.push_back(TextEvent::Delta(text)),
+            StopOutcome::Emit(text) => {
+                let logprobs = std::mem::take(&mut self.logprobs);
+                self.out.push_back(TextEvent::Delta { text, logprobs });
+            }
             StopOutcome::Stopped(text) => {
                 self.generation.stop();
                 let (prompt, completion) = (self.prompt_tokens, self.completion_tokens);
@@ -245,8 +268,9 @@ impl TextStream {
         prompt_tokens: usize,
         completion_tokens: usize,
     ) {
-        if !text.is_empty() {
-            self.out.push_back(TextEvent::Delta(text));
+        if !text.is_empty() || !self.logprobs.is_empty() {
+            let logprobs = std::mem::take(&mut self.logprobs);
+            self.out.push_back(TextEvent::Delta { text, logprobs });
         }
         self.out.push_back(TextEvent::Finished {
             reason,

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use api_types::{
     AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
-    ChunkChoice, Delta, MessageContent, Object, RequestMessage, Role, StopField, Usage,
+    ChoiceLogprobs, ChunkChoice, Delta, MessageContent, Object, RequestMessage, Role, StopField,
+    TopLogprob, Usage,
 };
 use axum::Json;
 use axum::body::Bytes;
@@ -23,9 +24,10 @@ use super::error::ApiError;
 use super::{AppState, ServedModel};
 use crate::engine::{FinishReason, GenerationRequest};
 use crate::limits::{
-    MAX_MESSAGES, MAX_STOP_SEQUENCE_BYTES, MAX_STOP_SEQUENCES, SSE_KEEP_ALIVE_SECS,
+    MAX_LOGIT_BIAS_TOKENS, MAX_MESSAGES, MAX_STOP_SEQUENCE_BYTES, MAX_STOP_SEQUENCES,
+    SSE_KEEP_ALIVE_SECS,
 };
-use crate::text::{TextEvent, TextStream};
+use crate::text::{TextEvent, TextStream, TokenLogprob};
 
 /// A request that passed validation, ready for the engine.
 #[derive(Debug)]
@@ -39,13 +41,15 @@ pub(crate) struct PreparedChat {
     pub stops: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
+    /// Whether the answer carries log probabilities.
+    pub logprobs: bool,
 }
 
 /// Waits, at most `--recovery-wait`, until the cluster has an active
 /// plan: a request that arrives while a plan loads, or while the cluster
 /// recovers from a lost node, is served when it is ready rather than
 /// refused at once.
-async fn wait_for_plan(cluster: &crate::cluster::ClusterHandle) -> Result<(), ApiError> {
+pub(crate) async fn wait_for_plan(cluster: &crate::cluster::ClusterHandle) -> Result<(), ApiError> {
     let mut views = cluster.watch();
     let ready = async {
         views
@@ -97,6 +101,9 @@ pub async fn chat_completions(
         created: crate::unix_seconds(),
         model: prepared.model.name.clone(),
         system_fingerprint: prepared.model.system_fingerprint.clone(),
+        logprobs: prepared
+            .logprobs
+            .then(|| Arc::clone(prepared.model.prompt.tokenizer())),
     };
     if prepared.stream {
         Ok(stream_response(text, response, prepared.include_usage).into_response())
@@ -152,7 +159,22 @@ pub(crate) async fn prepare(
             format!("`{param}` must be at least 1."),
         ));
     }
-    let sampling = sampling_params(&request)?;
+    let sampling = sampling_params(
+        SamplingFields {
+            temperature: request.temperature,
+            top_p: request.top_p,
+            top_k: request.top_k,
+            seed: request.seed,
+            min_p: request.min_p,
+            presence_penalty: request.presence_penalty,
+            frequency_penalty: request.frequency_penalty,
+            repetition_penalty: request.repetition_penalty,
+            logit_bias: request.logit_bias.as_ref(),
+            logprobs: chat_logprobs(&request)?,
+        },
+        model.prompt.tokenizer().vocab_size(),
+    )?;
+    let logprobs = sampling.logprobs.is_some();
     let stops = stop_sequences(request.stop)?;
     let stream = request.stream.unwrap_or(false);
     let include_usage = request
@@ -172,21 +194,62 @@ pub(crate) async fn prepare(
         stops,
         stream,
         include_usage,
+        logprobs,
     })
 }
 
-/// OpenAI's sampling defaults (temperature 1, top_p 1), checked.
-fn sampling_params(request: &ChatCompletionRequest) -> Result<SamplingParams, ApiError> {
+/// Chat's `logprobs` (a flag) and `top_logprobs` (how many alternatives).
+fn chat_logprobs(request: &ChatCompletionRequest) -> Result<Option<usize>, ApiError> {
+    match (request.logprobs, request.top_logprobs) {
+        (Some(true), top) => Ok(Some(
+            usize::try_from(top.unwrap_or(0)).unwrap_or(usize::MAX),
+        )),
+        (_, Some(_)) => Err(ApiError::invalid_param(
+            "top_logprobs",
+            "`top_logprobs` needs `logprobs` set to true.",
+        )),
+        _ => Ok(None),
+    }
+}
+
+/// The sampling fields of chat and of legacy completions, as sent.
+pub(crate) struct SamplingFields<'a> {
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<u64>,
+    pub seed: Option<i64>,
+    pub min_p: Option<f64>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+    pub logit_bias: Option<&'a std::collections::BTreeMap<String, f64>>,
+    /// How many alternatives to report with each token's log
+    /// probability; `None` reports none.
+    pub logprobs: Option<usize>,
+}
+
+/// OpenAI's sampling defaults (temperature 1, top_p 1, no penalties),
+/// checked.
+pub(crate) fn sampling_params(
+    fields: SamplingFields<'_>,
+    vocab_size: usize,
+) -> Result<SamplingParams, ApiError> {
     let sampling = SamplingParams {
-        temperature: request.temperature.unwrap_or(1.0),
-        top_p: request.top_p.unwrap_or(1.0),
-        top_k: request
+        temperature: fields.temperature.unwrap_or(1.0),
+        top_p: fields.top_p.unwrap_or(1.0),
+        top_k: fields
             .top_k
             .map(|k| usize::try_from(k).unwrap_or(usize::MAX)),
         // Without a seed each request samples differently, as OpenAI does.
-        seed: request
+        seed: fields
             .seed
             .map_or_else(|| rand::rng().random(), |s| s as u64),
+        min_p: fields.min_p.unwrap_or(0.0),
+        presence_penalty: fields.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: fields.frequency_penalty.unwrap_or(0.0),
+        repetition_penalty: fields.repetition_penalty.unwrap_or(1.0),
+        logit_bias: logit_bias(fields.logit_bias, vocab_size)?,
+        logprobs: fields.logprobs,
     };
     match sampling.validate() {
         Ok(()) => Ok(sampling),
@@ -202,7 +265,38 @@ fn sampling_params(request: &ChatCompletionRequest) -> Result<SamplingParams, Ap
     }
 }
 
-fn stop_sequences(stop: Option<StopField>) -> Result<Vec<String>, ApiError> {
+/// `logit_bias` keys are token ids, written as strings.
+fn logit_bias(
+    bias: Option<&std::collections::BTreeMap<String, f64>>,
+    vocab_size: usize,
+) -> Result<Vec<(u32, f64)>, ApiError> {
+    let Some(bias) = bias else {
+        return Ok(Vec::new());
+    };
+    if bias.len() > MAX_LOGIT_BIAS_TOKENS {
+        return Err(ApiError::invalid_param(
+            "logit_bias",
+            format!(
+                "`logit_bias` may name at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {}.",
+                bias.len()
+            ),
+        ));
+    }
+    bias.iter()
+        .map(|(key, &value)| match key.parse::<u32>() {
+            Ok(token) if (token as usize) < vocab_size => Ok((token, value)),
+            _ => Err(ApiError::invalid_param(
+                "logit_bias",
+                format!(
+                    "`logit_bias` keys are token ids from 0 to {}; got {key:?}.",
+                    vocab_size.saturating_sub(1)
+                ),
+            )),
+        })
+        .collect()
+}
+
+pub(crate) fn stop_sequences(stop: Option<StopField>) -> Result<Vec<String>, ApiError> {
     let stops = stop.map(StopField::into_vec).unwrap_or_default();
     if stops.len() > MAX_STOP_SEQUENCES {
         return Err(ApiError::invalid_param(
@@ -264,7 +358,7 @@ fn chat_messages(messages: Vec<RequestMessage>) -> Result<Vec<ChatMessage>, ApiE
 
 /// Tokens to generate: what was asked if it fits the context, else all the
 /// context has left when nothing was asked.
-fn completion_budget(
+pub(crate) fn completion_budget(
     requested: Option<(&str, u64)>,
     prompt_tokens: usize,
     context: usize,
@@ -290,9 +384,43 @@ struct ResponseMeta {
     created: u64,
     model: String,
     system_fingerprint: String,
+    /// With log probabilities asked for, the tokenizer that names tokens.
+    logprobs: Option<Arc<kernels::Tokenizer>>,
 }
 
 impl ResponseMeta {
+    /// Tokens' log probabilities as the API writes them; `None` when the
+    /// request did not ask.
+    fn logprobs(&self, tokens: Vec<TokenLogprob>) -> Option<ChoiceLogprobs> {
+        let tokenizer = self.logprobs.as_ref()?;
+        let named = |token: u32, logprob: f32| {
+            let text = tokenizer.token_text(token);
+            TopLogprob {
+                bytes: Some(text.as_bytes().to_vec()),
+                token: text,
+                logprob: f64::from(logprob),
+            }
+        };
+        let content = tokens
+            .into_iter()
+            .map(|t| {
+                let chosen = named(t.token, t.logprobs.logprob);
+                api_types::TokenLogprob {
+                    token: chosen.token,
+                    logprob: chosen.logprob,
+                    bytes: chosen.bytes,
+                    top_logprobs: t
+                        .logprobs
+                        .top
+                        .iter()
+                        .map(|&(token, logprob)| named(token, logprob))
+                        .collect(),
+                }
+            })
+            .collect();
+        Some(ChoiceLogprobs { content })
+    }
+
     fn chunk(
         &self,
         choices: Vec<ChunkChoice>,
@@ -315,14 +443,22 @@ async fn collect_response(
     meta: ResponseMeta,
 ) -> Result<Json<ChatCompletion>, ApiError> {
     let mut content = String::new();
+    let mut logprobs = Vec::new();
     loop {
         match text.next().await {
-            Some(TextEvent::Delta(piece)) => content.push_str(&piece),
+            Some(TextEvent::Delta {
+                text: piece,
+                logprobs: tokens,
+            }) => {
+                content.push_str(&piece);
+                logprobs.extend(tokens);
+            }
             Some(TextEvent::Finished {
                 reason,
                 prompt_tokens,
                 completion_tokens,
             }) => {
+                let logprobs = meta.logprobs(logprobs);
                 return Ok(Json(ChatCompletion {
                     id: meta.id,
                     object: Object::ChatCompletion,
@@ -335,7 +471,7 @@ async fn collect_response(
                             role: Role::Assistant,
                             content,
                         },
-                        logprobs: None,
+                        logprobs,
                         finish_reason: reason.into(),
                     }],
                     usage: usage(prompt_tokens, completion_tokens),
@@ -375,15 +511,25 @@ fn stream_response(
                         role: Some(Role::Assistant),
                         content: Some(String::new()),
                     };
-                    (chunk_event(&meta, delta, None, usage_field), Phase::Content)
+                    (
+                        chunk_event(&meta, delta, None, None, usage_field),
+                        Phase::Content,
+                    )
                 }
                 Phase::Content => match text.next().await {
-                    Some(TextEvent::Delta(piece)) => {
+                    Some(TextEvent::Delta {
+                        text: piece,
+                        logprobs,
+                    }) => {
                         let delta = Delta {
                             role: None,
                             content: Some(piece),
                         };
-                        (chunk_event(&meta, delta, None, usage_field), Phase::Content)
+                        let logprobs = meta.logprobs(logprobs);
+                        (
+                            chunk_event(&meta, delta, logprobs, None, usage_field),
+                            Phase::Content,
+                        )
                     }
                     Some(TextEvent::Finished {
                         reason,
@@ -396,7 +542,7 @@ fn stream_response(
                             Phase::Done
                         };
                         (
-                            chunk_event(&meta, Delta::default(), Some(reason), usage_field),
+                            chunk_event(&meta, Delta::default(), None, Some(reason), usage_field),
                             next,
                         )
                     }
@@ -426,13 +572,14 @@ fn stream_response(
 fn chunk_event(
     meta: &ResponseMeta,
     delta: Delta,
+    logprobs: Option<ChoiceLogprobs>,
     finish_reason: Option<FinishReason>,
     usage: Option<Option<Usage>>,
 ) -> Event {
     let choice = ChunkChoice {
         index: 0,
         delta,
-        logprobs: None,
+        logprobs,
         finish_reason: finish_reason.map(Into::into),
     };
     let json = serde_json::to_string(&meta.chunk(vec![choice], usage)).unwrap_or_default();
@@ -448,7 +595,7 @@ fn template_role(role: Role) -> &'static str {
     }
 }
 
-fn usage(prompt_tokens: usize, completion_tokens: usize) -> Usage {
+pub(crate) fn usage(prompt_tokens: usize, completion_tokens: usize) -> Usage {
     Usage::new(prompt_tokens as u64, completion_tokens as u64)
 }
 

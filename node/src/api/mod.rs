@@ -7,6 +7,7 @@ mod access;
 mod admin;
 pub mod chat;
 mod cluster;
+mod completions;
 mod dashboard;
 pub mod error;
 mod files;
@@ -100,6 +101,7 @@ impl std::fmt::Debug for AdminToken {
 pub fn router(state: AppState) -> Router {
     let routes = Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/completions", post(completions::completions))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
         .route("/healthz", get(healthz))

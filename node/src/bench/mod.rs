@@ -254,7 +254,7 @@ async fn measure_ringlet(
     let mut stamps = Vec::with_capacity(decode_tokens + 1);
     while let Some(event) = generation.events.recv().await {
         match event {
-            GenerationEvent::Token(_) => {
+            GenerationEvent::Token { .. } => {
                 stamps.push(Instant::now());
                 if stamps.len() == 1
                     && let Some(profile) = profile.as_deref_mut()

@@ -17,13 +17,13 @@
 // Fields of `Hello` and `NodeStatus` that the HTTP API's cluster view shows
 // too: defined once, in `api_types`.
 pub use api_types::{LinkTransport, ModelAvailability, ModelIdentity, ModelState, Resources};
-use kernels::{LayerRange, SequenceId};
+use kernels::{LayerRange, SequenceId, TokenLogprobs};
 use scheduler::NodeId;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Bumped whenever frames change incompatibly; peers must match exactly.
-pub const PROTOCOL_VERSION: u32 = 9;
+pub const PROTOCOL_VERSION: u32 = 10;
 
 /// The HTTP `Upgrade` token of a link.
 pub const UPGRADE_TOKEN: &str = "ringlet-link";
@@ -300,6 +300,8 @@ pub enum Frame {
         request: SequenceId,
         epoch: Epoch,
         token: u32,
+        /// When the request asked for log probabilities.
+        logprobs: Option<TokenLogprobs>,
     },
     /// A prompt chunk went through every stage; the owner sends the next.
     ChunkDone {
@@ -605,8 +607,14 @@ mod tests {
                     data: vec![0; 16],
                 },
                 sample: Sample::Start {
-                    params: SamplingParams::greedy(),
+                    params: Box::new(SamplingParams {
+                        logprobs: Some(2),
+                        repetition_penalty: 1.1,
+                        ..SamplingParams::greedy()
+                    }),
                     drawn: 3,
+                    prompt: vec![1, 2],
+                    generated: vec![3],
                 },
                 token_by_token: true,
             }),
@@ -614,6 +622,10 @@ mod tests {
                 request: SequenceId(5),
                 epoch: Epoch(3),
                 token: 42,
+                logprobs: Some(TokenLogprobs {
+                    logprob: -0.5,
+                    top: vec![(42, -0.5), (7, -1.25)],
+                }),
             },
             Frame::Interrupted {
                 request: SequenceId(5),
@@ -722,6 +734,7 @@ mod tests {
             request: SequenceId(1),
             epoch: Epoch(1),
             token: 2,
+            logprobs: None,
         })
         .expect("encode");
         let oversized = (MAX_FRAME_BYTES + 1).to_be_bytes().to_vec();

@@ -288,10 +288,15 @@ pub(super) fn forward_job(
 /// A result of a job of plan `epoch` as a frame for the request's owner.
 pub(super) fn result_frame(result: StageResult, epoch: Epoch) -> Option<Frame> {
     Some(match result {
-        StageResult::Token { sequence, token } => Frame::Token {
+        StageResult::Token {
+            sequence,
+            token,
+            logprobs,
+        } => Frame::Token {
             request: sequence,
             epoch,
             token,
+            logprobs,
         },
         StageResult::ChunkDone { sequence } => Frame::ChunkDone {
             request: sequence,
@@ -315,10 +320,12 @@ pub(super) fn frame_result(frame: Frame) -> Option<(StageResult, Epoch)> {
             request,
             epoch,
             token,
+            logprobs,
         } => Some((
             StageResult::Token {
                 sequence: request,
                 token,
+                logprobs,
             },
             epoch,
         )),
@@ -426,7 +433,11 @@ mod tests {
         let mut routing = Routing::default();
         let (a, b) = (SequenceId(1), SequenceId(2));
         routing.run(a, Epoch(3));
-        let token = |sequence| StageResult::Token { sequence, token: 7 };
+        let token = |sequence| StageResult::Token {
+            sequence,
+            token: 7,
+            logprobs: None,
+        };
         assert!(routing.deliver(token(a), Epoch(3)).is_some());
         assert!(
             routing.deliver(token(b), Epoch(3)).is_none(),
@@ -458,6 +469,7 @@ mod tests {
         let late = StageResult::Token {
             sequence: a,
             token: 7,
+            logprobs: None,
         };
         assert!(routing.deliver(late, Epoch(1)).is_none(), "the old plan's");
         // A request that started with no plan waits too.
@@ -472,6 +484,7 @@ mod tests {
         let token = StageResult::Token {
             sequence: a,
             token: 8,
+            logprobs: None,
         };
         assert!(routing.deliver(token, Epoch(2)).is_some());
         // Waiting too long: forgotten here, for the owner to fail.
@@ -565,6 +578,7 @@ mod tests {
         let result = StageResult::Token {
             sequence: SequenceId(5),
             token: 9,
+            logprobs: None,
         };
         let frame = result_frame(result, Epoch(4)).expect("a frame");
         assert!(matches!(

@@ -440,6 +440,7 @@ mod tests {
             request: SequenceId(7),
             epoch: crate::cluster::protocol::Epoch(1),
             token: n,
+            logprobs: None,
         }
     }
 

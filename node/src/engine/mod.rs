@@ -41,7 +41,7 @@ use std::time::Duration;
 use std::time::Instant;
 
 use futures_util::future::BoxFuture;
-use kernels::{SamplingParams, SequenceId, Shard, ShardInput};
+use kernels::{SamplingParams, SequenceId, Shard, ShardInput, TokenLogprobs};
 use scheduler::contract::{StageLoad, WaitingRequest};
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
@@ -79,7 +79,11 @@ pub enum FinishReason {
 /// What the engine tells a request's owner, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GenerationEvent {
-    Token(u32),
+    Token {
+        token: u32,
+        /// When the request asked for log probabilities.
+        logprobs: Option<TokenLogprobs>,
+    },
     Finished {
         reason: FinishReason,
         prompt_tokens: usize,
@@ -684,9 +688,20 @@ impl Coordinator {
         };
         active.fed += chunk.len();
         let sample = if active.fed == history {
+            let params = &active.request.sampling;
             Sample::Start {
-                params: active.request.sampling.clone(),
+                params: Box::new(params.clone()),
                 drawn: generated.len() as u64,
+                prompt: if params.penalizes_prompt() {
+                    prompt.clone()
+                } else {
+                    Vec::new()
+                },
+                generated: if params.penalizes() {
+                    generated.clone()
+                } else {
+                    Vec::new()
+                },
             }
         } else {
             Sample::No
@@ -725,14 +740,18 @@ impl Coordinator {
         match result {
             StageResult::ChunkDone { sequence } => self.feed_history(sequence).await,
             StageResult::Resume { sequence } => self.resume(sequence).await,
-            StageResult::Token { sequence, token } => self.on_token(sequence, token).await,
+            StageResult::Token {
+                sequence,
+                token,
+                logprobs,
+            } => self.on_token(sequence, token, logprobs).await,
             StageResult::Failed { sequence, message } => {
                 self.end(sequence, Outcome::Failed(message)).await
             }
         }
     }
 
-    async fn on_token(&mut self, id: SequenceId, token: u32) {
+    async fn on_token(&mut self, id: SequenceId, token: u32, logprobs: Option<TokenLogprobs>) {
         let Some(active) = self.active.get_mut(&id) else {
             return;
         };
@@ -748,7 +767,7 @@ impl Coordinator {
         // channel cannot happen; a closed one means the owner is done.
         if active
             .events
-            .try_send(GenerationEvent::Token(token))
+            .try_send(GenerationEvent::Token { token, logprobs })
             .is_err()
         {
             let outcome = if active.stopped.load(Ordering::Acquire) {
