@@ -847,3 +847,57 @@ async fn logprobs_agree_with_llama_cpp_python() {
         }
     }
 }
+
+#[tokio::test]
+async fn metrics_count_requests_tokens_and_latencies() {
+    let (status, _) = post_chat(
+        chat(
+            user("Name a colour."),
+            json!({ "temperature": 0, "max_tokens": 5 }),
+        )
+        .to_string(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, bytes) = send(Request::get("/metrics").body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    let text = String::from_utf8_lossy(&bytes).to_string();
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(name)
+                    .and_then(|rest| rest.trim().parse().ok())
+            })
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    };
+    assert!(
+        value("ringlet_http_requests_total{route=\"/v1/chat/completions\",status=\"200\"}") >= 1.0
+    );
+    assert!(value("ringlet_completion_tokens_total") >= 5.0);
+    assert!(value("ringlet_prompt_tokens_total") >= 1.0);
+    assert!(value("ringlet_time_to_first_token_seconds_count") >= 1.0);
+    assert!(value("ringlet_inter_token_latency_seconds_count") >= 4.0);
+    assert!(value("ringlet_stage_step_seconds_count") >= 5.0);
+    assert_eq!(
+        value("ringlet_kv_cache_budget_bytes"),
+        KV_BUDGET_BYTES as f64
+    );
+    assert!(
+        text.contains("# TYPE ringlet_recoveries_total counter"),
+        "{text}"
+    );
+    // Paths no route knows share one label, whatever they are.
+    send(
+        Request::get("/no/such/path/42")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    let (_, bytes) = send(Request::get("/metrics").body(Body::empty()).unwrap()).await;
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(
+        text.contains("route=\"unmatched\",status=\"404\""),
+        "{text}"
+    );
+    assert!(!text.contains("/no/such/path"), "{text}");
+}

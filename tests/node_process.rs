@@ -55,6 +55,48 @@ async fn api_keys_through_the_official_openai_client() {
     run_openai_script("openai_api_keys.py", &node, &["second-key"]).await;
 }
 
+/// `GET /metrics` needs the API key when the node has one; over a ring,
+/// the links' bytes and RTT show.
+#[tokio::test]
+async fn metrics_need_the_api_key_and_show_the_links() {
+    let keyed = Node::start_ready(&["--api-key", "metrics-key"]);
+    let open = request(keyed.addr, "GET", "/metrics", None).await;
+    assert_eq!(open.status, 401, "{}", open.body);
+    let with_key = support::request_raw(
+        keyed.addr,
+        "GET",
+        "/metrics",
+        &[("Authorization", "Bearer metrics-key")],
+        None,
+    )
+    .await;
+    assert_eq!(with_key.status, 200, "{}", with_key.body);
+    assert!(with_key.body.contains("ringlet_kv_cache_budget_bytes"));
+
+    let nodes = Node::start_cluster(2, &[]);
+    support::wait_for_cluster(nodes[0].addr, Duration::from_secs(30), |view| {
+        view["links"].as_array().is_some_and(|links| {
+            links
+                .iter()
+                .any(|l| l["from"] == view["node"] && l["rtt_ms"].is_number())
+        })
+    })
+    .await;
+    let metrics = request(nodes[0].addr, "GET", "/metrics", None).await;
+    assert_eq!(metrics.status, 200);
+    for needle in [
+        "ringlet_link_bytes_total{direction=\"sent\"}",
+        "ringlet_link_bytes_total{direction=\"received\"}",
+        "ringlet_link_rtt_seconds{peer=\"node-1\",transport=\"tcp\"}",
+    ] {
+        assert!(
+            metrics.body.contains(needle),
+            "{needle} not in:\n{}",
+            metrics.body
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_client_that_hangs_up_cancels_its_generation() {
     let mut node = Node::start_ready(&[]);

@@ -13,6 +13,7 @@ pub mod hub;
 pub mod identity;
 pub mod limits;
 pub mod loaded_model;
+pub mod metrics;
 pub mod model_store;
 pub mod policy;
 pub mod prompt;

@@ -348,6 +348,7 @@ fn run<R>(
         let tokens = input.len();
         progress.step_started(tokens, token_by_token);
         // A panic here is a bug; it fails this request, not the node.
+        let step_started = std::time::Instant::now();
         let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let job = Job {
                 sequence,
@@ -359,6 +360,9 @@ fn run<R>(
             step(&mut shard, &mut samplers, job)
         }));
         progress.step_ended(tokens, token_by_token);
+        crate::metrics::global()
+            .stage_step
+            .observe(step_started.elapsed().as_secs_f64());
         let output = match stepped {
             Ok(Ok(Stepped::Hidden(hidden, sample))) => StageOutput::Next {
                 sequence,

@@ -167,6 +167,10 @@ pub struct TextStream {
     logprobs: Vec<TokenLogprob>,
     out: VecDeque<TextEvent>,
     done: bool,
+    /// When the generation was submitted, and when its last token came:
+    /// the time to first token and between tokens, for the metrics.
+    submitted: std::time::Instant,
+    last_token_at: Option<std::time::Instant>,
 }
 
 impl TextStream {
@@ -184,6 +188,8 @@ impl TextStream {
             completion_tokens: 0,
             logprobs: Vec::new(),
             out: VecDeque::new(),
+            submitted: std::time::Instant::now(),
+            last_token_at: None,
             done: false,
         }
     }
@@ -199,6 +205,7 @@ impl TextStream {
             }
             match self.generation.events.recv().await {
                 Some(GenerationEvent::Token { token, logprobs }) => {
+                    self.time_token();
                     if let Some(logprobs) = logprobs {
                         self.logprobs.push(TokenLogprob { token, logprobs });
                     }
@@ -230,6 +237,19 @@ impl TextStream {
                         .push_back(TextEvent::Failed("the inference engine stopped".into()));
                 }
             }
+        }
+    }
+
+    fn time_token(&mut self) {
+        let now = std::time::Instant::now();
+        let metrics = crate::metrics::global();
+        match self.last_token_at.replace(now) {
+            None => metrics
+                .time_to_first_token
+                .observe((now - self.submitted).as_secs_f64()),
+            Some(previous) => metrics
+                .inter_token_latency
+                .observe((now - previous).as_secs_f64()),
         }
     }
 
@@ -268,6 +288,9 @@ impl TextStream {
         prompt_tokens: usize,
         completion_tokens: usize,
     ) {
+        let metrics = crate::metrics::global();
+        metrics.prompt_tokens.inc_by(prompt_tokens as u64);
+        metrics.completion_tokens.inc_by(completion_tokens as u64);
         if !text.is_empty() || !self.logprobs.is_empty() {
             let logprobs = std::mem::take(&mut self.logprobs);
             self.out.push_back(TextEvent::Delta { text, logprobs });

@@ -187,10 +187,10 @@ pub(super) fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
         .map(|(_, token)| token.trim())
 }
 
-/// Routes that need a key: the API, not the links and files between
-/// nodes, not the health check or the dashboard.
+/// Routes that need a key: the API and the metrics, not the links and
+/// files between nodes, not the health check or the dashboard.
 fn guarded(path: &str) -> bool {
-    path.starts_with("/v1/") && !path.starts_with("/v1/ring/")
+    path == "/metrics" || (path.starts_with("/v1/") && !path.starts_with("/v1/ring/"))
 }
 
 /// Routes that change the cluster or hand out its secret: the admin token

@@ -12,6 +12,7 @@ mod dashboard;
 pub mod error;
 mod files;
 mod membership;
+mod metrics;
 mod models;
 mod policy;
 mod request_id;
@@ -102,6 +103,7 @@ pub fn router(state: AppState) -> Router {
     let routes = Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
+        .route("/metrics", get(metrics::metrics))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
         .route("/healthz", get(healthz))
@@ -140,7 +142,8 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             access::require_key,
-        ));
+        ))
+        .layer(axum::middleware::from_fn(metrics::count_requests));
     request_id::layers(routes).with_state(state)
 }
 

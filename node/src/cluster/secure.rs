@@ -311,6 +311,7 @@ impl SecureReader {
         };
         let frame = protocol::decode(&self.plain[4..4 + length]);
         self.plain.drain(..4 + length);
+        crate::metrics::global().link_bytes("received", 4 + length);
         let bytes_per_second = started.and_then(|s: Instant| {
             protocol::bandwidth(u32::try_from(length).unwrap_or(u32::MAX), s.elapsed())
         });
@@ -369,7 +370,9 @@ pub struct SecureWriter {
 impl SecureWriter {
     pub async fn write_frame(&mut self, frame: &Frame) -> Result<(), FrameError> {
         let plain = protocol::encode(frame)?;
-        self.write_stream_bytes(&plain).await
+        self.write_stream_bytes(&plain).await?;
+        crate::metrics::global().link_bytes("sent", plain.len());
+        Ok(())
     }
 
     /// Sends `plain` as part of the stream of length-prefixed frames,

@@ -243,6 +243,11 @@ impl EngineHandle {
         !self.submissions.is_closed() && !self.stats.borrow().stopped
     }
 
+    /// KV-cache bytes the active requests may reserve together.
+    pub fn kv_budget_bytes(&self) -> u64 {
+        self.model.get().kv_budget_bytes
+    }
+
     /// Serves another model from now on (the cluster switched): its context
     /// length, stop tokens and KV size per token.
     pub fn set_model(&self, model: EngineModel) {
@@ -727,6 +732,7 @@ impl Coordinator {
         active.fed = 0;
         active.resuming = Some((Instant::now(), active.generated.len()));
         self.stats.send_modify(|s| s.resumed += 1);
+        crate::metrics::global().recoveries.inc();
         self.feed_history(id).await;
     }
 
