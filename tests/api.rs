@@ -65,7 +65,11 @@ async fn send(request: Request<Body>) -> (StatusCode, Bytes) {
 }
 
 async fn post_chat(body: impl Into<Body>) -> (StatusCode, Value) {
-    let request = Request::post("/v1/chat/completions")
+    post_json("/v1/chat/completions", body).await
+}
+
+async fn post_json(path: &str, body: impl Into<Body>) -> (StatusCode, Value) {
+    let request = Request::post(path)
         .header("content-type", "application/json")
         .body(body.into())
         .expect("request");
@@ -655,14 +659,7 @@ async fn logit_bias_and_penalties_steer_the_choice() {
 }
 
 async fn post_completions(body: Value) -> (StatusCode, Value) {
-    let request = Request::post("/v1/completions")
-        .header("content-type", "application/json")
-        .body(Body::from(body.to_string()))
-        .expect("request");
-    let (status, bytes) = send(request).await;
-    let json = serde_json::from_slice(&bytes)
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&bytes)));
-    (status, json)
+    post_json("/v1/completions", body.to_string()).await
 }
 
 #[tokio::test]

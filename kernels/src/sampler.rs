@@ -6,7 +6,7 @@
 //! are read from the adjusted logits over the temperature, before top-k
 //! and top-p cut any token out.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use candle_core::{DType, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
@@ -179,8 +179,9 @@ pub struct Sampler {
     /// Times each token was generated, for the presence and frequency
     /// penalties.
     generated: HashMap<u32, u32>,
-    /// Tokens of the prompt, for the repetition penalty.
-    prompt: Vec<u32>,
+    /// Tokens of the prompt and the answer so far, for the repetition
+    /// penalty (empty when it is off).
+    repeated: HashSet<u32>,
     /// Tokens drawn so far: the index of the next one.
     drawn: u64,
 }
@@ -222,11 +223,16 @@ impl Sampler {
         for &token in generated {
             *counts.entry(token).or_insert(0) += 1;
         }
+        let repeated = if params.penalizes_prompt() {
+            prompt.iter().chain(generated).copied().collect()
+        } else {
+            HashSet::new()
+        };
         Ok(Self {
             params: params.clone(),
             sampling,
             generated: counts,
-            prompt: prompt.to_vec(),
+            repeated,
             drawn,
         })
     }
@@ -264,6 +270,9 @@ impl Sampler {
         if self.params.penalizes() {
             *self.generated.entry(sampled.token).or_insert(0) += 1;
         }
+        if self.params.penalizes_prompt() {
+            self.repeated.insert(sampled.token);
+        }
         Ok(sampled)
     }
 
@@ -277,12 +286,7 @@ impl Sampler {
         }
         if params.repetition_penalty != 1.0 {
             let penalty = params.repetition_penalty as f32;
-            let seen = self.prompt.iter().chain(self.generated.keys());
-            let mut done = std::collections::HashSet::new();
-            for &token in seen {
-                if !done.insert(token) {
-                    continue;
-                }
+            for &token in &self.repeated {
                 if let Some(v) = values.get_mut(token as usize) {
                     *v = if *v > 0.0 { *v / penalty } else { *v * penalty };
                 }

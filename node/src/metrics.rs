@@ -33,8 +33,11 @@ pub struct Metrics {
     pub inter_token_latency: Histogram,
     /// One job of this node's stage: a prompt chunk or a decode step.
     pub stage_step: Histogram,
-    /// Frame bytes over cluster links, by direction (`sent`, `received`).
-    pub link_bytes: Family<Labels, Counter>,
+    /// Frame bytes over cluster links: the two members of the
+    /// `link_bytes` family, taken once so that counting a frame is one
+    /// atomic add.
+    pub link_bytes_sent: Counter,
+    pub link_bytes_received: Counter,
     /// Requests fed again on a new plan after a node was lost.
     pub recoveries: Counter,
     // Read at scrape time.
@@ -53,15 +56,22 @@ fn latency_buckets() -> Histogram {
 
 impl Metrics {
     fn new() -> Self {
-        let mut registry = Registry::with_prefix("ringlet");
-        let metrics = Self {
+        let link_bytes = Family::<Labels, Counter>::default();
+        let direction = |d: &str| {
+            link_bytes
+                .get_or_create(&vec![("direction", d.to_string())])
+                .clone()
+        };
+        let mut metrics = Self {
+            registry: Registry::with_prefix("ringlet"),
             http_requests: Family::default(),
             prompt_tokens: Counter::default(),
             completion_tokens: Counter::default(),
             time_to_first_token: latency_buckets(),
             inter_token_latency: latency_buckets(),
             stage_step: latency_buckets(),
-            link_bytes: Family::default(),
+            link_bytes_sent: direction("sent"),
+            link_bytes_received: direction("received"),
             recoveries: Counter::default(),
             active_requests: Gauge::default(),
             queued_requests: Gauge::default(),
@@ -69,8 +79,8 @@ impl Metrics {
             kv_budget_bytes: Gauge::default(),
             link_rtt_seconds: Family::default(),
             link_bandwidth: Family::default(),
-            registry: Registry::default(),
         };
+        let registry = &mut metrics.registry;
         registry.register(
             "http_requests",
             "HTTP requests answered, by route and status",
@@ -104,7 +114,7 @@ impl Metrics {
         registry.register(
             "link_bytes",
             "Frame bytes over cluster links, by direction",
-            metrics.link_bytes.clone(),
+            link_bytes,
         );
         registry.register(
             "recoveries",
@@ -141,17 +151,7 @@ impl Metrics {
             "Bytes per second this node last received in large frames on each link",
             metrics.link_bandwidth.clone(),
         );
-        Self {
-            registry,
-            ..metrics
-        }
-    }
-
-    /// Counts frame bytes over a link.
-    pub fn link_bytes(&self, direction: &'static str, bytes: usize) {
-        self.link_bytes
-            .get_or_create(&vec![("direction", direction.to_string())])
-            .inc_by(bytes as u64);
+        metrics
     }
 
     /// The text of every metric, after the values read at scrape time.
@@ -225,7 +225,7 @@ mod tests {
             ])
             .inc();
         metrics.time_to_first_token.observe(0.25);
-        metrics.link_bytes("sent", 1500);
+        metrics.link_bytes_sent.inc_by(1500);
         let links = [LinkSnapshot {
             peer: "b".into(),
             transport: "tcp",

@@ -176,10 +176,12 @@ impl StageProgress {
             .store(self.micros_now() + 1, Ordering::Release);
     }
 
-    fn step_ended(&self, tokens: usize, token_by_token: bool) {
+    /// Ends the running step; returns how long it took, in microseconds
+    /// (`None` for an empty step, or one the process was frozen in).
+    fn step_ended(&self, tokens: usize, token_by_token: bool) -> Option<u64> {
         let started = self.busy_since.swap(0, Ordering::AcqRel);
         if started == 0 || tokens == 0 {
-            return;
+            return None;
         }
         let took = self.micros_now().saturating_sub(started - 1);
         let (average, sample) = if tokens == 1 || token_by_token {
@@ -196,6 +198,7 @@ impl StageProgress {
             (3 * old + sample) / 4
         };
         average.store(new.max(1), Ordering::Relaxed);
+        Some(took)
     }
 
     /// The process was frozen: the running step's time counts from now.
@@ -348,7 +351,6 @@ fn run<R>(
         let tokens = input.len();
         progress.step_started(tokens, token_by_token);
         // A panic here is a bug; it fails this request, not the node.
-        let step_started = std::time::Instant::now();
         let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let job = Job {
                 sequence,
@@ -359,10 +361,11 @@ fn run<R>(
             };
             step(&mut shard, &mut samplers, job)
         }));
-        progress.step_ended(tokens, token_by_token);
-        crate::metrics::global()
-            .stage_step
-            .observe(step_started.elapsed().as_secs_f64());
+        if let Some(micros) = progress.step_ended(tokens, token_by_token) {
+            crate::metrics::global()
+                .stage_step
+                .observe(micros as f64 / 1e6);
+        }
         let output = match stepped {
             Ok(Ok(Stepped::Hidden(hidden, sample))) => StageOutput::Next {
                 sequence,

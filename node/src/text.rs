@@ -154,6 +154,16 @@ pub enum TextEvent {
     Failed(String),
 }
 
+/// A whole generation, as [`TextStream::collect`] gathers it.
+#[derive(Debug)]
+pub struct Collected {
+    pub text: String,
+    pub logprobs: Vec<TokenLogprob>,
+    pub reason: FinishReason,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
 /// The text of one generation, from the engine's token events.
 /// Dropping it cancels the generation.
 #[derive(Debug)]
@@ -236,6 +246,37 @@ impl TextStream {
                     self.out
                         .push_back(TextEvent::Failed("the inference engine stopped".into()));
                 }
+            }
+        }
+    }
+
+    /// Reads the generation to its end: all of its text, or why it failed.
+    pub async fn collect(mut self) -> Result<Collected, String> {
+        let (mut text, mut logprobs) = (String::new(), Vec::new());
+        loop {
+            match self.next().await {
+                Some(TextEvent::Delta {
+                    text: piece,
+                    logprobs: tokens,
+                }) => {
+                    text.push_str(&piece);
+                    logprobs.extend(tokens);
+                }
+                Some(TextEvent::Finished {
+                    reason,
+                    prompt_tokens,
+                    completion_tokens,
+                }) => {
+                    return Ok(Collected {
+                        text,
+                        logprobs,
+                        reason,
+                        prompt_tokens,
+                        completion_tokens,
+                    });
+                }
+                Some(TextEvent::Failed(reason)) => return Err(reason),
+                None => return Err("the generation ended without a result".into()),
             }
         }
     }

@@ -41,8 +41,6 @@ pub(crate) struct PreparedChat {
     pub stops: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
-    /// Whether the answer carries log probabilities.
-    pub logprobs: bool,
 }
 
 /// Waits, at most `--recovery-wait`, until the cluster has an active
@@ -82,6 +80,11 @@ pub async fn chat_completions(
     }
 
     let id = SequenceId(rand::rng().random());
+    let response = ResponseMeta::new(
+        format!("chatcmpl-{id}"),
+        &prepared.model,
+        prepared.sampling.logprobs.is_some(),
+    );
     let prompt_tokens = prepared.prompt.len();
     let generation = state.engine.submit(GenerationRequest {
         id,
@@ -96,15 +99,6 @@ pub async fn chat_completions(
         prepared.stops,
         prompt_tokens,
     );
-    let response = ResponseMeta {
-        id: format!("chatcmpl-{id}"),
-        created: crate::unix_seconds(),
-        model: prepared.model.name.clone(),
-        system_fingerprint: prepared.model.system_fingerprint.clone(),
-        logprobs: prepared
-            .logprobs
-            .then(|| Arc::clone(prepared.model.prompt.tokenizer())),
-    };
     if prepared.stream {
         Ok(stream_response(text, response, prepared.include_usage).into_response())
     } else {
@@ -135,13 +129,7 @@ pub(crate) async fn prepare(
     state: &AppState,
     request: ChatCompletionRequest,
 ) -> Result<PreparedChat, ApiError> {
-    let model = state.model.get();
-    if request.model != model.name {
-        return Err(ApiError::ModelNotFound {
-            model: request.model,
-            available: vec![model.name.clone()],
-        });
-    }
+    let model = served_model(state, &request.model)?;
     if let Some(n) = request.n.filter(|&n| n != 1) {
         return Err(ApiError::invalid_param(
             "n",
@@ -174,7 +162,6 @@ pub(crate) async fn prepare(
         },
         model.prompt.tokenizer().vocab_size(),
     )?;
-    let logprobs = sampling.logprobs.is_some();
     let stops = stop_sequences(request.stop)?;
     let stream = request.stream.unwrap_or(false);
     let include_usage = request
@@ -194,8 +181,23 @@ pub(crate) async fn prepare(
         stops,
         stream,
         include_usage,
-        logprobs,
     })
+}
+
+/// The model served now, if it is the one a request names.
+pub(crate) fn served_model(
+    state: &AppState,
+    requested: &str,
+) -> Result<Arc<ServedModel>, ApiError> {
+    let model = state.model.get();
+    if requested == model.name {
+        Ok(model)
+    } else {
+        Err(ApiError::ModelNotFound {
+            model: requested.to_string(),
+            available: vec![model.name.clone()],
+        })
+    }
 }
 
 /// Chat's `logprobs` (a flag) and `top_logprobs` (how many alternatives).
@@ -378,17 +380,28 @@ pub(crate) fn completion_budget(
     Ok(n)
 }
 
-/// The fields every response and chunk of one completion share.
-struct ResponseMeta {
-    id: String,
-    created: u64,
-    model: String,
-    system_fingerprint: String,
+/// The fields every response and chunk of one completion share (chat or
+/// legacy).
+pub(crate) struct ResponseMeta {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+    pub system_fingerprint: String,
     /// With log probabilities asked for, the tokenizer that names tokens.
-    logprobs: Option<Arc<kernels::Tokenizer>>,
+    pub logprobs: Option<Arc<kernels::Tokenizer>>,
 }
 
 impl ResponseMeta {
+    pub fn new(id: String, model: &ServedModel, logprobs: bool) -> Self {
+        Self {
+            id,
+            created: crate::unix_seconds(),
+            model: model.name.clone(),
+            system_fingerprint: model.system_fingerprint.clone(),
+            logprobs: logprobs.then(|| Arc::clone(model.prompt.tokenizer())),
+        }
+    }
+
     /// Tokens' log probabilities as the API writes them; `None` when the
     /// request did not ask.
     fn logprobs(&self, tokens: Vec<TokenLogprob>) -> Option<ChoiceLogprobs> {
@@ -439,50 +452,31 @@ impl ResponseMeta {
 }
 
 async fn collect_response(
-    mut text: TextStream,
+    text: TextStream,
     meta: ResponseMeta,
 ) -> Result<Json<ChatCompletion>, ApiError> {
-    let mut content = String::new();
-    let mut logprobs = Vec::new();
-    loop {
-        match text.next().await {
-            Some(TextEvent::Delta {
-                text: piece,
-                logprobs: tokens,
-            }) => {
-                content.push_str(&piece);
-                logprobs.extend(tokens);
-            }
-            Some(TextEvent::Finished {
-                reason,
-                prompt_tokens,
-                completion_tokens,
-            }) => {
-                let logprobs = meta.logprobs(logprobs);
-                return Ok(Json(ChatCompletion {
-                    id: meta.id,
-                    object: Object::ChatCompletion,
-                    created: meta.created,
-                    model: meta.model,
-                    system_fingerprint: meta.system_fingerprint,
-                    choices: vec![Choice {
-                        index: 0,
-                        message: AssistantMessage {
-                            role: Role::Assistant,
-                            content,
-                        },
-                        logprobs,
-                        finish_reason: reason.into(),
-                    }],
-                    usage: usage(prompt_tokens, completion_tokens),
-                }));
-            }
-            Some(TextEvent::Failed(reason)) => {
-                return Err(ApiError::GenerationFailed { reason });
-            }
-            None => return Err(ApiError::internal("Generation ended without a result.")),
-        }
-    }
+    let whole = text
+        .collect()
+        .await
+        .map_err(|reason| ApiError::GenerationFailed { reason })?;
+    let logprobs = meta.logprobs(whole.logprobs);
+    Ok(Json(ChatCompletion {
+        id: meta.id,
+        object: Object::ChatCompletion,
+        created: meta.created,
+        model: meta.model,
+        system_fingerprint: meta.system_fingerprint,
+        choices: vec![Choice {
+            index: 0,
+            message: AssistantMessage {
+                role: Role::Assistant,
+                content: whole.text,
+            },
+            logprobs,
+            finish_reason: whole.reason.into(),
+        }],
+        usage: usage(whole.prompt_tokens, whole.completion_tokens),
+    }))
 }
 
 /// Where an SSE stream is.

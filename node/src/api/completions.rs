@@ -4,8 +4,9 @@
 //! prompt is tokenized as it is (with the model's BOS token, as llama.cpp
 //! does). Several prompts run at once, one choice each.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,13 +20,13 @@ use axum::extract::rejection::BytesRejection;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
-use futures_util::stream::{self, Stream};
-use kernels::{SamplingParams, SequenceId, Tokenizer};
+use futures_util::stream::{self, SelectAll, Stream};
+use kernels::{MAX_TOP_LOGPROBS, SamplingParams, SequenceId, Tokenizer};
 use rand::Rng;
 
 use super::chat::{
-    SamplingFields, completion_budget, parse_json, sampling_params, stop_sequences, usage,
-    wait_for_plan,
+    ResponseMeta, SamplingFields, completion_budget, parse_json, sampling_params, served_model,
+    stop_sequences, usage, wait_for_plan,
 };
 use super::error::ApiError;
 use super::{AppState, ServedModel};
@@ -84,13 +85,11 @@ pub async fn completions(
         );
         choices.push((text, prompt.echo));
     }
-    let meta = Meta {
-        id: format!("cmpl-{}", SequenceId(rand::rng().random())),
-        created: crate::unix_seconds(),
-        model: prepared.model.name.clone(),
-        system_fingerprint: prepared.model.system_fingerprint.clone(),
-        logprobs: prepared.sampling.logprobs.is_some().then_some(tokenizer),
-    };
+    let meta = ResponseMeta::new(
+        format!("cmpl-{}", SequenceId(rand::rng().random())),
+        &prepared.model,
+        prepared.sampling.logprobs.is_some(),
+    );
     if prepared.stream {
         Ok(stream_response(choices, meta, prepared.include_usage).into_response())
     } else {
@@ -104,13 +103,7 @@ async fn prepare(
     state: &AppState,
     request: CompletionRequest,
 ) -> Result<PreparedCompletion, ApiError> {
-    let model = state.model.get();
-    if request.model != model.name {
-        return Err(ApiError::ModelNotFound {
-            model: request.model,
-            available: vec![model.name.clone()],
-        });
-    }
+    let model = served_model(state, &request.model)?;
     for (param, value) in [("n", request.n), ("best_of", request.best_of)] {
         if let Some(n) = value.filter(|&n| n != 1) {
             return Err(ApiError::invalid_param(
@@ -132,6 +125,12 @@ async fn prepare(
         return Err(ApiError::invalid_param(
             "echo",
             "Log probabilities of the prompt's tokens (`echo` with `logprobs`) are not supported yet; ask for one of them.",
+        ));
+    }
+    if let Some(n) = request.logprobs.filter(|&n| n > MAX_TOP_LOGPROBS as u64) {
+        return Err(ApiError::invalid_param(
+            "logprobs",
+            format!("`logprobs` must be 0 to {MAX_TOP_LOGPROBS}, got {n}."),
         ));
     }
     let requested = request.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
@@ -159,8 +158,7 @@ async fn prepare(
                 .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
         },
         vocab_size,
-    )
-    .map_err(|e| rename_param(e, "top_logprobs", "logprobs"))?;
+    )?;
     let stops = stop_sequences(request.stop)?;
 
     let texts = prompt_texts(request.prompt, vocab_size)?;
@@ -189,21 +187,6 @@ async fn prepare(
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
     })
-}
-
-/// Completions call `top_logprobs` `logprobs`: an error about the one
-/// names the other.
-fn rename_param(error: ApiError, from: &str, to: &str) -> ApiError {
-    match error {
-        ApiError::InvalidRequest {
-            message,
-            param: Some(param),
-        } if param == from => ApiError::InvalidRequest {
-            message: message.replace(&format!("`{from}`"), &format!("`{to}`")),
-            param: Some(to.to_string()),
-        },
-        other => other,
-    }
 }
 
 /// A prompt as sent: text, or token ids checked against the vocabulary.
@@ -279,17 +262,8 @@ fn tokenize(
         .collect()
 }
 
-/// What every response and chunk of one completion share.
-struct Meta {
-    id: String,
-    created: u64,
-    model: String,
-    system_fingerprint: String,
-    /// With log probabilities asked for, the tokenizer that names tokens.
-    logprobs: Option<Arc<Tokenizer>>,
-}
-
-impl Meta {
+/// The legacy answer's shapes.
+impl ResponseMeta {
     fn completion(
         &self,
         choices: Vec<CompletionChoice>,
@@ -309,7 +283,7 @@ impl Meta {
     /// Tokens' log probabilities in the legacy shape; `offset` is where
     /// the first token's text starts in the choice's text, in characters,
     /// and moves past these tokens.
-    fn logprobs(
+    fn legacy_logprobs(
         &self,
         tokens: Vec<TokenLogprob>,
         offset: &mut usize,
@@ -337,180 +311,164 @@ impl Meta {
 
 async fn collect_response(
     choices: Vec<(TextStream, Option<String>)>,
-    meta: Meta,
+    meta: ResponseMeta,
 ) -> Result<Json<Completion>, ApiError> {
-    let runs = choices.into_iter().map(|(mut text, echo)| async move {
-        let mut content = echo.unwrap_or_default();
-        let mut logprobs = Vec::new();
-        loop {
-            match text.next().await {
-                Some(TextEvent::Delta {
-                    text: piece,
-                    logprobs: tokens,
-                }) => {
-                    content.push_str(&piece);
-                    logprobs.extend(tokens);
-                }
-                Some(TextEvent::Finished {
-                    reason,
-                    prompt_tokens,
-                    completion_tokens,
-                }) => {
-                    return Ok((content, logprobs, reason, prompt_tokens, completion_tokens));
-                }
-                Some(TextEvent::Failed(reason)) => {
-                    return Err(ApiError::GenerationFailed { reason });
-                }
-                None => return Err(ApiError::internal("Generation ended without a result.")),
-            }
-        }
+    let runs = choices.into_iter().map(|(text, echo)| async move {
+        let whole = text
+            .collect()
+            .await
+            .map_err(|reason| ApiError::GenerationFailed { reason })?;
+        Ok::<_, ApiError>((echo, whole))
     });
     let results = futures_util::future::try_join_all(runs).await?;
-    let (mut prompt_total, mut completion_total) = (0, 0);
+    let (mut prompt_tokens, mut completion_tokens) = (0, 0);
     let mut out = Vec::with_capacity(results.len());
-    for (index, (text, logprobs, reason, prompt_tokens, completion_tokens)) in
-        results.into_iter().enumerate()
-    {
-        prompt_total += prompt_tokens;
-        completion_total += completion_tokens;
-        let mut offset = 0;
+    for (index, (echo, whole)) in results.into_iter().enumerate() {
+        prompt_tokens += whole.prompt_tokens;
+        completion_tokens += whole.completion_tokens;
+        let echo = echo.unwrap_or_default();
+        let mut offset = echo.chars().count();
         out.push(CompletionChoice {
-            logprobs: meta.logprobs(logprobs, &mut offset),
-            text,
+            logprobs: meta.legacy_logprobs(whole.logprobs, &mut offset),
+            text: echo + &whole.text,
             index: index as u32,
-            finish_reason: Some(reason.into()),
+            finish_reason: Some(whole.reason.into()),
         });
     }
     Ok(Json(meta.completion(
         out,
-        Some(Some(usage(prompt_total, completion_total))),
+        Some(Some(usage(prompt_tokens, completion_tokens))),
     )))
 }
 
-/// One choice's events, tagged with its index.
-fn choice_events(index: usize, text: TextStream) -> impl Stream<Item = (usize, TextEvent)> + Send {
-    stream::unfold(text, |mut text| async move {
-        let event = text.next().await?;
-        Some((event, text))
-    })
-    .map(move |event| (index, event))
+/// One choice's events as a stream, tagged with the choice's index.
+type ChoiceEvents = Pin<Box<dyn Stream<Item = (usize, TextEvent)> + Send>>;
+
+fn choice_events(index: usize, text: TextStream) -> ChoiceEvents {
+    Box::pin(
+        stream::unfold(text, |mut text| async move {
+            let event = text.next().await?;
+            Some((event, text))
+        })
+        .map(move |event| (index, event)),
+    )
+}
+
+/// A streamed legacy completion as it goes: the echoed prompts first, then
+/// each choice's pieces as they come, then the usage and `[DONE]`; an
+/// error event ends it.
+struct Streaming {
+    meta: ResponseMeta,
+    echoes: VecDeque<(usize, String)>,
+    choices: SelectAll<ChoiceEvents>,
+    /// Where each choice's next token starts in its text, in characters.
+    offsets: Vec<usize>,
+    /// Summed over the finished choices, when the client asked for it.
+    usage: Option<Usage>,
+    /// Nothing more to send: `[DONE]` went, or an error did.
+    over: bool,
+}
+
+impl Streaming {
+    fn chunk(
+        &self,
+        index: usize,
+        text: String,
+        logprobs: Option<CompletionLogprobs>,
+        finish_reason: Option<FinishReason>,
+    ) -> Event {
+        let choice = CompletionChoice {
+            text,
+            index: index as u32,
+            logprobs,
+            finish_reason: finish_reason.map(Into::into),
+        };
+        let usage_field = self.usage.is_some().then_some(None);
+        let json = serde_json::to_string(&self.meta.completion(vec![choice], usage_field))
+            .unwrap_or_default();
+        Event::default().data(json)
+    }
+
+    async fn next_event(&mut self) -> Option<Event> {
+        if self.over {
+            return None;
+        }
+        if let Some((index, echo)) = self.echoes.pop_front() {
+            return Some(self.chunk(index, echo, None, None));
+        }
+        match self.choices.next().await {
+            Some((index, TextEvent::Delta { text, logprobs })) => {
+                let logprobs = self
+                    .meta
+                    .legacy_logprobs(logprobs, &mut self.offsets[index]);
+                Some(self.chunk(index, text, logprobs, None))
+            }
+            Some((
+                index,
+                TextEvent::Finished {
+                    reason,
+                    prompt_tokens,
+                    completion_tokens,
+                },
+            )) => {
+                if let Some(totals) = &mut self.usage {
+                    *totals = usage(
+                        totals.prompt_tokens as usize + prompt_tokens,
+                        totals.completion_tokens as usize + completion_tokens,
+                    );
+                }
+                Some(self.chunk(index, String::new(), None, Some(reason)))
+            }
+            Some((_, TextEvent::Failed(reason))) => {
+                self.over = true;
+                let error = ApiError::GenerationFailed { reason };
+                let json = serde_json::to_value(error.body(None)).unwrap_or_default();
+                Some(Event::default().data(json.to_string()))
+            }
+            None => match self.usage.take() {
+                // Every choice is done: the usage, then `[DONE]`.
+                Some(totals) => {
+                    let json = serde_json::to_string(
+                        &self.meta.completion(Vec::new(), Some(Some(totals))),
+                    )
+                    .unwrap_or_default();
+                    Some(Event::default().data(json))
+                }
+                None => {
+                    self.over = true;
+                    Some(Event::default().data("[DONE]"))
+                }
+            },
+        }
+    }
 }
 
 fn stream_response(
     choices: Vec<(TextStream, Option<String>)>,
-    meta: Meta,
+    meta: ResponseMeta,
     include_usage: bool,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let usage_field = include_usage.then_some(None);
-    let count = choices.len();
-    // The echoed prompts first, then each choice's pieces as they come.
-    let mut echoes = Vec::new();
-    let mut streams = Vec::new();
-    let mut offsets = vec![0usize; count];
+    let mut offsets = vec![0; choices.len()];
+    let mut echoes = VecDeque::new();
+    let mut streams = SelectAll::new();
     for (index, (text, echo)) in choices.into_iter().enumerate() {
         if let Some(echo) = echo {
             offsets[index] = echo.chars().count();
-            echoes.push((index, echo));
+            echoes.push_back((index, echo));
         }
-        streams.push(Box::pin(choice_events(index, text)));
+        streams.push(choice_events(index, text));
     }
-    let meta = Arc::new(meta);
-    let chunk = {
-        let meta = Arc::clone(&meta);
-        move |index: usize, text: String, logprobs, finish_reason: Option<FinishReason>| {
-            let choice = CompletionChoice {
-                text,
-                index: index as u32,
-                logprobs,
-                finish_reason: finish_reason.map(Into::into),
-            };
-            let json = serde_json::to_string(&meta.completion(vec![choice], usage_field))
-                .unwrap_or_default();
-            Event::default().data(json)
-        }
-    };
-    let head: Vec<Event> = echoes
-        .into_iter()
-        .map(|(index, echo)| chunk(index, echo, None, None))
-        .collect();
-
-    struct Tally {
-        offsets: Vec<usize>,
-        prompt_tokens: usize,
-        completion_tokens: usize,
-        failed: bool,
-    }
-    let tally = Arc::new(std::sync::Mutex::new(Tally {
+    let streaming = Streaming {
+        meta,
+        echoes,
+        choices: streams,
         offsets,
-        prompt_tokens: 0,
-        completion_tokens: 0,
-        failed: false,
-    }));
-    let body = {
-        let tally = Arc::clone(&tally);
-        let meta = Arc::clone(&meta);
-        stream::select_all(streams)
-            .take_while({
-                let tally = Arc::clone(&tally);
-                move |_| {
-                    let failed = tally.lock().map(|t| t.failed).unwrap_or(true);
-                    std::future::ready(!failed)
-                }
-            })
-            .map(move |(index, event)| {
-                let mut tally = match tally.lock() {
-                    Ok(tally) => tally,
-                    Err(poisoned) => poisoned.into_inner(),
-                };
-                match event {
-                    TextEvent::Delta { text, logprobs } => {
-                        let logprobs = meta.logprobs(logprobs, &mut tally.offsets[index]);
-                        chunk(index, text, logprobs, None)
-                    }
-                    TextEvent::Finished {
-                        reason,
-                        prompt_tokens,
-                        completion_tokens,
-                    } => {
-                        tally.prompt_tokens += prompt_tokens;
-                        tally.completion_tokens += completion_tokens;
-                        chunk(index, String::new(), None, Some(reason))
-                    }
-                    TextEvent::Failed(reason) => {
-                        tally.failed = true;
-                        let error = ApiError::GenerationFailed { reason };
-                        let json = serde_json::to_value(error.body(None)).unwrap_or_default();
-                        Event::default().data(json.to_string())
-                    }
-                }
-            })
+        usage: include_usage.then(|| usage(0, 0)),
+        over: false,
     };
-    let tail = stream::once({
-        let tally = Arc::clone(&tally);
-        let meta = Arc::clone(&meta);
-        async move {
-            let tally = match tally.lock() {
-                Ok(tally) => tally,
-                Err(poisoned) => poisoned.into_inner(),
-            };
-            let mut events = Vec::new();
-            if !tally.failed {
-                if include_usage {
-                    let totals = usage(tally.prompt_tokens, tally.completion_tokens);
-                    let json =
-                        serde_json::to_string(&meta.completion(Vec::new(), Some(Some(totals))))
-                            .unwrap_or_default();
-                    events.push(Event::default().data(json));
-                }
-                events.push(Event::default().data("[DONE]"));
-            }
-            stream::iter(events)
-        }
-    })
-    .flatten();
-    let events = stream::iter(head)
-        .chain(body)
-        .chain(tail)
-        .map(Ok::<Event, Infallible>);
+    let events = stream::unfold(streaming, |mut streaming| async move {
+        let event = streaming.next_event().await?;
+        Some((Ok(event), streaming))
+    });
     Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(SSE_KEEP_ALIVE_SECS)))
 }

@@ -167,15 +167,7 @@ async fn get_model(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<ModelCard>, ApiError> {
-    let model = state.model.get();
-    if id == model.name {
-        Ok(Json(model_card(&model)))
-    } else {
-        Err(ApiError::ModelNotFound {
-            model: id,
-            available: vec![model.name.clone()],
-        })
-    }
+    chat::served_model(&state, &id).map(|model| Json(model_card(&model)))
 }
 
 /// Readiness: 200 once this node can serve a chat (its cluster has an

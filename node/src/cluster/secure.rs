@@ -311,7 +311,9 @@ impl SecureReader {
         };
         let frame = protocol::decode(&self.plain[4..4 + length]);
         self.plain.drain(..4 + length);
-        crate::metrics::global().link_bytes("received", 4 + length);
+        crate::metrics::global()
+            .link_bytes_received
+            .inc_by((4 + length) as u64);
         let bytes_per_second = started.and_then(|s: Instant| {
             protocol::bandwidth(u32::try_from(length).unwrap_or(u32::MAX), s.elapsed())
         });
@@ -371,7 +373,9 @@ impl SecureWriter {
     pub async fn write_frame(&mut self, frame: &Frame) -> Result<(), FrameError> {
         let plain = protocol::encode(frame)?;
         self.write_stream_bytes(&plain).await?;
-        crate::metrics::global().link_bytes("sent", plain.len());
+        crate::metrics::global()
+            .link_bytes_sent
+            .inc_by(plain.len() as u64);
         Ok(())
     }
 
