@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use anyhow::{Context, bail};
 use serde::Serialize;
 
-use api_types::{ClusterView, NodeId};
+use api_types::{ClusterView, LinkTransport, NodeId};
 
 use super::ring::{StreamTiming, get_json, long_prompt_body, median, request_body, stream};
 use crate::cli::ClusterBenchArgs;
@@ -19,7 +19,8 @@ use crate::cli::ClusterBenchArgs;
 struct LinkFigures {
     from: String,
     to: String,
-    transport: &'static str,
+    /// As `GET /v1/cluster` names it (`tcp`, `webrtc`, `webrtc-turn`).
+    transport: LinkTransport,
     handshake_ms: Option<f64>,
     rtt_ms: Option<f64>,
     bandwidth_bytes_per_second: Option<u64>,
@@ -80,7 +81,7 @@ pub async fn bench(args: ClusterBenchArgs) -> anyhow::Result<()> {
         .map(|l| LinkFigures {
             from: name(l.from),
             to: name(l.to),
-            transport: l.transport.label(),
+            transport: l.transport,
             handshake_ms: l.handshake_ms,
             rtt_ms: l.rtt_ms,
             bandwidth_bytes_per_second: l.bandwidth_bytes_per_second,
@@ -152,7 +153,7 @@ fn print_report(report: &Report) {
             "| {} → {} | {} | {} | {} | {} |",
             link.from,
             link.to,
-            link.transport,
+            link.transport.label(),
             ms(link.handshake_ms),
             ms(link.rtt_ms),
             link.bandwidth_bytes_per_second
