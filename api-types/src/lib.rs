@@ -29,8 +29,10 @@ mod policy;
 
 pub use chat::{
     AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
-    ChoiceLogprobs, ChunkChoice, ContentPart, Delta, FinishReason, MessageContent, RequestMessage,
-    Role, StopField, StreamOptions, TokenLogprob, TopLogprob, Usage,
+    ChoiceLogprobs, ChunkChoice, ContentPart, Delta, FinishReason, FunctionCall, FunctionCallDelta,
+    FunctionDefinition, FunctionName, JsonSchemaFormat, MessageContent, NamedToolChoice,
+    RequestMessage, ResponseFormat, Role, StopField, StreamOptions, TokenLogprob, Tool, ToolCall,
+    ToolCallDelta, ToolChoice, ToolChoiceMode, TopLogprob, Usage,
 };
 pub use cluster::{
     ClusterView, LinkTransport, LinkView, ModelAvailability, ModelIdentity, ModelState, NodeView,

@@ -1,7 +1,12 @@
 //! Chat templates: the Jinja template a model ships in
 //! `tokenizer.chat_template`, rendered with minijinja the way Hugging Face
 //! `transformers` and llama.cpp render it (`trim_blocks`, `lstrip_blocks`,
-//! Python string methods, `raise_exception`).
+//! Python string methods, `raise_exception`, and a `tojson` that writes
+//! what Python's `json.dumps` writes, as transformers' does).
+//!
+//! Tools are passed as `tools` (a list of OpenAI tool objects, or none),
+//! assistant messages carry `tool_calls` and tool results `tool_call_id`,
+//! as `transformers` passes them.
 
 use minijinja::syntax::SyntaxConfig;
 use minijinja::value::Serde;
@@ -16,10 +21,21 @@ const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['
 const TEMPLATE_NAME: &str = "chat";
 
 /// One message of a conversation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// An assistant turn's calls, as templates read them: `{"id", "type",
+    /// "function": {"name", "arguments"}}` with the arguments as a JSON
+    /// object. Left out of the message when empty (templates test for
+    /// the key).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<serde_json::Value>,
+    /// A tool result: the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl ChatMessage {
@@ -27,6 +43,9 @@ impl ChatMessage {
         Self {
             role: role.into(),
             content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+            name: None,
         }
     }
 }
@@ -34,6 +53,10 @@ impl ChatMessage {
 /// A compiled chat template.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    /// Whether the template reads `tools` (else tools must be described
+    /// to the model some other way).
+    reads_tools: bool,
+    source: String,
     bos_token: String,
     eos_token: String,
 }
@@ -62,24 +85,128 @@ impl ChatTemplate {
                 Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
             },
         );
-        env.add_template_owned(TEMPLATE_NAME, source.unwrap_or_else(|| CHATML.to_string()))?;
+        env.add_filter("tojson", tojson);
+        let source = source.unwrap_or_else(|| CHATML.to_string());
+        env.add_template_owned(TEMPLATE_NAME, source.clone())?;
         Ok(Self {
             env,
+            reads_tools: source.contains("tools"),
+            source,
             bos_token,
             eos_token,
         })
     }
 
+    /// Whether the template itself renders `tools`.
+    pub fn reads_tools(&self) -> bool {
+        self.reads_tools
+    }
+
+    /// The template's Jinja source.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
     /// The prompt text for `messages`, ending with the assistant's turn
     /// opened when `add_generation_prompt` is set.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// [`render`](Self::render) with `tools` (a JSON list of OpenAI tool
+    /// objects) for the template to describe.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let template = self.env.get_template(TEMPLATE_NAME)?;
         Ok(template.render(minijinja::context! {
             messages => Value::from(Serde(messages)),
+            // None, not undefined, when there are none: as transformers
+            // passes it (`tools is not none` must be false).
+            tools => tools.map_or(Value::from(()), |t| Value::from(Serde(t))),
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
         })?)
+    }
+}
+
+/// Python's `json.dumps(value, ensure_ascii=False, indent=indent)`:
+/// `", "` and `": "` between items when compact; `","` then a new line
+/// and `": "` when indented.
+fn tojson(
+    value: Value,
+    kwargs: minijinja::value::Kwargs,
+) -> std::result::Result<String, minijinja::Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    kwargs.assert_all_used()?;
+    let mut out = Vec::new();
+    let written = match indent {
+        Some(n) => {
+            let spaces = vec![b' '; n];
+            let formatter = serde_json::ser::PrettyFormatter::with_indent(&spaces);
+            value.serialize(&mut serde_json::Serializer::with_formatter(
+                &mut out, formatter,
+            ))
+        }
+        None => value.serialize(&mut serde_json::Serializer::with_formatter(
+            &mut out,
+            PythonCompact,
+        )),
+    };
+    written.map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    String::from_utf8(out)
+        .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))
+}
+
+/// Python's `json.dumps(value, ensure_ascii=False)`: how transformers'
+/// templates write JSON, and how ringlet writes it into prompts.
+pub fn python_json(value: &serde_json::Value) -> String {
+    let mut out = Vec::new();
+    // Writing a JSON value to memory cannot fail.
+    let _ = value.serialize(&mut serde_json::Serializer::with_formatter(
+        &mut out,
+        PythonCompact,
+    ));
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// `json.dumps`'s default separators.
+struct PythonCompact;
+
+impl serde_json::ser::Formatter for PythonCompact {
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            writer.write_all(b", ")
+        }
+    }
+
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            writer.write_all(b", ")
+        }
+    }
+
+    fn begin_object_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+    ) -> std::io::Result<()> {
+        writer.write_all(b": ")
     }
 }
 

@@ -95,6 +95,9 @@ pub enum KernelError {
         allowed: &'static str,
     },
 
+    #[error("constrained decoding: {0}")]
+    Grammar(crate::grammar::GrammarError),
+
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

@@ -13,6 +13,7 @@ use candle_transformers::generation::{LogitsProcessor, Sampling};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{KernelError, Result};
+use crate::grammar::{Constraint, ConstraintMatcher, GrammarError};
 
 /// Temperatures below this are greedy: dividing logits by a value this
 /// small would overflow anyway.
@@ -49,6 +50,9 @@ pub struct SamplingParams {
     /// Report the chosen token's log probability and this many of the
     /// likeliest alternatives; `None` reports nothing.
     pub logprobs: Option<usize>,
+    /// Draw only tokens this grammar allows (structured output, forced
+    /// tool calls).
+    pub constraint: Option<Constraint>,
 }
 
 impl SamplingParams {
@@ -61,6 +65,12 @@ impl SamplingParams {
 
     pub fn is_greedy(&self) -> bool {
         self.temperature < GREEDY_BELOW_TEMPERATURE || self.top_k == Some(1)
+    }
+
+    /// Whether the sampler needs the tokens generated so far: for a
+    /// penalty, or to find its place in a grammar.
+    pub fn needs_generated(&self) -> bool {
+        self.penalizes() || self.constraint.is_some()
     }
 
     /// Whether a penalty needs the tokens generated so far.
@@ -131,6 +141,7 @@ impl SamplingParams {
             || !self.logit_bias.is_empty()
             || (self.min_p > 0.0 && !self.is_greedy())
             || self.logprobs.is_some()
+            || self.constraint.is_some()
     }
 }
 
@@ -147,6 +158,7 @@ impl Default for SamplingParams {
             repetition_penalty: 1.0,
             logit_bias: Vec::new(),
             logprobs: None,
+            constraint: None,
         }
     }
 }
@@ -184,6 +196,8 @@ pub struct Sampler {
     repeated: HashSet<u32>,
     /// Tokens drawn so far: the index of the next one.
     drawn: u64,
+    /// Where the answer is in its grammar, when it has one.
+    constraint: Option<ConstraintMatcher>,
 }
 
 impl std::fmt::Debug for Sampler {
@@ -234,7 +248,29 @@ impl Sampler {
             generated: counts,
             repeated,
             drawn,
+            constraint: None,
         })
+    }
+
+    /// Constrains the draw to `matcher`'s grammar, past the tokens
+    /// `generated` so far.
+    pub fn constrain(
+        mut self,
+        mut matcher: ConstraintMatcher,
+        generated: &[u32],
+    ) -> std::result::Result<Self, GrammarError> {
+        matcher.replay(generated)?;
+        self.constraint = Some(matcher);
+        Ok(self)
+    }
+
+    /// Gets ready for the next draw (the grammar's next mask) while the
+    /// token just drawn travels and the next forward pass runs.
+    pub fn prepare(&mut self) -> std::result::Result<(), GrammarError> {
+        match &mut self.constraint {
+            Some(matcher) => matcher.prepare(),
+            None => Ok(()),
+        }
     }
 
     /// Tokens drawn so far.
@@ -249,6 +285,9 @@ impl Sampler {
         let sampled = if self.params.adjusts() {
             let mut values: Vec<f32> = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
             self.adjust(&mut values);
+            if let Some(matcher) = &mut self.constraint {
+                matcher.apply(&mut values).map_err(KernelError::Grammar)?;
+            }
             let logprobs = self
                 .params
                 .logprobs
@@ -266,6 +305,11 @@ impl Sampler {
                 logprobs: None,
             }
         };
+        if let Some(matcher) = &mut self.constraint {
+            matcher
+                .consume(sampled.token)
+                .map_err(KernelError::Grammar)?;
+        }
         self.drawn += 1;
         if self.params.penalizes() {
             *self.generated.entry(sampled.token).or_insert(0) += 1;

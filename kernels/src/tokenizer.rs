@@ -15,6 +15,7 @@
 //!   `transformers` converts SentencePiece models too).
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::Value;
 use tokenizers::decoders::DecoderWrapper;
@@ -59,6 +60,10 @@ pub struct Tokenizer {
     add_bos: bool,
     stop_tokens: BTreeSet<u32>,
     max_token_bytes: usize,
+    /// Each token's bytes as generated text holds them, control tokens
+    /// as `0xFF` then their name (which no text can contain): what a
+    /// grammar engine matches tokens against.
+    token_bytes: Arc<[Vec<u8>]>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -115,6 +120,11 @@ impl Tokenizer {
             // writes UTF-8 (a `▁` is three bytes for one space), so the
             // character count bounds the bytes a piece decodes to either way.
             max_token_bytes: tokens.iter().map(|t| t.chars().count()).max().unwrap_or(1),
+            token_bytes: tokens
+                .iter()
+                .zip(&token_types)
+                .map(|(text, &kind)| token_bytes(text, kind, model == "gpt2"))
+                .collect(),
         };
         tokenizer.add_special_tokens(&tokens, &token_types);
         tokenizer.stop_tokens = tokenizer.end_of_generation_tokens(metadata, &tokens, &token_types);
@@ -200,6 +210,12 @@ impl Tokenizer {
         &self.stop_tokens
     }
 
+    /// Every token's bytes, by id: text tokens as they appear in generated
+    /// text, control tokens as `0xFF` followed by their name.
+    pub fn token_bytes(&self) -> &Arc<[Vec<u8>]> {
+        &self.token_bytes
+    }
+
     /// Bytes of text in the longest token.
     pub fn max_token_bytes(&self) -> usize {
         self.max_token_bytes
@@ -216,6 +232,54 @@ impl Tokenizer {
             .and_then(|id| self.inner.id_to_token(id))
             .unwrap_or_default()
     }
+}
+
+/// A vocabulary entry's bytes. Byte-level BPE writes each byte as one
+/// character (GPT-2's table: printable Latin-1 bytes as themselves, the
+/// others as U+0100 onwards, in order); SentencePiece writes spaces as `▁`
+/// and bytes as `<0xXX>`; user-defined tokens are their text as written.
+fn token_bytes(text: &str, kind: i32, byte_level: bool) -> Vec<u8> {
+    if kind == TOKEN_TYPE_CONTROL {
+        let mut bytes = vec![0xFF];
+        bytes.extend_from_slice(text.as_bytes());
+        return bytes;
+    }
+    if kind == TOKEN_TYPE_USER_DEFINED {
+        return text.as_bytes().to_vec();
+    }
+    if byte_level {
+        let mut bytes = Vec::with_capacity(text.len());
+        for c in text.chars() {
+            match gpt2_byte(c) {
+                Some(b) => bytes.push(b),
+                None => bytes.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+            }
+        }
+        return bytes;
+    }
+    if kind == TOKEN_TYPE_BYTE
+        && let Some(hex) = text.strip_prefix("<0x").and_then(|t| t.strip_suffix('>'))
+        && let Ok(byte) = u8::from_str_radix(hex, 16)
+    {
+        return vec![byte];
+    }
+    text.replace('\u{2581}', " ").into_bytes()
+}
+
+/// The byte a byte-level BPE character stands for.
+fn gpt2_byte(c: char) -> Option<u8> {
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let code = c as u32;
+    if code < 256 && printable(code) {
+        return Some(code as u8);
+    }
+    // The bytes that are not printable, in order, became U+0100 onwards.
+    let index = code.checked_sub(256)?;
+    (0u32..256)
+        .filter(|&b| !printable(b))
+        .nth(index as usize)
+        .map(|b| b as u8)
 }
 
 fn byte_level_bpe(

@@ -21,6 +21,7 @@ pub mod run;
 pub mod serve;
 pub mod stage;
 pub mod text;
+pub mod tools;
 
 /// Seconds since the Unix epoch (0 if the clock is before it).
 pub fn unix_millis() -> u64 {

@@ -20,6 +20,10 @@ pub const MAX_COMPLETION_PROMPTS: usize = 16;
 /// Most tokens a request's `logit_bias` may name (OpenAI's limit).
 pub const MAX_LOGIT_BIAS_TOKENS: usize = 300;
 
+/// Most tools a request may offer (OpenAI's limit): each is described
+/// in the prompt and, when forced, compiled into the grammar.
+pub const MAX_TOOLS: usize = 128;
+
 /// Most stop sequences per request (OpenAI allows 4).
 pub const MAX_STOP_SEQUENCES: usize = 4;
 

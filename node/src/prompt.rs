@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use kernels::{ChatMessage, ChatTemplate, Tokenizer};
+use kernels::{ChatMessage, ChatTemplate, Grammars, Tokenizer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PromptError {
@@ -34,15 +34,27 @@ pub struct PromptBuilder {
     tokenizer: Arc<Tokenizer>,
     template: ChatTemplate,
     context_length: usize,
+    /// The vocabulary as the grammar engine reads it, for structured
+    /// output and forced tool calls (built on first use).
+    grammars: Arc<Grammars>,
 }
 
 impl PromptBuilder {
     pub fn new(tokenizer: Arc<Tokenizer>, template: ChatTemplate, context_length: usize) -> Self {
         Self {
+            grammars: Arc::new(Grammars::new(&tokenizer)),
             tokenizer,
             template,
             context_length,
         }
+    }
+
+    pub fn grammars(&self) -> &Arc<Grammars> {
+        &self.grammars
+    }
+
+    pub fn template(&self) -> &ChatTemplate {
+        &self.template
     }
 
     pub fn tokenizer(&self) -> &Arc<Tokenizer> {
@@ -57,10 +69,28 @@ impl PromptBuilder {
     /// or an error if it leaves no room to generate. CPU work: run it off
     /// async worker threads for large inputs.
     pub fn tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, PromptError> {
-        let text = self
-            .template
-            .render(messages, true)
-            .map_err(|e| PromptError::Template(e.to_string()))?;
+        self.tokens_with_tools(messages, None)
+    }
+
+    /// [`tokens`](Self::tokens) with `tools` (a JSON list of OpenAI tool
+    /// objects) described to the model: by the template when it reads
+    /// them, else in ringlet's words (see [`crate::tools`]).
+    pub fn tokens_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+    ) -> Result<Vec<u32>, PromptError> {
+        let mentions_tools = tools.is_some()
+            || messages
+                .iter()
+                .any(|m| m.role == "tool" || !m.tool_calls.is_empty());
+        let rendered = if mentions_tools && !self.template.reads_tools() {
+            let described = crate::tools::describe_tools(messages, tools);
+            self.template.render(&described, true)
+        } else {
+            self.template.render_with_tools(messages, tools, true)
+        };
+        let text = rendered.map_err(|e| PromptError::Template(e.to_string()))?;
         // No token is longer than this, so longer text cannot fit: refuse
         // before spending time tokenizing it.
         let at_least = text.len() / self.tokenizer.max_token_bytes().max(1);

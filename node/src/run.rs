@@ -1,6 +1,7 @@
 //! `ringlet run`: one answer in the terminal, streamed to stdout.
 
 use std::io::{Read, Write};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
@@ -45,6 +46,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let tokenizer = model.prompt.tokenizer().clone();
     let engine = Engine::start_local(
         model.shard,
+        Arc::clone(model.prompt.grammars()),
         tokenizer.stop_tokens().clone(),
         runtime.kv_cache_bytes,
     )?;

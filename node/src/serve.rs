@@ -92,6 +92,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         prompt,
         hub_files,
     } = model;
+    let grammars = Arc::clone(prompt.grammars());
     let served = Current::new(served_model(model_name.clone(), prompt, &file));
     let shared_files = Current::new(hub_files.clone());
     let open_model = model_opener(
@@ -114,6 +115,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             peers,
             resources,
             model_name,
+            grammars,
             hub_files,
             model_store: runtime.store.clone(),
             downloads: Downloads::default(),
@@ -286,6 +288,7 @@ fn model_opener(
                 prompt,
                 hub_files,
             } = opened;
+            let grammars = Arc::clone(prompt.grammars());
             let for_api = served_model(name.clone(), prompt, &file);
             let files = hub_files.clone();
             let commit = Box::new(move || {
@@ -296,6 +299,7 @@ fn model_opener(
             Ok(SwitchedModel {
                 name,
                 file: Arc::new(file),
+                grammars,
                 hub_files,
                 commit,
             })
@@ -344,8 +348,13 @@ pub fn start_local_engine(
     kv_budget_bytes: u64,
 ) -> anyhow::Result<(Engine, AppState)> {
     let stop_tokens = model.prompt.tokenizer().stop_tokens().clone();
-    let engine = Engine::start_local(model.shard, stop_tokens, kv_budget_bytes)
-        .context("cannot start the inference engine threads")?;
+    let engine = Engine::start_local(
+        model.shard,
+        Arc::clone(model.prompt.grammars()),
+        stop_tokens,
+        kv_budget_bytes,
+    )
+    .context("cannot start the inference engine threads")?;
     let served = served_model(model.name, model.prompt, &model.file);
     let state = AppState {
         engine: engine.handle.clone(),

@@ -20,8 +20,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kernels::{
-    LayerRange, Sampler, SamplingParams, SequenceId, Shard, ShardInput, ShardOutput, Tensor,
-    TokenLogprobs,
+    Grammars, LayerRange, Sampler, SamplingParams, SequenceId, Shard, ShardInput, ShardOutput,
+    Tensor, TokenLogprobs,
 };
 use tokio::sync::mpsc;
 
@@ -37,8 +37,8 @@ pub enum Sample {
     /// The first token sampled in this plan: create the sequence's
     /// sampler, which has already drawn `drawn` tokens (more than 0 when a
     /// request resumes on a new plan after a node was lost). Its penalties
-    /// look at `prompt` and `generated`, which are sent only when the
-    /// parameters have penalties that need them.
+    /// look at `prompt` and `generated`, and its grammar replays
+    /// `generated`; they are sent only when the parameters need them.
     Start {
         /// Boxed: jobs stay small (this is sent once per request).
         params: Box<SamplingParams>,
@@ -293,6 +293,7 @@ pub struct Spawned {
 /// job channel closes or `emit` returns false (its receiver is gone).
 pub fn spawn<R: Send + 'static>(
     shard: Shard,
+    grammars: Arc<Grammars>,
     jobs: mpsc::Receiver<StageJob<R>>,
     fault: Option<TestFault>,
     emit: impl FnMut(StageOutput<R>) -> bool + Send + 'static,
@@ -301,7 +302,7 @@ pub fn spawn<R: Send + 'static>(
     let progress = Arc::new(StageProgress::new());
     let shared = Arc::clone(&progress);
     let thread = std::thread::Builder::new().name(name).spawn(move || {
-        run(shard, jobs, &shared, fault, emit);
+        run(shard, &grammars, jobs, &shared, fault, emit);
         shared.ended.store(1, Ordering::Release);
     })?;
     Ok(Spawned { thread, progress })
@@ -309,6 +310,7 @@ pub fn spawn<R: Send + 'static>(
 
 fn run<R>(
     mut shard: Shard,
+    grammars: &Grammars,
     mut jobs: mpsc::Receiver<StageJob<R>>,
     progress: &StageProgress,
     fault: Option<TestFault>,
@@ -359,7 +361,7 @@ fn run<R>(
                 sample,
                 token_by_token,
             };
-            step(&mut shard, &mut samplers, job)
+            step(&mut shard, grammars, &mut samplers, job)
         }));
         if let Some(micros) = progress.step_ended(tokens, token_by_token) {
             crate::metrics::global()
@@ -387,8 +389,24 @@ fn run<R>(
                 fail(&mut shard, &mut samplers, sequence, route, message)
             }
         };
+        let sampled = matches!(
+            output,
+            StageOutput::Done {
+                result: StageResult::Token { .. },
+                ..
+            }
+        );
         if !emit(output) {
             break; // nobody listens: the node is shutting down
+        }
+        // With the token on its way, the grammar's next mask is computed
+        // while the next forward pass runs (on the other stages, or while
+        // the owner handles the token).
+        if sampled
+            && let Some(sampler) = samplers.get_mut(&sequence)
+            && let Err(error) = sampler.prepare()
+        {
+            tracing::warn!(%sequence, %error, "cannot compute the next token mask ahead; the next step computes it");
         }
     }
     tracing::debug!(range = %shard.range(), "stage stopped");
@@ -467,6 +485,7 @@ struct Job {
 
 fn step(
     shard: &mut Shard,
+    grammars: &Grammars,
     samplers: &mut HashMap<SequenceId, Sampler>,
     job: Job,
 ) -> Result<Stepped, String> {
@@ -497,8 +516,14 @@ fn step(
             prompt,
             generated,
         } => {
-            let sampler =
+            let mut sampler =
                 Sampler::resume(&params, drawn, &prompt, &generated).map_err(|e| e.to_string())?;
+            if let Some(constraint) = &params.constraint {
+                let matcher = grammars.matcher(constraint).map_err(|e| e.to_string())?;
+                sampler = sampler
+                    .constrain(matcher, &generated)
+                    .map_err(|e| e.to_string())?;
+            }
             samplers.entry(sequence).insert_entry(sampler).into_mut()
         }
         Sample::Continue => samplers

@@ -110,6 +110,9 @@ impl ChatState {
         let message = |role, text: &str| RequestMessage {
             role,
             content: Some(MessageContent::Text(text.to_string())),
+            tool_calls: None,
+            tool_call_id: None,
+            name: None,
         };
         let mut messages: Vec<RequestMessage> = self
             .turns

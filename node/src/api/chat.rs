@@ -1,13 +1,15 @@
 //! `POST /v1/chat/completions`, streaming (SSE) and not.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use api_types::{
     AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
-    ChoiceLogprobs, ChunkChoice, Delta, MessageContent, Object, RequestMessage, Role, StopField,
-    TopLogprob, Usage,
+    ChoiceLogprobs, ChunkChoice, Delta, FunctionCall, FunctionCallDelta, MessageContent, Object,
+    RequestMessage, ResponseFormat, Role, StopField, Tool, ToolCall, ToolCallDelta, ToolChoice,
+    ToolChoiceMode, TopLogprob, Usage,
 };
 use axum::Json;
 use axum::body::Bytes;
@@ -16,7 +18,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::{self, Stream};
-use kernels::{ChatMessage, SamplingParams, SequenceId};
+use kernels::{ChatMessage, Constraint, SamplingParams, SequenceId};
 use rand::Rng;
 use serde::de::DeserializeOwned;
 
@@ -24,10 +26,11 @@ use super::error::ApiError;
 use super::{AppState, ServedModel};
 use crate::engine::{FinishReason, GenerationRequest};
 use crate::limits::{
-    MAX_LOGIT_BIAS_TOKENS, MAX_MESSAGES, MAX_STOP_SEQUENCE_BYTES, MAX_STOP_SEQUENCES,
+    MAX_LOGIT_BIAS_TOKENS, MAX_MESSAGES, MAX_STOP_SEQUENCE_BYTES, MAX_STOP_SEQUENCES, MAX_TOOLS,
     SSE_KEEP_ALIVE_SECS,
 };
 use crate::text::{TextEvent, TextStream, TokenLogprob};
+use crate::tools::{CallableFunction, ToolCallParser, ToolEvent, ToolFormat, forced_call};
 
 /// A request that passed validation, ready for the engine.
 #[derive(Debug)]
@@ -41,6 +44,8 @@ pub(crate) struct PreparedChat {
     pub stops: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
+    /// With tools the model may call: how it writes calls.
+    pub tool_format: Option<ToolFormat>,
 }
 
 /// Waits, at most `--recovery-wait`, until the cluster has an active
@@ -100,9 +105,12 @@ pub async fn chat_completions(
         prompt_tokens,
     );
     if prepared.stream {
-        Ok(stream_response(text, response, prepared.include_usage).into_response())
+        Ok(
+            stream_response(text, response, prepared.include_usage, prepared.tool_format)
+                .into_response(),
+        )
     } else {
-        collect_response(text, response)
+        collect_response(text, response, prepared.tool_format)
             .await
             .map(IntoResponse::into_response)
     }
@@ -169,9 +177,37 @@ pub(crate) async fn prepare(
         .and_then(|o| o.include_usage)
         .unwrap_or(false);
     let messages = chat_messages(request.messages)?;
+    let tools = check_tools(request.tools.as_deref())?;
+    let choice = tool_choice(request.tool_choice.as_ref(), tools.as_ref())?;
+    let format = ToolFormat::of(model.prompt.template());
+    // With `none`, the model is not told of the tools at all.
+    let offered = tools.filter(|_| choice != ToolUse::None);
+    let mut sampling = sampling;
+    sampling.constraint = match (&choice, request.response_format) {
+        (
+            ToolUse::Forced(_),
+            Some(ResponseFormat::JsonObject | ResponseFormat::JsonSchema { .. }),
+        ) => {
+            return Err(ApiError::invalid_param(
+                "response_format",
+                "`response_format` cannot be combined with a forced tool call (`tool_choice` `required` or a named function); the call's arguments already follow the function's schema.",
+            ));
+        }
+        (ToolUse::Forced(functions), _) => Some(forced_call(format, functions)),
+        (_, format) => response_constraint(format)?,
+    };
+    if let Some(constraint) = &sampling.constraint {
+        compile(&model, constraint, &choice).await?;
+    }
+    let tool_format = offered.is_some().then_some(format);
 
     let for_prompt = Arc::clone(&model);
-    let prompt = tokio::task::spawn_blocking(move || for_prompt.prompt.tokens(&messages)).await??;
+    let prompt = tokio::task::spawn_blocking(move || {
+        for_prompt
+            .prompt
+            .tokens_with_tools(&messages, offered.as_ref().map(|t| &t.json))
+    })
+    .await??;
     let max_tokens = completion_budget(requested_max, prompt.len(), model.prompt.context_length())?;
     Ok(PreparedChat {
         model,
@@ -181,6 +217,7 @@ pub(crate) async fn prepare(
         stops,
         stream,
         include_usage,
+        tool_format,
     })
 }
 
@@ -252,6 +289,7 @@ pub(crate) fn sampling_params(
         repetition_penalty: fields.repetition_penalty.unwrap_or(1.0),
         logit_bias: logit_bias(fields.logit_bias, vocab_size)?,
         logprobs: fields.logprobs,
+        constraint: None,
     };
     match sampling.validate() {
         Ok(()) => Ok(sampling),
@@ -318,6 +356,195 @@ pub(crate) fn stop_sequences(stop: Option<StopField>) -> Result<Vec<String>, Api
     Ok(stops)
 }
 
+/// The tools of a request, checked, and as the chat template reads them.
+#[derive(Debug)]
+pub(crate) struct OfferedTools {
+    functions: Vec<CallableFunction>,
+    /// The `tools` list as JSON, for the template.
+    json: serde_json::Value,
+}
+
+/// Checks `tools`: functions, each named, parameters an object schema.
+fn check_tools(tools: Option<&[Tool]>) -> Result<Option<OfferedTools>, ApiError> {
+    let Some(tools) = tools else {
+        return Ok(None);
+    };
+    if tools.len() > MAX_TOOLS {
+        return Err(ApiError::invalid_param(
+            "tools",
+            format!(
+                "At most {MAX_TOOLS} tools are accepted, got {}.",
+                tools.len()
+            ),
+        ));
+    }
+    let mut functions = Vec::with_capacity(tools.len());
+    for (i, tool) in tools.iter().enumerate() {
+        if tool.kind != "function" {
+            return Err(ApiError::invalid_param(
+                &format!("tools[{i}].type"),
+                format!(
+                    "Tools of type `{}` are not supported; use `function`.",
+                    tool.kind
+                ),
+            ));
+        }
+        let name = &tool.function.name;
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(ApiError::invalid_param(
+                &format!("tools[{i}].function.name"),
+                format!(
+                    "A function name must be 1 to 64 letters, digits, underscores or dashes; got {name:?}."
+                ),
+            ));
+        }
+        if let Some(parameters) = &tool.function.parameters
+            && !parameters.is_object()
+        {
+            return Err(ApiError::invalid_param(
+                &format!("tools[{i}].function.parameters"),
+                "`parameters` must be a JSON schema object.",
+            ));
+        }
+        functions.push(CallableFunction {
+            name: name.clone(),
+            parameters: tool.function.parameters.clone(),
+        });
+    }
+    let json =
+        serde_json::to_value(tools).map_err(|e| ApiError::invalid_param("tools", e.to_string()))?;
+    Ok(Some(OfferedTools { functions, json }))
+}
+
+/// What `tool_choice` asks of the model.
+#[derive(Debug, Clone, PartialEq)]
+enum ToolUse {
+    /// No tools, or `none`: the model is not offered them.
+    None,
+    /// `auto`: it may call them.
+    Auto,
+    /// `required` or a named function: it must call one of these.
+    Forced(Vec<CallableFunction>),
+}
+
+fn tool_choice(
+    choice: Option<&ToolChoice>,
+    tools: Option<&OfferedTools>,
+) -> Result<ToolUse, ApiError> {
+    let Some(tools) = tools.filter(|t| !t.functions.is_empty()) else {
+        return match choice {
+            None | Some(ToolChoice::Mode(ToolChoiceMode::None | ToolChoiceMode::Auto)) => {
+                Ok(ToolUse::None)
+            }
+            Some(_) => Err(ApiError::invalid_param(
+                "tool_choice",
+                "`tool_choice` names a call to make, but `tools` is empty or missing.",
+            )),
+        };
+    };
+    match choice {
+        None | Some(ToolChoice::Mode(ToolChoiceMode::Auto)) => Ok(ToolUse::Auto),
+        Some(ToolChoice::Mode(ToolChoiceMode::None)) => Ok(ToolUse::None),
+        Some(ToolChoice::Mode(ToolChoiceMode::Required)) => {
+            Ok(ToolUse::Forced(tools.functions.clone()))
+        }
+        Some(ToolChoice::Function(named)) => {
+            let wanted = &named.function.name;
+            match tools.functions.iter().find(|f| &f.name == wanted) {
+                Some(function) => Ok(ToolUse::Forced(vec![function.clone()])),
+                None => Err(ApiError::invalid_param(
+                    "tool_choice.function.name",
+                    format!(
+                        "`tool_choice` names {wanted:?}, which is not among `tools` ({}).",
+                        tools
+                            .functions
+                            .iter()
+                            .map(|f| f.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )),
+            }
+        }
+    }
+}
+
+/// The grammar `response_format` asks for.
+fn response_constraint(format: Option<ResponseFormat>) -> Result<Option<Constraint>, ApiError> {
+    match format {
+        None | Some(ResponseFormat::Text) => Ok(None),
+        Some(ResponseFormat::JsonObject) => {
+            Ok(Some(Constraint::JsonSchema(r#"{"type": "object"}"#.into())))
+        }
+        Some(ResponseFormat::JsonSchema { json_schema }) => match json_schema.schema {
+            Some(schema) if schema.is_object() => {
+                Ok(Some(Constraint::JsonSchema(schema.to_string())))
+            }
+            Some(_) => Err(ApiError::invalid_param(
+                "response_format.json_schema.schema",
+                "`schema` must be a JSON schema object.",
+            )),
+            None => Err(ApiError::invalid_param(
+                "response_format.json_schema.schema",
+                "`json_schema` needs a `schema`.",
+            )),
+        },
+    }
+}
+
+/// Compiles a request's grammar once here, so that a schema the engine
+/// cannot use is a 400 naming the part at fault rather than a failure at
+/// the last stage.
+async fn compile(
+    model: &ServedModel,
+    constraint: &Constraint,
+    tools: &ToolUse,
+) -> Result<(), ApiError> {
+    let grammars = Arc::clone(model.prompt.grammars());
+    // Each function's schema alone first, to name the one at fault.
+    let mut checks: Vec<(String, Constraint)> = Vec::new();
+    if let ToolUse::Forced(functions) = tools {
+        for (i, function) in functions.iter().enumerate() {
+            if let Some(parameters) = &function.parameters {
+                checks.push((
+                    format!("tools[{i}].function.parameters"),
+                    Constraint::JsonSchema(parameters.to_string()),
+                ));
+            }
+        }
+        checks.push(("tools".into(), constraint.clone()));
+    } else {
+        checks.push((
+            "response_format.json_schema.schema".into(),
+            constraint.clone(),
+        ));
+    }
+    let started = std::time::Instant::now();
+    let failed = tokio::task::spawn_blocking(move || {
+        checks
+            .into_iter()
+            .find_map(|(field, constraint)| grammars.matcher(&constraint).err().map(|e| (field, e)))
+    })
+    .await
+    .map_err(|e| ApiError::invalid_request(format!("the grammar check failed: {e}")))?;
+    tracing::debug!(
+        compile_ms = started.elapsed().as_secs_f64() * 1e3,
+        "grammar compiled"
+    );
+    match failed {
+        None => Ok(()),
+        Some((field, error)) => Err(ApiError::invalid_param(
+            &field,
+            format!("The schema cannot be used for constrained decoding: {error}"),
+        )),
+    }
+}
+
 /// Request messages as chat-template messages: text content only.
 fn chat_messages(messages: Vec<RequestMessage>) -> Result<Vec<ChatMessage>, ApiError> {
     if messages.is_empty() {
@@ -353,7 +580,43 @@ fn chat_messages(messages: Vec<RequestMessage>) -> Result<Vec<ChatMessage>, ApiE
                     })
                     .collect::<Result<String, ApiError>>()?,
             };
-            Ok(ChatMessage::new(template_role(message.role), content))
+            let mut converted = ChatMessage::new(template_role(message.role), content);
+            if message.role == Role::Tool {
+                let Some(id) = message.tool_call_id.filter(|id| !id.is_empty()) else {
+                    return Err(ApiError::invalid_param(
+                        &format!("messages[{i}].tool_call_id"),
+                        "A `tool` message needs the `tool_call_id` of the call it answers.",
+                    ));
+                };
+                converted.tool_call_id = Some(id);
+            }
+            converted.name = message.name;
+            for (j, call) in message.tool_calls.into_iter().flatten().enumerate() {
+                if message.role != Role::Assistant {
+                    return Err(ApiError::invalid_param(
+                        &format!("messages[{i}].tool_calls"),
+                        "Only assistant messages carry `tool_calls`.",
+                    ));
+                }
+                // Templates read the arguments as an object, as
+                // transformers passes them; clients send JSON text.
+                let arguments =
+                    match serde_json::from_str::<serde_json::Value>(&call.function.arguments) {
+                        Ok(value) => value,
+                        Err(_) => {
+                            return Err(ApiError::invalid_param(
+                                &format!("messages[{i}].tool_calls[{j}].function.arguments"),
+                                "`arguments` must be JSON text.",
+                            ));
+                        }
+                    };
+                converted.tool_calls.push(serde_json::json!({
+                    "id": call.id,
+                    "type": call.kind,
+                    "function": {"name": call.function.name, "arguments": arguments},
+                }));
+            }
+            Ok(converted)
         })
         .collect()
 }
@@ -454,12 +717,23 @@ impl ResponseMeta {
 async fn collect_response(
     text: TextStream,
     meta: ResponseMeta,
+    tool_format: Option<ToolFormat>,
 ) -> Result<Json<ChatCompletion>, ApiError> {
     let whole = text
         .collect()
         .await
         .map_err(|reason| ApiError::GenerationFailed { reason })?;
     let logprobs = meta.logprobs(whole.logprobs);
+    let (content, tool_calls) = match tool_format {
+        Some(format) => {
+            let mut parser = ToolCallParser::new(format);
+            let mut events = parser.push(&whole.text);
+            events.extend(parser.finish());
+            assemble(events)
+        }
+        None => (whole.text, Vec::new()),
+    };
+    let finish_reason = finish_reason(whole.reason, !tool_calls.is_empty());
     Ok(Json(ChatCompletion {
         id: meta.id,
         object: Object::ChatCompletion,
@@ -470,13 +744,93 @@ async fn collect_response(
             index: 0,
             message: AssistantMessage {
                 role: Role::Assistant,
-                content: whole.text,
+                // Null when the model only called tools, as OpenAI's is.
+                content: (!content.is_empty() || tool_calls.is_empty()).then_some(content),
+                tool_calls: (!tool_calls.is_empty()).then_some(tool_calls),
             },
             logprobs,
-            finish_reason: whole.reason.into(),
+            finish_reason,
         }],
         usage: usage(whole.prompt_tokens, whole.completion_tokens),
     }))
+}
+
+/// `tool_calls` when the model ended its turn having called tools.
+fn finish_reason(reason: FinishReason, called: bool) -> api_types::FinishReason {
+    match reason {
+        FinishReason::Stop if called => api_types::FinishReason::ToolCalls,
+        other => other.into(),
+    }
+}
+
+/// The content and whole calls that parser events add up to.
+fn assemble(events: Vec<ToolEvent>) -> (String, Vec<ToolCall>) {
+    let mut content = String::new();
+    let mut calls: Vec<ToolCall> = Vec::new();
+    for event in events {
+        match event {
+            ToolEvent::Content(text) => content.push_str(&text),
+            ToolEvent::CallStart { id, name, .. } => calls.push(ToolCall {
+                id,
+                kind: "function".into(),
+                function: FunctionCall {
+                    name,
+                    arguments: String::new(),
+                },
+            }),
+            ToolEvent::Arguments { index, fragment } => {
+                if let Some(call) = calls.get_mut(index as usize) {
+                    call.function.arguments.push_str(&fragment);
+                }
+            }
+        }
+    }
+    (content, calls)
+}
+
+/// A chunk's delta for parser events: their text as content, their calls
+/// in OpenAI's incremental shape (index, id, type and name first, then
+/// pieces of the arguments). `None` when they add nothing.
+fn tool_delta(events: Vec<ToolEvent>) -> Option<Delta> {
+    let mut content: Option<String> = None;
+    let mut calls: Vec<ToolCallDelta> = Vec::new();
+    for event in events {
+        match event {
+            ToolEvent::Content(text) => content.get_or_insert_with(String::new).push_str(&text),
+            ToolEvent::CallStart { index, id, name } => calls.push(ToolCallDelta {
+                index,
+                id: Some(id),
+                kind: Some("function".into()),
+                function: FunctionCallDelta {
+                    name: Some(name),
+                    arguments: Some(String::new()),
+                },
+            }),
+            ToolEvent::Arguments { index, fragment } => match calls.last_mut() {
+                // One entry per call and chunk: the arguments join the
+                // entry that began the call.
+                Some(last) if last.index == index => last
+                    .function
+                    .arguments
+                    .get_or_insert_with(String::new)
+                    .push_str(&fragment),
+                _ => calls.push(ToolCallDelta {
+                    index,
+                    id: None,
+                    kind: None,
+                    function: FunctionCallDelta {
+                        name: None,
+                        arguments: Some(fragment),
+                    },
+                }),
+            },
+        }
+    }
+    (content.is_some() || !calls.is_empty()).then(|| Delta {
+        role: None,
+        content,
+        tool_calls: (!calls.is_empty()).then_some(calls),
+    })
 }
 
 /// Where an SSE stream is.
@@ -488,76 +842,132 @@ enum Phase {
     End,
 }
 
+/// A streamed answer's text, read for tool calls when tools were offered.
+struct StreamedText {
+    text: TextStream,
+    tools: Option<ToolCallParser>,
+    /// Log probabilities of text the parser holds back, sent with the
+    /// next chunk.
+    held_logprobs: Vec<TokenLogprob>,
+}
+
 fn stream_response(
     text: TextStream,
     meta: ResponseMeta,
     include_usage: bool,
+    tool_format: Option<ToolFormat>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     // With include_usage, every chunk carries `"usage": null` and one last
     // chunk with no choices carries the totals, as OpenAI streams do.
     let usage_field = include_usage.then_some(None);
+    let streamed = StreamedText {
+        text,
+        tools: tool_format.map(ToolCallParser::new),
+        held_logprobs: Vec::new(),
+    };
     let events = stream::unfold(
-        (text, meta, Phase::Role),
-        move |(mut text, meta, phase)| async move {
-            let (event, next) = match phase {
-                Phase::Role => {
-                    let delta = Delta {
-                        role: Some(Role::Assistant),
-                        content: Some(String::new()),
-                    };
-                    (
-                        chunk_event(&meta, delta, None, None, usage_field),
-                        Phase::Content,
-                    )
+        (streamed, meta, Phase::Role, VecDeque::new()),
+        move |(mut streamed, meta, mut phase, mut queue)| async move {
+            loop {
+                if let Some(event) = queue.pop_front() {
+                    return Some((Ok(event), (streamed, meta, phase, queue)));
                 }
-                Phase::Content => match text.next().await {
-                    Some(TextEvent::Delta {
-                        text: piece,
-                        logprobs,
-                    }) => {
+                phase = match phase {
+                    Phase::Role => {
                         let delta = Delta {
-                            role: None,
-                            content: Some(piece),
+                            role: Some(Role::Assistant),
+                            content: Some(String::new()),
+                            tool_calls: None,
                         };
-                        let logprobs = meta.logprobs(logprobs);
-                        (
-                            chunk_event(&meta, delta, logprobs, None, usage_field),
-                            Phase::Content,
-                        )
+                        queue.push_back(chunk_event(&meta, delta, None, None, usage_field));
+                        Phase::Content
                     }
-                    Some(TextEvent::Finished {
-                        reason,
-                        prompt_tokens,
-                        completion_tokens,
-                    }) => {
-                        let next = if include_usage {
-                            Phase::Usage(usage(prompt_tokens, completion_tokens))
-                        } else {
-                            Phase::Done
-                        };
-                        (
-                            chunk_event(&meta, Delta::default(), None, Some(reason), usage_field),
-                            next,
-                        )
+                    Phase::Content => match streamed.text.next().await {
+                        Some(TextEvent::Delta {
+                            text: piece,
+                            logprobs,
+                        }) => {
+                            let delta = match &mut streamed.tools {
+                                Some(parser) => tool_delta(parser.push(&piece)),
+                                None => Some(Delta {
+                                    role: None,
+                                    content: Some(piece),
+                                    tool_calls: None,
+                                }),
+                            };
+                            streamed.held_logprobs.extend(logprobs);
+                            if let Some(delta) = delta {
+                                let logprobs =
+                                    meta.logprobs(std::mem::take(&mut streamed.held_logprobs));
+                                queue.push_back(chunk_event(
+                                    &meta,
+                                    delta,
+                                    logprobs,
+                                    None,
+                                    usage_field,
+                                ));
+                            }
+                            Phase::Content
+                        }
+                        Some(TextEvent::Finished {
+                            reason,
+                            prompt_tokens,
+                            completion_tokens,
+                        }) => {
+                            let mut called = false;
+                            if let Some(parser) = &mut streamed.tools {
+                                let rest = tool_delta(parser.finish());
+                                called = parser.calls() > 0;
+                                let logprobs =
+                                    meta.logprobs(std::mem::take(&mut streamed.held_logprobs));
+                                if let Some(delta) = rest {
+                                    queue.push_back(chunk_event(
+                                        &meta,
+                                        delta,
+                                        logprobs,
+                                        None,
+                                        usage_field,
+                                    ));
+                                }
+                            }
+                            let finish = finish_reason(reason, called);
+                            queue.push_back(chunk_event(
+                                &meta,
+                                Delta::default(),
+                                None,
+                                Some(finish),
+                                usage_field,
+                            ));
+                            if include_usage {
+                                Phase::Usage(usage(prompt_tokens, completion_tokens))
+                            } else {
+                                Phase::Done
+                            }
+                        }
+                        Some(TextEvent::Failed(reason)) => {
+                            let error = ApiError::GenerationFailed { reason };
+                            // Through a `Value`, whose keys are sorted, as this
+                            // event has always been written.
+                            let json = serde_json::to_value(error.body(None)).unwrap_or_default();
+                            queue.push_back(Event::default().data(json.to_string()));
+                            Phase::End
+                        }
+                        None => return None,
+                    },
+                    Phase::Usage(usage) => {
+                        let json =
+                            serde_json::to_string(&meta.chunk(Vec::new(), Some(Some(usage))))
+                                .unwrap_or_default();
+                        queue.push_back(Event::default().data(json));
+                        Phase::Done
                     }
-                    Some(TextEvent::Failed(reason)) => {
-                        let error = ApiError::GenerationFailed { reason };
-                        // Through a `Value`, whose keys are sorted, as this
-                        // event has always been written.
-                        let json = serde_json::to_value(error.body(None)).unwrap_or_default();
-                        (Event::default().data(json.to_string()), Phase::End)
+                    Phase::Done => {
+                        queue.push_back(Event::default().data("[DONE]"));
+                        Phase::End
                     }
-                    None => return None,
-                },
-                Phase::Usage(usage) => {
-                    let json = serde_json::to_string(&meta.chunk(Vec::new(), Some(Some(usage))))
-                        .unwrap_or_default();
-                    (Event::default().data(json), Phase::Done)
-                }
-                Phase::Done => (Event::default().data("[DONE]"), Phase::End),
-                Phase::End => return None,
-            };
-            Some((Ok(event), (text, meta, next)))
+                    Phase::End => return None,
+                };
+            }
         },
     );
     Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(SSE_KEEP_ALIVE_SECS)))
@@ -567,14 +977,14 @@ fn chunk_event(
     meta: &ResponseMeta,
     delta: Delta,
     logprobs: Option<ChoiceLogprobs>,
-    finish_reason: Option<FinishReason>,
+    finish_reason: Option<api_types::FinishReason>,
     usage: Option<Option<Usage>>,
 ) -> Event {
     let choice = ChunkChoice {
         index: 0,
         delta,
         logprobs,
-        finish_reason: finish_reason.map(Into::into),
+        finish_reason,
     };
     let json = serde_json::to_string(&meta.chunk(vec![choice], usage)).unwrap_or_default();
     Event::default().data(json)
@@ -586,6 +996,7 @@ fn template_role(role: Role) -> &'static str {
         Role::System | Role::Developer => "system",
         Role::User => "user",
         Role::Assistant => "assistant",
+        Role::Tool => "tool",
     }
 }
 

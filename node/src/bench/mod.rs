@@ -10,6 +10,7 @@ pub mod ring;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
@@ -87,7 +88,12 @@ pub async fn bench(args: EngineBenchArgs) -> anyhow::Result<()> {
     let weight_bytes = model.shard.weight_bytes();
     let llama_cpp = LlamaCpp::find(&args.llama_cpp, &model_path, args.threads, &prompt).await;
     let stop_tokens = model.prompt.tokenizer().stop_tokens().clone();
-    let engine = Engine::start_local(model.shard, stop_tokens, runtime.kv_cache_bytes)?;
+    let engine = Engine::start_local(
+        model.shard,
+        Arc::clone(model.prompt.grammars()),
+        stop_tokens,
+        runtime.kv_cache_bytes,
+    )?;
 
     eprintln!(
         "ringlet bench: {} with {} threads, {}-token prompt, {} decode tokens, {} rounds",

@@ -83,6 +83,8 @@ pub(super) struct Cluster {
     /// The mDNS advertisement and browser, withdrawn when the actor ends.
     _discovery: Option<Discovery>,
     model: Arc<ModelFile>,
+    /// The model's vocabulary for the grammar engine, for the last stage.
+    grammars: Arc<kernels::Grammars>,
     /// For a Hub model: fetches a new shard's bytes.
     hub_files: Option<Arc<HubFiles>>,
     /// Where the fetch of this node's slice reports its progress.
@@ -162,6 +164,7 @@ impl Cluster {
             _discovery: discovery,
             policy_model: policy_model(&model),
             model,
+            grammars: config.grammars,
             hub_files: config.hub_files,
             open_model: config.open_model,
             switching: None,

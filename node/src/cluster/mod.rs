@@ -75,6 +75,7 @@ pub struct SwitchedModel {
     /// The name API clients use.
     pub name: String,
     pub file: Arc<ModelFile>,
+    pub grammars: Arc<kernels::Grammars>,
     pub hub_files: Option<Arc<crate::hub::HubFiles>>,
     /// Points this node's engine and API at the model; the actor calls it
     /// when it swaps the model in, and drops it when a newer switch came.
@@ -115,6 +116,9 @@ pub struct ClusterConfig {
     pub peers: Vec<String>,
     pub resources: Resources,
     pub model_name: String,
+    /// The model's vocabulary for the grammar engine (see
+    /// [`crate::prompt::PromptBuilder::grammars`]).
+    pub grammars: Arc<kernels::Grammars>,
     /// For a Hub model: fetches the bytes of the layers each plan gives
     /// this node.
     pub hub_files: Option<Arc<crate::hub::HubFiles>>,

@@ -383,6 +383,7 @@ impl Engine {
     /// `kv_budget_bytes` for the KV caches of its requests.
     pub fn start_local(
         shard: Shard,
+        grammars: Arc<kernels::Grammars>,
         stop_tokens: BTreeSet<u32>,
         kv_budget_bytes: u64,
     ) -> std::io::Result<Self> {
@@ -395,16 +396,22 @@ impl Engine {
         };
         let (mut engine, ends) = Self::start(model, None::<Scheduling<NoPolicy>>)?;
         let results = ends.results;
-        let stage = stage::spawn(shard, ends.jobs, None, move |output| match output {
-            StageOutput::Done { result, .. } => results.blocking_send(result).is_ok(),
-            StageOutput::Next { sequence, .. } => {
-                // One shard holding the whole model always ends in logits.
-                let message = "the model's last layer is missing from this node".to_string();
-                results
-                    .blocking_send(StageResult::Failed { sequence, message })
-                    .is_ok()
-            }
-        })?;
+        let stage = stage::spawn(
+            shard,
+            grammars,
+            ends.jobs,
+            None,
+            move |output| match output {
+                StageOutput::Done { result, .. } => results.blocking_send(result).is_ok(),
+                StageOutput::Next { sequence, .. } => {
+                    // One shard holding the whole model always ends in logits.
+                    let message = "the model's last layer is missing from this node".to_string();
+                    results
+                        .blocking_send(StageResult::Failed { sequence, message })
+                        .is_ok()
+                }
+            },
+        )?;
         engine.threads.push(stage.thread);
         Ok(engine)
     }
@@ -702,7 +709,7 @@ impl Coordinator {
                 } else {
                     Vec::new()
                 },
-                generated: if params.penalizes() {
+                generated: if params.needs_generated() {
                     generated.clone()
                 } else {
                     Vec::new()

@@ -172,11 +172,17 @@ impl Cluster {
         );
         let (jobs, jobs_rx) = mpsc::channel(STAGE_QUEUE_LEN);
         let events = self.events_tx.clone();
-        let spawned = stage::spawn(shard, jobs_rx, self.stage_fault, move |output| {
-            events
-                .blocking_send(ClusterEvent::FromStage(output))
-                .is_ok()
-        });
+        let spawned = stage::spawn(
+            shard,
+            Arc::clone(&self.grammars),
+            jobs_rx,
+            self.stage_fault,
+            move |output| {
+                events
+                    .blocking_send(ClusterEvent::FromStage(output))
+                    .is_ok()
+            },
+        );
         let progress = match spawned {
             Ok(spawned) => spawned.progress,
             Err(error) => {

@@ -94,6 +94,7 @@ impl Cluster {
         self.downloads.ended(&old.name, Ok(()));
         self.policy_model = policy_model(&switched.file);
         self.model = switched.file;
+        self.grammars = switched.grammars;
         self.hub_files = switched.hub_files;
         self.local.set_serving(identity.name.clone());
         tracing::info!(from = %old.name, to = %identity.name, fingerprint = %identity.fingerprint, "now serving another model");
