@@ -388,6 +388,19 @@ async fn bad_requests_get_openai_errors() {
         ("logit_bias key not a token", chat(user("hi"), json!({ "logit_bias": { "hello": 5 } })).to_string(), StatusCode::BAD_REQUEST, Some("logit_bias"), None),
         ("logit_bias token past the vocabulary", chat(user("hi"), json!({ "logit_bias": { "99999999": 5 } })).to_string(), StatusCode::BAD_REQUEST, Some("logit_bias"), None),
         ("logit_bias out of range", chat(user("hi"), json!({ "logit_bias": { "42": 150 } })).to_string(), StatusCode::BAD_REQUEST, Some("logit_bias"), None),
+        ("tools not a list", chat(user("hi"), json!({ "tools": weather_tool() })).to_string(), StatusCode::BAD_REQUEST, Some("tools"), None),
+        ("a function without a name", chat(user("hi"), json!({ "tools": [{ "type": "function", "function": { "description": "x" } }] })).to_string(), StatusCode::BAD_REQUEST, Some("tools[0].function.name"), None),
+        ("a tool that is not a function", chat(user("hi"), json!({ "tools": [{ "type": "retrieval", "function": { "name": "x" } }] })).to_string(), StatusCode::BAD_REQUEST, Some("tools[0].type"), None),
+        ("parameters not an object", chat(user("hi"), json!({ "tools": [{ "type": "function", "function": { "name": "x", "parameters": [1] } }] })).to_string(), StatusCode::BAD_REQUEST, Some("tools[0].function.parameters"), None),
+        ("parameters with an unsupported keyword", chat(user("hi"), json!({ "tools": [{ "type": "function", "function": { "name": "x", "parameters": { "type": "object", "dependentSchemas": {} } } }], "tool_choice": "required" })).to_string(), StatusCode::BAD_REQUEST, Some("tools[0].function.parameters"), None),
+        ("tool_choice names no tool", chat(user("hi"), json!({ "tools": [weather_tool()], "tool_choice": { "type": "function", "function": { "name": "launch" } } })).to_string(), StatusCode::BAD_REQUEST, Some("tool_choice.function.name"), None),
+        ("tool_choice required without tools", chat(user("hi"), json!({ "tool_choice": "required" })).to_string(), StatusCode::BAD_REQUEST, Some("tool_choice"), None),
+        ("a tool message without tool_call_id", chat(json!([{ "role": "user", "content": "hi" }, { "role": "tool", "content": "18" }]), json!({})).to_string(), StatusCode::BAD_REQUEST, Some("messages[1].tool_call_id"), None),
+        ("arguments that are not JSON", chat(json!([{ "role": "user", "content": "hi" }, { "role": "assistant", "content": null, "tool_calls": [{ "id": "c", "type": "function", "function": { "name": "x", "arguments": "{oops" } }] }]), json!({})).to_string(), StatusCode::BAD_REQUEST, Some("messages[1].tool_calls[0].function.arguments"), None),
+        ("a schema that is not an object", chat(user("hi"), json!({ "response_format": { "type": "json_schema", "json_schema": { "name": "x", "schema": 5 } } })).to_string(), StatusCode::BAD_REQUEST, Some("response_format.json_schema.schema"), None),
+        ("a schema with an unsupported keyword", chat(user("hi"), json!({ "response_format": { "type": "json_schema", "json_schema": { "name": "x", "schema": { "type": "array", "uniqueItems": true } } } })).to_string(), StatusCode::BAD_REQUEST, Some("response_format.json_schema.schema"), None),
+        ("an unknown response_format", chat(user("hi"), json!({ "response_format": { "type": "yaml" } })).to_string(), StatusCode::BAD_REQUEST, Some("response_format.type"), None),
+        ("response_format with a forced call", chat(user("hi"), json!({ "tools": [weather_tool()], "tool_choice": "required", "response_format": { "type": "json_object" } })).to_string(), StatusCode::BAD_REQUEST, Some("response_format"), None),
     ];
     for (name, body, status, param, code) in cases {
         let (got, json) = post_chat(body).await;
@@ -897,4 +910,250 @@ async fn metrics_count_requests_tokens_and_latencies() {
         "{text}"
     );
     assert!(!text.contains("/no/such/path"), "{text}");
+}
+
+fn weather_tool() -> Value {
+    json!({
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": { "type": "string", "maxLength": 40 },
+                    "unit": { "type": "string", "enum": ["celsius", "fahrenheit"] }
+                },
+                "required": ["city", "unit"],
+                "additionalProperties": false
+            }
+        }
+    })
+}
+
+fn time_tool() -> Value {
+    json!({
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "description": "Current local time in a city",
+            "parameters": {
+                "type": "object",
+                "properties": { "city": { "type": "string", "maxLength": 40 } },
+                "required": ["city"],
+                "additionalProperties": false
+            }
+        }
+    })
+}
+
+/// A person, as a schema with the bounds a real one has.
+fn person_schema() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "name": { "type": "string", "minLength": 1, "maxLength": 30 },
+            "age": { "type": "integer", "minimum": 0, "maximum": 120 },
+            "languages": {
+                "type": "array", "maxItems": 3,
+                "items": { "type": "string", "enum": ["English", "French", "German", "Spanish"] }
+            }
+        },
+        "required": ["name", "age", "languages"],
+        "additionalProperties": false
+    })
+}
+
+/// Checks `value` against [`person_schema`] by hand.
+fn assert_is_person(value: &Value, context: &str) {
+    let object = value
+        .as_object()
+        .unwrap_or_else(|| panic!("{context}: not an object: {value}"));
+    let mut keys: Vec<&str> = object.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["age", "languages", "name"], "{context}: {value}");
+    let name = value["name"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{context}: name: {value}"));
+    assert!(
+        (1..=30).contains(&name.chars().count()),
+        "{context}: {value}"
+    );
+    let age = value["age"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{context}: age: {value}"));
+    assert!(age <= 120, "{context}: {value}");
+    let languages = value["languages"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{context}: {value}"));
+    assert!(languages.len() <= 3, "{context}: {value}");
+    for language in languages {
+        assert!(
+            ["English", "French", "German", "Spanish"].contains(&language.as_str().unwrap_or("")),
+            "{context}: {value}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn json_schema_answers_parse_and_validate_at_temperature_one() {
+    for seed in 0..8 {
+        let body = chat(
+            user("Describe a person."),
+            json!({
+                "temperature": 1.0, "seed": seed, "max_tokens": 120,
+                "response_format": { "type": "json_schema", "json_schema": { "name": "person", "strict": true, "schema": person_schema() } }
+            }),
+        );
+        let (status, json) = post_chat(body.to_string()).await;
+        assert_eq!(status, StatusCode::OK, "{json}");
+        assert_eq!(
+            json["choices"][0]["finish_reason"], "stop",
+            "seed {seed}: {json}"
+        );
+        let value: Value = serde_json::from_str(content(&json))
+            .unwrap_or_else(|e| panic!("seed {seed}: not JSON ({e}): {json}"));
+        assert_is_person(&value, &format!("seed {seed}"));
+    }
+    // json_object: any object, streamed or not, the same.
+    let body = chat(
+        user("Give the capital of France as a JSON object with a key \"capital\"."),
+        json!({ "temperature": 0, "max_tokens": 60, "response_format": { "type": "json_object" } }),
+    );
+    let (status, json) = post_chat(body.to_string()).await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    let whole = content(&json).to_string();
+    assert_eq!(json["choices"][0]["finish_reason"], "stop", "{json}");
+    assert!(
+        serde_json::from_str::<Value>(&whole).is_ok_and(|v| v.is_object()),
+        "{whole}"
+    );
+    let mut streamed_body = body.clone();
+    streamed_body["stream"] = json!(true);
+    let streamed: String = post_chat_stream(streamed_body)
+        .await
+        .iter()
+        .filter_map(|c| serde_json::from_str::<Value>(c).ok())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    assert_eq!(streamed, whole);
+}
+
+/// The calls of a streamed answer, assembled from `delta.tool_calls` as
+/// OpenAI's clients assemble them: (id, name, arguments) by index.
+fn assemble_calls(chunks: &[String]) -> (Vec<(String, String, String)>, Option<String>) {
+    let mut calls: Vec<(String, String, String)> = Vec::new();
+    let mut finish = None;
+    for chunk in chunks {
+        let Ok(chunk) = serde_json::from_str::<Value>(chunk) else {
+            continue; // [DONE]
+        };
+        let choice = &chunk["choices"][0];
+        if let Some(reason) = choice["finish_reason"].as_str() {
+            finish = Some(reason.to_string());
+        }
+        for delta in choice["delta"]["tool_calls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let index = delta["index"].as_u64().expect("index") as usize;
+            if index == calls.len() {
+                // The first piece of a call has its id, type and name.
+                assert_eq!(delta["type"], "function", "{delta}");
+                calls.push((
+                    delta["id"].as_str().expect("id").into(),
+                    delta["function"]["name"].as_str().expect("name").into(),
+                    String::new(),
+                ));
+            } else {
+                assert!(
+                    delta.get("id").is_none() && delta["function"].get("name").is_none(),
+                    "{delta}"
+                );
+            }
+            if let Some(arguments) = delta["function"]["arguments"].as_str() {
+                calls[index].2.push_str(arguments);
+            }
+        }
+    }
+    (calls, finish)
+}
+
+#[tokio::test]
+async fn forced_tool_calls_are_well_formed_streamed_or_not_and_round_trip() {
+    let ask = json!([{ "role": "user", "content": "What is the weather in Paris?" }]);
+    let forced = json!({ "tools": [weather_tool(), time_tool()], "tool_choice": "required", "temperature": 0, "max_tokens": 60 });
+    let (status, json) = post_chat(chat(ask.clone(), forced.clone()).to_string()).await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    let choice = &json["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{json}");
+    assert!(choice["message"]["content"].is_null(), "{json}");
+    let call = &choice["message"]["tool_calls"][0];
+    assert_eq!(call["type"], "function");
+    assert!(
+        call["id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("call_")),
+        "{call}"
+    );
+    let name = call["function"]["name"].as_str().expect("name");
+    let arguments: Value =
+        serde_json::from_str(call["function"]["arguments"].as_str().expect("arguments"))
+            .unwrap_or_else(|e| panic!("arguments are not JSON ({e}): {call}"));
+    assert!(arguments["city"].is_string(), "{call}");
+    if name == "get_weather" {
+        assert!(
+            ["celsius", "fahrenheit"].contains(&arguments["unit"].as_str().unwrap_or("")),
+            "{call}"
+        );
+    } else {
+        assert_eq!(name, "get_time", "{call}");
+    }
+
+    // Streamed: the same call, in OpenAI's incremental shape.
+    let mut streamed = chat(ask.clone(), forced.clone());
+    streamed["stream"] = json!(true);
+    let (calls, finish) = assemble_calls(&post_chat_stream(streamed).await);
+    assert_eq!(finish.as_deref(), Some("tool_calls"));
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0].1, name);
+    assert_eq!(
+        calls[0].2,
+        call["function"]["arguments"].as_str().unwrap_or("")
+    );
+
+    // A named function is the one called.
+    let named = json!({ "tools": [weather_tool(), time_tool()], "temperature": 0, "max_tokens": 60,
+        "tool_choice": { "type": "function", "function": { "name": "get_time" } } });
+    let (status, json) = post_chat(chat(ask.clone(), named).to_string()).await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    assert_eq!(
+        json["choices"][0]["message"]["tool_calls"][0]["function"]["name"], "get_time",
+        "{json}"
+    );
+
+    // The round trip: the call, the tool's result, then an answer in words.
+    let mut messages = ask.as_array().cloned().unwrap_or_default();
+    messages.push(json!({ "role": "assistant", "content": null, "tool_calls": [call] }));
+    messages.push(json!({ "role": "tool", "tool_call_id": call["id"], "content": "{\"temperature\": 18, \"sky\": \"clear\"}" }));
+    let answer =
+        json!({ "tools": [weather_tool(), time_tool()], "temperature": 0, "max_tokens": 40 });
+    let (status, json) = post_chat(chat(json!(messages), answer).to_string()).await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    assert!(!content(&json).is_empty(), "{json}");
+    assert_ne!(json["choices"][0]["finish_reason"], "tool_calls", "{json}");
+
+    // `none`: the tools are not offered, and the answer is text.
+    let none = json!({ "tools": [weather_tool()], "tool_choice": "none", "temperature": 0, "max_tokens": 20 });
+    let (status, json) = post_chat(chat(ask, none).to_string()).await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    assert!(
+        json["choices"][0]["message"].get("tool_calls").is_none(),
+        "{json}"
+    );
 }

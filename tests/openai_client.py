@@ -7,6 +7,9 @@ check; prints "all checks passed" at the end.
 
 import sys
 
+import json
+
+import jsonschema
 import openai
 
 
@@ -109,7 +112,114 @@ def main() -> None:
     assert "".join(pieces) == text, (pieces, text)
     print(f"completions: {text!r}")
 
+    check_structured_output(client, model)
+    check_tools(client, model)
+
     print("openai client: all checks passed")
+
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 30},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "city": {"type": "string", "maxLength": 30},
+    },
+    "required": ["name", "age", "city"],
+    "additionalProperties": False,
+}
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 40},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def check_structured_output(client, model):
+    """json_schema at temperature 1 for 20 seeds, and json_object."""
+    for seed in range(20):
+        answer = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "Describe a person."}],
+            temperature=1.0,
+            seed=seed,
+            max_tokens=120,
+            response_format={"type": "json_schema", "json_schema": {"name": "person", "strict": True, "schema": PERSON}},
+        )
+        text = answer.choices[0].message.content
+        assert answer.choices[0].finish_reason == "stop", (seed, answer)
+        jsonschema.validate(json.loads(text), PERSON)
+    print(f"json_schema: 20 seeds at temperature 1.0 validate (last: {text})")
+    answer = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": 'Give the capital of France as a JSON object with a key "capital".'}],
+        temperature=0,
+        max_tokens=80,
+        response_format={"type": "json_object"},
+    )
+    assert answer.choices[0].finish_reason == "stop", answer
+    assert isinstance(json.loads(answer.choices[0].message.content), dict), answer
+    try:
+        client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "hi"}],
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}}},
+        )
+        raise AssertionError("an unsupported keyword was accepted")
+    except openai.BadRequestError as e:
+        assert "uniqueItems" in str(e) and e.body["param"] == "response_format.json_schema.schema", e
+
+
+def check_tools(client, model):
+    """A forced call, streamed deltas that assemble, then the round trip."""
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    forced = client.chat.completions.create(
+        model=model, messages=messages, tools=[WEATHER], tool_choice="required", temperature=0, max_tokens=60
+    )
+    choice = forced.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "get_weather", call
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    print(f"tool call: {call.function.name}({call.function.arguments})")
+
+    # Streamed: the client's own accumulation of delta.tool_calls.
+    with client.chat.completions.stream(
+        model=model, messages=messages, tools=[WEATHER], tool_choice="required", temperature=0, max_tokens=60
+    ) as stream:
+        for _ in stream:
+            pass
+        streamed = stream.get_final_completion()
+    streamed_call = streamed.choices[0].message.tool_calls[0]
+    assert streamed.choices[0].finish_reason == "tool_calls", streamed
+    assert streamed_call.function.name == call.function.name, streamed_call
+    assert json.loads(streamed_call.function.arguments) == json.loads(call.function.arguments), streamed_call
+
+    messages.append({"role": "assistant", "content": None, "tool_calls": [call.model_dump()]})
+    messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 18, "sky": "clear"})})
+    answer = client.chat.completions.create(model=model, messages=messages, tools=[WEATHER], temperature=0, max_tokens=40)
+    assert answer.choices[0].message.content, answer
+    print(f"tool round trip: {answer.choices[0].message.content!r}")
+
+    try:
+        client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "hi"}], tools=[{"type": "function", "function": {"description": "x"}}]
+        )
+        raise AssertionError("a function without a name was accepted")
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "tools[0].function.name", e.body
 
 
 if __name__ == "__main__":

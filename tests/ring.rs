@@ -87,7 +87,30 @@ async fn one_two_and_three_nodes_give_llama_cpp_s_output_streaming_or_not() {
         "max_tokens": 12, "temperature": 0, "logprobs": 3
     })
     .to_string();
-    let mut one_node: Option<(Value, Value)> = None;
+    // Constrained answers: a JSON schema at temperature 1, and a forced
+    // tool call, sampled; their masks are computed at the last stage.
+    let structured = json!({
+        "model": support::MODEL,
+        "messages": [{ "role": "user", "content": "Describe a person." }],
+        "max_tokens": 60, "temperature": 1.0, "seed": 5,
+        "response_format": { "type": "json_schema", "json_schema": { "name": "person", "schema": {
+            "type": "object",
+            "properties": { "name": { "type": "string", "maxLength": 30 }, "age": { "type": "integer", "minimum": 0, "maximum": 120 } },
+            "required": ["name", "age"], "additionalProperties": false
+        } } }
+    })
+    .to_string();
+    let tool_call = json!({
+        "model": support::MODEL,
+        "messages": [{ "role": "user", "content": "What is the weather in Oslo?" }],
+        "max_tokens": 60, "temperature": 0.8, "seed": 3, "tool_choice": "required",
+        "tools": [{ "type": "function", "function": { "name": "get_weather", "parameters": {
+            "type": "object", "properties": { "city": { "type": "string", "maxLength": 30 } },
+            "required": ["city"], "additionalProperties": false
+        } } }]
+    })
+    .to_string();
+    let mut one_node: Option<(Value, Value, Value, Value)> = None;
     for n in 1..=3 {
         let nodes = Node::start_cluster(n, &[]);
         let entry = nodes[n - 1].addr;
@@ -95,9 +118,28 @@ async fn one_two_and_three_nodes_give_llama_cpp_s_output_streaming_or_not() {
         assert_eq!(sampled_chat.status, 200, "{n} nodes: {}", sampled_chat.body);
         let completion = request(entry, "POST", "/v1/completions", Some(&legacy)).await;
         assert_eq!(completion.status, 200, "{n} nodes: {}", completion.body);
+        let structured_chat =
+            request(entry, "POST", "/v1/chat/completions", Some(&structured)).await;
+        assert_eq!(
+            structured_chat.status, 200,
+            "{n} nodes: {}",
+            structured_chat.body
+        );
+        let called = request(entry, "POST", "/v1/chat/completions", Some(&tool_call)).await;
+        assert_eq!(called.status, 200, "{n} nodes: {}", called.body);
+        let mut called = called.json()["choices"].clone();
+        // Call ids are random; everything else must match.
+        let id = &mut called[0]["message"]["tool_calls"][0]["id"];
+        assert!(
+            id.as_str().is_some_and(|id| id.starts_with("call_")),
+            "{n} nodes: {called}"
+        );
+        *id = json!("");
         let answers = (
             sampled_chat.json()["choices"].clone(),
             completion.json()["choices"].clone(),
+            structured_chat.json()["choices"].clone(),
+            called,
         );
         match &one_node {
             None => one_node = Some(answers),

@@ -94,6 +94,7 @@ impl Command {
                     | BenchMode::Policy(_)
                     | BenchMode::Cluster(_),
                 ) => None,
+                Some(BenchMode::Structured(ref s)) => Some(s.threads),
                 None => Some(a.engine.threads),
             },
             Command::Pull(_) | Command::Models(_) | Command::Invite(_) => None,
@@ -554,6 +555,40 @@ pub enum BenchMode {
     /// handshake time, RTT and measured throughput, of a cluster that is
     /// already running, through one of its nodes' API.
     Cluster(ClusterBenchArgs),
+    /// The cost of constrained decoding on one node: decode speed with a
+    /// JSON schema against without, the time to compile schemas, and how
+    /// many of a run of forced tool calls are well formed.
+    Structured(StructuredBenchArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StructuredBenchArgs {
+    /// Model: a catalogue name or the path of a GGUF file
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: String,
+
+    /// Compute threads
+    #[arg(long, default_value_t = 2, value_parser = parse_threads)]
+    pub threads: usize,
+
+    /// Tokens to generate per decode measurement
+    #[arg(long, default_value_t = 128)]
+    pub decode_tokens: usize,
+
+    /// Rounds of each decode measurement; the report shows medians
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
+
+    /// Forced tool calls to make (at temperature 1, one seed each)
+    #[arg(long, default_value_t = 50)]
+    pub calls: usize,
+
+    /// Also write the results as JSON to this file
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub cache: CacheArgs,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -18,6 +18,9 @@ pub async fn dispatch(command: Command) -> anyhow::Result<()> {
             Some(BenchMode::Recovery(recovery)) => crate::bench::recovery::bench(recovery).await,
             Some(BenchMode::Policy(policy)) => crate::bench::policy::bench(policy).await,
             Some(BenchMode::Cluster(cluster)) => crate::bench::cluster::bench(cluster).await,
+            Some(BenchMode::Structured(structured)) => {
+                crate::bench::structured::bench(structured).await
+            }
             None => crate::bench::bench(args.engine).await,
         },
     }

@@ -80,17 +80,8 @@ impl PromptBuilder {
         messages: &[ChatMessage],
         tools: Option<&serde_json::Value>,
     ) -> Result<Vec<u32>, PromptError> {
-        let mentions_tools = tools.is_some()
-            || messages
-                .iter()
-                .any(|m| m.role == "tool" || !m.tool_calls.is_empty());
-        let rendered = if mentions_tools && !self.template.reads_tools() {
-            let described = crate::tools::describe_tools(messages, tools);
-            self.template.render(&described, true)
-        } else {
-            self.template.render_with_tools(messages, tools, true)
-        };
-        let text = rendered.map_err(|e| PromptError::Template(e.to_string()))?;
+        let text = render_prompt(&self.template, messages, tools)
+            .map_err(|e| PromptError::Template(e.to_string()))?;
         // No token is longer than this, so longer text cannot fit: refuse
         // before spending time tokenizing it.
         let at_least = text.len() / self.tokenizer.max_token_bytes().max(1);
@@ -113,5 +104,26 @@ impl PromptBuilder {
             });
         }
         Ok(tokens)
+    }
+}
+
+/// The prompt text of a conversation with `tools` offered: the template
+/// describes them when it reads them; else ringlet describes them, and
+/// earlier calls and results, in words every template renders (see
+/// [`crate::tools::describe_tools`]).
+pub fn render_prompt(
+    template: &ChatTemplate,
+    messages: &[ChatMessage],
+    tools: Option<&serde_json::Value>,
+) -> kernels::Result<String> {
+    let mentions_tools = tools.is_some()
+        || messages
+            .iter()
+            .any(|m| m.role == "tool" || !m.tool_calls.is_empty());
+    if mentions_tools && !template.reads_tools() {
+        let described = crate::tools::describe_tools(messages, tools);
+        template.render(&described, true)
+    } else {
+        template.render_with_tools(messages, tools, true)
     }
 }

@@ -779,6 +779,61 @@ mod tests {
         assert_eq!((content.as_str(), calls.len()), ("[1, 2] are numbers", 0));
     }
 
+    /// Every family's template renders tools, calls and results as
+    /// transformers renders them (`tool_cases` of
+    /// `tests/golden/chat_templates.json`): natively for the templates
+    /// that read `tools`, through [`describe_tools`] for the others.
+    #[test]
+    fn every_family_renders_tools_as_transformers_does() {
+        let reference: Value =
+            serde_json::from_str(include_str!("../../tests/golden/chat_templates.json")).unwrap();
+        let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+        let mut checked = 0;
+        for family in reference["families"].as_array().unwrap() {
+            let name = text(&family["name"]);
+            let template = ChatTemplate::new(
+                Some(text(&family["template"])),
+                text(&family["bos_token"]),
+                text(&family["eos_token"]),
+            )
+            .unwrap();
+            for case in family["tool_cases"].as_array().unwrap() {
+                let case_name = text(&case["name"]);
+                assert_eq!(
+                    template.reads_tools(),
+                    case["native"].as_bool().unwrap(),
+                    "{name}/{case_name}"
+                );
+                // As the API turns a request's messages into these: null
+                // content is empty.
+                let messages: Vec<ChatMessage> = case["messages"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|m| {
+                        let mut m = m.clone();
+                        if m["content"].is_null() {
+                            m["content"] = json!("");
+                        }
+                        serde_json::from_value(m).unwrap()
+                    })
+                    .collect();
+                let got = crate::prompt::render_prompt(&template, &messages, Some(&case["tools"]));
+                if case["error"].as_bool() == Some(true) {
+                    assert!(
+                        got.is_err(),
+                        "{name}/{case_name}: transformers refuses it; got {got:?}"
+                    );
+                } else {
+                    let got = got.unwrap_or_else(|e| panic!("{name}/{case_name}: {e}"));
+                    assert_eq!(got, text(&case["rendered"]), "{name}/{case_name}");
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked >= 40, "only {checked} tool cases checked");
+    }
+
     #[test]
     fn forced_call_grammars_name_the_functions_and_their_schemas() {
         let functions = [CallableFunction {

@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod policy;
 pub mod recovery;
 pub mod ring;
+pub mod structured;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
