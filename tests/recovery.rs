@@ -288,7 +288,7 @@ async fn killed_and_stopped_stage_nodes_do_not_lose_the_answer() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn four_concurrent_streams_survive_a_lost_node() {
+async fn five_concurrent_streams_survive_a_lost_node() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let prompts = [
         "Name a colour and say why you like it.",
@@ -296,14 +296,24 @@ async fn four_concurrent_streams_survive_a_lost_node() {
         "Explain what a lighthouse does.",
         "Name three planets and one fact about each.",
     ];
-    let bodies: Vec<String> = prompts.iter().map(|p| body(p, 32, 0.0, true)).collect();
+    let mut bodies: Vec<String> = prompts.iter().map(|p| body(p, 32, 0.0, true)).collect();
+    // And a sampled answer held to a JSON schema: the new plan's last
+    // stage rebuilds its grammar state from the tokens so far.
+    let mut structured: serde_json::Value =
+        serde_json::from_str(&body("Tell a story about snow, as JSON.", 32, 0.9, true))
+            .expect("a JSON body");
+    structured["response_format"] = json!({ "type": "json_schema", "json_schema": { "name": "story", "schema": {
+        "type": "object", "properties": { "story": { "type": "string", "minLength": 400 } },
+        "required": ["story"], "additionalProperties": false
+    } } });
+    bodies.push(structured.to_string());
     let alone = answers_alone(&bodies).await;
     let (_a, mut b, mut owner) = ring_of_three();
     let mut streams = Vec::new();
     for body in &bodies {
         streams.push(send_chat(owner.addr, body).await);
     }
-    let mut seen = vec![Vec::new(); 4];
+    let mut seen = vec![Vec::new(); bodies.len()];
     read_content_events(&mut streams[0], &mut seen[0], 6).await;
     let mark = owner.log_mark();
     b.kill();
@@ -314,9 +324,11 @@ async fn four_concurrent_streams_survive_a_lost_node() {
             .map(|(stream, seen)| finish_stream(stream, seen)),
     )
     .await;
-    for ((text, expected), prompt) in texts.iter().zip(&alone).zip(prompts) {
-        assert_eq!(text, expected, "{prompt}");
+    let labels = prompts.iter().copied().chain(["a story as JSON"]);
+    for ((text, expected), label) in texts.iter().zip(&alone).zip(labels) {
+        assert_eq!(text, expected, "{label}");
     }
+    assert!(texts[4].starts_with("{\"story\": \""), "{}", texts[4]);
     let line =
         owner.wait_for_log_since(mark, "recovered from the loss of node b", RECOVERY_TIMEOUT);
     println!("{line}");
