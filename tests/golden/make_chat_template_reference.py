@@ -28,6 +28,17 @@ Written to chat_templates.json beside this script:
                              or {"name", "messages": [...], "error": true,
                                  "error_message": "..."}]}]}
 
+Each family also gets "tool_cases": conversations with tools offered
+(TOOL_CASES: an assistant turn that called tools, tool results). A
+template that reads `tools` (its source contains the word) gets them as
+transformers passes them (`tools=`, the OpenAI tool dicts unchanged) and
+is marked "native": true. A template that does not gets them described
+the way ringlet describes them (describe_tools below, the same as
+`describe_tools` in ringlet's node/src/tools.rs: a Hermes-style tool list
+in the system message, earlier calls as <tool_call> blocks, tool results
+as a user turn of <tool_response> blocks) and is rendered without tools,
+marked "native": false. Tool cases hold the original messages.
+
 The Rust test renders each template with ringlet's ChatTemplate
 (kernels/src/chat_template.rs, minijinja) and compares the strings.
 
@@ -96,6 +107,121 @@ CASES = [
         ],
     },
 ]
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather in a city (°C or °F)",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "description": "City name"},
+                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                },
+                "required": ["city"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "description": "Current local time in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    },
+]
+
+TOOL_CASES = [
+    {"name": "tools_user", "messages": [{"role": "user", "content": "What is the weather in Paris?"}]},
+    {
+        "name": "tools_system_user",
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "What is the weather in Paris?"},
+        ],
+    },
+    {
+        "name": "tool_round_trip",
+        "messages": [
+            {"role": "user", "content": "What is the weather in Paris?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}},
+                    }
+                ],
+            },
+            {
+                "role": "tool",
+                "tool_call_id": "call_1",
+                "name": "get_weather",
+                "content": "{\"temperature\": 18, \"sky\": \"clear\"}",
+            },
+        ],
+    },
+    {
+        "name": "two_tool_results",
+        "messages": [
+            {"role": "user", "content": "Weather and time in Oslo?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}},
+                    {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": {"city": "Oslo"}}},
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "{\"temperature\": 3}"},
+            {"role": "tool", "tool_call_id": "call_2", "content": "14:05"},
+        ],
+    },
+]
+
+
+def describe_tools(messages, tools):
+    """ringlet's description of tools for a template that does not read them."""
+    listed = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+    preamble = (
+        "# Tools\n\nYou may call one or more of these functions. Their signatures, as JSON schemas, are within "
+        "<tools></tools> XML tags:\n<tools>\n" + listed + "\n</tools>\n\nTo call a function, write a JSON object "
+        "with its name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+        '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
+    )
+    out = []
+    rest = messages
+    if messages and messages[0]["role"] == "system":
+        out.append({"role": "system", "content": messages[0]["content"] + "\n\n" + preamble})
+        rest = messages[1:]
+    else:
+        out.append({"role": "system", "content": preamble})
+    for m in rest:
+        if m["role"] == "tool":
+            block = "<tool_response>\n" + m["content"] + "\n</tool_response>"
+            if out and out[-1]["role"] == "user" and out[-1]["content"].startswith("<tool_response>"):
+                out[-1]["content"] += "\n" + block
+            else:
+                out.append({"role": "user", "content": block})
+            continue
+        if not m.get("tool_calls"):
+            out.append({"role": m["role"], "content": m["content"] or ""})
+            continue
+        parts = []
+        if m.get("content"):
+            parts.append(m["content"])
+        for c in m["tool_calls"]:
+            f = c["function"]
+            call = json.dumps({"name": f["name"], "arguments": f["arguments"]}, ensure_ascii=False)
+            parts.append("<tool_call>\n" + call + "\n</tool_call>")
+        out.append({"role": m["role"], "content": "\n".join(parts)})
+    return out
+
 
 # Each template is the upstream string, byte for byte (see "source").
 FAMILIES = [
@@ -834,19 +960,20 @@ FAMILIES = [
 ]
 
 
-def render(template, messages, bos_token, eos_token, extra):
+def render(template, messages, bos_token, eos_token, extra, tools=None):
     """The prompt transformers' apply_chat_template(tokenize=False, add_generation_prompt=True) makes."""
     kwargs = {"bos_token": bos_token, "eos_token": eos_token, **extra}
     if hasattr(chat_template_utils, "render_jinja_template"):
         rendered, _ = chat_template_utils.render_jinja_template(
             conversations=[messages],
+            tools=tools,
             chat_template=template,
             add_generation_prompt=True,
             **kwargs,
         )
         return rendered[0]
     compiled = chat_template_utils._compile_jinja_template(template)
-    return compiled.render(messages=messages, tools=None, documents=None, add_generation_prompt=True, **kwargs)
+    return compiled.render(messages=messages, tools=tools, documents=None, add_generation_prompt=True, **kwargs)
 
 
 def main():
@@ -864,7 +991,26 @@ def main():
                 entry["error"] = True
                 entry["error_message"] = str(e)
             cases.append(entry)
-        families.append({**family, "cases": cases})
+        native = "tools" in family["template"]
+        tool_cases = []
+        for case in TOOL_CASES:
+            entry = {"name": case["name"], "tools": TOOLS, "messages": case["messages"], "native": native}
+            try:
+                if native:
+                    # ringlet passes a null content (an assistant turn that only
+                    # called tools) as an empty string, as llama.cpp does: the
+                    # Qwen 3 template tests `'</think>' in message.content`.
+                    messages = [{**m, "content": m["content"] or ""} for m in case["messages"]]
+                    args = (messages, family["bos_token"], family["eos_token"], family["extra"], TOOLS)
+                else:
+                    described = describe_tools(case["messages"], TOOLS)
+                    args = (described, family["bos_token"], family["eos_token"], family["extra"])
+                entry["rendered"] = render(family["template"], *args)
+            except jinja2.exceptions.TemplateError as e:
+                entry["error"] = True
+                entry["error_message"] = str(e)
+            tool_cases.append(entry)
+        families.append({**family, "cases": cases, "tool_cases": tool_cases})
     out = {
         "renderer": f"transformers {transformers.__version__}",
         "jinja2": jinja2.__version__,
@@ -877,6 +1023,9 @@ def main():
     for family in families:
         errors = [c["name"] for c in family["cases"] if c.get("error")]
         print(f"{family['name']}: {len(family['cases']) - len(errors)} rendered, refused: {errors or 'none'}")
+        errors = [c["name"] for c in family["tool_cases"] if c.get("error")]
+        kind = "native" if family["tool_cases"][0]["native"] else "described"
+        print(f"  tools ({kind}): {len(family['tool_cases']) - len(errors)} rendered, refused: {errors or 'none'}")
     print(f"wrote {path} ({out['renderer']}, jinja2 {out['jinja2']})")
 
 
