@@ -1127,6 +1127,34 @@ async fn forced_tool_calls_are_well_formed_streamed_or_not_and_round_trip() {
         call["function"]["arguments"].as_str().unwrap_or("")
     );
 
+    // With logprobs, every token's comes in some chunk, even those of
+    // text the parser held back (the call's end marker).
+    let mut scored = chat(ask.clone(), forced.clone());
+    scored["stream"] = json!(true);
+    scored["logprobs"] = json!(true);
+    scored["stream_options"] = json!({ "include_usage": true });
+    let chunks: Vec<Value> = post_chat_stream(scored)
+        .await
+        .iter()
+        .filter_map(|c| serde_json::from_str(c).ok())
+        .collect();
+    let entries: usize = chunks
+        .iter()
+        .filter_map(|c| {
+            c["choices"][0]["logprobs"]["content"]
+                .as_array()
+                .map(Vec::len)
+        })
+        .sum();
+    let usage = chunks
+        .iter()
+        .find_map(|c| c["usage"]["completion_tokens"].as_u64());
+    // The end-of-turn token ends the answer and has no text.
+    assert!(
+        usage.is_some_and(|n| entries as u64 >= n - 1 && entries as u64 <= n),
+        "{entries} logprobs for {usage:?} tokens"
+    );
+
     // A named function is the one called.
     let named = json!({ "tools": [weather_tool(), time_tool()], "temperature": 0, "max_tokens": 60,
         "tool_choice": { "type": "function", "function": { "name": "get_time" } } });

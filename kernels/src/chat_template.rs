@@ -134,7 +134,8 @@ impl ChatTemplate {
     }
 }
 
-/// Python's `json.dumps(value, ensure_ascii=False, indent=indent)`:
+/// Python's `json.dumps(value, ensure_ascii=False, indent=indent,
+/// sort_keys=sort_keys)`:
 /// `", "` and `": "` between items when compact; `","` then a new line
 /// and `": "` when indented.
 fn tojson(
@@ -142,7 +143,16 @@ fn tojson(
     kwargs: minijinja::value::Kwargs,
 ) -> std::result::Result<String, minijinja::Error> {
     let indent: Option<usize> = kwargs.get("indent")?;
+    let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
     kwargs.assert_all_used()?;
+    let value = if sort_keys == Some(true) {
+        let mut json = serde_json::to_value(&value)
+            .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+        json.sort_all_objects();
+        Value::from(Serde(json))
+    } else {
+        value
+    };
     let mut out = Vec::new();
     let written = match indent {
         Some(n) => {

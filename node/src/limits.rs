@@ -24,6 +24,12 @@ pub const MAX_LOGIT_BIAS_TOKENS: usize = 300;
 /// in the prompt and, when forced, compiled into the grammar.
 pub const MAX_TOOLS: usize = 128;
 
+/// Most bytes of schema a request's grammar may hold (its
+/// `response_format` schema, or its forced call's functions together):
+/// compiling is CPU work the node does before it answers, and real
+/// schemas are a few kilobytes.
+pub const MAX_GRAMMAR_BYTES: usize = 256 * 1024;
+
 /// Most stop sequences per request (OpenAI allows 4).
 pub const MAX_STOP_SEQUENCES: usize = 4;
 

@@ -402,11 +402,22 @@ fn run<R>(
         // With the token on its way, the grammar's next mask is computed
         // while the next forward pass runs (on the other stages, or while
         // the owner handles the token).
-        if sampled
-            && let Some(sampler) = samplers.get_mut(&sequence)
-            && let Err(error) = sampler.prepare()
-        {
-            tracing::warn!(%sequence, %error, "cannot compute the next token mask ahead; the next step computes it");
+        if sampled && let Some(sampler) = samplers.get_mut(&sequence) {
+            // The grammar engine works on a user's schema: a panic in it
+            // fails that request (its sampler is gone, so its next step
+            // reports it), not the stage.
+            let prepared =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sampler.prepare()));
+            match prepared {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    tracing::warn!(%sequence, %error, "cannot compute the next token mask ahead; the next step computes it");
+                }
+                Err(panic) => {
+                    tracing::error!(%sequence, panic = %panic_message(panic.as_ref()), "the grammar engine panicked");
+                    samplers.remove(&sequence);
+                }
+            }
         }
     }
     tracing::debug!(range = %shard.range(), "stage stopped");

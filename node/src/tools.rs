@@ -33,8 +33,12 @@ impl ToolFormat {
             ToolFormat::Hermes
         } else if source.contains("[TOOL_CALLS]") || source.contains("[AVAILABLE_TOOLS]") {
             ToolFormat::Mistral
-        } else {
+        } else if source.contains(PYTHON_TAG) || source.contains("ipython") {
             ToolFormat::Llama3
+        } else {
+            // A format we do not know: Hermes is what most fine-tunes
+            // learned, and what a forced call will be held to.
+            ToolFormat::Hermes
         }
     }
 
@@ -198,7 +202,9 @@ pub struct ParsedCall {
 }
 
 /// Reads calls out of generated text as it arrives. Text that may still
-/// turn out to be the start of a call is held back until it is known.
+/// turn out to be the start of a call is held back until it is known;
+/// text that turns out not to be a call (a marker with no call after it,
+/// an object that is not a call) is given back as content, whole.
 #[derive(Debug)]
 pub struct ToolCallParser {
     format: ToolFormat,
@@ -206,9 +212,12 @@ pub struct ToolCallParser {
     pending: String,
     state: State,
     calls: u32,
-    /// Whether anything but whitespace has been seen (Llama 3 and Mistral
-    /// calls begin the answer).
-    started: bool,
+    /// Markers and separators a calls region consumed before it made a
+    /// call: content after all if no call comes.
+    unclaimed: String,
+    /// Whether the current calls region made a call (its separators and
+    /// end marker are then structure, not content).
+    region_called: bool,
 }
 
 #[derive(Debug)]
@@ -223,6 +232,12 @@ enum State {
     Call(CallScan),
 }
 
+/// Longest text of a call object before its arguments begin that is
+/// still looked at for `{"name": "...", "arguments": `: a name is at most
+/// 64 characters, so anything longer is not in that order (and is read
+/// whole when the object ends).
+const MAX_CALL_PREFIX_BYTES: usize = 512;
+
 impl ToolCallParser {
     pub fn new(format: ToolFormat) -> Self {
         Self {
@@ -233,7 +248,8 @@ impl ToolCallParser {
                 ToolFormat::Llama3 | ToolFormat::Mistral => State::Undecided,
             },
             calls: 0,
-            started: false,
+            unclaimed: String::new(),
+            region_called: false,
         }
     }
 
@@ -257,8 +273,12 @@ impl ToolCallParser {
         if let State::Call(scan) = std::mem::replace(&mut self.state, State::Text) {
             self.end_call(scan, &mut events);
         }
-        if !self.pending.is_empty() {
-            events.push(ToolEvent::Content(std::mem::take(&mut self.pending)));
+        self.give_back_unclaimed(&mut events);
+        let rest = std::mem::take(&mut self.pending);
+        // Spaces after calls are not content.
+        let nothing = rest.is_empty() || (self.calls > 0 && rest.trim().is_empty());
+        if !nothing {
+            events.push(ToolEvent::Content(rest));
         }
         events
     }
@@ -267,8 +287,8 @@ impl ToolCallParser {
         loop {
             let progressed = match &mut self.state {
                 State::Text => self.in_text(events, at_end),
-                State::Undecided => self.undecided(events, at_end),
-                State::Between => self.between(),
+                State::Undecided => self.undecided(at_end),
+                State::Between => self.between(events),
                 State::Call(_) => self.in_call(events),
             };
             if !progressed {
@@ -277,8 +297,34 @@ impl ToolCallParser {
         }
     }
 
-    /// Hermes text: content up to a `<tool_call>`; a tail that may be the
-    /// marker's beginning waits.
+    /// A calls region begins, having consumed `consumed`.
+    fn enter_region(&mut self, consumed: String) {
+        self.unclaimed = consumed;
+        self.region_called = false;
+        self.state = State::Between;
+    }
+
+    /// Text a region consumed: kept to give back until it makes a call.
+    fn consumed(&mut self, text: &str) {
+        if !self.region_called {
+            self.unclaimed.push_str(text);
+        }
+    }
+
+    /// The region made no call (so far): what it consumed is content.
+    fn give_back_unclaimed(&mut self, events: &mut Vec<ToolEvent>) {
+        if !self.region_called && !self.unclaimed.is_empty() {
+            events.push(ToolEvent::Content(std::mem::take(&mut self.unclaimed)));
+        }
+    }
+
+    fn made_call(&mut self) {
+        self.region_called = true;
+        self.unclaimed.clear();
+    }
+
+    /// Text: content; for Hermes, up to a `<tool_call>` (a tail that may
+    /// be the marker's beginning, and the spaces before it, wait).
     fn in_text(&mut self, events: &mut Vec<ToolEvent>, at_end: bool) -> bool {
         if self.format != ToolFormat::Hermes {
             if !self.pending.is_empty() {
@@ -287,45 +333,30 @@ impl ToolCallParser {
             return false;
         }
         if let Some(at) = self.pending.find(CALL_START) {
-            let before = self.pending[..at].trim_end().to_string();
-            if !before.is_empty() {
-                events.push(ToolEvent::Content(before));
+            let before = self.pending[..at].trim_end().len();
+            if before > 0 {
+                events.push(ToolEvent::Content(self.pending[..before].to_string()));
             }
+            let consumed = self.pending[before..at + CALL_START.len()].to_string();
             self.pending.drain(..at + CALL_START.len());
-            self.state = State::Between;
+            self.enter_region(consumed);
             return true;
         }
-        let keep = if at_end {
-            0
-        } else {
-            partial_suffix(&self.pending, CALL_START)
-        };
-        let emit = self.pending.len() - keep;
+        if at_end {
+            return false; // `finish` settles the rest
+        }
+        let keep = partial_suffix(&self.pending, CALL_START);
+        let undecided = &self.pending[..self.pending.len() - keep];
+        // Spaces right before a call are not content; keep them until we know.
+        let emit = undecided.trim_end().len();
         if emit > 0 {
-            // Whitespace right before a call is not content; keep it until
-            // we know.
-            let text: String = self.pending.drain(..emit).collect();
-            let trimmed = text.trim_end();
-            if trimmed.len() < text.len() && !at_end {
-                let tail = text[trimmed.len()..].to_string();
-                self.pending.insert_str(0, &tail);
-            }
-            // At the end, trailing space after calls is not content.
-            let content = if !at_end || self.calls > 0 {
-                trimmed
-            } else {
-                text.as_str()
-            };
-            if !content.is_empty() {
-                events.push(ToolEvent::Content(content.to_string()));
-            }
+            events.push(ToolEvent::Content(self.pending.drain(..emit).collect()));
         }
         false
     }
 
     /// Llama 3 / Mistral: the answer is calls if it begins with one.
-    fn undecided(&mut self, events: &mut Vec<ToolEvent>, at_end: bool) -> bool {
-        let _ = events;
+    fn undecided(&mut self, at_end: bool) -> bool {
         let trimmed = self.pending.trim_start();
         if trimmed.is_empty() {
             return false;
@@ -336,10 +367,10 @@ impl ToolCallParser {
         };
         for marker in markers {
             if trimmed.starts_with(marker) {
-                if *marker == "[" && !at_end {
-                    // `[` then `{` is a call list; anything else is text.
+                if *marker == "[" {
+                    // `[` then `{` is a list of calls; anything else is text.
                     let rest = trimmed[1..].trim_start();
-                    if rest.is_empty() {
+                    if rest.is_empty() && !at_end {
                         return false;
                     }
                     if !rest.starts_with('{') {
@@ -348,9 +379,8 @@ impl ToolCallParser {
                 }
                 let skip = self.pending.len() - trimmed.len()
                     + if *marker == "{" { 0 } else { marker.len() };
-                self.pending.drain(..skip);
-                self.started = true;
-                self.state = State::Between;
+                let consumed: String = self.pending.drain(..skip).collect();
+                self.enter_region(consumed);
                 return true;
             }
             if !at_end && marker.starts_with(trimmed) {
@@ -362,33 +392,42 @@ impl ToolCallParser {
     }
 
     /// Between call objects: separators are skipped; `{` opens a call; a
-    /// Hermes block's end returns to text.
-    fn between(&mut self) -> bool {
+    /// Hermes block's end returns to text; anything else is text.
+    fn between(&mut self, events: &mut Vec<ToolEvent>) -> bool {
         let trimmed = self
             .pending
             .trim_start_matches(|c: char| c.is_whitespace() || matches!(c, ',' | ';' | '[' | ']'));
         let skipped = self.pending.len() - trimmed.len();
-        if self.format == ToolFormat::Hermes && trimmed.starts_with(CALL_END) {
-            self.pending.drain(..skipped + CALL_END.len());
-            self.state = State::Text;
-            return true;
-        }
-        if trimmed.starts_with(PYTHON_TAG) {
-            self.pending.drain(..skipped + PYTHON_TAG.len());
+        let marker = if self.format == ToolFormat::Hermes && trimmed.starts_with(CALL_END) {
+            Some(CALL_END)
+        } else if trimmed.starts_with(PYTHON_TAG) {
+            Some(PYTHON_TAG)
+        } else {
+            None
+        };
+        if let Some(marker) = marker {
+            let consumed: String = self.pending.drain(..skipped + marker.len()).collect();
+            self.consumed(&consumed);
+            if marker == CALL_END {
+                self.give_back_unclaimed(events);
+                self.state = State::Text;
+            }
             return true;
         }
         if trimmed.starts_with('{') {
-            self.pending.drain(..skipped);
+            let consumed: String = self.pending.drain(..skipped).collect();
+            self.consumed(&consumed);
             self.state = State::Call(CallScan::default());
             return true;
         }
-        if trimmed.is_empty()
-            || (self.format == ToolFormat::Hermes && CALL_END.starts_with(trimmed))
-        {
-            self.pending.drain(..skipped);
+        let partial_end = self.format == ToolFormat::Hermes && CALL_END.starts_with(trimmed);
+        if trimmed.is_empty() || partial_end {
+            let consumed: String = self.pending.drain(..skipped).collect();
+            self.consumed(&consumed);
             return false;
         }
-        // Not a call after all: the rest is text.
+        // Not a call after all: the rest, separators included, is text.
+        self.give_back_unclaimed(events);
         self.state = State::Text;
         true
     }
@@ -399,20 +438,25 @@ impl ToolCallParser {
         };
         let taken = std::mem::take(&mut self.pending);
         let rest = scan.feed(&taken);
-        if scan.prefix.is_none() {
+        if scan.prefix.is_none() && scan.text.len() <= MAX_CALL_PREFIX_BYTES {
             scan.prefix = match_call_prefix(&scan.text, self.format.arguments_key());
         }
-        if let Some(prefix) = &scan.prefix {
-            if scan.index.is_none() {
-                scan.index = Some(self.calls);
-                events.push(ToolEvent::CallStart {
-                    index: self.calls,
-                    id: call_id(),
-                    name: prefix.name.clone(),
-                });
-                self.calls += 1;
-            }
-            scan.stream_arguments(events);
+        let mut started = false;
+        if let Some(prefix) = &scan.prefix
+            && scan.index.is_none()
+        {
+            scan.index = Some(self.calls);
+            events.push(ToolEvent::CallStart {
+                index: self.calls,
+                id: call_id(),
+                name: prefix.name.clone(),
+            });
+            self.calls += 1;
+            started = true;
+        }
+        scan.stream_arguments(events);
+        if started {
+            self.made_call();
         }
         match rest {
             Some(rest) => {
@@ -427,7 +471,8 @@ impl ToolCallParser {
     }
 
     /// A call object ended (or the text did): what was not streamed is
-    /// sent now; an object that is no call is text.
+    /// sent now; an object that is no call is text, with what its region
+    /// consumed before it.
     fn end_call(&mut self, mut scan: CallScan, events: &mut Vec<ToolEvent>) {
         if let Some(index) = scan.index {
             scan.stream_arguments(events);
@@ -465,6 +510,7 @@ impl ToolCallParser {
             Some((name, arguments)) => {
                 let index = self.calls;
                 self.calls += 1;
+                self.made_call();
                 events.push(ToolEvent::CallStart {
                     index,
                     id: call_id(),
@@ -475,16 +521,25 @@ impl ToolCallParser {
                     fragment: arguments,
                 });
             }
-            None => events.push(ToolEvent::Content(scan.text)),
+            None => {
+                let mut text = if self.region_called {
+                    String::new()
+                } else {
+                    std::mem::take(&mut self.unclaimed)
+                };
+                text.push_str(&scan.text);
+                events.push(ToolEvent::Content(text));
+            }
         }
     }
 }
 
-/// Arguments as JSON text: an object as written compactly; a string (some
-/// models quote the object) as its contents.
+/// Arguments as JSON text: an object as written compactly; a string that
+/// holds JSON (some models quote the object) as its contents; any other
+/// string JSON-encoded, so that clients can always parse it.
 fn arguments_text(arguments: Value) -> String {
     match arguments {
-        Value::String(text) => text,
+        Value::String(text) if serde_json::from_str::<Value>(&text).is_ok() => text,
         other => other.to_string(),
     }
 }
@@ -509,6 +564,41 @@ fn partial_suffix(text: &str, marker: &str) -> usize {
         .unwrap_or(0)
 }
 
+/// Nesting of JSON text read one character at a time: strings (with
+/// escapes), objects and arrays. The one scanner the parser uses.
+#[derive(Debug, Default, Clone)]
+struct JsonScan {
+    depth: u32,
+    in_string: bool,
+    escaped: bool,
+}
+
+impl JsonScan {
+    /// Reads `c`; true when it closes the object or array the scan
+    /// began in.
+    fn step(&mut self, c: char) -> bool {
+        if self.in_string {
+            match (self.escaped, c) {
+                (true, _) => self.escaped = false,
+                (false, '\\') => self.escaped = true,
+                (false, '"') => self.in_string = false,
+                _ => {}
+            }
+            return false;
+        }
+        match c {
+            '"' => self.in_string = true,
+            '{' | '[' => self.depth += 1,
+            '}' | ']' => {
+                self.depth = self.depth.saturating_sub(1);
+                return self.depth == 0;
+            }
+            _ => {}
+        }
+        false
+    }
+}
+
 /// Where a call object's name and arguments are, once its text shows them
 /// in the usual order: `{"name": "...", "arguments": ` (or
 /// `"parameters"`).
@@ -523,16 +613,17 @@ struct CallPrefix {
 #[derive(Debug, Default)]
 struct CallScan {
     text: String,
-    depth: u32,
-    in_string: bool,
-    escaped: bool,
+    object: JsonScan,
     prefix: Option<CallPrefix>,
     /// The call's index once its start was sent.
     index: Option<u32>,
-    /// Bytes of the arguments value sent so far.
-    streamed: usize,
+    /// The arguments value's nesting, and how much of it was read.
+    arguments: JsonScan,
+    arguments_read: usize,
     /// Where the arguments value ends, once it has.
     arguments_end: Option<usize>,
+    /// Bytes of the arguments value sent so far.
+    streamed: usize,
 }
 
 impl CallScan {
@@ -541,25 +632,8 @@ impl CallScan {
     fn feed(&mut self, input: &str) -> Option<String> {
         for (at, c) in input.char_indices() {
             self.text.push(c);
-            if self.in_string {
-                match (self.escaped, c) {
-                    (true, _) => self.escaped = false,
-                    (false, '\\') => self.escaped = true,
-                    (false, '"') => self.in_string = false,
-                    _ => {}
-                }
-                continue;
-            }
-            match c {
-                '"' => self.in_string = true,
-                '{' | '[' => self.depth += 1,
-                '}' | ']' => {
-                    self.depth = self.depth.saturating_sub(1);
-                    if self.depth == 0 {
-                        return Some(input[at + c.len_utf8()..].to_string());
-                    }
-                }
-                _ => {}
+            if self.object.step(c) {
+                return Some(input[at + c.len_utf8()..].to_string());
             }
         }
         None
@@ -576,16 +650,16 @@ impl CallScan {
         if !value.starts_with(['{', '[']) {
             return;
         }
-        let end = match self.arguments_end {
-            Some(end) => end,
-            None => match json_value_end(value) {
-                Some(end) => {
-                    self.arguments_end = Some(end);
-                    end
+        if self.arguments_end.is_none() {
+            for (at, c) in value[self.arguments_read..].char_indices() {
+                if self.arguments.step(c) {
+                    self.arguments_end = Some(self.arguments_read + at + c.len_utf8());
+                    break;
                 }
-                None => value.len(),
-            },
-        };
+            }
+            self.arguments_read = self.arguments_end.unwrap_or(value.len());
+        }
+        let end = self.arguments_end.unwrap_or(value.len());
         if end > self.streamed {
             events.push(ToolEvent::Arguments {
                 index,
@@ -594,34 +668,6 @@ impl CallScan {
             self.streamed = end;
         }
     }
-}
-
-/// The length of the object or array `text` begins with, once complete.
-fn json_value_end(text: &str) -> Option<usize> {
-    let (mut depth, mut in_string, mut escaped) = (0u32, false, false);
-    for (at, c) in text.char_indices() {
-        if in_string {
-            match (escaped, c) {
-                (true, _) => escaped = false,
-                (false, '\\') => escaped = true,
-                (false, '"') => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match c {
-            '"' => in_string = true,
-            '{' | '[' => depth += 1,
-            '}' | ']' => {
-                depth = depth.saturating_sub(1);
-                if depth == 0 {
-                    return Some(at + 1);
-                }
-            }
-            _ => {}
-        }
-    }
-    None
 }
 
 /// Matches `{ "name" : "<name>" , "<key>" : ` at the start of `text`.
@@ -633,17 +679,13 @@ fn match_call_prefix(text: &str, key: &str) -> Option<CallPrefix> {
         return None;
     }
     // The name string, escapes and all.
-    let mut escaped = false;
+    let mut string = JsonScan::default();
     let mut name_end = None;
-    for (at, c) in rest.char_indices().skip(1) {
-        match (escaped, c) {
-            (true, _) => escaped = false,
-            (false, '\\') => escaped = true,
-            (false, '"') => {
-                name_end = Some(at + 1);
-                break;
-            }
-            _ => {}
+    for (at, c) in rest.char_indices() {
+        string.step(c);
+        if at > 0 && !string.in_string {
+            name_end = Some(at + 1);
+            break;
         }
     }
     let name_end = name_end?;
@@ -726,12 +768,36 @@ mod tests {
     fn plain_text_and_broken_calls_stay_content() {
         let (content, calls) = parse(ToolFormat::Hermes, "Hello <tool there", 2);
         assert_eq!((content.as_str(), calls.len()), ("Hello <tool there", 0));
-        let (content, calls) = parse(
-            ToolFormat::Hermes,
+        // Not a call: the text comes back whole, markers and all.
+        for text in [
             "<tool_call>\n{\"nam\": 1}\n</tool_call>",
-            3,
-        );
-        assert_eq!((content.as_str(), calls.len()), ("{\"nam\": 1}", 0));
+            "Look: <tool_call> is a tag.",
+            "<tool_call>",
+        ] {
+            for size in [1, 3, 100] {
+                let (content, calls) = parse(ToolFormat::Hermes, text, size);
+                assert_eq!(
+                    (content.as_str(), calls.len()),
+                    (text, 0),
+                    "pieces of {size}"
+                );
+            }
+        }
+        for (format, text) in [
+            (ToolFormat::Llama3, "{\"a\": 1}\n\nThe answer"),
+            (ToolFormat::Mistral, "["),
+            (ToolFormat::Mistral, "[ 1 ]"),
+            (ToolFormat::Mistral, " [TOOL_CALLS"),
+        ] {
+            for size in [1, 4, 100] {
+                let (content, calls) = parse(format, text, size);
+                assert_eq!(
+                    (content.as_str(), calls.len()),
+                    (text, 0),
+                    "{text:?} in pieces of {size}"
+                );
+            }
+        }
         let (content, calls) = parse(ToolFormat::Llama3, "The answer is {x}.", 1);
         assert_eq!(calls.len(), 0);
         assert_eq!(content, "The answer is {x}.");
@@ -749,6 +815,12 @@ mod tests {
         assert_eq!(
             parse(ToolFormat::Hermes, text, 4).1,
             vec![("f".into(), "{\"a\": 1}".into())]
+        );
+        // A string that is not JSON is sent JSON-encoded.
+        let text = "<tool_call>\n{\"name\": \"f\", \"arguments\": \"hello\"}\n</tool_call>";
+        assert_eq!(
+            parse(ToolFormat::Hermes, text, 4).1,
+            vec![("f".into(), "\"hello\"".into())]
         );
     }
 

@@ -26,8 +26,8 @@ use super::error::ApiError;
 use super::{AppState, ServedModel};
 use crate::engine::{FinishReason, GenerationRequest};
 use crate::limits::{
-    MAX_LOGIT_BIAS_TOKENS, MAX_MESSAGES, MAX_STOP_SEQUENCE_BYTES, MAX_STOP_SEQUENCES, MAX_TOOLS,
-    SSE_KEEP_ALIVE_SECS,
+    MAX_GRAMMAR_BYTES, MAX_LOGIT_BIAS_TOKENS, MAX_MESSAGES, MAX_STOP_SEQUENCE_BYTES,
+    MAX_STOP_SEQUENCES, MAX_TOOLS, SSE_KEEP_ALIVE_SECS,
 };
 use crate::text::{TextEvent, TextStream, TokenLogprob};
 use crate::tools::{CallableFunction, ToolCallParser, ToolEvent, ToolFormat, forced_call};
@@ -194,12 +194,15 @@ pub(crate) async fn prepare(
             ));
         }
         (ToolUse::Forced(functions), _) => Some(forced_call(format, functions)),
-        (_, format) => response_constraint(format)?,
+        (_, response_format) => response_constraint(response_format)?,
     };
     if let Some(constraint) = &sampling.constraint {
         compile(&model, constraint, &choice).await?;
     }
-    let tool_format = offered.is_some().then_some(format);
+    // An answer held to `response_format` is that JSON, never a call.
+    let tool_format = (offered.is_some() && sampling.constraint.is_none()
+        || matches!(choice, ToolUse::Forced(_)))
+    .then_some(format);
 
     let for_prompt = Arc::clone(&model);
     let prompt = tokio::task::spawn_blocking(move || {
@@ -506,8 +509,19 @@ async fn compile(
     tools: &ToolUse,
 ) -> Result<(), ApiError> {
     let grammars = Arc::clone(model.prompt.grammars());
-    // Each function's schema alone first, to name the one at fault.
-    let mut checks: Vec<(String, Constraint)> = Vec::new();
+    let (field, size) = match constraint {
+        Constraint::Lark(grammar) => ("tools", grammar.len()),
+        Constraint::JsonSchema(schema) => ("response_format.json_schema.schema", schema.len()),
+    };
+    if size > MAX_GRAMMAR_BYTES {
+        return Err(ApiError::invalid_param(
+            field,
+            format!("The schemas come to {size} bytes; at most {MAX_GRAMMAR_BYTES} are accepted."),
+        ));
+    }
+    // The whole grammar once; only when it fails, each function's schema
+    // alone, to name the one at fault.
+    let mut checks: Vec<(String, Constraint)> = vec![(field.into(), constraint.clone())];
     if let ToolUse::Forced(functions) = tools {
         for (i, function) in functions.iter().enumerate() {
             if let Some(parameters) = &function.parameters {
@@ -517,21 +531,20 @@ async fn compile(
                 ));
             }
         }
-        checks.push(("tools".into(), constraint.clone()));
-    } else {
-        checks.push((
-            "response_format.json_schema.schema".into(),
-            constraint.clone(),
-        ));
     }
     let started = std::time::Instant::now();
     let failed = tokio::task::spawn_blocking(move || {
-        checks
-            .into_iter()
-            .find_map(|(field, constraint)| grammars.matcher(&constraint).err().map(|e| (field, e)))
+        let mut checks = checks.into_iter();
+        let (field, whole) = checks.next()?;
+        let error = grammars.matcher(&whole).err()?;
+        Some(
+            checks
+                .find_map(|(field, c)| grammars.matcher(&c).err().map(|e| (field, e)))
+                .unwrap_or((field, error)),
+        )
     })
     .await
-    .map_err(|e| ApiError::invalid_request(format!("the grammar check failed: {e}")))?;
+    .map_err(|e| ApiError::internal(format!("the grammar check stopped: {e}")))?;
     tracing::debug!(
         compile_ms = started.elapsed().as_secs_f64() * 1e3,
         "grammar compiled"
@@ -915,16 +928,20 @@ fn stream_response(
                             completion_tokens,
                         }) => {
                             let mut called = false;
+                            // Held text's log probabilities go with the
+                            // last piece of text, or else the finish chunk.
+                            let mut held = None;
                             if let Some(parser) = &mut streamed.tools {
                                 let rest = tool_delta(parser.finish());
                                 called = parser.calls() > 0;
-                                let logprobs =
-                                    meta.logprobs(std::mem::take(&mut streamed.held_logprobs));
+                                held = meta
+                                    .logprobs(std::mem::take(&mut streamed.held_logprobs))
+                                    .filter(|l| !l.content.is_empty());
                                 if let Some(delta) = rest {
                                     queue.push_back(chunk_event(
                                         &meta,
                                         delta,
-                                        logprobs,
+                                        held.take(),
                                         None,
                                         usage_field,
                                     ));
@@ -934,7 +951,7 @@ fn stream_response(
                             queue.push_back(chunk_event(
                                 &meta,
                                 Delta::default(),
-                                None,
+                                held,
                                 Some(finish),
                                 usage_field,
                             ));
