@@ -95,6 +95,33 @@ async fn metrics_need_the_api_key_and_show_the_links() {
             metrics.body
         );
     }
+
+    // A chat on the ring: every decode step's hops are timed from the
+    // stamps in the frames, on the nodes that received them.
+    let chat = serde_json::json!({
+        "model": support::MODEL,
+        "messages": [{ "role": "user", "content": "Name three rivers." }],
+        "max_tokens": 8, "temperature": 0
+    })
+    .to_string();
+    let answer = request(nodes[0].addr, "POST", "/v1/chat/completions", Some(&chat)).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let mut texts = Vec::new();
+    for node in &nodes {
+        texts.push(request(node.addr, "GET", "/metrics", None).await.body);
+    }
+    let count = |kind: &str| -> u64 {
+        let prefix = format!("ringlet_hop_seconds_count{{kind=\"{kind}\"}} ");
+        texts
+            .iter()
+            .filter_map(|text| text.lines().find_map(|l| l.strip_prefix(&prefix)))
+            .filter_map(|v| v.trim().parse::<u64>().ok())
+            .sum()
+    };
+    // 7 decode steps after the first token, each entering 2 stages; each
+    // of the 8 tokens reaches its owner.
+    assert!(count("into_stage") >= 14, "{}", count("into_stage"));
+    assert!(count("to_owner") >= 8, "{}", count("to_owner"));
 }
 
 #[tokio::test]

@@ -501,6 +501,7 @@ async fn malformed_frames_and_lying_peers_do_not_hurt_a_node() {
         },
         sample: WireSample::Continue,
         token_by_token: false,
+        sent_at: 0,
     });
     peer.writer.write_frame(&forward).await.expect("send");
     let failed = read_until(&mut peer, |f| matches!(f, Frame::Failed { .. })).await;

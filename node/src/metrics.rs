@@ -40,6 +40,14 @@ pub struct Metrics {
     pub link_bytes_received: Counter,
     /// Requests fed again on a new plan after a node was lost.
     pub recoveries: Counter,
+    /// A decode step's hops: into a stage, from the moment the previous
+    /// stage's output was ready (or the owner sent the step) to the moment
+    /// the stage began on it (`into_stage`, measured where the stage
+    /// runs); back to the owner, from the last stage's token to its
+    /// arrival at the owner's node (`to_owner`). The two members of the
+    /// `hop_seconds` family.
+    pub hop_into_stage: Histogram,
+    pub hop_to_owner: Histogram,
     // Read at scrape time.
     active_requests: Gauge,
     queued_requests: Gauge,
@@ -54,8 +62,19 @@ fn latency_buckets() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 16))
 }
 
+/// Hop buckets from 10 µs to about 0.3 s, doubling.
+fn hop_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_01, 2.0, 16))
+}
+
 impl Metrics {
     fn new() -> Self {
+        let hops =
+            Family::<Labels, Histogram>::new_with_constructor(hop_buckets as fn() -> Histogram);
+        let hop = |kind: &str| {
+            hops.get_or_create(&vec![("kind", kind.to_string())])
+                .clone()
+        };
         let link_bytes = Family::<Labels, Counter>::default();
         let direction = |d: &str| {
             link_bytes
@@ -73,6 +92,8 @@ impl Metrics {
             link_bytes_sent: direction("sent"),
             link_bytes_received: direction("received"),
             recoveries: Counter::default(),
+            hop_into_stage: hop("into_stage"),
+            hop_to_owner: hop("to_owner"),
             active_requests: Gauge::default(),
             queued_requests: Gauge::default(),
             kv_reserved_bytes: Gauge::default(),
@@ -115,6 +136,11 @@ impl Metrics {
             "link_bytes",
             "Frame bytes over cluster links, by direction",
             link_bytes,
+        );
+        registry.register(
+            "hop_seconds",
+            "A decode step's hops: into a stage, from the previous stage's output or the owner's step to the stage's start (into_stage); from the last stage's token to the owner (to_owner)",
+            hops,
         );
         registry.register(
             "recoveries",

@@ -66,6 +66,9 @@ pub enum StageJob<R = ()> {
         /// another order).
         token_by_token: bool,
         route: R,
+        /// When the previous stage's output was ready, or the owner's
+        /// coordinator sent a decode step (Unix µs), for the hop time.
+        sent_at: Option<u64>,
     },
     /// Forget `sequence`: free its KV cache and sampler.
     Release { sequence: SequenceId },
@@ -125,9 +128,16 @@ pub enum StageOutput<R> {
         sample: Sample,
         token_by_token: bool,
         route: R,
+        /// When the hidden states were ready (Unix µs).
+        ready_at: u64,
     },
     /// A result for the request's owner.
-    Done { route: R, result: StageResult },
+    Done {
+        route: R,
+        result: StageResult,
+        /// When the result was ready (Unix µs).
+        ready_at: u64,
+    },
 }
 
 /// How a stage is doing, shared with whoever runs it: the step running
@@ -320,7 +330,7 @@ fn run<R>(
     let mut samplers: HashMap<SequenceId, Sampler> = HashMap::new();
     let mut steps = 0u64;
     while let Some(job) = jobs.blocking_recv() {
-        let (sequence, position, input, sample, token_by_token, route) = match job {
+        let (sequence, position, input, sample, token_by_token, route, sent_at) = match job {
             StageJob::Release { sequence } => {
                 shard.release(sequence);
                 samplers.remove(&sequence);
@@ -333,7 +343,16 @@ fn run<R>(
                 sample,
                 token_by_token,
                 route,
-            } => (sequence, position, input, sample, token_by_token, route),
+                sent_at,
+            } => (
+                sequence,
+                position,
+                input,
+                sample,
+                token_by_token,
+                route,
+                sent_at,
+            ),
         };
         match fault {
             Some(TestFault::HangAfter(n)) if steps >= n => {
@@ -351,6 +370,12 @@ fn run<R>(
         }
         steps += 1;
         let tokens = input.len();
+        if let Some(sent_at) = sent_at.filter(|_| tokens == 1) {
+            let hop = crate::unix_micros().saturating_sub(sent_at);
+            crate::metrics::global()
+                .hop_into_stage
+                .observe(hop as f64 / 1e6);
+        }
         progress.step_started(tokens, token_by_token);
         // A panic here is a bug; it fails this request, not the node.
         let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -376,8 +401,13 @@ fn run<R>(
                 sample,
                 token_by_token,
                 route,
+                ready_at: crate::unix_micros(),
             },
-            Ok(Ok(Stepped::Result(result))) => StageOutput::Done { route, result },
+            Ok(Ok(Stepped::Result(result))) => StageOutput::Done {
+                route,
+                result,
+                ready_at: crate::unix_micros(),
+            },
             Ok(Err(message)) => fail(&mut shard, &mut samplers, sequence, route, message),
             Err(panic) => {
                 let message = format!(
@@ -467,6 +497,7 @@ fn fail<R>(
     StageOutput::Done {
         route,
         result: StageResult::Failed { sequence, message },
+        ready_at: crate::unix_micros(),
     }
 }
 

@@ -56,6 +56,7 @@ struct SizeReport {
     transport: &'static str,
     /// The long prompt's time to first token, if `--prefill-tokens`.
     prefill: Option<PrefillReport>,
+    hops: HopReport,
     rounds: Vec<StreamTiming>,
     median_decode_tok_s: f64,
     median_ttft_s: f64,
@@ -246,6 +247,11 @@ pub async fn bench(args: RingBenchArgs) -> anyhow::Result<()> {
         }
     }
 
+    let mut hops = Vec::new();
+    for ring in &rings {
+        hops.push(hop_figures(ring).await?);
+    }
+
     let largest = rings.get(sizes.len() - 1).context("no ring")?;
     let mut concurrency = Vec::new();
     for &streams in &args.streams {
@@ -279,7 +285,9 @@ pub async fn bench(args: RingBenchArgs) -> anyhow::Result<()> {
             .iter()
             .zip(per_size)
             .zip(prefills)
-            .map(|((kind, rounds), prefill)| SizeReport {
+            .zip(hops)
+            .map(|(((kind, rounds), prefill), hops)| SizeReport {
+                hops,
                 nodes: kind.nodes,
                 encrypted: kind.encrypted,
                 transport: if kind.webrtc { "webrtc" } else { "tcp" },
@@ -523,6 +531,11 @@ pub(super) fn long_prompt_body(model: &str, tokens: usize) -> String {
 
 /// GETs `path` from a node and parses its JSON body.
 pub(super) async fn get_json(addr: SocketAddr, path: &str) -> anyhow::Result<serde_json::Value> {
+    Ok(serde_json::from_str(&get_text(addr, path).await?)?)
+}
+
+/// The body of `GET path`.
+async fn get_text(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     let mut socket = TcpStream::connect(addr).await?;
     let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
     socket.write_all(request.as_bytes()).await?;
@@ -535,7 +548,45 @@ pub(super) async fn get_json(addr: SocketAddr, path: &str) -> anyhow::Result<ser
         .split_once("\r\n\r\n")
         .map(|(_, body)| body)
         .context("no body in the response")?;
-    Ok(serde_json::from_str(body)?)
+    Ok(body.to_string())
+}
+
+/// A ring's decode hops, as its nodes measured them from the timestamps
+/// in the frames (`ringlet_hop_seconds` in their metrics).
+#[derive(Debug, Clone, Default, Serialize)]
+struct HopReport {
+    /// Into a stage: from the previous stage's hidden states (or the
+    /// owner's step) to the stage's start.
+    into_stage_hops: u64,
+    into_stage_mean_ms: f64,
+    /// From the last stage's token to its owner's node.
+    to_owner_hops: u64,
+    to_owner_mean_ms: f64,
+}
+
+async fn hop_figures(ring: &[BenchNode]) -> anyhow::Result<HopReport> {
+    let (mut sums, mut counts) = ([0.0f64; 2], [0u64; 2]);
+    for node in ring {
+        let text = get_text(node.addr, "/metrics").await?;
+        for (k, kind) in ["into_stage", "to_owner"].iter().enumerate() {
+            let read = |name: &str| {
+                let prefix = format!("ringlet_hop_seconds_{name}{{kind=\"{kind}\"}} ");
+                text.lines()
+                    .find_map(|l| l.strip_prefix(&prefix))
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
+            sums[k] += read("sum");
+            counts[k] += read("count") as u64;
+        }
+    }
+    let mean_ms = |k: usize| sums[k] * 1e3 / counts[k].max(1) as f64;
+    Ok(HopReport {
+        into_stage_hops: counts[0],
+        into_stage_mean_ms: mean_ms(0),
+        to_owner_hops: counts[1],
+        to_owner_mean_ms: mean_ms(1),
+    })
 }
 
 /// Waits for a log line containing `needle`; returns the lines before it
@@ -691,6 +742,23 @@ fn print_tables(report: &Report) {
             size.median_decode_tok_s / one.median_decode_tok_s.max(f64::MIN_POSITIVE),
             size.median_ttft_s / one.median_ttft_s.max(f64::MIN_POSITIVE)
         );
+    }
+    if report.sizes.iter().any(|s| s.hops.into_stage_hops > 0) {
+        println!();
+        println!("Decode hops, from the timestamps in the frames (means over every decode step):");
+        println!("| nodes | links | into a stage ms | hops | last stage → owner ms | hops |");
+        println!("|---:|---|---:|---:|---:|---:|");
+        for size in &report.sizes {
+            println!(
+                "| {} | {} | {:.3} | {} | {:.3} | {} |",
+                size.nodes,
+                size.label(),
+                size.hops.into_stage_mean_ms,
+                size.hops.into_stage_hops,
+                size.hops.to_owner_mean_ms,
+                size.hops.to_owner_hops
+            );
+        }
     }
     let tcp = report
         .sizes

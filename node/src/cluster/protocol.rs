@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Bumped whenever frames change incompatibly; peers must match exactly.
-pub const PROTOCOL_VERSION: u32 = 11;
+pub const PROTOCOL_VERSION: u32 = 12;
 
 /// The HTTP `Upgrade` token of a link.
 pub const UPGRADE_TOKEN: &str = "ringlet-link";
@@ -194,6 +194,9 @@ pub struct ForwardFrame {
     /// Run each token as a step of its own (a resumed request's generated
     /// tokens, replayed as they were decoded).
     pub token_by_token: bool,
+    /// When the previous stage's output was ready, or the owner sent a
+    /// decode step (Unix µs; 0 unknown): the next stage measures the hop.
+    pub sent_at: u64,
 }
 
 /// Orders policy changes across the cluster: a higher revision replaces a
@@ -302,6 +305,9 @@ pub enum Frame {
         token: u32,
         /// When the request asked for log probabilities.
         logprobs: Option<TokenLogprobs>,
+        /// When the last stage had the token (Unix µs; 0 unknown): the
+        /// owner measures the hop back.
+        sent_at: u64,
     },
     /// A prompt chunk went through every stage; the owner sends the next.
     ChunkDone {
@@ -617,6 +623,7 @@ mod tests {
                     generated: vec![3],
                 },
                 token_by_token: true,
+                sent_at: 1_700_000_000_000_000,
             }),
             Frame::Token {
                 request: SequenceId(5),
@@ -626,6 +633,7 @@ mod tests {
                     logprob: -0.5,
                     top: vec![(42, -0.5), (7, -1.25)],
                 }),
+                sent_at: 1_700_000_000_000_000,
             },
             Frame::Interrupted {
                 request: SequenceId(5),
@@ -735,6 +743,7 @@ mod tests {
             epoch: Epoch(1),
             token: 2,
             logprobs: None,
+            sent_at: 0,
         })
         .expect("encode");
         let oversized = (MAX_FRAME_BYTES + 1).to_be_bytes().to_vec();

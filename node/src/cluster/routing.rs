@@ -235,6 +235,7 @@ pub(super) fn forward_frame(job: StageJob<Route>) -> Result<Frame, String> {
         sample,
         token_by_token,
         route,
+        sent_at,
     } = job
     else {
         return Err("only forward jobs travel between nodes".into());
@@ -252,6 +253,7 @@ pub(super) fn forward_frame(job: StageJob<Route>) -> Result<Frame, String> {
         payload,
         sample,
         token_by_token,
+        sent_at: sent_at.unwrap_or(0),
     }))
 }
 
@@ -282,11 +284,13 @@ pub(super) fn forward_job(
             epoch: forward.epoch,
             stage: forward.stage,
         },
+        sent_at: (forward.sent_at != 0).then_some(forward.sent_at),
     })
 }
 
 /// A result of a job of plan `epoch` as a frame for the request's owner.
-pub(super) fn result_frame(result: StageResult, epoch: Epoch) -> Option<Frame> {
+/// `ready_at` is when the stage had it (Unix µs), for the token's hop.
+pub(super) fn result_frame(result: StageResult, epoch: Epoch, ready_at: u64) -> Option<Frame> {
     Some(match result {
         StageResult::Token {
             sequence,
@@ -297,6 +301,7 @@ pub(super) fn result_frame(result: StageResult, epoch: Epoch) -> Option<Frame> {
             epoch,
             token,
             logprobs,
+            sent_at: ready_at,
         },
         StageResult::ChunkDone { sequence } => Frame::ChunkDone {
             request: sequence,
@@ -321,6 +326,7 @@ pub(super) fn frame_result(frame: Frame) -> Option<(StageResult, Epoch)> {
             epoch,
             token,
             logprobs,
+            ..
         } => Some((
             StageResult::Token {
                 sequence: request,
@@ -557,6 +563,7 @@ mod tests {
             sample: Sample::Continue,
             token_by_token: false,
             route: route.next(),
+            sent_at: Some(1_700_000_000_000_000),
         };
         let Ok(Frame::Forward(frame)) = forward_frame(job) else {
             panic!("a forward frame")
@@ -580,7 +587,7 @@ mod tests {
             token: 9,
             logprobs: None,
         };
-        let frame = result_frame(result, Epoch(4)).expect("a frame");
+        let frame = result_frame(result, Epoch(4), 7).expect("a frame");
         assert!(matches!(
             frame_result(frame),
             Some((StageResult::Token { token: 9, .. }, Epoch(4)))
@@ -596,7 +603,8 @@ mod tests {
                 StageResult::Resume {
                     sequence: SequenceId(5)
                 },
-                Epoch(4)
+                Epoch(4),
+                7
             )
             .is_none(),
             "never sent"

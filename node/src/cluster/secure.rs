@@ -448,6 +448,7 @@ mod tests {
             epoch: crate::cluster::protocol::Epoch(1),
             token: n,
             logprobs: None,
+            sent_at: 0,
         }
     }
 

@@ -725,6 +725,7 @@ impl Coordinator {
             sample,
             token_by_token,
             route: (),
+            sent_at: None,
         })
         .await;
     }
@@ -805,6 +806,8 @@ impl Coordinator {
             sample: Sample::Continue,
             token_by_token: false,
             route: (),
+            // The hop from the owner to the first stage counts too.
+            sent_at: Some(crate::unix_micros()),
         })
         .await;
     }

@@ -39,6 +39,7 @@ impl Cluster {
                 sample,
                 token_by_token,
                 route: (),
+                sent_at,
             } => {
                 let active = self.planning.active().map(|p| p.message.epoch);
                 let state = self.routing.owned(sequence);
@@ -66,6 +67,7 @@ impl Cluster {
                     sample,
                     token_by_token,
                     route: Route::first(self.me(), epoch),
+                    sent_at,
                 });
             }
         }
@@ -82,6 +84,7 @@ impl Cluster {
                 sample,
                 token_by_token,
                 route,
+                ready_at,
             } => self.route(StageJob::Forward {
                 sequence,
                 position,
@@ -89,8 +92,13 @@ impl Cluster {
                 sample,
                 token_by_token,
                 route: route.next(),
+                sent_at: Some(ready_at),
             }),
-            StageOutput::Done { route, result } => self.send_result(route, result),
+            StageOutput::Done {
+                route,
+                result,
+                ready_at,
+            } => self.send_result(route, result, ready_at),
         }
     }
 
@@ -187,7 +195,11 @@ impl Cluster {
         message: impl Into<String>,
     ) {
         let message = message.into();
-        self.send_result(route, StageResult::Failed { sequence, message });
+        self.send_result(
+            route,
+            StageResult::Failed { sequence, message },
+            crate::unix_micros(),
+        );
     }
 
     /// Tells a request's owner that its job could not go on under the
@@ -216,10 +228,18 @@ impl Cluster {
         }
     }
 
-    pub(super) fn send_result(&mut self, route: Route, result: StageResult) {
+    pub(super) fn send_result(&mut self, route: Route, result: StageResult, ready_at: u64) {
         if route.owner == self.me() {
+            if matches!(result, StageResult::Token { .. }) {
+                // The last stage is here: its hop to the owner is the
+                // hand-off to this actor.
+                let hop = crate::unix_micros().saturating_sub(ready_at);
+                crate::metrics::global()
+                    .hop_to_owner
+                    .observe(hop as f64 / 1e6);
+            }
             self.deliver_to_coordinator(result, route.epoch);
-        } else if let Some(frame) = routing::result_frame(result, route.epoch) {
+        } else if let Some(frame) = routing::result_frame(result, route.epoch, ready_at) {
             self.membership.send_to(route.owner, frame);
         }
     }
