@@ -53,9 +53,6 @@ impl ChatMessage {
 /// A compiled chat template.
 pub struct ChatTemplate {
     env: Environment<'static>,
-    /// Whether the template reads `tools` (else tools must be described
-    /// to the model some other way).
-    reads_tools: bool,
     source: String,
     bos_token: String,
     eos_token: String,
@@ -90,16 +87,16 @@ impl ChatTemplate {
         env.add_template_owned(TEMPLATE_NAME, source.clone())?;
         Ok(Self {
             env,
-            reads_tools: source.contains("tools"),
             source,
             bos_token,
             eos_token,
         })
     }
 
-    /// Whether the template itself renders `tools`.
+    /// Whether the template itself renders `tools` (else tools must be
+    /// described to the model some other way).
     pub fn reads_tools(&self) -> bool {
-        self.reads_tools
+        self.source.contains("tools")
     }
 
     /// The template's Jinja source.
@@ -153,39 +150,48 @@ fn tojson(
     } else {
         value
     };
-    let mut out = Vec::new();
-    let written = match indent {
-        Some(n) => {
-            let spaces = vec![b' '; n];
-            let formatter = serde_json::ser::PrettyFormatter::with_indent(&spaces);
-            value.serialize(&mut serde_json::Serializer::with_formatter(
-                &mut out, formatter,
-            ))
-        }
-        None => value.serialize(&mut serde_json::Serializer::with_formatter(
-            &mut out,
-            PythonCompact,
-        )),
-    };
-    written.map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
-    String::from_utf8(out)
+    python_dumps(&value, indent)
         .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))
 }
 
 /// Python's `json.dumps(value, ensure_ascii=False)`: how transformers'
 /// templates write JSON, and how ringlet writes it into prompts.
 pub fn python_json(value: &serde_json::Value) -> String {
-    let mut out = Vec::new();
     // Writing a JSON value to memory cannot fail.
-    let _ = value.serialize(&mut serde_json::Serializer::with_formatter(
-        &mut out,
-        PythonCompact,
-    ));
-    String::from_utf8(out).unwrap_or_default()
+    python_dumps(value, None).unwrap_or_default()
+}
+
+/// `json.dumps(value, ensure_ascii=False, indent=indent)`.
+fn python_dumps(value: &impl Serialize, indent: Option<usize>) -> serde_json::Result<String> {
+    let mut out = Vec::new();
+    match indent {
+        Some(n) => {
+            let spaces = vec![b' '; n];
+            let formatter = serde_json::ser::PrettyFormatter::with_indent(&spaces);
+            value.serialize(&mut serde_json::Serializer::with_formatter(
+                &mut out, formatter,
+            ))?;
+        }
+        None => value.serialize(&mut serde_json::Serializer::with_formatter(
+            &mut out,
+            PythonCompact,
+        ))?,
+    }
+    // serde_json writes UTF-8.
+    Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
 /// `json.dumps`'s default separators.
 struct PythonCompact;
+
+/// `", "` before every item but the first.
+fn item_separator<W: ?Sized + std::io::Write>(writer: &mut W, first: bool) -> std::io::Result<()> {
+    if first {
+        Ok(())
+    } else {
+        writer.write_all(b", ")
+    }
+}
 
 impl serde_json::ser::Formatter for PythonCompact {
     fn begin_array_value<W: ?Sized + std::io::Write>(
@@ -193,11 +199,7 @@ impl serde_json::ser::Formatter for PythonCompact {
         writer: &mut W,
         first: bool,
     ) -> std::io::Result<()> {
-        if first {
-            Ok(())
-        } else {
-            writer.write_all(b", ")
-        }
+        item_separator(writer, first)
     }
 
     fn begin_object_key<W: ?Sized + std::io::Write>(
@@ -205,11 +207,7 @@ impl serde_json::ser::Formatter for PythonCompact {
         writer: &mut W,
         first: bool,
     ) -> std::io::Result<()> {
-        if first {
-            Ok(())
-        } else {
-            writer.write_all(b", ")
-        }
+        item_separator(writer, first)
     }
 
     fn begin_object_value<W: ?Sized + std::io::Write>(

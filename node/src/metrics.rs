@@ -62,6 +62,12 @@ fn latency_buckets() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 16))
 }
 
+/// Records a hop that began at `since` (Unix µs) and ends now.
+pub fn observe_hop(hops: &Histogram, since: u64) {
+    let micros = crate::unix_micros().saturating_sub(since);
+    hops.observe(micros as f64 / 1e6);
+}
+
 /// Hop buckets from 10 µs to about 0.3 s, doubling.
 fn hop_buckets() -> Histogram {
     Histogram::new(exponential_buckets(0.000_01, 2.0, 16))

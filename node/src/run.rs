@@ -1,7 +1,6 @@
 //! `ringlet run`: one answer in the terminal, streamed to stdout.
 
 use std::io::{Read, Write};
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
@@ -44,12 +43,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     messages.push(ChatMessage::new("user", prompt));
     let prompt_ids = model.prompt.tokens(&messages)?;
     let tokenizer = model.prompt.tokenizer().clone();
-    let engine = Engine::start_local(
-        model.shard,
-        Arc::clone(model.prompt.grammars()),
-        tokenizer.stop_tokens().clone(),
-        runtime.kv_cache_bytes,
-    )?;
+    let engine = Engine::start_local(model.shard, &model.prompt, runtime.kv_cache_bytes)?;
 
     let started = Instant::now();
     let generation = engine.handle.submit(GenerationRequest {

@@ -347,14 +347,8 @@ pub fn start_local_engine(
     model: LoadedModel,
     kv_budget_bytes: u64,
 ) -> anyhow::Result<(Engine, AppState)> {
-    let stop_tokens = model.prompt.tokenizer().stop_tokens().clone();
-    let engine = Engine::start_local(
-        model.shard,
-        Arc::clone(model.prompt.grammars()),
-        stop_tokens,
-        kv_budget_bytes,
-    )
-    .context("cannot start the inference engine threads")?;
+    let engine = Engine::start_local(model.shard, &model.prompt, kv_budget_bytes)
+        .context("cannot start the inference engine threads")?;
     let served = served_model(model.name, model.prompt, &model.file);
     let state = AppState {
         engine: engine.handle.clone(),

@@ -330,7 +330,7 @@ fn run<R>(
     let mut samplers: HashMap<SequenceId, Sampler> = HashMap::new();
     let mut steps = 0u64;
     while let Some(job) = jobs.blocking_recv() {
-        let (sequence, position, input, sample, token_by_token, route, sent_at) = match job {
+        let (job, route, sent_at) = match job {
             StageJob::Release { sequence } => {
                 shard.release(sequence);
                 samplers.remove(&sequence);
@@ -345,19 +345,23 @@ fn run<R>(
                 route,
                 sent_at,
             } => (
-                sequence,
-                position,
-                input,
-                sample,
-                token_by_token,
+                Job {
+                    sequence,
+                    position,
+                    input,
+                    sample,
+                    token_by_token,
+                },
                 route,
                 sent_at,
             ),
         };
+        let (sequence, position, token_by_token) = (job.sequence, job.position, job.token_by_token);
+        let tokens = job.input.len();
         match fault {
             Some(TestFault::HangAfter(n)) if steps >= n => {
                 tracing::warn!("stage thread hanging on purpose (RINGLET_TEST_STAGE_FAULT)");
-                progress.step_started(input.len(), token_by_token);
+                progress.step_started(tokens, token_by_token);
                 loop {
                     std::thread::park();
                 }
@@ -369,23 +373,12 @@ fn run<R>(
             _ => {}
         }
         steps += 1;
-        let tokens = input.len();
         if let Some(sent_at) = sent_at.filter(|_| tokens == 1) {
-            let hop = crate::unix_micros().saturating_sub(sent_at);
-            crate::metrics::global()
-                .hop_into_stage
-                .observe(hop as f64 / 1e6);
+            crate::metrics::observe_hop(&crate::metrics::global().hop_into_stage, sent_at);
         }
         progress.step_started(tokens, token_by_token);
         // A panic here is a bug; it fails this request, not the node.
         let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let job = Job {
-                sequence,
-                position,
-                input,
-                sample,
-                token_by_token,
-            };
             step(&mut shard, grammars, &mut samplers, job)
         }));
         if let Some(micros) = progress.step_ended(tokens, token_by_token) {

@@ -135,7 +135,7 @@ fn preamble_into_system<'a>(
 }
 
 /// A function a forced call may name: its name and arguments' schema.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct CallableFunction {
     pub name: String,
     pub parameters: Option<Value>,

@@ -181,7 +181,7 @@ pub(crate) async fn prepare(
     let choice = tool_choice(request.tool_choice.as_ref(), tools.as_ref())?;
     let format = ToolFormat::of(model.prompt.template());
     // With `none`, the model is not told of the tools at all.
-    let offered = tools.filter(|_| choice != ToolUse::None);
+    let offered = tools.filter(|_| !matches!(choice, ToolUse::None));
     let mut sampling = sampling;
     sampling.constraint = match (&choice, request.response_format) {
         (
@@ -199,10 +199,12 @@ pub(crate) async fn prepare(
     if let Some(constraint) = &sampling.constraint {
         compile(&model, constraint, &choice).await?;
     }
-    // An answer held to `response_format` is that JSON, never a call.
-    let tool_format = (offered.is_some() && sampling.constraint.is_none()
-        || matches!(choice, ToolUse::Forced(_)))
-    .then_some(format);
+    let tool_format = match choice {
+        ToolUse::Forced(_) => Some(format),
+        // An answer held to `response_format` is that JSON, never a call.
+        ToolUse::Auto if sampling.constraint.is_none() => Some(format),
+        _ => None,
+    };
 
     let for_prompt = Arc::clone(&model);
     let prompt = tokio::task::spawn_blocking(move || {
@@ -425,7 +427,7 @@ fn check_tools(tools: Option<&[Tool]>) -> Result<Option<OfferedTools>, ApiError>
 }
 
 /// What `tool_choice` asks of the model.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 enum ToolUse {
     /// No tools, or `none`: the model is not offered them.
     None,

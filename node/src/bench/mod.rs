@@ -11,7 +11,6 @@ pub mod structured;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
@@ -68,15 +67,7 @@ pub async fn bench(args: EngineBenchArgs) -> anyhow::Result<()> {
     if args.rounds == 0 || args.prompt_tokens == 0 || args.decode_tokens == 0 || args.threads == 0 {
         bail!("--rounds, --prompt-tokens, --decode-tokens and --threads must all be at least 1");
     }
-    // The comparison is on the CPU with the given threads, whatever the
-    // node's own defaults are.
-    let runtime = RuntimeConfig {
-        threads: args.threads,
-        store: args.cache.store(),
-        device: Device::Cpu,
-        kv_cache_bytes: DEFAULT_KV_CACHE_BYTES,
-        hub: crate::hub::HubConfig::from_env(),
-    };
+    let runtime = cpu_runtime(args.threads, args.cache.store());
     let model = LoadedModel::load_whole(&runtime, &args.model).await?;
     let context_length = model.file.config().context_length;
     if args.prompt_tokens + args.decode_tokens + 1 > context_length {
@@ -88,13 +79,7 @@ pub async fn bench(args: EngineBenchArgs) -> anyhow::Result<()> {
     let model_path = model.file.path().to_path_buf();
     let weight_bytes = model.shard.weight_bytes();
     let llama_cpp = LlamaCpp::find(&args.llama_cpp, &model_path, args.threads, &prompt).await;
-    let stop_tokens = model.prompt.tokenizer().stop_tokens().clone();
-    let engine = Engine::start_local(
-        model.shard,
-        Arc::clone(model.prompt.grammars()),
-        stop_tokens,
-        runtime.kv_cache_bytes,
-    )?;
+    let engine = Engine::start_local(model.shard, &model.prompt, runtime.kv_cache_bytes)?;
 
     eprintln!(
         "ringlet bench: {} with {} threads, {}-token prompt, {} decode tokens, {} rounds",
@@ -161,6 +146,18 @@ pub async fn bench(args: EngineBenchArgs) -> anyhow::Result<()> {
         .await
         .ok();
     Ok(())
+}
+
+/// A benchmark's runtime: the CPU with the given threads, whatever the
+/// node's own defaults are.
+pub(super) fn cpu_runtime(threads: usize, store: crate::model_store::ModelStore) -> RuntimeConfig {
+    RuntimeConfig {
+        threads,
+        store,
+        device: Device::Cpu,
+        kv_cache_bytes: DEFAULT_KV_CACHE_BYTES,
+        hub: crate::hub::HubConfig::from_env(),
+    }
 }
 
 /// Exactly `n` tokens of ordinary English.

@@ -10,13 +10,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use kernels::{Constraint, Device, Grammars};
+use kernels::{Constraint, Grammars};
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::io::AsyncReadExt;
 
 use super::ring::{StreamTiming, median, send_chat, stream};
-use crate::cli::{RuntimeConfig, StructuredBenchArgs};
+use crate::cli::StructuredBenchArgs;
 use crate::limits::DEFAULT_KV_CACHE_BYTES;
 use crate::loaded_model::LoadedModel;
 use crate::tools::{CallableFunction, ToolFormat, forced_call};
@@ -55,13 +55,7 @@ pub async fn bench(args: StructuredBenchArgs) -> anyhow::Result<()> {
     if args.rounds == 0 || args.decode_tokens == 0 || args.threads == 0 {
         bail!("--rounds, --decode-tokens and --threads must all be at least 1");
     }
-    let runtime = RuntimeConfig {
-        threads: args.threads,
-        store: args.cache.store(),
-        device: Device::Cpu,
-        kv_cache_bytes: DEFAULT_KV_CACHE_BYTES,
-        hub: crate::hub::HubConfig::from_env(),
-    };
+    let runtime = super::cpu_runtime(args.threads, args.cache.store());
     let model = LoadedModel::load_whole(&runtime, &args.model).await?;
     let name = model.name.clone();
     let format = ToolFormat::of(model.prompt.template());

@@ -735,10 +735,7 @@ impl Cluster {
                 if let Frame::Token { sent_at, .. } = &frame
                     && *sent_at != 0
                 {
-                    let hop = crate::unix_micros().saturating_sub(*sent_at);
-                    crate::metrics::global()
-                        .hop_to_owner
-                        .observe(hop as f64 / 1e6);
+                    crate::metrics::observe_hop(&crate::metrics::global().hop_to_owner, *sent_at);
                 }
                 if let Some((result, epoch)) = routing::frame_result(frame) {
                     self.deliver_to_coordinator(result, epoch);

@@ -51,6 +51,7 @@ use crate::limits::{
     ENGINE_QUEUE_LEN, MAX_ACTIVE_SEQUENCES, PIPELINE_QUEUE_LEN, PREFILL_CHUNK_TOKENS,
     RESULT_QUEUE_LEN, SCHEDULE_WAIT_MS,
 };
+use crate::prompt::PromptBuilder;
 use crate::stage::{self, Sample, StageJob, StageOutput, StageResult};
 
 /// One generation, as the API layer hands it over.
@@ -380,17 +381,18 @@ impl Engine {
     }
 
     /// Starts an engine serving the whole model from one local shard, with
-    /// `kv_budget_bytes` for the KV caches of its requests.
+    /// `kv_budget_bytes` for the KV caches of its requests; `prompt` gives
+    /// the model's end-of-turn tokens and grammars.
     pub fn start_local(
         shard: Shard,
-        grammars: Arc<kernels::Grammars>,
-        stop_tokens: BTreeSet<u32>,
+        prompt: &PromptBuilder,
         kv_budget_bytes: u64,
     ) -> std::io::Result<Self> {
         let config = shard.config();
+        let grammars = Arc::clone(prompt.grammars());
         let model = EngineModel {
             context_length: config.context_length,
-            stop_tokens,
+            stop_tokens: prompt.tokenizer().stop_tokens().clone(),
             kv_bytes_per_token: config.kv_bytes_per_token_per_layer() * shard.range().len() as u64,
             kv_budget_bytes,
         };

@@ -233,10 +233,7 @@ impl Cluster {
             if matches!(result, StageResult::Token { .. }) {
                 // The last stage is here: its hop to the owner is the
                 // hand-off to this actor.
-                let hop = crate::unix_micros().saturating_sub(ready_at);
-                crate::metrics::global()
-                    .hop_to_owner
-                    .observe(hop as f64 / 1e6);
+                crate::metrics::observe_hop(&crate::metrics::global().hop_to_owner, ready_at);
             }
             self.deliver_to_coordinator(result, route.epoch);
         } else if let Some(frame) = routing::result_frame(result, route.epoch, ready_at) {
