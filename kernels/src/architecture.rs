@@ -69,7 +69,18 @@ pub(crate) trait Architecture: fmt::Debug + Sync {
 
 /// One transformer layer of some architecture.
 pub(crate) trait Layer: Send + Sync {
-    /// `x`: `[n, hidden]` → `[n, hidden]`, appending the keys and values of
-    /// the `n` new positions to this layer's `cache`.
-    fn forward(&self, x: &Tensor, step: &Step<'_>, cache: &mut LayerCache) -> Result<Tensor>;
+    /// `x`: `[n, hidden]` → `[n, hidden]`, the rows of the step's
+    /// sequences (see [`Step`]), appending the keys and values of each
+    /// sequence's new positions to its cache of this layer, `caches[i]`
+    /// for the `i`-th.
+    fn forward(
+        &self,
+        x: &Tensor,
+        step: &Step<'_>,
+        caches: &mut [&mut LayerCache],
+    ) -> Result<Tensor>;
+
+    /// Whether this layer's products give each sequence of a batch the
+    /// bits it gets alone (see `Shard::forward_batch`).
+    fn batches_exactly(&self) -> bool;
 }

@@ -25,16 +25,18 @@ use crate::tensor_names::{
 };
 use crate::weights::Weights;
 
-/// What every layer of one forward call shares.
+/// What every layer of one forward call shares. The call's rows belong
+/// to one or more sequences (a batch), in order: `sequence_rows[i]` rows
+/// of the `i`-th (the RoPE tables hold each row's position). Everything
+/// but attention treats the rows alike; attention runs per sequence,
+/// against its own cache.
 pub(crate) struct Step<'a> {
     pub(crate) config: &'a ModelConfig,
-    /// RoPE for the call's positions, one table per frequency base the
+    /// RoPE for every row's position, one table per frequency base the
     /// architecture uses (`Architecture::rope_bases`); a layer's attention
     /// picks its own by index.
     pub(crate) ropes: &'a [RopeTables],
-    /// The causal mask `[n, len]`, where the device needs one (the CPU
-    /// attention masks as it goes).
-    pub(crate) mask: Option<&'a Tensor>,
+    pub(crate) sequence_rows: &'a [usize],
 }
 
 // ---------------------------------------------------------------------------
@@ -104,35 +106,42 @@ pub(crate) fn causal_mask(
 // RoPE
 // ---------------------------------------------------------------------------
 
-/// RoPE cos/sin for the positions of one forward call, `[n, d/2]` each,
-/// as tensors (Candle's ops) and as plain values (the CPU ops), computed
-/// once per call rather than once per layer.
+/// RoPE cos/sin for the positions of one forward call's rows, `[n, d/2]`
+/// each, as tensors (Candle's ops) and as plain values (the CPU ops),
+/// computed once per call rather than once per layer.
 pub(crate) struct RopeTables {
     cos: Tensor,
     sin: Tensor,
     cos_values: Vec<f32>,
     sin_values: Vec<f32>,
+    half: usize,
 }
 
 impl RopeTables {
-    /// The tables for positions `position..position + n`, computed as
-    /// llama.cpp does (`theta_p,i = p * base^(-2i/d)` by repeated f32
-    /// multiplication, divided by the per-frequency factor when the model
-    /// has them) so that greedy decoding matches it.
+    /// The tables for the rows of sequences of `sequence_rows` rows at
+    /// `positions` (see [`Step`]), computed as llama.cpp does
+    /// (`theta_p,i = p * base^(-2i/d)` by repeated f32 multiplication,
+    /// divided by the per-frequency factor when the model has them) so
+    /// that greedy decoding matches it.
     pub(crate) fn new(
         config: &ModelConfig,
         frequencies: RopeFrequencies,
         freq_factors: Option<&[f32]>,
-        position: usize,
-        n: usize,
+        sequence_rows: &[usize],
+        positions: &[usize],
         device: &Device,
     ) -> Result<Self> {
         let half = config.rope_dim / 2;
         let theta_scale = frequencies.base.powf(-2.0 / config.rope_dim as f32);
         let freq_scale = frequencies.scale;
+        let n: usize = sequence_rows.iter().sum();
         let mut cos = Vec::with_capacity(n * half);
         let mut sin = Vec::with_capacity(n * half);
-        for p in position..position + n {
+        let rows = sequence_rows
+            .iter()
+            .zip(positions)
+            .flat_map(|(&n, &position)| position..position + n);
+        for p in rows {
             let mut theta = p as f32;
             for i in 0..half {
                 let factor = freq_factors.map_or(1.0, |f| f[i]);
@@ -149,7 +158,19 @@ impl RopeTables {
             sin: Tensor::from_slice(&sin, (n, half), device)?,
             cos_values: cos,
             sin_values: sin,
+            half,
         })
+    }
+
+    /// The values of rows `start..start + n`, as `(cos, sin)`.
+    fn values(&self, start: usize, n: usize) -> (&[f32], &[f32]) {
+        let rows = start * self.half..(start + n) * self.half;
+        (&self.cos_values[rows.clone()], &self.sin_values[rows])
+    }
+
+    /// The tensors of rows `start..start + n`, as `(cos, sin)`.
+    fn tensors(&self, start: usize, n: usize) -> Result<(Tensor, Tensor)> {
+        Ok((self.cos.narrow(0, start, n)?, self.sin.narrow(0, start, n)?))
     }
 }
 
@@ -267,7 +288,8 @@ impl Attention {
     /// and normed per head. `h`: `[n, hidden]`.
     fn project(&self, h: &Tensor, step: &Step<'_>) -> Result<(Tensor, Tensor, Tensor)> {
         let _qkv = profile::span(Op::AttentionMatmul);
-        let mut qkv = Matrix::matmul_each(&[&self.wq, &self.wk, &self.wv], h)?.into_iter();
+        let mut qkv = Matrix::matmul_each(&[&self.wq, &self.wk, &self.wv], h, step.sequence_rows)?
+            .into_iter();
         let (mut q, mut k, mut v) = match (qkv.next(), qkv.next(), qkv.next()) {
             (Some(q), Some(k), Some(v)) => (q, k, v), // [n, H*d], [n, KV*d], [n, KV*d]
             _ => return Err(candle_core::Error::Msg("a product went missing".into()).into()),
@@ -291,13 +313,21 @@ impl Attention {
         Ok((q, k, v))
     }
 
-    /// Causal attention over the sequence's cache; appends the new keys
-    /// and values. `h`: `[n, hidden]` → `[n, hidden]`.
+    /// See [`Matrix::batches_exactly`].
+    pub(crate) fn batches_exactly(&self) -> bool {
+        [&self.wq, &self.wk, &self.wv, &self.wo]
+            .iter()
+            .all(|w| w.batches_exactly())
+    }
+
+    /// Causal attention of each sequence of the step over its own cache
+    /// (`caches[i]` for the `i`-th); appends the new keys and values.
+    /// `h`: `[n, hidden]` → `[n, hidden]`.
     pub(crate) fn forward(
         &self,
         h: &Tensor,
         step: &Step<'_>,
-        cache: &mut LayerCache,
+        caches: &mut [&mut LayerCache],
     ) -> Result<Tensor> {
         let (q, k, v) = self.project(h, step)?;
         let rope = step.ropes.get(self.options.rope_table).ok_or_else(|| {
@@ -309,28 +339,66 @@ impl Attention {
         })?;
         let y = {
             let _attention = profile::span(Op::Attention);
+            let sequences = step.sequence_rows.iter().zip(caches.iter_mut());
+            let mut start = 0;
             if h.device().is_cpu() {
-                attention_cpu(&q, &k, &v, step, rope, &self.options, cache)?
+                // The sequences' outputs side by side in one buffer.
+                let mut out =
+                    Vec::with_capacity(h.dim(0)? * step.config.n_heads * step.config.head_dim);
+                for (&n, cache) in sequences {
+                    let rows = |t: &Tensor| t.narrow(0, start, n);
+                    let (cos, sin) = rope.values(start, n);
+                    out.extend(attention_cpu(
+                        &rows(&q)?,
+                        &rows(&k)?,
+                        &rows(&v)?,
+                        step.config,
+                        (cos, sin),
+                        &self.options,
+                        cache,
+                    )?);
+                    start += n;
+                }
+                let rows = h.dim(0)?;
+                Tensor::from_vec(
+                    out,
+                    (rows, step.config.n_heads * step.config.head_dim),
+                    h.device(),
+                )?
             } else {
-                attention_candle(&q, &k, &v, step, rope, &self.options, cache)?
+                let mut outs = Vec::with_capacity(step.sequence_rows.len());
+                for (&n, cache) in sequences {
+                    let rows = |t: &Tensor| t.narrow(0, start, n);
+                    outs.push(attention_candle(
+                        &rows(&q)?,
+                        &rows(&k)?,
+                        &rows(&v)?,
+                        step.config,
+                        &rope.tensors(start, n)?,
+                        &self.options,
+                        cache,
+                    )?);
+                    start += n;
+                }
+                Tensor::cat(&outs, 0)?
             }
         };
         let _o = profile::span(Op::AttentionMatmul);
-        self.wo.matmul(&y)
+        self.wo.matmul(&y, step.sequence_rows)
     }
 }
 
-/// Attention with ggml's arithmetic (see `cpu_ops::attention`).
+/// One sequence's attention with ggml's arithmetic (see
+/// `cpu_ops::attention`), as `[n, H*d]` values.
 fn attention_cpu(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    step: &Step<'_>,
-    rope: &RopeTables,
+    config: &ModelConfig,
+    (cos, sin): (&[f32], &[f32]),
     options: &AttentionOptions,
     cache: &mut LayerCache,
-) -> Result<Tensor> {
-    let config = step.config;
+) -> Result<Vec<f32>> {
     let n = q.dim(0)?;
     let (heads, kv_heads, d) = (config.n_heads, config.n_kv_heads, config.head_dim);
     let mut q = q.flatten_all()?.to_vec1::<f32>()?; // [n, H, d]
@@ -339,8 +407,8 @@ fn attention_cpu(
         RopeStyle::Pairs => cpu_ops::rope_pairs,
         RopeStyle::Halves => cpu_ops::rope_halves,
     };
-    rotate(&mut q, heads, d, &rope.cos_values, &rope.sin_values);
-    rotate(&mut k, kv_heads, d, &rope.cos_values, &rope.sin_values);
+    rotate(&mut q, heads, d, cos, sin);
+    rotate(&mut k, kv_heads, d, cos, sin);
     // ggml_scale after RoPE: one multiply per value.
     let score_scale = match options.query_scale {
         Some(factor) => {
@@ -373,22 +441,21 @@ fn attention_cpu(
             cpu_ops::attention(&q, keys, values, &shape)
         })
     })??;
-    Ok(Tensor::from_vec(out, (n, heads * d), &device)?)
+    Ok(out)
 }
 
-/// Attention with Candle's ops (GPU devices). The `H / KV` query heads that
-/// share a KV head are stacked as rows of one matmul, so K and V are never
-/// repeated.
+/// One sequence's attention with Candle's ops (GPU devices). The `H / KV`
+/// query heads that share a KV head are stacked as rows of one matmul, so
+/// K and V are never repeated.
 fn attention_candle(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    step: &Step<'_>,
-    rope: &RopeTables,
+    config: &ModelConfig,
+    (cos, sin): &(Tensor, Tensor),
     options: &AttentionOptions,
     cache: &mut LayerCache,
 ) -> Result<Tensor> {
-    let config = step.config;
     let rotate = match config.rope_style {
         RopeStyle::Pairs => candle_nn::rotary_emb::rope_i,
         RopeStyle::Halves => candle_nn::rotary_emb::rope,
@@ -403,8 +470,8 @@ fn attention_candle(
         .transpose(1, 2)?
         .contiguous()?;
     let v = v.reshape((n, kv_heads, d))?.transpose(0, 1)?.contiguous()?; // [KV, n, d]
-    let q = rotate(&q, &rope.cos, &rope.sin)?; // [1, H, n, d]
-    let k = rotate(&k, &rope.cos, &rope.sin)?.squeeze(0)?; // [KV, n, d]
+    let q = rotate(&q, cos, sin)?; // [1, H, n, d]
+    let k = rotate(&k, cos, sin)?.squeeze(0)?; // [KV, n, d]
     let (q, scale) = match options.query_scale {
         Some(factor) => (q.affine(f64::from(factor), 0.0)?, 1.0),
         None => (q, 1.0 / (d as f64).sqrt()),
@@ -416,11 +483,12 @@ fn attention_candle(
     // Heads are ordered kv-major, so [H, n, d] = [KV, group, n, d].
     let q = q.reshape((kv_heads, group * n, d))?;
     let scores = q.matmul(&k_all.t()?)?.affine(scale, 0.0)?; // [KV, group*n, len]
-    let window_mask = match options.window {
+    let mask = match options.window {
         Some(window) => Some(causal_mask(len - n, n, window, q.device())?),
+        None if n > 1 => Some(causal_mask(len - n, n, usize::MAX, q.device())?),
         None => None,
     };
-    let scores = match window_mask.as_ref().or(step.mask) {
+    let scores = match &mask {
         Some(mask) => scores
             .reshape((kv_heads, group, n, len))?
             .broadcast_add(mask)? // mask: [n, len]
@@ -480,11 +548,20 @@ impl Mlp {
             .collect()
     }
 
-    /// `h`: `[n, hidden]` → `[n, hidden]`.
-    pub(crate) fn forward(&self, h: &Tensor) -> Result<Tensor> {
+    /// See [`Matrix::batches_exactly`].
+    pub(crate) fn batches_exactly(&self) -> bool {
+        [&self.gate, &self.up, &self.down]
+            .iter()
+            .all(|w| w.batches_exactly())
+    }
+
+    /// `h`: `[n, hidden]` → `[n, hidden]`, its rows belonging to
+    /// sequences of `sequence_rows` rows each.
+    pub(crate) fn forward(&self, h: &Tensor, sequence_rows: &[usize]) -> Result<Tensor> {
         let (gate, up) = {
             let _mlp = profile::span(Op::MlpMatmul);
-            let mut both = Matrix::matmul_each(&[&self.gate, &self.up], h)?.into_iter();
+            let mut both =
+                Matrix::matmul_each(&[&self.gate, &self.up], h, sequence_rows)?.into_iter();
             match (both.next(), both.next()) {
                 (Some(gate), Some(up)) => (gate, up), // [n, ff] each
                 _ => return Err(candle_core::Error::Msg("a product went missing".into()).into()),
@@ -498,7 +575,7 @@ impl Mlp {
             }
         };
         let _mlp = profile::span(Op::MlpMatmul);
-        self.down.matmul(&act) // [n, hidden]
+        self.down.matmul(&act, sequence_rows) // [n, hidden]
     }
 }
 

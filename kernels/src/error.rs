@@ -79,6 +79,15 @@ pub enum KernelError {
     #[error("an empty input was given to sequence {sequence}")]
     EmptyInput { sequence: SequenceId },
 
+    #[error("sequence {sequence} appears twice in one batched step")]
+    RepeatedInBatch { sequence: SequenceId },
+
+    #[error("the batched step sequence {sequence} ran in failed: {reason}")]
+    BatchFailed {
+        sequence: SequenceId,
+        reason: String,
+    },
+
     #[error("token id {token} is outside the vocabulary of {vocab_size} tokens")]
     TokenOutOfVocabulary { token: u32, vocab_size: usize },
 

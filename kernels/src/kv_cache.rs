@@ -35,8 +35,9 @@ impl SequenceCache {
         self.len = len;
     }
 
-    pub(crate) fn layers_mut(&mut self) -> impl Iterator<Item = &mut LayerCache> {
-        self.layers.iter_mut()
+    /// The cache of the shard's `i`-th layer.
+    pub(crate) fn layer_mut(&mut self, i: usize) -> &mut LayerCache {
+        &mut self.layers[i]
     }
 }
 

@@ -50,5 +50,5 @@ pub use layers::{LayerRange, SequenceId};
 pub use model_file::ModelFile;
 pub use quant::{BlockFormat, QuantMatrix};
 pub use sampler::{MAX_TOP_LOGPROBS, Sampled, Sampler, SamplingParams, TokenLogprobs};
-pub use shard::{Shard, ShardInput, ShardOutput};
+pub use shard::{SequenceStep, Shard, ShardInput, ShardOutput};
 pub use tokenizer::Tokenizer;

@@ -57,23 +57,36 @@ impl Matrix {
         }
     }
 
-    /// `x`: `[m, cols]` → `[m, rows]`.
-    pub(crate) fn matmul(&self, x: &Tensor) -> Result<Tensor> {
+    /// `x`: `[m, cols]` → `[m, rows]`, where `x`'s rows belong to
+    /// sequences of `sequence_rows` rows each (see
+    /// [`QuantMatrix::matmul_each`]).
+    pub(crate) fn matmul(&self, x: &Tensor, sequence_rows: &[usize]) -> Result<Tensor> {
         match self {
             Self::Quant(w) => {
                 let m = x.dim(0)?;
                 let values = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                let out = w.matmul(&values, m)?;
-                Ok(Tensor::from_vec(out, (m, w.rows()), x.device())?)
+                let mut out = QuantMatrix::matmul_each(&[w.as_ref()], &values, sequence_rows)?;
+                Ok(Tensor::from_vec(out.remove(0), (m, w.rows()), x.device())?)
             }
             Self::Candle { matmul, .. } => Ok(matmul.forward(x)?),
         }
     }
 
+    /// Whether products with this matrix give each sequence of a batch
+    /// the bits it gets alone: ringlet's kernels do; Candle's promise
+    /// nothing of the kind.
+    pub(crate) fn batches_exactly(&self) -> bool {
+        matches!(self, Self::Quant(_))
+    }
+
     /// `x` times each of `matrices`: on the CPU with ringlet's kernels in
     /// one parallel pass (see [`QuantMatrix::matmul_each`]), else one by
     /// one.
-    pub(crate) fn matmul_each(matrices: &[&Matrix], x: &Tensor) -> Result<Vec<Tensor>> {
+    pub(crate) fn matmul_each(
+        matrices: &[&Matrix],
+        x: &Tensor,
+        sequence_rows: &[usize],
+    ) -> Result<Vec<Tensor>> {
         let quant: Option<Vec<&QuantMatrix>> = matrices
             .iter()
             .map(|w| match w {
@@ -89,13 +102,16 @@ impl Matrix {
             Some(quant) if same_activation => {
                 let m = x.dim(0)?;
                 let values = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                let outs = QuantMatrix::matmul_each(&quant, &values, m)?;
+                let outs = QuantMatrix::matmul_each(&quant, &values, sequence_rows)?;
                 outs.into_iter()
                     .zip(&quant)
                     .map(|(out, w)| Ok(Tensor::from_vec(out, (m, w.rows()), x.device())?))
                     .collect()
             }
-            _ => matrices.iter().map(|w| w.matmul(x)).collect(),
+            _ => matrices
+                .iter()
+                .map(|w| w.matmul(x, sequence_rows))
+                .collect(),
         }
     }
 

@@ -8,6 +8,11 @@
 //! checks on each step's input, and the RoPE tables. The layers themselves
 //! come from the model's [`Architecture`].
 //!
+//! A step can take several sequences at once (a batch): their rows go
+//! through every matrix together, so the weights are read once for all
+//! of them, and attention runs per sequence against its own cache. Each
+//! sequence gets the bits it would get alone (see `forward_batch`).
+//!
 //! Shapes are written `[rows, cols]`; `n` is the number of new tokens in a
 //! forward call, `len` the sequence length after it.
 
@@ -16,10 +21,10 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 
 use crate::architecture::{Architecture, Layer};
-use crate::blocks::{RopeTables, Step, causal_mask, rms_norm, scale};
+use crate::blocks::{RopeTables, Step, rms_norm, scale};
 use crate::config::{ModelConfig, RopeFrequencies};
 use crate::error::{KernelError, Result};
-use crate::kv_cache::SequenceCache;
+use crate::kv_cache::{LayerCache, SequenceCache};
 use crate::layers::{LayerRange, SequenceId};
 use crate::matrix::Matrix;
 use crate::profile::{self, Op};
@@ -56,6 +61,15 @@ impl ShardInput {
     }
 }
 
+/// One sequence's part of a step: its tokens (or hidden states) at
+/// positions `position..position + n`.
+#[derive(Debug, Clone)]
+pub struct SequenceStep {
+    pub sequence: SequenceId,
+    pub position: usize,
+    pub input: ShardInput,
+}
+
 /// What a shard returns: hidden states for the next shard, or, from the
 /// last shard, the logits of the final input position.
 #[derive(Debug, Clone)]
@@ -64,6 +78,16 @@ pub enum ShardOutput {
     Hidden(Tensor),
     /// `[vocab]` f32, for the last of the `n` positions.
     Logits(Tensor),
+}
+
+/// A checked step of one sequence, its input embedded, waiting for the
+/// batch's shared computation.
+struct Prepared {
+    /// Where its output goes among the batch's.
+    index: usize,
+    sequence: SequenceId,
+    position: usize,
+    x: Tensor, // [n, hidden]
 }
 
 /// The last shard's final norm and vocabulary projection.
@@ -196,32 +220,144 @@ impl Shard {
         position: usize,
         input: ShardInput,
     ) -> Result<ShardOutput> {
+        let step = SequenceStep {
+            sequence,
+            position,
+            input,
+        };
+        match self.forward_batch(vec![step]).pop() {
+            Some(result) => result,
+            None => Err(KernelError::EmptyInput { sequence }),
+        }
+    }
+
+    /// Runs one step over several sequences at once, each as
+    /// [`forward`](Self::forward) would, and returns each one's output in
+    /// the order given. Their rows share every matrix product, so the
+    /// weights are read once for the whole batch.
+    ///
+    /// Each sequence gets the bits it would get alone: every product
+    /// rounds a row as the kernel for its own sequence's row count would
+    /// (`QuantMatrix::matmul_each`), norms and activations work row by
+    /// row, and attention runs per sequence. Where that cannot be promised
+    /// (matrices multiplied by Candle: other devices and formats) the
+    /// sequences run one after another.
+    ///
+    /// A step that is wrong in itself (position, context, input) fails
+    /// alone; a failure of the shared computation fails every sequence of
+    /// the batch, and each failed sequence's cache is dropped.
+    pub fn forward_batch(&mut self, steps: Vec<SequenceStep>) -> Vec<Result<ShardOutput>> {
         // Run the whole step on a worker of the compute pool: the many
         // parallel loops inside then start on the pool's fast path instead
         // of each waking a worker and putting the caller to sleep (two
         // context switches per matrix, hundreds per token).
         let _step = profile::span(Op::Step);
-        let result = rayon::scope(|_| self.forward_inner(sequence, position, input));
-        if result.is_err() {
-            self.caches.remove(&sequence);
+        if steps.len() > 1 && !self.batches_exactly() {
+            return steps
+                .into_iter()
+                .map(|s| self.forward(s.sequence, s.position, s.input))
+                .collect();
         }
-        result
+        let mut results: Vec<Result<ShardOutput>> = Vec::with_capacity(steps.len());
+        let mut batch: Vec<Prepared> = Vec::with_capacity(steps.len());
+        for (index, step) in steps.into_iter().enumerate() {
+            let sequence = step.sequence;
+            let prepared = if batch.iter().any(|b| b.sequence == sequence) {
+                Err(KernelError::RepeatedInBatch { sequence })
+            } else {
+                self.prepare(index, step)
+            };
+            match prepared {
+                Ok(prepared) => {
+                    batch.push(prepared);
+                    // Replaced by the output below.
+                    results.push(Err(KernelError::BatchFailed {
+                        sequence,
+                        reason: "it did not run".into(),
+                    }));
+                }
+                Err(error) => {
+                    self.caches.remove(&sequence);
+                    results.push(Err(error));
+                }
+            }
+        }
+        if batch.is_empty() {
+            return results;
+        }
+        let ran: Vec<(usize, SequenceId)> = batch.iter().map(|b| (b.index, b.sequence)).collect();
+        match rayon::scope(|_| self.forward_prepared(batch)) {
+            Ok(outputs) => {
+                for (&(index, _), output) in ran.iter().zip(outputs) {
+                    results[index] = Ok(output);
+                }
+            }
+            Err(error) => {
+                for &(_, sequence) in &ran {
+                    self.caches.remove(&sequence);
+                }
+                if let [(index, _)] = ran[..] {
+                    results[index] = Err(error);
+                } else {
+                    let reason = error.to_string();
+                    for &(index, sequence) in &ran {
+                        let reason = reason.clone();
+                        results[index] = Err(KernelError::BatchFailed { sequence, reason });
+                    }
+                }
+            }
+        }
+        results
     }
 
-    fn forward_inner(
-        &mut self,
-        sequence: SequenceId,
-        position: usize,
-        input: ShardInput,
-    ) -> Result<ShardOutput> {
+    /// Whether a batch of several sequences gives each the bits it gets
+    /// alone here (see [`forward_batch`](Self::forward_batch)).
+    pub fn batches_exactly(&self) -> bool {
+        self.device.is_cpu()
+            && self.layers.iter().all(|l| l.batches_exactly())
+            && self
+                .head
+                .as_ref()
+                .is_none_or(|h| h.output.batches_exactly())
+    }
+
+    /// Checks one sequence's step and embeds its input.
+    fn prepare(&self, index: usize, step: SequenceStep) -> Result<Prepared> {
+        let SequenceStep {
+            sequence,
+            position,
+            input,
+        } = step;
         let x = {
             let _embed = profile::span(Op::Embed);
             self.embed(input)?
         }; // [n, hidden]
         let n = x.dim(0)?;
         self.check_step(sequence, position, n)?;
-        let len = position + n;
+        Ok(Prepared {
+            index,
+            sequence,
+            position,
+            x,
+        })
+    }
 
+    /// The shared computation of a batch of checked steps: one output per
+    /// step, in order.
+    fn forward_prepared(&mut self, batch: Vec<Prepared>) -> Result<Vec<ShardOutput>> {
+        let sequence_rows: Vec<usize> = batch.iter().map(|b| b.x.dims()[0]).collect();
+        let positions: Vec<usize> = batch.iter().map(|b| b.position).collect();
+        let rows: usize = sequence_rows.iter().sum();
+        let mut x = if batch.len() == 1 {
+            batch[0].x.clone()
+        } else {
+            // Side by side in one buffer (only CPU shards batch).
+            let mut values = Vec::with_capacity(rows * self.config.hidden_size);
+            for b in &batch {
+                values.extend(b.x.flatten_all()?.to_vec1::<f32>()?);
+            }
+            Tensor::from_vec(values, (rows, self.config.hidden_size), &self.device)?
+        };
         let ropes = self
             .rope_bases
             .iter()
@@ -230,43 +366,75 @@ impl Shard {
                     &self.config,
                     frequencies,
                     self.rope_freq_factors.as_deref(),
-                    position,
-                    n,
+                    &sequence_rows,
+                    &positions,
                     &self.device,
                 )
             })
             .collect::<Result<Vec<_>>>()?;
-        // The CPU attention masks as it goes; Candle's needs the mask tensor.
-        let mask = if n > 1 && !self.device.is_cpu() {
-            Some(causal_mask(position, n, usize::MAX, &self.device)?)
-        } else {
-            None
-        };
         let step = Step {
             config: &self.config,
             ropes: &ropes,
-            mask: mask.as_ref(),
+            sequence_rows: &sequence_rows,
         };
+        // The caches leave the map for the step, one per sequence; they
+        // go back only if every layer ran.
         let n_layers = self.layers.len();
-        let cache = self
-            .caches
-            .entry(sequence)
-            .or_insert_with(|| SequenceCache::new(n_layers));
-        let mut x = x;
-        for (layer, layer_cache) in self.layers.iter().zip(cache.layers_mut()) {
-            x = layer.forward(&x, &step, layer_cache)?;
+        let mut caches: Vec<SequenceCache> = batch
+            .iter()
+            .map(|b| {
+                self.caches
+                    .remove(&b.sequence)
+                    .unwrap_or_else(|| SequenceCache::new(n_layers))
+            })
+            .collect();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let mut layer_caches: Vec<&mut LayerCache> =
+                caches.iter_mut().map(|c| c.layer_mut(i)).collect();
+            x = layer.forward(&x, &step, &mut layer_caches)?;
         }
-        cache.set_len(len);
+        for ((b, mut cache), &n) in batch.iter().zip(caches).zip(&sequence_rows) {
+            cache.set_len(b.position + n);
+            self.caches.insert(b.sequence, cache);
+        }
 
         match &self.head {
             Some(head) => {
-                let last = x.narrow(0, n - 1, 1)?; // [1, hidden]
+                // The last row of each sequence.
+                let mut last = Vec::with_capacity(batch.len());
+                let mut end = 0;
+                for &n in &sequence_rows {
+                    end += n;
+                    last.push(x.narrow(0, end - 1, 1)?);
+                }
+                let last = if last.len() == 1 {
+                    last.remove(0)
+                } else {
+                    let mut values = Vec::with_capacity(last.len() * self.config.hidden_size);
+                    for row in &last {
+                        values.extend(row.flatten_all()?.to_vec1::<f32>()?);
+                    }
+                    Tensor::from_vec(values, (last.len(), self.config.hidden_size), &self.device)?
+                }; // [sequences, hidden]
                 let normed = rms_norm(&last, &head.norm, self.config.rms_norm_eps)?;
                 let _head = profile::span(Op::Head);
-                let logits = head.output.matmul(&normed)?.squeeze(0)?; // [vocab]
-                Ok(ShardOutput::Logits(logits))
+                let one_row_each = vec![1; batch.len()];
+                let logits = head.output.matmul(&normed, &one_row_each)?; // [sequences, vocab]
+                (0..batch.len())
+                    .map(|i| Ok(ShardOutput::Logits(logits.get(i)?)))
+                    .collect()
             }
-            None => Ok(ShardOutput::Hidden(x)),
+            None => {
+                let mut start = 0;
+                sequence_rows
+                    .iter()
+                    .map(|&n| {
+                        let rows = x.narrow(0, start, n)?;
+                        start += n;
+                        Ok(ShardOutput::Hidden(rows))
+                    })
+                    .collect()
+            }
         }
     }
 

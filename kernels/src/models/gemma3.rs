@@ -165,14 +165,23 @@ struct Block {
 
 impl Layer for Block {
     /// `x`: `[n, hidden]` → `[n, hidden]`.
-    fn forward(&self, x: &Tensor, step: &Step<'_>, cache: &mut LayerCache) -> Result<Tensor> {
+    fn batches_exactly(&self) -> bool {
+        self.attention.batches_exactly() && self.mlp.batches_exactly()
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        step: &Step<'_>,
+        caches: &mut [&mut LayerCache],
+    ) -> Result<Tensor> {
         let eps = step.config.rms_norm_eps;
         let h = rms_norm(x, &self.attn_norm, eps)?;
-        let attn = self.attention.forward(&h, step, cache)?;
+        let attn = self.attention.forward(&h, step, caches)?;
         let attn = rms_norm(&attn, &self.post_attention_norm, eps)?;
         let x = add(&attn, x)?;
         let h = rms_norm(&x, &self.ffn_norm, eps)?;
-        let mlp = self.mlp.forward(&h)?;
+        let mlp = self.mlp.forward(&h, step.sequence_rows)?;
         let mlp = rms_norm(&mlp, &self.post_ffn_norm, eps)?;
         add(&mlp, &x)
     }

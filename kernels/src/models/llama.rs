@@ -126,13 +126,22 @@ impl PreNormBlock {
 
 impl Layer for PreNormBlock {
     /// `x`: `[n, hidden]` → `[n, hidden]`.
-    fn forward(&self, x: &Tensor, step: &Step<'_>, cache: &mut LayerCache) -> Result<Tensor> {
+    fn batches_exactly(&self) -> bool {
+        self.attention.batches_exactly() && self.mlp.batches_exactly()
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        step: &Step<'_>,
+        caches: &mut [&mut LayerCache],
+    ) -> Result<Tensor> {
         let eps = step.config.rms_norm_eps;
         let h = rms_norm(x, &self.attn_norm, eps)?;
-        let attn = self.attention.forward(&h, step, cache)?;
+        let attn = self.attention.forward(&h, step, caches)?;
         let x = add(x, &attn)?;
         let h = rms_norm(&x, &self.ffn_norm, eps)?;
-        let mlp = self.mlp.forward(&h)?;
+        let mlp = self.mlp.forward(&h, step.sequence_rows)?;
         add(&x, &mlp)
     }
 }

@@ -248,9 +248,10 @@ impl QuantMatrix {
         }
     }
 
-    /// `x` is `[m, cols]` row-major; returns `x · selfᵀ`, `[m, rows]`.
+    /// `x` is `[m, cols]` row-major, the rows of one sequence; returns
+    /// `x · selfᵀ`, `[m, rows]`.
     pub fn matmul(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
-        let mut out = Self::matmul_each(&[self], x, m)?;
+        let mut out = Self::matmul_each(&[self], x, &[m])?;
         Ok(out.pop().unwrap_or_default())
     }
 
@@ -258,11 +259,23 @@ impl QuantMatrix {
     /// format), in one parallel pass: the activations are quantized once,
     /// and the threads share out the rows of all matrices together, so
     /// that Q, K and V (or gate and up) cost one dispatch instead of
-    /// several. Each result is bit for bit [`matmul`](Self::matmul)'s.
-    pub fn matmul_each(matrices: &[&QuantMatrix], x: &[f32], m: usize) -> Result<Vec<Vec<f32>>> {
+    /// several.
+    ///
+    /// The rows of `x` belong to sequences, `sequence_rows[i]` rows each,
+    /// in order (one sequence's prompt chunk, or the decode rows of a
+    /// batch). Each output takes the bits it would take in a product of
+    /// its sequence's rows alone: where llama.cpp's kernel depends on the
+    /// row count (the K-quants), it is chosen by the sequence's rows, not
+    /// the batch's, so that batching never changes an answer.
+    pub fn matmul_each(
+        matrices: &[&QuantMatrix],
+        x: &[f32],
+        sequence_rows: &[usize],
+    ) -> Result<Vec<Vec<f32>>> {
         let Some(first) = matrices.first() else {
             return Ok(Vec::new());
         };
+        let m: usize = sequence_rows.iter().sum();
         let (cols, activation) = (first.cols, first.format.activation());
         if x.len() != m * cols
             || matrices
@@ -292,33 +305,46 @@ impl QuantMatrix {
         let per_task =
             (total_rows / (4 * rayon::current_num_threads().max(1))).clamp(16, 1024) / 8 * 8;
         let mut outs: Vec<Vec<f32>> = matrices.iter().map(|w| vec![0f32; w.rows * m]).collect();
-        let mut tasks: Vec<(&QuantMatrix, TaskOutput)> = Vec::new();
-        for (w, out) in matrices.iter().zip(outs.iter_mut()) {
+        let kernels: Vec<Vec<KKernel>> = matrices
+            .iter()
+            .map(|w| w.row_kernels(sequence_rows))
+            .collect();
+        let mut tasks: Vec<(&QuantMatrix, &[KKernel], TaskOutput)> = Vec::new();
+        for ((w, out), kernels) in matrices.iter().zip(outs.iter_mut()).zip(&kernels) {
             for task in TaskOutput::split(out, w.rows, m, per_task) {
-                tasks.push((w, task));
+                tasks.push((w, kernels, task));
             }
         }
         tasks
             .into_par_iter()
-            .for_each_init(Vec::new, |local, (w, mut out)| {
+            .for_each_init(Vec::new, |local, (w, kernels, mut out)| {
                 local.clear();
                 local.resize(out.columns() * m, 0f32);
-                w.columns(out.first(), local, &xq, a_row_bytes, m);
+                w.columns(out.first(), local, &xq, a_row_bytes, kernels);
                 out.write_transposed(local);
             });
         Ok(outs)
     }
 
     /// Columns `first..first + out.len() / m` of the product with the
-    /// quantized activations `xq` (`m` rows), into `out` as `[columns, m]`.
-    fn columns(&self, first: usize, out: &mut [f32], xq: &[u8], a_row_bytes: usize, m: usize) {
+    /// quantized activations `xq` (`m` rows, row `r` rounded as
+    /// `kernels[r]`), into `out` as `[columns, m]`.
+    fn columns(
+        &self,
+        first: usize,
+        out: &mut [f32],
+        xq: &[u8],
+        a_row_bytes: usize,
+        kernels: &[KKernel],
+    ) {
+        let m = kernels.len();
         let columns = out.len() / m;
         if self.interleaved() {
-            return self.interleaved_columns(first, out, xq, a_row_bytes, m);
+            return self.interleaved_columns(first, out, xq, a_row_bytes, kernels);
         }
         // K-quant prefill: each weight block unpacked once for all rows.
         if m > 1 && matches!(self.format, BlockFormat::Q4K | BlockFormat::Q6K) {
-            let kernel = |r: usize| self.k_kernel(m, r);
+            let kernel = |r: usize| kernels[r];
             for (i, out) in out.chunks_exact_mut(m).enumerate() {
                 simd::k_row_against_rows(
                     self.format == BlockFormat::Q4K,
@@ -359,8 +385,7 @@ impl QuantMatrix {
                 }
                 continue;
             }
-            for r in 0..m {
-                let kernel = self.k_kernel(m, r);
+            for (r, &kernel) in kernels.iter().enumerate() {
                 let dots = self.dot4(kernel, w, &xq[r * a_row_bytes..(r + 1) * a_row_bytes]);
                 for (i, dot) in dots.into_iter().enumerate() {
                     out[col(q, i) * m + r] = dot;
@@ -369,8 +394,7 @@ impl QuantMatrix {
         }
         for i in 4 * quads..columns {
             let w = self.row(first + i);
-            for r in 0..m {
-                let kernel = self.k_kernel(m, r);
+            for (r, &kernel) in kernels.iter().enumerate() {
                 out[i * m + r] = self.dot(kernel, w, &xq[r * a_row_bytes..(r + 1) * a_row_bytes]);
             }
         }
@@ -378,36 +402,51 @@ impl QuantMatrix {
 
     /// [`columns`](Self::columns) of an `interleaved` matrix (`first` and
     /// the column count are multiples of 8): activation rows four at a
-    /// time with `gemm`, the last `m % 4` (all, below 4) with `gemv`.
+    /// time with `gemm` where `kernels` says so (they come in fours, see
+    /// [`k_kernel`](Self::k_kernel)), the others one by one with `gemv`.
     fn interleaved_columns(
         &self,
         first: usize,
         out: &mut [f32],
         xq: &[u8],
         a_row_bytes: usize,
-        m: usize,
+        kernels: &[KKernel],
     ) {
+        let m = kernels.len();
         let activations = |r: usize| &xq[r * a_row_bytes..(r + 1) * a_row_bytes];
-        let four_at_a_time = if m >= 4 { m - m % 4 } else { 0 };
         for (i, out) in out.chunks_exact_mut(8 * m).enumerate() {
             let group = self.group(first / 8 + i);
-            for r0 in (0..four_at_a_time).step_by(4) {
-                let dots = simd::gemm_q4_k_x8(group, std::array::from_fn(|k| activations(r0 + k)));
-                for (k, dots) in dots.iter().enumerate() {
-                    for (c, &dot) in dots.iter().enumerate() {
-                        out[c * m + r0 + k] = dot;
+            let mut r = 0;
+            while r < m {
+                if kernels[r] == KKernel::Gemm && r + 4 <= m {
+                    let dots =
+                        simd::gemm_q4_k_x8(group, std::array::from_fn(|k| activations(r + k)));
+                    for (k, dots) in dots.iter().enumerate() {
+                        for (c, &dot) in dots.iter().enumerate() {
+                            out[c * m + r + k] = dot;
+                        }
                     }
-                }
-            }
-            for r in four_at_a_time..m {
-                for (c, dot) in simd::gemv_q4_k_x8(group, activations(r))
-                    .into_iter()
-                    .enumerate()
-                {
-                    out[c * m + r] = dot;
+                    r += 4;
+                } else {
+                    for (c, dot) in simd::gemv_q4_k_x8(group, activations(r))
+                        .into_iter()
+                        .enumerate()
+                    {
+                        out[c * m + r] = dot;
+                    }
+                    r += 1;
                 }
             }
         }
+    }
+
+    /// The kernel of each row of a product whose rows belong to sequences
+    /// of `sequence_rows` rows each: each sequence's as if it were alone.
+    fn row_kernels(&self, sequence_rows: &[usize]) -> Vec<KKernel> {
+        sequence_rows
+            .iter()
+            .flat_map(|&n| (0..n).map(move |r| self.k_kernel(n, r)))
+            .collect()
     }
 
     /// The llama.cpp kernel whose rounding output row `r` of an `m`-row
@@ -1034,7 +1073,7 @@ mod tests {
             .map(|i| ((i * 53 % 211) as f32 - 105.0) / 9.0)
             .collect();
         for m in [1usize, 5] {
-            let together = QuantMatrix::matmul_each(&refs, &x[..m * 128], m).expect("together");
+            let together = QuantMatrix::matmul_each(&refs, &x[..m * 128], &[m]).expect("together");
             for (w, out) in matrices.iter().zip(&together) {
                 let alone = w.matmul(&x[..m * 128], m).expect("alone");
                 assert_eq!(
@@ -1046,9 +1085,49 @@ mod tests {
         let (w, _) = random_blocks(BlockFormat::Q8_0, 4 * 4, 4);
         let other = QuantMatrix::new("w", BlockFormat::Q8_0, 4, 128, w).expect("matrix");
         assert!(
-            QuantMatrix::matmul_each(&[&matrices[0], &other], &x[..128], 1).is_err(),
+            QuantMatrix::matmul_each(&[&matrices[0], &other], &x[..128], &[1]).is_err(),
             "matrices with different activation formats are refused"
         );
+    }
+
+    /// A batch of several sequences' rows gives each sequence the bits of
+    /// its rows multiplied alone, whichever kernels the format takes.
+    #[test]
+    fn a_batch_of_sequences_gives_each_the_bits_it_gets_alone() {
+        let sequences = [1usize, 1, 5, 1, 4, 9, 2];
+        let m: usize = sequences.iter().sum();
+        for (format, rows) in [
+            (BlockFormat::Q4_1, 45usize),
+            (BlockFormat::Q8_0, 7),
+            (BlockFormat::Q4K, 16), // repacked: gemm and gemv
+            (BlockFormat::Q4K, 12), // not repacked: vec_dot and tiled
+            (BlockFormat::Q5K, 8),
+            (BlockFormat::Q6K, 8),
+        ] {
+            let cols = 2 * K_BLOCK_VALUES;
+            let blocks_per_row = cols / format.block_values();
+            let (w, _) = random_blocks(format, rows * blocks_per_row, 23);
+            let matrix = QuantMatrix::new("w", format, rows, cols, w).expect("matrix");
+            let x: Vec<f32> = (0..m * cols)
+                .map(|i| ((i * 41 % 113) as f32 - 56.0) / 5.0)
+                .collect();
+            let batched = QuantMatrix::matmul_each(&[&matrix], &x, &sequences)
+                .expect("batched")
+                .remove(0);
+            let mut start = 0;
+            for (s, &n) in sequences.iter().enumerate() {
+                let alone = matrix
+                    .matmul(&x[start * cols..(start + n) * cols], n)
+                    .expect("alone");
+                let together = &batched[start * rows..(start + n) * rows];
+                assert_eq!(
+                    together.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    alone.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "{format:?} rows {rows}: sequence {s} of {n} rows"
+                );
+                start += n;
+            }
+        }
     }
 
     #[test]

@@ -6,7 +6,8 @@
 use std::path::PathBuf;
 
 use kernels::{
-    ChatMessage, Device, LayerRange, ModelFile, SequenceId, Shard, ShardInput, ShardOutput, Tensor,
+    ChatMessage, Device, LayerRange, ModelFile, SequenceId, SequenceStep, Shard, ShardInput,
+    ShardOutput, Tensor,
 };
 use serde_json::Value;
 
@@ -61,6 +62,44 @@ impl Chain {
                 ShardOutput::Hidden(h) => input = ShardInput::Hidden(h),
                 ShardOutput::Logits(logits) => return logits,
             }
+        }
+        panic!("the chain has no last shard")
+    }
+
+    /// One batched step through every shard: each `(sequence, position,
+    /// tokens)` in one `forward_batch` per shard; returns each one's logits.
+    pub fn forward_batch(&mut self, steps: &[(SequenceId, usize, Vec<u32>)]) -> Vec<Vec<f32>> {
+        let mut inputs: Vec<ShardInput> = steps
+            .iter()
+            .map(|(_, _, tokens)| ShardInput::Tokens(tokens.clone()))
+            .collect();
+        for shard in &mut self.shards {
+            let batch = steps
+                .iter()
+                .zip(inputs)
+                .map(|(&(sequence, position, _), input)| SequenceStep {
+                    sequence,
+                    position,
+                    input,
+                })
+                .collect();
+            let outputs = shard.forward_batch(batch);
+            if let Some(ShardOutput::Logits(_)) = outputs.first().and_then(|o| o.as_ref().ok()) {
+                return outputs
+                    .into_iter()
+                    .map(|o| match o.expect("batched step") {
+                        ShardOutput::Logits(l) => l.to_vec1().expect("logits"),
+                        ShardOutput::Hidden(_) => panic!("hidden states from the last shard"),
+                    })
+                    .collect();
+            }
+            inputs = outputs
+                .into_iter()
+                .map(|o| match o.expect("batched step") {
+                    ShardOutput::Hidden(h) => ShardInput::Hidden(h),
+                    ShardOutput::Logits(_) => panic!("logits from a shard that is not last"),
+                })
+                .collect();
         }
         panic!("the chain has no last shard")
     }
