@@ -282,32 +282,146 @@ async fn same_seed_same_sample_and_max_completion_tokens() {
     assert_eq!(a["usage"]["completion_tokens"], 20);
 }
 
+/// Sequences that went through a stage step together with others, from
+/// the node's metrics: steps of more than one sequence, and all steps.
+async fn batched_steps() -> (f64, f64) {
+    let (_, bytes) = send(Request::get("/metrics").body(Body::empty()).unwrap()).await;
+    let text = String::from_utf8_lossy(&bytes).to_string();
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    };
+    let steps = value("ringlet_step_sequences_count ");
+    let single = value("ringlet_step_sequences_bucket{le=\"1\"} ");
+    (steps - single, steps)
+}
+
+/// Eight concurrent requests, greedy and seeded, run in batched steps and
+/// each gets the text it gets alone.
 #[tokio::test]
-async fn concurrent_requests_all_complete_with_their_own_answers() {
-    let prompts = [
+async fn batched_requests_get_the_answers_they_get_alone() {
+    let bodies: Vec<String> = [
         "Name a colour.",
         "Name an animal.",
         "Name a city.",
         "Name a fruit.",
-    ];
-    let alone: Vec<String> = {
-        let mut out = Vec::new();
-        for p in prompts {
-            let (_, r) =
-                post_chat(chat(user(p), json!({ "temperature": 0, "max_tokens": 16 })).to_string())
-                    .await;
-            out.push(content(&r).to_string());
-        }
-        out
+        "Tell me a story.",
+        "Write a poem about rain.",
+        "What is a star?",
+        "Describe a forest.",
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, p)| {
+        let sampling = if i % 2 == 0 {
+            json!({ "temperature": 0, "max_tokens": 24 })
+        } else {
+            json!({ "temperature": 1.0, "top_p": 0.9, "seed": 100 + i, "max_tokens": 24 })
+        };
+        chat(user(p), sampling).to_string()
+    })
+    .collect();
+    let mut alone = Vec::new();
+    for body in &bodies {
+        let (_, r) = post_chat(body.clone()).await;
+        alone.push(content(&r).to_string());
+    }
+    let (batched_before, _) = batched_steps().await;
+    let together =
+        futures_util::future::join_all(bodies.iter().map(|b| post_chat(b.clone()))).await;
+    for (i, ((status, response), expected)) in together.iter().zip(&alone).enumerate() {
+        assert_eq!(*status, StatusCode::OK);
+        assert_eq!(content(response), expected, "request {i}");
+    }
+    let (batched_after, _) = batched_steps().await;
+    assert!(
+        batched_after > batched_before,
+        "eight concurrent requests ran in steps of several sequences"
+    );
+}
+
+/// A request that joins running streams, and one whose client leaves
+/// while the others run, change no other stream's text.
+#[tokio::test]
+async fn joining_and_cancelled_requests_do_not_change_the_others() {
+    let body = |p: &str, stream: bool| {
+        chat(
+            user(p),
+            json!({ "temperature": 0, "max_tokens": 40, "stream": stream }),
+        )
+        .to_string()
     };
-    let together = futures_util::future::join_all(prompts.iter().map(|p| {
-        post_chat(chat(user(p), json!({ "temperature": 0, "max_tokens": 16 })).to_string())
-    }))
-    .await;
-    for ((status, response), expected) in together.iter().zip(&alone) {
+    let prompts = [
+        "Describe the sea.",
+        "Describe a mountain.",
+        "Describe a city.",
+    ];
+    let mut alone = Vec::new();
+    for p in prompts {
+        let (_, r) = post_chat(body(p, false)).await;
+        alone.push(content(&r).to_string());
+    }
+    let joining = "Describe a desert.";
+    let (_, r) = post_chat(body(joining, false)).await;
+    let joining_alone = content(&r).to_string();
+
+    let mut stats = state().engine.stats();
+    let cancelled_before = stats.borrow().cancelled;
+    // A stream that is dropped after its first pieces of text.
+    let leaving = async {
+        let body = body("Write a very long essay about the ocean.", true);
+        drop(stream_until(body, |seen| seen.matches("\"content\":\"").count() >= 5).await);
+    };
+    // One more joins once the others run.
+    let joins = async {
+        let mut stats = state().engine.stats();
+        tokio::time::timeout(Duration::from_secs(60), stats.wait_for(|s| s.active >= 3))
+            .await
+            .expect("the others start within 60 s")
+            .expect("engine alive");
+        post_chat(body(joining, false)).await
+    };
+    let running = futures_util::future::join_all(prompts.iter().map(|p| post_chat(body(p, false))));
+    let (running, (), (status, joined)) = tokio::join!(running, leaving, joins);
+    for ((status, response), expected) in running.iter().zip(&alone) {
         assert_eq!(*status, StatusCode::OK);
         assert_eq!(content(response), expected);
     }
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(content(&joined), joining_alone, "the request that joined");
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        stats.wait_for(|s| s.cancelled > cancelled_before),
+    )
+    .await
+    .expect("the engine cancels the stream whose client left within 30 s")
+    .expect("engine alive");
+}
+
+/// Starts a streamed chat and reads it until what came satisfies `enough`;
+/// returns the rest of the body, to drop (the client hangs up) or read.
+async fn stream_until(body: String, enough: impl Fn(&str) -> bool) -> Body {
+    let request = Request::post("/v1/chat/completions")
+        .body(Body::from(body))
+        .expect("request");
+    let response = api::router(state())
+        .oneshot(request)
+        .await
+        .expect("response");
+    let mut body = response.into_body();
+    let mut seen = String::new();
+    while !enough(&seen) {
+        let frame = tokio::time::timeout(Duration::from_secs(60), body.frame())
+            .await
+            .expect("a frame within 60 s")
+            .unwrap_or_else(|| panic!("the stream ended early: {seen}"))
+            .expect("frame");
+        if let Some(data) = frame.data_ref() {
+            seen.push_str(&String::from_utf8_lossy(data));
+        }
+    }
+    body
 }
 
 #[tokio::test]
@@ -318,26 +432,11 @@ async fn dropping_a_stream_cancels_its_generation() {
         user("Write a very long essay about the ocean."),
         json!({ "temperature": 0, "max_tokens": 1000, "stream": true }),
     );
-    let request = Request::post("/v1/chat/completions")
-        .body(Body::from(body.to_string()))
-        .expect("request");
-    let response = api::router(state())
-        .oneshot(request)
-        .await
-        .expect("response");
-    let mut body = response.into_body();
     // Read until some content has arrived, then hang up.
-    let mut seen = String::new();
-    while !seen.contains("\"content\":\"") || seen.matches("data:").count() < 3 {
-        let frame = tokio::time::timeout(Duration::from_secs(60), body.frame())
-            .await
-            .expect("a frame within 60 s")
-            .unwrap_or_else(|| panic!("the stream ended early: {seen}"))
-            .expect("frame");
-        if let Some(data) = frame.data_ref() {
-            seen.push_str(&String::from_utf8_lossy(data));
-        }
-    }
+    let body = stream_until(body.to_string(), |seen| {
+        seen.contains("\"content\":\"") && seen.matches("data:").count() >= 3
+    })
+    .await;
     drop(body);
     tokio::time::timeout(
         Duration::from_secs(30),

@@ -477,6 +477,7 @@ async fn started_after_the_stage_frees_up(policy: PolicyHandle) -> u64 {
             sequence: SequenceId(100),
             token: 7,
             logprobs: None,
+            batch: None,
         })
         .await
         .expect("result");

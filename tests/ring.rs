@@ -290,8 +290,11 @@ async fn small_nodes_pool_memory_and_hold_only_their_layers() {
     assert_eq!(covered.last().map(|r| r.end), Some(model.config().n_layers));
 }
 
+/// Eight concurrent requests (greedy and seeded) on a three-node ring, sent
+/// to every node: the stages run them in batched steps, and each gets the
+/// text it gets alone.
 #[tokio::test]
-async fn concurrent_requests_on_a_three_node_ring_all_finish_right() {
+async fn batched_requests_on_a_three_node_ring_get_their_solo_answers() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let nodes = Node::start_cluster(3, &[]);
     let prompts = [
@@ -299,13 +302,33 @@ async fn concurrent_requests_on_a_three_node_ring_all_finish_right() {
         "Write a haiku about snow.",
         "What is 7 times 6?",
         "Name three planets.",
+        "Tell me a story.",
+        "Describe a forest.",
+        "What is a star?",
+        "Write a poem about rain.",
     ];
+    let body = |i: usize, stream: bool| {
+        let mut body: Value =
+            serde_json::from_str(&chat_body(prompts[i], 24, stream)).expect("a body");
+        if i % 2 == 1 {
+            body["temperature"] = json!(1.0);
+            body["seed"] = json!(40 + i);
+        }
+        body.to_string()
+    };
     let mut alone = Vec::new();
-    for p in prompts {
-        let response = chat(nodes[0].addr, p, 24, false).await;
+    for i in 0..prompts.len() {
+        let response = request(
+            nodes[0].addr,
+            "POST",
+            "/v1/chat/completions",
+            Some(&body(i, false)),
+        )
+        .await;
+        assert_eq!(response.status, 200);
         alone.push(response.content());
     }
-    let bodies: Vec<String> = prompts.iter().map(|p| chat_body(p, 24, true)).collect();
+    let bodies: Vec<String> = (0..prompts.len()).map(|i| body(i, true)).collect();
     let together = futures_util::future::join_all(
         bodies
             .iter()
@@ -319,6 +342,20 @@ async fn concurrent_requests_on_a_three_node_ring_all_finish_right() {
         assert_eq!(&text, expected, "{prompt}");
         assert!(finish.is_some());
     }
+    // The stages ran steps of several sequences.
+    let mut batched = 0.0;
+    for node in &nodes {
+        let metrics = request(node.addr, "GET", "/metrics", None).await;
+        let text = metrics.body.clone();
+        let value = |name: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+                .unwrap_or(0.0)
+        };
+        batched += value("ringlet_step_sequences_count ")
+            - value("ringlet_step_sequences_bucket{le=\"1\"} ");
+    }
+    assert!(batched > 0.0, "no stage ran a step of several sequences");
 }
 
 #[tokio::test]
@@ -502,6 +539,7 @@ async fn malformed_frames_and_lying_peers_do_not_hurt_a_node() {
         sample: WireSample::Continue,
         token_by_token: false,
         sent_at: 0,
+        batch: None,
     });
     peer.writer.write_frame(&forward).await.expect("send");
     let failed = read_until(&mut peer, |f| matches!(f, Frame::Failed { .. })).await;

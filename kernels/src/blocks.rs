@@ -12,6 +12,7 @@
 //! `KV` the key/value heads, `d` the head dimension, `ff` the MLP width.
 
 use candle_core::{Device, Tensor};
+use rayon::prelude::*;
 
 use crate::config::{ModelConfig, RopeFrequencies, RopeStyle};
 use crate::cpu_ops;
@@ -339,35 +340,45 @@ impl Attention {
         })?;
         let y = {
             let _attention = profile::span(Op::Attention);
-            let sequences = step.sequence_rows.iter().zip(caches.iter_mut());
-            let mut start = 0;
+            let starts: Vec<usize> = step
+                .sequence_rows
+                .iter()
+                .scan(0, |start, &n| {
+                    *start += n;
+                    Some(*start - n)
+                })
+                .collect();
             if h.device().is_cpu() {
-                // The sequences' outputs side by side in one buffer.
-                let mut out =
-                    Vec::with_capacity(h.dim(0)? * step.config.n_heads * step.config.head_dim);
-                for (&n, cache) in sequences {
-                    let rows = |t: &Tensor| t.narrow(0, start, n);
-                    let (cos, sin) = rope.values(start, n);
-                    out.extend(attention_cpu(
-                        &rows(&q)?,
-                        &rows(&k)?,
-                        &rows(&v)?,
-                        step.config,
-                        (cos, sin),
-                        &self.options,
-                        cache,
-                    )?);
-                    start += n;
-                }
+                // The sequences of a batch share the compute pool (each
+                // one's rows and heads share it too).
+                let outs = step
+                    .sequence_rows
+                    .par_iter()
+                    .zip(starts.par_iter())
+                    .zip(caches.par_iter_mut())
+                    .map(|((&n, &start), cache)| {
+                        let rows = |t: &Tensor| t.narrow(0, start, n);
+                        attention_cpu(
+                            &rows(&q)?,
+                            &rows(&k)?,
+                            &rows(&v)?,
+                            step.config,
+                            rope.values(start, n),
+                            &self.options,
+                            cache,
+                        )
+                    })
+                    .collect::<Result<Vec<Vec<f32>>>>()?;
                 let rows = h.dim(0)?;
                 Tensor::from_vec(
-                    out,
+                    outs.concat(), // side by side in one buffer
                     (rows, step.config.n_heads * step.config.head_dim),
                     h.device(),
                 )?
             } else {
+                let sequences = step.sequence_rows.iter().zip(starts).zip(caches.iter_mut());
                 let mut outs = Vec::with_capacity(step.sequence_rows.len());
-                for (&n, cache) in sequences {
+                for ((&n, start), cache) in sequences {
                     let rows = |t: &Tensor| t.narrow(0, start, n);
                     outs.push(attention_candle(
                         &rows(&q)?,
@@ -378,7 +389,6 @@ impl Attention {
                         &self.options,
                         cache,
                     )?);
-                    start += n;
                 }
                 Tensor::cat(&outs, 0)?
             }

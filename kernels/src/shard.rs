@@ -198,6 +198,11 @@ impl Shard {
         self.range.is_first()
     }
 
+    /// How many sequences have a KV cache here.
+    pub fn sequences(&self) -> usize {
+        self.caches.len()
+    }
+
     /// Tokens cached so far for `sequence`, or `None` if it has no cache here.
     pub fn sequence_len(&self, sequence: SequenceId) -> Option<usize> {
         self.caches.get(&sequence).map(SequenceCache::len)

@@ -714,6 +714,12 @@ pub struct RingBenchArgs {
     #[arg(long, default_value_t = 0, value_name = "TOKENS")]
     pub prefill_tokens: usize,
 
+    /// Python with llama-cpp-python installed, for llama.cpp's batched
+    /// decoding of as many sequences beside each concurrency round, or
+    /// `off`
+    #[arg(long, default_value = "python3", value_name = "PYTHON|off")]
+    pub llama_cpp: String,
+
     /// Also write the results as JSON to this file
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,

@@ -77,6 +77,22 @@ pub const DEFAULT_KV_CACHE_BYTES: u64 = 2 << 30;
 /// one-token chunk sums attention values in a different order).
 pub const PREFILL_CHUNK_TOKENS: usize = 512;
 
+/// Most token rows one stage step takes: one prompt chunk beside the
+/// decode row of every sequence a node may run. A step's cost grows with
+/// its rows, so this bounds how long running streams wait on a prompt.
+pub const STEP_TOKEN_BUDGET: usize = PREFILL_CHUNK_TOKENS + MAX_ACTIVE_SEQUENCES;
+
+/// How long a stage waits for the rest of a batch whose first jobs it has
+/// (a batch's jobs leave the previous step together, so they arrive
+/// within microseconds; the rest are missing only when they were lost or
+/// cancelled on the way), before it steps without them.
+pub const BATCH_GATHER_LIMIT_MS: u64 = 5;
+
+/// How long an owner holds the next steps of a batch whose tokens have
+/// partly come back, waiting for the rest (as above: they come together
+/// unless lost), before it sends the steps it has.
+pub const BATCH_HOLD_LIMIT_MS: u64 = 5;
+
 /// Seconds between SSE keep-alive comments on an idle stream, so proxies
 /// do not close a connection while a long prompt is prefilled.
 pub const SSE_KEEP_ALIVE_SECS: u64 = 15;

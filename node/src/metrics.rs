@@ -31,8 +31,14 @@ pub struct Metrics {
     pub time_to_first_token: Histogram,
     /// Between a request's consecutive tokens, at its owner.
     pub inter_token_latency: Histogram,
-    /// One job of this node's stage: a prompt chunk or a decode step.
+    /// One step of this node's stage: a batch of decode rows and prompt
+    /// chunks.
     pub stage_step: Histogram,
+    /// Sequences in one step of this node's stage (its batch).
+    pub step_sequences: Histogram,
+    /// Seconds this node's stage spent in steps (its utilisation, as a
+    /// rate).
+    pub stage_busy: Counter<f64, AtomicU64>,
     /// Frame bytes over cluster links: the two members of the
     /// `link_bytes` family, taken once so that counting a frame is one
     /// atomic add.
@@ -95,6 +101,8 @@ impl Metrics {
             time_to_first_token: latency_buckets(),
             inter_token_latency: latency_buckets(),
             stage_step: latency_buckets(),
+            step_sequences: Histogram::new(exponential_buckets(1.0, 2.0, 8)),
+            stage_busy: Counter::default(),
             link_bytes_sent: direction("sent"),
             link_bytes_received: direction("received"),
             recoveries: Counter::default(),
@@ -135,8 +143,18 @@ impl Metrics {
         );
         registry.register(
             "stage_step_seconds",
-            "Time of one job of this node's stage (a prompt chunk or a decode step)",
+            "Time of one step of this node's stage (a batch of decode rows and prompt chunks)",
             metrics.stage_step.clone(),
+        );
+        registry.register(
+            "step_sequences",
+            "Sequences in one step of this node's stage (its batch)",
+            metrics.step_sequences.clone(),
+        );
+        registry.register(
+            "stage_busy_seconds",
+            "Time this node's stage spent in steps; its rate is the stage's utilisation",
+            metrics.stage_busy.clone(),
         );
         registry.register(
             "link_bytes",

@@ -8,6 +8,13 @@
 //! carries that owner's route (`R`), which the stage hands back untouched
 //! with the job's output, through the `emit` function it was started with.
 //!
+//! A stage batches: each step takes every forward job waiting for it (up
+//! to `STEP_TOKEN_BUDGET` rows and the micro-batch size), so one pass over
+//! the weights serves the next token of every running sequence, and new
+//! sequences join at the next step. Jobs that left one step together
+//! carry a [`BatchTag`], and a stage that has some of a batch waits a
+//! moment for the rest, so batches do not fall apart on the way.
+//!
 //! A stage also says how it is doing ([`StageProgress`]): the step it is
 //! running and how long steps of each kind take here, so that a stage that
 //! stopped making progress (a deadlocked thread) is told apart from a slow
@@ -19,13 +26,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use std::collections::VecDeque;
+
 use kernels::{
-    Grammars, LayerRange, Sampler, SamplingParams, SequenceId, Shard, ShardInput, ShardOutput,
-    Tensor, TokenLogprobs,
+    Grammars, LayerRange, Sampler, SamplingParams, SequenceId, SequenceStep, Shard, ShardInput,
+    ShardOutput, Tensor, TokenLogprobs,
 };
 use tokio::sync::mpsc;
 
-use crate::limits::{STAGE_STALL_FACTOR, STAGE_STALL_SLACK_MS};
+use crate::limits::{
+    BATCH_GATHER_LIMIT_MS, MAX_ACTIVE_SEQUENCES, MAX_NODES, STAGE_QUEUE_LEN, STAGE_STALL_FACTOR,
+    STAGE_STALL_SLACK_MS, STEP_TOKEN_BUDGET,
+};
 
 /// Whether the last stage samples after this job, and with what. Also part
 /// of the link protocol (`ForwardFrame`): changing it changes
@@ -50,6 +62,65 @@ pub enum Sample {
     Continue,
 }
 
+/// Jobs (or tokens) that left one step together: `size` of them carry the
+/// same `id`, and whoever takes them next takes them together. Part of
+/// the link protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BatchTag {
+    pub id: u64,
+    pub size: u32,
+}
+
+impl BatchTag {
+    /// A tag for `size` jobs (`None` for a single one: nothing to wait for).
+    pub fn for_size(size: usize) -> Option<Self> {
+        (size > 1).then(|| Self {
+            id: rand::random(),
+            size: u32::try_from(size).unwrap_or(u32::MAX),
+        })
+    }
+}
+
+/// Tags the outputs of one step: the hidden states going on (all to the
+/// next stage) as one batch, and the tokens as one batch per owner
+/// (`owner_of` a route).
+pub fn tag_batches<R, K: Eq + std::hash::Hash>(
+    outputs: &mut [StageOutput<R>],
+    owner_of: impl Fn(&R) -> K,
+) {
+    let onward = outputs
+        .iter()
+        .filter(|o| matches!(o, StageOutput::Next { .. }))
+        .count();
+    let onward_tag = BatchTag::for_size(onward);
+    let mut tokens: HashMap<K, usize> = HashMap::new();
+    for output in outputs.iter() {
+        if let StageOutput::Done {
+            route,
+            result: StageResult::Token { .. },
+            ..
+        } = output
+        {
+            *tokens.entry(owner_of(route)).or_default() += 1;
+        }
+    }
+    let token_tags: HashMap<K, Option<BatchTag>> = tokens
+        .into_iter()
+        .map(|(owner, n)| (owner, BatchTag::for_size(n)))
+        .collect();
+    for output in outputs.iter_mut() {
+        match output {
+            StageOutput::Next { batch, .. } => *batch = onward_tag,
+            StageOutput::Done {
+                route,
+                result: StageResult::Token { batch, .. },
+                ..
+            } => *batch = token_tags.get(&owner_of(route)).copied().flatten(),
+            StageOutput::Done { .. } => {}
+        }
+    }
+}
+
 /// Work for a stage. `R` is the route of whoever runs the stage, handed
 /// back with the output (`()` for the engine's own stage).
 #[derive(Debug)]
@@ -69,6 +140,8 @@ pub enum StageJob<R = ()> {
         /// When the previous stage's output was ready, or the owner's
         /// coordinator sent a decode step (Unix µs), for the hop time.
         sent_at: Option<u64>,
+        /// The batch this job left its last step with, if any.
+        batch: Option<BatchTag>,
     },
     /// Forget `sequence`: free its KV cache and sampler.
     Release { sequence: SequenceId },
@@ -94,6 +167,9 @@ pub enum StageResult {
         token: u32,
         /// When the request asked for log probabilities.
         logprobs: Option<TokenLogprobs>,
+        /// The tokens of this owner's sequences sampled in the same step:
+        /// the owner sends their next steps together.
+        batch: Option<BatchTag>,
     },
     /// A prompt chunk went through every layer; send the next.
     ChunkDone { sequence: SequenceId },
@@ -130,6 +206,8 @@ pub enum StageOutput<R> {
         route: R,
         /// When the hidden states were ready (Unix µs).
         ready_at: u64,
+        /// Set by [`tag_batches`].
+        batch: Option<BatchTag>,
     },
     /// A result for the request's owner.
     Done {
@@ -301,63 +379,60 @@ pub struct Spawned {
 
 /// Starts a thread that runs `shard` over the jobs it receives until the
 /// job channel closes or `emit` returns false (its receiver is gone).
+/// `emit` gets the outputs of each step together. With `micro_batches`
+/// above 1 (the stages of a ring), a step takes at most that share of the
+/// sequences held here, so that the running sequences travel the ring in
+/// that many groups and every stage has work.
 pub fn spawn<R: Send + 'static>(
     shard: Shard,
     grammars: Arc<Grammars>,
     jobs: mpsc::Receiver<StageJob<R>>,
+    micro_batches: usize,
     fault: Option<TestFault>,
-    emit: impl FnMut(StageOutput<R>) -> bool + Send + 'static,
+    emit: impl FnMut(Vec<StageOutput<R>>) -> bool + Send + 'static,
 ) -> std::io::Result<Spawned> {
     let name = format!("ringlet-stage-{}", shard.range());
     let progress = Arc::new(StageProgress::new());
     let shared = Arc::clone(&progress);
     let thread = std::thread::Builder::new().name(name).spawn(move || {
-        run(shard, &grammars, jobs, &shared, fault, emit);
+        let queue = JobQueue::new(jobs, micro_batches.max(1));
+        run(shard, &grammars, queue, &shared, fault, emit);
         shared.ended.store(1, Ordering::Release);
     })?;
     Ok(Spawned { thread, progress })
 }
 
+/// What a job's output needs besides the step's result: whose it is and
+/// where it goes.
+struct OutputOf<R> {
+    sequence: SequenceId,
+    position: usize,
+    token_by_token: bool,
+    route: R,
+}
+
+/// A forward job taken into a step: its work, where its output goes, and
+/// when it was sent.
+struct Taken<R> {
+    job: Job,
+    route: R,
+    sent_at: Option<u64>,
+}
+
 fn run<R>(
     mut shard: Shard,
     grammars: &Grammars,
-    mut jobs: mpsc::Receiver<StageJob<R>>,
+    mut queue: JobQueue<R>,
     progress: &StageProgress,
     fault: Option<TestFault>,
-    mut emit: impl FnMut(StageOutput<R>) -> bool,
+    mut emit: impl FnMut(Vec<StageOutput<R>>) -> bool,
 ) {
     warm_up(&mut shard, progress);
     let mut samplers: HashMap<SequenceId, Sampler> = HashMap::new();
     let mut steps = 0u64;
-    while let Some(job) = jobs.blocking_recv() {
-        let (job, route, sent_at) = match job {
-            StageJob::Release { sequence } => {
-                shard.release(sequence);
-                samplers.remove(&sequence);
-                continue;
-            }
-            StageJob::Forward {
-                sequence,
-                position,
-                input,
-                sample,
-                token_by_token,
-                route,
-                sent_at,
-            } => (
-                Job {
-                    sequence,
-                    position,
-                    input,
-                    sample,
-                    token_by_token,
-                },
-                route,
-                sent_at,
-            ),
-        };
-        let (sequence, position, token_by_token) = (job.sequence, job.position, job.token_by_token);
-        let tokens = job.input.len();
+    while let Some(batch) = queue.next_batch(&mut shard, &mut samplers) {
+        let tokens: usize = batch.iter().map(|t| t.job.input.len()).sum();
+        let token_by_token = batch.iter().any(|t| t.job.token_by_token);
         match fault {
             Some(TestFault::HangAfter(n)) if steps >= n => {
                 tracing::warn!("stage thread hanging on purpose (RINGLET_TEST_STAGE_FAULT)");
@@ -373,35 +448,36 @@ fn run<R>(
             _ => {}
         }
         steps += 1;
-        if let Some(sent_at) = sent_at.filter(|_| tokens == 1) {
-            crate::metrics::observe_hop(&crate::metrics::global().hop_into_stage, sent_at);
+        let metrics = crate::metrics::global();
+        for taken in &batch {
+            if let Some(sent_at) = taken.sent_at.filter(|_| taken.job.input.len() == 1) {
+                crate::metrics::observe_hop(&metrics.hop_into_stage, sent_at);
+            }
         }
+        metrics.step_sequences.observe(batch.len() as f64);
+        let (jobs, metas): (Vec<Job>, Vec<OutputOf<R>>) = batch
+            .into_iter()
+            .map(|t| {
+                let meta = OutputOf {
+                    sequence: t.job.sequence,
+                    position: t.job.position,
+                    token_by_token: t.job.token_by_token,
+                    route: t.route,
+                };
+                (t.job, meta)
+            })
+            .unzip();
         progress.step_started(tokens, token_by_token);
-        // A panic here is a bug; it fails this request, not the node.
+        // A panic here is a bug; it fails this step's requests, not the node.
         let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            step(&mut shard, grammars, &mut samplers, job)
+            step_batch(&mut shard, grammars, &mut samplers, jobs)
         }));
         if let Some(micros) = progress.step_ended(tokens, token_by_token) {
-            crate::metrics::global()
-                .stage_step
-                .observe(micros as f64 / 1e6);
+            metrics.stage_step.observe(micros as f64 / 1e6);
+            metrics.stage_busy.inc_by(micros as f64 / 1e6);
         }
-        let output = match stepped {
-            Ok(Ok(Stepped::Hidden(hidden, sample))) => StageOutput::Next {
-                sequence,
-                position,
-                hidden,
-                sample,
-                token_by_token,
-                route,
-                ready_at: crate::unix_micros(),
-            },
-            Ok(Ok(Stepped::Result(result))) => StageOutput::Done {
-                route,
-                result,
-                ready_at: crate::unix_micros(),
-            },
-            Ok(Err(message)) => fail(&mut shard, &mut samplers, sequence, route, message),
+        let stepped: Vec<Result<Stepped, String>> = match stepped {
+            Ok(stepped) => stepped,
             Err(panic) => {
                 let message = format!(
                     "internal error in stage {}: {}",
@@ -409,23 +485,53 @@ fn run<R>(
                     panic_message(panic.as_ref())
                 );
                 tracing::error!(%message, "a stage step panicked");
-                fail(&mut shard, &mut samplers, sequence, route, message)
+                metas.iter().map(|_| Err(message.clone())).collect()
             }
         };
-        let sampled = matches!(
-            output,
-            StageOutput::Done {
-                result: StageResult::Token { .. },
-                ..
-            }
-        );
-        if !emit(output) {
+        let ready_at = crate::unix_micros();
+        let mut sampled = Vec::new();
+        let mut outputs = Vec::with_capacity(metas.len());
+        for (meta, stepped) in metas.into_iter().zip(stepped) {
+            let OutputOf {
+                sequence,
+                position,
+                token_by_token,
+                route,
+            } = meta;
+            outputs.push(match stepped {
+                Ok(Stepped::Hidden(hidden, sample)) => StageOutput::Next {
+                    sequence,
+                    position,
+                    hidden,
+                    sample,
+                    token_by_token,
+                    route,
+                    ready_at,
+                    batch: None,
+                },
+                Ok(Stepped::Result(result)) => {
+                    if matches!(result, StageResult::Token { .. }) {
+                        sampled.push(sequence);
+                    }
+                    StageOutput::Done {
+                        route,
+                        result,
+                        ready_at,
+                    }
+                }
+                Err(message) => fail(&mut shard, &mut samplers, sequence, route, message),
+            });
+        }
+        if !emit(outputs) {
             break; // nobody listens: the node is shutting down
         }
-        // With the token on its way, the grammar's next mask is computed
-        // while the next forward pass runs (on the other stages, or while
-        // the owner handles the token).
-        if sampled && let Some(sampler) = samplers.get_mut(&sequence) {
+        // With the tokens on their way, the grammars' next masks are
+        // computed while the next forward pass runs (on the other stages,
+        // or while the owners handle the tokens).
+        for sequence in sampled {
+            let Some(sampler) = samplers.get_mut(&sequence) else {
+                continue;
+            };
             // The grammar engine works on a user's schema: a panic in it
             // fails that request (its sampler is gone, so its next step
             // reports it), not the stage.
@@ -444,6 +550,219 @@ fn run<R>(
         }
     }
     tracing::debug!(range = %shard.range(), "stage stopped");
+}
+
+/// A stage's incoming jobs: the channel, and the jobs received but not
+/// yet run (a step takes the batch it can; the rest wait, in order).
+struct JobQueue<R> {
+    jobs: mpsc::Receiver<StageJob<R>>,
+    pending: VecDeque<StageJob<R>>,
+    micro_batches: usize,
+    /// Members of each batch received so far, for the batches that still
+    /// have members on the way.
+    arrived: HashMap<u64, u32>,
+    /// Waits for a batch's late members with a deadline (`None` if it
+    /// could not be built: the stage then never waits).
+    timer: Option<tokio::runtime::Runtime>,
+}
+
+impl<R> JobQueue<R> {
+    fn new(jobs: mpsc::Receiver<StageJob<R>>, micro_batches: usize) -> Self {
+        let timer = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(|error| {
+                tracing::warn!(%error, "cannot build the stage's timer; batches are not waited for");
+            })
+            .ok();
+        Self {
+            jobs,
+            pending: VecDeque::new(),
+            micro_batches,
+            arrived: HashMap::new(),
+            timer,
+        }
+    }
+
+    fn push(&mut self, job: StageJob<R>) {
+        if let StageJob::Forward {
+            batch: Some(tag), ..
+        } = &job
+        {
+            if self.arrived.len() > STAGE_QUEUE_LEN {
+                self.arrived.clear(); // members that never came: forget them
+            }
+            let arrived = self.arrived.entry(tag.id).or_default();
+            *arrived += 1;
+            if *arrived >= tag.size {
+                self.arrived.remove(&tag.id);
+            }
+        }
+        self.pending.push_back(job);
+    }
+
+    fn drain(&mut self) {
+        while let Ok(job) = self.jobs.try_recv() {
+            self.push(job);
+        }
+    }
+
+    /// Members of the batches waiting here that have not arrived yet.
+    fn missing(&self) -> u32 {
+        let mut seen: Vec<u64> = Vec::new();
+        let mut missing = 0;
+        for job in &self.pending {
+            if let StageJob::Forward {
+                batch: Some(tag), ..
+            } = job
+                && !seen.contains(&tag.id)
+            {
+                seen.push(tag.id);
+                if let Some(&arrived) = self.arrived.get(&tag.id) {
+                    missing += tag.size.saturating_sub(arrived);
+                }
+            }
+        }
+        missing
+    }
+
+    /// Forward jobs waiting here.
+    fn forwards(&self) -> usize {
+        self.pending
+            .iter()
+            .filter(|j| matches!(j, StageJob::Forward { .. }))
+            .count()
+    }
+
+    /// How many sequences one step takes: every sequence held here (or
+    /// waiting to start), or with micro batches that share of them.
+    fn batch_cap(&self, shard: &Shard) -> usize {
+        shard
+            .sequences()
+            .max(self.forwards())
+            .div_ceil(self.micro_batches)
+            .clamp(1, MAX_ACTIVE_SEQUENCES * MAX_NODES)
+    }
+
+    /// The next step's jobs, waiting for one if none is queued; releases
+    /// met on the way are done at once. `None` when the channel closed.
+    fn next_batch(
+        &mut self,
+        shard: &mut Shard,
+        samplers: &mut HashMap<SequenceId, Sampler>,
+    ) -> Option<Vec<Taken<R>>> {
+        loop {
+            if self.pending.is_empty() {
+                let job = self.jobs.blocking_recv()?;
+                self.push(job);
+            }
+            let cap = self.batch_cap(shard);
+            self.gather(cap);
+            let batch = self.take(cap, shard, samplers);
+            if !batch.is_empty() {
+                return Some(batch);
+            }
+        }
+    }
+
+    /// Receives what is queued, then waits (a bounded while) for the
+    /// missing members of the batches it has and, where this stage is the
+    /// whole ring, for every sequence it holds: their owners send their
+    /// next jobs within a millisecond or so, and without this wait two
+    /// halves of the running sequences would take turns for ever, each
+    /// step reading the weights for half of them. (In a ring of several
+    /// stages the sequences not here are other micro-batches, on other
+    /// stages: they are not waited for.)
+    fn gather(&mut self, cap: usize) {
+        self.drain();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(BATCH_GATHER_LIMIT_MS);
+        while self.forwards() < cap && (self.missing() > 0 || self.micro_batches == 1) {
+            let Some(timer) = &self.timer else {
+                return;
+            };
+            let jobs = &mut self.jobs;
+            // The timeout is made inside the timer's runtime: it needs
+            // its clock.
+            let received =
+                timer.block_on(async { tokio::time::timeout_at(deadline, jobs.recv()).await });
+            match received {
+                Ok(Some(job)) => {
+                    self.push(job);
+                    self.drain();
+                }
+                Ok(None) | Err(_) => return, // closed, or waited long enough
+            }
+        }
+    }
+
+    /// Takes the jobs of the next step from the front of the queue, in
+    /// order: forward jobs up to `cap` sequences and the token budget (a
+    /// replay, run token by token, goes alone); a release of a sequence
+    /// not in the step is done at once, one of a sequence in it ends the
+    /// step (its job runs first).
+    fn take(
+        &mut self,
+        cap: usize,
+        shard: &mut Shard,
+        samplers: &mut HashMap<SequenceId, Sampler>,
+    ) -> Vec<Taken<R>> {
+        let mut batch: Vec<Taken<R>> = Vec::new();
+        let mut tokens = 0;
+        while let Some(front) = self.pending.front() {
+            let n = match front {
+                StageJob::Release { sequence } => {
+                    let sequence = *sequence;
+                    if batch.iter().any(|t| t.job.sequence == sequence) {
+                        break;
+                    }
+                    self.pending.pop_front();
+                    shard.release(sequence);
+                    samplers.remove(&sequence);
+                    continue;
+                }
+                StageJob::Forward {
+                    sequence,
+                    input,
+                    token_by_token,
+                    ..
+                } => {
+                    let n = input.len();
+                    let full = batch.len() >= cap || tokens + n > STEP_TOKEN_BUDGET;
+                    let alone = *token_by_token || batch.iter().any(|t| t.job.token_by_token);
+                    let twice = batch.iter().any(|t| t.job.sequence == *sequence);
+                    if !batch.is_empty() && (full || alone || twice) {
+                        break;
+                    }
+                    n
+                }
+            };
+            if let Some(StageJob::Forward {
+                sequence,
+                position,
+                input,
+                sample,
+                token_by_token,
+                route,
+                sent_at,
+                ..
+            }) = self.pending.pop_front()
+            {
+                tokens += n;
+                batch.push(Taken {
+                    job: Job {
+                        sequence,
+                        position,
+                        input,
+                        sample,
+                        token_by_token,
+                    },
+                    route,
+                    sent_at,
+                });
+            }
+        }
+        batch
+    }
 }
 
 /// The sequence id of the warm-up step: never a request's (requests
@@ -518,27 +837,57 @@ struct Job {
     token_by_token: bool,
 }
 
-fn step(
+/// Runs a step's jobs: one alone as it asks (a replay token by token),
+/// several as one batch through the shard; then samples where the shard
+/// gave logits. One result per job, in order.
+fn step_batch(
     shard: &mut Shard,
     grammars: &Grammars,
     samplers: &mut HashMap<SequenceId, Sampler>,
-    job: Job,
+    mut jobs: Vec<Job>,
+) -> Vec<Result<Stepped, String>> {
+    let range = shard.range();
+    if jobs.len() == 1
+        && jobs[0].token_by_token
+        && let Some(job) = jobs.pop()
+    {
+        let output = forward_token_by_token(shard, job.sequence, job.position, job.input);
+        return vec![
+            output.and_then(|o| finish(range, grammars, samplers, job.sequence, job.sample, o)),
+        ];
+    }
+    let (steps, rest): (Vec<SequenceStep>, Vec<(SequenceId, Sample)>) = jobs
+        .into_iter()
+        .map(|job| {
+            let step = SequenceStep {
+                sequence: job.sequence,
+                position: job.position,
+                input: job.input,
+            };
+            (step, (job.sequence, job.sample))
+        })
+        .unzip();
+    shard
+        .forward_batch(steps)
+        .into_iter()
+        .zip(rest)
+        .map(|(output, (sequence, sample))| {
+            let output = output.map_err(|e| e.to_string())?;
+            finish(range, grammars, samplers, sequence, sample, output)
+        })
+        .collect()
+}
+
+/// What a sequence's step gives, from the shard's output: hidden states
+/// to pass on, or (from the last stage) a token sampled from the logits.
+fn finish(
+    range: LayerRange,
+    grammars: &Grammars,
+    samplers: &mut HashMap<SequenceId, Sampler>,
+    sequence: SequenceId,
+    sample: Sample,
+    output: ShardOutput,
 ) -> Result<Stepped, String> {
-    let Job {
-        sequence,
-        position,
-        input,
-        sample,
-        token_by_token,
-    } = job;
-    let range: LayerRange = shard.range();
-    let output = if token_by_token {
-        forward_token_by_token(shard, sequence, position, input)?
-    } else {
-        shard
-            .forward(sequence, position, input)
-            .map_err(|e| e.to_string())?
-    };
     let logits = match output {
         ShardOutput::Hidden(hidden) => return Ok(Stepped::Hidden(hidden, sample)),
         ShardOutput::Logits(logits) => logits,
@@ -570,6 +919,7 @@ fn step(
         sequence,
         token: sampled.token,
         logprobs: sampled.logprobs,
+        batch: None,
     }))
 }
 

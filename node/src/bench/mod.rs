@@ -297,6 +297,25 @@ struct LlamaCpp {
     threads: usize,
 }
 
+/// Whether `python` can import llama-cpp-python (and numpy, which it
+/// brings); if not, says so, as what is `skipped`, and how to install it.
+pub(super) async fn python_imports_llama_cpp(python: &str, skipped: &str) -> bool {
+    let import = Command::new(python)
+        .args(["-c", "import llama_cpp, numpy"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await;
+    let imports = import.is_ok_and(|s| s.success());
+    if !imports {
+        eprintln!(
+            "{skipped} skipped: `{python}` cannot import llama_cpp. Install it with\n  \
+             CMAKE_ARGS=\"-DGGML_NATIVE=ON\" pip install llama-cpp-python\n(see README \"Benchmarks\"), or pass --llama-cpp off"
+        );
+    }
+    imports
+}
+
 impl LlamaCpp {
     /// `None` (with a message saying why) when the comparison is off or
     /// llama-cpp-python is missing.
@@ -304,17 +323,7 @@ impl LlamaCpp {
         if python == "off" {
             return None;
         }
-        let import = Command::new(python)
-            .args(["-c", "import llama_cpp"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .await;
-        if !import.is_ok_and(|s| s.success()) {
-            eprintln!(
-                "llama.cpp comparison skipped: `{python}` cannot import llama_cpp. Install it with\n  \
-                 CMAKE_ARGS=\"-DGGML_NATIVE=ON\" pip install llama-cpp-python\n(see README \"Benchmarks\"), or pass --llama-cpp off"
-            );
+        if !python_imports_llama_cpp(python, "llama.cpp comparison").await {
             return None;
         }
         let dir = std::env::temp_dir();

@@ -34,6 +34,9 @@ calculators of Pascal and Leibniz, continue with Babbage's engines and Ada Lovel
 electronic machines of the 1940s, the invention of the transistor and the integrated circuit, the rise of \
 personal computers, and end with today's networks of machines that share their work.";
 
+/// `node/bench/llama_cpp_batched.py`, run with the user's Python.
+const LLAMA_CPP_BATCHED: &str = include_str!("../../bench/llama_cpp_batched.py");
+
 const START_TIMEOUT: Duration = Duration::from_secs(BENCH_RING_START_TIMEOUT_SECS);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(BENCH_REQUEST_TIMEOUT_SECS);
 
@@ -45,6 +48,14 @@ pub struct StreamTiming {
     pub decode_tok_s: f64,
     pub completion_tokens: usize,
     pub total_s: f64,
+    /// Seconds between consecutive pieces of text (inter-token latency).
+    #[serde(skip)]
+    pub gaps_s: Vec<f64>,
+    /// When the first and the last text came.
+    #[serde(skip)]
+    pub first_at: Option<Instant>,
+    #[serde(skip)]
+    pub last_at: Option<Instant>,
 }
 
 #[derive(Debug, Serialize)]
@@ -87,9 +98,29 @@ struct PrefillReport {
 struct ConcurrencyReport {
     nodes: usize,
     streams: usize,
-    /// Completion tokens of all streams over the wall time of the batch.
+    /// Completion tokens of all streams over the wall time of the batch
+    /// (their prefill included).
     aggregate_tok_s: Vec<f64>,
     median_aggregate_tok_s: f64,
+    /// The tokens after each stream's first, over the time from the last
+    /// first token to the last token (decode alone).
+    median_decode_aggregate_tok_s: f64,
+    /// One stream's gaps between tokens while the others run (every
+    /// round's first stream), median and 99th percentile.
+    itl_median_ms: f64,
+    itl_p99_ms: f64,
+    /// Each node's stage busy share of the rounds' wall time.
+    stage_busy: Vec<f64>,
+    /// llama.cpp's batched decoding of as many copies of the same prompt
+    /// (`--llama-cpp`), alternated with ringlet's rounds.
+    llama_cpp: Option<LlamaBatchedReport>,
+}
+
+/// llama.cpp's batched rounds for one stream count.
+#[derive(Debug, Serialize)]
+struct LlamaBatchedReport {
+    median_aggregate_tok_s: f64,
+    median_decode_aggregate_tok_s: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -253,27 +284,81 @@ pub async fn bench(args: RingBenchArgs) -> anyhow::Result<()> {
     }
 
     let largest = rings.get(sizes.len() - 1).context("no ring")?;
+    let llama = match args.llama_cpp.as_str() {
+        "off" => None,
+        python => {
+            LlamaBatched::find(
+                python,
+                &model.path,
+                args.threads,
+                &body_prompt_ids(&model.path)?,
+            )
+            .await
+        }
+    };
     let mut concurrency = Vec::new();
     for &streams in &args.streams {
-        let mut rates = Vec::new();
+        let (mut rates, mut decode_rates, mut gaps) = (Vec::new(), Vec::new(), Vec::new());
+        let mut llama_rates: Vec<(f64, f64)> = Vec::new();
+        let busy_before = stage_busy_seconds(largest).await?;
+        let mut wall = 0.0;
         for round in 1..=args.rounds {
             let started = Instant::now();
             let batch = (0..streams).map(|i| stream(largest[i % largest.len()].addr, &body));
             let timings = futures_util::future::try_join_all(batch).await?;
+            wall += started.elapsed().as_secs_f64();
             let tokens: usize = timings.iter().map(|t| t.completion_tokens).sum();
             let rate = tokens as f64 / started.elapsed().as_secs_f64();
+            let decode_rate = decode_aggregate(&timings);
+            gaps.extend(
+                timings
+                    .first()
+                    .map(|t| t.gaps_s.clone())
+                    .unwrap_or_default(),
+            );
             eprintln!(
-                "  round {round}/{}: {streams} streams on {} nodes: {rate:6.1} tok/s together",
+                "  round {round}/{}: {streams} streams on {} nodes: {rate:6.1} tok/s together ({decode_rate:6.1} decoding)",
                 args.rounds,
                 largest.len()
             );
             rates.push(rate);
+            decode_rates.push(decode_rate);
+            if let Some(llama) = &llama {
+                let (aggregate, decode) = llama.round(streams, args.decode_tokens).await?;
+                eprintln!(
+                    "  round {round}/{}: llama.cpp batched, {streams} sequences: {aggregate:6.1} tok/s together ({decode:6.1} decoding)",
+                    args.rounds
+                );
+                llama_rates.push((aggregate, decode));
+            }
         }
+        let busy_after = stage_busy_seconds(largest).await?;
+        gaps.sort_by(f64::total_cmp);
+        let percentile = |p: f64| {
+            gaps.get(((gaps.len() as f64 * p) as usize).min(gaps.len().saturating_sub(1)))
+                .map_or(0.0, |g| g * 1e3)
+        };
         concurrency.push(ConcurrencyReport {
             nodes: largest.len(),
             streams,
             median_aggregate_tok_s: median(&rates),
             aggregate_tok_s: rates,
+            median_decode_aggregate_tok_s: median(&decode_rates),
+            itl_median_ms: percentile(0.5),
+            itl_p99_ms: percentile(0.99),
+            stage_busy: busy_before
+                .iter()
+                .zip(&busy_after)
+                .map(|(before, after)| (after - before) / wall.max(f64::MIN_POSITIVE))
+                .collect(),
+            llama_cpp: (!llama_rates.is_empty()).then(|| LlamaBatchedReport {
+                median_aggregate_tok_s: median(
+                    &llama_rates.iter().map(|r| r.0).collect::<Vec<_>>(),
+                ),
+                median_decode_aggregate_tok_s: median(
+                    &llama_rates.iter().map(|r| r.1).collect::<Vec<_>>(),
+                ),
+            }),
         });
     }
 
@@ -634,7 +719,8 @@ pub(super) async fn stream(addr: SocketAddr, body: &str) -> anyhow::Result<Strea
 async fn stream_inner(addr: SocketAddr, body: &str) -> anyhow::Result<StreamTiming> {
     let started = Instant::now();
     let mut socket = send_chat(addr, body).await?;
-    let (mut first, mut last, mut tokens, mut prompt_tokens) = (None, None, None, 0);
+    let (mut first, mut last, mut tokens, mut prompt_tokens) = (None, None::<Instant>, None, 0);
+    let mut gaps_s = Vec::new();
     read_chunks(&mut socket, |chunk| {
         if chunk["choices"][0]["delta"]["content"]
             .as_str()
@@ -642,6 +728,9 @@ async fn stream_inner(addr: SocketAddr, body: &str) -> anyhow::Result<StreamTimi
         {
             let now = Instant::now();
             first.get_or_insert(now);
+            if let Some(last) = last {
+                gaps_s.push((now - last).as_secs_f64());
+            }
             last = Some(now);
         }
         if let Some(n) = chunk["usage"]["completion_tokens"].as_u64() {
@@ -662,7 +751,130 @@ async fn stream_inner(addr: SocketAddr, body: &str) -> anyhow::Result<StreamTimi
         decode_tok_s: crate::engine::decode_rate(tokens, (last - first).as_secs_f64()),
         completion_tokens: tokens,
         total_s: started.elapsed().as_secs_f64(),
+        gaps_s,
+        first_at: Some(first),
+        last_at: Some(last),
     })
+}
+
+/// Concurrent streams' decode rate: the tokens after each one's first,
+/// over the time from the last first token to the last token.
+fn decode_aggregate(timings: &[StreamTiming]) -> f64 {
+    let all_started = timings.iter().filter_map(|t| t.first_at).max();
+    let all_done = timings.iter().filter_map(|t| t.last_at).max();
+    let tokens: usize = timings
+        .iter()
+        .map(|t| t.completion_tokens.saturating_sub(1))
+        .sum();
+    match (all_started, all_done) {
+        (Some(start), Some(end)) if end > start => tokens as f64 / (end - start).as_secs_f64(),
+        _ => 0.0,
+    }
+}
+
+/// Each node's `ringlet_stage_busy_seconds_total`.
+async fn stage_busy_seconds(ring: &[BenchNode]) -> anyhow::Result<Vec<f64>> {
+    let mut busy = Vec::new();
+    for node in ring {
+        let text = get_text(node.addr, "/metrics").await?;
+        busy.push(
+            text.lines()
+                .find_map(|l| l.strip_prefix("ringlet_stage_busy_seconds_total "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0),
+        );
+    }
+    Ok(busy)
+}
+
+/// The token ids of the benchmark's prompt, as a node renders it.
+fn body_prompt_ids(model: &std::path::Path) -> anyhow::Result<Vec<u32>> {
+    let file = kernels::ModelFile::open(model)?;
+    let tokenizer = std::sync::Arc::new(file.tokenizer()?);
+    let template = file.chat_template(&tokenizer)?;
+    let prompt =
+        crate::prompt::PromptBuilder::new(tokenizer, template, file.config().context_length);
+    Ok(prompt.tokens(&[kernels::ChatMessage::new("user", PROMPT)])?)
+}
+
+/// llama.cpp's batched decoding through llama-cpp-python's low-level API
+/// (`bench/llama_cpp_batched.py`), the anchor of the concurrency table.
+struct LlamaBatched {
+    python: String,
+    script: std::path::PathBuf,
+    prompt: Vec<u32>,
+    model: std::path::PathBuf,
+    threads: usize,
+}
+
+impl LlamaBatched {
+    /// `None` (with a message saying why) when llama-cpp-python is missing.
+    async fn find(
+        python: &str,
+        model: &std::path::Path,
+        threads: usize,
+        prompt: &[u32],
+    ) -> Option<Self> {
+        if !super::python_imports_llama_cpp(python, "llama.cpp's batched anchor").await {
+            return None;
+        }
+        let script = std::env::temp_dir().join(format!(
+            "ringlet-bench-llama-cpp-batched-{}.py",
+            std::process::id()
+        ));
+        if let Err(error) = std::fs::write(&script, LLAMA_CPP_BATCHED) {
+            eprintln!(
+                "llama.cpp's batched anchor skipped: cannot write {}: {error}",
+                script.display()
+            );
+            return None;
+        }
+        Some(Self {
+            python: python.to_string(),
+            script,
+            prompt: prompt.to_vec(),
+            model: model.to_path_buf(),
+            threads,
+        })
+    }
+
+    /// One round of `sequences` copies of the prompt, `decode_tokens`
+    /// each: (aggregate, decode-only aggregate) tok/s.
+    async fn round(&self, sequences: usize, decode_tokens: usize) -> anyhow::Result<(f64, f64)> {
+        let prompts = self.script.with_extension(format!("{sequences}.json"));
+        std::fs::write(
+            &prompts,
+            serde_json::to_string(&vec![&self.prompt; sequences])?,
+        )?;
+        let output = Command::new(&self.python)
+            .arg(&self.script)
+            .arg(&self.model)
+            .arg(self.threads.to_string())
+            .arg(&prompts)
+            .arg(decode_tokens.to_string())
+            .output()
+            .await
+            .context("cannot run llama.cpp's batched round")?;
+        let _ = std::fs::remove_file(&prompts);
+        if !output.status.success() {
+            bail!(
+                "llama.cpp's batched round failed: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout)
+            .context("llama.cpp's batched round printed no JSON")?;
+        Ok((
+            report["aggregate_tok_s"].as_f64().unwrap_or(0.0),
+            report["decode_aggregate_tok_s"].as_f64().unwrap_or(0.0),
+        ))
+    }
+}
+
+impl Drop for LlamaBatched {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.script);
+    }
 }
 
 /// Sends a chat completion request over HTTP/1.0; the answer is read from
@@ -849,16 +1061,40 @@ fn print_tables(report: &Report) {
     if let Some(single) = report.concurrency.first() {
         println!();
         println!(
-            "| streams on {} nodes | aggregate tok/s | vs {} stream |",
-            single.nodes, single.streams
+            "Concurrent greedy streams on {} nodes (aggregate: all tokens over the wall time, prefill included; decoding: after every stream's first token):",
+            single.nodes
         );
-        println!("|---:|---:|---:|");
+        println!(
+            "| streams | aggregate tok/s | vs {} stream | decoding tok/s | llama.cpp batched aggregate | decoding | ringlet / llama.cpp | one stream's inter-token ms, median / p99 | stage busy |",
+            single.streams
+        );
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---|");
         for c in &report.concurrency {
+            let (llama_aggregate, llama_decode, ratio) = match &c.llama_cpp {
+                Some(l) => (
+                    format!("{:.1}", l.median_aggregate_tok_s),
+                    format!("{:.1}", l.median_decode_aggregate_tok_s),
+                    format!(
+                        "{:.2}",
+                        c.median_aggregate_tok_s / l.median_aggregate_tok_s.max(f64::MIN_POSITIVE)
+                    ),
+                ),
+                None => ("-".into(), "-".into(), "-".into()),
+            };
+            let busy: Vec<String> = c
+                .stage_busy
+                .iter()
+                .map(|b| format!("{:.0}%", b * 100.0))
+                .collect();
             println!(
-                "| {} | {:.1} | {:.2} |",
+                "| {} | {:.1} | {:.2} | {:.1} | {llama_aggregate} | {llama_decode} | {ratio} | {:.1} / {:.1} | {} |",
                 c.streams,
                 c.median_aggregate_tok_s,
-                c.median_aggregate_tok_s / single.median_aggregate_tok_s.max(f64::MIN_POSITIVE)
+                c.median_aggregate_tok_s / single.median_aggregate_tok_s.max(f64::MIN_POSITIVE),
+                c.median_decode_aggregate_tok_s,
+                c.itl_median_ms,
+                c.itl_p99_ms,
+                busy.join(" ")
             );
         }
     }

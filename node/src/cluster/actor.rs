@@ -346,8 +346,8 @@ impl Cluster {
                 true
             }
             ClusterEvent::Frame { from, frame } => self.on_frame(from, frame),
-            ClusterEvent::FromStage(output) => {
-                self.on_stage_output(output);
+            ClusterEvent::FromStage(outputs) => {
+                self.on_stage_outputs(outputs);
                 false
             }
             ClusterEvent::ShardLoaded { epoch, result } => {

@@ -110,7 +110,8 @@ pub(crate) enum ClusterEvent {
         frame: Frame,
     },
     /// An output of this node's stage.
-    FromStage(StageOutput<Route>),
+    /// The outputs of one step of this node's stage.
+    FromStage(Vec<StageOutput<Route>>),
     /// This node's shard for plan `epoch` finished loading (or failed).
     ShardLoaded {
         epoch: protocol::Epoch,

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Bumped whenever frames change incompatibly; peers must match exactly.
-pub const PROTOCOL_VERSION: u32 = 12;
+pub const PROTOCOL_VERSION: u32 = 13;
 
 /// The HTTP `Upgrade` token of a link.
 pub const UPGRADE_TOKEN: &str = "ringlet-link";
@@ -33,7 +33,7 @@ pub const VERSION_HEADER: &str = "ringlet-protocol";
 
 pub use super::admin_proof::AdminProof;
 pub use crate::limits::{BANDWIDTH_SAMPLE_MIN_BYTES, MAX_FRAME_BYTES, PROBE_BYTES};
-pub use crate::stage::Sample;
+pub use crate::stage::{BatchTag, Sample};
 
 /// A plan's number; each new plan has a higher one.
 #[derive(
@@ -197,6 +197,9 @@ pub struct ForwardFrame {
     /// When the previous stage's output was ready, or the owner sent a
     /// decode step (Unix µs; 0 unknown): the next stage measures the hop.
     pub sent_at: u64,
+    /// The jobs that left the same step (or the owner's round) with this
+    /// one: the stage takes them together.
+    pub batch: Option<BatchTag>,
 }
 
 /// Orders policy changes across the cluster: a higher revision replaces a
@@ -308,6 +311,9 @@ pub enum Frame {
         /// When the last stage had the token (Unix µs; 0 unknown): the
         /// owner measures the hop back.
         sent_at: u64,
+        /// The owner's tokens sampled in the same step: their next steps
+        /// go out together.
+        batch: Option<BatchTag>,
     },
     /// A prompt chunk went through every stage; the owner sends the next.
     ChunkDone {
@@ -624,6 +630,7 @@ mod tests {
                 },
                 token_by_token: true,
                 sent_at: 1_700_000_000_000_000,
+                batch: None,
             }),
             Frame::Token {
                 request: SequenceId(5),
@@ -634,6 +641,7 @@ mod tests {
                     top: vec![(42, -0.5), (7, -1.25)],
                 }),
                 sent_at: 1_700_000_000_000_000,
+                batch: None,
             },
             Frame::Interrupted {
                 request: SequenceId(5),
@@ -744,6 +752,7 @@ mod tests {
             token: 2,
             logprobs: None,
             sent_at: 0,
+            batch: None,
         })
         .expect("encode");
         let oversized = (MAX_FRAME_BYTES + 1).to_be_bytes().to_vec();

@@ -236,6 +236,7 @@ pub(super) fn forward_frame(job: StageJob<Route>) -> Result<Frame, String> {
         token_by_token,
         route,
         sent_at,
+        batch,
     } = job
     else {
         return Err("only forward jobs travel between nodes".into());
@@ -254,6 +255,7 @@ pub(super) fn forward_frame(job: StageJob<Route>) -> Result<Frame, String> {
         sample,
         token_by_token,
         sent_at: sent_at.unwrap_or(0),
+        batch,
     }))
 }
 
@@ -285,6 +287,7 @@ pub(super) fn forward_job(
             stage: forward.stage,
         },
         sent_at: (forward.sent_at != 0).then_some(forward.sent_at),
+        batch: forward.batch,
     })
 }
 
@@ -296,12 +299,14 @@ pub(super) fn result_frame(result: StageResult, epoch: Epoch, ready_at: u64) -> 
             sequence,
             token,
             logprobs,
+            batch,
         } => Frame::Token {
             request: sequence,
             epoch,
             token,
             logprobs,
             sent_at: ready_at,
+            batch,
         },
         StageResult::ChunkDone { sequence } => Frame::ChunkDone {
             request: sequence,
@@ -326,12 +331,14 @@ pub(super) fn frame_result(frame: Frame) -> Option<(StageResult, Epoch)> {
             epoch,
             token,
             logprobs,
+            batch,
             ..
         } => Some((
             StageResult::Token {
                 sequence: request,
                 token,
                 logprobs,
+                batch,
             },
             epoch,
         )),
@@ -443,6 +450,7 @@ mod tests {
             sequence,
             token: 7,
             logprobs: None,
+            batch: None,
         };
         assert!(routing.deliver(token(a), Epoch(3)).is_some());
         assert!(
@@ -476,6 +484,7 @@ mod tests {
             sequence: a,
             token: 7,
             logprobs: None,
+            batch: None,
         };
         assert!(routing.deliver(late, Epoch(1)).is_none(), "the old plan's");
         // A request that started with no plan waits too.
@@ -491,6 +500,7 @@ mod tests {
             sequence: a,
             token: 8,
             logprobs: None,
+            batch: None,
         };
         assert!(routing.deliver(token, Epoch(2)).is_some());
         // Waiting too long: forgotten here, for the owner to fail.
@@ -564,6 +574,7 @@ mod tests {
             token_by_token: false,
             route: route.next(),
             sent_at: Some(1_700_000_000_000_000),
+            batch: None,
         };
         let Ok(Frame::Forward(frame)) = forward_frame(job) else {
             panic!("a forward frame")
@@ -586,6 +597,7 @@ mod tests {
             sequence: SequenceId(5),
             token: 9,
             logprobs: None,
+            batch: None,
         };
         let frame = result_frame(result, Epoch(4), 7).expect("a frame");
         assert!(matches!(

@@ -449,6 +449,7 @@ mod tests {
             token: n,
             logprobs: None,
             sent_at: 0,
+            batch: None,
         }
     }
 

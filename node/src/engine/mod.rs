@@ -48,11 +48,11 @@ use tokio::sync::{mpsc, watch};
 
 use crate::current::Current;
 use crate::limits::{
-    ENGINE_QUEUE_LEN, MAX_ACTIVE_SEQUENCES, PIPELINE_QUEUE_LEN, PREFILL_CHUNK_TOKENS,
-    RESULT_QUEUE_LEN, SCHEDULE_WAIT_MS,
+    BATCH_HOLD_LIMIT_MS, ENGINE_QUEUE_LEN, MAX_ACTIVE_SEQUENCES, PIPELINE_QUEUE_LEN,
+    PREFILL_CHUNK_TOKENS, RESULT_QUEUE_LEN, SCHEDULE_WAIT_MS,
 };
 use crate::prompt::PromptBuilder;
-use crate::stage::{self, Sample, StageJob, StageOutput, StageResult};
+use crate::stage::{self, BatchTag, Sample, StageJob, StageOutput, StageResult};
 
 /// One generation, as the API layer hands it over.
 #[derive(Debug, Clone)]
@@ -349,6 +349,7 @@ impl Engine {
             results: result_rx,
             first_stage: job_tx,
             active: HashMap::new(),
+            held: HashMap::new(),
             stats: stats_tx,
         };
         let coordinator_thread = std::thread::Builder::new()
@@ -398,12 +399,10 @@ impl Engine {
         };
         let (mut engine, ends) = Self::start(model, None::<Scheduling<NoPolicy>>)?;
         let results = ends.results;
-        let stage = stage::spawn(
-            shard,
-            grammars,
-            ends.jobs,
-            None,
-            move |output| match output {
+        let stage = stage::spawn(shard, grammars, ends.jobs, 1, None, move |mut outputs| {
+            // One owner: a step's tokens are one batch.
+            stage::tag_batches(&mut outputs, |_| ());
+            outputs.into_iter().all(|output| match output {
                 StageOutput::Done { result, .. } => results.blocking_send(result).is_ok(),
                 StageOutput::Next { sequence, .. } => {
                     // One shard holding the whole model always ends in logits.
@@ -412,8 +411,8 @@ impl Engine {
                         .blocking_send(StageResult::Failed { sequence, message })
                         .is_ok()
                 }
-            },
-        )?;
+            })
+        })?;
         engine.threads.push(stage.thread);
         Ok(engine)
     }
@@ -469,13 +468,29 @@ struct Coordinator {
     results: mpsc::Receiver<StageResult>,
     first_stage: mpsc::Sender<StageJob>,
     active: HashMap<SequenceId, ActiveRequest>,
+    /// Next steps held back until the rest of their batch's tokens are
+    /// back, by the batch's tag id (see [`HeldBatch`]).
+    held: HashMap<u64, HeldBatch>,
     stats: watch::Sender<EngineStats>,
+}
+
+/// The tokens of a batch that came back so far: the next steps of those
+/// sequences wait for the rest (which come at once, unless lost:
+/// `BATCH_HOLD_LIMIT_MS` bounds the wait), so that they go to the first
+/// stage together and it runs them as one batch again.
+struct HeldBatch {
+    /// Tokens of the batch not back yet.
+    missing: u32,
+    /// The held steps: a sequence, its position and its last token.
+    steps: Vec<(SequenceId, usize, u32)>,
+    since: Instant,
 }
 
 impl Coordinator {
     async fn run(mut self) {
         let mut stages = self.scheduling.as_ref().map(|s| s.stages.clone());
         loop {
+            let (hold_deadline, holding) = (self.hold_deadline(), !self.held.is_empty());
             tokio::select! {
                 // Results first: finishing work frees room for new work.
                 biased;
@@ -500,6 +515,9 @@ impl Coordinator {
                     } else {
                         stages = None; // the cluster stopped publishing
                     }
+                }
+                () = tokio::time::sleep_until(hold_deadline), if holding => {
+                    self.send_overdue_batches().await;
                 }
             }
             // Starting a request can end one at once (its client left), which
@@ -728,6 +746,7 @@ impl Coordinator {
             token_by_token,
             route: (),
             sent_at: None,
+            batch: None,
         })
         .await;
     }
@@ -760,24 +779,33 @@ impl Coordinator {
                 sequence,
                 token,
                 logprobs,
-            } => self.on_token(sequence, token, logprobs).await,
+                batch,
+            } => {
+                let next = self.on_token(sequence, token, logprobs).await;
+                self.step_with_batch(next, batch).await;
+            }
             StageResult::Failed { sequence, message } => {
                 self.end(sequence, Outcome::Failed(message)).await
             }
         }
     }
 
-    async fn on_token(&mut self, id: SequenceId, token: u32, logprobs: Option<TokenLogprobs>) {
-        let Some(active) = self.active.get_mut(&id) else {
-            return;
-        };
+    /// Delivers a token; returns the request's next step (its position and
+    /// token), or `None` when it ended.
+    async fn on_token(
+        &mut self,
+        id: SequenceId,
+        token: u32,
+        logprobs: Option<TokenLogprobs>,
+    ) -> Option<(SequenceId, usize, u32)> {
+        let active = self.active.get_mut(&id)?;
         active.first_token_at.get_or_insert_with(Instant::now);
         if let Some((since, generated)) = active.resuming.take() {
             tracing::info!(request = %id, replayed_tokens = active.request.prompt.len() + generated, replay_ms = since.elapsed().as_millis() as u64, "generation resumed");
         }
         if self.model.get().stop_tokens.contains(&token) && !active.request.ignore_eos {
             self.end(id, Outcome::Finished(FinishReason::Stop)).await;
-            return;
+            return None;
         }
         // The channel has room for every token (see `submit`), so a full
         // channel cannot happen; a closed one means the owner is done.
@@ -792,26 +820,96 @@ impl Coordinator {
                 Outcome::Abandoned
             };
             self.end(id, outcome).await;
-            return;
+            return None;
         }
         active.generated.push(token);
         if active.generated.len() >= active.request.max_tokens {
             self.end(id, Outcome::Finished(FinishReason::Length)).await;
-            return;
+            return None;
         }
         let position = active.fed;
         active.fed += 1;
-        self.send_job(StageJob::Forward {
-            sequence: id,
-            position,
-            input: ShardInput::Tokens(vec![token]),
-            sample: Sample::Continue,
-            token_by_token: false,
-            route: (),
-            // The hop from the owner to the first stage counts too.
-            sent_at: Some(crate::unix_micros()),
-        })
-        .await;
+        Some((id, position, token))
+    }
+
+    /// Sends a request's next step, or holds it until the rest of the
+    /// batch its token came back with is back too (see [`HeldBatch`]).
+    async fn step_with_batch(
+        &mut self,
+        next: Option<(SequenceId, usize, u32)>,
+        batch: Option<BatchTag>,
+    ) {
+        let Some(tag) = batch else {
+            if let Some(next) = next {
+                self.send_steps(vec![next]).await;
+            }
+            return;
+        };
+        let held = self.held.entry(tag.id).or_insert_with(|| HeldBatch {
+            missing: tag.size,
+            steps: Vec::new(),
+            since: Instant::now(),
+        });
+        held.missing = held.missing.saturating_sub(1);
+        held.steps.extend(next);
+        if held.missing == 0
+            && let Some(held) = self.held.remove(&tag.id)
+        {
+            self.send_steps(held.steps).await;
+        }
+    }
+
+    /// When the oldest held batch stops waiting for its missing tokens.
+    fn hold_deadline(&self) -> tokio::time::Instant {
+        let oldest = self.held.values().map(|h| h.since).min();
+        let oldest = oldest.map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std);
+        oldest + Duration::from_millis(BATCH_HOLD_LIMIT_MS)
+    }
+
+    /// Sends the steps of held batches whose missing tokens are overdue.
+    async fn send_overdue_batches(&mut self) {
+        let limit = Duration::from_millis(BATCH_HOLD_LIMIT_MS);
+        let overdue: Vec<u64> = self
+            .held
+            .iter()
+            .filter(|(_, h)| h.since.elapsed() >= limit)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in overdue {
+            if let Some(held) = self.held.remove(&id) {
+                tracing::debug!(
+                    steps = held.steps.len(),
+                    missing = held.missing,
+                    "a batch's tokens did not all come back; sending the steps it has"
+                );
+                self.send_steps(held.steps).await;
+            }
+        }
+    }
+
+    /// Sends decode steps to the first stage as one batch. Requests that
+    /// ended while their step was held are left out.
+    async fn send_steps(&mut self, steps: Vec<(SequenceId, usize, u32)>) {
+        let steps: Vec<_> = steps
+            .into_iter()
+            .filter(|(id, ..)| self.active.contains_key(id))
+            .collect();
+        let batch = BatchTag::for_size(steps.len());
+        // The hop from the owner to the first stage counts too.
+        let sent_at = Some(crate::unix_micros());
+        for (id, position, token) in steps {
+            self.send_job(StageJob::Forward {
+                sequence: id,
+                position,
+                input: ShardInput::Tokens(vec![token]),
+                sample: Sample::Continue,
+                token_by_token: false,
+                route: (),
+                sent_at,
+                batch,
+            })
+            .await;
+        }
     }
 
     /// Forgets a request here and on the stage, tells its owner why, logs

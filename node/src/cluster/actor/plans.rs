@@ -172,14 +172,21 @@ impl Cluster {
         );
         let (jobs, jobs_rx) = mpsc::channel(STAGE_QUEUE_LEN);
         let events = self.events_tx.clone();
+        // As many micro-batches as the ring has stages, so that each has one.
+        let stages = self
+            .planning
+            .plan
+            .as_ref()
+            .map_or(1, |p| p.message.stages.len());
         let spawned = stage::spawn(
             shard,
             Arc::clone(&self.grammars),
             jobs_rx,
+            stages,
             self.stage_fault,
-            move |output| {
+            move |outputs| {
                 events
-                    .blocking_send(ClusterEvent::FromStage(output))
+                    .blocking_send(ClusterEvent::FromStage(outputs))
                     .is_ok()
             },
         );

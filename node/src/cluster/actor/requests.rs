@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use super::Cluster;
 use crate::cluster::protocol::{Epoch, ForwardFrame, Frame};
 use crate::cluster::routing::{self, Owned, Route};
-use crate::stage::{StageJob, StageOutput, StageResult};
+use crate::stage::{self, StageJob, StageOutput, StageResult};
 
 impl Cluster {
     /// A job from this node's coordinator: a step of a request it owns,
@@ -40,6 +40,7 @@ impl Cluster {
                 token_by_token,
                 route: (),
                 sent_at,
+                batch,
             } => {
                 let active = self.planning.active().map(|p| p.message.epoch);
                 let state = self.routing.owned(sequence);
@@ -68,14 +69,23 @@ impl Cluster {
                     token_by_token,
                     route: Route::first(self.me(), epoch),
                     sent_at,
+                    batch,
                 });
             }
         }
     }
 
-    /// An output of this node's stage: hidden states onward, or a result
-    /// back to the request's owner.
-    pub(super) fn on_stage_output(&mut self, output: StageOutput<Route>) {
+    /// The outputs of one step of this node's stage: hidden states
+    /// onward (one batch for the next stage), results back to the
+    /// requests' owners (one batch of tokens per owner).
+    pub(super) fn on_stage_outputs(&mut self, mut outputs: Vec<StageOutput<Route>>) {
+        stage::tag_batches(&mut outputs, |route| route.owner);
+        for output in outputs {
+            self.on_stage_output(output);
+        }
+    }
+
+    fn on_stage_output(&mut self, output: StageOutput<Route>) {
         match output {
             StageOutput::Next {
                 sequence,
@@ -85,6 +95,7 @@ impl Cluster {
                 token_by_token,
                 route,
                 ready_at,
+                batch,
             } => self.route(StageJob::Forward {
                 sequence,
                 position,
@@ -93,6 +104,7 @@ impl Cluster {
                 token_by_token,
                 route: route.next(),
                 sent_at: Some(ready_at),
+                batch,
             }),
             StageOutput::Done {
                 route,
