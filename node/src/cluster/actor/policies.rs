@@ -143,6 +143,9 @@ impl Cluster {
                         self.membership.broadcast(&frame);
                     }
                 }
+                // Published before the answer, so that whoever changed the
+                // policy reads the change back at once.
+                self.publish();
                 answer(reply, Ok(self.policy_sync.status.clone()));
                 // The new policy decides the placement from now on.
                 self.planning.replan_soon();
