@@ -272,6 +272,8 @@ impl StageProgress {
             return None;
         }
         let took = self.micros_now().saturating_sub(started - 1);
+        // A batched step of several sequences' rows is measured per row,
+        // as a prompt chunk is: a row costs about what a prompt token does.
         let (average, sample) = if tokens == 1 || token_by_token {
             (&self.decode_micros, took / tokens as u64)
         } else {
