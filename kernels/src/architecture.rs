@@ -79,8 +79,4 @@ pub(crate) trait Layer: Send + Sync {
         step: &Step<'_>,
         caches: &mut [&mut LayerCache],
     ) -> Result<Tensor>;
-
-    /// Whether this layer's products give each sequence of a batch the
-    /// bits it gets alone (see `Shard::forward_batch`).
-    fn batches_exactly(&self) -> bool;
 }

@@ -314,13 +314,6 @@ impl Attention {
         Ok((q, k, v))
     }
 
-    /// See [`Matrix::batches_exactly`].
-    pub(crate) fn batches_exactly(&self) -> bool {
-        [&self.wq, &self.wk, &self.wv, &self.wo]
-            .iter()
-            .all(|w| w.batches_exactly())
-    }
-
     /// Causal attention of each sequence of the step over its own cache
     /// (`caches[i]` for the `i`-th); appends the new keys and values.
     /// `h`: `[n, hidden]` → `[n, hidden]`.
@@ -556,13 +549,6 @@ impl Mlp {
             .iter()
             .map(|t| in_layer(layer, t))
             .collect()
-    }
-
-    /// See [`Matrix::batches_exactly`].
-    pub(crate) fn batches_exactly(&self) -> bool {
-        [&self.gate, &self.up, &self.down]
-            .iter()
-            .all(|w| w.batches_exactly())
     }
 
     /// `h`: `[n, hidden]` → `[n, hidden]`, its rows belonging to

@@ -108,6 +108,8 @@ pub struct Shard {
     rope_freq_factors: Option<Vec<f32>>, // [d/2]
     caches: HashMap<SequenceId, SequenceCache>,
     weight_bytes: u64,
+    /// Set at load: see [`batches_exactly`](Self::batches_exactly).
+    batches_exactly: bool,
     device: Device,
 }
 
@@ -162,6 +164,9 @@ impl Shard {
             None
         };
         let weight_bytes = weights.bytes();
+        // The CPU attention and norms work per sequence and per row; the
+        // products are exact only with ringlet's kernels.
+        let batches_exactly = device.is_cpu() && weights.batches_exactly();
         let rope_bases = architecture.rope_bases(&config);
         let embedding_scale = architecture.embedding_scale(&config);
         tracing::debug!(%range, weight_bytes, "shard loaded");
@@ -177,6 +182,7 @@ impl Shard {
             rope_freq_factors,
             caches: HashMap::new(),
             weight_bytes,
+            batches_exactly,
         })
     }
 
@@ -252,17 +258,13 @@ impl Shard {
     /// alone; a failure of the shared computation fails every sequence of
     /// the batch, and each failed sequence's cache is dropped.
     pub fn forward_batch(&mut self, steps: Vec<SequenceStep>) -> Vec<Result<ShardOutput>> {
-        // Run the whole step on a worker of the compute pool: the many
-        // parallel loops inside then start on the pool's fast path instead
-        // of each waking a worker and putting the caller to sleep (two
-        // context switches per matrix, hundreds per token).
-        let _step = profile::span(Op::Step);
         if steps.len() > 1 && !self.batches_exactly() {
             return steps
                 .into_iter()
                 .map(|s| self.forward(s.sequence, s.position, s.input))
                 .collect();
         }
+        let _step = profile::span(Op::Step);
         let mut results: Vec<Result<ShardOutput>> = Vec::with_capacity(steps.len());
         let mut batch: Vec<Prepared> = Vec::with_capacity(steps.len());
         for (index, step) in steps.into_iter().enumerate() {
@@ -291,6 +293,10 @@ impl Shard {
             return results;
         }
         let ran: Vec<(usize, SequenceId)> = batch.iter().map(|b| (b.index, b.sequence)).collect();
+        // Run the whole step on a worker of the compute pool: the many
+        // parallel loops inside then start on the pool's fast path instead
+        // of each waking a worker and putting the caller to sleep (two
+        // context switches per matrix, hundreds per token).
         match rayon::scope(|_| self.forward_prepared(batch)) {
             Ok(outputs) => {
                 for (&(index, _), output) in ran.iter().zip(outputs) {
@@ -318,12 +324,7 @@ impl Shard {
     /// Whether a batch of several sequences gives each the bits it gets
     /// alone here (see [`forward_batch`](Self::forward_batch)).
     pub fn batches_exactly(&self) -> bool {
-        self.device.is_cpu()
-            && self.layers.iter().all(|l| l.batches_exactly())
-            && self
-                .head
-                .as_ref()
-                .is_none_or(|h| h.output.batches_exactly())
+        self.batches_exactly
     }
 
     /// Checks one sequence's step and embeds its input.

@@ -14,11 +14,18 @@ use crate::matrix::Matrix;
 pub(crate) struct Weights<'a> {
     reader: TensorReader<'a>,
     bytes: u64,
+    /// Every matrix loaded so far batches exactly (see
+    /// [`Matrix::batches_exactly`]).
+    batches_exactly: bool,
 }
 
 impl<'a> Weights<'a> {
     pub(crate) fn new(reader: TensorReader<'a>) -> Self {
-        Self { reader, bytes: 0 }
+        Self {
+            reader,
+            bytes: 0,
+            batches_exactly: true,
+        }
     }
 
     pub(crate) fn device(&self) -> &Device {
@@ -34,10 +41,17 @@ impl<'a> Weights<'a> {
         self.bytes
     }
 
+    /// Whether every matrix loaded so far gives each sequence of a batch
+    /// the bits it gets alone.
+    pub(crate) fn batches_exactly(&self) -> bool {
+        self.batches_exactly
+    }
+
     /// The `[rows, cols]` matrix `name`.
     pub(crate) fn matrix(&mut self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
         let m = Matrix::load(&mut self.reader, name, rows, cols)?;
         self.bytes += m.byte_len();
+        self.batches_exactly &= m.batches_exactly();
         Ok(m)
     }
 

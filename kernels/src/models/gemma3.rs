@@ -165,10 +165,6 @@ struct Block {
 
 impl Layer for Block {
     /// `x`: `[n, hidden]` → `[n, hidden]`.
-    fn batches_exactly(&self) -> bool {
-        self.attention.batches_exactly() && self.mlp.batches_exactly()
-    }
-
     fn forward(
         &self,
         x: &Tensor,

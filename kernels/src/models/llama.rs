@@ -126,10 +126,6 @@ impl PreNormBlock {
 
 impl Layer for PreNormBlock {
     /// `x`: `[n, hidden]` → `[n, hidden]`.
-    fn batches_exactly(&self) -> bool {
-        self.attention.batches_exactly() && self.mlp.batches_exactly()
-    }
-
     fn forward(
         &self,
         x: &Tensor,

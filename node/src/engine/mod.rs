@@ -474,6 +474,13 @@ struct Coordinator {
     stats: watch::Sender<EngineStats>,
 }
 
+/// A request's next decode step: its last token, at `position`.
+struct DecodeStep {
+    sequence: SequenceId,
+    position: usize,
+    token: u32,
+}
+
 /// The tokens of a batch that came back so far: the next steps of those
 /// sequences wait for the rest (which come at once, unless lost:
 /// `BATCH_HOLD_LIMIT_MS` bounds the wait), so that they go to the first
@@ -481,8 +488,7 @@ struct Coordinator {
 struct HeldBatch {
     /// Tokens of the batch not back yet.
     missing: u32,
-    /// The held steps: a sequence, its position and its last token.
-    steps: Vec<(SequenceId, usize, u32)>,
+    steps: Vec<DecodeStep>,
     since: Instant,
 }
 
@@ -490,7 +496,7 @@ impl Coordinator {
     async fn run(mut self) {
         let mut stages = self.scheduling.as_ref().map(|s| s.stages.clone());
         loop {
-            let (hold_deadline, holding) = (self.hold_deadline(), !self.held.is_empty());
+            let hold_deadline = self.hold_deadline();
             tokio::select! {
                 // Results first: finishing work frees room for new work.
                 biased;
@@ -516,7 +522,7 @@ impl Coordinator {
                         stages = None; // the cluster stopped publishing
                     }
                 }
-                () = tokio::time::sleep_until(hold_deadline), if holding => {
+                () = tokio::time::sleep_until(hold_deadline.unwrap_or_else(tokio::time::Instant::now)), if hold_deadline.is_some() => {
                     self.send_overdue_batches().await;
                 }
             }
@@ -797,7 +803,7 @@ impl Coordinator {
         id: SequenceId,
         token: u32,
         logprobs: Option<TokenLogprobs>,
-    ) -> Option<(SequenceId, usize, u32)> {
+    ) -> Option<DecodeStep> {
         let active = self.active.get_mut(&id)?;
         active.first_token_at.get_or_insert_with(Instant::now);
         if let Some((since, generated)) = active.resuming.take() {
@@ -829,16 +835,16 @@ impl Coordinator {
         }
         let position = active.fed;
         active.fed += 1;
-        Some((id, position, token))
+        Some(DecodeStep {
+            sequence: id,
+            position,
+            token,
+        })
     }
 
     /// Sends a request's next step, or holds it until the rest of the
     /// batch its token came back with is back too (see [`HeldBatch`]).
-    async fn step_with_batch(
-        &mut self,
-        next: Option<(SequenceId, usize, u32)>,
-        batch: Option<BatchTag>,
-    ) {
+    async fn step_with_batch(&mut self, next: Option<DecodeStep>, batch: Option<BatchTag>) {
         let Some(tag) = batch else {
             if let Some(next) = next {
                 self.send_steps(vec![next]).await;
@@ -859,11 +865,11 @@ impl Coordinator {
         }
     }
 
-    /// When the oldest held batch stops waiting for its missing tokens.
-    fn hold_deadline(&self) -> tokio::time::Instant {
-        let oldest = self.held.values().map(|h| h.since).min();
-        let oldest = oldest.map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std);
-        oldest + Duration::from_millis(BATCH_HOLD_LIMIT_MS)
+    /// When the oldest held batch stops waiting for its missing tokens
+    /// (`None` while nothing is held).
+    fn hold_deadline(&self) -> Option<tokio::time::Instant> {
+        let oldest = self.held.values().map(|h| h.since).min()?;
+        Some(tokio::time::Instant::from_std(oldest) + Duration::from_millis(BATCH_HOLD_LIMIT_MS))
     }
 
     /// Sends the steps of held batches whose missing tokens are overdue.
@@ -889,17 +895,22 @@ impl Coordinator {
 
     /// Sends decode steps to the first stage as one batch. Requests that
     /// ended while their step was held are left out.
-    async fn send_steps(&mut self, steps: Vec<(SequenceId, usize, u32)>) {
+    async fn send_steps(&mut self, steps: Vec<DecodeStep>) {
         let steps: Vec<_> = steps
             .into_iter()
-            .filter(|(id, ..)| self.active.contains_key(id))
+            .filter(|step| self.active.contains_key(&step.sequence))
             .collect();
         let batch = BatchTag::for_size(steps.len());
         // The hop from the owner to the first stage counts too.
         let sent_at = Some(crate::unix_micros());
-        for (id, position, token) in steps {
+        for DecodeStep {
+            sequence,
+            position,
+            token,
+        } in steps
+        {
             self.send_job(StageJob::Forward {
-                sequence: id,
+                sequence,
                 position,
                 input: ShardInput::Tokens(vec![token]),
                 sample: Sample::Continue,
