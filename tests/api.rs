@@ -34,6 +34,7 @@ fn state() -> AppState {
                     store: ModelStore::new(ModelStore::default_dir()),
                     device: kernels::Device::Cpu,
                     kv_cache_bytes: KV_BUDGET_BYTES,
+                    prefill_chunk_tokens: 512,
                     hub: ringlet_node::hub::HubConfig::from_env(),
                 };
                 let model = runtime
@@ -606,6 +607,19 @@ async fn kv_cache_budget_refuses_what_cannot_fit_and_queues_what_can() {
         json["error"]["message"]
             .as_str()
             .is_some_and(|m| m.contains("KV")),
+        "{json}"
+    );
+
+    // No max_tokens: not the context's 8,192 tokens, which would not fit,
+    // but as many as fit beside the prompt.
+    let (status, json) =
+        post_chat(chat(user("Say hello."), json!({ "temperature": 0 })).to_string()).await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    let per_token = 30 * 1_536; // SmolLM2: 30 layers of 1,536 bytes a token
+    assert!(
+        json["usage"]["total_tokens"]
+            .as_u64()
+            .is_some_and(|t| t * per_token <= KV_BUDGET_BYTES),
         "{json}"
     );
 

@@ -439,10 +439,12 @@ async fn started_after_the_stage_frees_up(policy: PolicyHandle) -> u64 {
         stop_tokens: BTreeSet::new(),
         kv_bytes_per_token: 1,
         kv_budget_bytes: 1 << 30,
+        prefill_chunk_tokens: 512,
     };
     let scheduling = Scheduling {
         policy,
         stages: loads,
+        kv_room: watch::channel(None).1,
     };
     let (engine, mut stage) = Engine::start(model, Some(scheduling)).expect("engine");
     let submit = |id: u64, prompt_tokens: usize| {

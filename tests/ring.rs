@@ -630,3 +630,153 @@ async fn a_node_with_another_model_file_gets_no_layers() {
     assert_eq!(response.status, 200);
     std::fs::remove_file(&copy).expect("remove copy");
 }
+
+/// What a streamed answer's client saw: when its first and its last
+/// content came, and its whole response.
+async fn stream_timed(
+    mut stream: TcpStream,
+) -> (
+    Option<std::time::Instant>,
+    Option<std::time::Instant>,
+    String,
+) {
+    let mut seen = Vec::new();
+    let (mut first, mut last) = (None, None);
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(support::REQUEST_TIMEOUT, stream.read(&mut buf))
+            .await
+            .expect("the answer in time")
+            .expect("read");
+        if n == 0 {
+            break;
+        }
+        // Text, not the empty content of the chunk that opens the answer.
+        let text = String::from_utf8_lossy(&buf[..n]);
+        if text
+            .match_indices("\"content\":\"")
+            .any(|(at, key)| !text[at + key.len()..].starts_with('"'))
+        {
+            let now = std::time::Instant::now();
+            first.get_or_insert(now);
+            last = Some(now);
+        }
+        seen.extend_from_slice(&buf[..n]);
+    }
+    (first, last, String::from_utf8_lossy(&seen).into_owned())
+}
+
+/// KV cache is accounted per stage, for every owner: a stage's budget is
+/// what its node's memory budget leaves beside its weights (at most its
+/// `--kv-cache`), and each request, whoever owns it, takes its prompt
+/// plus `max_tokens` on every stage. A request larger than the tightest
+/// stage holds is refused with a 400 that names that node; one with no
+/// `max_tokens` gets what fits; one that fits alone but not beside
+/// another node's running request waits for it.
+#[tokio::test]
+async fn every_stage_admits_the_kv_cache_of_every_owner_within_its_budget() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let mut nodes = vec![Node::start(&["--name", "node-0"])];
+    let first = nodes[0].addr.to_string();
+    nodes.push(Node::start(&["--name", "node-1", "--peer", &first]));
+    nodes.push(Node::start(&[
+        "--name",
+        "tight",
+        "--peer",
+        &first,
+        "--kv-cache",
+        "3MiB",
+    ]));
+    for node in &mut nodes {
+        node.wait_for_log("plan active: 3 stages", support::START_TIMEOUT);
+    }
+    // The tight stage holds 3 MiB over its layers; the others far more.
+    let tight_layers = layers(&self_view(&get_json(nodes[2].addr, "/v1/cluster").await));
+    let per_token = model_file().config().kv_bytes_per_token_per_layer();
+    let capacity = (3u64 << 20) / (tight_layers.len() as u64 * per_token);
+    let view = support::wait_for_cluster(nodes[0].addr, support::START_TIMEOUT, |v| {
+        v["plan"]["kv_capacity_tokens"].is_u64()
+    })
+    .await;
+    assert_eq!(view["plan"]["kv_capacity_tokens"], capacity, "{view:#}");
+
+    // More than the tight stage holds: refused up front, naming it.
+    let too_long = chat(nodes[0].addr, "Hi", capacity as u32, false).await;
+    assert_eq!(too_long.status, 400, "{}", too_long.body);
+    let error = too_long.json();
+    assert_eq!(error["error"]["param"], "max_tokens", "{error}");
+    let message = error["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("node tight") && message.contains(&capacity.to_string()),
+        "{message}"
+    );
+
+    // No max_tokens: as many as fit beside the prompt.
+    let open = json!({
+        "model": support::MODEL,
+        "messages": [{ "role": "user", "content": "Say hello." }],
+        "temperature": 0,
+    });
+    let answered = request(
+        nodes[1].addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&open.to_string()),
+    )
+    .await;
+    assert_eq!(answered.status, 200, "{}", answered.body);
+    let usage = &answered.json()["usage"];
+    assert!(
+        usage["total_tokens"]
+            .as_u64()
+            .is_some_and(|t| t <= capacity),
+        "{usage}"
+    );
+
+    // Two requests that each take 60% of the tight stage: node-1's runs,
+    // and node-0's waits for it to end.
+    let essay = "Write a very long essay about the history of sailing.";
+    let prompt_tokens = chat(nodes[0].addr, essay, 1, false).await.json()["usage"]["prompt_tokens"]
+        .as_u64()
+        .expect("prompt tokens");
+    let max_tokens = (capacity * 6 / 10).saturating_sub(prompt_tokens);
+    assert!(
+        max_tokens >= 16,
+        "the tight stage holds too little: {capacity}"
+    );
+    let (running, seen) = support::start_stream(nodes[1].addr, essay, max_tokens as u32, 2).await;
+    // node-0 has heard of node-1's reservation.
+    support::wait_for_cluster(nodes[0].addr, support::REQUEST_TIMEOUT, |v| {
+        v["plan"]["kv_reserved_tokens"].as_u64() >= Some(prompt_tokens + max_tokens)
+    })
+    .await;
+    let sent = std::time::Instant::now();
+    let waiting =
+        support::send_chat(nodes[0].addr, &chat_body(essay, max_tokens as u32, true)).await;
+    let ((_, running_last, running_rest), (waited_first, _, waited)) =
+        tokio::join!(stream_timed(running), stream_timed(waiting));
+    let running_body = String::from_utf8_lossy(&seen).into_owned() + &running_rest;
+    assert!(
+        running_body.contains("finish_reason\":\"length"),
+        "the running answer ran to its max_tokens: {running_body}"
+    );
+    // The first still had tokens to give when the second came, and the
+    // second's first token came after the first's last.
+    let running_last = running_last.expect("the first answer's content");
+    assert!(
+        running_last > sent,
+        "the first answer ended before the second was sent"
+    );
+    let waited_first = waited_first.unwrap_or_else(|| panic!("no content: {waited}"));
+    assert!(
+        waited_first >= running_last,
+        "the second request started {:?} before the first's last token",
+        running_last - waited_first
+    );
+    let events = sse_data(waited.split_once("\r\n\r\n").map_or("", |(_, b)| b));
+    let (_, finish) = streamed_content(&events);
+    assert!(
+        finish.is_some(),
+        "the waiting request was answered: {waited}"
+    );
+}

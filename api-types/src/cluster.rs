@@ -184,6 +184,15 @@ pub struct PlanView {
     pub leader: NodeId,
     pub state: PlanState,
     pub stages: Vec<StageView>,
+    /// Tokens of KV cache the tightest stage holds for the requests of
+    /// every owner (its memory budget less its weights, over its layers),
+    /// once the stages have said their budgets.
+    #[serde(default)]
+    pub kv_capacity_tokens: Option<u64>,
+    /// Tokens of KV cache the running requests reserve, every owner's
+    /// (prompt plus `max_tokens` each): each stage holds that many.
+    #[serde(default)]
+    pub kv_reserved_tokens: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -320,6 +329,8 @@ mod tests {
                     weight_bytes: Some(90),
                     in_flight: 1,
                 }],
+                kv_capacity_tokens: Some(40_000),
+                kv_reserved_tokens: 1_200,
             }),
             plan_error: None,
             policy: Some(PolicyStatus {
@@ -371,7 +382,8 @@ mod tests {
             r#""bandwidth_bytes_per_second":null,"transport":"webrtc-turn","handshake_ms":180.0}],"#,
             r#""plan":{"epoch":3,"leader":"000000000000002a","state":"active","#,
             r#""stages":[{"node":"000000000000002a","layers":{"start":0,"end":30},"#,
-            r#""weight_bytes":90,"in_flight":1}]},"#,
+            r#""weight_bytes":90,"in_flight":1}],"kv_capacity_tokens":40000,"#,
+            r#""kv_reserved_tokens":1200},"#,
             r#""plan_error":null,"#,
             r#""policy":{"name":"memory-weighted","version":"0.1.0","sha256":"cd","#,
             r#""source":"built_in","size_bytes":5,"revision":0,"changed_by":null,"warning":null},"#,

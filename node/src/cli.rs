@@ -90,6 +90,7 @@ impl Command {
             Command::Bench(a) => match a.mode {
                 Some(
                     BenchMode::Ring(_)
+                    | BenchMode::Chunks(_)
                     | BenchMode::Recovery(_)
                     | BenchMode::Policy(_)
                     | BenchMode::Cluster(_),
@@ -118,9 +119,20 @@ pub struct RuntimeArgs {
     pub device: String,
 
     /// Memory for the KV caches of requests in flight, e.g. 512MiB or 4GiB;
-    /// requests wait for room beyond it [default: 2GiB]
+    /// requests wait for room beyond it. In a cluster it bounds this
+    /// node's stage, which also keeps within what its memory budget leaves
+    /// beside its weights, and the tightest stage bounds every node's
+    /// requests [default: 2GiB]
     #[arg(long, env = "RINGLET_KV_CACHE", value_name = "SIZE", value_parser = parse_size)]
     pub kv_cache: Option<u64>,
+
+    /// Prompt tokens read per step, 1 to 512. While a long prompt is read,
+    /// streams already running wait about one chunk's time for each token:
+    /// smaller chunks keep their pace, larger ones give the prompt its
+    /// first token sooner. At 512, llama.cpp's micro-batch, outputs match
+    /// llama.cpp's bit for bit for prompts of any length
+    #[arg(long, env = "RINGLET_PREFILL_CHUNK", value_name = "TOKENS", default_value_t = crate::limits::PREFILL_CHUNK_TOKENS, value_parser = parse_prefill_chunk)]
+    pub prefill_chunk: usize,
 }
 
 /// Where catalogue models live.
@@ -149,6 +161,8 @@ pub struct RuntimeConfig {
     pub store: ModelStore,
     pub device: Device,
     pub kv_cache_bytes: u64,
+    /// Prompt tokens per step (`--prefill-chunk`).
+    pub prefill_chunk_tokens: usize,
     /// The Hugging Face Hub and its cache, from the environment.
     pub hub: crate::hub::HubConfig,
 }
@@ -160,6 +174,7 @@ impl RuntimeArgs {
             store: self.cache.store(),
             device: parse_device(&self.device)?,
             kv_cache_bytes: self.kv_cache.unwrap_or(DEFAULT_KV_CACHE_BYTES),
+            prefill_chunk_tokens: self.prefill_chunk,
             hub: crate::hub::HubConfig::from_env(),
         })
     }
@@ -205,6 +220,16 @@ fn parse_threads(text: &str) -> Result<usize, String> {
         _ => Err(format!(
             "`{text}` is not a thread count from 1 to {}",
             crate::limits::MAX_THREADS
+        )),
+    }
+}
+
+fn parse_prefill_chunk(text: &str) -> Result<usize, String> {
+    let most = crate::limits::PREFILL_CHUNK_TOKENS;
+    match text.parse::<usize>() {
+        Ok(n) if (1..=most).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "`{text}` is not a chunk size from 1 to {most} tokens (a stage step holds one chunk beside the running streams' tokens)"
         )),
     }
 }
@@ -544,6 +569,10 @@ pub enum BenchMode {
     /// real node processes on loopback, and the aggregate speed of
     /// concurrent streams on the largest ring.
     Ring(RingBenchArgs),
+    /// How the prompt chunk size (`--prefill-chunk`) trades a long
+    /// prompt's time to first token against the pace of the streams
+    /// already running: one node per chunk size, real processes.
+    Chunks(ChunkBenchArgs),
     /// How long an answer pauses when a node of a ring of real processes
     /// is killed while it streams: detection, re-plan, layer load and
     /// replay, against restarting the cluster by hand.
@@ -669,6 +698,45 @@ pub struct RecoveryBenchArgs {
     /// the model)
     #[arg(long, value_name = "BYTES")]
     pub memory_budget: Option<String>,
+
+    /// Also write the results as JSON to this file
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub cache: CacheArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ChunkBenchArgs {
+    /// Model: a catalogue name or the path of a GGUF file
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: String,
+
+    /// Compute threads of each node
+    #[arg(long, default_value_t = 2, value_parser = parse_threads)]
+    pub threads: usize,
+
+    /// Chunk sizes to compare, in tokens (1 to 512), e.g. 64,128,256,512
+    #[arg(long, value_delimiter = ',', default_value = "64,128,256,512")]
+    pub chunks: Vec<usize>,
+
+    /// Greedy answers running when the long prompt arrives
+    #[arg(long, default_value_t = 4)]
+    pub streams: usize,
+
+    /// Tokens each running answer generates (enough to outlast the
+    /// prompt)
+    #[arg(long, default_value_t = 256)]
+    pub decode_tokens: usize,
+
+    /// Length of the prompt that arrives, in tokens
+    #[arg(long, default_value_t = 2048)]
+    pub prompt_tokens: usize,
+
+    /// Rounds on each node, alternated; the table shows medians
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
 
     /// Also write the results as JSON to this file
     #[arg(long, value_name = "FILE")]

@@ -15,6 +15,7 @@ pub async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Invite(args) => invite(&args),
         Command::Bench(args) => match args.mode {
             Some(BenchMode::Ring(ring)) => crate::bench::ring::bench(ring).await,
+            Some(BenchMode::Chunks(chunks)) => crate::bench::chunks::bench(chunks).await,
             Some(BenchMode::Recovery(recovery)) => crate::bench::recovery::bench(recovery).await,
             Some(BenchMode::Policy(policy)) => crate::bench::policy::bench(policy).await,
             Some(BenchMode::Cluster(cluster)) => crate::bench::cluster::bench(cluster).await,

@@ -59,6 +59,8 @@ pub struct Metrics {
     queued_requests: Gauge,
     kv_reserved_bytes: Gauge,
     kv_budget_bytes: Gauge,
+    cluster_kv_capacity_tokens: Gauge,
+    cluster_kv_others_tokens: Gauge,
     link_rtt_seconds: Family<Labels, Gauge<f64, AtomicU64>>,
     link_bandwidth: Family<Labels, Gauge>,
 }
@@ -112,6 +114,8 @@ impl Metrics {
             queued_requests: Gauge::default(),
             kv_reserved_bytes: Gauge::default(),
             kv_budget_bytes: Gauge::default(),
+            cluster_kv_capacity_tokens: Gauge::default(),
+            cluster_kv_others_tokens: Gauge::default(),
             link_rtt_seconds: Family::default(),
             link_bandwidth: Family::default(),
         };
@@ -192,6 +196,16 @@ impl Metrics {
             metrics.kv_budget_bytes.clone(),
         );
         registry.register(
+            "kv_cache_cluster_capacity_tokens",
+            "Tokens of KV cache the plan's tightest stage holds for every owner's requests (0 while unknown)",
+            metrics.cluster_kv_capacity_tokens.clone(),
+        );
+        registry.register(
+            "kv_cache_cluster_others_tokens",
+            "Tokens of KV cache reserved by the requests other nodes own, as they last said",
+            metrics.cluster_kv_others_tokens.clone(),
+        );
+        registry.register(
             "link_rtt_seconds",
             "Round-trip time of the last heartbeat on each of this node's links",
             metrics.link_rtt_seconds.clone(),
@@ -212,6 +226,13 @@ impl Metrics {
             .set(i64::try_from(now.kv_reserved_bytes).unwrap_or(i64::MAX));
         self.kv_budget_bytes
             .set(i64::try_from(now.kv_budget_bytes).unwrap_or(i64::MAX));
+        let (capacity, others) = now
+            .cluster_kv
+            .map_or((0, 0), |kv| (kv.capacity_tokens, kv.others_tokens));
+        self.cluster_kv_capacity_tokens
+            .set(i64::try_from(capacity).unwrap_or(i64::MAX));
+        self.cluster_kv_others_tokens
+            .set(i64::try_from(others).unwrap_or(i64::MAX));
         // Links that went away leave the families.
         self.link_rtt_seconds.clear();
         self.link_bandwidth.clear();
@@ -242,6 +263,8 @@ pub struct Snapshot<'a> {
     pub queued_requests: usize,
     pub kv_reserved_bytes: u64,
     pub kv_budget_bytes: u64,
+    /// The cluster's room for KV cache, when the node is in one.
+    pub cluster_kv: Option<crate::engine::KvRoom>,
     pub links: &'a [LinkSnapshot],
 }
 
@@ -287,6 +310,11 @@ mod tests {
             queued_requests: 0,
             kv_reserved_bytes: 4096,
             kv_budget_bytes: 8192,
+            cluster_kv: Some(crate::engine::KvRoom {
+                capacity_tokens: 900,
+                stage: "node b".into(),
+                others_tokens: 120,
+            }),
             links: &links,
         });
         for line in [
@@ -294,6 +322,8 @@ mod tests {
             "ringlet_time_to_first_token_seconds_count 1",
             "ringlet_link_bytes_total{direction=\"sent\"} 1500",
             "ringlet_kv_cache_reserved_bytes 4096",
+            "ringlet_kv_cache_cluster_capacity_tokens 900",
+            "ringlet_kv_cache_cluster_others_tokens 120",
             "ringlet_link_rtt_seconds{peer=\"b\",transport=\"tcp\"} 0.002",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} not in:\n{text}");

@@ -43,7 +43,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     messages.push(ChatMessage::new("user", prompt));
     let prompt_ids = model.prompt.tokens(&messages)?;
     let tokenizer = model.prompt.tokenizer().clone();
-    let engine = Engine::start_local(model.shard, &model.prompt, runtime.kv_cache_bytes)?;
+    let engine = Engine::start_local(
+        model.shard,
+        &model.prompt,
+        runtime.kv_cache_bytes,
+        runtime.prefill_chunk_tokens,
+    )?;
 
     let started = Instant::now();
     let generation = engine.handle.submit(GenerationRequest {

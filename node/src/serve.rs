@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use rand::Rng;
 use scheduler::NodeId;
 use tokio::net::TcpListener;
@@ -78,11 +79,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (policy, policy_faults) =
         crate::policy::start().context("cannot start the scheduling policy")?;
     let (stage_loads_tx, stage_loads) = watch::channel(Vec::new());
+    let (kv_room_tx, kv_room) = watch::channel(None);
     let (engine, pipeline) = Engine::start(
-        engine_model(&model.file, &model.prompt, runtime.kv_cache_bytes),
+        engine_model(&model.file, &model.prompt, &runtime),
         Some(Scheduling {
             policy: policy.clone(),
             stages: stage_loads,
+            kv_room,
         }),
     )
     .context("cannot start the request coordinator")?;
@@ -123,6 +126,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             policy,
             policy_faults,
             stage_loads: stage_loads_tx,
+            kv_room: kv_room_tx,
+            kv_cache_bytes: runtime.kv_cache_bytes,
             open_model,
             recovery_wait: Duration::from_secs(args.recovery_wait),
             link_mode: args.link,
@@ -245,13 +250,14 @@ fn api_access(args: &ServeArgs, listen: SocketAddr) -> anyhow::Result<ApiAccess>
 }
 
 /// What the coordinator needs to know of `file`.
-fn engine_model(file: &ModelFile, prompt: &PromptBuilder, kv_budget_bytes: u64) -> EngineModel {
+fn engine_model(file: &ModelFile, prompt: &PromptBuilder, runtime: &RuntimeConfig) -> EngineModel {
     let config = file.config();
     EngineModel {
         context_length: config.context_length,
         stop_tokens: prompt.tokenizer().stop_tokens().clone(),
         kv_bytes_per_token: config.kv_bytes_per_token_per_layer() * config.n_layers as u64,
-        kv_budget_bytes,
+        kv_budget_bytes: runtime.kv_cache_bytes,
+        prefill_chunk_tokens: runtime.prefill_chunk_tokens,
     }
 }
 
@@ -281,7 +287,7 @@ fn model_opener(
             let opened = OpenedModel::open_with_peers(&runtime, &model, &peers)
                 .await
                 .map_err(|error| format!("{error:#}"))?;
-            let for_engine = engine_model(&opened.file, &opened.prompt, runtime.kv_cache_bytes);
+            let for_engine = engine_model(&opened.file, &opened.prompt, &runtime);
             let OpenedModel {
                 name,
                 file,
@@ -312,6 +318,16 @@ fn model_opener(
 async fn serve_until_stopped(listener: TcpListener, state: AppState) -> anyhow::Result<()> {
     let stopping = Arc::new(Notify::new());
     let app = api::router(state).into_make_service_with_connect_info::<SocketAddr>();
+    // Every connection unbuffered: a link carries one small frame per
+    // token each way and the API streams one small event per token, and
+    // with Nagle's algorithm a frame written while the last one waits for
+    // the peer's delayed ACK waits too (up to 40 ms). Dialed links set
+    // the same (link::dial).
+    let listener = listener.tap_io(|stream| {
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "cannot turn off Nagle's algorithm on a connection");
+        }
+    });
     let server = axum::serve(listener, app).with_graceful_shutdown({
         let stopping = Arc::clone(&stopping);
         async move {
@@ -347,8 +363,13 @@ pub fn start_local_engine(
     model: LoadedModel,
     kv_budget_bytes: u64,
 ) -> anyhow::Result<(Engine, AppState)> {
-    let engine = Engine::start_local(model.shard, &model.prompt, kv_budget_bytes)
-        .context("cannot start the inference engine threads")?;
+    let engine = Engine::start_local(
+        model.shard,
+        &model.prompt,
+        kv_budget_bytes,
+        crate::limits::PREFILL_CHUNK_TOKENS,
+    )
+    .context("cannot start the inference engine threads")?;
     let served = served_model(model.name, model.prompt, &model.file);
     let state = AppState {
         engine: engine.handle.clone(),

@@ -227,7 +227,13 @@ impl From<&crate::Plan> for Plan {
 pub fn place(cluster: &Cluster, model: &Model) -> Result<Plan, PlanError> {
     let nodes: Vec<NodeResources> = cluster.nodes.iter().map(Into::into).collect();
     let links: Vec<LinkLatency> = cluster.links.iter().map(Into::into).collect();
-    crate::place_default(&nodes, &links, &model.into()).map(|plan| (&plan).into())
+    let reserve_tokens = crate::KV_RESERVE_TOKENS.min(model.context_length);
+    let shape = ModelShape::from(model).with_kv_reserve(
+        model
+            .kv_bytes_per_token_per_layer
+            .saturating_mul(u64::from(reserve_tokens)),
+    );
+    crate::place_default(&nodes, &links, &shape).map(|plan| (&plan).into())
 }
 
 /// The built-in scheduling ([`crate::schedule_fifo`]) over the contract's
@@ -252,14 +258,17 @@ pub fn check_plan(plan: &Plan, cluster: &Cluster, model: &Model) -> Result<(), P
 mod tests {
     use super::*;
 
-    fn cluster() -> Cluster {
-        let node = |id: u64, budget: u64| Node {
+    fn node(id: u64, budget: u64) -> Node {
+        Node {
             id,
             name: format!("n{id}"),
             device: "cpu".into(),
             memory_budget_bytes: budget,
             compute_score: 1.0,
-        };
+        }
+    }
+
+    fn cluster() -> Cluster {
         Cluster {
             nodes: vec![node(1, 300), node(2, 100)],
             links: vec![Link {
@@ -278,9 +287,46 @@ mod tests {
             embedding_bytes: 20,
             head_bytes: 20,
             tied_embeddings: false,
-            kv_bytes_per_token_per_layer: 8,
+            // No KV cache: these budgets are for the weights alone.
+            kv_bytes_per_token_per_layer: 0,
             context_length: 2048,
         }
+    }
+
+    #[test]
+    fn the_built_in_placement_keeps_room_for_kv_cache_on_every_stage() {
+        // One byte per token and layer: 256 bytes kept beside each layer.
+        let model = Model {
+            kv_bytes_per_token_per_layer: 1,
+            ..model()
+        };
+        let cluster = |budget: u64| Cluster {
+            nodes: vec![node(1, budget), node(2, budget)],
+            links: Vec::new(),
+        };
+        // Two nodes of 150 bytes hold the weights (120 each), not the room.
+        assert!(
+            place(&cluster(150), &model).is_err(),
+            "weights alone must not fill the budgets"
+        );
+        let plan = place(&cluster(700), &model).expect("placed");
+        assert_eq!(plan.stages.len(), 2);
+        for stage in &plan.stages {
+            let layers = u64::from(stage.end - stage.start);
+            let ends = if stage.start == 0 { 20 } else { 0 } + if stage.end == 4 { 20 } else { 0 };
+            let weights = layers * 50 + ends;
+            assert!(
+                700 - weights >= layers * u64::from(crate::KV_RESERVE_TOKENS),
+                "stage {stage:?} keeps {} bytes beside {weights} of weights",
+                700 - weights
+            );
+        }
+        // A short context bounds the room kept: 16 tokens here.
+        let short = Model {
+            context_length: 16,
+            ..model
+        };
+        place(&cluster(160), &short).expect("16 bytes a layer fit beside the weights");
     }
 
     #[test]

@@ -60,6 +60,14 @@ impl fmt::Display for Layers {
     }
 }
 
+/// KV cache the built-in placement keeps room for beside the weights on
+/// every stage, in tokens of each layer the stage holds (at most the
+/// model's context): enough for a short conversation on the smallest
+/// stage. The nodes admit requests by what each stage really has left
+/// (its memory budget less its weights); this only keeps a placement
+/// from filling a budget with weights alone.
+pub const KV_RESERVE_TOKENS: u32 = 256;
+
 /// What placement needs to know about a node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeResources {
@@ -102,6 +110,15 @@ impl ModelShape {
             first_bytes: embedding_bytes,
             last_bytes: head_bytes,
             shared_ends_bytes: if tied_embeddings { embedding_bytes } else { 0 },
+        }
+    }
+
+    /// The same model with room for `bytes` of KV cache kept beside each
+    /// layer.
+    pub fn with_kv_reserve(self, bytes: u64) -> Self {
+        Self {
+            kv_reserve_bytes_per_layer: bytes,
+            ..self
         }
     }
 
@@ -202,7 +219,7 @@ impl fmt::Display for PlanError {
                 available_bytes,
             } => write!(
                 f,
-                "the model needs {} but the cluster's memory budgets add up to {}: {} short; add a node or raise --memory-budget",
+                "the model needs {} (weights and room for KV cache) but the cluster's memory budgets add up to {}: {} short; add a node or raise --memory-budget",
                 human_bytes(*needed_bytes),
                 human_bytes(*available_bytes),
                 human_bytes(needed_bytes - available_bytes)

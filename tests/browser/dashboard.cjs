@@ -272,10 +272,16 @@ async function main() {
     (await row.locator(".badge.ok").count()) === 2);
   await shot(page, "models-switched");
 
-  // node-1 dies: node-0 plans without it and the Cluster page lists the
-  // recovery, naming the node lost.
-  process.kill(Number(process.env.RINGLET_KILL_PID), "SIGKILL");
+  // node-1 dies once it holds layers again (a switch drops the plan and
+  // the leader plans anew a moment later): node-0 plans without it and
+  // the Cluster page lists the recovery, naming the node lost.
   await openPage(page, "cluster");
+  await waitFor("both nodes holding layers after the switch", async () => {
+    const ranges = await layerRanges(page);
+    const held = Object.values(ranges).filter((r) => !r.startsWith("none"));
+    return Object.keys(ranges).length === 2 && held.length === 2;
+  });
+  process.kill(Number(process.env.RINGLET_KILL_PID), "SIGKILL");
   const recoveries = page.locator('[data-testid="recoveries"]');
   const listed = await waitFor("the recovery from node-1's loss", async () =>
     (await recoveries.count()) === 1 && (await recoveries.innerText()).includes("node-1")

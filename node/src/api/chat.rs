@@ -636,15 +636,17 @@ fn chat_messages(messages: Vec<RequestMessage>) -> Result<Vec<ChatMessage>, ApiE
         .collect()
 }
 
-/// Tokens to generate: what was asked if it fits the context, else all the
-/// context has left when nothing was asked.
+/// Tokens to generate: what was asked if it fits the context, else (when
+/// nothing was asked) `usize::MAX`, which the engine bounds by what the
+/// context and the KV cache hold.
 pub(crate) fn completion_budget(
     requested: Option<(&str, u64)>,
     prompt_tokens: usize,
     context: usize,
 ) -> Result<usize, ApiError> {
     let Some((_, n)) = requested else {
-        return Ok(context - prompt_tokens);
+        // As many as the context and the KV cache hold: the engine knows.
+        return Ok(usize::MAX);
     };
     let n = usize::try_from(n).unwrap_or(usize::MAX);
     let total = prompt_tokens.saturating_add(n);

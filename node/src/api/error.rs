@@ -301,7 +301,9 @@ impl ApiError {
                 Described::new(StatusCode::SERVICE_UNAVAILABLE, error.to_string())
                     .code("server_busy")
             }
-            Self::Submit(error @ SubmitError::TooLarge { .. }) => {
+            Self::Submit(
+                error @ (SubmitError::TooLarge { .. } | SubmitError::TooLargeForCluster { .. }),
+            ) => {
                 Described::new(StatusCode::BAD_REQUEST, error.to_string()).param("max_tokens")
             }
             Self::Submit(error @ SubmitError::Stopped) => Described::internal(error.to_string()),

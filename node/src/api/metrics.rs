@@ -44,6 +44,7 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Response {
         queued_requests: stats.queued,
         kv_reserved_bytes: stats.kv_reserved_bytes,
         kv_budget_bytes: state.engine.kv_budget_bytes(),
+        cluster_kv: state.engine.kv_room(),
         links: &links,
     });
     ([(CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response()

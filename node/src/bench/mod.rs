@@ -3,6 +3,7 @@
 //! same threads. Rounds alternate between the engines (these machines are
 //! shared and noisy) and the table reports medians and ratios.
 
+pub mod chunks;
 pub mod cluster;
 pub mod policy;
 pub mod recovery;
@@ -79,7 +80,12 @@ pub async fn bench(args: EngineBenchArgs) -> anyhow::Result<()> {
     let model_path = model.file.path().to_path_buf();
     let weight_bytes = model.shard.weight_bytes();
     let llama_cpp = LlamaCpp::find(&args.llama_cpp, &model_path, args.threads, &prompt).await;
-    let engine = Engine::start_local(model.shard, &model.prompt, runtime.kv_cache_bytes)?;
+    let engine = Engine::start_local(
+        model.shard,
+        &model.prompt,
+        runtime.kv_cache_bytes,
+        runtime.prefill_chunk_tokens,
+    )?;
 
     eprintln!(
         "ringlet bench: {} with {} threads, {}-token prompt, {} decode tokens, {} rounds",
@@ -156,6 +162,7 @@ pub(super) fn cpu_runtime(threads: usize, store: crate::model_store::ModelStore)
         store,
         device: Device::Cpu,
         kv_cache_bytes: DEFAULT_KV_CACHE_BYTES,
+        prefill_chunk_tokens: crate::limits::PREFILL_CHUNK_TOKENS,
         hub: crate::hub::HubConfig::from_env(),
     }
 }

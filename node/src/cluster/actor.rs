@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::admin_proof::AdminKey;
 use super::discovery::Discovery;
+use super::hops::{HopTable, Hops, LocalEntry};
 use super::link::{self, LinkContext, LinkId, LinkSender};
 use super::membership::{Membership, Myself};
 use super::planning::Planning;
@@ -59,6 +60,9 @@ pub(super) struct Cluster {
     signaling: Signaling,
     /// This node's key and the cluster's secret, for every link.
     keys: Arc<LinkKeys>,
+    /// What the stage thread and the link readers read to route a
+    /// request's frames without the actor; published here.
+    hops: Arc<Hops>,
     /// The last plan ignored because its sender did not lead in this
     /// node's view; followed if the sender turns out to lead.
     passed_over_plan: Option<super::protocol::PlanMessage>,
@@ -103,6 +107,12 @@ pub(super) struct Cluster {
     policy_faults: Faults,
     /// Where the actor publishes each stage's load for the coordinator.
     stage_loads: watch::Sender<Vec<StageLoad>>,
+    /// Where it publishes the plan's room for KV cache.
+    kv_room: watch::Sender<Option<crate::engine::KvRoom>>,
+    /// The most this node's stage gives to KV cache (`--kv-cache`).
+    kv_cache_bytes: u64,
+    /// The KV cache the requests owned here reserve, in tokens.
+    reserved_tokens: watch::Receiver<u64>,
     /// Jobs from this node's coordinator, and its results.
     jobs: mpsc::Receiver<StageJob>,
     results: mpsc::Sender<StageResult>,
@@ -149,6 +159,7 @@ impl Cluster {
                 &config.identity.secret,
                 config.plaintext_frames,
             )),
+            hops: Arc::new(Hops::default()),
             passed_over_plan: None,
             identity: config.identity,
             peer_pass: config.peer_pass,
@@ -174,6 +185,9 @@ impl Cluster {
             policy: config.policy,
             policy_faults: config.policy_faults,
             stage_loads: config.stage_loads,
+            kv_room: config.kv_room,
+            kv_cache_bytes: config.kv_cache_bytes,
+            reserved_tokens: pipeline.reserved_tokens,
             jobs: pipeline.jobs,
             results: pipeline.results,
             events_tx: channels.events_tx,
@@ -196,6 +210,35 @@ impl Cluster {
         }
     }
 
+    /// Publishes what the hops read: the plan followed, this node's
+    /// stage in it, and the links to the plan's other nodes.
+    fn publish_hops(&self) {
+        let plan = self.planning.plan.as_ref().map(|p| {
+            let nodes: Vec<NodeId> = p.message.stages.iter().map(|s| s.node).collect();
+            (p.message.epoch, nodes)
+        });
+        let links = plan
+            .iter()
+            .flat_map(|(_, nodes)| nodes)
+            .filter_map(|node| {
+                let member = self.membership.members.get(node)?;
+                Some((*node, member.link.clone()))
+            })
+            .collect();
+        let stage = self.planning.local_stage.as_ref().map(|s| LocalEntry {
+            epoch: s.epoch,
+            index: u32::try_from(s.index).unwrap_or(u32::MAX),
+            jobs: s.jobs.clone(),
+            hidden_size: self.model.config().hidden_size,
+        });
+        self.hops.publish(HopTable {
+            me: Some(self.me()),
+            plan,
+            stage,
+            links,
+        });
+    }
+
     pub(super) async fn run(mut self) {
         self.redial();
         self.publish();
@@ -207,13 +250,20 @@ impl Cluster {
             let replan = self.planning.replan_at;
             // Whether the view may have changed: not for the frames and
             // jobs of each token, which only move requests along.
+            // Whether what the hops read may have changed: after anything
+            // but a request's jobs and frames.
+            let mut hops_changed = true;
             let changed = tokio::select! {
                 event = self.events.recv() => match event {
-                    Some(event) => self.on_event(event),
+                    Some(event) => {
+                        hops_changed = !event.moves_requests();
+                        self.on_event(event)
+                    }
                     None => break,
                 },
                 job = self.jobs.recv() => match job {
                     Some(job) => {
+                        hops_changed = false;
                         self.on_coordinator_job(job);
                         false
                     }
@@ -237,7 +287,13 @@ impl Cluster {
                     self.on_policy_fault(fault);
                     false
                 }
+                // The owned requests' KV reservations changed: peers hear
+                // it at once (`track_load`, below).
+                Ok(()) = self.reserved_tokens.changed() => false,
             };
+            if hops_changed {
+                self.publish_hops();
+            }
             let load_changed = self.track_load();
             if changed || load_changed {
                 self.publish();
@@ -350,6 +406,18 @@ impl Cluster {
                 self.on_stage_outputs(outputs);
                 false
             }
+            ClusterEvent::ForStage(job) => {
+                self.run_on_stage(job);
+                false
+            }
+            ClusterEvent::HopFailed {
+                route,
+                sequence,
+                failure,
+            } => {
+                self.hop_failed(route, sequence, failure);
+                false
+            }
             ClusterEvent::ShardLoaded { epoch, result } => {
                 self.shard_loaded(epoch, result);
                 true
@@ -394,10 +462,12 @@ impl Cluster {
             let events = self.events_tx.clone();
             let me = self.me();
             let keys = Arc::clone(&self.keys);
+            let hops = Arc::clone(&self.hops);
             tokio::spawn(async move {
                 match link::dial(&address).await {
                     Ok(stream) => {
-                        let context = LinkContext::tcp(me, events.clone(), address.clone(), keys);
+                        let context =
+                            LinkContext::tcp(me, events.clone(), address.clone(), keys, hops);
                         let ended = ClusterEvent::DialEnded {
                             address,
                             failed: false,
@@ -425,6 +495,7 @@ impl Cluster {
             self.events_tx.clone(),
             observed_address,
             Arc::clone(&self.keys),
+            Arc::clone(&self.hops),
         );
         tokio::spawn(link::run(stream, self.membership.hello(), false, context));
     }
@@ -453,7 +524,7 @@ impl Cluster {
             }
         }
         let status = self.local.report(
-            self.routing.in_flight(),
+            self.load(),
             self.membership.measurements(),
             self.membership.me.serving_since_ms,
         );
@@ -889,6 +960,15 @@ impl Cluster {
             in_flight: self.routing.in_flight(),
             recoveries: self.recoveries.recent(),
             webrtc_failures: &self.signaling.failures,
+            kv_capacity_tokens: self.kv_room.borrow().as_ref().map(|r| r.capacity_tokens),
+            kv_reserved_tokens: *self.reserved_tokens.borrow()
+                + self
+                    .membership
+                    .members
+                    .values()
+                    .filter_map(|m| m.status.as_ref())
+                    .map(|s| s.kv_reserved_tokens)
+                    .sum::<u64>(),
         }
         .build();
         self.view.send_if_modified(|current| {

@@ -11,7 +11,7 @@ use super::protocol::{self, Frame, Hello, PolicyRevision};
 use super::routing::Route;
 use crate::model_store::CatalogueEntry;
 use crate::policy::{Placed, PolicyError, PolicyView};
-use crate::stage::StageOutput;
+use crate::stage::{StageJob, StageOutput};
 use scheduler::NodeId;
 
 /// Events the cluster actor handles, in arrival order.
@@ -109,9 +109,18 @@ pub(crate) enum ClusterEvent {
         from: NodeId,
         frame: Frame,
     },
-    /// An output of this node's stage.
-    /// The outputs of one step of this node's stage.
+    /// Outputs of one step of this node's stage that the hops (see
+    /// [`super::hops`]) left to the actor, tagged with their batches.
     FromStage(Vec<StageOutput<Route>>),
+    /// A job from a peer for this node's stage, whose queue the hops found
+    /// full or closed.
+    ForStage(StageJob<Route>),
+    /// A job the hops took could not go on.
+    HopFailed {
+        route: Route,
+        sequence: kernels::SequenceId,
+        failure: super::hops::HopFailure,
+    },
     /// This node's shard for plan `epoch` finished loading (or failed).
     ShardLoaded {
         epoch: protocol::Epoch,
@@ -139,4 +148,27 @@ pub(crate) enum ClusterEvent {
         stream: link::AcceptedStream,
         remote: std::net::SocketAddr,
     },
+}
+
+impl ClusterEvent {
+    /// Whether this event only moves requests along (a job, a token, a
+    /// stage's outputs): it changes neither the view nor what the hops
+    /// read, so the actor publishes neither after it.
+    pub fn moves_requests(&self) -> bool {
+        match self {
+            ClusterEvent::FromStage(_)
+            | ClusterEvent::ForStage(_)
+            | ClusterEvent::HopFailed { .. } => true,
+            ClusterEvent::Frame { frame, .. } => matches!(
+                frame,
+                Frame::Forward(_)
+                    | Frame::Token { .. }
+                    | Frame::ChunkDone { .. }
+                    | Frame::Failed { .. }
+                    | Frame::Interrupted { .. }
+                    | Frame::Release { .. }
+            ),
+            _ => false,
+        }
+    }
 }

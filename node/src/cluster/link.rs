@@ -15,6 +15,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::ClusterEvent;
+use super::hops::Hops;
 use super::protocol::{
     Frame, FrameError, Hello, LinkTransport, PROTOCOL_VERSION, UPGRADE_TOKEN, VERSION_HEADER,
 };
@@ -208,6 +209,8 @@ pub(crate) struct LinkContext {
     pub transport: LinkTransport,
     /// How long a WebRTC link took to open.
     pub handshake: Option<Duration>,
+    /// Where the reader hands jobs for this node's stage.
+    pub hops: Arc<Hops>,
 }
 
 impl LinkContext {
@@ -217,6 +220,7 @@ impl LinkContext {
         events: mpsc::Sender<ClusterEvent>,
         observed_address: String,
         keys: Arc<LinkKeys>,
+        hops: Arc<Hops>,
     ) -> Self {
         Self {
             me,
@@ -225,6 +229,7 @@ impl LinkContext {
             keys,
             transport: LinkTransport::Tcp,
             handshake: None,
+            hops,
         }
     }
 }
@@ -322,7 +327,7 @@ where
         padding: vec![0; PROBE_BYTES],
     });
     let reason = tokio::select! {
-        reason = read_loop(&mut reader, peer, &frames_tx, &context.events, &heard) => reason,
+        reason = read_loop(&mut reader, peer, &frames_tx, &context, &heard) => reason,
         () = close.notified() => "closed by this node".to_string(),
     };
     writer_task.abort();
@@ -399,14 +404,16 @@ fn now_micros() -> u64 {
 }
 
 /// Reads frames until the link fails; returns why it ended. Heartbeats are
-/// answered here; everything else goes to the cluster actor.
+/// answered here, jobs for this node's stage go to it when the hops can
+/// take them; everything else goes to the cluster actor.
 async fn read_loop(
     reader: &mut SecureReader,
     peer: NodeId,
     frames: &mpsc::Sender<Frame>,
-    events: &mpsc::Sender<ClusterEvent>,
+    context: &LinkContext,
     heard: &Heard,
 ) -> String {
+    let events = &context.events;
     let silence = Duration::from_millis(HEARTBEAT_TIMEOUT_MS);
     loop {
         let frame = match tokio::time::timeout(silence, reader.read_frame_timed()).await {
@@ -451,10 +458,12 @@ async fn read_loop(
                 return "protocol violation: a second hello".into();
             }
             frame => {
-                if events
-                    .send(ClusterEvent::Frame { from: peer, frame })
-                    .await
-                    .is_err()
+                let event = match frame {
+                    Frame::Forward(forward) => context.hops.take_forward(peer, forward),
+                    frame => Some(ClusterEvent::Frame { from: peer, frame }),
+                };
+                if let Some(event) = event
+                    && events.send(event).await.is_err()
                 {
                     return "this node is stopping".into();
                 }

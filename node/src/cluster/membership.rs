@@ -844,6 +844,8 @@ mod tests {
             rss_bytes: 0,
             models: Vec::new(),
             serving_since_ms: Some(2_000),
+            kv_reserved_tokens: 0,
+            stage_kv_budget_bytes: None,
         };
         members.record_status(NodeId(1), status.clone());
         assert_eq!(members.leader(), NodeId(5));

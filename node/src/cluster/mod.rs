@@ -41,6 +41,7 @@ mod actor;
 pub mod admin_proof;
 pub mod discovery;
 mod events;
+mod hops;
 pub mod link;
 mod membership;
 mod planning;
@@ -133,6 +134,10 @@ pub struct ClusterConfig {
     pub policy_faults: Faults,
     /// Where the actor publishes each stage's load for the coordinator.
     pub stage_loads: watch::Sender<Vec<StageLoad>>,
+    /// Where the actor publishes the plan's room for KV cache.
+    pub kv_room: watch::Sender<Option<crate::engine::KvRoom>>,
+    /// The most this node's stage gives to KV cache (`--kv-cache`).
+    pub kv_cache_bytes: u64,
     /// Opens another model when the cluster switches.
     pub open_model: ModelOpener,
     /// How long requests interrupted by a lost node wait for a new plan.

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Bumped whenever frames change incompatibly; peers must match exactly.
-pub const PROTOCOL_VERSION: u32 = 13;
+pub const PROTOCOL_VERSION: u32 = 14;
 
 /// The HTTP `Upgrade` token of a link.
 pub const UPGRADE_TOKEN: &str = "ringlet-link";
@@ -254,6 +254,12 @@ pub struct NodeStatus {
     pub models: Vec<ModelAvailability>,
     /// As in [`Hello::serving_since_ms`], which it can change after.
     pub serving_since_ms: Option<u64>,
+    /// KV cache the requests this node owns reserve, in tokens (prompt
+    /// plus `max_tokens` each): every stage holds that many for them.
+    pub kv_reserved_tokens: u64,
+    /// Bytes this node's stage has for KV cache (its memory budget less
+    /// its weights, at most its `--kv-cache`); `None` without a stage.
+    pub stage_kv_budget_bytes: Option<u64>,
 }
 
 /// Every message a link carries. No catch-all: an unknown variant is a
@@ -675,6 +681,8 @@ mod tests {
                 }],
                 memory_available_bytes: 8 << 30,
                 rss_bytes: 300 << 20,
+                kv_reserved_tokens: 4_096,
+                stage_kv_budget_bytes: Some(64 << 20),
                 models: vec![
                     ModelAvailability::new("smollm2-135m", ModelState::Loaded),
                     ModelAvailability {

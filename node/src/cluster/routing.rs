@@ -10,7 +10,7 @@ use scheduler::NodeId;
 
 use super::planning::CurrentPlan;
 use super::protocol::{Epoch, ForwardFrame, Frame, Payload, WireDType};
-use crate::stage::{StageJob, StageResult};
+use crate::stage::{StageJob, StageOutput, StageResult};
 
 /// Where a job on a stage belongs: the node that owns the request (and
 /// gets its tokens), the plan it runs under, and the index of the stage of
@@ -224,6 +224,39 @@ pub(super) fn target(plan: Option<&CurrentPlan>, route: Route) -> Option<NodeId>
         .stages
         .get(route.stage as usize)
         .map(|s| s.node)
+}
+
+/// Where an output of a stage goes on: hidden states as the job of the
+/// stage after it, or a result (with when it was ready) for its owner.
+pub(super) fn onward(
+    output: StageOutput<Route>,
+) -> Result<StageJob<Route>, (Route, StageResult, u64)> {
+    match output {
+        StageOutput::Next {
+            sequence,
+            position,
+            hidden,
+            sample,
+            token_by_token,
+            route,
+            ready_at,
+            batch,
+        } => Ok(StageJob::Forward {
+            sequence,
+            position,
+            input: ShardInput::Hidden(hidden),
+            sample,
+            token_by_token,
+            route: route.next(),
+            sent_at: Some(ready_at),
+            batch,
+        }),
+        StageOutput::Done {
+            route,
+            result,
+            ready_at,
+        } => Err((route, result, ready_at)),
+    }
 }
 
 /// A forward job as a frame for the node holding its stage.

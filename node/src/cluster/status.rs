@@ -20,6 +20,17 @@ pub(super) struct LocalFigures {
     pub peak_rss_bytes: u64,
 }
 
+/// What this node tells peers of its load, at once when it changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Load {
+    /// Requests going through this node's stage, from every owner.
+    pub in_flight: u32,
+    /// KV cache reserved by the requests this node owns, in tokens.
+    pub kv_reserved_tokens: u64,
+    /// Bytes this node's stage has for KV cache.
+    pub stage_kv_budget_bytes: Option<u64>,
+}
+
 pub(super) struct LocalStatus {
     /// The model this node serves (which may be a file outside the
     /// catalogue).
@@ -30,7 +41,7 @@ pub(super) struct LocalStatus {
     downloads: Downloads,
     pub figures: LocalFigures,
     /// The stage load last reported to peers.
-    reported_in_flight: Option<u32>,
+    reported_load: Option<Load>,
 }
 
 impl LocalStatus {
@@ -46,7 +57,7 @@ impl LocalStatus {
             model_store,
             downloads,
             figures: LocalFigures::default(),
-            reported_in_flight: None,
+            reported_load: None,
         };
         status.refresh();
         status
@@ -76,28 +87,30 @@ impl LocalStatus {
     /// The report for peers, with the stage's load and the links' figures.
     pub fn report(
         &self,
-        in_flight: u32,
+        load: Load,
         links: Vec<LinkMeasurement>,
         serving_since_ms: Option<u64>,
     ) -> NodeStatus {
         NodeStatus {
-            in_flight,
+            in_flight: load.in_flight,
             links,
             memory_available_bytes: self.figures.memory_available_bytes,
             rss_bytes: self.figures.rss_bytes,
             models: self.figures.models.clone(),
             serving_since_ms,
+            kv_reserved_tokens: load.kv_reserved_tokens,
+            stage_kv_budget_bytes: load.stage_kv_budget_bytes,
         }
     }
 
-    /// True when the stage's load differs from what peers were told.
-    pub fn load_changed(&self, in_flight: u32) -> bool {
-        self.reported_in_flight != Some(in_flight)
+    /// True when the load differs from what peers were told.
+    pub fn load_changed(&self, load: Load) -> bool {
+        self.reported_load != Some(load)
     }
 
-    /// Every peer was told the stage carries `in_flight` requests.
-    pub fn reported(&mut self, in_flight: u32) {
-        self.reported_in_flight = Some(in_flight);
+    /// Every peer was told `load`.
+    pub fn reported(&mut self, load: Load) {
+        self.reported_load = Some(load);
     }
 
     /// Starts fetching `entry` here unless it is present or on its way;

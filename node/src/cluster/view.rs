@@ -26,6 +26,9 @@ pub(super) struct Parts<'a> {
     pub recoveries: Vec<super::RecoveryView>,
     /// Nodes a WebRTC link to failed, and why.
     pub webrtc_failures: &'a std::collections::HashMap<NodeId, super::signaling::Failure>,
+    /// The plan's room for KV cache, and the tokens every owner reserves.
+    pub kv_capacity_tokens: Option<u64>,
+    pub kv_reserved_tokens: u64,
 }
 
 impl Parts<'_> {
@@ -212,6 +215,8 @@ impl Parts<'_> {
                     in_flight: self.stage_in_flight(s.node),
                 })
                 .collect(),
+            kv_capacity_tokens: self.kv_capacity_tokens.filter(|_| p.active),
+            kv_reserved_tokens: self.kv_reserved_tokens,
         })
     }
 }

@@ -25,10 +25,13 @@
 //! (`schedule` in `wit/scheduler.wit`, see [`Scheduling`]); without one,
 //! first come, first served. Whatever it picks, admission stays bounded
 //! twice: at most [`MAX_ACTIVE_SEQUENCES`] requests run, and their KV
-//! caches, reserved for the prompt plus `max_tokens`, fit the engine's KV
-//! budget; a picked request that does not fit yet waits, and holds back the
-//! ones picked after it, so a large request is not overtaken forever. One
-//! that could never fit is refused at submission.
+//! caches, reserved for the prompt plus `max_tokens`, fit: in a cluster,
+//! on every stage of the plan beside the other owners' requests
+//! ([`KvRoom`], which the cluster publishes), else in the engine's own KV
+//! budget. A picked request that does not fit yet waits, and holds back
+//! the ones picked after it, so a large request is not overtaken forever.
+//! One that could never fit is refused at submission, and one that names
+//! no `max_tokens` gets as many as fit beside its prompt.
 //!
 //! The coordinator runs on its own thread with its own small runtime, so the
 //! engine outlives any one caller's runtime (tests share one engine).
@@ -61,6 +64,8 @@ pub struct GenerationRequest {
     pub id: SequenceId,
     pub prompt: Vec<u32>,
     /// Most tokens to generate; clamped to what the context has left.
+    /// [`usize::MAX`]: as many as the context and the KV cache hold (the
+    /// client named no limit).
     pub max_tokens: usize,
     pub sampling: SamplingParams,
     /// Keep going past end-of-generation tokens (benchmarks).
@@ -144,6 +149,15 @@ pub enum SubmitError {
         needed_bytes: u64,
         budget_bytes: u64,
     },
+    #[error(
+        "this request may need KV cache for {tokens} tokens (prompt plus max_tokens), more than the cluster holds for one request: {stage} has room for {capacity_tokens}; lower max_tokens or shorten the prompt, or give that node more --memory-budget or --kv-cache"
+    )]
+    TooLargeForCluster {
+        tokens: usize,
+        capacity_tokens: u64,
+        /// The stage with the least room, in words.
+        stage: String,
+    },
     #[error("the inference engine has stopped")]
     Stopped,
 }
@@ -157,12 +171,32 @@ pub struct EngineModel {
     pub kv_bytes_per_token: u64,
     /// KV-cache bytes the active requests may reserve together.
     pub kv_budget_bytes: u64,
+    /// Prompt tokens fed per step (`--prefill-chunk`, at most
+    /// [`PREFILL_CHUNK_TOKENS`]).
+    pub prefill_chunk_tokens: usize,
 }
 
 impl EngineModel {
     fn kv_bytes(&self, tokens: usize) -> u64 {
         tokens as u64 * self.kv_bytes_per_token
     }
+}
+
+/// Room for KV cache on the stages of the cluster's plan, as the cluster
+/// knows it. Every request runs through every stage, so a request's
+/// tokens (prompt plus `max_tokens`) take room on each; the stage whose
+/// KV budget holds the fewest tokens over its layers bounds them all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvRoom {
+    /// Tokens the tightest stage holds, for every owner's requests.
+    pub capacity_tokens: u64,
+    /// That stage, in words (for the error that refuses a request).
+    pub stage: String,
+    /// Tokens reserved by requests other nodes own, as they last said.
+    /// A report is at most a status interval old, so two owners admitting
+    /// at once can overcommit a stage for that long: its caches grow
+    /// past the budget then, they are not cut.
+    pub others_tokens: u64,
 }
 
 /// The scheduling policy as the coordinator knows it: which waiting
@@ -185,12 +219,16 @@ pub struct Scheduling<P> {
     /// Each stage of the current plan, in ring order, with the requests
     /// going through it from every node (empty while there is no plan).
     pub stages: watch::Receiver<Vec<StageLoad>>,
+    /// The plan's room for KV cache (`None` while there is no plan or no
+    /// stage has reported its budget: the engine's own budget applies).
+    pub kv_room: watch::Receiver<Option<KvRoom>>,
 }
 
-/// The policy and stage loads the coordinator consults.
+/// The policy, stage loads and KV room the coordinator consults.
 struct Consulted {
     policy: Arc<dyn AdmissionPolicy>,
     stages: watch::Receiver<Vec<StageLoad>>,
+    kv_room: watch::Receiver<Option<KvRoom>>,
 }
 
 /// The type of "no policy": the coordinator serves first come, first
@@ -223,6 +261,8 @@ pub struct EngineHandle {
     waiting: Arc<AtomicUsize>,
     stats: watch::Receiver<EngineStats>,
     model: Current<EngineModel>,
+    /// The cluster's room for KV cache, when the engine runs in one.
+    kv_room: Option<watch::Receiver<Option<KvRoom>>>,
 }
 
 impl std::fmt::Debug for EngineHandle {
@@ -249,6 +289,12 @@ impl EngineHandle {
         self.model.get().kv_budget_bytes
     }
 
+    /// The cluster's room for KV cache, when the engine runs in one and
+    /// its plan's stages have said their budgets.
+    pub fn kv_room(&self) -> Option<KvRoom> {
+        self.kv_room.as_ref().and_then(|r| r.borrow().clone())
+    }
+
     /// Serves another model from now on (the cluster switched): its context
     /// length, stop tokens and KV size per token.
     pub fn set_model(&self, model: EngineModel) {
@@ -258,16 +304,39 @@ impl EngineHandle {
     /// Queues a generation.
     pub fn submit(&self, mut request: GenerationRequest) -> Result<Generation, SubmitError> {
         let model = self.model.get();
-        let room = model.context_length.saturating_sub(request.prompt.len());
-        request.max_tokens = request.max_tokens.min(room);
-        let tokens = request.prompt.len() + request.max_tokens;
-        let needed_bytes = model.kv_bytes(tokens);
-        if needed_bytes > model.kv_budget_bytes {
-            return Err(SubmitError::TooLarge {
-                tokens,
-                needed_bytes,
-                budget_bytes: model.kv_budget_bytes,
-            });
+        let kv_room = self.kv_room.as_ref().and_then(|r| r.borrow().clone());
+        let prompt = request.prompt.len();
+        let room = model.context_length.saturating_sub(prompt);
+        request.max_tokens = if request.max_tokens == usize::MAX {
+            // No limit named: as many as the KV cache holds beside the
+            // prompt, as llama.cpp's server bounds a slot by its context.
+            let kv_tokens = match &kv_room {
+                Some(kv) => usize::try_from(kv.capacity_tokens).unwrap_or(usize::MAX),
+                None => usize::try_from(model.kv_budget_bytes / model.kv_bytes_per_token.max(1))
+                    .unwrap_or(usize::MAX),
+            };
+            room.min(kv_tokens.saturating_sub(prompt)).max(1)
+        } else {
+            request.max_tokens.min(room)
+        };
+        let tokens = prompt + request.max_tokens;
+        if let Some(kv) = kv_room {
+            if tokens as u64 > kv.capacity_tokens {
+                return Err(SubmitError::TooLargeForCluster {
+                    tokens,
+                    capacity_tokens: kv.capacity_tokens,
+                    stage: kv.stage,
+                });
+            }
+        } else {
+            let needed_bytes = model.kv_bytes(tokens);
+            if needed_bytes > model.kv_budget_bytes {
+                return Err(SubmitError::TooLarge {
+                    tokens,
+                    needed_bytes,
+                    budget_bytes: model.kv_budget_bytes,
+                });
+            }
         }
         // One slot per possible token plus the final event, so the engine
         // never waits on a slow reader: the bound is the context length.
@@ -318,6 +387,9 @@ pub struct Engine {
 pub struct PipelineEnds {
     pub jobs: mpsc::Receiver<StageJob>,
     pub results: mpsc::Sender<StageResult>,
+    /// KV cache the active requests reserve, in tokens (prompt plus
+    /// `max_tokens` each), for the cluster to tell the other owners.
+    pub reserved_tokens: watch::Receiver<u64>,
 }
 
 impl Engine {
@@ -329,10 +401,13 @@ impl Engine {
         scheduling: Option<Scheduling<P>>,
     ) -> std::io::Result<(Self, PipelineEnds)> {
         let model = Current::new(model);
+        let kv_room = scheduling.as_ref().map(|s| s.kv_room.clone());
         let scheduling = scheduling.map(|s| Consulted {
             policy: Arc::new(s.policy),
             stages: s.stages,
+            kv_room: s.kv_room,
         });
+        let (reserved_tx, reserved_rx) = watch::channel(0);
         let (job_tx, job_rx) = mpsc::channel(PIPELINE_QUEUE_LEN);
         let (result_tx, result_rx) = mpsc::channel(RESULT_QUEUE_LEN);
         let (submission_tx, submission_rx) = mpsc::channel(ENGINE_QUEUE_LEN);
@@ -351,6 +426,7 @@ impl Engine {
             active: HashMap::new(),
             held: HashMap::new(),
             stats: stats_tx,
+            reserved_tokens: reserved_tx,
         };
         let coordinator_thread = std::thread::Builder::new()
             .name("ringlet-coordinator".into())
@@ -369,6 +445,7 @@ impl Engine {
                 waiting,
                 stats: stats_rx,
                 model,
+                kv_room,
             },
             threads: vec![coordinator_thread],
         };
@@ -377,6 +454,7 @@ impl Engine {
             PipelineEnds {
                 jobs: job_rx,
                 results: result_tx,
+                reserved_tokens: reserved_rx,
             },
         ))
     }
@@ -388,6 +466,7 @@ impl Engine {
         shard: Shard,
         prompt: &PromptBuilder,
         kv_budget_bytes: u64,
+        prefill_chunk_tokens: usize,
     ) -> std::io::Result<Self> {
         let config = shard.config();
         let grammars = Arc::clone(prompt.grammars());
@@ -396,6 +475,7 @@ impl Engine {
             stop_tokens: prompt.tokenizer().stop_tokens().clone(),
             kv_bytes_per_token: config.kv_bytes_per_token_per_layer() * shard.range().len() as u64,
             kv_budget_bytes,
+            prefill_chunk_tokens,
         };
         let (mut engine, ends) = Self::start(model, None::<Scheduling<NoPolicy>>)?;
         let results = ends.results;
@@ -430,7 +510,8 @@ struct ActiveRequest {
     request: GenerationRequest,
     events: mpsc::Sender<GenerationEvent>,
     stopped: Arc<AtomicBool>,
-    kv_reserved_bytes: u64,
+    /// KV cache reserved for it: prompt plus `max_tokens`.
+    kv_tokens: u64,
     /// Tokens of the history (prompt, then generated) the stages have
     /// been given so far.
     fed: usize,
@@ -472,6 +553,8 @@ struct Coordinator {
     /// back, by the batch's tag id (see [`HeldBatch`]).
     held: HashMap<u64, HeldBatch>,
     stats: watch::Sender<EngineStats>,
+    /// The active requests' KV reservations, in tokens.
+    reserved_tokens: watch::Sender<u64>,
 }
 
 /// A request's next decode step: its last token, at `position`.
@@ -495,6 +578,7 @@ struct HeldBatch {
 impl Coordinator {
     async fn run(mut self) {
         let mut stages = self.scheduling.as_ref().map(|s| s.stages.clone());
+        let mut kv_room = self.scheduling.as_ref().map(|s| s.kv_room.clone());
         loop {
             let hold_deadline = self.hold_deadline();
             tokio::select! {
@@ -520,6 +604,13 @@ impl Coordinator {
                         self.schedule_again = true;
                     } else {
                         stages = None; // the cluster stopped publishing
+                    }
+                }
+                changed = changed(&mut kv_room), if !self.queue.is_empty() => {
+                    if changed {
+                        self.schedule_again = true;
+                    } else {
+                        kv_room = None;
                     }
                 }
                 () = tokio::time::sleep_until(hold_deadline.unwrap_or_else(tokio::time::Instant::now)), if hold_deadline.is_some() => {
@@ -569,6 +660,7 @@ impl Coordinator {
         // even if other nodes' requests fill a stage.
         if started == 0
             && self.active.is_empty()
+            && self.queue.front().is_some_and(|s| self.fits(s))
             && let Some(oldest) = self.take_waiting(0)
         {
             tracing::debug!(request = %oldest.request.id, "nothing runs here and the policy started nothing; starting the oldest request");
@@ -661,20 +753,35 @@ impl Coordinator {
         self.queue = kept;
     }
 
-    fn kv_needed(&self, request: &GenerationRequest) -> u64 {
-        self.model
-            .get()
-            .kv_bytes(request.prompt.len() + request.max_tokens)
+    fn kv_tokens(request: &GenerationRequest) -> u64 {
+        (request.prompt.len() + request.max_tokens) as u64
     }
 
-    /// True when the request's KV cache fits beside the active ones'.
+    fn reserved_tokens(&self) -> u64 {
+        self.active.values().map(|a| a.kv_tokens).sum()
+    }
+
+    /// True when the request's KV cache fits beside the active ones': on
+    /// every stage of the cluster's plan, beside other owners' requests
+    /// too, or else in this engine's own budget.
     fn fits(&self, submission: &Submission) -> bool {
-        let reserved: u64 = self.active.values().map(|a| a.kv_reserved_bytes).sum();
-        reserved + self.kv_needed(&submission.request) <= self.model.get().kv_budget_bytes
+        let needed = Self::kv_tokens(&submission.request);
+        let reserved = self.reserved_tokens();
+        let room = self
+            .scheduling
+            .as_ref()
+            .and_then(|s| s.kv_room.borrow().clone());
+        match room {
+            Some(room) => reserved + room.others_tokens + needed <= room.capacity_tokens,
+            None => {
+                let model = self.model.get();
+                model.kv_bytes((reserved + needed) as usize) <= model.kv_budget_bytes
+            }
+        }
     }
 
     async fn start(&mut self, submission: Submission) {
-        let needed = self.kv_needed(&submission.request);
+        let kv_tokens = Self::kv_tokens(&submission.request);
         let Submission {
             request,
             events,
@@ -689,7 +796,7 @@ impl Coordinator {
                 request,
                 events,
                 stopped,
-                kv_reserved_bytes: needed,
+                kv_tokens,
                 fed: 0,
                 generated: Vec::new(),
                 started: Instant::now(),
@@ -716,8 +823,13 @@ impl Coordinator {
         let generated = &active.generated;
         let history = prompt.len() + generated.len();
         let position = active.fed;
+        let prefill_chunk = self
+            .model
+            .get()
+            .prefill_chunk_tokens
+            .clamp(1, PREFILL_CHUNK_TOKENS);
         let (chunk, token_by_token) = if position < prompt.len() {
-            let end = (position + PREFILL_CHUNK_TOKENS).min(prompt.len());
+            let end = (position + prefill_chunk).min(prompt.len());
             (prompt[position..end].to_vec(), false)
         } else {
             let start = position - prompt.len();
@@ -991,7 +1103,13 @@ impl Coordinator {
     fn publish(&self) {
         let active = self.active.len();
         let queued = self.queue.len();
-        let kv_reserved_bytes = self.active.values().map(|a| a.kv_reserved_bytes).sum();
+        let reserved_tokens = self.reserved_tokens();
+        self.reserved_tokens.send_if_modified(|tokens| {
+            let changed = *tokens != reserved_tokens;
+            *tokens = reserved_tokens;
+            changed
+        });
+        let kv_reserved_bytes = self.model.get().kv_bytes(reserved_tokens as usize);
         self.stats.send_if_modified(|s| {
             let changed = s.active != active
                 || s.queued != queued
@@ -1010,11 +1128,12 @@ fn first_come_first_served(queue: &[WaitingRequest], stages: &[StageLoad]) -> Ve
     scheduler::contract::schedule(queue, stages)
 }
 
-/// Waits for the next change of the stage loads: true when one came, false
-/// when there is nothing (more) to watch.
-async fn changed(stages: &mut Option<watch::Receiver<Vec<StageLoad>>>) -> bool {
-    match stages {
-        Some(stages) => stages.changed().await.is_ok(),
+/// Waits for the next change of what the cluster publishes (stage loads,
+/// KV room): true when one came, false when there is nothing (more) to
+/// watch.
+async fn changed<T>(published: &mut Option<watch::Receiver<T>>) -> bool {
+    match published {
+        Some(published) => published.changed().await.is_ok(),
         None => std::future::pending().await,
     }
 }

@@ -172,6 +172,7 @@ impl Cluster {
         );
         let (jobs, jobs_rx) = mpsc::channel(STAGE_QUEUE_LEN);
         let events = self.events_tx.clone();
+        let hops = Arc::clone(&self.hops);
         // As many micro-batches as the ring has stages, so that each has one.
         let stages = self
             .planning
@@ -184,11 +185,7 @@ impl Cluster {
             jobs_rx,
             stages,
             self.stage_fault,
-            move |outputs| {
-                events
-                    .blocking_send(ClusterEvent::FromStage(outputs))
-                    .is_ok()
-            },
+            move |outputs| hops.emit(outputs, &events),
         );
         let progress = match spawned {
             Ok(spawned) => spawned.progress,

@@ -3,31 +3,113 @@
 
 use super::Cluster;
 use crate::cluster::protocol::Frame;
-use crate::cluster::status::reports_model;
+use crate::cluster::status::{Load, reports_model};
+use crate::engine::KvRoom;
 use crate::limits::STAGE_REQUEST_LIMIT;
 use crate::model_store::CatalogueEntry;
 use crate::policy::StageLoad;
 
 impl Cluster {
     pub(super) fn send_status(&mut self) {
-        let in_flight = self.routing.in_flight();
+        let load = self.load();
         let status = self.local.report(
-            in_flight,
+            load,
             self.membership.measurements(),
             self.membership.me.serving_since_ms,
         );
-        self.local.reported(in_flight);
+        self.local.reported(load);
         self.membership.broadcast(&Frame::NodeStatus(status));
     }
 
-    /// Tells peers at once when this stage's load changed, and the local
-    /// coordinator what every stage carries; true when the load changed.
+    /// What this node tells peers of its load.
+    pub(super) fn load(&self) -> Load {
+        Load {
+            in_flight: self.routing.in_flight(),
+            kv_reserved_tokens: *self.reserved_tokens.borrow(),
+            stage_kv_budget_bytes: self.stage_kv_budget(),
+        }
+    }
+
+    /// Bytes this node's stage has for KV cache: what its memory budget
+    /// leaves beside its weights, at most `--kv-cache`.
+    fn stage_kv_budget(&self) -> Option<u64> {
+        let stage = self.planning.local_stage.as_ref()?;
+        let budget = self.membership.me.resources.memory_budget_bytes;
+        Some(
+            budget
+                .saturating_sub(stage.weight_bytes)
+                .min(self.kv_cache_bytes),
+        )
+    }
+
+    /// The active plan's room for KV cache: the stage whose budget holds
+    /// the fewest tokens over its layers, and what the other owners'
+    /// requests reserve. `None` until a stage has said its budget.
+    fn kv_room(&self) -> Option<KvRoom> {
+        let plan = self.planning.active()?;
+        let me = self.me();
+        let per_layer = self.model.config().kv_bytes_per_token_per_layer().max(1);
+        let mut tightest = None;
+        for stage in &plan.message.stages {
+            let budget = if stage.node == me {
+                self.stage_kv_budget()
+            } else {
+                self.membership
+                    .members
+                    .get(&stage.node)
+                    .and_then(|m| m.status.as_ref())
+                    .and_then(|s| s.stage_kv_budget_bytes)
+            };
+            let Some(budget) = budget else {
+                continue; // not said yet: it reports within a status interval
+            };
+            let layers = stage.layers.len().max(1) as u64;
+            let capacity_tokens = budget / (layers * per_layer);
+            if tightest
+                .as_ref()
+                .is_none_or(|&(tokens, _, _)| capacity_tokens < tokens)
+            {
+                tightest = Some((capacity_tokens, stage, budget));
+            }
+        }
+        let (capacity_tokens, stage, budget) = tightest?;
+        let others_tokens = self
+            .membership
+            .members
+            .values()
+            .filter_map(|m| m.status.as_ref())
+            .map(|s| s.kv_reserved_tokens)
+            .sum();
+        Some(KvRoom {
+            capacity_tokens,
+            stage: format!(
+                "node {} (layers {}, {:.1} MiB for KV cache)",
+                self.membership.name_of(stage.node),
+                stage.layers,
+                budget as f64 / (1u64 << 20) as f64
+            ),
+            others_tokens,
+        })
+    }
+
+    /// Tells peers at once when this node's load changed, and the local
+    /// coordinator what every stage carries and the KV room; true when the
+    /// load changed.
     pub(super) fn track_load(&mut self) -> bool {
-        let in_flight = self.routing.in_flight();
-        let changed = self.local.load_changed(in_flight);
+        let load = self.load();
+        let in_flight = load.in_flight;
+        let changed = self.local.load_changed(load);
         if changed {
             self.send_status();
         }
+        let room = self.kv_room();
+        self.kv_room.send_if_modified(|current| {
+            let modified = *current != room;
+            if modified {
+                *current = room;
+            }
+            modified
+        });
         let me = self.me();
         let loads: Vec<StageLoad> = self
             .planning

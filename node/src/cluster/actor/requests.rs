@@ -5,14 +5,15 @@
 //! plan came) interrupts its request at the owner, which replays it on the
 //! next plan; only a job that is wrong in itself fails its request.
 
-use kernels::{SequenceId, ShardInput};
+use kernels::SequenceId;
 use scheduler::NodeId;
 use tokio::sync::mpsc;
 
 use super::Cluster;
+use crate::cluster::hops::HopFailure;
 use crate::cluster::protocol::{Epoch, ForwardFrame, Frame};
 use crate::cluster::routing::{self, Owned, Route};
-use crate::stage::{self, StageJob, StageOutput, StageResult};
+use crate::stage::{StageJob, StageOutput, StageResult};
 
 impl Cluster {
     /// A job from this node's coordinator: a step of a request it owns,
@@ -75,42 +76,15 @@ impl Cluster {
         }
     }
 
-    /// The outputs of one step of this node's stage: hidden states
-    /// onward (one batch for the next stage), results back to the
-    /// requests' owners (one batch of tokens per owner).
-    pub(super) fn on_stage_outputs(&mut self, mut outputs: Vec<StageOutput<Route>>) {
-        stage::tag_batches(&mut outputs, |route| route.owner);
+    /// The outputs of one step of this node's stage that the hops left
+    /// to the actor (already tagged with their batches): hidden states
+    /// onward, results back to the requests' owners.
+    pub(super) fn on_stage_outputs(&mut self, outputs: Vec<StageOutput<Route>>) {
         for output in outputs {
-            self.on_stage_output(output);
-        }
-    }
-
-    fn on_stage_output(&mut self, output: StageOutput<Route>) {
-        match output {
-            StageOutput::Next {
-                sequence,
-                position,
-                hidden,
-                sample,
-                token_by_token,
-                route,
-                ready_at,
-                batch,
-            } => self.route(StageJob::Forward {
-                sequence,
-                position,
-                input: ShardInput::Hidden(hidden),
-                sample,
-                token_by_token,
-                route: route.next(),
-                sent_at: Some(ready_at),
-                batch,
-            }),
-            StageOutput::Done {
-                route,
-                result,
-                ready_at,
-            } => self.send_result(route, result, ready_at),
+            match routing::onward(output) {
+                Ok(job) => self.route(job),
+                Err((route, result, ready_at)) => self.send_result(route, result, ready_at),
+            }
         }
     }
 
@@ -136,15 +110,20 @@ impl Cluster {
             }
         };
         if !sent {
-            // The link is gone (or was closed for falling behind): the node
-            // left, though its departure may not have been handled yet.
-            let reason = format!(
-                "node {} ({target}) left while it held stage {}",
-                self.membership.name_of(target),
-                route.stage
-            );
-            self.interrupt_at_owner(route, sequence, &reason);
+            self.unreachable(route, sequence, target);
         }
+    }
+
+    /// The link to `target`, which holds the stage of `route`, is gone (or
+    /// was closed for falling behind): the node left, though its departure
+    /// may not have been handled yet.
+    fn unreachable(&mut self, route: Route, sequence: SequenceId, target: NodeId) {
+        let reason = format!(
+            "node {} ({target}) left while it held stage {}",
+            self.membership.name_of(target),
+            route.stage
+        );
+        self.interrupt_at_owner(route, sequence, &reason);
     }
 
     /// Hands a job to this node's stage, if the job's route is for it.
@@ -192,11 +171,24 @@ impl Cluster {
         let sequence = forward.request;
         match routing::forward_job(forward, self.model.config().hidden_size) {
             Ok(job) => self.run_on_stage(job),
-            Err(message) => {
-                tracing::warn!(peer = %from, %message, "refusing a job");
-                self.fail_at_owner(route, sequence, message);
-            }
+            Err(message) => self.refuse_job(from, route, sequence, message),
         }
+    }
+
+    /// A job the hops (see [`crate::cluster::hops`]) could not take on.
+    pub(super) fn hop_failed(&mut self, route: Route, sequence: SequenceId, failure: HopFailure) {
+        match failure {
+            HopFailure::Refused { from, message } => {
+                self.refuse_job(from, route, sequence, message);
+            }
+            HopFailure::Unreachable { target } => self.unreachable(route, sequence, target),
+        }
+    }
+
+    /// A job from `from` is wrong in itself: it fails its request.
+    fn refuse_job(&mut self, from: NodeId, route: Route, sequence: SequenceId, message: String) {
+        tracing::warn!(peer = %from, %message, "refusing a job");
+        self.fail_at_owner(route, sequence, message);
     }
 
     /// Fails a request at the node that owns it: its job was wrong.

@@ -203,6 +203,7 @@ impl Cluster {
             self.events_tx.clone(),
             address,
             Arc::clone(&self.keys),
+            Arc::clone(&self.hops),
         );
         (self.membership.hello(), context)
     }
