@@ -197,6 +197,11 @@ async fn one_round(
     let mut other_gaps_ms = Vec::new();
     for task in tasks {
         let (_, times) = task.await.context("a running stream's task failed")??;
+        if times.last().is_some_and(|&last| last < first) {
+            eprintln!(
+                "  warning: a running stream ended before the prompt's first token, so its gaps miss the end of the prompt; raise --decode-tokens"
+            );
+        }
         for pair in times.windows(2) {
             let gap = (pair[1] - pair[0]).as_secs_f64() * 1000.0;
             if pair[1] > sent && pair[0] < first {
