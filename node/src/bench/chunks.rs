@@ -19,8 +19,8 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use super::ring::{
-    BenchNode, NodeSpec, Scratch, drain, long_prompt_body, median, read_chunks, request_body,
-    send_chat, start_node, wait_for,
+    BenchNode, NodeSpec, Scratch, drain, long_prompt_body, median, percentile, read_chunks,
+    request_body, send_chat, start_node, wait_for,
 };
 use crate::cli::ChunkBenchArgs;
 use crate::limits::BENCH_REQUEST_TIMEOUT_SECS;
@@ -247,13 +247,6 @@ async fn text_times(
     })
     .await?;
     Ok((prompt_tokens, times))
-}
-
-fn percentile(values: &[f64], share: f64) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let index = ((sorted.len() as f64 * share).ceil() as usize).saturating_sub(1);
-    sorted.get(index).copied().unwrap_or(0.0)
 }
 
 fn print_table(report: &Report) {

@@ -333,19 +333,15 @@ pub async fn bench(args: RingBenchArgs) -> anyhow::Result<()> {
             }
         }
         let busy_after = stage_busy_seconds(largest).await?;
-        gaps.sort_by(f64::total_cmp);
-        let percentile = |p: f64| {
-            gaps.get(((gaps.len() as f64 * p) as usize).min(gaps.len().saturating_sub(1)))
-                .map_or(0.0, |g| g * 1e3)
-        };
+
         concurrency.push(ConcurrencyReport {
             nodes: largest.len(),
             streams,
             median_aggregate_tok_s: median(&rates),
             aggregate_tok_s: rates,
             median_decode_aggregate_tok_s: median(&decode_rates),
-            itl_median_ms: percentile(0.5),
-            itl_p99_ms: percentile(0.99),
+            itl_median_ms: percentile(&gaps, 0.5) * 1e3,
+            itl_p99_ms: percentile(&gaps, 0.99) * 1e3,
             stage_busy: busy_before
                 .iter()
                 .zip(&busy_after)
@@ -928,6 +924,14 @@ pub(super) fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     sorted.get(sorted.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// The value a `share` (0 to 1) of `values` lie below (0 when empty).
+pub(super) fn percentile(values: &[f64], share: f64) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let index = ((sorted.len() as f64 * share) as usize).min(sorted.len().saturating_sub(1));
+    sorted.get(index).copied().unwrap_or(0.0)
 }
 
 fn print_tables(report: &Report) {

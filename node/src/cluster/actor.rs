@@ -248,22 +248,23 @@ impl Cluster {
         watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let replan = self.planning.replan_at;
+            // Whether the plan, the links or the peers' reports may have
+            // changed (what the hops and the KV room are made of): after
+            // anything but a request's jobs and frames.
+            let mut beyond_requests = true;
             // Whether the view may have changed: not for the frames and
             // jobs of each token, which only move requests along.
-            // Whether what the hops read may have changed: after anything
-            // but a request's jobs and frames.
-            let mut hops_changed = true;
             let changed = tokio::select! {
                 event = self.events.recv() => match event {
                     Some(event) => {
-                        hops_changed = !event.moves_requests();
+                        beyond_requests = !event.moves_requests();
                         self.on_event(event)
                     }
                     None => break,
                 },
                 job = self.jobs.recv() => match job {
                     Some(job) => {
-                        hops_changed = false;
+                        beyond_requests = false;
                         self.on_coordinator_job(job);
                         false
                     }
@@ -291,8 +292,9 @@ impl Cluster {
                 // it at once (`track_load`, below).
                 Ok(()) = self.reserved_tokens.changed() => false,
             };
-            if hops_changed {
+            if beyond_requests {
                 self.publish_hops();
+                self.publish_kv_room();
             }
             let load_changed = self.track_load();
             if changed || load_changed {
@@ -962,13 +964,7 @@ impl Cluster {
             webrtc_failures: &self.signaling.failures,
             kv_capacity_tokens: self.kv_room.borrow().as_ref().map(|r| r.capacity_tokens),
             kv_reserved_tokens: *self.reserved_tokens.borrow()
-                + self
-                    .membership
-                    .members
-                    .values()
-                    .filter_map(|m| m.status.as_ref())
-                    .map(|s| s.kv_reserved_tokens)
-                    .sum::<u64>(),
+                + self.membership.reported_kv_reserved_tokens(),
         }
         .build();
         self.view.send_if_modified(|current| {

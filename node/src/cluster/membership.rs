@@ -617,6 +617,24 @@ impl Membership {
             .map_or(0, |s| s.in_flight)
     }
 
+    /// Bytes a peer's stage has for KV cache, as it last reported them.
+    pub fn reported_stage_kv_budget(&self, node: NodeId) -> Option<u64> {
+        self.members
+            .get(&node)
+            .and_then(|m| m.status.as_ref())
+            .and_then(|s| s.stage_kv_budget_bytes)
+    }
+
+    /// KV cache, in tokens, the requests every peer owns reserve, as they
+    /// last reported it.
+    pub fn reported_kv_reserved_tokens(&self) -> u64 {
+        self.members
+            .values()
+            .filter_map(|m| m.status.as_ref())
+            .map(|s| s.kv_reserved_tokens)
+            .sum()
+    }
+
     /// True while some peer reports requests on its stage (a node that
     /// just joined knows this from the status each peer sends first).
     pub fn peers_busy(&self) -> bool {

@@ -215,7 +215,7 @@ impl Parts<'_> {
                     in_flight: self.stage_in_flight(s.node),
                 })
                 .collect(),
-            kv_capacity_tokens: self.kv_capacity_tokens.filter(|_| p.active),
+            kv_capacity_tokens: self.kv_capacity_tokens,
             kv_reserved_tokens: self.kv_reserved_tokens,
         })
     }

@@ -54,11 +54,7 @@ impl Cluster {
             let budget = if stage.node == me {
                 self.stage_kv_budget()
             } else {
-                self.membership
-                    .members
-                    .get(&stage.node)
-                    .and_then(|m| m.status.as_ref())
-                    .and_then(|s| s.stage_kv_budget_bytes)
+                self.membership.reported_stage_kv_budget(stage.node)
             };
             let Some(budget) = budget else {
                 continue; // not said yet: it reports within a status interval
@@ -73,13 +69,7 @@ impl Cluster {
             }
         }
         let (capacity_tokens, stage, budget) = tightest?;
-        let others_tokens = self
-            .membership
-            .members
-            .values()
-            .filter_map(|m| m.status.as_ref())
-            .map(|s| s.kv_reserved_tokens)
-            .sum();
+        let others_tokens = self.membership.reported_kv_reserved_tokens();
         Some(KvRoom {
             capacity_tokens,
             stage: format!(
@@ -92,16 +82,10 @@ impl Cluster {
         })
     }
 
-    /// Tells peers at once when this node's load changed, and the local
-    /// coordinator what every stage carries and the KV room; true when the
-    /// load changed.
-    pub(super) fn track_load(&mut self) -> bool {
-        let load = self.load();
-        let in_flight = load.in_flight;
-        let changed = self.local.load_changed(load);
-        if changed {
-            self.send_status();
-        }
+    /// Publishes the plan's room for KV cache for the coordinator. It
+    /// changes only with the plan, this node's stage and the peers'
+    /// reports, so the actor calls this after those, not per token.
+    pub(super) fn publish_kv_room(&self) {
         let room = self.kv_room();
         self.kv_room.send_if_modified(|current| {
             let modified = *current != room;
@@ -110,6 +94,17 @@ impl Cluster {
             }
             modified
         });
+    }
+
+    /// Tells peers at once when this node's load changed, and the local
+    /// coordinator what every stage carries; true when the load changed.
+    pub(super) fn track_load(&mut self) -> bool {
+        let load = self.load();
+        let in_flight = load.in_flight;
+        let changed = self.local.load_changed(load);
+        if changed {
+            self.send_status();
+        }
         let me = self.me();
         let loads: Vec<StageLoad> = self
             .planning
