@@ -192,7 +192,7 @@ async fn one_round(
             .context("the long prompt timed out")??;
     let first = *prompt_times
         .first()
-        .context("the long prompt's answer had no text")?;
+        .context("the long prompt's answer never came")?;
     let mut during_gaps_ms = Vec::new();
     let mut other_gaps_ms = Vec::new();
     for task in tasks {
@@ -220,7 +220,8 @@ async fn one_round(
 }
 
 /// Streams one answer; returns its prompt's token count and when each
-/// piece of text came. `first` hears when the first one did.
+/// piece of text came (for an answer with no text, such as one that ends
+/// at once, when it finished). `first` hears when the first one did.
 async fn text_times(
     addr: SocketAddr,
     body: &str,
@@ -229,8 +230,12 @@ async fn text_times(
     let mut socket = send_chat(addr, body).await?;
     let mut times = Vec::new();
     let mut prompt_tokens = 0;
+    let mut finished = None;
     let mut first = first;
     read_chunks(&mut socket, |chunk| {
+        if !chunk["choices"][0]["finish_reason"].is_null() {
+            finished.get_or_insert_with(Instant::now);
+        }
         if chunk["choices"][0]["delta"]["content"]
             .as_str()
             .is_some_and(|c| !c.is_empty())
@@ -246,6 +251,9 @@ async fn text_times(
         true
     })
     .await?;
+    if times.is_empty() {
+        times.extend(finished);
+    }
     Ok((prompt_tokens, times))
 }
 
