@@ -342,20 +342,25 @@ impl Attention {
                 })
                 .collect();
             if h.device().is_cpu() {
-                // The sequences of a batch share the compute pool (each
-                // one's rows and heads share it too).
+                // Out of the tensors once for the whole batch; then the
+                // sequences share the compute pool (each one's rows and
+                // heads share it too).
+                let config = step.config;
+                let q_row = config.n_heads * config.head_dim;
+                let kv_row = config.n_kv_heads * config.head_dim;
+                let values = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+                let (q, k, v) = (values(&q)?, values(&k)?, values(&v)?);
                 let outs = step
                     .sequence_rows
                     .par_iter()
                     .zip(starts.par_iter())
                     .zip(caches.par_iter_mut())
                     .map(|((&n, &start), cache)| {
-                        let rows = |t: &Tensor| t.narrow(0, start, n);
                         attention_cpu(
-                            &rows(&q)?,
-                            &rows(&k)?,
-                            &rows(&v)?,
-                            step.config,
+                            &q[start * q_row..(start + n) * q_row],
+                            &k[start * kv_row..(start + n) * kv_row],
+                            &v[start * kv_row..(start + n) * kv_row],
+                            config,
                             rope.values(start, n),
                             &self.options,
                             cache,
@@ -392,20 +397,21 @@ impl Attention {
 }
 
 /// One sequence's attention with ggml's arithmetic (see
-/// `cpu_ops::attention`), as `[n, H*d]` values.
+/// `cpu_ops::attention`), as `[n, H*d]` values; `q` is `[n, H*d]`, `k` and
+/// `v` `[n, KV*d]`, the sequence's rows of the projections.
 fn attention_cpu(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
     config: &ModelConfig,
     (cos, sin): (&[f32], &[f32]),
     options: &AttentionOptions,
     cache: &mut LayerCache,
 ) -> Result<Vec<f32>> {
-    let n = q.dim(0)?;
     let (heads, kv_heads, d) = (config.n_heads, config.n_kv_heads, config.head_dim);
-    let mut q = q.flatten_all()?.to_vec1::<f32>()?; // [n, H, d]
-    let mut k = k.flatten_all()?.to_vec1::<f32>()?; // [n, KV, d]
+    let n = q.len() / (heads * d).max(1);
+    let mut q = q.to_vec(); // [n, H, d]
+    let mut k = k.to_vec(); // [n, KV, d]
     let rotate = match config.rope_style {
         RopeStyle::Pairs => cpu_ops::rope_pairs,
         RopeStyle::Halves => cpu_ops::rope_halves,
@@ -420,31 +426,19 @@ fn attention_cpu(
         }
         None => 1.0 / (d as f32).sqrt(),
     };
-    let device = Device::Cpu;
-    let k = Tensor::from_vec(k, (n, kv_heads, d), &device)?
-        .transpose(0, 1)?
-        .contiguous()?; // [KV, n, d]
-    let v = v.reshape((n, kv_heads, d))?.transpose(0, 1)?.contiguous()?; // [KV, n, d]
-    let (k_all, _) = cache.append(&k, &v, config.context_length)?;
-    let position = k_all.dim(1)? - n;
-    let (keys, values, capacity) = cache.buffers()?;
+    let cached = cache.append_rows(&k, v, kv_heads, d, config.context_length)?;
     let shape = cpu_ops::AttentionShape {
         n,
         heads,
         kv_heads,
         d,
-        position,
-        len: position + n,
-        capacity,
+        position: cached.len - n,
+        len: cached.len,
+        capacity: cached.capacity,
         scale: score_scale,
         window: options.window,
     };
-    let out = cpu_ops::with_f32(keys, |keys| {
-        cpu_ops::with_f32(values, |values| {
-            cpu_ops::attention(&q, keys, values, &shape)
-        })
-    })??;
-    Ok(out)
+    Ok(cpu_ops::attention(&q, cached.keys, cached.values, &shape))
 }
 
 /// One sequence's attention with Candle's ops (GPU devices). The `H / KV`

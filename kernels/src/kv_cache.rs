@@ -41,15 +41,90 @@ impl SequenceCache {
     }
 }
 
-/// Keys and values of one layer for one sequence.
+/// Keys and values of one layer for one sequence: Candle tensors where
+/// Candle computes attention ([`append`](LayerCache::append)), plain
+/// vectors where ringlet's CPU code does ([`append_rows`](LayerCache::append_rows)),
+/// which writes rows in place without the tensor ops' allocations (they
+/// cost more than the attention of a short context). A sequence's caches
+/// take one of the two, as its shard's device does.
 #[derive(Debug, Default)]
 pub(crate) struct LayerCache {
     keys: Option<Tensor>,   // [KV, capacity, d]
     values: Option<Tensor>, // [KV, capacity, d]
+    host: HostBuffers,
     len: usize,
 }
 
+/// A layer's cached keys and values after [`LayerCache::append_rows`]:
+/// `[KV, capacity, d]` each, the first `len` rows of each head filled.
+pub(crate) struct CachedRows<'a> {
+    pub(crate) keys: &'a [f32],
+    pub(crate) values: &'a [f32],
+    pub(crate) capacity: usize,
+    pub(crate) len: usize,
+}
+
+/// [`LayerCache`]'s CPU buffers, `[KV, capacity, d]` each.
+#[derive(Debug, Default)]
+struct HostBuffers {
+    keys: Vec<f32>,
+    values: Vec<f32>,
+    capacity: usize,
+}
+
 impl LayerCache {
+    /// Appends the rows of `k` and `v`, laid out `[n, KV, d]` as the
+    /// projections give them, to the CPU buffers; returns all cached keys
+    /// and values. Buffers never grow past `max_tokens` rows (the model's
+    /// context).
+    pub(crate) fn append_rows(
+        &mut self,
+        k: &[f32],
+        v: &[f32],
+        kv_heads: usize,
+        d: usize,
+        max_tokens: usize,
+    ) -> Result<CachedRows<'_>> {
+        let row = kv_heads * d;
+        if row == 0 || k.len() != v.len() || !k.len().is_multiple_of(row) {
+            return Err(candle_core::Error::Msg(format!(
+                "KV cache rows of {kv_heads} heads of {d} values: got {} keys and {} values",
+                k.len(),
+                v.len()
+            ))
+            .into());
+        }
+        let n = k.len() / row;
+        let needed = self.len + n;
+        let host = &mut self.host;
+        if needed > host.capacity {
+            let capacity = grown_capacity(needed, max_tokens);
+            for buffer in [&mut host.keys, &mut host.values] {
+                let mut grown = vec![0f32; kv_heads * capacity * d];
+                for h in 0..kv_heads {
+                    grown[h * capacity * d..][..self.len * d]
+                        .copy_from_slice(&buffer[h * host.capacity * d..][..self.len * d]);
+                }
+                *buffer = grown;
+            }
+            host.capacity = capacity;
+        }
+        for (i, (k_row, v_row)) in k.chunks_exact(row).zip(v.chunks_exact(row)).enumerate() {
+            for h in 0..kv_heads {
+                let at = (h * host.capacity + self.len + i) * d;
+                host.keys[at..at + d].copy_from_slice(&k_row[h * d..(h + 1) * d]);
+                host.values[at..at + d].copy_from_slice(&v_row[h * d..(h + 1) * d]);
+            }
+        }
+        self.len = needed;
+        Ok(CachedRows {
+            keys: &host.keys,
+            values: &host.values,
+            capacity: host.capacity,
+            len: needed,
+        })
+    }
+
     /// Appends `k` and `v` (`[KV, n, d]`, contiguous) and returns views of
     /// all cached keys and values, `[KV, len, d]`. Buffers never grow past
     /// `max_tokens` rows (the model's context).
@@ -63,10 +138,7 @@ impl LayerCache {
         let needed = self.len + n;
         let capacity = self.keys.as_ref().map_or(0, |t| t.dims()[1]);
         if needed > capacity {
-            let new_capacity = needed
-                .next_power_of_two()
-                .max(INITIAL_CAPACITY_TOKENS)
-                .min(max_tokens.max(needed));
+            let new_capacity = grown_capacity(needed, max_tokens);
             self.keys = Some(grow(
                 self.keys.take(),
                 self.len,
@@ -90,7 +162,9 @@ impl LayerCache {
     }
 
     /// The whole key and value buffers, `[KV, capacity, d]`, and the
-    /// capacity; rows past the cached length are zero.
+    /// capacity; rows past the cached length are zero (what the tests
+    /// compare the CPU buffers with).
+    #[cfg(test)]
     pub(crate) fn buffers(&self) -> Result<(&Tensor, &Tensor, usize)> {
         match (&self.keys, &self.values) {
             (Some(k), Some(v)) => Ok((k, v, k.dims()[1])),
@@ -106,6 +180,16 @@ impl LayerCache {
             .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
             .sum()
     }
+}
+
+/// Rows to allocate for `needed` cached tokens: double, from
+/// [`INITIAL_CAPACITY_TOKENS`], but never past the model's context
+/// (`max_tokens`) unless `needed` is.
+fn grown_capacity(needed: usize, max_tokens: usize) -> usize {
+    needed
+        .next_power_of_two()
+        .max(INITIAL_CAPACITY_TOKENS)
+        .min(max_tokens.max(needed))
 }
 
 /// A zeroed buffer of `shape` holding the first `len` rows of `old`.
@@ -150,6 +234,51 @@ mod tests {
             cache.allocated_bytes(),
             2 * (2 * 128 * 4 * DType::F32.size_in_bytes()) as u64
         );
+        Ok(())
+    }
+
+    /// The CPU buffers hold what the tensor buffers hold, row for row,
+    /// across growth (from `[n, KV, d]` rows instead of `[KV, n, d]`).
+    #[test]
+    fn host_rows_match_tensor_rows_across_growth() -> Result<()> {
+        let dev = Device::Cpu;
+        let (kv_heads, d) = (3, 4);
+        let (mut tensors, mut host) = (LayerCache::default(), LayerCache::default());
+        let mut len = 0;
+        for (step, n) in [5usize, 1, 70, 1, 1, 60].into_iter().enumerate() {
+            let rows: Vec<f32> = (0..n * kv_heads * d)
+                .map(|i| (step * 1000 + i) as f32)
+                .collect();
+            let k = Tensor::from_vec(rows.clone(), (n, kv_heads, d), &dev)?
+                .transpose(0, 1)?
+                .contiguous()?;
+            let v = (&k * -1.0)?;
+            tensors.append(&k, &v, 1 << 20)?;
+            let negated: Vec<f32> = rows.iter().map(|x| -x).collect();
+            let cached = host.append_rows(&rows, &negated, kv_heads, d, 1 << 20)?;
+            let (keys, values, capacity) = (cached.keys, cached.values, cached.capacity);
+            len += n;
+            assert_eq!(cached.len, len, "step {step}");
+            let (want_k, want_v, want_capacity) = tensors.buffers()?;
+            assert_eq!(capacity, want_capacity, "step {step}");
+            for h in 0..kv_heads {
+                let filled = |t: &Tensor| -> Result<Vec<f32>> {
+                    Ok(t.get(h)?.narrow(0, 0, len)?.flatten_all()?.to_vec1()?)
+                };
+                assert_eq!(
+                    &keys[h * capacity * d..][..len * d],
+                    filled(want_k)?,
+                    "step {step}"
+                );
+                assert_eq!(
+                    &values[h * capacity * d..][..len * d],
+                    filled(want_v)?,
+                    "step {step}"
+                );
+            }
+        }
+        let ragged = host.append_rows(&[0.0; 5], &[0.0; 5], kv_heads, d, 1 << 20);
+        assert!(ragged.is_err(), "rows that are not whole heads are refused");
         Ok(())
     }
 

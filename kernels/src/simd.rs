@@ -33,6 +33,9 @@ pub(crate) struct CpuFeatures {
     /// `"avx2,fma,f16c,avx512vnni,avx512vl"`: the same with VNNI's one-step
     /// byte dot product.
     pub(crate) avx512_vnni: bool,
+    /// `"avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"`: the
+    /// VNNI kernels in 512-bit registers, two rows' lanes to a register.
+    pub(crate) avx512_wide: bool,
     /// `"avx512f"`: ggml's AVX-512 f32 dot product, `expf` and SiLU.
     pub(crate) avx512f: bool,
 }
@@ -45,12 +48,15 @@ impl CpuFeatures {
         let avx2_fma = is_x86_feature_detected!("avx2")
             && is_x86_feature_detected!("fma")
             && is_x86_feature_detected!("f16c");
+        let avx512_vnni = avx2_fma
+            && is_x86_feature_detected!("avx512vnni")
+            && is_x86_feature_detected!("avx512vl");
+        let avx512f = is_x86_feature_detected!("avx512f");
         Self {
             avx2_fma,
-            avx512_vnni: avx2_fma
-                && is_x86_feature_detected!("avx512vnni")
-                && is_x86_feature_detected!("avx512vl"),
-            avx512f: is_x86_feature_detected!("avx512f"),
+            avx512_vnni,
+            avx512_wide: avx512_vnni && avx512f && is_x86_feature_detected!("avx512bw"),
+            avx512f,
         }
     }
 }

@@ -345,19 +345,28 @@ pub(crate) fn attention(q: &[f32], keys: &[f32], values: &[f32], s: &AttentionSh
 /// so adds nothing either (an FMA with a zero product returns the
 /// accumulator, which starts at +0 and so is never -0).
 fn weighted_sum_vec_dot(v: &[f32], p: &[f32], keys: Range<usize>, d: usize, out: &mut [f32]) {
-    // acc[g][l][c]: accumulator g (of 4), lane l (of 16), output c.
-    let mut acc = vec![0f32; 4 * 16 * d];
-    for (j, &pj) in p.iter().enumerate().take(keys.end).skip(keys.start) {
-        let slot = &mut acc[((j % 64) / 16 * 16 + j % 16) * d..][..d];
-        for (a, &vc) in slot.iter_mut().zip(&v[j * d..(j + 1) * d]) {
-            *a = vc.mul_add(pj, *a);
-        }
-    }
-    // Lane l of output c is (a0 + a2) + (a1 + a3) over the four
-    // accumulators, computed for all outputs at once.
+    // Accumulator g (of 4), lane l (of 16) takes the keys j ≡ 16g + l
+    // (mod 64), in order. One lane's four accumulators at a time, so the
+    // scratch is 4·d values instead of 64·d zeroed and summed for every
+    // head (most of a decode step's attention, with short contexts).
+    let keys = keys.start..keys.end.min(p.len());
     let mut lanes = vec![0f32; 16 * d];
+    let mut acc = vec![0f32; 4 * d];
     for (l, lane) in lanes.chunks_exact_mut(d).enumerate() {
-        let a = |g: usize| &acc[(g * 16 + l) * d..][..d];
+        acc.fill(0.0);
+        for (g, slot) in acc.chunks_exact_mut(d).enumerate() {
+            let first = 16 * g + l;
+            // The first key at or after `keys.start` in this slot.
+            let skip = keys.start.saturating_sub(first).div_ceil(64);
+            for j in (first + 64 * skip..keys.end).step_by(64) {
+                let pj = p[j];
+                for (a, &vc) in slot.iter_mut().zip(&v[j * d..(j + 1) * d]) {
+                    *a = vc.mul_add(pj, *a);
+                }
+            }
+        }
+        // Lane l of output c is (a0 + a2) + (a1 + a3).
+        let a = |g: usize| &acc[g * d..][..d];
         let (a0, a1, a2, a3) = (a(0), a(1), a(2), a(3));
         for c in 0..d {
             lane[c] = (a0[c] + a2[c]) + (a1[c] + a3[c]);

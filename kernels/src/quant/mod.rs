@@ -34,7 +34,6 @@
 //! - Q8_1 (activations only): `d: f16, s: f16, qs: [i8; 32]`.
 
 use candle_core::quantized::GgmlDType;
-use half::f16;
 use rayon::prelude::*;
 
 use crate::error::{KernelError, Result};
@@ -556,30 +555,10 @@ fn dequantize_block(format: BlockFormat, block: &[u8], out: &mut Vec<f32>) {
 
 /// Quantizes one row of activations into Q8_0, Q8_1 or Q8K blocks.
 fn quantize_activations(format: Activation, x: &[f32], out: &mut [u8]) {
-    if format == Activation::Q8K {
-        return quantize_q8_k(x, out);
-    }
-    for (values, block) in x
-        .chunks_exact(BLOCK_VALUES)
-        .zip(out.chunks_exact_mut(format.block_bytes()))
-    {
-        let max = values.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = max / 127.0;
-        let id = if max != 0.0 { 127.0 / max } else { 0.0 };
-        block[0..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
-        let qs_at = if format == Activation::Q8_1 { 4 } else { 2 };
-        let mut sum = 0i32;
-        for (i, v) in values.iter().enumerate() {
-            // |v * id| <= 127 by construction; the clamp only makes it explicit.
-            // It matters: the AVX2 dot products take |w| · (y signed by w),
-            // which is exact for activations y in -127..=127 but not -128.
-            let q = (v * id).round_ties_even().clamp(-127.0, 127.0) as i8;
-            block[qs_at + i] = q as u8;
-            sum += q as i32;
-        }
-        if format == Activation::Q8_1 {
-            block[2..4].copy_from_slice(&f16::from_f32(d * sum as f32).to_le_bytes());
-        }
+    match format {
+        Activation::Q8K => quantize_q8_k(x, out),
+        Activation::Q8_0 => simd::quantize_q8_32(false, x, out),
+        Activation::Q8_1 => simd::quantize_q8_32(true, x, out),
     }
 }
 
@@ -626,9 +605,17 @@ fn quantize_q8_k(x: &[f32], out: &mut [u8]) {
 mod simd {
     use super::portable::{self, KKernel};
     #[cfg(target_arch = "x86_64")]
-    use super::x86::{avx2, vnni};
+    use super::x86::{avx2, vnni, wide};
     use super::{ActivationScales, BlockFormat, q4_k_x8};
     use crate::simd::fast_path;
+
+    /// Q8_0 blocks of `x`, or Q8_1 ones `with_sum`.
+    pub(super) fn quantize_q8_32(with_sum: bool, x: &[f32], out: &mut [u8]) {
+        fast_path!(
+            avx2_fma => super::x86::quantize_q8_32(with_sum, x, out);
+            portable::quantize_q8_32(with_sum, x, out)
+        )
+    }
 
     pub(super) fn dot_q4_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
         fast_path!(
@@ -761,6 +748,7 @@ mod simd {
         out: &mut [[f32; 4]],
     ) {
         fast_path!(
+            avx512_wide => wide::prefill4(format, w, xq, a_row_bytes, scales, out),
             avx512_vnni => vnni::prefill4(format, w, xq, a_row_bytes, scales, out),
             avx2_fma => avx2::prefill4(format, w, xq, a_row_bytes, scales, out);
             {
@@ -809,6 +797,7 @@ mod simd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::f16;
 
     #[test]
     fn activation_quantization_matches_ggml_rules() {
@@ -1059,6 +1048,40 @@ mod tests {
     }
 
     #[test]
+    fn fast_q8_activations_equal_the_portable_definition_byte_for_byte() {
+        let mut state = 7u64;
+        let mut next = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) as u32
+        };
+        // Blocks of random values, an all-zero block, one of negative
+        // zeros, and one whose largest magnitude is 127 so that v · id = v:
+        // halves that must round to even (2.5 → 2, -3.5 → -4, 0.5 → 0).
+        let mut x: Vec<f32> = (0..32 * 40)
+            .map(|_| (next() % 20001) as f32 / 997.0 - 10.0)
+            .collect();
+        x.extend([0.0f32; 32]);
+        x.extend([-0.0f32; 32]);
+        let mut halves = vec![127.0f32, 2.5, -3.5, 0.5, -0.5, 1.5, -126.5];
+        halves.resize(32, 4.5);
+        x.extend(halves);
+        for with_sum in [false, true] {
+            let bytes = x.len() / 32 * if with_sum { 36 } else { 34 };
+            let (mut fast, mut reference) = (vec![0u8; bytes], vec![1u8; bytes]);
+            simd::quantize_q8_32(with_sum, &x, &mut fast);
+            portable::quantize_q8_32(with_sum, &x, &mut reference);
+            assert_eq!(fast, reference, "with_sum {with_sum}");
+            let last = &reference[bytes - 32..bytes - 25];
+            assert_eq!(
+                last.iter().map(|&q| q as i8).collect::<Vec<_>>(),
+                vec![127, 2, -4, 0, 0, 2, -126]
+            );
+        }
+    }
+
+    #[test]
     fn one_pass_over_several_matrices_equals_one_at_a_time() {
         // Q, K, V shapes in miniature: 45, 15 and 15 rows of 4 blocks.
         let matrices: Vec<QuantMatrix> = [(45usize, 1u64), (15, 2), (15, 3)]
@@ -1130,11 +1153,69 @@ mod tests {
         }
     }
 
+    /// Every instruction set's prefill kernel this CPU runs, not only the
+    /// one run time picks, against the portable dots: batches of 1 to 9
+    /// rows cover each tile size and what each leaves over.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn each_instruction_set_s_prefill_kernel_equals_the_portable_dots() {
+        let cpu = crate::simd::CpuFeatures::get();
+        type Prefill =
+            unsafe fn(BlockFormat, [&[u8]; 4], &[u8], usize, &ActivationScales, &mut [[f32; 4]]);
+        let sets: [(&str, bool, Prefill); 3] = [
+            ("avx2", cpu.avx2_fma, x86::avx2::prefill4),
+            ("vnni", cpu.avx512_vnni, x86::vnni::prefill4),
+            ("wide", cpu.avx512_wide, x86::wide::prefill4),
+        ];
+        for format in [
+            BlockFormat::Q4_0,
+            BlockFormat::Q4_1,
+            BlockFormat::Q5_0,
+            BlockFormat::Q8_0,
+        ] {
+            for seed in 0..20u64 {
+                let blocks = 1 + seed as usize % 5;
+                let (w, _) = random_blocks(format, 4 * blocks, seed);
+                let rows: Vec<&[u8]> = w.chunks_exact(blocks * format.block_bytes()).collect();
+                let w4 = [rows[0], rows[1], rows[2], rows[3]];
+                let m = 1 + seed as usize % 9;
+                let x: Vec<f32> = (0..m * blocks * BLOCK_VALUES)
+                    .map(|i| ((i as u64 * 37 + seed) % 101) as f32 / 7.0 - 7.0)
+                    .collect();
+                let a_row_bytes = blocks * format.activation_bytes();
+                let mut xq = vec![0u8; m * a_row_bytes];
+                for (out, row) in xq
+                    .chunks_exact_mut(a_row_bytes)
+                    .zip(x.chunks_exact(blocks * BLOCK_VALUES))
+                {
+                    quantize_activations(format.activation(), row, out);
+                }
+                let scales = ActivationScales::new(format.activation(), &xq);
+                let want: Vec<[u32; 4]> = xq
+                    .chunks_exact(a_row_bytes)
+                    .map(|a| w4.map(|w| portable_dot(format, KKernel::VecDot, w, a).to_bits()))
+                    .collect();
+                for &(name, runs, prefill) in &sets {
+                    if !runs {
+                        continue;
+                    }
+                    let mut out = vec![[0f32; 4]; m];
+                    // SAFETY: this CPU has the kernel's features (checked above).
+                    unsafe { prefill(format, w4, &xq, a_row_bytes, &scales, &mut out) };
+                    let got: Vec<[u32; 4]> = out.iter().map(|o| o.map(f32::to_bits)).collect();
+                    assert_eq!(got, want, "{name} {format:?} seed {seed}, {m} rows");
+                }
+            }
+        }
+    }
+
     #[test]
     fn matmul_equals_row_by_row_dots() {
         // 7 rows: one group of four and three left over; 45 rows: several
-        // tasks, each with groups and leftovers. Batches of 3 take the
-        // prefill kernels (each weight block unpacked once for all rows).
+        // tasks, each with groups and leftovers. Batches of several rows
+        // take the prefill kernels (each weight block unpacked once for
+        // all rows), whose tiles of activation rows (four at a time in
+        // 512-bit registers, pairs in 256-bit ones) leave 0 to 3 over.
         for format in [
             BlockFormat::Q4_0,
             BlockFormat::Q4_1,
@@ -1144,10 +1225,10 @@ mod tests {
             for rows in [7usize, 45] {
                 let (w, _) = random_blocks(format, rows * 4, 9); // rows of 4 blocks
                 let m = QuantMatrix::new("w", format, rows, 128, w).expect("matrix");
-                let x: Vec<f32> = (0..3 * 128)
+                let x: Vec<f32> = (0..11 * 128)
                     .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
                     .collect();
-                for batch in [1usize, 3] {
+                for batch in [1usize, 2, 3, 4, 5, 8, 11] {
                     let out = m.matmul(&x[..batch * 128], batch).expect("matmul");
                     for r in 0..batch {
                         let mut a = vec![0u8; 4 * format.activation_bytes()];

@@ -25,6 +25,34 @@ fn hsum8(a: [f32; 8]) -> f32 {
     ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
 }
 
+/// One row of activations as Q8_0 blocks (34 bytes: f16 `d`, 32 `q`),
+/// or, `with_sum`, Q8_1 ones (36 bytes: f16 `d`, f16 `d · Σq`, 32 `q`):
+/// per 32 values, `max` the largest magnitude, `d = max / 127` and
+/// `q = round_half_even(v · 127 / max)`, as ggml's
+/// `quantize_row_q8_0`/`q8_1`.
+pub(super) fn quantize_q8_32(with_sum: bool, x: &[f32], out: &mut [u8]) {
+    let block_bytes = if with_sum { 36 } else { 34 };
+    let qs_at = block_bytes - 32;
+    for (values, block) in x.chunks_exact(32).zip(out.chunks_exact_mut(block_bytes)) {
+        let max = values.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = max / 127.0;
+        let id = if max != 0.0 { 127.0 / max } else { 0.0 };
+        block[0..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+        let mut sum = 0i32;
+        for (q, v) in block[qs_at..].iter_mut().zip(values) {
+            // |v * id| <= 127 by construction; the clamp only makes it explicit.
+            // It matters: the AVX2 dot products take |w| · (y signed by w),
+            // which is exact for activations y in -127..=127 but not -128.
+            let int = (v * id).round_ties_even().clamp(-127.0, 127.0) as i8;
+            *q = int as u8;
+            sum += i32::from(int);
+        }
+        if with_sum {
+            block[2..4].copy_from_slice(&f16::from_f32(d * sum as f32).to_le_bytes());
+        }
+    }
+}
+
 pub(super) fn dot_q4_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
     let mut acc = [0f32; 8];
     for (wb, ab) in w.chunks_exact(18).zip(a.chunks_exact(34)) {

@@ -67,6 +67,39 @@ impl Lanes for Vnni {
     }
 }
 
+/// `$body` with the layout of `$format`'s blocks (Q4_0, Q4_1, Q5_0, else
+/// Q8_0) bound to `$w_block` (bytes), `$weights` (a [`Weights`]) and
+/// `$load` (its 32 weights as bytes, from a pointer to a whole block): a
+/// prefill kernel is stamped out for each format, with the loader inlined.
+/// Used in unsafe code of the instruction sets' modules.
+macro_rules! legacy_blocks {
+    ($format:expr, |$w_block:ident, $weights:ident, $load:ident| $body:expr) => {
+        match $format {
+            BlockFormat::Q4_0 => {
+                let ($w_block, $weights) = (18, Weights::SmallSigned);
+                let $load =
+                    |wb: *const u8| _mm256_sub_epi8(super::nibbles(wb.add(2)), _mm256_set1_epi8(8));
+                $body
+            }
+            BlockFormat::Q4_1 => {
+                let ($w_block, $weights) = (20, Weights::WithMinimum);
+                let $load = |wb: *const u8| super::nibbles(wb.add(4));
+                $body
+            }
+            BlockFormat::Q5_0 => {
+                let ($w_block, $weights) = (22, Weights::SmallSigned);
+                let $load = |wb: *const u8| super::q5_0_bytes(wb);
+                $body
+            }
+            _ => {
+                let ($w_block, $weights) = (34, Weights::Signed);
+                let $load = |wb: *const u8| _mm256_loadu_si256(wb.add(2) as *const __m256i);
+                $body
+            }
+        }
+    };
+}
+
 /// Stamps out the entry points of one instruction set: each a
 /// `#[target_feature]` function that inlines the generic kernel.
 macro_rules! entry_points {
@@ -154,20 +187,9 @@ macro_rules! entry_points {
                 // SAFETY: this function has the kernel's features; each
                 // `load` gets a pointer to a whole block of its format.
                 unsafe {
-                    match format {
-                        BlockFormat::Q4_0 => super::rows4_prefill::<$lanes>(w, xq, a_row_bytes, scales, 18, Weights::SmallSigned, out, |wb| {
-                            _mm256_sub_epi8(super::nibbles(wb.add(2)), _mm256_set1_epi8(8))
-                        }),
-                        BlockFormat::Q4_1 => super::rows4_prefill::<$lanes>(w, xq, a_row_bytes, scales, 20, Weights::WithMinimum, out, |wb| {
-                            super::nibbles(wb.add(4))
-                        }),
-                        BlockFormat::Q5_0 => super::rows4_prefill::<$lanes>(w, xq, a_row_bytes, scales, 22, Weights::SmallSigned, out, |wb| {
-                            super::q5_0_bytes(wb)
-                        }),
-                        _ => super::rows4_prefill::<$lanes>(w, xq, a_row_bytes, scales, 34, Weights::Signed, out, |wb| {
-                            _mm256_loadu_si256(wb.add(2) as *const __m256i)
-                        }),
-                    }
+                    legacy_blocks!(format, |w_block, weights, load| {
+                        super::rows4_prefill::<$lanes>(w, xq, a_row_bytes, scales, w_block, weights, out, load)
+                    })
                 }
             }
 
@@ -254,6 +276,30 @@ entry_points!(
     "avx2,fma,f16c,avx512vnni,avx512vl",
     Vnni
 );
+
+/// The kernels that use 512-bit registers (`CpuFeatures::avx512_wide`).
+pub(super) mod wide {
+    use super::*;
+
+    /// As the other instruction sets' `prefill4`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(in crate::quant) fn prefill4(
+        format: BlockFormat,
+        w: [&[u8]; 4],
+        xq: &[u8],
+        a_row_bytes: usize,
+        scales: &ActivationScales,
+        out: &mut [[f32; 4]],
+    ) {
+        // SAFETY: this function has the kernel's features; each `load`
+        // gets a pointer to a whole block of its format.
+        unsafe {
+            legacy_blocks!(format, |w_block, weights, load| {
+                super::rows4_prefill_wide(w, xq, a_row_bytes, scales, w_block, weights, out, load)
+            })
+        }
+    }
+}
 
 /// `((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7))`, ggml's `hsum_float_8`.
 #[inline(always)]
@@ -471,8 +517,118 @@ unsafe fn rows4_prefill<L: Lanes>(
     out: &mut [[f32; 4]],
     load: impl Fn(*const u8) -> __m256i,
 ) {
+    // SAFETY: the caller has the features of `L`; `unpack4` checks the
+    // operands' lengths, and `rows_tile` reads `unpacked.len()` blocks of
+    // each activation row it is given.
+    UNPACKED.with_borrow_mut(|unpacked| unsafe {
+        unpack4::<L>(
+            w,
+            xq,
+            a_row_bytes,
+            scales,
+            w_block,
+            weights,
+            out.len(),
+            load,
+            unpacked,
+        );
+        let m = out.len();
+        let row = |r: usize| activation_row(xq, a_row_bytes, scales, unpacked.len(), r);
+        for p in 0..m / 2 {
+            let [first, second] =
+                rows_tile::<L, 2>(unpacked, [row(2 * p), row(2 * p + 1)], weights);
+            out[2 * p] = first;
+            out[2 * p + 1] = second;
+        }
+        if m % 2 == 1 {
+            let [last] = rows_tile::<L, 1>(unpacked, [row(m - 1)], weights);
+            out[m - 1] = last;
+        }
+        if weights == Weights::WithMinimum {
+            add_minimums(unpacked.len(), |b| unpacked[b].minimum, scales, out);
+        }
+    })
+}
+
+/// Activation row `r` of `xq` for a tile: its bytes, and its blocks'
+/// scales as f32.
+///
+/// # Safety
+/// `r` is a row of `xq` and `scales` (`blocks` scales a row).
+#[inline(always)]
+unsafe fn activation_row(
+    xq: &[u8],
+    a_row_bytes: usize,
+    scales: &ActivationScales,
+    blocks: usize,
+    r: usize,
+) -> (*const u8, *const f32) {
+    // SAFETY: as this function's.
+    unsafe {
+        (
+            xq.as_ptr().add(r * a_row_bytes),
+            scales.d.as_ptr().add(r * blocks),
+        )
+    }
+}
+
+/// The four rows' blocks of a prefill product unpacked, after checking
+/// that the rows, the `m` activation rows and their scales agree in
+/// length.
+///
+/// # Safety
+/// The caller has the features of `L`; `load` reads one block of
+/// `w_block` bytes.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)] // as rows4_prefill
+unsafe fn unpack4<L: Lanes>(
+    w: [&[u8]; 4],
+    xq: &[u8],
+    a_row_bytes: usize,
+    scales: &ActivationScales,
+    w_block: usize,
+    weights: Weights,
+    m: usize,
+    load: impl Fn(*const u8) -> __m256i,
+    unpacked: &mut Vec<Unpacked>,
+) {
+    let blocks = prefill_blocks(w, xq, a_row_bytes, scales, w_block, weights, m);
+    let with_minimum = weights == Weights::WithMinimum;
+    // SAFETY: each row has `blocks` blocks of `w_block` bytes (checked
+    // above) and every pointer below stays inside one.
+    unsafe {
+        unpacked.clear();
+        unpacked.extend((0..blocks).map(|b| {
+            let wb = block_of_rows(w, b, w_block, blocks);
+            let q = wb.map(&load);
+            Unpacked {
+                q,
+                shift: if weights == Weights::SmallSigned {
+                    q.map(|q| L::dot_u8_i8_i32(_mm256_set1_epi8(-128), q))
+                } else {
+                    [_mm256_setzero_si256(); 4]
+                },
+                d: wb.map(|p| f16_ptr(p)),
+                minimum: wb.map(|p| if with_minimum { f16_ptr(p.add(2)) } else { 0.0 }),
+            }
+        }));
+    }
+}
+
+/// The blocks in each row of a prefill product, after checking that the
+/// four weight rows (`w_block` bytes a block), the `m` activation rows
+/// (`a_row_bytes` apart) and their scales agree in length.
+fn prefill_blocks(
+    w: [&[u8]; 4],
+    xq: &[u8],
+    a_row_bytes: usize,
+    scales: &ActivationScales,
+    w_block: usize,
+    weights: Weights,
+    m: usize,
+) -> usize {
     let (a_block, _) = weights.activation_layout();
-    let (m, blocks) = (out.len(), a_row_bytes / a_block);
+    let blocks = a_row_bytes / a_block;
     let with_minimum = weights == Weights::WithMinimum;
     assert!(
         w.iter().all(|w| w.len() == blocks * w_block)
@@ -481,67 +637,245 @@ unsafe fn rows4_prefill<L: Lanes>(
             && (!with_minimum || scales.s.len() >= m * blocks),
         "rows and activations differ in length"
     );
-    // SAFETY: the caller has the features of `L`; each row has `blocks`
-    // blocks of `w_block` bytes, each activation row `blocks` of `a_block`
-    // and `blocks` scales (asserted above), and every pointer below stays
-    // inside one.
+    blocks
+}
+
+/// Block `b` of each of the four rows, each prefetched one row ahead.
+///
+/// # Safety
+/// Each row has more than `b` blocks of `w_block` bytes.
+#[inline(always)]
+unsafe fn block_of_rows(w: [&[u8]; 4], b: usize, w_block: usize, blocks: usize) -> [*const u8; 4] {
+    // SAFETY: as this function's.
+    let wb: [*const u8; 4] = std::array::from_fn(|i| unsafe { w[i].as_ptr().add(b * w_block) });
+    for wb in wb {
+        prefetch_next_row(wb, blocks * w_block);
+    }
+    wb
+}
+
+thread_local! {
+    /// Each compute thread's scratch for the unpacked blocks of
+    /// [`rows4_prefill`] and [`rows4_prefill_wide`]: allocating it afresh
+    /// for every four weight rows cost more than the products of a
+    /// two-row batch.
+    static UNPACKED: std::cell::RefCell<Vec<Unpacked>> = const { std::cell::RefCell::new(Vec::new()) };
+    static WIDE: std::cell::RefCell<Vec<WideBlock>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Q4_1's minimums (`minimum(b)`: the four rows' of block `b`) times the
+/// activation blocks' sums, apart from the products: per lane the scalar
+/// steps (`m · s` rounded, then added), block by block, then added to the
+/// product's sum.
+///
+/// # Safety
+/// The caller has SSE; `scales.s` holds `blocks` sums for each of the
+/// `out.len()` rows (checked by `unpack4`).
+#[inline(always)]
+unsafe fn add_minimums(
+    blocks: usize,
+    minimum: impl Fn(usize) -> [f32; 4],
+    scales: &ActivationScales,
+    out: &mut [[f32; 4]],
+) {
+    // SAFETY: as this function's; register and checked-slice operations.
     unsafe {
-        let unpacked: Vec<Unpacked> = (0..blocks)
-            .map(|b| {
-                let wb: [*const u8; 4] = std::array::from_fn(|i| w[i].as_ptr().add(b * w_block));
-                let q = wb.map(&load);
-                Unpacked {
-                    q,
-                    shift: if weights == Weights::SmallSigned {
-                        q.map(|q| L::dot_u8_i8_i32(_mm256_set1_epi8(-128), q))
-                    } else {
-                        [_mm256_setzero_si256(); 4]
-                    },
-                    d: wb.map(|p| f16_ptr(p)),
-                    minimum: wb.map(|p| {
-                        if weights == Weights::WithMinimum {
-                            f16_ptr(p.add(2))
-                        } else {
-                            0.0
-                        }
-                    }),
-                }
-            })
-            .collect();
-        let row = |r: usize| {
-            (
-                xq.as_ptr().add(r * a_row_bytes),
-                scales.d.as_ptr().add(r * blocks),
-            )
-        };
-        for p in 0..m / 2 {
-            let [first, second] =
-                rows_tile::<L, 2>(&unpacked, [row(2 * p), row(2 * p + 1)], weights);
-            out[2 * p] = first;
-            out[2 * p + 1] = second;
+        for (r, out) in out.iter_mut().enumerate() {
+            let sums = &scales.s[r * blocks..(r + 1) * blocks];
+            let mut acc = _mm_setzero_ps();
+            for (b, &s) in sums.iter().enumerate() {
+                let m = _mm_loadu_ps(minimum(b).as_ptr());
+                acc = _mm_add_ps(acc, _mm_mul_ps(m, _mm_set1_ps(s)));
+            }
+            let mut minimum = [0f32; 4];
+            _mm_storeu_ps(minimum.as_mut_ptr(), acc);
+            for (dot, minimum) in out.iter_mut().zip(minimum) {
+                *dot += minimum;
+            }
         }
-        if m % 2 == 1 {
-            let [last] = rows_tile::<L, 1>(&unpacked, [row(m - 1)], weights);
-            out[m - 1] = last;
+    }
+}
+
+/// [`rows4_prefill`] in 512-bit registers, for AVX-512 VNNI: two weight
+/// rows share a register (row `2j` in the low eight lanes, `2j + 1` in the
+/// high eight), so each instruction does the work of two of the 256-bit
+/// kernel's, with the same steps per lane; activation rows go through up
+/// to eight at a time, their sixteen accumulators in registers.
+///
+/// Every signed format takes the unsigned shift here (Q8_0 included):
+/// VNNI sums byte products straight into i32 lanes, so `Σ (y + 128)·w -
+/// 128·Σ w` is exact for any byte `w`, and the correction starts the sum
+/// instead of costing a subtraction.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)] // as rows4_prefill
+unsafe fn rows4_prefill_wide(
+    w: [&[u8]; 4],
+    xq: &[u8],
+    a_row_bytes: usize,
+    scales: &ActivationScales,
+    w_block: usize,
+    weights: Weights,
+    out: &mut [[f32; 4]],
+    load: impl Fn(*const u8) -> __m256i,
+) {
+    let m = out.len();
+    let blocks = prefill_blocks(w, xq, a_row_bytes, scales, w_block, weights, m);
+    let with_minimum = weights == Weights::WithMinimum;
+    // SAFETY: the caller has AVX-512 F, BW, VL and VNNI; each row has
+    // `blocks` blocks of `w_block` bytes and each activation row `blocks`
+    // blocks and scales (checked above); every pointer below stays inside
+    // one, and the tiles read `blocks` blocks of each row they are given.
+    WIDE.with_borrow_mut(|wide| unsafe {
+        wide.clear();
+        wide.extend((0..blocks).map(|b| {
+            let wb = block_of_rows(w, b, w_block, blocks);
+            WideBlock::new(wb.map(&load), wb, with_minimum)
+        }));
+        let wide: &[WideBlock] = wide;
+        let row = |r: usize| activation_row(xq, a_row_bytes, scales, blocks, r);
+        let mut r = 0;
+        // Tiles of 8, then 4, 2 and 1 for what is left.
+        while r < m {
+            let left = m - r;
+            if left >= 8 {
+                let tile = rows_tile_wide::<8>(wide, std::array::from_fn(|k| row(r + k)), weights);
+                out[r..r + 8].copy_from_slice(&tile);
+                r += 8;
+            } else if left >= 4 {
+                let tile = rows_tile_wide::<4>(wide, std::array::from_fn(|k| row(r + k)), weights);
+                out[r..r + 4].copy_from_slice(&tile);
+                r += 4;
+            } else if left >= 2 {
+                let tile = rows_tile_wide::<2>(wide, [row(r), row(r + 1)], weights);
+                out[r..r + 2].copy_from_slice(&tile);
+                r += 2;
+            } else {
+                out[r] = rows_tile_wide::<1>(wide, [row(r)], weights)[0];
+                r += 1;
+            }
         }
         if with_minimum {
-            // Q4_1's minimums times the activation blocks' sums, apart from
-            // the products: per lane the scalar steps (`m · s` rounded, then
-            // added), block by block, then added to the product's sum.
-            for (r, out) in out.iter_mut().enumerate() {
-                let sums = &scales.s[r * blocks..(r + 1) * blocks];
-                let mut acc = _mm_setzero_ps();
-                for (block, &s) in unpacked.iter().zip(sums) {
-                    let m = _mm_loadu_ps(block.minimum.as_ptr());
-                    acc = _mm_add_ps(acc, _mm_mul_ps(m, _mm_set1_ps(s)));
+            add_minimums(blocks, |b| wide[b].minimum, scales, out);
+        }
+    })
+}
+
+/// One block of four weight rows for [`rows_tile_wide`], the rows paired
+/// in 512-bit registers: `q[j]`, `d[j]` and `neg_shift[j]` hold row `2j`
+/// in the low half and row `2j + 1` in the high half.
+struct WideBlock {
+    q: [__m512i; 2],
+    d: [__m512; 2],
+    /// Signed weights: `-128 · Σ w` of each lane (else zero), where the
+    /// lane's sum starts.
+    neg_shift: [__m512i; 2],
+    /// Q4_1's minimums of the four rows (else unused).
+    minimum: [f32; 4],
+}
+
+impl WideBlock {
+    /// From the four rows' weights as bytes (`q`) and their blocks (`wb`,
+    /// whose first f16 is the scale, and for Q4_1 the second the minimum).
+    ///
+    /// # Safety
+    /// The caller has AVX-512 F and VNNI and F16C; each `wb` points at a
+    /// whole block.
+    #[inline(always)]
+    unsafe fn new(q: [__m256i; 4], wb: [*const u8; 4], with_minimum: bool) -> Self {
+        // SAFETY: as this function's.
+        unsafe {
+            let pair_i = |low: __m256i, high: __m256i| {
+                _mm512_inserti64x4::<1>(_mm512_castsi256_si512(low), high)
+            };
+            let pair_f = |low: f32, high: f32| {
+                _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+                    _mm512_castpd256_pd512(_mm256_castps_pd(_mm256_set1_ps(low))),
+                    _mm256_castps_pd(_mm256_set1_ps(high)),
+                ))
+            };
+            let q = [pair_i(q[0], q[1]), pair_i(q[2], q[3])];
+            let neg_shift = q.map(|q| {
+                if with_minimum {
+                    _mm512_setzero_si512()
+                } else {
+                    _mm512_sub_epi32(
+                        _mm512_setzero_si512(),
+                        _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(-128), q),
+                    )
                 }
-                let mut minimum = [0f32; 4];
-                _mm_storeu_ps(minimum.as_mut_ptr(), acc);
-                for (dot, minimum) in out.iter_mut().zip(minimum) {
-                    *dot += minimum;
+            });
+            let d = wb.map(|p| f16_ptr(p));
+            Self {
+                q,
+                d: [pair_f(d[0], d[1]), pair_f(d[2], d[3])],
+                neg_shift,
+                minimum: if with_minimum {
+                    wb.map(|p| f16_ptr(p.add(2)))
+                } else {
+                    [0.0; 4]
+                },
+            }
+        }
+    }
+}
+
+/// The products of [`WideBlock`]s with the `N` activation rows starting at
+/// `a` (their bytes, and their blocks' scales as f32), each lane with the
+/// steps of [`rows_tile`]; `[activation row][weight row]`. Q4_1's
+/// minimums are the caller's.
+#[inline(always)]
+unsafe fn rows_tile_wide<const N: usize>(
+    wide: &[WideBlock],
+    a: [(*const u8, *const f32); N],
+    weights: Weights,
+) -> [[f32; 4]; N] {
+    // SAFETY: the caller has AVX-512 F, BW, VL and VNNI and passes
+    // activation rows of `wide.len()` blocks of the format `weights`
+    // implies.
+    unsafe {
+        let (a_block, qs) = weights.activation_layout();
+        let shifted = weights != Weights::WithMinimum;
+        let flip = _mm512_set1_epi8(-128);
+        let mut acc = [[_mm512_setzero_ps(); 2]; N];
+        for (b, block) in wide.iter().enumerate() {
+            for r in 0..N {
+                let (a, d) = a[r];
+                let qy = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                    a.add(b * a_block + qs) as *const __m256i
+                ));
+                // Signed weights: y + 128 as unsigned bytes.
+                let u = if shifted {
+                    _mm512_xor_si512(qy, flip)
+                } else {
+                    qy
+                };
+                let dy = _mm512_set1_ps(*d.add(b));
+                // `j` picks the row pair in three arrays and the accumulator.
+                #[allow(clippy::needless_range_loop)]
+                for j in 0..2 {
+                    let lanes = if shifted {
+                        _mm512_dpbusd_epi32(block.neg_shift[j], u, block.q[j])
+                    } else {
+                        _mm512_dpbusd_epi32(_mm512_setzero_si512(), block.q[j], qy)
+                    };
+                    let d = _mm512_mul_ps(block.d[j], dy);
+                    acc[r][j] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(lanes), acc[r][j]);
                 }
             }
         }
+        std::array::from_fn(|r| {
+            let halves = |v: __m512| {
+                (
+                    hsum8(_mm512_castps512_ps256(v)),
+                    hsum8(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+                        _mm512_castps_pd(v),
+                    ))),
+                )
+            };
+            let (w0, w1) = halves(acc[r][0]);
+            let (w2, w3) = halves(acc[r][1]);
+            [w0, w1, w2, w3]
+        })
     }
 }
 
@@ -1201,5 +1535,71 @@ unsafe fn q4_k_x8<const N: usize>(group: &[u8], a: [&[u8]; N]) -> [[f32; 8]; N] 
             _mm256_storeu_ps(out.as_mut_ptr(), _mm256_sub_ps(sum[r], min_sum[r]));
             out
         })
+    }
+}
+
+/// [`portable::quantize_q8_32`](super::portable::quantize_q8_32) in AVX2,
+/// byte for byte: the same largest magnitude, the same products `v · id`
+/// rounded half to even (`_mm256_round_ps` to nearest is
+/// `round_ties_even`), the same exact integer sum. ggml's
+/// `quantize_row_q8_0`/`q8_1` do the same in AVX2.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn quantize_q8_32(with_sum: bool, x: &[f32], out: &mut [u8]) {
+    let block_bytes = if with_sum { 36 } else { 34 };
+    let qs_at = block_bytes - 32;
+    for (values, block) in x.chunks_exact(32).zip(out.chunks_exact_mut(block_bytes)) {
+        // SAFETY: `values` holds 32 floats and `block[qs_at..]` 32 bytes;
+        // the loads and the store are unaligned ones.
+        let (max, ints) = unsafe {
+            let p = values.as_ptr();
+            let v = [
+                _mm256_loadu_ps(p),
+                _mm256_loadu_ps(p.add(8)),
+                _mm256_loadu_ps(p.add(16)),
+                _mm256_loadu_ps(p.add(24)),
+            ];
+            let magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+            let mut m = _mm256_setzero_ps();
+            for v in v {
+                m = _mm256_max_ps(m, _mm256_and_ps(v, magnitude));
+            }
+            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let max = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+            let id = _mm256_set1_ps(if max != 0.0 { 127.0 / max } else { 0.0 });
+            let (low, high) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+            let mut ints = [_mm256_setzero_si256(); 4];
+            for (int, v) in ints.iter_mut().zip(v) {
+                let rounded = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                    _mm256_mul_ps(v, id),
+                );
+                *int = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(rounded, low), high));
+            }
+            // Packing interleaves the 128-bit halves: the permutation puts
+            // the 32 bytes back in order.
+            let bytes = _mm256_packs_epi16(
+                _mm256_packs_epi32(ints[0], ints[1]),
+                _mm256_packs_epi32(ints[2], ints[3]),
+            );
+            let bytes =
+                _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256(block.as_mut_ptr().add(qs_at).cast(), bytes);
+            (max, ints)
+        };
+        let d = max / 127.0;
+        block[0..2].copy_from_slice(&half::f16::from_f32(d).to_le_bytes());
+        if with_sum {
+            // SAFETY: register-only.
+            let sum: i32 = unsafe {
+                let s = _mm256_add_epi32(
+                    _mm256_add_epi32(ints[0], ints[1]),
+                    _mm256_add_epi32(ints[2], ints[3]),
+                );
+                let mut lanes = [0i32; 8];
+                _mm256_storeu_si256(lanes.as_mut_ptr().cast(), s);
+                lanes.iter().sum()
+            };
+            block[2..4].copy_from_slice(&half::f16::from_f32(d * sum as f32).to_le_bytes());
+        }
     }
 }

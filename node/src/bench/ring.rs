@@ -296,21 +296,31 @@ pub async fn bench(args: RingBenchArgs) -> anyhow::Result<()> {
             .await
         }
     };
-    let mut concurrency = Vec::new();
-    for &streams in &args.streams {
-        let (mut rates, mut decode_rates, mut gaps) = (Vec::new(), Vec::new(), Vec::new());
-        let mut llama_rates: Vec<(f64, f64)> = Vec::new();
-        let busy_before = stage_busy_seconds(largest).await?;
-        let mut wall = 0.0;
-        for round in 1..=args.rounds {
+    // Rounds go through every stream count in turn, so that a slow spell
+    // of a shared host falls on all of them alike, not on one.
+    let mut tallies: Vec<ConcurrencyTally> = args
+        .streams
+        .iter()
+        .map(|_| ConcurrencyTally::default())
+        .collect();
+    for round in 1..=args.rounds {
+        for (&streams, tally) in args.streams.iter().zip(&mut tallies) {
+            let busy_before = stage_busy_seconds(largest).await?;
             let started = Instant::now();
             let batch = (0..streams).map(|i| stream(largest[i % largest.len()].addr, &body));
             let timings = futures_util::future::try_join_all(batch).await?;
-            wall += started.elapsed().as_secs_f64();
+            let elapsed = started.elapsed().as_secs_f64();
+            let busy_after = stage_busy_seconds(largest).await?;
+            tally.wall += elapsed;
+            tally.busy.resize(busy_after.len(), 0.0);
+            for ((busy, before), after) in tally.busy.iter_mut().zip(&busy_before).zip(&busy_after)
+            {
+                *busy += after - before;
+            }
             let tokens: usize = timings.iter().map(|t| t.completion_tokens).sum();
-            let rate = tokens as f64 / started.elapsed().as_secs_f64();
+            let rate = tokens as f64 / elapsed;
             let decode_rate = decode_aggregate(&timings);
-            gaps.extend(
+            tally.gaps.extend(
                 timings
                     .first()
                     .map(|t| t.gaps_s.clone())
@@ -321,42 +331,45 @@ pub async fn bench(args: RingBenchArgs) -> anyhow::Result<()> {
                 args.rounds,
                 largest.len()
             );
-            rates.push(rate);
-            decode_rates.push(decode_rate);
+            tally.rates.push(rate);
+            tally.decode_rates.push(decode_rate);
             if let Some(llama) = &llama {
                 let (aggregate, decode) = llama.round(streams, args.decode_tokens).await?;
                 eprintln!(
                     "  round {round}/{}: llama.cpp batched, {streams} sequences: {aggregate:6.1} tok/s together ({decode:6.1} decoding)",
                     args.rounds
                 );
-                llama_rates.push((aggregate, decode));
+                tally.llama_rates.push((aggregate, decode));
             }
         }
-        let busy_after = stage_busy_seconds(largest).await?;
-
-        concurrency.push(ConcurrencyReport {
+    }
+    let concurrency: Vec<ConcurrencyReport> = args
+        .streams
+        .iter()
+        .zip(tallies)
+        .map(|(&streams, tally)| ConcurrencyReport {
             nodes: largest.len(),
             streams,
-            median_aggregate_tok_s: median(&rates),
-            aggregate_tok_s: rates,
-            median_decode_aggregate_tok_s: median(&decode_rates),
-            itl_median_ms: percentile(&gaps, 0.5) * 1e3,
-            itl_p99_ms: percentile(&gaps, 0.99) * 1e3,
-            stage_busy: busy_before
+            median_aggregate_tok_s: median(&tally.rates),
+            median_decode_aggregate_tok_s: median(&tally.decode_rates),
+            aggregate_tok_s: tally.rates,
+            itl_median_ms: percentile(&tally.gaps, 0.5) * 1e3,
+            itl_p99_ms: percentile(&tally.gaps, 0.99) * 1e3,
+            stage_busy: tally
+                .busy
                 .iter()
-                .zip(&busy_after)
-                .map(|(before, after)| (after - before) / wall.max(f64::MIN_POSITIVE))
+                .map(|busy| busy / tally.wall.max(f64::MIN_POSITIVE))
                 .collect(),
-            llama_cpp: (!llama_rates.is_empty()).then(|| LlamaBatchedReport {
+            llama_cpp: (!tally.llama_rates.is_empty()).then(|| LlamaBatchedReport {
                 median_aggregate_tok_s: median(
-                    &llama_rates.iter().map(|r| r.0).collect::<Vec<_>>(),
+                    &tally.llama_rates.iter().map(|r| r.0).collect::<Vec<_>>(),
                 ),
                 median_decode_aggregate_tok_s: median(
-                    &llama_rates.iter().map(|r| r.1).collect::<Vec<_>>(),
+                    &tally.llama_rates.iter().map(|r| r.1).collect::<Vec<_>>(),
                 ),
             }),
-        });
-    }
+        })
+        .collect();
 
     let report = Report {
         model: model.name,
@@ -793,6 +806,20 @@ fn body_prompt_ids(model: &std::path::Path) -> anyhow::Result<Vec<u32>> {
     Ok(prompt.tokens(&[kernels::ChatMessage::new("user", PROMPT)])?)
 }
 
+/// What the rounds of one stream count gathered.
+#[derive(Default)]
+struct ConcurrencyTally {
+    rates: Vec<f64>,
+    decode_rates: Vec<f64>,
+    /// The first stream's gaps between tokens, every round.
+    gaps: Vec<f64>,
+    llama_rates: Vec<(f64, f64)>,
+    /// Each stage's busy seconds over the rounds.
+    busy: Vec<f64>,
+    /// The rounds' wall seconds.
+    wall: f64,
+}
+
 /// llama.cpp's batched decoding through llama-cpp-python's low-level API
 /// (`bench/llama_cpp_batched.py`), the anchor of the concurrency table.
 struct LlamaBatched {
@@ -853,8 +880,11 @@ impl LlamaBatched {
             .context("cannot run llama.cpp's batched round")?;
         let _ = std::fs::remove_file(&prompts);
         if !output.status.success() {
+            // A llama.cpp built for instructions this CPU lacks dies of a
+            // signal and says nothing: name the status, and what to do.
             bail!(
-                "llama.cpp's batched round failed: {}",
+                "llama.cpp's batched round failed ({}): {} (rebuild llama-cpp-python for this CPU, or pass --llama-cpp off)",
+                output.status,
                 String::from_utf8_lossy(&output.stderr).trim()
             );
         }
