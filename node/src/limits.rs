@@ -138,9 +138,12 @@ pub const UPGRADE_REFUSAL_BODY_BYTES: usize = 2048;
 /// A link sends a heartbeat this often; the answer measures its latency.
 pub const HEARTBEAT_INTERVAL_MS: u64 = 1_000;
 
-/// A link with no frame at all for this long is dead: a node that froze or
-/// lost its network is noticed within six heartbeats. (A node that exits
-/// or crashes closes its connections and is noticed at once.)
+/// A link on which nothing arrives for this long is dead: a node that
+/// froze or lost its network is noticed within six heartbeats. (A node
+/// that exits or crashes closes its connections and is noticed at once.)
+/// Any record counts, not only whole frames: the heartbeats behind a long
+/// frame on a slow path (the 1 MiB probe through a TURN relay) wait for
+/// it, while its records keep arriving.
 pub const HEARTBEAT_TIMEOUT_MS: u64 = 6_000;
 
 /// Time to open a TCP connection to a peer.

@@ -469,6 +469,10 @@ pub enum FrameError {
     /// out of order.
     #[error("a record failed authentication (altered, replayed or out of order)")]
     Unauthentic,
+    /// Nothing more of a frame arrived for this long: the peer or the path
+    /// is gone. A long frame that keeps arriving is never silent.
+    #[error("nothing arrived for {} ms", .0.as_millis())]
+    Silent(std::time::Duration),
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }

@@ -22,7 +22,7 @@
 //! a replay, a record out of order) ends the link.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use snow::StatelessTransportState;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -280,8 +280,27 @@ impl SecureReader {
     /// Reads one frame and says how fast it arrived, in bytes per second,
     /// when it is large enough to measure the link by.
     pub async fn read_frame_timed(&mut self) -> Result<(Frame, Option<u64>), FrameError> {
+        self.read_frame_heard_within(None).await
+    }
+
+    /// As [`read_frame_timed`](Self::read_frame_timed), failing with
+    /// [`FrameError::Silent`] once nothing has arrived for `silence`
+    /// (`None`: wait for ever). The clock restarts with every record, not
+    /// every frame: a frame of a megabyte on a slow or relayed path can
+    /// take longer than `silence` to arrive whole, and the heartbeats
+    /// behind it wait, yet its records arriving prove the peer alive.
+    pub async fn read_frame_heard_within(
+        &mut self,
+        silence: Option<Duration>,
+    ) -> Result<(Frame, Option<u64>), FrameError> {
         let Some(cipher) = self.cipher.clone() else {
-            return protocol::read_frame_timed(&mut self.inner).await;
+            let frame = protocol::read_frame_timed(&mut self.inner);
+            return match silence {
+                Some(silence) => tokio::time::timeout(silence, frame)
+                    .await
+                    .map_err(|_| FrameError::Silent(silence))?,
+                None => frame.await,
+            };
         };
         let mut started = None;
         let length = loop {
@@ -297,7 +316,17 @@ impl SecureReader {
                     break length;
                 }
             }
-            match self.read_record(&cipher, &mut started).await {
+            let record = self.read_record(&cipher, &mut started);
+            let record = match silence {
+                // A record cut off by the timeout leaves the stream
+                // unusable, and the link is closed for the silence anyway.
+                Some(silence) => tokio::time::timeout(silence, record)
+                    .await
+                    .map_err(|_| FrameError::Silent(silence))
+                    .and_then(|read| read),
+                None => record.await,
+            };
+            match record {
                 // Part of a frame came and then the end: that is a bad
                 // frame, not a clean close.
                 Err(FrameError::Closed) if !self.plain.is_empty() => {
@@ -550,6 +579,78 @@ mod tests {
             reader.read_frame_timed().await,
             Err(FrameError::Unauthentic)
         ));
+    }
+
+    /// The sealed records in `bytes`, each with its 2-byte length.
+    fn records(bytes: &[u8]) -> Vec<&[u8]> {
+        let mut records = Vec::new();
+        let mut at = 0;
+        while at < bytes.len() {
+            let length = usize::from(u16::from_be_bytes([bytes[at], bytes[at + 1]]));
+            records.push(&bytes[at..at + 2 + length]);
+            at += 2 + length;
+        }
+        records
+    }
+
+    /// One poll of `read`, in the test's own task.
+    async fn poll_once<F: Future + Unpin>(read: &mut F) -> std::task::Poll<F::Output> {
+        std::future::poll_fn(|cx| std::task::Poll::Ready(std::pin::Pin::new(&mut *read).poll(cx)))
+            .await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_long_frame_that_keeps_arriving_is_heard_and_one_that_stops_is_silent() {
+        // On tokio's paused clock, which moves only as the test advances it.
+        // A frame of seven records arriving a quarter second apart takes
+        // 1.5 s from its first record to its last, more than the second of
+        // silence allowed; each record comes well within it.
+        let silence = Duration::from_secs(1);
+        let gap = Duration::from_millis(250);
+        let big = Frame::Probe {
+            padding: vec![7; 7 * 65_000],
+        };
+        let (bytes, session) = sealed_bytes(std::slice::from_ref(&big)).await;
+        let records = records(&bytes);
+        assert_eq!(records.len(), 7);
+        for stopped_after in [None, Some(3)] {
+            let (mut feed, pipe) = tokio::io::duplex(1 << 20);
+            let mut reader = SecureReader {
+                inner: Box::new(pipe),
+                cipher: session.reader.cipher.clone(),
+                nonce: session.reader.nonce,
+                plain: Vec::new(),
+            };
+            let mut read = Box::pin(reader.read_frame_heard_within(Some(silence)));
+            let started = tokio::time::Instant::now();
+            let (last, sent) = (records.len() - 1, stopped_after.unwrap_or(records.len()));
+            for (i, record) in records[..sent].iter().enumerate() {
+                feed.write_all(record).await.expect("feed");
+                // The reader takes the record in and waits for the next one.
+                match poll_once(&mut read).await {
+                    std::task::Poll::Ready(frame) if i == last => {
+                        assert_eq!(frame.expect("the whole frame").0, big);
+                        assert_eq!(started.elapsed(), gap * 6);
+                        assert!(started.elapsed() > silence);
+                    }
+                    std::task::Poll::Pending if i < last => tokio::time::advance(gap).await,
+                    other => panic!("record {i}: {other:?}"),
+                }
+            }
+            if stopped_after.is_some() {
+                // The peer sends nothing more, with the pipe held open: the
+                // reader hears nothing for just under the silence allowed,
+                // then for all of it.
+                tokio::time::advance(silence - gap - Duration::from_millis(1)).await;
+                assert!(poll_once(&mut read).await.is_pending());
+                tokio::time::advance(Duration::from_millis(1)).await;
+                let read = poll_once(&mut read).await;
+                assert!(
+                    matches!(read, std::task::Poll::Ready(Err(FrameError::Silent(s))) if s == silence),
+                    "{read:?}"
+                );
+            }
+        }
     }
 
     #[tokio::test]
