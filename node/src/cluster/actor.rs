@@ -554,6 +554,13 @@ impl Cluster {
         if self.planning.in_plan(node) {
             self.lost_plan_node(node, member.hello.name, reason.to_string());
         } else {
+            let name = member.hello.name.clone();
+            if self
+                .recoveries
+                .lost_before_noticed(node, name.clone(), reason.to_string())
+            {
+                tracing::warn!(node = %node, "lost node {name}: {reason}; the leader re-planned without it already, and the requests of this node wait for that plan");
+            }
             self.planning.replan_soon();
         }
         true

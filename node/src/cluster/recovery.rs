@@ -34,10 +34,24 @@ pub(super) struct Recovered {
     pub pause_ms: u64,
 }
 
+/// A plan adopted without a loss noticed here that interrupted requests
+/// of this node and left nodes of the running plan out: the leader may
+/// have re-planned for a loss before this node noticed it.
+struct Replan {
+    epoch: Epoch,
+    adopted: Instant,
+    adopted_unix_ms: u64,
+    interrupted: usize,
+    left_out: Vec<NodeId>,
+}
+
 #[derive(Default)]
 pub(super) struct Recoveries {
     current: Option<Loss>,
     recent: VecDeque<RecoveryView>,
+    /// Requests interrupted by the plan being adopted, with no loss.
+    interrupted_by_plan: usize,
+    replan: Option<Replan>,
 }
 
 impl Recoveries {
@@ -63,16 +77,56 @@ impl Recoveries {
     /// Requests interrupted by a new plan (not a loss) join a recovery
     /// under way; without one they are the cost of a re-plan, not a loss.
     pub fn interrupted(&mut self, count: usize) {
-        if let Some(loss) = &mut self.current {
-            loss.interrupted += count;
+        match &mut self.current {
+            Some(loss) => loss.interrupted += count,
+            None => self.interrupted_by_plan += count,
         }
     }
 
     /// A plan was adopted: the first one after a loss is its re-plan.
-    pub fn plan_adopted(&mut self, epoch: Epoch) {
-        if let Some(loss) = &mut self.current {
-            loss.plan.get_or_insert((epoch, Instant::now()));
+    /// `left_out`: the nodes of the plan it replaces that it has no stage
+    /// for.
+    pub fn plan_adopted(&mut self, epoch: Epoch, left_out: Vec<NodeId>) {
+        let interrupted = std::mem::take(&mut self.interrupted_by_plan);
+        match &mut self.current {
+            Some(loss) => {
+                loss.plan.get_or_insert((epoch, Instant::now()));
+            }
+            None if interrupted > 0 && !left_out.is_empty() => {
+                self.replan = Some(Replan {
+                    epoch,
+                    adopted: Instant::now(),
+                    adopted_unix_ms: crate::unix_millis(),
+                    interrupted,
+                    left_out,
+                });
+            }
+            None => self.replan = None,
         }
+    }
+
+    /// A node left that the plan being adopted had already left out: the
+    /// leader re-planned for its loss before this node noticed it. The
+    /// requests that plan interrupted wait for it, as after a loss noticed
+    /// here; the pause counts from the plan's adoption. False if the node
+    /// was not left out by a re-plan under way.
+    pub fn lost_before_noticed(&mut self, node: NodeId, name: String, reason: String) -> bool {
+        if self.current.is_some() {
+            return false;
+        }
+        let Some(replan) = self.replan.take_if(|r| r.left_out.contains(&node)) else {
+            return false;
+        };
+        self.current = Some(Loss {
+            node,
+            name,
+            reason,
+            noticed: replan.adopted,
+            noticed_unix_ms: replan.adopted_unix_ms,
+            interrupted: replan.interrupted,
+            plan: Some((replan.epoch, replan.adopted)),
+        });
+        true
     }
 
     /// Plan `epoch` is active with `stages` (as `name layers`) and
@@ -84,6 +138,7 @@ impl Recoveries {
         stages: Vec<String>,
         resumed: usize,
     ) -> Option<Recovered> {
+        self.replan = None;
         let loss = self.current.take()?;
         let now = Instant::now();
         let (replan, load) = match loss.plan {
@@ -176,8 +231,8 @@ mod tests {
                 .describe_current()
                 .is_some_and(|d| d.contains("node b"))
         );
-        recoveries.plan_adopted(Epoch(5));
-        recoveries.plan_adopted(Epoch(6));
+        recoveries.plan_adopted(Epoch(5), Vec::new());
+        recoveries.plan_adopted(Epoch(6), Vec::new());
         let done = recoveries
             .plan_active(Epoch(6), vec!["a 0..30".into()], 3)
             .expect("recovered");
@@ -192,5 +247,34 @@ mod tests {
         let recent = recoveries.recent();
         assert_eq!(recent.len(), RECOVERIES_SHOWN, "bounded");
         assert_eq!(recent.last().map(|r| r.outcome.as_str()), Some("failed"));
+    }
+
+    #[test]
+    fn a_loss_the_leader_re_planned_for_first_is_still_this_node_s_recovery() {
+        let mut recoveries = Recoveries::default();
+        // The leader's plan 3 leaves node 7 out and interrupts 1 request
+        // here; then node 7's link closes here.
+        recoveries.interrupted(1);
+        recoveries.plan_adopted(Epoch(3), vec![NodeId(7)]);
+        assert!(
+            !recoveries.lost_before_noticed(NodeId(8), "c".into(), "gone".into()),
+            "node 8 was not left out: its leaving explains nothing"
+        );
+        assert!(recoveries.lost_before_noticed(NodeId(7), "a".into(), "closed".into()));
+        let done = recoveries
+            .plan_active(Epoch(3), vec!["b 0..30".into()], 1)
+            .expect("recovered");
+        assert_eq!(done.view.lost_name, "a");
+        assert_eq!(done.view.resumed_requests, 1);
+
+        // A plan that interrupts requests for no loss (a node joined) is
+        // no recovery, and a node leaving after it is active explains none.
+        recoveries.interrupted(2);
+        recoveries.plan_adopted(Epoch(4), Vec::new());
+        assert!(recoveries.plan_active(Epoch(4), vec![], 2).is_none());
+        recoveries.interrupted(1);
+        recoveries.plan_adopted(Epoch(5), vec![NodeId(9)]);
+        assert!(recoveries.plan_active(Epoch(5), vec![], 1).is_none());
+        assert!(!recoveries.lost_before_noticed(NodeId(9), "d".into(), "gone".into()));
     }
 }

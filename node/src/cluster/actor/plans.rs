@@ -115,7 +115,20 @@ impl Cluster {
             );
             self.recoveries.interrupted(interrupted);
         }
-        self.recoveries.plan_adopted(epoch);
+        let left_out = self
+            .planning
+            .plan
+            .as_ref()
+            .map_or_else(Vec::new, |running| {
+                running
+                    .message
+                    .stages
+                    .iter()
+                    .map(|s| s.node)
+                    .filter(|node| !message.stages.iter().any(|s| s.node == *node))
+                    .collect()
+            });
+        self.recoveries.plan_adopted(epoch, left_out);
         self.routing.clear_hosted();
         match self.planning.adopt(message, me) {
             Some(layers) => {
