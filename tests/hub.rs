@@ -616,10 +616,13 @@ async fn a_file_that_changes_midway_is_refused() {
         .spawn()
         .expect("start ringlet pull");
     let (mut seen, rest) = wait_for_line(&mut pull, "download 10%");
-    // The repository's file is replaced by another under the same name.
+    // The repository's file is replaced by another under the same name, in
+    // one rename: the server never lacks the file, so what the node sees is a
+    // different file, not a missing one.
     let file = root.join(REPO).join(Q4_FILE);
-    std::fs::remove_file(&file).expect("remove");
-    std::os::unix::fs::symlink(q8_model_file(), &file).expect("replace");
+    let replacement = file.with_extension("replacement");
+    std::os::unix::fs::symlink(q8_model_file(), &replacement).expect("link");
+    std::fs::rename(&replacement, &file).expect("replace");
     seen.extend(rest.map_while(Result::ok));
     let status = pull.wait().expect("wait");
     let log = seen.join("\n");

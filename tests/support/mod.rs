@@ -270,10 +270,28 @@ impl Node {
     }
 }
 
+/// Lines of a node's log a failing test prints when the node drops.
+const LOG_TAIL_ON_FAILURE: usize = 80;
+
 impl Drop for Node {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A test that fails while this node runs shows what the node said
+        // last: a timeout alone does not say which stage stalled.
+        if std::thread::panicking() {
+            // The process is gone: its reader thread ends at the pipe's EOF.
+            while let Ok(line) = self.log.recv_timeout(Duration::from_secs(2)) {
+                self.log_seen.push(line);
+            }
+            let from = self.log_seen.len().saturating_sub(LOG_TAIL_ON_FAILURE);
+            eprintln!(
+                "--- last {} log lines of the node at {} ---\n{}",
+                self.log_seen.len() - from,
+                self.addr,
+                self.log_seen[from..].join("\n")
+            );
+        }
         if let Some(dir) = &self.config_dir {
             let _ = std::fs::remove_dir_all(dir);
         }
