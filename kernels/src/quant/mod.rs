@@ -296,8 +296,8 @@ impl QuantMatrix {
             .for_each(|(out, row)| quantize_activations(activation, row, out));
         // Columns (weight rows) are split into tasks; each task computes its
         // columns for all m activation rows, so a weight row is read once
-        // per call, into a `[columns, m]` buffer of its own that it then
-        // writes into place while it is still in cache.
+        // per call, into a `[m, columns]` buffer of its own that it then
+        // copies into place, row by row, while it is still in cache.
         let total_rows: usize = matrices.iter().map(|w| w.rows).sum();
         // A multiple of eight, for the groups of interleaved Q4_K (and the
         // four-row kernels).
@@ -320,14 +320,14 @@ impl QuantMatrix {
                 local.clear();
                 local.resize(out.columns() * m, 0f32);
                 w.columns(out.first(), local, &xq, a_row_bytes, kernels);
-                out.write_transposed(local);
+                out.write_rows(local);
             });
         Ok(outs)
     }
 
     /// Columns `first..first + out.len() / m` of the product with the
     /// quantized activations `xq` (`m` rows, row `r` rounded as
-    /// `kernels[r]`), into `out` as `[columns, m]`.
+    /// `kernels[r]`), into `out` as `[m, columns]`.
     fn columns(
         &self,
         first: usize,
@@ -344,15 +344,19 @@ impl QuantMatrix {
         // K-quant prefill: each weight block unpacked once for all rows.
         if m > 1 && matches!(self.format, BlockFormat::Q4K | BlockFormat::Q6K) {
             let kernel = |r: usize| kernels[r];
-            for (i, out) in out.chunks_exact_mut(m).enumerate() {
+            let mut dots = vec![0f32; m];
+            for i in 0..columns {
                 simd::k_row_against_rows(
                     self.format == BlockFormat::Q4K,
                     &kernel,
                     self.row(first + i),
                     xq,
                     a_row_bytes,
-                    out,
+                    &mut dots,
                 );
+                for (r, &dot) in dots.iter().enumerate() {
+                    out[r * columns + i] = dot;
+                }
             }
             return;
         }
@@ -379,7 +383,7 @@ impl QuantMatrix {
                 simd::prefill4(self.format, w, xq, a_row_bytes, &scales, &mut dots);
                 for (r, dots) in dots.iter().enumerate() {
                     for (i, &dot) in dots.iter().enumerate() {
-                        out[col(q, i) * m + r] = dot;
+                        out[r * columns + col(q, i)] = dot;
                     }
                 }
                 continue;
@@ -387,14 +391,15 @@ impl QuantMatrix {
             for (r, &kernel) in kernels.iter().enumerate() {
                 let dots = self.dot4(kernel, w, &xq[r * a_row_bytes..(r + 1) * a_row_bytes]);
                 for (i, dot) in dots.into_iter().enumerate() {
-                    out[col(q, i) * m + r] = dot;
+                    out[r * columns + col(q, i)] = dot;
                 }
             }
         }
         for i in 4 * quads..columns {
             let w = self.row(first + i);
             for (r, &kernel) in kernels.iter().enumerate() {
-                out[i * m + r] = self.dot(kernel, w, &xq[r * a_row_bytes..(r + 1) * a_row_bytes]);
+                out[r * columns + i] =
+                    self.dot(kernel, w, &xq[r * a_row_bytes..(r + 1) * a_row_bytes]);
             }
         }
     }
@@ -412,8 +417,9 @@ impl QuantMatrix {
         kernels: &[KKernel],
     ) {
         let m = kernels.len();
+        let columns = out.len() / m.max(1);
         let activations = |r: usize| &xq[r * a_row_bytes..(r + 1) * a_row_bytes];
-        for (i, out) in out.chunks_exact_mut(8 * m).enumerate() {
+        for i in 0..columns / 8 {
             let group = self.group(first / 8 + i);
             let mut r = 0;
             while r < m {
@@ -422,7 +428,7 @@ impl QuantMatrix {
                         simd::gemm_q4_k_x8(group, std::array::from_fn(|k| activations(r + k)));
                     for (k, dots) in dots.iter().enumerate() {
                         for (c, &dot) in dots.iter().enumerate() {
-                            out[c * m + r + k] = dot;
+                            out[(r + k) * columns + 8 * i + c] = dot;
                         }
                     }
                     r += 4;
@@ -431,7 +437,7 @@ impl QuantMatrix {
                         .into_iter()
                         .enumerate()
                     {
-                        out[c * m + r] = dot;
+                        out[r * columns + 8 * i + c] = dot;
                     }
                     r += 1;
                 }

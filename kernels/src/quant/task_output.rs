@@ -52,9 +52,9 @@ impl<'a> TaskOutput<'a> {
         self.columns
     }
 
-    /// Writes `local` (`[columns, m]`, this task's results column by
-    /// column) into place.
-    pub(super) fn write_transposed(&mut self, local: &[f32]) {
+    /// Writes `local` (`[m, columns]`, this task's results row by row)
+    /// into place: one contiguous copy per row.
+    pub(super) fn write_rows(&mut self, local: &[f32]) {
         assert_eq!(
             local.len(),
             self.columns * self.m,
@@ -71,9 +71,7 @@ impl<'a> TaskOutput<'a> {
                     self.columns,
                 )
             };
-            for (c, value) in row.iter_mut().enumerate() {
-                *value = local[c * self.m + r];
-            }
+            row.copy_from_slice(&local[r * self.columns..(r + 1) * self.columns]);
         }
     }
 }
@@ -97,9 +95,9 @@ mod tests {
         for task in &mut tasks {
             // Column c, row r holds r * 100 + c.
             let local: Vec<f32> = (0..task.columns() * m)
-                .map(|i| ((i % m) * 100 + task.first() + i / m) as f32)
+                .map(|i| ((i / task.columns()) * 100 + task.first() + i % task.columns()) as f32)
                 .collect();
-            task.write_transposed(&local);
+            task.write_rows(&local);
         }
         drop(tasks);
         for r in 0..m {
