@@ -37,6 +37,8 @@ mod sampler;
 mod shard;
 mod simd;
 mod tensor_names;
+#[cfg(test)]
+mod test_random;
 mod tokenizer;
 mod weights;
 

@@ -519,14 +519,9 @@ mod tests {
 
     #[test]
     fn branch_free_v_expf_equals_the_definition_bit_for_bit() {
-        let mut state = 7u64;
+        let mut state = crate::test_random::lcg(7);
         let mut inputs: Vec<f32> = (-300_000..300_000).map(|i| i as f32 / 1000.0).collect();
-        inputs.extend((0..200_000).map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            f32::from_bits((state >> 32) as u32)
-        }));
+        inputs.extend((0..200_000).map(|_| f32::from_bits((state() >> 32) as u32)));
         inputs.extend([
             f32::NEG_INFINITY,
             f32::INFINITY,
@@ -545,13 +540,8 @@ mod tests {
 
     #[test]
     fn fast_f32_dots_equal_the_portable_definition_bit_for_bit() {
-        let mut state = 3u64;
-        let mut next = move || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 20.0
-        };
+        let mut state = crate::test_random::lcg(3);
+        let mut next = move || ((state() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 20.0;
         for steps in [1usize, 2, 3, 8] {
             for _ in 0..200 {
                 let x: Vec<f32> = (0..64 * steps).map(|_| next()).collect();
@@ -583,13 +573,8 @@ mod tests {
 
     #[test]
     fn fast_exp_chunks_equal_the_portable_definition_bit_for_bit() {
-        let mut state = 11u64;
-        let mut next = move || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (state >> 40) as f32 / (1u64 << 24) as f32
-        };
+        let mut state = crate::test_random::lcg(11);
+        let mut next = move || (state() >> 40) as f32 / (1u64 << 24) as f32;
         for round in 0..20_000 {
             // Scores from -250 to 250 around the max, with masked slots.
             let mut values: Vec<f32> = (0..16)
@@ -614,13 +599,8 @@ mod tests {
 
     #[test]
     fn fast_swiglu_equals_the_portable_definition_bit_for_bit() {
-        let mut state = 5u64;
-        let mut next = move || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 60.0
-        };
+        let mut state = crate::test_random::lcg(5);
+        let mut next = move || ((state() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 60.0;
         let mut x: Vec<f32> = (0..16 * 4096).map(|_| next()).collect();
         // Gates whose exponent only one-rounding `scalef` handles (about
         // 87 to 133 in size), saturating ones, and non-finite ones.

@@ -865,13 +865,8 @@ mod tests {
     /// Random weight and activation blocks, including the extremes (-128,
     /// 127, 15, 0) where saturating integer instructions would go wrong.
     fn random_blocks(format: BlockFormat, blocks: usize, seed: u64) -> (Vec<u8>, Vec<u8>) {
-        let mut state = seed;
-        let mut next = move || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (state >> 33) as u32
-        };
+        let mut state = crate::test_random::lcg(seed);
+        let mut next = move || (state() >> 33) as u32;
         let mut w = Vec::new();
         for _ in 0..blocks {
             let start = w.len();
@@ -1055,13 +1050,8 @@ mod tests {
 
     #[test]
     fn fast_q8_activations_equal_the_portable_definition_byte_for_byte() {
-        let mut state = 7u64;
-        let mut next = move || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (state >> 33) as u32
-        };
+        let mut state = crate::test_random::lcg(7);
+        let mut next = move || (state() >> 33) as u32;
         // Blocks of random values, an all-zero block, one of negative
         // zeros, and one whose largest magnitude is 127 so that v · id = v:
         // halves that must round to even (2.5 → 2, -3.5 → -4, 0.5 → 0).

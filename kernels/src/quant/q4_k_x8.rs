@@ -123,14 +123,9 @@ mod tests {
     #[test]
     fn repacking_is_undone_bit_for_bit() {
         let (rows, blocks) = (16, 3);
-        let mut state = 7u64;
+        let mut state = crate::test_random::lcg(7);
         let data: Vec<u8> = (0..rows * blocks * BLOCK)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (state >> 33) as u8
-            })
+            .map(|_| (state() >> 33) as u8)
             .collect();
         let packed = repack(&data, rows, blocks);
         assert_eq!(packed.len(), rows / 8 * blocks * GROUP_BLOCK);
