@@ -71,29 +71,38 @@ impl Lanes for Vnni {
 /// Q8_0) bound to `$w_block` (bytes), `$weights` (a [`Weights`]) and
 /// `$load` (its 32 weights as bytes, from a pointer to a whole block): a
 /// prefill kernel is stamped out for each format, with the loader inlined.
+/// The 512-bit kernel names a fourth, `$load_pair`: two blocks' weights
+/// in one register, the first in the low half (it needs AVX-512 F and BW).
 /// Used in unsafe code of the instruction sets' modules.
 macro_rules! legacy_blocks {
-    ($format:expr, |$w_block:ident, $weights:ident, $load:ident| $body:expr) => {
+    ($format:expr, |$w_block:ident, $weights:ident, $load:ident $(, $load_pair:ident)?| $body:expr) => {
         match $format {
             BlockFormat::Q4_0 => {
                 let ($w_block, $weights) = (18, Weights::SmallSigned);
                 let $load =
                     |wb: *const u8| _mm256_sub_epi8(super::nibbles(wb.add(2)), _mm256_set1_epi8(8));
+                $(let $load_pair = |low: *const u8, high: *const u8| {
+                    _mm512_sub_epi8(super::nibbles_pair(low.add(2), high.add(2)), _mm512_set1_epi8(8))
+                };)?
                 $body
             }
             BlockFormat::Q4_1 => {
                 let ($w_block, $weights) = (20, Weights::WithMinimum);
                 let $load = |wb: *const u8| super::nibbles(wb.add(4));
+                $(let $load_pair =
+                    |low: *const u8, high: *const u8| super::nibbles_pair(low.add(4), high.add(4));)?
                 $body
             }
             BlockFormat::Q5_0 => {
                 let ($w_block, $weights) = (22, Weights::SmallSigned);
                 let $load = |wb: *const u8| super::q5_0_bytes(wb);
+                $(let $load_pair = |low: *const u8, high: *const u8| super::pair_i($load(low), $load(high));)?
                 $body
             }
             _ => {
                 let ($w_block, $weights) = (34, Weights::Signed);
                 let $load = |wb: *const u8| _mm256_loadu_si256(wb.add(2) as *const __m256i);
+                $(let $load_pair = |low: *const u8, high: *const u8| super::pair_i($load(low), $load(high));)?
                 $body
             }
         }
@@ -294,8 +303,17 @@ pub(super) mod wide {
         // SAFETY: this function has the kernel's features; each `load`
         // gets a pointer to a whole block of its format.
         unsafe {
-            legacy_blocks!(format, |w_block, weights, load| {
-                super::rows4_prefill_wide(w, xq, a_row_bytes, scales, w_block, weights, out, load)
+            legacy_blocks!(format, |w_block, weights, _load, load_pair| {
+                super::rows4_prefill_wide(
+                    w,
+                    xq,
+                    a_row_bytes,
+                    scales,
+                    w_block,
+                    weights,
+                    out,
+                    load_pair,
+                )
             })
         }
     }
@@ -334,6 +352,35 @@ unsafe fn nibbles(qs: *const u8) -> __m256i {
         let both = _mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp);
         _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
     }
+}
+
+/// [`nibbles`] of two blocks' quants (at `low` and `high`), in the low and
+/// the high half of one register: one load of both, a 128-bit lane
+/// shuffle to `[low, low, high, high]`, and a shift of the second and
+/// fourth lanes by four bits, where the 256-bit form shifts and inserts
+/// for each block.
+#[inline(always)]
+unsafe fn nibbles_pair(low: *const u8, high: *const u8) -> __m512i {
+    // SAFETY: the caller has AVX-512 F and passes pointers to 16 readable
+    // bytes each.
+    unsafe {
+        let both = _mm256_inserti128_si256::<1>(
+            _mm256_castsi128_si256(_mm_loadu_si128(low as *const __m128i)),
+            _mm_loadu_si128(high as *const __m128i),
+        );
+        let both = _mm512_castsi256_si512(both);
+        // Lanes 0, 0 of the first operand, then 1, 1 of the second.
+        let twice = _mm512_shuffle_i64x2::<0b01_01_00_00>(both, both);
+        let shifted = _mm512_srlv_epi64(twice, _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0));
+        _mm512_and_si512(shifted, _mm512_set1_epi8(0x0F))
+    }
+}
+
+/// `low` and `high` in one register, `low` in the low half.
+#[inline(always)]
+unsafe fn pair_i(low: __m256i, high: __m256i) -> __m512i {
+    // SAFETY: the caller has AVX-512 F; register-only.
+    unsafe { _mm512_inserti64x4::<1>(_mm512_castsi256_si512(low), high) }
 }
 
 /// The 32 weights of a Q5_0 block (at `wb`) as signed bytes, as ggml
@@ -660,7 +707,7 @@ thread_local! {
     /// for every four weight rows cost more than the products of a
     /// two-row batch.
     static UNPACKED: std::cell::RefCell<Vec<Unpacked>> = const { std::cell::RefCell::new(Vec::new()) };
-    static WIDE: std::cell::RefCell<Vec<WideBlock>> = const { std::cell::RefCell::new(Vec::new()) };
+    static WIDE: std::cell::RefCell<WideScratch> = std::cell::RefCell::new(WideScratch::default());
 }
 
 /// Q4_1's minimums (`minimum(b)`: the four rows' of block `b`) times the
@@ -678,21 +725,61 @@ unsafe fn add_minimums(
     scales: &ActivationScales,
     out: &mut [[f32; 4]],
 ) {
+    // SAFETY: as this function's.
+    unsafe {
+        // Each row's sum is a chain of dependent adds: rows go through
+        // several at a time, so that their chains overlap instead of
+        // each waiting on its own adds' latency.
+        let mut r = 0;
+        while r < out.len() {
+            let left = out.len() - r;
+            let done = if left >= 8 {
+                minimums_tile::<8>(blocks, &minimum, scales, r, &mut out[r..r + 8])
+            } else if left >= 4 {
+                minimums_tile::<4>(blocks, &minimum, scales, r, &mut out[r..r + 4])
+            } else if left >= 2 {
+                minimums_tile::<2>(blocks, &minimum, scales, r, &mut out[r..r + 2])
+            } else {
+                minimums_tile::<1>(blocks, &minimum, scales, r, &mut out[r..r + 1])
+            };
+            r += done;
+        }
+    }
+}
+
+/// [`add_minimums`] for the `N` rows from `first` (`out`); returns `N`.
+///
+/// # Safety
+/// As [`add_minimums`]'s, and `out` holds `N` rows.
+#[inline(always)]
+unsafe fn minimums_tile<const N: usize>(
+    blocks: usize,
+    minimum: &impl Fn(usize) -> [f32; 4],
+    scales: &ActivationScales,
+    first: usize,
+    out: &mut [[f32; 4]],
+) -> usize {
     // SAFETY: as this function's; register and checked-slice operations.
     unsafe {
-        for (r, out) in out.iter_mut().enumerate() {
-            let sums = &scales.s[r * blocks..(r + 1) * blocks];
-            let mut acc = _mm_setzero_ps();
-            for (b, &s) in sums.iter().enumerate() {
-                let m = _mm_loadu_ps(minimum(b).as_ptr());
-                acc = _mm_add_ps(acc, _mm_mul_ps(m, _mm_set1_ps(s)));
+        let sums: [&[f32]; N] =
+            std::array::from_fn(|k| &scales.s[(first + k) * blocks..(first + k + 1) * blocks]);
+        let mut acc = [_mm_setzero_ps(); N];
+        // `b` picks the block of every row's sums; `k` the row in two arrays.
+        #[allow(clippy::needless_range_loop)]
+        for b in 0..blocks {
+            let m = _mm_loadu_ps(minimum(b).as_ptr());
+            for k in 0..N {
+                acc[k] = _mm_add_ps(acc[k], _mm_mul_ps(m, _mm_set1_ps(sums[k][b])));
             }
+        }
+        for (out, acc) in out.iter_mut().zip(acc) {
             let mut minimum = [0f32; 4];
             _mm_storeu_ps(minimum.as_mut_ptr(), acc);
             for (dot, minimum) in out.iter_mut().zip(minimum) {
                 *dot += minimum;
             }
         }
+        N
     }
 }
 
@@ -701,6 +788,11 @@ unsafe fn add_minimums(
 /// high eight), so each instruction does the work of two of the 256-bit
 /// kernel's, with the same steps per lane; activation rows go through up
 /// to eight at a time, their sixteen accumulators in registers.
+///
+/// Up to eight activation rows (a batch of decode steps) make one tile:
+/// each weight block is unpacked in registers and used at once. More rows
+/// (a prompt) go through several tiles, so the blocks are unpacked once
+/// into a scratch copy that every tile reads.
 ///
 /// Every signed format takes the unsigned shift here (Q8_0 included):
 /// VNNI sums byte products straight into i32 lanes, so `Σ (y + 128)·w -
@@ -716,7 +808,7 @@ unsafe fn rows4_prefill_wide(
     w_block: usize,
     weights: Weights,
     out: &mut [[f32; 4]],
-    load: impl Fn(*const u8) -> __m256i,
+    load_pair: impl Fn(*const u8, *const u8) -> __m512i,
 ) {
     let m = out.len();
     let blocks = prefill_blocks(w, xq, a_row_bytes, scales, w_block, weights, m);
@@ -725,39 +817,69 @@ unsafe fn rows4_prefill_wide(
     // `blocks` blocks of `w_block` bytes and each activation row `blocks`
     // blocks and scales (checked above); every pointer below stays inside
     // one, and the tiles read `blocks` blocks of each row they are given.
-    WIDE.with_borrow_mut(|wide| unsafe {
-        wide.clear();
-        wide.extend((0..blocks).map(|b| {
+    WIDE.with_borrow_mut(|scratch| unsafe {
+        let unpack = |b: usize| {
             let wb = block_of_rows(w, b, w_block, blocks);
-            WideBlock::new(wb.map(&load), wb, with_minimum)
-        }));
-        let wide: &[WideBlock] = wide;
+            WideBlock::new([load_pair(wb[0], wb[1]), load_pair(wb[2], wb[3])], wb, weights)
+        };
         let row = |r: usize| activation_row(xq, a_row_bytes, scales, blocks, r);
-        let mut r = 0;
-        // Tiles of 8, then 4, 2 and 1 for what is left.
-        while r < m {
-            let left = m - r;
-            if left >= 8 {
-                let tile = rows_tile_wide::<8>(wide, std::array::from_fn(|k| row(r + k)), weights);
-                out[r..r + 8].copy_from_slice(&tile);
-                r += 8;
-            } else if left >= 4 {
-                let tile = rows_tile_wide::<4>(wide, std::array::from_fn(|k| row(r + k)), weights);
-                out[r..r + 4].copy_from_slice(&tile);
-                r += 4;
-            } else if left >= 2 {
-                let tile = rows_tile_wide::<2>(wide, [row(r), row(r + 1)], weights);
-                out[r..r + 2].copy_from_slice(&tile);
-                r += 2;
-            } else {
-                out[r] = rows_tile_wide::<1>(wide, [row(r)], weights)[0];
-                r += 1;
-            }
+        let minimums = &mut scratch.minimums;
+        minimums.clear();
+        macro_rules! one_tile {
+            ($($n:literal)*) => {
+                match m {
+                    $($n => out.copy_from_slice(&rows_stream_wide::<$n>(
+                        blocks,
+                        unpack,
+                        std::array::from_fn(row),
+                        weights,
+                        minimums,
+                    )),)*
+                    _ => {
+                        let wide = &mut scratch.blocks;
+                        wide.clear();
+                        wide.extend((0..blocks).map(unpack));
+                        minimums.extend(wide.iter().map(|block| block.minimum));
+                        let wide: &[WideBlock] = wide;
+                        // Tiles of 8, then 4, 2 and 1 for what is left.
+                        let mut r = 0;
+                        while r < m {
+                            let left = m - r;
+                            if left >= 8 {
+                                let tile = rows_tile_wide::<8>(wide, std::array::from_fn(|k| row(r + k)), weights);
+                                out[r..r + 8].copy_from_slice(&tile);
+                                r += 8;
+                            } else if left >= 4 {
+                                let tile = rows_tile_wide::<4>(wide, std::array::from_fn(|k| row(r + k)), weights);
+                                out[r..r + 4].copy_from_slice(&tile);
+                                r += 4;
+                            } else if left >= 2 {
+                                let tile = rows_tile_wide::<2>(wide, [row(r), row(r + 1)], weights);
+                                out[r..r + 2].copy_from_slice(&tile);
+                                r += 2;
+                            } else {
+                                out[r] = rows_tile_wide::<1>(wide, [row(r)], weights)[0];
+                                r += 1;
+                            }
+                        }
+                    }
+                }
+            };
         }
+        one_tile!(1 2 3 4 5 6 7 8);
         if with_minimum {
-            add_minimums(blocks, |b| wide[b].minimum, scales, out);
+            add_minimums(blocks, |b| minimums[b], scales, out);
         }
     })
+}
+
+/// Each compute thread's scratch for [`rows4_prefill_wide`].
+#[derive(Default)]
+struct WideScratch {
+    /// The four rows' blocks, unpacked once for several tiles.
+    blocks: Vec<WideBlock>,
+    /// Q4_1's minimums of the four rows, block by block.
+    minimums: Vec<[f32; 4]>,
 }
 
 /// One block of four weight rows for [`rows_tile_wide`], the rows paired
@@ -774,26 +896,18 @@ struct WideBlock {
 }
 
 impl WideBlock {
-    /// From the four rows' weights as bytes (`q`) and their blocks (`wb`,
-    /// whose first f16 is the scale, and for Q4_1 the second the minimum).
+    /// From the four rows' weights as bytes, paired (`q`), and their
+    /// blocks (`wb`, whose first f16 is the scale, and for Q4_1 the second
+    /// the minimum).
     ///
     /// # Safety
     /// The caller has AVX-512 F and VNNI and F16C; each `wb` points at a
     /// whole block.
     #[inline(always)]
-    unsafe fn new(q: [__m256i; 4], wb: [*const u8; 4], with_minimum: bool) -> Self {
-        // SAFETY: as this function's.
+    unsafe fn new(q: [__m512i; 2], wb: [*const u8; 4], weights: Weights) -> Self {
+        // SAFETY: as this function's; every block is at least four bytes.
         unsafe {
-            let pair_i = |low: __m256i, high: __m256i| {
-                _mm512_inserti64x4::<1>(_mm512_castsi256_si512(low), high)
-            };
-            let pair_f = |low: f32, high: f32| {
-                _mm512_castpd_ps(_mm512_insertf64x4::<1>(
-                    _mm512_castpd256_pd512(_mm256_castps_pd(_mm256_set1_ps(low))),
-                    _mm256_castps_pd(_mm256_set1_ps(high)),
-                ))
-            };
-            let q = [pair_i(q[0], q[1]), pair_i(q[2], q[3])];
+            let with_minimum = weights == Weights::WithMinimum;
             let neg_shift = q.map(|q| {
                 if with_minimum {
                     _mm512_setzero_si512()
@@ -804,25 +918,110 @@ impl WideBlock {
                     )
                 }
             });
-            let d = wb.map(|p| f16_ptr(p));
+            // The first two f16 of each block (scale, then Q4_1's minimum;
+            // other formats' second is quants, converted but unused), all
+            // four rows' in one conversion: d0 m0 d1 m1 d2 m2 d3 m3.
+            let heads = wb.map(|p| (p as *const i32).read_unaligned());
+            let heads = _mm256_cvtph_ps(_mm_set_epi32(heads[3], heads[2], heads[1], heads[0]));
+            let spread = |low: i32, high: i32| {
+                _mm512_permutexvar_ps(
+                    _mm512_setr_epi32(
+                        low, low, low, low, low, low, low, low, high, high, high, high, high, high,
+                        high, high,
+                    ),
+                    _mm512_castps256_ps512(heads),
+                )
+            };
+            let mut minimum = [0f32; 4];
+            if with_minimum {
+                let m = _mm_shuffle_ps::<0b11_01_11_01>(
+                    _mm256_castps256_ps128(heads),
+                    _mm256_extractf128_ps::<1>(heads),
+                );
+                _mm_storeu_ps(minimum.as_mut_ptr(), m);
+            }
             Self {
                 q,
-                d: [pair_f(d[0], d[1]), pair_f(d[2], d[3])],
+                d: [spread(0, 2), spread(4, 6)],
                 neg_shift,
-                minimum: if with_minimum {
-                    wb.map(|p| f16_ptr(p.add(2)))
-                } else {
-                    [0.0; 4]
-                },
+                minimum,
             }
         }
     }
 }
 
-/// The products of [`WideBlock`]s with the `N` activation rows starting at
-/// `a` (their bytes, and their blocks' scales as f32), each lane with the
-/// steps of [`rows_tile`]; `[activation row][weight row]`. Q4_1's
-/// minimums are the caller's.
+/// One block's products with a tile's `N` activation rows (their bytes,
+/// and their blocks' scales as f32), added to the tile's accumulators
+/// (`[activation row][row pair]`), each lane with the steps of
+/// [`rows_tile`].
+///
+/// # Safety
+/// The caller has AVX-512 F, BW, VL and VNNI; each activation row has
+/// more than `b` blocks of the format `weights` implies.
+#[inline(always)]
+unsafe fn wide_block_step<const N: usize>(
+    block: &WideBlock,
+    b: usize,
+    a: &[(*const u8, *const f32); N],
+    weights: Weights,
+    acc: &mut [[__m512; 2]; N],
+) {
+    // SAFETY: as this function's.
+    unsafe {
+        let (a_block, qs) = weights.activation_layout();
+        let shifted = weights != Weights::WithMinimum;
+        let flip = _mm512_set1_epi8(-128);
+        for r in 0..N {
+            let (a, d) = a[r];
+            let qy = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                a.add(b * a_block + qs) as *const __m256i
+            ));
+            // Signed weights: y + 128 as unsigned bytes.
+            let u = if shifted {
+                _mm512_xor_si512(qy, flip)
+            } else {
+                qy
+            };
+            let dy = _mm512_set1_ps(*d.add(b));
+            // `j` picks the row pair in three arrays and the accumulator.
+            #[allow(clippy::needless_range_loop)]
+            for j in 0..2 {
+                let lanes = if shifted {
+                    _mm512_dpbusd_epi32(block.neg_shift[j], u, block.q[j])
+                } else {
+                    _mm512_dpbusd_epi32(_mm512_setzero_si512(), block.q[j], qy)
+                };
+                let d = _mm512_mul_ps(block.d[j], dy);
+                acc[r][j] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(lanes), acc[r][j]);
+            }
+        }
+    }
+}
+
+/// A tile's accumulators summed as [`rows_tile`] sums its own:
+/// `[activation row][weight row]`.
+#[inline(always)]
+unsafe fn wide_sums<const N: usize>(acc: [[__m512; 2]; N]) -> [[f32; 4]; N] {
+    // SAFETY: the caller has AVX-512 F; register-only.
+    unsafe {
+        let halves = |v: __m512| {
+            (
+                hsum8(_mm512_castps512_ps256(v)),
+                hsum8(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+                    _mm512_castps_pd(v),
+                ))),
+            )
+        };
+        std::array::from_fn(|r| {
+            let (w0, w1) = halves(acc[r][0]);
+            let (w2, w3) = halves(acc[r][1]);
+            [w0, w1, w2, w3]
+        })
+    }
+}
+
+/// The products of unpacked [`WideBlock`]s with the `N` activation rows
+/// `a`; `[activation row][weight row]`. Q4_1's minimums are the caller's.
 #[inline(always)]
 unsafe fn rows_tile_wide<const N: usize>(
     wide: &[WideBlock],
@@ -833,49 +1032,36 @@ unsafe fn rows_tile_wide<const N: usize>(
     // activation rows of `wide.len()` blocks of the format `weights`
     // implies.
     unsafe {
-        let (a_block, qs) = weights.activation_layout();
-        let shifted = weights != Weights::WithMinimum;
-        let flip = _mm512_set1_epi8(-128);
         let mut acc = [[_mm512_setzero_ps(); 2]; N];
         for (b, block) in wide.iter().enumerate() {
-            for r in 0..N {
-                let (a, d) = a[r];
-                let qy = _mm512_broadcast_i64x4(_mm256_loadu_si256(
-                    a.add(b * a_block + qs) as *const __m256i
-                ));
-                // Signed weights: y + 128 as unsigned bytes.
-                let u = if shifted {
-                    _mm512_xor_si512(qy, flip)
-                } else {
-                    qy
-                };
-                let dy = _mm512_set1_ps(*d.add(b));
-                // `j` picks the row pair in three arrays and the accumulator.
-                #[allow(clippy::needless_range_loop)]
-                for j in 0..2 {
-                    let lanes = if shifted {
-                        _mm512_dpbusd_epi32(block.neg_shift[j], u, block.q[j])
-                    } else {
-                        _mm512_dpbusd_epi32(_mm512_setzero_si512(), block.q[j], qy)
-                    };
-                    let d = _mm512_mul_ps(block.d[j], dy);
-                    acc[r][j] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(lanes), acc[r][j]);
-                }
-            }
+            wide_block_step(block, b, &a, weights, &mut acc);
         }
-        std::array::from_fn(|r| {
-            let halves = |v: __m512| {
-                (
-                    hsum8(_mm512_castps512_ps256(v)),
-                    hsum8(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
-                        _mm512_castps_pd(v),
-                    ))),
-                )
-            };
-            let (w0, w1) = halves(acc[r][0]);
-            let (w2, w3) = halves(acc[r][1]);
-            [w0, w1, w2, w3]
-        })
+        wide_sums(acc)
+    }
+}
+
+/// As [`rows_tile_wide`], each of the `blocks` weight blocks unpacked
+/// (`unpack(b)`) as it is needed, and Q4_1's minimums pushed onto
+/// `minimums` for the caller.
+#[inline(always)]
+unsafe fn rows_stream_wide<const N: usize>(
+    blocks: usize,
+    unpack: impl Fn(usize) -> WideBlock,
+    a: [(*const u8, *const f32); N],
+    weights: Weights,
+    minimums: &mut Vec<[f32; 4]>,
+) -> [[f32; 4]; N] {
+    // SAFETY: as rows_tile_wide's, with `blocks` blocks to each row.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); 2]; N];
+        for b in 0..blocks {
+            let block = unpack(b);
+            if weights == Weights::WithMinimum {
+                minimums.push(block.minimum);
+            }
+            wide_block_step(&block, b, &a, weights, &mut acc);
+        }
+        wide_sums(acc)
     }
 }
 
