@@ -343,35 +343,12 @@ pub(crate) fn attention(q: &[f32], keys: &[f32], values: &[f32], s: &AttentionSh
 /// nothing), but walking `v` by rows so the loads are contiguous. Only
 /// the rows `keys` are read: every other weight in `p` must be zero, and
 /// so adds nothing either (an FMA with a zero product returns the
-/// accumulator, which starts at +0 and so is never -0).
+/// accumulator, which starts at +0 and so is never -0). The 16 lanes come
+/// from `simd::dot_lanes`, then each column is reduced.
 fn weighted_sum_vec_dot(v: &[f32], p: &[f32], keys: Range<usize>, d: usize, out: &mut [f32]) {
-    // Accumulator g (of 4), lane l (of 16) takes the keys j ≡ 16g + l
-    // (mod 64), in order. One lane's four accumulators at a time, so the
-    // scratch is 4·d values instead of 64·d zeroed and summed for every
-    // head (most of a decode step's attention, with short contexts).
     let keys = keys.start..keys.end.min(p.len());
     let mut lanes = vec![0f32; 16 * d];
-    let mut acc = vec![0f32; 4 * d];
-    for (l, lane) in lanes.chunks_exact_mut(d).enumerate() {
-        acc.fill(0.0);
-        for (g, slot) in acc.chunks_exact_mut(d).enumerate() {
-            let first = 16 * g + l;
-            // The first key at or after `keys.start` in this slot.
-            let skip = keys.start.saturating_sub(first).div_ceil(64);
-            for j in (first + 64 * skip..keys.end).step_by(64) {
-                let pj = p[j];
-                for (a, &vc) in slot.iter_mut().zip(&v[j * d..(j + 1) * d]) {
-                    *a = vc.mul_add(pj, *a);
-                }
-            }
-        }
-        // Lane l of output c is (a0 + a2) + (a1 + a3).
-        let a = |g: usize| &acc[g * d..][..d];
-        let (a0, a1, a2, a3) = (a(0), a(1), a(2), a(3));
-        for c in 0..d {
-            lane[c] = (a0[c] + a2[c]) + (a1[c] + a3[c]);
-        }
-    }
+    simd::dot_lanes(v, p, keys, d, &mut lanes);
     reduce_add16_columns(&lanes, d, out);
 }
 
@@ -450,6 +427,21 @@ mod simd {
             avx2_fma => x86::dot_f32_steps_rows_avx2(rows, d, y, out);
             portable::dot_f32_steps_rows(rows, d, y, out)
         )
+    }
+
+    /// The 16 lanes of `weighted_sum_vec_dot`'s sums, `[16, d]`.
+    pub(super) fn dot_lanes(
+        v: &[f32],
+        p: &[f32],
+        keys: std::ops::Range<usize>,
+        d: usize,
+        lanes: &mut [f32],
+    ) {
+        if d.is_multiple_of(64) {
+            fast_path!(avx512f => x86::dot_lanes(v, p, keys, d, lanes); portable::dot_lanes(v, p, keys, d, lanes))
+        } else {
+            portable::dot_lanes(v, p, keys, d, lanes)
+        }
     }
 
     /// SiLU(x) * u over whole 16-value chunks.
@@ -556,14 +548,19 @@ mod tests {
 
     #[test]
     fn row_dots_equal_one_dot_per_row() {
-        for d in [40usize, 64, 72, 128, 256] {
-            let rows: Vec<f32> = (0..9 * d)
+        // 9 rows: fewer than a group of 16 reduced together; 40: two
+        // groups and 8 left over.
+        for (n, d) in [9usize, 40]
+            .into_iter()
+            .flat_map(|n| [40usize, 64, 72, 128, 256].map(|d| (n, d)))
+        {
+            let rows: Vec<f32> = (0..n * d)
                 .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 37.0)
                 .collect();
             let y: Vec<f32> = (0..d)
                 .map(|i| ((i * 31 % 97) as f32 - 48.0) / 301.0)
                 .collect();
-            let mut out = vec![0f32; 9];
+            let mut out = vec![0f32; n];
             dot_f32_rows(&rows, &y, &mut out);
             for (row, got) in rows.chunks_exact(d).zip(&out) {
                 assert_eq!(got.to_bits(), dot_f32(row, &y).to_bits(), "d = {d}");
@@ -656,12 +653,48 @@ mod tests {
 
     #[test]
     fn row_walking_weighted_sums_equal_the_column_dots() {
-        for (len, d) in [(150usize, 8usize), (200, 64), (17, 128)] {
+        for (len, d) in [(150usize, 8usize), (200, 64), (17, 128), (70, 256)] {
             weighted_sums_match(len, d, 0..len);
         }
         // A causal row (keys after the query masked) and a sliding window.
         weighted_sums_match(150, 64, 0..77);
         weighted_sums_match(150, 64, 40..113);
+    }
+
+    /// The AVX-512 lanes of the weighted sums (64 columns at a time, the
+    /// accumulators in registers) against the portable ones, where this
+    /// CPU has AVX-512: whole windows, causal rows and sliding windows.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn fast_weighted_sum_lanes_equal_the_portable_ones_bit_for_bit() {
+        if !crate::simd::CpuFeatures::get().avx512f {
+            return;
+        }
+        for (len, d, keys) in [
+            (200usize, 64usize, 0..200),
+            (150, 64, 40..113),
+            (17, 128, 0..9),
+            (70, 256, 3..70),
+        ] {
+            let v: Vec<f32> = (0..len * d)
+                .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 37.0)
+                .collect();
+            let p: Vec<f32> = (0..len)
+                .map(|j| {
+                    if keys.contains(&j) {
+                        ((j * 31 % 97) as f32) / 3001.0
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let (mut fast, mut definition) = (vec![0f32; 16 * d], vec![0f32; 16 * d]);
+            // SAFETY: this CPU has AVX-512F (checked above).
+            unsafe { super::x86::dot_lanes(&v, &p, keys.clone(), d, &mut fast) };
+            super::portable::dot_lanes(&v, &p, keys, d, &mut definition);
+            let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&fast), bits(&definition), "{len} keys of {d} values");
+        }
     }
 
     /// The sums reading only `keys`, against the dots over every key with

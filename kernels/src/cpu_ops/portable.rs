@@ -2,6 +2,8 @@
 //! lanes and order, written lane by lane. The fast versions are tested to
 //! give these functions' bits exactly.
 
+use std::ops::Range;
+
 /// `_mm512_reduce_add_ps` as GCC implements it: halves, quarters, pairs.
 pub(super) fn reduce_add16(a: &[f32; 16]) -> f32 {
     let mut t8 = [0f32; 8];
@@ -67,6 +69,38 @@ pub(super) fn dot_f32_steps(x: &[f32], y: &[f32]) -> f32 {
 pub(super) fn dot_f32_steps_rows(rows: &[f32], d: usize, y: &[f32], out: &mut [f32]) {
     for (row, s) in rows.chunks_exact(d).zip(out.iter_mut()) {
         *s = dot_f32_steps(&row[..y.len()], y);
+    }
+}
+
+/// Lane `l` (of 16) of `dot_f32` of every column `c` of `v` (`[rows, d]`)
+/// with the weights `p`, over a window padded with zeros, into
+/// `lanes[l * d + c]`: `(a0 + a2) + (a1 + a3)`, where accumulator `g`
+/// takes the keys `j ≡ 16g + l (mod 64)` in order, one FMA each, from +0.
+/// Only the rows `keys` are read: every other weight must be zero, and so
+/// adds nothing (an FMA with a zero product returns the accumulator,
+/// which starts at +0 and so is never -0).
+pub(super) fn dot_lanes(v: &[f32], p: &[f32], keys: Range<usize>, d: usize, lanes: &mut [f32]) {
+    // One lane's four accumulators at a time, so the scratch is 4·d
+    // values instead of 64·d zeroed and summed for every head.
+    let mut acc = vec![0f32; 4 * d];
+    for (l, lane) in lanes.chunks_exact_mut(d).enumerate() {
+        acc.fill(0.0);
+        for (g, slot) in acc.chunks_exact_mut(d).enumerate() {
+            let first = 16 * g + l;
+            // The first key at or after `keys.start` in this slot.
+            let skip = keys.start.saturating_sub(first).div_ceil(64);
+            for j in (first + 64 * skip..keys.end).step_by(64) {
+                let pj = p[j];
+                for (a, &vc) in slot.iter_mut().zip(&v[j * d..(j + 1) * d]) {
+                    *a = vc.mul_add(pj, *a);
+                }
+            }
+        }
+        let a = |g: usize| &acc[g * d..][..d];
+        let (a0, a1, a2, a3) = (a(0), a(1), a(2), a(3));
+        for c in 0..d {
+            lane[c] = (a0[c] + a2[c]) + (a1[c] + a3[c]);
+        }
     }
 }
 
