@@ -703,9 +703,9 @@ unsafe fn block_of_rows(w: [&[u8]; 4], b: usize, w_block: usize, blocks: usize) 
 
 thread_local! {
     /// Each compute thread's scratch for the unpacked blocks of
-    /// [`rows4_prefill`] and [`rows4_prefill_wide`]: allocating it afresh
-    /// for every four weight rows cost more than the products of a
-    /// two-row batch.
+    /// [`rows4_prefill`] (and [`WideScratch`] for [`rows4_prefill_wide`]):
+    /// allocating it afresh for every four weight rows cost more than the
+    /// products of a two-row batch.
     static UNPACKED: std::cell::RefCell<Vec<Unpacked>> = const { std::cell::RefCell::new(Vec::new()) };
     static WIDE: std::cell::RefCell<WideScratch> = std::cell::RefCell::new(WideScratch::default());
 }
@@ -725,29 +725,36 @@ unsafe fn add_minimums(
     scales: &ActivationScales,
     out: &mut [[f32; 4]],
 ) {
-    // SAFETY: as this function's.
-    unsafe {
-        // Each row's sum is a chain of dependent adds: rows go through
-        // several at a time, so that their chains overlap instead of
-        // each waiting on its own adds' latency.
-        let mut r = 0;
-        while r < out.len() {
-            let left = out.len() - r;
-            let done = if left >= 8 {
-                minimums_tile::<8>(blocks, &minimum, scales, r, &mut out[r..r + 8])
-            } else if left >= 4 {
-                minimums_tile::<4>(blocks, &minimum, scales, r, &mut out[r..r + 4])
-            } else if left >= 2 {
-                minimums_tile::<2>(blocks, &minimum, scales, r, &mut out[r..r + 2])
-            } else {
-                minimums_tile::<1>(blocks, &minimum, scales, r, &mut out[r..r + 1])
-            };
-            r += done;
+    // Each row's sum is a chain of dependent adds: rows go through
+    // several at a time, so that their chains overlap instead of each
+    // waiting on its own adds' latency.
+    for (r, n) in tiles(out.len()) {
+        let out = &mut out[r..r + n];
+        // SAFETY: as this function's.
+        unsafe {
+            match n {
+                8 => minimums_tile::<8>(blocks, &minimum, scales, r, out),
+                4 => minimums_tile::<4>(blocks, &minimum, scales, r, out),
+                2 => minimums_tile::<2>(blocks, &minimum, scales, r, out),
+                _ => minimums_tile::<1>(blocks, &minimum, scales, r, out),
+            }
         }
     }
 }
 
-/// [`add_minimums`] for the `N` rows from `first` (`out`); returns `N`.
+/// Rows `0..m` as tiles `(first, rows)`: tiles of 8, then one each of 4, 2
+/// and 1 for what is left.
+fn tiles(m: usize) -> impl Iterator<Item = (usize, usize)> {
+    let mut first = 0;
+    std::iter::from_fn(move || {
+        let left = m - first;
+        let rows = [8, 4, 2, 1].into_iter().find(|&n| n <= left)?;
+        first += rows;
+        Some((first - rows, rows))
+    })
+}
+
+/// [`add_minimums`] for the `N` rows from `first` (`out`).
 ///
 /// # Safety
 /// As [`add_minimums`]'s, and `out` holds `N` rows.
@@ -758,7 +765,7 @@ unsafe fn minimums_tile<const N: usize>(
     scales: &ActivationScales,
     first: usize,
     out: &mut [[f32; 4]],
-) -> usize {
+) {
     // SAFETY: as this function's; register and checked-slice operations.
     unsafe {
         let sums: [&[f32]; N] =
@@ -779,7 +786,6 @@ unsafe fn minimums_tile<const N: usize>(
                 *dot += minimum;
             }
         }
-        N
     }
 }
 
@@ -820,53 +826,65 @@ unsafe fn rows4_prefill_wide(
     WIDE.with_borrow_mut(|scratch| unsafe {
         let unpack = |b: usize| {
             let wb = block_of_rows(w, b, w_block, blocks);
-            WideBlock::new([load_pair(wb[0], wb[1]), load_pair(wb[2], wb[3])], wb, weights)
+            WideBlock::new(
+                [load_pair(wb[0], wb[1]), load_pair(wb[2], wb[3])],
+                wb,
+                weights,
+            )
         };
         let row = |r: usize| activation_row(xq, a_row_bytes, scales, blocks, r);
         let minimums = &mut scratch.minimums;
         minimums.clear();
-        macro_rules! one_tile {
-            ($($n:literal)*) => {
-                match m {
-                    $($n => out.copy_from_slice(&rows_stream_wide::<$n>(
-                        blocks,
-                        unpack,
-                        std::array::from_fn(row),
-                        weights,
-                        minimums,
-                    )),)*
-                    _ => {
-                        let wide = &mut scratch.blocks;
-                        wide.clear();
-                        wide.extend((0..blocks).map(unpack));
-                        minimums.extend(wide.iter().map(|block| block.minimum));
-                        let wide: &[WideBlock] = wide;
-                        // Tiles of 8, then 4, 2 and 1 for what is left.
-                        let mut r = 0;
-                        while r < m {
-                            let left = m - r;
-                            if left >= 8 {
-                                let tile = rows_tile_wide::<8>(wide, std::array::from_fn(|k| row(r + k)), weights);
-                                out[r..r + 8].copy_from_slice(&tile);
-                                r += 8;
-                            } else if left >= 4 {
-                                let tile = rows_tile_wide::<4>(wide, std::array::from_fn(|k| row(r + k)), weights);
-                                out[r..r + 4].copy_from_slice(&tile);
-                                r += 4;
-                            } else if left >= 2 {
-                                let tile = rows_tile_wide::<2>(wide, [row(r), row(r + 1)], weights);
-                                out[r..r + 2].copy_from_slice(&tile);
-                                r += 2;
-                            } else {
-                                out[r] = rows_tile_wide::<1>(wide, [row(r)], weights)[0];
-                                r += 1;
-                            }
-                        }
+        if m <= 8 {
+            // A batch of decode steps: one tile, each block used as it is
+            // unpacked.
+            macro_rules! one_tile {
+                ($($n:literal)*) => {
+                    match m {
+                        $($n => out.copy_from_slice(&rows_stream_wide::<$n>(
+                            blocks,
+                            unpack,
+                            std::array::from_fn(row),
+                            weights,
+                            minimums,
+                        )),)*
+                        _ => {} // no rows
                     }
+                };
+            }
+            one_tile!(1 2 3 4 5 6 7 8);
+        } else {
+            let wide = &mut scratch.blocks;
+            wide.clear();
+            wide.extend((0..blocks).map(unpack));
+            minimums.extend(wide.iter().map(|block| block.minimum));
+            for (r, n) in tiles(m) {
+                let a = |k: usize| row(r + k);
+                let out = &mut out[r..r + n];
+                match n {
+                    8 => out.copy_from_slice(&rows_tile_wide::<8>(
+                        wide,
+                        std::array::from_fn(a),
+                        weights,
+                    )),
+                    4 => out.copy_from_slice(&rows_tile_wide::<4>(
+                        wide,
+                        std::array::from_fn(a),
+                        weights,
+                    )),
+                    2 => out.copy_from_slice(&rows_tile_wide::<2>(
+                        wide,
+                        std::array::from_fn(a),
+                        weights,
+                    )),
+                    _ => out.copy_from_slice(&rows_tile_wide::<1>(
+                        wide,
+                        std::array::from_fn(a),
+                        weights,
+                    )),
                 }
-            };
+            }
         }
-        one_tile!(1 2 3 4 5 6 7 8);
         if with_minimum {
             add_minimums(blocks, |b| minimums[b], scales, out);
         }
