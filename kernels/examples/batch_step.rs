@@ -4,11 +4,13 @@
 //! are `ringlet bench`.
 //!
 //! ```text
-//! cargo run --release -p ringlet-kernels --example batch_step -- MODEL.gguf [BATCHES] [STEPS] [THREADS]
+//! cargo run --release -p ringlet-kernels --example batch_step -- MODEL.gguf [BATCHES] [STEPS] [THREADS] [PROMPT_TOKENS]
 //! ```
 //! `BATCHES` is a comma-separated list (default 1,2,4,8,16), `STEPS` the
 //! decode steps timed per batch size (default 64), `THREADS` the compute
-//! pool's size (default 2). Prints, per batch size, the fastest step's time,
+//! pool's size (default 2), `PROMPT_TOKENS` the prompt's length before the
+//! steps (default: one short sentence; `ringlet bench ring`'s chat prompt
+//! is about 90). Prints, per batch size, the fastest step's time,
 //! the tokens per second it gives and its ratio to one sequence, then
 //! where the time of the steps went.
 
@@ -20,7 +22,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let path = args
         .next()
-        .ok_or("usage: batch_step MODEL.gguf [BATCHES] [STEPS] [THREADS]")?;
+        .ok_or("usage: batch_step MODEL.gguf [BATCHES] [STEPS] [THREADS] [PROMPT_TOKENS]")?;
     let batches: Vec<usize> = args
         .next()
         .unwrap_or_else(|| "1,2,4,8,16".into())
@@ -29,17 +31,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect::<Result<_, _>>()?;
     let steps: usize = args.next().map_or(Ok(64), |s| s.parse())?;
     let threads: usize = args.next().map_or(Ok(2), |s| s.parse())?;
+    let prompt_tokens: usize = args.next().map_or(Ok(0), |s| s.parse())?;
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build_global()?;
     let model = ModelFile::open(&path)?;
     let n_layers = model.config().n_layers;
     let mut shard = model.load_shard(LayerRange::new(0, n_layers), &Device::Cpu)?;
-    let prompt = model
+    let mut prompt = model
         .tokenizer()?
         .encode("The history of computing is a story of")?;
+    // A longer prompt, for contexts like a chat's: the sentence repeated.
+    let sentence = prompt.clone();
+    while prompt.len() < prompt_tokens {
+        prompt.extend_from_slice(&sentence);
+    }
+    prompt.truncate(prompt_tokens.max(sentence.len()));
     println!("{path}: {threads} threads, {steps} steps per batch size");
-    println!("batch | step ms (fastest) | tok/s | vs 1");
+    println!("batch | step ms (fastest) | tok/s | vs 1 | median step");
     let mut one = None;
     for (round, &n) in batches.iter().enumerate() {
         let ids: Vec<SequenceId> = (0..n)
@@ -77,13 +86,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         times.sort_by(f64::total_cmp);
         // The fastest step: on a shared host it is the least disturbed.
-        let median = times[0];
-        let rate = n as f64 / median;
+        let fastest = times[0];
+        let median = times[times.len() / 2];
+        let rate = n as f64 / fastest;
         let base = *one.get_or_insert(rate);
         println!(
-            "{n:5} | {:17.2} | {rate:5.0} | {:.2}",
+            "{n:5} | {:17.2} | {rate:5.0} | {:.2} | median {:.2} ms, {:.0} tok/s",
+            fastest * 1e3,
+            rate / base,
             median * 1e3,
-            rate / base
+            n as f64 / median
         );
         for (op, nanos, calls) in profile {
             if calls > 0 {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
+use crate::cpu_ops;
 use crate::error::{KernelError, Result};
 use crate::gguf::TensorReader;
 use crate::quant::{BlockFormat, QuantMatrix};
@@ -64,8 +65,10 @@ impl Matrix {
         match self {
             Self::Quant(w) => {
                 let m = x.dim(0)?;
-                let values = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                let mut out = QuantMatrix::matmul_each(&[w.as_ref()], &values, sequence_rows)?;
+                // The activations are read in place, not copied out first.
+                let mut out = cpu_ops::with_f32(&x.to_dtype(DType::F32)?, |values| {
+                    QuantMatrix::matmul_each(&[w.as_ref()], values, sequence_rows)
+                })??;
                 Ok(Tensor::from_vec(out.remove(0), (m, w.rows()), x.device())?)
             }
             Self::Candle { matmul, .. } => Ok(matmul.forward(x)?),
@@ -101,8 +104,9 @@ impl Matrix {
         match quant {
             Some(quant) if same_activation => {
                 let m = x.dim(0)?;
-                let values = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                let outs = QuantMatrix::matmul_each(&quant, &values, sequence_rows)?;
+                let outs = cpu_ops::with_f32(&x.to_dtype(DType::F32)?, |values| {
+                    QuantMatrix::matmul_each(&quant, values, sequence_rows)
+                })??;
                 outs.into_iter()
                     .zip(&quant)
                     .map(|(out, w)| Ok(Tensor::from_vec(out, (m, w.rows()), x.device())?))

@@ -310,10 +310,11 @@ pub(crate) fn attention(q: &[f32], keys: &[f32], values: &[f32], s: &AttentionSh
     let tiny_blas = n >= 2 && d % 4 == 0;
     let mut out = vec![0f32; n * heads * d];
     // Every (token, head) row is independent: they share the compute pool,
-    // each thread reusing one scores buffer.
+    // each thread reusing one set of buffers (allocating and zeroing them
+    // for every row cost more than a short context's sums).
     out.par_chunks_mut(d).enumerate().for_each_init(
-        || vec![0f32; padded],
-        |scores, (row, out_row)| {
+        || (vec![0f32; padded], SumScratch::new(d)),
+        |(scores, scratch), (row, out_row)| {
             let (i, h) = (row / heads, row % heads);
             let kv = h / group;
             let k_head = &keys[kv * capacity * d..(kv * capacity + len) * d];
@@ -329,9 +330,9 @@ pub(crate) fn attention(q: &[f32], keys: &[f32], values: &[f32], s: &AttentionSh
             // The masked keys' weights are exactly zero: they add nothing.
             let keys = first_visible..visible;
             if tiny_blas {
-                weighted_sum_tiny_blas(v_head, &scores[..len], keys, d, out_row);
+                weighted_sum_tiny_blas(v_head, &scores[..len], keys, d, out_row, scratch);
             } else {
-                weighted_sum_vec_dot(v_head, &scores[..len], keys, d, out_row);
+                weighted_sum_vec_dot(v_head, &scores[..len], keys, d, out_row, scratch);
             }
         },
     );
@@ -345,19 +346,45 @@ pub(crate) fn attention(q: &[f32], keys: &[f32], values: &[f32], s: &AttentionSh
 /// so adds nothing either (an FMA with a zero product returns the
 /// accumulator, which starts at +0 and so is never -0). The 16 lanes come
 /// from `simd::dot_lanes`, then each column is reduced.
-fn weighted_sum_vec_dot(v: &[f32], p: &[f32], keys: Range<usize>, d: usize, out: &mut [f32]) {
+fn weighted_sum_vec_dot(
+    v: &[f32],
+    p: &[f32],
+    keys: Range<usize>,
+    d: usize,
+    out: &mut [f32],
+    scratch: &mut SumScratch,
+) {
     let keys = keys.start..keys.end.min(p.len());
-    let mut lanes = vec![0f32; 16 * d];
-    simd::dot_lanes(v, p, keys, d, &mut lanes);
-    reduce_add16_columns(&lanes, d, out);
+    // Every lane value is written, so the buffer is not cleared first.
+    simd::dot_lanes(v, p, keys, d, &mut scratch.lanes);
+    reduce_add16_columns(&scratch.lanes, d, out, &mut scratch.eights);
+}
+
+/// The buffers of a weighted sum of `d`-value rows, kept by each thread
+/// for the attention rows it runs.
+struct SumScratch {
+    /// `[16, d]`: the 16 lanes of each column's sum.
+    lanes: Vec<f32>,
+    /// `[8, d]`: the first halving of the lanes.
+    eights: Vec<f32>,
+}
+
+impl SumScratch {
+    fn new(d: usize) -> Self {
+        Self {
+            lanes: vec![0f32; 16 * d],
+            eights: vec![0f32; 8 * d],
+        }
+    }
 }
 
 /// [`portable::reduce_add16`] of every column of `lanes` (`[16, d]`) into
 /// `out`: per column the same additions in the same order, written as
-/// loops over columns so that they run as vector instructions.
-fn reduce_add16_columns(lanes: &[f32], d: usize, out: &mut [f32]) {
+/// loops over columns so that they run as vector instructions. `t8` holds
+/// `8 * d` values of scratch.
+fn reduce_add16_columns(lanes: &[f32], d: usize, out: &mut [f32], t8: &mut [f32]) {
     let lane = |l: usize| &lanes[l * d..][..d];
-    let mut t8 = vec![0f32; 8 * d];
+    let t8 = &mut t8[..8 * d];
     for (i, t) in t8.chunks_exact_mut(d).enumerate() {
         let (hi, lo) = (lane(8 + i), lane(i));
         for c in 0..d {
@@ -373,15 +400,23 @@ fn reduce_add16_columns(lanes: &[f32], d: usize, out: &mut [f32]) {
 }
 
 /// As [`weighted_sum_vec_dot`], with tinyBLAS's single 16-lane accumulator.
-fn weighted_sum_tiny_blas(v: &[f32], p: &[f32], keys: Range<usize>, d: usize, out: &mut [f32]) {
-    let mut acc = vec![0f32; 16 * d];
+fn weighted_sum_tiny_blas(
+    v: &[f32],
+    p: &[f32],
+    keys: Range<usize>,
+    d: usize,
+    out: &mut [f32],
+    scratch: &mut SumScratch,
+) {
+    let acc = &mut scratch.lanes;
+    acc.fill(0.0);
     for (j, &pj) in p.iter().enumerate().take(keys.end).skip(keys.start) {
         let slot = &mut acc[(j % 16) * d..][..d];
         for (a, &vc) in slot.iter_mut().zip(&v[j * d..(j + 1) * d]) {
             *a = vc.mul_add(pj, *a);
         }
     }
-    reduce_add16_columns(&acc, d, out);
+    reduce_add16_columns(&scratch.lanes, d, out, &mut scratch.eights);
 }
 
 /// `ggml_compute_forward_soft_max_f32` after scale and mask, over a row
@@ -691,8 +726,11 @@ mod tests {
             assert_eq!(bits(&fast), bits(&definition), "{len} keys of {d} values");
         }
         let (mut a, mut b) = (vec![0f32; d], vec![0f32; d]);
-        weighted_sum_vec_dot(&v, &p, keys.clone(), d, &mut a);
-        weighted_sum_tiny_blas(&v, &p, keys, d, &mut b);
+        // One scratch for both, dirty from the first when the second runs.
+        let mut scratch = SumScratch::new(d);
+        scratch.lanes.fill(f32::NAN);
+        weighted_sum_vec_dot(&v, &p, keys.clone(), d, &mut a, &mut scratch);
+        weighted_sum_tiny_blas(&v, &p, keys, d, &mut b, &mut scratch);
         for c in 0..d {
             let mut col: Vec<f32> = (0..len).map(|j| v[j * d + c]).collect();
             col.resize(padded, 0.0);

@@ -303,25 +303,41 @@ impl QuantMatrix {
         // four-row kernels).
         let per_task =
             (total_rows / (4 * rayon::current_num_threads().max(1))).clamp(16, 1024) / 8 * 8;
-        let mut outs: Vec<Vec<f32>> = matrices.iter().map(|w| vec![0f32; w.rows * m]).collect();
+        // Not zeroed first: the tasks write every value (see below).
+        let mut outs: Vec<Vec<f32>> = matrices
+            .iter()
+            .map(|w| Vec::with_capacity(w.rows * m))
+            .collect();
         let kernels: Vec<Vec<KKernel>> = matrices
             .iter()
             .map(|w| w.row_kernels(sequence_rows))
             .collect();
         let mut tasks: Vec<(&QuantMatrix, &[KKernel], TaskOutput)> = Vec::new();
         for ((w, out), kernels) in matrices.iter().zip(outs.iter_mut()).zip(&kernels) {
-            for task in TaskOutput::split(out, w.rows, m, per_task) {
+            for task in TaskOutput::split(out.spare_capacity_mut(), w.rows, m, per_task) {
                 tasks.push((w, kernels, task));
             }
         }
         tasks
             .into_par_iter()
             .for_each_init(Vec::new, |local, (w, kernels, mut out)| {
-                local.clear();
-                local.resize(out.columns() * m, 0f32);
+                // `columns` assigns every value of its block, so the
+                // buffer is only zeroed when it grows, not for every task.
+                let values = out.columns() * m;
+                if local.len() < values {
+                    local.resize(values, 0f32);
+                }
+                let local = &mut local[..values];
                 w.columns(out.first(), local, &xq, a_row_bytes, kernels);
                 out.write_rows(local);
             });
+        for (out, w) in outs.iter_mut().zip(matrices) {
+            // SAFETY: the tasks' columns cover every column of every
+            // result once (`TaskOutput::split`), and each task wrote all
+            // `m` rows of its columns (`write_rows` takes a whole block);
+            // a task that panicked ended this function before here.
+            unsafe { out.set_len(w.rows * m) };
+        }
         Ok(outs)
     }
 

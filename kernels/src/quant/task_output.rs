@@ -2,8 +2,11 @@
 //! parallel matmul by columns: each task owns a disjoint range of the
 //! columns of every row, and writes its results straight into place
 //! (no `[rows, m]` buffer transposed in a pass of its own afterwards).
+//! The result starts uninitialized: the tasks together write all of it,
+//! so zeroing it first would be a pass over memory for nothing.
 
 use std::marker::PhantomData;
+use std::mem::MaybeUninit;
 
 /// One task's columns `first..first + columns` of a `[m, rows]` result.
 /// Only [`TaskOutput::split`] makes them, from one exclusive borrow of the
@@ -15,7 +18,7 @@ pub(super) struct TaskOutput<'a> {
     m: usize,
     first: usize,
     columns: usize,
-    _result: PhantomData<&'a mut [f32]>,
+    _result: PhantomData<&'a mut [MaybeUninit<f32>]>,
 }
 
 // SAFETY: a `TaskOutput` writes only its own columns (see `split`), so
@@ -25,10 +28,15 @@ unsafe impl Send for TaskOutput<'_> {}
 impl<'a> TaskOutput<'a> {
     /// The result `out` (`[m, rows]`) as tasks of `per_task` columns each
     /// (the last one shorter).
-    pub(super) fn split(out: &'a mut [f32], rows: usize, m: usize, per_task: usize) -> Vec<Self> {
-        assert_eq!(out.len(), rows * m, "a [m, rows] result");
+    pub(super) fn split(
+        out: &'a mut [MaybeUninit<f32>],
+        rows: usize,
+        m: usize,
+        per_task: usize,
+    ) -> Vec<Self> {
+        assert!(out.len() >= rows * m, "room for a [m, rows] result");
         assert!(per_task > 0, "tasks of at least one column");
-        let ptr = out.as_mut_ptr();
+        let ptr = out.as_mut_ptr().cast::<f32>();
         (0..rows)
             .step_by(per_task)
             .map(|first| TaskOutput {
@@ -60,18 +68,19 @@ impl<'a> TaskOutput<'a> {
             self.columns * self.m,
             "one value per column and row"
         );
-        for r in 0..self.m {
+        for (r, values) in local.chunks_exact(self.columns).enumerate() {
             // SAFETY: row `r < m` of the result holds columns
             // `first..first + columns <= rows` at `r * rows + first`, all
             // inside the `m * rows` values `split` was given, and only
             // this task writes them (`split` hands out disjoint ranges).
-            let row = unsafe {
-                std::slice::from_raw_parts_mut(
+            // They may be uninitialized: they are written, never read.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    values.as_ptr(),
                     self.ptr.add(r * self.rows + self.first),
                     self.columns,
-                )
-            };
-            row.copy_from_slice(&local[r * self.columns..(r + 1) * self.columns]);
+                );
+            }
         }
     }
 }
@@ -83,8 +92,12 @@ mod tests {
     #[test]
     fn tasks_cover_every_value_once() {
         let (rows, m) = (23, 5);
+        // NaN where no task wrote: the result's memory, seen as the
+        // uninitialized values `split` takes (only f32s are written to it).
         let mut out = vec![f32::NAN; rows * m];
-        let mut tasks = TaskOutput::split(&mut out, rows, m, 8);
+        // SAFETY: `MaybeUninit<f32>` has the layout of `f32`.
+        let uninit = unsafe { &mut *(out.as_mut_slice() as *mut [f32] as *mut [MaybeUninit<f32>]) };
+        let mut tasks = TaskOutput::split(uninit, rows, m, 8);
         assert_eq!(
             tasks
                 .iter()
