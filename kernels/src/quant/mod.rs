@@ -294,6 +294,8 @@ impl QuantMatrix {
             .zip(x.par_chunks_exact(cols))
             .with_min_len(8)
             .for_each(|(out, row)| quantize_activations(activation, row, out));
+        // Several rows of 32-value blocks go through the prefill kernels.
+        let prefill = m > 1 && activation != Activation::Q8K;
         // Columns (weight rows) are split into tasks; each task computes its
         // columns for all m activation rows, so a weight row is read once
         // per call, into a `[m, columns]` buffer of its own that it then
@@ -312,6 +314,13 @@ impl QuantMatrix {
             .iter()
             .map(|w| w.row_kernels(sequence_rows))
             .collect();
+        // The activations' scales as the prefill kernels read them, once
+        // for every task.
+        let scales = if prefill {
+            ActivationScales::new(activation, &xq, m)
+        } else {
+            ActivationScales::default()
+        };
         let mut tasks: Vec<(&QuantMatrix, &[KKernel], TaskOutput)> = Vec::new();
         for ((w, out), kernels) in matrices.iter().zip(outs.iter_mut()).zip(&kernels) {
             for task in TaskOutput::split(out.spare_capacity_mut(), w.rows, m, per_task) {
@@ -328,7 +337,7 @@ impl QuantMatrix {
                     local.resize(values, 0f32);
                 }
                 let local = &mut local[..values];
-                w.columns(out.first(), local, &xq, a_row_bytes, kernels);
+                w.columns(out.first(), local, &xq, a_row_bytes, kernels, &scales);
                 out.write_rows(local);
             });
         for (out, w) in outs.iter_mut().zip(matrices) {
@@ -351,6 +360,7 @@ impl QuantMatrix {
         xq: &[u8],
         a_row_bytes: usize,
         kernels: &[KKernel],
+        scales: &ActivationScales,
     ) {
         let m = kernels.len();
         let columns = out.len() / m;
@@ -386,11 +396,6 @@ impl QuantMatrix {
         let col = |q: usize, i: usize| q + i * quads;
         let mut dots = vec![[0f32; 4]; m];
         let prefill = m > 1 && self.format.block_values() == BLOCK_VALUES;
-        let scales = if prefill {
-            ActivationScales::new(self.format.activation(), xq)
-        } else {
-            ActivationScales::default()
-        };
         for q in 0..quads {
             // Written out, not `[0, 1, 2, 3].map(..)`: that is a call whose
             // result is stored in pieces and read back whole, a stall that
@@ -404,7 +409,7 @@ impl QuantMatrix {
             // Prefill of the 32-value formats: each weight block unpacked
             // once for all activation rows.
             if prefill {
-                simd::prefill4(self.format, w, xq, a_row_bytes, &scales, &mut dots);
+                simd::prefill4(self.format, w, xq, a_row_bytes, scales, &mut dots);
                 for (r, dots) in dots.iter().enumerate() {
                     for (i, &dot) in dots.iter().enumerate() {
                         out[r * columns + col(q, i)] = dot;
@@ -533,28 +538,88 @@ impl QuantMatrix {
 }
 
 /// The f16 scales of quantized activation blocks (and Q8_1's sums) as
-/// f32, `[rows, blocks]`: converted once per task for the prefill
+/// f32, `[rows, blocks]`: converted once per product for the prefill
 /// kernels, not once for every four weight rows.
 #[derive(Default)]
 struct ActivationScales {
     d: Vec<f32>,
     /// Q8_1 only: `d · Σ q` of each block.
     s: Vec<f32>,
+    /// For the 512-bit kernel only (else empty): the activations block by
+    /// block, `[blocks, rows, 64]`, each block's 32 quants with every four
+    /// bytes twice, so that one plain load sets them beside both rows of
+    /// a pair of weight rows (see `x86::WideBlock`), where a broadcast
+    /// cost an instruction for every activation row and block. Q8_0's are
+    /// already `y + 128` as unsigned bytes, as that kernel multiplies
+    /// them. Block-major, so that a tile's rows of one block lie side by
+    /// side, one pointer apart.
+    doubled: Vec<u8>,
+    /// `d` block by block for the 512-bit kernel, `[blocks, rows]`.
+    d_by_block: Vec<f32>,
 }
 
 impl ActivationScales {
-    /// The scales of every block of `xq`, Q8_0 or Q8_1 blocks.
-    fn new(activation: Activation, xq: &[u8]) -> Self {
+    /// The scales of every block of `xq`, `rows` rows of Q8_0 or Q8_1
+    /// blocks, and for the 512-bit kernel the blocks doubled.
+    fn new(activation: Activation, xq: &[u8], rows: usize) -> Self {
         debug_assert!(activation != Activation::Q8K, "32-value activation blocks");
         let blocks = xq.chunks_exact(activation.block_bytes());
-        let d = blocks.clone().map(|block| f16_at(block, 0)).collect();
+        let d: Vec<f32> = blocks.clone().map(|block| f16_at(block, 0)).collect();
         let s = if activation == Activation::Q8_1 {
             blocks.map(|block| f16_at(block, 2)).collect()
         } else {
             Vec::new()
         };
-        Self { d, s }
+        let (doubled, d_by_block) = if crate::simd::CpuFeatures::get().avx512_wide {
+            doubled_by_block(activation, xq, rows, &d)
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        Self {
+            d,
+            s,
+            doubled,
+            d_by_block,
+        }
     }
+}
+
+/// [`ActivationScales::doubled`] and `d_by_block` of `rows` rows of Q8_0
+/// or Q8_1 blocks `xq` with scales `d` (`[rows, blocks]`), a block's rows
+/// on one thread of the pool.
+fn doubled_by_block(
+    activation: Activation,
+    xq: &[u8],
+    rows: usize,
+    d: &[f32],
+) -> (Vec<u8>, Vec<f32>) {
+    let (quants, flip) = match activation {
+        Activation::Q8_1 => (4, 0u32),
+        _ => (2, 0x8080_8080),
+    };
+    let block_bytes = activation.block_bytes();
+    let blocks = d.len() / rows.max(1);
+    let row_bytes = blocks * block_bytes;
+    let mut doubled = vec![0u8; blocks * rows * 2 * BLOCK_VALUES];
+    doubled
+        .par_chunks_exact_mut(rows * 2 * BLOCK_VALUES)
+        .enumerate()
+        .with_min_len(4)
+        .for_each(|(b, out)| {
+            for (r, out) in out.chunks_exact_mut(2 * BLOCK_VALUES).enumerate() {
+                let at = r * row_bytes + b * block_bytes + quants;
+                let fours = xq[at..at + BLOCK_VALUES].chunks_exact(4);
+                for (out, four) in out.chunks_exact_mut(8).zip(fours) {
+                    let four = u32::from_le_bytes([four[0], four[1], four[2], four[3]]) ^ flip;
+                    out[..4].copy_from_slice(&four.to_le_bytes());
+                    out[4..].copy_from_slice(&four.to_le_bytes());
+                }
+            }
+        });
+    let d_by_block = (0..blocks * rows)
+        .map(|i| d[(i % rows) * blocks + i / rows])
+        .collect();
+    (doubled, d_by_block)
 }
 
 /// One block as f32, as ggml's `dequantize_row_*` (compiled without FMA
@@ -1213,7 +1278,7 @@ mod tests {
                 {
                     quantize_activations(format.activation(), row, out);
                 }
-                let scales = ActivationScales::new(format.activation(), &xq);
+                let scales = ActivationScales::new(format.activation(), &xq, m);
                 let want: Vec<[u32; 4]> = xq
                     .chunks_exact(a_row_bytes)
                     .map(|a| w4.map(|w| portable_dot(format, KKernel::VecDot, w, a).to_bits()))

@@ -818,6 +818,10 @@ unsafe fn rows4_prefill_wide(
 ) {
     let m = out.len();
     let blocks = prefill_blocks(w, xq, a_row_bytes, scales, w_block, weights, m);
+    assert!(
+        scales.doubled.len() >= m * blocks * 64 && scales.d_by_block.len() >= m * blocks,
+        "the activations block by block"
+    );
     let with_minimum = weights == Weights::WithMinimum;
     // SAFETY: the caller has AVX-512 F, BW, VL and VNNI; each row has
     // `blocks` blocks of `w_block` bytes and each activation row `blocks`
@@ -832,7 +836,12 @@ unsafe fn rows4_prefill_wide(
                 weights,
             )
         };
-        let row = |r: usize| activation_row(xq, a_row_bytes, scales, blocks, r);
+        // The tile from activation row `first` (see `WideRows`).
+        let tile = |first: usize| WideRows {
+            quants: scales.doubled.as_ptr().add(first * 64),
+            scales: scales.d_by_block.as_ptr().add(first),
+            rows: m,
+        };
         let minimums = &mut scratch.minimums;
         minimums.clear();
         if m <= 8 {
@@ -844,7 +853,7 @@ unsafe fn rows4_prefill_wide(
                         $($n => out.copy_from_slice(&rows_stream_wide::<$n>(
                             blocks,
                             unpack,
-                            std::array::from_fn(row),
+                            tile(0),
                             weights,
                             minimums,
                         )),)*
@@ -859,29 +868,12 @@ unsafe fn rows4_prefill_wide(
             wide.extend((0..blocks).map(unpack));
             minimums.extend(wide.iter().map(|block| block.minimum));
             for (r, n) in tiles(m) {
-                let a = |k: usize| row(r + k);
                 let out = &mut out[r..r + n];
                 match n {
-                    8 => out.copy_from_slice(&rows_tile_wide::<8>(
-                        wide,
-                        std::array::from_fn(a),
-                        weights,
-                    )),
-                    4 => out.copy_from_slice(&rows_tile_wide::<4>(
-                        wide,
-                        std::array::from_fn(a),
-                        weights,
-                    )),
-                    2 => out.copy_from_slice(&rows_tile_wide::<2>(
-                        wide,
-                        std::array::from_fn(a),
-                        weights,
-                    )),
-                    _ => out.copy_from_slice(&rows_tile_wide::<1>(
-                        wide,
-                        std::array::from_fn(a),
-                        weights,
-                    )),
+                    8 => out.copy_from_slice(&rows_tile_wide::<8>(wide, tile(r), weights)),
+                    4 => out.copy_from_slice(&rows_tile_wide::<4>(wide, tile(r), weights)),
+                    2 => out.copy_from_slice(&rows_tile_wide::<2>(wide, tile(r), weights)),
+                    _ => out.copy_from_slice(&rows_tile_wide::<1>(wide, tile(r), weights)),
                 }
             }
         }
@@ -901,8 +893,12 @@ struct WideScratch {
 }
 
 /// One block of four weight rows for [`rows_tile_wide`], the rows paired
-/// in 512-bit registers: `q[j]`, `d[j]` and `neg_shift[j]` hold row `2j`
-/// in the low half and row `2j + 1` in the high half.
+/// in 512-bit registers and interleaved four bytes at a time: `q[j]`
+/// holds rows `2j` and `2j + 1`, row `2j`'s bytes `4k..4k + 4` in 32-bit
+/// lane `2k` and row `2j + 1`'s in lane `2k + 1`, and so do
+/// `neg_shift[j]` and `d[j]` (their lanes' sums and scales). Against
+/// activations with every four bytes twice (`ActivationScales::doubled`)
+/// a lane's sum is the same four products as in the paired layout.
 struct WideBlock {
     q: [__m512i; 2],
     d: [__m512; 2],
@@ -914,9 +910,9 @@ struct WideBlock {
 }
 
 impl WideBlock {
-    /// From the four rows' weights as bytes, paired (`q`), and their
-    /// blocks (`wb`, whose first f16 is the scale, and for Q4_1 the second
-    /// the minimum).
+    /// From the four rows' weights as bytes, paired (`q[j]`: row `2j` in
+    /// the low half, `2j + 1` in the high), and their blocks (`wb`, whose
+    /// first f16 is the scale, and for Q4_1 the second the minimum).
     ///
     /// # Safety
     /// The caller has AVX-512 F and VNNI and F16C; each `wb` points at a
@@ -926,6 +922,9 @@ impl WideBlock {
         // SAFETY: as this function's; every block is at least four bytes.
         unsafe {
             let with_minimum = weights == Weights::WithMinimum;
+            let interleave =
+                _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+            let q = q.map(|q| _mm512_permutexvar_epi32(interleave, q));
             let neg_shift = q.map(|q| {
                 if with_minimum {
                     _mm512_setzero_si512()
@@ -941,11 +940,11 @@ impl WideBlock {
             // four rows' in one conversion: d0 m0 d1 m1 d2 m2 d3 m3.
             let heads = wb.map(|p| (p as *const i32).read_unaligned());
             let heads = _mm256_cvtph_ps(_mm_set_epi32(heads[3], heads[2], heads[1], heads[0]));
-            let spread = |low: i32, high: i32| {
+            let alternate = |first: i32, second: i32| {
                 _mm512_permutexvar_ps(
                     _mm512_setr_epi32(
-                        low, low, low, low, low, low, low, low, high, high, high, high, high, high,
-                        high, high,
+                        first, second, first, second, first, second, first, second, first, second,
+                        first, second, first, second, first, second,
                     ),
                     _mm512_castps256_ps512(heads),
                 )
@@ -960,7 +959,7 @@ impl WideBlock {
             }
             Self {
                 q,
-                d: [spread(0, 2), spread(4, 6)],
+                d: [alternate(0, 2), alternate(4, 6)],
                 neg_shift,
                 minimum,
             }
@@ -968,48 +967,66 @@ impl WideBlock {
     }
 }
 
-/// One block's products with a tile's `N` activation rows (their bytes,
-/// and their blocks' scales as f32), added to the tile's accumulators
-/// (`[activation row][row pair]`), each lane with the steps of
-/// [`rows_tile`].
+/// A tile's activation rows in [`ActivationScales`]' block-major copies
+/// (`doubled`, `d_by_block`): pointers at the tile's first row in block
+/// 0, and the rows of every block (`rows`), the stride from one block to
+/// the next. A tile's rows of one block are side by side, so one pointer
+/// reaches all of them, where a pointer for each row kept the loop short
+/// of registers.
+#[derive(Clone, Copy)]
+struct WideRows {
+    quants: *const u8,
+    scales: *const f32,
+    rows: usize,
+}
+
+/// One block's products with a tile's `N` activation rows, added to the
+/// tile's accumulators (`[activation row][row pair]`), each lane with the
+/// steps of [`rows_tile`].
 ///
 /// # Safety
-/// The caller has AVX-512 F, BW, VL and VNNI; each activation row has
-/// more than `b` blocks of the format `weights` implies.
+/// The caller has AVX-512 F, BW, VL and VNNI; `tile` has `N` rows in
+/// more than `b` blocks, of the format `weights` implies.
 #[inline(always)]
 unsafe fn wide_block_step<const N: usize>(
     block: &WideBlock,
     b: usize,
-    a: &[(*const u8, *const f32); N],
+    tile: WideRows,
     weights: Weights,
     acc: &mut [[__m512; 2]; N],
 ) {
     // SAFETY: as this function's.
     unsafe {
-        let (a_block, qs) = weights.activation_layout();
         let shifted = weights != Weights::WithMinimum;
-        let flip = _mm512_set1_epi8(-128);
+        let quants = tile.quants.add(b * tile.rows * 64);
+        let scales = tile.scales.add(b * tile.rows);
+        // `r` picks the row in the tile and in the accumulators.
+        #[allow(clippy::needless_range_loop)]
         for r in 0..N {
-            let (a, d) = a[r];
-            let qy = _mm512_broadcast_i64x4(_mm256_loadu_si256(
-                a.add(b * a_block + qs) as *const __m256i
-            ));
-            // Signed weights: y + 128 as unsigned bytes.
-            let u = if shifted {
-                _mm512_xor_si512(qy, flip)
-            } else {
-                qy
-            };
-            let dy = _mm512_set1_ps(*d.add(b));
+            // Signed weights: y + 128 as unsigned bytes, made so ahead.
+            let qy = _mm512_loadu_si512(quants.add(r * 64) as *const _);
+            let dy = scales.add(r);
             // `j` picks the row pair in three arrays and the accumulator.
             #[allow(clippy::needless_range_loop)]
             for j in 0..2 {
                 let lanes = if shifted {
-                    _mm512_dpbusd_epi32(block.neg_shift[j], u, block.q[j])
+                    _mm512_dpbusd_epi32(block.neg_shift[j], qy, block.q[j])
                 } else {
                     _mm512_dpbusd_epi32(_mm512_setzero_si512(), block.q[j], qy)
                 };
-                let d = _mm512_mul_ps(block.d[j], dy);
+                // The scales' products, the activation row's scale
+                // broadcast from memory inside the multiply. Written
+                // out: the compiler otherwise broadcasts it into a
+                // register once for both pairs, an instruction of its
+                // own that cost this loop a few percent (AMD EPYC).
+                let d: __m512;
+                std::arch::asm!(
+                    "vmulps {d}, {w}, dword ptr [{p}]{{1to16}}",
+                    d = lateout(zmm_reg) d,
+                    w = in(zmm_reg) block.d[j],
+                    p = in(reg) dy,
+                    options(pure, readonly, nostack, preserves_flags),
+                );
                 acc[r][j] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(lanes), acc[r][j]);
             }
         }
@@ -1022,7 +1039,10 @@ unsafe fn wide_block_step<const N: usize>(
 unsafe fn wide_sums<const N: usize>(acc: [[__m512; 2]; N]) -> [[f32; 4]; N] {
     // SAFETY: the caller has AVX-512 F; register-only.
     unsafe {
+        let apart = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
         let halves = |v: __m512| {
+            // The pair's rows back apart: the first's lanes, then the second's.
+            let v = _mm512_permutexvar_ps(apart, v);
             (
                 hsum8(_mm512_castps512_ps256(v)),
                 hsum8(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
@@ -1039,20 +1059,19 @@ unsafe fn wide_sums<const N: usize>(acc: [[__m512; 2]; N]) -> [[f32; 4]; N] {
 }
 
 /// The products of unpacked [`WideBlock`]s with the `N` activation rows
-/// `a`; `[activation row][weight row]`. Q4_1's minimums are the caller's.
+/// of `tile`; `[activation row][weight row]`. Q4_1's minimums are the caller's.
 #[inline(always)]
 unsafe fn rows_tile_wide<const N: usize>(
     wide: &[WideBlock],
-    a: [(*const u8, *const f32); N],
+    tile: WideRows,
     weights: Weights,
 ) -> [[f32; 4]; N] {
-    // SAFETY: the caller has AVX-512 F, BW, VL and VNNI and passes
-    // activation rows of `wide.len()` blocks of the format `weights`
-    // implies.
+    // SAFETY: the caller has AVX-512 F, BW, VL and VNNI and passes a tile
+    // of `N` rows in `wide.len()` blocks of the format `weights` implies.
     unsafe {
         let mut acc = [[_mm512_setzero_ps(); 2]; N];
         for (b, block) in wide.iter().enumerate() {
-            wide_block_step(block, b, &a, weights, &mut acc);
+            wide_block_step(block, b, tile, weights, &mut acc);
         }
         wide_sums(acc)
     }
@@ -1065,7 +1084,7 @@ unsafe fn rows_tile_wide<const N: usize>(
 unsafe fn rows_stream_wide<const N: usize>(
     blocks: usize,
     unpack: impl Fn(usize) -> WideBlock,
-    a: [(*const u8, *const f32); N],
+    tile: WideRows,
     weights: Weights,
     minimums: &mut Vec<[f32; 4]>,
 ) -> [[f32; 4]; N] {
@@ -1077,7 +1096,7 @@ unsafe fn rows_stream_wide<const N: usize>(
             if weights == Weights::WithMinimum {
                 minimums.push(block.minimum);
             }
-            wide_block_step(&block, b, &a, weights, &mut acc);
+            wide_block_step(&block, b, tile, weights, &mut acc);
         }
         wide_sums(acc)
     }
