@@ -423,9 +423,22 @@ fn weighted_sum_tiny_blas(
 /// whose length is a multiple of 16: `v_expf(x - max)` per 16-chunk, each
 /// chunk's float sum added in f64, then a multiply by `(float)(1 / sum)`.
 fn softmax_in_place(row: &mut [f32]) {
-    let max = row
+    // The largest score, 16 lanes at a time (one dependent comparison per
+    // score was most of the softmax). Which of +0 and -0 a zero maximum
+    // is does not matter: `x - max` is the same for both.
+    let larger = |m: f32, v: f32| if v > m { v } else { m };
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = row.chunks_exact(16);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane = larger(*lane, v);
+        }
+    }
+    let max = lanes
         .iter()
-        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+        .chain(rest)
+        .fold(f32::NEG_INFINITY, |m, &v| larger(m, v));
     let mut sum = 0f64;
     for chunk in row.chunks_exact_mut(16) {
         sum += f64::from(simd::exp_chunk(chunk, max));

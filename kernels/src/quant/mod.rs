@@ -410,10 +410,14 @@ impl QuantMatrix {
             // once for all activation rows.
             if prefill {
                 simd::prefill4(self.format, w, xq, a_row_bytes, scales, &mut dots);
-                for (r, dots) in dots.iter().enumerate() {
-                    for (i, &dot) in dots.iter().enumerate() {
-                        out[r * columns + col(q, i)] = dot;
-                    }
+                for (row, dots) in out.chunks_exact_mut(columns).zip(&dots) {
+                    let [d0, d1, d2, d3] = *dots;
+                    // `col(q, 3) < columns`: one check for the four.
+                    let row = &mut row[..=col(q, 3)];
+                    row[col(q, 0)] = d0;
+                    row[col(q, 1)] = d1;
+                    row[col(q, 2)] = d2;
+                    row[col(q, 3)] = d3;
                 }
                 continue;
             }
