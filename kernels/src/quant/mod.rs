@@ -601,8 +601,11 @@ fn doubled_by_block(
         Activation::Q8_1 => (4, 0u32),
         _ => (2, 0x8080_8080),
     };
+    if rows == 0 {
+        return (Vec::new(), Vec::new());
+    }
     let block_bytes = activation.block_bytes();
-    let blocks = d.len() / rows.max(1);
+    let blocks = d.len() / rows;
     let row_bytes = blocks * block_bytes;
     let mut doubled = vec![0u8; blocks * rows * 2 * BLOCK_VALUES];
     doubled
