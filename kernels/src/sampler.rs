@@ -293,7 +293,7 @@ impl Sampler {
                 .logprobs
                 .map(|top| self.log_probabilities(&values, top));
             self.apply_min_p(&mut values);
-            let token = if self.greedy() {
+            let token = if self.params.is_greedy() {
                 first_max_index(&values)
             } else {
                 let adjusted = Tensor::from_vec(values, logits.elem_count(), logits.device())?;
@@ -303,7 +303,7 @@ impl Sampler {
                 token,
                 logprobs: logprobs.map(|read| read(token)),
             }
-        } else if self.greedy() && logits.device().is_cpu() {
+        } else if self.params.is_greedy() && logits.device().is_cpu() {
             let logits = logits.to_dtype(DType::F32)?.flatten_all()?;
             Sampled {
                 token: crate::cpu_ops::with_f32(&logits, first_max_index)?,
@@ -328,10 +328,6 @@ impl Sampler {
             self.repeated.insert(sampled.token);
         }
         Ok(sampled)
-    }
-
-    fn greedy(&self) -> bool {
-        matches!(self.sampling, Sampling::ArgMax)
     }
 
     /// Logit bias, then the penalties.

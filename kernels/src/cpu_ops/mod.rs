@@ -126,7 +126,7 @@ pub(crate) fn dot_f32_rows(rows: &[f32], y: &[f32], out: &mut [f32]) {
 
 /// llamafile's tinyBLAS f32 kernel for one output: one 16-lane FMA
 /// accumulator stepping through `k` (a multiple of 16), then reduced. The
-/// definition that `weighted_sum_tiny_blas` is tested against.
+/// definition that `SumScratch::tiny_blas` is tested against.
 #[cfg(test)]
 fn dot_f32_tiny_blas(x: &[f32], y: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
@@ -330,39 +330,19 @@ pub(crate) fn attention(q: &[f32], keys: &[f32], values: &[f32], s: &AttentionSh
             // The masked keys' weights are exactly zero: they add nothing.
             let keys = first_visible..visible;
             if tiny_blas {
-                weighted_sum_tiny_blas(v_head, &scores[..len], keys, d, out_row, scratch);
+                scratch.tiny_blas(v_head, &scores[..len], keys, out_row);
             } else {
-                weighted_sum_vec_dot(v_head, &scores[..len], keys, d, out_row, scratch);
+                scratch.vec_dot(v_head, &scores[..len], keys, out_row);
             }
         },
     );
     out
 }
 
-/// `out[c] = Σ_j p[j] · v[j][c]` for every `c`, each sum with exactly the
-/// lanes and order of `dot_f32` over a window padded with zeros (which add
-/// nothing), but walking `v` by rows so the loads are contiguous. Only
-/// the rows `keys` are read: every other weight in `p` must be zero, and
-/// so adds nothing either (an FMA with a zero product returns the
-/// accumulator, which starts at +0 and so is never -0). The 16 lanes come
-/// from `simd::dot_lanes`, then each column is reduced.
-fn weighted_sum_vec_dot(
-    v: &[f32],
-    p: &[f32],
-    keys: Range<usize>,
-    d: usize,
-    out: &mut [f32],
-    scratch: &mut SumScratch,
-) {
-    let keys = keys.start..keys.end.min(p.len());
-    // Every lane value is written, so the buffer is not cleared first.
-    simd::dot_lanes(v, p, keys, d, &mut scratch.lanes);
-    reduce_add16_columns(&scratch.lanes, d, out, &mut scratch.eights);
-}
-
-/// The buffers of a weighted sum of `d`-value rows, kept by each thread
-/// for the attention rows it runs.
+/// The weighted sums of attention over `d`-value rows, with the buffers
+/// each thread keeps for the rows it runs.
 struct SumScratch {
+    d: usize,
     /// `[16, d]`: the 16 lanes of each column's sum.
     lanes: Vec<f32>,
     /// `[8, d]`: the first halving of the lanes.
@@ -372,51 +352,60 @@ struct SumScratch {
 impl SumScratch {
     fn new(d: usize) -> Self {
         Self {
+            d,
             lanes: vec![0f32; 16 * d],
             eights: vec![0f32; 8 * d],
         }
     }
-}
 
-/// [`portable::reduce_add16`] of every column of `lanes` (`[16, d]`) into
-/// `out`: per column the same additions in the same order, written as
-/// loops over columns so that they run as vector instructions. `t8` holds
-/// `8 * d` values of scratch.
-fn reduce_add16_columns(lanes: &[f32], d: usize, out: &mut [f32], t8: &mut [f32]) {
-    let lane = |l: usize| &lanes[l * d..][..d];
-    let t8 = &mut t8[..8 * d];
-    for (i, t) in t8.chunks_exact_mut(d).enumerate() {
-        let (hi, lo) = (lane(8 + i), lane(i));
+    /// `out[c] = Σ_j p[j] · v[j][c]` for every `c`, each sum with exactly
+    /// the lanes and order of `dot_f32` over a window padded with zeros
+    /// (which add nothing), but walking `v` by rows so the loads are
+    /// contiguous. Only the rows `keys` are read: every other weight in `p`
+    /// must be zero, and so adds nothing either (an FMA with a zero product
+    /// returns the accumulator, which starts at +0 and so is never -0). The
+    /// 16 lanes come from `simd::dot_lanes`, then each column is reduced.
+    fn vec_dot(&mut self, v: &[f32], p: &[f32], keys: Range<usize>, out: &mut [f32]) {
+        let keys = keys.start..keys.end.min(p.len());
+        // Every lane value is written, so the buffer is not cleared first.
+        simd::dot_lanes(v, p, keys, self.d, &mut self.lanes);
+        self.reduce_lanes(out);
+    }
+
+    /// As [`vec_dot`](Self::vec_dot), with tinyBLAS's single 16-lane
+    /// accumulator.
+    fn tiny_blas(&mut self, v: &[f32], p: &[f32], keys: Range<usize>, out: &mut [f32]) {
+        let d = self.d;
+        self.lanes.fill(0.0);
+        for (j, &pj) in p.iter().enumerate().take(keys.end).skip(keys.start) {
+            let slot = &mut self.lanes[(j % 16) * d..][..d];
+            for (a, &vc) in slot.iter_mut().zip(&v[j * d..(j + 1) * d]) {
+                *a = vc.mul_add(pj, *a);
+            }
+        }
+        self.reduce_lanes(out);
+    }
+
+    /// [`portable::reduce_add16`] of every column of the lanes into `out`:
+    /// per column the same additions in the same order, written as loops
+    /// over columns so that they run as vector instructions.
+    fn reduce_lanes(&mut self, out: &mut [f32]) {
+        let d = self.d;
+        let lanes = &self.lanes;
+        let lane = |l: usize| &lanes[l * d..][..d];
+        for (i, t) in self.eights.chunks_exact_mut(d).enumerate() {
+            let (hi, lo) = (lane(8 + i), lane(i));
+            for c in 0..d {
+                t[c] = hi[c] + lo[c];
+            }
+        }
+        let t = |i: usize| &self.eights[i * d..][..d];
+        let (t0, t1, t2, t3, t4, t5, t6, t7) = (t(0), t(1), t(2), t(3), t(4), t(5), t(6), t(7));
         for c in 0..d {
-            t[c] = hi[c] + lo[c];
+            let q = [t4[c] + t0[c], t5[c] + t1[c], t6[c] + t2[c], t7[c] + t3[c]];
+            out[c] = (q[0] + q[2]) + (q[1] + q[3]);
         }
     }
-    let t = |i: usize| &t8[i * d..][..d];
-    let (t0, t1, t2, t3, t4, t5, t6, t7) = (t(0), t(1), t(2), t(3), t(4), t(5), t(6), t(7));
-    for c in 0..d {
-        let q = [t4[c] + t0[c], t5[c] + t1[c], t6[c] + t2[c], t7[c] + t3[c]];
-        out[c] = (q[0] + q[2]) + (q[1] + q[3]);
-    }
-}
-
-/// As [`weighted_sum_vec_dot`], with tinyBLAS's single 16-lane accumulator.
-fn weighted_sum_tiny_blas(
-    v: &[f32],
-    p: &[f32],
-    keys: Range<usize>,
-    d: usize,
-    out: &mut [f32],
-    scratch: &mut SumScratch,
-) {
-    let acc = &mut scratch.lanes;
-    acc.fill(0.0);
-    for (j, &pj) in p.iter().enumerate().take(keys.end).skip(keys.start) {
-        let slot = &mut acc[(j % 16) * d..][..d];
-        for (a, &vc) in slot.iter_mut().zip(&v[j * d..(j + 1) * d]) {
-            *a = vc.mul_add(pj, *a);
-        }
-    }
-    reduce_add16_columns(&scratch.lanes, d, out, &mut scratch.eights);
 }
 
 /// `ggml_compute_forward_soft_max_f32` after scale and mask, over a row
@@ -477,7 +466,7 @@ mod simd {
         )
     }
 
-    /// The 16 lanes of `weighted_sum_vec_dot`'s sums, `[16, d]`.
+    /// The 16 lanes of `SumScratch::vec_dot`'s sums, `[16, d]`.
     pub(super) fn dot_lanes(
         v: &[f32],
         p: &[f32],
@@ -742,8 +731,8 @@ mod tests {
         // One scratch for both, dirty from the first when the second runs.
         let mut scratch = SumScratch::new(d);
         scratch.lanes.fill(f32::NAN);
-        weighted_sum_vec_dot(&v, &p, keys.clone(), d, &mut a, &mut scratch);
-        weighted_sum_tiny_blas(&v, &p, keys, d, &mut b, &mut scratch);
+        scratch.vec_dot(&v, &p, keys.clone(), &mut a);
+        scratch.tiny_blas(&v, &p, keys, &mut b);
         for c in 0..d {
             let mut col: Vec<f32> = (0..len).map(|j| v[j * d + c]).collect();
             col.resize(padded, 0.0);
