@@ -153,6 +153,12 @@ pub const LINK_CONNECT_TIMEOUT_MS: u64 = 3_000;
 /// Hello exchange.
 pub const LINK_HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
 
+/// How long a peer that said it keeps another link to this node (the two
+/// dialed each other at once) stays a member while that link comes up.
+/// The peer had finished that link's handshake when it said so, so this
+/// end needs at most the rest of a handshake.
+pub const KEPT_LINK_WAIT_MS: u64 = LINK_HANDSHAKE_TIMEOUT_MS;
+
 /// Nodes refused for lacking the cluster's key that the view lists (the
 /// latest ones); the list cannot grow with the strangers on a network.
 pub const MAX_REFUSED_PEERS: usize = 32;

@@ -23,9 +23,10 @@ use tokio::sync::{mpsc, watch};
 
 use super::admin_proof::AdminKey;
 use super::discovery::Discovery;
+use super::events::LinkEnd;
 use super::hops::{HopTable, Hops, LocalEntry};
 use super::link::{self, LinkContext, LinkId, LinkSender};
-use super::membership::{Membership, Myself};
+use super::membership::{Membership, Myself, Refusal};
 use super::planning::Planning;
 use super::policy_sync::PolicySync;
 use super::protocol::{Frame, Hello, ModelIdentity};
@@ -40,8 +41,8 @@ use super::{ClusterConfig, ClusterEvent, ClusterView};
 use crate::engine::PipelineEnds;
 use crate::hub::HubFiles;
 use crate::limits::{
-    FROZEN_AFTER_MS, MAX_MODEL_NAME_BYTES, NODE_STATUS_INTERVAL_MS, REDIAL_INTERVAL_MS,
-    WATCHDOG_INTERVAL_MS,
+    FROZEN_AFTER_MS, KEPT_LINK_WAIT_MS, MAX_MODEL_NAME_BYTES, NODE_STATUS_INTERVAL_MS,
+    REDIAL_INTERVAL_MS, WATCHDOG_INTERVAL_MS,
 };
 use crate::model_store::Downloads;
 use crate::policy::{self, Faults, PolicyHandle, StageLoad};
@@ -315,9 +316,10 @@ impl Cluster {
                 sender,
                 accepted,
             } => {
-                let keep = self.link_up(*hello, key, sender);
-                let _ = accepted.send(keep);
-                keep
+                let admitted = self.link_up(*hello, key, sender);
+                let kept = admitted.is_ok();
+                let _ = accepted.send(admitted);
+                kept
             }
             ClusterEvent::Refused {
                 address,
@@ -338,7 +340,19 @@ impl Cluster {
                 }
                 false
             }
-            ClusterEvent::LinkDown { node, link, reason } => self.link_down(node, link, &reason),
+            ClusterEvent::LinkDown {
+                node,
+                link,
+                end: LinkEnd::PeerKeptAnother,
+            } => {
+                self.membership.await_kept_link(node, link, Instant::now());
+                false
+            }
+            ClusterEvent::LinkDown {
+                node,
+                link,
+                end: LinkEnd::Closed(reason),
+            } => self.link_down(node, link, &reason),
             ClusterEvent::LinkRtt { node, rtt_micros } => {
                 self.membership.record_rtt(node, rtt_micros);
                 true
@@ -502,11 +516,11 @@ impl Cluster {
         tokio::spawn(link::run(stream, self.membership.hello(), false, context));
     }
 
-    /// A link finished its handshake: membership admits the peer (false
-    /// to close the link); the peer hears the policy and this node's
+    /// A link finished its handshake: membership admits the peer (or says
+    /// why the link closes); the peer hears the policy and this node's
     /// status; planning re-plans; a readiness report waiting for this link
     /// goes out.
-    fn link_up(&mut self, hello: Hello, key: Vec<u8>, link: LinkSender) -> bool {
+    fn link_up(&mut self, hello: Hello, key: Vec<u8>, link: LinkSender) -> Result<(), Refusal> {
         let peer = hello.node;
         let told: Vec<_> = hello
             .peers
@@ -514,9 +528,7 @@ impl Cluster {
             .map(|p| (p.node, p.address.clone()))
             .collect();
         let servers = hello.ice_servers.clone();
-        if self.membership.admit(hello, key, link).is_err() {
-            return false;
-        }
+        self.membership.admit(hello, key, link)?;
         self.peer_linked(peer, told, &servers);
         // A newcomer learns the cluster's policy (if it has a newer one,
         // it sends it here the same way and it wins).
@@ -535,7 +547,7 @@ impl Cluster {
         if let Some((epoch, weight_bytes)) = self.planning.pending_ready() {
             self.report_ready(epoch, weight_bytes);
         }
-        true
+        Ok(())
     }
 
     /// A link closed: membership drops the peer, policy sync forgets its
@@ -654,6 +666,14 @@ impl Cluster {
                 self.membership.broadcast(&Frame::PeerSilent { node });
                 self.membership.close_link(node);
             }
+        }
+        // Peers that said they keep another link to this node, which
+        // never came up.
+        for (node, link) in self.membership.kept_links_overdue(Instant::now()) {
+            let reason = format!(
+                "it closed a duplicate link, and the link it kept did not come up within {KEPT_LINK_WAIT_MS} ms"
+            );
+            changed |= self.link_down(node, link, &reason);
         }
         changed | self.expire_interrupted()
     }
@@ -932,7 +952,8 @@ impl Cluster {
             | Frame::Heartbeat { .. }
             | Frame::HeartbeatAck { .. }
             | Frame::Probe { .. }
-            | Frame::Bye { .. } => false,
+            | Frame::Bye { .. }
+            | Frame::LinkReplaced => false,
         }
     }
 

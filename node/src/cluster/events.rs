@@ -7,12 +7,35 @@ use super::PolicyStatus;
 use super::SwitchedModel;
 use super::discovery;
 use super::link::{self, LinkId, LinkSender};
+use super::membership::Refusal;
 use super::protocol::{self, Frame, Hello, PolicyRevision};
 use super::routing::Route;
 use crate::model_store::CatalogueEntry;
 use crate::policy::{Placed, PolicyError, PolicyView};
 use crate::stage::{StageJob, StageOutput};
 use scheduler::NodeId;
+
+/// Why a link ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum LinkEnd {
+    /// The peer keeps another link to this node (the two dialed each
+    /// other at once): the peer stays a member.
+    PeerKeptAnother,
+    /// It failed or was closed; the reason is for the log.
+    Closed(String),
+}
+
+impl From<String> for LinkEnd {
+    fn from(reason: String) -> Self {
+        Self::Closed(reason)
+    }
+}
+
+impl From<&str> for LinkEnd {
+    fn from(reason: &str) -> Self {
+        Self::Closed(reason.to_string())
+    }
+}
 
 /// Events the cluster actor handles, in arrival order.
 pub(crate) enum ClusterEvent {
@@ -22,7 +45,7 @@ pub(crate) enum ClusterEvent {
         /// The long-term public key the handshake proved.
         key: Vec<u8>,
         sender: LinkSender,
-        accepted: oneshot::Sender<bool>,
+        accepted: oneshot::Sender<Result<(), Refusal>>,
     },
     /// A link's handshake failed: `wrong_key` when the peer does not
     /// hold this cluster's secret, else a network or protocol problem.
@@ -36,7 +59,7 @@ pub(crate) enum ClusterEvent {
     LinkDown {
         node: NodeId,
         link: LinkId,
-        reason: String,
+        end: LinkEnd,
     },
     LinkRtt {
         node: NodeId,

@@ -15,7 +15,9 @@ use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::ClusterEvent;
+use super::events::LinkEnd;
 use super::hops::Hops;
+use super::membership::Refusal;
 use super::protocol::{
     Frame, FrameError, Hello, LinkTransport, PROTOCOL_VERSION, UPGRADE_TOKEN, VERSION_HEADER,
 };
@@ -111,6 +113,15 @@ impl LinkSender {
     /// Closes the link; its `LinkDown` follows.
     pub fn close(&self) {
         self.close.notify_one();
+    }
+
+    /// This node keeps another link to the same peer: the peer is told so
+    /// (and keeps this node as a member), and closes this link when it
+    /// reads it. Without room in the queue to say it, the link just closes.
+    pub fn replace(&self) {
+        if self.frames.try_send(Frame::LinkReplaced).is_err() {
+            self.close();
+        }
     }
 }
 
@@ -313,12 +324,12 @@ where
         sender,
         accepted: accept_tx,
     };
-    if context.events.send(up).await.is_err() || !accept_rx.await.unwrap_or(false) {
-        let _ = writer
-            .write_frame(&Frame::Bye {
-                reason: "duplicate link".into(),
-            })
-            .await;
+    let admitted = match context.events.send(up).await {
+        Ok(()) => accept_rx.await.unwrap_or(Err(Refusal::Stopping)),
+        Err(_) => Err(Refusal::Stopping),
+    };
+    if let Err(refusal) = admitted {
+        say_refused(reader, writer, &refusal).await;
         return;
     }
     let writer_task = tokio::spawn(write_loop(writer, frames_rx));
@@ -333,9 +344,9 @@ where
             padding: vec![0; PROBE_BYTES],
         });
     }
-    let reason = tokio::select! {
-        reason = read_loop(&mut reader, peer, &frames_tx, &context, &heard) => reason,
-        () = close.notified() => "closed by this node".to_string(),
+    let end = tokio::select! {
+        end = read_loop(&mut reader, peer, &frames_tx, &context, &heard) => end,
+        () = close.notified() => LinkEnd::from("closed by this node"),
     };
     writer_task.abort();
     let _ = context
@@ -343,9 +354,26 @@ where
         .send(ClusterEvent::LinkDown {
             node: peer,
             link: id,
-            reason,
+            end,
         })
         .await;
+}
+
+/// Tells the peer why its link was not kept, then reads until the peer
+/// closes (bounded), so that closing here first cannot reset the
+/// connection before the peer has read why.
+async fn say_refused(mut reader: SecureReader, mut writer: SecureWriter, refusal: &Refusal) {
+    let frame = match refusal {
+        Refusal::Duplicate => Frame::LinkReplaced,
+        refusal => Frame::Bye {
+            reason: refusal.to_string(),
+        },
+    };
+    if writer.write_frame(&frame).await.is_err() {
+        return;
+    }
+    let drained = async { while reader.read_frame_timed().await.is_ok() {} };
+    let _ = tokio::time::timeout(Duration::from_millis(LINK_HANDSHAKE_TIMEOUT_MS), drained).await;
 }
 
 /// Sends our Hello and reads theirs, over the proven session.
@@ -419,24 +447,26 @@ async fn read_loop(
     frames: &mpsc::Sender<Frame>,
     context: &LinkContext,
     heard: &Heard,
-) -> String {
+) -> LinkEnd {
     let events = &context.events;
     let silence = Duration::from_millis(HEARTBEAT_TIMEOUT_MS);
     loop {
         let frame = match reader.read_frame_heard_within(Some(silence)).await {
             Err(FrameError::Silent(_)) => {
-                return format!("nothing heard for {HEARTBEAT_TIMEOUT_MS} ms");
+                return format!("nothing heard for {HEARTBEAT_TIMEOUT_MS} ms").into();
             }
             Err(FrameError::Closed) => return "the connection closed".into(),
             // The peer's process died or its machine went away.
-            Err(FrameError::Io(error)) => return format!("the connection failed: {error}"),
+            Err(FrameError::Io(error)) => {
+                return format!("the connection failed: {error}").into();
+            }
             Err(error @ FrameError::Unauthentic) => {
                 tracing::warn!(peer = %peer, %error, "closing a link after a frame that failed authentication");
-                return format!("a frame failed authentication: {error}");
+                return format!("a frame failed authentication: {error}").into();
             }
             Err(error) => {
                 tracing::warn!(peer = %peer, %error, "closing a link after a bad frame");
-                return format!("bad frame: {error}");
+                return format!("bad frame: {error}").into();
             }
             Ok((frame, bandwidth)) => {
                 heard.now();
@@ -461,7 +491,8 @@ async fn read_loop(
                     rtt_micros,
                 });
             }
-            Frame::Bye { reason } => return format!("the peer said goodbye: {reason}"),
+            Frame::Bye { reason } => return format!("the peer said goodbye: {reason}").into(),
+            Frame::LinkReplaced => return LinkEnd::PeerKeptAnother,
             Frame::Hello(_) => {
                 tracing::warn!(peer = %peer, "closing a link after a second hello");
                 return "protocol violation: a second hello".into();

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use scheduler::NodeId;
 
@@ -14,7 +15,9 @@ use super::protocol::{
     Frame, Hello, LinkMeasurement, ModelIdentity, NodeStatus, PROTOCOL_VERSION, PeerAddress,
     Resources,
 };
-use crate::limits::{HEARTBEAT_INTERVAL_MS, MAX_NODES, MAX_REFUSED_PEERS, PEER_SILENCE_HEARTBEATS};
+use crate::limits::{
+    HEARTBEAT_INTERVAL_MS, KEPT_LINK_WAIT_MS, MAX_NODES, MAX_REFUSED_PEERS, PEER_SILENCE_HEARTBEATS,
+};
 use crate::policy;
 
 /// A node we are linked to.
@@ -33,6 +36,9 @@ pub(super) struct Member {
     /// Why its stage was lost while it stayed linked (it stopped making
     /// progress): it is given no layers until it links again.
     pub stage_lost: Option<String>,
+    /// Set when the peer closed `link` because it keeps another link to
+    /// this node: it stays a member until then, waiting for that link.
+    pub kept_link_due: Option<Instant>,
 }
 
 impl Member {
@@ -64,16 +70,23 @@ pub(super) struct Myself {
 }
 
 /// Why a link was not kept.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Refusal {
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum Refusal {
     /// It is this node, reached through another address.
+    #[error("it is this node itself")]
     Myself,
     /// It is in another cluster.
+    #[error("it is in another cluster")]
     OtherCluster,
     /// A link to the peer exists and wins over this one.
+    #[error("another link to it wins")]
     Duplicate,
     /// The cluster has `MAX_NODES` nodes.
+    #[error("the cluster has {MAX_NODES} nodes")]
     Full,
+    /// This node is stopping.
+    #[error("this node is stopping")]
+    Stopping,
 }
 
 pub(super) struct Membership {
@@ -268,13 +281,17 @@ impl Membership {
         }
         if let Some(existing) = self.members.get(&peer) {
             // Two links to one peer (both dialed at once): both sides keep
-            // the one the smaller node id dialed.
+            // the one the smaller node id dialed. Whatever comes while the
+            // peer's word on the kept link is awaited is that link.
             let me = self.me.id;
             let smaller_dialed = |dialed: bool| (dialed && me < peer) || (!dialed && peer < me);
-            if !smaller_dialed(link.dialed) || smaller_dialed(existing.link.dialed) {
+            let replaced_by_peer = existing.kept_link_due.is_some();
+            if !replaced_by_peer
+                && (!smaller_dialed(link.dialed) || smaller_dialed(existing.link.dialed))
+            {
                 return Err(Refusal::Duplicate);
             }
-            existing.link.close();
+            existing.link.replace();
         } else if self.members.len() + 1 >= MAX_NODES {
             tracing::warn!(peer = %hello.name, "refusing a peer: the cluster has {MAX_NODES} nodes");
             return Err(Refusal::Full);
@@ -311,6 +328,7 @@ impl Membership {
                 bandwidth: None,
                 status: None,
                 stage_lost: None,
+                kept_link_due: None,
             },
         );
         Ok(())
@@ -323,6 +341,29 @@ impl Membership {
             return None;
         }
         self.members.remove(&node)
+    }
+
+    /// The peer closed `link` because it keeps another link to this node:
+    /// when `link` is the member's, the member stays for
+    /// [`KEPT_LINK_WAIT_MS`] while that other link comes up. False when
+    /// `link` was already replaced here.
+    pub fn await_kept_link(&mut self, node: NodeId, link: LinkId, now: Instant) -> bool {
+        let Some(member) = self.members.get_mut(&node).filter(|m| m.link.id == link) else {
+            return false;
+        };
+        tracing::debug!(node = %node, link, "the peer keeps another link to this node; waiting for it");
+        member.kept_link_due = Some(now + Duration::from_millis(KEPT_LINK_WAIT_MS));
+        true
+    }
+
+    /// Members whose kept link did not come up in time, with the closed
+    /// link they still hold.
+    pub fn kept_links_overdue(&self, now: Instant) -> Vec<(NodeId, LinkId)> {
+        self.members
+            .iter()
+            .filter(|(_, m)| m.kept_link_due.is_some_and(|due| now >= due))
+            .map(|(node, m)| (*node, m.link.id))
+            .collect()
     }
 
     /// An admin removed `node`: its link closes and its address is not
@@ -785,8 +826,9 @@ mod tests {
         assert!(members.members.is_empty());
 
         // Node 3 < 5: the link node 3 dialed (accepted here) wins.
+        let (dialed, mut dialed_frames) = LinkSender::detached(true, "10.0.0.7:40123");
         members
-            .admit(hello(3, "default", "sha256:a"), Vec::new(), link(true))
+            .admit(hello(3, "default", "sha256:a"), Vec::new(), dialed)
             .expect("first link");
         assert_eq!(
             members.admit(hello(3, "default", "sha256:a"), Vec::new(), link(true)),
@@ -800,6 +842,69 @@ mod tests {
             .expect("the link the smaller id dialed replaces the other");
         assert_eq!(members.members[&NodeId(3)].link.id, accepted_id);
         assert_eq!(members.address_of(NodeId(3)), "10.0.0.7:52415");
+        assert!(
+            matches!(dialed_frames.try_recv(), Ok(Frame::LinkReplaced)),
+            "the peer hears that its link was replaced, so it does not count this node as lost"
+        );
+    }
+
+    #[test]
+    fn a_peer_that_kept_another_link_stays_a_member_while_that_link_comes_up() {
+        // Nodes 3 and 5 dialed each other at once. Here (node 5) the link
+        // node 5 dialed came up first; node 3 kept the one it dialed and
+        // closed this one before that link's LinkUp reached node 5.
+        let mut members = membership(5);
+        let ours = link(true);
+        let ours_id = ours.id;
+        members
+            .admit(hello(3, "default", "sha256:a"), Vec::new(), ours)
+            .expect("first link");
+        let now = Instant::now();
+        let wait = Duration::from_millis(KEPT_LINK_WAIT_MS);
+        assert!(members.await_kept_link(NodeId(3), ours_id, now));
+        assert!(members.members.contains_key(&NodeId(3)), "still a member");
+        assert!(members.kept_links_overdue(now).is_empty());
+
+        // The kept link comes up and takes the closed one's place.
+        let kept = link(false);
+        let kept_id = kept.id;
+        members
+            .admit(hello(3, "default", "sha256:a"), Vec::new(), kept)
+            .expect("the kept link");
+        assert_eq!(members.members[&NodeId(3)].link.id, kept_id);
+        assert!(members.kept_links_overdue(now + wait).is_empty());
+        assert!(
+            members.remove(NodeId(3), ours_id).is_none(),
+            "the closed link's end loses nothing"
+        );
+        assert!(
+            !members.await_kept_link(NodeId(3), ours_id, now),
+            "a link already replaced here is not waited on"
+        );
+
+        // Even a link the rule would refuse is the one the peer kept while
+        // its word is awaited (the peer dialed twice).
+        assert!(members.await_kept_link(NodeId(3), kept_id, now));
+        let again = link(true);
+        let again_id = again.id;
+        members
+            .admit(hello(3, "default", "sha256:a"), Vec::new(), again)
+            .expect("the link the peer kept");
+        assert_eq!(members.members[&NodeId(3)].link.id, again_id);
+
+        // A kept link that never comes: the member is lost at the end of
+        // the wait, not before.
+        assert!(members.await_kept_link(NodeId(3), again_id, now));
+        assert!(
+            members
+                .kept_links_overdue(now + wait - Duration::from_millis(1))
+                .is_empty()
+        );
+        assert_eq!(
+            members.kept_links_overdue(now + wait),
+            vec![(NodeId(3), again_id)]
+        );
+        assert!(members.remove(NodeId(3), again_id).is_some());
     }
 
     #[test]

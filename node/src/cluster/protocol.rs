@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Bumped whenever frames change incompatibly; peers must match exactly.
-pub const PROTOCOL_VERSION: u32 = 14;
+pub const PROTOCOL_VERSION: u32 = 15;
 
 /// The HTTP `Upgrade` token of a link.
 pub const UPGRADE_TOKEN: &str = "ringlet-link";
@@ -369,6 +369,11 @@ pub enum Frame {
     Bye {
         reason: String,
     },
+    /// The sender keeps another link to the receiver (the two dialed each
+    /// other at once) and closes this one; it stays a member. The
+    /// receiver waits a bounded while for that other link instead of
+    /// counting the sender as lost.
+    LinkReplaced,
     /// Sent once when a link opens, so that the receiver measures the
     /// link's bandwidth before any activations flow. Ignored otherwise.
     Probe {
@@ -442,6 +447,7 @@ impl Frame {
             Frame::PlanBroken { .. } => "plan-broken",
             Frame::Release { .. } => "release",
             Frame::Bye { .. } => "bye",
+            Frame::LinkReplaced => "link-replaced",
             Frame::Probe { .. } => "probe",
             Frame::NodeStatus(_) => "node-status",
             Frame::Policy(_) => "policy",
@@ -671,6 +677,7 @@ mod tests {
             Frame::Bye {
                 reason: "shutting down".into(),
             },
+            Frame::LinkReplaced,
             Frame::Probe {
                 padding: vec![7; 300],
             },
