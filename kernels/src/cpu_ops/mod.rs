@@ -310,33 +310,45 @@ pub(crate) fn attention(q: &[f32], keys: &[f32], values: &[f32], s: &AttentionSh
     let tiny_blas = n >= 2 && d % 4 == 0;
     let mut out = vec![0f32; n * heads * d];
     // Every (token, head) row is independent: they share the compute pool,
-    // each thread reusing one set of buffers (allocating and zeroing them
-    // for every row cost more than a short context's sums).
-    out.par_chunks_mut(d).enumerate().for_each_init(
-        || (vec![0f32; padded], SumScratch::new(d)),
-        |(scores, scratch), (row, out_row)| {
-            let (i, h) = (row / heads, row % heads);
-            let kv = h / group;
-            let k_head = &keys[kv * capacity * d..(kv * capacity + len) * d];
-            let v_head = &values[kv * capacity * d..(kv * capacity + len) * d];
-            let q_row = &q[row * d..(row + 1) * d];
-            let visible = position + i + 1;
-            let first_visible = window.map_or(0, |w| visible.saturating_sub(w));
-            scores.fill(f32::NEG_INFINITY);
-            let seen = &mut scores[first_visible..visible];
-            dot_f32_rows(&k_head[first_visible * d..visible * d], q_row, seen);
-            seen.iter_mut().for_each(|score| *score *= scale);
-            softmax_in_place(scores);
-            // The masked keys' weights are exactly zero: they add nothing.
-            let keys = first_visible..visible;
-            if tiny_blas {
-                scratch.tiny_blas(v_head, &scores[..len], keys, out_row);
-            } else {
-                scratch.vec_dot(v_head, &scores[..len], keys, out_row);
-            }
-        },
-    );
+    // each thread reusing its own buffers for every row of every call
+    // (allocating and zeroing them per row, or per split of the rows as
+    // `for_each_init` does, cost more than a short context's sums).
+    out.par_chunks_mut(d)
+        .enumerate()
+        .for_each(|(row, out_row)| {
+            ATTENTION_SCRATCH.with_borrow_mut(|(scores, scratch)| {
+                scores.resize(padded, 0.0);
+                if scratch.d != d {
+                    *scratch = SumScratch::new(d);
+                }
+                let (i, h) = (row / heads, row % heads);
+                let kv = h / group;
+                let k_head = &keys[kv * capacity * d..(kv * capacity + len) * d];
+                let v_head = &values[kv * capacity * d..(kv * capacity + len) * d];
+                let q_row = &q[row * d..(row + 1) * d];
+                let visible = position + i + 1;
+                let first_visible = window.map_or(0, |w| visible.saturating_sub(w));
+                scores.fill(f32::NEG_INFINITY);
+                let seen = &mut scores[first_visible..visible];
+                dot_f32_rows(&k_head[first_visible * d..visible * d], q_row, seen);
+                seen.iter_mut().for_each(|score| *score *= scale);
+                softmax_in_place(scores);
+                // The masked keys' weights are exactly zero: they add nothing.
+                let keys = first_visible..visible;
+                if tiny_blas {
+                    scratch.tiny_blas(v_head, &scores[..len], keys, out_row);
+                } else {
+                    scratch.vec_dot(v_head, &scores[..len], keys, out_row);
+                }
+            });
+        });
     out
+}
+
+thread_local! {
+    /// One attention row's scores and weighted-sum lanes, per thread.
+    static ATTENTION_SCRATCH: std::cell::RefCell<(Vec<f32>, SumScratch)> =
+        std::cell::RefCell::new((Vec::new(), SumScratch::new(0)));
 }
 
 /// The weighted sums of attention over `d`-value rows, with the buffers
