@@ -41,15 +41,55 @@ pub(crate) fn rms_norm_mul(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
     let cols = weight.len();
     let out = with_f32(x, |x| {
         let mut out = Vec::with_capacity(x.len());
-        for row in x.chunks_exact(cols) {
-            let sum: f64 = row.iter().map(|&v| f64::from(v * v)).sum();
-            let mean = (sum / cols as f64) as f32;
-            let scale = 1.0f32 / (mean + eps).sqrt();
-            out.extend(row.iter().zip(&weight).map(|(&v, &w)| (v * scale) * w));
+        // Each row's sum is one chain of dependent f64 additions (ggml's
+        // order, so no reassociation); eight rows' chains run side by
+        // side, so that a batch waits for one chain's latency, not for
+        // eight in turn.
+        for rows in x.chunks(SIDE_BY_SIDE_ROWS * cols.max(1)) {
+            let sums = sums_of_squares(rows, cols);
+            for (row, &sum) in rows.chunks_exact(cols).zip(&sums) {
+                let mean = (sum / cols as f64) as f32;
+                let scale = 1.0f32 / (mean + eps).sqrt();
+                out.extend(row.iter().zip(&weight).map(|(&v, &w)| (v * scale) * w));
+            }
         }
         out
     })?;
     Ok(Tensor::from_vec(out, x.shape(), &Device::Cpu)?)
+}
+
+/// Rows whose sums of squares [`sums_of_squares`] adds side by side.
+const SIDE_BY_SIDE_ROWS: usize = 8;
+
+/// `Σ f64(v * v)` over each row of `cols` values in `rows` (at most
+/// [`SIDE_BY_SIDE_ROWS`] of them), each added in order from its first
+/// value; the sums past the last row are zero.
+fn sums_of_squares(rows: &[f32], cols: usize) -> [f64; SIDE_BY_SIDE_ROWS] {
+    /// The sums of the first `N` rows, their chains side by side.
+    fn side_by_side<const N: usize>(rows: &[f32], cols: usize) -> [f64; SIDE_BY_SIDE_ROWS] {
+        let lanes: [&[f32]; N] = std::array::from_fn(|r| &rows[r * cols..(r + 1) * cols]);
+        let mut sums = [0f64; SIDE_BY_SIDE_ROWS];
+        // `c` picks the column in every row, `r` the row and its sum.
+        #[allow(clippy::needless_range_loop)]
+        for c in 0..cols {
+            for r in 0..N {
+                let v = lanes[r][c];
+                sums[r] += f64::from(v * v);
+            }
+        }
+        sums
+    }
+    match rows.len() / cols.max(1) {
+        0 => [0.0; SIDE_BY_SIDE_ROWS],
+        1 => side_by_side::<1>(rows, cols),
+        2 => side_by_side::<2>(rows, cols),
+        3 => side_by_side::<3>(rows, cols),
+        4 => side_by_side::<4>(rows, cols),
+        5 => side_by_side::<5>(rows, cols),
+        6 => side_by_side::<6>(rows, cols),
+        7 => side_by_side::<7>(rows, cols),
+        _ => side_by_side::<8>(rows, cols),
+    }
 }
 
 /// `x + y` for two f32 tensors of one shape (the residual additions), one
@@ -520,6 +560,34 @@ mod tests {
     };
     use super::simd::{dot_f32_steps, exp_chunk, swiglu_chunks};
     use super::*;
+
+    #[test]
+    fn rms_norm_of_rows_side_by_side_equals_ggml_s_loop_row_by_row() {
+        let mut state = crate::test_random::lcg(11);
+        let mut value = || (state() >> 40) as f32 / (1u64 << 22) as f32 - 2.0;
+        let cols = 576;
+        let weight: Vec<f32> = (0..cols).map(|_| value()).collect();
+        let w = Tensor::from_vec(weight.clone(), cols, &Device::Cpu).expect("weight");
+        // One row, a part of a group, a whole group, two groups and a part.
+        for rows in [1, 3, 8, 19] {
+            let x: Vec<f32> = (0..rows * cols).map(|_| value() * 40.0).collect();
+            let t = Tensor::from_vec(x.clone(), (rows, cols), &Device::Cpu).expect("x");
+            let got = rms_norm_mul(&t, &w, 1e-5)
+                .and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?))
+                .expect("norm");
+            let mut want = Vec::new();
+            for row in x.chunks_exact(cols) {
+                let mut sum = 0f64;
+                for &v in row {
+                    sum += f64::from(v * v);
+                }
+                let scale = 1.0f32 / ((sum / cols as f64) as f32 + 1e-5).sqrt();
+                want.extend(row.iter().zip(&weight).map(|(&v, &w)| (v * scale) * w));
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{rows} rows");
+        }
+    }
 
     #[test]
     fn v_expf_is_close_to_exp_and_saturates() {
