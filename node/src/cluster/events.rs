@@ -19,7 +19,8 @@ use scheduler::NodeId;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum LinkEnd {
     /// The peer keeps another link to this node (the two dialed each
-    /// other at once): the peer stays a member.
+    /// other at once): when this link is the member's, the member stays
+    /// while that link comes up.
     PeerKeptAnother,
     /// It failed or was closed; the reason is for the log.
     Closed(String),

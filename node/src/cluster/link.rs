@@ -23,7 +23,7 @@ use super::protocol::{
 };
 use super::secure::{self, HandshakeError, LinkKeys, SecureReader, SecureWriter};
 use crate::limits::{
-    HEARTBEAT_INTERVAL_MS, HEARTBEAT_TIMEOUT_MS, LINK_CONNECT_TIMEOUT_MS,
+    HEARTBEAT_INTERVAL_MS, HEARTBEAT_TIMEOUT_MS, KEPT_LINK_WAIT_MS, LINK_CONNECT_TIMEOUT_MS,
     LINK_HANDSHAKE_TIMEOUT_MS, LINK_QUEUE_LEN, LINK_WRITE_TIMEOUT_MS, PROBE_BYTES,
     UPGRADE_REFUSAL_BODY_BYTES, UPGRADE_REFUSAL_BODY_MS, UPGRADE_RESPONSE_MAX_BYTES,
 };
@@ -332,7 +332,7 @@ where
         say_refused(reader, writer, &refusal).await;
         return;
     }
-    let writer_task = tokio::spawn(write_loop(writer, frames_rx));
+    let mut writer_task = tokio::spawn(write_loop(writer, frames_rx));
     // The peer measures the link's bandwidth on this before real traffic.
     // Not through a TURN relay: there both ends' probes, and those of every
     // other link to the same node, arrive at once through one relay, and
@@ -348,7 +348,7 @@ where
         end = read_loop(&mut reader, peer, &frames_tx, &context, &heard) => end,
         () = close.notified() => LinkEnd::from("closed by this node"),
     };
-    writer_task.abort();
+    let peer_kept_another = end == LinkEnd::PeerKeptAnother;
     let _ = context
         .events
         .send(ClusterEvent::LinkDown {
@@ -357,6 +357,17 @@ where
             end,
         })
         .await;
+    if peer_kept_another {
+        // The peer reads this link until it closes: what this node sends
+        // on it until the kept link takes its place (the actor then lets
+        // go of its sender, and the queue ends) still arrives, so no
+        // request's frames are lost in between. At most as long as the
+        // member waits for the kept link.
+        drop(frames_tx);
+        let _ =
+            tokio::time::timeout(Duration::from_millis(KEPT_LINK_WAIT_MS), &mut writer_task).await;
+    }
+    writer_task.abort();
 }
 
 /// Tells the peer why its link was not kept, then reads until the peer
@@ -372,7 +383,14 @@ async fn say_refused(mut reader: SecureReader, mut writer: SecureWriter, refusal
     if writer.write_frame(&frame).await.is_err() {
         return;
     }
-    let drained = async { while reader.read_frame_timed().await.is_ok() {} };
+    // Until it closes, or says goodbye or that it kept another link too.
+    let drained = async {
+        while let Ok((frame, _)) = reader.read_frame_timed().await {
+            if matches!(frame, Frame::LinkReplaced | Frame::Bye { .. }) {
+                break;
+            }
+        }
+    };
     let _ = tokio::time::timeout(Duration::from_millis(LINK_HANDSHAKE_TIMEOUT_MS), drained).await;
 }
 
@@ -557,5 +575,137 @@ impl LinkSender {
             heard: Arc::new(Heard::new()),
         };
         (sender, receiver)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::protocol::{ModelIdentity, Resources};
+    use crate::identity::{ClusterSecret, Identity};
+    use kernels::SequenceId;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    fn keys(secret: &ClusterSecret) -> Arc<LinkKeys> {
+        let dir = std::env::temp_dir().join(format!(
+            "ringlet-link-{}-{}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        let (identity, _) = Identity::load_or_create(&dir, None).expect("identity");
+        let _ = std::fs::remove_dir_all(&dir);
+        Arc::new(LinkKeys::new(identity.key, secret, false))
+    }
+
+    fn hello(node: u64) -> Hello {
+        Hello {
+            protocol_version: PROTOCOL_VERSION,
+            node: NodeId(node),
+            name: format!("node-{node}"),
+            cluster: "default".into(),
+            address: "127.0.0.1:52415".into(),
+            resources: Resources {
+                device: "cpu".into(),
+                device_name: "test".into(),
+                memory_total_bytes: 1 << 30,
+                memory_available_bytes: 1 << 30,
+                memory_budget_bytes: 1 << 29,
+                compute_score: 1.0,
+            },
+            model: ModelIdentity {
+                name: "m".into(),
+                fingerprint: "sha256:a".into(),
+            },
+            peers: Vec::new(),
+            serving_since_ms: None,
+            ice_servers: Vec::new(),
+            dtls_fingerprints: None,
+        }
+    }
+
+    /// The next event other than a measurement of the link.
+    async fn next(events: &mut mpsc::Receiver<ClusterEvent>) -> ClusterEvent {
+        loop {
+            let event = tokio::time::timeout(WAIT, events.recv())
+                .await
+                .expect("an event in time")
+                .expect("the link is running");
+            if !matches!(
+                event,
+                ClusterEvent::LinkRtt { .. } | ClusterEvent::LinkBandwidth { .. }
+            ) {
+                return event;
+            }
+        }
+    }
+
+    /// Starts one end of a link over `stream` and admits its peer; the
+    /// end's sender and its events.
+    async fn end(
+        stream: tokio::io::DuplexStream,
+        node: u64,
+        dialed: bool,
+        keys: Arc<LinkKeys>,
+    ) -> (LinkSender, mpsc::Receiver<ClusterEvent>) {
+        let (events, mut received) = mpsc::channel(64);
+        let context = LinkContext::tcp(
+            NodeId(node),
+            events,
+            "127.0.0.1:1".into(),
+            keys,
+            Arc::new(Hops::default()),
+        );
+        tokio::spawn(run(stream, hello(node), dialed, context));
+        match next(&mut received).await {
+            ClusterEvent::LinkUp {
+                sender, accepted, ..
+            } => {
+                accepted
+                    .send(Ok(()))
+                    .expect("the link waits for its answer");
+                (sender, received)
+            }
+            _ => panic!("expected the link to come up first"),
+        }
+    }
+
+    #[tokio::test]
+    async fn frames_sent_on_a_replaced_link_until_the_kept_one_takes_over_still_arrive() {
+        let secret = ClusterSecret::random();
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let (ka, kb) = (keys(&secret), keys(&secret));
+        let (a_end, b_end) = tokio::join!(end(a, 3, true, ka), end(b, 5, false, kb));
+        let ((a_link, mut a_events), (b_link, mut b_events)) = (a_end, b_end);
+
+        // Node 3 keeps another link to node 5 and says so on this one.
+        a_link.replace();
+        match next(&mut b_events).await {
+            ClusterEvent::LinkDown { end, .. } => assert_eq!(end, LinkEnd::PeerKeptAnother),
+            _ => panic!("node 5 hears that node 3 kept another link"),
+        }
+
+        // Node 5 still sends on this link until its kept link comes up
+        // (its actor still holds this sender): node 3 gets the frame.
+        assert!(b_link.send(Frame::Release {
+            request: SequenceId(9)
+        }));
+        match next(&mut a_events).await {
+            ClusterEvent::Frame {
+                frame: Frame::Release { request },
+                ..
+            } => assert_eq!(request, SequenceId(9)),
+            _ => panic!("node 3 reads what node 5 sent after the replacement"),
+        }
+
+        // The kept link took over at node 5: its actor lets go of this
+        // link, which then closes at both ends.
+        drop(b_link);
+        match next(&mut a_events).await {
+            ClusterEvent::LinkDown { end, .. } => {
+                assert!(matches!(end, LinkEnd::Closed(_)), "{end:?}")
+            }
+            _ => panic!("node 3 sees the replaced link close"),
+        }
     }
 }

@@ -258,7 +258,8 @@ impl Membership {
     }
 
     /// Admits the peer of a new link, or says why not. A duplicate link
-    /// that wins closes the one it replaces.
+    /// that wins replaces the member's link, and the peer is told so on
+    /// the replaced one.
     pub fn admit(&mut self, hello: Hello, key: Vec<u8>, link: LinkSender) -> Result<(), Refusal> {
         let peer = hello.node;
         let address = advertised_address(&hello.address, &link.observed_address);
@@ -281,11 +282,12 @@ impl Membership {
         }
         if let Some(existing) = self.members.get(&peer) {
             // Two links to one peer (both dialed at once): both sides keep
-            // the one the smaller node id dialed. Whatever comes while the
-            // peer's word on the kept link is awaited is that link.
+            // the one the smaller node id dialed. A link from the same key
+            // while the peer's kept link is awaited is that link.
             let me = self.me.id;
             let smaller_dialed = |dialed: bool| (dialed && me < peer) || (!dialed && peer < me);
-            let replaced_by_peer = existing.kept_link_due.is_some();
+            let replaced_by_peer = existing.kept_link_due.is_some()
+                && crate::identity::key_fingerprint(&key) == existing.key_fingerprint;
             if !replaced_by_peer
                 && (!smaller_dialed(link.dialed) || smaller_dialed(existing.link.dialed))
             {
@@ -369,11 +371,11 @@ impl Membership {
     /// An admin removed `node`: its link closes and its address is not
     /// dialed again (unless it is a `--peer` one, which stays refused).
     pub fn forget_node(&mut self, node: NodeId) {
-        if let Some(member) = self.members.get(&node) {
-            member.link.close();
-            if !self.configured_peers.contains(&member.address) {
-                self.known_addresses.remove(&member.address);
-            }
+        self.close_link(node);
+        if let Some(member) = self.members.get(&node)
+            && !self.configured_peers.contains(&member.address)
+        {
+            self.known_addresses.remove(&member.address);
         }
     }
 
@@ -440,10 +442,14 @@ impl Membership {
     }
 
     /// Closes the link to `node` (it is lost); its departure follows as a
-    /// link going down.
-    pub fn close_link(&self, node: NodeId) {
-        if let Some(member) = self.members.get(&node) {
+    /// link going down, or, when the peer's kept link is awaited (the
+    /// member's link is closed already), at the next [`kept_links_overdue`](Self::kept_links_overdue).
+    pub fn close_link(&mut self, node: NodeId) {
+        if let Some(member) = self.members.get_mut(&node) {
             member.link.close();
+            if member.kept_link_due.is_some() {
+                member.kept_link_due = Some(Instant::now());
+            }
         }
     }
 
@@ -883,8 +889,14 @@ mod tests {
         );
 
         // Even a link the rule would refuse is the one the peer kept while
-        // its word is awaited (the peer dialed twice).
+        // its word is awaited (the peer dialed twice), if the same key
+        // proved it; another key's is refused as the rule says.
         assert!(members.await_kept_link(NodeId(3), kept_id, now));
+        assert_eq!(
+            members.admit(hello(3, "default", "sha256:a"), vec![7; 32], link(true)),
+            Err(Refusal::Duplicate),
+            "another key does not take the awaited link's place"
+        );
         let again = link(true);
         let again_id = again.id;
         members
@@ -902,6 +914,14 @@ mod tests {
         );
         assert_eq!(
             members.kept_links_overdue(now + wait),
+            vec![(NodeId(3), again_id)]
+        );
+
+        // Closing a member whose link is closed already (it fell silent,
+        // an admin removed it) ends the wait at once.
+        members.close_link(NodeId(3));
+        assert_eq!(
+            members.kept_links_overdue(Instant::now()),
             vec![(NodeId(3), again_id)]
         );
         assert!(members.remove(NodeId(3), again_id).is_some());
