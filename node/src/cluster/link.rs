@@ -581,48 +581,12 @@ impl LinkSender {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::protocol::{ModelIdentity, Resources};
-    use crate::identity::{ClusterSecret, Identity};
+    use crate::cluster::membership::tests::hello;
+    use crate::cluster::secure::tests::keys;
+    use crate::identity::ClusterSecret;
     use kernels::SequenceId;
 
     const WAIT: Duration = Duration::from_secs(10);
-
-    fn keys(secret: &ClusterSecret) -> Arc<LinkKeys> {
-        let dir = std::env::temp_dir().join(format!(
-            "ringlet-link-{}-{}",
-            std::process::id(),
-            rand::random::<u64>()
-        ));
-        let (identity, _) = Identity::load_or_create(&dir, None).expect("identity");
-        let _ = std::fs::remove_dir_all(&dir);
-        Arc::new(LinkKeys::new(identity.key, secret, false))
-    }
-
-    fn hello(node: u64) -> Hello {
-        Hello {
-            protocol_version: PROTOCOL_VERSION,
-            node: NodeId(node),
-            name: format!("node-{node}"),
-            cluster: "default".into(),
-            address: "127.0.0.1:52415".into(),
-            resources: Resources {
-                device: "cpu".into(),
-                device_name: "test".into(),
-                memory_total_bytes: 1 << 30,
-                memory_available_bytes: 1 << 30,
-                memory_budget_bytes: 1 << 29,
-                compute_score: 1.0,
-            },
-            model: ModelIdentity {
-                name: "m".into(),
-                fingerprint: "sha256:a".into(),
-            },
-            peers: Vec::new(),
-            serving_since_ms: None,
-            ice_servers: Vec::new(),
-            dtls_fingerprints: None,
-        }
-    }
 
     /// The next event other than a measurement of the link.
     async fn next(events: &mut mpsc::Receiver<ClusterEvent>) -> ClusterEvent {
@@ -656,7 +620,12 @@ mod tests {
             keys,
             Arc::new(Hops::default()),
         );
-        tokio::spawn(run(stream, hello(node), dialed, context));
+        tokio::spawn(run(
+            stream,
+            hello(node, "default", "sha256:a"),
+            dialed,
+            context,
+        ));
         match next(&mut received).await {
             ClusterEvent::LinkUp {
                 sender, accepted, ..
@@ -674,7 +643,10 @@ mod tests {
     async fn frames_sent_on_a_replaced_link_until_the_kept_one_takes_over_still_arrive() {
         let secret = ClusterSecret::random();
         let (a, b) = tokio::io::duplex(1 << 20);
-        let (ka, kb) = (keys(&secret), keys(&secret));
+        let (ka, kb) = (
+            Arc::new(keys(&secret, false)),
+            Arc::new(keys(&secret, false)),
+        );
         let (a_end, b_end) = tokio::join!(end(a, 3, true, ka), end(b, 5, false, kb));
         let ((a_link, mut a_events), (b_link, mut b_events)) = (a_end, b_end);
 

@@ -743,8 +743,9 @@ fn advertised_address(announced: &str, observed: &str) -> String {
     }
 }
 
+/// Members and hellos for the cluster's unit tests.
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::cluster::protocol::Resources;
 
@@ -782,7 +783,8 @@ mod tests {
         Membership::new(myself, vec!["10.0.0.9:52415".into()])
     }
 
-    fn hello(node: u64, cluster: &str, fingerprint: &str) -> Hello {
+    /// A node's hello in `cluster`, serving the file `fingerprint`.
+    pub(in crate::cluster) fn hello(node: u64, cluster: &str, fingerprint: &str) -> Hello {
         Hello {
             protocol_version: PROTOCOL_VERSION,
             node: NodeId(node),

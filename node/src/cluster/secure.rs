@@ -434,13 +434,15 @@ impl SecureWriter {
     }
 }
 
+/// Keys for the cluster's unit tests.
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::identity::{ClusterSecret, Identity};
     use kernels::SequenceId;
 
-    fn keys(secret: &ClusterSecret, plaintext: bool) -> LinkKeys {
+    /// A fresh node key with `secret`.
+    pub(in crate::cluster) fn keys(secret: &ClusterSecret, plaintext: bool) -> LinkKeys {
         let dir = std::env::temp_dir().join(format!(
             "ringlet-secure-{}-{}",
             std::process::id(),
