@@ -803,6 +803,15 @@ pub(super) mod tests {
         }
     }
 
+    /// Node 3's hello in this node's cluster, over `link` proven with `key`.
+    fn admit_node_3(
+        members: &mut Membership,
+        key: Vec<u8>,
+        link: LinkSender,
+    ) -> Result<(), Refusal> {
+        members.admit(hello(3, "default", "sha256:a"), key, link)
+    }
+
     fn link(dialed: bool) -> LinkSender {
         LinkSender::detached(dialed, "10.0.0.7:40123").0
     }
@@ -835,18 +844,15 @@ pub(super) mod tests {
 
         // Node 3 < 5: the link node 3 dialed (accepted here) wins.
         let (dialed, mut dialed_frames) = LinkSender::detached(true, "10.0.0.7:40123");
-        members
-            .admit(hello(3, "default", "sha256:a"), Vec::new(), dialed)
-            .expect("first link");
+        admit_node_3(&mut members, Vec::new(), dialed).expect("first link");
         assert_eq!(
-            members.admit(hello(3, "default", "sha256:a"), Vec::new(), link(true)),
+            admit_node_3(&mut members, Vec::new(), link(true)),
             Err(Refusal::Duplicate),
             "another link dialed by the larger id is refused"
         );
         let accepted = link(false);
         let accepted_id = accepted.id;
-        members
-            .admit(hello(3, "default", "sha256:a"), Vec::new(), accepted)
+        admit_node_3(&mut members, Vec::new(), accepted)
             .expect("the link the smaller id dialed replaces the other");
         assert_eq!(members.members[&NodeId(3)].link.id, accepted_id);
         assert_eq!(members.address_of(NodeId(3)), "10.0.0.7:52415");
@@ -864,9 +870,7 @@ pub(super) mod tests {
         let mut members = membership(5);
         let ours = link(true);
         let ours_id = ours.id;
-        members
-            .admit(hello(3, "default", "sha256:a"), Vec::new(), ours)
-            .expect("first link");
+        admit_node_3(&mut members, Vec::new(), ours).expect("first link");
         let now = Instant::now();
         let wait = Duration::from_millis(KEPT_LINK_WAIT_MS);
         assert!(members.await_kept_link(NodeId(3), ours_id, now));
@@ -876,9 +880,7 @@ pub(super) mod tests {
         // The kept link comes up and takes the closed one's place.
         let kept = link(false);
         let kept_id = kept.id;
-        members
-            .admit(hello(3, "default", "sha256:a"), Vec::new(), kept)
-            .expect("the kept link");
+        admit_node_3(&mut members, Vec::new(), kept).expect("the kept link");
         assert_eq!(members.members[&NodeId(3)].link.id, kept_id);
         assert!(members.kept_links_overdue(now + wait).is_empty());
         assert!(
@@ -895,15 +897,13 @@ pub(super) mod tests {
         // proved it; another key's is refused as the rule says.
         assert!(members.await_kept_link(NodeId(3), kept_id, now));
         assert_eq!(
-            members.admit(hello(3, "default", "sha256:a"), vec![7; 32], link(true)),
+            admit_node_3(&mut members, vec![7; 32], link(true)),
             Err(Refusal::Duplicate),
             "another key does not take the awaited link's place"
         );
         let again = link(true);
         let again_id = again.id;
-        members
-            .admit(hello(3, "default", "sha256:a"), Vec::new(), again)
-            .expect("the link the peer kept");
+        admit_node_3(&mut members, Vec::new(), again).expect("the link the peer kept");
         assert_eq!(members.members[&NodeId(3)].link.id, again_id);
 
         // A kept link that never comes: the member is lost at the end of
