@@ -48,6 +48,9 @@ pub struct LinkSender {
     pub transport: LinkTransport,
     /// How long a WebRTC link took to open.
     pub handshake: Option<Duration>,
+    /// The session's binding ([`secure::Session::binding`]): the same at
+    /// both ends of this link.
+    pub binding: u64,
     frames: mpsc::Sender<Frame>,
     close: Arc<Notify>,
     /// When a frame from the peer was last read (any frame, heartbeats
@@ -281,6 +284,7 @@ where
     };
     let secure::Session {
         peer_key,
+        binding,
         mut reader,
         mut writer,
     } = session;
@@ -312,6 +316,7 @@ where
         observed_address: context.observed_address.clone(),
         transport: context.transport,
         handshake: context.handshake,
+        binding,
         frames: frames_tx.clone(),
         close: Arc::clone(&close),
         heard: Arc::new(Heard::new()),
@@ -561,15 +566,18 @@ async fn write_loop(mut writer: SecureWriter, mut frames: mpsc::Receiver<Frame>)
 #[cfg(test)]
 impl LinkSender {
     /// A link with no connection behind it, for the cluster's unit tests:
-    /// what is sent on it comes out of the returned receiver.
+    /// what is sent on it comes out of the returned receiver. Its binding
+    /// is its id, so a later link's is larger.
     pub(crate) fn detached(dialed: bool, observed_address: &str) -> (Self, mpsc::Receiver<Frame>) {
         let (frames, receiver) = mpsc::channel(LINK_QUEUE_LEN);
+        let id = NEXT_LINK_ID.fetch_add(1, Ordering::Relaxed);
         let sender = Self {
-            id: NEXT_LINK_ID.fetch_add(1, Ordering::Relaxed),
+            id,
             dialed,
             observed_address: observed_address.to_string(),
             transport: LinkTransport::Tcp,
             handshake: None,
+            binding: id,
             frames,
             close: Arc::new(Notify::new()),
             heard: Arc::new(Heard::new()),
@@ -637,6 +645,25 @@ mod tests {
             }
             _ => panic!("expected the link to come up first"),
         }
+    }
+
+    #[tokio::test]
+    async fn both_ends_of_a_link_share_its_binding_and_another_link_has_another() {
+        let secret = ClusterSecret::random();
+        let keys_of_3 = Arc::new(keys(&secret, false));
+        let keys_of_5 = Arc::new(keys(&secret, false));
+        let mut bindings = Vec::new();
+        // Node 3 dials node 5 twice, as it would at two of its addresses.
+        for _ in 0..2 {
+            let (a, b) = tokio::io::duplex(1 << 16);
+            let ((dialed, _), (accepted, _)) = tokio::join!(
+                end(a, 3, true, Arc::clone(&keys_of_3)),
+                end(b, 5, false, Arc::clone(&keys_of_5))
+            );
+            assert_eq!(dialed.binding, accepted.binding, "one value at both ends");
+            bindings.push(dialed.binding);
+        }
+        assert_ne!(bindings[0], bindings[1], "each session has its own");
     }
 
     #[tokio::test]

@@ -281,16 +281,12 @@ impl Membership {
             return Err(Refusal::OtherCluster);
         }
         if let Some(existing) = self.members.get(&peer) {
-            // Two links to one peer (both dialed at once): both sides keep
-            // the one the smaller node id dialed. A link from the same key
-            // while the peer's kept link is awaited is that link.
-            let me = self.me.id;
-            let smaller_dialed = |dialed: bool| (dialed && me < peer) || (!dialed && peer < me);
+            // Two links to one peer: a link from the same key while the
+            // peer's kept link is awaited is that link; otherwise both
+            // sides keep the one `keeps` picks, whichever came up first.
             let replaced_by_peer = existing.kept_link_due.is_some()
                 && crate::identity::key_fingerprint(&key) == existing.key_fingerprint;
-            if !replaced_by_peer
-                && (!smaller_dialed(link.dialed) || smaller_dialed(existing.link.dialed))
-            {
+            if !replaced_by_peer && !keeps(self.me.id, peer, &link, &existing.link) {
                 return Err(Refusal::Duplicate);
             }
             existing.link.replace();
@@ -731,6 +727,22 @@ fn pair(a: NodeId, b: NodeId) -> (NodeId, NodeId) {
     if a < b { (a, b) } else { (b, a) }
 }
 
+/// Whether this node (`me`) keeps link `new` to `peer` over `existing`,
+/// as the peer decides about the same two links. Links dialed from
+/// opposite sides (both nodes dialed at once): the one the smaller node
+/// id dialed. Links dialed from the same side (it knew two addresses of
+/// the other): the one whose session binding is smaller, a value both
+/// ends of a link share.
+fn keeps(me: NodeId, peer: NodeId, new: &LinkSender, existing: &LinkSender) -> bool {
+    let smaller_dialed =
+        |link: &LinkSender| (link.dialed && me < peer) || (!link.dialed && peer < me);
+    match (smaller_dialed(new), smaller_dialed(existing)) {
+        (true, false) => true,
+        (false, true) => false,
+        _ => new.binding < existing.binding,
+    }
+}
+
 /// Where a peer is reached: its own address, unless it listens on all
 /// interfaces, in which case the IP we see it from and its port.
 fn advertised_address(announced: &str, observed: &str) -> String {
@@ -848,7 +860,7 @@ pub(super) mod tests {
         assert_eq!(
             admit_node_3(&mut members, Vec::new(), link(true)),
             Err(Refusal::Duplicate),
-            "another link dialed by the larger id is refused"
+            "another link dialed by the larger id, over a later session, is refused"
         );
         let accepted = link(false);
         let accepted_id = accepted.id;
@@ -859,6 +871,54 @@ pub(super) mod tests {
         assert!(
             matches!(dialed_frames.try_recv(), Ok(Frame::LinkReplaced)),
             "the peer hears that its link was replaced, so it does not count this node as lost"
+        );
+    }
+
+    #[test]
+    fn two_links_one_side_dialed_end_as_one_at_both_sides_in_either_order() {
+        // Node 5 knew two addresses of node 3 and dialed both. Each link's
+        // two ends share its session binding; the links came up in one
+        // order at node 5 and in the other at node 3.
+        let (node_3, node_5) = (NodeId(3), NodeId(5));
+        let (mut at_3, mut at_5) = (membership(3), membership(5));
+        let end = |dialed: bool, binding: u64| {
+            let (mut link, frames) = LinkSender::detached(dialed, "10.0.0.7:40123");
+            link.binding = binding;
+            (link, frames)
+        };
+        let ((first_at_5, mut first_at_5_frames), (second_at_5, _)) = (end(true, 40), end(true, 7));
+        let ((first_at_3, mut first_at_3_frames), (second_at_3, _)) =
+            (end(false, 7), end(false, 40));
+        let (kept_at_5, kept_at_3) = (second_at_5.id, first_at_3.id);
+
+        at_5.admit(hello(3, "default", "sha256:a"), Vec::new(), first_at_5)
+            .expect("node 5's first link");
+        at_5.admit(hello(3, "default", "sha256:a"), Vec::new(), second_at_5)
+            .expect("the link with the smaller binding replaces it");
+        at_3.admit(hello(5, "default", "sha256:a"), Vec::new(), first_at_3)
+            .expect("node 3's first link");
+        assert_eq!(
+            at_3.admit(hello(5, "default", "sha256:a"), Vec::new(), second_at_3),
+            Err(Refusal::Duplicate),
+            "the link with the larger binding is refused"
+        );
+        assert_eq!(at_5.members[&node_3].link.id, kept_at_5);
+        assert_eq!(at_3.members[&node_5].link.id, kept_at_3);
+        assert_eq!(
+            (
+                at_5.members[&node_3].link.binding,
+                at_3.members[&node_5].link.binding
+            ),
+            (7, 7),
+            "both ends keep the same link"
+        );
+        assert!(
+            matches!(first_at_5_frames.try_recv(), Ok(Frame::LinkReplaced)),
+            "node 3 hears that node 5 let the other link go"
+        );
+        assert!(
+            first_at_3_frames.try_recv().is_err(),
+            "the kept link carries no word of replacement"
         );
     }
 

@@ -94,6 +94,11 @@ impl HandshakeError {
 pub struct Session {
     /// The peer's long-term public key, as the handshake proved it.
     pub peer_key: Vec<u8>,
+    /// The first 8 bytes of the Noise handshake hash: the same at both
+    /// ends, and another in every other session (it covers both ends'
+    /// ephemeral keys). Two links to one peer that one side dialed are
+    /// told apart by it, the same way at both ends.
+    pub binding: u64,
     pub reader: SecureReader,
     pub writer: SecureWriter,
 }
@@ -247,10 +252,16 @@ where
         .get_remote_static()
         .map(<[u8]>::to_vec)
         .ok_or_else(|| HandshakeError::Protocol("no static key after the handshake".into()))?;
+    let binding = state
+        .get_handshake_hash()
+        .first_chunk::<8>()
+        .map(|bytes| u64::from_le_bytes(*bytes))
+        .ok_or_else(|| HandshakeError::Protocol("a handshake hash under 8 bytes".into()))?;
     let transport = Arc::new(state.into_stateless_transport_mode().map_err(noise_error)?);
     let cipher = (!keys.plaintext_frames).then_some(transport);
     Ok(Session {
         peer_key,
+        binding,
         reader: SecureReader {
             inner: Box::new(reader),
             cipher: cipher.clone(),
