@@ -780,3 +780,64 @@ async fn every_stage_admits_the_kv_cache_of_every_owner_within_its_budget() {
         "the waiting request was answered: {waited}"
     );
 }
+
+#[tokio::test]
+async fn of_two_links_a_peer_dialed_the_node_keeps_the_one_with_the_smaller_binding() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let mut node = Node::start_ready(&[]);
+    let fingerprint = model_file().fingerprint().to_string();
+
+    // A peer dials the node twice, as it would at two of its addresses.
+    // Both handshakes finish before either hello, so the test knows each
+    // link's binding (the node sees the same values) and sends the hello
+    // of the link that must lose first: the node admits it first.
+    let (one, two) = (
+        linked_session(node.addr).await,
+        linked_session(node.addr).await,
+    );
+    assert_ne!(one.binding, two.binding);
+    let (mut kept, mut dropped) = if one.binding < two.binding {
+        (one, two)
+    } else {
+        (two, one)
+    };
+    for session in [&mut dropped, &mut kept] {
+        session
+            .writer
+            .write_frame(&Frame::Hello(test_hello(&fingerprint)))
+            .await
+            .expect("hello");
+        read_until(session, |f| matches!(f, Frame::Hello(_))).await;
+    }
+
+    // The link admitted first is the one let go: the node says so on it.
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        read_until(&mut dropped, |f| matches!(f, Frame::LinkReplaced)),
+    )
+    .await
+    .expect("the node lets the link with the larger binding go");
+
+    // The other link stays, and answers.
+    kept.writer
+        .write_frame(&Frame::Heartbeat { sent_at_micros: 7 })
+        .await
+        .expect("heartbeat");
+    let answered = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match kept
+                .reader
+                .read_frame_timed()
+                .await
+                .expect("the kept link stays open")
+            {
+                (Frame::LinkReplaced, _) => panic!("the node let the smaller binding's link go"),
+                (Frame::HeartbeatAck { sent_at_micros: 7 }, _) => return,
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert!(answered.is_ok(), "the kept link answers a heartbeat");
+    assert!(node.is_running());
+}
