@@ -3,7 +3,7 @@
 //! what each link measured. It decides admission and leadership; it does
 //! not plan or route.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -96,6 +96,11 @@ pub(super) struct Membership {
     configured_peers: HashSet<String>,
     /// Addresses to stay linked to: `--peer` ones and those peers told us.
     known_addresses: HashSet<String>,
+    /// Addresses this node dialed that reached a member other than at the
+    /// address it is known by (a `--peer` relay, a second address of it):
+    /// not dialed again while that member stays, since each such link
+    /// would only be a duplicate.
+    reached_members: HashMap<String, NodeId>,
     dialing: HashSet<String>,
     /// Advertisements mDNS resolved, by service name.
     pub discovered: BTreeMap<String, (PeerAdvert, Verdict)>,
@@ -123,6 +128,7 @@ impl Membership {
             members: BTreeMap::new(),
             configured_peers: peers.iter().cloned().collect(),
             known_addresses: peers.into_iter().collect(),
+            reached_members: HashMap::new(),
             dialing: HashSet::new(),
             discovered: BTreeMap::new(),
             refused: BTreeMap::new(),
@@ -157,12 +163,19 @@ impl Membership {
     /// Known addresses not linked or being dialed yet; they count as being
     /// dialed from now until [`Self::dial_ended`].
     pub fn start_dialing(&mut self) -> Vec<String> {
+        self.reached_members
+            .retain(|_, node| self.members.contains_key(node));
         let linked: HashSet<&String> = self.members.values().map(|m| &m.address).collect();
         let own = self.me.listen.to_string();
         let to_dial: Vec<String> = self
             .known_addresses
             .iter()
-            .filter(|a| !linked.contains(a) && !self.dialing.contains(*a) && **a != own)
+            .filter(|a| {
+                !linked.contains(a)
+                    && !self.reached_members.contains_key(*a)
+                    && !self.dialing.contains(*a)
+                    && **a != own
+            })
             .cloned()
             .collect();
         self.dialing.extend(to_dial.iter().cloned());
@@ -279,6 +292,10 @@ impl Membership {
             self.known_addresses.remove(&address);
             self.known_addresses.remove(&link.observed_address);
             return Err(Refusal::OtherCluster);
+        }
+        if link.dialed && link.observed_address != address {
+            self.reached_members
+                .insert(link.observed_address.clone(), peer);
         }
         if let Some(existing) = self.members.get(&peer) {
             // Two links to one peer: a link from the same key while the
@@ -920,6 +937,57 @@ pub(super) mod tests {
             first_at_3_frames.try_recv().is_err(),
             "the kept link carries no word of replacement"
         );
+    }
+
+    #[test]
+    fn an_address_that_reached_a_member_under_another_is_not_dialed_while_it_stays() {
+        // Node 5 dials its --peer (a relay, say) and reaches node 3, which
+        // says it is at another address: node 5 dials neither again while
+        // node 3 stays, since every such link would be a duplicate.
+        let mut members = membership(5);
+        let relay = "10.0.0.9:52415";
+        assert!(members.start_dialing().contains(&relay.to_string()));
+        members.dial_ended(relay);
+        let at_its_own = Hello {
+            address: "10.0.0.3:52415".into(),
+            ..hello(3, "default", "sha256:a")
+        };
+        members
+            .admit(
+                at_its_own.clone(),
+                Vec::new(),
+                LinkSender::detached(true, relay).0,
+            )
+            .expect("admitted");
+        let dialing = members.start_dialing();
+        assert!(!dialing.contains(&relay.to_string()), "{dialing:?}");
+        assert!(
+            !dialing.contains(&"10.0.0.3:52415".to_string()),
+            "{dialing:?}"
+        );
+        for address in &dialing {
+            members.dial_ended(address);
+        }
+
+        // A second address of it that a peer named: dialed once, then not
+        // again while node 3 stays.
+        let second = "10.0.1.3:52415";
+        members.remember([(NodeId(77), second.to_string())]);
+        assert!(members.start_dialing().contains(&second.to_string()));
+        members.dial_ended(second);
+        assert_eq!(
+            members.admit(at_its_own, Vec::new(), LinkSender::detached(true, second).0),
+            Err(Refusal::Duplicate),
+            "a later session's binding is larger"
+        );
+        assert!(!members.start_dialing().contains(&second.to_string()));
+
+        // Once node 3 is gone, both are dialed again.
+        let link = members.members[&NodeId(3)].link.id;
+        members.remove(NodeId(3), link).expect("a member");
+        let dialing = members.start_dialing();
+        assert!(dialing.contains(&relay.to_string()), "{dialing:?}");
+        assert!(dialing.contains(&second.to_string()), "{dialing:?}");
     }
 
     #[test]
