@@ -48,7 +48,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     prompt.truncate(prompt_tokens.max(sentence.len()));
     println!("{path}: {threads} threads, {steps} steps per batch size");
-    println!("batch | step ms (fastest) | tok/s | vs 1 | median step");
+    println!(
+        "batch | step ms (fastest) | tok/s | vs 1 | median step | slowest step, cached tokens"
+    );
     let mut one = None;
     for (round, &n) in batches.iter().enumerate() {
         let ids: Vec<SequenceId> = (0..n)
@@ -84,6 +86,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         for &id in &ids {
             shard.release(id);
         }
+        // The slowest step, and the context it ran at: where a step does
+        // more than the others (a cache that grows), it shows here.
+        let (slowest_step, slowest) = times
+            .iter()
+            .copied()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .unwrap_or_default();
         times.sort_by(f64::total_cmp);
         // The fastest step: on a shared host it is the least disturbed.
         let fastest = times[0];
@@ -91,11 +101,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let rate = n as f64 / fastest;
         let base = *one.get_or_insert(rate);
         println!(
-            "{n:5} | {:17.2} | {rate:5.0} | {:.2} | median {:.2} ms, {:.0} tok/s",
+            "{n:5} | {:17.2} | {rate:5.0} | {:.2} | median {:.2} ms, {:.0} tok/s | {:.2} ms at {} tokens",
             fastest * 1e3,
             rate / base,
             median * 1e3,
-            n as f64 / median
+            n as f64 / median,
+            slowest * 1e3,
+            prompt.len() + slowest_step,
         );
         for (op, nanos, calls) in profile {
             if calls > 0 {

@@ -426,7 +426,7 @@ fn attention_cpu(
         }
         None => 1.0 / (d as f32).sqrt(),
     };
-    let cached = cache.append_rows(&k, v, kv_heads, d, config.context_length)?;
+    let cached = cache.append_rows(&k, v, kv_heads, d)?;
     let shape = cpu_ops::AttentionShape {
         n,
         heads,
@@ -434,7 +434,6 @@ fn attention_cpu(
         d,
         position: cached.len - n,
         len: cached.len,
-        capacity: cached.capacity,
         scale: score_scale,
         window: options.window,
     };

@@ -1,15 +1,34 @@
 //! Per-sequence key/value caches.
 //!
-//! Each layer keeps keys and values in buffers `[KV, capacity, d]` that
-//! double when full, so a decode step writes one row in place instead of
-//! re-concatenating the whole history.
+//! On the CPU each layer keeps its keys and values in pages of
+//! [`PAGE_TOKENS`] tokens, allocated as the sequence grows: a decode step
+//! writes one row in place, and growing never copies what is cached. (A
+//! buffer that doubled when full copied every cached row at once, and
+//! eight sequences in step all doubled on the same step: 27 ms on top of a
+//! 16 ms step at 128 tokens, more at every later doubling, and up to twice
+//! the memory the KV reservation counts.) Candle's devices keep tensors
+//! `[KV, capacity, d]` that double when full.
 
 use candle_core::Tensor;
 
 use crate::error::Result;
 
-/// Rows allocated for a sequence's first step; doubles from there.
-const INITIAL_CAPACITY_TOKENS: usize = 64;
+/// Tokens per page of a layer's CPU cache. Attention's weighted sums take
+/// the keys in rounds of 64 (ggml's lanes, `cpu_ops::attention`), so with
+/// pages of 64 a round never straddles two pages; and a sequence holds at
+/// most 63 tokens' rows more than it has cached, per layer.
+pub const PAGE_TOKENS: usize = 64;
+
+/// The rows of KV cache a CPU stage allocates per layer for a sequence of
+/// `tokens` tokens: whole pages. What a reservation of `tokens` must
+/// count to cover the memory it stands for.
+pub fn kv_rows_for(tokens: usize) -> usize {
+    tokens.div_ceil(PAGE_TOKENS) * PAGE_TOKENS
+}
+
+/// Rows allocated for a sequence's first step in the tensor buffers;
+/// doubles from there.
+const INITIAL_CAPACITY_TOKENS: usize = PAGE_TOKENS;
 
 /// One sequence's caches for every layer of a shard.
 #[derive(Debug)]
@@ -42,48 +61,122 @@ impl SequenceCache {
 }
 
 /// Keys and values of one layer for one sequence: Candle tensors where
-/// Candle computes attention ([`append`](LayerCache::append)), plain
-/// vectors where ringlet's CPU code does ([`append_rows`](LayerCache::append_rows)),
-/// which writes rows in place without the tensor ops' allocations (they
-/// cost more than the attention of a short context). A sequence's caches
-/// take one of the two, as its shard's device does.
+/// Candle computes attention ([`append`](LayerCache::append)), pages of
+/// plain values where ringlet's CPU code does
+/// ([`append_rows`](LayerCache::append_rows)), which writes rows in place
+/// without the tensor ops' allocations (they cost more than the attention
+/// of a short context). A sequence's caches take one of the two, as its
+/// shard's device does.
 #[derive(Debug, Default)]
 pub(crate) struct LayerCache {
     keys: Option<Tensor>,   // [KV, capacity, d]
     values: Option<Tensor>, // [KV, capacity, d]
-    host: HostBuffers,
+    host: HostPages,
     len: usize,
 }
 
 /// A layer's cached keys and values after [`LayerCache::append_rows`]:
-/// `[KV, capacity, d]` each, the first `len` rows of each head filled.
+/// the first `len` rows of each KV head filled.
 pub(crate) struct CachedRows<'a> {
-    pub(crate) keys: &'a [f32],
-    pub(crate) values: &'a [f32],
-    pub(crate) capacity: usize,
+    pub(crate) keys: Pages<'a>,
+    pub(crate) values: Pages<'a>,
     pub(crate) len: usize,
 }
 
-/// [`LayerCache`]'s CPU buffers, `[KV, capacity, d]` each.
+/// [`LayerCache`]'s CPU pages, `[KV, PAGE_TOKENS, d]` each: page `p`
+/// holds tokens `p * PAGE_TOKENS..`.
 #[derive(Debug, Default)]
-struct HostBuffers {
-    keys: Vec<f32>,
-    values: Vec<f32>,
-    capacity: usize,
+struct HostPages {
+    keys: Vec<Box<[f32]>>,
+    values: Vec<Box<[f32]>>,
+}
+
+/// Keys (or values) of one layer, in pages `[KV, PAGE_TOKENS, d]`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Pages<'a> {
+    pages: &'a [Box<[f32]>],
+    d: usize,
+}
+
+impl<'a> Pages<'a> {
+    /// `pages`, each `[kv_heads, PAGE_TOKENS, d]` values.
+    pub(crate) fn new(pages: &'a [Box<[f32]>], d: usize) -> Self {
+        Self { pages, d }
+    }
+
+    /// The rows of KV head `kv`.
+    pub(crate) fn head(&self, kv: usize) -> HeadRows<'a> {
+        HeadRows {
+            pages: self.pages,
+            offset: kv * PAGE_TOKENS * self.d,
+            d: self.d,
+        }
+    }
+}
+
+/// One KV head's cached rows of `d` values, token `j` in page
+/// `j / PAGE_TOKENS`. Every page is whole: rows past the cached length
+/// are there (zeros), so a round of 64 keys can be read from one page.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HeadRows<'a> {
+    pages: &'a [Box<[f32]>],
+    offset: usize,
+    d: usize,
+}
+
+impl<'a> HeadRows<'a> {
+    /// Values per row.
+    pub(crate) fn d(&self) -> usize {
+        self.d
+    }
+
+    /// Rows allocated: a whole number of pages.
+    pub(crate) fn rows(&self) -> usize {
+        self.pages.len() * PAGE_TOKENS
+    }
+
+    /// The `PAGE_TOKENS` rows of page `page`, `[PAGE_TOKENS, d]`.
+    pub(crate) fn page(&self, page: usize) -> &'a [f32] {
+        &self.pages[page][self.offset..][..PAGE_TOKENS * self.d]
+    }
+
+    /// Row `j`.
+    pub(crate) fn row(&self, j: usize) -> &'a [f32] {
+        &self.page(j / PAGE_TOKENS)[j % PAGE_TOKENS * self.d..][..self.d]
+    }
+
+    /// The rows `keys`, as runs within one page: `(first row, its rows)`.
+    pub(crate) fn runs(
+        &self,
+        keys: std::ops::Range<usize>,
+    ) -> impl Iterator<Item = (usize, &'a [f32])> + 'a {
+        let (head, d) = (*self, self.d);
+        let mut start = keys.start;
+        std::iter::from_fn(move || {
+            if start >= keys.end {
+                return None;
+            }
+            let page = head.page(start / PAGE_TOKENS);
+            let end = keys.end.min((start / PAGE_TOKENS + 1) * PAGE_TOKENS);
+            let run = &page[start % PAGE_TOKENS * d..][..(end - start) * d];
+            let first = start;
+            start = end;
+            Some((first, run))
+        })
+    }
 }
 
 impl LayerCache {
     /// Appends the rows of `k` and `v`, laid out `[n, KV, d]` as the
-    /// projections give them, to the CPU buffers; returns all cached keys
-    /// and values. Buffers never grow past `max_tokens` rows (the model's
-    /// context).
+    /// projections give them, to the CPU pages; returns all cached keys
+    /// and values. Pages are added as the rows need them (the shard
+    /// refuses steps past the model's context before they get here).
     pub(crate) fn append_rows(
         &mut self,
         k: &[f32],
         v: &[f32],
         kv_heads: usize,
         d: usize,
-        max_tokens: usize,
     ) -> Result<CachedRows<'_>> {
         let row = kv_heads * d;
         if row == 0 || k.len() != v.len() || !k.len().is_multiple_of(row) {
@@ -97,30 +190,35 @@ impl LayerCache {
         let n = k.len() / row;
         let needed = self.len + n;
         let host = &mut self.host;
-        if needed > host.capacity {
-            let capacity = grown_capacity(needed, max_tokens);
-            for buffer in [&mut host.keys, &mut host.values] {
-                let mut grown = vec![0f32; kv_heads * capacity * d];
-                for h in 0..kv_heads {
-                    grown[h * capacity * d..][..self.len * d]
-                        .copy_from_slice(&buffer[h * host.capacity * d..][..self.len * d]);
-                }
-                *buffer = grown;
-            }
-            host.capacity = capacity;
+        let page_values = kv_heads * PAGE_TOKENS * d;
+        if host
+            .keys
+            .first()
+            .is_some_and(|page| page.len() != page_values)
+        {
+            return Err(candle_core::Error::Msg(format!(
+                "KV cache pages hold {} values, not {page_values} ({kv_heads} heads of {d})",
+                host.keys[0].len()
+            ))
+            .into());
+        }
+        while host.keys.len() * PAGE_TOKENS < needed {
+            host.keys.push(vec![0f32; page_values].into_boxed_slice());
+            host.values.push(vec![0f32; page_values].into_boxed_slice());
         }
         for (i, (k_row, v_row)) in k.chunks_exact(row).zip(v.chunks_exact(row)).enumerate() {
+            let token = self.len + i;
+            let (page, slot) = (token / PAGE_TOKENS, token % PAGE_TOKENS);
             for h in 0..kv_heads {
-                let at = (h * host.capacity + self.len + i) * d;
-                host.keys[at..at + d].copy_from_slice(&k_row[h * d..(h + 1) * d]);
-                host.values[at..at + d].copy_from_slice(&v_row[h * d..(h + 1) * d]);
+                let at = (h * PAGE_TOKENS + slot) * d;
+                host.keys[page][at..at + d].copy_from_slice(&k_row[h * d..(h + 1) * d]);
+                host.values[page][at..at + d].copy_from_slice(&v_row[h * d..(h + 1) * d]);
             }
         }
         self.len = needed;
         Ok(CachedRows {
-            keys: &host.keys,
-            values: &host.values,
-            capacity: host.capacity,
+            keys: Pages::new(&host.keys, d),
+            values: Pages::new(&host.values, d),
             len: needed,
         })
     }
@@ -237,10 +335,10 @@ mod tests {
         Ok(())
     }
 
-    /// The CPU buffers hold what the tensor buffers hold, row for row,
-    /// across growth (from `[n, KV, d]` rows instead of `[KV, n, d]`).
+    /// The CPU pages hold what the tensor buffers hold, row for row,
+    /// across pages (from `[n, KV, d]` rows instead of `[KV, n, d]`).
     #[test]
-    fn host_rows_match_tensor_rows_across_growth() -> Result<()> {
+    fn host_rows_match_tensor_rows_across_pages() -> Result<()> {
         let dev = Device::Cpu;
         let (kv_heads, d) = (3, 4);
         let (mut tensors, mut host) = (LayerCache::default(), LayerCache::default());
@@ -255,30 +353,55 @@ mod tests {
             let v = (&k * -1.0)?;
             tensors.append(&k, &v, 1 << 20)?;
             let negated: Vec<f32> = rows.iter().map(|x| -x).collect();
-            let cached = host.append_rows(&rows, &negated, kv_heads, d, 1 << 20)?;
-            let (keys, values, capacity) = (cached.keys, cached.values, cached.capacity);
+            let cached = host.append_rows(&rows, &negated, kv_heads, d)?;
             len += n;
             assert_eq!(cached.len, len, "step {step}");
-            let (want_k, want_v, want_capacity) = tensors.buffers()?;
-            assert_eq!(capacity, want_capacity, "step {step}");
+            let (want_k, want_v, _) = tensors.buffers()?;
             for h in 0..kv_heads {
                 let filled = |t: &Tensor| -> Result<Vec<f32>> {
                     Ok(t.get(h)?.narrow(0, 0, len)?.flatten_all()?.to_vec1()?)
                 };
-                assert_eq!(
-                    &keys[h * capacity * d..][..len * d],
-                    filled(want_k)?,
-                    "step {step}"
-                );
-                assert_eq!(
-                    &values[h * capacity * d..][..len * d],
-                    filled(want_v)?,
-                    "step {step}"
-                );
+                let (keys, values) = (cached.keys.head(h), cached.values.head(h));
+                assert_eq!(keys.rows(), kv_rows_for(len));
+                let rows = |head: HeadRows<'_>| -> Vec<f32> {
+                    (0..len).flat_map(|j| head.row(j).to_vec()).collect()
+                };
+                assert_eq!(rows(keys), filled(want_k)?, "step {step}");
+                assert_eq!(rows(values), filled(want_v)?, "step {step}");
+                // The runs of a range cover it in order, one page each.
+                let runs: Vec<f32> = keys.runs(3..len).flat_map(|(_, r)| r.to_vec()).collect();
+                assert_eq!(runs, rows(keys)[3 * d..], "step {step}");
             }
         }
-        let ragged = host.append_rows(&[0.0; 5], &[0.0; 5], kv_heads, d, 1 << 20);
+        let ragged = host.append_rows(&[0.0; 5], &[0.0; 5], kv_heads, d);
         assert!(ragged.is_err(), "rows that are not whole heads are refused");
+        let other_shape = host.append_rows(&[0.0; 8], &[0.0; 8], 2, d);
+        assert!(
+            other_shape.is_err(),
+            "rows of another head count are refused"
+        );
+        Ok(())
+    }
+
+    /// Growing adds pages and leaves the cached rows where they are: no
+    /// step copies the history.
+    #[test]
+    fn growing_adds_pages_without_moving_rows() -> Result<()> {
+        let (kv_heads, d) = (2, 8);
+        let mut cache = LayerCache::default();
+        let row = vec![1f32; kv_heads * d];
+        let first_page = cache
+            .append_rows(&row, &row, kv_heads, d)?
+            .keys
+            .head(0)
+            .page(0)
+            .as_ptr();
+        for len in 2..=3 * PAGE_TOKENS + 1 {
+            let cached = cache.append_rows(&row, &row, kv_heads, d)?;
+            assert_eq!(cached.len, len);
+            assert_eq!(cached.keys.head(1).rows(), kv_rows_for(len));
+            assert_eq!(cached.keys.head(0).page(0).as_ptr(), first_page);
+        }
         Ok(())
     }
 

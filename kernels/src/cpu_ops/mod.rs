@@ -15,6 +15,7 @@ use candle_core::{Device, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::error::Result;
+use crate::kv_cache::{HeadRows, Pages};
 
 mod portable;
 #[cfg(target_arch = "x86_64")]
@@ -315,8 +316,6 @@ pub(crate) struct AttentionShape {
     pub position: usize,
     /// Keys and values cached, the `n` new ones included.
     pub len: usize,
-    /// Rows allocated per KV head in the cache buffers.
-    pub capacity: usize,
     /// What each score `k · q` is multiplied by (`1/√d`, or 1 where the
     /// queries were scaled already).
     pub scale: f32,
@@ -326,14 +325,19 @@ pub(crate) struct AttentionShape {
 
 /// Causal grouped-query attention with ggml's arithmetic.
 ///
-/// `q` is `[n, heads, d]` (after RoPE); `keys` and `values` are the cache
-/// buffers `[kv_heads, capacity, d]`. llama.cpp attends over a KV window
+/// `q` is `[n, heads, d]` (after RoPE); `keys` and `values` are the
+/// cache's pages, `len` rows of each KV head filled. llama.cpp attends over a KV window
 /// padded to a multiple of 256 with masked, zero-valued slots; every
 /// reduction below sees the same values in the same lanes when the window
 /// is padded to a multiple of 64, because the padding adds exact zeros.
 /// Scores use `ggml_vec_dot_f32`; the value sum uses tinyBLAS for a batch
 /// of queries and `ggml_vec_dot_f32` for one, as llama.cpp does.
-pub(crate) fn attention(q: &[f32], keys: &[f32], values: &[f32], s: &AttentionShape) -> Vec<f32> {
+pub(crate) fn attention(
+    q: &[f32],
+    keys: Pages<'_>,
+    values: Pages<'_>,
+    s: &AttentionShape,
+) -> Vec<f32> {
     let AttentionShape {
         n,
         heads,
@@ -341,7 +345,6 @@ pub(crate) fn attention(q: &[f32], keys: &[f32], values: &[f32], s: &AttentionSh
         d,
         position,
         len,
-        capacity,
         scale,
         window,
     } = *s;
@@ -363,22 +366,24 @@ pub(crate) fn attention(q: &[f32], keys: &[f32], values: &[f32], s: &AttentionSh
                 }
                 let (i, h) = (row / heads, row % heads);
                 let kv = h / group;
-                let k_head = &keys[kv * capacity * d..(kv * capacity + len) * d];
-                let v_head = &values[kv * capacity * d..(kv * capacity + len) * d];
+                let (k_head, v_head) = (keys.head(kv), values.head(kv));
                 let q_row = &q[row * d..(row + 1) * d];
                 let visible = position + i + 1;
                 let first_visible = window.map_or(0, |w| visible.saturating_sub(w));
                 scores.fill(f32::NEG_INFINITY);
+                for (first, rows) in k_head.runs(first_visible..visible) {
+                    let run = &mut scores[first..first + rows.len() / d];
+                    dot_f32_rows(rows, q_row, run);
+                }
                 let seen = &mut scores[first_visible..visible];
-                dot_f32_rows(&k_head[first_visible * d..visible * d], q_row, seen);
                 seen.iter_mut().for_each(|score| *score *= scale);
                 softmax_in_place(scores);
                 // The masked keys' weights are exactly zero: they add nothing.
-                let keys = first_visible..visible;
+                let seen = first_visible..visible;
                 if tiny_blas {
-                    scratch.tiny_blas(v_head, &scores[..len], keys, out_row);
+                    scratch.tiny_blas(v_head, &scores[..len], seen, out_row);
                 } else {
-                    scratch.vec_dot(v_head, &scores[..len], keys, out_row);
+                    scratch.vec_dot(v_head, &scores[..len], seen, out_row);
                 }
             });
         });
@@ -417,21 +422,21 @@ impl SumScratch {
     /// must be zero, and so adds nothing either (an FMA with a zero product
     /// returns the accumulator, which starts at +0 and so is never -0). The
     /// 16 lanes come from `simd::dot_lanes`, then each column is reduced.
-    fn vec_dot(&mut self, v: &[f32], p: &[f32], keys: Range<usize>, out: &mut [f32]) {
+    fn vec_dot(&mut self, v: HeadRows<'_>, p: &[f32], keys: Range<usize>, out: &mut [f32]) {
         let keys = keys.start..keys.end.min(p.len());
         // Every lane value is written, so the buffer is not cleared first.
-        simd::dot_lanes(v, p, keys, self.d, &mut self.lanes);
+        simd::dot_lanes(v, p, keys, &mut self.lanes);
         self.reduce_lanes(out);
     }
 
     /// As [`vec_dot`](Self::vec_dot), with tinyBLAS's single 16-lane
     /// accumulator.
-    fn tiny_blas(&mut self, v: &[f32], p: &[f32], keys: Range<usize>, out: &mut [f32]) {
+    fn tiny_blas(&mut self, v: HeadRows<'_>, p: &[f32], keys: Range<usize>, out: &mut [f32]) {
         let d = self.d;
         self.lanes.fill(0.0);
         for (j, &pj) in p.iter().enumerate().take(keys.end).skip(keys.start) {
             let slot = &mut self.lanes[(j % 16) * d..][..d];
-            for (a, &vc) in slot.iter_mut().zip(&v[j * d..(j + 1) * d]) {
+            for (a, &vc) in slot.iter_mut().zip(v.row(j)) {
                 *a = vc.mul_add(pj, *a);
             }
         }
@@ -496,6 +501,7 @@ mod simd {
     use super::portable;
     #[cfg(target_arch = "x86_64")]
     use super::x86;
+    use crate::kv_cache::HeadRows;
     use crate::simd::fast_path;
 
     /// The 64-element steps of `dot_f32`, reduced.
@@ -520,16 +526,15 @@ mod simd {
 
     /// The 16 lanes of `SumScratch::vec_dot`'s sums, `[16, d]`.
     pub(super) fn dot_lanes(
-        v: &[f32],
+        v: HeadRows<'_>,
         p: &[f32],
         keys: std::ops::Range<usize>,
-        d: usize,
         lanes: &mut [f32],
     ) {
-        if d.is_multiple_of(64) {
-            fast_path!(avx512f => x86::dot_lanes(v, p, keys, d, lanes); portable::dot_lanes(v, p, keys, d, lanes))
+        if v.d().is_multiple_of(64) {
+            fast_path!(avx512f => x86::dot_lanes(v, p, keys, lanes); portable::dot_lanes(v, p, keys, lanes))
         } else {
-            portable::dot_lanes(v, p, keys, d, lanes)
+            portable::dot_lanes(v, p, keys, lanes)
         }
     }
 
@@ -560,6 +565,7 @@ mod tests {
     };
     use super::simd::{dot_f32_steps, exp_chunk, swiglu_chunks};
     use super::*;
+    use crate::kv_cache::PAGE_TOKENS;
 
     #[test]
     fn rms_norm_of_rows_side_by_side_equals_ggml_s_loop_row_by_row() {
@@ -798,12 +804,22 @@ mod tests {
         let padded = len.div_ceil(64) * 64;
         let mut p_pad = p.clone();
         p_pad.resize(padded, 0.0);
+        // One KV head's rows in cache pages (the last one padded with zeros).
+        let pages: Vec<Box<[f32]>> = v
+            .chunks(PAGE_TOKENS * d)
+            .map(|rows| {
+                let mut page = rows.to_vec();
+                page.resize(PAGE_TOKENS * d, 0.0);
+                page.into_boxed_slice()
+            })
+            .collect();
+        let rows = Pages::new(&pages, d).head(0);
         #[cfg(target_arch = "x86_64")]
         if crate::simd::CpuFeatures::get().avx512f && d.is_multiple_of(64) {
             let (mut fast, mut definition) = (vec![0f32; 16 * d], vec![0f32; 16 * d]);
             // SAFETY: this CPU has AVX-512F (checked above).
-            unsafe { super::x86::dot_lanes(&v, &p, keys.clone(), d, &mut fast) };
-            super::portable::dot_lanes(&v, &p, keys.clone(), d, &mut definition);
+            unsafe { super::x86::dot_lanes(rows, &p, keys.clone(), &mut fast) };
+            super::portable::dot_lanes(rows, &p, keys.clone(), &mut definition);
             let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&fast), bits(&definition), "{len} keys of {d} values");
         }
@@ -811,8 +827,8 @@ mod tests {
         // One scratch for both, dirty from the first when the second runs.
         let mut scratch = SumScratch::new(d);
         scratch.lanes.fill(f32::NAN);
-        scratch.vec_dot(&v, &p, keys.clone(), &mut a);
-        scratch.tiny_blas(&v, &p, keys, &mut b);
+        scratch.vec_dot(rows, &p, keys.clone(), &mut a);
+        scratch.tiny_blas(rows, &p, keys, &mut b);
         for c in 0..d {
             let mut col: Vec<f32> = (0..len).map(|j| v[j * d + c]).collect();
             col.resize(padded, 0.0);

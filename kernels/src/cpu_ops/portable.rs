@@ -4,6 +4,8 @@
 
 use std::ops::Range;
 
+use crate::kv_cache::HeadRows;
+
 /// `_mm512_reduce_add_ps` as GCC implements it: halves, quarters, pairs.
 pub(super) fn reduce_add16(a: &[f32; 16]) -> f32 {
     let mut t8 = [0f32; 8];
@@ -79,7 +81,8 @@ pub(super) fn dot_f32_steps_rows(rows: &[f32], d: usize, y: &[f32], out: &mut [f
 /// Only the rows `keys` are read: every other weight must be zero, and so
 /// adds nothing (an FMA with a zero product returns the accumulator,
 /// which starts at +0 and so is never -0).
-pub(super) fn dot_lanes(v: &[f32], p: &[f32], keys: Range<usize>, d: usize, lanes: &mut [f32]) {
+pub(super) fn dot_lanes(v: HeadRows<'_>, p: &[f32], keys: Range<usize>, lanes: &mut [f32]) {
+    let d = v.d();
     // One lane's four accumulators at a time, so the scratch is 4·d
     // values instead of 64·d zeroed and summed for every head.
     let mut acc = vec![0f32; 4 * d];
@@ -91,7 +94,7 @@ pub(super) fn dot_lanes(v: &[f32], p: &[f32], keys: Range<usize>, d: usize, lane
             let skip = keys.start.saturating_sub(first).div_ceil(64);
             for j in (first + 64 * skip..keys.end).step_by(64) {
                 let pj = p[j];
-                for (a, &vc) in slot.iter_mut().zip(&v[j * d..(j + 1) * d]) {
+                for (a, &vc) in slot.iter_mut().zip(v.row(j)) {
                     *a = vc.mul_add(pj, *a);
                 }
             }

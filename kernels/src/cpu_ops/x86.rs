@@ -8,6 +8,8 @@
 
 use std::arch::x86_64::*;
 
+use crate::kv_cache::{HeadRows, PAGE_TOKENS};
+
 /// The 64-element steps of `dot_f32`, reduced: four 16-lane FMA
 /// accumulators, folded 0+2, 1+3, then 0+1, then reduced. (The product
 /// calls [`dot_f32_steps_rows`]; the tests check this one too.)
@@ -178,28 +180,33 @@ pub(super) fn dot_f32_steps_rows_avx2(rows: &[f32], d: usize, y: &[f32], out: &m
 /// loaded, added to and stored back for every key.
 #[target_feature(enable = "avx512f")]
 pub(super) fn dot_lanes(
-    v: &[f32],
+    v: HeadRows<'_>,
     p: &[f32],
     keys: std::ops::Range<usize>,
-    d: usize,
     lanes: &mut [f32],
 ) {
+    let d = v.d();
     assert!(d.is_multiple_of(64), "64 columns at a time");
     assert!(
-        keys.end <= p.len() && v.len() >= keys.end * d && lanes.len() >= 16 * d,
+        keys.end <= p.len() && keys.end <= v.rows() && lanes.len() >= 16 * d,
         "weights for every key, a row for each, and 16 lanes"
     );
+    // A round of 64 keys lies in one page of rows.
+    const { assert!(PAGE_TOKENS.is_multiple_of(64)) };
     // Keys go by in rounds of 64, from the round that holds the first.
     let first_round = keys.start / 64 * 64;
     // SAFETY: this function has AVX-512F; every key `j` read is inside
-    // `keys` (so below `keys.end`: its weight and its row `j * d..` are
-    // there, asserted above), each load reads 16 of its columns `c0 + ..
-    // < d`, and each store writes 16 of lane `l`'s `d` values.
+    // `keys` (so below `keys.end`: its weight is there, and its row is the
+    // `j % PAGE_TOKENS`-th of page `j / PAGE_TOKENS`, which exists, asserted
+    // above), each load reads 16 of its columns `c0 + .. < d`, and each
+    // store writes 16 of lane `l`'s `d` values.
     unsafe {
         for c0 in (0..d).step_by(64) {
             for l in 0..16 {
                 let mut acc = [[_mm512_setzero_ps(); 4]; 4];
                 for round in (first_round..keys.end).step_by(64) {
+                    let page = v.page(round / PAGE_TOKENS).as_ptr();
+                    let in_page = round % PAGE_TOKENS;
                     // `g` picks the accumulator in one array, `t` the columns.
                     #[allow(clippy::needless_range_loop)]
                     for g in 0..4 {
@@ -208,7 +215,7 @@ pub(super) fn dot_lanes(
                             continue;
                         }
                         let pj = _mm512_set1_ps(*p.get_unchecked(j));
-                        let row = v.as_ptr().add(j * d + c0);
+                        let row = page.add((in_page + 16 * g + l) * d + c0);
                         for t in 0..4 {
                             acc[g][t] =
                                 _mm512_fmadd_ps(_mm512_loadu_ps(row.add(16 * t)), pj, acc[g][t]);

@@ -44,7 +44,9 @@ use std::time::Duration;
 use std::time::Instant;
 
 use futures_util::future::BoxFuture;
-use kernels::{SamplingParams, SequenceId, Shard, ShardInput, TokenLogprobs};
+use kernels::{
+    KV_PAGE_TOKENS, SamplingParams, SequenceId, Shard, ShardInput, TokenLogprobs, kv_rows_for,
+};
 use scheduler::contract::{StageLoad, WaitingRequest};
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
@@ -142,7 +144,7 @@ pub enum SubmitError {
     #[error("the server is busy: {ENGINE_QUEUE_LEN} requests are already waiting; retry shortly")]
     Busy,
     #[error(
-        "this request may need {needed_bytes} bytes of KV cache ({tokens} tokens), more than this node's KV budget of {budget_bytes} bytes; lower max_tokens or shorten the prompt"
+        "this request may need {needed_bytes} bytes of KV cache ({tokens} tokens: prompt plus max_tokens, in whole pages of {KV_PAGE_TOKENS}), more than this node's KV budget of {budget_bytes} bytes; lower max_tokens or shorten the prompt"
     )]
     TooLarge {
         tokens: usize,
@@ -150,7 +152,7 @@ pub enum SubmitError {
         budget_bytes: u64,
     },
     #[error(
-        "this request may need KV cache for {tokens} tokens (prompt plus max_tokens), more than the cluster holds for one request: {stage} has room for {capacity_tokens}; lower max_tokens or shorten the prompt, or give that node more --memory-budget or --kv-cache"
+        "this request may need KV cache for {tokens} tokens (prompt plus max_tokens, in whole pages of {KV_PAGE_TOKENS}), more than the cluster holds for one request: {stage} has room for {capacity_tokens}; lower max_tokens or shorten the prompt, or give that node more --memory-budget or --kv-cache"
     )]
     TooLargeForCluster {
         tokens: usize,
@@ -309,17 +311,19 @@ impl EngineHandle {
         let room = model.context_length.saturating_sub(prompt);
         request.max_tokens = if request.max_tokens == usize::MAX {
             // No limit named: as many as the KV cache holds beside the
-            // prompt, as llama.cpp's server bounds a slot by its context.
+            // prompt, as llama.cpp's server bounds a slot by its context
+            // (in whole pages, as the caches allocate them).
             let kv_tokens = match &kv_room {
                 Some(kv) => usize::try_from(kv.capacity_tokens).unwrap_or(usize::MAX),
                 None => usize::try_from(model.kv_budget_bytes / model.kv_bytes_per_token.max(1))
                     .unwrap_or(usize::MAX),
             };
-            room.min(kv_tokens.saturating_sub(prompt)).max(1)
+            let whole_pages = kv_tokens / KV_PAGE_TOKENS * KV_PAGE_TOKENS;
+            room.min(whole_pages.saturating_sub(prompt)).max(1)
         } else {
             request.max_tokens.min(room)
         };
-        let tokens = prompt + request.max_tokens;
+        let tokens = kv_rows_for(prompt + request.max_tokens);
         if let Some(kv) = kv_room {
             if tokens as u64 > kv.capacity_tokens {
                 return Err(SubmitError::TooLargeForCluster {
@@ -753,8 +757,10 @@ impl Coordinator {
         self.queue = kept;
     }
 
+    /// The tokens of KV cache a request reserves: its prompt and
+    /// `max_tokens`, in the whole pages the stages' caches allocate.
     fn kv_tokens(request: &GenerationRequest) -> u64 {
-        (request.prompt.len() + request.max_tokens) as u64
+        kv_rows_for(request.prompt.len() + request.max_tokens) as u64
     }
 
     fn reserved_tokens(&self) -> u64 {
