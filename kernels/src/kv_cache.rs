@@ -89,6 +89,8 @@ pub(crate) struct CachedRows<'a> {
 struct HostPages {
     keys: Vec<Box<[f32]>>,
     values: Vec<Box<[f32]>>,
+    /// `(KV, d)` of the rows in the pages, from the first append.
+    shape: Option<(usize, usize)>,
 }
 
 /// Keys (or values) of one layer, in pages `[KV, PAGE_TOKENS, d]`.
@@ -190,18 +192,16 @@ impl LayerCache {
         let n = k.len() / row;
         let needed = self.len + n;
         let host = &mut self.host;
-        let page_values = kv_heads * PAGE_TOKENS * d;
-        if host
-            .keys
-            .first()
-            .is_some_and(|page| page.len() != page_values)
+        if let Some((heads, values)) = host.shape
+            && (heads, values) != (kv_heads, d)
         {
             return Err(candle_core::Error::Msg(format!(
-                "KV cache pages hold {} values, not {page_values} ({kv_heads} heads of {d})",
-                host.keys[0].len()
+                "KV cache pages hold {heads} heads of {values} values, not {kv_heads} of {d}"
             ))
             .into());
         }
+        host.shape = Some((kv_heads, d));
+        let page_values = kv_heads * PAGE_TOKENS * d;
         while host.keys.len() * PAGE_TOKENS < needed {
             host.keys.push(vec![0f32; page_values].into_boxed_slice());
             host.values.push(vec![0f32; page_values].into_boxed_slice());
@@ -259,9 +259,8 @@ impl LayerCache {
         Ok((keys.narrow(1, 0, needed)?, values.narrow(1, 0, needed)?))
     }
 
-    /// The whole key and value buffers, `[KV, capacity, d]`, and the
-    /// capacity; rows past the cached length are zero (what the tests
-    /// compare the CPU buffers with).
+    /// The whole tensor buffers, `[KV, capacity, d]`, and the capacity;
+    /// rows past the cached length are zero.
     #[cfg(test)]
     pub(crate) fn buffers(&self) -> Result<(&Tensor, &Tensor, usize)> {
         match (&self.keys, &self.values) {
@@ -380,6 +379,8 @@ mod tests {
             other_shape.is_err(),
             "rows of another head count are refused"
         );
+        let same_size = host.append_rows(&[0.0; 12], &[0.0; 12], 6, 2);
+        assert!(same_size.is_err(), "rows of another shape are refused");
         Ok(())
     }
 
@@ -389,18 +390,24 @@ mod tests {
     fn growing_adds_pages_without_moving_rows() -> Result<()> {
         let (kv_heads, d) = (2, 8);
         let mut cache = LayerCache::default();
-        let row = vec![1f32; kv_heads * d];
-        let first_page = cache
-            .append_rows(&row, &row, kv_heads, d)?
-            .keys
-            .head(0)
-            .page(0)
-            .as_ptr();
-        for len in 2..=3 * PAGE_TOKENS + 1 {
+        let mut pages: Vec<*const f32> = Vec::new();
+        for len in 1..=3 * PAGE_TOKENS + 1 {
+            // Token `t`'s row holds `t` in head 0 and `-t` in head 1.
+            let t = (len - 1) as f32;
+            let row: Vec<f32> = [t, -t].iter().flat_map(|&x| [x; 8]).collect();
             let cached = cache.append_rows(&row, &row, kv_heads, d)?;
             assert_eq!(cached.len, len);
-            assert_eq!(cached.keys.head(1).rows(), kv_rows_for(len));
-            assert_eq!(cached.keys.head(0).page(0).as_ptr(), first_page);
+            let keys = cached.keys.head(1);
+            assert_eq!(keys.rows(), kv_rows_for(len));
+            for page in pages.len()..keys.rows() / PAGE_TOKENS {
+                pages.push(keys.page(page).as_ptr());
+            }
+            for (page, &at) in pages.iter().enumerate() {
+                assert_eq!(keys.page(page).as_ptr(), at, "page {page} moved at {len}");
+            }
+            for j in 0..len {
+                assert_eq!(keys.row(j), [-(j as f32); 8], "row {j} at {len}");
+            }
         }
         Ok(())
     }

@@ -326,8 +326,9 @@ pub(crate) struct AttentionShape {
 /// Causal grouped-query attention with ggml's arithmetic.
 ///
 /// `q` is `[n, heads, d]` (after RoPE); `keys` and `values` are the
-/// cache's pages, `len` rows of each KV head filled. llama.cpp attends over a KV window
-/// padded to a multiple of 256 with masked, zero-valued slots; every
+/// cache's pages, `len` rows of each KV head filled. llama.cpp attends
+/// over a KV window padded to a multiple of 256 with masked, zero-valued
+/// slots; every
 /// reduction below sees the same values in the same lanes when the window
 /// is padded to a multiple of 64, because the padding adds exact zeros.
 /// Scores use `ggml_vec_dot_f32`; the value sum uses tinyBLAS for a batch
@@ -804,16 +805,19 @@ mod tests {
         let padded = len.div_ceil(64) * 64;
         let mut p_pad = p.clone();
         p_pad.resize(padded, 0.0);
-        // One KV head's rows in cache pages (the last one padded with zeros).
+        // The rows as the second of two KV heads in cache pages (the last
+        // page padded with zeros); the first head's rows are NaN, so a sum
+        // that read them would show it.
         let pages: Vec<Box<[f32]>> = v
             .chunks(PAGE_TOKENS * d)
             .map(|rows| {
-                let mut page = rows.to_vec();
-                page.resize(PAGE_TOKENS * d, 0.0);
+                let mut page = vec![f32::NAN; PAGE_TOKENS * d];
+                page.extend_from_slice(rows);
+                page.resize(2 * PAGE_TOKENS * d, 0.0);
                 page.into_boxed_slice()
             })
             .collect();
-        let rows = Pages::new(&pages, d).head(0);
+        let rows = Pages::new(&pages, d).head(1);
         #[cfg(target_arch = "x86_64")]
         if crate::simd::CpuFeatures::get().avx512f && d.is_multiple_of(64) {
             let (mut fast, mut definition) = (vec![0f32; 16 * d], vec![0f32; 16 * d]);
@@ -834,6 +838,80 @@ mod tests {
             col.resize(padded, 0.0);
             assert_eq!(a[c].to_bits(), dot_f32(&col, &p_pad).to_bits());
             assert_eq!(b[c].to_bits(), dot_f32_tiny_blas(&col, &p_pad).to_bits());
+        }
+    }
+
+    /// Attention over paged keys and values, causal and with a sliding
+    /// window that starts inside a page, against sums in f64 over the
+    /// rows each query sees. Every row no query sees (before the window,
+    /// past the cached length) is NaN: reading one would show.
+    #[test]
+    fn paged_attention_reads_the_rows_each_query_sees() {
+        let mut state = crate::test_random::lcg(5);
+        let mut value = || (state() >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+        for (d, window) in [(64, None), (64, Some(50)), (8, Some(50)), (8, None)] {
+            let (n, heads, kv_heads, len) = (3, 4, 2, 150usize);
+            let position = len - n;
+            // The first row any query sees.
+            let first_seen = window.map_or(0, |w| position + 1 - w);
+            let pages_for = |value: &mut dyn FnMut() -> f32| -> Vec<Box<[f32]>> {
+                (0..len.div_ceil(PAGE_TOKENS))
+                    .map(|page| {
+                        let mut rows = Vec::with_capacity(kv_heads * PAGE_TOKENS * d);
+                        for _ in 0..kv_heads {
+                            for slot in 0..PAGE_TOKENS {
+                                let j = page * PAGE_TOKENS + slot;
+                                let seen = (first_seen..len).contains(&j);
+                                rows.extend((0..d).map(|_| if seen { value() } else { f32::NAN }));
+                            }
+                        }
+                        rows.into_boxed_slice()
+                    })
+                    .collect()
+            };
+            let (keys, values) = (pages_for(&mut value), pages_for(&mut value));
+            let q: Vec<f32> = (0..n * heads * d).map(|_| value()).collect();
+            let scale = 1.0 / (d as f32).sqrt();
+            let shape = AttentionShape {
+                n,
+                heads,
+                kv_heads,
+                d,
+                position,
+                len,
+                scale,
+                window,
+            };
+            let (k, v) = (Pages::new(&keys, d), Pages::new(&values, d));
+            let out = attention(&q, k, v, &shape);
+            for i in 0..n {
+                let visible = position + i + 1;
+                let first = window.map_or(0, |w| visible - w);
+                for h in 0..heads {
+                    let (k, v) = (k.head(h / 2), v.head(h / 2));
+                    let q = &q[(i * heads + h) * d..][..d];
+                    let scores: Vec<f64> = (first..visible)
+                        .map(|j| {
+                            let dot: f64 = (0..d).map(|c| f64::from(k.row(j)[c] * q[c])).sum();
+                            dot * f64::from(scale)
+                        })
+                        .collect();
+                    let max = scores.iter().copied().fold(f64::MIN, f64::max);
+                    let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                    let total: f64 = weights.iter().sum();
+                    for c in 0..d {
+                        let want: f64 = (first..visible)
+                            .zip(&weights)
+                            .map(|(j, w)| w / total * f64::from(v.row(j)[c]))
+                            .sum();
+                        let got = f64::from(out[(i * heads + h) * d + c]);
+                        assert!(
+                            (got - want).abs() < 1e-5,
+                            "d {d}, window {window:?}, query {i}, head {h}, column {c}: {got} against {want}"
+                        );
+                    }
+                }
+            }
         }
     }
 

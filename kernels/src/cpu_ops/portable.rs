@@ -74,8 +74,8 @@ pub(super) fn dot_f32_steps_rows(rows: &[f32], d: usize, y: &[f32], out: &mut [f
     }
 }
 
-/// Lane `l` (of 16) of `dot_f32` of every column `c` of `v` (`[rows, d]`)
-/// with the weights `p`, over a window padded with zeros, into
+/// Lane `l` (of 16) of `dot_f32` of every column `c` of a KV head's rows
+/// `v` with the weights `p`, over a window padded with zeros, into
 /// `lanes[l * d + c]`: `(a0 + a2) + (a1 + a3)`, where accumulator `g`
 /// takes the keys `j ≡ 16g + l (mod 64)` in order, one FMA each, from +0.
 /// Only the rows `keys` are read: every other weight must be zero, and so

@@ -196,10 +196,12 @@ pub(super) fn dot_lanes(
     // Keys go by in rounds of 64, from the round that holds the first.
     let first_round = keys.start / 64 * 64;
     // SAFETY: this function has AVX-512F; every key `j` read is inside
-    // `keys` (so below `keys.end`: its weight is there, and its row is the
-    // `j % PAGE_TOKENS`-th of page `j / PAGE_TOKENS`, which exists, asserted
-    // above), each load reads 16 of its columns `c0 + .. < d`, and each
-    // store writes 16 of lane `l`'s `d` values.
+    // `keys`, so below `keys.end` and its weight is there (asserted
+    // above); its row is row `in_page + 16g + l < PAGE_TOKENS` (a round
+    // starts at a multiple of 64, and PAGE_TOKENS is one) of the round's
+    // page, which `page` returns whole (`PAGE_TOKENS * d` values); each
+    // load reads 16 of its columns `c0 + .. < d`, and each store writes 16
+    // of lane `l`'s `d` values.
     unsafe {
         for c0 in (0..d).step_by(64) {
             for l in 0..16 {
