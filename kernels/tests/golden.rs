@@ -1,5 +1,6 @@
 //! Golden test: the default model gives exactly what llama.cpp gives on the
-//! same GGUF, for three fixed chats: the same prompt tokens, bit-identical
+//! same GGUF, for three short fixed chats and a long one (824 prompt
+//! tokens, 13 pages of KV cache): the same prompt tokens, bit-identical
 //! logits after the prompt (their SHA-256), and the same 32 greedy tokens.
 //! ringlet's CPU kernels reproduce ggml's arithmetic (see `kernels::quant`),
 //! so there is no tolerance. The reference was made by
@@ -13,23 +14,28 @@ use common::{ids, messages, sha256_hex};
 use kernels::{LayerRange, SequenceId};
 use serde_json::Value;
 
-const REFERENCE: &str = include_str!("../../tests/golden/smollm2-135m.json");
+const REFERENCES: [&str; 2] = [
+    include_str!("../../tests/golden/smollm2-135m.json"),
+    include_str!("../../tests/golden/smollm2-135m-long.json"),
+];
 
 #[test]
 fn greedy_decoding_matches_llama_cpp() {
-    let reference: Value = serde_json::from_str(REFERENCE).expect("reference json");
+    let cases: Vec<Value> = REFERENCES
+        .iter()
+        .flat_map(|text| {
+            let reference: Value = serde_json::from_str(text).expect("reference json");
+            reference["cases"].as_array().expect("cases").clone()
+        })
+        .collect();
+    assert_eq!(cases.len(), 4, "three short chats and a long one");
     let model = common::open_default_model();
     let tokenizer = model.tokenizer().expect("tokenizer");
     let template = model.chat_template(&tokenizer).expect("chat template");
     let n_layers = model.config().n_layers;
     let mut chain = common::Chain::load(&model, &[LayerRange::new(0, n_layers)]);
 
-    for (i, case) in reference["cases"]
-        .as_array()
-        .expect("cases")
-        .iter()
-        .enumerate()
-    {
+    for (i, case) in cases.iter().enumerate() {
         let name = case["name"].as_str().expect("name");
         let prompt = template.render(&messages(case), true).expect("render");
         assert_eq!(
