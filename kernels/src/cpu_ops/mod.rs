@@ -850,8 +850,18 @@ mod tests {
         let mut state = crate::test_random::lcg(5);
         let mut value = || (state() >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
         for (d, window) in [(64, None), (64, Some(50)), (8, Some(50)), (8, None)] {
-            let (n, heads, kv_heads, len) = (3, 4, 2, 150usize);
-            let position = len - n;
+            let shape = AttentionShape {
+                n: 3,
+                heads: 4,
+                kv_heads: 2,
+                d,
+                position: 147,
+                len: 150,
+                scale: 1.0 / (d as f32).sqrt(),
+                window,
+            };
+            let (n, heads, kv_heads, len) = (shape.n, shape.heads, shape.kv_heads, shape.len);
+            let position = shape.position;
             // The first row any query sees.
             let first_seen = window.map_or(0, |w| position + 1 - w);
             let pages_for = |value: &mut dyn FnMut() -> f32| -> Vec<Box<[f32]>> {
@@ -871,17 +881,6 @@ mod tests {
             };
             let (keys, values) = (pages_for(&mut value), pages_for(&mut value));
             let q: Vec<f32> = (0..n * heads * d).map(|_| value()).collect();
-            let scale = 1.0 / (d as f32).sqrt();
-            let shape = AttentionShape {
-                n,
-                heads,
-                kv_heads,
-                d,
-                position,
-                len,
-                scale,
-                window,
-            };
             let (k, v) = (Pages::new(&keys, d), Pages::new(&values, d));
             let out = attention(&q, k, v, &shape);
             for i in 0..n {
@@ -893,7 +892,7 @@ mod tests {
                     let scores: Vec<f64> = (first..visible)
                         .map(|j| {
                             let dot: f64 = (0..d).map(|c| f64::from(k.row(j)[c] * q[c])).sum();
-                            dot * f64::from(scale)
+                            dot * f64::from(shape.scale)
                         })
                         .collect();
                     let max = scores.iter().copied().fold(f64::MIN, f64::max);
