@@ -17,6 +17,11 @@ tokens, not to a hash. Regenerate on an AVX-512 host to tighten it.
     pip install llama-cpp-python==0.3.36 jinja2 numpy
     python3 tests/golden/make_family_reference.py gemma3=PATH/gemma-3-270m-q4_k_m.gguf \\
         qwen2-q8_0=... qwen2-q4_k_m=... qwen3-q8_0=... qwen3-q4_k_m=...
+
+With --long first (and the Gemma file alone), the long chat that runs past
+Gemma 3's sliding window, written to families-long.json:
+
+    python3 tests/golden/make_family_reference.py --long gemma3=PATH/gemma-3-270m-q4_k_m.gguf
 """
 
 import hashlib
@@ -49,6 +54,29 @@ CHATS = [
     },
 ]
 
+# With --long: one chat of about 800 prompt tokens, past Gemma 3's 512-token
+# sliding window, written to families-long.json.
+LONG_CHATS = [
+    {
+        "name": "long_summary",
+        "messages": [
+            {
+                "role": "user",
+                "content": "Summarize the following notes in three sentences.\n\n"
+                + " ".join(
+                    f"Note {i}: the {part} of the old lighthouse was repaired in year {1900 + 7 * i}, "
+                    f"after a storm that lasted {i % 5 + 2} days and cost the town {100 * i + 50} crowns."
+                    for i, part in enumerate(
+                        ["lamp", "stairs", "door", "roof", "lens", "bell", "gallery", "windows",
+                         "foundation", "railing", "clock", "chimney", "cellar", "flagpole", "wall",
+                         "garden", "gate", "shed", "path", "dock"]
+                    )
+                ),
+            },
+        ],
+    },
+]
+
 TEXTS = ["Hello world", "  indented\n\tcode()", "naïve café 日本語 🙂", "x\n\ny", "It's 3.14159!"]
 
 
@@ -60,7 +88,7 @@ def sha256(path):
     return h.hexdigest()
 
 
-def reference(name, path):
+def reference(name, path, long=False):
     llm = llama_cpp.Llama(
         model_path=path, n_ctx=1024, n_threads=2, n_threads_batch=2,
         type_k=0, type_v=0, flash_attn=False, verbose=False,  # f32 K/V, as ringlet keeps them
@@ -71,7 +99,7 @@ def reference(name, path):
     bos = llm.detokenize([llm.token_bos()], special=True).decode() if llm.metadata.get("tokenizer.ggml.add_bos_token") == "true" else ""
     eos = llm.detokenize([llm.token_eos()], special=True).decode()
     chats = []
-    for chat in CHATS:
+    for chat in LONG_CHATS if long else CHATS:
         prompt = template.render(messages=chat["messages"], add_generation_prompt=True, bos_token=bos, eos_token=eos)
         ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
         llm.reset()
@@ -87,6 +115,9 @@ def reference(name, path):
         chats.append({"name": chat["name"], "messages": chat["messages"], "prompt": prompt, "prompt_ids": ids,
                       "prompt_logits_top": top, "output_ids": out})
         print(f"{name}/{chat['name']}: {llm.detokenize(out).decode(errors='replace')!r}", file=sys.stderr)
+    if long:
+        # The chats alone: the short reference checks the prefix and texts.
+        return {"file": os.path.basename(path), "sha256": sha256(path), "chats": chats, "texts": []}
     # The first four prompt tokens alone: llama.cpp's matrix kernels for
     # fewer than four rows are the ones ringlet follows, so these logits
     # are compared bit for bit (all of them, by hash).
@@ -100,16 +131,20 @@ def reference(name, path):
 
 
 def main():
+    long = sys.argv[1:2] == ["--long"]
     models = {}
-    for arg in sys.argv[1:]:
+    for arg in sys.argv[2 if long else 1:]:
         name, path = arg.split("=", 1)
-        models[name] = reference(name, path)
+        models[name] = reference(name, path, long)
+    with open("/proc/cpuinfo") as f:
+        cpu = "with" if " avx512f" in f.read() else "without"
     out = {
-        "engine": f"llama.cpp via llama-cpp-python {llama_cpp.__version__}, CPU without AVX-512",
+        "engine": f"llama.cpp via llama-cpp-python {llama_cpp.__version__}, CPU {cpu} AVX-512",
         "settings": {"greedy": True, "tokens": TOKENS, "kv_cache": "f32", "threads": 2},
         "models": models,
     }
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "families.json")
+    file = "families-long.json" if long else "families.json"
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), file)
     with open(path, "w") as f:
         json.dump(out, f, indent=1, ensure_ascii=False)
         f.write("\n")
