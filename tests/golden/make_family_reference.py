@@ -32,6 +32,7 @@ import sys
 import jinja2
 import llama_cpp
 import numpy as np
+from make_reference import LONG_CASES  # beside this script
 
 TOKENS = 16
 TOP = 10
@@ -54,28 +55,10 @@ CHATS = [
     },
 ]
 
-# With --long: one chat of about 800 prompt tokens, past Gemma 3's 512-token
-# sliding window, written to families-long.json.
-LONG_CHATS = [
-    {
-        "name": "long_summary",
-        "messages": [
-            {
-                "role": "user",
-                "content": "Summarize the following notes in three sentences.\n\n"
-                + " ".join(
-                    f"Note {i}: the {part} of the old lighthouse was repaired in year {1900 + 7 * i}, "
-                    f"after a storm that lasted {i % 5 + 2} days and cost the town {100 * i + 50} crowns."
-                    for i, part in enumerate(
-                        ["lamp", "stairs", "door", "roof", "lens", "bell", "gallery", "windows",
-                         "foundation", "railing", "clock", "chimney", "cellar", "flagpole", "wall",
-                         "garden", "gate", "shed", "path", "dock"]
-                    )
-                ),
-            },
-        ],
-    },
-]
+# With --long: the default model's long chat (make_reference.py), about 800
+# prompt tokens, past Gemma 3's 512-token sliding window; written to
+# families-long.json.
+LONG_CHATS = LONG_CASES
 
 TEXTS = ["Hello world", "  indented\n\tcode()", "naïve café 日本語 🙂", "x\n\ny", "It's 3.14159!"]
 
