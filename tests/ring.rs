@@ -10,7 +10,7 @@ mod support;
 use std::time::Duration;
 
 // Frames name a request by its sequence id and say how to sample.
-use kernels::{LayerRange, ModelFile, SequenceId as RequestId};
+use kernels::{KV_PAGE_TOKENS, LayerRange, ModelFile, SequenceId as RequestId};
 use ringlet_node::cluster::protocol::{
     self, Epoch, ForwardFrame, Frame, Hello, ModelIdentity, PROTOCOL_VERSION, Payload, PlanMessage,
     PlanStage, Resources, Sample as WireSample, UPGRADE_TOKEN, VERSION_HEADER, WireDType,
@@ -733,17 +733,22 @@ async fn every_stage_admits_the_kv_cache_of_every_owner_within_its_budget() {
         "{usage}"
     );
 
-    // Two requests that each take 60% of the tight stage: node-1's runs,
-    // and node-0's waits for it to end.
+    // Two requests that each take the whole KV pages the tight stage holds
+    // (a reservation counts whole pages of KV_PAGE_TOKENS: more than half
+    // its room, so two never fit together): node-1's runs, and node-0's
+    // waits for it to end.
     let essay = "Write a very long essay about the history of sailing.";
     let prompt_tokens = chat(nodes[0].addr, essay, 1, false).await.json()["usage"]["prompt_tokens"]
         .as_u64()
         .expect("prompt tokens");
-    let max_tokens = (capacity * 6 / 10).saturating_sub(prompt_tokens);
+    let page = KV_PAGE_TOKENS as u64;
+    let whole_pages = capacity / page * page;
+    let max_tokens = whole_pages.saturating_sub(prompt_tokens);
     assert!(
         max_tokens >= 16,
         "the tight stage holds too little: {capacity}"
     );
+    assert!(2 * whole_pages > capacity, "two requests fit in {capacity}");
     let (running, seen) = support::start_stream(nodes[1].addr, essay, max_tokens as u32, 2).await;
     // node-0 has heard of node-1's reservation.
     support::wait_for_cluster(nodes[0].addr, support::REQUEST_TIMEOUT, |v| {
