@@ -180,13 +180,16 @@ fn nested_cargo(workspace: &Path) -> Command {
     let mut command = Command::new(cargo);
     command.current_dir(workspace).args(["build", "--release"]);
     // The outer build's flags (target-cpu=native) and target settings are
-    // not for wasm.
+    // not for wasm; nor is `cargo clippy`'s wrapper, which would lint the
+    // policy's generated bindings with the outer run's `-D warnings`.
     for variable in [
         "RUSTFLAGS",
         "CARGO_ENCODED_RUSTFLAGS",
         "CARGO_BUILD_RUSTFLAGS",
         "CARGO_TARGET_DIR",
         "CARGO_BUILD_TARGET",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CLIPPY_ARGS",
     ] {
         command.env_remove(variable);
     }
