@@ -10,7 +10,7 @@ mod support;
 use std::time::Duration;
 
 // Frames name a request by its sequence id and say how to sample.
-use kernels::{KV_PAGE_TOKENS, LayerRange, ModelFile, SequenceId as RequestId};
+use kernels::{LayerRange, ModelFile, SequenceId as RequestId, kv_tokens_within};
 use ringlet_node::cluster::protocol::{
     self, Epoch, ForwardFrame, Frame, Hello, ModelIdentity, PROTOCOL_VERSION, Payload, PlanMessage,
     PlanStage, Resources, Sample as WireSample, UPGRADE_TOKEN, VERSION_HEADER, WireDType,
@@ -734,15 +734,13 @@ async fn every_stage_admits_the_kv_cache_of_every_owner_within_its_budget() {
     );
 
     // Two requests that each take the whole KV pages the tight stage holds
-    // (a reservation counts whole pages of KV_PAGE_TOKENS: more than half
-    // its room, so two never fit together): node-1's runs, and node-0's
-    // waits for it to end.
+    // (a reservation counts whole pages: more than half its room, so two
+    // never fit together): node-1's runs, and node-0's waits for it to end.
     let essay = "Write a very long essay about the history of sailing.";
     let prompt_tokens = chat(nodes[0].addr, essay, 1, false).await.json()["usage"]["prompt_tokens"]
         .as_u64()
         .expect("prompt tokens");
-    let page = KV_PAGE_TOKENS as u64;
-    let whole_pages = capacity / page * page;
+    let whole_pages = kv_tokens_within(capacity as usize) as u64;
     let max_tokens = whole_pages.saturating_sub(prompt_tokens);
     assert!(
         max_tokens >= 16,

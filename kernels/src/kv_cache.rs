@@ -26,6 +26,12 @@ pub fn kv_rows_for(tokens: usize) -> usize {
     tokens.div_ceil(PAGE_TOKENS) * PAGE_TOKENS
 }
 
+/// The most tokens whose whole pages fit in `rows` rows of KV cache: the
+/// largest count that [`kv_rows_for`] keeps within `rows`.
+pub fn kv_tokens_within(rows: usize) -> usize {
+    rows / PAGE_TOKENS * PAGE_TOKENS
+}
+
 /// Rows allocated for a sequence's first step in the tensor buffers;
 /// doubles from there.
 const INITIAL_CAPACITY_TOKENS: usize = PAGE_TOKENS;

@@ -48,7 +48,7 @@ pub use config::ModelConfig;
 pub use error::{KernelError, Result};
 pub use gguf::{header_len_in, to_hex};
 pub use grammar::{Constraint, ConstraintMatcher, GrammarError, Grammars, compact_json_layout};
-pub use kv_cache::{PAGE_TOKENS as KV_PAGE_TOKENS, kv_rows_for};
+pub use kv_cache::{PAGE_TOKENS as KV_PAGE_TOKENS, kv_rows_for, kv_tokens_within};
 pub use layers::{LayerRange, SequenceId};
 pub use model_file::ModelFile;
 pub use quant::{BlockFormat, QuantMatrix};

@@ -328,9 +328,9 @@ pub(crate) struct AttentionShape {
 /// `q` is `[n, heads, d]` (after RoPE); `keys` and `values` are the
 /// cache's pages, `len` rows of each KV head filled. llama.cpp attends
 /// over a KV window padded to a multiple of 256 with masked, zero-valued
-/// slots; every
-/// reduction below sees the same values in the same lanes when the window
-/// is padded to a multiple of 64, because the padding adds exact zeros.
+/// slots; every reduction below sees the same values in the same lanes
+/// when the window is padded to a multiple of 64, because the padding
+/// adds exact zeros.
 /// Scores use `ggml_vec_dot_f32`; the value sum uses tinyBLAS for a batch
 /// of queries and `ggml_vec_dot_f32` for one, as llama.cpp does.
 pub(crate) fn attention(
@@ -860,8 +860,14 @@ mod tests {
                 scale: 1.0 / (d as f32).sqrt(),
                 window,
             };
-            let (n, heads, kv_heads, len) = (shape.n, shape.heads, shape.kv_heads, shape.len);
-            let position = shape.position;
+            let AttentionShape {
+                n,
+                heads,
+                kv_heads,
+                len,
+                position,
+                ..
+            } = shape;
             // The first row any query sees.
             let first_seen = window.map_or(0, |w| position + 1 - w);
             let pages_for = |value: &mut dyn FnMut() -> f32| -> Vec<Box<[f32]>> {

@@ -46,6 +46,7 @@ use std::time::Instant;
 use futures_util::future::BoxFuture;
 use kernels::{
     KV_PAGE_TOKENS, SamplingParams, SequenceId, Shard, ShardInput, TokenLogprobs, kv_rows_for,
+    kv_tokens_within,
 };
 use scheduler::contract::{StageLoad, WaitingRequest};
 use serde::Serialize;
@@ -318,8 +319,8 @@ impl EngineHandle {
                 None => usize::try_from(model.kv_budget_bytes / model.kv_bytes_per_token.max(1))
                     .unwrap_or(usize::MAX),
             };
-            let whole_pages = kv_tokens / KV_PAGE_TOKENS * KV_PAGE_TOKENS;
-            room.min(whole_pages.saturating_sub(prompt)).max(1)
+            room.min(kv_tokens_within(kv_tokens).saturating_sub(prompt))
+                .max(1)
         } else {
             request.max_tokens.min(room)
         };
