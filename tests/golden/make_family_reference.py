@@ -32,6 +32,8 @@ import sys
 import jinja2
 import llama_cpp
 import numpy as np
+# With --long: the default model's long chat, about 800 prompt tokens, past
+# Gemma 3's 512-token sliding window; written to families-long.json.
 from make_reference import LONG_CASES  # beside this script
 
 TOKENS = 16
@@ -55,11 +57,6 @@ CHATS = [
     },
 ]
 
-# With --long: the default model's long chat (make_reference.py), about 800
-# prompt tokens, past Gemma 3's 512-token sliding window; written to
-# families-long.json.
-LONG_CHATS = LONG_CASES
-
 TEXTS = ["Hello world", "  indented\n\tcode()", "naïve café 日本語 🙂", "x\n\ny", "It's 3.14159!"]
 
 
@@ -82,7 +79,7 @@ def reference(name, path, long=False):
     bos = llm.detokenize([llm.token_bos()], special=True).decode() if llm.metadata.get("tokenizer.ggml.add_bos_token") == "true" else ""
     eos = llm.detokenize([llm.token_eos()], special=True).decode()
     chats = []
-    for chat in LONG_CHATS if long else CHATS:
+    for chat in LONG_CASES if long else CHATS:
         prompt = template.render(messages=chat["messages"], add_generation_prompt=True, bos_token=bos, eos_token=eos)
         ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
         llm.reset()

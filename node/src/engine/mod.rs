@@ -75,6 +75,14 @@ pub struct GenerationRequest {
     pub ignore_eos: bool,
 }
 
+impl GenerationRequest {
+    /// The tokens of KV cache the request reserves: its prompt and
+    /// `max_tokens`, in the whole pages the stages' caches allocate.
+    fn kv_tokens(&self) -> usize {
+        kv_rows_for(self.prompt.len() + self.max_tokens)
+    }
+}
+
 /// Why a generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -307,7 +315,7 @@ impl EngineHandle {
     /// Queues a generation.
     pub fn submit(&self, mut request: GenerationRequest) -> Result<Generation, SubmitError> {
         let model = self.model.get();
-        let kv_room = self.kv_room.as_ref().and_then(|r| r.borrow().clone());
+        let kv_room = self.kv_room();
         let prompt = request.prompt.len();
         let room = model.context_length.saturating_sub(prompt);
         request.max_tokens = if request.max_tokens == usize::MAX {
@@ -324,7 +332,7 @@ impl EngineHandle {
         } else {
             request.max_tokens.min(room)
         };
-        let tokens = kv_rows_for(prompt + request.max_tokens);
+        let tokens = request.kv_tokens();
         if let Some(kv) = kv_room {
             if tokens as u64 > kv.capacity_tokens {
                 return Err(SubmitError::TooLargeForCluster {
@@ -758,12 +766,6 @@ impl Coordinator {
         self.queue = kept;
     }
 
-    /// The tokens of KV cache a request reserves: its prompt and
-    /// `max_tokens`, in the whole pages the stages' caches allocate.
-    fn kv_tokens(request: &GenerationRequest) -> u64 {
-        kv_rows_for(request.prompt.len() + request.max_tokens) as u64
-    }
-
     fn reserved_tokens(&self) -> u64 {
         self.active.values().map(|a| a.kv_tokens).sum()
     }
@@ -772,7 +774,7 @@ impl Coordinator {
     /// every stage of the cluster's plan, beside other owners' requests
     /// too, or else in this engine's own budget.
     fn fits(&self, submission: &Submission) -> bool {
-        let needed = Self::kv_tokens(&submission.request);
+        let needed = submission.request.kv_tokens() as u64;
         let reserved = self.reserved_tokens();
         let room = self
             .scheduling
@@ -788,7 +790,7 @@ impl Coordinator {
     }
 
     async fn start(&mut self, submission: Submission) {
-        let kv_tokens = Self::kv_tokens(&submission.request);
+        let kv_tokens = submission.request.kv_tokens() as u64;
         let Submission {
             request,
             events,
