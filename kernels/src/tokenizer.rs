@@ -64,6 +64,10 @@ pub struct Tokenizer {
     /// as `0xFF` then their name (which no text can contain): what a
     /// grammar engine matches tokens against.
     token_bytes: Arc<[Vec<u8>]>,
+    /// `inner`'s vocabulary size with its added tokens, counted once: the
+    /// `tokenizers` crate counts it by copying the whole vocabulary, which
+    /// cost every chat request milliseconds of CPU.
+    vocab_size: usize,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -125,8 +129,10 @@ impl Tokenizer {
                 .zip(&token_types)
                 .map(|(text, &kind)| token_bytes(text, kind, model == "gpt2"))
                 .collect(),
+            vocab_size: 0,
         };
         tokenizer.add_special_tokens(&tokens, &token_types);
+        tokenizer.vocab_size = tokenizer.inner.get_vocab_size(true);
         tokenizer.stop_tokens = tokenizer.end_of_generation_tokens(metadata, &tokens, &token_types);
         Ok(tokenizer)
     }
@@ -192,7 +198,7 @@ impl Tokenizer {
 
     /// Tokens in the vocabulary, control tokens included.
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        self.vocab_size
     }
 
     /// One token's own text, as clients see it in log probabilities:

@@ -99,4 +99,8 @@ fn tokenizer_round_trips_text_and_special_tokens() {
         tokenizer.stop_tokens().contains(&2),
         "<|im_end|> ends generation"
     );
+    // The vocabulary the API checks token ids against: every token of the
+    // file, its control tokens included, and no more.
+    assert_eq!(tokenizer.vocab_size(), model.config().vocab_size);
+    assert_eq!(tokenizer.vocab_size(), tokenizer.token_bytes().len());
 }

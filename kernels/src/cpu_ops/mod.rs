@@ -566,7 +566,7 @@ mod tests {
     };
     use super::simd::{dot_f32_steps, exp_chunk, swiglu_chunks};
     use super::*;
-    use crate::kv_cache::PAGE_TOKENS;
+    use crate::kv_cache::{PAGE_TOKENS, Page};
 
     #[test]
     fn rms_norm_of_rows_side_by_side_equals_ggml_s_loop_row_by_row() {
@@ -808,13 +808,13 @@ mod tests {
         // The rows as the second of two KV heads in cache pages (the last
         // page padded with zeros); the first head's rows are NaN, so a sum
         // that read them would show it.
-        let pages: Vec<Box<[f32]>> = v
+        let pages: Vec<Page> = v
             .chunks(PAGE_TOKENS * d)
             .map(|rows| {
                 let mut page = vec![f32::NAN; PAGE_TOKENS * d];
                 page.extend_from_slice(rows);
                 page.resize(2 * PAGE_TOKENS * d, 0.0);
-                page.into_boxed_slice()
+                Page::from_values(&page)
             })
             .collect();
         let rows = Pages::new(&pages, d).head(1);
@@ -870,7 +870,7 @@ mod tests {
             } = shape;
             // The first row any query sees.
             let first_seen = window.map_or(0, |w| position + 1 - w);
-            let pages_for = |value: &mut dyn FnMut() -> f32| -> Vec<Box<[f32]>> {
+            let pages_for = |value: &mut dyn FnMut() -> f32| -> Vec<Page> {
                 (0..len.div_ceil(PAGE_TOKENS))
                     .map(|page| {
                         let mut rows = Vec::with_capacity(kv_heads * PAGE_TOKENS * d);
@@ -881,7 +881,7 @@ mod tests {
                                 rows.extend((0..d).map(|_| if seen { value() } else { f32::NAN }));
                             }
                         }
-                        rows.into_boxed_slice()
+                        Page::from_values(&rows)
                     })
                     .collect()
             };
