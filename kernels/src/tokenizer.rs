@@ -64,10 +64,6 @@ pub struct Tokenizer {
     /// as `0xFF` then their name (which no text can contain): what a
     /// grammar engine matches tokens against.
     token_bytes: Arc<[Vec<u8>]>,
-    /// `inner`'s vocabulary size with its added tokens, counted once: the
-    /// `tokenizers` crate counts it by copying the whole vocabulary, which
-    /// cost every chat request milliseconds of CPU.
-    vocab_size: usize,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -129,10 +125,8 @@ impl Tokenizer {
                 .zip(&token_types)
                 .map(|(text, &kind)| token_bytes(text, kind, model == "gpt2"))
                 .collect(),
-            vocab_size: 0,
         };
         tokenizer.add_special_tokens(&tokens, &token_types);
-        tokenizer.vocab_size = tokenizer.inner.get_vocab_size(true);
         tokenizer.stop_tokens = tokenizer.end_of_generation_tokens(metadata, &tokens, &token_types);
         Ok(tokenizer)
     }
@@ -196,9 +190,11 @@ impl Tokenizer {
         self.inner.decode(ids, true).map_err(tokenizer_error)
     }
 
-    /// Tokens in the vocabulary, control tokens included.
+    /// Tokens in the vocabulary, control tokens included: the file's token
+    /// list, one entry of `token_bytes` each. (`tokenizers` counts the same
+    /// by copying its whole vocabulary, milliseconds of CPU per request.)
     pub fn vocab_size(&self) -> usize {
-        self.vocab_size
+        self.token_bytes.len()
     }
 
     /// One token's own text, as clients see it in log probabilities:
