@@ -143,6 +143,30 @@ async fn a_client_that_hangs_up_cancels_its_generation() {
 }
 
 #[tokio::test]
+async fn a_signalled_node_finishes_its_open_stream_and_exits() {
+    let mut node = Node::start_ready(&[]);
+    let (mut stream, _) =
+        support::start_stream(node.addr, "Write a short poem about rivers.", 48, 2).await;
+    node.signal("TERM");
+    // The stream in flight gets its answer to the end.
+    let rest = support::read_rest(&mut stream, support::REQUEST_TIMEOUT).await;
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.contains("data: [DONE]"), "{rest}");
+    node.wait_for_log("ringlet_node::serve: stopped", support::REQUEST_TIMEOUT);
+    let status = node.wait_for_exit();
+    assert!(status.success(), "{status}");
+    // The engine stopped when asked (its handles outlive the HTTP
+    // server, so their drop cannot stop it): nothing waited out a deadline.
+    let log = node.log_seen.join("\n");
+    assert!(
+        log.contains("the request coordinator stopped unfinished=0"),
+        "{log}"
+    );
+    assert!(!log.contains("did not stop within"), "{log}");
+    assert!(!log.contains("did not finish in time"), "{log}");
+}
+
+#[tokio::test]
 async fn concurrent_streams_over_sockets_all_finish() {
     let node = Node::start_ready(&[]);
     let prompts = [

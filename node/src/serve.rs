@@ -149,7 +149,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!("listening on http://{listen} (OpenAI-compatible API at http://{listen}/v1)");
     serve_until_stopped(listener, state).await?;
     let joined = tokio::task::spawn_blocking(move || engine.shutdown());
-    let _ = tokio::time::timeout(Duration::from_secs(SHUTDOWN_GRACE_SECS), joined).await;
+    if tokio::time::timeout(Duration::from_secs(SHUTDOWN_GRACE_SECS), joined)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "the inference engine did not stop within {SHUTDOWN_GRACE_SECS} s; exiting without it"
+        );
+    }
     tracing::info!("stopped");
     Ok(())
 }

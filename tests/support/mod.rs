@@ -260,6 +260,12 @@ impl Node {
         assert!(status.success(), "kill -{signal} failed");
     }
 
+    /// Waits for the process to end (after a log line that says it is
+    /// about to) and returns how it ended.
+    pub fn wait_for_exit(&mut self) -> std::process::ExitStatus {
+        self.child.wait().expect("wait for ringlet")
+    }
+
     /// True while the process runs.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))

@@ -389,10 +389,15 @@ pub fn decode_rate(tokens: usize, seconds_since_first: f64) -> f64 {
     }
 }
 
-/// The threads of a running engine. Dropping every [`EngineHandle`] stops it.
+/// The threads of a running engine. [`shutdown`](Engine::shutdown) stops
+/// it, and so does dropping every [`EngineHandle`].
 pub struct Engine {
     pub handle: EngineHandle,
     threads: Vec<JoinHandle<()>>,
+    /// Set by `shutdown`: handles live on in parts that outlast the HTTP
+    /// server (the cluster's model switcher), so their drop cannot be
+    /// what stops the coordinator.
+    stop: watch::Sender<bool>,
 }
 
 /// The far ends of the coordinator's two channels: whoever runs the stages
@@ -425,8 +430,10 @@ impl Engine {
         let (result_tx, result_rx) = mpsc::channel(RESULT_QUEUE_LEN);
         let (submission_tx, submission_rx) = mpsc::channel(ENGINE_QUEUE_LEN);
         let (stats_tx, stats_rx) = watch::channel(EngineStats::default());
+        let (stop_tx, stop_rx) = watch::channel(false);
         let waiting = Arc::new(AtomicUsize::new(0));
         let coordinator = Coordinator {
+            stop: Some(stop_rx),
             model: model.clone(),
             submissions: submission_rx,
             submissions_open: true,
@@ -461,6 +468,7 @@ impl Engine {
                 kv_room,
             },
             threads: vec![coordinator_thread],
+            stop: stop_tx,
         };
         Ok((
             engine,
@@ -510,8 +518,11 @@ impl Engine {
         Ok(engine)
     }
 
-    /// Stops accepting work and waits for the engine's threads to end.
+    /// Stops accepting work, fails what is still waiting or running (the
+    /// HTTP server has already given open requests their grace), and waits
+    /// for the engine's threads to end.
     pub fn shutdown(self) {
+        self.stop.send_replace(true);
         drop(self.handle);
         for thread in self.threads {
             let _ = thread.join();
@@ -548,6 +559,9 @@ enum Outcome {
 }
 
 struct Coordinator {
+    /// [`Engine::shutdown`]'s signal; `None` once the engine was dropped
+    /// without it (the handles' drop then stops the coordinator).
+    stop: Option<watch::Receiver<bool>>,
     model: Current<EngineModel>,
     submissions: mpsc::Receiver<Submission>,
     submissions_open: bool,
@@ -604,6 +618,18 @@ impl Coordinator {
                         break;
                     }
                 },
+                changed = changed(&mut self.stop) => {
+                    if changed {
+                        let unfinished = self.queue.len() + self.active.len();
+                        self.fail_everything(
+                            "the node is stopping; send the request again to another node, or once it is back",
+                        )
+                        .await;
+                        tracing::info!(unfinished, "the request coordinator stopped");
+                        break;
+                    }
+                    self.stop = None;
+                }
                 // The handles bound what waits (`EngineHandle::waiting`).
                 submission = self.submissions.recv(), if self.submissions_open => match submission {
                     Some(submission) => {
@@ -1093,7 +1119,14 @@ impl Coordinator {
     /// The stage is gone (it can only die of a bug): fail everything, stop.
     async fn stage_stopped(&mut self) {
         tracing::error!("the inference stage stopped; failing every request");
-        let message = "the inference engine stopped; the node must be restarted".to_string();
+        self.fail_everything("the inference engine stopped; the node must be restarted")
+            .await;
+    }
+
+    /// Fails every waiting and running request with `message` and stops
+    /// taking submissions.
+    async fn fail_everything(&mut self, message: &str) {
+        let message = message.to_string();
         self.waiting.fetch_sub(self.queue.len(), Ordering::AcqRel);
         for waiting in self.queue.drain(..) {
             let _ = waiting.events.try_send(GenerationEvent::Failed {
