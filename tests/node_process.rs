@@ -152,18 +152,55 @@ async fn a_signalled_node_finishes_its_open_stream_and_exits() {
     let rest = support::read_rest(&mut stream, support::REQUEST_TIMEOUT).await;
     let rest = String::from_utf8_lossy(&rest);
     assert!(rest.contains("data: [DONE]"), "{rest}");
-    node.wait_for_log("ringlet_node::serve: stopped", support::REQUEST_TIMEOUT);
-    let status = node.wait_for_exit();
+    let status = node.wait_for_exit(support::REQUEST_TIMEOUT);
     assert!(status.success(), "{status}");
     // The engine stopped when asked (its handles outlive the HTTP
-    // server, so their drop cannot stop it): nothing waited out a deadline.
+    // server, so their drop cannot stop it), with nothing left: the 46
+    // tokens after the signal took far less than the 10 s grace.
     let log = node.log_seen.join("\n");
     assert!(
         log.contains("the request coordinator stopped unfinished=0"),
         "{log}"
     );
+    assert!(log.contains("ringlet_node::serve: stopped"), "{log}");
+    // Nothing waited out a deadline.
     assert!(!log.contains("did not stop within"), "{log}");
-    assert!(!log.contains("did not finish in time"), "{log}");
+    assert!(!log.contains("did not finish within"), "{log}");
+}
+
+#[tokio::test]
+async fn a_stream_that_outlasts_the_stop_grace_is_told_to_retry() {
+    let mut node = Node::start_ready(&[]);
+    let (mut stream, _) = support::start_stream(
+        node.addr,
+        "Write a very long essay about mountains.",
+        4000,
+        2,
+    )
+    .await;
+    node.signal("TERM");
+    // 4,000 tokens take far longer than the 10 s grace: the stream ends
+    // with an error that says what to do, not with a cut connection.
+    let rest = support::read_rest(&mut stream, support::REQUEST_TIMEOUT).await;
+    let rest = String::from_utf8_lossy(&rest);
+    let last = sse_data(&rest).pop().unwrap_or_default();
+    assert!(
+        last.contains("the node is stopping; send the request again"),
+        "{rest}"
+    );
+    let status = node.wait_for_exit(support::REQUEST_TIMEOUT);
+    assert!(status.success(), "{status}");
+    let log = node.log_seen.join("\n");
+    assert!(
+        log.contains("open requests did not finish within 10 s"),
+        "{log}"
+    );
+    assert!(
+        log.contains("the request coordinator stopped unfinished=1"),
+        "{log}"
+    );
+    assert!(!log.contains("did not stop within"), "{log}");
+    assert!(!log.contains("did not take their last event"), "{log}");
 }
 
 #[tokio::test]

@@ -114,6 +114,15 @@ pub const FETCH_PROGRESS_INTERVAL_MS: u64 = 500;
 /// Seconds a running node waits for in-flight requests when asked to stop.
 pub const SHUTDOWN_GRACE_SECS: u64 = 10;
 
+/// Then, for requests the grace did not see to the end, seconds their
+/// connections get to deliver the error that says to send them again:
+/// one small event each, so a client that is reading takes it at once.
+pub const SHUTDOWN_LAST_EVENTS_SECS: u64 = 2;
+
+/// Milliseconds the process waits, once its command is done, for
+/// background work to end before it exits regardless.
+pub const EXIT_WAIT_MS: u64 = 1_000;
+
 // ---------------------------------------------------------------------------
 // Cluster links (milliseconds unless the name says otherwise)
 // ---------------------------------------------------------------------------

@@ -41,7 +41,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(ringlet_node::commands::dispatch(command)) {
+    let outcome = runtime.block_on(ringlet_node::commands::dispatch(command));
+    // The command is done, and whatever needed an end had its grace in it
+    // (`serve` gives open requests theirs): blocking work still running
+    // (an engine that did not stop, a read of a model file) must not keep
+    // the process alive, as dropping the runtime would.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(
+        ringlet_node::limits::EXIT_WAIT_MS,
+    ));
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");

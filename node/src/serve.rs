@@ -20,7 +20,7 @@ use crate::current::Current;
 use crate::engine::{Engine, EngineHandle, EngineModel, Scheduling};
 use crate::hub::HubFiles;
 use crate::identity::{self, Identity, JoinToken, Membership, PeerPass};
-use crate::limits::{MAX_CLUSTER_NAME_BYTES, SHUTDOWN_GRACE_SECS};
+use crate::limits::{MAX_CLUSTER_NAME_BYTES, SHUTDOWN_GRACE_SECS, SHUTDOWN_LAST_EVENTS_SECS};
 use crate::loaded_model::{LoadedModel, OpenedModel};
 use crate::model_store::Downloads;
 use crate::prompt::PromptBuilder;
@@ -147,16 +147,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         peer_pass: Some(peer_pass),
     };
     tracing::info!("listening on http://{listen} (OpenAI-compatible API at http://{listen}/v1)");
-    serve_until_stopped(listener, state).await?;
-    let joined = tokio::task::spawn_blocking(move || engine.shutdown());
-    if tokio::time::timeout(Duration::from_secs(SHUTDOWN_GRACE_SECS), joined)
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            "the inference engine did not stop within {SHUTDOWN_GRACE_SECS} s; exiting without it"
-        );
-    }
+    serve_until_stopped(listener, state, engine).await?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -321,8 +312,13 @@ fn model_opener(
     })
 }
 
-/// Serves until a signal, then gives open streams SHUTDOWN_GRACE_SECS.
-async fn serve_until_stopped(listener: TcpListener, state: AppState) -> anyhow::Result<()> {
+/// Serves until a signal, then gives open streams SHUTDOWN_GRACE_SECS,
+/// then stops `engine`.
+async fn serve_until_stopped(
+    listener: TcpListener,
+    state: AppState,
+    engine: Engine,
+) -> anyhow::Result<()> {
     let stopping = Arc::new(Notify::new());
     let app = api::router(state).into_make_service_with_connect_info::<SocketAddr>();
     // Every connection unbuffered: a link carries one small frame per
@@ -349,9 +345,34 @@ async fn serve_until_stopped(listener: TcpListener, state: AppState) -> anyhow::
         () = stopping.notified() => {}
     }
     // Stopping: open streams get a deadline.
-    match tokio::time::timeout(Duration::from_secs(SHUTDOWN_GRACE_SECS), server).await {
-        Ok(served) => served.context("the HTTP server failed")?,
-        Err(_) => tracing::warn!("open requests did not finish in time; closing them"),
+    let grace = Duration::from_secs(SHUTDOWN_GRACE_SECS);
+    let drained = match tokio::time::timeout(grace, &mut server).await {
+        Ok(served) => {
+            served.context("the HTTP server failed")?;
+            true
+        }
+        Err(_) => {
+            tracing::warn!(
+                "open requests did not finish within {SHUTDOWN_GRACE_SECS} s; ending them"
+            );
+            false
+        }
+    };
+    // The engine fails what is still queued or running, with a message
+    // that says to send it again...
+    let joined = tokio::task::spawn_blocking(move || engine.shutdown());
+    if tokio::time::timeout(grace, joined).await.is_err() {
+        tracing::warn!(
+            "the inference engine did not stop within {SHUTDOWN_GRACE_SECS} s; exiting anyway"
+        );
+    }
+    // ...which the connections still open deliver before they close.
+    if !drained
+        && tokio::time::timeout(Duration::from_secs(SHUTDOWN_LAST_EVENTS_SECS), server)
+            .await
+            .is_err()
+    {
+        tracing::warn!("some clients did not take their last event; closing their connections");
     }
     Ok(())
 }

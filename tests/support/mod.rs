@@ -260,9 +260,21 @@ impl Node {
         assert!(status.success(), "kill -{signal} failed");
     }
 
-    /// Waits for the process to end (after a log line that says it is
-    /// about to) and returns how it ended.
-    pub fn wait_for_exit(&mut self) -> std::process::ExitStatus {
+    /// Waits up to `timeout` for the process to end (its stderr closes),
+    /// keeping what it logs, and returns how it ended.
+    pub fn wait_for_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) => self.log_seen.push(line),
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => panic!(
+                    "the node did not exit within {timeout:?}; log so far:\n{}",
+                    self.log_seen.join("\n")
+                ),
+            }
+        }
         self.child.wait().expect("wait for ringlet")
     }
 

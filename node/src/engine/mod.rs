@@ -144,7 +144,8 @@ pub struct EngineStats {
     pub queued: usize,
     /// KV-cache bytes reserved by the active requests.
     pub kv_reserved_bytes: u64,
-    /// The engine stopped (its stage died); it serves nothing more.
+    /// The engine stopped (its stage died, or the node is stopping); it
+    /// serves nothing more.
     pub stopped: bool,
 }
 
