@@ -8,7 +8,7 @@ mod support;
 use std::time::Duration;
 
 use support::{Node, chat, chat_body, request, sse_data, streamed_content};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Runs `script` (in tests/) with the Python that has the official
@@ -145,13 +145,30 @@ async fn a_client_that_hangs_up_cancels_its_generation() {
 #[tokio::test]
 async fn a_signalled_node_finishes_its_open_stream_and_exits() {
     let mut node = Node::start_ready(&[]);
+    // A dashboard's live feed, which has no end of its own.
+    let mut feed = TcpStream::connect(node.addr).await.expect("connect");
+    feed.write_all(b"GET /v1/cluster/events HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("send");
+    // Its headers and first event may come in separate reads.
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("event: cluster") {
+        let n = tokio::time::timeout(support::REQUEST_TIMEOUT, feed.read(&mut buf))
+            .await
+            .expect("the feed's first event in time")
+            .expect("read");
+        assert!(n > 0, "the feed ended: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
     let (mut stream, _) =
         support::start_stream(node.addr, "Write a short poem about rivers.", 48, 2).await;
     node.signal("TERM");
-    // The stream in flight gets its answer to the end.
+    // The stream in flight gets its answer to the end; the feed ends.
     let rest = support::read_rest(&mut stream, support::REQUEST_TIMEOUT).await;
     let rest = String::from_utf8_lossy(&rest);
     assert!(rest.contains("data: [DONE]"), "{rest}");
+    support::read_rest(&mut feed, support::REQUEST_TIMEOUT).await;
     let status = node.wait_for_exit(support::REQUEST_TIMEOUT);
     assert!(status.success(), "{status}");
     // The engine stopped when asked (its handles outlive the HTTP

@@ -12,7 +12,7 @@ use scheduler::NodeId;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 
-use crate::api::{self, AdminToken, ApiAccess, AppState, ServedModel};
+use crate::api::{self, AdminToken, ApiAccess, AppState, ServedModel, Stopping};
 use crate::cli::RuntimeConfig;
 use crate::cli::ServeArgs;
 use crate::cluster::{self, ClusterConfig, ModelOpener, SwitchedModel, resources};
@@ -137,6 +137,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Arc::new(file),
         pipeline,
     );
+    let (stop_http, stopping) = Stopping::new();
     let state = AppState {
         engine: engine.handle.clone(),
         model: served,
@@ -145,9 +146,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         admin_token: args.admin_token.as_deref().and_then(AdminToken::new),
         access: api_access(&args, listen)?,
         peer_pass: Some(peer_pass),
+        stopping,
     };
     tracing::info!("listening on http://{listen} (OpenAI-compatible API at http://{listen}/v1)");
-    serve_until_stopped(listener, state, engine).await?;
+    serve_until_stopped(listener, state, engine, stop_http).await?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -313,11 +315,12 @@ fn model_opener(
 }
 
 /// Serves until a signal, then gives open streams SHUTDOWN_GRACE_SECS,
-/// then stops `engine`.
+/// then stops `engine`. `stop_http` sets `state.stopping` at the signal.
 async fn serve_until_stopped(
     listener: TcpListener,
     state: AppState,
     engine: Engine,
+    stop_http: tokio::sync::watch::Sender<bool>,
 ) -> anyhow::Result<()> {
     let stopping = Arc::new(Notify::new());
     let app = api::router(state).into_make_service_with_connect_info::<SocketAddr>();
@@ -336,6 +339,7 @@ async fn serve_until_stopped(
         async move {
             shutdown_signal().await;
             tracing::info!("stopping: finishing open requests for up to {SHUTDOWN_GRACE_SECS} s");
+            stop_http.send_replace(true);
             stopping.notify_one();
         }
     });
@@ -361,13 +365,15 @@ async fn serve_until_stopped(
     // The engine fails what is still queued or running, with a message
     // that says to send it again...
     let joined = tokio::task::spawn_blocking(move || engine.shutdown());
-    if tokio::time::timeout(grace, joined).await.is_err() {
+    let engine_stopped = tokio::time::timeout(grace, joined).await.is_ok();
+    if !engine_stopped {
         tracing::warn!(
             "the inference engine did not stop within {SHUTDOWN_GRACE_SECS} s; exiting anyway"
         );
     }
     // ...which the connections still open deliver before they close.
     if !drained
+        && engine_stopped
         && tokio::time::timeout(Duration::from_secs(SHUTDOWN_LAST_EVENTS_SECS), server)
             .await
             .is_err()
@@ -407,6 +413,7 @@ pub fn start_local_engine(
         admin_token: None,
         access: ApiAccess::open(),
         peer_pass: None,
+        stopping: Stopping::never(),
     };
     Ok((engine, state))
 }

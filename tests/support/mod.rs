@@ -130,8 +130,16 @@ impl Node {
         let stderr = child.stderr.take().expect("stderr");
         let (tx, log) = mpsc::channel();
         std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
+            // Lossy: a line that is not UTF-8 must not end the reader,
+            // whose end tells `wait_for_exit` that the process exited.
+            let mut reader = BufReader::new(stderr);
+            let mut line = Vec::new();
+            while matches!(reader.read_until(b'\n', &mut line), Ok(n) if n > 0) {
+                let text = String::from_utf8_lossy(&line)
+                    .trim_end_matches(['\n', '\r'])
+                    .to_string();
+                line.clear();
+                if tx.send(text).is_err() {
                     break;
                 }
             }

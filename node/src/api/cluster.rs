@@ -11,7 +11,7 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::Response;
 use axum::response::sse::{Event, KeepAlive, Sse};
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 
 use super::{ApiError, AppState};
 use crate::cluster::ClusterView;
@@ -25,11 +25,13 @@ pub async fn cluster_view(State(state): State<AppState>) -> Result<Json<ClusterV
 }
 
 /// The cluster view as server-sent `cluster` events: one at once, then one
-/// after each change, at most one per [`CLUSTER_EVENTS_INTERVAL_MS`].
+/// after each change, at most one per [`CLUSTER_EVENTS_INTERVAL_MS`],
+/// until the node begins to stop.
 pub async fn cluster_events(
     State(state): State<AppState>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let cluster = state.cluster("/v1/cluster/events")?;
+    let stopping = state.stopping.clone();
     let mut pace = tokio::time::interval(Duration::from_millis(CLUSTER_EVENTS_INTERVAL_MS));
     pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let start = (cluster.watch(), pace, true);
@@ -44,7 +46,8 @@ pub async fn cluster_events(
             .json_data(&view)
             .unwrap_or_else(|error| Event::default().comment(format!("unserializable: {error}")));
         Some((Ok(event), (views, pace, false)))
-    });
+    })
+    .take_until(stopping.wait());
     Ok(Sse::new(events)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(SSE_KEEP_ALIVE_SECS))))
 }

@@ -66,6 +66,36 @@ pub struct AppState {
     /// What peers' requests for model files must carry; `None` outside a
     /// cluster.
     pub peer_pass: Option<crate::identity::PeerPass>,
+    /// Set when the node begins to stop.
+    pub stopping: Stopping,
+}
+
+/// Whether the node has begun to stop. Responses with no end of their own
+/// (the cluster feed) end on it: the HTTP server's graceful stop waits
+/// for every open response, and an open dashboard would otherwise hold
+/// every stop for the whole grace.
+#[derive(Clone, Debug)]
+pub struct Stopping(tokio::sync::watch::Receiver<bool>);
+
+impl Stopping {
+    /// The flag and the sender that sets it (`send_replace(true)`).
+    pub fn new() -> (tokio::sync::watch::Sender<bool>, Self) {
+        let (set, flag) = tokio::sync::watch::channel(false);
+        (set, Self(flag))
+    }
+
+    /// A flag nothing sets: an API without a server that stops it.
+    pub fn never() -> Self {
+        Self(tokio::sync::watch::channel(false).1)
+    }
+
+    /// Resolves once the node is stopping; never, if it was not set
+    /// before its sender went away.
+    pub async fn wait(mut self) {
+        if self.0.wait_for(|stopping| *stopping).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 impl AppState {
