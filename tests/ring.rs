@@ -601,7 +601,7 @@ async fn a_node_with_another_model_file_gets_no_layers() {
 
     let mut first = Node::start_ready(&["--name", "original"]);
     let peer = first.addr.to_string();
-    let _other = Node::start(&[
+    let mut other = Node::start(&[
         "--name",
         "variant",
         "--model",
@@ -611,7 +611,14 @@ async fn a_node_with_another_model_file_gets_no_layers() {
     ]);
     let line = first.wait_for_log("different model file", support::START_TIMEOUT);
     assert!(line.contains("variant"), "{line}");
-    let view = get_json(first.addr, "/v1/cluster").await;
+    // The log line comes as the peer is admitted; the view is published
+    // after it.
+    let listed = |view: &serde_json::Value| {
+        view["nodes"]
+            .as_array()
+            .is_some_and(|nodes| nodes.iter().any(|n| n["name"] == "variant"))
+    };
+    let view = support::wait_for_cluster(first.addr, support::START_TIMEOUT, listed).await;
     let variant = view["nodes"]
         .as_array()
         .expect("nodes")
@@ -626,8 +633,18 @@ async fn a_node_with_another_model_file_gets_no_layers() {
     );
     assert!(variant["layers"].is_null());
     assert_eq!(view["plan"]["stages"].as_array().map(Vec::len), Some(1));
+    // The variant leads a plan of its own with the same number; its word
+    // that its plan is active is not the first node's leader's.
+    other.wait_for_log("plan active", support::START_TIMEOUT);
     let response = chat(first.addr, "Hi", 4, false).await;
     assert_eq!(response.status, 200);
+    first.log_mark();
+    let activations: Vec<&String> = first
+        .log_seen
+        .iter()
+        .filter(|l| l.contains("plan active:"))
+        .collect();
+    assert_eq!(activations.len(), 1, "{activations:#?}");
     std::fs::remove_file(&copy).expect("remove copy");
 }
 

@@ -801,6 +801,12 @@ impl Cluster {
                 let me = self.me();
                 self.planning.stale(epoch, highest, me)
             }
+            // A node reports for itself: another's word about a third
+            // node (a bug, or a peer that lies) is not taken.
+            Frame::PlanReady { node, .. } | Frame::PlanFailed { node, .. } if node != from => {
+                tracing::warn!(peer = %self.membership.name_of(from), about = %self.membership.name_of(node), "ignoring a plan report a peer sent about another node");
+                false
+            }
             Frame::PlanReady {
                 epoch,
                 node,
@@ -824,7 +830,8 @@ impl Cluster {
                 weights,
                 since_ms,
             } => {
-                self.on_active(epoch, weights, since_ms);
+                // Only from the leader of the plan here (`activate` checks).
+                self.on_active(from, epoch, weights, since_ms);
                 true
             }
             Frame::Forward(forward) => {

@@ -303,7 +303,8 @@ impl Planning {
         me: NodeId,
     ) -> Option<Vec<(NodeId, u64)>> {
         let plan = self.plan.as_mut()?;
-        if plan.message.epoch != epoch || plan.message.leader != me {
+        if plan.message.epoch != epoch || plan.message.leader != me || plan.stage_of(node).is_none()
+        {
             return None;
         }
         plan.ready.insert(node, weight_bytes);
@@ -315,10 +316,20 @@ impl Planning {
         all.then(|| plan.ready.iter().map(|(n, b)| (*n, *b)).collect())
     }
 
-    /// Plan `epoch` is active everywhere: its number of stages, if it is
-    /// the plan here.
-    pub fn activate(&mut self, epoch: Epoch, weights: Vec<(NodeId, u64)>) -> Option<usize> {
-        let plan = self.plan.as_mut().filter(|p| p.message.epoch == epoch)?;
+    /// Plan `epoch` is active everywhere, says `leader`: its number of
+    /// stages, if it is the plan here and `leader` leads it. Another node
+    /// may have a plan of the same number (one that leads itself alone,
+    /// such as a node with another model file), and its word is not ours.
+    pub fn activate(
+        &mut self,
+        epoch: Epoch,
+        leader: NodeId,
+        weights: Vec<(NodeId, u64)>,
+    ) -> Option<usize> {
+        let plan = self
+            .plan
+            .as_mut()
+            .filter(|p| p.message.epoch == epoch && p.message.leader == leader)?;
         plan.ready.extend(weights);
         plan.active = true;
         self.error = None;
@@ -459,10 +470,23 @@ mod tests {
             None,
             "old epoch"
         );
+        assert_eq!(
+            planning.node_ready(Epoch(1), NodeId(3), 9, me),
+            None,
+            "not a stage of the plan"
+        );
         let weights = planning
             .node_ready(Epoch(1), NodeId(2), 7, me)
             .expect("all ready");
-        assert_eq!(planning.activate(Epoch(1), weights), Some(2));
+        assert!(!weights.iter().any(|(node, _)| *node == NodeId(3)));
+        // Another node's plan of the same number (it leads only itself)
+        // does not activate this one.
+        assert_eq!(
+            planning.activate(Epoch(1), NodeId(3), weights.clone()),
+            None
+        );
+        assert!(planning.active().is_none());
+        assert_eq!(planning.activate(Epoch(1), me, weights), Some(2));
         assert!(planning.active().is_some());
         planning.lost_stage("node 2 left".into());
         assert!(planning.active().is_none());

@@ -273,12 +273,19 @@ impl Cluster {
                 weights: weights.clone(),
                 since_ms,
             });
-            self.on_active(epoch, weights, since_ms);
+            self.on_active(me, epoch, weights, since_ms);
         }
     }
 
-    pub(super) fn on_active(&mut self, epoch: Epoch, weights: Vec<(NodeId, u64)>, since_ms: u64) {
-        if let Some(stages) = self.planning.activate(epoch, weights) {
+    /// `leader` says plan `epoch` is active.
+    pub(super) fn on_active(
+        &mut self,
+        leader: NodeId,
+        epoch: Epoch,
+        weights: Vec<(NodeId, u64)>,
+        since_ms: u64,
+    ) {
+        if let Some(stages) = self.planning.activate(epoch, leader, weights) {
             // The requests that waited for a plan go on: their coordinator
             // feeds each one's history again.
             let resumed = self.routing.resume_interrupted();
