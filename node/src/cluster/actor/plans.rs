@@ -327,9 +327,9 @@ impl Cluster {
                 );
             }
             // Seniority: the first plan this node serves in dates it.
-            let leader = self.membership.leader();
+            let leader_before = self.membership.leader();
             self.membership.serving_in_plan(since_ms);
-            self.leader_may_have_changed(leader);
+            self.leader_may_have_changed(leader_before);
             // Publish before announcing it: whoever reacts to the log line
             // must find the plan active.
             self.track_load();
