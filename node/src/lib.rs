@@ -20,6 +20,7 @@ pub mod prompt;
 pub mod run;
 pub mod serve;
 pub mod stage;
+pub mod stopping;
 pub mod text;
 pub mod tools;
 

@@ -10,9 +10,9 @@ use axum::serve::ListenerExt;
 use rand::Rng;
 use scheduler::NodeId;
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
-use crate::api::{self, AdminToken, ApiAccess, AppState, ServedModel, Stopping};
+use crate::api::{self, AdminToken, ApiAccess, AppState, ServedModel};
 use crate::cli::RuntimeConfig;
 use crate::cli::ServeArgs;
 use crate::cluster::{self, ClusterConfig, ModelOpener, SwitchedModel, resources};
@@ -24,6 +24,7 @@ use crate::limits::{MAX_CLUSTER_NAME_BYTES, SHUTDOWN_GRACE_SECS, SHUTDOWN_LAST_E
 use crate::loaded_model::{LoadedModel, OpenedModel};
 use crate::model_store::Downloads;
 use crate::prompt::PromptBuilder;
+use crate::stopping::Stopping;
 use futures_util::FutureExt;
 use kernels::ModelFile;
 
@@ -322,7 +323,7 @@ async fn serve_until_stopped(
     engine: Engine,
     stop_http: tokio::sync::watch::Sender<bool>,
 ) -> anyhow::Result<()> {
-    let stopping = Arc::new(Notify::new());
+    let mut stopping = state.stopping.clone();
     let app = api::router(state).into_make_service_with_connect_info::<SocketAddr>();
     // Every connection unbuffered: a link carries one small frame per
     // token each way and the API streams one small event per token, and
@@ -334,19 +335,15 @@ async fn serve_until_stopped(
             tracing::debug!(%error, "cannot turn off Nagle's algorithm on a connection");
         }
     });
-    let server = axum::serve(listener, app).with_graceful_shutdown({
-        let stopping = Arc::clone(&stopping);
-        async move {
-            shutdown_signal().await;
-            tracing::info!("stopping: finishing open requests for up to {SHUTDOWN_GRACE_SECS} s");
-            stop_http.send_replace(true);
-            stopping.notify_one();
-        }
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        tracing::info!("stopping: finishing open requests for up to {SHUTDOWN_GRACE_SECS} s");
+        stop_http.send_replace(true);
     });
     let mut server = std::pin::pin!(server.into_future());
     tokio::select! {
         served = &mut server => return served.context("the HTTP server failed"),
-        () = stopping.notified() => {}
+        () = stopping.wait() => {}
     }
     // Stopping: open streams get a deadline.
     let grace = Duration::from_secs(SHUTDOWN_GRACE_SECS);

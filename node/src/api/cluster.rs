@@ -31,7 +31,7 @@ pub async fn cluster_events(
     State(state): State<AppState>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let cluster = state.cluster("/v1/cluster/events")?;
-    let stopping = state.stopping.clone();
+    let mut stopping = state.stopping.clone();
     let mut pace = tokio::time::interval(Duration::from_millis(CLUSTER_EVENTS_INTERVAL_MS));
     pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let start = (cluster.watch(), pace, true);
@@ -47,7 +47,7 @@ pub async fn cluster_events(
             .unwrap_or_else(|error| Event::default().comment(format!("unserializable: {error}")));
         Some((Ok(event), (views, pace, false)))
     })
-    .take_until(stopping.wait());
+    .take_until(async move { stopping.wait().await });
     Ok(Sse::new(events)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(SSE_KEEP_ALIVE_SECS))))
 }

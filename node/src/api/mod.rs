@@ -32,6 +32,7 @@ use crate::engine::EngineHandle;
 use crate::hub::HubFiles;
 use crate::limits::MAX_REQUEST_BODY_BYTES;
 use crate::prompt::PromptBuilder;
+use crate::stopping::Stopping;
 pub use access::ApiAccess;
 pub use admin::Admin;
 pub use error::ApiError;
@@ -68,34 +69,6 @@ pub struct AppState {
     pub peer_pass: Option<crate::identity::PeerPass>,
     /// Set when the node begins to stop.
     pub stopping: Stopping,
-}
-
-/// Whether the node has begun to stop. Responses with no end of their own
-/// (the cluster feed) end on it: the HTTP server's graceful stop waits
-/// for every open response, and an open dashboard would otherwise hold
-/// every stop for the whole grace.
-#[derive(Clone, Debug)]
-pub struct Stopping(tokio::sync::watch::Receiver<bool>);
-
-impl Stopping {
-    /// The flag and the sender that sets it (`send_replace(true)`).
-    pub fn new() -> (tokio::sync::watch::Sender<bool>, Self) {
-        let (set, flag) = tokio::sync::watch::channel(false);
-        (set, Self(flag))
-    }
-
-    /// A flag nothing sets: an API without a server that stops it.
-    pub fn never() -> Self {
-        Self(tokio::sync::watch::channel(false).1)
-    }
-
-    /// Resolves once the node is stopping; never, if it was not set
-    /// before its sender went away.
-    pub async fn wait(mut self) {
-        if self.0.wait_for(|stopping| *stopping).await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    }
 }
 
 impl AppState {

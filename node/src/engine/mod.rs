@@ -59,6 +59,7 @@ use crate::limits::{
 };
 use crate::prompt::PromptBuilder;
 use crate::stage::{self, BatchTag, Sample, StageJob, StageOutput, StageResult};
+use crate::stopping::Stopping;
 
 /// One generation, as the API layer hands it over.
 #[derive(Debug, Clone)]
@@ -431,10 +432,10 @@ impl Engine {
         let (result_tx, result_rx) = mpsc::channel(RESULT_QUEUE_LEN);
         let (submission_tx, submission_rx) = mpsc::channel(ENGINE_QUEUE_LEN);
         let (stats_tx, stats_rx) = watch::channel(EngineStats::default());
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let (stop_tx, stop) = Stopping::new();
         let waiting = Arc::new(AtomicUsize::new(0));
         let coordinator = Coordinator {
-            stop: Some(stop_rx),
+            stop,
             model: model.clone(),
             submissions: submission_rx,
             submissions_open: true,
@@ -560,9 +561,9 @@ enum Outcome {
 }
 
 struct Coordinator {
-    /// [`Engine::shutdown`]'s signal; `None` once the engine was dropped
-    /// without it (the handles' drop then stops the coordinator).
-    stop: Option<watch::Receiver<bool>>,
+    /// [`Engine::shutdown`]'s signal (never set if the engine is dropped
+    /// without it: the handles' drop then stops the coordinator).
+    stop: Stopping,
     model: Current<EngineModel>,
     submissions: mpsc::Receiver<Submission>,
     submissions_open: bool,
@@ -619,17 +620,14 @@ impl Coordinator {
                         break;
                     }
                 },
-                changed = changed(&mut self.stop) => {
-                    if changed {
-                        let unfinished = self.queue.len() + self.active.len();
-                        self.fail_everything(
-                            "the node is stopping; send the request again to another node, or once it is back",
-                        )
-                        .await;
-                        tracing::info!(unfinished, "the request coordinator stopped");
-                        break;
-                    }
-                    self.stop = None;
+                () = self.stop.wait() => {
+                    let unfinished = self.queue.len() + self.active.len();
+                    self.fail_everything(
+                        "the node is stopping; send the request again to another node, or once it is back",
+                    )
+                    .await;
+                    tracing::info!(unfinished, "the request coordinator stopped");
+                    break;
                 }
                 // The handles bound what waits (`EngineHandle::waiting`).
                 submission = self.submissions.recv(), if self.submissions_open => match submission {
