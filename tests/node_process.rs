@@ -142,18 +142,6 @@ async fn a_client_that_hangs_up_cancels_its_generation() {
     assert_eq!(response.status, 200, "{}", response.body);
 }
 
-/// Waits for a signalled node to exit; asserts that it exited 0 and that
-/// its request coordinator stopped with `unfinished` requests left; returns
-/// its log.
-fn stopped_node_log(node: &mut Node, unfinished: usize) -> String {
-    let status = node.wait_for_exit(support::REQUEST_TIMEOUT);
-    assert!(status.success(), "{status}");
-    let log = node.log_seen.join("\n");
-    let stopped = format!("the request coordinator stopped unfinished={unfinished}");
-    assert!(log.contains(&stopped), "{log}");
-    log
-}
-
 #[tokio::test]
 async fn a_signalled_node_finishes_its_open_stream_and_exits() {
     let mut node = Node::start_ready(&[]);
@@ -184,7 +172,7 @@ async fn a_signalled_node_finishes_its_open_stream_and_exits() {
     // The engine stopped when asked (its handles outlive the HTTP
     // server, so their drop cannot stop it), with nothing left: the 46
     // tokens after the signal took far less than the 10 s grace.
-    let log = stopped_node_log(&mut node, 0);
+    let log = node.stopped_log(0);
     assert!(log.contains("ringlet_node::serve: stopped"), "{log}");
     // Nothing waited out a deadline.
     assert!(!log.contains("did not stop within"), "{log}");
@@ -211,7 +199,7 @@ async fn a_stream_that_outlasts_the_stop_grace_is_told_to_retry() {
         last.contains("the node is stopping; send the request again"),
         "{rest}"
     );
-    let log = stopped_node_log(&mut node, 1);
+    let log = node.stopped_log(1);
     assert!(
         log.contains("open requests did not finish within 10 s"),
         "{log}"

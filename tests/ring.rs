@@ -860,3 +860,42 @@ async fn of_two_links_a_peer_dialed_the_node_keeps_the_one_with_the_smaller_bind
     );
     assert!(node.is_running());
 }
+
+#[tokio::test]
+async fn a_stopped_node_says_goodbye_and_its_peers_do_not_seek_it() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    // The survivors log their redials (debug), which show them going on
+    // past the stop.
+    let redials = [("RUST_LOG", "info,ringlet_node::cluster::actor=debug")];
+    let mut a = Node::start_with_env(&["--name", "a"], &redials);
+    let first = a.addr.to_string();
+    let mut b = Node::start_with_env(&["--name", "b", "--peer", &first], &redials);
+    let mut c = Node::start(&["--name", "c", "--peer", &first]);
+    for node in [&mut a, &mut b, &mut c] {
+        node.wait_for_log("plan active: 3 stages", support::START_TIMEOUT);
+    }
+    let marks = [a.log_mark(), b.log_mark()];
+    c.signal("TERM");
+    // Idle, its HTTP server ends the moment it is told to: the engine
+    // still stops, and every link writes the goodbye before it closes.
+    let log = c.stopped_log(0);
+    assert!(!log.contains("did not close within"), "{log}");
+    let redial_failed = format!("dial failed; will retry error=cannot connect to {}", c.addr);
+    for (node, mark) in [(&mut a, marks[0]), (&mut b, marks[1])] {
+        let left = node.wait_for_log_since(mark, "peer c left", support::REQUEST_TIMEOUT);
+        assert!(
+            left.contains("reason=the peer said goodbye: the node is stopping"),
+            "{left}"
+        );
+        node.wait_for_log_since(mark, "plan active: 2 stages", support::START_TIMEOUT);
+        // A node that left says so: it is not sought over WebRTC, through
+        // the other survivor, when its address stops answering. Two
+        // failed redials: the first one's end has been handled.
+        node.wait_for_log_count(&redial_failed, 2, support::REQUEST_TIMEOUT);
+        let since = node.lines_since(mark);
+        assert!(
+            !since.iter().any(|line| line.contains("WebRTC")),
+            "{since:#?}"
+        );
+    }
+}

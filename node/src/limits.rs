@@ -223,6 +223,12 @@ pub const RTC_CONNECT_TIMEOUT_MS: u64 = 15_000;
 /// wrote last (a goodbye) to be acknowledged before the channel closes.
 pub const RTC_DRAIN_TIMEOUT_MS: u64 = 2_000;
 
+/// A stopping node waits at most this long for its links to write their
+/// goodbyes, so that peers hear why it left rather than a cut connection:
+/// a WebRTC link's drain and a second to close its channel. On TCP it
+/// takes a few milliseconds.
+pub const LINK_FAREWELL_MS: u64 = RTC_DRAIN_TIMEOUT_MS + 1_000;
+
 /// After a WebRTC attempt to a node fails, the next one waits this long.
 pub const RTC_RETRY_MS: u64 = 10_000;
 

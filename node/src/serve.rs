@@ -20,7 +20,9 @@ use crate::current::Current;
 use crate::engine::{Engine, EngineHandle, EngineModel, Scheduling};
 use crate::hub::HubFiles;
 use crate::identity::{self, Identity, JoinToken, Membership, PeerPass};
-use crate::limits::{MAX_CLUSTER_NAME_BYTES, SHUTDOWN_GRACE_SECS, SHUTDOWN_LAST_EVENTS_SECS};
+use crate::limits::{
+    LINK_FAREWELL_MS, MAX_CLUSTER_NAME_BYTES, SHUTDOWN_GRACE_SECS, SHUTDOWN_LAST_EVENTS_SECS,
+};
 use crate::loaded_model::{LoadedModel, OpenedModel};
 use crate::model_store::Downloads;
 use crate::prompt::PromptBuilder;
@@ -316,7 +318,8 @@ fn model_opener(
 }
 
 /// Serves until a signal, then gives open streams SHUTDOWN_GRACE_SECS,
-/// then stops `engine`. `stop_http` sets `state.stopping` at the signal.
+/// then stops `engine`, and with it the cluster, whose links say goodbye.
+/// `stop_http` sets `state.stopping` at the signal.
 async fn serve_until_stopped(
     listener: TcpListener,
     state: AppState,
@@ -324,6 +327,7 @@ async fn serve_until_stopped(
     stop_http: tokio::sync::watch::Sender<bool>,
 ) -> anyhow::Result<()> {
     let mut stopping = state.stopping.clone();
+    let cluster = state.cluster.clone();
     let app = api::router(state).into_make_service_with_connect_info::<SocketAddr>();
     // Every connection unbuffered: a link carries one small frame per
     // token each way and the API streams one small event per token, and
@@ -341,23 +345,31 @@ async fn serve_until_stopped(
         stop_http.send_replace(true);
     });
     let mut server = std::pin::pin!(server.into_future());
-    tokio::select! {
-        served = &mut server => return served.context("the HTTP server failed"),
-        () = stopping.wait() => {}
-    }
-    // Stopping: open streams get a deadline.
+    // The server ends once stopping has begun (with nothing open, as soon
+    // as the flag is set: the two are ready together), or when it fails.
+    let ended = tokio::select! {
+        served = &mut server => Some(served),
+        () = stopping.wait() => None,
+    };
     let grace = Duration::from_secs(SHUTDOWN_GRACE_SECS);
-    let drained = match tokio::time::timeout(grace, &mut server).await {
-        Ok(served) => {
+    let drained = match ended {
+        Some(served) => {
             served.context("the HTTP server failed")?;
             true
         }
-        Err(_) => {
-            tracing::warn!(
-                "open requests did not finish within {SHUTDOWN_GRACE_SECS} s; ending them"
-            );
-            false
-        }
+        // Stopping: open streams get a deadline.
+        None => match tokio::time::timeout(grace, &mut server).await {
+            Ok(served) => {
+                served.context("the HTTP server failed")?;
+                true
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "open requests did not finish within {SHUTDOWN_GRACE_SECS} s; ending them"
+                );
+                false
+            }
+        },
     };
     // The engine fails what is still queued or running, with a message
     // that says to send it again...
@@ -376,6 +388,20 @@ async fn serve_until_stopped(
             .is_err()
     {
         tracing::warn!("some clients did not take their last event; closing their connections");
+    }
+    // The engine's end also ended the cluster actor: each link tells its peer
+    // that this node is stopping, and closes.
+    if engine_stopped && let Some(cluster) = cluster {
+        let farewell = Duration::from_millis(LINK_FAREWELL_MS);
+        if tokio::time::timeout(farewell, cluster.links_closed())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = cluster.open_links(),
+                "some links did not close within {LINK_FAREWELL_MS} ms; their peers see the connection drop, not this node's goodbye"
+            );
+        }
     }
     Ok(())
 }

@@ -286,6 +286,17 @@ impl Node {
         self.child.wait().expect("wait for ringlet")
     }
 
+    /// Waits for a signalled node to exit 0 after its request coordinator
+    /// stopped with `unfinished` requests left; returns its whole log.
+    pub fn stopped_log(&mut self, unfinished: usize) -> String {
+        let status = self.wait_for_exit(REQUEST_TIMEOUT);
+        assert!(status.success(), "{status}");
+        let log = self.log_seen.join("\n");
+        let stopped = format!("the request coordinator stopped unfinished={unfinished}");
+        assert!(log.contains(&stopped), "{log}");
+        log
+    }
+
     /// True while the process runs.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))

@@ -25,7 +25,7 @@ use super::admin_proof::AdminKey;
 use super::discovery::Discovery;
 use super::events::LinkEnd;
 use super::hops::{HopTable, Hops, LocalEntry};
-use super::link::{self, LinkContext, LinkId, LinkSender};
+use super::link::{self, LinkContext, LinkId, LinkSender, OpenLinks};
 use super::membership::{Membership, Myself, Refusal};
 use super::planning::Planning;
 use super::policy_sync::PolicySync;
@@ -53,6 +53,7 @@ pub(super) struct Channels {
     pub events_tx: mpsc::Sender<ClusterEvent>,
     pub events: mpsc::Receiver<ClusterEvent>,
     pub view: watch::Sender<ClusterView>,
+    pub open_links: OpenLinks,
 }
 
 pub(super) struct Cluster {
@@ -64,6 +65,8 @@ pub(super) struct Cluster {
     /// What the stage thread and the link readers read to route a
     /// request's frames without the actor; published here.
     hops: Arc<Hops>,
+    /// The links that may still write, which a stopping node waits for.
+    open_links: OpenLinks,
     /// The last plan ignored because its sender did not lead in this
     /// node's view; followed if the sender turns out to lead.
     passed_over_plan: Option<super::protocol::PlanMessage>,
@@ -194,6 +197,7 @@ impl Cluster {
             events_tx: channels.events_tx,
             events: channels.events,
             view: channels.view,
+            open_links: channels.open_links,
         }
     }
 
@@ -302,9 +306,7 @@ impl Cluster {
                 self.publish();
             }
         }
-        self.membership.broadcast(&Frame::Bye {
-            reason: "the node is stopping".into(),
-        });
+        self.membership.say_goodbye("the node is stopping");
     }
 
     /// Handles one event; true when the view may have changed.
@@ -347,6 +349,17 @@ impl Cluster {
             } => {
                 self.membership.await_kept_link(node, link, Instant::now());
                 false
+            }
+            ClusterEvent::LinkDown {
+                node,
+                link,
+                end: LinkEnd::Goodbye(reason),
+            } => {
+                let left = self.link_down(node, link, &format!("the peer said goodbye: {reason}"));
+                if left {
+                    self.signaling.forget(node);
+                }
+                left
             }
             ClusterEvent::LinkDown {
                 node,
@@ -479,11 +492,18 @@ impl Cluster {
             let me = self.me();
             let keys = Arc::clone(&self.keys);
             let hops = Arc::clone(&self.hops);
+            let open_links = self.open_links.clone();
             tokio::spawn(async move {
                 match link::dial(&address).await {
                     Ok(stream) => {
-                        let context =
-                            LinkContext::tcp(me, events.clone(), address.clone(), keys, hops);
+                        let context = LinkContext::tcp(
+                            me,
+                            events.clone(),
+                            address.clone(),
+                            keys,
+                            hops,
+                            open_links,
+                        );
                         let ended = ClusterEvent::DialEnded {
                             address,
                             failed: false,
@@ -512,6 +532,7 @@ impl Cluster {
             observed_address,
             Arc::clone(&self.keys),
             Arc::clone(&self.hops),
+            self.open_links.clone(),
         );
         tokio::spawn(link::run(stream, self.membership.hello(), false, context));
     }

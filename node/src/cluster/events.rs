@@ -22,6 +22,8 @@ pub(crate) enum LinkEnd {
     /// other at once): when this link is the member's, the member stays
     /// while that link comes up.
     PeerKeptAnother,
+    /// The peer said goodbye (it is stopping, or refused the link), why.
+    Goodbye(String),
     /// It failed or was closed; the reason is for the log.
     Closed(String),
 }

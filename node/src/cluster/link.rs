@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use scheduler::NodeId;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use super::ClusterEvent;
 use super::events::LinkEnd;
@@ -24,8 +24,8 @@ use super::protocol::{
 use super::secure::{self, HandshakeError, LinkKeys, SecureReader, SecureWriter};
 use crate::limits::{
     HEARTBEAT_INTERVAL_MS, HEARTBEAT_TIMEOUT_MS, KEPT_LINK_WAIT_MS, LINK_CONNECT_TIMEOUT_MS,
-    LINK_HANDSHAKE_TIMEOUT_MS, LINK_QUEUE_LEN, LINK_WRITE_TIMEOUT_MS, PROBE_BYTES,
-    UPGRADE_REFUSAL_BODY_BYTES, UPGRADE_REFUSAL_BODY_MS, UPGRADE_RESPONSE_MAX_BYTES,
+    LINK_FAREWELL_MS, LINK_HANDSHAKE_TIMEOUT_MS, LINK_QUEUE_LEN, LINK_WRITE_TIMEOUT_MS,
+    PROBE_BYTES, UPGRADE_REFUSAL_BODY_BYTES, UPGRADE_REFUSAL_BODY_MS, UPGRADE_RESPONSE_MAX_BYTES,
 };
 
 /// Distinguishes the links to one peer over time (a reconnect is a new link).
@@ -53,6 +53,8 @@ pub struct LinkSender {
     pub binding: u64,
     frames: mpsc::Sender<Frame>,
     close: Arc<Notify>,
+    /// This node is stopping: write what is queued, then close.
+    leave: Arc<Notify>,
     /// When a frame from the peer was last read (any frame, heartbeats
     /// included), for telling a silent peer from a busy one.
     heard: Arc<Heard>,
@@ -116,6 +118,12 @@ impl LinkSender {
     /// Closes the link; its `LinkDown` follows.
     pub fn close(&self) {
         self.close.notify_one();
+    }
+
+    /// This node is stopping: the link writes the frames queued so far (a
+    /// goodbye) and closes, with no `LinkDown`.
+    pub fn leave(&self) {
+        self.leave.notify_one();
     }
 
     /// This node keeps another link to the same peer: the peer is told so
@@ -225,6 +233,8 @@ pub(crate) struct LinkContext {
     pub handshake: Option<Duration>,
     /// Where the reader hands jobs for this node's stage.
     pub hops: Arc<Hops>,
+    /// The node's open links, which this one joins once admitted.
+    pub open_links: OpenLinks,
 }
 
 impl LinkContext {
@@ -235,6 +245,7 @@ impl LinkContext {
         observed_address: String,
         keys: Arc<LinkKeys>,
         hops: Arc<Hops>,
+        open_links: OpenLinks,
     ) -> Self {
         Self {
             me,
@@ -244,7 +255,48 @@ impl LinkContext {
             transport: LinkTransport::Tcp,
             handshake: None,
             hops,
+            open_links,
         }
+    }
+}
+
+/// Counts the links that may still have something to write: a stopping
+/// node waits for the count to reach zero, so that its goodbyes go out
+/// before the process exits.
+#[derive(Debug, Clone)]
+pub struct OpenLinks(Arc<watch::Sender<()>>);
+
+/// Held while a link has something to write.
+#[derive(Debug)]
+pub struct OpenLink {
+    _counted: watch::Receiver<()>,
+}
+
+impl OpenLinks {
+    pub fn new() -> Self {
+        Self(Arc::new(watch::channel(()).0))
+    }
+
+    pub fn hold(&self) -> OpenLink {
+        OpenLink {
+            _counted: self.0.subscribe(),
+        }
+    }
+
+    /// Resolves once no link holds an [`OpenLink`].
+    pub async fn all_closed(&self) {
+        self.0.closed().await;
+    }
+
+    /// How many links hold one now.
+    pub fn count(&self) -> usize {
+        self.0.receiver_count()
+    }
+}
+
+impl Default for OpenLinks {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -310,6 +362,7 @@ where
     );
     let (frames_tx, frames_rx) = mpsc::channel(LINK_QUEUE_LEN);
     let close = Arc::new(Notify::new());
+    let leave = Arc::new(Notify::new());
     let sender = LinkSender {
         id,
         dialed,
@@ -319,6 +372,7 @@ where
         binding,
         frames: frames_tx.clone(),
         close: Arc::clone(&close),
+        leave: Arc::clone(&leave),
         heard: Arc::new(Heard::new()),
     };
     let heard = Arc::clone(&sender.heard);
@@ -337,7 +391,9 @@ where
         say_refused(reader, writer, &refusal).await;
         return;
     }
-    let mut writer_task = tokio::spawn(write_loop(writer, frames_rx));
+    let (finish_writing, finish) = oneshot::channel();
+    let writing = context.open_links.hold();
+    let mut writer_task = tokio::spawn(write_loop(writer, frames_rx, finish, writing));
     // The peer measures the link's bandwidth on this before real traffic.
     // Not through a TURN relay: there both ends' probes, and those of every
     // other link to the same node, arrive at once through one relay, and
@@ -350,8 +406,18 @@ where
         });
     }
     let end = tokio::select! {
-        end = read_loop(&mut reader, peer, &frames_tx, &context, &heard) => end,
-        () = close.notified() => LinkEnd::from("closed by this node"),
+        end = read_loop(&mut reader, peer, &frames_tx, &context, &heard) => Some(end),
+        () = close.notified() => Some(LinkEnd::from("closed by this node")),
+        // The node is stopping and its actor with it: nobody to tell.
+        () = leave.notified() => None,
+    };
+    let Some(end) = end else {
+        // The goodbye is queued: the writer writes the queue out and ends.
+        let _ = finish_writing.send(());
+        let _ =
+            tokio::time::timeout(Duration::from_millis(LINK_FAREWELL_MS), &mut writer_task).await;
+        writer_task.abort();
+        return;
     };
     let peer_kept_another = end == LinkEnd::PeerKeptAnother;
     let _ = context
@@ -514,7 +580,7 @@ async fn read_loop(
                     rtt_micros,
                 });
             }
-            Frame::Bye { reason } => return format!("the peer said goodbye: {reason}").into(),
+            Frame::Bye { reason } => return LinkEnd::Goodbye(reason),
             Frame::LinkReplaced => return LinkEnd::PeerKeptAnother,
             Frame::Hello(_) => {
                 tracing::warn!(peer = %peer, "closing a link after a second hello");
@@ -537,16 +603,30 @@ async fn read_loop(
 
 /// Writes queued frames and a heartbeat every interval; stops when the
 /// queue closes or a write stalls.
-async fn write_loop(mut writer: SecureWriter, mut frames: mpsc::Receiver<Frame>) {
+/// Writes queued frames, and a heartbeat when the link is quiet, until
+/// the queue ends or `finish` says to write out what is queued and end.
+async fn write_loop(
+    mut writer: SecureWriter,
+    mut frames: mpsc::Receiver<Frame>,
+    mut finish: oneshot::Receiver<()>,
+    _writing: OpenLink,
+) {
     let mut heartbeat = tokio::time::interval(Duration::from_millis(HEARTBEAT_INTERVAL_MS));
     let stall = Duration::from_millis(LINK_WRITE_TIMEOUT_MS);
+    let mut finishing = false;
     loop {
         let frame = tokio::select! {
             frame = frames.recv() => match frame {
                 Some(frame) => frame,
                 None => return,
             },
-            _ = heartbeat.tick() => Frame::Heartbeat { sent_at_micros: now_micros() },
+            Ok(()) = &mut finish, if !finishing => {
+                // Nothing more is queued; what is, is written.
+                frames.close();
+                finishing = true;
+                continue;
+            }
+            _ = heartbeat.tick(), if !finishing => Frame::Heartbeat { sent_at_micros: now_micros() },
         };
         let written = tokio::time::timeout(stall, writer.write_frame(&frame)).await;
         match written {
@@ -580,6 +660,7 @@ impl LinkSender {
             binding: id,
             frames,
             close: Arc::new(Notify::new()),
+            leave: Arc::new(Notify::new()),
             heard: Arc::new(Heard::new()),
         };
         (sender, receiver)
@@ -619,6 +700,7 @@ mod tests {
         node: u64,
         dialed: bool,
         keys: Arc<LinkKeys>,
+        open_links: OpenLinks,
     ) -> (LinkSender, mpsc::Receiver<ClusterEvent>) {
         let (events, mut received) = mpsc::channel(64);
         let context = LinkContext::tcp(
@@ -627,6 +709,7 @@ mod tests {
             "127.0.0.1:1".into(),
             keys,
             Arc::new(Hops::default()),
+            open_links,
         );
         tokio::spawn(run(
             stream,
@@ -657,8 +740,8 @@ mod tests {
         for _ in 0..2 {
             let (a, b) = tokio::io::duplex(1 << 16);
             let ((dialed, _), (accepted, _)) = tokio::join!(
-                end(a, 3, true, Arc::clone(&keys_of_3)),
-                end(b, 5, false, Arc::clone(&keys_of_5))
+                end(a, 3, true, Arc::clone(&keys_of_3), OpenLinks::new()),
+                end(b, 5, false, Arc::clone(&keys_of_5), OpenLinks::new())
             );
             assert_eq!(dialed.binding, accepted.binding, "one value at both ends");
             bindings.push(dialed.binding);
@@ -674,7 +757,10 @@ mod tests {
             Arc::new(keys(&secret, false)),
             Arc::new(keys(&secret, false)),
         );
-        let (a_end, b_end) = tokio::join!(end(a, 3, true, ka), end(b, 5, false, kb));
+        let (a_end, b_end) = tokio::join!(
+            end(a, 3, true, ka, OpenLinks::new()),
+            end(b, 5, false, kb, OpenLinks::new())
+        );
         let ((a_link, mut a_events), (b_link, mut b_events)) = (a_end, b_end);
 
         // Node 3 keeps another link to node 5 and says so on this one.
@@ -705,6 +791,61 @@ mod tests {
                 assert!(matches!(end, LinkEnd::Closed(_)), "{end:?}")
             }
             _ => panic!("node 3 sees the replaced link close"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stopping_node_writes_its_goodbye_before_its_links_count_as_closed() {
+        let secret = ClusterSecret::random();
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let (ka, kb) = (
+            Arc::new(keys(&secret, false)),
+            Arc::new(keys(&secret, false)),
+        );
+        let stopping = OpenLinks::new();
+        let (a_end, b_end) = tokio::join!(
+            end(a, 3, true, ka, stopping.clone()),
+            end(b, 5, false, kb, OpenLinks::new())
+        );
+        let ((a_link, mut a_events), (_b_link, mut b_events)) = (a_end, b_end);
+        // A frame across: node 3's writer runs, and counts.
+        assert!(a_link.send(Frame::Release {
+            request: SequenceId(1)
+        }));
+        assert!(matches!(
+            next(&mut b_events).await,
+            ClusterEvent::Frame {
+                frame: Frame::Release { .. },
+                ..
+            }
+        ));
+        assert_eq!(stopping.count(), 1, "the admitted link counts");
+
+        // Node 3 stops: its actor queues a goodbye and tells the link to
+        // leave. It still holds the link's sender, as it does until it
+        // returns: the writer ends all the same.
+        assert!(a_link.send(Frame::Bye {
+            reason: "the node is stopping".into()
+        }));
+        a_link.leave();
+        tokio::time::timeout(WAIT, stopping.all_closed())
+            .await
+            .expect("the link wrote its queue and closed");
+        assert!(!a_link.send(Frame::Release {
+            request: SequenceId(2)
+        }));
+        match next(&mut b_events).await {
+            ClusterEvent::LinkDown { end, .. } => {
+                assert_eq!(end, LinkEnd::Goodbye("the node is stopping".into()))
+            }
+            _ => panic!("node 5 reads the goodbye"),
+        }
+        // Node 3's actor hears nothing of the link's end.
+        while let Ok(event) = a_events.try_recv() {
+            assert!(
+                !matches!(event, ClusterEvent::LinkDown { .. }),
+                "a leaving link reports no LinkDown"
+            );
         }
     }
 }

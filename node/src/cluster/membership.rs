@@ -720,6 +720,17 @@ impl Membership {
         }
     }
 
+    /// The node is stopping: every member hears why, and its link closes
+    /// once that is written.
+    pub fn say_goodbye(&self, reason: &str) {
+        self.broadcast(&Frame::Bye {
+            reason: reason.to_string(),
+        });
+        for member in self.members.values() {
+            member.link.leave();
+        }
+    }
+
     pub fn address_of(&self, node: NodeId) -> String {
         if node == self.me.id {
             return self.me.listen.to_string();

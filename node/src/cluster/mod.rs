@@ -179,6 +179,7 @@ pub struct ClusterHandle {
     events: mpsc::Sender<ClusterEvent>,
     view: watch::Receiver<ClusterView>,
     recovery_wait: std::time::Duration,
+    open_links: link::OpenLinks,
 }
 
 impl std::fmt::Debug for ClusterHandle {
@@ -271,6 +272,17 @@ impl ClusterHandle {
             .map_err(|_| "the node is stopping".to_string())?
     }
 
+    /// Resolves once this node's links are closed. A stopping node's
+    /// links first write its goodbye, which tells each peer why it left.
+    pub async fn links_closed(&self) {
+        self.open_links.all_closed().await;
+    }
+
+    /// How many links are open (for the log when a wait runs out).
+    pub fn open_links(&self) -> usize {
+        self.open_links.count()
+    }
+
     /// Hands an upgraded connection to the cluster; it runs the link.
     pub async fn accept(&self, stream: link::AcceptedStream, remote: std::net::SocketAddr) {
         let _ = self
@@ -304,10 +316,12 @@ pub fn start(
             })
             .ok()
     });
+    let open_links = link::OpenLinks::new();
     let channels = actor::Channels {
         events_tx: events_tx.clone(),
         events: events_rx,
         view: view_tx,
+        open_links: open_links.clone(),
     };
     let actor = actor::Cluster::new(config, model, pipeline, channels, discovery.flatten());
     tokio::spawn(actor.run());
@@ -315,6 +329,7 @@ pub fn start(
         events: events_tx,
         view: view_rx,
         recovery_wait,
+        open_links,
     }
 }
 

@@ -85,6 +85,10 @@ pub struct RtcStream {
     pub transport: LinkTransport,
     /// From the start of the session to the open channel.
     pub handshake: Duration,
+    /// Moves the stream's bytes to and from the channel; it ends after the
+    /// stream does, once what the link wrote last is acknowledged (at
+    /// most [`RTC_DRAIN_TIMEOUT_MS`] later) and the connection is closed.
+    pub pump: tokio::task::JoinHandle<()>,
 }
 
 /// What the connection's event handler tells the session.
@@ -283,12 +287,13 @@ impl Session {
         let transport = self.transport().await;
         let handshake = self.started.elapsed();
         let (link_end, channel_end) = tokio::io::duplex(RTC_PIPE_BYTES);
-        tokio::spawn(pump(self.pc, self.channel, channel_end));
+        let pump = tokio::spawn(pump(self.pc, self.channel, channel_end));
         Ok(RtcStream {
             stream: link_end,
             fingerprints,
             transport,
             handshake,
+            pump,
         })
     }
 

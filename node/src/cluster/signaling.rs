@@ -75,6 +75,9 @@ pub(super) enum Action {
     Nothing,
     /// Refused: warn once with this, and tell the sender when `tell`.
     Refuse { reason: String, tell: bool },
+    /// A signal to relay to a node not linked here (one that just left,
+    /// most often): the sender is told, and nothing is wrong here.
+    CannotRelay { reason: String },
 }
 
 pub(super) struct Signaling {
@@ -178,11 +181,11 @@ impl Signaling {
         error: Option<String>,
         now: Instant,
     ) -> bool {
-        if self
+        let current = self
             .attempts
             .get(&node)
-            .is_some_and(|a| a.session == session)
-        {
+            .is_some_and(|a| a.session == session);
+        if current {
             self.attempts.remove(&node);
         }
         match error {
@@ -190,6 +193,9 @@ impl Signaling {
                 self.failures.remove(&node);
                 false
             }
+            // Ended here before its task did (refused, or the node left),
+            // which accounted for it then.
+            Some(_) if !current => false,
             Some(reason) => {
                 let news = self.failures.get(&node).is_none_or(|f| f.reason != reason);
                 self.failures.insert(
@@ -207,6 +213,14 @@ impl Signaling {
 
     /// A link to `node` is up (over any transport).
     pub fn linked(&mut self, node: NodeId) {
+        self.failures.remove(&node);
+    }
+
+    /// `node` said goodbye: it left and will link again itself when it
+    /// is back, so it is not sought over WebRTC meanwhile.
+    pub fn forget(&mut self, node: NodeId) {
+        self.told.remove(&node);
+        self.attempts.remove(&node);
         self.failures.remove(&node);
     }
 
@@ -230,9 +244,11 @@ impl Signaling {
                 };
             }
             if !is_member(signal.to) {
-                return Action::Refuse {
-                    reason: format!("node {} is not linked to this node", signal.to),
-                    tell: true,
+                return Action::CannotRelay {
+                    reason: format!(
+                        "node {} is not linked to node {} (it may have left)",
+                        signal.to, self.me
+                    ),
                 };
             }
             return Action::Forward;
@@ -317,7 +333,28 @@ impl Signaling {
                 }
             }
             SignalBody::Refuse { reason } => {
-                if self
+                let relayed_attempt = self
+                    .attempts
+                    .iter()
+                    .find(|(_, a)| a.session == signal.session)
+                    .map(|(&node, _)| node)
+                    .filter(|&node| node != from && from == link_peer);
+                if let Some(node) = relayed_attempt {
+                    // The relay could not pass our offer on.
+                    self.attempts.remove(&node);
+                    let reason = format!("node {from} could not pass the offer on: {reason}");
+                    if self.failures.get(&node).is_none_or(|f| f.reason != reason) {
+                        tracing::info!(peer = %node, "no WebRTC link for now: {reason}");
+                    }
+                    self.failures.insert(
+                        node,
+                        Failure {
+                            address: self.address_of(node).unwrap_or_default().to_string(),
+                            reason,
+                            retry_at: Instant::now() + Duration::from_millis(RTC_RETRY_MS),
+                        },
+                    );
+                } else if self
                     .attempts
                     .get(&from)
                     .is_some_and(|a| a.session == signal.session)
@@ -409,7 +446,82 @@ mod tests {
         let mut nowhere = signal(1, 4, 7, SignalBody::Invite);
         assert!(matches!(
             relay.on_signal(NodeId(1), &mut nowhere, members),
-            Action::Refuse { tell: true, .. }
+            Action::CannotRelay { .. }
+        ));
+    }
+
+    /// Node 1, told of node 2 by member 9, offers to it: the node, the
+    /// session, and where the answer would arrive.
+    fn offering_to_2(now: Instant) -> (Signaling, u64, oneshot::Receiver<String>) {
+        let mut node = Signaling::new(NodeId(1), LinkMode::Auto);
+        node.told(NodeId(2), "198.51.100.22:7000".into(), NodeId(9));
+        let Some(Start::Offer { session }) = node.want(NodeId(2), now) else {
+            panic!("the lower id offers");
+        };
+        let (tx, rx) = oneshot::channel();
+        node.await_answer(NodeId(2), session, tx);
+        (node, session, rx)
+    }
+
+    #[test]
+    fn a_relay_that_cannot_pass_an_offer_on_ends_the_attempt_at_once() {
+        let now = Instant::now();
+        let (mut node, session, mut rx) = offering_to_2(now);
+        // Relay 9 is no longer linked to node 2 and says so.
+        let mut refused = signal(
+            9,
+            1,
+            session,
+            SignalBody::Refuse {
+                reason: "node 2 is not linked to node 9 (it may have left)".into(),
+            },
+        );
+        assert!(matches!(
+            node.on_signal(NodeId(9), &mut refused, |_| false),
+            Action::Nothing
+        ));
+        assert!(
+            matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Closed)),
+            "the offer's task stops waiting for an answer"
+        );
+        let relay_said = format!("node {} could not pass the offer on", NodeId(9));
+        assert!(node.failures[&NodeId(2)].reason.contains(&relay_said));
+        // The task's own end says nothing new; the next try waits.
+        assert!(!node.ended(NodeId(2), session, Some("called off".into()), now));
+        assert!(node.failures[&NodeId(2)].reason.contains(&relay_said));
+        assert_eq!(node.want(NodeId(2), now), None);
+
+        // Another member's refusal naming a session of ours is not the
+        // relay's word: it changes nothing.
+        let due = Instant::now() + Duration::from_millis(RTC_RETRY_MS);
+        let Some(Start::Offer { session }) = node.want(NodeId(2), due) else {
+            panic!("tried again once the retry is due");
+        };
+        let mut forged = signal(
+            7,
+            1,
+            session,
+            SignalBody::Refuse {
+                reason: "no".into(),
+            },
+        );
+        node.on_signal(NodeId(9), &mut forged, |_| false);
+        assert!(node.ended(NodeId(2), session, Some("no path".into()), now));
+    }
+
+    #[test]
+    fn a_node_that_said_goodbye_is_not_sought_over_webrtc() {
+        let now = Instant::now();
+        let mut node = Signaling::new(NodeId(1), LinkMode::Auto);
+        node.told(NodeId(2), "198.51.100.22:7000".into(), NodeId(9));
+        node.forget(NodeId(2));
+        assert_eq!(node.node_at("198.51.100.22:7000"), None);
+        assert_eq!(node.want(NodeId(2), now), None);
+        // Back, it signals through a member again, and is learned anew.
+        let mut invite = signal(2, 1, 0, SignalBody::Invite);
+        assert!(matches!(
+            node.on_signal(NodeId(9), &mut invite, |_| false),
+            Action::Offer { .. }
         ));
     }
 
@@ -446,13 +558,7 @@ mod tests {
     #[test]
     fn the_answer_reaches_the_waiting_offer_and_failures_wait_to_retry() {
         let now = Instant::now();
-        let mut node = Signaling::new(NodeId(1), LinkMode::Auto);
-        node.told(NodeId(2), "198.51.100.22:7000".into(), NodeId(9));
-        let Some(Start::Offer { session }) = node.want(NodeId(2), now) else {
-            panic!("the lower id offers");
-        };
-        let (tx, mut rx) = oneshot::channel();
-        node.await_answer(NodeId(2), session, tx);
+        let (mut node, session, mut rx) = offering_to_2(now);
         let mut answer = signal(
             2,
             1,

@@ -14,7 +14,7 @@ use crate::cluster::link::{self, LinkContext};
 use crate::cluster::protocol::{Frame, Hello, IceServer, Signal, SignalBody};
 use crate::cluster::rtc::{RtcConfig, RtcError, RtcStream, Session};
 use crate::cluster::signaling::{Action, LinkMode, Start};
-use crate::limits::RTC_ANSWER_TIMEOUT_MS;
+use crate::limits::{LINK_FAREWELL_MS, RTC_ANSWER_TIMEOUT_MS};
 
 impl Cluster {
     /// A link to `peer` came up: what it told of its own peers (a relay
@@ -61,6 +61,11 @@ impl Cluster {
     /// offers if its id is the lower, else invites `node` to.
     pub(super) fn want_webrtc(&mut self, node: NodeId) {
         if self.membership.members.contains_key(&node) {
+            return;
+        }
+        let members: Vec<NodeId> = self.membership.members.keys().copied().collect();
+        if self.signaling.relay_for(node, &members).is_none() {
+            tracing::debug!(peer = %node, "no linked node can pass WebRTC signals to the node; not trying");
             return;
         }
         match self.signaling.want(node, Instant::now()) {
@@ -111,20 +116,29 @@ impl Cluster {
             Action::Answer { sdp } => self.spawn_answer(signal.from, signal.session, sdp),
             Action::Offer { session } => self.spawn_offer(signal.from, session),
             Action::Nothing => {}
+            Action::CannotRelay { reason } => {
+                tracing::debug!(peer = %link_peer, to = %signal.to, "cannot relay a WebRTC signal: {reason}");
+                self.refuse_signal(&signal, reason);
+            }
             Action::Refuse { reason, tell } => {
                 tracing::warn!(peer = %link_peer, from = %signal.from, "refused a WebRTC signal: {reason}");
                 if tell {
-                    self.send_signal(Signal {
-                        from: self.me(),
-                        to: signal.from,
-                        session: signal.session,
-                        address: String::new(),
-                        body: SignalBody::Refuse { reason },
-                    });
+                    self.refuse_signal(&signal, reason);
                 }
             }
         }
         false
+    }
+
+    /// Tells the sender of `signal` why it was refused.
+    fn refuse_signal(&mut self, signal: &Signal, reason: String) {
+        self.send_signal(Signal {
+            from: self.me(),
+            to: signal.from,
+            session: signal.session,
+            address: String::new(),
+            body: SignalBody::Refuse { reason },
+        });
     }
 
     /// `from` cannot link to `node`: a plan must not hold both. The leader
@@ -204,6 +218,7 @@ impl Cluster {
             address,
             Arc::clone(&self.keys),
             Arc::clone(&self.hops),
+            self.open_links.clone(),
         );
         (self.membership.hello(), context)
     }
@@ -217,7 +232,12 @@ impl Cluster {
         let me = self.me();
         let events = self.events_tx.clone();
         let (hello, context) = self.webrtc_link(node);
-        tracing::info!(peer = %node, address = %context.observed_address, "offering a WebRTC link");
+        if self.signaling.failures.contains_key(&node) {
+            // A retry: the failure was said when it happened.
+            tracing::debug!(peer = %node, address = %context.observed_address, "offering a WebRTC link again");
+        } else {
+            tracing::info!(peer = %node, address = %context.observed_address, "offering a WebRTC link");
+        }
         tokio::spawn(async move {
             let opened = async {
                 let (session_rtc, sdp) = Session::offer(&config).await?;
@@ -328,5 +348,13 @@ async fn run_link(
     hello.dtls_fingerprints = Some(stream.fingerprints);
     context.transport = stream.transport;
     context.handshake = Some(stream.handshake);
+    // The link's last words (a stopping node's goodbye) are only out once
+    // the pump has handed them to the channel.
+    let pumping = context.open_links.hold();
     link::run(stream.stream, hello, offered, context).await;
+    let farewell = Duration::from_millis(LINK_FAREWELL_MS);
+    if tokio::time::timeout(farewell, stream.pump).await.is_err() {
+        tracing::debug!(peer = %node, "a WebRTC channel took over {LINK_FAREWELL_MS} ms to close");
+    }
+    drop(pumping);
 }
