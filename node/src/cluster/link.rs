@@ -260,13 +260,13 @@ impl LinkContext {
     }
 }
 
-/// Counts the links that may still have something to write: a stopping
-/// node waits for the count to reach zero, so that its goodbyes go out
-/// before the process exits.
+/// Counts the links that may still have something to write or a peer
+/// to hear from: a stopping node waits for the count to reach zero, so
+/// that its goodbyes are read before the process exits.
 #[derive(Debug, Clone)]
 pub struct OpenLinks(Arc<watch::Sender<()>>);
 
-/// Held while a link has something to write.
+/// Held by a link from its handshake until it closes.
 #[derive(Debug)]
 pub struct OpenLink {
     _counted: watch::Receiver<()>,
@@ -376,6 +376,9 @@ where
         heard: Arc::new(Heard::new()),
     };
     let heard = Arc::clone(&sender.heard);
+    // Counted from before the actor can admit it, so that a node stopping
+    // meanwhile waits for this link's goodbye too.
+    let open = context.open_links.hold();
     let (accept_tx, accept_rx) = oneshot::channel();
     let up = ClusterEvent::LinkUp {
         hello: Box::new(theirs),
@@ -388,12 +391,12 @@ where
         Err(_) => Err(Refusal::Stopping),
     };
     if let Err(refusal) = admitted {
+        drop(open);
         say_refused(reader, writer, &refusal).await;
         return;
     }
     let (finish_writing, finish) = oneshot::channel();
-    let writing = context.open_links.hold();
-    let mut writer_task = tokio::spawn(write_loop(writer, frames_rx, finish, writing));
+    let mut writer_task = tokio::spawn(write_loop(writer, frames_rx, finish));
     // The peer measures the link's bandwidth on this before real traffic.
     // Not through a TURN relay: there both ends' probes, and those of every
     // other link to the same node, arrive at once through one relay, and
@@ -414,9 +417,8 @@ where
     let Some(end) = end else {
         // The goodbye is queued: the writer writes the queue out and ends.
         let _ = finish_writing.send(());
-        let _ =
-            tokio::time::timeout(Duration::from_millis(LINK_FAREWELL_MS), &mut writer_task).await;
-        writer_task.abort();
+        say_goodbye(&mut writer_task, &mut reader).await;
+        drop(open);
         return;
     };
     let peer_kept_another = end == LinkEnd::PeerKeptAnother;
@@ -435,10 +437,41 @@ where
         // request's frames are lost in between. At most as long as the
         // member waits for the kept link.
         drop(frames_tx);
-        let _ =
-            tokio::time::timeout(Duration::from_millis(KEPT_LINK_WAIT_MS), &mut writer_task).await;
+        let kept = tokio::time::timeout(Duration::from_millis(KEPT_LINK_WAIT_MS), &mut writer_task);
+        tokio::select! {
+            _ = kept => {}
+            // The node stops meanwhile: the member's goodbye is queued here.
+            () = leave.notified() => {
+                let _ = finish_writing.send(());
+                say_goodbye(&mut writer_task, &mut reader).await;
+            }
+        }
     }
     writer_task.abort();
+    drop(open);
+}
+
+/// Waits (bounded) for the writer to write out the queue, which ends
+/// with the goodbye, then reads until the peer, having read it, closes:
+/// closing first with its heartbeats unread would reset the connection,
+/// and the reset could discard the goodbye before the peer reads it.
+async fn say_goodbye(writer_task: &mut tokio::task::JoinHandle<()>, reader: &mut SecureReader) {
+    let farewell = async {
+        let _ = (&mut *writer_task).await;
+        read_until_peer_leaves(reader).await;
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(LINK_FAREWELL_MS), farewell).await;
+    writer_task.abort();
+}
+
+/// Reads and drops frames until the peer closes, or says goodbye or that
+/// it kept another link.
+async fn read_until_peer_leaves(reader: &mut SecureReader) {
+    while let Ok((frame, _)) = reader.read_frame_timed().await {
+        if matches!(frame, Frame::LinkReplaced | Frame::Bye { .. }) {
+            break;
+        }
+    }
 }
 
 /// Tells the peer why its link was not kept, then reads until the peer
@@ -454,14 +487,7 @@ async fn say_refused(mut reader: SecureReader, mut writer: SecureWriter, refusal
     if writer.write_frame(&frame).await.is_err() {
         return;
     }
-    // Until it closes, or says goodbye or that it kept another link too.
-    let drained = async {
-        while let Ok((frame, _)) = reader.read_frame_timed().await {
-            if matches!(frame, Frame::LinkReplaced | Frame::Bye { .. }) {
-                break;
-            }
-        }
-    };
+    let drained = read_until_peer_leaves(&mut reader);
     let _ = tokio::time::timeout(Duration::from_millis(LINK_HANDSHAKE_TIMEOUT_MS), drained).await;
 }
 
@@ -601,15 +627,13 @@ async fn read_loop(
     }
 }
 
-/// Writes queued frames and a heartbeat every interval; stops when the
-/// queue closes or a write stalls.
-/// Writes queued frames, and a heartbeat when the link is quiet, until
-/// the queue ends or `finish` says to write out what is queued and end.
+/// Writes queued frames, and a heartbeat every interval, until the queue
+/// ends, a write fails or stalls, or `finish` says to write out what is
+/// queued and end.
 async fn write_loop(
     mut writer: SecureWriter,
     mut frames: mpsc::Receiver<Frame>,
     mut finish: oneshot::Receiver<()>,
-    _writing: OpenLink,
 ) {
     let mut heartbeat = tokio::time::interval(Duration::from_millis(HEARTBEAT_INTERVAL_MS));
     let stall = Duration::from_millis(LINK_WRITE_TIMEOUT_MS);
@@ -620,7 +644,8 @@ async fn write_loop(
                 Some(frame) => frame,
                 None => return,
             },
-            Ok(()) = &mut finish, if !finishing => {
+            // Told to finish, or the link task is gone (aborting this one).
+            _ = &mut finish, if !finishing => {
                 // Nothing more is queued; what is, is written.
                 frames.close();
                 finishing = true;

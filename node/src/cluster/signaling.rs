@@ -340,9 +340,10 @@ impl Signaling {
                     .map(|(&node, _)| node)
                     .filter(|&node| node != from && from == link_peer);
                 if let Some(node) = relayed_attempt {
-                    // The relay could not pass our offer on.
+                    // The relay could not pass our signal on. Only the
+                    // relay and the node see a session's id.
                     self.attempts.remove(&node);
-                    let reason = format!("node {from} could not pass the offer on: {reason}");
+                    let reason = format!("node {from} could not pass our signal on: {reason}");
                     if self.failures.get(&node).is_none_or(|f| f.reason != reason) {
                         tracing::info!(peer = %node, "no WebRTC link for now: {reason}");
                     }
@@ -484,15 +485,15 @@ mod tests {
             matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Closed)),
             "the offer's task stops waiting for an answer"
         );
-        let relay_said = format!("node {} could not pass the offer on", NodeId(9));
+        let relay_said = format!("node {} could not pass our signal on", NodeId(9));
         assert!(node.failures[&NodeId(2)].reason.contains(&relay_said));
         // The task's own end says nothing new; the next try waits.
         assert!(!node.ended(NodeId(2), session, Some("called off".into()), now));
         assert!(node.failures[&NodeId(2)].reason.contains(&relay_said));
         assert_eq!(node.want(NodeId(2), now), None);
 
-        // Another member's refusal naming a session of ours is not the
-        // relay's word: it changes nothing.
+        // A refusal that a member passes on from a third node is not the
+        // relay's word about our session: it changes nothing.
         let due = Instant::now() + Duration::from_millis(RTC_RETRY_MS);
         let Some(Start::Offer { session }) = node.want(NodeId(2), due) else {
             panic!("tried again once the retry is due");
