@@ -863,14 +863,26 @@ async fn of_two_links_a_peer_dialed_the_node_keeps_the_one_with_the_smaller_bind
 
 #[tokio::test]
 async fn a_stopped_node_says_goodbye_and_its_peers_do_not_seek_it() {
+    stop_one_of_three("tcp").await;
+}
+
+#[tokio::test]
+async fn a_stopped_node_says_goodbye_over_webrtc_too() {
+    // b and c, told of each other by a, link over WebRTC.
+    stop_one_of_three("webrtc").await;
+}
+
+/// Three nodes linked with `--link LINK`; c, idle, gets SIGTERM. The
+/// survivors must hear its goodbye and not seek it over WebRTC.
+async fn stop_one_of_three(link: &str) {
     let _turn = ONE_AT_A_TIME.lock().await;
     // The survivors log their redials (debug), which show them going on
     // past the stop.
     let redials = [("RUST_LOG", "info,ringlet_node::cluster::actor=debug")];
-    let mut a = Node::start_with_env(&["--name", "a"], &redials);
+    let mut a = Node::start_with_env(&["--name", "a", "--link", link], &redials);
     let first = a.addr.to_string();
-    let mut b = Node::start_with_env(&["--name", "b", "--peer", &first], &redials);
-    let mut c = Node::start(&["--name", "c", "--peer", &first]);
+    let mut b = Node::start_with_env(&["--name", "b", "--link", link, "--peer", &first], &redials);
+    let mut c = Node::start(&["--name", "c", "--link", link, "--peer", &first]);
     for node in [&mut a, &mut b, &mut c] {
         node.wait_for_log("plan active: 3 stages", support::START_TIMEOUT);
     }
@@ -881,6 +893,13 @@ async fn a_stopped_node_says_goodbye_and_its_peers_do_not_seek_it() {
     let log = c.stopped_log(0);
     assert!(!log.contains("did not close within"), "{log}");
     let redial_failed = format!("dial failed; will retry error=cannot connect to {}", c.addr);
+    let seeking = [
+        "offering a WebRTC link",
+        "asking a peer to offer a WebRTC link",
+        "refused a WebRTC signal",
+        "could not link to the node",
+        "no WebRTC link for now",
+    ];
     for (node, mark) in [(&mut a, marks[0]), (&mut b, marks[1])] {
         let left = node.wait_for_log_since(mark, "peer c left", support::REQUEST_TIMEOUT);
         assert!(
@@ -894,8 +913,14 @@ async fn a_stopped_node_says_goodbye_and_its_peers_do_not_seek_it() {
         node.wait_for_log_count(&redial_failed, 2, support::REQUEST_TIMEOUT);
         let since = node.lines_since(mark);
         assert!(
-            !since.iter().any(|line| line.contains("WebRTC")),
+            !since
+                .iter()
+                .any(|line| seeking.iter().any(|needle| line.contains(needle))),
             "{since:#?}"
         );
+    }
+    if link == "webrtc" {
+        let joined = b.log_seen.join("\n");
+        assert!(joined.contains("WebRTC data channel open"), "{joined}");
     }
 }
