@@ -886,6 +886,14 @@ async fn stop_one_of_three(link: &str) {
     for node in [&mut a, &mut b, &mut c] {
         node.wait_for_log("plan active: 3 stages", support::START_TIMEOUT);
     }
+    // An answer owned by each survivor crosses every link from c: each
+    // link's first frame, a 1 MiB probe, has arrived, which over a slow
+    // data channel could otherwise hold the goodbye behind it past the
+    // stop's wait.
+    for owner in [&a, &b] {
+        let answer = chat(owner.addr, "Say hi.", 2, false).await;
+        assert!(!answer.content().is_empty(), "{answer:?}");
+    }
     let marks = [a.log_mark(), b.log_mark()];
     c.signal("TERM");
     // Idle, its HTTP server ends the moment it is told to: the engine

@@ -301,8 +301,15 @@ impl Default for OpenLinks {
 }
 
 /// Runs a link until it closes: handshake, registration with the cluster
-/// actor, then frames both ways. `hello` is ours.
-pub(crate) async fn run<S>(stream: S, hello: Hello, dialed: bool, context: LinkContext)
+/// actor, then frames both ways. `hello` is ours. Returns, for a link the
+/// actor admitted, its place among the open links, which the caller
+/// holds while the transport under `stream` still has bytes to deliver.
+pub(crate) async fn run<S>(
+    stream: S,
+    hello: Hello,
+    dialed: bool,
+    context: LinkContext,
+) -> Option<OpenLink>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -331,7 +338,7 @@ where
                 wrong_key: error.is_wrong_key(),
             };
             let _ = context.events.send(refused).await;
-            return;
+            return None;
         }
     };
     let secure::Session {
@@ -345,13 +352,13 @@ where
             peer = %context.observed_address,
             "a node has this node's own key: each node on a machine needs its own --config-dir"
         );
-        return;
+        return None;
     }
     let theirs = match exchange_hellos(&mut reader, &mut writer, hello, context.me).await {
         Ok(theirs) => theirs,
         Err(error) => {
             tracing::warn!(%error, "link handshake failed");
-            return;
+            return None;
         }
     };
     let peer = theirs.node;
@@ -393,7 +400,7 @@ where
     if let Err(refusal) = admitted {
         drop(open);
         say_refused(reader, writer, &refusal).await;
-        return;
+        return None;
     }
     let (finish_writing, finish) = oneshot::channel();
     let mut writer_task = tokio::spawn(write_loop(writer, frames_rx, finish));
@@ -408,19 +415,33 @@ where
             padding: vec![0; PROBE_BYTES],
         });
     }
+    // Boxed, so that a node stopping can go on with it (below) and then
+    // let go of the reader.
+    let mut reading = Box::pin(read_loop(&mut reader, peer, &frames_tx, &context, &heard));
     let end = tokio::select! {
-        end = read_loop(&mut reader, peer, &frames_tx, &context, &heard) => Some(end),
+        end = &mut reading => Some(end),
         () = close.notified() => Some(LinkEnd::from("closed by this node")),
         // The node is stopping and its actor with it: nobody to tell.
         () = leave.notified() => None,
     };
     let Some(end) = end else {
         // The goodbye is queued: the writer writes the queue out and ends.
+        // Meanwhile the read loop goes on where it was, in the middle of a
+        // frame perhaps (the peer's first frame is a 1 MiB probe): left
+        // there, the next read would start inside it and fail at once.
         let _ = finish_writing.send(());
-        say_goodbye(&mut writer_task, &mut reader).await;
-        drop(open);
-        return;
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(LINK_FAREWELL_MS);
+        let _ = tokio::time::timeout_at(deadline, &mut writer_task).await;
+        let read_on = tokio::time::timeout_at(deadline, &mut reading).await;
+        drop(reading);
+        if read_on.is_ok() {
+            // At a frame's end: read to the peer's close.
+            let _ = tokio::time::timeout_at(deadline, read_until_peer_leaves(&mut reader)).await;
+        }
+        writer_task.abort();
+        return Some(open);
     };
+    drop(reading);
     let peer_kept_another = end == LinkEnd::PeerKeptAnother;
     let _ = context
         .events
@@ -448,7 +469,7 @@ where
         }
     }
     writer_task.abort();
-    drop(open);
+    Some(open)
 }
 
 /// Waits (bounded) for the writer to write out the queue, which ends

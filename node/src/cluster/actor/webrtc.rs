@@ -348,13 +348,13 @@ async fn run_link(
     hello.dtls_fingerprints = Some(stream.fingerprints);
     context.transport = stream.transport;
     context.handshake = Some(stream.handshake);
-    // The link's last words (a stopping node's goodbye) are only out once
-    // the pump has handed them to the channel.
-    let pumping = context.open_links.hold();
-    link::run(stream.stream, hello, offered, context).await;
+    // An admitted link's last words (a stopping node's goodbye) are only
+    // out once the pump has handed them to the channel: the link stays
+    // counted among the open ones until then.
+    let open = link::run(stream.stream, hello, offered, context).await;
     let farewell = Duration::from_millis(LINK_FAREWELL_MS);
     if tokio::time::timeout(farewell, stream.pump).await.is_err() {
         tracing::debug!(peer = %node, "a WebRTC channel took over {LINK_FAREWELL_MS} ms to close");
     }
-    drop(pumping);
+    drop(open);
 }
