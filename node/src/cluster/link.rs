@@ -233,7 +233,7 @@ pub(crate) struct LinkContext {
     pub handshake: Option<Duration>,
     /// Where the reader hands jobs for this node's stage.
     pub hops: Arc<Hops>,
-    /// The node's open links, which this one joins once admitted.
+    /// The node's open links, which this one joins after the Hellos.
     pub open_links: OpenLinks,
 }
 
@@ -430,13 +430,13 @@ where
         // frame perhaps (the peer's first frame is a 1 MiB probe): left
         // there, the next read would start inside it and fail at once.
         let _ = finish_writing.send(());
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(LINK_FAREWELL_MS);
-        let _ = tokio::time::timeout_at(deadline, &mut writer_task).await;
-        let read_on = tokio::time::timeout_at(deadline, &mut reading).await;
+        let deadline = farewell_deadline();
+        let at_frame_end = tokio::time::timeout_at(deadline, &mut reading)
+            .await
+            .is_ok();
         drop(reading);
-        if read_on.is_ok() {
-            // At a frame's end: read to the peer's close.
-            let _ = tokio::time::timeout_at(deadline, read_until_peer_leaves(&mut reader)).await;
+        if at_frame_end {
+            say_goodbye(&mut writer_task, &mut reader, deadline).await;
         }
         writer_task.abort();
         return Some(open);
@@ -464,7 +464,7 @@ where
             // The node stops meanwhile: the member's goodbye is queued here.
             () = leave.notified() => {
                 let _ = finish_writing.send(());
-                say_goodbye(&mut writer_task, &mut reader).await;
+                say_goodbye(&mut writer_task, &mut reader, farewell_deadline()).await;
             }
         }
     }
@@ -476,13 +476,23 @@ where
 /// with the goodbye, then reads until the peer, having read it, closes:
 /// closing first with its heartbeats unread would reset the connection,
 /// and the reset could discard the goodbye before the peer reads it.
-async fn say_goodbye(writer_task: &mut tokio::task::JoinHandle<()>, reader: &mut SecureReader) {
+/// `reader` must be at a frame's end.
+async fn say_goodbye(
+    writer_task: &mut tokio::task::JoinHandle<()>,
+    reader: &mut SecureReader,
+    deadline: tokio::time::Instant,
+) {
     let farewell = async {
         let _ = (&mut *writer_task).await;
         read_until_peer_leaves(reader).await;
     };
-    let _ = tokio::time::timeout(Duration::from_millis(LINK_FAREWELL_MS), farewell).await;
+    let _ = tokio::time::timeout_at(deadline, farewell).await;
     writer_task.abort();
+}
+
+/// When a leaving link gives up on its goodbye: `LINK_FAREWELL_MS` on.
+fn farewell_deadline() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_millis(LINK_FAREWELL_MS)
 }
 
 /// Reads and drops frames until the peer closes, or says goodbye or that
