@@ -784,6 +784,62 @@ async fn logit_bias_and_penalties_steer_the_choice() {
     assert_ne!(content(&penalized), plain_text, "{penalized}");
 }
 
+/// A greedy answer whose emoji are each split over several tokens (the
+/// default model's bytes `F0 9F`, `98`, `80` for 😀).
+#[tokio::test]
+async fn tokens_that_split_a_character_report_their_own_bytes_and_offsets() {
+    let (status, whole) = post_chat(
+        chat(
+            user("Repeat exactly: 😀😀😀😀"),
+            json!({ "temperature": 0, "max_tokens": 24, "logprobs": true }),
+        )
+        .to_string(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{whole}");
+    let answer = content(&whole);
+    assert!(
+        answer.contains('😀') && !answer.contains('\u{FFFD}'),
+        "{answer}"
+    );
+    let entries = whole["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .expect("logprobs.content");
+    let bytes_of = |entry: &Value| -> Vec<u8> {
+        let bytes = entry["bytes"].as_array().expect("bytes");
+        bytes
+            .iter()
+            .map(|b| b.as_u64().expect("a byte") as u8)
+            .collect()
+    };
+    assert!(
+        entries
+            .iter()
+            .any(|e| std::str::from_utf8(&bytes_of(e)).is_err()),
+        "no token holds a part of a character: {entries:?}"
+    );
+    // OpenAI's `bytes`: joined, the tokens' bytes are the answer's.
+    let joined: Vec<u8> = entries.iter().flat_map(bytes_of).collect();
+    assert_eq!(String::from_utf8(joined).as_deref(), Ok(answer));
+
+    // The legacy offsets index the text: a character's tokens start where
+    // it does, and each token's offset is that of the characters before.
+    let (status, whole) = post_completions(json!({
+        "model": MODEL, "prompt": "Smileys: 😀😀😀", "max_tokens": 12, "temperature": 0, "logprobs": 1
+    }))
+    .await;
+    assert_eq!(status, StatusCode::OK, "{whole}");
+    let choice = &whole["choices"][0];
+    assert_eq!(choice["text"], "😀😀😀😀", "{whole}");
+    let offsets: Vec<u64> = choice["logprobs"]["text_offset"]
+        .as_array()
+        .expect("text_offset")
+        .iter()
+        .map(|o| o.as_u64().expect("an offset"))
+        .collect();
+    assert_eq!(offsets, [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]);
+}
+
 async fn post_completions(body: Value) -> (StatusCode, Value) {
     post_json("/v1/completions", body.to_string()).await
 }

@@ -64,6 +64,8 @@ pub struct Tokenizer {
     /// as `0xFF` then their name (which no text can contain): what a
     /// grammar engine matches tokens against.
     token_bytes: Arc<[Vec<u8>]>,
+    /// The control tokens' ids: their text is a name, not generated text.
+    control: BTreeSet<u32>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -124,6 +126,11 @@ impl Tokenizer {
                 .iter()
                 .zip(&token_types)
                 .map(|(text, &kind)| token_bytes(text, kind, model == "gpt2"))
+                .collect(),
+            control: (0u32..)
+                .zip(&token_types)
+                .filter(|(_, kind)| **kind == TOKEN_TYPE_CONTROL)
+                .map(|(id, _)| id)
                 .collect(),
         };
         tokenizer.add_special_tokens(&tokens, &token_types);
@@ -197,14 +204,31 @@ impl Tokenizer {
         self.token_bytes.len()
     }
 
-    /// One token's own text, as clients see it in log probabilities:
-    /// decoded alone, so a token that holds part of a character reads as
-    /// U+FFFD, and a control token as its name (`<|im_end|>`).
+    /// One token's own bytes, as clients see them beside its log
+    /// probability (OpenAI's `bytes`): a text token's as generated text
+    /// holds them, a part of a character's included (clients join such
+    /// tokens' bytes into the character), and a control token's name
+    /// (`<|im_end|>`). Not decoded alone: a SentencePiece decoder would
+    /// strip a word's leading space, and a part of a character would read
+    /// as U+FFFD.
+    pub fn token_text_bytes(&self, id: u32) -> Vec<u8> {
+        let Some(bytes) = self.token_bytes.get(id as usize) else {
+            return Vec::new();
+        };
+        let skip = usize::from(self.is_control(id)); // the 0xFF mark
+        bytes.get(skip..).unwrap_or_default().to_vec()
+    }
+
+    /// [`token_text_bytes`](Self::token_text_bytes) as text: a token that
+    /// holds part of a character reads as U+FFFD.
     pub fn token_text(&self, id: u32) -> String {
-        match self.inner.decode(&[id], true) {
-            Ok(text) if !text.is_empty() => text,
-            _ => self.inner.id_to_token(id).unwrap_or_default(),
-        }
+        String::from_utf8_lossy(&self.token_text_bytes(id)).into_owned()
+    }
+
+    /// Whether `id` is a control token (BOS, EOS, a chat format's turn
+    /// markers): generated text never holds its name.
+    pub fn is_control(&self, id: u32) -> bool {
+        self.control.contains(&id)
     }
 
     /// Tokens that end generation (EOS, end-of-turn).

@@ -9,6 +9,17 @@ use kernels::{TokenLogprobs, Tokenizer};
 
 use crate::engine::{FinishReason, Generation, GenerationEvent};
 
+/// How many of a prompt's last tokens [`TextDecoder::after`] decodes
+/// before the first generated token: one whole character before it is
+/// enough for the leading space; a few more, as vLLM's detokenizer keeps,
+/// cover tokenizers whose decoders look further back.
+const DECODER_CONTEXT_TOKENS: usize = 5;
+
+/// The tokens of `prompt` that [`TextDecoder::after`] decodes first.
+pub fn decoder_context(prompt: &[u32]) -> &[u32] {
+    &prompt[prompt.len().saturating_sub(DECODER_CONTEXT_TOKENS)..]
+}
+
 /// Turns tokens into text pieces as soon as they are complete characters.
 ///
 /// Decoding token by token is wrong for byte-level BPE (one character can
@@ -31,6 +42,26 @@ impl TextDecoder {
             tokens: Vec::new(),
             prefix_offset: 0,
             read_offset: 0,
+        }
+    }
+
+    /// Decodes what follows `context` (a prompt's tokens) as the rest of
+    /// that text. A SentencePiece decoder that adds a space prefix strips
+    /// the leading space of what it decodes first, so without the prompt
+    /// before it a completion's first word loses its space (`The capital
+    /// of France isParis`). Context that ends inside a character is not
+    /// used: its bytes would join the first token's.
+    pub fn after(tokenizer: Arc<Tokenizer>, context: &[u32]) -> Self {
+        let context = decoder_context(context);
+        let whole = tokenizer
+            .decode(context)
+            .is_ok_and(|text| !text.ends_with('\u{FFFD}'));
+        let tokens = if whole { context.to_vec() } else { Vec::new() };
+        Self {
+            tokenizer,
+            prefix_offset: 0,
+            read_offset: tokens.len(),
+            tokens,
         }
     }
 
@@ -202,6 +233,13 @@ impl TextStream {
             last_token_at: None,
             done: false,
         }
+    }
+
+    /// The generation's text as the continuation of `prompt` (legacy
+    /// completions): see [`TextDecoder::after`]. Before the first event.
+    pub fn continuing(mut self, prompt: &[u32]) -> Self {
+        self.decoder = TextDecoder::after(Arc::clone(&self.decoder.tokenizer), prompt);
+        self
     }
 
     /// The next event; `None` after `Finished` or `Failed`.
@@ -395,5 +433,82 @@ mod tests {
         assert_eq!(matcher.push("x </ans"), StopOutcome::Emit("x ".into()));
         assert_eq!(matcher.push("wer"), StopOutcome::Emit(String::new()));
         assert_eq!(matcher.push(">"), StopOutcome::Stopped(String::new()));
+    }
+
+    /// A SentencePiece tokenizer as Llama 2 and Mistral files have it: a
+    /// space prefix (the key absent, as llama.cpp reads it), byte pieces,
+    /// and control tokens.
+    fn sentencepiece() -> Arc<Tokenizer> {
+        use candle_core::quantized::gguf_file::Value;
+        // (piece, GGUF token type): 2 unknown, 3 control, 6 byte, 1 normal.
+        let vocabulary: &[(&str, i32)] = &[
+            ("<unk>", 2),
+            ("<s>", 3),
+            ("</s>", 3),
+            ("<0xF0>", 6),
+            ("<0x9F>", 6),
+            ("<0x98>", 6),
+            ("<0x80>", 6),
+            ("\u{2581}", 1),
+            ("\u{2581}is", 1),
+            ("\u{2581}Paris", 1),
+            ("i", 1),
+            ("s", 1),
+        ];
+        let array = |f: fn(&(&str, i32)) -> Value| Value::Array(vocabulary.iter().map(f).collect());
+        let metadata = [
+            ("tokenizer.ggml.model", Value::String("llama".into())),
+            (
+                "tokenizer.ggml.tokens",
+                array(|(p, _)| Value::String(p.to_string())),
+            ),
+            ("tokenizer.ggml.scores", array(|_| Value::F32(0.0))),
+            ("tokenizer.ggml.token_type", array(|(_, t)| Value::I32(*t))),
+            ("tokenizer.ggml.bos_token_id", Value::U32(1)),
+            ("tokenizer.ggml.eos_token_id", Value::U32(2)),
+        ]
+        .into_iter()
+        .map(|(key, value)| (key.to_string(), value))
+        .collect();
+        Arc::new(Tokenizer::from_gguf_metadata(&metadata).expect("a SentencePiece tokenizer"))
+    }
+
+    const IS: u32 = 8;
+    const PARIS: u32 = 9;
+
+    #[test]
+    fn a_continuation_keeps_the_space_a_sentencepiece_decoder_strips_first() {
+        let tokenizer = sentencepiece();
+        // Decoded alone, the first word loses its space: right for a chat
+        // answer, wrong after a prompt.
+        let mut alone = TextDecoder::new(Arc::clone(&tokenizer));
+        assert_eq!(alone.push(PARIS).unwrap().as_deref(), Some("Paris"));
+        let mut continuing = TextDecoder::after(Arc::clone(&tokenizer), &[1, IS]);
+        assert_eq!(continuing.push(PARIS).unwrap().as_deref(), Some(" Paris"));
+        assert_eq!(continuing.push(IS).unwrap().as_deref(), Some(" is"));
+        // A prompt that ends inside a character is no context: its bytes
+        // would join the first token's.
+        let mut after_a_part = TextDecoder::after(Arc::clone(&tokenizer), &[IS, 3]);
+        assert_eq!(after_a_part.push(PARIS).unwrap().as_deref(), Some("Paris"));
+        // Only the prompt's last tokens are decoded each time.
+        let long: Vec<u32> = std::iter::repeat_n(IS, 1000).collect();
+        assert_eq!(decoder_context(&long).len(), DECODER_CONTEXT_TOKENS);
+    }
+
+    #[test]
+    fn a_tokens_own_text_and_bytes_keep_its_space_and_its_part_of_a_character() {
+        let tokenizer = sentencepiece();
+        assert_eq!(tokenizer.token_text(PARIS), " Paris");
+        assert_eq!(tokenizer.token_text_bytes(PARIS), b" Paris");
+        assert_eq!(tokenizer.token_text_bytes(3), [0xF0]);
+        assert_eq!(tokenizer.token_text(3), "\u{FFFD}");
+        // A control token by its name, which no generated text holds.
+        assert_eq!(tokenizer.token_text(2), "</s>");
+        assert!(tokenizer.is_control(2) && !tokenizer.is_control(PARIS));
+        // The four byte tokens of 😀 join into it.
+        let bytes: Vec<u8> = (3..7)
+            .flat_map(|id| tokenizer.token_text_bytes(id))
+            .collect();
+        assert_eq!(String::from_utf8(bytes).as_deref(), Ok("\u{1F600}"));
     }
 }

@@ -687,10 +687,12 @@ impl ResponseMeta {
     fn logprobs(&self, tokens: Vec<TokenLogprob>) -> Option<ChoiceLogprobs> {
         let tokenizer = self.logprobs.as_ref()?;
         let named = |token: u32, logprob: f32| {
-            let text = tokenizer.token_text(token);
+            // The token's own bytes, even a part of a character's: joined,
+            // the tokens' bytes give the answer's text.
+            let bytes = tokenizer.token_text_bytes(token);
             TopLogprob {
-                bytes: Some(text.as_bytes().to_vec()),
-                token: text,
+                token: String::from_utf8_lossy(&bytes).into_owned(),
+                bytes: Some(bytes),
                 logprob: f64::from(logprob),
             }
         };

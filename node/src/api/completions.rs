@@ -68,6 +68,8 @@ pub async fn completions(
     let mut choices = Vec::with_capacity(prepared.prompts.len());
     for prompt in prepared.prompts {
         let prompt_tokens = prompt.tokens.len();
+        // The text goes on from the prompt's: decoded after its last tokens.
+        let context = crate::text::decoder_context(&prompt.tokens).to_vec();
         // A failure here drops the streams already started, which cancels
         // their generations.
         let generation = state.engine.submit(GenerationRequest {
@@ -82,7 +84,8 @@ pub async fn completions(
             Arc::clone(&tokenizer),
             prepared.stops.clone(),
             prompt_tokens,
-        );
+        )
+        .continuing(&context);
         choices.push((text, prompt.echo));
     }
     let meta = ResponseMeta::new(
@@ -280,20 +283,23 @@ impl ResponseMeta {
         }
     }
 
-    /// Tokens' log probabilities in the legacy shape; `offset` is where
-    /// the first token's text starts in the choice's text, in characters,
-    /// and moves past these tokens.
+    /// Tokens' log probabilities in the legacy shape; `offsets` moves
+    /// past these tokens.
     fn legacy_logprobs(
         &self,
         tokens: Vec<TokenLogprob>,
-        offset: &mut usize,
+        offsets: &mut TextOffsets,
     ) -> Option<CompletionLogprobs> {
         let tokenizer = self.logprobs.as_ref()?;
         let mut out = CompletionLogprobs::default();
         for token in tokens {
             let text = tokenizer.token_text(token.token);
-            out.text_offset.push(*offset);
-            *offset += text.chars().count();
+            let in_text = if tokenizer.is_control(token.token) {
+                Vec::new() // its name is not in the text
+            } else {
+                tokenizer.token_text_bytes(token.token)
+            };
+            out.text_offset.push(offsets.advance(&in_text));
             out.token_logprobs
                 .push(Some(f64::from(token.logprobs.logprob)));
             let top: BTreeMap<String, f64> = token
@@ -306,6 +312,61 @@ impl ResponseMeta {
             out.tokens.push(text);
         }
         Some(out)
+    }
+}
+
+/// Where each token of a choice starts in its text, in characters (the
+/// legacy `text_offset`), so that a client can cut the text at its tokens.
+/// A token adds the characters its bytes complete: the tokens of a
+/// character split over several start where the character does.
+#[derive(Debug, Default)]
+struct TextOffsets {
+    /// Characters of the text before the next token.
+    chars: usize,
+    /// The bytes of a character that is not complete yet.
+    partial: Vec<u8>,
+}
+
+impl TextOffsets {
+    /// Offsets in a text that starts with `chars` characters (an echoed
+    /// prompt).
+    fn after(chars: usize) -> Self {
+        Self {
+            chars,
+            partial: Vec::new(),
+        }
+    }
+
+    /// Where a token of these bytes starts; moves past it.
+    fn advance(&mut self, bytes: &[u8]) -> usize {
+        let start = self.chars;
+        self.partial.extend_from_slice(bytes);
+        let mut rest = 0;
+        loop {
+            match std::str::from_utf8(&self.partial[rest..]) {
+                Ok(text) => {
+                    self.chars += text.chars().count();
+                    rest = self.partial.len();
+                    break;
+                }
+                Err(error) => {
+                    let valid = &self.partial[rest..rest + error.valid_up_to()];
+                    self.chars += String::from_utf8_lossy(valid).chars().count();
+                    rest += error.valid_up_to();
+                    match error.error_len() {
+                        // Bytes no character can start with: one U+FFFD
+                        // in the text, as decoding writes them.
+                        Some(invalid) => {
+                            self.chars += 1;
+                            rest += invalid;
+                        }
+                        None => break, // a character not complete yet
+                    }
+                }
+            }
+        }
+        self.partial.drain(..rest);
+        start
     }
 }
 
@@ -327,9 +388,9 @@ async fn collect_response(
         prompt_tokens += whole.prompt_tokens;
         completion_tokens += whole.completion_tokens;
         let echo = echo.unwrap_or_default();
-        let mut offset = echo.chars().count();
+        let mut offsets = TextOffsets::after(echo.chars().count());
         out.push(CompletionChoice {
-            logprobs: meta.legacy_logprobs(whole.logprobs, &mut offset),
+            logprobs: meta.legacy_logprobs(whole.logprobs, &mut offsets),
             text: echo + &whole.text,
             index: index as u32,
             finish_reason: Some(whole.reason.into()),
@@ -361,8 +422,8 @@ struct Streaming {
     meta: ResponseMeta,
     echoes: VecDeque<(usize, String)>,
     choices: SelectAll<ChoiceEvents>,
-    /// Where each choice's next token starts in its text, in characters.
-    offsets: Vec<usize>,
+    /// Where each choice's next token starts in its text.
+    offsets: Vec<TextOffsets>,
     /// Summed over the finished choices, when the client asked for it.
     usage: Option<Usage>,
     /// Nothing more to send: `[DONE]` went, or an error did.
@@ -448,12 +509,12 @@ fn stream_response(
     meta: ResponseMeta,
     include_usage: bool,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let mut offsets = vec![0; choices.len()];
+    let mut offsets: Vec<TextOffsets> = choices.iter().map(|_| TextOffsets::default()).collect();
     let mut echoes = VecDeque::new();
     let mut streams = SelectAll::new();
     for (index, (text, echo)) in choices.into_iter().enumerate() {
         if let Some(echo) = echo {
-            offsets[index] = echo.chars().count();
+            offsets[index] = TextOffsets::after(echo.chars().count());
             echoes.push_back((index, echo));
         }
         streams.push(choice_events(index, text));
@@ -471,4 +532,26 @@ fn stream_response(
         Some((Ok(event), streaming))
     });
     Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(SSE_KEEP_ALIVE_SECS)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_offsets_count_the_characters_before_each_token() {
+        let mut offsets = TextOffsets::after(3); // an echoed "abc"
+        // "😀" in two tokens, then " a": both halves start where it does.
+        let starts: Vec<usize> = [&[0xF0, 0x9F][..], &[0x98, 0x80], b" a"]
+            .iter()
+            .map(|bytes| offsets.advance(bytes))
+            .collect();
+        assert_eq!(starts, [3, 3, 4]);
+        // A control token adds nothing; a byte no character starts with
+        // is one U+FFFD, as the text shows it.
+        assert_eq!(offsets.advance(&[]), 6);
+        assert_eq!(offsets.advance(&[0x80]), 6);
+        assert_eq!(offsets.advance(b"b"), 7);
+        assert_eq!(offsets.advance(&[]), 8);
+    }
 }
