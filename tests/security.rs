@@ -390,7 +390,23 @@ const ADMIN: &str = "security-admin-token";
 async fn member_without_admin_token(addr: SocketAddr) -> secure::Session {
     let stream = link::dial(&addr.to_string()).await.expect("dial");
     let mut session = support::member_handshake(stream).await;
-    let hello = Hello {
+    session
+        .writer
+        .write_frame(&Frame::Hello(mallory()))
+        .await
+        .expect("hello");
+    let (theirs, _) = session
+        .reader
+        .read_frame_timed()
+        .await
+        .expect("their hello");
+    assert!(matches!(theirs, Frame::Hello(_)), "{theirs:?}");
+    session
+}
+
+/// The Hello of a member that this test process plays.
+fn mallory() -> Hello {
+    Hello {
         protocol_version: PROTOCOL_VERSION,
         node: NodeId(rand::random()),
         name: "mallory".into(),
@@ -412,19 +428,7 @@ async fn member_without_admin_token(addr: SocketAddr) -> secure::Session {
         serving_since_ms: None,
         ice_servers: Vec::new(),
         dtls_fingerprints: None,
-    };
-    session
-        .writer
-        .write_frame(&Frame::Hello(hello))
-        .await
-        .expect("hello");
-    let (theirs, _) = session
-        .reader
-        .read_frame_timed()
-        .await
-        .expect("their hello");
-    assert!(matches!(theirs, Frame::Hello(_)), "{theirs:?}");
-    session
+    }
 }
 
 async fn policy_revision(addr: SocketAddr) -> u64 {
@@ -589,4 +593,48 @@ async fn a_removed_node_cannot_rejoin_and_the_old_token_admits_no_one() {
     invited.wait_for_log("plan active: 2 stages", START_TIMEOUT);
     nodes[0].wait_for_log_since(mark, "plan active: 2 stages", START_TIMEOUT);
     answers(invited.addr).await;
+}
+
+/// A link whose handshake proved the secret before an admin rotated it is
+/// not admitted after: a removed node could otherwise hold such links
+/// half open and finish them once it is removed.
+#[tokio::test]
+async fn a_link_that_opened_with_the_previous_secret_is_refused() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let mut node = Node::start_ready(&["--name", "target", "--admin-token", ADMIN]);
+    let stream = link::dial(&node.addr.to_string()).await.expect("dial");
+    let mut session = support::member_handshake(stream).await;
+    let (theirs, _) = session
+        .reader
+        .read_frame_timed()
+        .await
+        .expect("their hello");
+    assert!(matches!(theirs, Frame::Hello(_)), "{theirs:?}");
+
+    let bearer = format!("Bearer {ADMIN}");
+    let rotated = request_raw(
+        node.addr,
+        "POST",
+        "/v1/cluster/secret/rotate",
+        &[("Authorization", &bearer)],
+        None,
+    )
+    .await;
+    assert_eq!(rotated.status, 200, "{}", rotated.body);
+    session
+        .writer
+        .write_frame(&Frame::Hello(mallory()))
+        .await
+        .expect("hello");
+    let (answer, _) = session.reader.read_frame_timed().await.expect("an answer");
+    match answer {
+        Frame::Bye { reason } => assert!(reason.contains("cluster secret changed"), "{reason}"),
+        other => panic!("the link was kept: {other:?}"),
+    }
+    node.wait_for_log(
+        "refused a link that opened with the cluster's previous secret",
+        WAIT,
+    );
+    assert_eq!(node_names(node.addr).await, ["target"]);
+    answers(node.addr).await;
 }

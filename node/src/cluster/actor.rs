@@ -315,10 +315,18 @@ impl Cluster {
             ClusterEvent::LinkUp {
                 hello,
                 key,
+                keys,
                 sender,
                 accepted,
             } => {
-                let admitted = self.link_up(*hello, key, sender);
+                // A link that opened before the secret was rotated proved
+                // only the old secret, which a removed node holds too.
+                let admitted = if Arc::ptr_eq(&keys, &self.keys) {
+                    self.link_up(*hello, key, sender)
+                } else {
+                    tracing::info!(peer = %hello.name, "refused a link that opened with the cluster's previous secret");
+                    Err(Refusal::OldSecret)
+                };
                 let kept = admitted.is_ok();
                 let _ = accepted.send(admitted);
                 kept

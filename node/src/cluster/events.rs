@@ -1,6 +1,8 @@
 //! The events the cluster actor handles: everything that changes cluster
 //! state arrives as one of these, in order, on one bounded queue.
 
+use std::sync::Arc;
+
 use tokio::sync::oneshot;
 
 use super::PolicyStatus;
@@ -10,6 +12,7 @@ use super::link::{self, LinkId, LinkSender};
 use super::membership::Refusal;
 use super::protocol::{self, Frame, Hello, PolicyRevision};
 use super::routing::Route;
+use super::secure::LinkKeys;
 use crate::model_store::CatalogueEntry;
 use crate::policy::{Placed, PolicyError, PolicyView};
 use crate::stage::{StageJob, StageOutput};
@@ -47,6 +50,8 @@ pub(crate) enum ClusterEvent {
         hello: Box<Hello>,
         /// The long-term public key the handshake proved.
         key: Vec<u8>,
+        /// The keys (and so the cluster secret) the handshake used.
+        keys: Arc<LinkKeys>,
         sender: LinkSender,
         accepted: oneshot::Sender<Result<(), Refusal>>,
     },

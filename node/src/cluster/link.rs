@@ -390,6 +390,7 @@ where
     let up = ClusterEvent::LinkUp {
         hello: Box::new(theirs),
         key: peer_key,
+        keys: Arc::clone(&context.keys),
         sender,
         accepted: accept_tx,
     };

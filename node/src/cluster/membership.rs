@@ -87,6 +87,12 @@ pub(crate) enum Refusal {
     /// This node is stopping.
     #[error("this node is stopping")]
     Stopping,
+    /// The link opened with the cluster secret an admin has since
+    /// rotated (a removed node holds that one too).
+    #[error(
+        "the cluster secret changed while the link opened; it must link again with the new one"
+    )]
+    OldSecret,
 }
 
 pub(super) struct Membership {

@@ -103,6 +103,9 @@ impl Cluster {
             secret: secret.bytes().to_vec(),
             proof,
         };
+        // Stored here first: a secret this node could not keep must not
+        // reach the others, which would then refuse this node's links.
+        self.apply_rotation(secret, removed)?;
         let mut told = vec![self.membership.me.name.clone()];
         for (id, member) in &self.membership.members {
             if Some(*id) != removed {
@@ -110,7 +113,6 @@ impl Cluster {
                 told.push(member.hello.name.clone());
             }
         }
-        self.apply_rotation(secret, removed)?;
         tracing::info!(removed = ?removed_name, nodes = ?told, "rotated the cluster secret");
         Ok(Rotated {
             removed: removed_name,
