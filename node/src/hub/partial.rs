@@ -167,6 +167,31 @@ pub async fn open(
     })
 }
 
+/// The files of a snapshot as the Hub lists a repository's: paths from
+/// its top, `/` between folders (large repositories keep each
+/// quantization's parts in a folder of its own). `None` when there is no
+/// such snapshot.
+fn snapshot_files(snapshot: &Path) -> Option<Vec<String>> {
+    let mut files = Vec::new();
+    let mut folders = vec![(snapshot.to_path_buf(), String::new())];
+    while let Some((folder, prefix)) = folders.pop() {
+        let entries = std::fs::read_dir(&folder).ok()?;
+        for entry in entries.filter_map(Result::ok) {
+            let Ok(name) = entry.file_name().into_string() else {
+                continue; // not a name the Hub gives
+            };
+            // A link to a blob is a file; only a real folder is entered.
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                folders.push((entry.path(), format!("{prefix}{name}/")));
+            } else {
+                files.push(format!("{prefix}{name}"));
+            }
+        }
+    }
+    files.sort();
+    Some(files)
+}
+
 /// The files of a complete model in the cache for `model` at its
 /// revision, found without the Hub: `refs/<revision>` names the commit,
 /// whose snapshot's files are chosen from as the Hub's list would be, and
@@ -183,10 +208,7 @@ fn cached_offline(client: &HubClient, model: &HubModel) -> Option<Vec<RemoteFile
         .map(|c| c.trim().to_string())
         .unwrap_or_else(|_| revision.clone());
     let snapshot = folder.join("snapshots").join(&commit);
-    let files: Vec<String> = std::fs::read_dir(&snapshot)
-        .ok()?
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .collect();
+    let files = snapshot_files(&snapshot)?;
     let chosen = choose_file(model, &files).ok()?;
     chosen
         .parts
@@ -773,4 +795,38 @@ fn check_room(file: &PartialFile, bytes: u64) -> Result<(), HubError> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_lists_files_in_folders_as_the_hub_does() {
+        let snapshot =
+            std::env::temp_dir().join(format!("ringlet-snapshot-{}", std::process::id()));
+        let blobs = snapshot.join("blobs");
+        std::fs::create_dir_all(snapshot.join("Q4_K_M")).unwrap();
+        std::fs::create_dir_all(&blobs).unwrap();
+        std::fs::write(blobs.join("etag"), b"gguf").unwrap();
+        std::os::unix::fs::symlink(
+            blobs.join("etag"),
+            snapshot.join("Q4_K_M/m-00001-of-00002.gguf"),
+        )
+        .unwrap();
+        std::fs::write(snapshot.join("README.md"), b"").unwrap();
+        let files = snapshot_files(&snapshot);
+        std::fs::remove_dir_all(&snapshot).unwrap();
+        assert_eq!(
+            files.as_deref(),
+            Some(
+                &[
+                    "Q4_K_M/m-00001-of-00002.gguf".to_string(),
+                    "README.md".into(),
+                    "blobs/etag".into()
+                ][..]
+            )
+        );
+        assert_eq!(snapshot_files(&snapshot), None);
+    }
 }

@@ -36,7 +36,12 @@ impl<'a> FetchProgress<'a> {
 
     pub fn update(&self, done: u64, total: u64) {
         self.bar.set_length(total);
+        let resumed = self.bar.position() == 0 && done > 0;
         self.bar.set_position(done);
+        if resumed {
+            // What was on disk already is no speed: measured from here.
+            self.bar.reset_eta();
+        }
         let tenth = (done * 10).checked_div(total).unwrap_or(10);
         let mut logged = self.logged_tenth.lock().unwrap_or_else(|e| e.into_inner());
         if *logged != Some(tenth) {
@@ -58,5 +63,22 @@ impl<'a> FetchProgress<'a> {
 impl Drop for FetchProgress<'_> {
     fn drop(&mut self) {
         self.bar.finish_and_clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_found_on_disk_do_not_count_as_speed() {
+        let progress = FetchProgress::new("model.gguf", |_, _| {});
+        progress.update(4 << 30, 8 << 30); // resumed: 4 GiB were there
+        assert_eq!(progress.bar.position(), 4 << 30);
+        assert!(
+            progress.bar.per_sec() < 1.0,
+            "{} bytes/s",
+            progress.bar.per_sec()
+        );
     }
 }
