@@ -14,7 +14,9 @@ use bytes::Bytes;
 
 use kernels::{SamplingParams, SequenceId};
 use ringlet_node::cluster::protocol::PolicyRevision;
-use ringlet_node::engine::{Engine, EngineModel, GenerationRequest, PipelineEnds, Scheduling};
+use ringlet_node::engine::{
+    Engine, EngineModel, GenerationEvent, GenerationRequest, KvRoom, PipelineEnds, Scheduling,
+};
 use ringlet_node::policy::{
     self, Change, Cluster, Fault, Faults, Model, Node, PolicyError, PolicyHandle, PolicySource,
     StageLoad,
@@ -425,6 +427,28 @@ async fn a_policy_failing_to_schedule_falls_back_within_the_call() {
     assert_eq!(fault.now_active.source, PolicySource::BuiltIn);
 }
 
+/// An engine's model for a test that plays its stage: one byte of KV
+/// cache a token, a gibibyte of it.
+fn test_model() -> EngineModel {
+    EngineModel {
+        context_length: 4_096,
+        stop_tokens: BTreeSet::new(),
+        kv_bytes_per_token: 1,
+        kv_budget_bytes: 1 << 30,
+        prefill_chunk_tokens: 512,
+    }
+}
+
+fn greedy_request(id: u64, prompt_tokens: usize, max_tokens: usize) -> GenerationRequest {
+    GenerationRequest {
+        id: SequenceId(id),
+        prompt: vec![1; prompt_tokens],
+        max_tokens,
+        sampling: SamplingParams::greedy(),
+        ignore_eos: false,
+    }
+}
+
 /// Plays the only stage of an engine whose stage is full: one request runs,
 /// three wait (prompts of 900, 10 and 300 tokens, arriving in that order).
 /// When the running one finishes, returns the request the policy started.
@@ -434,29 +458,16 @@ async fn started_after_the_stage_frees_up(policy: PolicyHandle) -> u64 {
         in_flight: 0,
         limit: 1,
     }]);
-    let model = EngineModel {
-        context_length: 4_096,
-        stop_tokens: BTreeSet::new(),
-        kv_bytes_per_token: 1,
-        kv_budget_bytes: 1 << 30,
-        prefill_chunk_tokens: 512,
-    };
     let scheduling = Scheduling {
         policy,
         stages: loads,
         kv_room: watch::channel(None).1,
     };
-    let (engine, mut stage) = Engine::start(model, Some(scheduling)).expect("engine");
+    let (engine, mut stage) = Engine::start(test_model(), Some(scheduling)).expect("engine");
     let submit = |id: u64, prompt_tokens: usize| {
         engine
             .handle
-            .submit(GenerationRequest {
-                id: SequenceId(id),
-                prompt: vec![1; prompt_tokens],
-                max_tokens: 1,
-                sampling: SamplingParams::greedy(),
-                ignore_eos: false,
-            })
+            .submit(greedy_request(id, prompt_tokens, 1))
             .expect("submitted")
     };
     let next_started = async |stage: &mut PipelineEnds| loop {
@@ -484,6 +495,64 @@ async fn started_after_the_stage_frees_up(policy: PolicyHandle) -> u64 {
         .await
         .expect("result");
     next_started(&mut stage).await
+}
+
+/// A request that waits for KV room and then, when the plan changes (a
+/// lost node's layers moved to the others), can never fit is failed with
+/// the reason: it no longer holds up the requests behind it.
+#[tokio::test]
+async fn a_waiting_request_that_a_new_plan_cannot_hold_fails_and_frees_the_queue() {
+    let (_loads_tx, loads) = watch::channel(Vec::new());
+    let room = |capacity_tokens| {
+        Some(KvRoom {
+            capacity_tokens,
+            stage: "node b (layers 0-29)".into(),
+            others_tokens: 0,
+        })
+    };
+    let (kv_tx, kv_room) = watch::channel(room(1_024));
+    let scheduling = Scheduling {
+        policy: sandbox(),
+        stages: loads,
+        kv_room,
+    };
+    let (engine, mut stage) = Engine::start(test_model(), Some(scheduling)).expect("engine");
+    let submit = |id: u64, max_tokens: usize| {
+        engine
+            .handle
+            .submit(greedy_request(id, 64, max_tokens))
+            .expect("fits the plan it came to")
+    };
+    // 576 tokens run; 704 more do not fit beside them, so they wait.
+    let _running = submit(1, 500);
+    match stage.jobs.recv().await.expect("a job") {
+        StageJob::Forward { sequence, .. } => assert_eq!(sequence, SequenceId(1)),
+        StageJob::Release { .. } => panic!("a release before any step"),
+    }
+    let mut waiting = submit(2, 600);
+    let mut stats = engine.handle.stats();
+    stats
+        .wait_for(|s| s.queued == 1)
+        .await
+        .expect("one request waits");
+
+    // The new plan holds 640 tokens a request: 704 can never fit.
+    kv_tx.send_replace(room(640));
+    let event = tokio::time::timeout(std::time::Duration::from_secs(30), waiting.events.recv())
+        .await
+        .expect("the request still waits, holding up the queue");
+    match event {
+        Some(GenerationEvent::Failed { message }) => assert!(
+            message.contains("more than the cluster holds for one request")
+                && message.contains("node b"),
+            "{message}"
+        ),
+        other => panic!("expected a failure, got {other:?}"),
+    }
+    stats
+        .wait_for(|s| s.queued == 0)
+        .await
+        .expect("the queue is free");
 }
 
 #[tokio::test]

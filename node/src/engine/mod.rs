@@ -195,6 +195,28 @@ impl EngineModel {
     }
 }
 
+/// Why a request that reserves `tokens` of KV cache (prompt plus
+/// `max_tokens`, in whole pages) can never run, however long it waits:
+/// it needs more than the tightest stage of the plan holds (`kv_room`),
+/// or, without a plan's room, than this engine's own budget.
+fn never_fits(tokens: usize, model: &EngineModel, kv_room: Option<&KvRoom>) -> Option<SubmitError> {
+    match kv_room {
+        Some(kv) => (tokens as u64 > kv.capacity_tokens).then(|| SubmitError::TooLargeForCluster {
+            tokens,
+            capacity_tokens: kv.capacity_tokens,
+            stage: kv.stage.clone(),
+        }),
+        None => {
+            let needed_bytes = model.kv_bytes(tokens);
+            (needed_bytes > model.kv_budget_bytes).then_some(SubmitError::TooLarge {
+                tokens,
+                needed_bytes,
+                budget_bytes: model.kv_budget_bytes,
+            })
+        }
+    }
+}
+
 /// Room for KV cache on the stages of the cluster's plan, as the cluster
 /// knows it. Every request runs through every stage, so a request's
 /// tokens (prompt plus `max_tokens`) take room on each; the stage whose
@@ -334,24 +356,8 @@ impl EngineHandle {
         } else {
             request.max_tokens.min(room)
         };
-        let tokens = request.kv_tokens();
-        if let Some(kv) = kv_room {
-            if tokens as u64 > kv.capacity_tokens {
-                return Err(SubmitError::TooLargeForCluster {
-                    tokens,
-                    capacity_tokens: kv.capacity_tokens,
-                    stage: kv.stage,
-                });
-            }
-        } else {
-            let needed_bytes = model.kv_bytes(tokens);
-            if needed_bytes > model.kv_budget_bytes {
-                return Err(SubmitError::TooLarge {
-                    tokens,
-                    needed_bytes,
-                    budget_bytes: model.kv_budget_bytes,
-                });
-            }
+        if let Some(error) = never_fits(request.kv_tokens(), &model, kv_room.as_ref()) {
+            return Err(error);
         }
         // One slot per possible token plus the final event, so the engine
         // never waits on a slow reader: the bound is the context length.
@@ -772,6 +778,11 @@ impl Coordinator {
     fn drop_finished_waiters(&mut self) {
         let before = self.queue.len();
         let mut kept = VecDeque::with_capacity(self.queue.len());
+        let model = self.model.get();
+        let kv_room = self
+            .scheduling
+            .as_ref()
+            .and_then(|s| s.kv_room.borrow().clone());
         for submission in self.queue.drain(..) {
             let request = &submission.request;
             if submission.events.is_closed() {
@@ -781,6 +792,15 @@ impl Coordinator {
                     reason: FinishReason::Length,
                     prompt_tokens: request.prompt.len(),
                     completion_tokens: 0,
+                });
+            } else if let Some(error) = never_fits(request.kv_tokens(), &model, kv_room.as_ref()) {
+                // It fitted when it came, but the plan changed since (a
+                // lost node's layers moved to the others, so each stage
+                // holds less KV cache): waiting would hold up every
+                // request behind it for ever.
+                tracing::info!(request = %request.id, %error, "a waiting request no longer fits the cluster's plan");
+                let _ = submission.events.try_send(GenerationEvent::Failed {
+                    message: error.to_string(),
                 });
             } else {
                 kept.push_back(submission);
