@@ -170,6 +170,12 @@ async fn each_hub_failure_says_what_to_do() {
         pull(at, &home, GATED, Some("hf_wrong")),
         &["is gated", "the token sent was refused"],
     );
+    // A token the Hub no longer knows, on a public repository: about the
+    // token, not a licence.
+    assert_fails_saying(
+        pull(at, &home, REPO, Some("hf_revoked")),
+        &["refused the token in HF_TOKEN", "not expired", "unset it"],
+    );
     assert_fails_saying(
         pull(&unreachable_endpoint(), &home, REPO, None),
         &["cannot reach the Hugging Face Hub", "HF_ENDPOINT"],

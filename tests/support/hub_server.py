@@ -13,6 +13,8 @@ and llama.cpp rely on:
 - A repository with a file `.token` is gated: without `Authorization: Bearer
   <that token>` it answers 401, with another token 403 (`X-Error-Code:
   GatedRepo`, as the Hub does).
+- The token `hf_revoked` is one the Hub no longer knows: every repository
+  answers it 401 with no `X-Error-Code`, as the Hub answers bad credentials.
 - A repository with a file `.no-ranges` ignores `Range` and sends whole
   files, as some servers do.
 - A missing repository or file answers 404 with `X-Error-Code`
@@ -93,7 +95,8 @@ def main():
         def fail(self, status, code, message):
             body = json.dumps({"error": message}).encode()
             self.send_response(status)
-            self.send_header("X-Error-Code", code)
+            if code:
+                self.send_header("X-Error-Code", code)
             self.send_header("X-Error-Message", message)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -116,6 +119,9 @@ def main():
             return None
 
         def repo(self, org, name, rev):
+            if self.headers.get("Authorization", "") == "Bearer hf_revoked":
+                self.fail(401, None, "Invalid credentials in Authorization header")
+                return None
             path = repo_dir(org, name)
             if path is None:
                 self.fail(404, "RepoNotFound", f"repository {org}/{name} not found")

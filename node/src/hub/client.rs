@@ -177,6 +177,15 @@ pub enum HubError {
         token_sent: bool,
     },
 
+    #[error(
+        "the Hub at {endpoint} refused the token in HF_TOKEN (or `huggingface-cli login`'s) for {repo} ({status}): check that it is valid and not expired, or unset it for a public model; a private or gated repository needs a token of an account with access"
+    )]
+    TokenRefused {
+        repo: String,
+        endpoint: String,
+        status: StatusCode,
+    },
+
     #[error("{repo} has no file {file} at revision {revision}")]
     FileNotFound {
         repo: String,
@@ -598,16 +607,26 @@ impl HubClient {
         let repo = model.repo.clone();
         let endpoint = self.config.endpoint.clone();
         match (status, code.as_str()) {
-            (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN, "GatedRepo")
-            | (StatusCode::FORBIDDEN, _) => HubError::Gated {
+            (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN, "GatedRepo") => HubError::Gated {
                 repo,
                 endpoint,
                 token_sent: self.config.token.is_some(),
             },
-            (StatusCode::UNAUTHORIZED, _) if self.config.token.is_some() => HubError::Gated {
+            // Not a gate: the token itself (revoked, expired, mistyped,
+            // or without access to a private repository).
+            (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN, _)
+                if self.config.token.is_some() =>
+            {
+                HubError::TokenRefused {
+                    repo,
+                    endpoint,
+                    status,
+                }
+            }
+            (StatusCode::FORBIDDEN, _) => HubError::Gated {
                 repo,
                 endpoint,
-                token_sent: true,
+                token_sent: false,
             },
             (StatusCode::UNAUTHORIZED, _) | (StatusCode::NOT_FOUND, "RepoNotFound") => {
                 HubError::RepoNotFound { repo, endpoint }
