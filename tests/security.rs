@@ -395,13 +395,24 @@ async fn member_without_admin_token(addr: SocketAddr) -> secure::Session {
         .write_frame(&Frame::Hello(mallory()))
         .await
         .expect("hello");
+    their_hello(&mut session).await;
+    session
+}
+
+/// Reads the node's Hello on a session that passed the handshake.
+async fn their_hello(session: &mut secure::Session) {
     let (theirs, _) = session
         .reader
         .read_frame_timed()
         .await
         .expect("their hello");
     assert!(matches!(theirs, Frame::Hello(_)), "{theirs:?}");
-    session
+}
+
+/// `method path` on the node at `addr`, with the admin's token.
+async fn as_admin(addr: SocketAddr, method: &str, path: &str) -> support::Response {
+    let bearer = format!("Bearer {ADMIN}");
+    request_raw(addr, method, path, &[("Authorization", &bearer)], None).await
 }
 
 /// The Hello of a member that this test process plays.
@@ -506,15 +517,7 @@ async fn a_member_without_the_admin_token_cannot_change_the_cluster() {
     }
     // The same kind of change from an admin, through the API, reaches
     // every node: the checks above could pass.
-    let bearer = format!("Bearer {ADMIN}");
-    let reset = request_raw(
-        nodes[0].addr,
-        "DELETE",
-        "/v1/cluster/policy",
-        &[("Authorization", &bearer)],
-        None,
-    )
-    .await;
+    let reset = as_admin(nodes[0].addr, "DELETE", "/v1/cluster/policy").await;
     assert_eq!(reset.status, 200, "{}", reset.body);
     nodes[1].wait_for_log("the cluster's policy changed; installing it", WAIT);
     let revision = policy_revision(nodes[0].addr).await;
@@ -535,19 +538,11 @@ async fn a_removed_node_cannot_rejoin_and_the_old_token_admits_no_one() {
         .and_then(|n| n["id"].as_str())
         .expect("node-1's id")
         .to_string();
-    let bearer = format!("Bearer {ADMIN}");
     let path = format!("/v1/cluster/nodes/{removed}");
     let refused = request_raw(nodes[0].addr, "DELETE", &path, &[], None).await;
     assert_eq!(refused.status, 401, "an admin change: {}", refused.body);
     let mark = nodes[0].log_mark();
-    let answer = request_raw(
-        nodes[0].addr,
-        "DELETE",
-        &path,
-        &[("Authorization", &bearer)],
-        None,
-    )
-    .await;
+    let answer = as_admin(nodes[0].addr, "DELETE", &path).await;
     assert_eq!(answer.status, 200, "{}", answer.body);
     let rotated = answer.json();
     assert_eq!(rotated["removed"], "node-1");
@@ -570,14 +565,7 @@ async fn a_removed_node_cannot_rejoin_and_the_old_token_admits_no_one() {
     late.wait_for_log(REFUSED, WAIT);
     late.wait_for_log("plan active: 1 stages", START_TIMEOUT);
     drop(late);
-    let invite = request_raw(
-        nodes[0].addr,
-        "GET",
-        "/v1/cluster/invite",
-        &[("Authorization", &bearer)],
-        None,
-    )
-    .await;
+    let invite = as_admin(nodes[0].addr, "GET", "/v1/cluster/invite").await;
     assert_eq!(invite.status, 200, "{}", invite.body);
     assert_eq!(invite.json()["token"], new_token.as_str());
     let mut invited = Node::start(&[
@@ -604,22 +592,9 @@ async fn a_link_that_opened_with_the_previous_secret_is_refused() {
     let mut node = Node::start_ready(&["--name", "target", "--admin-token", ADMIN]);
     let stream = link::dial(&node.addr.to_string()).await.expect("dial");
     let mut session = support::member_handshake(stream).await;
-    let (theirs, _) = session
-        .reader
-        .read_frame_timed()
-        .await
-        .expect("their hello");
-    assert!(matches!(theirs, Frame::Hello(_)), "{theirs:?}");
+    their_hello(&mut session).await;
 
-    let bearer = format!("Bearer {ADMIN}");
-    let rotated = request_raw(
-        node.addr,
-        "POST",
-        "/v1/cluster/secret/rotate",
-        &[("Authorization", &bearer)],
-        None,
-    )
-    .await;
+    let rotated = as_admin(node.addr, "POST", "/v1/cluster/secret/rotate").await;
     assert_eq!(rotated.status, 200, "{}", rotated.body);
     session
         .writer
